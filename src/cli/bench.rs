@@ -1,0 +1,149 @@
+//! `clipforge bench`: images/s and texts/s of the towers on synthetic weights made in memory
+//! (or a model directory), achieved GFLOP/s, and that as a share of a GEMM ceiling measured in
+//! the same run.
+use super::{DeviceArg, DtypeArg};
+use crate::error::{Error, Result};
+use crate::flops;
+use crate::model::synthetic::{normal_vec, random_weights, Rng};
+use crate::model::{ClipConfig, ClipParts, LoadOptions, Towers};
+use crate::ops::matmul::{gemm, View};
+use crate::tensor::Tensor;
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// An HF CLIP model directory (default: synthetic weights made in memory)
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Architecture of the synthetic weights: b32, b16, l14, l14-336
+    #[arg(long, default_value = "b32")]
+    pub preset: String,
+    /// Images (and texts) per batch
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Timed batches per tower (after one warm-up batch)
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Tokens per text (the full context, as HF pads to max_length)
+    #[arg(long, default_value_t = 77)]
+    pub text_len: usize,
+    /// Which towers: both, image, text
+    #[arg(long, default_value = "both")]
+    pub towers: String,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Seconds per call of `f`, median of `iters` after one warm-up.
+fn time_it(iters: usize, what: &str, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let bar = super::progress(iters as u64 + 1, what);
+    f()?;
+    bar.inc(1);
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(times[times.len() / 2])
+}
+
+/// f32 GEMM ceiling of this machine: best of a few 1024³ products.
+pub fn gemm_ceiling_gflops() -> f64 {
+    let n = 1024;
+    let a = normal_vec(n * n, 0.0, 1.0, 1);
+    let b = normal_vec(n * n, 0.0, 1.0, 2);
+    let mut c = vec![0f32; n * n];
+    let mut best = f64::MAX;
+    for _ in 0..4 {
+        let t = Instant::now();
+        gemm(View::row_major(&a, n, n), View::row_major(&b, n, n), &mut c, false);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    super::resolve_device(a.device)?;
+    let opt = LoadOptions { dtype: a.dtype.dtype()? };
+    let (towers, do_img, do_txt) = match a.towers.as_str() {
+        "both" => (Towers::Both, true, true),
+        "image" => (Towers::Vision, true, false),
+        "text" => (Towers::Text, false, true),
+        o => return Err(Error::msg(format!("--towers {o}: expected both, image or text"))),
+    };
+    if a.batch == 0 {
+        return Err(Error::msg("--batch must be at least 1"));
+    }
+    let (model, source) = match &a.model {
+        Some(dir) => (ClipParts::load_dir(dir, towers, &opt)?, dir.display().to_string()),
+        None => {
+            let cfg = ClipConfig::preset(&a.preset).ok_or_else(|| Error::msg(format!("--preset {}: expected b32, b16, l14 or l14-336", a.preset)))?;
+            let w = random_weights(&cfg, 0);
+            (ClipParts::load(&w, &cfg, towers, &opt)?, format!("synthetic {}", a.preset))
+        }
+    };
+    let cfg = model.config.clone();
+    let b = a.batch;
+    let mut report = serde_json::json!({
+        "model": source, "batch": b, "dtype": format!("{:?}", a.dtype).to_lowercase(), "device": "cpu",
+        "threads": rayon::current_num_threads(),
+    });
+    let mut noop = |_: &str, _: &Tensor| {};
+    if do_img {
+        let s = cfg.vision.image_size;
+        let px = Tensor::from_vec(normal_vec(b * 3 * s * s, 0.0, 1.0, 7), &[b, 3, s, s])?;
+        let v = model.vision()?;
+        let sec = time_it(a.iters, "image tower", || v.forward(&px, &mut noop).map(|_| ()))?;
+        let gf = flops::image_flops(&cfg) * b as f64 / sec / 1e9;
+        report["images_per_s"] = (b as f64 / sec).into();
+        report["image_gflops"] = gf.into();
+    }
+    if do_txt {
+        let t = a.text_len.clamp(2, cfg.text.max_positions);
+        let mut rng = Rng::new(11);
+        let ids: Vec<Vec<u32>> = (0..b)
+            .map(|_| {
+                let mut s = vec![cfg.text.bos_token_id];
+                s.extend((0..t - 2).map(|_| (rng.next_u64() % 49000) as u32 + 256));
+                s.push(cfg.text.eos_token_id);
+                s
+            })
+            .collect();
+        let tt = model.text()?;
+        let sec = time_it(a.iters, "text tower", || tt.forward(&ids, None, &mut noop).map(|_| ()))?;
+        report["texts_per_s"] = (b as f64 / sec).into();
+        report["text_gflops"] = (flops::text_flops(&cfg, t) * b as f64 / sec / 1e9).into();
+        report["text_tokens"] = t.into();
+    }
+    let ceiling = gemm_ceiling_gflops();
+    report["gemm_ceiling_gflops"] = ceiling.into();
+    for k in ["image", "text"] {
+        if let Some(g) = report.get(format!("{k}_gflops")).and_then(|v| v.as_f64()) {
+            report[format!("{k}_share_of_ceiling")] = (g / ceiling).into();
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(Error::msg)?);
+    } else {
+        println!("model      {}  (batch {b}, {}, cpu, {} threads)", source, report["dtype"].as_str().unwrap_or(""), report["threads"]);
+        if let Some(x) = report["images_per_s"].as_f64() {
+            println!("images/s   {x:8.2}   {:7.1} GFLOP/s   {:4.0}% of GEMM ceiling", report["image_gflops"].as_f64().unwrap_or(0.0), 100.0 * report["image_share_of_ceiling"].as_f64().unwrap_or(0.0));
+        }
+        if let Some(x) = report["texts_per_s"].as_f64() {
+            println!("texts/s    {x:8.2}   {:7.1} GFLOP/s   {:4.0}% of GEMM ceiling   ({} tokens)", report["text_gflops"].as_f64().unwrap_or(0.0), 100.0 * report["text_share_of_ceiling"].as_f64().unwrap_or(0.0), report["text_tokens"]);
+        }
+        println!("GEMM ceiling {ceiling:.1} GFLOP/s (f32 1024³, measured now)");
+    }
+    Ok(())
+}

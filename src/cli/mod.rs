@@ -1,0 +1,77 @@
+//! The command line: one subcommand per job, `--help` on each. Data goes to stdout (or the
+//! --out file), progress and messages to stderr.
+pub mod bench;
+
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "clipforge", version, about = "CLIP, Long-CLIP and SmartCLIP inference, fine-tuning and benchmarking")]
+pub struct Cli {
+    /// Worker threads (default: all cores)
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Throughput of the image and text towers (synthetic ViT-B/32 weights by default)
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeArg {
+    /// The compute dtype on the CPU backend.
+    pub fn dtype(self) -> Result<DType> {
+        match self {
+            DtypeArg::F32 => Ok(DType::F32),
+            DtypeArg::Bf16 => Ok(DType::BF16),
+            DtypeArg::F16 => Err(Error::msg("--dtype f16: the CPU backend computes in f32 or bf16 (f16 is for the CUDA backend)")),
+        }
+    }
+}
+
+/// The device a command runs on. The CUDA backend is not part of this build yet.
+pub fn resolve_device(d: DeviceArg) -> Result<crate::tensor::Device> {
+    match d {
+        DeviceArg::Auto | DeviceArg::Cpu => Ok(crate::tensor::Device::Cpu),
+        DeviceArg::Cuda => Err(Error::Device("--device cuda: this build has no CUDA backend yet; use --device cpu or auto".into())),
+    }
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().map_err(Error::msg)?;
+    }
+    match cli.cmd {
+        Command::Bench(a) => bench::run(&a),
+    }
+}

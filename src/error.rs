@@ -1,0 +1,36 @@
+//! The crate's error type. Every user-facing failure is one line that names the file (when there is
+//! one) and what is wrong with it; nothing in the library panics on bad input.
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A problem with a named file: missing, unreadable, corrupt, contradicting its config.
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+    /// Shapes that do not fit an operation.
+    #[error("shape error: {0}")]
+    Shape(String),
+    /// A device that cannot be used (no CUDA driver, backend not built).
+    #[error("device error: {0}")]
+    Device(String),
+    /// Anything else worth one line.
+    #[error("{0}")]
+    Msg(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn file(path: impl AsRef<Path>, msg: impl std::fmt::Display) -> Self {
+        Error::File { path: path.as_ref().to_path_buf(), msg: msg.to_string() }
+    }
+    pub fn msg(msg: impl std::fmt::Display) -> Self {
+        Error::Msg(msg.to_string())
+    }
+}
+
+/// `bail!`-style helpers for shape checks.
+#[macro_export]
+macro_rules! shape_err {
+    ($($t:tt)*) => { $crate::error::Error::Shape(format!($($t)*)) };
+}

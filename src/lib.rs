@@ -1,0 +1,16 @@
+//! clipforge: CLIP, Long-CLIP and SmartCLIP on a from-scratch tensor engine.
+//!
+//! - `tensor`: the Tensor type (shape, strides, dtype, device) and its ops;
+//! - `ops`: the CPU kernels, each with a plain reference twin;
+//! - `model`: CLIP configs, safetensors weights and the two towers;
+//! - `io`: tokenizer, image preprocessing, .npy output.
+pub mod cli;
+pub mod error;
+pub mod flops;
+pub mod io;
+pub mod model;
+pub mod ops;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use tensor::{DType, Device, Tensor};

@@ -1,0 +1,13 @@
+//! CLIP: configuration, weights, the shared transformer block and the two towers.
+pub mod clip;
+pub mod config;
+pub mod layers;
+pub mod synthetic;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+pub use clip::{Clip, ClipParts, Towers};
+pub use config::ClipConfig;
+pub use layers::LoadOptions;
+pub use weights::Weights;

@@ -1,0 +1,106 @@
+//! Matrix multiplication: a plain triple-loop reference and the fast path (faer's packed,
+//! multithreaded GEMM on strided views, so transposed operands are never copied).
+//!
+//! `linear` is the transformer's hot op: y[m×n] = x[m×k]·Wᵀ + b with W stored [n×k] as in
+//! PyTorch/HF Linear layers. The bias is written first and the GEMM accumulates onto it.
+use faer::{Accum, MatMut, MatRef, Par};
+
+/// A strided matrix view over a slice: element (i, j) is `data[i*rs + j*cs]`.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        View { data, rows, cols, rs: cols, cs: 1 }
+    }
+    /// The transpose of a row-major [rows×cols] matrix, as a view.
+    pub fn t(self) -> Self {
+        View { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+    fn max_index(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.rs + (self.cols - 1) * self.cs
+        }
+    }
+}
+
+/// c[m×n] (row-major) (+)= a·b, naive loops with f64 accumulation. The reference.
+pub fn gemm_reference(a: View, b: View, c: &mut [f32], accumulate: bool) {
+    assert_eq!(a.cols, b.rows);
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for p in 0..k {
+                s += a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+            }
+            let o = &mut c[i * n + j];
+            *o = if accumulate { *o + s as f32 } else { s as f32 };
+        }
+    }
+}
+
+/// Work below which threading costs more than it saves.
+const PAR_MIN_FLOPS: usize = 1 << 21;
+
+/// c[m×n] (row-major) (+)= a·b with faer. Panics only on views that overrun their slices
+/// (callers check shapes first).
+pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
+    assert_eq!(a.cols, b.rows, "gemm inner dims");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert!(c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(a.max_index() < a.data.len() && b.max_index() < b.data.len(), "gemm view out of bounds");
+    let par = if 2 * m * n * k >= PAR_MIN_FLOPS { Par::rayon(0) } else { Par::Seq };
+    // SAFETY: the views' extents were checked against their slices above; c holds m*n elements;
+    // faer reads a and b and writes c only within those extents.
+    let (am, bm, cm) = unsafe {
+        (
+            MatRef::<f32>::from_raw_parts(a.data.as_ptr(), m, k, a.rs as isize, a.cs as isize),
+            MatRef::<f32>::from_raw_parts(b.data.as_ptr(), k, n, b.rs as isize, b.cs as isize),
+            MatMut::<f32>::from_raw_parts_mut(c.as_mut_ptr(), m, n, n as isize, 1),
+        )
+    };
+    let beta = if accumulate { Accum::Add } else { Accum::Replace };
+    faer::linalg::matmul::matmul(cm, beta, am, bm, 1.0f32, par);
+}
+
+/// y[m×n] = x[m×k]·wᵀ (+ bias), w is [n×k] row-major. The reference.
+pub fn linear_reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut y = vec![0.0; m * n];
+    gemm_reference(View::row_major(x, m, k), View::row_major(w, n, k).t(), &mut y, false);
+    if let Some(b) = bias {
+        for row in y.chunks_mut(n) {
+            row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+        }
+    }
+    y
+}
+
+/// y[m×n] = x[m×k]·wᵀ (+ bias): the fast path.
+pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut y = vec![0.0; m * n];
+    if let Some(b) = bias {
+        for row in y.chunks_mut(n) {
+            row.copy_from_slice(b);
+        }
+    }
+    gemm(View::row_major(x, m, k), View::row_major(w, n, k).t(), &mut y, bias.is_some());
+    y
+}

@@ -1,0 +1,12 @@
+//! CPU ops, one family per file. Each file has a plain `*_reference` (naive loops, f64 where it
+//! matters: the ground truth) and the fast path the engine runs (vectorised, multithreaded).
+//! Both work on flat slices; `tensor::ops` checks shapes and layouts and calls them.
+pub mod attention;
+pub mod elementwise;
+pub mod embedding;
+pub mod fastmath;
+pub mod layernorm;
+pub mod matmul;
+pub mod patch_embed;
+pub mod reduce;
+pub mod softmax;

@@ -1,0 +1,71 @@
+//! Patch embedding: a convolution whose stride equals its kernel (no bias), as CLIP's conv1.
+//! Reference: direct convolution loops. Fast: im2col into [B·N, C·P·P] then one GEMM with the
+//! weight viewed as [D, C·P·P]. Output [B, N, D] with N = (H/P)·(W/P), patches in raster order.
+use super::matmul::{gemm, View};
+use super::fastmath::par_rows;
+
+#[derive(Clone, Copy, Debug)]
+pub struct PatchShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub patch: usize,
+    pub dim: usize,
+}
+
+impl PatchShape {
+    pub fn grid(&self) -> (usize, usize) {
+        (self.height / self.patch, self.width / self.patch)
+    }
+    pub fn patches(&self) -> usize {
+        let (gh, gw) = self.grid();
+        gh * gw
+    }
+}
+
+pub fn patch_embed_reference(px: &[f32], w: &[f32], s: &PatchShape) -> Vec<f32> {
+    let (gh, gw) = s.grid();
+    let (c, p) = (s.channels, s.patch);
+    let mut out = vec![0f32; s.batch * gh * gw * s.dim];
+    for b in 0..s.batch {
+        for gy in 0..gh {
+            for gx in 0..gw {
+                for o in 0..s.dim {
+                    let mut acc = 0f64;
+                    for ci in 0..c {
+                        for py in 0..p {
+                            for pxx in 0..p {
+                                let x = px[((b * c + ci) * s.height + gy * p + py) * s.width + gx * p + pxx];
+                                acc += x as f64 * w[((o * c + ci) * p + py) * p + pxx] as f64;
+                            }
+                        }
+                    }
+                    out[((b * gh + gy) * gw + gx) * s.dim + o] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn patch_embed(px: &[f32], w: &[f32], s: &PatchShape) -> Vec<f32> {
+    let (gh, gw) = s.grid();
+    let (c, p) = (s.channels, s.patch);
+    let kdim = c * p * p;
+    let rows = s.batch * gh * gw;
+    let mut cols = vec![0f32; rows * kdim]; // [B·N, C·P·P]
+    par_rows(&mut cols, kdim, |r, row| {
+        let (b, g) = (r / (gh * gw), r % (gh * gw));
+        let (gy, gx) = (g / gw, g % gw);
+        for ci in 0..c {
+            for py in 0..p {
+                let src = ((b * c + ci) * s.height + gy * p + py) * s.width + gx * p;
+                row[(ci * p + py) * p..][..p].copy_from_slice(&px[src..src + p]);
+            }
+        }
+    });
+    let mut out = vec![0f32; rows * s.dim]; // [B·N, D]
+    gemm(View::row_major(&cols, rows, kdim), View::row_major(w, s.dim, kdim).t(), &mut out, false);
+    out
+}

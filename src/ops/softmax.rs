@@ -1,0 +1,40 @@
+//! Softmax over the last dim of a contiguous [rows × n] array. Reference: f64. Fast: max-shifted
+//! vectorised exp, rows in parallel. A row of all -inf gives zeros (not NaN).
+use super::fastmath::{self, par_rows};
+use super::reduce::{max_f32, sum_f32};
+
+pub fn softmax_reference(x: &[f32], n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for r in x.chunks(n.max(1)) {
+        let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        if m == f64::NEG_INFINITY {
+            out.extend(r.iter().map(|_| 0.0));
+            continue;
+        }
+        let e: Vec<f64> = r.iter().map(|&v| (v as f64 - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        out.extend(e.iter().map(|v| (v / s) as f32));
+    }
+    out
+}
+
+/// In-place softmax of one row.
+#[inline]
+pub fn softmax_row(r: &mut [f32]) {
+    let m = max_f32(r);
+    if m == f32::NEG_INFINITY {
+        r.fill(0.0);
+        return;
+    }
+    for v in r.iter_mut() {
+        *v = if *v == f32::NEG_INFINITY { 0.0 } else { fastmath::exp(*v - m) };
+    }
+    let inv = 1.0 / sum_f32(r);
+    r.iter_mut().for_each(|v| *v *= inv);
+}
+
+pub fn softmax(x: &[f32], n: usize) -> Vec<f32> {
+    let mut out = x.to_vec();
+    par_rows(&mut out, n, |_, r| softmax_row(r));
+    out
+}
