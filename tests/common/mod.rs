@@ -1,0 +1,40 @@
+//! Shared test helpers: seeded random data and the per-element closeness check
+//! |x − ref| ≤ atol + rtol·|ref| (NaN/Inf fail; never a mean-error rule).
+#![allow(dead_code)]
+use clipforge::model::synthetic::Rng;
+use clipforge::Tensor;
+
+pub fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal()).collect()
+}
+
+pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::from_vec(randn(shape.iter().product(), seed), shape).unwrap()
+}
+
+/// Panics with the first mismatches (index, got, want) and the max error if any element fails.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    let mut bad = vec![];
+    let mut max_err = 0f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        let ok = g.is_finite() && w.is_finite() && err <= atol + rtol * w.abs();
+        if !ok {
+            bad.push((i, g, w));
+        }
+        if err.is_finite() {
+            max_err = max_err.max(err);
+        }
+    }
+    if !bad.is_empty() {
+        let first: Vec<String> = bad.iter().take(5).map(|(i, g, w)| format!("[{i}] got {g} want {w}")).collect();
+        panic!("{what}: {} of {} elements outside atol {atol} + rtol {rtol}; max err {max_err}; first: {}", bad.len(), got.len(), first.join(", "));
+    }
+}
+
+pub fn assert_tensor_close(what: &str, got: &Tensor, want: &Tensor, atol: f32, rtol: f32) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    assert_close(what, &got.to_vec_f32(), &want.to_vec_f32(), atol, rtol);
+}

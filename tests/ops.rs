@@ -1,0 +1,116 @@
+//! The op table: every CPU op's fast path against its plain reference on odd shapes (1, 7,
+//! 45×65, head dim 59, widths not divisible by 64), and every fused op against its composite
+//! twin built from primitive tensor ops.
+mod common;
+use clipforge::ops::attention::{attention, attention_reference, AttnShape};
+use clipforge::ops::elementwise::{unary, unary_reference, Unary};
+use clipforge::ops::layernorm::{layer_norm, layer_norm_reference};
+use clipforge::ops::matmul::{gemm, gemm_reference, linear, linear_reference, View};
+use clipforge::ops::patch_embed::{patch_embed, patch_embed_reference, PatchShape};
+use clipforge::ops::reduce::{reduce, reduce_reference, Reduce};
+use clipforge::ops::softmax::{softmax, softmax_reference};
+use clipforge::Tensor;
+use common::*;
+
+#[test]
+fn matmul_fast_matches_reference() {
+    for &(m, k, n) in &[(1, 1, 1), (1, 7, 3), (7, 45, 65), (45, 65, 59), (33, 177, 301), (130, 300, 257)] {
+        let a = randn(m * k, 1);
+        let b = randn(k * n, 2);
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let av = if ta { View::row_major(&a, k, m).t() } else { View::row_major(&a, m, k) };
+            let bv = if tb { View::row_major(&b, n, k).t() } else { View::row_major(&b, k, n) };
+            let (mut got, mut want) = (vec![0.0; m * n], vec![0.0; m * n]);
+            gemm(av, bv, &mut got, false);
+            gemm_reference(av, bv, &mut want, false);
+            assert_close(&format!("gemm {m}x{k}x{n} t{ta}{tb}"), &got, &want, 1e-4, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn linear_fast_matches_reference() {
+    for &(m, k, n) in &[(1, 1, 1), (7, 65, 45), (50, 59, 177), (77, 301, 33)] {
+        let (x, w, b) = (randn(m * k, 3), randn(n * k, 4), randn(n, 5));
+        for bias in [None, Some(&b[..])] {
+            let got = linear(&x, m, k, &w, n, bias);
+            let want = linear_reference(&x, m, k, &w, n, bias);
+            assert_close(&format!("linear {m}x{k}x{n} bias {}", bias.is_some()), &got, &want, 1e-4, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn unary_fast_matches_reference() {
+    let x: Vec<f32> = randn(45 * 65, 6).iter().map(|v| v * 6.0).collect();
+    let mut edge = vec![0.0, -0.0, 1e-30, -1e-30, 80.0, -80.0, 88.0, -87.0, 20.0, -20.0];
+    edge.extend_from_slice(&x);
+    for op in [Unary::QuickGelu, Unary::Gelu, Unary::Exp, Unary::Neg] {
+        let xs: Vec<f32> = if op == Unary::Exp { edge.iter().map(|v| v.clamp(-80.0, 80.0)).collect() } else { edge.clone() };
+        assert_close(&format!("{op:?}"), &unary(op, &xs), &unary_reference(op, &xs), 1e-6, 3e-6);
+    }
+}
+
+#[test]
+fn reduce_fast_matches_reference() {
+    for &(rows, n) in &[(1, 1), (7, 1), (45, 65), (3, 1000), (1, 4099)] {
+        let x = randn(rows * n, 7);
+        for op in [Reduce::Sum, Reduce::Mean, Reduce::Max, Reduce::Min] {
+            assert_close(&format!("{op:?} {rows}x{n}"), &reduce(op, &x, n), &reduce_reference(op, &x, n), 1e-4, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn softmax_fast_matches_reference() {
+    let mut x: Vec<f32> = randn(45 * 65, 8).iter().map(|v| v * 10.0).collect();
+    x[3] = f32::NEG_INFINITY;
+    x[65..130].fill(f32::NEG_INFINITY); // a fully masked row gives zeros
+    assert_close("softmax 45x65", &softmax(&x, 65), &softmax_reference(&x, 65), 1e-6, 1e-5);
+    let y = randn(7, 9);
+    assert_close("softmax 1x7", &softmax(&y, 7), &softmax_reference(&y, 7), 1e-6, 1e-5);
+}
+
+#[test]
+fn layer_norm_fast_matches_reference() {
+    for &(rows, n) in &[(1, 1), (7, 59), (45, 65), (50, 768), (3, 1000)] {
+        let x: Vec<f32> = randn(rows * n, 10).iter().map(|v| v * 3.0 + 1.5).collect();
+        let (g, b) = (randn(n, 11), randn(n, 12));
+        assert_close(&format!("layernorm {rows}x{n}"), &layer_norm(&x, n, &g, &b, 1e-5), &layer_norm_reference(&x, n, &g, &b, 1e-5), 1e-5, 1e-4);
+    }
+}
+
+#[test]
+fn attention_fast_matches_reference() {
+    for &(b, t, h, d) in &[(1, 1, 1, 1), (2, 7, 3, 59), (1, 50, 2, 64), (3, 77, 5, 20), (1, 45, 1, 65)] {
+        let w = h * d;
+        let (q, k, v) = (randn(b * t * w, 13), randn(b * t * w, 14), randn(b * t * w, 15));
+        for causal in [false, true] {
+            let s = AttnShape { batch: b, seq: t, heads: h, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
+            let (o, l) = attention(&q, &k, &v, &s);
+            let (ro, rl) = attention_reference(&q, &k, &v, &s);
+            let what = format!("attention b{b} t{t} h{h} d{d} causal {causal}");
+            assert_close(&format!("{what} out"), &o, &ro, 1e-5, 1e-4);
+            assert_close(&format!("{what} lse"), &l, &rl, 1e-5, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn patch_embed_fast_matches_reference() {
+    for &(b, c, hw, p, dim) in &[(1, 1, 1, 1, 1), (2, 3, 98, 14, 45), (1, 3, 32, 8, 64), (1, 3, 33, 8, 7)] {
+        let s = PatchShape { batch: b, channels: c, height: hw, width: hw, patch: p, dim };
+        let (px, w) = (randn(b * c * hw * hw, 16), randn(dim * c * p * p, 17));
+        assert_close(&format!("patch_embed {s:?}"), &patch_embed(&px, &w, &s), &patch_embed_reference(&px, &w, &s), 1e-4, 1e-4);
+    }
+}
+
+#[test]
+fn embedding_rejects_out_of_range_ids() {
+    let table = rand_tensor(&[10, 7], 18);
+    let e = Tensor::embedding(&table, &[3, 9, 0]).unwrap();
+    assert_eq!(e.shape(), &[3, 7]);
+    assert_eq!(e.get(1).unwrap().to_vec_f32(), table.get(9).unwrap().to_vec_f32());
+    let err = Tensor::embedding(&table, &[10]).unwrap_err().to_string();
+    assert!(err.contains("out of range"), "{err}");
+}
