@@ -27,9 +27,15 @@ impl Rng {
     }
     /// Standard normal (Box–Muller).
     pub fn normal(&mut self) -> f32 {
-        let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        self.normal_pair().0
+    }
+    /// Two independent standard normals (both Box–Muller outputs).
+    pub fn normal_pair(&mut self) -> (f32, f32) {
+        let u1 = ((self.next_u64() >> 40) as f32 + 0.5) / (1u64 << 24) as f32;
+        let u2 = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (s, c) = (2.0 * std::f32::consts::PI * u2).sin_cos();
+        (r * c, r * s)
     }
 }
 
@@ -38,7 +44,13 @@ pub fn normal_vec(n: usize, mean: f32, std: f32, seed: u64) -> Vec<f32> {
     let mut v = vec![0f32; n];
     v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
         let mut r = Rng::new(seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
-        c.iter_mut().for_each(|x| *x = mean + std * r.normal());
+        for pair in c.chunks_mut(2) {
+            let (a, b) = r.normal_pair();
+            pair[0] = mean + std * a;
+            if pair.len() > 1 {
+                pair[1] = mean + std * b;
+            }
+        }
     });
     v
 }

@@ -4,6 +4,7 @@
 //! `linear` is the transformer's hot op: y[m×n] = x[m×k]·Wᵀ + b with W stored [n×k] as in
 //! PyTorch/HF Linear layers. The bias is written first and the GEMM accumulates onto it.
 use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
 
 /// A strided matrix view over a slice: element (i, j) is `data[i*rs + j*cs]`.
 #[derive(Clone, Copy)]
@@ -67,7 +68,25 @@ pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
         return;
     }
     assert!(a.max_index() < a.data.len() && b.max_index() < b.data.len(), "gemm view out of bounds");
-    let par = if 2 * m * n * k >= PAR_MIN_FLOPS { Par::rayon(0) } else { Par::Seq };
+    let threads = rayon::current_num_threads();
+    let big = 2 * m * n * k >= PAR_MIN_FLOPS;
+    if big && threads > 1 && m >= 64 * threads {
+        // Tall products (every Linear layer: m = batch × tokens) split by rows, one sequential GEMM
+        // per thread: each packs its own copy of b, which costs O(k·n) against O(m·k·n / threads)
+        // of work, and avoids faer's per-block barriers between threads.
+        let rows = m.div_ceil(threads);
+        c[..m * n].par_chunks_mut(rows * n).enumerate().for_each(|(i, ci)| {
+            let r0 = i * rows;
+            let sub = View { data: &a.data[r0 * a.rs..], rows: ci.len() / n, ..a };
+            gemm_one(sub, b, ci, accumulate, Par::Seq);
+        });
+        return;
+    }
+    gemm_one(a, b, c, accumulate, if big { Par::rayon(0) } else { Par::Seq });
+}
+
+fn gemm_one(a: View, b: View, c: &mut [f32], accumulate: bool, par: Par) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
     // SAFETY: the views' extents were checked against their slices above; c holds m*n elements;
     // faer reads a and b and writes c only within those extents.
     let (am, bm, cm) = unsafe {
