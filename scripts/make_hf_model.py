@@ -138,11 +138,13 @@ def save_model(model, out_dir: str, dtype: str = "f32", shards: int = 1):
     meta = {"format": "pt"}
     if shards <= 1:
         save_file(dict(items), os.path.join(out_dir, "model.safetensors"), metadata=meta)
+        os.chmod(os.path.join(out_dir, "model.safetensors"), 0o644)
     else:
         weight_map, total = {}, 0
         for i, group in enumerate(_shard_groups(items, shards)):
             fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
             save_file(dict(group), os.path.join(out_dir, fname), metadata=meta)
+            os.chmod(os.path.join(out_dir, fname), 0o644)
             for k, t in group:
                 weight_map[k] = fname
                 total += t.numel() * t.element_size()

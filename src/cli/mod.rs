@@ -1,6 +1,9 @@
 //! The command line: one subcommand per job, `--help` on each. Data goes to stdout (or the
 //! --out file), progress and messages to stderr.
 pub mod bench;
+pub mod classify;
+pub mod common;
+pub mod embed;
 
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -20,6 +23,14 @@ pub struct Cli {
 pub enum Command {
     /// Throughput of the image and text towers (synthetic ViT-B/32 weights by default)
     Bench(bench::BenchArgs),
+    /// Image embeddings to a float32 .npy [N, D]
+    EmbedImage(embed::EmbedImageArgs),
+    /// Text embeddings to a float32 .npy [N, D]
+    EmbedText(embed::EmbedTextArgs),
+    /// Zero-shot classification of images against class names
+    Classify(classify::ClassifyArgs),
+    /// Cosine similarity and softmax probabilities between images and texts
+    Similarity(classify::SimilarityArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -73,5 +84,9 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     match cli.cmd {
         Command::Bench(a) => bench::run(&a),
+        Command::EmbedImage(a) => embed::embed_image(&a),
+        Command::EmbedText(a) => embed::embed_text(&a),
+        Command::Classify(a) => classify::classify(&a),
+        Command::Similarity(a) => classify::similarity(&a),
     }
 }

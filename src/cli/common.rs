@@ -1,0 +1,120 @@
+//! What the model-using commands share: loading a model directory, reading texts and images in
+//! batches, running the towers with a progress bar.
+use super::{DeviceArg, DtypeArg};
+use crate::error::{Error, Result};
+use crate::io::image_prep::{load_rgb8_hf, preprocess, PreprocessConfig};
+use crate::io::tokenizer::ClipTokenizer;
+use crate::model::clip::l2_normalize;
+use crate::model::{ClipParts, LoadOptions, Towers};
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+pub fn load_model(dir: &Path, towers: Towers, device: DeviceArg, dtype: DtypeArg) -> Result<ClipParts> {
+    super::resolve_device(device)?;
+    ClipParts::load_dir(dir, towers, &LoadOptions { dtype: dtype.dtype()? })
+}
+
+/// The model's preprocessing: preprocessor_config.json if present, else OpenAI's at its image size.
+pub fn preprocess_config(dir: &Path, image_size: usize) -> Result<PreprocessConfig> {
+    let p = dir.join("preprocessor_config.json");
+    if p.exists() {
+        let s = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, format!("cannot read: {e}")))?;
+        let c = PreprocessConfig::from_json_str(&s).map_err(|e| Error::file(&p, e))?;
+        if c.crop_h as usize != image_size || c.crop_w as usize != image_size {
+            return Err(Error::file(&p, format!("crop size {}×{} does not match the model's image_size {image_size}", c.crop_h, c.crop_w)));
+        }
+        Ok(c)
+    } else {
+        Ok(PreprocessConfig::openai(image_size as u32))
+    }
+}
+
+/// Texts from arguments or a file (one per line).
+pub fn read_texts(args: &[String], file: Option<&Path>) -> Result<Vec<String>> {
+    let texts: Vec<String> = match file {
+        Some(f) => {
+            let s = std::fs::read_to_string(f).map_err(|e| Error::file(f, format!("cannot read: {e}")))?;
+            let v: Vec<String> = s.lines().map(|l| l.to_string()).collect();
+            if v.is_empty() {
+                return Err(Error::file(f, "holds no texts (one text per line)"));
+            }
+            v
+        }
+        None => args.to_vec(),
+    };
+    if texts.is_empty() {
+        return Err(Error::msg("no texts given (pass TEXT... or --file FILE)"));
+    }
+    Ok(texts)
+}
+
+/// Image paths from arguments or a directory (files sorted by name).
+pub fn image_paths(args: &[PathBuf], dir: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let paths = match dir {
+        Some(d) => {
+            let rd = std::fs::read_dir(d).map_err(|e| Error::file(d, format!("cannot list directory: {e}")))?;
+            let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+            v.sort();
+            if v.is_empty() {
+                return Err(Error::file(d, "holds no files"));
+            }
+            v
+        }
+        None => args.to_vec(),
+    };
+    if paths.is_empty() {
+        return Err(Error::msg("no images given (pass IMAGE... or --dir DIR)"));
+    }
+    Ok(paths)
+}
+
+/// Embeds texts in batches → [N, D] (L2-normalised if `normalize`).
+pub fn embed_texts(model: &ClipParts, tok: &ClipTokenizer, texts: &[String], batch: usize, normalize: bool, quiet: bool) -> Result<Tensor> {
+    let tower = model.text()?;
+    let bar = super::progress(texts.len() as u64, "texts");
+    if quiet || texts.len() <= batch {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut parts = vec![];
+    for chunk in texts.chunks(batch.max(1)) {
+        let ids = tok.encode_batch(chunk)?;
+        let e = tower.forward(&ids, None, &mut |_, _| {})?; // [b, D]
+        parts.push(if normalize { l2_normalize(&e)? } else { e });
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)
+}
+
+/// Embeds images in batches → [N, D]. Decoding and preprocessing run in parallel.
+pub fn embed_images(model: &ClipParts, pre: &PreprocessConfig, paths: &[PathBuf], batch: usize, normalize: bool, quiet: bool) -> Result<Tensor> {
+    let tower = model.vision()?;
+    let s = tower.cfg.image_size;
+    let bar = super::progress(paths.len() as u64, "images");
+    if quiet || paths.len() <= batch {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut parts = vec![];
+    for chunk in paths.chunks(batch.max(1)) {
+        let px: Vec<Vec<f32>> = chunk.par_iter().map(|p| Ok(preprocess(&load_rgb8_hf(p)?, pre))).collect::<std::result::Result<_, anyhow::Error>>().map_err(|e| Error::msg(e))?;
+        let flat: Vec<f32> = px.concat();
+        let t = Tensor::from_vec(flat, &[chunk.len(), 3, s, s])?;
+        let e = tower.forward(&t, &mut |_, _| {})?; // [b, D]
+        parts.push(if normalize { l2_normalize(&e)? } else { e });
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)
+}
+
+/// The context length to tokenize to: --max-len, else the model's positions.
+pub fn context_length(model: &ClipParts, max_len: Option<usize>) -> Result<usize> {
+    let p = model.config.text.max_positions;
+    match max_len {
+        Some(n) if n > p => Err(Error::msg(format!("--max-len {n} exceeds the model's {p} positions (stretch the model first)"))),
+        Some(n) if n < 2 => Err(Error::msg("--max-len must be at least 2")),
+        Some(n) => Ok(n),
+        None => Ok(p),
+    }
+}

@@ -1,0 +1,88 @@
+//! `clipforge embed-image` and `clipforge embed-text`: embeddings to a float32 .npy [N, D], rows
+//! in input order, L2-normalised unless --no-normalize.
+use super::common::*;
+use super::{DeviceArg, DtypeArg};
+use crate::error::{Error, Result};
+use crate::io::npy::{write_atomic, write_npy};
+use crate::io::tokenizer::ClipTokenizer;
+use crate::model::Towers;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct EmbedImageArgs {
+    /// HF CLIP model directory
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Output .npy file (float32 [N, D])
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Embed every file of this directory (sorted by name); the row→file list is written to OUT's stem + .files.txt
+    #[arg(long, conflicts_with = "images")]
+    pub dir: Option<PathBuf>,
+    /// Write raw projections instead of L2-normalised embeddings
+    #[arg(long)]
+    pub no_normalize: bool,
+    /// Image files
+    pub images: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct EmbedTextArgs {
+    /// HF CLIP model directory
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Context length (default: the model's positions, 77 for CLIP, 248 for Long-CLIP)
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Output .npy file (float32 [N, D])
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Read texts from this file, one per line
+    #[arg(long, conflicts_with = "texts")]
+    pub file: Option<PathBuf>,
+    #[arg(long)]
+    pub no_normalize: bool,
+    /// Texts
+    pub texts: Vec<String>,
+}
+
+pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
+    let paths = image_paths(&a.images, a.dir.as_deref())?;
+    let model = load_model(&a.model, Towers::Vision, a.device, a.dtype)?;
+    let pre = preprocess_config(&a.model, model.config.vision.image_size)?;
+    let e = embed_images(&model, &pre, &paths, a.batch, !a.no_normalize, false)?;
+    write_npy(&a.out, &e.to_vec_f32(), e.shape())?;
+    if a.dir.is_some() {
+        let list = a.out.with_file_name(format!("{}.files.txt", a.out.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()));
+        let text: String = paths.iter().map(|p| format!("{}\n", p.display())).collect();
+        write_atomic(&list, text.as_bytes())?;
+    }
+    eprintln!("wrote {} image embeddings of dim {} to {}", e.dim(0), e.dim(1), a.out.display());
+    Ok(())
+}
+
+pub fn embed_text(a: &EmbedTextArgs) -> Result<()> {
+    let texts = read_texts(&a.texts, a.file.as_deref())?;
+    let model = load_model(&a.model, Towers::Text, a.device, a.dtype)?;
+    let tok = ClipTokenizer::from_file(&a.model, context_length(&model, a.max_len)?)?;
+    let e = embed_texts(&model, &tok, &texts, a.batch, !a.no_normalize, false)?;
+    if e.dim(0) != texts.len() {
+        return Err(Error::msg("internal: row count mismatch"));
+    }
+    write_npy(&a.out, &e.to_vec_f32(), e.shape())?;
+    eprintln!("wrote {} text embeddings of dim {} to {}", e.dim(0), e.dim(1), a.out.display());
+    Ok(())
+}
