@@ -5,6 +5,7 @@
 //! Layout: q, k, v and o are [B, T, H·hd] (heads side by side in each row, as the projections
 //! produce them), lse is [B, H, T]. Any T ≥ 1 and any head dim.
 use super::fastmath;
+use super::matmul::{gemm_seq, View};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -59,22 +60,9 @@ pub fn attention_reference(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (V
     (out, lse)
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-/// The fast path: batches in parallel; per head, K and V are gathered into contiguous tiles
-/// so the inner loops stream through memory.
+/// The fast path: batches in parallel; per head, Q, K and V are gathered into contiguous tiles
+/// and the scores S = Q·Kᵀ and the mix O = P·V run as two small GEMMs, with the (masked)
+/// softmax applied to S in place in between.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
     let mut out = vec![0f32; s.numel()];
@@ -83,42 +71,39 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
         return (out, lse);
     }
     out.par_chunks_mut(t * w).zip(lse.par_chunks_mut(s.heads * t)).enumerate().for_each(|(b, (ob, lb))| {
-        let mut kt = vec![0f32; t * d];
-        let mut vt = vec![0f32; t * d];
-        let mut p = vec![0f32; t];
-        let mut acc = vec![0f32; d];
+        let (mut qt, mut kt, mut vt) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]); // [T, d] each
+        let mut sc = vec![0f32; t * t]; // [T, T]
+        let mut o = vec![0f32; t * d]; // [T, d]
         for h in 0..s.heads {
             for j in 0..t {
                 let row = (b * t + j) * w + h * d;
+                qt[j * d..(j + 1) * d].copy_from_slice(&q[row..row + d]);
                 kt[j * d..(j + 1) * d].copy_from_slice(&k[row..row + d]);
                 vt[j * d..(j + 1) * d].copy_from_slice(&v[row..row + d]);
             }
+            gemm_seq(View::row_major(&qt, t, d), View::row_major(&kt, t, d).t(), &mut sc); // S = Q·Kᵀ
             for i in 0..t {
-                let qi = &q[(b * t + i) * w + h * d..][..d];
+                let row = &mut sc[i * t..(i + 1) * t];
                 let nk = s.keys(i);
+                row[nk..].fill(0.0);
+                let row = &mut row[..nk];
                 let mut m = f32::NEG_INFINITY;
-                for j in 0..nk {
-                    let x = dot(qi, &kt[j * d..(j + 1) * d]) * s.scale;
-                    p[j] = x;
-                    m = m.max(x);
+                for x in row.iter_mut() {
+                    *x *= s.scale;
+                    m = m.max(*x);
                 }
                 let mut z = 0f32;
-                for x in &mut p[..nk] {
+                for x in row.iter_mut() {
                     *x = fastmath::exp(*x - m);
                     z += *x;
                 }
-                acc.fill(0.0);
-                for j in 0..nk {
-                    let pj = p[j];
-                    for (a, &vv) in acc.iter_mut().zip(&vt[j * d..(j + 1) * d]) {
-                        *a += pj * vv;
-                    }
-                }
                 let inv = 1.0 / z;
-                for (o, a) in ob[i * w + h * d..][..d].iter_mut().zip(&acc) {
-                    *o = a * inv;
-                }
+                row.iter_mut().for_each(|x| *x *= inv);
                 lb[h * t + i] = m + z.ln();
+            }
+            gemm_seq(View::row_major(&sc, t, t), View::row_major(&vt, t, d), &mut o); // O = P·V
+            for i in 0..t {
+                ob[i * w + h * d..][..d].copy_from_slice(&o[i * d..(i + 1) * d]);
             }
         }
     });

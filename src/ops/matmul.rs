@@ -85,6 +85,13 @@ pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
     gemm_one(a, b, c, accumulate, if big { Par::rayon(0) } else { Par::Seq });
 }
 
+/// c[m×n] = a·b on the calling thread (for small products inside already-parallel loops).
+pub fn gemm_seq(a: View, b: View, c: &mut [f32]) {
+    assert_eq!(a.cols, b.rows, "gemm inner dims");
+    assert!(a.max_index() < a.data.len().max(1) && b.max_index() < b.data.len().max(1), "gemm view out of bounds");
+    gemm_one(a, b, c, false, Par::Seq);
+}
+
 fn gemm_one(a: View, b: View, c: &mut [f32], accumulate: bool, par: Par) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     // SAFETY: the views' extents were checked against their slices above; c holds m*n elements;
