@@ -2,6 +2,7 @@
 //! 2464 text tokens). Names: cpu/<op>/<shape>. Run: cargo bench --bench ops
 use clipforge::model::synthetic::normal_vec;
 use clipforge::ops::attention::{attention, AttnShape};
+use clipforge::ops::gemm_bf16::{matmul_bf16, PackedBf16};
 use clipforge::ops::elementwise::{unary_inplace, Unary};
 use clipforge::ops::layernorm::layer_norm;
 use clipforge::ops::matmul::linear;
@@ -15,6 +16,19 @@ fn bench_matmul(c: &mut Criterion) {
         let (x, w, b) = (normal_vec(m * k, 0.0, 1.0, 1), normal_vec(n * k, 0.0, 0.02, 2), normal_vec(n, 0.0, 0.02, 3));
         g.throughput(Throughput::Elements((2 * m * n * k) as u64)); // FLOPs
         g.bench_function(format!("{m}x{k}x{n}"), |bch| bch.iter(|| black_box(linear(&x, m, k, &w, n, Some(&b)))));
+    }
+    g.finish();
+}
+
+fn bench_matmul_bf16(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu/linear_bf16");
+    g.sample_size(10);
+    for &(m, k, n) in &[(1600, 768, 768), (1600, 768, 3072), (1600, 3072, 768), (2464, 512, 2048)] {
+        let (x, w, b) = (normal_vec(m * k, 0.0, 1.0, 1), normal_vec(n * k, 0.0, 0.02, 2), normal_vec(n, 0.0, 0.02, 3));
+        let p = PackedBf16::from_f32(&w, n, k);
+        let mut y = vec![0f32; m * n];
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64)); // FLOPs
+        g.bench_function(format!("{m}x{k}x{n}"), |bch| bch.iter(|| matmul_bf16(black_box(&x), m, &p, Some(&b), &mut y)));
     }
     g.finish();
 }
@@ -49,5 +63,5 @@ fn bench_quick_gelu(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_matmul, bench_attention, bench_layernorm, bench_quick_gelu);
+criterion_group!(benches, bench_matmul, bench_matmul_bf16, bench_attention, bench_layernorm, bench_quick_gelu);
 criterion_main!(benches);

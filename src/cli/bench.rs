@@ -6,7 +6,9 @@ use crate::error::{Error, Result};
 use crate::flops;
 use crate::model::synthetic::{normal_vec, random_weights, Rng};
 use crate::model::{ClipConfig, ClipParts, LoadOptions, Towers};
+use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
 use crate::ops::matmul::{gemm, View};
+use crate::tensor::DType;
 use crate::tensor::Tensor;
 use clap::Args;
 use std::path::PathBuf;
@@ -58,16 +60,21 @@ fn time_it(iters: usize, what: &str, mut f: impl FnMut() -> Result<()>) -> Resul
     Ok(times[times.len() / 2])
 }
 
-/// f32 GEMM ceiling of this machine: best of a few 1024³ products.
-pub fn gemm_ceiling_gflops() -> f64 {
+/// GEMM ceiling of this machine in the compute dtype: best of a few 1024³ products through the
+/// same GEMM the towers use (faer f32, or the bf16 kernel).
+pub fn gemm_ceiling_gflops(dtype: DType) -> f64 {
     let n = 1024;
     let a = normal_vec(n * n, 0.0, 1.0, 1);
     let b = normal_vec(n * n, 0.0, 1.0, 2);
+    let packed = (dtype == DType::BF16).then(|| PackedBf16::from_f32(&b, n, n));
     let mut c = vec![0f32; n * n];
     let mut best = f64::MAX;
     for _ in 0..4 {
         let t = Instant::now();
-        gemm(View::row_major(&a, n, n), View::row_major(&b, n, n), &mut c, false);
+        match &packed {
+            Some(p) => matmul_bf16(&a, n, p, None, &mut c),
+            None => gemm(View::row_major(&a, n, n), View::row_major(&b, n, n), &mut c, false),
+        }
         best = best.min(t.elapsed().as_secs_f64());
     }
     2.0 * (n * n * n) as f64 / best / 1e9
@@ -126,7 +133,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         report["text_gflops"] = (flops::text_flops(&cfg, t) * b as f64 / sec / 1e9).into();
         report["text_tokens"] = t.into();
     }
-    let ceiling = gemm_ceiling_gflops();
+    let ceiling = gemm_ceiling_gflops(opt.dtype);
     report["gemm_ceiling_gflops"] = ceiling.into();
     for k in ["image", "text"] {
         if let Some(g) = report.get(format!("{k}_gflops")).and_then(|v| v.as_f64()) {
@@ -143,7 +150,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         if let Some(x) = report["texts_per_s"].as_f64() {
             println!("texts/s    {x:8.2}   {:7.1} GFLOP/s   {:4.0}% of GEMM ceiling   ({} tokens)", report["text_gflops"].as_f64().unwrap_or(0.0), 100.0 * report["text_share_of_ceiling"].as_f64().unwrap_or(0.0), report["text_tokens"]);
         }
-        println!("GEMM ceiling {ceiling:.1} GFLOP/s (f32 1024³, measured now)");
+        println!("GEMM ceiling {ceiling:.1} GFLOP/s ({} 1024³, measured now)", opt.dtype.name());
     }
     Ok(())
 }

@@ -52,7 +52,12 @@ impl DtypeArg {
     pub fn dtype(self) -> Result<DType> {
         match self {
             DtypeArg::F32 => Ok(DType::F32),
-            DtypeArg::Bf16 => Ok(DType::BF16),
+            DtypeArg::Bf16 => {
+                if !crate::ops::gemm_bf16::has_avx512_bf16() {
+                    eprintln!("note: this CPU has no AVX512-BF16; --dtype bf16 runs a slower portable path (f32 is faster here)");
+                }
+                Ok(DType::BF16)
+            }
             DtypeArg::F16 => Err(Error::msg("--dtype f16: the CPU backend computes in f32 or bf16 (f16 is for the CUDA backend)")),
         }
     }

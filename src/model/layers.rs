@@ -3,13 +3,16 @@
 use super::config::{Activation, TowerConfig};
 use super::weights::Weights;
 use crate::error::Result;
+use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
+use std::sync::Arc;
 use crate::ops::elementwise::Unary;
 use crate::tensor::{DType, Tensor};
 
 /// How weights are held for compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// f32: weights used as f32 (mapped in place when the file is f32).
+    /// F32: weights used as f32 (mapped in place when the file is f32). BF16: every Linear weight
+    /// packed to bf16 for the AVX-512 BF16 GEMM; embeddings, norms and attention stay f32.
     pub dtype: DType,
 }
 
@@ -27,19 +30,39 @@ pub fn load_f32(w: &Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
 
 /// y = x·Wᵀ + b with W [out, in].
 pub struct Linear {
-    pub weight: Tensor, // [out, in]
+    /// [out, in] as stored (mapped in place when f32); unused for compute in bf16 mode.
+    pub weight: Tensor,
     pub bias: Option<Tensor>, // [out]
+    /// bf16 mode: W packed for the AVX-512 BF16 GEMM (activations are rounded to bf16 on the fly).
+    pub packed: Option<Arc<PackedBf16>>,
 }
 
 impl Linear {
-    pub fn load(w: &Weights, prefix: &str, inp: usize, out: usize, bias: bool, _opt: &LoadOptions) -> Result<Linear> {
-        Ok(Linear {
-            weight: load_f32(w, &format!("{prefix}.weight"), &[out, inp])?,
-            bias: if bias { Some(load_f32(w, &format!("{prefix}.bias"), &[out])?) } else { None },
-        })
+    pub fn load(w: &Weights, prefix: &str, inp: usize, out: usize, bias: bool, opt: &LoadOptions) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let bias = if bias { Some(load_f32(w, &format!("{prefix}.bias"), &[out])?) } else { None };
+        if opt.dtype == DType::BF16 {
+            let raw = w.get_shaped(&name, &[out, inp])?;
+            let packed = PackedBf16::from_f32(&raw.f32_data(), out, inp);
+            return Ok(Linear { weight: raw, bias, packed: Some(Arc::new(packed)) });
+        }
+        Ok(Linear { weight: load_f32(w, &name, &[out, inp])?, bias, packed: None })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.linear(&self.weight, self.bias.as_ref()) // [.., out]
+        let Some(p) = &self.packed else {
+            return x.linear(&self.weight, self.bias.as_ref()); // [.., out]
+        };
+        let k = *x.shape().last().unwrap_or(&0);
+        if k != p.k() {
+            return Err(crate::shape_err!("linear: input {:?}, weight [{}, {}]", x.shape(), p.n(), p.k()));
+        }
+        let m = if k == 0 { 0 } else { x.numel() / k };
+        let mut y = vec![0f32; m * p.n()]; // [m, out]
+        let bias = self.bias.as_ref().map(|b| b.f32_data());
+        matmul_bf16(&x.f32_data(), m, p, bias.as_deref(), &mut y);
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = p.n();
+        Tensor::from_vec(y, &shape) // [.., out]
     }
 }
 

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod fastmath;
+pub mod gemm_bf16;
 pub mod layernorm;
 pub mod matmul;
 pub mod patch_embed;

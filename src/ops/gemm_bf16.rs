@@ -1,0 +1,532 @@
+//! bf16 GEMM for `Linear` layers: `c[m×n] = a[m×k] · Wᵀ (+ bias)`, W stored `[n×k]`.
+//!
+//! Inputs are rounded to bf16 (round-to-nearest-even), products are accumulated in f32.
+//!
+//! # Data layout
+//! Work happens on *k pairs*: `kp = ceil(k/2)`; one `u32` holds two bf16 values,
+//! `lo = x[2p]`, `hi = x[2p+1]` (zero when `2p+1 == k`). This is the operand format
+//! of `vdpbf16ps`, which computes `acc[j] += a.lo·b.lo[j] + a.hi·b.hi[j]` on 16 lanes.
+//! * Weights ([`PackedBf16`], packed once at load time, 2 bytes per weight plus
+//!   padding): `ceil(n/NR)` panels of `NR = 32` output columns; a panel is `[kp][NR]`
+//!   u32, zero-padded past `n`, so any kc-block of a panel is one contiguous slice.
+//! * Activations (f32 → bf16 RNE while packing, per work item): `MR = 14`-row panels
+//!   stored as `[kc-block][MR][KC]` u32: each row's pairs are contiguous with the
+//!   fixed stride `KC`, so packing is a streaming conversion (no transpose) and the
+//!   microkernel reads row `r` at the constant offset `r·KC` from a single pointer.
+//!
+//! # Blocking (BLIS style)
+//! * Register tile `MR × NR = 14 × 32` f32: 28 zmm accumulators, 2 zmm for the current
+//!   B row-pair, 1 broadcast register. Per k pair: 2 loads, 14 broadcasts, 28
+//!   `vdpbf16ps` (64 flops each); the C tile is prefetched at kernel entry.
+//! * kc-blocks: `kp` is split into near-equal blocks of at most `KC = 256` pairs, so the
+//!   B micro-panel (`kc × NR`, ≤ 32 KiB) stays in L1 while the kernel sweeps the row
+//!   block. The first kc-block stores `acc + bias`, later ones `acc + c`.
+//! * Work items (rayon): ~8 per thread. A row block of whole MR panels (sizes differ by
+//!   at most one panel, ≤ 16 panels) × a column range (split only when m is too small
+//!   to give every thread work). Each item writes a disjoint rectangle of C. An item
+//!   packs its row block of A once (all k, per-thread reusable buffer, read from memory
+//!   exactly once when the column range is all of n) and software-prefetches the next
+//!   row block's A while computing. Loops: `for jc in NC=256-col chunks { for kc-block
+//!   { for jr in NR panels { for ir in MR panels { kernel } } } }`: the C chunk stays in
+//!   L2 across kc-blocks, the A row block in L2/L3.
+//! * Edges: m via zero rows in the A panel (only valid rows are stored), n via zero
+//!   weight columns and masked column stores, odd k via a zero `hi` half.
+//!
+//! # Dispatch
+//! [`has_avx512_bf16`] selects the AVX512-BF16 microkernel at run time; otherwise
+//! a portable f32 microkernel runs on the same packed data (bf16 → f32 by shifting;
+//! AVX2+FMA build when available). Note that `vdpbf16ps`/`vcvtne2ps2bf16` treat f32/bf16
+//! denormals as zero; the portable path keeps them. NaN/Inf propagate in both paths.
+
+use half::bf16;
+use rayon::prelude::*;
+
+const NR: usize = 32;
+const MR: usize = 14;
+const KC: usize = 256; // max k pairs per kc-block (512 k values)
+const NC: usize = NR * 8; // columns per jc chunk inside a work item
+
+/// Weights `[n×k]` converted to bf16 and packed for the microkernel (see module docs).
+#[derive(Clone, Debug)]
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    kp: usize,
+    data: Vec<u32>,
+}
+
+#[inline]
+fn pair(lo: bf16, hi: bf16) -> u32 {
+    lo.to_bits() as u32 | ((hi.to_bits() as u32) << 16)
+}
+
+impl PackedBf16 {
+    /// Packs `w` (`[n×k]` row-major f32), rounding to bf16 (RNE).
+    pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "w must be n*k");
+        Self::pack(n, k, |j, kk| bf16::from_f32(w[j * k + kk]))
+    }
+
+    /// Packs `w` (`[n×k]` row-major bf16).
+    pub fn from_bf16(w: &[bf16], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "w must be n*k");
+        Self::pack(n, k, |j, kk| w[j * k + kk])
+    }
+
+    fn pack(n: usize, k: usize, get: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
+        let kp = k.div_ceil(2);
+        let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
+        if kp > 0 {
+            data.par_chunks_mut(kp * NR)
+                .enumerate()
+                .for_each(|(panel, dst)| {
+                    for jj in 0..NR.min(n - panel * NR) {
+                        let j = panel * NR + jj;
+                        for p in 0..kp {
+                            let hi = (2 * p + 1 < k).then(|| get(j, 2 * p + 1));
+                            dst[p * NR + jj] = pair(get(j, 2 * p), hi.unwrap_or(bf16::ZERO));
+                        }
+                    }
+                });
+        }
+        PackedBf16 { n, k, kp, data }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    /// Element `W[j, kk]` as stored (bf16).
+    pub fn get(&self, j: usize, kk: usize) -> bf16 {
+        assert!(j < self.n && kk < self.k);
+        let v = self.data[(j / NR) * self.kp * NR + (kk / 2) * NR + j % NR];
+        bf16::from_bits((v >> (16 * (kk % 2))) as u16)
+    }
+    /// Bytes of packed weight storage.
+    pub fn size_bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// Runtime detection of the AVX512-BF16 kernel (x86-64 only).
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx512bf16")
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `c[m×n]` (row-major, fully overwritten) = `a[m×k]` (row-major f32) · Wᵀ (+ `bias[n]`).
+/// Multithreaded with rayon (runs on the current rayon pool).
+pub fn matmul_bf16(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]) {
+    matmul_bf16_forced(a, m, w, bias, c, Kernel::Auto)
+}
+
+/// Pointer to C shared by the work items; each item writes a disjoint rectangle.
+#[derive(Clone, Copy)]
+struct CPtr(*mut f32);
+impl CPtr {
+    // A method (not `.0`) so that closures capture the whole `Sync` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: the pointer is only dereferenced inside `matmul_bf16_forced`, while the
+// `&mut [f32]` it came from is borrowed, and work items write disjoint C regions.
+unsafe impl Send for CPtr {}
+// SAFETY: as above; no two threads ever access the same element.
+unsafe impl Sync for CPtr {}
+
+/// Kernel selection for [`matmul_bf16_forced`] (tests and comparisons).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX512-BF16 if detected, else the portable kernel (what [`matmul_bf16`] does).
+    Auto,
+    /// Portable kernel (its AVX2+FMA build where available).
+    Portable,
+    /// Portable kernel, baseline build (no AVX2/FMA).
+    PortableBaseline,
+}
+
+/// [`matmul_bf16`] with an explicit kernel choice.
+#[doc(hidden)]
+pub fn matmul_bf16_forced(
+    a: &[f32],
+    m: usize,
+    w: &PackedBf16,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    kernel: Kernel,
+) {
+    let (n, k, kp) = (w.n, w.k, w.kp);
+    assert_eq!(a.len(), m * k, "a must be m*k");
+    assert_eq!(c.len(), m * n, "c must be m*n");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "bias must be n");
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for row in c.chunks_mut(n) {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+        }
+        return;
+    }
+    let simd = kernel == Kernel::Auto && has_avx512_bf16();
+    let avx2 = kernel != Kernel::PortableBaseline;
+
+    // Work split: `mblk` row blocks (whole MR panels, sizes differ by <= 1 panel) ×
+    // `nsplit` column ranges (whole NR panels), about ITEMS_PER_THREAD items per thread.
+    let (mpan, npan) = (m.div_ceil(MR), n.div_ceil(NR));
+    let target = ITEMS_PER_THREAD * rayon::current_num_threads().max(1);
+    let mblk = mpan.min(target).max(mpan.div_ceil(MAX_BLOCK_PANELS));
+    let nsplit = (target / mblk).clamp(1, npan);
+    let cptr = CPtr(c.as_mut_ptr());
+    (0..mblk * nsplit).into_par_iter().for_each(|item| {
+        let (ib, js) = (item / nsplit, item % nsplit);
+        let (p0, p1) = (ib * mpan / mblk, (ib + 1) * mpan / mblk);
+        let (j0, j1) = (
+            js * npan / nsplit * NR,
+            ((js + 1) * npan / nsplit * NR).min(n),
+        );
+        let nkb = kp.div_ceil(KC);
+        ABUF.with_borrow_mut(|abuf| {
+            // Pack this row block of A (all k) once; it is reused for every column.
+            abuf.resize((p1 - p0) * nkb * MR * KC, 0);
+            for (i, dst) in abuf.chunks_exact_mut(MR * KC).enumerate() {
+                let (pi, kb) = (i / nkb, i % nkb);
+                let (pc, pc1) = (kb * kp / nkb, (kb + 1) * kp / nkb);
+                let r0 = (p0 + pi) * MR;
+                let rows = &a[r0 * k..(r0 + MR).min(m) * k];
+                pack_a(rows, k, pc, pc1 - pc, dst, simd);
+            }
+            // Prefetch the next row block's A (usually this thread's next item), spread
+            // over the jr iterations, so its DRAM reads overlap with compute.
+            let next = if nsplit == 1 && ib + 1 < mblk {
+                let p2 = (ib + 2) * mpan / mblk;
+                &a[p1 * MR * k..(p2 * MR).min(m) * k]
+            } else {
+                &[]
+            };
+            let iters = (j1 - j0).div_ceil(NR) * nkb;
+            let per_iter = next.len().div_ceil(16 * iters) * 16;
+            let mut pf = next.chunks(per_iter.max(16));
+            for jc in (j0..j1).step_by(NC) {
+                for kb in 0..nkb {
+                    // Balanced kc-blocks: nkb near-equal blocks of at most KC pairs.
+                    let (pc, kc) = (kb * kp / nkb, (kb + 1) * kp / nkb - kb * kp / nkb);
+                    for jr in (jc..j1.min(jc + NC)).step_by(NR) {
+                        prefetch_l2(pf.next().unwrap_or(&[]));
+                        let b = &w.data[(jr / NR) * kp * NR + pc * NR..][..kc * NR];
+                        let bias_j = bias.filter(|_| pc == 0).map(|b| &b[jr..]);
+                        for pi in 0..p1 - p0 {
+                            let a = &abuf[(pi * nkb + kb) * MR * KC..][..MR * KC];
+                            let ir = (p0 + pi) * MR;
+                            let t = Tile {
+                                c: cptr.get(),
+                                off: ir * n + jr,
+                                ldc: n,
+                                rows: MR.min(m - ir),
+                                cols: NR.min(n - jr),
+                                bias: bias_j,
+                                accumulate: pc > 0,
+                            };
+                            // SAFETY: `t` is rows ir..ir+rows, cols jr..jr+cols of C:
+                            // inside the m×n buffer and inside this item's block (rows of
+                            // panels p0..p1, cols j0..j1), which no other item touches.
+                            // `a`/`b` hold MR·KC / kc·NR elements (slice-checked).
+                            unsafe {
+                                #[cfg(target_arch = "x86_64")]
+                                if simd {
+                                    avx512::kernel(a, b, kc, &t);
+                                    continue;
+                                }
+                                kernel_portable(a, b, kc, &t, avx2);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// Prefetches `x` (64-byte lines) into L2.
+fn prefetch_l2(x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in x.chunks(16) {
+        // SAFETY: prefetching has no architectural effect besides caching and never
+        // faults; the address is inside `x` anyway.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+}
+
+/// Work items per rayon thread (load balance vs. per-item overhead).
+const ITEMS_PER_THREAD: usize = 8;
+/// Upper bound on MR panels in one row block.
+const MAX_BLOCK_PANELS: usize = 16;
+thread_local! {
+    /// Per-thread packed A row block: `[panel][kc-block][MR][KC]` bf16 pairs.
+    static ABUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Destination of one microkernel call: rows×cols of C at `c + off`, row stride `ldc`.
+struct Tile<'a> {
+    c: *mut f32,
+    off: usize,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    bias: Option<&'a [f32]>, // starts at the tile's first column; only for the first kc-block
+    accumulate: bool,        // add to the existing C values (later kc-blocks)
+}
+
+impl Tile<'_> {
+    /// Writes `acc (+ bias | + c)` to the valid part of the tile.
+    ///
+    /// # Safety
+    /// Rows `0..rows`, cols `0..cols` of the tile must be in bounds of C and not be
+    /// accessed concurrently.
+    unsafe fn store(&self, acc: &[[f32; NR]; MR]) {
+        for (r, accr) in acc.iter().enumerate().take(self.rows) {
+            // SAFETY: caller guarantees this row segment is in bounds and exclusive.
+            let row = unsafe {
+                std::slice::from_raw_parts_mut(self.c.add(self.off + r * self.ldc), self.cols)
+            };
+            for (j, x) in row.iter_mut().enumerate() {
+                let base = match (self.bias, self.accumulate) {
+                    (_, true) => *x,
+                    (Some(b), false) => b[j],
+                    (None, false) => 0.0,
+                };
+                *x = base + accr[j];
+            }
+        }
+    }
+}
+
+/// Packs pairs `pc..pc+kc` of `rows` (≤ MR full rows of `a`) into one A micro-panel
+/// (`[MR][KC]` bf16 pairs; missing rows are zero).
+fn pack_a(rows: &[f32], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool) {
+    for (r, d) in dst.chunks_exact_mut(KC).enumerate() {
+        let d = &mut d[..kc];
+        if (r + 1) * k > rows.len() {
+            d.fill(0);
+            continue;
+        }
+        let src = &rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))];
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the avx512 path is only taken when the features were detected.
+            unsafe { avx512::convert(src, d) };
+            continue;
+        }
+        for (q, v) in d.iter_mut().enumerate() {
+            let hi = src
+                .get(2 * q + 1)
+                .map_or(bf16::ZERO, |&x| bf16::from_f32(x));
+            *v = pair(bf16::from_f32(src[2 * q]), hi);
+        }
+    }
+}
+
+/// Portable microkernel: bf16 → f32 (exact, by shifting) and a plain f32 loop. B is
+/// widened `PB` pairs at a time; each row's 32 accumulators then stay in registers.
+/// Compiled twice: for the baseline target, and (x86-64) with AVX2+FMA enabled and
+/// fused multiply-adds.
+///
+/// # Safety
+/// Same contract as [`Tile::store`].
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+unsafe fn kernel_portable(a: &[u32], b: &[u32], kc: usize, t: &Tile, avx2: bool) {
+    let mut acc = [[0f32; NR]; MR];
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        unsafe { portable_avx2(a, b, kc, &mut acc) };
+        // SAFETY: forwarded from the caller.
+        return unsafe { t.store(&acc) };
+    }
+    portable_body::<false>(a, b, kc, &mut acc);
+    // SAFETY: forwarded from the caller.
+    unsafe { t.store(&acc) };
+}
+
+/// # Safety
+/// Requires avx2 + fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn portable_avx2(a: &[u32], b: &[u32], kc: usize, acc: &mut [[f32; NR]; MR]) {
+    portable_body::<true>(a, b, kc, acc)
+}
+
+#[inline(always)]
+fn portable_body<const FMA: bool>(a: &[u32], b: &[u32], kc: usize, acc: &mut [[f32; NR]; MR]) {
+    const PB: usize = 32;
+    let mut bf = [[[0f32; NR]; 2]; PB]; // [pair][lo, hi][col]
+    for p0 in (0..kc).step_by(PB) {
+        let np = PB.min(kc - p0);
+        for (q, bq) in bf.iter_mut().enumerate().take(np) {
+            for (j, &v) in b[(p0 + q) * NR..(p0 + q + 1) * NR].iter().enumerate() {
+                bq[0][j] = f32::from_bits(v << 16);
+                bq[1][j] = f32::from_bits(v & 0xffff_0000);
+            }
+        }
+        // Two rows at a time: each widened B value feeds two multiply-adds.
+        for (r2, accr) in acc.chunks_exact_mut(2).enumerate() {
+            let mut x = [accr[0], accr[1]];
+            for (q, bq) in bf.iter().enumerate().take(np) {
+                for (h, xh) in x.iter_mut().enumerate() {
+                    let av = a[(2 * r2 + h) * KC + p0 + q];
+                    let (lo, hi) = (f32::from_bits(av << 16), f32::from_bits(av & 0xffff_0000));
+                    for j in 0..NR {
+                        xh[j] = if FMA {
+                            hi.mul_add(bq[1][j], lo.mul_add(bq[0][j], xh[j]))
+                        } else {
+                            xh[j] + hi * bq[1][j] + lo * bq[0][j]
+                        };
+                    }
+                }
+            }
+            accr.copy_from_slice(&x);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{KC, MR, NR, Tile};
+    use core::arch::x86_64::*;
+
+    /// Converts `src` f32 to bf16 pairs (RNE) in `dst`; an odd tail is padded with 0.
+    ///
+    /// # Safety
+    /// Requires avx512f + avx512bf16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn convert(src: &[f32], dst: &mut [u32]) {
+        for (s, d) in src.chunks(32).zip(dst.chunks_mut(16)) {
+            let (n, p) = (s.len(), s.as_ptr());
+            let (m0, m1) = (mask16(n), mask16(n.saturating_sub(16)));
+            // SAFETY: masked loads only touch lanes < n, inside `s` (fault suppression
+            // covers the rest; `wrapping_add` keeps the pointer arithmetic defined);
+            // the masked store writes ceil(n/2) <= d.len() lanes.
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(m0, p);
+                let hi = _mm512_maskz_loadu_ps(m1, p.wrapping_add(16));
+                let v: __m512i = core::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_mask_storeu_epi32(d.as_mut_ptr().cast(), mask16(n.div_ceil(2)), v);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn mask16(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as u16
+    }
+
+    /// AVX512-BF16 microkernel: 14×32 register tile, one `vdpbf16ps` per zmm per k pair.
+    ///
+    /// # Safety
+    /// Requires avx512f + avx512bf16; `a.len() >= MR·KC`, `b.len() >= kc·NR`; the
+    /// tile contract of [`Tile::store`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
+        assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
+        let mut c0 = [_mm512_setzero_ps(); MR];
+        let mut c1 = [_mm512_setzero_ps(); MR];
+        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+        // Pull the C tile towards L1 while the k loop runs (prefetch never faults).
+        for r in 0..MR {
+            if r < t.rows {
+                let cr = t.c.wrapping_add(t.off + r * t.ldc);
+                _mm_prefetch::<_MM_HINT_ET0>(cr.cast());
+                _mm_prefetch::<_MM_HINT_ET0>(cr.wrapping_add(16).cast());
+            }
+        }
+        // SAFETY: the loop reads a[r·KC + p] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
+        // all inside the slices (asserted above).
+        unsafe {
+            for _ in 0..kc {
+                let b0: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.cast()));
+                let b1: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
+                for r in 0..MR {
+                    let av = _mm512_set1_epi32(*ap.add(r * KC) as i32);
+                    let av: __m512bh = core::mem::transmute(av);
+                    c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
+                    c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
+                }
+                ap = ap.add(1);
+                bp = bp.add(NR);
+            }
+        }
+        let (m0, m1) = (mask16(t.cols), mask16(t.cols.saturating_sub(16)));
+        let (bias0, bias1) = match t.bias {
+            // SAFETY: `bias` has at least `cols` elements; masked-off lanes are not read.
+            Some(bias) => unsafe {
+                let p = bias.as_ptr();
+                (
+                    _mm512_maskz_loadu_ps(m0, p),
+                    _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)),
+                )
+            },
+            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
+        for r in 0..MR {
+            if r >= t.rows {
+                break;
+            }
+            // SAFETY: per the tile contract, columns 0..cols of row r are in bounds and
+            // exclusive; masked lanes (>= cols) are neither read nor written.
+            unsafe {
+                let cr = t.c.add(t.off + r * t.ldc);
+                let cr1 = cr.wrapping_add(16);
+                let (mut v0, mut v1) = (_mm512_add_ps(c0[r], bias0), _mm512_add_ps(c1[r], bias1));
+                if t.accumulate {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr1));
+                }
+                _mm512_mask_storeu_ps(cr, m0, v0);
+                _mm512_mask_storeu_ps(cr1, m1, v1);
+            }
+        }
+    }
+}
+
+/// Plain reference: inputs rounded to bf16 (RNE), f64 accumulation, naive loops.
+pub fn matmul_bf16_reference(
+    a: &[f32],
+    m: usize,
+    w_f32: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+) {
+    assert_eq!(a.len(), m * k);
+    assert_eq!(w_f32.len(), n * k);
+    assert_eq!(c.len(), m * n);
+    let r = |x: f32| bf16::from_f32(x).to_f32() as f64;
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for kk in 0..k {
+                s += r(a[i * k + kk]) * r(w_f32[j * k + kk]);
+            }
+            c[i * n + j] = (s + bias.map_or(0.0, |b| b[j] as f64)) as f32;
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The bf16 GEMM (AVX-512 BF16 kernel and its portable path) against its plain reference: per
+//! element |x − ref| ≤ atol + rtol·Σ|terms| on odd shapes, edges, NaN propagation, pool sizes.
+use clipforge::ops::gemm_bf16::*;
+use half::bf16;
+
+struct Rng(u64);
+impl Rng {
+    fn f(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.f() * scale).collect()
+    }
+}
+
+fn r(x: f32) -> f64 {
+    bf16::from_f32(x).to_f32() as f64
+}
+
+/// Σ_k |bf16(a_ik)·bf16(w_jk)|: the scale of f32 accumulation error.
+fn sum_abs(a: &[f32], w: &[f32], k: usize, i: usize, j: usize) -> f64 {
+    (0..k)
+        .map(|kk| (r(a[i * k + kk]) * r(w[j * k + kk])).abs())
+        .sum()
+}
+
+/// Checks rows `rows` of c against the reference: |x − ref| ≤ ATOL + RTOL·Σ|terms|.
+/// f32 accumulation of ≤ 3072 terms stays far below RTOL·Σ|terms| (worst case is
+/// ~kc·eps for one kc-block plus one rounding per block; typical errors are ~1e-8).
+fn check(m: usize, n: usize, k: usize, bias: bool, kernel: Kernel, rows: &[usize]) {
+    const ATOL: f64 = 1e-6;
+    const RTOL: f64 = 1e-5;
+    let mut g = Rng(0x9E3779B97F4A7C15 ^ (m * 1_000_003 + n * 1009 + k) as u64);
+    let a = g.vec(m * k, 1.0);
+    let w = g.vec(n * k, 0.5);
+    let b = g.vec(n, 1.0);
+    let bias = bias.then_some(&b[..]);
+    let pw = PackedBf16::from_f32(&w, n, k);
+    assert_eq!((pw.n(), pw.k()), (n, k));
+    let mut c = vec![f32::NAN; m * n];
+    matmul_bf16_forced(&a, m, &pw, bias, &mut c, kernel);
+    for &i in rows {
+        // reference for one row
+        let mut cref = vec![0f32; n];
+        matmul_bf16_reference(&a[i * k..(i + 1) * k], 1, &w, n, k, bias, &mut cref);
+        for j in 0..n {
+            let (x, y) = (c[i * n + j], cref[j]);
+            assert!(
+                x.is_finite(),
+                "non-finite at ({i},{j}) for {m}x{n}x{k}: {x}"
+            );
+            let tol = ATOL + RTOL * sum_abs(&a, &w, k, i, j);
+            assert!(
+                ((x - y) as f64).abs() <= tol,
+                "({i},{j}) {m}x{n}x{k} bias={} {kernel:?}: got {x}, ref {y}, tol {tol}",
+                bias.is_some()
+            );
+        }
+    }
+}
+
+fn all_rows(m: usize) -> Vec<usize> {
+    (0..m).collect()
+}
+
+const SMALL: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (1, 7, 3),
+    (7, 45, 65),
+    (45, 65, 59),
+    (33, 177, 301),
+    (1, 768, 768),
+    (7, 59, 177),
+    (15, 33, 2),
+    (29, 64, 1000), // several kc-blocks, odd-size last block
+];
+
+const KERNELS: [Kernel; 3] = [Kernel::Auto, Kernel::Portable, Kernel::PortableBaseline];
+
+#[test]
+fn small_shapes_all_kernels() {
+    eprintln!("avx512_bf16 detected: {}", has_avx512_bf16());
+    for kernel in KERNELS {
+        for &(m, n, k) in SMALL {
+            for bias in [false, true] {
+                check(m, n, k, bias, kernel, &all_rows(m));
+            }
+        }
+    }
+}
+
+#[test]
+fn vit_shape_partial_check() {
+    // Rows spread over all row blocks, including the last (edge) panel.
+    let rows = [0, 1, 13, 14, 111, 112, 500, 799, 1203, 1596, 1599];
+    for kernel in KERNELS {
+        check(1600, 768, 768, true, kernel, &rows);
+    }
+    check(100, 512, 2048, false, Kernel::Auto, &[0, 50, 99]);
+}
+
+#[test]
+fn avx512_and_portable_agree() {
+    if !has_avx512_bf16() {
+        eprintln!("no avx512_bf16 on this CPU: only the portable path is exercised");
+        return;
+    }
+    let (m, n, k) = (37, 100, 333);
+    let mut g = Rng(7);
+    let (a, w) = (g.vec(m * k, 1.0), g.vec(n * k, 1.0));
+    let pw = PackedBf16::from_f32(&w, n, k);
+    let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+    matmul_bf16_forced(&a, m, &pw, None, &mut c1, Kernel::Auto);
+    matmul_bf16_forced(&a, m, &pw, None, &mut c2, Kernel::PortableBaseline);
+    for (i, (x, y)) in c1.iter().zip(&c2).enumerate() {
+        let tol = 2e-5 * sum_abs(&a, &w, k, i / n, i % n);
+        assert!(((x - y) as f64).abs() <= tol, "{i}: {x} vs {y}");
+    }
+}
+
+/// Against the exact f64 product of the *unrounded* inputs the only large error is
+/// bf16 input rounding: |bf16(a)bf16(w) − aw| ≤ (2·2⁻⁹ + 2⁻¹⁸)|aw| per term.
+#[test]
+fn close_to_exact_f64_product() {
+    for kernel in KERNELS {
+        let (m, n, k) = (19, 77, 515);
+        let mut g = Rng(42);
+        let (a, w, b) = (g.vec(m * k, 3.0), g.vec(n * k, 0.1), g.vec(n, 1.0));
+        let pw = PackedBf16::from_f32(&w, n, k);
+        let mut c = vec![0f32; m * n];
+        matmul_bf16_forced(&a, m, &pw, Some(&b), &mut c, kernel);
+        let mut sq = 0.0;
+        for i in 0..m {
+            for j in 0..n {
+                let (mut exact, mut sabs) = (b[j] as f64, 0.0);
+                for kk in 0..k {
+                    let t = a[i * k + kk] as f64 * w[j * k + kk] as f64;
+                    exact += t;
+                    sabs += t.abs();
+                }
+                let err = (c[i * n + j] as f64 - exact).abs();
+                let bound = (2.0f64.powi(-8) + 2.0f64.powi(-18) + 1e-5) * sabs + 1e-6;
+                assert!(err <= bound, "({i},{j}): err {err} > bound {bound}");
+                sq += (err / sabs).powi(2);
+            }
+        }
+        // Rounding errors are random: the RMS relative error is far below the worst case.
+        let rms = (sq / (m * n) as f64).sqrt();
+        assert!(rms < 2.0f64.powi(-11), "rms relative error {rms}");
+    }
+}
+
+#[test]
+fn from_bf16_matches_from_f32_and_nonfinite_inputs() {
+    let (n, k) = (45, 65);
+    let mut g = Rng(3);
+    let w = g.vec(n * k, 1.0);
+    let wb: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
+    let (p1, p2) = (
+        PackedBf16::from_f32(&w, n, k),
+        PackedBf16::from_bf16(&wb, n, k),
+    );
+    for j in 0..n {
+        for kk in 0..k {
+            assert_eq!(p1.get(j, kk), wb[j * k + kk]);
+            assert_eq!(p2.get(j, kk), wb[j * k + kk]);
+        }
+    }
+    // An Inf/NaN in the input must show up in the output (no silent flush).
+    let m = 3;
+    let mut a = g.vec(m * k, 1.0);
+    a[k + 5] = f32::NAN;
+    for kernel in KERNELS {
+        let mut c = vec![0f32; m * n];
+        matmul_bf16_forced(&a, m, &p1, None, &mut c, kernel);
+        assert!(c[..n].iter().chain(&c[2 * n..]).all(|x| x.is_finite()));
+        assert!(c[n..2 * n].iter().all(|x| x.is_nan()));
+    }
+}
+
+#[test]
+fn degenerate_sizes() {
+    let w = PackedBf16::from_f32(&[], 3, 0);
+    let mut c = vec![1f32; 6];
+    matmul_bf16(&[], 2, &w, Some(&[1.0, 2.0, 3.0]), &mut c);
+    assert_eq!(c, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    matmul_bf16(&[], 2, &w, None, &mut c);
+    assert_eq!(c, [0.0; 6]);
+    let w = PackedBf16::from_f32(&[1.0; 8], 2, 4);
+    matmul_bf16(&[], 0, &w, None, &mut []);
+}
+
+/// The work split depends on the rayon pool size: check 1, 2 and 3 threads, including
+/// many row blocks (1 thread, m = 2000 → capped block size) and column splitting.
+#[test]
+fn pool_sizes() {
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            check(2000, 40, 70, true, Kernel::Auto, &[0, 13, 14, 1000, 1791, 1792, 1999]);
+            check(20, 300, 33, true, Kernel::Auto, &all_rows(20));
+            check(3, 1000, 17, false, Kernel::Portable, &all_rows(3));
+        });
+    }
+}
