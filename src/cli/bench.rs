@@ -1,7 +1,7 @@
 //! `clipforge bench`: images/s and texts/s of the towers on synthetic weights made in memory
 //! (or a model directory), achieved GFLOP/s, and that as a share of a GEMM ceiling measured in
 //! the same run.
-use super::{DeviceArg, DtypeArg};
+use super::Compute;
 use crate::error::{Error, Result};
 use crate::flops;
 use crate::model::synthetic::{normal_vec, random_weights, Rng};
@@ -25,10 +25,8 @@ pub struct BenchArgs {
     /// Images (and texts) per batch
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
+    #[command(flatten)]
+    pub compute: Compute,
     /// Timed batches per tower (after one warm-up batch)
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
@@ -81,8 +79,8 @@ pub fn gemm_ceiling_gflops(dtype: DType) -> f64 {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
-    super::resolve_device(a.device)?;
-    let opt = LoadOptions { dtype: a.dtype.dtype()? };
+    super::resolve_device(a.compute.device)?;
+    let opt = LoadOptions { dtype: a.compute.dtype.dtype()? };
     let (towers, do_img, do_txt) = match a.towers.as_str() {
         "both" => (Towers::Both, true, true),
         "image" => (Towers::Vision, true, false),
@@ -103,7 +101,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let cfg = model.config.clone();
     let b = a.batch;
     let mut report = serde_json::json!({
-        "model": source, "batch": b, "dtype": format!("{:?}", a.dtype).to_lowercase(), "device": "cpu",
+        "model": source, "batch": b, "dtype": format!("{:?}", a.compute.dtype).to_lowercase(), "device": "cpu",
         "threads": rayon::current_num_threads(),
     });
     let mut noop = |_: &str, _: &Tensor| {};

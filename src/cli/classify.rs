@@ -1,7 +1,7 @@
 //! `clipforge classify` (zero-shot labels for images) and `clipforge similarity` (cosine matrix and
 //! softmax probabilities between images and texts).
 use super::common::*;
-use super::{DeviceArg, DtypeArg};
+use super::Compute;
 use crate::error::{Error, Result};
 use crate::io::tokenizer::ClipTokenizer;
 use crate::model::clip::cosine_matrix;
@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct ClassifyArgs {
+    /// HF CLIP model directory
     #[arg(long)]
     pub model: PathBuf,
     /// Comma-separated class names
@@ -23,14 +24,14 @@ pub struct ClassifyArgs {
     /// Prompt template; {} is replaced by the class name
     #[arg(long, default_value = "a photo of a {}.")]
     pub template: String,
+    /// How many labels to show per image
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
+    /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
+    #[command(flatten)]
+    pub compute: Compute,
     /// Image files
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
@@ -38,23 +39,25 @@ pub struct ClassifyArgs {
 
 #[derive(Args, Debug)]
 pub struct SimilarityArgs {
+    /// HF CLIP model directory
     #[arg(long)]
     pub model: PathBuf,
+    /// Image files (rows of the matrix)
     #[arg(long = "image", required = true, num_args = 1..)]
     pub images: Vec<PathBuf>,
+    /// Texts (columns of the matrix)
     #[arg(long = "text", required = true, num_args = 1..)]
     pub texts: Vec<String>,
+    /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
+    #[command(flatten)]
+    pub compute: Compute,
 }
 
 /// (cosine [I×T], probabilities over texts per image [I×T], logit scale).
-fn scores(model_dir: &PathBuf, images: &[PathBuf], texts: &[String], device: DeviceArg, dtype: DtypeArg) -> Result<(Vec<f32>, Vec<f32>, f32)> {
-    let model = load_model(model_dir, Towers::Both, device, dtype)?;
+fn scores(model_dir: &PathBuf, images: &[PathBuf], texts: &[String], compute: Compute) -> Result<(Vec<f32>, Vec<f32>, f32)> {
+    let model = load_model(model_dir, Towers::Both, compute)?;
     let pre = preprocess_config(model_dir, model.config.vision.image_size)?;
     let tok = ClipTokenizer::from_file(model_dir, model.config.text.max_positions)?;
     let img = embed_images(&model, &pre, images, 32, true, true)?;
@@ -78,7 +81,7 @@ pub fn classify(a: &ClassifyArgs) -> Result<()> {
         return Err(Error::msg(format!("--template {:?} has no {{}} for the class name", a.template)));
     }
     let prompts: Vec<String> = labels.iter().map(|l| a.template.replace("{}", l)).collect();
-    let (_, probs, _) = scores(&a.model, &a.images, &prompts, a.device, a.dtype)?;
+    let (_, probs, _) = scores(&a.model, &a.images, &prompts, a.compute)?;
     let k = a.top_k.clamp(1, labels.len());
     let mut out = vec![];
     for (i, img) in a.images.iter().enumerate() {
@@ -102,7 +105,7 @@ pub fn classify(a: &ClassifyArgs) -> Result<()> {
 }
 
 pub fn similarity(a: &SimilarityArgs) -> Result<()> {
-    let (cos, probs, scale) = scores(&a.model, &a.images, &a.texts, a.device, a.dtype)?;
+    let (cos, probs, scale) = scores(&a.model, &a.images, &a.texts, a.compute)?;
     let t = a.texts.len();
     if a.json {
         let rows = |v: &[f32]| v.chunks(t).map(|r| r.to_vec()).collect::<Vec<_>>();

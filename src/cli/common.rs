@@ -1,6 +1,6 @@
 //! What the model-using commands share: loading a model directory, reading texts and images in
 //! batches, running the towers with a progress bar.
-use super::{DeviceArg, DtypeArg};
+use super::Compute;
 use crate::error::{Error, Result};
 use crate::io::image_prep::{load_rgb8_hf, preprocess, PreprocessConfig};
 use crate::io::tokenizer::ClipTokenizer;
@@ -10,9 +10,9 @@ use crate::tensor::Tensor;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
-pub fn load_model(dir: &Path, towers: Towers, device: DeviceArg, dtype: DtypeArg) -> Result<ClipParts> {
-    super::resolve_device(device)?;
-    ClipParts::load_dir(dir, towers, &LoadOptions { dtype: dtype.dtype()? })
+pub fn load_model(dir: &Path, towers: Towers, compute: Compute) -> Result<ClipParts> {
+    super::resolve_device(compute.device)?;
+    ClipParts::load_dir(dir, towers, &LoadOptions { dtype: compute.dtype.dtype()? })
 }
 
 /// The model's preprocessing: preprocessor_config.json if present, else OpenAI's at its image size.

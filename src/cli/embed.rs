@@ -1,7 +1,7 @@
 //! `clipforge embed-image` and `clipforge embed-text`: embeddings to a float32 .npy [N, D], rows
 //! in input order, L2-normalised unless --no-normalize.
 use super::common::*;
-use super::{DeviceArg, DtypeArg};
+use super::Compute;
 use crate::error::{Error, Result};
 use crate::io::npy::{write_atomic, write_npy};
 use crate::io::tokenizer::ClipTokenizer;
@@ -14,10 +14,9 @@ pub struct EmbedImageArgs {
     /// HF CLIP model directory
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
+    #[command(flatten)]
+    pub compute: Compute,
+    /// Images per forward pass
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
     /// Output .npy file (float32 [N, D])
@@ -41,10 +40,9 @@ pub struct EmbedTextArgs {
     /// Context length (default: the model's positions, 77 for CLIP, 248 for Long-CLIP)
     #[arg(long)]
     pub max_len: Option<usize>,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
+    #[command(flatten)]
+    pub compute: Compute,
+    /// Texts per forward pass
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Output .npy file (float32 [N, D])
@@ -53,6 +51,7 @@ pub struct EmbedTextArgs {
     /// Read texts from this file, one per line
     #[arg(long, conflicts_with = "texts")]
     pub file: Option<PathBuf>,
+    /// Write raw projections instead of L2-normalised embeddings
     #[arg(long)]
     pub no_normalize: bool,
     /// Texts
@@ -61,7 +60,7 @@ pub struct EmbedTextArgs {
 
 pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
     let paths = image_paths(&a.images, a.dir.as_deref())?;
-    let model = load_model(&a.model, Towers::Vision, a.device, a.dtype)?;
+    let model = load_model(&a.model, Towers::Vision, a.compute)?;
     let pre = preprocess_config(&a.model, model.config.vision.image_size)?;
     let e = embed_images(&model, &pre, &paths, a.batch, !a.no_normalize, false)?;
     write_npy(&a.out, &e.to_vec_f32(), e.shape())?;
@@ -76,7 +75,7 @@ pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
 
 pub fn embed_text(a: &EmbedTextArgs) -> Result<()> {
     let texts = read_texts(&a.texts, a.file.as_deref())?;
-    let model = load_model(&a.model, Towers::Text, a.device, a.dtype)?;
+    let model = load_model(&a.model, Towers::Text, a.compute)?;
     let tok = ClipTokenizer::from_file(&a.model, context_length(&model, a.max_len)?)?;
     let e = embed_texts(&model, &tok, &texts, a.batch, !a.no_normalize, false)?;
     if e.dim(0) != texts.len() {

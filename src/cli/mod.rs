@@ -7,7 +7,7 @@ pub mod embed;
 
 use crate::error::{Error, Result};
 use crate::tensor::DType;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(name = "clipforge", version, about = "CLIP, Long-CLIP and SmartCLIP inference, fine-tuning and benchmarking")]
@@ -31,6 +31,17 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Cosine similarity and softmax probabilities between images and texts
     Similarity(classify::SimilarityArgs),
+}
+
+/// Where and in what precision a command computes.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct Compute {
+    /// auto (CUDA when available, else CPU), cpu, or cuda
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Compute precision: f32, bf16 (CPU: AVX512-BF16 GEMMs), f16 (CUDA only)
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
