@@ -5,6 +5,7 @@
 //! - `model`: CLIP configs, safetensors weights and the two towers;
 //! - `io`: tokenizer, image preprocessing, .npy output.
 pub mod cli;
+pub mod cuda;
 pub mod error;
 pub mod flops;
 pub mod io;

@@ -74,11 +74,15 @@ impl DtypeArg {
     }
 }
 
-/// The device a command runs on. The CUDA backend is not part of this build yet.
+/// The device a command runs on: `auto` is the CPU until the CUDA backend lands; `cuda` is an
+/// error that says why (no driver, or no backend in this build).
 pub fn resolve_device(d: DeviceArg) -> Result<crate::tensor::Device> {
     match d {
         DeviceArg::Auto | DeviceArg::Cpu => Ok(crate::tensor::Device::Cpu),
-        DeviceArg::Cuda => Err(Error::Device("--device cuda: this build has no CUDA backend yet; use --device cpu or auto".into())),
+        DeviceArg::Cuda => match crate::cuda::driver_available() {
+            Err(why) => Err(Error::Device(format!("--device cuda: {why}; use --device cpu or auto"))),
+            Ok(()) => Err(Error::Device("--device cuda: a CUDA driver is present but this build has no CUDA backend yet; use --device cpu".into())),
+        },
     }
 }
 
