@@ -1,6 +1,15 @@
 //! CUDA runtime discovery. cudarc loads the driver dynamically and panics when the library is
 //! missing, so the driver is probed with dlopen first: no driver is an ordinary error, never a
 //! panic, and `--device auto` falls back to the CPU.
+//!
+//! - [`kernels`]: the modules of kernels/*.cu as built by build.rs (source for NVRTC; cubins and
+//!   PTX when nvcc was found);
+//! - [`emu`] (feature `emu`): run any kernel on the CPU emulator of emu/, for tests without a GPU.
+pub mod kernels;
+
+#[cfg(feature = "emu")]
+pub mod emu;
+
 use std::ffi::CString;
 
 /// Why CUDA cannot be used here, or Ok if a driver library loads.

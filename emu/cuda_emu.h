@@ -1,0 +1,22 @@
+// cuda_emu.h -- the clipforge CUDA CPU emulator: compile .cu kernels as host C++ and run them.
+//
+// The same kernel sources that nvcc builds for the GPU are compiled by g++ (-std=c++20) with
+// emu/include first on the include path (its cuda_runtime.h, cuda_fp16.h, cuda_bf16.h,
+// device_launch_parameters.h all lead here). build.rs does this for every kernels/*.cu.
+//
+//   cuda_emu_base.h   qualifiers, dim3/vector types, threadIdx & co, settings, diagnostics
+//   cuda_emu_math.h   __half/__nv_bfloat16, float intrinsics, min/max, atomics
+//   cuda_emu_core.h   fibers, context switch, block scheduler, shared memory, grid loop
+//   cuda_emu_sync.h   __syncthreads*, __syncwarp, shuffles, votes, warp reductions, __trap
+//   cuda_emu_launch.h launch with cuLaunchKernel-style void** params, kernel registry
+//   emu_capi.cpp      C ABI for Rust: emu_launch, emu_set_schedule, ...
+//
+// Not emulated: inline PTX/asm, tensor-core mma/wgmma/ldmatrix, TMA, mbarrier, clusters,
+// cooperative grid sync, dynamic parallelism, textures, the weak memory model, inter-block
+// spin-waits (blocks run one at a time), performance (use ptxas -v and a real GPU for that).
+#pragma once
+#include "cuda_emu_base.h"
+#include "cuda_emu_math.h"
+#include "cuda_emu_core.h"
+#include "cuda_emu_sync.h"
+#include "cuda_emu_launch.h"

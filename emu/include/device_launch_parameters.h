@@ -1,0 +1,4 @@
+// device_launch_parameters.h -- CPU-emulator stand-in for the CUDA header of the same name (host compilers only;
+// nvcc finds the real one). Everything lives in the emulator headers.
+#pragma once
+#include "../cuda_emu.h"

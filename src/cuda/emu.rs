@@ -1,0 +1,148 @@
+//! Run the CUDA kernels of kernels/*.cu on the CPU emulator (emu/), for tests without a GPU.
+//!
+//! Kernels are launched by their `extern "C"` name with cuLaunchKernel-style parameters: a
+//! slice with one pointer per kernel argument, pointing at the argument's value. Device
+//! pointers are plain host pointers here. [`LaunchArgs`] builds that slice; the same packing
+//! feeds `cuLaunchKernel` (cudarc's `launch_builder`) on the GPU.
+//!
+//! Concurrency: the emulator keeps no shared mutable state (settings and fiber pools are per
+//! host thread, diagnostics per launch, the kernel registry is read-only after static
+//! initialisation), so launches from parallel test threads run concurrently without a lock.
+//! [`set_schedule`] affects later launches from the calling thread only.
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::marker::PhantomData;
+
+extern "C" {
+    fn emu_launch(
+        name: *const c_char,
+        gx: c_uint,
+        gy: c_uint,
+        gz: c_uint,
+        bx: c_uint,
+        by: c_uint,
+        bz: c_uint,
+        smem_bytes: c_uint,
+        params: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn emu_set_schedule(mode: c_int, seed: u64);
+    fn emu_set_strict(on: c_int);
+    fn emu_kernel_arity(name: *const c_char) -> c_int;
+    fn emu_kernel_count() -> usize;
+    fn emu_kernel_name(i: usize) -> *const c_char;
+}
+
+/// Order in which the emulator runs blocks, warps and the lanes of a warp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    Forward,
+    Reverse,
+    /// Seeded shuffle, re-drawn for every scheduling round.
+    Random(u64),
+}
+
+/// The schedules a kernel test should pass in (and a planted bug should fail in at least one).
+pub const TEST_SCHEDULES: [Schedule; 4] = [Schedule::Forward, Schedule::Reverse, Schedule::Random(1), Schedule::Random(2)];
+
+/// Sets the schedule of later launches from the calling thread.
+pub fn set_schedule(s: Schedule) {
+    let (mode, seed) = match s {
+        Schedule::Forward => (0, 0),
+        Schedule::Reverse => (1, 0),
+        Schedule::Random(seed) => (2, seed),
+    };
+    unsafe { emu_set_schedule(mode, seed) }
+}
+
+/// Strict mode (default): a __syncthreads reached while other threads have exited is an error.
+pub fn set_strict(on: bool) {
+    unsafe { emu_set_strict(on as c_int) }
+}
+
+/// Number of parameters of a registered kernel.
+pub fn kernel_arity(name: &str) -> Option<usize> {
+    let n = CString::new(name).ok()?;
+    let a = unsafe { emu_kernel_arity(n.as_ptr()) };
+    (a >= 0).then_some(a as usize)
+}
+
+/// Names of all kernels the emulator knows.
+pub fn kernel_names() -> Vec<String> {
+    (0..unsafe { emu_kernel_count() })
+        .map(|i| unsafe { CStr::from_ptr(emu_kernel_name(i)) }.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Launches kernel `name` like `cuLaunchKernel(f, grid, block, smem, stream, params, NULL)`.
+/// `params[i]` must point at a value of exactly the type of kernel parameter i, and every
+/// pointer argument must be valid for what the kernel accesses. Errors: unknown kernel, wrong
+/// number of parameters, invalid configuration, and whatever the emulator diagnoses while
+/// running (deadlock, divergent barrier, bad warp collective, shared memory overrun, __trap).
+pub fn launch(
+    name: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem: u32,
+    params: &mut [*mut c_void],
+) -> Result<(), String> {
+    let arity = kernel_arity(name).ok_or_else(|| format!("no kernel named '{name}' is registered"))?;
+    if arity != params.len() {
+        return Err(format!("{name}: takes {arity} parameters, {} given", params.len()));
+    }
+    let cname = CString::new(name).map_err(|e| e.to_string())?;
+    let mut err = vec![0 as c_char; 2048];
+    let rc = unsafe {
+        emu_launch(
+            cname.as_ptr(),
+            grid.0,
+            grid.1,
+            grid.2,
+            block.0,
+            block.1,
+            block.2,
+            smem,
+            params.as_mut_ptr(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned())
+    }
+}
+
+/// A value that can be passed to a kernel by value (scalars and raw pointers).
+pub trait KernelArg: Copy {}
+impl KernelArg for i32 {}
+impl KernelArg for u32 {}
+impl KernelArg for i64 {}
+impl KernelArg for u64 {}
+impl KernelArg for f32 {}
+impl KernelArg for f64 {}
+impl<T> KernelArg for *const T {}
+impl<T> KernelArg for *mut T {}
+
+/// cuLaunchKernel parameter array: one pointer per argument, borrowed for the launch.
+#[derive(Default)]
+pub struct LaunchArgs<'a> {
+    ptrs: Vec<*mut c_void>,
+    _values: PhantomData<&'a ()>,
+}
+
+impl<'a> LaunchArgs<'a> {
+    pub fn new() -> Self {
+        Self { ptrs: Vec::new(), _values: PhantomData }
+    }
+    /// Appends an argument; `value` must stay alive (and unchanged) until the launch.
+    pub fn arg<T: KernelArg>(mut self, value: &'a T) -> Self {
+        self.ptrs.push(value as *const T as *mut c_void);
+        self
+    }
+    /// The `void**` array for emu `launch` / `cuLaunchKernel`.
+    pub fn as_params(&mut self) -> &mut [*mut c_void] {
+        &mut self.ptrs
+    }
+}

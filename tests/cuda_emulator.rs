@@ -1,0 +1,257 @@
+//! The emulator itself: planted bugs (kernels/buggy/) must be caught, CUDA semantics probes,
+//! launch API errors, concurrent launches from several test threads.
+//! Run with `--nocapture` to see which schedule caught which bug.
+mod emu_common;
+use emu_common::*;
+
+/// What one run of a layernorm-forward-shaped f32 kernel showed.
+#[derive(Default, Debug)]
+struct Findings {
+    launch_error: Option<String>,
+    canary: Option<String>,
+    values: Option<String>,
+}
+impl Findings {
+    fn caught(&self) -> bool {
+        self.launch_error.is_some() || self.canary.is_some() || self.values.is_some()
+    }
+    fn summary(&self) -> String {
+        let mut v = Vec::new();
+        if let Some(e) = &self.launch_error {
+            v.push(format!("launch error: {e}"));
+        }
+        if let Some(e) = &self.canary {
+            v.push(format!("guard canary: {e}"));
+        }
+        if let Some(e) = &self.values {
+            v.push(format!("wrong values: {e}"));
+        }
+        if v.is_empty() {
+            "NOT CAUGHT".into()
+        } else {
+            v.join("; ")
+        }
+    }
+}
+
+/// Runs a kernel with layernorm_fwd_f32's signature; `grid_rows` = rows per block (1 for the
+/// block-per-row kernels, blockDim/32 for the warp-per-row ones).
+fn ln_run(kernel: &str, rows: usize, cols: usize, block: u32, rows_per_block: usize) -> Findings {
+    let mut rng = Rng::new(4242 + cols as u64);
+    let x = rng.vec(rows * cols, -2.0, 2.0).iter().map(|v| v + 1.5).collect::<Vec<f32>>();
+    let (gamma, beta) = (rng.vec(cols, 0.5, 1.5), rng.vec(cols, -0.5, 0.5));
+    let (want_y, want_m, want_r) = layernorm_ref(&to_f64(&x), rows, cols, &gamma, &beta);
+    let (mut gx, mut gg, mut gb) = (Guarded::from_slice(&x), Guarded::from_slice(&gamma), Guarded::from_slice(&beta));
+    let (mut y, mut m, mut r) = (Guarded::filled(rows * cols, f32::NAN), Guarded::filled(rows, f32::NAN), Guarded::filled(rows, f32::NAN));
+    let (px, pg, pb, py, pm, pr) = (gx.ptr(), gg.ptr(), gb.ptr(), y.ptr(), m.ptr(), r.ptr());
+    let (ri, ci, eps) = (rows as i32, cols as i32, EPS);
+    let mut args = LaunchArgs::new().arg(&px).arg(&pg).arg(&pb).arg(&py).arg(&pm).arg(&pr).arg(&ri).arg(&ci).arg(&eps);
+    let mut f = Findings::default();
+    if let Err(e) = launch(kernel, (ceil_div(rows, rows_per_block), 1, 1), (block, 1, 1), 0, args.as_params()) {
+        f.launch_error = Some(e);
+        return f;
+    }
+    let canaries = [gx.check("x"), gg.check("gamma"), gb.check("beta"), y.check("y"), m.check("mean"), r.check("rstd")];
+    f.canary = canaries.into_iter().find_map(|c| c.err());
+    f.values = check_close("y", y.data(), &want_y, 2e-5, 2e-5)
+        .and_then(|_| check_close("mean", m.data(), &want_m, 1e-5, 1e-5))
+        .and_then(|_| check_close("rstd", r.data(), &want_r, 1e-5, 1e-4))
+        .err();
+    f
+}
+
+/// Runs the kernel in every schedule and prints what each one showed.
+fn per_schedule(label: &str, run: impl Fn() -> Findings) -> Vec<(Schedule, Findings)> {
+    let out: Vec<(Schedule, Findings)> = TEST_SCHEDULES
+        .iter()
+        .map(|&s| {
+            set_schedule(s);
+            (s, run())
+        })
+        .collect();
+    set_schedule(Schedule::Forward);
+    for (s, f) in &out {
+        println!("[{label}] {:<10} {}", sched_name(*s), f.summary());
+    }
+    out
+}
+
+#[test]
+fn bug_free_twins_pass_in_every_schedule() {
+    for (rows, cols, block) in [(1, 1, 32), (7, 59, 128), (45, 1000, 128), (3, 768, 1024)] {
+        for (s, f) in per_schedule("ln_block_f32 control", || ln_run("ln_block_f32", rows, cols, block, 1)) {
+            assert!(!f.caught(), "ln_block_f32 {rows}x{cols} block {block} {}: {}", sched_name(s), f.summary());
+        }
+    }
+}
+
+#[test]
+fn planted_a_missing_syncthreads_gives_wrong_results() {
+    let runs = per_schedule("(a) missing __syncthreads", || ln_run("ln_bug_missing_sync_f32", 7, 1000, 128, 1));
+    assert!(runs.iter().any(|(_, f)| f.caught()), "missing barrier not caught in any schedule");
+    // no false diagnosis: this bug is a race, not a deadlock
+    assert!(runs.iter().all(|(_, f)| f.launch_error.is_none()));
+}
+
+#[test]
+fn planted_b_divergent_syncthreads_is_a_launch_error() {
+    for (s, f) in per_schedule("(b) divergent __syncthreads", || ln_run("ln_bug_divergent_sync_f32", 7, 1000, 128, 1)) {
+        let e = f.launch_error.unwrap_or_else(|| panic!("{}: no launch error", sched_name(s)));
+        assert!(e.contains("__syncthreads") && (e.contains("deadlock") || e.contains("divergent")), "{e}");
+    }
+}
+
+#[test]
+fn planted_c_out_of_bounds_write_hits_the_guard_canary() {
+    let runs = per_schedule("(c) off-by-one write", || ln_run("ln_bug_oob_f32", 7, 59, 128, 4));
+    for (s, f) in &runs {
+        let c = f.canary.as_deref().unwrap_or_else(|| panic!("{}: canary intact", sched_name(*s)));
+        assert!(c.starts_with("y: out-of-bounds write at element 413"), "{c}"); // 7*59
+    }
+}
+
+#[test]
+fn planted_d_divergent_shuffle_is_a_launch_error() {
+    for s in TEST_SCHEDULES {
+        set_schedule(s);
+        let mut x = Guarded::from_slice(&vec![1.0f32; 64]);
+        let px = x.ptr();
+        let e = launch("bug_divergent_shfl_f32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).as_params()).unwrap_err();
+        println!("[(d) divergent shuffle] {:<10} {e}", sched_name(s));
+        assert!(e.contains("__shfl_xor_sync") && (e.contains("exited") || e.contains("deadlock")), "{e}");
+    }
+    set_schedule(Schedule::Forward);
+}
+
+fn smem_reverse(kernel: &str, n: usize) -> Result<Vec<f32>, String> {
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let (mut gx, mut gy) = (Guarded::from_slice(&x), Guarded::filled(n, f32::NAN));
+    let (px, py, ni) = (gx.ptr(), gy.ptr(), n as i32);
+    launch(kernel, (1, 1, 1), (128, 1, 1), (n * 4) as u32, LaunchArgs::new().arg(&px).arg(&py).arg(&ni).as_params())?;
+    gx.check("x")?;
+    gy.check("y")?;
+    Ok(gy.data().to_vec())
+}
+
+#[test]
+fn planted_e_dynamic_smem_overrun_is_a_launch_error() {
+    for s in TEST_SCHEDULES {
+        set_schedule(s);
+        let y = smem_reverse("smem_reverse_f32", 1000).unwrap();
+        assert!(y.iter().enumerate().all(|(i, &v)| v == (999 - i) as f32));
+        let e = smem_reverse("bug_smem_overrun_f32", 1000).unwrap_err();
+        println!("[(e) dyn smem overrun] {:<10} {e}", sched_name(s));
+        assert!(e.contains("dynamic shared memory"), "{e}");
+    }
+    set_schedule(Schedule::Forward);
+}
+
+#[test]
+fn trap_is_a_launch_error() {
+    let mut flags = Guarded::filled(64, 0i32);
+    let p = flags.ptr();
+    let e = launch("bug_trap_i32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&p).as_params()).unwrap_err();
+    assert!(e.contains("__trap()") && e.contains("thread (5,0,0)"), "{e}");
+}
+
+#[test]
+fn collectives_follow_cuda_semantics() {
+    for s in TEST_SCHEDULES {
+        set_schedule(s);
+        let mut out = Guarded::filled(64 * 16, 0u32);
+        let (p, k) = (out.ptr(), 1000i32);
+        launch("probe_collectives", (1, 1, 1), (64, 1, 1), 256, LaunchArgs::new().arg(&p).arg(&k).as_params()).unwrap();
+        out.check("out").unwrap();
+        for t in 0..64u32 {
+            let (lane, base) = (t % 32, t - t % 32);
+            let want = [
+                (base + 3) * 10,
+                if lane % 16 == 0 { t } else { t - 1 },
+                if lane % 8 + 2 >= 8 { t } else { t + 2 },
+                t ^ 5,
+                0xAAAA_AAAA,
+                1,
+                0,
+                496,
+                22,
+                if lane < 8 { 14 } else { 0 },
+                base + (lane + 8) % 32,
+                0xFFFF_FFFF,
+                0xFFFF_FFFF,
+                (-5i32) as u32,
+                1000 + t,
+                1,
+            ];
+            let got = &out.data()[t as usize * 16..t as usize * 16 + 16];
+            assert_eq!(got, &want, "thread {t}, schedule {}", sched_name(s));
+        }
+    }
+    set_schedule(Schedule::Forward);
+}
+
+#[test]
+fn file_scope_extern_shared() {
+    let mut out = Guarded::filled(96, 0u32);
+    let p = out.ptr();
+    launch("probe_file_scope_smem", (1, 1, 1), (96, 1, 1), 96 * 4, LaunchArgs::new().arg(&p).as_params()).unwrap();
+    out.check("out").unwrap();
+    assert!(out.data().iter().enumerate().all(|(t, &v)| v == 95 - t as u32));
+}
+
+#[test]
+fn thread_and_block_indices_in_3d() {
+    let (grid, block) = ((2u32, 3u32, 2u32), (4u32, 2u32, 3u32));
+    let n = (grid.0 * grid.1 * grid.2 * block.0 * block.1 * block.2) as usize;
+    for s in TEST_SCHEDULES {
+        set_schedule(s);
+        let mut out = Guarded::filled(6 * n, u32::MAX);
+        let p = out.ptr();
+        launch("probe_indices", grid, block, 0, LaunchArgs::new().arg(&p).as_params()).unwrap();
+        out.check("out").unwrap();
+        let mut g = 0;
+        for (bz, by, bx) in (0..grid.2).flat_map(|z| (0..grid.1).flat_map(move |y| (0..grid.0).map(move |x| (z, y, x)))) {
+            for (tz, ty, tx) in (0..block.2).flat_map(|z| (0..block.1).flat_map(move |y| (0..block.0).map(move |x| (z, y, x)))) {
+                assert_eq!(&out.data()[6 * g..6 * g + 6], &[tx, ty, tz, bx, by, bz]);
+                g += 1;
+            }
+        }
+    }
+    set_schedule(Schedule::Forward);
+}
+
+#[test]
+fn launch_api_errors() {
+    let mut x = vec![0f32; 64];
+    let px = x.as_mut_ptr();
+    let e = launch("no_such_kernel", (1, 1, 1), (32, 1, 1), 0, &mut []).unwrap_err();
+    assert!(e.contains("no kernel named"), "{e}");
+    let e = launch("bug_divergent_shfl_f32", (1, 1, 1), (32, 1, 1), 0, &mut []).unwrap_err();
+    assert!(e.contains("takes 1 parameters, 0 given"), "{e}");
+    for (grid, block, smem) in [((1, 1, 1), (2048, 1, 1), 0), ((1, 1, 1), (0, 1, 1), 0), ((1, 70000, 1), (32, 1, 1), 0), ((1, 1, 1), (32, 1, 1), 1 << 20)] {
+        let e = launch("bug_divergent_shfl_f32", grid, block, smem, LaunchArgs::new().arg(&px).as_params()).unwrap_err();
+        assert!(e.contains("invalid launch configuration"), "{e}");
+    }
+    assert_eq!(emu::kernel_arity("layernorm_fwd_f32"), Some(9));
+    assert_eq!(emu::kernel_arity("nope"), None);
+}
+
+#[test]
+fn launches_from_parallel_threads_do_not_interfere() {
+    let workers: Vec<_> = TEST_SCHEDULES
+        .into_iter()
+        .map(|s| {
+            std::thread::spawn(move || {
+                set_schedule(s);
+                for _ in 0..5 {
+                    let f = ln_run("ln_block_f32", 45, 768, 256, 1);
+                    assert!(!f.caught(), "{}: {}", sched_name(s), f.summary());
+                    let f = ln_run("layernorm_fwd_f32", 45, 768, 128, 4);
+                    assert!(!f.caught(), "{}: {}", sched_name(s), f.summary());
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}

@@ -1,0 +1,180 @@
+//! Helpers for the kernel tests: deterministic random inputs, buffers with guard canaries,
+//! bf16 conversions, per-element tolerance checks, and a driver that runs a case in every
+//! emulator schedule and reports all failures at once.
+#![allow(dead_code)]
+pub use clipforge::cuda::emu::{self, launch, set_schedule, LaunchArgs, Schedule, TEST_SCHEDULES};
+
+pub const ROWS: [usize; 3] = [1, 7, 45];
+pub const COLS: [usize; 5] = [1, 59, 65, 768, 1000];
+
+/// splitmix64: small, deterministic.
+pub struct Rng(u64);
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+pub fn bf16(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+pub fn bf16_to_f32(b: u16) -> f32 {
+    half::bf16::from_bits(b).to_f32()
+}
+/// Rounds through bf16 (what a bf16 tensor can hold).
+pub fn round_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| bf16_to_f32(bf16(x))).collect()
+}
+
+/// Element types of guarded buffers: a canary bit pattern and bitwise comparison.
+pub trait Elem: Copy + std::fmt::Debug {
+    const CANARY: Self;
+    fn same_bits(self, other: Self) -> bool;
+}
+impl Elem for f32 {
+    const CANARY: f32 = f32::from_bits(0x7fa5_a5a5); // a signalling NaN no kernel produces
+    fn same_bits(self, o: f32) -> bool {
+        self.to_bits() == o.to_bits()
+    }
+}
+impl Elem for u16 {
+    const CANARY: u16 = 0x7fa5; // bf16 NaN pattern
+    fn same_bits(self, o: u16) -> bool {
+        self == o
+    }
+}
+impl Elem for u32 {
+    const CANARY: u32 = 0xa5a5_a5a5;
+    fn same_bits(self, o: u32) -> bool {
+        self == o
+    }
+}
+impl Elem for i32 {
+    const CANARY: i32 = 0x5a5a_5a5a;
+    fn same_bits(self, o: i32) -> bool {
+        self == o
+    }
+}
+
+pub const GUARD: usize = 64;
+
+/// A device-buffer stand-in with GUARD canary elements on both sides: out-of-bounds writes
+/// show up as modified canaries, out-of-bounds reads read canaries (NaN) instead of faulting.
+pub struct Guarded<T: Elem> {
+    buf: Vec<T>,
+    n: usize,
+}
+impl<T: Elem> Guarded<T> {
+    pub fn from_slice(data: &[T]) -> Self {
+        let mut buf = vec![T::CANARY; data.len() + 2 * GUARD];
+        buf[GUARD..GUARD + data.len()].copy_from_slice(data);
+        Guarded { buf, n: data.len() }
+    }
+    pub fn filled(n: usize, v: T) -> Self {
+        Self::from_slice(&vec![v; n])
+    }
+    pub fn ptr(&mut self) -> *mut T {
+        unsafe { self.buf.as_mut_ptr().add(GUARD) }
+    }
+    pub fn cptr(&self) -> *const T {
+        unsafe { self.buf.as_ptr().add(GUARD) }
+    }
+    pub fn data(&self) -> &[T] {
+        &self.buf[GUARD..GUARD + self.n]
+    }
+    /// Err if a canary before or after the data was modified.
+    pub fn check(&self, what: &str) -> Result<(), String> {
+        for (i, v) in self.buf.iter().enumerate() {
+            if (i < GUARD || i >= GUARD + self.n) && !v.same_bits(T::CANARY) {
+                let off = i as isize - GUARD as isize;
+                return Err(format!("{what}: out-of-bounds write at element {off} (buffer has {} elements): {v:?}", self.n));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per element: |got - want| <= atol + rtol * |want|; NaN/Inf anywhere fail.
+pub fn check_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values, want {}", got.len(), want.len()));
+    }
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let g = g as f64;
+        if !g.is_finite() || !w.is_finite() {
+            return Err(format!("{what}[{i}] = {g} (reference {w}): not finite"));
+        }
+        let tol = atol + rtol * w.abs();
+        if (g - w).abs() > tol {
+            return Err(format!("{what}[{i}] = {g:.9e}, reference {w:.9e}, |diff| {:.3e} > tol {tol:.3e}", (g - w).abs()));
+        }
+    }
+    Ok(())
+}
+
+pub fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+pub fn sched_name(s: Schedule) -> String {
+    match s {
+        Schedule::Forward => "fwd".into(),
+        Schedule::Reverse => "rev".into(),
+        Schedule::Random(seed) => format!("random({seed})"),
+    }
+}
+
+/// Runs `case(rows, cols)` for every shape in every test schedule; panics listing all failures.
+pub fn for_all_shapes(name: &str, mut case: impl FnMut(usize, usize) -> Result<(), String>) {
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for &rows in &ROWS {
+        for &cols in &COLS {
+            for s in TEST_SCHEDULES {
+                set_schedule(s);
+                runs += 1;
+                if let Err(e) = case(rows, cols) {
+                    failures.push(format!("  rows={rows} cols={cols} schedule={}: {e}", sched_name(s)));
+                }
+            }
+        }
+    }
+    set_schedule(Schedule::Forward);
+    assert!(failures.is_empty(), "{name}: {} of {runs} runs failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+pub const EPS: f32 = 1e-5;
+
+/// (y, mean, rstd) in f64.
+pub fn layernorm_ref(x: &[f64], rows: usize, cols: usize, g: &[f32], b: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut y, mut mean, mut rstd) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
+    for r in 0..rows {
+        let xr = &x[r * cols..(r + 1) * cols];
+        let m = xr.iter().sum::<f64>() / cols as f64;
+        let var = xr.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / cols as f64;
+        let rs = 1.0 / (var + EPS as f64).sqrt();
+        for c in 0..cols {
+            y[r * cols + c] = (xr[c] - m) * rs * g[c] as f64 + b[c] as f64;
+        }
+        (mean[r], rstd[r]) = (m, rs);
+    }
+    (y, mean, rstd)
+}
+
+pub fn ceil_div(a: usize, b: usize) -> u32 {
+    a.div_ceil(b) as u32
+}
