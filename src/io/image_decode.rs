@@ -1,0 +1,122 @@
+//! Image decoding to 8-bit RGB exactly as Pillow opens and converts files (the first step of
+//! HF's CLIPImageProcessor): `decode_rgb8` = `Image.open(f).convert("RGB")`; `decode_rgb8_hf` =
+//! transformers' `convert_to_rgb` (transparency composited onto white). Checked against Pillow
+//! 13.0.0: exact for PNG (all modes, 16-bit, palette, tRNS), BMP, GIF, TIFF, WebP; JPEG goes through
+//! zune-jpeg instead of libjpeg-turbo and differs by a few levels. No EXIF rotation (as Image.open).
+use anyhow::{anyhow, bail, Result};
+use std::path::Path;
+
+/// Interleaved 8-bit RGB image, row-major, `data.len() == width * height * 3`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RgbImage8 {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+/// Read and decode an image file exactly like PIL's `Image.open(path).convert("RGB")`.
+pub fn load_rgb8(path: &Path) -> Result<RgbImage8> {
+    load_with(path, false)
+}
+
+/// Like [`load_rgb8`] but what transformers' `convert_to_rgb` produces (transparency over white).
+pub fn load_rgb8_hf(path: &Path) -> Result<RgbImage8> {
+    load_with(path, true)
+}
+
+fn load_with(path: &Path, hf: bool) -> Result<RgbImage8> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| anyhow!("cannot read image file {}: {e}", path.display()))?;
+    decode(&bytes, hf).map_err(|e| anyhow!("cannot decode image file {}: {e}", path.display()))
+}
+
+/// Decode file bytes (PNG, JPEG, WebP, BMP, GIF, TIFF, ... as the `image` crate supports) to RGB8
+/// like PIL's `Image.open(...).convert("RGB")`: alpha is dropped, never composited.
+pub fn decode_rgb8(bytes: &[u8]) -> Result<RgbImage8> {
+    decode(bytes, false)
+}
+
+/// Decode like transformers' `convert_to_rgb` (what `CLIPImageProcessor` itself does to a PIL image):
+/// an image with an alpha band or a `transparency` entry (tRNS, GIF transparent index) is
+/// `alpha_composite`d onto opaque white; other images are exactly [`decode_rgb8`].
+pub fn decode_rgb8_hf(bytes: &[u8]) -> Result<RgbImage8> {
+    decode(bytes, true)
+}
+
+fn decode(bytes: &[u8], hf: bool) -> Result<RgbImage8> {
+    use image::DynamicImage as D;
+    if bytes.is_empty() {
+        bail!("file is empty");
+    }
+    let fmt = image::guess_format(bytes).map_err(|_| {
+        anyhow!(
+            "unrecognised or unsupported image format (starts with {:02x?})",
+            &bytes[..bytes.len().min(8)]
+        )
+    })?;
+    let dynimg = std::panic::catch_unwind(|| image::load_from_memory_with_format(bytes, fmt))
+        .map_err(|_| anyhow!("{fmt:?} decoder panicked (corrupt file?)"))?
+        .map_err(|e| anyhow!("{fmt:?} decode failed: {e}"))?;
+    let (w, h) = (dynimg.width(), dynimg.height());
+    if w == 0 || h == 0 {
+        bail!("image has zero size ({w}x{h})");
+    }
+    // PNG IHDR: 16-bit grayscale (colour type 0) opens in PIL as mode "I;16" even with a tRNS chunk.
+    let png_gray16 = bytes.len() > 25 && bytes.starts_with(b"\x89PNG") && bytes[24..26] == [16, 0];
+    // PIL I;16 -> RGB (and -> L) *clamps* to 255: no scaling, so a typical 16-bit gray photo goes white.
+    let clip = |v: u16| v.min(255) as u8;
+    // PIL unpacks 16-bit PNG RGB/RGBA/LA ("RGB;16B", ...) to 8 bits by keeping the high byte.
+    let hi = |v: u16| (v >> 8) as u8;
+    let map16 = |v: Vec<u16>, f: &dyn Fn(u16) -> u8| v.into_iter().map(f).collect::<Vec<u8>>();
+    // (channels, 8-bit samples); an even channel count means the last one is alpha.
+    let (nc, s): (usize, Vec<u8>) = match dynimg {
+        // "L" -> RGB replicates; "1" and 2/4-bit gray are scaled x255/x85/x17 by both PIL and png.
+        D::ImageLuma8(b) => (1, b.into_raw()),
+        // LA -> RGB drops alpha; an 8-bit gray PNG with tRNS also lands here (alpha 0/255).
+        D::ImageLumaA8(b) => (2, b.into_raw()),
+        D::ImageRgb8(b) => (3, b.into_raw()),
+        // RGBA / RGB+tRNS / P+tRNS / GIF transparent index: convert("RGB") keeps the stored colour.
+        D::ImageRgba8(b) => (4, b.into_raw()),
+        D::ImageLuma16(b) => (1, map16(b.into_raw(), &clip)),
+        D::ImageLumaA16(b) if png_gray16 => (
+            2,
+            b.chunks_exact(2)
+                .flat_map(|p| [clip(p[0]), hi(p[1])])
+                .collect(),
+        ),
+        D::ImageLumaA16(b) => (2, map16(b.into_raw(), &hi)), // PIL opens 16-bit LA as RGBA
+        D::ImageRgb16(b) => (3, map16(b.into_raw(), &hi)),
+        D::ImageRgba16(b) => (4, map16(b.into_raw(), &hi)),
+        // Float images (EXR/HDR/float TIFF): the image crate's clamp-and-round, not checked vs PIL.
+        other => (4, other.to_rgba8().into_raw()),
+    };
+    // CMYK JPEG: zune-jpeg's CMYK -> RGB (measured within 1 level of PIL's).
+    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+    for p in s.chunks_exact(nc) {
+        let a = if hf && nc % 2 == 0 { p[nc - 1] } else { 255 };
+        let v = if nc < 3 {
+            [p[0]; 3]
+        } else {
+            [p[0], p[1], p[2]]
+        };
+        rgb.extend(v.map(|c| over_white(c, a))); // exact identity for a = 255
+    }
+    Ok(RgbImage8 {
+        width: w,
+        height: h,
+        data: rgb,
+    })
+}
+
+/// Pillow `ImagingAlphaComposite` (AlphaComposite.c, 7 extra bits) of (c, a) over opaque white.
+fn over_white(c: u8, a: u8) -> u8 {
+    if a == 0 {
+        return 255;
+    }
+    let (sa, c) = (a as u32, c as u32);
+    let outa255 = sa * 255 + 255 * (255 - sa);
+    let coef1 = sa * 255 * 255 * 128 / outa255;
+    let coef2 = 255 * 128 - coef1;
+    let tmp = c * coef1 + 255 * coef2 + (0x80 << 7);
+    ((((tmp >> 8) + tmp) >> 8) >> 7) as u8
+}
