@@ -320,3 +320,31 @@ fn gpu_modules_match_the_sources() {
         }
     }
 }
+
+#[test]
+fn production_launcher_packing_runs_on_the_emulator() {
+    // The GPU path's KernelArgs + Launcher trait, with the emulator behind it: layernorm_fwd_f32.
+    use clipforge::cuda::{emu::EmuLauncher, KernelArgs, LaunchCfg, Launcher};
+    let (rows, cols) = (7usize, 65usize);
+    let inp = ln_inputs(rows, cols, false);
+    let (x, g, b) = (Guarded::from_slice(&inp.x), Guarded::from_slice(&inp.gamma), Guarded::from_slice(&inp.beta));
+    let (mut y, mut mean, mut rstd) = (Guarded::filled(rows * cols, f32::NAN), Guarded::filled(rows, f32::NAN), Guarded::filled(rows, f32::NAN));
+    let mut args = KernelArgs::new();
+    for p in [x.cptr() as u64, g.cptr() as u64, b.cptr() as u64, y.ptr() as u64, mean.ptr() as u64, rstd.ptr() as u64] {
+        args = args.ptr(p);
+    }
+    let mut args = args.i32(rows as i32).i32(cols as i32).f32(EPS);
+    let cfg = LaunchCfg::new((ceil_div(rows, 4), 1, 1), (128, 1, 1), 0);
+    EmuLauncher.launch("layernorm_fwd_f32", cfg, &mut args).unwrap();
+    for r in 0..rows {
+        let row = &inp.x[r * cols..(r + 1) * cols];
+        let mu = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+        let var = row.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / cols as f64;
+        for c in 0..cols {
+            let want = (row[c] as f64 - mu) / (var + EPS as f64).sqrt() * inp.gamma[c] as f64 + inp.beta[c] as f64;
+            let got = y.data()[r * cols + c] as f64;
+            assert!((got - want).abs() <= 1e-5 + 1e-5 * want.abs(), "row {r} col {c}: {got} vs {want}");
+        }
+    }
+    y.check("y").unwrap();
+}

@@ -146,3 +146,15 @@ impl<'a> LaunchArgs<'a> {
         &mut self.ptrs
     }
 }
+
+/// The emulator behind the same [`Launcher`](crate::cuda::Launcher) interface as the GPU: the
+/// production argument packing ([`KernelArgs`](crate::cuda::KernelArgs)) feeds both, so tests
+/// through this launcher exercise the packing the GPU path uses. Pointers are host pointers here.
+pub struct EmuLauncher;
+
+impl crate::cuda::Launcher for EmuLauncher {
+    fn launch(&self, kernel: &str, cfg: crate::cuda::LaunchCfg, args: &mut crate::cuda::KernelArgs) -> Result<(), String> {
+        cfg.validate(1024, 1 << 20)?;
+        launch(kernel, cfg.grid, cfg.block, cfg.smem, args.as_params())
+    }
+}

@@ -1,29 +1,47 @@
-//! CUDA runtime discovery. cudarc loads the driver dynamically and panics when the library is
-//! missing, so the driver is probed with dlopen first: no driver is an ordinary error, never a
-//! panic, and `--device auto` falls back to the CPU.
+//! The CUDA side: driver probe and runtime (device, streams, caching allocator, pinned staging,
+//! kernel modules, the launcher interface shared with the CPU emulator, cuBLASLt GEMMs), the
+//! embedded kernel modules, and the emulator that runs them in tests.
+//!
+//! Everything goes through cudarc with `dynamic-loading`: nothing links against CUDA at build
+//! time. cudarc panics when a library or symbol is missing, so the driver is probed with dlopen
+//! first and every cudarc call is guarded: no driver is an ordinary error, never a panic, and
+//! `--device auto` falls back to the CPU.
 //!
 //! - [`kernels`]: the modules of kernels/*.cu as built by build.rs (source for NVRTC; cubins and
 //!   PTX when nvcc was found);
 //! - [`emu`] (feature `emu`): run any kernel on the CPU emulator of emu/, for tests without a GPU.
+pub mod alloc;
+pub mod device;
+pub mod gemm;
 pub mod kernels;
+pub mod launch;
+pub mod modules;
+pub mod nvrtc;
+pub mod pinned;
 
 #[cfg(feature = "emu")]
 pub mod emu;
 
-use std::ffi::CString;
+pub use alloc::{size_class, CudaBlock, CudaPool, CudaRawAlloc, DevicePool, PoolBlock, PoolStats, RawAlloc};
+pub use device::{driver_available, CudaDevice, DeviceInfo};
+pub use gemm::{Dtype, Gemm, GemmDesc};
+pub use launch::{CudaLauncher, KernelArg, KernelArgs, LaunchCfg, Launcher};
+pub use modules::{ModuleCache, ModuleOrigin, ModuleSpec};
+pub use pinned::{HostPod, StagingBuffer, StagingKind, StagingPool};
 
-/// Why CUDA cannot be used here, or Ok if a driver library loads.
-pub fn driver_available() -> Result<(), String> {
-    for name in ["libcuda.so.1", "libcuda.so"] {
-        let c = CString::new(name).expect("no NUL");
-        // SAFETY: dlopen with a valid C string; the handle is closed right away, nothing from the
-        // library is called here.
-        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
-        if !h.is_null() {
-            // SAFETY: h came from a successful dlopen above.
-            unsafe { libc::dlclose(h) };
-            return Ok(());
-        }
-    }
-    Err("no CUDA driver found (libcuda.so.1 could not be loaded)".into())
+/// The embedded modules of kernels/*.cu as loader specs (cubin per arch, PTX, source + headers).
+pub fn module_specs() -> Vec<ModuleSpec> {
+    kernels::MODULES
+        .iter()
+        .map(|m| {
+            let mut cubins: Vec<(u32, &'static [u8])> = vec![];
+            if let Some(b) = m.cubin_sm80 {
+                cubins.push((80, b));
+            }
+            if let Some(b) = m.cubin_sm90a {
+                cubins.push((90, b));
+            }
+            ModuleSpec::new(m.name, &cubins, m.ptx_compute_90, m.source).with_headers(kernels::HEADERS).with_entry_points(m.entry_points)
+        })
+        .collect()
 }
