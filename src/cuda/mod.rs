@@ -18,6 +18,7 @@ pub mod launch;
 pub mod modules;
 pub mod nvrtc;
 pub mod pinned;
+pub mod table;
 
 #[cfg(feature = "emu")]
 pub mod emu;
