@@ -53,7 +53,7 @@ impl Linear {
             return x.linear(&self.weight, self.bias.as_ref()); // [.., out]
         };
         let k = *x.shape().last().unwrap_or(&0);
-        if k != p.k() {
+        if x.rank() == 0 || k != p.k() {
             return Err(crate::shape_err!("linear: input {:?}, weight [{}, {}]", x.shape(), p.n(), p.k()));
         }
         let m = if k == 0 { 0 } else { x.numel() / k };

@@ -154,7 +154,7 @@ impl Tensor {
     /// x[.., k] · wᵀ (+ b) with w [n, k]: the Linear layer.
     pub fn linear(&self, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (m, k) = self.rows_cols();
-        if w.rank() != 2 || w.dim(1) != k {
+        if self.rank() == 0 || w.rank() != 2 || w.dim(1) != k {
             return Err(shape_err!("linear: input {:?}, weight {:?}", self.shape(), w.shape()));
         }
         let n = w.dim(0);
