@@ -2,9 +2,12 @@
 //! missing, so the driver is probed with dlopen first: no driver is an ordinary error, never a
 //! panic, and `--device auto` falls back to the CPU.
 //!
+//! - [`attention`]: launch configurations (grid, block, shared memory, shape checks) of the
+//!   fused attention kernels;
 //! - [`kernels`]: the modules of kernels/*.cu as built by build.rs (source for NVRTC; cubins and
 //!   PTX when nvcc was found);
 //! - [`emu`] (feature `emu`): run any kernel on the CPU emulator of emu/, for tests without a GPU.
+pub mod attention;
 pub mod kernels;
 
 #[cfg(feature = "emu")]
