@@ -1,28 +1,30 @@
 // pca.cu -- Long-CLIP's primary component matching (methods.md §2.3) by subspace (block power)
 // iteration, the device side: centring, a small tiled GEMM, the start basis and a block-level
-// modified Gram-Schmidt. All f32, all row-major; X [B, D], Q/V [D, k], k <= D.
+// modified Gram-Schmidt. All f32, all row-major; X [B, D], k <= D. The basis is kept TRANSPOSED on
+// the device, Qt = V^T [k, D] (row j = column j of V), so that Gram-Schmidt walks contiguous rows.
 //
-// One iteration is  Y = Xc Q (pca_gemm_f32, [B, k]);  Z = Xc^T Y (pca_gemm_f32 with transA, [D, k]);
-// Q = orth(Z) (pca_orth_f32). Start: Q0 = pca_init_f32 (fixed pseudo-random, no orth needed before
-// the first product). Reconstruction: Xhat = (Xc V) V^T + mu (pca_gemm_f32 with transB and bias).
-// The host (src/ops/pca.rs, `pca`) runs the same steps on the CPU.
+// One iteration is  Y = Xc Qt^T (pca_gemm_f32 with transB, [B, k]);  Zt = Y^T Xc (pca_gemm_f32 with
+// transA, [k, D]);  Qt = orth(Zt) (pca_orth_f32). Start: Qt0 = pca_init_f32 (fixed pseudo-random; no
+// orth needed before the first product). Reconstruction: Xhat = Y Qt + mu, Y = Xc Qt^T (pca_gemm_f32
+// with bias). The host (src/ops/pca.rs, `pca`) runs the same steps on the CPU.
 //
 // pca_center_f32(X, Xc, mu, B, D): mu[c] = mean_r X[r, c]; Xc = X - mu. Xc MAY ALIAS X (in place).
 //   Thread (x, y) of block b owns column c = b*32 + x and rows y, y + blockDim.y, ...; the partial
 //   column sums are added in a fixed order (deterministic).
 //   geometry: blockDim = (32, Y, 1), 1 <= Y <= 32 (8 recommended); gridDim.x = CEIL_DIV(D, 32).
-// pca_init_f32(Q, D, k, seed): Q[d, j] = hash(seed, d*k + j) uniform in [-1, 1) (exactly the values
-//   of ops::pca::start_basis). geometry: blockDim = (256, 1, 1), gridDim.x = CEIL_DIV(D*k, 256).
+// pca_init_f32(Qt, D, k, seed): Qt[j, d] = V0[d, j] = hash(seed, d*k + j) uniform in [-1, 1), exactly
+//   the values of ops::pca::start_basis (which is [D, k]).
+//   geometry: blockDim = (256, 1, 1), gridDim.x = CEIL_DIV(D*k, 256).
 // pca_gemm_f32(A, Bm, bias, C, M, N, K, transA, transB): C[m, n] = sum_k a(m, k) b(k, n) (+ bias[n]
 //   if bias != NULL), a(m, k) = transA ? A[k*M + m] : A[m*K + k], b(k, n) = transB ? Bm[n*K + k] :
 //   Bm[k*N + n]. 32x32 output tile per block, K in steps of 32 through shared memory (static,
 //   2 x 32 x 33 floats); each thread computes 4 outputs. C must not alias A or Bm.
 //   geometry: blockDim = (256, 1, 1) exactly; gridDim = (CEIL_DIV(N, 32), CEIL_DIV(M, 32)).
-// pca_orth_f32(Q, D, k): orthonormalises the k columns of Q [D, k] in place by modified Gram-Schmidt,
-//   two full sweeps ("twice is enough"). Column j is owned by warp j % nwarps: it normalises it and
-//   projects the finished column j-1 out of it; one barrier per column. A column whose squared norm
-//   is <= 1e-30 (rank(Xc) < k, Xc = 0) is set to zero instead of normalised: the result has
-//   orthonormal or zero columns and is always finite.
+// pca_orth_f32(Qt, D, k): orthonormalises the k ROWS of Qt [k, D] in place by modified Gram-Schmidt,
+//   two full sweeps ("twice is enough"). Row j is owned by warp j % nwarps: it normalises it and
+//   projects the finished row j-1 out of it; one barrier per row. A row whose squared norm is
+//   <= 1e-30 (rank(Xc) < k, Xc = 0) is set to zero instead of normalised: the result has
+//   orthonormal or zero rows and is always finite.
 //   geometry: ONE BLOCK, blockDim = (32*w, 1, 1), w >= 1 (256 recommended).
 #include <cuda_runtime.h>
 #include "common.cuh"
@@ -63,9 +65,9 @@ __device__ __forceinline__ float pca_hash_unit(unsigned seed, unsigned idx) {
   return (float)(h >> 8) * (1.f / 8388608.f) - 1.f;
 }
 
-extern "C" __global__ void pca_init_f32(float* __restrict__ Q, int D, int k, unsigned seed) {
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e < D * k) Q[e] = pca_hash_unit(seed, (unsigned)e);
+extern "C" __global__ void pca_init_f32(float* __restrict__ Qt, int D, int k, unsigned seed) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;  // e = j*D + d
+  if (e < D * k) Qt[e] = pca_hash_unit(seed, (unsigned)((e % D) * k + e / D));
 }
 
 extern "C" __global__ void pca_gemm_f32(const float* __restrict__ A, const float* __restrict__ Bm,
@@ -115,33 +117,32 @@ extern "C" __global__ void pca_gemm_f32(const float* __restrict__ A, const float
   }
 }
 
-// Warp-level: normalise column j of Q (or zero it); every lane of the warp must call.
-__device__ __forceinline__ void pca_normalise_column(float* Q, int D, int k, int j, int lane) {
+// Warp-level: normalise the row q [D] (or zero it); every lane of the warp must call.
+__device__ __forceinline__ void pca_normalise_row(float* q, int D, int lane) {
   float ss = 0.f;
-  for (int d = lane; d < D; d += 32) {
-    const float q = Q[(size_t)d * k + j];
-    ss += q * q;
-  }
+  for (int d = lane; d < D; d += 32) ss += q[d] * q[d];
   ss = warp_reduce_sum(ss);
   const float s = ss > PCA_ZERO_NORM2 ? rsqrtf(ss) : 0.f;
-  for (int d = lane; d < D; d += 32) Q[(size_t)d * k + j] *= s;
+  for (int d = lane; d < D; d += 32) q[d] *= s;
 }
 
-extern "C" __global__ void pca_orth_f32(float* Q, int D, int k) {
+extern "C" __global__ void pca_orth_f32(float* Qt, int D, int k) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   for (int sweep = 0; sweep < 2; ++sweep) {
-    if (warp == 0) pca_normalise_column(Q, D, k, 0, lane);
+    if (warp == 0) pca_normalise_row(Qt, D, lane);
     __syncthreads();
     for (int j = 0; j + 1 < k; ++j) {
-      // column j is final: project it out of every later column; the owner of column j+1 then
-      // normalises it (its last projection was this one)
+      // row j is final: project it out of every later row; the owner of row j+1 then normalises
+      // it (its last projection was this one)
+      const float* qj = Qt + (size_t)j * D;
       for (int l = warp; l < k; l += nwarps) {
         if (l <= j) continue;  // warp-uniform
+        float* ql = Qt + (size_t)l * D;
         float dot = 0.f;
-        for (int d = lane; d < D; d += 32) dot += Q[(size_t)d * k + j] * Q[(size_t)d * k + l];
+        for (int d = lane; d < D; d += 32) dot += qj[d] * ql[d];
         dot = warp_reduce_sum(dot);
-        for (int d = lane; d < D; d += 32) Q[(size_t)d * k + l] -= dot * Q[(size_t)d * k + j];
-        if (l == j + 1) pca_normalise_column(Q, D, k, l, lane);
+        for (int d = lane; d < D; d += 32) ql[d] -= dot * qj[d];
+        if (l == j + 1) pca_normalise_row(ql, D, lane);
       }
       __syncthreads();
     }

@@ -327,6 +327,12 @@ fn gemm_launch(a: *const f32, b: *const f32, bias: *const f32, c: *mut f32, m: u
     launch("pca_gemm_f32", (ceil_div(n, 32), ceil_div(m, 32), 1), (256, 1, 1), 0, LaunchArgs::new().arg(&a).arg(&b).arg(&bias).arg(&c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&ta_i).arg(&tb_i).as_params())
 }
 
+/// [rows, cols] -> [cols, rows]
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols).map(|e| a[(e % rows) * cols + e / rows]).collect()
+}
+
+/// pca_orth_f32 on Qt [k, D].
 fn orth_launch(q: *mut f32, d: usize, k: usize) -> Result<(), String> {
     let (d_i, k_i) = (d as i32, k as i32);
     launch("pca_orth_f32", (1, 1, 1), (256, 1, 1), 0, LaunchArgs::new().arg(&q).arg(&d_i).arg(&k_i).as_params())
@@ -361,46 +367,47 @@ fn pca_orth_kernel_is_the_cpu_gram_schmidt() {
         let q0 = start_basis(d, k, 7);
         let mut want = q0.clone();
         orthonormalize(&mut want, d, k);
-        let mut gq = Guarded::from_slice(&q0);
+        let mut gq = Guarded::from_slice(&transpose(&q0, d, k));
         orth_launch(gq.ptr(), d, k)?;
-        gq.check("Q")?;
-        check_orthonormal_or_zero(gq.data(), d, k, 1e-5)?;
-        check_close("Q", gq.data(), &to_f64(&want), 1e-5, 1e-4)
+        gq.check("Qt")?;
+        let got = transpose(gq.data(), k, d);
+        check_orthonormal_or_zero(&got, d, k, 1e-5)?;
+        check_close("Q", &got, &to_f64(&want), 1e-5, 1e-4)
     });
 }
 
-/// The whole iteration on the emulator; returns (mean, V, recon).
+/// The whole iteration on the emulator (basis kept as Qt = Vᵀ [k, D]); returns (mean, V [D, k], recon).
 fn run_pca_emu(x: &[f32], b: usize, d: usize, k: usize, iters: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), String> {
     let mut gx = Guarded::from_slice(x);
     let (mut xc, mut mu) = (Guarded::filled(b * d, f32::NAN), Guarded::filled(d, f32::NAN));
-    let (mut q, mut z) = (Guarded::filled(d * k, f32::NAN), Guarded::filled(d * k, f32::NAN));
+    let (mut q, mut z) = (Guarded::filled(k * d, f32::NAN), Guarded::filled(k * d, f32::NAN));
     let (mut y, mut recon) = (Guarded::filled(b * k, f32::NAN), Guarded::filled(b * d, f32::NAN));
     let (px, pxc, pmu) = (gx.ptr() as *const f32, xc.ptr(), mu.ptr());
     let (b_i, d_i, k_i, seed) = (b as i32, d as i32, k as i32, 0u32);
     launch("pca_center_f32", (ceil_div(d, 32), 1, 1), (32, 8, 1), 0, LaunchArgs::new().arg(&px).arg(&pxc).arg(&pmu).arg(&b_i).arg(&d_i).as_params())?;
     let pq0 = q.ptr();
     launch("pca_init_f32", (ceil_div(d * k, 256), 1, 1), (256, 1, 1), 0, LaunchArgs::new().arg(&pq0).arg(&d_i).arg(&k_i).arg(&seed).as_params())?;
-    if q.data() != start_basis(d, k, 0).as_slice() {
-        return Err("pca_init_f32 differs from ops::pca::start_basis".into());
+    if q.data() != transpose(&start_basis(d, k, 0), d, k).as_slice() {
+        return Err("pca_init_f32 differs from ops::pca::start_basis (transposed)".into());
     }
     let nul = std::ptr::null::<f32>();
     let (mut pq, mut pz) = (q.ptr(), z.ptr());
     for _ in 0..iters {
-        gemm_launch(pxc, pq, nul, y.ptr(), b, k, d, false, false)?;
-        gemm_launch(pxc, y.ptr(), nul, pz, d, k, b, true, false)?;
+        gemm_launch(pxc, pq, nul, y.ptr(), b, k, d, false, true)?; // Y = Xc·Qtᵀ
+        gemm_launch(y.ptr(), pxc, nul, pz, k, d, b, true, false)?; // Zt = Yᵀ·Xc
         orth_launch(pz, d, k)?;
         std::mem::swap(&mut pq, &mut pz);
     }
     if iters == 0 {
         orth_launch(pq, d, k)?;
     }
-    gemm_launch(pxc, pq, nul, y.ptr(), b, k, d, false, false)?;
-    gemm_launch(y.ptr(), pq, pmu, recon.ptr(), b, d, k, false, true)?;
-    for (g, name) in [(&gx, "X"), (&xc, "Xc"), (&mu, "mu"), (&q, "Q"), (&z, "Z"), (&y, "Y"), (&recon, "recon")] {
+    gemm_launch(pxc, pq, nul, y.ptr(), b, k, d, false, true)?;
+    gemm_launch(y.ptr(), pq, pmu, recon.ptr(), b, d, k, false, false)?; // X̂ = Y·Qt + μ
+    for (g, name) in [(&gx, "X"), (&xc, "Xc"), (&mu, "mu"), (&q, "Qt"), (&z, "Zt"), (&y, "Y"), (&recon, "recon")] {
         g.check(name)?;
     }
-    let v = if iters % 2 == 0 { q.data().to_vec() } else { z.data().to_vec() };
-    Ok((mu.data().to_vec(), v, recon.data().to_vec()))
+    let qt = if iters % 2 == 0 { q.data() } else { z.data() };
+    Ok((mu.data().to_vec(), transpose(qt, k, d), recon.data().to_vec()))
 }
 
 #[test]
@@ -413,25 +420,47 @@ fn pca_kernels_match_exact_eigendecomposition() {
             }
         }
     }
-    for_all_cases("pca", &cases, |&(b, d, k)| {
-        let rank = (b - 1).min(d);
-        let gapped = rank > k;
-        let sigma = if gapped { gapped_sigma(k, rank) } else { (0..rank).map(|i| 5.0 - 0.5 * i as f64).collect() };
-        let x = spectral_batch(b, d, &sigma, (b * d * k) as u64);
-        let (mean, v, recon) = run_pca_emu(&x, b, d, k, 8)?;
-        let want = pca_reference(&x, b, d, k).map_err(|e| e.to_string())?;
-        check_close("mean", &mean, &want.mean, 1e-6, 1e-6)?;
+    // inputs and the O(D³) references once per shape, not once per schedule
+    let cases: Vec<_> = cases
+        .into_iter()
+        .map(|(b, d, k)| {
+            let rank = (b - 1).min(d);
+            let gapped = rank > k;
+            let sigma = if gapped { gapped_sigma(k, rank) } else { (0..rank).map(|i| 5.0 - 0.5 * i as f64).collect() };
+            let x = spectral_batch(b, d, &sigma, (b * d * k) as u64);
+            let want = pca_reference(&x, b, d, k).unwrap();
+            PcaCase { b, d, k, gapped, x, want }
+        })
+        .collect();
+    for_all_cases("pca", &cases, |c| {
+        let (b, d, k) = (c.b, c.d, c.k);
+        let (mean, v, recon) = run_pca_emu(&c.x, b, d, k, 8)?;
+        check_close("mean", &mean, &c.want.mean, 1e-6, 1e-6)?;
         check_orthonormal_or_zero(&v, d, k, 1e-4)?;
         // gapped: the SVD reconstruction; rank < k: the subspace holds every row, X̂ = X
-        check_close("recon", &recon, &want.recon, 1e-4, 1e-4)?;
-        if gapped {
-            let diff = max_abs_diff(&projector(&v, d, k), &projector(&want.v, d, k));
+        check_close("recon", &recon, &c.want.recon, 1e-4, 1e-4)?;
+        if c.gapped {
+            let diff = max_abs_diff(&projector(&v, d, k), &projector(&c.want.v, d, k));
             if diff > 1e-4 {
                 return Err(format!("projectors differ by {diff}"));
             }
         }
         Ok(())
     });
+}
+
+struct PcaCase {
+    b: usize,
+    d: usize,
+    k: usize,
+    gapped: bool,
+    x: Vec<f32>,
+    want: clipforge::ops::pca::PcaRef,
+}
+impl std::fmt::Debug for PcaCase {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "B {} D {} k {}", self.b, self.d, self.k)
+    }
 }
 
 #[test]

@@ -13,6 +13,9 @@
 //! Reference ([`pca_reference`]): f64 throughout, an exact symmetric eigendecomposition of
 //! X_cᵀX_c by cyclic Jacobi ([`sym_eig`]), eigenvectors sorted by eigenvalue (what the
 //! "rewrite PCA to avoid inf" branch of Long-CLIP computes). O(D³) per sweep: meant for tests.
+//!
+//! The kernels keep the basis transposed (Qt = Vᵀ [k, D], contiguous rows for Gram–Schmidt) and
+//! compute Y = X_c·Qtᵀ, Zt = Yᵀ·X_c; the arithmetic per element is the same.
 use super::matmul::{gemm, View};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
