@@ -25,7 +25,8 @@
 //   projects the finished row j-1 out of it; one barrier per row. A row whose squared norm is
 //   <= 1e-30 (rank(Xc) < k, Xc = 0) is set to zero instead of normalised: the result has
 //   orthonormal or zero rows and is always finite.
-//   geometry: ONE BLOCK, blockDim = (32*w, 1, 1), w >= 1 (256 recommended).
+//   Latency-bound (2k dependent steps, one barrier each): use one warp per row.
+//   geometry: ONE BLOCK, blockDim = (32*w, 1, 1), w >= 1; w = k (1024 threads at k = 32) recommended.
 #include <cuda_runtime.h>
 #include "common.cuh"
 

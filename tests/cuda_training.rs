@@ -334,8 +334,11 @@ fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// pca_orth_f32 on Qt [k, D].
 fn orth_launch(q: *mut f32, d: usize, k: usize) -> Result<(), String> {
+    orth_launch_block(q, d, k, 32 * k as u32)
+}
+fn orth_launch_block(q: *mut f32, d: usize, k: usize, block: u32) -> Result<(), String> {
     let (d_i, k_i) = (d as i32, k as i32);
-    launch("pca_orth_f32", (1, 1, 1), (256, 1, 1), 0, LaunchArgs::new().arg(&q).arg(&d_i).arg(&k_i).as_params())
+    launch("pca_orth_f32", (1, 1, 1), (block, 1, 1), 0, LaunchArgs::new().arg(&q).arg(&d_i).arg(&k_i).as_params())
 }
 
 #[test]
@@ -362,13 +365,13 @@ fn pca_gemm_kernel() {
 
 #[test]
 fn pca_orth_kernel_is_the_cpu_gram_schmidt() {
-    let cases = [(59usize, 32usize), (65, 4), (128, 32), (33, 32), (7, 1)];
-    for_all_cases("pca_orth_f32", &cases, |&(d, k)| {
+    let cases = [(59usize, 32usize, 1024u32), (59, 32, 256), (65, 4, 32), (128, 32, 96), (33, 32, 1024), (7, 1, 64)];
+    for_all_cases("pca_orth_f32", &cases, |&(d, k, block)| {
         let q0 = start_basis(d, k, 7);
         let mut want = q0.clone();
         orthonormalize(&mut want, d, k);
         let mut gq = Guarded::from_slice(&transpose(&q0, d, k));
-        orth_launch(gq.ptr(), d, k)?;
+        orth_launch_block(gq.ptr(), d, k, block)?;
         gq.check("Qt")?;
         let got = transpose(gq.data(), k, d);
         check_orthonormal_or_zero(&got, d, k, 1e-5)?;
