@@ -322,6 +322,7 @@ fn adamw_kernels() {
 
 // ---------------------------------------------------------------- PCA
 
+#[allow(clippy::too_many_arguments)]
 fn gemm_launch(a: *const f32, b: *const f32, bias: *const f32, c: *mut f32, m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Result<(), String> {
     let (m_i, n_i, k_i, ta_i, tb_i) = (m as i32, n as i32, k as i32, ta as i32, tb as i32);
     launch("pca_gemm_f32", (ceil_div(n, 32), ceil_div(m, 32), 1), (256, 1, 1), 0, LaunchArgs::new().arg(&a).arg(&b).arg(&bias).arg(&c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&ta_i).arg(&tb_i).as_params())
@@ -380,7 +381,8 @@ fn pca_orth_kernel_is_the_cpu_gram_schmidt() {
 }
 
 /// The whole iteration on the emulator (basis kept as Qt = Vᵀ [k, D]); returns (mean, V [D, k], recon).
-fn run_pca_emu(x: &[f32], b: usize, d: usize, k: usize, iters: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), String> {
+type PcaOut = (Vec<f32>, Vec<f32>, Vec<f32>);
+fn run_pca_emu(x: &[f32], b: usize, d: usize, k: usize, iters: usize) -> Result<PcaOut, String> {
     let mut gx = Guarded::from_slice(x);
     let (mut xc, mut mu) = (Guarded::filled(b * d, f32::NAN), Guarded::filled(d, f32::NAN));
     let (mut q, mut z) = (Guarded::filled(k * d, f32::NAN), Guarded::filled(k * d, f32::NAN));
@@ -409,7 +411,7 @@ fn run_pca_emu(x: &[f32], b: usize, d: usize, k: usize, iters: usize) -> Result<
     for (g, name) in [(&gx, "X"), (&xc, "Xc"), (&mu, "mu"), (&q, "Qt"), (&z, "Zt"), (&y, "Y"), (&recon, "recon")] {
         g.check(name)?;
     }
-    let qt = if iters % 2 == 0 { q.data() } else { z.data() };
+    let qt = if iters.is_multiple_of(2) { q.data() } else { z.data() };
     Ok((mu.data().to_vec(), transpose(qt, k, d), recon.data().to_vec()))
 }
 

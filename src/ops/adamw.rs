@@ -122,8 +122,8 @@ pub fn adamw_step<G: Grad>(
     v: &mut [f32],
     opt: &AdamW,
     step: u32,
-    mut out_bf16: Option<&mut [bf16]>,
-    mut out_f16: Option<&mut [f16]>,
+    out_bf16: Option<&mut [bf16]>,
+    out_f16: Option<&mut [f16]>,
 ) -> Result<()> {
     let n = p.len();
     check(n, g.len(), m.len(), v.len(), step)?;
@@ -133,11 +133,11 @@ pub fn adamw_step<G: Grad>(
         }
     }
     let s = opt.scalars(step);
-    let mut bchunks: Vec<Option<&mut [bf16]>> = match out_bf16.as_deref_mut() {
+    let mut bchunks: Vec<Option<&mut [bf16]>> = match out_bf16 {
         Some(o) => o.chunks_mut(CHUNK).map(Some).collect(),
         None => (0..n.div_ceil(CHUNK)).map(|_| None).collect(),
     };
-    let mut hchunks: Vec<Option<&mut [f16]>> = match out_f16.as_deref_mut() {
+    let mut hchunks: Vec<Option<&mut [f16]>> = match out_f16 {
         Some(o) => o.chunks_mut(CHUNK).map(Some).collect(),
         None => (0..n.div_ceil(CHUNK)).map(|_| None).collect(),
     };
