@@ -1,7 +1,9 @@
 //! CPU ops, one family per file. Each file has a plain `*_reference` (naive loops, f64 where it
 //! matters: the ground truth) and the fast path the engine runs (vectorised, multithreaded).
 //! Both work on flat slices; `tensor::ops` checks shapes and layouts and calls them.
+pub mod adamw;
 pub mod attention;
+pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod fastmath;
@@ -9,5 +11,7 @@ pub mod gemm_bf16;
 pub mod layernorm;
 pub mod matmul;
 pub mod patch_embed;
+pub mod pca;
+pub mod pos_gather;
 pub mod reduce;
 pub mod softmax;

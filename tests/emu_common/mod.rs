@@ -2,6 +2,7 @@
 //! bf16 conversions, per-element tolerance checks, and a driver that runs a case in every
 //! emulator schedule and reports all failures at once.
 #![allow(dead_code)]
+#[allow(unused_imports)]
 pub use clipforge::cuda::emu::{self, launch, set_schedule, LaunchArgs, Schedule, TEST_SCHEDULES};
 
 pub const ROWS: [usize; 3] = [1, 7, 45];
@@ -177,4 +178,27 @@ pub fn layernorm_ref(x: &[f64], rows: usize, cols: usize, g: &[f32], b: &[f32]) 
 
 pub fn ceil_div(a: usize, b: usize) -> u32 {
     a.div_ceil(b) as u32
+}
+
+/// Runs `run(case)` for every case in every test schedule; panics listing all failures.
+pub fn for_all_cases<C: std::fmt::Debug>(name: &str, cases: &[C], mut run: impl FnMut(&C) -> Result<(), String>) {
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for c in cases {
+        for s in TEST_SCHEDULES {
+            set_schedule(s);
+            runs += 1;
+            if let Err(e) = run(c) {
+                failures.push(format!("  {c:?} schedule={}: {e}", sched_name(s)));
+            }
+        }
+    }
+    set_schedule(Schedule::Forward);
+    assert!(failures.is_empty(), "{name}: {} of {runs} runs failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Max |a − b| over two equally long slices.
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
