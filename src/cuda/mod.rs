@@ -7,10 +7,13 @@
 //! first and every cudarc call is guarded: no driver is an ordinary error, never a panic, and
 //! `--device auto` falls back to the CPU.
 //!
+//! - [`attention`]: launch configurations (grid, block, shared memory, shape checks) of the
+//!   fused attention kernels;
 //! - [`kernels`]: the modules of kernels/*.cu as built by build.rs (source for NVRTC; cubins and
 //!   PTX when nvcc was found);
 //! - [`emu`] (feature `emu`): run any kernel on the CPU emulator of emu/, for tests without a GPU.
 pub mod alloc;
+pub mod attention;
 pub mod device;
 pub mod gemm;
 pub mod kernels;

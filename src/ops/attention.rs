@@ -4,6 +4,11 @@
 //!
 //! Layout: q, k, v and o are [B, T, H·hd] (heads side by side in each row, as the projections
 //! produce them), lse is [B, H, T]. Any T ≥ 1 and any head dim.
+//!
+//! Backward ([`attention_backward`], [`attention_backward_reference`]): given dO, recompute
+//! P = exp(S·scale − lse) from the saved lse (masked entries 0), then
+//!   dV = Pᵀ·dO,  dP = dO·Vᵀ,  D_i = Σ_e dO_ie·O_ie (= Σ_j P_ij·dP_ij),
+//!   dS = P ∘ (dP − D),  dQ = scale·dS·K,  dK = scale·dSᵀ·Q.
 use super::fastmath;
 use super::matmul::{gemm_seq, View};
 use rayon::prelude::*;
@@ -108,4 +113,90 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
         }
     });
     (out, lse)
+}
+
+/// Naive backward in f64: loops over (b, h, i, j), P recomputed from `lse`, D from `o`.
+/// Returns (dq, dk, dv) in the layout of q, k, v.
+pub fn attention_backward_reference(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, w, d) = (s.seq, s.width(), s.head_dim);
+    let scale = s.scale as f64;
+    let (mut dq, mut dk, mut dv) = (vec![0f64; s.numel()], vec![0f64; s.numel()], vec![0f64; s.numel()]);
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            let row = |j: usize| (b * t + j) * w + h * d;
+            for i in 0..t {
+                let (qi, doi) = (&q[row(i)..][..d], &dout[row(i)..][..d]);
+                let di = dot(doi, &o[row(i)..][..d]);
+                let li = lse[(b * s.heads + h) * t + i] as f64;
+                for j in 0..s.keys(i) {
+                    let (kj, vj) = (&k[row(j)..][..d], &v[row(j)..][..d]);
+                    let p = (dot(qi, kj) * scale - li).exp();
+                    let ds = p * (dot(doi, vj) - di) * scale;
+                    for e in 0..d {
+                        dv[row(j) + e] += p * doi[e] as f64;
+                        dq[row(i) + e] += ds * kj[e] as f64;
+                        dk[row(j) + e] += ds * qi[e] as f64;
+                    }
+                }
+            }
+        }
+    }
+    let f = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+    (f(dq), f(dk), f(dv))
+}
+
+/// The fast backward: batches in parallel; per head five small GEMMs (S = Q·Kᵀ, dP = dO·Vᵀ,
+/// dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q) on gathered [T, hd] tiles, with P and dS formed in place.
+pub fn attention_backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, w, d) = (s.seq, s.width(), s.head_dim);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; s.numel()], vec![0f32; s.numel()], vec![0f32; s.numel()]);
+    if s.numel() == 0 {
+        return (dq, dk, dv);
+    }
+    let chunks = dq.par_chunks_mut(t * w).zip(dk.par_chunks_mut(t * w)).zip(dv.par_chunks_mut(t * w));
+    chunks.enumerate().for_each(|(b, ((dqb, dkb), dvb))| {
+        let tile = || vec![0f32; t * d];
+        let (mut qt, mut kt, mut vt, mut dot, mut g) = (tile(), tile(), tile(), tile(), tile()); // [T, d]
+        let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]); // [T, T]
+        let mut drow = vec![0f32; t];
+        for h in 0..s.heads {
+            for j in 0..t {
+                let row = (b * t + j) * w + h * d;
+                qt[j * d..(j + 1) * d].copy_from_slice(&q[row..row + d]);
+                kt[j * d..(j + 1) * d].copy_from_slice(&k[row..row + d]);
+                vt[j * d..(j + 1) * d].copy_from_slice(&v[row..row + d]);
+                dot[j * d..(j + 1) * d].copy_from_slice(&dout[row..row + d]);
+                drow[j] = dout[row..row + d].iter().zip(&o[row..row + d]).map(|(x, y)| x * y).sum();
+            }
+            gemm_seq(View::row_major(&qt, t, d), View::row_major(&kt, t, d).t(), &mut p); // S = Q·Kᵀ
+            gemm_seq(View::row_major(&dot, t, d), View::row_major(&vt, t, d).t(), &mut dp); // dP = dO·Vᵀ
+            for i in 0..t {
+                let li = lse[(b * s.heads + h) * t + i];
+                let nk = s.keys(i);
+                let (pr, dpr) = (&mut p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
+                for j in 0..nk {
+                    pr[j] = fastmath::exp(pr[j] * s.scale - li);
+                    dpr[j] = pr[j] * (dpr[j] - drow[i]) * s.scale; // dS, scale folded in
+                }
+                pr[nk..].fill(0.0);
+                dpr[nk..].fill(0.0);
+            }
+            gemm_seq(View::row_major(&p, t, t).t(), View::row_major(&dot, t, d), &mut g); // dV = Pᵀ·dO
+            scatter(dvb, &g, h, s);
+            gemm_seq(View::row_major(&dp, t, t), View::row_major(&kt, t, d), &mut g); // dQ = dS·K
+            scatter(dqb, &g, h, s);
+            gemm_seq(View::row_major(&dp, t, t).t(), View::row_major(&qt, t, d), &mut g); // dK = dSᵀ·Q
+            scatter(dkb, &g, h, s);
+        }
+    });
+    (dq, dk, dv)
+}
+
+/// Writes the [T, hd] tile `g` into head `h` of one batch's [T, H·hd] rows.
+fn scatter(dst: &mut [f32], g: &[f32], h: usize, s: &AttnShape) {
+    let (w, d) = (s.width(), s.head_dim);
+    for (j, gr) in g.chunks_exact(d).enumerate() {
+        dst[j * w + h * d..][..d].copy_from_slice(gr);
+    }
 }

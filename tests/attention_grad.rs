@@ -1,0 +1,88 @@
+//! The attention backward: the fast path against the f64 reference per element, and the
+//! reference against central finite differences of the scalar loss L = Σ o·w computed in f64
+//! (so dO = w), on small odd shapes, causal and not.
+mod common;
+use clipforge::ops::attention::{attention_backward, attention_backward_reference, attention_reference, AttnShape};
+use common::*;
+
+fn shape(b: usize, t: usize, h: usize, d: usize, causal: bool) -> AttnShape {
+    AttnShape { batch: b, seq: t, heads: h, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() }
+}
+
+#[test]
+fn attention_backward_fast_matches_reference() {
+    for &(b, t, h, d) in &[(1, 1, 1, 1), (2, 7, 3, 59), (1, 50, 2, 64), (3, 77, 5, 20), (1, 45, 1, 65), (1, 197, 1, 8)] {
+        let n = b * t * h * d;
+        let (q, k, v, dout) = (randn(n, 21), randn(n, 22), randn(n, 23), randn(n, 24));
+        for causal in [false, true] {
+            let s = shape(b, t, h, d, causal);
+            let (o, lse) = attention_reference(&q, &k, &v, &s);
+            let (dq, dk, dv) = attention_backward(&q, &k, &v, &o, &lse, &dout, &s);
+            let (rq, rk, rv) = attention_backward_reference(&q, &k, &v, &o, &lse, &dout, &s);
+            let what = format!("attention backward b{b} t{t} h{h} d{d} causal {causal}");
+            assert_close(&format!("{what} dq"), &dq, &rq, 2e-5, 2e-4);
+            assert_close(&format!("{what} dk"), &dk, &rk, 2e-5, 2e-4);
+            assert_close(&format!("{what} dv"), &dv, &rv, 2e-5, 2e-4);
+        }
+    }
+}
+
+/// L = Σ o·w with o = softmax(q·kᵀ·scale [+ mask])·v, everything in f64.
+fn loss_f64(q: &[f64], k: &[f64], v: &[f64], w: &[f64], s: &AttnShape) -> f64 {
+    let (t, wd, d) = (s.seq, s.width(), s.head_dim);
+    let mut loss = 0.0;
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            let row = |j: usize| (b * t + j) * wd + h * d;
+            for i in 0..t {
+                let nk = if s.causal { i + 1 } else { t };
+                let sc: Vec<f64> = (0..nk).map(|j| (0..d).map(|e| q[row(i) + e] * k[row(j) + e]).sum::<f64>() * s.scale as f64).collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                for e in 0..d {
+                    let oe: f64 = (0..nk).map(|j| (sc[j] - m).exp() / z * v[row(j) + e]).sum();
+                    loss += oe * w[row(i) + e];
+                }
+            }
+        }
+    }
+    loss
+}
+
+#[test]
+fn attention_backward_reference_matches_finite_differences() {
+    const H: f64 = 1e-5;
+    let mut checked = 0;
+    for b in [1, 2] {
+        for t in [1, 3, 7] {
+            for heads in [1, 3] {
+                for d in [5, 20] {
+                    for causal in [false, true] {
+                        let s = shape(b, t, heads, d, causal);
+                        let n = s.numel();
+                        let seed = (b * 1000 + t * 100 + heads * 10 + d) as u64;
+                        let (q, k, v, w) = (randn(n, seed), randn(n, seed + 1), randn(n, seed + 2), randn(n, seed + 3));
+                        let (o, lse) = attention_reference(&q, &k, &v, &s);
+                        let (dq, dk, dv) = attention_backward_reference(&q, &k, &v, &o, &lse, &w, &s);
+                        let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+                        let (q64, k64, v64, w64) = (f64s(&q), f64s(&k), f64s(&v), f64s(&w));
+                        for (name, which, grad) in [("dq", 0, &dq), ("dk", 1, &dk), ("dv", 2, &dv)] {
+                            let mut fd = vec![0f32; n];
+                            for (i, g) in fd.iter_mut().enumerate() {
+                                let eval = |delta: f64| {
+                                    let mut x = [q64.clone(), k64.clone(), v64.clone()];
+                                    x[which][i] += delta;
+                                    loss_f64(&x[0], &x[1], &x[2], &w64, &s)
+                                };
+                                *g = ((eval(H) - eval(-H)) / (2.0 * H)) as f32;
+                            }
+                            assert_close(&format!("{name} vs finite differences, {s:?}"), grad, &fd, 2e-6, 2e-5);
+                            checked += n;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 10_000);
+}
