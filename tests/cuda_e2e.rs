@@ -81,6 +81,16 @@ fn odd_model_emulated_matches_cpu() {
 }
 
 #[test]
+fn tiny_model_emulated_in_every_warp_schedule() {
+    use clipforge::cuda::emu::{set_schedule, Schedule, TEST_SCHEDULES};
+    for s in TEST_SCHEDULES {
+        set_schedule(s);
+        run_model("tiny", Box::new(EmuOps));
+    }
+    set_schedule(Schedule::Forward);
+}
+
+#[test]
 fn gpu_towers_match_cpu() {
     let ops = match GpuOps::open() {
         Ok(o) => o,
