@@ -62,6 +62,105 @@ fn bias_act_row(rows: usize, n: usize, act: Unary) -> Row {
     }
 }
 
+fn bits(v: &[i32]) -> Vec<f32> {
+    v.iter().map(|&i| f32::from_bits(i as u32)).collect()
+}
+
+fn grid(total: usize) -> LaunchCfg {
+    LaunchCfg::new((total.div_ceil(256).min(16_384) as u32, 1, 1), (256, 1, 1), 0)
+}
+
+fn linear_row(m: usize, n: usize, k: usize, bias: bool) -> Row {
+    let (x, w, b) = (common::randn(m * k, 21), common::randn(n * k, 22), common::randn(n, 23));
+    let want: Vec<f32> = (0..m * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            let d: f64 = (0..k).map(|j| x[r * k + j] as f64 * w[c * k + j] as f64).sum();
+            (d + if bias { b[c] as f64 } else { 0.0 }) as f32
+        })
+        .collect();
+    let (cfg, _) = clipforge::cuda::backend::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
+    Row {
+        case: KernelCase {
+            kernel: "linear_f32",
+            cfg,
+            buffers: vec![x, w, b, vec![f32::NAN; m * n]],
+            args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(m as i32), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(bias as i32)],
+        },
+        expect: vec![(3, want, 1e-5 * (k as f32).sqrt(), 1e-5)],
+    }
+}
+
+fn embed_rows() -> Vec<Row> {
+    let (b, t, w, v) = (2, 5, 37, 11);
+    let ids: Vec<i32> = (0..b * t).map(|i| ((i * 7 + 3) % v) as i32).collect();
+    let (tok, pos) = (common::randn(v * w, 31), common::randn(t * w, 32));
+    let text: Vec<f32> = (0..b * t * w).map(|i| tok[ids[i / w] as usize * w + i % w] + pos[(i / w) % t * w + i % w]).collect();
+    // 2 images, 3 channels, 10×10, patch 3: G = 3 (a remainder of one pixel), N = 9
+    let (c, sz, p) = (3, 10, 3);
+    let (g, n, kk) = (sz / p, (sz / p) * (sz / p), c * p * p);
+    let px = common::randn(b * c * sz * sz, 33);
+    let cols: Vec<f32> = (0..b * n * kk)
+        .map(|i| {
+            let (row, col) = (i / kk, i % kk);
+            let (bi, patch) = (row / n, row % n);
+            let (ci, ky, kx) = (col / (p * p), col % (p * p) / p, col % p);
+            px[((bi * c + ci) * sz + patch / g * p + ky) * sz + patch % g * p + kx]
+        })
+        .collect();
+    let patches = common::randn(b * n * w, 34);
+    let (cls, vpos) = (common::randn(w, 35), common::randn((n + 1) * w, 36));
+    let assembled: Vec<f32> = (0..b * (n + 1) * w)
+        .map(|i| {
+            let (row, col) = (i / w, i % w);
+            let (bi, ti) = (row / (n + 1), row % (n + 1));
+            (if ti == 0 { cls[col] } else { patches[(bi * n + ti - 1) * w + col] }) + vpos[ti * w + col]
+        })
+        .collect();
+    let x = common::randn(b * t * w, 37);
+    let index = [4i32, 1];
+    let pooled: Vec<f32> = (0..b * w).map(|i| x[(i / w * t + index[i / w] as usize) * w + i % w]).collect();
+    let (b32, t32, w32) = (b as i32, t as i32, w as i32);
+    vec![
+        Row {
+            case: KernelCase {
+                kernel: "text_embed_f32",
+                cfg: grid(b * t * w),
+                buffers: vec![bits(&ids), tok, pos, vec![f32::NAN; b * t * w]],
+                args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(b32), Arg::I32(t32), Arg::I32(w32)],
+            },
+            expect: vec![(3, text, 0.0, 0.0)],
+        },
+        Row {
+            case: KernelCase {
+                kernel: "patch_im2col_f32",
+                cfg: grid(b * n * kk),
+                buffers: vec![px, vec![f32::NAN; b * n * kk]],
+                args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(b32), Arg::I32(c as i32), Arg::I32(sz as i32), Arg::I32(p as i32)],
+            },
+            expect: vec![(1, cols, 0.0, 0.0)],
+        },
+        Row {
+            case: KernelCase {
+                kernel: "vision_embed_assemble_f32",
+                cfg: LaunchCfg::new((2, 1, 1), (256, 1, 1), 0), // fewer blocks than elements: grid-stride
+                buffers: vec![patches, cls, vpos, vec![f32::NAN; b * (n + 1) * w]],
+                args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(b32), Arg::I32(n as i32), Arg::I32(w32)],
+            },
+            expect: vec![(3, assembled, 0.0, 0.0)],
+        },
+        Row {
+            case: KernelCase {
+                kernel: "pool_rows_f32",
+                cfg: grid(b * w),
+                buffers: vec![x, bits(&index), vec![f32::NAN; b * w]],
+                args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::I32(b32), Arg::I32(t32), Arg::I32(w32)],
+            },
+            expect: vec![(2, pooled, 0.0, 0.0)],
+        },
+    ]
+}
+
 fn table() -> Vec<Row> {
     let mut t = vec![];
     for (r, c) in [(1, 1), (7, 65), (45, 768), (3, 1000)] {
@@ -72,6 +171,10 @@ fn table() -> Vec<Row> {
         t.push(bias_act_row(r, n, Unary::QuickGelu));
         t.push(bias_act_row(r, n, Unary::Gelu));
     }
+    for (m, n, k, bias) in [(1, 1, 1, true), (7, 65, 33, false), (130, 70, 100, true)] {
+        t.push(linear_row(m, n, k, bias));
+    }
+    t.extend(embed_rows());
     t
 }
 

@@ -2,6 +2,7 @@
 //! (or a model directory), achieved GFLOP/s, and that as a share of a GEMM ceiling measured in
 //! the same run.
 use super::Compute;
+use crate::cuda::CudaClip;
 use crate::error::{Error, Result};
 use crate::flops;
 use crate::model::synthetic::{normal_vec, random_weights, Rng};
@@ -79,8 +80,10 @@ pub fn gemm_ceiling_gflops(dtype: DType) -> f64 {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
-    super::resolve_device(a.compute.device)?;
-    let opt = LoadOptions { dtype: a.compute.dtype.dtype()? };
+    let engine = super::resolve_device(a.compute.device, a.compute.dtype)?;
+    let on_cuda = matches!(engine, super::Engine::Cuda(_));
+    let opt = LoadOptions { dtype: if on_cuda { DType::F32 } else { a.compute.dtype.dtype()? } };
+    let device = engine.name();
     let (towers, do_img, do_txt) = match a.towers.as_str() {
         "both" => (Towers::Both, true, true),
         "image" => (Towers::Vision, true, false),
@@ -98,10 +101,14 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             (ClipParts::load(&w, &cfg, towers, &opt)?, format!("synthetic {}", a.preset))
         }
     };
+    let cuda = match engine {
+        super::Engine::Cpu => None,
+        super::Engine::Cuda(ops) => Some(CudaClip::new(Box::new(ops), &model)?),
+    };
     let cfg = model.config.clone();
     let b = a.batch;
     let mut report = serde_json::json!({
-        "model": source, "batch": b, "dtype": format!("{:?}", a.compute.dtype).to_lowercase(), "device": "cpu",
+        "model": source, "batch": b, "dtype": format!("{:?}", a.compute.dtype).to_lowercase(), "device": device,
         "threads": rayon::current_num_threads(),
     });
     let mut noop = |_: &str, _: &Tensor| {};
@@ -109,7 +116,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let s = cfg.vision.image_size;
         let px = Tensor::from_vec(normal_vec(b * 3 * s * s, 0.0, 1.0, 7), &[b, 3, s, s])?;
         let v = model.vision()?;
-        let sec = time_it(a.iters, "image tower", || v.forward(&px, &mut noop).map(|_| ()))?;
+        let sec = match &cuda {
+            Some(c) => {
+                let flat = px.to_vec_f32();
+                time_it(a.iters, "image tower", || c.embed_images(&flat, b).map(|_| ()))?
+            }
+            None => time_it(a.iters, "image tower", || v.forward(&px, &mut noop).map(|_| ()))?,
+        };
         let gf = flops::image_flops(&cfg) * b as f64 / sec / 1e9;
         report["images_per_s"] = (b as f64 / sec).into();
         report["image_gflops"] = gf.into();
@@ -126,14 +139,23 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             })
             .collect();
         let tt = model.text()?;
-        let sec = time_it(a.iters, "text tower", || tt.forward(&ids, None, &mut noop).map(|_| ()))?;
+        let sec = match &cuda {
+            Some(c) => time_it(a.iters, "text tower", || c.embed_texts(&ids).map(|_| ()))?,
+            None => time_it(a.iters, "text tower", || tt.forward(&ids, None, &mut noop).map(|_| ()))?,
+        };
         report["texts_per_s"] = (b as f64 / sec).into();
         report["text_gflops"] = (flops::text_flops(&cfg, t) * b as f64 / sec / 1e9).into();
         report["text_tokens"] = t.into();
     }
-    let ceiling = gemm_ceiling_gflops(opt.dtype);
-    report["gemm_ceiling_gflops"] = ceiling.into();
+    // the ceiling is the CPU's GEMM: only meaningful for CPU runs
+    let ceiling = if on_cuda { f64::NAN } else { gemm_ceiling_gflops(opt.dtype) };
+    if !on_cuda {
+        report["gemm_ceiling_gflops"] = ceiling.into();
+    }
     for k in ["image", "text"] {
+        if on_cuda {
+            break;
+        }
         if let Some(g) = report.get(format!("{k}_gflops")).and_then(|v| v.as_f64()) {
             report[format!("{k}_share_of_ceiling")] = (g / ceiling).into();
         }
@@ -141,14 +163,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(Error::msg)?);
     } else {
-        println!("model      {}  (batch {b}, {}, cpu, {} threads)", source, report["dtype"].as_str().unwrap_or(""), report["threads"]);
+        if on_cuda {
+            println!("model      {}  (batch {b}, f32, {device})", source);
+        } else {
+            println!("model      {}  (batch {b}, {}, cpu, {} threads)", source, report["dtype"].as_str().unwrap_or(""), report["threads"]);
+        }
         if let Some(x) = report["images_per_s"].as_f64() {
             println!("images/s   {x:8.2}   {:7.1} GFLOP/s   {:4.0}% of GEMM ceiling", report["image_gflops"].as_f64().unwrap_or(0.0), 100.0 * report["image_share_of_ceiling"].as_f64().unwrap_or(0.0));
         }
         if let Some(x) = report["texts_per_s"].as_f64() {
             println!("texts/s    {x:8.2}   {:7.1} GFLOP/s   {:4.0}% of GEMM ceiling   ({} tokens)", report["text_gflops"].as_f64().unwrap_or(0.0), 100.0 * report["text_share_of_ceiling"].as_f64().unwrap_or(0.0), report["text_tokens"]);
         }
-        println!("GEMM ceiling {ceiling:.1} GFLOP/s ({} 1024³, measured now)", opt.dtype.name());
+        if !on_cuda {
+            println!("GEMM ceiling {ceiling:.1} GFLOP/s ({} 1024³, measured now)", opt.dtype.name());
+        }
     }
     Ok(())
 }

@@ -5,14 +5,41 @@ use crate::error::{Error, Result};
 use crate::io::image_prep::{load_rgb8_hf, preprocess, PreprocessConfig};
 use crate::io::tokenizer::ClipTokenizer;
 use crate::model::clip::l2_normalize;
+use crate::cuda::CudaClip;
 use crate::model::{ClipParts, LoadOptions, Towers};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
-pub fn load_model(dir: &Path, towers: Towers, compute: Compute) -> Result<ClipParts> {
-    super::resolve_device(compute.device)?;
-    ClipParts::load_dir(dir, towers, &LoadOptions { dtype: compute.dtype.dtype()? })
+/// A loaded model and, with `--device cuda` (or auto on a machine with a GPU), its towers on the
+/// CUDA backend. Derefs to the CPU model (config, logit scale).
+pub struct Loaded {
+    pub model: ClipParts,
+    pub cuda: Option<CudaClip>,
+}
+
+impl std::ops::Deref for Loaded {
+    type Target = ClipParts;
+    fn deref(&self) -> &ClipParts {
+        &self.model
+    }
+}
+
+impl Loaded {
+    /// The model on `engine`: the CUDA towers get every weight uploaded once.
+    pub fn new(model: ClipParts, engine: super::Engine) -> Result<Loaded> {
+        let cuda = match engine {
+            super::Engine::Cpu => None,
+            super::Engine::Cuda(ops) => Some(CudaClip::new(Box::new(ops), &model)?),
+        };
+        Ok(Loaded { model, cuda })
+    }
+}
+
+pub fn load_model(dir: &Path, towers: Towers, compute: Compute) -> Result<Loaded> {
+    let engine = super::resolve_device(compute.device, compute.dtype)?;
+    let dtype = if matches!(engine, super::Engine::Cuda(_)) { crate::tensor::DType::F32 } else { compute.dtype.dtype()? };
+    Loaded::new(ClipParts::load_dir(dir, towers, &LoadOptions { dtype })?, engine)
 }
 
 /// The model's preprocessing: preprocessor_config.json if present, else OpenAI's at its image size.
@@ -70,7 +97,7 @@ pub fn image_paths(args: &[PathBuf], dir: Option<&Path>) -> Result<Vec<PathBuf>>
 }
 
 /// Embeds texts in batches → [N, D] (L2-normalised if `normalize`).
-pub fn embed_texts(model: &ClipParts, tok: &ClipTokenizer, texts: &[String], batch: usize, normalize: bool, quiet: bool) -> Result<Tensor> {
+pub fn embed_texts(model: &Loaded, tok: &ClipTokenizer, texts: &[String], batch: usize, normalize: bool, quiet: bool) -> Result<Tensor> {
     let tower = model.text()?;
     let bar = super::progress(texts.len() as u64, "texts");
     if quiet || texts.len() <= batch {
@@ -79,7 +106,10 @@ pub fn embed_texts(model: &ClipParts, tok: &ClipTokenizer, texts: &[String], bat
     let mut parts = vec![];
     for chunk in texts.chunks(batch.max(1)) {
         let ids = tok.encode_batch(chunk)?;
-        let e = tower.forward(&ids, None, &mut |_, _| {})?; // [b, D]
+        let e = match &model.cuda {
+            Some(c) => Tensor::from_vec(c.embed_texts(&ids)?, &[ids.len(), c.projection_dim])?,
+            None => tower.forward(&ids, None, &mut |_, _| {})?, // [b, D]
+        };
         parts.push(if normalize { l2_normalize(&e)? } else { e });
         bar.inc(chunk.len() as u64);
     }
@@ -88,7 +118,7 @@ pub fn embed_texts(model: &ClipParts, tok: &ClipTokenizer, texts: &[String], bat
 }
 
 /// Embeds images in batches → [N, D]. Decoding and preprocessing run in parallel.
-pub fn embed_images(model: &ClipParts, pre: &PreprocessConfig, paths: &[PathBuf], batch: usize, normalize: bool, quiet: bool) -> Result<Tensor> {
+pub fn embed_images(model: &Loaded, pre: &PreprocessConfig, paths: &[PathBuf], batch: usize, normalize: bool, quiet: bool) -> Result<Tensor> {
     let tower = model.vision()?;
     let s = tower.cfg.image_size;
     let bar = super::progress(paths.len() as u64, "images");
@@ -99,8 +129,10 @@ pub fn embed_images(model: &ClipParts, pre: &PreprocessConfig, paths: &[PathBuf]
     for chunk in paths.chunks(batch.max(1)) {
         let px: Vec<Vec<f32>> = chunk.par_iter().map(|p| Ok(preprocess(&load_rgb8_hf(p)?, pre))).collect::<std::result::Result<_, anyhow::Error>>().map_err(|e| Error::msg(e))?;
         let flat: Vec<f32> = px.concat();
-        let t = Tensor::from_vec(flat, &[chunk.len(), 3, s, s])?;
-        let e = tower.forward(&t, &mut |_, _| {})?; // [b, D]
+        let e = match &model.cuda {
+            Some(c) => Tensor::from_vec(c.embed_images(&flat, chunk.len())?, &[chunk.len(), c.projection_dim])?,
+            None => tower.forward(&Tensor::from_vec(flat, &[chunk.len(), 3, s, s])?, &mut |_, _| {})?, // [b, D]
+        };
         parts.push(if normalize { l2_normalize(&e)? } else { e });
         bar.inc(chunk.len() as u64);
     }

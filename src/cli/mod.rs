@@ -74,15 +74,46 @@ impl DtypeArg {
     }
 }
 
-/// The device a command runs on: `auto` is the CPU until the CUDA backend lands; `cuda` is an
-/// error that says why (no driver, or no backend in this build).
-pub fn resolve_device(d: DeviceArg) -> Result<crate::tensor::Device> {
+/// Where a command's towers run.
+pub enum Engine {
+    Cpu,
+    /// The CUDA backend on device 0 (f32; cuBLASLt GEMMs and the kernels of kernels/).
+    Cuda(crate::cuda::GpuOps),
+}
+
+impl Engine {
+    pub fn name(&self) -> String {
+        match self {
+            Engine::Cpu => "cpu".into(),
+            Engine::Cuda(ops) => {
+                use crate::cuda::DeviceOps;
+                ops.describe()
+            }
+        }
+    }
+}
+
+/// The device a command runs on. `cuda`: the CUDA backend, or an error that says why not (no
+/// driver, no device, or a dtype it does not compute in yet). `auto`: CUDA when a device opens
+/// and the dtype is f32, else the CPU.
+pub fn resolve_device(d: DeviceArg, dtype: DtypeArg) -> Result<Engine> {
     match d {
-        DeviceArg::Auto | DeviceArg::Cpu => Ok(crate::tensor::Device::Cpu),
-        DeviceArg::Cuda => match crate::cuda::driver_available() {
-            Err(why) => Err(Error::Device(format!("--device cuda: {why}; use --device cpu or auto"))),
-            Ok(()) => Err(Error::Device("--device cuda: a CUDA driver is present but this build has no CUDA backend yet; use --device cpu".into())),
-        },
+        DeviceArg::Cpu => Ok(Engine::Cpu),
+        DeviceArg::Auto => {
+            if dtype != DtypeArg::F32 || crate::cuda::driver_available().is_err() {
+                return Ok(Engine::Cpu);
+            }
+            Ok(crate::cuda::GpuOps::open().map(Engine::Cuda).unwrap_or(Engine::Cpu))
+        }
+        DeviceArg::Cuda => {
+            if let Err(why) = crate::cuda::driver_available() {
+                return Err(Error::Device(format!("--device cuda: {why}; use --device cpu or auto")));
+            }
+            if dtype != DtypeArg::F32 {
+                return Err(Error::Device(format!("--device cuda: the CUDA backend computes in f32 for now (got --dtype {dtype:?}); use --dtype f32 or --device cpu").to_lowercase()));
+            }
+            crate::cuda::GpuOps::open().map(Engine::Cuda).map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto")))
+        }
     }
 }
 

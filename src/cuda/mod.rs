@@ -14,6 +14,7 @@
 //! - [`emu`] (feature `emu`): run any kernel on the CPU emulator of emu/, for tests without a GPU.
 pub mod alloc;
 pub mod attention;
+pub mod backend;
 pub mod device;
 pub mod gemm;
 pub mod kernels;
@@ -22,10 +23,15 @@ pub mod modules;
 pub mod nvrtc;
 pub mod pinned;
 pub mod table;
+pub mod towers;
 
 #[cfg(feature = "emu")]
 pub mod emu;
 
+pub use backend::{Buf, DeviceOps, GpuOps};
+#[cfg(feature = "emu")]
+pub use backend::EmuOps;
+pub use towers::CudaClip;
 pub use alloc::{size_class, CudaBlock, CudaPool, CudaRawAlloc, DevicePool, PoolBlock, PoolStats, RawAlloc};
 pub use device::{driver_available, CudaDevice, DeviceInfo};
 pub use gemm::{Dtype, Gemm, GemmDesc};

@@ -33,18 +33,9 @@ impl TextTower {
         })
     }
 
-    /// Where a sequence is pooled: the first end-of-text token (HF's rule for eos 49407 configs),
-    /// or the largest id when there is none (OpenAI's argmax rule).
+    /// Where a sequence is pooled: see [`pool_position`].
     pub fn pool_position(&self, ids: &[u32]) -> usize {
-        ids.iter().position(|&t| t == self.cfg.eos_token_id).unwrap_or_else(|| {
-            let mut best = 0;
-            for (i, &t) in ids.iter().enumerate() {
-                if t > ids[best] {
-                    best = i;
-                }
-            }
-            best
-        })
+        pool_position(ids, self.cfg.eos_token_id)
     }
 
     /// Token ids (with start/end tokens, unpadded) → text embeddings [B, D] (not normalised).
@@ -83,4 +74,18 @@ impl TextTower {
         hook("text.embeds", &e);
         Ok(e)
     }
+}
+
+/// Where a sequence is pooled: the first end-of-text token (HF's rule for eos 49407 configs),
+/// or the largest id when there is none (OpenAI's argmax rule).
+pub fn pool_position(ids: &[u32], eos: u32) -> usize {
+    ids.iter().position(|&t| t == eos).unwrap_or_else(|| {
+        let mut best = 0;
+        for (i, &t) in ids.iter().enumerate() {
+            if t > ids[best] {
+                best = i;
+            }
+        }
+        best
+    })
 }

@@ -1,0 +1,73 @@
+// embed.cu -- the towers' embedding and pooling gathers (CLIP inference, f32).
+//
+// All tensors are row-major f32 except the int32 index vectors. One thread per OUTPUT element,
+// grid-stride loops (any grid works); no shared memory, no barriers.
+//   geometry: blockDim = (256, 1, 1) (any size works); gridDim.x = min(CEIL_DIV(total, 256), 16384)
+//   total = the number of output elements named below.
+//
+// text_embed_f32(ids, tok, pos, out, B, T, W): out[b, t, c] = tok[ids[b·T + t], c] + pos[t, c].
+//   ids int32 [B, T] (each in [0, V): the caller checks), tok [V, W], pos [>= T, W], out [B, T, W].
+// patch_im2col_f32(pixels, cols, B, C, S, P): the stride-P, kernel-P convolution's im2col.
+//   pixels [B, C, S, S]; G = S / P patches per side (a remainder is ignored, as the conv does),
+//   N = G·G; cols [B·N, C·P·P]: cols[b·N + gy·G + gx, (c·P + ky)·P + kx] =
+//   pixels[b, c, gy·P + ky, gx·P + kx]. The GEMM cols·Wᵀ with the conv weight [W, C, P, P] viewed as
+//   [W, C·P·P] then gives the patch embeddings [B·N, W].
+// vision_embed_assemble_f32(patches, cls, pos, out, B, N, W): out [B, N+1, W];
+//   out[b, 0, c] = cls[c] + pos[0, c]; out[b, t, c] = patches[b·N + t-1, c] + pos[t, c] (t >= 1).
+// pool_rows_f32(x, index, out, B, T, W): out[b, c] = x[b·T + index[b], c]; index int32 [B], each in
+//   [0, T) (the class token 0, or the end-of-text position). x [B, T, W], out [B, W].
+#include <cuda_runtime.h>
+#include "common.cuh"
+
+#define GRID_STRIDE(i, total) \
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (total); i += (size_t)gridDim.x * blockDim.x)
+
+extern "C" __global__ void text_embed_f32(const int* __restrict__ ids, const float* __restrict__ tok,
+                                          const float* __restrict__ pos, float* __restrict__ out, int B, int T,
+                                          int W) {
+  const size_t total = (size_t)B * T * W;
+  GRID_STRIDE(i, total) {
+    const size_t row = i / W;
+    const int c = (int)(i - row * W);
+    const int t = (int)(row % T);
+    out[i] = tok[(size_t)ids[row] * W + c] + pos[(size_t)t * W + c];
+  }
+}
+
+extern "C" __global__ void patch_im2col_f32(const float* __restrict__ pixels, float* __restrict__ cols, int B,
+                                            int C, int S, int P) {
+  const int G = S / P, N = G * G, K = C * P * P;
+  const size_t total = (size_t)B * N * K;
+  GRID_STRIDE(i, total) {
+    const size_t row = i / K;
+    const int col = (int)(i - row * K);
+    const int b = (int)(row / N), patch = (int)(row % N);
+    const int gy = patch / G, gx = patch % G;
+    const int c = col / (P * P), rem = col % (P * P);
+    const int ky = rem / P, kx = rem % P;
+    cols[i] = pixels[(((size_t)b * C + c) * S + gy * P + ky) * S + gx * P + kx];
+  }
+}
+
+extern "C" __global__ void vision_embed_assemble_f32(const float* __restrict__ patches, const float* __restrict__ cls,
+                                                     const float* __restrict__ pos, float* __restrict__ out, int B,
+                                                     int N, int W) {
+  const int T = N + 1;
+  const size_t total = (size_t)B * T * W;
+  GRID_STRIDE(i, total) {
+    const size_t row = i / W;
+    const int c = (int)(i - row * W);
+    const int b = (int)(row / T), t = (int)(row % T);
+    const float v = t == 0 ? cls[c] : patches[((size_t)b * N + t - 1) * W + c];
+    out[i] = v + pos[(size_t)t * W + c];
+  }
+}
+
+extern "C" __global__ void pool_rows_f32(const float* __restrict__ x, const int* __restrict__ index,
+                                         float* __restrict__ out, int B, int T, int W) {
+  const size_t total = (size_t)B * W;
+  GRID_STRIDE(i, total) {
+    const int b = (int)(i / W), c = (int)(i % W);
+    out[i] = x[((size_t)b * T + index[b]) * W + c];
+  }
+}

@@ -1,0 +1,77 @@
+// matmul.cu -- f32 Linear on CUDA cores: y = x·Wᵀ (+ bias), the PyTorch-Linear layout.
+//
+// x is [m, k] row-major, W is [n, k] row-major (as stored by HF / PyTorch), y is [m, n] row-major,
+// bias is [n] (read only when has_bias != 0; it may then not be NULL). All f32; each output is one
+// f32 dot product accumulated in k order (no split-k): results are deterministic.
+// The towers' GEMMs go through cuBLASLt on a GPU (src/cuda/gemm.rs); this kernel is the fallback
+// when cuBLASLt cannot be loaded, and the GEMM of the emulated backend (src/cuda/backend.rs) that
+// runs the whole towers on the CPU emulator in tests.
+//
+// linear_f32(x, w, bias, y, m, n, k, has_bias):
+//   tiles of 64 rows × 64 columns per block, k in steps of 16 through shared memory. The x and W
+//   tiles are stored k-major (xs[kk][row], ws[kk][col]) so the inner loop reads a row of each;
+//   thread (tx, ty) = (tid % 16, tid / 16) owns the 4×4 outputs rows ty + 16i, cols tx + 16j.
+//   Loads are coalesced along k (16 consecutive floats of one row per half-warp); out-of-range
+//   rows, columns and k are zero-filled, so any m, n, k >= 1 works.
+//   geometry: blockDim = (256, 1, 1) exactly; gridDim = (CEIL_DIV(n, 64), CEIL_DIV(m, 64), 1),
+//   gridDim.y <= 65535 (m <= 4,194,240). Static smem 2·16·65·4 = 8,320 B. y must not alias x or W.
+#include <cuda_runtime.h>
+#include "common.cuh"
+
+#define MM_BM 64
+#define MM_BN 64
+#define MM_BK 16
+#define MM_LD (MM_BM + 1)
+
+extern "C" __global__ void __launch_bounds__(256)
+linear_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+           float* __restrict__ y, int m, int n, int k, int has_bias) {
+  __shared__ float xs[MM_BK][MM_LD];
+  __shared__ float ws[MM_BK][MM_LD];
+  const int tid = threadIdx.x;
+  const int tx = tid & 15, ty = tid >> 4;
+  const int row0 = blockIdx.y * MM_BM, col0 = blockIdx.x * MM_BN;
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+  for (int k0 = 0; k0 < k; k0 += MM_BK) {
+    // 64×16 elements of each tile, 4 per thread: element e = tid + 256·i is (row e/16, kk e%16)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int e = tid + 256 * i;
+      const int r = e >> 4, kk = e & 15;
+      const int gk = k0 + kk;
+      const int gr = row0 + r, gc = col0 + r;
+      xs[kk][r] = (gr < m && gk < k) ? x[(size_t)gr * k + gk] : 0.f;
+      ws[kk][r] = (gc < n && gk < k) ? w[(size_t)gc * k + gk] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < MM_BK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = xs[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = ws[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();  // the tiles are overwritten by the next step
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = row0 + ty + 16 * i;
+    if (r >= m) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c = col0 + tx + 16 * j;
+      if (c < n) y[(size_t)r * n + c] = acc[i][j] + (has_bias ? bias[c] : 0.f);
+    }
+  }
+}

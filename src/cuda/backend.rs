@@ -1,0 +1,251 @@
+//! The device operations the CUDA towers ([`super::towers`]) are written against, with two
+//! implementations:
+//!
+//! - [`GpuOps`]: a real GPU. Buffers are cudarc device allocations on the compute stream, kernels
+//!   go through the production [`CudaLauncher`](super::CudaLauncher), Linear GEMMs through
+//!   cuBLASLt ([`Gemm::linear`], exact FP32), or through the tiled `linear_f32` kernel of
+//!   kernels/matmul.cu when cuBLASLt cannot be loaded.
+//! - [`EmuOps`] (feature `emu`): host `Vec<f32>` buffers whose addresses are the "device
+//!   pointers", kernels on the CPU emulator through [`EmuLauncher`](super::emu::EmuLauncher), and
+//!   every GEMM as the `linear_f32` kernel on the emulator. The same tower code, the same kernel
+//!   names, argument packing and launch geometry as on the GPU run end to end in `cargo test`.
+//!
+//! Every operation is asynchronous on the GPU (one stream, in order); [`DeviceOps::download`] is
+//! the only synchronisation.
+use super::launch::{KernelArgs, LaunchCfg, Launcher};
+
+/// A device buffer of `len` 4-byte elements (f32, or i32 bit patterns from
+/// [`DeviceOps::upload_i32`]). `ptr` is what kernels receive; the buffer owns its storage and
+/// frees it on drop.
+pub struct Buf {
+    ptr: u64,
+    len: usize,
+    _store: Store,
+}
+
+enum Store {
+    /// Emulated device memory: a host allocation (its heap address does not move with the Buf).
+    #[allow(dead_code)]
+    Host(Vec<f32>),
+    Device(cudarc::driver::CudaSlice<f32>),
+}
+
+impl Buf {
+    /// The device pointer (a host address on the emulated backend).
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// What the GPU tower code needs from a device.
+pub trait DeviceOps {
+    /// e.g. "cuda:0 NVIDIA H100 (cuBLASLt)" or "emulator".
+    fn describe(&self) -> String;
+    /// `n` zeros.
+    fn alloc(&self, n: usize) -> Result<Buf, String>;
+    fn upload(&self, data: &[f32]) -> Result<Buf, String>;
+    /// int32 data (ids, indices) in a 4-byte-element buffer, bit for bit.
+    fn upload_i32(&self, data: &[i32]) -> Result<Buf, String> {
+        self.upload(bytemuck::cast_slice::<i32, f32>(data))
+    }
+    /// Waits for all queued work and copies `b` to the host.
+    fn download(&self, b: &Buf) -> Result<Vec<f32>, String>;
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String>;
+    /// `y[m×n] = x[m×k]·Wᵀ (+ bias[n])`, W `[n×k]` row-major; all f32, y must not alias x or W.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String>;
+}
+
+/// Checks buffer sizes of a Linear call.
+fn check_linear(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+    if m == 0 || n == 0 || k == 0 {
+        return Err(format!("linear: empty problem m {m}, n {n}, k {k}"));
+    }
+    if x.len < m * k || w.len < n * k || y.len < m * n || bias.is_some_and(|b| b.len < n) {
+        return Err(format!(
+            "linear m {m}, n {n}, k {k}: buffers too small (x {}, w {}, y {}, bias {:?})",
+            x.len,
+            w.len,
+            y.len,
+            bias.map(|b| b.len)
+        ));
+    }
+    Ok(())
+}
+
+/// The `linear_f32` kernel (kernels/matmul.cu): its launch configuration and arguments.
+pub fn linear_kernel_launch(x: u64, w: u64, bias: Option<u64>, y: u64, m: usize, n: usize, k: usize) -> Result<(LaunchCfg, KernelArgs), String> {
+    let gy = m.div_ceil(64);
+    if gy > 65_535 || m > i32::MAX as usize || n > i32::MAX as usize || k > i32::MAX as usize {
+        return Err(format!("linear_f32: m {m}, n {n}, k {k} exceeds the kernel's grid or int range"));
+    }
+    let cfg = LaunchCfg::new((n.div_ceil(64) as u32, gy as u32, 1), (256, 1, 1), 0);
+    let args = KernelArgs::new().ptr(x).ptr(w).ptr(bias.unwrap_or(0)).ptr(y).i32(m as i32).i32(n as i32).i32(k as i32).i32(bias.is_some() as i32);
+    Ok((cfg, args))
+}
+
+/// The emulated device: host memory, kernels and GEMMs on the CPU emulator.
+#[cfg(feature = "emu")]
+#[derive(Default)]
+pub struct EmuOps;
+
+#[cfg(feature = "emu")]
+impl DeviceOps for EmuOps {
+    fn describe(&self) -> String {
+        "CUDA emulator (CPU)".into()
+    }
+    fn alloc(&self, n: usize) -> Result<Buf, String> {
+        self.upload(&vec![0f32; n])
+    }
+    fn upload(&self, data: &[f32]) -> Result<Buf, String> {
+        let mut v = data.to_vec();
+        Ok(Buf { ptr: v.as_mut_ptr() as u64, len: v.len(), _store: Store::Host(v) })
+    }
+    fn download(&self, b: &Buf) -> Result<Vec<f32>, String> {
+        match &b._store {
+            Store::Host(v) => Ok(v.clone()),
+            Store::Device(_) => Err("emulator: buffer belongs to a GPU".into()),
+        }
+    }
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String> {
+        super::emu::EmuLauncher.launch(kernel, cfg, args)
+    }
+    fn linear(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+        check_linear(x, w, bias, y, m, n, k)?;
+        let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
+        self.launch("linear_f32", cfg, &mut args)
+    }
+}
+
+/// A real GPU: cudarc buffers on the compute stream, the production launcher, cuBLASLt.
+pub struct GpuOps {
+    gpu: super::table::Gpu,
+    /// `None` when cuBLASLt could not be loaded: GEMMs run the `linear_f32` kernel.
+    gemm: Option<super::Gemm>,
+}
+
+impl GpuOps {
+    /// Device 0 with the kernel modules registered and a cuBLASLt handle, or why not.
+    pub fn open() -> Result<GpuOps, String> {
+        let gpu = super::table::Gpu::open()?;
+        let gemm = match super::Gemm::new(gpu.device.compute_stream().clone(), gpu.device.sm()) {
+            Ok(g) => Some(g),
+            Err(why) => {
+                eprintln!("note: cuBLASLt unavailable ({why}); GEMMs use the linear_f32 kernel");
+                None
+            }
+        };
+        Ok(GpuOps { gpu, gemm })
+    }
+    pub fn gpu(&self) -> &super::table::Gpu {
+        &self.gpu
+    }
+}
+
+impl DeviceOps for GpuOps {
+    fn describe(&self) -> String {
+        let d = &self.gpu.device;
+        let gemm = if self.gemm.is_some() { "cuBLASLt" } else { "linear_f32 kernel" };
+        format!("cuda:{} {} (sm_{}, GEMMs: {gemm})", d.ordinal(), d.name(), d.sm())
+    }
+    fn alloc(&self, n: usize) -> Result<Buf, String> {
+        use cudarc::driver::DevicePtr;
+        let s = self.gpu.device.compute_stream();
+        super::device::guarded("cuMemAlloc", || -> Result<Buf, cudarc::driver::DriverError> {
+            let d = s.alloc_zeros::<f32>(n.max(1))?;
+            let ptr = d.device_ptr(s).0;
+            Ok(Buf { ptr, len: n, _store: Store::Device(d) })
+        })
+    }
+    fn upload(&self, data: &[f32]) -> Result<Buf, String> {
+        use cudarc::driver::DevicePtr;
+        if data.is_empty() {
+            return self.alloc(0);
+        }
+        let s = self.gpu.device.compute_stream();
+        super::device::guarded("upload", || -> Result<Buf, cudarc::driver::DriverError> {
+            let d = s.clone_htod(data)?;
+            let ptr = d.device_ptr(s).0;
+            Ok(Buf { ptr, len: data.len(), _store: Store::Device(d) })
+        })
+    }
+    fn download(&self, b: &Buf) -> Result<Vec<f32>, String> {
+        let Store::Device(d) = &b._store else { return Err("GPU: buffer is not device memory".into()) };
+        let s = self.gpu.device.compute_stream();
+        let mut v = super::device::guarded("download", || s.clone_dtoh(d))?;
+        self.gpu.device.synchronize()?;
+        v.truncate(b.len);
+        Ok(v)
+    }
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String> {
+        self.gpu.launcher.launch(kernel, cfg, args)
+    }
+    fn linear(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+        check_linear(x, w, bias, y, m, n, k)?;
+        match &self.gemm {
+            Some(g) => g.linear(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k, super::Dtype::F32),
+            None => {
+                let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
+                self.launch("linear_f32", cfg, &mut args)
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "emu"))]
+mod tests {
+    use super::*;
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn emulated_linear_matches_f64_reference() {
+        let ops = EmuOps;
+        for &(m, n, k, bias) in &[(1, 1, 1, true), (3, 5, 7, false), (65, 70, 33, true), (130, 64, 16, true), (17, 129, 100, false)] {
+            let (xv, wv, bv) = (lcg(m * k, 1), lcg(n * k, 2), lcg(n, 3));
+            let (x, w, b, y) = (ops.upload(&xv).unwrap(), ops.upload(&wv).unwrap(), ops.upload(&bv).unwrap(), ops.upload(&vec![f32::NAN; m * n]).unwrap());
+            ops.linear(&x, &w, bias.then_some(&b), &y, m, n, k).unwrap();
+            let got = ops.download(&y).unwrap();
+            for r in 0..m {
+                for c in 0..n {
+                    let mut want: f64 = (0..k).map(|i| xv[r * k + i] as f64 * wv[c * k + i] as f64).sum();
+                    if bias {
+                        want += bv[c] as f64;
+                    }
+                    let g = got[r * n + c] as f64;
+                    assert!((g - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(), "m{m} n{n} k{k} [{r},{c}]: {g} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_checks_sizes() {
+        let ops = EmuOps;
+        let (x, w, y) = (ops.alloc(6).unwrap(), ops.alloc(6).unwrap(), ops.alloc(3).unwrap());
+        assert!(ops.linear(&x, &w, None, &y, 2, 3, 3).unwrap_err().contains("too small"));
+        assert!(ops.linear(&x, &w, None, &y, 0, 3, 3).is_err());
+    }
+
+    #[test]
+    fn i32_upload_is_bit_exact() {
+        let ops = EmuOps;
+        let b = ops.upload_i32(&[0, 1, 49407, -1, i32::MAX]).unwrap();
+        let back: Vec<i32> = ops.download(&b).unwrap().iter().map(|f| f.to_bits() as i32).collect();
+        assert_eq!(back, vec![0, 1, 49407, -1, i32::MAX]);
+    }
+}

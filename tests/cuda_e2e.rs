@@ -1,0 +1,157 @@
+//! End to end through the CUDA backend's code path: the tiny and odd HF fixture models run by
+//! `CudaClip` (every kernel and GEMM of the GPU towers, launched with the production argument
+//! packing and geometry) on the emulated device, against the CPU backend's towers, per element
+//! |x − ref| ≤ 1e-4·0.1·max|ref| + 1e-4·|ref| (as tests/parity.rs). The same on a real GPU when
+//! there is one; without it that test prints "skipped: no CUDA device" and passes.
+use clipforge::cuda::{CudaClip, DeviceOps, EmuOps, GpuOps};
+use clipforge::model::{ClipParts, LoadOptions, Towers, Weights};
+use std::path::{Path, PathBuf};
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
+}
+
+/// The fixture's text ids (padded to 77 with the end token; int64 or int32), cut after the
+/// first end token.
+fn text_ids(dir: &Path, eos: u32) -> Vec<Vec<u32>> {
+    let bytes = std::fs::read(dir.join("activations.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let v = st.tensor("input.input_ids").unwrap();
+    let (b, n) = (v.shape()[0], v.shape()[1]);
+    let flat: Vec<u32> = match v.dtype() {
+        safetensors::Dtype::I64 => v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect(),
+        safetensors::Dtype::I32 => v.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32).collect(),
+        d => panic!("input_ids dtype {d:?}"),
+    };
+    (0..b)
+        .map(|i| {
+            let s = &flat[i * n..(i + 1) * n];
+            let end = s.iter().position(|&x| x == eos).map(|p| p + 1).unwrap_or(n);
+            s[..end].to_vec()
+        })
+        .collect()
+}
+
+/// Per-element check; returns max |err| / max |ref|.
+fn check(what: &str, got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let mut max_rel = 0f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        assert!(g.is_finite() && err <= 1e-4 * scale * 0.1 + 1e-4 * w.abs(), "{what}: element {i} = {g}, CPU has {w} (|err| {err}, max|ref| {scale})");
+        max_rel = max_rel.max(err / scale);
+    }
+    max_rel
+}
+
+fn run_model(name: &str, ops: Box<dyn DeviceOps>) {
+    let dir = fixture(name);
+    let model = ClipParts::load_dir(&dir, Towers::Both, &LoadOptions::default()).unwrap();
+    let clip = CudaClip::new(ops, &model).unwrap();
+    let what = clip.describe();
+
+    let refs = Weights::open(&dir.join("activations.safetensors")).unwrap();
+    let px = refs.get("input.pixel_values").unwrap().contiguous();
+    let want = model.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap();
+    let got = clip.embed_images(&px.to_vec_f32(), px.dim(0)).unwrap();
+    let e_img = check(&format!("{name} image embeddings on {what}"), &got, &want.to_vec_f32());
+
+    let ids = text_ids(&dir, model.config.text.eos_token_id);
+    let want = model.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap();
+    let got = clip.embed_texts(&ids).unwrap();
+    let e_txt = check(&format!("{name} text embeddings on {what}"), &got, &want.to_vec_f32());
+
+    // sequences without an end token pool at the largest id, as on the CPU
+    let odd_ids: Vec<Vec<u32>> = vec![vec![49406, 320, 1125, 539], vec![49406, 2368, 49407], vec![5, 49406]];
+    let want = model.text().unwrap().forward(&odd_ids, None, &mut |_, _| {}).unwrap();
+    let got = clip.embed_texts(&odd_ids).unwrap();
+    let e_argmax = check(&format!("{name} argmax-pooled text on {what}"), &got, &want.to_vec_f32());
+    eprintln!("{name} on {what}: max |err| / max|ref|: images {e_img:.3e} (B = {}), texts {e_txt:.3e} (B = {}), argmax-pooled texts {e_argmax:.3e}", px.dim(0), ids.len());
+}
+
+#[test]
+fn tiny_model_emulated_matches_cpu() {
+    run_model("tiny", Box::new(EmuOps));
+}
+
+#[test]
+fn odd_model_emulated_matches_cpu() {
+    run_model("odd", Box::new(EmuOps));
+}
+
+#[test]
+fn tiny_model_emulated_in_every_warp_schedule() {
+    use clipforge::cuda::emu::{set_schedule, Schedule, TEST_SCHEDULES};
+    for s in TEST_SCHEDULES {
+        set_schedule(s);
+        run_model("tiny", Box::new(EmuOps));
+    }
+    set_schedule(Schedule::Forward);
+}
+
+#[test]
+fn gpu_towers_match_cpu() {
+    let ops = match GpuOps::open() {
+        Ok(o) => o,
+        Err(why) => {
+            eprintln!("skipped: no CUDA device ({why})");
+            return;
+        }
+    };
+    run_model("tiny", Box::new(ops));
+    run_model("odd", Box::new(GpuOps::open().unwrap()));
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let model = ClipParts::load_dir(&fixture("tiny"), Towers::Both, &LoadOptions::default()).unwrap();
+    let clip = CudaClip::new(Box::new(EmuOps), &model).unwrap();
+    assert!(clip.embed_images(&[0.0; 5], 1).is_err());
+    assert!(clip.embed_texts(&[]).is_err());
+    assert!(clip.embed_texts(&[vec![49406, 99_999_999]]).is_err());
+    assert!(clip.embed_texts(&[vec![1; 78]]).is_err());
+    let text_only = ClipParts::load_dir(&fixture("tiny"), Towers::Text, &LoadOptions::default()).unwrap();
+    let clip = CudaClip::new(Box::new(EmuOps), &text_only).unwrap();
+    assert!(clip.embed_images(&[0.0; 3 * 32 * 32], 1).unwrap_err().to_string().contains("not loaded"));
+}
+
+#[test]
+fn gelu_towers_emulated_match_cpu() {
+    // The fixtures use QuickGELU; switch every block to exact GELU (bias_gelu_fwd_f32) on both sides.
+    let dir = fixture("tiny");
+    let mut model = ClipParts::load_dir(&dir, Towers::Both, &LoadOptions::default()).unwrap();
+    for b in model.vision.as_mut().unwrap().encoder.layers.iter_mut().chain(model.text.as_mut().unwrap().encoder.layers.iter_mut()) {
+        b.act = clipforge::model::config::Activation::Gelu;
+    }
+    let clip = CudaClip::new(Box::new(EmuOps), &model).unwrap();
+    let refs = Weights::open(&dir.join("activations.safetensors")).unwrap();
+    let px = refs.get("input.pixel_values").unwrap().contiguous();
+    let want = model.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap();
+    check("gelu image embeddings", &clip.embed_images(&px.to_vec_f32(), px.dim(0)).unwrap(), &want.to_vec_f32());
+    let ids = text_ids(&dir, model.config.text.eos_token_id);
+    let want = model.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap();
+    check("gelu text embeddings", &clip.embed_texts(&ids).unwrap(), &want.to_vec_f32());
+}
+
+#[test]
+fn a_perturbed_weight_is_caught() {
+    // The comparison is not vacuous: a 1e-2 change of one element of an fc2 bias on the CPU side
+    // (after the weights were uploaded) must fail the check for images and leave texts alone.
+    // (One element: a shift of the whole bias is a constant per row, which the final LayerNorm removes.)
+    let dir = fixture("tiny");
+    let mut model = ClipParts::load_dir(&dir, Towers::Both, &LoadOptions::default()).unwrap();
+    let clip = CudaClip::new(Box::new(EmuOps), &model).unwrap();
+    let fc2 = &mut model.vision.as_mut().unwrap().encoder.layers[1].fc2;
+    let mut b = fc2.bias.as_ref().unwrap().to_vec_f32();
+    b[3] += 1e-2;
+    fc2.bias = Some(clipforge::Tensor::from_vec(b.clone(), &[b.len()]).unwrap());
+    let refs = Weights::open(&dir.join("activations.safetensors")).unwrap();
+    let px = refs.get("input.pixel_values").unwrap().contiguous();
+    let want = model.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap().to_vec_f32();
+    let got = clip.embed_images(&px.to_vec_f32(), px.dim(0)).unwrap();
+    assert!(std::panic::catch_unwind(|| check("perturbed", &got, &want)).is_err());
+    let ids = text_ids(&dir, model.config.text.eos_token_id);
+    let want = model.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap();
+    check("text (unperturbed)", &clip.embed_texts(&ids).unwrap(), &want.to_vec_f32());
+}
