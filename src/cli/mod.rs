@@ -97,23 +97,16 @@ impl Engine {
 /// driver, no device, or a dtype it does not compute in yet). `auto`: CUDA when a device opens
 /// and the dtype is f32, else the CPU.
 pub fn resolve_device(d: DeviceArg, dtype: DtypeArg) -> Result<Engine> {
+    // GpuOps::open probes the driver first (CudaDevice::open), so no driver is an Err, never a panic.
     match d {
         DeviceArg::Cpu => Ok(Engine::Cpu),
-        DeviceArg::Auto => {
-            if dtype != DtypeArg::F32 || crate::cuda::driver_available().is_err() {
-                return Ok(Engine::Cpu);
-            }
-            Ok(crate::cuda::GpuOps::open().map(Engine::Cuda).unwrap_or(Engine::Cpu))
-        }
-        DeviceArg::Cuda => {
-            if let Err(why) = crate::cuda::driver_available() {
-                return Err(Error::Device(format!("--device cuda: {why}; use --device cpu or auto")));
-            }
-            if dtype != DtypeArg::F32 {
-                return Err(Error::Device(format!("--device cuda: the CUDA backend computes in f32 for now (got --dtype {dtype:?}); use --dtype f32 or --device cpu").to_lowercase()));
-            }
-            crate::cuda::GpuOps::open().map(Engine::Cuda).map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto")))
-        }
+        DeviceArg::Auto if dtype != DtypeArg::F32 => Ok(Engine::Cpu),
+        DeviceArg::Auto => Ok(crate::cuda::GpuOps::open().map(Engine::Cuda).unwrap_or(Engine::Cpu)),
+        DeviceArg::Cuda if dtype != DtypeArg::F32 => Err(Error::Device(format!(
+            "--device cuda: the CUDA backend computes in f32 for now (got --dtype {}); use --dtype f32 or --device cpu",
+            format!("{dtype:?}").to_lowercase()
+        ))),
+        DeviceArg::Cuda => crate::cuda::GpuOps::open().map(Engine::Cuda).map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto"))),
     }
 }
 

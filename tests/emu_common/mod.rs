@@ -8,22 +8,17 @@ pub use clipforge::cuda::emu::{self, launch, set_schedule, LaunchArgs, Schedule,
 pub const ROWS: [usize; 3] = [1, 7, 45];
 pub const COLS: [usize; 5] = [1, 59, 65, 768, 1000];
 
-/// splitmix64: small, deterministic.
-pub struct Rng(u64);
+/// The project's seeded generator (model::synthetic::Rng) with a range helper for kernel inputs.
+pub struct Rng(clipforge::model::synthetic::Rng);
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+        Rng(clipforge::model::synthetic::Rng::new(seed))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * u
+        lo + (hi - lo) * self.0.uniform()
     }
     pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
         (0..n).map(|_| self.uniform(lo, hi)).collect()
