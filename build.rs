@@ -57,11 +57,10 @@ fn main() {
     if let Some(nvcc_path) = &nvcc_path {
         let dir = out.join("nvcc");
         fs::create_dir_all(&dir).unwrap();
-        let (mut log, mut usage) = (String::new(), Vec::new());
-        for (i, cu) in cus.iter().enumerate() {
-            let (outputs, u) = nvcc::compile(nvcc_path, cu, &kernels, &dir, &mut log);
-            built[i] = Some(outputs);
-            usage.extend(u);
+        let jobs = std::env::var("NUM_JOBS").ok().and_then(|j| j.parse().ok()).unwrap_or(2usize).max(2);
+        let (outputs, usage, log) = nvcc::compile_all(nvcc_path, &cus, &kernels, &dir, jobs);
+        for (b, o) in built.iter_mut().zip(outputs) {
+            *b = Some(o);
         }
         let version = nvcc::version(nvcc_path);
         let flags = nvcc::flags("<arch>", "cubin").join(" ");
@@ -118,20 +117,24 @@ fn write_kernels_rs(out: &Path, cus: &[PathBuf], headers: &[PathBuf], built: &[O
         let src = fs::read_to_string(cu).unwrap();
         let name = cu.file_stem().unwrap().to_str().unwrap();
         let entries = emu_gen::entry_points(&src);
-        let bytes = |p: Option<&PathBuf>| match p {
-            Some(p) => format!("Some(include_bytes!({:?}))", p.display().to_string()),
+        let n = nvcc::TARGETS.len();
+        let ptx = match b {
+            Some(v) => format!("Some(include_str!({:?}))", v[n - 1].display().to_string()),
             None => "None".to_string(),
         };
-        let ptx = match b {
-            Some(v) => format!("Some(include_str!({:?}))", v[2].display().to_string()),
-            None => "None".to_string(),
+        let cubins: Vec<String> = match b {
+            Some(v) => nvcc::TARGETS[..n - 1]
+                .iter()
+                .zip(v)
+                .map(|((arch, _), p)| format!("({}, include_bytes!({:?}))", nvcc::sm_of(arch), p.display().to_string()))
+                .collect(),
+            None => vec![],
         };
         writeln!(
             s,
-            "    KernelModule {{ name: {name:?}, source: include_str!({:?}), ptx_compute_90: {ptx}, cubin_sm80: {}, cubin_sm90a: {}, entry_points: &{entries:?} }},",
+            "    KernelModule {{ name: {name:?}, source: include_str!({:?}), ptx_compute_90: {ptx}, cubins: &[{}], entry_points: &{entries:?} }},",
             cu.display().to_string(),
-            bytes(b.as_ref().map(|v| &v[0])),
-            bytes(b.as_ref().map(|v| &v[1])),
+            cubins.join(", "),
         )
         .unwrap();
     }

@@ -1,5 +1,6 @@
-//! build/nvcc.rs -- optional GPU build of kernels/*.cu with nvcc (cubin sm_80, cubin sm_90a,
-//! PTX compute_90), with the ptxas resource report checked for register spills.
+//! build/nvcc.rs -- optional GPU build of kernels/*.cu with nvcc (cubins for sm_80, sm_86, sm_89
+//! and sm_90a, PTX compute_90 for newer GPUs), with the ptxas resource report checked for register
+//! spills. The (file, target) compilations run in parallel threads.
 //!
 //! nvcc is looked up in: $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, then the pip package
 //! nvidia-cuda-nvcc (site-packages/nvidia/cu13/bin, found through python3). Set
@@ -7,7 +8,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub const TARGETS: &[(&str, &str)] = &[("sm_80", "cubin"), ("sm_90a", "cubin"), ("compute_90", "ptx")];
+/// (arch, output kind). The PTX must stay last (build.rs embeds the cubins in this order).
+pub const TARGETS: &[(&str, &str)] = &[("sm_80", "cubin"), ("sm_86", "cubin"), ("sm_89", "cubin"), ("sm_90a", "cubin"), ("compute_90", "ptx")];
+
+/// The SM number a cubin target is selected for at run time (sm_90a is listed as 90).
+pub fn sm_of(arch: &str) -> u32 {
+    arch.trim_start_matches("sm_").trim_end_matches('a').parse().unwrap()
+}
 
 pub fn find_nvcc() -> Option<PathBuf> {
     if std::env::var_os("KERNELS_SKIP_NVCC").is_some_and(|v| v != "0") {
@@ -92,25 +99,46 @@ pub fn flags(arch: &str, kind: &str) -> Vec<String> {
     f
 }
 
-/// Compiles one .cu for every target. Returns the output paths (in TARGETS order) and the ptxas usage.
-pub fn compile(nvcc: &Path, cu: &Path, include: &Path, out_dir: &Path, log: &mut String) -> (Vec<PathBuf>, Vec<Usage>) {
+/// Compiles one .cu for one target; returns the output path and the nvcc log.
+fn compile_one(nvcc: &Path, cu: &Path, include: &Path, out_dir: &Path, arch: &str, kind: &str) -> (PathBuf, String) {
     let stem = cu.file_stem().unwrap().to_str().unwrap();
-    let mut outputs = Vec::new();
-    let mut usage = Vec::new();
-    for (arch, kind) in TARGETS {
-        let out = out_dir.join(format!("{stem}.{arch}.{kind}"));
-        let mut cmd = Command::new(nvcc);
-        cmd.args(flags(arch, kind)).arg("-I").arg(include).arg("-o").arg(&out).arg(cu);
-        let o = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
-        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        log.push_str(&format!("$ {:?}\n{text}\n", cmd));
-        if !o.status.success() {
-            panic!("nvcc failed for {} ({arch}):\n{text}", cu.display());
-        }
-        usage.extend(parse_ptxas(&text));
-        outputs.push(out);
+    let out = out_dir.join(format!("{stem}.{arch}.{kind}"));
+    let mut cmd = Command::new(nvcc);
+    cmd.args(flags(arch, kind)).arg("-I").arg(include).arg("-o").arg(&out).arg(cu);
+    let o = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    if !o.status.success() {
+        panic!("nvcc failed for {} ({arch}):\n{text}", cu.display());
     }
-    (outputs, usage)
+    (out, format!("$ {:?}\n{text}\n", cmd))
+}
+
+/// Compiles every .cu for every target, `jobs` compilations at a time. Returns, per file, the
+/// output paths in TARGETS order, plus the ptxas usage and the full log (both in file, target order).
+pub fn compile_all(nvcc: &Path, cus: &[PathBuf], include: &Path, out_dir: &Path, jobs: usize) -> (Vec<Vec<PathBuf>>, Vec<Usage>, String) {
+    let work: Vec<(usize, usize)> = (0..cus.len()).flat_map(|i| (0..TARGETS.len()).map(move |t| (i, t))).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(vec![None; work.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1) {
+            s.spawn(|| loop {
+                let w = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(i, t)) = work.get(w) else { break };
+                let (arch, kind) = TARGETS[t];
+                let r = compile_one(nvcc, &cus[i], include, out_dir, arch, kind);
+                results.lock().unwrap()[w] = Some(r);
+            });
+        }
+    });
+    let results: Vec<(PathBuf, String)> = results.into_inner().unwrap().into_iter().map(|r| r.unwrap()).collect();
+    let mut outputs = vec![Vec::new(); cus.len()];
+    let (mut usage, mut log) = (Vec::new(), String::new());
+    for ((i, _), (path, text)) in work.iter().zip(results) {
+        usage.extend(parse_ptxas(&text));
+        log.push_str(&text);
+        outputs[*i].push(path);
+    }
+    (outputs, usage, log)
 }
 
 pub fn table(usage: &[Usage]) -> String {

@@ -14,10 +14,9 @@ pub struct KernelModule {
     pub source: &'static str,
     /// PTX for compute_90 (JIT-compiled by the driver on sm_90 and newer).
     pub ptx_compute_90: Option<&'static str>,
-    /// SASS for sm_80 (A100; also runs on sm_86/sm_89).
-    pub cubin_sm80: Option<&'static [u8]>,
-    /// SASS for sm_90a (H100/H200).
-    pub cubin_sm90a: Option<&'static [u8]>,
+    /// SASS per SM number: 80 (A100), 86 (A10/RTX 30), 89 (L4/L40/RTX 40), 90 (the sm_90a
+    /// cubin, H100/H200). Empty without nvcc.
+    pub cubins: &'static [(u32, &'static [u8])],
     /// The `extern "C" __global__` kernels of the module.
     pub entry_points: &'static [&'static str],
 }

@@ -44,14 +44,7 @@ pub fn module_specs() -> Vec<ModuleSpec> {
     kernels::MODULES
         .iter()
         .map(|m| {
-            let mut cubins: Vec<(u32, &'static [u8])> = vec![];
-            if let Some(b) = m.cubin_sm80 {
-                cubins.push((80, b));
-            }
-            if let Some(b) = m.cubin_sm90a {
-                cubins.push((90, b));
-            }
-            ModuleSpec::new(m.name, &cubins, m.ptx_compute_90, m.source).with_headers(kernels::HEADERS).with_entry_points(m.entry_points)
+            ModuleSpec::new(m.name, m.cubins, m.ptx_compute_90, m.source).with_headers(kernels::HEADERS).with_entry_points(m.entry_points)
         })
         .collect()
 }
