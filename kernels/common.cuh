@@ -11,6 +11,11 @@
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 
+// NVRTC compiles without <cuda_runtime.h> (and so without math.h's INFINITY).
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 #define CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
 #define FULL_MASK 0xffffffffu
 

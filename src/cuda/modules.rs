@@ -286,8 +286,7 @@ impl ModuleCache {
         let version = nvrtc::nvrtc_version()?;
         let arch = nvrtc::nvrtc_arch(self.sm, &nvrtc::nvrtc_supported_archs())
             .ok_or_else(|| format!("NVRTC {}.{} cannot target sm_{} or older", version.0, version.1, self.sm))?;
-        let source = nvrtc::inline_includes(m.source, m.headers)?;
-        let options = nvrtc::compile_options(arch, nvrtc::cuda_include_dir().as_deref(), &self.nvrtc_options);
+        let (source, options) = nvrtc_inputs(m, arch, &self.nvrtc_options)?;
         let key = cache_key(&source, arch, version, &options);
         let path = self.cache_dir.as_ref().map(|d| d.join(cache_file_name(m.name, arch, key)));
         if let Some((p, text)) = path.as_ref().and_then(|p| read_cached_ptx(p).map(|t| (p, t))) {
@@ -300,6 +299,19 @@ impl ModuleCache {
         let cached_at = path.filter(|p| write_atomic(p, text.as_bytes()).is_ok());
         Ok((module, ModuleOrigin::NvrtcCompiled { arch, cached_at }))
     }
+}
+
+/// The source (local headers inlined) and options NVRTC compiles module `m` with for `arch`.
+pub fn nvrtc_inputs(m: &ModuleSpec, arch: u32, extra: &[String]) -> Result<(String, Vec<String>), String> {
+    let source = nvrtc::inline_includes(m.source, m.headers)?;
+    Ok((source, nvrtc::compile_options(arch, nvrtc::cuda_include_dir().as_deref(), extra)))
+}
+
+/// NVRTC's PTX for module `m` at `arch`, exactly as the loader's fallback compiles it (no cache,
+/// no device needed: tests/nvrtc.rs runs this for every module).
+pub fn nvrtc_ptx(m: &ModuleSpec, arch: u32, extra: &[String]) -> Result<String, String> {
+    let (source, options) = nvrtc_inputs(m, arch, extra)?;
+    nvrtc::compile(m.name, &source, options)
 }
 
 #[cfg(test)]

@@ -4,8 +4,9 @@
 //! cudarc's `compile_ptx_with_opts` passes no in-memory headers, so local `#include "x.cuh"`
 //! lines are inlined from the embedded header table ([`inline_includes`]); `<cuda_runtime.h>` is
 //! dropped (NVRTC has the device built-ins without it); other system headers (`<cuda_bf16.h>`)
-//! need NVRTC's built-in copies or a CUDA include directory, which [`cuda_include_dir`] finds
-//! from `$CUDA_HOME`/`$CUDA_PATH`/`/usr/local/cuda` and [`compile`] passes as `--include-path`.
+//! are not built into NVRTC 13, so they come from a CUDA include directory, which
+//! [`cuda_include_dir`] finds (env, beside the loaded libnvrtc, /usr/local/cuda) and
+//! [`compile_options`] passes as `--include-path`.
 //! Every cudarc call here can panic when libnvrtc is missing, hence the probes and
 //! `catch_unwind`.
 use std::collections::HashSet;
@@ -103,10 +104,24 @@ pub fn cuda_include_dir_from(candidates: impl IntoIterator<Item = PathBuf>) -> O
     candidates.into_iter().map(|d| d.join("include")).find(|inc| inc.join("cuda_bf16.h").is_file())
 }
 
-/// [`cuda_include_dir_from`] over `$CUDA_HOME`, `$CUDA_PATH`, `/usr/local/cuda`.
+/// The directory of the libnvrtc this process has loaded (from /proc/self/maps), if any.
+pub fn loaded_nvrtc_dir() -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let path = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| {
+        let f = p.rsplit('/').next().unwrap_or("");
+        f.starts_with("libnvrtc.") || f.starts_with("libnvrtc64")
+    })?;
+    Some(PathBuf::from(path).parent()?.to_path_buf())
+}
+
+/// [`cuda_include_dir_from`] over `$CLIPFORGE_CUDA_ROOT`, `$CUDA_HOME`, `$CUDA_PATH`, the parent
+/// of the loaded libnvrtc's directory (a toolkit's `lib64/..`, or the PyPI wheel's
+/// `nvidia/cu13/lib/..`), then `/usr/local/cuda`. NVRTC 13 has no built-in <cuda_bf16.h>
+/// (tests/nvrtc.rs found this), so one of these must hold the CUDA headers.
 pub fn cuda_include_dir() -> Option<PathBuf> {
-    let env = ["CUDA_HOME", "CUDA_PATH"].into_iter().filter_map(std::env::var_os).map(PathBuf::from);
-    cuda_include_dir_from(env.chain([PathBuf::from("/usr/local/cuda")]))
+    let env = ["CLIPFORGE_CUDA_ROOT", "CUDA_HOME", "CUDA_PATH"].into_iter().filter_map(std::env::var_os).map(PathBuf::from);
+    let beside = loaded_nvrtc_dir().and_then(|d| d.parent().map(|p| p.to_path_buf()));
+    cuda_include_dir_from(env.chain(beside).chain([PathBuf::from("/usr/local/cuda")]))
 }
 
 /// The option list [`compile`] uses (also part of the disk-cache key).
