@@ -1,4 +1,6 @@
-// matmul.cu -- f32 Linear on CUDA cores: y = x·Wᵀ (+ bias), the PyTorch-Linear layout.
+// matmul.cu -- Linear on CUDA cores: y = x·Wᵀ (+ bias), the PyTorch-Linear layout, with f32 weights
+// (linear_f32) or bf16 weights (linear_bf16w), plus the f32 → bf16 conversion the GPU's bf16
+// cuBLASLt path feeds its GEMM inputs with.
 //
 // x is [m, k] row-major, W is [n, k] row-major (as stored by HF / PyTorch), y is [m, n] row-major,
 // bias is [n] (read only when has_bias != 0; it may then not be NULL). All f32; each output is one
@@ -15,6 +17,12 @@
 //   rows, columns and k are zero-filled, so any m, n, k >= 1 works.
 //   geometry: blockDim = (256, 1, 1) exactly; gridDim = (CEIL_DIV(n, 64), CEIL_DIV(m, 64), 1),
 //   gridDim.y <= 65535 (m <= 4,194,240). Static smem 2·16·65·4 = 8,320 B. y must not alias x or W.
+//
+// linear_bf16w(x, w, bias, y, m, n, k, has_bias): the same with W in bf16 and x rounded to bf16 as
+//   it is loaded -- the arithmetic of the bf16 towers (CPU: AVX-512 BF16 GEMM; GPU: cuBLASLt on
+//   bf16 inputs): products of bf16 values, accumulated in f32, bias and output f32. Same geometry.
+//
+// f32_to_bf16(x, y, n): y[i] = bf16(x[i]) (round to nearest even), grid-stride, any 1-D geometry.
 #include <cuda_runtime.h>
 #include "common.cuh"
 
@@ -23,9 +31,12 @@
 #define MM_BK 16
 #define MM_LD (MM_BM + 1)
 
-extern "C" __global__ void __launch_bounds__(256)
-linear_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
-           float* __restrict__ y, int m, int n, int k, int has_bias) {
+// The tile loop shared by both variants: LoadX/LoadW read one element as f32 (bf16 rounding
+// included for the bf16 variant).
+template <typename TW, bool ROUND_X>
+__device__ __forceinline__ void linear_tiles(const float* __restrict__ x, const TW* __restrict__ w,
+                                             const float* __restrict__ bias, float* __restrict__ y,
+                                             int m, int n, int k, int has_bias) {
   __shared__ float xs[MM_BK][MM_LD];
   __shared__ float ws[MM_BK][MM_LD];
   const int tid = threadIdx.x;
@@ -45,8 +56,10 @@ linear_f32(const float* __restrict__ x, const float* __restrict__ w, const float
       const int r = e >> 4, kk = e & 15;
       const int gk = k0 + kk;
       const int gr = row0 + r, gc = col0 + r;
-      xs[kk][r] = (gr < m && gk < k) ? x[(size_t)gr * k + gk] : 0.f;
-      ws[kk][r] = (gc < n && gk < k) ? w[(size_t)gc * k + gk] : 0.f;
+      float xv = (gr < m && gk < k) ? x[(size_t)gr * k + gk] : 0.f;
+      if (ROUND_X) xv = __bfloat162float(__float2bfloat16(xv));
+      xs[kk][r] = xv;
+      ws[kk][r] = (gc < n && gk < k) ? load_f32(w, (size_t)gc * k + gk) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -74,4 +87,21 @@ linear_f32(const float* __restrict__ x, const float* __restrict__ w, const float
       if (c < n) y[(size_t)r * n + c] = acc[i][j] + (has_bias ? bias[c] : 0.f);
     }
   }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+linear_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+           float* __restrict__ y, int m, int n, int k, int has_bias) {
+  linear_tiles<float, false>(x, w, bias, y, m, n, k, has_bias);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+linear_bf16w(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, const float* __restrict__ bias,
+             float* __restrict__ y, int m, int n, int k, int has_bias) {
+  linear_tiles<__nv_bfloat16, true>(x, w, bias, y, m, n, k, has_bias);
+}
+
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, int n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    y[i] = __float2bfloat16(x[i]);
 }

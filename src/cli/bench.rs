@@ -103,7 +103,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let cuda = match engine {
         super::Engine::Cpu => None,
-        super::Engine::Cuda(ops) => Some(CudaClip::new(Box::new(ops), &model)?),
+        super::Engine::Cuda(ops) => Some(CudaClip::with_dtype(Box::new(ops), &model, a.compute.dtype.dtype()?)?),
     };
     let cfg = model.config.clone();
     let b = a.batch;

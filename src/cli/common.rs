@@ -27,10 +27,11 @@ impl std::ops::Deref for Loaded {
 
 impl Loaded {
     /// The model on `engine`: the CUDA towers get every weight uploaded once.
-    pub fn new(model: ClipParts, engine: super::Engine) -> Result<Loaded> {
+    /// `dtype`: what the CUDA towers compute in (the CPU model is loaded in its own dtype).
+    pub fn new(model: ClipParts, engine: super::Engine, dtype: crate::tensor::DType) -> Result<Loaded> {
         let cuda = match engine {
             super::Engine::Cpu => None,
-            super::Engine::Cuda(ops) => Some(CudaClip::new(Box::new(ops), &model)?),
+            super::Engine::Cuda(ops) => Some(CudaClip::with_dtype(Box::new(ops), &model, dtype)?),
         };
         Ok(Loaded { model, cuda })
     }
@@ -38,8 +39,10 @@ impl Loaded {
 
 pub fn load_model(dir: &Path, towers: Towers, compute: Compute) -> Result<Loaded> {
     let engine = super::resolve_device(compute.device, compute.dtype)?;
-    let dtype = if matches!(engine, super::Engine::Cuda(_)) { crate::tensor::DType::F32 } else { compute.dtype.dtype()? };
-    Loaded::new(ClipParts::load_dir(dir, towers, &LoadOptions { dtype })?, engine)
+    let compute_dtype = compute.dtype.dtype()?;
+    // On CUDA the CPU copy is only the source of the uploads (and the config): load it as f32.
+    let dtype = if matches!(engine, super::Engine::Cuda(_)) { crate::tensor::DType::F32 } else { compute_dtype };
+    Loaded::new(ClipParts::load_dir(dir, towers, &LoadOptions { dtype })?, engine, compute_dtype)
 }
 
 /// The model's preprocessing: preprocessor_config.json if present, else OpenAI's at its image size.

@@ -39,7 +39,7 @@ pub struct Compute {
     /// auto (CUDA when available, else CPU), cpu, or cuda
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
-    /// Compute precision: f32, bf16 (CPU: AVX512-BF16 GEMMs), f16 (CUDA only)
+    /// Compute precision: f32 or bf16 (bf16 Linear weights, GEMM inputs rounded to bf16, f32 accumulation: AVX512-BF16 on the CPU, cuBLASLt tensor cores on CUDA); f16 is not supported yet
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
 }
@@ -69,7 +69,7 @@ impl DtypeArg {
                 }
                 Ok(DType::BF16)
             }
-            DtypeArg::F16 => Err(Error::msg("--dtype f16: the CPU backend computes in f32 or bf16 (f16 is for the CUDA backend)")),
+            DtypeArg::F16 => Err(Error::msg("--dtype f16: clipforge computes in f32 or bf16 (use --dtype bf16)")),
         }
     }
 }
@@ -77,7 +77,7 @@ impl DtypeArg {
 /// Where a command's towers run.
 pub enum Engine {
     Cpu,
-    /// The CUDA backend on device 0 (f32; cuBLASLt GEMMs and the kernels of kernels/).
+    /// The CUDA backend on device 0 (f32 or bf16; cuBLASLt GEMMs and the kernels of kernels/).
     Cuda(crate::cuda::GpuOps),
 }
 
@@ -94,18 +94,17 @@ impl Engine {
 }
 
 /// The device a command runs on. `cuda`: the CUDA backend, or an error that says why not (no
-/// driver, no device, or a dtype it does not compute in yet). `auto`: CUDA when a device opens
-/// and the dtype is f32, else the CPU.
+/// driver, no device, or a dtype it does not compute in). `auto`: CUDA when a device opens and the
+/// dtype is f32 or bf16, else the CPU.
 pub fn resolve_device(d: DeviceArg, dtype: DtypeArg) -> Result<Engine> {
     // GpuOps::open probes the driver first (CudaDevice::open), so no driver is an Err, never a panic.
     match d {
         DeviceArg::Cpu => Ok(Engine::Cpu),
-        DeviceArg::Auto if dtype != DtypeArg::F32 => Ok(Engine::Cpu),
+        DeviceArg::Auto if dtype == DtypeArg::F16 => Ok(Engine::Cpu),
         DeviceArg::Auto => Ok(crate::cuda::GpuOps::open().map(Engine::Cuda).unwrap_or(Engine::Cpu)),
-        DeviceArg::Cuda if dtype != DtypeArg::F32 => Err(Error::Device(format!(
-            "--device cuda: the CUDA backend computes in f32 for now (got --dtype {}); use --dtype f32 or --device cpu",
-            format!("{dtype:?}").to_lowercase()
-        ))),
+        DeviceArg::Cuda if dtype == DtypeArg::F16 => {
+            Err(Error::Device("--device cuda: the CUDA towers compute in f32 or bf16, not f16; use --dtype bf16".into()))
+        }
         DeviceArg::Cuda => crate::cuda::GpuOps::open().map(Engine::Cuda).map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto"))),
     }
 }

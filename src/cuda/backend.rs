@@ -1,10 +1,12 @@
 //! The device operations the CUDA towers ([`super::towers`]) are written against, with two
 //! implementations:
 //!
-//! - [`GpuOps`]: a real GPU. Buffers are cudarc device allocations on the compute stream, kernels
-//!   go through the production [`CudaLauncher`](super::CudaLauncher), Linear GEMMs through
-//!   cuBLASLt ([`Gemm::linear`], exact FP32), or through the tiled `linear_f32` kernel of
-//!   kernels/matmul.cu when cuBLASLt cannot be loaded.
+//! - [`GpuOps`]: a real GPU. Buffers come from the caching allocator ([`CudaPool`]: after the
+//!   first batch no `cuMemAlloc`/`cuMemFree` at all), host data goes up through pinned staging
+//!   buffers ([`StagingPool`]) and comes back through pinned ones, kernels go through the
+//!   production [`CudaLauncher`](super::CudaLauncher), Linear GEMMs through cuBLASLt
+//!   ([`Gemm::linear`], exact FP32, or bf16 inputs with f32 accumulation), or through the tiled
+//!   kernels of kernels/matmul.cu when cuBLASLt cannot be loaded.
 //! - [`EmuOps`] (feature `emu`): host `Vec<f32>` buffers whose addresses are the "device
 //!   pointers", kernels on the CPU emulator through [`EmuLauncher`](super::emu::EmuLauncher), and
 //!   every GEMM as the `linear_f32` kernel on the emulator. The same tower code, the same kernel
@@ -12,7 +14,10 @@
 //!
 //! Every operation is asynchronous on the GPU (one stream, in order); [`DeviceOps::download`] is
 //! the only synchronisation.
+use super::alloc::{CudaBlock, CudaPool, CudaRawAlloc};
 use super::launch::{KernelArgs, LaunchCfg, Launcher};
+use super::pinned::{StagingKind, StagingPool};
+use std::sync::{Arc, Mutex};
 
 /// A device buffer of `len` 4-byte elements (f32, or i32 bit patterns from
 /// [`DeviceOps::upload_i32`]). `ptr` is what kernels receive; the buffer owns its storage and
@@ -27,7 +32,9 @@ enum Store {
     /// Emulated device memory: a host allocation (its heap address does not move with the Buf).
     #[allow(dead_code)]
     Host(Vec<f32>),
-    Device(cudarc::driver::CudaSlice<f32>),
+    /// A block of the caching allocator (returned to its free list on drop, stream-ordered).
+    #[allow(dead_code)]
+    Device(CudaBlock),
 }
 
 impl Buf {
@@ -54,20 +61,34 @@ pub trait DeviceOps {
     fn upload_i32(&self, data: &[i32]) -> Result<Buf, String> {
         self.upload(bytemuck::cast_slice::<i32, f32>(data))
     }
+    /// bf16 data (weights of the bf16 towers), two values per 4-byte element: the Buf's `len`
+    /// is ⌈n/2⌉ (the last half-element is zero when n is odd).
+    fn upload_bf16(&self, data: &[half::bf16]) -> Result<Buf, String> {
+        let mut bits: Vec<u16> = data.iter().map(|v| v.to_bits()).collect();
+        if bits.len() % 2 == 1 {
+            bits.push(0);
+        }
+        let words: Vec<f32> = bits.chunks_exact(2).map(|p| f32::from_bits(p[0] as u32 | (p[1] as u32) << 16)).collect();
+        self.upload(&words)
+    }
     /// Waits for all queued work and copies `b` to the host.
     fn download(&self, b: &Buf) -> Result<Vec<f32>, String>;
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String>;
     /// `y[m×n] = x[m×k]·Wᵀ (+ bias[n])`, W `[n×k]` row-major; all f32, y must not alias x or W.
     #[allow(clippy::too_many_arguments)]
     fn linear(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String>;
+    /// The same with W in bf16 ([`DeviceOps::upload_bf16`]) and x rounded to bf16: products of
+    /// bf16 values accumulated in f32, f32 bias and output (the CPU bf16 towers' arithmetic).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String>;
 }
 
-/// Checks buffer sizes of a Linear call.
-fn check_linear(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+/// Checks buffer sizes of a Linear call (`w_per_elem`: weights per 4-byte element, 1 or 2).
+fn check_linear_w(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize, w_per_elem: usize) -> Result<(), String> {
     if m == 0 || n == 0 || k == 0 {
         return Err(format!("linear: empty problem m {m}, n {n}, k {k}"));
     }
-    if x.len < m * k || w.len < n * k || y.len < m * n || bias.is_some_and(|b| b.len < n) {
+    if x.len < m * k || w.len * w_per_elem < n * k || y.len < m * n || bias.is_some_and(|b| b.len < n) {
         return Err(format!(
             "linear m {m}, n {n}, k {k}: buffers too small (x {}, w {}, y {}, bias {:?})",
             x.len,
@@ -77,6 +98,10 @@ fn check_linear(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usiz
         ));
     }
     Ok(())
+}
+
+fn check_linear(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+    check_linear_w(x, w, bias, y, m, n, k, 1)
 }
 
 /// The `linear_f32` kernel (kernels/matmul.cu): its launch configuration and arguments.
@@ -121,13 +146,22 @@ impl DeviceOps for EmuOps {
         let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
         self.launch("linear_f32", cfg, &mut args)
     }
+    fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+        check_linear_w(x, w, bias, y, m, n, k, 2)?;
+        let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
+        self.launch("linear_bf16w", cfg, &mut args)
+    }
 }
 
-/// A real GPU: cudarc buffers on the compute stream, the production launcher, cuBLASLt.
+/// A real GPU: pooled device buffers and pinned staging on the compute stream, the production
+/// launcher, cuBLASLt.
 pub struct GpuOps {
     gpu: super::table::Gpu,
-    /// `None` when cuBLASLt could not be loaded: GEMMs run the `linear_f32` kernel.
+    /// `None` when cuBLASLt could not be loaded: GEMMs run the matmul.cu kernels.
     gemm: Option<super::Gemm>,
+    pool: Arc<CudaPool>,
+    up: Mutex<StagingPool>,
+    down: Mutex<StagingPool>,
 }
 
 impl GpuOps {
@@ -137,14 +171,31 @@ impl GpuOps {
         let gemm = match super::Gemm::new(gpu.device.compute_stream().clone(), gpu.device.sm()) {
             Ok(g) => Some(g),
             Err(why) => {
-                eprintln!("note: cuBLASLt unavailable ({why}); GEMMs use the linear_f32 kernel");
+                eprintln!("note: cuBLASLt unavailable ({why}); GEMMs use the matmul.cu kernels");
                 None
             }
         };
-        Ok(GpuOps { gpu, gemm })
+        let stream = gpu.device.compute_stream().clone();
+        let ctx = gpu.device.context().clone();
+        Ok(GpuOps {
+            pool: CudaPool::new(CudaRawAlloc::new(stream)),
+            up: Mutex::new(StagingPool::new(ctx.clone(), StagingKind::Upload)),
+            down: Mutex::new(StagingPool::new(ctx, StagingKind::Download)),
+            gpu,
+            gemm,
+        })
     }
     pub fn gpu(&self) -> &super::table::Gpu {
         &self.gpu
+    }
+    /// The caching allocator's counters (hits, misses, bytes in use and cached).
+    pub fn pool_stats(&self) -> super::PoolStats {
+        self.pool.stats()
+    }
+    /// An uninitialised pooled buffer of `n` 4-byte elements.
+    fn block(&self, n: usize) -> Result<Buf, String> {
+        let b = self.pool.alloc(n.max(1) * 4)?;
+        Ok(Buf { ptr: b.ptr(), len: n, _store: Store::Device(b) })
     }
 }
 
@@ -155,32 +206,30 @@ impl DeviceOps for GpuOps {
         format!("cuda:{} {} (sm_{}, GEMMs: {gemm})", d.ordinal(), d.name(), d.sm())
     }
     fn alloc(&self, n: usize) -> Result<Buf, String> {
-        use cudarc::driver::DevicePtr;
+        let b = self.block(n)?;
         let s = self.gpu.device.compute_stream();
-        super::device::guarded("cuMemAlloc", || -> Result<Buf, cudarc::driver::DriverError> {
-            let d = s.alloc_zeros::<f32>(n.max(1))?;
-            let ptr = d.device_ptr(s).0;
-            Ok(Buf { ptr, len: n, _store: Store::Device(d) })
-        })
+        // SAFETY: the block is a live device allocation of at least 4·max(n, 1) bytes; the memset
+        // is ordered on the compute stream like every later use of the block.
+        super::device::guarded("cuMemsetD8Async", || unsafe { cudarc::driver::result::memset_d8_async(b.ptr, 0, n * 4, s.cu_stream()) })?;
+        Ok(b)
     }
+    /// Through a pinned staging buffer: the copy is queued on the compute stream and the host
+    /// does not wait for it.
     fn upload(&self, data: &[f32]) -> Result<Buf, String> {
-        use cudarc::driver::DevicePtr;
-        if data.is_empty() {
-            return self.alloc(0);
+        let b = self.block(data.len())?;
+        if !data.is_empty() {
+            let s = self.gpu.device.compute_stream();
+            self.up.lock().unwrap_or_else(|e| e.into_inner()).upload(s, data, b.ptr)?;
         }
-        let s = self.gpu.device.compute_stream();
-        super::device::guarded("upload", || -> Result<Buf, cudarc::driver::DriverError> {
-            let d = s.clone_htod(data)?;
-            let ptr = d.device_ptr(s).0;
-            Ok(Buf { ptr, len: data.len(), _store: Store::Device(d) })
-        })
+        Ok(b)
     }
+    /// The one synchronisation of a batch: the pinned download waits for all queued work.
     fn download(&self, b: &Buf) -> Result<Vec<f32>, String> {
-        let Store::Device(d) = &b._store else { return Err("GPU: buffer is not device memory".into()) };
+        let Store::Device(_) = &b._store else { return Err("GPU: buffer is not device memory".into()) };
         let s = self.gpu.device.compute_stream();
-        let mut v = super::device::guarded("download", || s.clone_dtoh(d))?;
-        self.gpu.device.synchronize()?;
-        v.truncate(b.len);
+        let mut v = vec![0f32; b.len];
+        self.down.lock().unwrap_or_else(|e| e.into_inner()).download(s, b.ptr, &mut v)?;
+        super::device::guarded("pending CUDA error", || self.gpu.device.context().check_err())?;
         Ok(v)
     }
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String> {
@@ -195,6 +244,25 @@ impl DeviceOps for GpuOps {
                 self.launch("linear_f32", cfg, &mut args)
             }
         }
+    }
+    /// cuBLASLt: x is converted to bf16 (`f32_to_bf16`, into a scratch buffer), then one bf16 ×
+    /// bf16 → f32 GEMM with the bias epilogue on the tensor cores.
+    fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+        check_linear_w(x, w, bias, y, m, n, k, 2)?;
+        if m * k > i32::MAX as usize {
+            return Err(format!("linear_bf16: m·k = {} exceeds the conversion kernel's int range", m * k));
+        }
+        let Some(g) = &self.gemm else {
+            let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
+            return self.launch("linear_bf16w", cfg, &mut args);
+        };
+        let xb = self.alloc((m * k).div_ceil(2))?;
+        let blocks = (m * k).div_ceil(256).clamp(1, 16_384) as u32;
+        let mut a = KernelArgs::new().ptr(x.ptr).ptr(xb.ptr).i32((m * k) as i32);
+        self.launch("f32_to_bf16", LaunchCfg::new((blocks, 1, 1), (256, 1, 1), 0), &mut a)?;
+        let d = super::GemmDesc { out_dtype: super::Dtype::F32, ..super::GemmDesc::linear(m, n, k, super::Dtype::Bf16, bias.is_some()) };
+        g.run(&d, xb.ptr, w.ptr, y.ptr, bias.map(|b| b.ptr))
+        // xb is freed when it drops: cudarc's stream-ordered free runs after the GEMM
     }
 }
 

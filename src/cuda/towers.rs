@@ -1,6 +1,10 @@
 //! The CLIP towers on a CUDA device ([`DeviceOps`]): the same computation as src/model/{vision,
 //! text,layers}.rs (HF CLIP: pre-LN blocks x + attn(ln1 x), x + mlp(ln2 x), QuickGELU/GELU,
-//! class-token / end-of-text pooling, projection), f32 throughout, with every weight uploaded once.
+//! class-token / end-of-text pooling, projection), with every weight uploaded once. In f32 all of it
+//! is f32; in bf16 ([`CudaClip::with_dtype`]) every Linear weight (q, k, v, o, fc1, fc2, the
+//! projections) is stored bf16 and its GEMM takes bf16 inputs with f32 accumulation and output
+//! ([`DeviceOps::linear_bf16`]), while the residual stream, LayerNorm, attention, embeddings and the
+//! patch convolution stay f32 — the same split as the CPU bf16 towers (src/model/layers.rs).
 //!
 //! Per block (R = B·T rows, W width, I MLP width):
 //!   h = LN1(x)                      layernorm_fwd_f32 (first block) or, fused with the previous
@@ -42,6 +46,8 @@ struct LinW {
     b: Option<Buf>,
     n: usize,
     k: usize,
+    /// `w` holds bf16 values ([`DeviceOps::upload_bf16`]).
+    bf16: bool,
 }
 
 struct BlockW {
@@ -103,11 +109,28 @@ fn f32_vec(t: &Tensor) -> Vec<f32> {
 impl CudaClip {
     /// Uploads the weights of the loaded towers of `model` (as f32) to `ops`' device.
     pub fn new(ops: Box<dyn DeviceOps>, model: &ClipParts) -> Result<CudaClip> {
+        Self::with_dtype(ops, model, DType::F32)
+    }
+
+    /// The towers computing in `dtype`: F32, or BF16 (Linear weights bf16, see the module docs).
+    pub fn with_dtype(ops: Box<dyn DeviceOps>, model: &ClipParts, dtype: DType) -> Result<CudaClip> {
+        let bf16 = match dtype {
+            DType::F32 => false,
+            DType::BF16 => true,
+            other => return Err(Error::msg(format!("the CUDA towers compute in f32 or bf16, not {}", other.name()))),
+        };
         let up = |t: &Tensor| ops.upload(&f32_vec(t)).map_err(dev);
+        let up_w = |t: &Tensor| -> Result<Buf> {
+            if !bf16 {
+                return up(t);
+            }
+            let v: Vec<half::bf16> = f32_vec(t).iter().map(|&x| half::bf16::from_f32(x)).collect();
+            ops.upload_bf16(&v).map_err(dev)
+        };
         let ln = |l: &LayerNorm| -> Result<LnW> { Ok(LnW { g: up(&l.weight)?, b: up(&l.bias)?, eps: l.eps }) };
         let lin = |l: &Linear| -> Result<LinW> {
             let (n, k) = (l.weight.dim(0), l.weight.dim(1));
-            Ok(LinW { w: up(&l.weight)?, b: l.bias.as_ref().map(up).transpose()?, n, k })
+            Ok(LinW { w: up_w(&l.weight)?, b: l.bias.as_ref().map(up).transpose()?, n, k, bf16 })
         };
         let block = |b: &Block| -> Result<BlockW> {
             Ok(BlockW {
@@ -158,7 +181,7 @@ impl CudaClip {
             patch: p,
             width: w,
             tokens: v.cfg.tokens(),
-            patch_w: LinW { w: up(&v.patch_weight)?, b: None, n: w, k: c * p * p },
+            patch_w: LinW { w: up(&v.patch_weight)?, b: None, n: w, k: c * p * p, bf16: false },
             cls: up(&v.class_embedding)?,
             pos: up(&v.positions)?,
             pre_ln: ln(&v.pre_ln)?,
@@ -274,7 +297,7 @@ impl CudaClip {
             linear(ops, &a, &bl.o, &q, r)?; // o-proj output into q (dead after attention)
             residual_layernorm(ops, &x, &q, &bl.ln2, &h, r, w)?;
             let n1 = bl.fc1.n;
-            ops.linear(&h, &bl.fc1.w, None, &m, r, n1, w).map_err(dev)?;
+            gemm(ops, &h, &bl.fc1, None, &m, r)?; // bias added with the activation below
             let kernel = match bl.act {
                 Activation::QuickGelu => "bias_quick_gelu_fwd_f32",
                 Activation::Gelu => "bias_gelu_fwd_f32",
@@ -304,7 +327,16 @@ impl CudaClip {
 }
 
 fn linear(ops: &dyn DeviceOps, x: &Buf, l: &LinW, y: &Buf, rows: usize) -> Result<()> {
-    ops.linear(x, &l.w, l.b.as_ref(), y, rows, l.n, l.k).map_err(dev)
+    gemm(ops, x, l, l.b.as_ref(), y, rows)
+}
+
+/// y = x·Wᵀ (+ bias) in the weight's precision.
+fn gemm(ops: &dyn DeviceOps, x: &Buf, l: &LinW, bias: Option<&Buf>, y: &Buf, rows: usize) -> Result<()> {
+    if l.bf16 {
+        ops.linear_bf16(x, &l.w, bias, y, rows, l.n, l.k).map_err(dev)
+    } else {
+        ops.linear(x, &l.w, bias, y, rows, l.n, l.k).map_err(dev)
+    }
 }
 
 /// One warp per row, 4 rows per block.
