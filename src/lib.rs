@@ -1,9 +1,12 @@
 //! clipforge: CLIP, Long-CLIP and SmartCLIP on a from-scratch tensor engine.
 //!
+//! - `autograd`: the tape (reverse-mode gradients over the CPU ops);
+//! - `train`: fine-tuning (optimizer, schedule);
 //! - `tensor`: the Tensor type (shape, strides, dtype, device) and its ops;
 //! - `ops`: the CPU kernels, each with a plain reference twin;
 //! - `model`: CLIP configs, safetensors weights and the two towers;
 //! - `io`: tokenizer, image preprocessing, .npy output.
+pub mod autograd;
 pub mod cli;
 pub mod cuda;
 pub mod error;
@@ -12,6 +15,7 @@ pub mod io;
 pub mod model;
 pub mod ops;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Device, Tensor};

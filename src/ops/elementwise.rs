@@ -62,6 +62,52 @@ pub fn erf64(x: f64) -> f64 {
     r.copysign(x)
 }
 
+/// d op(x)/dx in f64 (the reference of [`unary_bwd`]): QuickGELU σ(1.702x)(1 + 1.702x(1 − σ)),
+/// GELU Φ(x) + xφ(x), exp eˣ, neg −1, sqrt 1/(2√x), recip −1/x².
+pub fn unary_deriv_ref(op: Unary, x: f64) -> f64 {
+    match op {
+        Unary::QuickGelu => {
+            let s = 1.0 / (1.0 + (-1.702 * x).exp());
+            s * (1.0 + 1.702 * x * (1.0 - s))
+        }
+        Unary::Gelu => 0.5 * (1.0 + erf64(x / std::f64::consts::SQRT_2)) + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt(),
+        Unary::Exp => x.exp(),
+        Unary::Neg => -1.0,
+        Unary::Sqrt => 0.5 / x.sqrt(),
+        Unary::Recip => -1.0 / (x * x),
+    }
+}
+
+/// dx = dy ⊙ op′(x), f64 reference.
+pub fn unary_bwd_reference(op: Unary, x: &[f32], dy: &[f32]) -> Vec<f64> {
+    x.iter().zip(dy).map(|(&v, &d)| d as f64 * unary_deriv_ref(op, v as f64)).collect()
+}
+
+/// dx = dy ⊙ op′(x) (fast, in parallel; the activations use the vectorisable exp/erf).
+pub fn unary_bwd(op: Unary, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    par_rows(&mut out, 4096.min(x.len().max(1)), |i, o| {
+        let base = i * 4096.min(x.len().max(1));
+        for (j, o) in o.iter_mut().enumerate() {
+            let (v, d) = (x[base + j], dy[base + j]);
+            *o = d * match op {
+                Unary::QuickGelu => {
+                    let s = fastmath::sigmoid(1.702 * v);
+                    s * (1.0 + 1.702 * v * (1.0 - s))
+                }
+                Unary::Gelu => {
+                    0.5 * (1.0 + fastmath::erf(v * std::f32::consts::FRAC_1_SQRT_2)) + v * fastmath::exp(-0.5 * v * v) * 0.398_942_3
+                }
+                Unary::Exp => fastmath::exp(v),
+                Unary::Neg => -1.0,
+                Unary::Sqrt => 0.5 / v.sqrt(),
+                Unary::Recip => -1.0 / (v * v),
+            };
+        }
+    });
+    out
+}
+
 pub fn unary_reference(op: Unary, x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| op.eval_ref(v)).collect()
 }

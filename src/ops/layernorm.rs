@@ -43,3 +43,74 @@ pub fn layer_norm(x: &[f32], n: usize, gamma: &[f32], beta: &[f32], eps: f32) ->
     });
     out
 }
+
+/// Backward of [`layer_norm`], reference in f64: with x̂ = (x − μ)·r, g = dy·γ,
+/// dx = r·(g − mean(g) − x̂·mean(g·x̂)), dγ = Σ_rows dy·x̂, dβ = Σ_rows dy.
+pub fn layer_norm_bwd_reference(x: &[f32], n: usize, gamma: &[f32], dy: &[f32], eps: f32) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut dx, mut dg, mut db) = (Vec::with_capacity(x.len()), vec![0f64; n], vec![0f64; n]);
+    for (r, d) in x.chunks(n).zip(dy.chunks(n)) {
+        let mean = r.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        let rstd = 1.0 / (var + eps as f64).sqrt();
+        let xh: Vec<f64> = r.iter().map(|&v| (v as f64 - mean) * rstd).collect();
+        let g: Vec<f64> = d.iter().zip(gamma).map(|(&a, &b)| a as f64 * b as f64).collect();
+        let mg = g.iter().sum::<f64>() / n as f64;
+        let mgx = g.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / n as f64;
+        for j in 0..n {
+            dx.push(rstd * (g[j] - mg - xh[j] * mgx));
+            dg[j] += d[j] as f64 * xh[j];
+            db[j] += d[j] as f64;
+        }
+    }
+    (dx, dg, db)
+}
+
+/// Backward of [`layer_norm`] (fast): dx rows in parallel (statistics recomputed per row), dγ and
+/// dβ accumulated over row blocks in parallel, then summed. Returns (dx, dγ, dβ).
+pub fn layer_norm_bwd(x: &[f32], n: usize, gamma: &[f32], dy: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let mut dx = vec![0f32; x.len()];
+    par_rows(&mut dx, n, |i, out| {
+        let (r, d) = (&x[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n]);
+        let mean = sum_f32(r) / n as f32;
+        let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        let (mut sg, mut sgx) = (0f32, 0f32);
+        for j in 0..n {
+            let g = d[j] * gamma[j];
+            sg += g;
+            sgx += g * (r[j] - mean) * rstd;
+        }
+        let (mg, mgx) = (sg / n as f32, sgx / n as f32);
+        for j in 0..n {
+            out[j] = rstd * (d[j] * gamma[j] - mg - (r[j] - mean) * rstd * mgx);
+        }
+    });
+    let rows = if n == 0 { 0 } else { x.len() / n };
+    let block = 64;
+    let (dg, db) = (0..rows.div_ceil(block))
+        .into_par_iter()
+        .map(|c| {
+            let (mut dg, mut db) = (vec![0f32; n], vec![0f32; n]);
+            for i in c * block..((c + 1) * block).min(rows) {
+                let (r, d) = (&x[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n]);
+                let mean = sum_f32(r) / n as f32;
+                let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                for j in 0..n {
+                    dg[j] += d[j] * (r[j] - mean) * rstd;
+                    db[j] += d[j];
+                }
+            }
+            (dg, db)
+        })
+        .reduce(
+            || (vec![0f32; n], vec![0f32; n]),
+            |(mut a, mut b), (c, d)| {
+                a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
+                b.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
+                (a, b)
+            },
+        );
+    (dx, dg, db)
+}

@@ -49,7 +49,8 @@ pub fn patch_embed_reference(px: &[f32], w: &[f32], s: &PatchShape) -> Vec<f32> 
     out
 }
 
-pub fn patch_embed(px: &[f32], w: &[f32], s: &PatchShape) -> Vec<f32> {
+/// The im2col matrix [B·N, C·P·P] of the patches (rows in output order).
+fn im2col(px: &[f32], s: &PatchShape) -> Vec<f32> {
     let (gh, gw) = s.grid();
     let (c, p) = (s.channels, s.patch);
     let kdim = c * p * p;
@@ -65,7 +66,49 @@ pub fn patch_embed(px: &[f32], w: &[f32], s: &PatchShape) -> Vec<f32> {
             }
         }
     });
+    cols
+}
+
+pub fn patch_embed(px: &[f32], w: &[f32], s: &PatchShape) -> Vec<f32> {
+    let kdim = s.channels * s.patch * s.patch;
+    let rows = s.batch * s.patches();
+    let cols = im2col(px, s); // [B·N, C·P·P]
     let mut out = vec![0f32; rows * s.dim]; // [B·N, D]
     gemm(View::row_major(&cols, rows, kdim), View::row_major(w, s.dim, kdim).t(), &mut out, false);
     out
+}
+
+/// Backward to the weight (pixels need no gradient): dW [D, C·P·P] = doutᵀ [D, B·N] · cols.
+pub fn patch_embed_bwd_weight(px: &[f32], dout: &[f32], s: &PatchShape) -> Vec<f32> {
+    let kdim = s.channels * s.patch * s.patch;
+    let rows = s.batch * s.patches();
+    let cols = im2col(px, s); // [B·N, C·P·P]
+    let mut dw = vec![0f32; s.dim * kdim]; // [D, C·P·P]
+    gemm(View::row_major(dout, rows, s.dim).t(), View::row_major(&cols, rows, kdim), &mut dw, false);
+    dw
+}
+
+/// Reference of [`patch_embed_bwd_weight`]: direct loops in f64.
+pub fn patch_embed_bwd_weight_reference(px: &[f32], dout: &[f32], s: &PatchShape) -> Vec<f64> {
+    let (gh, gw) = s.grid();
+    let (c, p) = (s.channels, s.patch);
+    let mut dw = vec![0f64; s.dim * c * p * p];
+    for b in 0..s.batch {
+        for gy in 0..gh {
+            for gx in 0..gw {
+                for o in 0..s.dim {
+                    let d = dout[((b * gh + gy) * gw + gx) * s.dim + o] as f64;
+                    for ci in 0..c {
+                        for py in 0..p {
+                            for pxx in 0..p {
+                                let x = px[((b * c + ci) * s.height + gy * p + py) * s.width + gx * p + pxx] as f64;
+                                dw[((o * c + ci) * p + py) * p + pxx] += d * x;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    dw
 }

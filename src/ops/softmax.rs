@@ -38,3 +38,24 @@ pub fn softmax(x: &[f32], n: usize) -> Vec<f32> {
     par_rows(&mut out, n, |_, r| softmax_row(r));
     out
 }
+
+/// Backward of the last-dim softmax from its output y: dx = y ⊙ (dy − Σ dy ⊙ y), f64 reference.
+pub fn softmax_bwd_reference(y: &[f32], dy: &[f32], n: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(y.len());
+    for (r, d) in y.chunks(n.max(1)).zip(dy.chunks(n.max(1))) {
+        let s: f64 = r.iter().zip(d).map(|(&a, &b)| a as f64 * b as f64).sum();
+        out.extend(r.iter().zip(d).map(|(&a, &b)| a as f64 * (b as f64 - s)));
+    }
+    out
+}
+
+/// Backward of the last-dim softmax (fast, rows in parallel).
+pub fn softmax_bwd(y: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; y.len()];
+    par_rows(&mut out, n, |i, o| {
+        let (r, d) = (&y[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n]);
+        let s: f32 = r.iter().zip(d).map(|(a, b)| a * b).sum();
+        o.iter_mut().zip(r.iter().zip(d)).for_each(|(o, (a, b))| *o = a * (b - s));
+    });
+    out
+}

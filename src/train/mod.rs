@@ -1,0 +1,3 @@
+//! Fine-tuning: the learning-rate schedule and AdamW over named parameters.
+pub mod optim;
+pub mod schedule;
