@@ -1,0 +1,232 @@
+//! The trainable CLIP: every parameter as an f32 tensor under its HF name, and both towers as
+//! tape computations (the same math as src/model/{vision,text,layers}.rs, checked against them
+//! in tests/train_model.rs). One block function serves both towers; with `recompute` each block is
+//! a checkpoint: its forward runs unrecorded and its backward re-runs it on a private tape.
+use crate::autograd::{Tape, Var};
+use crate::error::{Error, Result};
+use crate::model::config::{Activation, ClipConfig, TowerConfig};
+use crate::model::text::pool_position;
+use crate::model::weights::Weights;
+use crate::ops::elementwise::Unary;
+use crate::tensor::Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The 16 tensors of one block, in this order (HF names under `{prefix}.encoder.layers.{i}.`).
+pub const BLOCK_PARAMS: [&str; 16] = [
+    "layer_norm1.weight", "layer_norm1.bias",
+    "self_attn.q_proj.weight", "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight", "self_attn.v_proj.bias",
+    "self_attn.out_proj.weight", "self_attn.out_proj.bias",
+    "layer_norm2.weight", "layer_norm2.bias",
+    "mlp.fc1.weight", "mlp.fc1.bias",
+    "mlp.fc2.weight", "mlp.fc2.bias",
+];
+
+fn tower_params(prefix: &str, t: &TowerConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i) = (t.hidden, t.intermediate);
+    let mut out = vec![];
+    for l in 0..t.layers {
+        let shapes = [vec![h], vec![h], vec![h, h], vec![h], vec![h, h], vec![h], vec![h, h], vec![h], vec![h, h], vec![h], vec![h], vec![h], vec![i, h], vec![i], vec![h, i], vec![h]];
+        for (n, s) in BLOCK_PARAMS.iter().zip(shapes) {
+            out.push((format!("{prefix}.encoder.layers.{l}.{n}"), s));
+        }
+    }
+    out
+}
+
+/// Every parameter name of a CLIP model with `c`'s shapes, in a fixed order.
+pub fn param_shapes(c: &ClipConfig) -> Vec<(String, Vec<usize>)> {
+    let (v, t) = (&c.vision, &c.text);
+    let (vh, th, d) = (v.tower.hidden, t.tower.hidden, c.projection_dim);
+    let mut list = vec![
+        ("vision_model.embeddings.class_embedding".to_string(), vec![vh]),
+        ("vision_model.embeddings.patch_embedding.weight".into(), vec![vh, v.channels, v.patch_size, v.patch_size]),
+        ("vision_model.embeddings.position_embedding.weight".into(), vec![v.tokens(), vh]),
+        ("vision_model.pre_layrnorm.weight".into(), vec![vh]),
+        ("vision_model.pre_layrnorm.bias".into(), vec![vh]),
+    ];
+    list.extend(tower_params("vision_model", &v.tower));
+    list.extend([
+        ("vision_model.post_layernorm.weight".into(), vec![vh]),
+        ("vision_model.post_layernorm.bias".into(), vec![vh]),
+        ("visual_projection.weight".into(), vec![d, vh]),
+        ("text_model.embeddings.token_embedding.weight".into(), vec![t.vocab, th]),
+        ("text_model.embeddings.position_embedding.weight".into(), vec![t.max_positions, th]),
+    ]);
+    list.extend(tower_params("text_model", &t.tower));
+    list.extend([
+        ("text_model.final_layer_norm.weight".into(), vec![th]),
+        ("text_model.final_layer_norm.bias".into(), vec![th]),
+        ("text_projection.weight".into(), vec![d, th]),
+        ("logit_scale".into(), vec![]),
+    ]);
+    list
+}
+
+pub struct TrainClip {
+    pub config: ClipConfig,
+    /// (HF name, f32 value), in [`param_shapes`] order.
+    pub params: Vec<(String, Tensor)>,
+    /// Parameters that get gradients (default: all).
+    pub trainable: Vec<bool>,
+    /// Per-block activation recompute (checkpointing).
+    pub recompute: bool,
+    index: HashMap<String, usize>,
+}
+
+/// The parameters of one step on one tape.
+pub struct StepVars {
+    pub vars: Vec<Var>,
+}
+
+impl TrainClip {
+    /// All parameters of `w` as f32 (any stored dtype), shapes checked against `config`.
+    pub fn from_weights(w: &Weights, config: &ClipConfig) -> Result<TrainClip> {
+        let mut params = vec![];
+        for (name, shape) in param_shapes(config) {
+            if name == "logit_scale" && !w.contains(&name) {
+                params.push((name, Tensor::scalar(2.6592))); // HF's default ln(1/0.07)
+                continue;
+            }
+            let t = w.get_shaped(&name, &shape)?;
+            params.push((name, Tensor::from_vec(t.to_vec_f32(), &shape)?)); // an owned f32 copy: training updates it
+        }
+        let index = params.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
+        let n = params.len();
+        Ok(TrainClip { config: config.clone(), params, trainable: vec![true; n], recompute: false, index })
+    }
+
+    pub fn load_dir(dir: &Path) -> Result<TrainClip> {
+        let config = ClipConfig::from_file(&dir.join("config.json"))?;
+        Self::from_weights(&Weights::open(dir)?, &config)
+    }
+
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// Freezes every parameter whose name starts with `prefix` (e.g. "vision_model").
+    pub fn freeze(&mut self, prefix: &str) {
+        for (i, (n, _)) in self.params.iter().enumerate() {
+            if n.starts_with(prefix) {
+                self.trainable[i] = false;
+            }
+        }
+    }
+
+    /// Puts the parameters on `tape` (trainable ones as leaves, the rest as constants).
+    pub fn vars(&self, tape: &Tape) -> StepVars {
+        let vars = self.params.iter().zip(&self.trainable).map(|((_, t), &tr)| if tr { tape.param(t.clone()) } else { tape.constant(t.clone()) }).collect();
+        StepVars { vars }
+    }
+
+    fn v<'a>(&self, sv: &'a StepVars, name: &str) -> Result<&'a Var> {
+        self.index(name).map(|i| &sv.vars[i]).ok_or_else(|| Error::msg(format!("no parameter {name}")))
+    }
+
+    fn block_vars(&self, sv: &StepVars, prefix: &str, l: usize) -> Result<Vec<Var>> {
+        BLOCK_PARAMS.iter().map(|n| self.v(sv, &format!("{prefix}.encoder.layers.{l}.{n}")).cloned()).collect()
+    }
+
+    fn encoder(&self, tape: &Tape, sv: &StepVars, prefix: &str, t: &TowerConfig, mut x: Var, causal: bool) -> Result<Var> {
+        for l in 0..t.layers {
+            let p = self.block_vars(sv, prefix, l)?;
+            x = if self.recompute { block_checkpoint(tape, &x, &p, t, causal)? } else { block(tape, &x, &p, t, causal)? }; // [B, T, W]
+        }
+        Ok(x)
+    }
+
+    /// pixels [B, C, S, S] → image embeddings [B, D] (not normalised).
+    pub fn image_embeds(&self, tape: &Tape, sv: &StepVars, pixels: &Tensor) -> Result<Var> {
+        let vc = &self.config.vision;
+        let (b, w, t) = (pixels.dim(0), vc.tower.hidden, vc.tokens());
+        let px = tape.constant(pixels.clone());
+        let patches = tape.patch_embed(&px, self.v(sv, "vision_model.embeddings.patch_embedding.weight")?)?; // [B, N, W]
+        let cls = tape.reshape(self.v(sv, "vision_model.embeddings.class_embedding")?, &[1, 1, w])?;
+        let cls = tape.add(&tape.constant(Tensor::zeros(&[b, 1, w])), &cls)?; // [B, 1, W]
+        let x = tape.cat(&[&cls, &patches], 1)?; // [B, T, W]
+        let x = tape.add(&x, self.v(sv, "vision_model.embeddings.position_embedding.weight")?)?; // [B, T, W]
+        let x = self.ln(tape, sv, "vision_model.pre_layrnorm", &x, vc.tower.eps)?;
+        let x = self.encoder(tape, sv, "vision_model", &vc.tower, x, false)?; // [B, T, W]
+        let pooled = tape.reshape(&tape.narrow(&x, 1, 0, 1)?, &[b, w])?; // [B, W]
+        debug_assert_eq!(t, x.shape()[1]);
+        let pooled = self.ln(tape, sv, "vision_model.post_layernorm", &pooled, vc.tower.eps)?;
+        tape.linear(&pooled, self.v(sv, "visual_projection.weight")?, None) // [B, D]
+    }
+
+    /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised).
+    pub fn text_embeds(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<Var> {
+        let tc = &self.config.text;
+        let (b, w) = (ids.len(), tc.tower.hidden);
+        let t = ids.iter().map(|s| s.len()).max().unwrap_or(0);
+        if b == 0 || t == 0 || t > tc.max_positions {
+            return Err(crate::shape_err!("text batch of {b} sequences up to {t} tokens (model: {} positions)", tc.max_positions));
+        }
+        let mut flat = Vec::with_capacity(b * t);
+        for s in ids {
+            flat.extend_from_slice(s);
+            flat.extend(std::iter::repeat(tc.eos_token_id).take(t - s.len()));
+        }
+        let tok = tape.embedding(self.v(sv, "text_model.embeddings.token_embedding.weight")?, &flat)?; // [B·T, W]
+        let tok = tape.reshape(&tok, &[b, t, w])?; // [B, T, W]
+        let pos = tape.narrow(self.v(sv, "text_model.embeddings.position_embedding.weight")?, 0, 0, t)?; // [T, W]
+        let x = tape.add(&tok, &pos)?; // [B, T, W]
+        let x = self.encoder(tape, sv, "text_model", &tc.tower, x, true)?;
+        let x = self.ln(tape, sv, "text_model.final_layer_norm", &x, tc.tower.eps)?; // [B, T, W]
+        let rows: Vec<usize> = ids.iter().enumerate().map(|(i, s)| i * t + pool_position(s, tc.eos_token_id)).collect();
+        let pooled = tape.gather_rows(&tape.reshape(&x, &[b * t, w])?, &rows)?; // [B, W]
+        tape.linear(&pooled, self.v(sv, "text_projection.weight")?, None) // [B, D]
+    }
+
+    /// The logit scale s (a [1] tensor; τ = exp(s)).
+    pub fn logit_scale<'a>(&self, sv: &'a StepVars) -> Result<&'a Var> {
+        self.v(sv, "logit_scale")
+    }
+
+    fn ln(&self, tape: &Tape, sv: &StepVars, prefix: &str, x: &Var, eps: f32) -> Result<Var> {
+        tape.layer_norm(x, self.v(sv, &format!("{prefix}.weight"))?, self.v(sv, &format!("{prefix}.bias"))?, eps)
+    }
+}
+
+/// One pre-LN block on [B, T, W]: x + attn(ln1 x), then + mlp(ln2 ·). `p` as [`BLOCK_PARAMS`].
+pub fn block(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, causal: bool) -> Result<Var> {
+    let h = tape.layer_norm(x, &p[0], &p[1], t.eps)?; // [B, T, W]
+    let q = tape.linear(&h, &p[2], Some(&p[3]))?;
+    let k = tape.linear(&h, &p[4], Some(&p[5]))?;
+    let v = tape.linear(&h, &p[6], Some(&p[7]))?;
+    let a = tape.attention(&q, &k, &v, t.heads, causal)?; // [B, T, W]
+    let x = tape.add(x, &tape.linear(&a, &p[8], Some(&p[9]))?)?; // [B, T, W]
+    let h = tape.layer_norm(&x, &p[10], &p[11], t.eps)?;
+    let act = match t.act {
+        Activation::QuickGelu => Unary::QuickGelu,
+        Activation::Gelu => Unary::Gelu,
+    };
+    let m = tape.unary(&tape.linear(&h, &p[12], Some(&p[13]))?, act); // [B, T, I]
+    tape.add(&x, &tape.linear(&m, &p[14], Some(&p[15]))?) // [B, T, W]
+}
+
+/// [`block`] as a checkpoint: nothing inside is kept; the backward re-runs the block on a
+/// private tape (its inputs as leaves) and back-propagates the output gradient through it.
+pub fn block_checkpoint(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, causal: bool) -> Result<Var> {
+    let inner = Tape::new();
+    let y = inner.no_grad(|| {
+        let pc: Vec<Var> = p.iter().map(|v| inner.constant(v.value().clone())).collect();
+        block(&inner, &inner.constant(x.value().clone()), &pc, t, causal)
+    })?;
+    let (xv, pv) = (x.value().clone(), p.iter().map(|v| (v.value().clone(), v.requires_grad())).collect::<Vec<_>>());
+    let (t, need_x) = (t.clone(), x.requires_grad());
+    let mut inputs = vec![x];
+    inputs.extend(p.iter());
+    Ok(tape.custom(&inputs, y.value().clone(), move |g| {
+        let tp = Tape::new();
+        let xi = if need_x { tp.param(xv) } else { tp.constant(xv) };
+        let pi: Vec<Var> = pv.into_iter().map(|(v, r)| if r { tp.param(v) } else { tp.constant(v) }).collect();
+        let y = block(&tp, &xi, &pi, &t, causal)?;
+        let grads = tp.backward_from(&y, g.clone())?;
+        let mut out = vec![grads.get(&xi).cloned()];
+        out.extend(pi.iter().map(|v| grads.get(v).cloned()));
+        Ok(out)
+    }))
+}
