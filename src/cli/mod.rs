@@ -4,6 +4,7 @@ pub mod bench;
 pub mod classify;
 pub mod common;
 pub mod embed;
+pub mod stretch;
 
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -31,6 +32,8 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Cosine similarity and softmax probabilities between images and texts
     Similarity(classify::SimilarityArgs),
+    /// Long-CLIP knowledge-preserved stretching of the text positions (77 → 248) into a new HF model dir
+    Stretch(stretch::StretchArgs),
 }
 
 /// Where and in what precision a command computes.
@@ -131,5 +134,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::EmbedText(a) => embed::embed_text(&a),
         Command::Classify(a) => classify::classify(&a),
         Command::Similarity(a) => classify::similarity(&a),
+        Command::Stretch(a) => stretch::run(&a),
     }
 }

@@ -34,6 +34,9 @@ pub struct TextConfig {
     pub tower: TowerConfig,
     pub vocab: usize,
     pub max_positions: usize,
+    /// Long-CLIP: position rows below this stay frozen in fine-tuning (`clipforge stretch` writes
+    /// it as text_config.clipforge_frozen_positions; 0 for plain CLIP).
+    pub frozen_positions: usize,
     pub eos_token_id: u32,
     pub bos_token_id: u32,
 }
@@ -71,6 +74,7 @@ struct RawTower {
     max_position_embeddings: Option<usize>,
     eos_token_id: Option<u32>,
     bos_token_id: Option<u32>,
+    clipforge_frozen_positions: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +119,7 @@ impl ClipConfig {
             tower: tower(&rt, (512, 2048, 8, 12), "text_config")?,
             vocab: rt.vocab_size.unwrap_or(49408),
             max_positions: rt.max_position_embeddings.unwrap_or(77),
+            frozen_positions: rt.clipforge_frozen_positions.unwrap_or(0),
             eos_token_id: rt.eos_token_id.unwrap_or(49407),
             bos_token_id: rt.bos_token_id.unwrap_or(49406),
         };
@@ -126,6 +131,9 @@ impl ClipConfig {
         };
         if vision.patch_size == 0 || vision.image_size < vision.patch_size {
             return Err(format!("vision_config: image_size {} and patch_size {} do not make patches", vision.image_size, vision.patch_size));
+        }
+        if text.frozen_positions >= text.max_positions && text.frozen_positions > 0 {
+            return Err(format!("text_config: clipforge_frozen_positions {} must be below max_position_embeddings {}", text.frozen_positions, text.max_positions));
         }
         if text.max_positions == 0 || text.vocab == 0 {
             return Err("text_config: vocab_size and max_position_embeddings must be positive".into());
@@ -145,7 +153,7 @@ impl ClipConfig {
         };
         Some(ClipConfig {
             vision: VisionConfig { tower: t(vw, vl), image_size: img, patch_size: patch, channels: 3 },
-            text: TextConfig { tower: t(tw, 12), vocab: 49408, max_positions: 77, eos_token_id: 49407, bos_token_id: 49406 },
+            text: TextConfig { tower: t(tw, 12), vocab: 49408, max_positions: 77, frozen_positions: 0, eos_token_id: 49407, bos_token_id: 49406 },
             projection_dim: proj,
             logit_scale_init: 2.6592,
         })
@@ -164,7 +172,7 @@ impl ClipConfig {
                 "hidden_size": t.tower.hidden, "intermediate_size": t.tower.intermediate,
                 "num_attention_heads": t.tower.heads, "num_hidden_layers": t.tower.layers,
                 "layer_norm_eps": t.tower.eps, "hidden_act": act(t.tower.act),
-                "vocab_size": t.vocab, "max_position_embeddings": t.max_positions,
+                "vocab_size": t.vocab, "max_position_embeddings": t.max_positions, "clipforge_frozen_positions": t.frozen_positions,
                 "eos_token_id": t.eos_token_id, "bos_token_id": t.bos_token_id, "pad_token_id": t.eos_token_id,
                 "projection_dim": self.projection_dim,
             },

@@ -2,6 +2,7 @@
 pub mod clip;
 pub mod config;
 pub mod layers;
+pub mod stretch;
 pub mod synthetic;
 pub mod text;
 pub mod vision;

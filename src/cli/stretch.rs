@@ -1,0 +1,41 @@
+//! `clipforge stretch`: Long-CLIP's knowledge-preserved positional stretching of a model directory
+//! (src/model/stretch.rs), written as a new HF directory.
+use crate::error::Result;
+use crate::model::stretch::stretch_model;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct StretchArgs {
+    /// HF CLIP model directory (77 text positions for OpenAI CLIP)
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory (a new HF model directory; must not exist or be empty unless --force)
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Leading positions copied unchanged (and kept frozen when fine-tuning)
+    #[arg(long, default_value_t = 20)]
+    pub keep: usize,
+    /// Interpolation factor for the positions after `keep`
+    #[arg(long, default_value_t = 4)]
+    pub ratio: usize,
+    /// Replace an existing non-empty output directory
+    #[arg(long)]
+    pub force: bool,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: &StretchArgs) -> Result<()> {
+    let r = stretch_model(&a.model, &a.out, a.keep, a.ratio, a.force)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).map_err(crate::error::Error::msg)?);
+    } else {
+        println!(
+            "{}: {} → {} text positions (rows < {} copied and frozen for fine-tuning, ×{} interpolation, last row extrapolated), {} tensors",
+            r.out.display(), r.old_len, r.new_len, r.keep, r.ratio, r.tensors
+        );
+    }
+    Ok(())
+}
