@@ -280,6 +280,33 @@ fn losses() {
 }
 
 #[test]
+fn pca_reconstruction() {
+    // a gapped spectrum: column j scaled by 3/(1 + j)
+    let mut x = inp(&[9, 6], 46, true);
+    x.data.iter_mut().enumerate().for_each(|(i, v)| *v *= 3.0 / (1.0 + (i % 6) as f32));
+    check("pca_reconstruct k=2", vec![x], |t, v| t.pca_reconstruct(&v[0], 2).unwrap(), &|x| {
+        let (b, d, k) = (9, 6, 2);
+        let mean: Vec<f64> = (0..d).map(|j| (0..b).map(|i| x[0][i * d + j]).sum::<f64>() / b as f64).collect();
+        let xc: Vec<f64> = (0..b * d).map(|e| x[0][e] - mean[e % d]).collect();
+        let mut c = vec![0f64; d * d];
+        for r in xc.chunks(d) {
+            for i in 0..d {
+                for j in 0..d {
+                    c[i * d + j] += r[i] * r[j];
+                }
+            }
+        }
+        let (vals, vecs) = clipforge::ops::pca::sym_eig(&c, d);
+        let mut o: Vec<usize> = (0..d).collect();
+        o.sort_by(|&i, &j| vals[j].total_cmp(&vals[i]));
+        (0..b * d).map(|e| {
+            let (row, q) = (e / d, e % d);
+            mean[q] + (0..k).map(|cc| (0..d).map(|p| xc[row * d + p] * vecs[p * d + o[cc]]).sum::<f64>() * vecs[q * d + o[cc]]).sum::<f64>()
+        }).collect()
+    }, 1e-4, 1e-3);
+}
+
+#[test]
 fn a_small_network_end_to_end() {
     // ln → linear → quick_gelu → linear → + residual → l2 normalise → logits·exp(s) → CE both ways
     let (n, w, hdim) = (5, 6, 11);

@@ -167,6 +167,18 @@ impl Tape {
         }))
     }
 
+    /// Long-CLIP's PCA reconstruction of a batch [B, D] on its top-k principal subspace
+    /// (`ops::pca_grad`; gradient through the projector, finite on degenerate spectra).
+    pub fn pca_reconstruct(&self, x: &Var, k: usize) -> Result<Var> {
+        let s = x.shape();
+        if s.len() != 2 {
+            return Err(shape_err!("pca_reconstruct: input {:?} must be [B, D]", s));
+        }
+        let (b, d) = (s[0], s[1]);
+        let (r, cache) = crate::ops::pca_grad::pca_reconstruct(&x.value().f32_data(), b, d, k.min(d))?;
+        Ok(self.custom(&[x], t(r, &[b, d])?, move |g| Ok(vec![Some(t(crate::ops::pca_grad::pca_reconstruct_bwd(&cache, &g.f32_data())?, &[b, d])?)])))
+    }
+
     /// Each row of [N, D] divided by its L2 norm.
     pub fn l2_normalize(&self, x: &Var) -> Result<Var> {
         let s = x.shape().to_vec();

@@ -12,6 +12,7 @@ pub mod layernorm;
 pub mod matmul;
 pub mod patch_embed;
 pub mod pca;
+pub mod pca_grad;
 pub mod pos_gather;
 pub mod reduce;
 pub mod softmax;
