@@ -14,6 +14,7 @@ pub mod flops;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod tensor;
 pub mod train;
 

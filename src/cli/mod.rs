@@ -4,6 +4,7 @@ pub mod bench;
 pub mod classify;
 pub mod common;
 pub mod embed;
+pub mod finetune;
 pub mod stretch;
 
 use crate::error::{Error, Result};
@@ -32,6 +33,8 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Cosine similarity and softmax probabilities between images and texts
     Similarity(classify::SimilarityArgs),
+    /// Fine-tune CLIP (Long-CLIP: long + short captions with primary component matching)
+    Finetune(finetune::FinetuneArgs),
     /// Long-CLIP knowledge-preserved stretching of the text positions (77 → 248) into a new HF model dir
     Stretch(stretch::StretchArgs),
 }
@@ -135,5 +138,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Classify(a) => classify::classify(&a),
         Command::Similarity(a) => classify::similarity(&a),
         Command::Stretch(a) => stretch::run(&a),
+        Command::Finetune(a) => finetune::finetune(&a),
     }
 }

@@ -49,6 +49,12 @@ fn degenerate(li: f64, lj: f64, lmax: f64) -> bool {
 /// X̂ = X_c·U_k·U_kᵀ + μ for x [B, D] with the exact top-k eigenvectors, and the backward's cache.
 pub fn pca_reconstruct(x: &[f32], b: usize, d: usize, k: usize) -> Result<(Vec<f32>, PcaCache)> {
     check(x.len(), b, d, k)?;
+    if x.iter().any(|v| !v.is_finite()) {
+        // NaN in, NaN out (the trainer's non-finite-loss stop reports it), never an eig failure
+        let nan = Mat::<f64>::from_fn(b, d, |_, _| f64::NAN);
+        let evecs = Mat::<f64>::from_fn(d, d, |i, j| if i == j { 1.0 } else { 0.0 });
+        return Ok((vec![f32::NAN; b * d], PcaCache { b, d, k, xc: nan, evals: vec![f64::NAN; d], evecs }));
+    }
     let mut mean = vec![0f64; d];
     for r in x.chunks(d) {
         mean.iter_mut().zip(r).for_each(|(m, &v)| *m += v as f64);

@@ -1,5 +1,12 @@
-//! Fine-tuning: the trainable CLIP on the autograd tape (`model`), AdamW over named parameters
-//! (`optim`) and the learning-rate schedule (`schedule`).
+//! Fine-tuning on the CPU backend:
+//! - `model`: the trainable CLIP on the autograd tape; `longclip`: Long-CLIP's loss;
+//! - `optim`: AdamW over named parameters; `schedule`: warm-up + cosine learning rate;
+//! - `data`: the image–caption data and the batch loader; `checkpoint`: atomic checkpoints;
+//! - `trainer`: the loop (accumulation, logging, checkpoints, resume, Ctrl-C, NaN stop).
+pub mod checkpoint;
+pub mod data;
+pub mod longclip;
 pub mod model;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;

@@ -1,0 +1,120 @@
+//! `clipforge finetune`: Long-CLIP fine-tuning (src/train/). Stretch the model first
+//! (`clipforge stretch`) for 248-token captions; the frozen position rows it records stay fixed.
+use crate::error::{Error, Result};
+use crate::train::trainer::{run, TrainConfig};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// Long-CLIP: long captions vs images + short captions vs the PCA reconstruction of the images
+    Longclip,
+}
+
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    /// Fine-tuning method
+    #[arg(long, value_enum, default_value_t = Method::Longclip)]
+    pub method: Method,
+    /// HF CLIP model directory to start from (run `clipforge stretch` on it for 248 tokens)
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data: JSONL {"image", "caption", "short_caption"?} or ShareGPT4V JSON
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Images are relative to this directory (default: the data file's directory)
+    #[arg(long)]
+    pub image_root: Option<PathBuf>,
+    /// Output directory: checkpoints/step-N/ and the final model/
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Visit the data in file order every epoch
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Micro-batch size (the PCA and InfoNCE run per micro-batch)
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Micro-batches per optimizer step (gradient accumulation)
+    #[arg(long, default_value_t = 1)]
+    pub accum: usize,
+    /// Peak learning rate (Long-CLIP: 1e-6)
+    #[arg(long, default_value_t = 1e-6)]
+    pub lr: f64,
+    /// Linear warm-up steps, then cosine decay
+    #[arg(long, default_value_t = 200)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (the schedule spans them)
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Write a checkpoint every N steps (0: only at the end)
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// AdamW weight decay
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    /// Principal components kept by the short-caption branch (Long-CLIP: 32)
+    #[arg(long, default_value_t = 32)]
+    pub pca_dim: usize,
+    /// Recompute each block's activations in the backward pass (less memory, ~1.3× compute)
+    #[arg(long)]
+    pub recompute: bool,
+    /// One JSON line per optimizer step; a loss-curve SVG is written next to it at the end
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Continue from a checkpoint directory (default: the latest under OUT/checkpoints)
+    #[arg(long, num_args = 0..=1)]
+    pub resume: Option<Option<PathBuf>>,
+    /// Print a JSON summary at the end
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn finetune(a: &FinetuneArgs) -> Result<()> {
+    let cfg = TrainConfig {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        image_root: a.image_root.clone(),
+        out: a.out.clone(),
+        seed: a.seed,
+        shuffle: !a.no_shuffle,
+        batch: a.batch,
+        accum: a.accum,
+        lr: a.lr,
+        warmup: a.warmup,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        save_every: a.save_every,
+        weight_decay: a.weight_decay,
+        pca_dim: a.pca_dim,
+        recompute: a.recompute,
+        log: a.log.clone(),
+    };
+    let resume = match &a.resume {
+        None => None,
+        Some(Some(p)) => Some(p.clone()),
+        Some(None) => Some(crate::train::checkpoint::latest(&a.out).ok_or_else(|| Error::file(a.out.join("checkpoints"), "--resume: no checkpoint found"))?),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130); // second Ctrl-C: leave now
+        }
+        eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
+    });
+    let r = run(&cfg, resume.as_deref(), stop, false)?;
+    let last = r.steps.last();
+    if a.json {
+        let v = serde_json::json!({"steps": r.steps.len(), "last": last, "model": a.out.join("model"), "checkpoint": r.last_checkpoint});
+        println!("{v}");
+    } else if let Some(l) = last {
+        println!("{} steps; final loss {:.4} (long {:.4}, short {:.4}); model in {}", l.step, l.loss, l.loss_long, l.loss_short, a.out.join("model").display());
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Small dependency-free SVG charts: line charts (loss curves) with axes, ticks and a legend.
+use crate::error::{Error, Result};
+use std::fmt::Write;
+
+/// One named series of (x, y) points.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// "Nice" tick values covering [lo, hi].
+fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let span = (hi - lo).max(1e-12);
+    let raw = span / n as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    let mut t = (lo / step).ceil() * step;
+    let mut out = vec![];
+    while t <= hi + 1e-9 * span {
+        out.push(t);
+        t += step;
+    }
+    out
+}
+
+/// A line chart of `series` (non-finite points skipped) as an SVG document.
+pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) -> Result<String> {
+    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    if pts.is_empty() {
+        return Err(Error::msg(format!("plot \"{title}\": no finite points")));
+    }
+    let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    if x1 - x0 < 1e-12 {
+        (x0, x1) = (x0 - 1.0, x1 + 1.0);
+    }
+    if y1 - y0 < 1e-12 {
+        (y0, y1) = (y0 - 0.5 * y0.abs().max(1.0), y1 + 0.5 * y1.abs().max(1.0));
+    }
+    let pad = 0.05 * (y1 - y0);
+    (y0, y1) = (y0 - pad, y1 + pad);
+    let (w, h, l, r, t, b) = (720.0, 420.0, 70.0, 20.0, 40.0, 50.0);
+    let sx = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
+    let sy = |y: f64| h - b - (y - y0) / (y1 - y0) * (h - t - b);
+    let mut s = String::new();
+    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/><text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#, w / 2.0, esc(title));
+    for tx in ticks(x0, x1, 8) {
+        let _ = writeln!(s, r##"<line x1="{0:.1}" y1="{1}" x2="{0:.1}" y2="{2}" stroke="#ddd"/><text x="{0:.1}" y="{3}" text-anchor="middle">{4}</text>"##, sx(tx), t, h - b, h - b + 16.0, fmt_tick(tx));
+    }
+    for ty in ticks(y0, y1, 6) {
+        let _ = writeln!(s, r##"<line x1="{1}" y1="{0:.1}" x2="{2}" y2="{0:.1}" stroke="#ddd"/><text x="{3}" y="{4:.1}" text-anchor="end">{5}</text>"##, sy(ty), l, w - r, l - 6.0, sy(ty) + 4.0, fmt_tick(ty));
+    }
+    let _ = writeln!(s, r##"<rect x="{l}" y="{t}" width="{}" height="{}" fill="none" stroke="#333"/>"##, w - l - r, h - t - b);
+    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, (l + w - r) / 2.0, h - 12.0, esc(xlabel));
+    let _ = writeln!(s, r#"<text x="16" y="{0}" text-anchor="middle" transform="rotate(-90 16 {0})">{1}</text>"#, (t + h - b) / 2.0, esc(ylabel));
+    for (i, se) in series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let path: Vec<String> = se.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        if path.len() == 1 {
+            let _ = writeln!(s, r#"<circle cx="{}" cy="{}" r="3" fill="{c}"/>"#, path[0].split(',').next().unwrap_or("0"), path[0].split(',').nth(1).unwrap_or("0"));
+        } else if !path.is_empty() {
+            let _ = writeln!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.6" points="{}"/>"#, path.join(" "));
+        }
+        let ly = t + 16.0 + 16.0 * i as f64;
+        let _ = writeln!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#, w - r - 150.0, w - r - 130.0, w - r - 125.0, ly + 4.0, esc(&se.name));
+    }
+    s.push_str("</svg>\n");
+    Ok(s)
+}
+
+fn fmt_tick(v: f64) -> String {
+    if v == 0.0 || (v.abs() >= 0.01 && v.abs() < 1e5) {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{v:.1e}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_are_well_formed() {
+        let one = line_chart("t", "x", "y", &[Series { name: "a<b".into(), points: vec![(1.0, 2.0)] }]).unwrap();
+        assert!(one.starts_with("<svg") && one.trim_end().ends_with("</svg>") && one.contains("a&lt;b") && one.contains("<circle"));
+        let many = line_chart("loss", "step", "loss", &[Series { name: "loss".into(), points: (0..50).map(|i| (i as f64, 1.0 / (1.0 + i as f64))).collect() }, Series { name: "nan".into(), points: vec![(1.0, f64::NAN)] }]).unwrap();
+        assert!(many.contains("<polyline") && !many.contains("NaN") && !many.contains("inf"));
+        assert!(line_chart("e", "x", "y", &[]).is_err());
+        assert_eq!(ticks(0.0, 1.0, 5).len(), 6);
+    }
+}

@@ -1,0 +1,125 @@
+//! Checkpoints: a directory that is itself a loadable HF model dir (model.safetensors with every
+//! parameter in f32 under its HF name, the source's config.json and tokenizer/preprocessor files)
+//! plus `optimizer.safetensors` (`exp_avg.<name>`, `exp_avg_sq.<name>`) and `trainer_state.json`.
+//! Written under a temporary name and renamed into place, so a crash never leaves a half-written
+//! checkpoint; the previous one is replaced only after the new one is complete.
+use super::data::Position;
+use super::optim::Optimizer;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+
+/// Files copied from the source model into every checkpoint / output dir.
+pub const MODEL_FILES: [&str; 6] = ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "special_tokens_map.json", "vocab.json"];
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Where the data stream continues.
+    pub position: Position,
+    /// The run's settings (for the record and to check a resume uses the same ones).
+    pub args: serde_json::Value,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes named f32 tensors to one safetensors file.
+pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::file(path, format!("cannot build tensors: {e}")))?;
+    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
+}
+
+/// Saves params (+ optimizer state and trainer state when given) as the model dir `dir`.
+pub fn save(dir: &Path, source: &Path, params: &[(String, Tensor)], opt: Option<&Optimizer>, state: Option<&TrainerState>) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create: {e}")))?;
+    let name = dir.file_name().ok_or_else(|| Error::file(dir, "not a directory name"))?.to_string_lossy().to_string();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+    let r = (|| -> Result<()> {
+        let t: Vec<(String, Vec<usize>, Vec<u8>)> = params.iter().map(|(n, t)| (n.clone(), t.shape().to_vec(), f32_bytes(&t.f32_data()))).collect();
+        write_tensors(&tmp.join("model.safetensors"), &t)?;
+        for f in MODEL_FILES {
+            let p = source.join(f);
+            if p.is_file() {
+                std::fs::copy(&p, tmp.join(f)).map_err(|e| Error::file(&p, format!("cannot copy: {e}")))?;
+            }
+        }
+        if let Some(o) = opt {
+            let mut t = vec![];
+            for p in &o.params {
+                t.push((format!("exp_avg.{}", p.name), p.shape.clone(), f32_bytes(&p.m)));
+                t.push((format!("exp_avg_sq.{}", p.name), p.shape.clone(), f32_bytes(&p.v)));
+            }
+            t.push(("step".to_string(), vec![1], f32_bytes(&[o.step as f32])));
+            write_tensors(&tmp.join("optimizer.safetensors"), &t)?;
+        }
+        if let Some(s) = state {
+            let text = serde_json::to_string_pretty(s).map_err(Error::msg)?;
+            let p = tmp.join("trainer_state.json");
+            std::fs::write(&p, text).map_err(|e| Error::file(&p, format!("cannot write: {e}")))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, format!("cannot move into place: {e}")))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Reads a checkpoint's optimizer moments into `opt` (same parameter names and shapes) and its
+/// trainer state.
+pub fn load_state(dir: &Path, opt: &mut Optimizer) -> Result<TrainerState> {
+    let sp = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&sp).map_err(|e| Error::file(&sp, format!("cannot read: {e}")))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::file(&sp, format!("not a trainer state: {e}")))?;
+    let op = dir.join("optimizer.safetensors");
+    let bytes = std::fs::read(&op).map_err(|e| Error::file(&op, format!("cannot read: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::file(&op, format!("not a valid safetensors file: {e}")))?;
+    let get = |name: &str, n: usize| -> Result<Vec<f32>> {
+        let t = st.tensor(name).map_err(|_| Error::file(&op, format!("missing {name}")))?;
+        if t.dtype() != Dtype::F32 || t.data().len() != 4 * n {
+            return Err(Error::file(&op, format!("{name}: expected {n} f32 values")));
+        }
+        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+    };
+    for p in opt.params.iter_mut() {
+        p.m = get(&format!("exp_avg.{}", p.name), p.m.len())?;
+        p.v = get(&format!("exp_avg_sq.{}", p.name), p.v.len())?;
+    }
+    opt.step = get("step", 1)?[0] as u32;
+    Ok(state)
+}
+
+/// The checkpoint with the highest step under `out/checkpoints`, if any.
+pub fn latest(out: &Path) -> Option<PathBuf> {
+    let dir = out.join("checkpoints");
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            let step: usize = n.strip_prefix("step-")?.parse().ok()?;
+            e.path().join("trainer_state.json").is_file().then_some((step, e.path()))
+        })
+        .max_by_key(|(s, _)| *s)
+        .map(|(_, p)| p)
+}

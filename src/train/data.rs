@@ -1,0 +1,159 @@
+//! The fine-tuning data: image–caption pairs from JSONL ({"image", "caption", "short_caption"?},
+//! image paths relative to the file) or ShareGPT4V JSON (an array of {"image", "conversations"},
+//! long caption = conversations[1].value with newlines as spaces, images relative to the file's
+//! directory or `image_root`). The short caption defaults to Long-CLIP's `caption.split(". ")[0]`.
+//!
+//! Batches: each epoch visits the samples in a permutation (identity with `shuffle = false`,
+//! else a Fisher–Yates shuffle seeded by (seed, epoch)); consecutive `batch` samples form a
+//! micro-batch and the last partial micro-batch of an epoch is dropped (every batch has the same
+//! size, so its PCA and InfoNCE are comparable). A [`Position`] (epoch, next sample) fully
+//! determines what comes next, so a resumed run sees exactly the batches an uninterrupted one would.
+use crate::error::{Error, Result};
+use crate::io::image_decode::load_rgb8_hf;
+use crate::io::image_prep::{preprocess, PreprocessConfig};
+use crate::io::tokenizer::ClipTokenizer;
+use crate::model::synthetic::Rng;
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub image: PathBuf,
+    pub caption: String,
+    pub short_caption: String,
+}
+
+/// Long-CLIP's short caption: the text before the first ". ".
+pub fn first_sentence(caption: &str) -> String {
+    caption.split(". ").next().unwrap_or(caption).to_string()
+}
+
+fn sample(base: &Path, image: &str, caption: String, short: Option<String>) -> Sample {
+    let short_caption = short.unwrap_or_else(|| first_sentence(&caption));
+    Sample { image: base.join(image), caption, short_caption }
+}
+
+/// Reads a JSONL or ShareGPT4V JSON file (by content: a leading `[` is the JSON array form).
+pub fn read_samples(path: &Path, image_root: Option<&Path>) -> Result<Vec<Sample>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let base = image_root.unwrap_or(dir);
+    let str_field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(|s| s.to_string());
+    let mut out = vec![];
+    if text.trim_start().starts_with('[') {
+        let arr: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not a ShareGPT4V JSON array: {e}")))?;
+        for (i, v) in arr.iter().enumerate() {
+            let image = str_field(v, "image").ok_or_else(|| Error::file(path, format!("entry {i}: no \"image\" string")))?;
+            let caption = v
+                .get("conversations")
+                .and_then(|c| c.get(1))
+                .and_then(|c| c.get("value"))
+                .and_then(|c| c.as_str())
+                .ok_or_else(|| Error::file(path, format!("entry {i}: no conversations[1].value string")))?
+                .replace('\n', " ");
+            out.push(sample(base, &image, caption, None));
+        }
+    } else {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::file(path, format!("line {}: not JSON: {e}", i + 1)))?;
+            let image = str_field(&v, "image").ok_or_else(|| Error::file(path, format!("line {}: no \"image\" string", i + 1)))?;
+            let caption = str_field(&v, "caption").ok_or_else(|| Error::file(path, format!("line {}: no \"caption\" string", i + 1)))?;
+            out.push(sample(base, &image, caption, str_field(&v, "short_caption")));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::file(path, "no samples"));
+    }
+    Ok(out)
+}
+
+/// Where the data stream stands: the next micro-batch starts at sample `index` of epoch `epoch`'s
+/// permutation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub epoch: usize,
+    pub index: usize,
+}
+
+/// One micro-batch, ready for the towers.
+pub struct Batch {
+    pub pixels: Tensor,         // [B, 3, S, S]
+    pub long_ids: Vec<Vec<u32>>,  // B token sequences (unpadded)
+    pub short_ids: Vec<Vec<u32>>, // B token sequences (unpadded)
+    pub samples: Vec<usize>,
+}
+
+pub struct Loader {
+    pub samples: Vec<Sample>,
+    pub batch: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub position: Position,
+    pre: PreprocessConfig,
+    tok: ClipTokenizer,
+}
+
+impl Loader {
+    pub fn new(samples: Vec<Sample>, batch: usize, seed: u64, shuffle: bool, pre: PreprocessConfig, tok: ClipTokenizer) -> Result<Loader> {
+        if batch == 0 || samples.len() < batch {
+            return Err(Error::msg(format!("--batch {batch} needs between 1 and the {} samples of the data", samples.len())));
+        }
+        Ok(Loader { samples, batch, seed, shuffle, position: Position { epoch: 0, index: 0 }, pre, tok })
+    }
+
+    /// Micro-batches per epoch (the last partial one is dropped).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.samples.len() / self.batch
+    }
+
+    /// The visiting order of `epoch`.
+    pub fn permutation(&self, epoch: usize) -> Vec<usize> {
+        let mut p: Vec<usize> = (0..self.samples.len()).collect();
+        if self.shuffle {
+            let mut r = Rng::new(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x5851_F42D));
+            for i in (1..p.len()).rev() {
+                let j = (r.next_u64() % (i as u64 + 1)) as usize;
+                p.swap(i, j);
+            }
+        }
+        p
+    }
+
+    /// The sample indices of the next micro-batch; advances the position.
+    pub fn next_indices(&mut self) -> Vec<usize> {
+        if self.position.index + self.batch > self.samples.len() {
+            self.position = Position { epoch: self.position.epoch + 1, index: 0 };
+        }
+        let perm = self.permutation(self.position.epoch);
+        let idx = perm[self.position.index..self.position.index + self.batch].to_vec();
+        self.position.index += self.batch;
+        idx
+    }
+
+    /// Loads, preprocesses and tokenises the next micro-batch (images in parallel).
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let idx = self.next_indices();
+        self.load(&idx)
+    }
+
+    pub fn load(&self, idx: &[usize]) -> Result<Batch> {
+        let (s, pre) = (self.pre.crop_h as usize, &self.pre);
+        let images: Vec<Vec<f32>> = idx
+            .par_iter()
+            .map(|&i| load_rgb8_hf(&self.samples[i].image).map(|im| preprocess(&im, pre)).map_err(|e| Error::msg(format!("{e:#}"))))
+            .collect::<Result<_>>()?;
+        let pixels: Vec<f32> = images.concat();
+        let long: Vec<String> = idx.iter().map(|&i| self.samples[i].caption.clone()).collect();
+        let short: Vec<String> = idx.iter().map(|&i| self.samples[i].short_caption.clone()).collect();
+        Ok(Batch {
+            pixels: Tensor::from_vec(pixels, &[idx.len(), 3, s, s])?,
+            long_ids: self.tok.encode_batch(&long)?,
+            short_ids: self.tok.encode_batch(&short)?,
+            samples: idx.to_vec(),
+        })
+    }
+}

@@ -1,0 +1,211 @@
+//! The fine-tuning loop (Long-CLIP on the CPU backend): micro-batches with gradient accumulation,
+//! warm-up + cosine learning rate, AdamW (frozen position rows untouched), one JSON log line per
+//! optimizer step, atomic checkpoints with optimizer state and data position, exact resume,
+//! Ctrl-C → checkpoint then exit, a non-finite loss → stop with the last good state saved, and a
+//! loss-curve SVG next to the log at the end.
+use super::checkpoint::{self, TrainerState};
+use super::data::{read_samples, Loader};
+use super::longclip::longclip_loss;
+use super::model::TrainClip;
+use super::optim::Optimizer;
+use super::schedule::CosineSchedule;
+use crate::autograd::Tape;
+use crate::error::{Error, Result};
+use crate::io::tokenizer::ClipTokenizer;
+use crate::ops::adamw::AdamW;
+use crate::tensor::Tensor;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Everything a run is configured by (the CLI fills it).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub image_root: Option<PathBuf>,
+    pub out: PathBuf,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub batch: usize,
+    pub accum: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub save_every: usize,
+    pub weight_decay: f64,
+    pub pca_dim: usize,
+    pub recompute: bool,
+    pub log: Option<PathBuf>,
+}
+
+/// One logged optimizer step.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub loss_long: f64,
+    pub loss_short: f64,
+    pub lr: f64,
+    pub logit_scale: f64,
+    pub samples_per_s: f64,
+}
+
+/// What a finished (or stopped) run reports.
+pub struct RunResult {
+    pub steps: Vec<StepLog>,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+fn checkpoint_dir(out: &Path, step: usize) -> PathBuf {
+    out.join("checkpoints").join(format!("step-{step:06}"))
+}
+
+/// Runs (or, with `resume`, continues) a Long-CLIP fine-tune. `stop` is polled after every step
+/// (Ctrl-C); `quiet` hides the progress bar.
+pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quiet: bool) -> Result<RunResult> {
+    if cfg.accum == 0 {
+        return Err(Error::msg("--accum must be at least 1"));
+    }
+    let source = resume.unwrap_or(&cfg.model);
+    let mut model = TrainClip::load_dir(source)?;
+    model.recompute = cfg.recompute;
+    let tc = model.config.text.clone();
+    let pre = crate::cli::common::preprocess_config(&cfg.model, model.config.vision.image_size)?;
+    let tok = ClipTokenizer::from_file(&cfg.model, tc.max_positions)?;
+    let samples = read_samples(&cfg.data, cfg.image_root.as_deref())?;
+    let mut loader = Loader::new(samples, cfg.batch, cfg.seed, cfg.shuffle, pre, tok)?;
+    let steps_per_epoch = loader.batches_per_epoch() / cfg.accum;
+    if steps_per_epoch == 0 {
+        return Err(Error::msg(format!("--batch {} × --accum {} is more than one epoch of {} samples", cfg.batch, cfg.accum, loader.samples.len())));
+    }
+    let total = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+    let sched = CosineSchedule { lr: cfg.lr, warmup: cfg.warmup, total };
+    let mut opt = Optimizer::new(AdamW { lr: cfg.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay });
+    for (i, (name, t)) in model.params.iter().enumerate() {
+        if model.trainable[i] {
+            let frozen = if name == "text_model.embeddings.position_embedding.weight" { tc.frozen_positions * tc.tower.hidden } else { 0 };
+            opt.add(name, t.shape(), frozen, 0);
+        }
+    }
+    let mut start = 0;
+    if let Some(dir) = resume {
+        let st = checkpoint::load_state(dir, &mut opt)?;
+        start = st.step;
+        loader.position = st.position;
+    } else if let Some(i) = model.index("logit_scale") {
+        model.params[i].1 = Tensor::from_vec(vec![100f32.ln()], model.params[i].1.shape())?; // reset to ln 100
+    }
+    let mut log = open_log(cfg.log.as_deref(), start)?;
+    let bar = crate::cli::progress(total as u64, "finetune");
+    if quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_position(start as u64);
+    let (mut steps, mut last_ckpt) = (vec![], resume.map(|p| p.to_path_buf()));
+    let save = |model: &TrainClip, opt: &Optimizer, step: usize, pos| -> Result<PathBuf> {
+        let dir = checkpoint_dir(&cfg.out, step);
+        let args = serde_json::to_value(cfg).map_err(Error::msg)?;
+        checkpoint::save(&dir, &cfg.model, &model.params, Some(opt), Some(&TrainerState { step, position: pos, args }))?;
+        Ok(dir)
+    };
+    for step in start..total {
+        let t0 = Instant::now();
+        let lr = sched.lr(step);
+        let mut acc: Vec<Option<Vec<f32>>> = vec![None; model.params.len()];
+        let (mut loss, mut l_long, mut l_short) = (0f64, 0f64, 0f64);
+        let pos_before = loader.position;
+        for _ in 0..cfg.accum {
+            let batch = loader.next_batch()?;
+            let tape = Tape::new();
+            let sv = model.vars(&tape);
+            let (l, a, b) = longclip_loss(&tape, &model, &sv, &batch, cfg.pca_dim)?;
+            if !l.item().is_finite() {
+                let dir = save(&model, &opt, step, pos_before)?;
+                bar.finish_and_clear();
+                return Err(Error::msg(format!("loss is {} at step {}: stopped; the last good state is saved in {}", l.item(), step + 1, dir.display())));
+            }
+            loss += l.item() as f64 / cfg.accum as f64;
+            l_long += a as f64 / cfg.accum as f64;
+            l_short += b as f64 / cfg.accum as f64;
+            let scaled = tape.scale(&l, 1.0 / cfg.accum as f32);
+            let mut grads = tape.backward(&scaled)?;
+            for (i, v) in sv.vars.iter().enumerate() {
+                if let Some(g) = grads.take(v) {
+                    match &mut acc[i] {
+                        None => acc[i] = Some(g.to_vec_f32()),
+                        Some(a) => a.iter_mut().zip(g.f32_data().iter()).for_each(|(x, y)| *x += y),
+                    }
+                }
+            }
+        }
+        opt.begin_step();
+        for (k, st) in opt.params.clone().iter().enumerate() {
+            let i = model.index(&st.name).ok_or_else(|| Error::msg(format!("optimizer parameter {} not in the model", st.name)))?;
+            let g = acc[i].take().unwrap_or_else(|| vec![0.0; st.m.len()]);
+            let mut v = model.params[i].1.to_vec_f32();
+            opt.update(k, &[lr], &mut v, &g)?;
+            model.params[i].1 = Tensor::from_vec(v, model.params[i].1.shape())?;
+        }
+        let logit_scale = model.index("logit_scale").map(|i| model.params[i].1.f32_data()[0] as f64).unwrap_or(f64::NAN);
+        let rec = StepLog { step: step + 1, loss, loss_long: l_long, loss_short: l_short, lr, logit_scale, samples_per_s: (cfg.batch * cfg.accum) as f64 / t0.elapsed().as_secs_f64() };
+        if let Some(f) = log.as_mut() {
+            writeln!(f, "{}", serde_json::to_string(&rec).map_err(Error::msg)?).and_then(|_| f.flush()).map_err(|e| Error::msg(format!("cannot write the log: {e}")))?;
+        }
+        bar.set_message(format!("loss {loss:.4}"));
+        bar.inc(1);
+        steps.push(rec);
+        let done = step + 1;
+        let interrupted = stop.load(Ordering::SeqCst);
+        if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total || interrupted {
+            last_ckpt = Some(save(&model, &opt, done, loader.position)?);
+        }
+        if interrupted {
+            bar.finish_and_clear();
+            return Err(Error::msg(format!("interrupted after step {done}: checkpoint written to {} (continue with --resume)", last_ckpt.as_ref().unwrap().display())));
+        }
+    }
+    bar.finish_and_clear();
+    // the fine-tuned model itself, loadable by every command
+    checkpoint::save(&cfg.out.join("model"), &cfg.model, &model.params, None, None)?;
+    if let Some(p) = &cfg.log {
+        write_curve(p)?;
+    }
+    Ok(RunResult { steps, last_checkpoint: last_ckpt })
+}
+
+/// The log file: created, or on resume kept up to `start` steps and appended to.
+fn open_log(path: Option<&Path>, start: usize) -> Result<Option<std::fs::File>> {
+    let Some(p) = path else { return Ok(None) };
+    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create: {e}")))?;
+    }
+    let keep: String = if start > 0 && p.is_file() {
+        let text = std::fs::read_to_string(p).map_err(|e| Error::file(p, format!("cannot read: {e}")))?;
+        text.lines()
+            .filter(|l| serde_json::from_str::<StepLog>(l).map(|r| r.step <= start).unwrap_or(false))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    } else {
+        String::new()
+    };
+    crate::io::npy::write_atomic(p, keep.as_bytes())?;
+    let f = std::fs::OpenOptions::new().append(true).open(p).map_err(|e| Error::file(p, format!("cannot open: {e}")))?;
+    Ok(Some(f))
+}
+
+/// Reads a log and writes the loss curve next to it (`<log>.svg`).
+pub fn write_curve(log: &Path) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(log).map_err(|e| Error::file(log, format!("cannot read: {e}")))?;
+    let recs: Vec<StepLog> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let series = |name: &str, f: &dyn Fn(&StepLog) -> f64| crate::plot::Series { name: name.into(), points: recs.iter().map(|r| (r.step as f64, f(r))).collect() };
+    let svg = crate::plot::line_chart("Long-CLIP fine-tune", "optimizer step", "loss", &[series("loss", &|r| r.loss), series("loss_long", &|r| r.loss_long), series("loss_short", &|r| r.loss_short)])?;
+    let mut out = log.as_os_str().to_owned();
+    out.push(".svg");
+    let out = PathBuf::from(out);
+    crate::io::npy::write_atomic(&out, svg.as_bytes())?;
+    Ok(out)
+}

@@ -1,0 +1,178 @@
+//! Long-CLIP fine-tuning end to end on the tiny model stretched to 248 positions:
+//! - parity with the project's PyTorch reference (scripts/longclip_reference.py → fixtures
+//!   tests/fixtures/longclip/expected_*.json): every step's loss, L_long, L_short, lr and logit
+//!   scale within 1e-4 relative, for batch 8 and for micro-batch 4 × accumulation 2;
+//! - frozen position rows bit-identical after training;
+//! - resume from a checkpoint (and from a Ctrl-C stop) continues the same loss curve exactly;
+//! - a non-finite loss stops the run with the last good state saved;
+//! - the data formats (JSONL, ShareGPT4V), the short-caption rule and line-numbered errors.
+use clipforge::model::Weights;
+use clipforge::train::data::{first_sentence, read_samples, Loader};
+use clipforge::train::trainer::{run, StepLog, TrainConfig};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("clipforge-ft-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The tiny model stretched to 248 positions (20 frozen) in `dir`/long.
+fn stretched(dir: &Path) -> PathBuf {
+    let out = dir.join("long");
+    let o = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(["stretch", "--model", fixture("tiny").to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn config(model: &Path, out: &Path, batch: usize, accum: usize) -> TrainConfig {
+    TrainConfig {
+        model: model.to_path_buf(),
+        data: fixture("longclip/train.jsonl"),
+        image_root: None,
+        out: out.to_path_buf(),
+        seed: 0,
+        shuffle: false,
+        batch,
+        accum,
+        lr: 1e-3,
+        warmup: 3,
+        epochs: 1,
+        max_steps: Some(12),
+        save_every: 4,
+        weight_decay: 1e-2,
+        pca_dim: 4,
+        recompute: false,
+        log: Some(out.join("log.jsonl")),
+    }
+}
+
+fn no_stop() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
+
+#[test]
+fn matches_the_pytorch_reference_step_by_step() {
+    let d = tmpdir("parity");
+    let model = stretched(&d);
+    for (name, batch, accum) in [("expected_b8.json", 8, 1), ("expected_b4x2.json", 4, 2)] {
+        let out = d.join(name);
+        let r = run(&config(&model, &out, batch, accum), None, no_stop(), true).unwrap();
+        let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("longclip").join(name)).unwrap()).unwrap();
+        let steps = exp["steps"].as_array().unwrap();
+        assert_eq!(r.steps.len(), steps.len());
+        for (got, want) in r.steps.iter().zip(steps) {
+            for (k, g) in [("loss", got.loss), ("loss_long", got.loss_long), ("loss_short", got.loss_short), ("lr", got.lr), ("logit_scale", got.logit_scale)] {
+                let w = want[k].as_f64().unwrap();
+                assert!(g.is_finite() && (g - w).abs() <= 1e-4 * w.abs(), "{name} step {}: {k} = {g}, PyTorch {w}", got.step);
+            }
+        }
+        // frozen position rows are bit-identical; the others moved
+        let p0 = Weights::open(&model).unwrap().get("text_model.embeddings.position_embedding.weight").unwrap().to_vec_f32();
+        let p1 = Weights::open(&out.join("model")).unwrap().get("text_model.embeddings.position_embedding.weight").unwrap().to_vec_f32();
+        let w = 32;
+        assert_eq!(&p0[..20 * w], &p1[..20 * w], "frozen rows changed");
+        assert_ne!(&p0[20 * w..], &p1[20 * w..]);
+        assert!(out.join("log.jsonl.svg").is_file());
+    }
+}
+
+fn read_log(p: &Path) -> Vec<StepLog> {
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn resume_continues_the_same_curve() {
+    let d = tmpdir("resume");
+    let model = stretched(&d);
+    let full = d.join("full");
+    run(&config(&model, &full, 4, 1), None, no_stop(), true).unwrap();
+    let want = read_log(&full.join("log.jsonl"));
+    // from the step-4 checkpoint of that run, into a copy of its log
+    let part = d.join("part");
+    std::fs::create_dir_all(&part).unwrap();
+    std::fs::copy(full.join("log.jsonl"), part.join("log.jsonl")).unwrap();
+    run(&config(&model, &part, 4, 1), Some(&full.join("checkpoints/step-000004")), no_stop(), true).unwrap();
+    let got = read_log(&part.join("log.jsonl"));
+    let strip = |v: &[StepLog]| v.iter().map(|s| (s.step, s.loss, s.loss_long, s.loss_short, s.lr, s.logit_scale)).collect::<Vec<_>>();
+    assert_eq!(strip(&got), strip(&want), "resumed curve differs");
+    // a Ctrl-C stop after the first step writes a checkpoint; resuming from it gives the same curve
+    let stopped = d.join("stopped");
+    let err = run(&config(&model, &stopped, 4, 1), None, Arc::new(AtomicBool::new(true)), true).err().unwrap().to_string();
+    assert!(err.contains("interrupted after step 1"), "{err}");
+    let ck = clipforge::train::checkpoint::latest(&stopped).unwrap();
+    run(&config(&model, &stopped, 4, 1), Some(&ck), no_stop(), true).unwrap();
+    assert_eq!(strip(&read_log(&stopped.join("log.jsonl"))), strip(&want));
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_last_good_state() {
+    let d = tmpdir("nan");
+    let model = stretched(&d);
+    let out = d.join("run");
+    let mut cfg = config(&model, &out, 8, 1);
+    cfg.lr = 1e30;
+    cfg.warmup = 0;
+    let err = run(&cfg, None, no_stop(), true).err().expect("a run at lr 1e30 must stop").to_string();
+    assert!(err.contains("stopped; the last good state is saved in"), "{err}");
+    let ck = clipforge::train::checkpoint::latest(&out).unwrap();
+    let w = Weights::open(&ck).unwrap();
+    assert!(w.get("logit_scale").unwrap().to_vec_f32()[0].is_finite());
+}
+
+#[test]
+fn data_formats_and_errors() {
+    assert_eq!(first_sentence("A cat. It sits. On a mat."), "A cat");
+    assert_eq!(first_sentence("no period here"), "no period here");
+    let s = read_samples(&fixture("longclip/train.jsonl"), None).unwrap();
+    assert_eq!(s.len(), 16);
+    assert_eq!(s[5].short_caption, "a small orange triangle");
+    assert_eq!(s[0].short_caption, first_sentence(&s[0].caption));
+    assert!(s[0].image.starts_with(fixture("longclip")));
+    let d = tmpdir("data");
+    let sg = d.join("sharegpt.json");
+    std::fs::write(&sg, r#"[{"image": "a.png", "conversations": [{"value": "describe"}, {"value": "Line one.\nTwo. Three"}]}]"#).unwrap();
+    let s = read_samples(&sg, Some(Path::new("/imgs"))).unwrap();
+    assert_eq!((s[0].caption.as_str(), s[0].short_caption.as_str(), s[0].image.as_path()), ("Line one. Two. Three", "Line one", Path::new("/imgs/a.png")));
+    let bad = d.join("bad.jsonl");
+    std::fs::write(&bad, "{\"image\": \"a.png\", \"caption\": \"x\"}\n{\"image\": \"b.png\"}\n").unwrap();
+    let e = read_samples(&bad, None).unwrap_err().to_string();
+    assert!(e.contains("line 2") && e.contains("caption") && e.contains("bad.jsonl"), "{e}");
+    std::fs::write(&bad, "not json\n").unwrap();
+    assert!(read_samples(&bad, None).unwrap_err().to_string().contains("line 1"));
+}
+
+#[test]
+fn shuffling_is_seeded_and_positions_replay() {
+    let model = fixture("tiny");
+    let pre = clipforge::cli::common::preprocess_config(&model, 32).unwrap();
+    let tok = || clipforge::io::tokenizer::ClipTokenizer::from_file(&model, 77).unwrap();
+    let s = read_samples(&fixture("longclip/train.jsonl"), None).unwrap();
+    let mut a = Loader::new(s.clone(), 3, 7, true, pre.clone(), tok()).unwrap();
+    let b = Loader::new(s.clone(), 3, 8, true, pre.clone(), tok()).unwrap();
+    assert_ne!(a.permutation(0), a.permutation(1), "epochs differ");
+    assert_ne!(a.permutation(0), b.permutation(0), "seeds differ");
+    let mut sorted = a.permutation(3);
+    sorted.sort();
+    assert_eq!(sorted, (0..16).collect::<Vec<_>>());
+    let first: Vec<Vec<usize>> = (0..12).map(|_| a.next_indices()).collect();
+    assert!(first.iter().all(|b| b.len() == 3), "the partial last batch (16 = 5·3 + 1) is dropped");
+    let mut c = Loader::new(s, 3, 7, true, pre, tok()).unwrap();
+    for _ in 0..7 {
+        c.next_indices();
+    }
+    let pos = c.position;
+    let mut d = Loader::new(read_samples(&fixture("longclip/train.jsonl"), None).unwrap(), 3, 7, true, clipforge::cli::common::preprocess_config(&model, 32).unwrap(), tok()).unwrap();
+    d.position = pos;
+    assert_eq!((0..5).map(|_| d.next_indices()).collect::<Vec<_>>(), first[7..12].to_vec());
+    let batch = d.load(&[0, 5]).unwrap();
+    assert_eq!(batch.pixels.shape(), &[2, 3, 32, 32]);
+}
