@@ -137,9 +137,9 @@ def main():
         st = F.normalize(proj(model.get_text_features(input_ids=sid)), dim=-1)
         return img, lt, st
 
-    log, first_grads = [], None
-    t_start = time.time()
+    log, first_grads, times = [], None, []
     for step in range(a.steps):
+        t0 = time.time()
         lr = lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -162,9 +162,10 @@ def main():
         with torch.no_grad():
             pos[:keep] = frozen
         log.append({"step": step + 1, "loss": tot[0], "loss_long": tot[1], "loss_short": tot[2], "lr": lr, "logit_scale": model.logit_scale.item()})
-    dt = (time.time() - t_start) / a.steps
-    if a.bench:
-        print(json.dumps({"torch_step_s": dt, "samples_per_s": a.batch * a.accum / dt, "threads": torch.get_num_threads()}))
+        times.append(time.time() - t0)
+    if a.bench:  # the median step after the first (warm-up)
+        dt = float(np.median(times[1:] if len(times) > 1 else times))
+        print(json.dumps({"torch_step_s": dt, "samples_per_s": a.batch * a.accum / dt, "threads": torch.get_num_threads(), "steps": a.steps}))
         return
     final = {"logit_scale": model.logit_scale.item(), "text_projection[0,:4]": model.text_projection.weight[0, :4].tolist(),
              "position[30,:4]": pos[30, :4].tolist(), "position[5,:4]": pos[5, :4].tolist()}
