@@ -13,7 +13,7 @@
 // Hyperparameters are passed as double for that reason; step t >= 1 is the count AFTER this update.
 //
 // adamw_<G>(p, g, m, v, p_bf16, p_f16, n, lr, beta1, beta2, eps, weight_decay, step):
-//   G is the gradient type: adamw_f32 (float grads), adamw_bf16 (__nv_bfloat16 grads).
+//   G is the gradient type: adamw_f32 (float grads), adamw_bf16 (__nv_bfloat16 grads), adamw_f16 (__half grads).
 //   p, m, v: float [n], updated in place; p_bf16 / p_f16: if not NULL, the updated p rounded to
 //   bf16 / f16 (nearest even), e.g. the weights the next forward reads. No buffer may alias another.
 //   geometry: grid-stride loop, blockDim = (256, 1, 1) (any multiple of 32), any gridDim.x >= 1
@@ -66,4 +66,12 @@ extern "C" __global__ void adamw_bf16(float* __restrict__ p, const __nv_bfloat16
                                       double lr, double beta1, double beta2, double eps, double weight_decay,
                                       int step) {
   adamw_step<__nv_bfloat16>(p, g, m, v, p_bf16, p_f16, n, lr, beta1, beta2, eps, weight_decay, step);
+}
+
+extern "C" __global__ void adamw_f16(float* __restrict__ p, const __half* __restrict__ g,
+                                      float* __restrict__ m, float* __restrict__ v,
+                                      __nv_bfloat16* __restrict__ p_bf16, __half* __restrict__ p_f16, long long n,
+                                      double lr, double beta1, double beta2, double eps, double weight_decay,
+                                      int step) {
+  adamw_step<__half>(p, g, m, v, p_bf16, p_f16, n, lr, beta1, beta2, eps, weight_decay, step);
 }

@@ -36,6 +36,7 @@
 // 115,968 B (< 163 KiB on sm_80). No aliasing between inputs and outputs.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include "common.cuh"
 
 #define ATTN_THREADS 128
@@ -416,6 +417,14 @@ attention_fwd_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __r
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_fwd_f16(const __half* __restrict__ q, const __half* __restrict__ k,
+                   const __half* __restrict__ v, __half* __restrict__ o, float* __restrict__ lse, int B,
+                   int T, int H, int hd, int causal, float scale) {
+  (void)B;
+  attn_fwd<__half>(q, k, v, o, lse, T, H, hd, causal, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_bwd_f32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                   const float* __restrict__ o, const float* __restrict__ dout, const float* __restrict__ lse,
                   float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, int B, int T, int H, int hd,
@@ -432,4 +441,14 @@ attention_bwd_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __r
                    int B, int T, int H, int hd, int causal, float scale) {
   (void)B;
   attn_bwd<__nv_bfloat16>(q, k, v, o, dout, lse, dq, dk, dv, T, H, hd, causal, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_bwd_f16(const __half* __restrict__ q, const __half* __restrict__ k,
+                   const __half* __restrict__ v, const __half* __restrict__ o,
+                   const __half* __restrict__ dout, const float* __restrict__ lse,
+                   __half* __restrict__ dq, __half* __restrict__ dk, __half* __restrict__ dv,
+                   int B, int T, int H, int hd, int causal, float scale) {
+  (void)B;
+  attn_bwd<__half>(q, k, v, o, dout, lse, dq, dk, dv, T, H, hd, causal, scale);
 }

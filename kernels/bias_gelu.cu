@@ -19,6 +19,7 @@
 //          geometry: blockDim = (256, 1, 1), gridDim.x = CEIL_DIV(n, 256).
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include "common.cuh"
 
 #define ACT_QUICK_GELU 0
@@ -76,12 +77,22 @@ extern "C" __global__ void bias_quick_gelu_fwd_bf16(__nv_bfloat16* y, const floa
                                                     int rows, int n) {
   bias_act_fwd<ACT_QUICK_GELU, __nv_bfloat16>(y, b, pre, rows, n);
 }
+
+extern "C" __global__ void bias_quick_gelu_fwd_f16(__half* y, const float* __restrict__ b, __half* pre,
+                                                    int rows, int n) {
+  bias_act_fwd<ACT_QUICK_GELU, __half>(y, b, pre, rows, n);
+}
 extern "C" __global__ void bias_gelu_fwd_f32(float* y, const float* __restrict__ b, float* pre, int rows, int n) {
   bias_act_fwd<ACT_GELU, float>(y, b, pre, rows, n);
 }
 extern "C" __global__ void bias_gelu_fwd_bf16(__nv_bfloat16* y, const float* __restrict__ b, __nv_bfloat16* pre,
                                               int rows, int n) {
   bias_act_fwd<ACT_GELU, __nv_bfloat16>(y, b, pre, rows, n);
+}
+
+extern "C" __global__ void bias_gelu_fwd_f16(__half* y, const float* __restrict__ b, __half* pre,
+                                              int rows, int n) {
+  bias_act_fwd<ACT_GELU, __half>(y, b, pre, rows, n);
 }
 
 extern "C" __global__ void bias_quick_gelu_bwd_f32(const float* dy, const float* __restrict__ pre, float* dpre,
@@ -93,6 +104,12 @@ extern "C" __global__ void bias_quick_gelu_bwd_bf16(const __nv_bfloat16* dy, con
                                                     int n) {
   bias_act_bwd<ACT_QUICK_GELU, __nv_bfloat16>(dy, pre, dpre, dbias_partial, rows, n);
 }
+
+extern "C" __global__ void bias_quick_gelu_bwd_f16(const __half* dy, const __half* __restrict__ pre,
+                                                    __half* dpre, float* __restrict__ dbias_partial, int rows,
+                                                    int n) {
+  bias_act_bwd<ACT_QUICK_GELU, __half>(dy, pre, dpre, dbias_partial, rows, n);
+}
 extern "C" __global__ void bias_gelu_bwd_f32(const float* dy, const float* __restrict__ pre, float* dpre,
                                              float* __restrict__ dbias_partial, int rows, int n) {
   bias_act_bwd<ACT_GELU, float>(dy, pre, dpre, dbias_partial, rows, n);
@@ -100,6 +117,11 @@ extern "C" __global__ void bias_gelu_bwd_f32(const float* dy, const float* __res
 extern "C" __global__ void bias_gelu_bwd_bf16(const __nv_bfloat16* dy, const __nv_bfloat16* __restrict__ pre,
                                               __nv_bfloat16* dpre, float* __restrict__ dbias_partial, int rows, int n) {
   bias_act_bwd<ACT_GELU, __nv_bfloat16>(dy, pre, dpre, dbias_partial, rows, n);
+}
+
+extern "C" __global__ void bias_gelu_bwd_f16(const __half* dy, const __half* __restrict__ pre,
+                                              __half* dpre, float* __restrict__ dbias_partial, int rows, int n) {
+  bias_act_bwd<ACT_GELU, __half>(dy, pre, dpre, dbias_partial, rows, n);
 }
 
 extern "C" __global__ void bias_grad_reduce_f32(const float* __restrict__ partial, float* __restrict__ dbias,

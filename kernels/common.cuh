@@ -5,11 +5,12 @@
 // block_reduce_sum needs blockDim.x to be a multiple of 32 (all warps full), must be reached
 // by every thread of the block (it contains __syncthreads), and ends with a barrier so the
 // scratch buffer can be reused immediately.
-// Conversions: load_f32/store_from_f32 let one template body serve float and __nv_bfloat16
-// tensors (math is always f32; bf16 stores round to nearest even).
+// Conversions: load_f32/store_from_f32 let one template body serve float, __nv_bfloat16 and __half
+// tensors (math is always f32; bf16 and f16 stores round to nearest even).
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 // NVRTC compiles without <cuda_runtime.h> (and so without math.h's INFINITY).
 #ifndef INFINITY
@@ -49,3 +50,5 @@ __device__ __forceinline__ float load_f32(const float* p, size_t i) { return p[i
 __device__ __forceinline__ float load_f32(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void store_from_f32(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void store_from_f32(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+__device__ __forceinline__ float load_f32(const __half* p, size_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void store_from_f32(__half* p, size_t i, float v) { p[i] = __float2half(v); }

@@ -18,6 +18,7 @@
 //          geometry: as the forward.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include "common.cuh"
 
 template <typename T>
@@ -80,6 +81,12 @@ extern "C" __global__ void cross_entropy_fwd_bf16(const __nv_bfloat16* __restric
   cross_entropy_fwd<__nv_bfloat16>(logits, targets, loss, lse, rows, C, eps);
 }
 
+extern "C" __global__ void cross_entropy_fwd_f16(const __half* __restrict__ logits,
+                                                  const unsigned* __restrict__ targets, float* __restrict__ loss,
+                                                  float* __restrict__ lse, int rows, int C, float eps) {
+  cross_entropy_fwd<__half>(logits, targets, loss, lse, rows, C, eps);
+}
+
 extern "C" __global__ void cross_entropy_mean_f32(const float* __restrict__ loss, float* __restrict__ mean, int rows) {
   __shared__ float scratch[32];
   float s = 0.f;
@@ -98,4 +105,10 @@ extern "C" __global__ void cross_entropy_bwd_bf16(const __nv_bfloat16* logits, c
                                                   const float* __restrict__ lse, __nv_bfloat16* dlogits, int rows,
                                                   int C, float eps, float dloss) {
   cross_entropy_bwd<__nv_bfloat16>(logits, targets, lse, dlogits, rows, C, eps, dloss);
+}
+
+extern "C" __global__ void cross_entropy_bwd_f16(const __half* logits, const unsigned* __restrict__ targets,
+                                                  const float* __restrict__ lse, __half* dlogits, int rows,
+                                                  int C, float eps, float dloss) {
+  cross_entropy_bwd<__half>(logits, targets, lse, dlogits, rows, C, eps, dloss);
 }

@@ -22,6 +22,7 @@
 //   geometry: blockDim = (256, 1, 1), gridDim.x = CEIL_DIV(cols, 256).
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include "common.cuh"
 
 // No __restrict__ on xr: the residual kernel rereads x it has just written, which must not
@@ -131,6 +132,12 @@ extern "C" __global__ void layernorm_fwd_bf16(const __nv_bfloat16* __restrict__ 
   layernorm_fwd<__nv_bfloat16>(x, gamma, beta, y, mean, rstd, rows, cols, eps);
 }
 
+extern "C" __global__ void layernorm_fwd_f16(const __half* __restrict__ x, const float* __restrict__ gamma,
+                                              const float* __restrict__ beta, __half* __restrict__ y,
+                                              float* mean, float* rstd, int rows, int cols, float eps) {
+  layernorm_fwd<__half>(x, gamma, beta, y, mean, rstd, rows, cols, eps);
+}
+
 extern "C" __global__ void residual_layernorm_fwd_f32(float* x, const float* __restrict__ residual,
                                                       const float* __restrict__ gamma, const float* __restrict__ beta,
                                                       float* __restrict__ y, float* mean, float* rstd, int rows,
@@ -143,6 +150,13 @@ extern "C" __global__ void residual_layernorm_fwd_bf16(__nv_bfloat16* x, const _
                                                        const float* __restrict__ beta, __nv_bfloat16* __restrict__ y,
                                                        float* mean, float* rstd, int rows, int cols, float eps) {
   residual_layernorm_fwd<__nv_bfloat16>(x, residual, gamma, beta, y, mean, rstd, rows, cols, eps);
+}
+
+extern "C" __global__ void residual_layernorm_fwd_f16(__half* x, const __half* __restrict__ residual,
+                                                       const float* __restrict__ gamma,
+                                                       const float* __restrict__ beta, __half* __restrict__ y,
+                                                       float* mean, float* rstd, int rows, int cols, float eps) {
+  residual_layernorm_fwd<__half>(x, residual, gamma, beta, y, mean, rstd, rows, cols, eps);
 }
 
 extern "C" __global__ void layernorm_bwd_f32(const float* __restrict__ dy, const float* __restrict__ x,
@@ -159,6 +173,14 @@ extern "C" __global__ void layernorm_bwd_bf16(const __nv_bfloat16* __restrict__ 
                                               float* __restrict__ dgamma_partial, float* __restrict__ dbeta_partial,
                                               int rows, int cols) {
   layernorm_bwd<__nv_bfloat16>(dy, x, gamma, mean, rstd, dx, dgamma_partial, dbeta_partial, rows, cols);
+}
+
+extern "C" __global__ void layernorm_bwd_f16(const __half* __restrict__ dy, const __half* __restrict__ x,
+                                              const float* __restrict__ gamma, const float* __restrict__ mean,
+                                              const float* __restrict__ rstd, __half* __restrict__ dx,
+                                              float* __restrict__ dgamma_partial, float* __restrict__ dbeta_partial,
+                                              int rows, int cols) {
+  layernorm_bwd<__half>(dy, x, gamma, mean, rstd, dx, dgamma_partial, dbeta_partial, rows, cols);
 }
 
 extern "C" __global__ void layernorm_bwd_reduce_f32(const float* __restrict__ dgamma_partial,

@@ -34,6 +34,7 @@
 //          g in order. geometry: blockDim = (256, 1, 1), gridDim.x = CEIL_DIV(n, 256).
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include "common.cuh"
 
 struct StretchCoef {
@@ -120,6 +121,12 @@ extern "C" __global__ void pos_gather_fwd_bf16(const float* __restrict__ P, cons
   pos_gather_fwd<__nv_bfloat16>(P, pos, out, rows, L, W, keep, ratio);
 }
 
+extern "C" __global__ void pos_gather_fwd_f16(const float* __restrict__ P, const unsigned* __restrict__ pos,
+                                               __half* __restrict__ out, int rows, int L, int W, int keep,
+                                               int ratio) {
+  pos_gather_fwd<__half>(P, pos, out, rows, L, W, keep, ratio);
+}
+
 extern "C" __global__ void pos_stretch_f32(const float* __restrict__ P, float* __restrict__ out, int L, int W,
                                            int keep, int ratio) {
   pos_gather_fwd<float>(P, nullptr, out, ratio * L - (ratio - 1) * keep, L, W, keep, ratio);
@@ -135,6 +142,12 @@ extern "C" __global__ void pos_gather_bwd_bf16(const __nv_bfloat16* __restrict__
                                                const unsigned* __restrict__ pos, float* __restrict__ dP_partial,
                                                int rows, int L, int W, int keep, int ratio) {
   pos_gather_bwd<__nv_bfloat16>(dout, pos, dP_partial, rows, L, W, keep, ratio);
+}
+
+extern "C" __global__ void pos_gather_bwd_f16(const __half* __restrict__ dout,
+                                               const unsigned* __restrict__ pos, float* __restrict__ dP_partial,
+                                               int rows, int L, int W, int keep, int ratio) {
+  pos_gather_bwd<__half>(dout, pos, dP_partial, rows, L, W, keep, ratio);
 }
 
 extern "C" __global__ void pos_gather_bwd_reduce_f32(const float* __restrict__ dP_partial, float* __restrict__ dP,

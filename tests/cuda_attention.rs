@@ -42,6 +42,26 @@ impl DevElem for u16 {
     }
 }
 
+/// f16 elements: the same 16-bit buffers, IEEE half precision.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct H16(u16);
+impl Elem for H16 {
+    const CANARY: H16 = H16(0x7fa5); // an f16 NaN
+    fn same_bits(self, o: H16) -> bool {
+        self.0 == o.0
+    }
+}
+impl DevElem for H16 {
+    const DTYPE: DType = DType::F16;
+    const POISON: H16 = H16(0x7e00);
+    fn from_f32(x: f32) -> H16 {
+        H16(half::f16::from_f32(x).to_bits())
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::from_bits(self.0).to_f32()
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Case {
     b: usize,
@@ -241,6 +261,18 @@ fn attention_fwd_bf16() {
 }
 
 #[test]
+fn attention_f16_variants() {
+    for_all_cases("attention_fwd_f16", |c, _| fwd_case::<H16>(c));
+    let mut first = None;
+    for_all_cases("attention_bwd_f16", |c, new_case| {
+        if new_case {
+            first = None;
+        }
+        bwd_case::<H16>(c, &mut first)
+    });
+}
+
+#[test]
 fn attention_bwd_f32() {
     let mut first = None;
     for_all_cases("attention_bwd_f32", |c, new_case| {
@@ -292,7 +324,7 @@ fn attention_launcher_checks_shapes() {
         assert!(attention_fwd_launch(&bad.shape(), DType::F32).is_err(), "{bad:?}");
         assert!(attention_bwd_launch(&bad.shape(), DType::BF16).is_err(), "{bad:?}");
     }
-    assert!(attention_fwd_launch(&ok, DType::F16).is_err());
+    assert_eq!(attention_fwd_launch(&ok, DType::F16).unwrap().kernel, "attention_fwd_f16");
 }
 
 #[test]
@@ -313,7 +345,7 @@ fn attention_kernels_trap_on_bad_launches() {
 
 #[test]
 fn attention_kernels_are_registered() {
-    for (name, arity) in [("attention_fwd_f32", 11), ("attention_fwd_bf16", 11), ("attention_bwd_f32", 15), ("attention_bwd_bf16", 15)] {
+    for (name, arity) in [("attention_fwd_f32", 11), ("attention_fwd_bf16", 11), ("attention_fwd_f16", 11), ("attention_bwd_f32", 15), ("attention_bwd_bf16", 15), ("attention_bwd_f16", 15)] {
         assert_eq!(emu::kernel_arity(name), Some(arity), "{name}");
         assert!(clipforge::cuda::kernels::module_of(name).is_some_and(|m| m.name == "attention"), "{name}");
     }

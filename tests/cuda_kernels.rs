@@ -100,6 +100,21 @@ fn layernorm_fwd_f32_other_block_sizes() {
 }
 
 #[test]
+fn layernorm_f16_variants() {
+    use_f16(true);
+    for_all_shapes("layernorm_fwd_f16", |r, c| ln_fwd_case("layernorm_fwd_f16", r, c, 128, true));
+    for_all_shapes("residual_layernorm_fwd_f16", |r, c| ln_fwd_case("residual_layernorm_fwd_f16", r, c, 128, true));
+    for_all_shapes("layernorm_bwd_f16", |r, c| ln_bwd_case("layernorm_bwd_f16", r, c, 3, true));
+}
+
+#[test]
+fn bias_act_f16_variants() {
+    use_f16(true);
+    for_all_shapes("bias_quick_gelu f16", |r, n| bias_act_case("quick_gelu", r, n, true));
+    for_all_shapes("bias_gelu f16", |r, n| bias_act_case("gelu", r, n, true));
+}
+
+#[test]
 fn layernorm_fwd_bf16() {
     for_all_shapes("layernorm_fwd_bf16", |r, c| ln_fwd_case("layernorm_fwd_bf16", r, c, 128, true));
 }
@@ -215,7 +230,7 @@ fn act_inputs(rows: usize, n: usize, bf16_io: bool) -> (Vec<f32>, Vec<f32>, Vec<
 /// fwd then bwd (from the saved pre-activation) then bias_grad_reduce_f32.
 fn bias_act_case(act: &str, rows: usize, n: usize, bf16_io: bool) -> Result<(), String> {
     let f: fn(f64) -> (f64, f64) = if act == "quick_gelu" { quick_gelu } else { gelu };
-    let suffix = if bf16_io { "bf16" } else { "f32" };
+    let suffix = if bf16_io { half_suffix() } else { "f32" };
     let (y0, bias, dy) = act_inputs(rows, n, bf16_io);
     let parts = rows.min(4);
     let grid = (ceil_div(n, 256), parts as u32, 1);

@@ -40,7 +40,7 @@ fn run_pos_bwd(dout: &[f32], pos: &[u32], s: Stretch, w: usize, parts: usize, bf
         let mut d = Guarded::from_slice(&to_bf16_bits(dout));
         let pd = d.ptr() as *const u16;
         let mut a = LaunchArgs::new().arg(&pd).arg(&ppos).arg(&ppart).arg(&rows_i).arg(&l_i).arg(&w_i).arg(&keep_i).arg(&ratio_i);
-        launch("pos_gather_bwd_bf16", grid, (POS_BLOCK, 1, 1), pos_smem(s), a.as_params())?;
+        launch(&format!("pos_gather_bwd_{}", half_suffix()), grid, (POS_BLOCK, 1, 1), pos_smem(s), a.as_params())?;
         d.check("dout")?;
     } else {
         let mut d = Guarded::from_slice(dout);
@@ -79,7 +79,7 @@ fn pos_case(s: Stretch, rows: usize, w: usize) -> Result<(), String> {
     check_close("fwd f32", out.data(), &want, 1e-7, 1e-6)?;
     let mut outb = Guarded::filled(rows * w, 0x7fc0u16);
     let pob = outb.ptr();
-    launch("pos_gather_fwd_bf16", grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&ppos).arg(&pob).arg(&rows_i).arg(&l_i).arg(&w_i).arg(&keep_i).arg(&ratio_i).as_params())?;
+    launch(&format!("pos_gather_fwd_{}", half_suffix()), grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&ppos).arg(&pob).arg(&rows_i).arg(&l_i).arg(&w_i).arg(&keep_i).arg(&ratio_i).as_params())?;
     outb.check("out bf16")?;
     check_close("fwd bf16", &from_bf16_bits(outb.data()), &want, 1e-7, BF16_RTOL)?;
     // the whole table
@@ -178,11 +178,11 @@ fn ce_case(c: &CeCase) -> Result<(), String> {
         let mut gx = Guarded::from_slice(&to_bf16_bits(&x));
         let px = gx.ptr();
         let pxc = px as *const u16;
-        launch("cross_entropy_fwd_bf16", grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pxc).arg(&pt).arg(&pl).arg(&plse).arg(&rows_i).arg(&c_i).arg(&eps).as_params())?;
+        launch(&format!("cross_entropy_fwd_{}", half_suffix()), grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pxc).arg(&pt).arg(&pl).arg(&plse).arg(&rows_i).arg(&c_i).arg(&eps).as_params())?;
         let mut gd = Guarded::filled(rows * classes, 0x7fc0u16);
         let pd = if in_place { px } else { gd.ptr() };
         let plsec = plse as *const f32;
-        launch("cross_entropy_bwd_bf16", grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pxc).arg(&pt).arg(&plsec).arg(&pd).arg(&rows_i).arg(&c_i).arg(&eps).arg(&dloss).as_params())?;
+        launch(&format!("cross_entropy_bwd_{}", half_suffix()), grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pxc).arg(&pt).arg(&plsec).arg(&pd).arg(&rows_i).arg(&c_i).arg(&eps).arg(&dloss).as_params())?;
         gx.check("logits")?;
         gd.check("dlogits")?;
         from_bf16_bits(if in_place { gx.data() } else { gd.data() })
@@ -224,6 +224,28 @@ fn cross_entropy_kernels() {
         }
     }
     for_all_cases("cross_entropy", &cases, ce_case);
+}
+
+/// The f16 variants through the bf16 cases (tests/emu_common `use_f16`).
+#[test]
+fn f16_variants_of_pos_gather_cross_entropy_adamw() {
+    use_f16(true);
+    let mut pos = Vec::new();
+    for s in stretches() {
+        for &(rows, w) in &[(1, 1), (7, 59), (45, 65)] {
+            pos.push((s, rows, w));
+        }
+    }
+    for_all_cases("pos_gather f16", &pos, |&(s, rows, w)| pos_case(s, rows, w));
+    let mut ce = Vec::new();
+    for &(rows, classes) in &[(1, 1), (7, 59), (3, 2048)] {
+        for &eps in &[0.0, 0.1] {
+            ce.push(CeCase { rows, classes, eps, bf16: true, in_place: rows == 7 });
+        }
+    }
+    for_all_cases("cross_entropy f16", &ce, ce_case);
+    let adam: Vec<AdamCase> = [1usize, 45, 4099].iter().map(|&n| AdamCase { n, bf16_grad: true, copies: true, step: 10, blocks: (n.div_ceil(256) as u32).min(3) }).collect();
+    for_all_cases("adamw f16 grads", &adam, adamw_case);
 }
 
 #[test]
@@ -281,11 +303,11 @@ fn adamw_case(c: &AdamCase) -> Result<(), String> {
     let (pb, ph) = if copies { (gb.ptr(), gh.ptr()) } else { (std::ptr::null_mut(), std::ptr::null_mut()) };
     let (n_i, step_i) = (n as i64, step as i32);
     let (mut gg32, mut gg16) = (Guarded::from_slice(&g), Guarded::from_slice(&to_bf16_bits(&g)));
-    let kernel = if bf16_grad { "adamw_bf16" } else { "adamw_f32" };
+    let kernel = if bf16_grad { format!("adamw_{}", half_suffix()) } else { "adamw_f32".to_string() };
     let pg: *const std::ffi::c_void = if bf16_grad { gg16.ptr() as *const _ } else { gg32.ptr() as *const _ };
     let (lr, b1, b2, eps, wd) = (opt.lr, opt.beta1, opt.beta2, opt.eps, opt.weight_decay);
     let mut a = LaunchArgs::new().arg(&pp).arg(&pg).arg(&pm).arg(&pv).arg(&pb).arg(&ph).arg(&n_i).arg(&lr).arg(&b1).arg(&b2).arg(&eps).arg(&wd).arg(&step_i);
-    launch(kernel, (blocks, 1, 1), (256, 1, 1), 0, a.as_params())?;
+    launch(&kernel, (blocks, 1, 1), (256, 1, 1), 0, a.as_params())?;
     for (b, name) in [(&gp, "p"), (&gm, "m"), (&gv, "v"), (&gg32, "g")] {
         b.check(name)?;
     }
@@ -297,7 +319,7 @@ fn adamw_case(c: &AdamCase) -> Result<(), String> {
     check_close("v", gv.data(), &to_f64(&vr), 1e-13, 1e-6)?;
     if copies {
         let pk = gp.data();
-        if (0..n).any(|i| gb.data()[i] != bf16(pk[i]) || gh.data()[i] != f16::from_f32(pk[i]).to_bits()) {
+        if (0..n).any(|i| gb.data()[i] != half::bf16::from_f32(pk[i]).to_bits() || gh.data()[i] != f16::from_f32(pk[i]).to_bits()) {
             return Err("bf16/f16 copies are not the rounded updated weights".into());
         }
     } else if gb.data().iter().any(|&b| b != 0x7fc0) || gh.data().iter().any(|&h| h != 0x7e00) {

@@ -59,7 +59,7 @@ fn check(s: &AttnShape, dtype: DType) -> Result<(usize, &'static str), String> {
     let (elem, suffix) = match dtype {
         DType::F32 => (4, "f32"),
         DType::BF16 => (2, "bf16"),
-        DType::F16 => return Err("attention kernels: no f16 variant (f32 or bf16)".into()),
+        DType::F16 => (2, "f16"),
     };
     if s.batch == 0 || s.seq == 0 || s.heads == 0 {
         return Err(format!("attention kernels: empty shape {s:?}"));

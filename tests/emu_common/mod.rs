@@ -25,10 +25,31 @@ impl Rng {
     }
 }
 
+thread_local! {
+    static HALF_IS_F16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Switches this test thread's 16-bit format from bf16 to IEEE f16 (or back): the `_f16` kernel
+/// variants run through the same test cases as the `_bf16` ones, with [`bf16`], [`bf16_to_f32`],
+/// [`round_bf16`] and [`half_suffix`] following the switch.
+pub fn use_f16(on: bool) {
+    HALF_IS_F16.with(|h| h.set(on));
+}
+/// "bf16" or "f16": the kernel-name suffix of the current 16-bit format.
+pub fn half_suffix() -> &'static str {
+    if HALF_IS_F16.with(|h| h.get()) { "f16" } else { "bf16" }
+}
+/// The 16-bit pattern of x (bf16, or f16 after [`use_f16`]), round to nearest even.
 pub fn bf16(x: f32) -> u16 {
+    if HALF_IS_F16.with(|h| h.get()) {
+        return half::f16::from_f32(x).to_bits();
+    }
     half::bf16::from_f32(x).to_bits()
 }
 pub fn bf16_to_f32(b: u16) -> f32 {
+    if HALF_IS_F16.with(|h| h.get()) {
+        return half::f16::from_bits(b).to_f32();
+    }
     half::bf16::from_bits(b).to_f32()
 }
 /// Rounds through bf16 (what a bf16 tensor can hold).
@@ -48,7 +69,7 @@ impl Elem for f32 {
     }
 }
 impl Elem for u16 {
-    const CANARY: u16 = 0x7fa5; // bf16 NaN pattern
+    const CANARY: u16 = 0x7fa5; // a NaN pattern in bf16 and in f16
     fn same_bits(self, o: u16) -> bool {
         self == o
     }
