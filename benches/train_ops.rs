@@ -1,0 +1,48 @@
+//! Criterion benches of the CPU backward ops the autograd tape uses, at ViT-B/32 shapes (batch
+//! 32: 1600 image tokens), and of the PCA reconstruction with its gradient (B = 128, D = 512,
+//! k = 32). Names: cpu-train/<op>/<shape>. Run: cargo bench --bench train_ops
+use clipforge::model::synthetic::normal_vec;
+use clipforge::ops::attention::{attention, attention_backward, AttnShape};
+use clipforge::ops::elementwise::{unary_bwd, Unary};
+use clipforge::ops::layernorm::layer_norm_bwd;
+use clipforge::ops::patch_embed::{patch_embed_bwd_weight, PatchShape};
+use clipforge::ops::pca_grad::{pca_reconstruct, pca_reconstruct_bwd};
+use clipforge::ops::softmax::{softmax, softmax_bwd};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::hint::black_box;
+
+fn bench_backward(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu-train");
+    g.sample_size(10);
+    let (rows, n) = (1600, 768);
+    let (x, dy, gm) = (normal_vec(rows * n, 0.0, 1.0, 1), normal_vec(rows * n, 0.0, 1.0, 2), normal_vec(n, 1.0, 0.1, 3));
+    g.throughput(Throughput::Bytes((3 * rows * n * 4) as u64));
+    g.bench_function("layernorm_bwd/1600x768", |b| b.iter(|| black_box(layer_norm_bwd(&x, n, &gm, &dy, 1e-5))));
+    let (h, dh) = (normal_vec(1600 * 3072, 0.0, 1.0, 4), normal_vec(1600 * 3072, 0.0, 1.0, 5));
+    g.throughput(Throughput::Bytes((3 * h.len() * 4) as u64));
+    g.bench_function("quick_gelu_bwd/1600x3072", |b| b.iter(|| black_box(unary_bwd(Unary::QuickGelu, &h, &dh))));
+    let y = softmax(&normal_vec(256 * 256, 0.0, 1.0, 6), 256);
+    let dsm = normal_vec(256 * 256, 0.0, 1.0, 7);
+    g.throughput(Throughput::Bytes((3 * y.len() * 4) as u64));
+    g.bench_function("softmax_bwd/256x256", |b| b.iter(|| black_box(softmax_bwd(&y, &dsm, 256))));
+    let s = AttnShape { batch: 32, seq: 50, heads: 12, head_dim: 64, causal: false, scale: 0.125 };
+    let (q, k, v) = (normal_vec(s.numel(), 0.0, 1.0, 8), normal_vec(s.numel(), 0.0, 1.0, 9), normal_vec(s.numel(), 0.0, 1.0, 10));
+    let (o, lse) = attention(&q, &k, &v, &s);
+    let dout = normal_vec(s.numel(), 0.0, 1.0, 11);
+    g.throughput(Throughput::Elements(10 * 32 * 12 * 50 * 50 * 64u64));
+    g.bench_function("attention_bwd/B32xT50xH12xd64", |b| b.iter(|| black_box(attention_backward(&q, &k, &v, &o, &lse, &dout, &s))));
+    let ps = PatchShape { batch: 32, channels: 3, height: 224, width: 224, patch: 32, dim: 768 };
+    let (px, dp) = (normal_vec(32 * 3 * 224 * 224, 0.0, 1.0, 12), normal_vec(32 * 49 * 768, 0.0, 1.0, 13));
+    g.throughput(Throughput::Elements(2 * 32 * 49 * 768 * 3072u64));
+    g.bench_function("patch_embed_bwd_weight/B32-224-p32-768", |b| b.iter(|| black_box(patch_embed_bwd_weight(&px, &dp, &ps))));
+    let (bb, d, kk) = (128, 512, 32);
+    let (xf, gf) = (normal_vec(bb * d, 0.0, 1.0, 14), normal_vec(bb * d, 0.0, 1.0, 15));
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("pca_reconstruct/B128xD512xk32", |b| b.iter(|| black_box(pca_reconstruct(&xf, bb, d, kk).unwrap())));
+    let (_, cache) = pca_reconstruct(&xf, bb, d, kk).unwrap();
+    g.bench_function("pca_reconstruct_bwd/B128xD512xk32", |b| b.iter(|| black_box(pca_reconstruct_bwd(&cache, &gf).unwrap())));
+    g.finish();
+}
+
+criterion_group!(benches, bench_backward);
+criterion_main!(benches);
