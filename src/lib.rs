@@ -10,6 +10,7 @@ pub mod autograd;
 pub mod cli;
 pub mod cuda;
 pub mod error;
+pub mod eval;
 pub mod flops;
 pub mod io;
 pub mod model;

@@ -1,4 +1,5 @@
-//! Small dependency-free SVG charts: line charts (loss curves) with axes, ticks and a legend.
+//! Small dependency-free SVG charts: line charts (loss curves, recall@K) with axes, ticks and a
+//! legend, and heatmaps (confusion matrices).
 use crate::error::{Error, Result};
 use std::fmt::Write;
 
@@ -75,6 +76,39 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) ->
     Ok(s)
 }
 
+/// A heatmap of `m[row][col]` counts (a confusion matrix: rows = true, columns = predicted),
+/// cells shaded by their share of the row, with the labels on both axes.
+pub fn heatmap(title: &str, labels: &[String], m: &[Vec<usize>]) -> Result<String> {
+    let n = labels.len();
+    if n == 0 || m.len() != n || m.iter().any(|r| r.len() != n) {
+        return Err(Error::msg(format!("heatmap \"{title}\": {n} labels for a {}-row matrix", m.len())));
+    }
+    let cell = (600.0 / n as f64).clamp(4.0, 40.0);
+    let left = 20.0 + 7.0 * labels.iter().map(|l| l.chars().count()).max().unwrap_or(1).min(24) as f64;
+    let (top, w) = (60.0, left + cell * n as f64 + 20.0);
+    let h = top + cell * n as f64 + 50.0;
+    let mut s = String::new();
+    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0}" height="{h:.0}" font-family="sans-serif" font-size="11">"#);
+    let _ = writeln!(s, r#"<rect width="{w:.0}" height="{h:.0}" fill="white"/><text x="{:.1}" y="22" text-anchor="middle" font-size="15">{}</text>"#, w / 2.0, esc(title));
+    for (i, row) in m.iter().enumerate() {
+        let total: usize = row.iter().sum();
+        for (j, &v) in row.iter().enumerate() {
+            let f = if total == 0 { 0.0 } else { v as f64 / total as f64 };
+            let shade = (255.0 * (1.0 - f)) as u8;
+            let _ = writeln!(s, r##"<rect x="{:.1}" y="{:.1}" width="{cell:.1}" height="{cell:.1}" fill="rgb({shade},{shade},255)" stroke="#eee"><title>{} → {}: {v}</title></rect>"##, left + cell * j as f64, top + cell * i as f64, esc(&labels[i]), esc(&labels[j]));
+            if cell >= 18.0 && v > 0 {
+                let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="{}">{v}</text>"#, left + cell * (j as f64 + 0.5), top + cell * (i as f64 + 0.5) + 4.0, if f > 0.5 { "white" } else { "black" });
+            }
+        }
+        if cell >= 8.0 {
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, left - 4.0, top + cell * (i as f64 + 0.5) + 4.0, esc(&labels[i]));
+        }
+    }
+    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">predicted class (columns) · true class (rows)</text>"#, left + cell * n as f64 / 2.0, top + cell * n as f64 + 30.0);
+    s.push_str("</svg>\n");
+    Ok(s)
+}
+
 fn fmt_tick(v: f64) -> String {
     if v == 0.0 || (v.abs() >= 0.01 && v.abs() < 1e5) {
         let s = format!("{v:.3}");
@@ -96,5 +130,8 @@ mod tests {
         assert!(many.contains("<polyline") && !many.contains("NaN") && !many.contains("inf"));
         assert!(line_chart("e", "x", "y", &[]).is_err());
         assert_eq!(ticks(0.0, 1.0, 5).len(), 6);
+        let hm = heatmap("c", &["a".into(), "b".into()], &[vec![2, 0], vec![1, 1]]).unwrap();
+        assert!(hm.starts_with("<svg") && hm.matches("<rect").count() == 5 && !hm.contains("NaN"));
+        assert!(heatmap("c", &["a".into()], &[vec![1, 2]]).is_err());
     }
 }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod classify;
 pub mod common;
 pub mod embed;
+pub mod eval;
 pub mod finetune;
 pub mod stretch;
 
@@ -33,6 +34,9 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Cosine similarity and softmax probabilities between images and texts
     Similarity(classify::SimilarityArgs),
+    /// Evaluate a model: zero-shot classification, retrieval
+    #[command(subcommand)]
+    Eval(eval::EvalCmd),
     /// Fine-tune CLIP (Long-CLIP: long + short captions with primary component matching)
     Finetune(finetune::FinetuneArgs),
     /// Long-CLIP knowledge-preserved stretching of the text positions (77 → 248) into a new HF model dir
@@ -139,5 +143,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Similarity(a) => classify::similarity(&a),
         Command::Stretch(a) => stretch::run(&a),
         Command::Finetune(a) => finetune::finetune(&a),
+        Command::Eval(c) => eval::run(&c),
     }
 }

@@ -1,0 +1,204 @@
+//! `clipforge eval zeroshot` and `clipforge eval retrieval`: metrics on a model's embeddings
+//! (src/eval/), with embedding caches, --json output and an SVG picture (confusion matrix,
+//! recall@K).
+use super::common::*;
+use super::Compute;
+use crate::error::{Error, Result};
+use crate::eval::cache::{model_key, EmbeddingCache, Hasher};
+use crate::eval::data::{image_folder, retrieval_set};
+use crate::eval::metrics::{retrieval, similarity, zero_shot};
+use crate::eval::templates;
+use crate::io::tokenizer::ClipTokenizer;
+use crate::model::Towers;
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCmd {
+    /// Zero-shot classification of an ImageFolder tree (ROOT/<class>/<image>)
+    Zeroshot(ZeroshotArgs),
+    /// Image↔text retrieval recall@1/5/10 on a JSONL file
+    Retrieval(RetrievalArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct Common {
+    /// HF CLIP model directory
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub compute: Compute,
+    /// Items per forward pass
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Embedding cache directory (default: $XDG_CACHE_HOME/clipforge/embeddings)
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Do not read or write cached embeddings
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Print the metrics as JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Where to write the SVG picture
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ZeroshotArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// ImageFolder root: one subfolder per class
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Class names, one per line in sorted-folder order (default: folder names, '_' → ' ')
+    #[arg(long)]
+    pub classnames: Option<PathBuf>,
+    /// Prompt templates: imagenet (the CLIP paper's 80), simple, or a file with one per line
+    #[arg(long, default_value = "imagenet")]
+    pub templates: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RetrievalArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// JSONL: {"image": path relative to the file, "captions": [...]} (or "caption": "...")
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Context length (77, or up to 248 for a stretched Long-CLIP model; default: the model's)
+    #[arg(long)]
+    pub max_len: Option<usize>,
+}
+
+pub fn run(cmd: &EvalCmd) -> Result<()> {
+    match cmd {
+        EvalCmd::Zeroshot(a) => zeroshot(a),
+        EvalCmd::Retrieval(a) => retrieval_cmd(a),
+    }
+}
+
+/// What both commands share: the model, its key, the cache.
+struct Ctx {
+    model: Loaded,
+    key: u64,
+    cache: EmbeddingCache,
+    pre: crate::io::image_prep::PreprocessConfig,
+}
+
+fn ctx(c: &Common) -> Result<Ctx> {
+    let model = load_model(&c.model, Towers::Both, c.compute)?;
+    let key = model_key(&c.model)?;
+    let dir = if c.no_cache { None } else { c.cache_dir.clone().or_else(EmbeddingCache::default_dir) };
+    let pre = preprocess_config(&c.model, model.config.vision.image_size)?;
+    Ok(Ctx { model, key, cache: EmbeddingCache::new(dir), pre })
+}
+
+fn images(x: &Ctx, c: &Common, paths: &[PathBuf]) -> Result<Vec<f32>> {
+    let mut h = Hasher::default();
+    h.bytes(&x.key.to_le_bytes()).str("images").str(&format!("{:?}", x.pre));
+    for p in paths {
+        h.file(p)?;
+    }
+    let (v, _, hit) = x.cache.get_or(h.finish(), || {
+        let e = embed_images(&x.model, &x.pre, paths, c.batch, true, c.json)?;
+        Ok((e.to_vec_f32(), e.shape().to_vec()))
+    })?;
+    if hit && !c.json {
+        eprintln!("image embeddings: from the cache");
+    }
+    Ok(v)
+}
+
+fn texts(x: &Ctx, c: &Common, tok: &ClipTokenizer, t: &[String]) -> Result<Vec<f32>> {
+    let mut h = Hasher::default();
+    h.bytes(&x.key.to_le_bytes()).str("texts").bytes(&tok.context_length.to_le_bytes());
+    for s in t {
+        h.str(s);
+    }
+    let (v, _, _) = x.cache.get_or(h.finish(), || {
+        let e = embed_texts(&x.model, tok, t, c.batch, true, c.json)?;
+        Ok((e.to_vec_f32(), e.shape().to_vec()))
+    })?;
+    Ok(v)
+}
+
+fn write_svg(path: &Path, svg: &str, quiet: bool) -> Result<()> {
+    crate::io::npy::write_atomic(path, svg.as_bytes())?;
+    if !quiet {
+        eprintln!("picture: {}", path.display());
+    }
+    Ok(())
+}
+
+pub fn zeroshot(a: &ZeroshotArgs) -> Result<()> {
+    let c = &a.common;
+    let set = image_folder(&a.data)?;
+    let names: Vec<String> = match &a.classnames {
+        Some(p) => {
+            let t = std::fs::read_to_string(p).map_err(|e| Error::file(p, format!("cannot read: {e}")))?;
+            let n: Vec<String> = t.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+            if n.len() != set.folders.len() {
+                return Err(Error::file(p, format!("{} class names for {} class folders", n.len(), set.folders.len())));
+            }
+            n
+        }
+        None => set.folders.iter().map(|f| f.replace('_', " ")).collect(),
+    };
+    let tmpl = templates::load(&a.templates)?;
+    let x = ctx(c)?;
+    let d = x.model.config.projection_dim;
+    let img = images(&x, c, &set.images)?;
+    let tok = ClipTokenizer::from_file(&c.model, x.model.config.text.max_positions)?;
+    // class embeddings: mean of the normalised prompt embeddings, re-normalised
+    let prompts: Vec<String> = names.iter().flat_map(|n| templates::prompts(&tmpl, n)).collect();
+    let pe = texts(&x, c, &tok, &prompts)?;
+    let mut cls = vec![0f32; names.len() * d];
+    for (k, row) in pe.chunks(d).enumerate() {
+        cls[(k / tmpl.len()) * d..][..d].iter_mut().zip(row).for_each(|(a, b)| *a += b);
+    }
+    for r in cls.chunks_mut(d) {
+        let n = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        r.iter_mut().for_each(|v| *v /= n);
+    }
+    let scores = similarity(&img, &cls, d); // [N, C]
+    let z = zero_shot(&scores, names.len(), &set.labels);
+    let plot = c.plot.clone().unwrap_or_else(|| PathBuf::from("zeroshot_confusion.svg"));
+    write_svg(&plot, &crate::plot::heatmap(&format!("zero-shot confusion, top-1 {:.1}%", 100.0 * z.top1), &names, &z.confusion)?, c.json)?;
+    if c.json {
+        let per: Vec<serde_json::Value> = names.iter().zip(&z.per_class).map(|(n, (cnt, acc))| serde_json::json!({"class": n, "images": cnt, "top1": acc})).collect();
+        println!("{}", serde_json::json!({"images": set.images.len(), "classes": names.len(), "templates": tmpl.len(), "top1": z.top1, "top5": z.top5, "per_class": per, "confusion": z.confusion, "plot": plot}));
+    } else {
+        println!("{} images, {} classes, {} templates: top-1 {:.2}%  top-5 {:.2}%", set.images.len(), names.len(), tmpl.len(), 100.0 * z.top1, 100.0 * z.top5);
+        for (n, (cnt, acc)) in names.iter().zip(&z.per_class) {
+            println!("  {n:<24} {cnt:>6} images  top-1 {:>6.2}%", 100.0 * acc);
+        }
+    }
+    Ok(())
+}
+
+pub fn retrieval_cmd(a: &RetrievalArgs) -> Result<()> {
+    let c = &a.common;
+    let set = retrieval_set(&a.data)?;
+    let x = ctx(c)?;
+    let d = x.model.config.projection_dim;
+    let tok = ClipTokenizer::from_file(&c.model, context_length(&x.model, a.max_len)?)?;
+    let img = images(&x, c, &set.images)?;
+    let txt = texts(&x, c, &tok, &set.texts)?;
+    let ks = [1usize, 5, 10];
+    let r = retrieval(&img, &txt, d, &set.owner, &ks);
+    let series = |name: &str, f: &dyn Fn(&crate::eval::metrics::Recall) -> f64| crate::plot::Series { name: name.into(), points: r.iter().map(|x| (x.k as f64, 100.0 * f(x))).collect() };
+    let plot = c.plot.clone().unwrap_or_else(|| PathBuf::from("retrieval_recall.svg"));
+    let svg = crate::plot::line_chart("retrieval recall@K", "K", "recall (%)", &[series("image→text", &|x| x.image_to_text), series("text→image", &|x| x.text_to_image)])?;
+    write_svg(&plot, &svg, c.json)?;
+    if c.json {
+        println!("{}", serde_json::json!({"images": set.images.len(), "texts": set.texts.len(), "context_length": tok.context_length, "recall": r, "plot": plot}));
+    } else {
+        println!("{} images, {} texts (context {}):", set.images.len(), set.texts.len(), tok.context_length);
+        for x in &r {
+            println!("  R@{:<3} image→text {:>6.2}%   text→image {:>6.2}%", x.k, 100.0 * x.image_to_text, 100.0 * x.text_to_image);
+        }
+    }
+    Ok(())
+}

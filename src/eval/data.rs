@@ -1,0 +1,74 @@
+//! Evaluation datasets: an ImageFolder tree (one subfolder per class, sorted; images sorted by
+//! name) and retrieval JSONL ({"image": path relative to the file, "captions": [..]} or
+//! {"image", "caption"}).
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+const IMAGE_EXT: [&str; 8] = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"];
+
+fn is_image(p: &Path) -> bool {
+    p.extension().map(|e| IMAGE_EXT.contains(&e.to_string_lossy().to_lowercase().as_str())).unwrap_or(false)
+}
+
+pub struct ImageFolder {
+    /// Folder names, sorted.
+    pub folders: Vec<String>,
+    pub images: Vec<PathBuf>,
+    pub labels: Vec<usize>,
+}
+
+pub fn image_folder(root: &Path) -> Result<ImageFolder> {
+    let mut folders: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(|e| Error::file(root, format!("cannot list: {e}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && !p.file_name().map(|n| n.to_string_lossy().starts_with('.')).unwrap_or(true))
+        .collect();
+    folders.sort();
+    if folders.is_empty() {
+        return Err(Error::file(root, "no class subfolders (expected ROOT/<class>/<image>)"));
+    }
+    let (mut images, mut labels) = (vec![], vec![]);
+    for (c, f) in folders.iter().enumerate() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(f).map_err(|e| Error::file(f, format!("cannot list: {e}")))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_image(p)).collect();
+        files.sort();
+        labels.extend(std::iter::repeat(c).take(files.len()));
+        images.extend(files);
+    }
+    if images.is_empty() {
+        return Err(Error::file(root, "no images in the class subfolders"));
+    }
+    Ok(ImageFolder { folders: folders.iter().map(|f| f.file_name().unwrap().to_string_lossy().to_string()).collect(), images, labels })
+}
+
+pub struct RetrievalSet {
+    pub images: Vec<PathBuf>,
+    pub texts: Vec<String>,
+    /// The image of each text.
+    pub owner: Vec<usize>,
+}
+
+pub fn retrieval_set(path: &Path) -> Result<RetrievalSet> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut s = RetrievalSet { images: vec![], texts: vec![], owner: vec![] };
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::file(path, format!("line {}: not JSON: {e}", i + 1)))?;
+        let img = v.get("image").and_then(|x| x.as_str()).ok_or_else(|| Error::file(path, format!("line {}: no \"image\" string", i + 1)))?;
+        let caps: Vec<String> = match (v.get("captions"), v.get("caption")) {
+            (Some(c), _) => c.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default(),
+            (None, Some(c)) => c.as_str().map(|s| vec![s.to_string()]).unwrap_or_default(),
+            _ => vec![],
+        };
+        if caps.is_empty() {
+            return Err(Error::file(path, format!("line {}: no \"captions\" array of strings or \"caption\" string", i + 1)));
+        }
+        let n = s.images.len();
+        s.images.push(dir.join(img));
+        s.owner.extend(std::iter::repeat(n).take(caps.len()));
+        s.texts.extend(caps);
+    }
+    if s.images.is_empty() {
+        return Err(Error::file(path, "no samples"));
+    }
+    Ok(s)
+}
