@@ -1,4 +1,4 @@
-//! `clipforge eval zeroshot` and `clipforge eval retrieval`: metrics on a model's embeddings
+//! `clipforge eval zeroshot`, `eval retrieval` and `eval linear-probe`: metrics on a model's embeddings
 //! (src/eval/), with embedding caches, --json output and an SVG picture (confusion matrix,
 //! recall@K).
 use super::common::*;
@@ -19,6 +19,20 @@ pub enum EvalCmd {
     Zeroshot(ZeroshotArgs),
     /// Image↔text retrieval recall@1/5/10 on a JSONL file
     Retrieval(RetrievalArgs),
+    /// Linear probe: L2-regularised logistic regression on frozen image features (ImageFolder trees)
+    LinearProbe(ProbeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Training ImageFolder root (one subfolder per class)
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Test ImageFolder root (the same class folders)
+    #[arg(long)]
+    pub test: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +90,7 @@ pub fn run(cmd: &EvalCmd) -> Result<()> {
     match cmd {
         EvalCmd::Zeroshot(a) => zeroshot(a),
         EvalCmd::Retrieval(a) => retrieval_cmd(a),
+        EvalCmd::LinearProbe(a) => probe_cmd(a),
     }
 }
 
@@ -199,6 +214,27 @@ pub fn retrieval_cmd(a: &RetrievalArgs) -> Result<()> {
         for x in &r {
             println!("  R@{:<3} image→text {:>6.2}%   text→image {:>6.2}%", x.k, 100.0 * x.image_to_text, 100.0 * x.text_to_image);
         }
+    }
+    Ok(())
+}
+
+pub fn probe_cmd(a: &ProbeArgs) -> Result<()> {
+    let c = &a.common;
+    let (train, test) = (image_folder(&a.train)?, image_folder(&a.test)?);
+    if train.folders != test.folders {
+        return Err(Error::file(&a.test, format!("class folders {:?} differ from the training set's {:?}", test.folders, train.folders)));
+    }
+    let x = ctx(c)?;
+    let d = x.model.config.projection_dim;
+    let (tx, vx) = (images(&x, c, &train.images)?, images(&x, c, &test.images)?);
+    let r = crate::eval::probe::linear_probe(&tx, &train.labels, &vx, &test.labels, d, train.folders.len())?;
+    if c.json {
+        println!("{}", serde_json::json!({"train_images": train.images.len(), "test_images": test.images.len(), "classes": train.folders.len(), "result": r}));
+    } else {
+        println!(
+            "{} classes, {} train / {} test images: test accuracy {:.2}% (train {:.2}%), λ = {:e} chosen on a validation split",
+            train.folders.len(), train.images.len(), test.images.len(), 100.0 * r.test_accuracy, 100.0 * r.train_accuracy, r.lambda
+        );
     }
     Ok(())
 }
