@@ -54,6 +54,10 @@ pub struct EmbedTextArgs {
     /// Write raw projections instead of L2-normalised embeddings
     #[arg(long)]
     pub no_normalize: bool,
+    /// SmartCLIP: also write each text's binary dimension mask (float32 [N, D] of 0/1) to this
+    /// .npy, from the model directory's mask_net.safetensors
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
     /// Texts
     pub texts: Vec<String>,
 }
@@ -80,6 +84,11 @@ pub fn embed_text(a: &EmbedTextArgs) -> Result<()> {
     let e = embed_texts(&model, &tok, &texts, a.batch, !a.no_normalize, false)?;
     if e.dim(0) != texts.len() {
         return Err(Error::msg("internal: row count mismatch"));
+    }
+    if let Some(mpath) = &a.mask {
+        let m = crate::train::smartclip::text_masks(&a.model, &tok, &texts, a.batch)?;
+        write_npy(mpath, &m, &[texts.len(), e.dim(1)])?;
+        eprintln!("wrote {} masks to {}", texts.len(), mpath.display());
     }
     write_npy(&a.out, &e.to_vec_f32(), e.shape())?;
     eprintln!("wrote {} text embeddings of dim {} to {}", e.dim(0), e.dim(1), a.out.display());

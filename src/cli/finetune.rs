@@ -1,4 +1,4 @@
-//! `clipforge finetune`: Long-CLIP fine-tuning (src/train/). Stretch the model first
+//! `clipforge finetune`: Long-CLIP or SmartCLIP fine-tuning (src/train/). Stretch the model first
 //! (`clipforge stretch`) for 248-token captions; the frozen position rows it records stay fixed.
 use crate::error::{Error, Result};
 use crate::train::trainer::{run, TrainConfig};
@@ -11,6 +11,8 @@ use std::sync::Arc;
 pub enum Method {
     /// Long-CLIP: long captions vs images + short captions vs the PCA reconstruction of the images
     Longclip,
+    /// SmartCLIP: a mask network selects embedding dimensions per caption; modular alignment + sparsity
+    Smartclip,
 }
 
 #[derive(Args, Debug)]
@@ -70,6 +72,18 @@ pub struct FinetuneArgs {
     /// Continue from a checkpoint directory (default: the latest under OUT/checkpoints)
     #[arg(long, num_args = 0..=1)]
     pub resume: Option<Option<PathBuf>>,
+    /// SmartCLIP: the mask network's peak learning rate (CLIP uses --lr)
+    #[arg(long, default_value_t = 1e-3)]
+    pub mask_lr: f64,
+    /// SmartCLIP: weight of L_ctrI + L_ctrT
+    #[arg(long, default_value_t = 1.0)]
+    pub lambda_align: f64,
+    /// SmartCLIP: weight of the mean L1 norm of the masks
+    #[arg(long, default_value_t = 1e-3)]
+    pub lambda_sparsity: f64,
+    /// SmartCLIP: initial mask-network weights (safetensors; default: a seeded random init)
+    #[arg(long)]
+    pub mask_init: Option<PathBuf>,
     /// Print a JSON summary at the end
     #[arg(long)]
     pub json: bool,
@@ -94,6 +108,14 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
         pca_dim: a.pca_dim,
         recompute: a.recompute,
         log: a.log.clone(),
+        method: match a.method {
+            Method::Longclip => "longclip".into(),
+            Method::Smartclip => "smartclip".into(),
+        },
+        mask_lr: a.mask_lr,
+        lambda_align: a.lambda_align,
+        lambda_sparsity: a.lambda_sparsity,
+        mask_init: a.mask_init.clone(),
     };
     let resume = match &a.resume {
         None => None,
@@ -114,7 +136,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
         let v = serde_json::json!({"steps": r.steps.len(), "last": last, "model": a.out.join("model"), "checkpoint": r.last_checkpoint});
         println!("{v}");
     } else if let Some(l) = last {
-        println!("{} steps; final loss {:.4} (long {:.4}, short {:.4}); model in {}", l.step, l.loss, l.loss_long, l.loss_short, a.out.join("model").display());
+        println!("{} steps; final loss {:.4}; model in {}", l.step, l.loss, a.out.join("model").display());
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Checkpoints: a directory that is itself a loadable HF model dir (model.safetensors with every
-//! parameter in f32 under its HF name, the source's config.json and tokenizer/preprocessor files)
+//! parameter in f32 under its HF name, the source's config.json and tokenizer/preprocessor files;
+//! SmartCLIP's mask network in `mask_net.safetensors` beside it)
 //! plus `optimizer.safetensors` (`exp_avg.<name>`, `exp_avg_sq.<name>`) and `trainer_state.json`.
 //! Written under a temporary name and renamed into place, so a crash never leaves a half-written
 //! checkpoint; the previous one is replaced only after the new one is complete.
@@ -48,8 +49,15 @@ pub fn save(dir: &Path, source: &Path, params: &[(String, Tensor)], opt: Option<
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
     let r = (|| -> Result<()> {
-        let t: Vec<(String, Vec<usize>, Vec<u8>)> = params.iter().map(|(n, t)| (n.clone(), t.shape().to_vec(), f32_bytes(&t.f32_data()))).collect();
-        write_tensors(&tmp.join("model.safetensors"), &t)?;
+        // CLIP's own tensors form the HF model file; SmartCLIP's mask network goes beside it
+        let t = |mask: bool| -> Vec<(String, Vec<usize>, Vec<u8>)> {
+            params.iter().filter(|(n, _)| n.starts_with("mask_net.") == mask).map(|(n, t)| (n.clone(), t.shape().to_vec(), f32_bytes(&t.f32_data()))).collect()
+        };
+        write_tensors(&tmp.join("model.safetensors"), &t(false))?;
+        let mask = t(true);
+        if !mask.is_empty() {
+            write_tensors(&tmp.join(super::smartclip::MASK_FILE), &mask)?;
+        }
         for f in MODEL_FILES {
             let p = source.join(f);
             if p.is_file() {

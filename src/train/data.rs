@@ -94,7 +94,7 @@ pub struct Loader {
     pub shuffle: bool,
     pub position: Position,
     pre: PreprocessConfig,
-    tok: ClipTokenizer,
+    pub tok: ClipTokenizer,
 }
 
 impl Loader {

@@ -1,5 +1,6 @@
 //! Fine-tuning on the CPU backend:
 //! - `model`: the trainable CLIP on the autograd tape; `longclip`: Long-CLIP's loss;
+//! - `smartclip`: SmartCLIP's mask network and modular alignment loss;
 //! - `optim`: AdamW over named parameters; `schedule`: warm-up + cosine learning rate;
 //! - `data`: the image–caption data and the batch loader; `checkpoint`: atomic checkpoints;
 //! - `trainer`: the loop (accumulation, logging, checkpoints, resume, Ctrl-C, NaN stop).
@@ -9,4 +10,5 @@ pub mod longclip;
 pub mod model;
 pub mod optim;
 pub mod schedule;
+pub mod smartclip;
 pub mod trainer;

@@ -103,6 +103,15 @@ impl TrainClip {
         Self::from_weights(&Weights::open(dir)?, &config)
     }
 
+    /// Appends parameters that are not CLIP's (e.g. SmartCLIP's mask network), trainable.
+    pub fn add_params(&mut self, extra: Vec<(String, Tensor)>) {
+        for (n, t) in extra {
+            self.index.insert(n.clone(), self.params.len());
+            self.params.push((n, t));
+            self.trainable.push(true);
+        }
+    }
+
     pub fn index(&self, name: &str) -> Option<usize> {
         self.index.get(name).copied()
     }
@@ -158,6 +167,12 @@ impl TrainClip {
 
     /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised).
     pub fn text_embeds(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<Var> {
+        Ok(self.text_states(tape, sv, ids)?.1)
+    }
+
+    /// The text tower's final token states [B, T, W] (after the final LayerNorm; T = the longest
+    /// sequence, shorter ones padded with the end token) and the text embeddings [B, D].
+    pub fn text_states(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<(Var, Var)> {
         let tc = &self.config.text;
         let (b, w) = (ids.len(), tc.tower.hidden);
         let t = ids.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -177,7 +192,8 @@ impl TrainClip {
         let x = self.ln(tape, sv, "text_model.final_layer_norm", &x, tc.tower.eps)?; // [B, T, W]
         let rows: Vec<usize> = ids.iter().enumerate().map(|(i, s)| i * t + pool_position(s, tc.eos_token_id)).collect();
         let pooled = tape.gather_rows(&tape.reshape(&x, &[b * t, w])?, &rows)?; // [B, W]
-        tape.linear(&pooled, self.v(sv, "text_projection.weight")?, None) // [B, D]
+        let e = tape.linear(&pooled, self.v(sv, "text_projection.weight")?, None)?; // [B, D]
+        Ok((x, e))
     }
 
     /// The logit scale s (a [1] tensor; τ = exp(s)).

@@ -6,6 +6,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::data::{read_samples, Loader};
 use super::longclip::longclip_loss;
+use super::smartclip::{init_mask_params, load_mask_params, smartclip_loss, MASK_FILE};
 use super::model::TrainClip;
 use super::optim::Optimizer;
 use super::schedule::CosineSchedule;
@@ -40,6 +41,14 @@ pub struct TrainConfig {
     pub pca_dim: usize,
     pub recompute: bool,
     pub log: Option<PathBuf>,
+    /// "longclip" or "smartclip".
+    pub method: String,
+    /// SmartCLIP: the mask network's peak learning rate (CLIP's is `lr`).
+    pub mask_lr: f64,
+    pub lambda_align: f64,
+    pub lambda_sparsity: f64,
+    /// SmartCLIP: start the mask network from this safetensors file instead of a seeded init.
+    pub mask_init: Option<PathBuf>,
 }
 
 /// One logged optimizer step.
@@ -47,8 +56,16 @@ pub struct TrainConfig {
 pub struct StepLog {
     pub step: usize,
     pub loss: f64,
-    pub loss_long: f64,
-    pub loss_short: f64,
+    /// Long-CLIP's two terms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_long: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_short: Option<f64>,
+    /// SmartCLIP: L_ctrI + L_ctrT and the mean mask L1 norm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_align: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_l1: Option<f64>,
     pub lr: f64,
     pub logit_scale: f64,
     pub samples_per_s: f64,
@@ -84,19 +101,33 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quie
     }
     let total = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
     let sched = CosineSchedule { lr: cfg.lr, warmup: cfg.warmup, total };
+    let smart = match cfg.method.as_str() {
+        "longclip" => false,
+        "smartclip" => true,
+        m => return Err(Error::msg(format!("--method {m}: expected longclip or smartclip"))),
+    };
+    if smart {
+        let mask = match (resume, &cfg.mask_init) {
+            (Some(dir), _) => load_mask_params(&model, &dir.join(MASK_FILE))?,
+            (None, Some(f)) => load_mask_params(&model, f)?,
+            (None, None) => init_mask_params(&model, cfg.seed)?,
+        };
+        model.add_params(mask);
+    }
     let mut opt = Optimizer::new(AdamW { lr: cfg.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay });
     for (i, (name, t)) in model.params.iter().enumerate() {
         if model.trainable[i] {
             let frozen = if name == "text_model.embeddings.position_embedding.weight" { tc.frozen_positions * tc.tower.hidden } else { 0 };
-            opt.add(name, t.shape(), frozen, 0);
+            opt.add(name, t.shape(), frozen, name.starts_with("mask_net.") as usize);
         }
     }
+    let mask_idx: Vec<usize> = (0..model.params.len()).filter(|&i| model.params[i].0.starts_with("mask_net.")).collect();
     let mut start = 0;
     if let Some(dir) = resume {
         let st = checkpoint::load_state(dir, &mut opt)?;
         start = st.step;
         loader.position = st.position;
-    } else if let Some(i) = model.index("logit_scale") {
+    } else if let (false, Some(i)) = (smart, model.index("logit_scale")) {
         model.params[i].1 = Tensor::from_vec(vec![100f32.ln()], model.params[i].1.shape())?; // reset to ln 100
     }
     let mut log = open_log(cfg.log.as_deref(), start)?;
@@ -117,12 +148,19 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quie
         let lr = sched.lr(step);
         let mut acc: Vec<Option<Vec<f32>>> = vec![None; model.params.len()];
         let (mut loss, mut l_long, mut l_short) = (0f64, 0f64, 0f64);
+        let lrs = [lr, lr * cfg.mask_lr / cfg.lr];
         let pos_before = loader.position;
         for _ in 0..cfg.accum {
             let batch = loader.next_batch()?;
             let tape = Tape::new();
             let sv = model.vars(&tape);
-            let (l, a, b) = longclip_loss(&tape, &model, &sv, &batch, cfg.pca_dim)?;
+            let (l, a, b) = if smart {
+                let ids = sampled_captions(&loader, &batch.samples, cfg.seed, loader.position.epoch)?; // the batch's epoch
+                let mp: Vec<crate::autograd::Var> = mask_idx.iter().map(|&i| sv.vars[i].clone()).collect();
+                smartclip_loss(&tape, &model, &sv, &mp, &batch.pixels, &ids, cfg.lambda_align as f32, cfg.lambda_sparsity as f32)?
+            } else {
+                longclip_loss(&tape, &model, &sv, &batch, cfg.pca_dim)?
+            };
             if !l.item().is_finite() {
                 let dir = save(&model, &opt, step, pos_before)?;
                 bar.finish_and_clear();
@@ -147,11 +185,22 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quie
             let i = model.index(&st.name).ok_or_else(|| Error::msg(format!("optimizer parameter {} not in the model", st.name)))?;
             let g = acc[i].take().unwrap_or_else(|| vec![0.0; st.m.len()]);
             let mut v = model.params[i].1.to_vec_f32();
-            opt.update(k, &[lr], &mut v, &g)?;
+            opt.update(k, &lrs, &mut v, &g)?;
             model.params[i].1 = Tensor::from_vec(v, model.params[i].1.shape())?;
         }
         let logit_scale = model.index("logit_scale").map(|i| model.params[i].1.f32_data()[0] as f64).unwrap_or(f64::NAN);
-        let rec = StepLog { step: step + 1, loss, loss_long: l_long, loss_short: l_short, lr, logit_scale, samples_per_s: (cfg.batch * cfg.accum) as f64 / t0.elapsed().as_secs_f64() };
+        let (two, none) = (|a: f64| Some(a), None);
+        let rec = StepLog {
+            step: step + 1,
+            loss,
+            loss_long: if smart { none } else { two(l_long) },
+            loss_short: if smart { none } else { two(l_short) },
+            loss_align: if smart { two(l_long) } else { none },
+            mask_l1: if smart { two(l_short) } else { none },
+            lr,
+            logit_scale,
+            samples_per_s: (cfg.batch * cfg.accum) as f64 / t0.elapsed().as_secs_f64(),
+        };
         if let Some(f) = log.as_mut() {
             writeln!(f, "{}", serde_json::to_string(&rec).map_err(Error::msg)?).and_then(|_| f.flush()).map_err(|e| Error::msg(format!("cannot write the log: {e}")))?;
         }
@@ -202,10 +251,36 @@ pub fn write_curve(log: &Path) -> Result<PathBuf> {
     let text = std::fs::read_to_string(log).map_err(|e| Error::file(log, format!("cannot read: {e}")))?;
     let recs: Vec<StepLog> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let series = |name: &str, f: &dyn Fn(&StepLog) -> f64| crate::plot::Series { name: name.into(), points: recs.iter().map(|r| (r.step as f64, f(r))).collect() };
-    let svg = crate::plot::line_chart("Long-CLIP fine-tune", "optimizer step", "loss", &[series("loss", &|r| r.loss), series("loss_long", &|r| r.loss_long), series("loss_short", &|r| r.loss_short)])?;
+    let opt_series = |name: &str, f: &dyn Fn(&StepLog) -> Option<f64>| crate::plot::Series { name: name.into(), points: recs.iter().filter_map(|r| f(r).map(|v| (r.step as f64, v))).collect() };
+    let mut all = vec![series("loss", &|r| r.loss)];
+    for (n, f) in [("loss_long", &(|r: &StepLog| r.loss_long) as &dyn Fn(&StepLog) -> Option<f64>), ("loss_short", &|r: &StepLog| r.loss_short), ("loss_align", &|r: &StepLog| r.loss_align)] {
+        let s = opt_series(n, f);
+        if !s.points.is_empty() {
+            all.push(s);
+        }
+    }
+    let svg = crate::plot::line_chart("fine-tune", "optimizer step", "loss", &all)?;
     let mut out = log.as_os_str().to_owned();
     out.push(".svg");
     let out = PathBuf::from(out);
     crate::io::npy::write_atomic(&out, svg.as_bytes())?;
     Ok(out)
+}
+
+/// SmartCLIP samples one caption per image per step from its pool (the long caption, the short
+/// one, and each sentence of the long one), seeded by (seed, epoch, sample) so a resumed run
+/// draws the same captions.
+fn sampled_captions(loader: &Loader, samples: &[usize], seed: u64, epoch: usize) -> Result<Vec<Vec<u32>>> {
+    let texts: Vec<String> = samples
+        .iter()
+        .map(|&i| {
+            let s = &loader.samples[i];
+            let mut pool = vec![s.caption.clone(), s.short_caption.clone()];
+            pool.extend(s.caption.split(". ").map(|x| x.trim().to_string()).filter(|x| !x.is_empty()));
+            pool.dedup();
+            let mut r = crate::model::synthetic::Rng::new(seed ^ (epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            pool[(r.next_u64() % pool.len() as u64) as usize].clone()
+        })
+        .collect();
+    loader.tok.encode_batch(&texts)
 }
