@@ -3,20 +3,13 @@
 //! loops) from the embeddings `embed-image` / `embed-text` write — they must agree exactly;
 //! the embedding cache is hit on a repeat and missed after a file changes; bad input is a
 //! one-line error.
+mod common;
+use common::{fixture, tmpdir};
 use clipforge::io::npy::read_npy;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
-}
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipforge-eval-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn cf(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clipforge")).args(args).output().unwrap()

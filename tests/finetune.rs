@@ -6,6 +6,8 @@
 //! - resume from a checkpoint (and from a Ctrl-C stop) continues the same loss curve exactly;
 //! - a non-finite loss stops the run with the last good state saved;
 //! - the data formats (JSONL, ShareGPT4V), the short-caption rule and line-numbered errors.
+mod common;
+use common::{fixture, tmpdir};
 use clipforge::model::Weights;
 use clipforge::train::data::{first_sentence, read_samples, Loader};
 use clipforge::train::trainer::{run, StepLog, TrainConfig};
@@ -14,16 +16,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
-}
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipforge-ft-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// The tiny model stretched to 248 positions (20 frozen) in `dir`/long.
 fn stretched(dir: &Path) -> PathBuf {

@@ -3,22 +3,15 @@
 //! network) step by step within 1e-4 relative; the checkpoint carries the mask network and a
 //! resumed run continues the same curve; `embed-text --mask` returns the binary masks the
 //! mask network computes; gradients of the mask network match finite differences.
+mod common;
+use common::{fixture, tmpdir};
 use clipforge::io::npy::read_npy;
 use clipforge::train::trainer::{run, StepLog, TrainConfig};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
-}
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipforge-sc-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn config(out: &Path) -> TrainConfig {
     TrainConfig {
@@ -130,4 +123,25 @@ fn mask_network_gradients_match_finite_differences() {
     }
     let mg = grads[model.index("mask_net.proj.weight").unwrap()].as_ref().unwrap();
     assert!(mg.iter().all(|v| v.is_finite()) && mg.iter().any(|&v| v != 0.0));
+}
+
+#[test]
+fn caption_sampling_is_reproducible_across_resume() {
+    // the Long-CLIP data has multi-sentence captions: each step draws one caption per image from
+    // its pool (long, short, sentences); a resumed run must draw the same ones
+    let d = tmpdir("sc-sampling");
+    let mut cfg = config(&d.join("full"));
+    cfg.data = fixture("longclip/train.jsonl");
+    cfg.shuffle = true;
+    cfg.max_steps = Some(8);
+    cfg.batch = 4;
+    run(&cfg, None, stop(), true).unwrap();
+    let mut part = cfg.clone();
+    part.out = d.join("part");
+    part.log = Some(d.join("part/log.jsonl"));
+    std::fs::create_dir_all(&part.out).unwrap();
+    std::fs::copy(d.join("full/log.jsonl"), d.join("part/log.jsonl")).unwrap();
+    run(&part, Some(&d.join("full/checkpoints/step-000004")), stop(), true).unwrap();
+    let read = |p: &Path| -> Vec<(usize, f64)> { std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<StepLog>(l).unwrap()).map(|s| (s.step, s.loss)).collect() };
+    assert_eq!(read(&d.join("part/log.jsonl")), read(&d.join("full/log.jsonl")));
 }

@@ -4,22 +4,15 @@
 //! (tests/fixtures/stretch_expected.json, made by scripts/check_stretch_hf.py, which also checked
 //! that CLIPModel loads it with no missing or unexpected keys), texts of up to 248 tokens embed,
 //! and bad input is a one-line error that leaves nothing behind.
+mod common;
+use common::{fixture, tmpdir};
 use clipforge::io::npy::read_npy;
 use clipforge::model::{ClipParts, LoadOptions, Towers, Weights};
 use clipforge::ops::pos_gather::{stretch_reference, Stretch};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
-}
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipforge-stretch-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn clipforge(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clipforge")).args(args).output().unwrap()

@@ -64,7 +64,7 @@ pub struct PcaRef {
     pub recon: Vec<f64>,
 }
 
-fn check(len: usize, b: usize, d: usize, k: usize) -> Result<()> {
+pub(crate) fn check(len: usize, b: usize, d: usize, k: usize) -> Result<()> {
     if b == 0 || d == 0 || len != b * d {
         return Err(crate::shape_err!("pca: {len} values for a [{b}, {d}] batch"));
     }

@@ -13,7 +13,7 @@
 //! — where `torch.linalg.svd`'s backward gives NaN — and with rank(X_c) ≤ k it is exactly
 //! ∂L/∂X = G (then X̂ = X). The fast path does the D×D eigendecomposition with faer in f64 and
 //! never forms a D×D product other than C; the reference uses Jacobi and explicit sums.
-use super::pca::sym_eig;
+use super::pca::{check, sym_eig};
 use crate::error::{Error, Result};
 use faer::Mat;
 
@@ -29,16 +29,6 @@ pub struct PcaCache {
     pub evals: Vec<f64>,
     /// Eigenvectors as columns, in the order of `evals` [D, D].
     pub evecs: Mat<f64>,
-}
-
-fn check(len: usize, b: usize, d: usize, k: usize) -> Result<()> {
-    if b == 0 || d == 0 || len != b * d {
-        return Err(crate::shape_err!("pca: {len} values for a [{b}, {d}] batch"));
-    }
-    if k == 0 || k > d {
-        return Err(Error::msg(format!("pca: k = {k} must be in 1..={d} (the feature width)")));
-    }
-    Ok(())
 }
 
 /// Whether the pair (λ_i in the top, λ_j outside) is too close to differentiate.

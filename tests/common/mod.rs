@@ -38,3 +38,16 @@ pub fn assert_tensor_close(what: &str, got: &Tensor, want: &Tensor, atol: f32, r
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
     assert_close(what, &got.to_vec_f32(), &want.to_vec_f32(), atol, rtol);
 }
+
+/// A path under tests/fixtures.
+pub fn fixture(p: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
+}
+
+/// A fresh, empty temporary directory named after the test and this process.
+pub fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("clipforge-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
