@@ -34,10 +34,10 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Cosine similarity and softmax probabilities between images and texts
     Similarity(classify::SimilarityArgs),
-    /// Evaluate a model: zero-shot classification, retrieval
+    /// Evaluate a model: zero-shot classification, retrieval, linear probe
     #[command(subcommand)]
     Eval(eval::EvalCmd),
-    /// Fine-tune CLIP (Long-CLIP: long + short captions with primary component matching)
+    /// Fine-tune CLIP: Long-CLIP (long + short captions, primary component matching) or SmartCLIP (per-caption dimension masks)
     Finetune(finetune::FinetuneArgs),
     /// Long-CLIP knowledge-preserved stretching of the text positions (77 → 248) into a new HF model dir
     Stretch(stretch::StretchArgs),
