@@ -33,10 +33,13 @@
 
 // The tile loop shared by both variants: LoadX/LoadW read one element as f32 (bf16 rounding
 // included for the bf16 variant).
+// x is read as X[r, kk] = x[r·k + kk] (or x[kk·m + r] with x_t), w as W[c, kk] = w[c·k + kk] (or
+// w[kk·n + c] with w_kn); y = alpha·X·Wᵀ (+ bias) (+ beta·y).
 template <typename TW, bool ROUND_X>
 __device__ __forceinline__ void linear_tiles(const float* __restrict__ x, const TW* __restrict__ w,
                                              const float* __restrict__ bias, float* __restrict__ y,
-                                             int m, int n, int k, int has_bias) {
+                                             int m, int n, int k, int has_bias, int x_t = 0, int w_kn = 0,
+                                             float alpha = 1.f, float beta = 0.f) {
   __shared__ float xs[MM_BK][MM_LD];
   __shared__ float ws[MM_BK][MM_LD];
   const int tid = threadIdx.x;
@@ -56,10 +59,10 @@ __device__ __forceinline__ void linear_tiles(const float* __restrict__ x, const 
       const int r = e >> 4, kk = e & 15;
       const int gk = k0 + kk;
       const int gr = row0 + r, gc = col0 + r;
-      float xv = (gr < m && gk < k) ? x[(size_t)gr * k + gk] : 0.f;
+      float xv = (gr < m && gk < k) ? x[x_t ? (size_t)gk * m + gr : (size_t)gr * k + gk] : 0.f;
       if (ROUND_X) xv = __bfloat162float(__float2bfloat16(xv));
       xs[kk][r] = xv;
-      ws[kk][r] = (gc < n && gk < k) ? load_f32(w, (size_t)gc * k + gk) : 0.f;
+      ws[kk][r] = (gc < n && gk < k) ? load_f32(w, w_kn ? (size_t)gk * n + gc : (size_t)gc * k + gk) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -84,7 +87,10 @@ __device__ __forceinline__ void linear_tiles(const float* __restrict__ x, const 
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int c = col0 + tx + 16 * j;
-      if (c < n) y[(size_t)r * n + c] = acc[i][j] + (has_bias ? bias[c] : 0.f);
+      if (c >= n) continue;
+      float out = alpha * acc[i][j] + (has_bias ? bias[c] : 0.f);
+      if (beta != 0.f) out = fmaf(beta, y[(size_t)r * n + c], out);
+      y[(size_t)r * n + c] = out;
     }
   }
 }
@@ -99,6 +105,16 @@ extern "C" __global__ void __launch_bounds__(256)
 linear_bf16w(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, const float* __restrict__ bias,
              float* __restrict__ y, int m, int n, int k, int has_bias) {
   linear_tiles<__nv_bfloat16, true>(x, w, bias, y, m, n, k, has_bias);
+}
+
+// gemm_f32(a, b, c, m, n, k, ta, tb, alpha, beta): C[m, n] = alpha·op(A)·op(B) + beta·C (f32), with
+// A stored [m, k] (or [k, m] when ta) and B stored [k, n] (or [n, k] when tb): the backward GEMMs of
+// a Linear layer (dX = dY·W, dW = dYᵀ·X, accumulated with beta = 1). Same tiles and geometry as
+// linear_f32; with beta == 0, C is not read.
+extern "C" __global__ void __launch_bounds__(256)
+gemm_f32(const float* __restrict__ a, const float* __restrict__ b, float* c, int m, int n, int k, int ta, int tb,
+         float alpha, float beta) {
+  linear_tiles<float, false>(a, b, nullptr, c, m, n, k, 0, ta, !tb, alpha, beta);
 }
 
 extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, int n) {

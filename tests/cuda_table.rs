@@ -91,6 +91,24 @@ fn linear_row(m: usize, n: usize, k: usize, bias: bool) -> Row {
     }
 }
 
+/// gemm_f32: C = op(A)·op(B) + beta·C for every transpose combination (f64 reference).
+fn gemm_row(m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Row {
+    let (a, b, c0) = (common::randn(m * k, 41), common::randn(k * n, 42), common::randn(m * n, 43));
+    let at = |r: usize, kk: usize| if ta { a[kk * m + r] } else { a[r * k + kk] } as f64;
+    let bt = |kk: usize, c: usize| if tb { b[c * k + kk] } else { b[kk * n + c] } as f64;
+    let want: Vec<f32> = (0..m * n).map(|i| ((0..k).map(|kk| at(i / n, kk) * bt(kk, i % n)).sum::<f64>() + beta as f64 * c0[i] as f64) as f32).collect();
+    let (cfg, _) = clipforge::cuda::backend::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
+    Row {
+        case: KernelCase {
+            kernel: "gemm_f32",
+            cfg,
+            buffers: vec![a, b, c0],
+            args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::I32(m as i32), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(ta as i32), Arg::I32(tb as i32), Arg::F32(1.0), Arg::F32(beta)],
+        },
+        expect: vec![(2, want, 1e-5 * (k as f32).sqrt(), 1e-5)],
+    }
+}
+
 /// bf16 values packed two per f32 word, as `DeviceOps::upload_bf16` stores them.
 fn pack_bf16(v: &[half::bf16]) -> Vec<f32> {
     v.chunks(2).map(|p| f32::from_bits(p[0].to_bits() as u32 | (p.get(1).map_or(0, |h| h.to_bits()) as u32) << 16)).collect()
@@ -218,6 +236,11 @@ fn table() -> Vec<Row> {
     for (m, n, k, bias) in [(1, 1, 1, true), (7, 65, 33, false), (130, 70, 100, true)] {
         t.push(linear_row(m, n, k, bias));
         t.push(linear_bf16_row(m, n, k, bias));
+    }
+    for (m, n, k) in [(1, 1, 1), (7, 65, 33), (45, 13, 70)] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            t.push(gemm_row(m, n, k, ta, tb, if ta == tb { 0.0 } else { 1.0 }));
+        }
     }
     t.push(to_bf16_row(2));
     t.push(to_bf16_row(4000)); // grid-stride: 7 blocks of 256 threads cover 4000 in 3 rounds

@@ -81,6 +81,21 @@ pub trait DeviceOps {
     /// bf16 values accumulated in f32, f32 bias and output (the CPU bf16 towers' arithmetic).
     #[allow(clippy::too_many_arguments)]
     fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String>;
+    /// `C[m×n] = op(A)·op(B) + beta·C` in f32, A stored `[m×k]` (`[k×m]` if `ta`), B `[k×n]`
+    /// (`[n×k]` if `tb`): the backward GEMMs of training (dX = dY·W, dW += dYᵀ·X with beta 1).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(), String>;
+}
+
+/// The `gemm_f32` kernel (kernels/matmul.cu): its launch configuration and arguments.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_kernel_launch(a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(LaunchCfg, KernelArgs), String> {
+    if m == 0 || n == 0 || k == 0 || a.len < m * k || b.len < k * n || c.len < m * n {
+        return Err(format!("gemm m {m}, n {n}, k {k}: empty problem or buffers too small (a {}, b {}, c {})", a.len, b.len, c.len));
+    }
+    let (cfg, _) = linear_kernel_launch(0, 0, None, 0, m, n, k)?;
+    let args = KernelArgs::new().ptr(a.ptr).ptr(b.ptr).ptr(c.ptr).i32(m as i32).i32(n as i32).i32(k as i32).i32(ta as i32).i32(tb as i32).f32(1.0).f32(beta);
+    Ok((cfg, args))
 }
 
 /// Checks buffer sizes of a Linear call (`w_per_elem`: weights per 4-byte element, 1 or 2).
@@ -150,6 +165,10 @@ impl DeviceOps for EmuOps {
         check_linear_w(x, w, bias, y, m, n, k, 2)?;
         let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
         self.launch("linear_bf16w", cfg, &mut args)
+    }
+    fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(), String> {
+        let (cfg, mut args) = gemm_kernel_launch(a, b, c, m, n, k, ta, tb, beta)?;
+        self.launch("gemm_f32", cfg, &mut args)
     }
 }
 
@@ -262,7 +281,15 @@ impl DeviceOps for GpuOps {
         self.launch("f32_to_bf16", LaunchCfg::new((blocks, 1, 1), (256, 1, 1), 0), &mut a)?;
         let d = super::GemmDesc { out_dtype: super::Dtype::F32, ..super::GemmDesc::linear(m, n, k, super::Dtype::Bf16, bias.is_some()) };
         g.run(&d, xb.ptr, w.ptr, y.ptr, bias.map(|b| b.ptr))
-        // xb is freed when it drops: cudarc's stream-ordered free runs after the GEMM
+        // xb goes back to the pool when it drops; the pool's reuse is ordered on this stream
+    }
+    /// cuBLASLt with the transposes and beta in the descriptor (exact FP32), or `gemm_f32`.
+    fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(), String> {
+        let (cfg, mut args) = gemm_kernel_launch(a, b, c, m, n, k, ta, tb, beta)?;
+        match &self.gemm {
+            Some(g) => g.run(&super::GemmDesc { beta, ..super::GemmDesc::batched(1, m, n, k, ta, tb, super::Dtype::F32) }, a.ptr, b.ptr, c.ptr, None),
+            None => self.launch("gemm_f32", cfg, &mut args),
+        }
     }
 }
 
@@ -299,6 +326,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn emulated_gemm_is_the_linear_backward() {
+        // dX = dY·W and dW = dYᵀ·X accumulated onto an existing gradient (beta 1), vs the CPU gemm
+        use crate::ops::matmul::{gemm_reference, View};
+        let ops = EmuOps;
+        let (m, n, k) = (9, 7, 13);
+        let (dy, w, x, g0) = (lcg(m * n, 1), lcg(n * k, 2), lcg(m * k, 3), lcg(n * k, 4));
+        let (bdy, bw, bx) = (ops.upload(&dy).unwrap(), ops.upload(&w).unwrap(), ops.upload(&x).unwrap());
+        let (dx, dw) = (ops.alloc(m * k).unwrap(), ops.upload(&g0).unwrap());
+        ops.gemm(&bdy, &bw, &dx, m, k, n, false, false, 0.0).unwrap();
+        ops.gemm(&bdy, &bx, &dw, n, k, m, true, false, 1.0).unwrap();
+        let mut want_dx = vec![0f32; m * k];
+        gemm_reference(View::row_major(&dy, m, n), View::row_major(&w, n, k), &mut want_dx, false);
+        let mut want_dw = g0.clone();
+        gemm_reference(View::row_major(&dy, m, n).t(), View::row_major(&x, m, k), &mut want_dw, true);
+        for (got, want) in [(ops.download(&dx).unwrap(), want_dx), (ops.download(&dw).unwrap(), want_dw)] {
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{g} vs {w}");
+            }
+        }
+        assert!(ops.gemm(&bdy, &bw, &dx, m, k + 1, n, false, false, 0.0).is_err());
     }
 
     #[test]
