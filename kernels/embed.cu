@@ -71,3 +71,10 @@ extern "C" __global__ void pool_rows_f32(const float* __restrict__ x, const int*
     out[i] = x[((size_t)b * T + index[b]) * W + c];
   }
 }
+
+// axpy_f32(y, x, alpha, n): y[i] += alpha * x[i] (residual gradients, copies into zeroed buffers).
+// Grid-stride, any 1-D geometry. x must not alias y.
+extern "C" __global__ void axpy_f32(float* __restrict__ y, const float* __restrict__ x, float alpha, int n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    y[i] = fmaf(alpha, x[i], y[i]);
+}

@@ -24,6 +24,7 @@ pub mod nvrtc;
 pub mod pinned;
 pub mod table;
 pub mod towers;
+pub mod train_block;
 
 #[cfg(feature = "emu")]
 pub mod emu;
