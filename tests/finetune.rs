@@ -174,3 +174,29 @@ fn shuffling_is_seeded_and_positions_replay() {
     let batch = d.load(&[0, 5]).unwrap();
     assert_eq!(batch.pixels.shape(), &[2, 3, 32, 32]);
 }
+
+#[test]
+fn bad_finetune_input_is_a_one_line_error() {
+    let d = tmpdir("ft-bad");
+    let (tiny, data) = (fixture("tiny"), fixture("longclip/train.jsonl"));
+    let (t, da) = (tiny.to_str().unwrap(), data.to_str().unwrap());
+    let out = d.join("out");
+    let o = out.to_str().unwrap();
+    let binary = fixture("pca_grad.safetensors");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--model", t, "--data", "/nonexistent.jsonl", "--out", o], "nonexistent.jsonl"),
+        (vec!["--model", "/nonexistent-model", "--data", da, "--out", o], "config.json"),
+        (vec!["--model", t, "--data", da, "--out", o, "--batch", "100"], "--batch"),
+        (vec!["--model", t, "--data", da, "--out", o, "--accum", "0"], "--accum"),
+        (vec!["--model", t, "--data", da, "--out", o, "--resume"], "no checkpoint"),
+        (vec!["--model", t, "--data", binary.to_str().unwrap(), "--out", o], "pca_grad.safetensors"),
+    ];
+    for (args, needle) in cases {
+        let mut a = vec!["finetune"];
+        a.extend(&args);
+        let r = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(&a).output().unwrap();
+        let e = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && e.trim().lines().count() == 1 && e.contains(needle), "{a:?}: {e}");
+    }
+    assert!(!out.join("model").exists(), "a failed run wrote a model");
+}
