@@ -78,3 +78,15 @@ extern "C" __global__ void axpy_f32(float* __restrict__ y, const float* __restri
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
     y[i] = fmaf(alpha, x[i], y[i]);
 }
+
+// unpool_rows_f32(dp, index, dx, B, T, W): dx[b, index[b], :] += dp[b, :] — the backward of
+// pool_rows_f32 (one row per sequence, so no two threads write the same element). dx is
+// [B, T, W], zero elsewhere. Grid-stride over B·W.
+extern "C" __global__ void unpool_rows_f32(const float* __restrict__ dp, const int* __restrict__ index,
+                                           float* __restrict__ dx, int B, int T, int W) {
+  const size_t total = (size_t)B * W;
+  GRID_STRIDE(i, total) {
+    const int b = (int)(i / W), c = (int)(i % W);
+    dx[((size_t)b * T + index[b]) * W + c] += dp[i];
+  }
+}
