@@ -90,3 +90,17 @@ extern "C" __global__ void unpool_rows_f32(const float* __restrict__ dp, const i
     dx[((size_t)b * T + index[b]) * W + c] += dp[i];
   }
 }
+
+// vision_embed_bwd_f32(dx, dpatches, B, N, W): dpatches[b·N + t − 1, :] = dx[b, t, :] for t ≥ 1 —
+// the patch rows of the gradient of vision_embed_assemble_f32 (the class row and the position
+// table get theirs from batch reductions). Grid-stride over B·N·W.
+extern "C" __global__ void vision_embed_bwd_f32(const float* __restrict__ dx, float* __restrict__ dpatches, int B,
+                                                int N, int W) {
+  const size_t total = (size_t)B * N * W;
+  GRID_STRIDE(i, total) {
+    const size_t row = i / W;
+    const int c = (int)(i % W);
+    const int b = (int)(row / N), t = (int)(row % N) + 1;
+    dpatches[i] = dx[((size_t)b * (N + 1) + t) * W + c];
+  }
+}

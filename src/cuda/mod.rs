@@ -26,6 +26,7 @@ pub mod table;
 pub mod towers;
 pub mod train_block;
 pub mod train_text;
+pub mod train_vision;
 
 #[cfg(feature = "emu")]
 pub mod emu;
