@@ -24,15 +24,6 @@ fn params(c: &TowerConfig, seed: u64) -> Vec<Tensor> {
         .collect()
 }
 
-/// `floor`: an absolute scale below which differences are rounding noise (the key bias has an
-/// exactly-zero true gradient — softmax ignores a per-row constant — so its values are noise).
-fn close(what: &str, got: &[f32], want: &[f32], floor: f32) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(g.is_finite() && (g - w).abs() <= 1e-4 * scale + 1e-3 * w.abs(), "{what}[{i}]: device {g}, CPU tape {w} (max|ref| {scale})");
-    }
-}
 
 fn run(c: &TowerConfig, b: usize, t: usize, causal: bool) {
     let p = params(c, 7);
@@ -53,12 +44,12 @@ fn run(c: &TowerConfig, b: usize, t: usize, causal: bool) {
     let dyd = ops.upload(&dy).unwrap();
     let (dx, dp) = backward(&ops, &blk, &saved, &dyd).unwrap();
     let what = format!("W{} H{} B{b} T{t} causal {causal}", c.hidden, c.heads);
-    close(&format!("{what} y"), &ops.download(&yd).unwrap(), &y.value().to_vec_f32(), 0.0);
+    common::assert_close_scaled(&format!("{what} y"), &ops.download(&yd).unwrap(), &y.value().to_vec_f32(), 0.0);
     let want_dx = grads.get(&xv).unwrap().to_vec_f32();
     let floor = 1e-2 * want_dx.iter().fold(0f32, |m, v| m.max(v.abs()));
-    close(&format!("{what} dx"), &ops.download(&dx).unwrap(), &want_dx, 0.0);
+    common::assert_close_scaled(&format!("{what} dx"), &ops.download(&dx).unwrap(), &want_dx, 0.0);
     for (k, (g, v)) in dp.iter().zip(&pv).enumerate() {
-        close(&format!("{what} {}", clipforge::train::model::BLOCK_PARAMS[k]), &ops.download(g).unwrap(), &grads.get(v).unwrap().to_vec_f32(), floor);
+        common::assert_close_scaled(&format!("{what} {}", clipforge::train::model::BLOCK_PARAMS[k]), &ops.download(g).unwrap(), &grads.get(v).unwrap().to_vec_f32(), floor);
     }
 }
 

@@ -10,13 +10,6 @@ use clipforge::cuda::{DeviceOps, EmuOps};
 use clipforge::train::model::{TrainClip, BLOCK_PARAMS};
 use clipforge::Tensor;
 
-fn close(what: &str, got: &[f32], want: &[f32], floor: f32) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(g.is_finite() && (g - w).abs() <= 1e-4 * scale + 1e-3 * w.abs(), "{what}[{i}]: device {g}, CPU tape {w} (max|ref| {scale})");
-    }
-}
 
 #[test]
 fn device_text_tower_matches_the_cpu_tape() {
@@ -51,18 +44,18 @@ fn device_text_tower_matches_the_cpu_tape() {
         d: model.config.projection_dim,
     };
     let (ed, saved) = forward(&ops, &dev, &ids).unwrap();
-    close("embeddings", &ops.download(&ed).unwrap(), &e.value().to_vec_f32(), 0.0);
+    common::assert_close_scaled("embeddings", &ops.download(&ed).unwrap(), &e.value().to_vec_f32(), 0.0);
     let tg = backward(&ops, &dev, &saved, &ops.upload(&r).unwrap()).unwrap();
     let floor = 1e-2 * g("text_projection.weight").iter().fold(0f32, |m, v| m.max(v.abs()));
-    close("d token_embedding", &tg.tok, &g("text_model.embeddings.token_embedding.weight"), floor);
-    close("d position_embedding", &ops.download(&tg.pos).unwrap(), &g("text_model.embeddings.position_embedding.weight"), floor);
-    close("d final_layer_norm.weight", &ops.download(&tg.final_g).unwrap(), &g("text_model.final_layer_norm.weight"), floor);
-    close("d final_layer_norm.bias", &ops.download(&tg.final_b).unwrap(), &g("text_model.final_layer_norm.bias"), floor);
-    close("d text_projection", &ops.download(&tg.proj).unwrap(), &g("text_projection.weight"), floor);
+    common::assert_close_scaled("d token_embedding", &tg.tok, &g("text_model.embeddings.token_embedding.weight"), floor);
+    common::assert_close_scaled("d position_embedding", &ops.download(&tg.pos).unwrap(), &g("text_model.embeddings.position_embedding.weight"), floor);
+    common::assert_close_scaled("d final_layer_norm.weight", &ops.download(&tg.final_g).unwrap(), &g("text_model.final_layer_norm.weight"), floor);
+    common::assert_close_scaled("d final_layer_norm.bias", &ops.download(&tg.final_b).unwrap(), &g("text_model.final_layer_norm.bias"), floor);
+    common::assert_close_scaled("d text_projection", &ops.download(&tg.proj).unwrap(), &g("text_projection.weight"), floor);
     for (l, bg) in tg.blocks.iter().enumerate() {
         for (k, buf) in bg.iter().enumerate() {
             let name = format!("text_model.encoder.layers.{l}.{}", BLOCK_PARAMS[k]);
-            close(&format!("d {name}"), &ops.download(buf).unwrap(), &g(&name), floor);
+            common::assert_close_scaled(&format!("d {name}"), &ops.download(buf).unwrap(), &g(&name), floor);
         }
     }
 }

@@ -9,13 +9,6 @@ use clipforge::cuda::{DeviceOps, EmuOps};
 use clipforge::train::model::{TrainClip, BLOCK_PARAMS};
 use clipforge::Tensor;
 
-fn close(what: &str, got: &[f32], want: &[f32], floor: f32) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(g.is_finite() && (g - w).abs() <= 1e-4 * scale + 1e-3 * w.abs(), "{what}[{i}]: device {g}, CPU tape {w} (max|ref| {scale})");
-    }
-}
 
 #[test]
 fn device_vision_tower_matches_the_cpu_tape() {
@@ -58,7 +51,7 @@ fn device_vision_tower_matches_the_cpu_tape() {
         d: model.config.projection_dim,
     };
     let (ed, saved) = forward(&ops, &dev, &px.to_vec_f32(), b).unwrap();
-    close("embeddings", &ops.download(&ed).unwrap(), &e.value().to_vec_f32(), 0.0);
+    common::assert_close_scaled("embeddings", &ops.download(&ed).unwrap(), &e.value().to_vec_f32(), 0.0);
     let vg = backward(&ops, &dev, &saved, &ops.upload(&r).unwrap()).unwrap();
     let floor = 1e-2 * g("visual_projection.weight").iter().fold(0f32, |m, v| m.max(v.abs()));
     for (name, buf) in [
@@ -71,12 +64,12 @@ fn device_vision_tower_matches_the_cpu_tape() {
         ("vision_model.post_layernorm.bias".into(), &vg.post_b),
         ("visual_projection.weight".into(), &vg.proj),
     ] {
-        close(&format!("d {name}"), &ops.download(buf).unwrap(), &g(&name), floor);
+        common::assert_close_scaled(&format!("d {name}"), &ops.download(buf).unwrap(), &g(&name), floor);
     }
     for (l, bg) in vg.blocks.iter().enumerate() {
         for (k, buf) in bg.iter().enumerate() {
             let name = format!("vision_model.encoder.layers.{l}.{}", BLOCK_PARAMS[k]);
-            close(&format!("d {name}"), &ops.download(buf).unwrap(), &g(&name), floor);
+            common::assert_close_scaled(&format!("d {name}"), &ops.download(buf).unwrap(), &g(&name), floor);
         }
     }
 }

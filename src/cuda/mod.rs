@@ -25,6 +25,7 @@ pub mod pinned;
 pub mod table;
 pub mod towers;
 pub mod train_block;
+pub mod train_ops;
 pub mod train_text;
 pub mod train_vision;
 

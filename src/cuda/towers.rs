@@ -22,6 +22,7 @@
 use super::attention::attention_fwd_launch;
 use super::backend::{Buf, DeviceOps};
 use super::launch::{KernelArgs, LaunchCfg};
+use super::train_ops::ln_cfg;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::model::layers::{Block, LayerNorm, Linear};
@@ -339,10 +340,6 @@ fn gemm(ops: &dyn DeviceOps, x: &Buf, l: &LinW, bias: Option<&Buf>, y: &Buf, row
     }
 }
 
-/// One warp per row, 4 rows per block.
-fn ln_cfg(rows: usize) -> LaunchCfg {
-    LaunchCfg::new((rows.div_ceil(4) as u32, 1, 1), (128, 1, 1), 0)
-}
 
 fn layernorm(ops: &dyn DeviceOps, x: &Buf, ln: &LnW, y: &Buf, rows: usize, cols: usize) -> Result<()> {
     let mut a = KernelArgs::new().ptr(x.ptr()).ptr(ln.g.ptr()).ptr(ln.b.ptr()).ptr(y.ptr()).ptr(0).ptr(0).i32(rows as i32).i32(cols as i32).f32(ln.eps);

@@ -8,6 +8,7 @@
 use super::attention::{attention_bwd_launch, attention_fwd_launch};
 use super::backend::{Buf, DeviceOps};
 use super::launch::{KernelArgs, LaunchCfg};
+use super::train_ops::{axpy, col_sums, copy, ln_bwd, ln_cfg, ln_fwd};
 use crate::model::config::{Activation, TowerConfig};
 use crate::ops::attention::AttnShape;
 use crate::tensor::DType;
@@ -40,35 +41,6 @@ pub struct Saved {
     u: Buf,
 }
 
-fn elems(ops: &dyn DeviceOps, kernel: &str, n: usize, args: KernelArgs) -> Result<(), String> {
-    let blocks = n.div_ceil(256).clamp(1, 16_384) as u32;
-    let mut a = args;
-    ops.launch(kernel, LaunchCfg::new((blocks, 1, 1), (256, 1, 1), 0), &mut a)
-}
-
-/// y += alpha·x over `n` elements.
-fn axpy(ops: &dyn DeviceOps, y: &Buf, x: &Buf, alpha: f32, n: usize) -> Result<(), String> {
-    elems(ops, "axpy_f32", n, KernelArgs::new().ptr(y.ptr()).ptr(x.ptr()).f32(alpha).i32(n as i32))
-}
-
-fn copy(ops: &dyn DeviceOps, x: &Buf, n: usize) -> Result<Buf, String> {
-    let y = ops.alloc(n)?;
-    axpy(ops, &y, x, 1.0, n)?;
-    Ok(y)
-}
-
-/// Column sums of a [rows, n] matrix into a new [n] buffer.
-fn col_sums(ops: &dyn DeviceOps, m: &Buf, rows: usize, n: usize) -> Result<Buf, String> {
-    let out = ops.alloc(n)?;
-    let mut a = KernelArgs::new().ptr(m.ptr()).ptr(out.ptr()).i32(rows as i32).i32(n as i32);
-    ops.launch("bias_grad_reduce_f32", LaunchCfg::new((n.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
-    Ok(out)
-}
-
-fn ln_cfg(rows: usize) -> LaunchCfg {
-    LaunchCfg::new((rows.div_ceil(4) as u32, 1, 1), (128, 1, 1), 0)
-}
-
 fn act_names(act: Activation) -> (&'static str, &'static str) {
     match act {
         Activation::QuickGelu => ("bias_quick_gelu_fwd_f32", "bias_quick_gelu_bwd_f32"),
@@ -85,10 +57,7 @@ fn shape(c: &TowerConfig, b: usize, t: usize, causal: bool) -> AttnShape {
 pub fn forward(ops: &dyn DeviceOps, blk: &DevBlock, x: &Buf, b: usize, t: usize, causal: bool) -> Result<(Buf, Saved), String> {
     let (c, p) = (blk.cfg, &blk.p);
     let (r, w, inter) = (b * t, c.hidden, c.intermediate);
-    let h1 = ops.alloc(r * w)?;
-    let (mean1, rstd1) = (ops.alloc(r)?, ops.alloc(r)?);
-    let mut a = KernelArgs::new().ptr(x.ptr()).ptr(p[0].ptr()).ptr(p[1].ptr()).ptr(h1.ptr()).ptr(mean1.ptr()).ptr(rstd1.ptr()).i32(r as i32).i32(w as i32).f32(c.eps);
-    ops.launch("layernorm_fwd_f32", ln_cfg(r), &mut a)?;
+    let (h1, mean1, rstd1) = ln_fwd(ops, x, p[0], p[1], r, w, c.eps)?;
     let (q, k, v) = (ops.alloc(r * w)?, ops.alloc(r * w)?, ops.alloc(r * w)?);
     ops.linear(&h1, p[2], Some(p[3]), &q, r, w, w)?;
     ops.linear(&h1, p[4], Some(p[5]), &k, r, w, w)?;
@@ -117,19 +86,6 @@ pub fn forward(ops: &dyn DeviceOps, blk: &DevBlock, x: &Buf, b: usize, t: usize,
     axpy(ops, &y, &f, 1.0, r * w)?;
     let x = copy(ops, x, r * w)?;
     Ok((y, Saved { b, t, causal, x, h1, mean1, rstd1, q, k, v, a: att, lse, xm, h2, mean2, rstd2, pre, u }))
-}
-
-/// LayerNorm backward: (dx, dγ, dβ).
-#[allow(clippy::too_many_arguments)]
-fn ln_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, gamma: &Buf, mean: &Buf, rstd: &Buf, r: usize, w: usize) -> Result<(Buf, Buf, Buf), String> {
-    let parts = r.clamp(1, 8);
-    let (dx, pg, pb) = (ops.alloc(r * w)?, ops.alloc(parts * w)?, ops.alloc(parts * w)?);
-    let mut a = KernelArgs::new().ptr(dy.ptr()).ptr(x.ptr()).ptr(gamma.ptr()).ptr(mean.ptr()).ptr(rstd.ptr()).ptr(dx.ptr()).ptr(pg.ptr()).ptr(pb.ptr()).i32(r as i32).i32(w as i32);
-    ops.launch("layernorm_bwd_f32", LaunchCfg::new((parts as u32, 1, 1), (128, 1, 1), 0), &mut a)?;
-    let (dg, db) = (ops.alloc(w)?, ops.alloc(w)?);
-    let mut a = KernelArgs::new().ptr(pg.ptr()).ptr(pb.ptr()).ptr(dg.ptr()).ptr(db.ptr()).i32(parts as i32).i32(w as i32);
-    ops.launch("layernorm_bwd_reduce_f32", LaunchCfg::new((w.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
-    Ok((dx, dg, db))
 }
 
 /// Linear backward for y = x·Wᵀ + b: accumulates dx (beta 1 unless `first`), returns (dW, db).

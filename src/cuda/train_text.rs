@@ -5,8 +5,9 @@
 //! (`ops::embedding::embedding_bwd`) after one download; everything else stays on the device.
 //! tests/cuda_train_text.rs checks it on the emulator against the CPU tape's text tower.
 use super::backend::{Buf, DeviceOps};
-use super::launch::{KernelArgs, LaunchCfg};
+use super::launch::KernelArgs;
 use super::train_block::{backward as block_bwd, forward as block_fwd, DevBlock, Saved};
+use super::train_ops::{axpy, col_sums, grid, ln_bwd, ln_fwd, projection_bwd};
 use crate::model::config::TextConfig;
 use crate::model::text::pool_position;
 
@@ -45,10 +46,6 @@ pub struct TextGrads {
     pub proj: Buf,
 }
 
-fn grid(n: usize) -> LaunchCfg {
-    LaunchCfg::new((n.div_ceil(256).clamp(1, 16_384) as u32, 1, 1), (256, 1, 1), 0)
-}
-
 /// Token ids (unpadded) → text embeddings [B, D] (not normalised) and the saved activations.
 pub fn forward(ops: &dyn DeviceOps, m: &DevText, ids: &[Vec<u32>]) -> Result<(Buf, TextSaved), String> {
     let (b, w) = (ids.len(), m.cfg.tower.hidden);
@@ -76,9 +73,7 @@ pub fn forward(ops: &dyn DeviceOps, m: &DevText, ids: &[Vec<u32>]) -> Result<(Bu
     let pooled = ops.alloc(b * w)?;
     let mut a = KernelArgs::new().ptr(x.ptr()).ptr(index.ptr()).ptr(pooled.ptr()).i32(b as i32).i32(t as i32).i32(w as i32);
     ops.launch("pool_rows_f32", grid(b * w), &mut a)?;
-    let (normed, mean, rstd) = (ops.alloc(b * w)?, ops.alloc(b)?, ops.alloc(b)?);
-    let mut a = KernelArgs::new().ptr(pooled.ptr()).ptr(m.final_g.ptr()).ptr(m.final_b.ptr()).ptr(normed.ptr()).ptr(mean.ptr()).ptr(rstd.ptr()).i32(b as i32).i32(w as i32).f32(m.cfg.tower.eps);
-    ops.launch("layernorm_fwd_f32", LaunchCfg::new((b.div_ceil(4) as u32, 1, 1), (128, 1, 1), 0), &mut a)?;
+    let (normed, mean, rstd) = ln_fwd(ops, &pooled, m.final_g, m.final_b, b, w, m.cfg.tower.eps)?;
     let e = ops.alloc(b * m.d)?;
     ops.linear(&normed, m.proj, None, &e, b, m.d, w)?;
     Ok((e, TextSaved { b, t, flat, index, blocks: saved, pooled, mean, rstd, normed }))
@@ -87,19 +82,8 @@ pub fn forward(ops: &dyn DeviceOps, m: &DevText, ids: &[Vec<u32>]) -> Result<(Bu
 /// de [B, D] → the gradients of every text parameter.
 pub fn backward(ops: &dyn DeviceOps, m: &DevText, s: &TextSaved, de: &Buf) -> Result<TextGrads, String> {
     let (b, t, w, d) = (s.b, s.t, m.cfg.tower.hidden, m.d);
-    // projection (no bias): dnormed = de·P, dP = deᵀ·normed
-    let dn = ops.alloc(b * w)?;
-    ops.gemm(de, m.proj, &dn, b, w, d, false, false, 0.0)?;
-    let dproj = ops.alloc(d * w)?;
-    ops.gemm(de, &s.normed, &dproj, d, w, b, true, false, 0.0)?;
-    // final LayerNorm of the pooled rows
-    let parts = b.clamp(1, 8);
-    let (dpool, pg, pb) = (ops.alloc(b * w)?, ops.alloc(parts * w)?, ops.alloc(parts * w)?);
-    let mut a = KernelArgs::new().ptr(dn.ptr()).ptr(s.pooled.ptr()).ptr(m.final_g.ptr()).ptr(s.mean.ptr()).ptr(s.rstd.ptr()).ptr(dpool.ptr()).ptr(pg.ptr()).ptr(pb.ptr()).i32(b as i32).i32(w as i32);
-    ops.launch("layernorm_bwd_f32", LaunchCfg::new((parts as u32, 1, 1), (128, 1, 1), 0), &mut a)?;
-    let (dg, db) = (ops.alloc(w)?, ops.alloc(w)?);
-    let mut a = KernelArgs::new().ptr(pg.ptr()).ptr(pb.ptr()).ptr(dg.ptr()).ptr(db.ptr()).i32(parts as i32).i32(w as i32);
-    ops.launch("layernorm_bwd_reduce_f32", LaunchCfg::new((w.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
+    let (dn, dproj) = projection_bwd(ops, de, &s.normed, m.proj, b, d, w)?;
+    let (dpool, dg, db) = ln_bwd(ops, &dn, &s.pooled, m.final_g, &s.mean, &s.rstd, b, w)?; // final LayerNorm
     // pooling
     let mut dx = ops.alloc(b * t * w)?;
     let mut a = KernelArgs::new().ptr(dpool.ptr()).ptr(s.index.ptr()).ptr(dx.ptr()).i32(b as i32).i32(t as i32).i32(w as i32);
@@ -115,8 +99,7 @@ pub fn backward(ops: &dyn DeviceOps, m: &DevText, s: &TextSaved, de: &Buf) -> Re
     // embeddings: positions = the batch sum of dx (rows ≥ T stay zero); tokens scattered on the host
     let pos_rows = m.cfg.max_positions;
     let dpos = ops.alloc(pos_rows * w)?;
-    let mut a = KernelArgs::new().ptr(dx.ptr()).ptr(dpos.ptr()).i32(b as i32).i32((t * w) as i32);
-    ops.launch("bias_grad_reduce_f32", LaunchCfg::new(((t * w).div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
+    axpy(ops, &dpos, &col_sums(ops, &dx, b, t * w)?, 1.0, t * w)?; // rows < T; the rest stay zero
     let dxh = ops.download(&dx)?;
     let tok = crate::ops::embedding::embedding_bwd(&dxh, m.cfg.vocab, w, &s.flat).map_err(|e| e.to_string())?;
     Ok(TextGrads { tok, pos: dpos, blocks, final_g: dg, final_b: db, proj: dproj })

@@ -5,8 +5,9 @@
 //! gradients as batch reductions). tests/cuda_train_vision.rs checks it on the emulator against
 //! the CPU tape's vision tower.
 use super::backend::{Buf, DeviceOps};
-use super::launch::{KernelArgs, LaunchCfg};
+use super::launch::KernelArgs;
 use super::train_block::{backward as block_bwd, forward as block_fwd, DevBlock, Saved};
+use super::train_ops::{col_sums, grid, ln_bwd, ln_fwd, projection_bwd};
 use crate::model::config::VisionConfig;
 
 pub struct DevVision<'a> {
@@ -49,37 +50,6 @@ pub struct VisionGrads {
     pub proj: Buf,
 }
 
-fn grid(n: usize) -> LaunchCfg {
-    LaunchCfg::new((n.div_ceil(256).clamp(1, 16_384) as u32, 1, 1), (256, 1, 1), 0)
-}
-
-fn ln_fwd(ops: &dyn DeviceOps, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf, Buf), String> {
-    let (y, mean, rstd) = (ops.alloc(rows * w)?, ops.alloc(rows)?, ops.alloc(rows)?);
-    let mut a = KernelArgs::new().ptr(x.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr()).ptr(mean.ptr()).ptr(rstd.ptr()).i32(rows as i32).i32(w as i32).f32(eps);
-    ops.launch("layernorm_fwd_f32", LaunchCfg::new((rows.div_ceil(4) as u32, 1, 1), (128, 1, 1), 0), &mut a)?;
-    Ok((y, mean, rstd))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn ln_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, g: &Buf, mean: &Buf, rstd: &Buf, rows: usize, w: usize) -> Result<(Buf, Buf, Buf), String> {
-    let parts = rows.clamp(1, 8);
-    let (dx, pg, pb) = (ops.alloc(rows * w)?, ops.alloc(parts * w)?, ops.alloc(parts * w)?);
-    let mut a = KernelArgs::new().ptr(dy.ptr()).ptr(x.ptr()).ptr(g.ptr()).ptr(mean.ptr()).ptr(rstd.ptr()).ptr(dx.ptr()).ptr(pg.ptr()).ptr(pb.ptr()).i32(rows as i32).i32(w as i32);
-    ops.launch("layernorm_bwd_f32", LaunchCfg::new((parts as u32, 1, 1), (128, 1, 1), 0), &mut a)?;
-    let (dg, db) = (ops.alloc(w)?, ops.alloc(w)?);
-    let mut a = KernelArgs::new().ptr(pg.ptr()).ptr(pb.ptr()).ptr(dg.ptr()).ptr(db.ptr()).i32(parts as i32).i32(w as i32);
-    ops.launch("layernorm_bwd_reduce_f32", LaunchCfg::new((w.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
-    Ok((dx, dg, db))
-}
-
-/// Column sums of [rows, n] into a new [n] buffer.
-fn col_sums(ops: &dyn DeviceOps, m: &Buf, rows: usize, n: usize) -> Result<Buf, String> {
-    let out = ops.alloc(n)?;
-    let mut a = KernelArgs::new().ptr(m.ptr()).ptr(out.ptr()).i32(rows as i32).i32(n as i32);
-    ops.launch("bias_grad_reduce_f32", LaunchCfg::new((n.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
-    Ok(out)
-}
-
 /// pixels [B, C, S, S] (host) → image embeddings [B, D] (not normalised) and the saved activations.
 pub fn forward(ops: &dyn DeviceOps, m: &DevVision, pixels: &[f32], b: usize) -> Result<(Buf, VisionSaved), String> {
     let (c, s, p, w) = (m.cfg.channels, m.cfg.image_size, m.cfg.patch_size, m.cfg.tower.hidden);
@@ -117,10 +87,7 @@ pub fn forward(ops: &dyn DeviceOps, m: &DevVision, pixels: &[f32], b: usize) -> 
 pub fn backward(ops: &dyn DeviceOps, m: &DevVision, s: &VisionSaved, de: &Buf) -> Result<VisionGrads, String> {
     let (b, w, d) = (s.b, m.cfg.tower.hidden, m.d);
     let (t, n, k) = (m.cfg.tokens(), m.cfg.tokens() - 1, m.cfg.channels * m.cfg.patch_size * m.cfg.patch_size);
-    let dn = ops.alloc(b * w)?;
-    ops.gemm(de, m.proj, &dn, b, w, d, false, false, 0.0)?;
-    let dproj = ops.alloc(d * w)?;
-    ops.gemm(de, &s.normed, &dproj, d, w, b, true, false, 0.0)?;
+    let (dn, dproj) = projection_bwd(ops, de, &s.normed, m.proj, b, d, w)?;
     let (dpool, post_g, post_b) = ln_bwd(ops, &dn, &s.pooled, m.post_g, &s.mean1, &s.rstd1, b, w)?;
     let mut dx = ops.alloc(b * t * w)?;
     let mut a = KernelArgs::new().ptr(dpool.ptr()).ptr(s.index.ptr()).ptr(dx.ptr()).i32(b as i32).i32(t as i32).i32(w as i32);

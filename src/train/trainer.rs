@@ -181,9 +181,11 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quie
             }
         }
         opt.begin_step();
-        for (k, st) in opt.params.clone().iter().enumerate() {
-            let i = model.index(&st.name).ok_or_else(|| Error::msg(format!("optimizer parameter {} not in the model", st.name)))?;
-            let g = acc[i].take().unwrap_or_else(|| vec![0.0; st.m.len()]);
+        // (name, size) only: cloning the whole optimizer state here copied every m and v each step
+        let order: Vec<(String, usize)> = opt.params.iter().map(|p| (p.name.clone(), p.m.len())).collect();
+        for (k, (name, len)) in order.iter().enumerate() {
+            let i = model.index(name).ok_or_else(|| Error::msg(format!("optimizer parameter {name} not in the model")))?;
+            let g = acc[i].take().unwrap_or_else(|| vec![0.0; *len]);
             let mut v = model.params[i].1.to_vec_f32();
             opt.update(k, &lrs, &mut v, &g)?;
             model.params[i].1 = Tensor::from_vec(v, model.params[i].1.shape())?;

@@ -51,3 +51,14 @@ pub fn tmpdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// |g − w| ≤ 1e-4·max(floor, max|want|) + 1e-3·|w| per element, NaN fails. `floor`: an absolute
+/// scale below which differences are rounding noise (e.g. a gradient that is exactly zero in
+/// theory, like an attention key bias's).
+pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f32], floor: f32) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite() && (g - w).abs() <= 1e-4 * scale + 1e-3 * w.abs(), "{what}[{i}]: device {g}, CPU tape {w} (max|ref| {scale})");
+    }
+}
