@@ -38,7 +38,7 @@ fn run(c: &TowerConfig, b: usize, t: usize, causal: bool) {
     // emulated device
     let ops = EmuOps;
     let bufs: Vec<_> = p.iter().map(|t| ops.upload(&t.to_vec_f32()).unwrap()).collect();
-    let blk = DevBlock { p: std::array::from_fn(|i| &bufs[i]), cfg: c };
+    let blk = DevBlock { p: std::array::from_fn(|i| &bufs[i]), cfg: c, half: None };
     let xd = ops.upload(&x.to_vec_f32()).unwrap();
     let (yd, saved) = forward(&ops, &blk, &xd, b, t, causal).unwrap();
     let dyd = ops.upload(&dy).unwrap();

@@ -37,11 +37,12 @@ fn device_text_tower_matches_the_cpu_tape() {
         cfg: c,
         tok: &tok,
         pos: &pos,
-        blocks: layer_bufs.iter().map(|bufs| DevBlock { p: std::array::from_fn(|i| &bufs[i]), cfg: &c.tower }).collect(),
+        blocks: layer_bufs.iter().map(|bufs| DevBlock { p: std::array::from_fn(|i| &bufs[i]), cfg: &c.tower, half: None }).collect(),
         final_g: &fg,
         final_b: &fb,
         proj: &proj,
         d: model.config.projection_dim,
+        recompute: false,
     };
     let (ed, saved) = forward(&ops, &dev, &ids).unwrap();
     common::assert_close_scaled("embeddings", &ops.download(&ed).unwrap(), &e.value().to_vec_f32(), 0.0);

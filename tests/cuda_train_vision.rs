@@ -44,11 +44,12 @@ fn device_vision_tower_matches_the_cpu_tape() {
         pos: &bufs[2],
         pre_g: &bufs[3],
         pre_b: &bufs[4],
-        blocks: layer_bufs.iter().map(|bb| DevBlock { p: std::array::from_fn(|i| &bb[i]), cfg: &vc.tower }).collect(),
+        blocks: layer_bufs.iter().map(|bb| DevBlock { p: std::array::from_fn(|i| &bb[i]), cfg: &vc.tower, half: None }).collect(),
         post_g: &bufs[5],
         post_b: &bufs[6],
         proj: &bufs[7],
         d: model.config.projection_dim,
+        recompute: false,
     };
     let (ed, saved) = forward(&ops, &dev, &px.to_vec_f32(), b).unwrap();
     common::assert_close_scaled("embeddings", &ops.download(&ed).unwrap(), &e.value().to_vec_f32(), 0.0);

@@ -7,55 +7,16 @@
 //! - a non-finite loss stops the run with the last good state saved;
 //! - the data formats (JSONL, ShareGPT4V), the short-caption rule and line-numbered errors.
 mod common;
+mod finetune_common;
 use common::{fixture, tmpdir};
+use finetune_common::*;
 use clipforge::model::Weights;
 use clipforge::train::data::{first_sentence, read_samples, Loader};
-use clipforge::train::trainer::{run, StepLog, TrainConfig};
-use std::path::{Path, PathBuf};
+use clipforge::train::trainer::{run, StepLog};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-
-
-
-/// The tiny model stretched to 248 positions (20 frozen) in `dir`/long.
-fn stretched(dir: &Path) -> PathBuf {
-    let out = dir.join("long");
-    let o = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(["stretch", "--model", fixture("tiny").to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    out
-}
-
-fn config(model: &Path, out: &Path, batch: usize, accum: usize) -> TrainConfig {
-    TrainConfig {
-        model: model.to_path_buf(),
-        data: fixture("longclip/train.jsonl"),
-        image_root: None,
-        out: out.to_path_buf(),
-        seed: 0,
-        shuffle: false,
-        batch,
-        accum,
-        lr: 1e-3,
-        warmup: 3,
-        epochs: 1,
-        max_steps: Some(12),
-        save_every: 4,
-        weight_decay: 1e-2,
-        pca_dim: 4,
-        recompute: false,
-        log: Some(out.join("log.jsonl")),
-        method: "longclip".into(),
-        mask_lr: 1e-3,
-        lambda_align: 1.0,
-        lambda_sparsity: 1e-3,
-        mask_init: None,
-    }
-}
-
-fn no_stop() -> Arc<AtomicBool> {
-    Arc::new(AtomicBool::new(false))
-}
 
 #[test]
 fn matches_the_pytorch_reference_step_by_step() {
@@ -64,27 +25,10 @@ fn matches_the_pytorch_reference_step_by_step() {
     for (name, batch, accum) in [("expected_b8.json", 8, 1), ("expected_b4x2.json", 4, 2)] {
         let out = d.join(name);
         let r = run(&config(&model, &out, batch, accum), None, no_stop(), true).unwrap();
-        let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("longclip").join(name)).unwrap()).unwrap();
-        let steps = exp["steps"].as_array().unwrap();
-        assert_eq!(r.steps.len(), steps.len());
-        for (got, want) in r.steps.iter().zip(steps) {
-            for (k, g) in [("loss", got.loss), ("loss_long", got.loss_long.unwrap()), ("loss_short", got.loss_short.unwrap()), ("lr", got.lr), ("logit_scale", got.logit_scale)] {
-                let w = want[k].as_f64().unwrap();
-                assert!(g.is_finite() && (g - w).abs() <= 1e-4 * w.abs(), "{name} step {}: {k} = {g}, PyTorch {w}", got.step);
-            }
-        }
-        // frozen position rows are bit-identical; the others moved
-        let p0 = Weights::open(&model).unwrap().get("text_model.embeddings.position_embedding.weight").unwrap().to_vec_f32();
-        let p1 = Weights::open(&out.join("model")).unwrap().get("text_model.embeddings.position_embedding.weight").unwrap().to_vec_f32();
-        let w = 32;
-        assert_eq!(&p0[..20 * w], &p1[..20 * w], "frozen rows changed");
-        assert_ne!(&p0[20 * w..], &p1[20 * w..]);
+        assert_matches_reference("cpu", name, &r.steps, 1e-4);
+        assert_frozen_rows_kept(&model, &out.join("model"));
         assert!(out.join("log.jsonl.svg").is_file());
     }
-}
-
-fn read_log(p: &Path) -> Vec<StepLog> {
-    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 #[test]
@@ -183,14 +127,20 @@ fn bad_finetune_input_is_a_one_line_error() {
     let out = d.join("out");
     let o = out.to_str().unwrap();
     let binary = fixture("pca_grad.safetensors");
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    let mut cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--model", t, "--data", "/nonexistent.jsonl", "--out", o], "nonexistent.jsonl"),
+        (vec!["--model", t, "--data", da, "--out", o, "--batch", "4", "--device", "cpu", "--dtype", "bf16"], "--dtype bf16 needs --device cuda"),
+        (vec!["--model", t, "--data", da, "--out", o, "--batch", "4", "--dtype", "f16"], "--dtype f16"),
+        (vec!["--model", t, "--data", da, "--out", o, "--batch", "4", "--method", "smartclip", "--device", "cuda"], "SmartCLIP"),
         (vec!["--model", "/nonexistent-model", "--data", da, "--out", o], "config.json"),
         (vec!["--model", t, "--data", da, "--out", o, "--batch", "100"], "--batch"),
         (vec!["--model", t, "--data", da, "--out", o, "--accum", "0"], "--accum"),
         (vec!["--model", t, "--data", da, "--out", o, "--resume"], "no checkpoint"),
         (vec!["--model", t, "--data", binary.to_str().unwrap(), "--out", o], "pca_grad.safetensors"),
     ];
+    if clipforge::cuda::GpuOps::open().is_err() {
+        cases.push((vec!["--model", t, "--data", da, "--out", o, "--batch", "4", "--device", "cuda"], "--device cuda"));
+    }
     for (args, needle) in cases {
         let mut a = vec!["finetune"];
         a.extend(&args);

@@ -37,6 +37,8 @@ fn config(out: &Path) -> TrainConfig {
         lambda_align: 1.0,
         lambda_sparsity: 1e-3,
         mask_init: Some(fixture("smartclip/mask_init.safetensors")),
+        device: "cpu".into(),
+        dtype: "f32".into(),
     }
 }
 

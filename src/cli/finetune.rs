@@ -84,6 +84,13 @@ pub struct FinetuneArgs {
     /// SmartCLIP: initial mask-network weights (safetensors; default: a seeded random init)
     #[arg(long)]
     pub mask_init: Option<PathBuf>,
+    /// Where the towers run: auto (a CUDA GPU when a driver opens, Long-CLIP), cpu or cuda
+    #[arg(long, value_enum, default_value_t = super::DeviceArg::Auto)]
+    pub device: super::DeviceArg,
+    /// Compute type: f32, or bf16 on a CUDA device (bf16 forward GEMMs, f32 master weights,
+    /// gradients and optimizer)
+    #[arg(long, value_enum, default_value_t = super::DtypeArg::F32)]
+    pub dtype: super::DtypeArg,
     /// Print a JSON summary at the end
     #[arg(long)]
     pub json: bool,
@@ -116,6 +123,8 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
         lambda_align: a.lambda_align,
         lambda_sparsity: a.lambda_sparsity,
         mask_init: a.mask_init.clone(),
+        device: format!("{:?}", a.device).to_lowercase(),
+        dtype: format!("{:?}", a.dtype).to_lowercase(),
     };
     let resume = match &a.resume {
         None => None,

@@ -158,6 +158,14 @@ impl KernelArgs {
         self.push_f32(v);
         self
     }
+    pub fn i64(mut self, v: i64) -> Self {
+        self.push(KernelArg::I64(v));
+        self
+    }
+    pub fn f64(mut self, v: f64) -> Self {
+        self.push(KernelArg::F64(v));
+        self
+    }
 
     pub fn len(&self) -> usize {
         self.args.len()

@@ -17,6 +17,20 @@ use crate::tensor::DType;
 pub struct DevBlock<'a> {
     pub p: [&'a Buf; 16],
     pub cfg: &'a TowerConfig,
+    /// bf16 copies of the six Linear weights (q, k, v, out, fc1, fc2; [`DeviceOps::upload_bf16`]
+    /// packing), written by the AdamW kernel from the f32 masters: when present the forward
+    /// GEMMs read them (bf16 products, f32 accumulation); the backward always uses the f32 masters.
+    pub half: Option<[&'a Buf; 6]>,
+}
+
+/// Which of the 16 parameters are the Linear weights `half` mirrors.
+pub const LINEAR_WEIGHTS: [usize; 6] = [2, 4, 6, 8, 12, 14];
+
+/// What one block keeps between forward and backward: everything, or (activation recompute)
+/// only its input, from which the backward re-runs the forward.
+pub enum Kept {
+    All(Saved),
+    Input(Buf),
 }
 
 /// What the forward keeps for the backward.
@@ -53,35 +67,58 @@ fn shape(c: &TowerConfig, b: usize, t: usize, causal: bool) -> AttnShape {
     AttnShape { batch: b, seq: t, heads: c.heads, head_dim: hd, causal, scale: 1.0 / (hd as f32).sqrt() }
 }
 
+/// y = x·Wᵀ + b for Linear weight `j` of [`LINEAR_WEIGHTS`]: the bf16 copy when there is one.
+#[allow(clippy::too_many_arguments)]
+fn lin(ops: &dyn DeviceOps, blk: &DevBlock, j: usize, x: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+    match blk.half {
+        Some(h) => ops.linear_bf16(x, h[j], bias, y, m, n, k),
+        None => ops.linear(x, blk.p[LINEAR_WEIGHTS[j]], bias, y, m, n, k),
+    }
+}
+
+/// The forward keeping what `recompute` asks for: all activations, or only the block's input.
+pub fn forward_kept(ops: &dyn DeviceOps, blk: &DevBlock, x: &Buf, b: usize, t: usize, causal: bool, recompute: bool) -> Result<(Buf, Kept), String> {
+    let (y, s) = forward(ops, blk, x, b, t, causal)?;
+    Ok((y, if recompute { Kept::Input(s.x) } else { Kept::All(s) }))
+}
+
+/// The backward from what [`forward_kept`] kept (re-running the forward first for `Kept::Input`).
+pub fn backward_kept(ops: &dyn DeviceOps, blk: &DevBlock, kept: &Kept, dy: &Buf, b: usize, t: usize, causal: bool) -> Result<(Buf, Vec<Buf>), String> {
+    match kept {
+        Kept::All(s) => backward(ops, blk, s, dy),
+        Kept::Input(x) => backward(ops, blk, &forward(ops, blk, x, b, t, causal)?.1, dy),
+    }
+}
+
 /// x [B·T, W] → y [B·T, W] and the saved activations.
 pub fn forward(ops: &dyn DeviceOps, blk: &DevBlock, x: &Buf, b: usize, t: usize, causal: bool) -> Result<(Buf, Saved), String> {
     let (c, p) = (blk.cfg, &blk.p);
     let (r, w, inter) = (b * t, c.hidden, c.intermediate);
     let (h1, mean1, rstd1) = ln_fwd(ops, x, p[0], p[1], r, w, c.eps)?;
     let (q, k, v) = (ops.alloc(r * w)?, ops.alloc(r * w)?, ops.alloc(r * w)?);
-    ops.linear(&h1, p[2], Some(p[3]), &q, r, w, w)?;
-    ops.linear(&h1, p[4], Some(p[5]), &k, r, w, w)?;
-    ops.linear(&h1, p[6], Some(p[7]), &v, r, w, w)?;
+    lin(ops, blk, 0, &h1, Some(p[3]), &q, r, w, w)?;
+    lin(ops, blk, 1, &h1, Some(p[5]), &k, r, w, w)?;
+    lin(ops, blk, 2, &h1, Some(p[7]), &v, r, w, w)?;
     let s = shape(c, b, t, causal);
     let (att, lse) = (ops.alloc(r * w)?, ops.alloc(b * c.heads * t)?);
     let l = attention_fwd_launch(&s, DType::F32)?;
     let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(att.ptr()).ptr(lse.ptr()).i32(b as i32).i32(t as i32).i32(c.heads as i32).i32(s.head_dim as i32).i32(causal as i32).f32(s.scale);
     ops.launch(&l.kernel, LaunchCfg::new(l.grid, l.block, l.smem_bytes), &mut a)?;
     let o = ops.alloc(r * w)?;
-    ops.linear(&att, p[8], Some(p[9]), &o, r, w, w)?;
+    lin(ops, blk, 3, &att, Some(p[9]), &o, r, w, w)?;
     let xm = copy(ops, x, r * w)?; // x + o, written by the residual LayerNorm
     let h2 = ops.alloc(r * w)?;
     let (mean2, rstd2) = (ops.alloc(r)?, ops.alloc(r)?);
     let mut a = KernelArgs::new().ptr(xm.ptr()).ptr(o.ptr()).ptr(p[10].ptr()).ptr(p[11].ptr()).ptr(h2.ptr()).ptr(mean2.ptr()).ptr(rstd2.ptr()).i32(r as i32).i32(w as i32).f32(c.eps);
     ops.launch("residual_layernorm_fwd_f32", ln_cfg(r), &mut a)?;
     let (u, pre) = (ops.alloc(r * inter)?, ops.alloc(r * inter)?);
-    ops.linear(&h2, p[12], None, &u, r, inter, w)?;
+    lin(ops, blk, 4, &h2, None, &u, r, inter, w)?;
     let (fwd, _) = act_names(c.act);
     let g = r.clamp(1, 64) as u32;
     let mut a = KernelArgs::new().ptr(u.ptr()).ptr(p[13].ptr()).ptr(pre.ptr()).i32(r as i32).i32(inter as i32);
     ops.launch(fwd, LaunchCfg::new((inter.div_ceil(256) as u32, g, 1), (256, 1, 1), 0), &mut a)?;
     let f = ops.alloc(r * w)?;
-    ops.linear(&u, p[14], Some(p[15]), &f, r, w, inter)?;
+    lin(ops, blk, 5, &u, Some(p[15]), &f, r, w, inter)?;
     let y = copy(ops, &xm, r * w)?;
     axpy(ops, &y, &f, 1.0, r * w)?;
     let x = copy(ops, x, r * w)?;

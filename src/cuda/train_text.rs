@@ -6,7 +6,7 @@
 //! tests/cuda_train_text.rs checks it on the emulator against the CPU tape's text tower.
 use super::backend::{Buf, DeviceOps};
 use super::launch::KernelArgs;
-use super::train_block::{backward as block_bwd, forward as block_fwd, DevBlock, Saved};
+use super::train_block::{backward_kept, forward_kept, DevBlock, Kept};
 use super::train_ops::{axpy, col_sums, grid, ln_bwd, ln_fwd, projection_bwd};
 use crate::model::config::TextConfig;
 use crate::model::text::pool_position;
@@ -21,6 +21,8 @@ pub struct DevText<'a> {
     pub final_b: &'a Buf,       // final_layer_norm.bias
     pub proj: &'a Buf,          // text_projection.weight [D, W]
     pub d: usize,
+    /// Keep only each block's input and recompute its activations in the backward.
+    pub recompute: bool,
 }
 
 /// What the forward keeps.
@@ -29,7 +31,7 @@ pub struct TextSaved {
     t: usize,
     flat: Vec<u32>,
     index: Buf,
-    blocks: Vec<Saved>,
+    blocks: Vec<Kept>,
     pooled: Buf,
     mean: Buf,
     rstd: Buf,
@@ -64,7 +66,7 @@ pub fn forward(ops: &dyn DeviceOps, m: &DevText, ids: &[Vec<u32>]) -> Result<(Bu
     ops.launch("text_embed_f32", grid(b * t * w), &mut a)?;
     let mut saved = vec![];
     for blk in &m.blocks {
-        let (y, s) = block_fwd(ops, blk, &x, b, t, true)?;
+        let (y, s) = forward_kept(ops, blk, &x, b, t, true, m.recompute)?;
         saved.push(s);
         x = y;
     }
@@ -91,7 +93,7 @@ pub fn backward(ops: &dyn DeviceOps, m: &DevText, s: &TextSaved, de: &Buf) -> Re
     // blocks, last first
     let mut blocks = vec![];
     for (blk, sv) in m.blocks.iter().zip(&s.blocks).rev() {
-        let (dxi, g) = block_bwd(ops, blk, sv, &dx)?;
+        let (dxi, g) = backward_kept(ops, blk, sv, &dx, b, t, true)?;
         blocks.push(g);
         dx = dxi;
     }

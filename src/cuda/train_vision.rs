@@ -6,7 +6,7 @@
 //! the CPU tape's vision tower.
 use super::backend::{Buf, DeviceOps};
 use super::launch::KernelArgs;
-use super::train_block::{backward as block_bwd, forward as block_fwd, DevBlock, Saved};
+use super::train_block::{backward_kept, forward_kept, DevBlock, Kept};
 use super::train_ops::{col_sums, grid, ln_bwd, ln_fwd, projection_bwd};
 use crate::model::config::VisionConfig;
 
@@ -22,6 +22,8 @@ pub struct DevVision<'a> {
     pub post_b: &'a Buf,
     pub proj: &'a Buf, // visual_projection.weight [D, W]
     pub d: usize,
+    /// Keep only each block's input and recompute its activations in the backward.
+    pub recompute: bool,
 }
 
 pub struct VisionSaved {
@@ -30,7 +32,7 @@ pub struct VisionSaved {
     x: Buf,
     mean0: Buf,
     rstd0: Buf,
-    blocks: Vec<Saved>,
+    blocks: Vec<Kept>,
     index: Buf,
     pooled: Buf,
     mean1: Buf,
@@ -69,7 +71,7 @@ pub fn forward(ops: &dyn DeviceOps, m: &DevVision, pixels: &[f32], b: usize) -> 
     let (mut h, mean0, rstd0) = ln_fwd(ops, &x, m.pre_g, m.pre_b, b * t, w, m.cfg.tower.eps)?;
     let mut saved = vec![];
     for blk in &m.blocks {
-        let (y, sv) = block_fwd(ops, blk, &h, b, t, false)?;
+        let (y, sv) = forward_kept(ops, blk, &h, b, t, false, m.recompute)?;
         saved.push(sv);
         h = y;
     }
@@ -94,7 +96,7 @@ pub fn backward(ops: &dyn DeviceOps, m: &DevVision, s: &VisionSaved, de: &Buf) -
     ops.launch("unpool_rows_f32", grid(b * w), &mut a)?;
     let mut blocks = vec![];
     for (blk, sv) in m.blocks.iter().zip(&s.blocks).rev() {
-        let (dxi, g) = block_bwd(ops, blk, sv, &dx)?;
+        let (dxi, g) = backward_kept(ops, blk, sv, &dx, b, t, false)?;
         blocks.push(g);
         dx = dxi;
     }

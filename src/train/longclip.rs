@@ -25,10 +25,19 @@ pub fn symmetric_infonce(tape: &Tape, a: &Var, b: &Var, tau: &Var, smoothing: f3
 
 /// The loss of one micro-batch: (L, L_long, L_short).
 pub fn longclip_loss(tape: &Tape, model: &TrainClip, sv: &StepVars, batch: &Batch, pca_dim: usize) -> Result<(Var, f32, f32)> {
-    let img = tape.l2_normalize(&model.image_embeds(tape, sv, &batch.pixels)?)?; // [B, D]
-    let long = tape.l2_normalize(&model.text_embeds(tape, sv, &batch.long_ids)?)?; // [B, D]
-    let short = tape.l2_normalize(&model.text_embeds(tape, sv, &batch.short_ids)?)?; // [B, D]
-    let tau = tape.exp(model.logit_scale(sv)?); // [1] or []
+    let img = model.image_embeds(tape, sv, &batch.pixels)?; // [B, D]
+    let long = model.text_embeds(tape, sv, &batch.long_ids)?; // [B, D]
+    let short = model.text_embeds(tape, sv, &batch.short_ids)?; // [B, D]
+    longclip_head(tape, &img, &long, &short, model.logit_scale(sv)?, pca_dim)
+}
+
+/// The loss from the towers' (unnormalised) embeddings [B, D] and the logit scale s: what both
+/// backends share (the CUDA trainer runs the towers on the device and this on the host).
+pub fn longclip_head(tape: &Tape, img: &Var, long: &Var, short: &Var, logit_scale: &Var, pca_dim: usize) -> Result<(Var, f32, f32)> {
+    let img = tape.l2_normalize(img)?; // [B, D]
+    let long = tape.l2_normalize(long)?; // [B, D]
+    let short = tape.l2_normalize(short)?; // [B, D]
+    let tau = tape.exp(logit_scale); // [1] or []
     let l_long = symmetric_infonce(tape, &img, &long, &tau, LABEL_SMOOTHING)?;
     let img_pca = tape.pca_reconstruct(&img, pca_dim)?; // [B, D]
     let l_short = symmetric_infonce(tape, &img_pca, &short, &tau, LABEL_SMOOTHING)?;

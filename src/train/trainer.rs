@@ -1,16 +1,17 @@
-//! The fine-tuning loop (Long-CLIP on the CPU backend): micro-batches with gradient accumulation,
+//! The fine-tuning loop, the same for every backend ([`StepEngine`]: the CPU tape, or the towers
+//! on a CUDA device): micro-batches with gradient accumulation,
 //! warm-up + cosine learning rate, AdamW (frozen position rows untouched), one JSON log line per
 //! optimizer step, atomic checkpoints with optimizer state and data position, exact resume,
 //! Ctrl-C → checkpoint then exit, a non-finite loss → stop with the last good state saved, and a
 //! loss-curve SVG next to the log at the end.
 use super::checkpoint::{self, TrainerState};
 use super::data::{read_samples, Loader};
-use super::longclip::longclip_loss;
-use super::smartclip::{init_mask_params, load_mask_params, smartclip_loss, MASK_FILE};
+use super::device_step::DeviceStep;
 use super::model::TrainClip;
 use super::optim::Optimizer;
 use super::schedule::CosineSchedule;
-use crate::autograd::Tape;
+use super::smartclip::{init_mask_params, load_mask_params, MASK_FILE};
+use super::step::{CpuStep, Micro, StepEngine};
 use crate::error::{Error, Result};
 use crate::io::tokenizer::ClipTokenizer;
 use crate::ops::adamw::AdamW;
@@ -49,6 +50,46 @@ pub struct TrainConfig {
     pub lambda_sparsity: f64,
     /// SmartCLIP: start the mask network from this safetensors file instead of a seeded init.
     pub mask_init: Option<PathBuf>,
+    /// "auto" (a CUDA device when one opens, Long-CLIP), "cpu" or "cuda".
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// "f32", or "bf16" on a CUDA device: the blocks' forward GEMMs read bf16 copies of the f32
+    /// master weights (the backward and the optimizer stay f32).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+/// Builds the step backend once the model and the optimizer exist (tests pass an emulated one).
+pub type EngineFactory<'a> = dyn Fn(&TrainClip, &Optimizer) -> Result<Box<dyn StepEngine>> + 'a;
+
+/// The backend `cfg.device` / `cfg.dtype` ask for.
+pub fn engine_for(cfg: &TrainConfig, model: &TrainClip, opt: &Optimizer) -> Result<Box<dyn StepEngine>> {
+    let smart = cfg.method == "smartclip";
+    let bf16 = match cfg.dtype.as_str() {
+        "f32" => false,
+        "bf16" => true,
+        d => return Err(Error::msg(format!("--dtype {d}: fine-tuning computes in f32, or bf16 on a CUDA device"))),
+    };
+    let cpu = || -> Result<Box<dyn StepEngine>> { Ok(Box::new(CpuStep::new(smart, cfg.pca_dim, cfg.lambda_align as f32, cfg.lambda_sparsity as f32))) };
+    let device = |ops: crate::cuda::GpuOps| -> Result<Box<dyn StepEngine>> { Ok(Box::new(DeviceStep::new(Box::new(ops), model, opt, cfg.pca_dim, cfg.recompute, bf16)?)) };
+    match cfg.device.as_str() {
+        "cpu" if bf16 => Err(Error::msg("--dtype bf16 needs --device cuda: the CPU trainer computes in f32")),
+        "cpu" => cpu(),
+        "cuda" if smart => Err(Error::msg("--device cuda: SmartCLIP fine-tuning runs on the CPU backend; use --device cpu")),
+        "cuda" => device(crate::cuda::GpuOps::open().map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto")))?),
+        "auto" => match (smart, crate::cuda::GpuOps::open()) {
+            (false, Ok(ops)) => device(ops),
+            _ => cpu(),
+        },
+        d => Err(Error::msg(format!("--device {d}: expected auto, cpu or cuda"))),
+    }
 }
 
 /// One logged optimizer step.
@@ -81,9 +122,14 @@ fn checkpoint_dir(out: &Path, step: usize) -> PathBuf {
     out.join("checkpoints").join(format!("step-{step:06}"))
 }
 
-/// Runs (or, with `resume`, continues) a Long-CLIP fine-tune. `stop` is polled after every step
-/// (Ctrl-C); `quiet` hides the progress bar.
+/// Runs (or, with `resume`, continues) a fine-tune on the backend `cfg` asks for. `stop` is
+/// polled after every step (Ctrl-C); `quiet` hides the progress bar.
 pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quiet: bool) -> Result<RunResult> {
+    run_with(cfg, resume, stop, quiet, &|model, opt| engine_for(cfg, model, opt))
+}
+
+/// [`run`] with the backend made by `engine`.
+pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quiet: bool, engine: &EngineFactory) -> Result<RunResult> {
     if cfg.accum == 0 {
         return Err(Error::msg("--accum must be at least 1"));
     }
@@ -121,7 +167,6 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quie
             opt.add(name, t.shape(), frozen, name.starts_with("mask_net.") as usize);
         }
     }
-    let mask_idx: Vec<usize> = (0..model.params.len()).filter(|&i| model.params[i].0.starts_with("mask_net.")).collect();
     let mut start = 0;
     if let Some(dir) = resume {
         let st = checkpoint::load_state(dir, &mut opt)?;
@@ -131,13 +176,18 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quie
         model.params[i].1 = Tensor::from_vec(vec![100f32.ln()], model.params[i].1.shape())?; // reset to ln 100
     }
     let mut log = open_log(cfg.log.as_deref(), start)?;
+    let mut eng = engine(&model, &opt)?;
+    if !quiet {
+        eprintln!("fine-tuning on {}", eng.describe());
+    }
     let bar = crate::cli::progress(total as u64, "finetune");
     if quiet {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     bar.set_position(start as u64);
     let (mut steps, mut last_ckpt) = (vec![], resume.map(|p| p.to_path_buf()));
-    let save = |model: &TrainClip, opt: &Optimizer, step: usize, pos| -> Result<PathBuf> {
+    let save = |eng: &mut Box<dyn StepEngine>, model: &mut TrainClip, opt: &mut Optimizer, step: usize, pos| -> Result<PathBuf> {
+        eng.sync(model, opt)?;
         let dir = checkpoint_dir(&cfg.out, step);
         let args = serde_json::to_value(cfg).map_err(Error::msg)?;
         checkpoint::save(&dir, &cfg.model, &model.params, Some(opt), Some(&TrainerState { step, position: pos, args }))?;
@@ -146,50 +196,24 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quie
     for step in start..total {
         let t0 = Instant::now();
         let lr = sched.lr(step);
-        let mut acc: Vec<Option<Vec<f32>>> = vec![None; model.params.len()];
         let (mut loss, mut l_long, mut l_short) = (0f64, 0f64, 0f64);
         let lrs = [lr, lr * cfg.mask_lr / cfg.lr];
         let pos_before = loader.position;
         for _ in 0..cfg.accum {
             let batch = loader.next_batch()?;
-            let tape = Tape::new();
-            let sv = model.vars(&tape);
-            let (l, a, b) = if smart {
-                let ids = sampled_captions(&loader, &batch.samples, cfg.seed, loader.position.epoch)?; // the batch's epoch
-                let mp: Vec<crate::autograd::Var> = mask_idx.iter().map(|&i| sv.vars[i].clone()).collect();
-                smartclip_loss(&tape, &model, &sv, &mp, &batch.pixels, &ids, cfg.lambda_align as f32, cfg.lambda_sparsity as f32)?
-            } else {
-                longclip_loss(&tape, &model, &sv, &batch, cfg.pca_dim)?
-            };
-            if !l.item().is_finite() {
-                let dir = save(&model, &opt, step, pos_before)?;
+            let ids = if smart { Some(sampled_captions(&loader, &batch.samples, cfg.seed, loader.position.epoch)?) } else { None }; // the batch's epoch
+            let l = eng.micro_batch(&model, &Micro { batch: &batch, smart_ids: ids.as_deref() }, 1.0 / cfg.accum as f32)?;
+            if !l.loss.is_finite() {
+                let dir = save(&mut eng, &mut model, &mut opt, step, pos_before)?;
                 bar.finish_and_clear();
-                return Err(Error::msg(format!("loss is {} at step {}: stopped; the last good state is saved in {}", l.item(), step + 1, dir.display())));
+                return Err(Error::msg(format!("loss is {} at step {}: stopped; the last good state is saved in {}", l.loss, step + 1, dir.display())));
             }
-            loss += l.item() as f64 / cfg.accum as f64;
-            l_long += a as f64 / cfg.accum as f64;
-            l_short += b as f64 / cfg.accum as f64;
-            let scaled = tape.scale(&l, 1.0 / cfg.accum as f32);
-            let mut grads = tape.backward(&scaled)?;
-            for (i, v) in sv.vars.iter().enumerate() {
-                if let Some(g) = grads.take(v) {
-                    match &mut acc[i] {
-                        None => acc[i] = Some(g.to_vec_f32()),
-                        Some(a) => a.iter_mut().zip(g.f32_data().iter()).for_each(|(x, y)| *x += y),
-                    }
-                }
-            }
+            loss += l.loss as f64 / cfg.accum as f64;
+            l_long += l.a as f64 / cfg.accum as f64;
+            l_short += l.b as f64 / cfg.accum as f64;
         }
         opt.begin_step();
-        // (name, size) only: cloning the whole optimizer state here copied every m and v each step
-        let order: Vec<(String, usize)> = opt.params.iter().map(|p| (p.name.clone(), p.m.len())).collect();
-        for (k, (name, len)) in order.iter().enumerate() {
-            let i = model.index(name).ok_or_else(|| Error::msg(format!("optimizer parameter {name} not in the model")))?;
-            let g = acc[i].take().unwrap_or_else(|| vec![0.0; *len]);
-            let mut v = model.params[i].1.to_vec_f32();
-            opt.update(k, &lrs, &mut v, &g)?;
-            model.params[i].1 = Tensor::from_vec(v, model.params[i].1.shape())?;
-        }
+        eng.apply(&mut model, &mut opt, &lrs)?;
         let logit_scale = model.index("logit_scale").map(|i| model.params[i].1.f32_data()[0] as f64).unwrap_or(f64::NAN);
         let (two, none) = (|a: f64| Some(a), None);
         let rec = StepLog {
@@ -212,7 +236,7 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quie
         let done = step + 1;
         let interrupted = stop.load(Ordering::SeqCst);
         if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total || interrupted {
-            last_ckpt = Some(save(&model, &opt, done, loader.position)?);
+            last_ckpt = Some(save(&mut eng, &mut model, &mut opt, done, loader.position)?);
         }
         if interrupted {
             bar.finish_and_clear();
@@ -220,6 +244,7 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quie
         }
     }
     bar.finish_and_clear();
+    eng.sync(&mut model, &mut opt)?;
     // the fine-tuned model itself, loadable by every command
     checkpoint::save(&cfg.out.join("model"), &cfg.model, &model.params, None, None)?;
     if let Some(p) = &cfg.log {

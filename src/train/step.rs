@@ -1,0 +1,132 @@
+//! One optimizer step's work behind one interface, so the loop in [`super::trainer`] (schedule,
+//! logging, checkpoints, resume) is the same for every backend:
+//! - [`CpuStep`]: the whole model on the autograd tape (Long-CLIP and SmartCLIP);
+//! - [`super::device_step::DeviceStep`]: the towers on a CUDA device (or its emulator), the loss
+//!   head on the host tape, AdamW on the device.
+use super::data::Batch;
+use super::longclip::longclip_loss;
+use super::model::TrainClip;
+use super::optim::Optimizer;
+use super::smartclip::smartclip_loss;
+use crate::autograd::{Tape, Var};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// One micro-batch and, for SmartCLIP, the captions sampled for it.
+pub struct Micro<'a> {
+    pub batch: &'a Batch,
+    pub smart_ids: Option<&'a [Vec<u32>]>,
+}
+
+/// The loss of one micro-batch and its two logged terms (Long-CLIP: L_long, L_short; SmartCLIP:
+/// the alignment loss and the mean mask L1 norm).
+#[derive(Clone, Copy, Debug)]
+pub struct MicroLoss {
+    pub loss: f32,
+    pub a: f32,
+    pub b: f32,
+}
+
+/// What a backend does inside an optimizer step.
+pub trait StepEngine {
+    /// Forward and backward of one micro-batch; its gradients times `scale` are added to the
+    /// step's. A non-finite loss is returned as is, with nothing accumulated.
+    fn micro_batch(&mut self, model: &TrainClip, mb: &Micro, scale: f32) -> Result<MicroLoss>;
+    /// AdamW on every parameter the optimizer holds, with the accumulated gradients (zero where
+    /// there are none) at `lrs[group]`; then the accumulators are cleared. `opt.begin_step()` has
+    /// been called.
+    fn apply(&mut self, model: &mut TrainClip, opt: &mut Optimizer, lrs: &[f64]) -> Result<()>;
+    /// Makes `model.params` and the optimizer's moments current (before a checkpoint or the end).
+    fn sync(&mut self, model: &mut TrainClip, opt: &mut Optimizer) -> Result<()>;
+    /// "cpu", or the device's description.
+    fn describe(&self) -> String;
+}
+
+/// Gradients summed over micro-batches, per model parameter (host side).
+#[derive(Default)]
+pub struct HostGrads(pub Vec<Option<Vec<f32>>>);
+
+impl HostGrads {
+    pub fn add(&mut self, i: usize, g: &[f32]) {
+        if self.0.len() <= i {
+            self.0.resize(i + 1, None);
+        }
+        match &mut self.0[i] {
+            None => self.0[i] = Some(g.to_vec()),
+            Some(a) => a.iter_mut().zip(g).for_each(|(x, y)| *x += y),
+        }
+    }
+    pub fn take(&mut self, i: usize) -> Option<Vec<f32>> {
+        self.0.get_mut(i).and_then(|g| g.take())
+    }
+}
+
+/// AdamW on parameter `name` on the host (value replaced in `model.params`).
+pub fn host_update(model: &mut TrainClip, opt: &mut Optimizer, k: usize, lrs: &[f64], g: Option<Vec<f32>>) -> Result<()> {
+    let name = opt.params[k].name.clone();
+    let i = model.index(&name).ok_or_else(|| Error::msg(format!("optimizer parameter {name} not in the model")))?;
+    let g = g.unwrap_or_else(|| vec![0.0; opt.params[k].m.len()]);
+    let mut v = model.params[i].1.to_vec_f32();
+    opt.update(k, lrs, &mut v, &g)?;
+    model.params[i].1 = Tensor::from_vec(v, model.params[i].1.shape())?;
+    Ok(())
+}
+
+/// The CPU backend: the whole model on one tape per micro-batch.
+pub struct CpuStep {
+    pub smart: bool,
+    pub pca_dim: usize,
+    pub lambda_align: f32,
+    pub lambda_sparsity: f32,
+    grads: HostGrads,
+}
+
+impl CpuStep {
+    pub fn new(smart: bool, pca_dim: usize, lambda_align: f32, lambda_sparsity: f32) -> CpuStep {
+        CpuStep { smart, pca_dim, lambda_align, lambda_sparsity, grads: HostGrads::default() }
+    }
+}
+
+impl StepEngine for CpuStep {
+    fn micro_batch(&mut self, model: &TrainClip, mb: &Micro, scale: f32) -> Result<MicroLoss> {
+        let tape = Tape::new();
+        let sv = model.vars(&tape);
+        let (l, a, b) = match (self.smart, mb.smart_ids) {
+            (true, Some(ids)) => {
+                let mp: Vec<Var> = (0..model.params.len()).filter(|&i| model.params[i].0.starts_with("mask_net.")).map(|i| sv.vars[i].clone()).collect();
+                smartclip_loss(&tape, model, &sv, &mp, &mb.batch.pixels, ids, self.lambda_align, self.lambda_sparsity)?
+            }
+            (true, None) => return Err(Error::msg("SmartCLIP step without sampled captions")),
+            (false, _) => longclip_loss(&tape, model, &sv, mb.batch, self.pca_dim)?,
+        };
+        let loss = MicroLoss { loss: l.item(), a, b };
+        if !loss.loss.is_finite() {
+            return Ok(loss);
+        }
+        let mut grads = tape.backward(&tape.scale(&l, scale))?;
+        for (i, v) in sv.vars.iter().enumerate() {
+            if let Some(g) = grads.take(v) {
+                self.grads.add(i, &g.f32_data());
+            }
+        }
+        Ok(loss)
+    }
+
+    fn apply(&mut self, model: &mut TrainClip, opt: &mut Optimizer, lrs: &[f64]) -> Result<()> {
+        for k in 0..opt.params.len() {
+            let i = model.index(&opt.params[k].name).ok_or_else(|| Error::msg(format!("optimizer parameter {} not in the model", opt.params[k].name)))?;
+            let g = self.grads.take(i);
+            host_update(model, opt, k, lrs, g)?;
+        }
+        self.grads = HostGrads::default();
+        Ok(())
+    }
+
+    fn sync(&mut self, _model: &mut TrainClip, _opt: &mut Optimizer) -> Result<()> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "cpu".into()
+    }
+}
