@@ -21,6 +21,16 @@ fn cases() -> Vec<(String, KernelCase, u64)> {
         let args = vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::I32(rows as i32), Arg::I32(i as i32)];
         v.push((format!("bias_quick_gelu_fwd_f32/{name}"), KernelCase { kernel: "bias_quick_gelu_fwd_f32", cfg, buffers: bufs, args }, (12 * m) as u64));
     }
+    // the token-embedding gradient of B/32 text at batch 256 (256·77 positions, W 512, ~4000 distinct ids)
+    let (n, w, v_) = (256 * 77usize, 512usize, 49408usize);
+    let ids: Vec<u32> = (0..n).map(|i| ((i * 2654435761) % 4000) as u32).collect();
+    let (order, starts, uniq) = clipforge::ops::embedding::group_by_id(&ids);
+    let bits = |x: &[i32]| x.iter().map(|&i| f32::from_bits(i as u32)).collect::<Vec<f32>>();
+    let u = uniq.len();
+    let bufs = vec![vec![0.01; n * w], bits(&order), bits(&starts), bits(&uniq), vec![0.0; v_ * w]];
+    let args = vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::Buf(4), Arg::I32(u as i32), Arg::I32(w as i32)];
+    let cfg = LaunchCfg::new(((u * w).div_ceil(256).min(16384) as u32, 1, 1), (256, 1, 1), 0);
+    v.push(("embedding_bwd_rows_f32/B32-text-b256".into(), KernelCase { kernel: "embedding_bwd_rows_f32", cfg, buffers: bufs, args }, (4 * (n * w + 2 * u * w)) as u64));
     v
 }
 

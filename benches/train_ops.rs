@@ -4,6 +4,7 @@
 use clipforge::model::synthetic::normal_vec;
 use clipforge::ops::attention::{attention, attention_backward, AttnShape};
 use clipforge::ops::elementwise::{unary_bwd, Unary};
+use clipforge::ops::embedding::{embedding_bwd, embedding_bwd_grouped};
 use clipforge::ops::layernorm::layer_norm_bwd;
 use clipforge::ops::patch_embed::{patch_embed_bwd_weight, PatchShape};
 use clipforge::ops::pca_grad::{pca_reconstruct, pca_reconstruct_bwd};
@@ -41,6 +42,14 @@ fn bench_backward(c: &mut Criterion) {
     g.bench_function("pca_reconstruct/B128xD512xk32", |b| b.iter(|| black_box(pca_reconstruct(&xf, bb, d, kk).unwrap())));
     let (_, cache) = pca_reconstruct(&xf, bb, d, kk).unwrap();
     g.bench_function("pca_reconstruct_bwd/B128xD512xk32", |b| b.iter(|| black_box(pca_reconstruct_bwd(&cache, &gf).unwrap())));
+    // token-embedding gradient, B/32 text at batch 32 (32·77 positions, W 512, vocabulary 49408):
+    // the reference scatter vs the grouped CPU twin of embedding_bwd_rows_f32
+    let (n, w, v) = (32 * 77, 512, 49408);
+    let ids: Vec<u32> = (0..n).map(|i| ((i * 2654435761usize) % 4000) as u32).collect();
+    let dx = normal_vec(n * w, 0.0, 1.0, 9);
+    g.bench_function("embedding_bwd/B32xT77xW512", |b| b.iter(|| black_box(embedding_bwd(&dx, v, w, &ids).unwrap())));
+    let mut table = vec![0f32; v * w];
+    g.bench_function("embedding_bwd_grouped/B32xT77xW512", |b| b.iter(|| embedding_bwd_grouped(&dx, black_box(&mut table), w, &ids).unwrap()));
     g.finish();
 }
 

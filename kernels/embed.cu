@@ -104,3 +104,22 @@ extern "C" __global__ void vision_embed_bwd_f32(const float* __restrict__ dx, fl
     dpatches[i] = dx[((size_t)b * (N + 1) + t) * W + c];
   }
 }
+
+// embedding_bwd_rows_f32(dx, order, starts, uniq, dtable, U, W): the token-embedding gradient as
+// a deterministic scatter-add without atomics. The host groups the B·T positions by token id
+// (src/ops/embedding.rs `group_by_id`, stable, so each group keeps position order): uniq [U] the
+// distinct ids, starts [U + 1] offsets into order, order [B·T] the row of dx for each slot. One
+// thread per (u, c) sums its group's rows in order and adds the sum to dtable[uniq[u], c]; no
+// two threads touch the same element. dx [B·T, W], dtable [V, W] (accumulated into, += ).
+// Grid-stride over U·W.
+extern "C" __global__ void embedding_bwd_rows_f32(const float* __restrict__ dx, const int* __restrict__ order,
+                                                  const int* __restrict__ starts, const int* __restrict__ uniq,
+                                                  float* __restrict__ dtable, int U, int W) {
+  const size_t total = (size_t)U * W;
+  GRID_STRIDE(i, total) {
+    const int u = (int)(i / W), c = (int)(i % W);
+    float s = 0.f;
+    for (int j = starts[u]; j < starts[u + 1]; ++j) s += dx[(size_t)order[j] * W + c];
+    dtable[(size_t)uniq[u] * W + c] += s;
+  }
+}

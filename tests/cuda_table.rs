@@ -211,6 +211,7 @@ fn embed_rows() -> Vec<Row> {
             },
             expect: vec![(3, assembled, 0.0, 0.0)],
         },
+        embedding_bwd_row(b * t, w, v),
         Row {
             case: KernelCase {
                 kernel: "pool_rows_f32",
@@ -221,6 +222,30 @@ fn embed_rows() -> Vec<Row> {
             expect: vec![(2, pooled, 0.0, 0.0)],
         },
     ]
+}
+
+/// embedding_bwd_rows_f32 on `n` positions with repeated ids (groups of different sizes), added
+/// into a non-zero table: equal bit for bit to the CPU reference (same order of additions).
+fn embedding_bwd_row(n: usize, w: usize, v: usize) -> Row {
+    let ids: Vec<u32> = (0..n).map(|i| ((i * i + 3 * i) % v.min(5)) as u32).collect();
+    let dx = common::randn(n * w, 41);
+    let start = common::randn(v * w, 42);
+    let scattered = clipforge::ops::embedding::embedding_bwd(&dx, v, w, &ids).unwrap();
+    let want: Vec<f32> = start.iter().zip(&scattered).map(|(a, b)| a + b).collect();
+    let mut twin = start.clone(); // the CPU twin of the kernel
+    clipforge::ops::embedding::embedding_bwd_grouped(&dx, &mut twin, w, &ids).unwrap();
+    assert_eq!(twin, want, "embedding_bwd_grouped differs from the reference");
+    let (order, starts, uniq) = clipforge::ops::embedding::group_by_id(&ids);
+    let u = uniq.len();
+    Row {
+        case: KernelCase {
+            kernel: "embedding_bwd_rows_f32",
+            cfg: LaunchCfg::new((1, 1, 1), (64, 1, 1), 0), // grid-stride: one block of 64 covers u·w
+            buffers: vec![dx, bits(&order), bits(&starts), bits(&uniq), start],
+            args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::Buf(4), Arg::I32(u as i32), Arg::I32(w as i32)],
+        },
+        expect: vec![(4, want, 0.0, 0.0)],
+    }
 }
 
 fn table() -> Vec<Row> {

@@ -1,8 +1,8 @@
 //! The CLIP text tower for training on a CUDA device: token + position embeddings, the blocks of
 //! [`super::train_block`] with their saved activations, pooling at the end-of-text token, the
 //! final LayerNorm of the pooled rows and the projection — forward, and backward to every text
-//! parameter. The token-embedding gradient is a scatter-add by token id, done on the host
-//! (`ops::embedding::embedding_bwd`) after one download; everything else stays on the device.
+//! parameter, all on the device: the token-embedding gradient is a deterministic scatter-add
+//! (`embedding_bwd_rows_f32`, positions grouped by id on the host from the ids alone).
 //! tests/cuda_train_text.rs checks it on the emulator against the CPU tape's text tower.
 use super::backend::{Buf, DeviceOps};
 use super::launch::KernelArgs;
@@ -38,9 +38,9 @@ pub struct TextSaved {
     normed: Buf,
 }
 
-/// The gradients of one backward, in the order tok, pos, blocks (16 each), final γ, final β, proj.
+/// The gradients of one backward, in the order pos, blocks (16 each), final γ, final β, proj (the
+/// token table's is added into the caller's buffer).
 pub struct TextGrads {
-    pub tok: Vec<f32>,
     pub pos: Buf,
     pub blocks: Vec<Vec<Buf>>,
     pub final_g: Buf,
@@ -81,8 +81,8 @@ pub fn forward(ops: &dyn DeviceOps, m: &DevText, ids: &[Vec<u32>]) -> Result<(Bu
     Ok((e, TextSaved { b, t, flat, index, blocks: saved, pooled, mean, rstd, normed }))
 }
 
-/// de [B, D] → the gradients of every text parameter.
-pub fn backward(ops: &dyn DeviceOps, m: &DevText, s: &TextSaved, de: &Buf) -> Result<TextGrads, String> {
+/// de [B, D] → the gradients of every text parameter; the token table's is added to `dtok` [V, W].
+pub fn backward(ops: &dyn DeviceOps, m: &DevText, s: &TextSaved, de: &Buf, dtok: &Buf) -> Result<TextGrads, String> {
     let (b, t, w, d) = (s.b, s.t, m.cfg.tower.hidden, m.d);
     let (dn, dproj) = projection_bwd(ops, de, &s.normed, m.proj, b, d, w)?;
     let (dpool, dg, db) = ln_bwd(ops, &dn, &s.pooled, m.final_g, &s.mean, &s.rstd, b, w)?; // final LayerNorm
@@ -98,11 +98,17 @@ pub fn backward(ops: &dyn DeviceOps, m: &DevText, s: &TextSaved, de: &Buf) -> Re
         dx = dxi;
     }
     blocks.reverse();
-    // embeddings: positions = the batch sum of dx (rows ≥ T stay zero); tokens scattered on the host
+    // embeddings: positions = the batch sum of dx (rows ≥ T stay zero); tokens scattered by id
     let pos_rows = m.cfg.max_positions;
     let dpos = ops.alloc(pos_rows * w)?;
     axpy(ops, &dpos, &col_sums(ops, &dx, b, t * w)?, 1.0, t * w)?; // rows < T; the rest stay zero
-    let dxh = ops.download(&dx)?;
-    let tok = crate::ops::embedding::embedding_bwd(&dxh, m.cfg.vocab, w, &s.flat).map_err(|e| e.to_string())?;
-    Ok(TextGrads { tok, pos: dpos, blocks, final_g: dg, final_b: db, proj: dproj })
+    if dtok.len() < m.cfg.vocab * w {
+        return Err(format!("token gradient buffer of {} values for a [{}, {w}] table", dtok.len(), m.cfg.vocab));
+    }
+    let (order, starts, uniq) = crate::ops::embedding::group_by_id(&s.flat);
+    let u = uniq.len();
+    let (order, starts, uniq) = (ops.upload_i32(&order)?, ops.upload_i32(&starts)?, ops.upload_i32(&uniq)?);
+    let mut a = KernelArgs::new().ptr(dx.ptr()).ptr(order.ptr()).ptr(starts.ptr()).ptr(uniq.ptr()).ptr(dtok.ptr()).i32(u as i32).i32(w as i32);
+    ops.launch("embedding_bwd_rows_f32", grid(u * w), &mut a)?;
+    Ok(TextGrads { pos: dpos, blocks, final_g: dg, final_b: db, proj: dproj })
 }

@@ -6,8 +6,8 @@
 //!   2. one download of the three [B, D] embeddings; the loss head (L2 norm, InfoNCE, PCA-k
 //!      reconstruction: `longclip::longclip_head`, O(B²·D)) on the host tape, the same code as
 //!      the CPU trainer; one upload of d(embeddings);
-//!   3. the towers' backward on the device, gradients summed in device buffers (the token
-//!      embedding's scatter-add and the logit scale on the host).
+//!   3. the towers' backward on the device (a tower whose parameters are all frozen is skipped),
+//!      gradients summed in device buffers; only the logit scale's gradient stays on the host.
 //! Per optimizer step: the fused AdamW kernel (kernels/adamw.cu) on every device parameter (f32
 //! masters and moments; frozen position rows skipped by offsetting the pointers), writing the
 //! bf16 copies of the block Linear weights that the next forward reads when `bf16` is on.
@@ -45,7 +45,7 @@ fn vision_names(model: &TrainClip) -> Vec<String> {
 }
 
 /// The text parameter names in the order of [`flat_text`] (the token embedding, whose gradient
-/// comes back on the host, is not among them).
+/// the backward adds into its accumulator directly, is not among them).
 fn text_names(model: &TrainClip) -> Vec<String> {
     let mut n = vec!["text_model.embeddings.position_embedding.weight".to_string()];
     n.extend(block_names("text_model", model.config.text.tower.layers));
@@ -64,11 +64,16 @@ fn flat_vision(g: train_vision::VisionGrads) -> Vec<Buf> {
     v
 }
 
-fn flat_text(g: train_text::TextGrads) -> (Vec<Buf>, Vec<f32>) {
+fn flat_text(g: train_text::TextGrads) -> Vec<Buf> {
     let mut v = vec![g.pos];
     v.extend(g.blocks.into_iter().flatten());
     v.extend([g.final_g, g.final_b, g.proj]);
-    (v, g.tok)
+    v
+}
+
+/// Whether any parameter of the list is trained (else the tower's backward is skipped).
+fn any_trainable(model: &TrainClip, names: &[String]) -> bool {
+    names.iter().any(|n| model.index(n).is_some_and(|i| model.trainable[i]))
 }
 
 /// The device backend of the trainer (Long-CLIP).
@@ -85,7 +90,7 @@ pub struct DeviceStep {
     v: Vec<Option<Buf>>,
     /// This step's gradients on the device.
     acc: Vec<Option<Buf>>,
-    /// This step's host gradients (token embedding scatter, logit scale).
+    /// This step's host gradients (the logit scale).
     host: HostGrads,
 }
 
@@ -187,7 +192,16 @@ impl StepEngine for DeviceStep {
         let batch = mb.batch;
         let (b, d) = (batch.long_ids.len(), model.config.projection_dim);
         let ls = model.index("logit_scale").ok_or_else(|| Error::msg("no parameter logit_scale"))?;
-        let (vg, lg, sg, loss, dls) = {
+        let tok = model.index("text_model.embeddings.token_embedding.weight").ok_or_else(|| Error::msg("no token embedding"))?;
+        let (vnames, mut tnames) = (vision_names(model), text_names(model));
+        let train_v = any_trainable(model, &vnames);
+        tnames.push(model.params[tok].0.clone());
+        let train_t = any_trainable(model, &tnames);
+        tnames.pop();
+        if train_t && self.acc[tok].is_none() {
+            self.acc[tok] = Some(dev(self.ops.alloc(model.params[tok].1.numel()))?); // the embedding backward adds into it
+        }
+        let (vg, tg, loss, dls) = {
             let ops = &*self.ops;
             let (vm, tm) = (self.vision(model)?, self.text(model)?);
             let (ei, si) = dev(train_vision::forward(ops, &vm, &batch.pixels.f32_data(), b))?; // [B, D]
@@ -203,26 +217,27 @@ impl StepEngine for DeviceStep {
                 return Ok(loss);
             }
             let mut g = tape.backward(&tape.scale(&l, scale))?;
-            let mut up = |v| -> Result<Buf> {
+            let mut up = |v: &crate::autograd::Var| -> Result<Buf> {
                 let t = g.take(v).ok_or_else(|| Error::msg("loss head: no gradient for an embedding"))?;
                 dev(ops.upload(&t.f32_data()))
             };
             let (di, dl, ds) = (up(&img)?, up(&long)?, up(&short)?);
             let dls = g.take(&s).map(|t| t.to_vec_f32());
-            let vg = dev(train_vision::backward(ops, &vm, &si, &di))?;
-            let lg = dev(train_text::backward(ops, &tm, &sl, &dl))?;
-            let sg = dev(train_text::backward(ops, &tm, &ss, &ds))?;
-            (vg, lg, sg, loss, dls)
+            let vg = if train_v { Some(dev(train_vision::backward(ops, &vm, &si, &di))?) } else { None };
+            let tg = match &self.acc[tok] {
+                Some(dtok) if train_t => vec![dev(train_text::backward(ops, &tm, &sl, &dl, dtok))?, dev(train_text::backward(ops, &tm, &ss, &ds, dtok))?],
+                _ => vec![],
+            };
+            (vg, tg, loss, dls)
         };
         if let Some(g) = dls {
             self.host.add(ls, &g);
         }
-        let tok = model.index("text_model.embeddings.token_embedding.weight").ok_or_else(|| Error::msg("no token embedding"))?;
-        self.add(model, &vision_names(model), flat_vision(vg))?;
-        for tg in [lg, sg] {
-            let (bufs, tok_g) = flat_text(tg);
-            self.add(model, &text_names(model), bufs)?;
-            self.host.add(tok, &tok_g);
+        if let Some(vg) = vg {
+            self.add(model, &vnames, flat_vision(vg))?;
+        }
+        for g in tg {
+            self.add(model, &tnames, flat_text(g))?;
         }
         Ok(loss)
     }
