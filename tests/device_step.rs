@@ -6,6 +6,8 @@
 //!   frozen position rows stay bit-identical; the final weights match the CPU trainer's;
 //! - activation recompute gives the same curve bit for bit;
 //! - resume from a device checkpoint continues the same curve exactly;
+//! - one step through the engines directly with the vision tower frozen: skipped on the device,
+//!   frozen weights bit-identical, loss and text weights equal to the CPU step's;
 //! - on a real GPU (skipped without one): the same reference run, f32 and bf16;
 //! - bf16 forward GEMMs (f32 masters) stay within 2e-2 of the f32 curve, and the saved weights
 //!   are the f32 masters, not their bf16 copies.
@@ -117,4 +119,53 @@ fn device_recompute_resume_and_bf16() {
     let moved = before.iter().zip(&after).filter(|(x, y)| x != y).count();
     let f32_only = after.iter().filter(|x| half::bf16::from_f32(**x).to_f32() != **x).count();
     assert!(moved == after.len() && f32_only > after.len() * 9 / 10, "masters: {moved} moved, {f32_only} of {} not bf16 values", after.len());
+}
+
+/// One step through the two `StepEngine`s directly, with the vision tower frozen: the device
+/// skips the vision backward, leaves every vision parameter bit-identical, and its loss and text
+/// parameters match the CPU step's.
+#[test]
+fn a_frozen_tower_is_skipped_and_the_step_matches_the_cpu_one() {
+    use clipforge::ops::adamw::AdamW;
+    use clipforge::train::data::{read_samples, Loader};
+    use clipforge::train::model::TrainClip;
+    use clipforge::train::optim::Optimizer;
+    use clipforge::train::step::{CpuStep, Micro};
+    let dir = common::fixture("tiny");
+    let load = || {
+        let mut m = TrainClip::load_dir(&dir).unwrap();
+        m.freeze("vision_model");
+        m.freeze("visual_projection");
+        let mut opt = Optimizer::new(AdamW::default());
+        for (i, (n, t)) in m.params.iter().enumerate() {
+            if m.trainable[i] {
+                opt.add(n, t.shape(), 0, 0);
+            }
+        }
+        (m, opt)
+    };
+    let pre = clipforge::cli::common::preprocess_config(&dir, 32).unwrap();
+    let tok = clipforge::io::tokenizer::ClipTokenizer::from_file(&dir, 77).unwrap();
+    let loader = Loader::new(read_samples(&common::fixture("longclip/train.jsonl"), None).unwrap(), 4, 0, false, pre, tok).unwrap();
+    let batch = loader.load(&[0, 3, 5, 9]).unwrap();
+    let mb = Micro { batch: &batch, smart_ids: None };
+    let ((mut mc, mut oc), (mut md, mut od)) = (load(), load());
+    let before = TrainClip::load_dir(&dir).unwrap();
+    let mut cpu = CpuStep::new(false, 4, 1.0, 0.0);
+    let mut dev = DeviceStep::new(Box::new(EmuOps), &md, &od, 4, false, false).unwrap();
+    let (lc, ld) = (cpu.micro_batch(&mc, &mb, 1.0).unwrap(), dev.micro_batch(&md, &mb, 1.0).unwrap());
+    assert!((lc.loss - ld.loss).abs() <= 1e-5 * lc.loss.abs(), "loss: cpu {} device {}", lc.loss, ld.loss);
+    oc.begin_step();
+    od.begin_step();
+    cpu.apply(&mut mc, &mut oc, &[1e-3]).unwrap();
+    dev.apply(&mut md, &mut od, &[1e-3]).unwrap();
+    dev.sync(&mut md, &mut od).unwrap();
+    for (i, (n, t)) in md.params.iter().enumerate() {
+        let (got, orig) = (t.to_vec_f32(), before.params[i].1.to_vec_f32());
+        if n.starts_with("vision_model") || n.starts_with("visual_projection") {
+            assert_eq!(got, orig, "frozen {n} changed");
+        } else if !n.ends_with("k_proj.bias") {
+            assert_close(&format!("{n} after one step"), &got, &mc.params[i].1.to_vec_f32(), 1e-6, 1e-4);
+        }
+    }
 }
