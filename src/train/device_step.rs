@@ -1,29 +1,38 @@
 //! Long-CLIP fine-tuning with the towers on a CUDA device ([`DeviceOps`]: a GPU, or the CPU
-//! emulator in tests). Per micro-batch:
+//! emulator in tests), driven by the autograd tape. Per micro-batch:
 //!   1. vision tower forward (pixels → [B, D]), text tower forward for the long and the short
 //!      captions (src/cuda/train_{vision,text,block}.rs), activations kept on the device (or only
-//!      each block's input with `recompute`);
-//!   2. one download of the three [B, D] embeddings; the loss head (L2 norm, InfoNCE, PCA-k
-//!      reconstruction: `longclip::longclip_head`, O(B²·D)) on the host tape, the same code as
-//!      the CPU trainer; one upload of d(embeddings);
-//!   3. the towers' backward on the device (a tower whose parameters are all frozen is skipped),
-//!      gradients summed in device buffers; only the logit scale's gradient stays on the host.
+//!      each block's input with `recompute`). Each tower pass is one node on the tape
+//!      ([`Tape::custom`]) whose input is a one-element "anchor" leaf standing for that tower's
+//!      device parameters: a trainable tower's anchor is a parameter, a frozen one's a constant,
+//!      so a frozen tower records nothing and its backward never runs;
+//!   2. the node's value is the [B, D] embeddings downloaded to the host (one download each),
+//!      and the loss head (L2 norm, InfoNCE, PCA-k reconstruction: `longclip::longclip_head`,
+//!      O(B²·D), the same code as the CPU trainer) records on the same tape;
+//!   3. `tape.backward` walks the head, then each tower node, whose backward uploads its
+//!      d(embeddings) and runs the tower's backward on the device, adding the parameter gradients
+//!      into device accumulators (the token table's by the `embedding_bwd_rows_f32` scatter).
 //! Per optimizer step: the fused AdamW kernel (kernels/adamw.cu) on every device parameter (f32
 //! masters and moments; frozen position rows skipped by offsetting the pointers), writing the
-//! bf16 copies of the block Linear weights that the next forward reads when `bf16` is on.
-//! tests/device_step.rs runs whole fine-tunes on the emulator against the CPU trainer.
+//! bf16 copies of the block Linear weights that the next forward reads when `bf16` is on; the
+//! logit scale (the one host parameter) gets the CPU AdamW.
+//! tests/device_step.rs runs whole fine-tunes on the emulator against the CPU trainer and the
+//! PyTorch reference.
 use super::longclip::longclip_head;
 use super::model::{TrainClip, BLOCK_PARAMS};
 use super::optim::Optimizer;
 use super::step::{host_update, HostGrads, Micro, MicroLoss, StepEngine};
-use crate::autograd::Tape;
+use crate::autograd::{Tape, Var};
 use crate::cuda::train_block::{DevBlock, LINEAR_WEIGHTS};
 use crate::cuda::train_ops::{axpy, grid};
 use crate::cuda::train_text::{self, DevText};
 use crate::cuda::train_vision::{self, DevVision};
 use crate::cuda::{Buf, DeviceOps, KernelArgs};
 use crate::error::{Error, Result};
+use crate::model::config::{ClipConfig, TowerConfig};
 use crate::tensor::Tensor;
+use std::cell::RefCell;
+use std::rc::Rc;
 
 fn dev<T>(r: std::result::Result<T, String>) -> Result<T> {
     r.map_err(Error::Device)
@@ -71,27 +80,105 @@ fn flat_text(g: train_text::TextGrads) -> Vec<Buf> {
     v
 }
 
-/// Whether any parameter of the list is trained (else the tower's backward is skipped).
-fn any_trainable(model: &TrainClip, names: &[String]) -> bool {
-    names.iter().any(|n| model.index(n).is_some_and(|i| model.trainable[i]))
-}
-
-/// The device backend of the trainer (Long-CLIP).
-pub struct DeviceStep {
+/// The device state the tape's backward closures share with the step.
+struct Shared {
     ops: Box<dyn DeviceOps>,
-    pca_dim: usize,
+    config: ClipConfig,
     recompute: bool,
     /// f32 master values of the device parameters, by model parameter index.
     p: Vec<Option<Buf>>,
     /// bf16 copies of the block Linear weights (with `bf16`).
     half: Vec<Option<Buf>>,
+    /// This step's gradients on the device.
+    acc: RefCell<Vec<Option<Buf>>>,
+    /// Model parameter indices in the orders of [`vision_names`] and [`text_names`], and the
+    /// token table's.
+    vision: Vec<usize>,
+    text: Vec<usize>,
+    tok: usize,
+}
+
+impl Shared {
+    fn buf(&self, i: usize) -> Result<&Buf> {
+        self.p[i].as_ref().ok_or_else(|| Error::msg(format!("parameter {i} is not on the device")))
+    }
+
+    /// The 16 parameters of a block from their indices (and the bf16 copies of its Linear weights).
+    fn block<'a>(&'a self, tower: &'a TowerConfig, ix: &[usize]) -> Result<DevBlock<'a>> {
+        let ps: Vec<&Buf> = ix.iter().map(|&i| self.buf(i)).collect::<Result<_>>()?;
+        let half: Option<Vec<&Buf>> = LINEAR_WEIGHTS.iter().map(|&j| self.half[ix[j]].as_ref()).collect();
+        Ok(DevBlock { p: std::array::from_fn(|k| ps[k]), cfg: tower, half: half.map(|h| std::array::from_fn(|k| h[k])) })
+    }
+
+    fn vision_model(&self) -> Result<DevVision<'_>> {
+        let (vc, ix) = (&self.config.vision, &self.vision);
+        let l = vc.tower.layers;
+        Ok(DevVision {
+            cfg: vc,
+            patch_w: self.buf(ix[0])?,
+            cls: self.buf(ix[1])?,
+            pos: self.buf(ix[2])?,
+            pre_g: self.buf(ix[3])?,
+            pre_b: self.buf(ix[4])?,
+            blocks: (0..l).map(|j| self.block(&vc.tower, &ix[5 + 16 * j..5 + 16 * (j + 1)])).collect::<Result<_>>()?,
+            post_g: self.buf(ix[5 + 16 * l])?,
+            post_b: self.buf(ix[6 + 16 * l])?,
+            proj: self.buf(ix[7 + 16 * l])?,
+            d: self.config.projection_dim,
+            recompute: self.recompute,
+        })
+    }
+
+    fn text_model(&self) -> Result<DevText<'_>> {
+        let (tc, ix) = (&self.config.text, &self.text);
+        let l = tc.tower.layers;
+        Ok(DevText {
+            cfg: tc,
+            tok: self.buf(self.tok)?,
+            pos: self.buf(ix[0])?,
+            blocks: (0..l).map(|j| self.block(&tc.tower, &ix[1 + 16 * j..1 + 16 * (j + 1)])).collect::<Result<_>>()?,
+            final_g: self.buf(ix[1 + 16 * l])?,
+            final_b: self.buf(ix[2 + 16 * l])?,
+            proj: self.buf(ix[3 + 16 * l])?,
+            d: self.config.projection_dim,
+            recompute: self.recompute,
+        })
+    }
+
+    /// Adds device gradients (by parameter index) to this step's sums.
+    fn add(&self, ix: &[usize], grads: Vec<Buf>) -> Result<()> {
+        let mut acc = self.acc.borrow_mut();
+        for (&i, g) in ix.iter().zip(grads) {
+            match &acc[i] {
+                None => acc[i] = Some(g),
+                Some(a) => dev(axpy(&*self.ops, a, &g, 1.0, g.len()))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// d(embeddings) on the host → uploaded, as the tower backward's input.
+    fn upload(&self, g: &Tensor) -> Result<Buf> {
+        dev(self.ops.upload(&g.f32_data()))
+    }
+}
+
+/// The device backend of the trainer (Long-CLIP).
+pub struct DeviceStep {
+    sh: Rc<Shared>,
+    pca_dim: usize,
     /// AdamW moments of the trainable device parameters.
     m: Vec<Option<Buf>>,
     v: Vec<Option<Buf>>,
-    /// This step's gradients on the device.
-    acc: Vec<Option<Buf>>,
     /// This step's host gradients (the logit scale).
     host: HostGrads,
+    /// Whether each tower has a trainable parameter (else its anchor is a constant).
+    train_vision: bool,
+    train_text: bool,
+}
+
+fn indices(model: &TrainClip, names: &[String]) -> Result<Vec<usize>> {
+    names.iter().map(|n| model.index(n).ok_or_else(|| Error::msg(format!("no parameter {n}")))).collect()
 }
 
 impl DeviceStep {
@@ -119,68 +206,57 @@ impl DeviceStep {
                 v[i] = Some(dev(ops.upload(&st.v))?);
             }
         }
-        Ok(DeviceStep { ops, pca_dim, recompute, p, half, m, v, acc: none(), host: HostGrads::default() })
+        let (vision, text) = (indices(model, &vision_names(model))?, indices(model, &text_names(model))?);
+        let tok = indices(model, &["text_model.embeddings.token_embedding.weight".to_string()])?[0];
+        let trained = |ix: &[usize]| ix.iter().any(|&i| model.trainable[i]);
+        let (train_vision, train_text) = (trained(&vision), trained(&text) || model.trainable[tok]);
+        let sh = Shared { ops, config: model.config.clone(), recompute, p, half, acc: RefCell::new(none()), vision, text, tok };
+        Ok(DeviceStep { sh: Rc::new(sh), pca_dim, m, v, host: HostGrads::default(), train_vision, train_text })
     }
 
-    fn buf(&self, model: &TrainClip, name: &str) -> Result<&Buf> {
-        model.index(name).and_then(|i| self.p[i].as_ref()).ok_or_else(|| Error::msg(format!("no device parameter {name}")))
+    /// The anchor leaf of a tower: a parameter when the tower trains, else a constant.
+    fn anchor(tape: &Tape, trains: bool) -> Var {
+        if trains {
+            tape.param(Tensor::scalar(0.0))
+        } else {
+            tape.constant(Tensor::scalar(0.0))
+        }
     }
 
-    fn blocks<'a>(&'a self, model: &'a TrainClip, prefix: &str, tower: &'a crate::model::config::TowerConfig) -> Result<Vec<DevBlock<'a>>> {
-        (0..tower.layers)
-            .map(|l| {
-                let names: Vec<String> = BLOCK_PARAMS.iter().map(|p| format!("{prefix}.encoder.layers.{l}.{p}")).collect();
-                let ps: Vec<&Buf> = names.iter().map(|n| self.buf(model, n)).collect::<Result<_>>()?;
-                let half: Option<Vec<&Buf>> = LINEAR_WEIGHTS.iter().map(|&j| model.index(&names[j]).and_then(|i| self.half[i].as_ref())).collect();
-                Ok(DevBlock { p: std::array::from_fn(|k| ps[k]), cfg: tower, half: half.map(|h| std::array::from_fn(|k| h[k])) })
-            })
-            .collect()
+    /// The vision tower's forward on the device as one tape node: [B, D] embeddings.
+    fn vision_node(&self, tape: &Tape, anchor: &Var, pixels: &Tensor) -> Result<Var> {
+        let sh = self.sh.clone();
+        let b = pixels.dim(0);
+        let (e, saved) = dev(train_vision::forward(&*sh.ops, &sh.vision_model()?, &pixels.f32_data(), b))?; // [B, D]
+        let value = Tensor::from_vec(dev(sh.ops.download(&e))?, &[b, sh.config.projection_dim])?;
+        Ok(tape.custom(&[anchor], value, move |g| {
+            let vg = dev(train_vision::backward(&*sh.ops, &sh.vision_model()?, &saved, &sh.upload(g)?))?;
+            sh.add(&sh.vision, flat_vision(vg))?;
+            Ok(vec![None])
+        }))
     }
 
-    fn vision<'a>(&'a self, model: &'a TrainClip) -> Result<DevVision<'a>> {
-        let vc = &model.config.vision;
-        let e = "vision_model.embeddings";
-        Ok(DevVision {
-            cfg: vc,
-            patch_w: self.buf(model, &format!("{e}.patch_embedding.weight"))?,
-            cls: self.buf(model, &format!("{e}.class_embedding"))?,
-            pos: self.buf(model, &format!("{e}.position_embedding.weight"))?,
-            pre_g: self.buf(model, "vision_model.pre_layrnorm.weight")?,
-            pre_b: self.buf(model, "vision_model.pre_layrnorm.bias")?,
-            blocks: self.blocks(model, "vision_model", &vc.tower)?,
-            post_g: self.buf(model, "vision_model.post_layernorm.weight")?,
-            post_b: self.buf(model, "vision_model.post_layernorm.bias")?,
-            proj: self.buf(model, "visual_projection.weight")?,
-            d: model.config.projection_dim,
-            recompute: self.recompute,
-        })
-    }
-
-    fn text<'a>(&'a self, model: &'a TrainClip) -> Result<DevText<'a>> {
-        let tc = &model.config.text;
-        Ok(DevText {
-            cfg: tc,
-            tok: self.buf(model, "text_model.embeddings.token_embedding.weight")?,
-            pos: self.buf(model, "text_model.embeddings.position_embedding.weight")?,
-            blocks: self.blocks(model, "text_model", &tc.tower)?,
-            final_g: self.buf(model, "text_model.final_layer_norm.weight")?,
-            final_b: self.buf(model, "text_model.final_layer_norm.bias")?,
-            proj: self.buf(model, "text_projection.weight")?,
-            d: model.config.projection_dim,
-            recompute: self.recompute,
-        })
-    }
-
-    /// Adds device gradients (by parameter name) to this step's sums.
-    fn add(&mut self, model: &TrainClip, names: &[String], grads: Vec<Buf>) -> Result<()> {
-        for (name, g) in names.iter().zip(grads) {
-            let i = model.index(name).ok_or_else(|| Error::msg(format!("no parameter {name}")))?;
-            match &self.acc[i] {
-                None => self.acc[i] = Some(g),
-                Some(a) => dev(axpy(&*self.ops, a, &g, 1.0, g.len()))?,
+    /// The text tower's forward on the device as one tape node: [B, D] embeddings.
+    fn text_node(&self, tape: &Tape, anchor: &Var, ids: &[Vec<u32>]) -> Result<Var> {
+        let sh = self.sh.clone();
+        let (e, saved) = dev(train_text::forward(&*sh.ops, &sh.text_model()?, ids))?; // [B, D]
+        let value = Tensor::from_vec(dev(sh.ops.download(&e))?, &[ids.len(), sh.config.projection_dim])?;
+        {
+            let mut acc = sh.acc.borrow_mut();
+            if anchor.requires_grad() && acc[sh.tok].is_none() {
+                acc[sh.tok] = Some(dev(sh.ops.alloc(sh.config.text.vocab * sh.config.text.tower.hidden))?); // the scatter adds into it
             }
         }
-        Ok(())
+        Ok(tape.custom(&[anchor], value, move |g| {
+            let de = sh.upload(g)?;
+            let tg = {
+                let acc = sh.acc.borrow();
+                let dtok = acc[sh.tok].as_ref().ok_or_else(|| Error::msg("no token-gradient accumulator"))?;
+                dev(train_text::backward(&*sh.ops, &sh.text_model()?, &saved, &de, dtok))?
+            };
+            sh.add(&sh.text, flat_text(tg))?;
+            Ok(vec![None])
+        }))
     }
 }
 
@@ -190,84 +266,48 @@ impl StepEngine for DeviceStep {
             return Err(Error::msg("SmartCLIP fine-tuning runs on the CPU backend (--device cpu)"));
         }
         let batch = mb.batch;
-        let (b, d) = (batch.long_ids.len(), model.config.projection_dim);
         let ls = model.index("logit_scale").ok_or_else(|| Error::msg("no parameter logit_scale"))?;
-        let tok = model.index("text_model.embeddings.token_embedding.weight").ok_or_else(|| Error::msg("no token embedding"))?;
-        let (vnames, mut tnames) = (vision_names(model), text_names(model));
-        let train_v = any_trainable(model, &vnames);
-        tnames.push(model.params[tok].0.clone());
-        let train_t = any_trainable(model, &tnames);
-        tnames.pop();
-        if train_t && self.acc[tok].is_none() {
-            self.acc[tok] = Some(dev(self.ops.alloc(model.params[tok].1.numel()))?); // the embedding backward adds into it
+        let tape = Tape::new();
+        let (va, ta) = (Self::anchor(&tape, self.train_vision), Self::anchor(&tape, self.train_text));
+        let img = self.vision_node(&tape, &va, &batch.pixels)?; // [B, D]
+        let long = self.text_node(&tape, &ta, &batch.long_ids)?; // [B, D]
+        let short = self.text_node(&tape, &ta, &batch.short_ids)?; // [B, D]
+        let s = if model.trainable[ls] { tape.param(model.params[ls].1.clone()) } else { tape.constant(model.params[ls].1.clone()) };
+        let (l, a, b) = longclip_head(&tape, &img, &long, &short, &s, self.pca_dim)?;
+        let loss = MicroLoss { loss: l.item(), a, b };
+        if !loss.loss.is_finite() || !l.requires_grad() {
+            return Ok(loss); // (nothing trains: a forward only)
         }
-        let (vg, tg, loss, dls) = {
-            let ops = &*self.ops;
-            let (vm, tm) = (self.vision(model)?, self.text(model)?);
-            let (ei, si) = dev(train_vision::forward(ops, &vm, &batch.pixels.f32_data(), b))?; // [B, D]
-            let (el, sl) = dev(train_text::forward(ops, &tm, &batch.long_ids))?; // [B, D]
-            let (es, ss) = dev(train_text::forward(ops, &tm, &batch.short_ids))?; // [B, D]
-            let host = |e: &Buf| -> Result<Tensor> { Tensor::from_vec(dev(ops.download(e))?, &[b, d]) };
-            let tape = Tape::new();
-            let (img, long, short) = (tape.param(host(&ei)?), tape.param(host(&el)?), tape.param(host(&es)?));
-            let s = if model.trainable[ls] { tape.param(model.params[ls].1.clone()) } else { tape.constant(model.params[ls].1.clone()) };
-            let (l, a, bb) = longclip_head(&tape, &img, &long, &short, &s, self.pca_dim)?;
-            let loss = MicroLoss { loss: l.item(), a, b: bb };
-            if !loss.loss.is_finite() {
-                return Ok(loss);
-            }
-            let mut g = tape.backward(&tape.scale(&l, scale))?;
-            let mut up = |v: &crate::autograd::Var| -> Result<Buf> {
-                let t = g.take(v).ok_or_else(|| Error::msg("loss head: no gradient for an embedding"))?;
-                dev(ops.upload(&t.f32_data()))
-            };
-            let (di, dl, ds) = (up(&img)?, up(&long)?, up(&short)?);
-            let dls = g.take(&s).map(|t| t.to_vec_f32());
-            let vg = if train_v { Some(dev(train_vision::backward(ops, &vm, &si, &di))?) } else { None };
-            let tg = match &self.acc[tok] {
-                Some(dtok) if train_t => vec![dev(train_text::backward(ops, &tm, &sl, &dl, dtok))?, dev(train_text::backward(ops, &tm, &ss, &ds, dtok))?],
-                _ => vec![],
-            };
-            (vg, tg, loss, dls)
-        };
-        if let Some(g) = dls {
-            self.host.add(ls, &g);
-        }
-        if let Some(vg) = vg {
-            self.add(model, &vnames, flat_vision(vg))?;
-        }
-        for g in tg {
-            self.add(model, &tnames, flat_text(g))?;
+        let g = tape.backward(&tape.scale(&l, scale))?; // the head on the host, then the towers on the device
+        if let Some(t) = g.get(&s) {
+            self.host.add(ls, &t.f32_data());
         }
         Ok(loss)
     }
 
     fn apply(&mut self, model: &mut TrainClip, opt: &mut Optimizer, lrs: &[f64]) -> Result<()> {
-        let ops = &*self.ops;
+        let sh = &*self.sh;
+        let ops = &*sh.ops;
+        let mut acc = sh.acc.borrow_mut();
         for k in 0..opt.params.len() {
             let st = &opt.params[k];
             let i = model.index(&st.name).ok_or_else(|| Error::msg(format!("optimizer parameter {} not in the model", st.name)))?;
-            let Some(p) = &self.p[i] else {
+            let Some(p) = &sh.p[i] else {
                 host_update(model, opt, k, lrs, self.host.take(i))?;
                 continue;
             };
             let lr = *lrs.get(st.group).ok_or_else(|| Error::msg(format!("optimizer: no learning rate for group {}", st.group)))?;
             let (n, f) = (st.m.len(), st.frozen);
-            let g = match (self.acc[i].take(), self.host.take(i)) {
-                (Some(dg), Some(hg)) => {
-                    dev(axpy(ops, &dg, &dev(ops.upload(&hg))?, 1.0, n))?;
-                    dg
-                }
-                (Some(dg), None) => dg,
-                (None, Some(hg)) => dev(ops.upload(&hg))?,
-                (None, None) => dev(ops.alloc(n))?,
+            let g = match acc[i].take() {
+                Some(dg) => dg,
+                None => dev(ops.alloc(n))?,
             };
             if n == f {
                 continue;
             }
             let (m, v) = (self.m[i].as_ref(), self.v[i].as_ref());
             let (m, v) = m.zip(v).ok_or_else(|| Error::msg(format!("no device moments for {}", st.name)))?;
-            let half = self.half[i].as_ref().map(|h| h.ptr()).unwrap_or(0);
+            let half = sh.half[i].as_ref().map(|h| h.ptr()).unwrap_or(0);
             if half != 0 && f > 0 {
                 return Err(Error::msg(format!("{}: frozen rows in a bf16-mirrored weight", st.name)));
             }
@@ -277,23 +317,24 @@ impl StepEngine for DeviceStep {
             a = a.i64((n - f) as i64).f64(lr).f64(hp.beta1).f64(hp.beta2).f64(hp.eps).f64(hp.weight_decay).i32(opt.step as i32);
             dev(ops.launch("adamw_f32", grid(n - f), &mut a))?;
         }
-        self.acc.iter_mut().for_each(|a| *a = None);
+        acc.iter_mut().for_each(|a| *a = None);
         self.host = HostGrads::default();
         Ok(())
     }
 
     fn sync(&mut self, model: &mut TrainClip, opt: &mut Optimizer) -> Result<()> {
-        for (i, p) in self.p.iter().enumerate() {
+        let sh = &*self.sh;
+        for (i, p) in sh.p.iter().enumerate() {
             if let Some(p) = p {
                 let shape = model.params[i].1.shape().to_vec();
-                model.params[i].1 = Tensor::from_vec(dev(self.ops.download(p))?, &shape)?;
+                model.params[i].1 = Tensor::from_vec(dev(sh.ops.download(p))?, &shape)?;
             }
         }
         for st in opt.params.iter_mut() {
             if let Some(i) = model.index(&st.name) {
                 if let (Some(m), Some(v)) = (&self.m[i], &self.v[i]) {
-                    st.m = dev(self.ops.download(m))?;
-                    st.v = dev(self.ops.download(v))?;
+                    st.m = dev(sh.ops.download(m))?;
+                    st.v = dev(sh.ops.download(v))?;
                 }
             }
         }
@@ -301,6 +342,6 @@ impl StepEngine for DeviceStep {
     }
 
     fn describe(&self) -> String {
-        self.ops.describe()
+        self.sh.ops.describe()
     }
 }
