@@ -150,3 +150,19 @@ fn bad_finetune_input_is_a_one_line_error() {
     }
     assert!(!out.join("model").exists(), "a failed run wrote a model");
 }
+
+#[test]
+fn a_crash_between_the_two_renames_of_a_replace_loses_no_checkpoint() {
+    use clipforge::train::checkpoint::{latest, save, TrainerState};
+    let d = tmpdir("ckpt-crash");
+    let model = clipforge::train::model::TrainClip::load_dir(&fixture("tiny")).unwrap();
+    let ck = d.join("checkpoints/step-000002");
+    let state = TrainerState { step: 2, position: clipforge::train::data::Position { epoch: 0, index: 2 }, args: serde_json::json!({}) };
+    save(&ck, &fixture("tiny"), &model.params, None, Some(&state)).unwrap();
+    save(&ck, &fixture("tiny"), &model.params, None, Some(&state)).unwrap(); // a replace
+    // a crash inside the next replace: the old directory moved aside, the new one unfinished
+    std::fs::rename(&ck, d.join("checkpoints/.step-000002.old-4242")).unwrap();
+    std::fs::create_dir_all(d.join("checkpoints/.step-000002.tmp-4242")).unwrap();
+    assert_eq!(latest(&d), Some(ck.clone()));
+    assert_eq!(Weights::open(&ck).unwrap().get("logit_scale").unwrap().to_vec_f32(), model.params[model.index("logit_scale").unwrap()].1.to_vec_f32());
+}

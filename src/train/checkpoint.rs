@@ -117,9 +117,26 @@ pub fn load_state(dir: &Path, opt: &mut Optimizer) -> Result<TrainerState> {
     Ok(state)
 }
 
-/// The checkpoint with the highest step under `out/checkpoints`, if any.
+/// Puts back a checkpoint that a crash left moved aside: [`save`] replaces an existing directory
+/// by renaming it to `.NAME.old-PID`, then the new one into place; a crash between the two
+/// renames leaves no `NAME` but a complete `.NAME.old-PID`, which this renames back. Unfinished
+/// `.NAME.tmp-PID` directories are left alone (the next save of NAME removes its own).
+pub fn recover(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.filter_map(|e| e.ok()) {
+        let n = e.file_name().to_string_lossy().to_string();
+        let Some((name, _pid)) = n.strip_prefix('.').and_then(|r| r.rsplit_once(".old-")) else { continue };
+        let target = parent.join(name);
+        if !target.exists() {
+            let _ = std::fs::rename(e.path(), &target);
+        }
+    }
+}
+
+/// The checkpoint with the highest step under `out/checkpoints`, if any (after [`recover`]).
 pub fn latest(out: &Path) -> Option<PathBuf> {
     let dir = out.join("checkpoints");
+    recover(&dir);
     std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok())

@@ -133,6 +133,9 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     if cfg.accum == 0 {
         return Err(Error::msg("--accum must be at least 1"));
     }
+    if let Some(parent) = resume.and_then(|d| d.parent()) {
+        checkpoint::recover(parent); // a checkpoint a crash left moved aside
+    }
     let source = resume.unwrap_or(&cfg.model);
     let mut model = TrainClip::load_dir(source)?;
     model.recompute = cfg.recompute;
