@@ -102,6 +102,28 @@ fn bench_json_on_a_model_directory() {
 }
 
 #[test]
+fn bench_train_json_and_its_errors() {
+    let m = fixture("tiny");
+    let mt = m.to_str().unwrap();
+    for extra in [&[][..], &["--recompute"][..]] {
+        let mut args = vec!["bench", "--task", "train", "--model", mt, "--batch", "4", "--iters", "1", "--device", "cpu", "--json"];
+        args.extend(extra);
+        let v: serde_json::Value = serde_json::from_str(&run(&args)).unwrap();
+        assert!(v["samples_per_s"].as_f64().unwrap() > 0.0 && v["loss"].as_f64().unwrap().is_finite(), "{v}");
+        assert_eq!(v["recompute"].as_bool().unwrap(), !extra.is_empty());
+    }
+    for (args, needle) in [
+        (vec!["bench", "--task", "nope"], "--task nope"),
+        (vec!["bench", "--task", "train", "--model", mt, "--batch", "1"], "--batch"),
+        (vec!["bench", "--task", "train", "--model", mt, "--batch", "4", "--device", "cpu", "--dtype", "bf16"], "bf16"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(&args).output().unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && e.trim().lines().count() == 1 && e.contains(needle), "{args:?}: {e}");
+    }
+}
+
+#[test]
 fn help_on_every_command() {
     for c in ["bench", "embed-image", "embed-text", "classify", "similarity"] {
         let out = run(&[c, "--help"]);

@@ -1,6 +1,6 @@
 //! `clipforge bench`: images/s and texts/s of the towers on synthetic weights made in memory
 //! (or a model directory), achieved GFLOP/s, and that as a share of a GEMM ceiling measured in
-//! the same run.
+//! the same run; `--task train` times Long-CLIP fine-tuning steps instead (src/cli/bench_train.rs).
 use super::Compute;
 use crate::cuda::CudaClip;
 use crate::error::{Error, Result};
@@ -17,6 +17,13 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// What to time: embed (the towers' forward) or train (Long-CLIP fine-tuning steps: forward,
+    /// loss with the PCA, backward, AdamW)
+    #[arg(long, default_value = "embed")]
+    pub task: String,
+    /// --task train: recompute each block's activations in the backward pass
+    #[arg(long)]
+    pub recompute: bool,
     /// An HF CLIP model directory (default: synthetic weights made in memory)
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -28,10 +35,10 @@ pub struct BenchArgs {
     pub batch: usize,
     #[command(flatten)]
     pub compute: Compute,
-    /// Timed batches per tower (after one warm-up batch)
+    /// Timed batches per tower, or training steps (after one warm-up)
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
-    /// Tokens per text (the full context, as HF pads to max_length)
+    /// Tokens per text (the full context, as HF pads to max_length; --task train: the long captions)
     #[arg(long, default_value_t = 77)]
     pub text_len: usize,
     /// Which towers: both, image, text
@@ -80,6 +87,11 @@ pub fn gemm_ceiling_gflops(dtype: DType) -> f64 {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
+    match a.task.as_str() {
+        "embed" => {}
+        "train" => return super::bench_train::run(a),
+        t => return Err(Error::msg(format!("--task {t}: expected embed or train"))),
+    }
     let engine = super::resolve_device(a.compute.device, a.compute.dtype)?;
     let on_cuda = matches!(engine, super::Engine::Cuda(_));
     let opt = LoadOptions { dtype: if on_cuda { DType::F32 } else { a.compute.dtype.dtype()? } };

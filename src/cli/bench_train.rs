@@ -1,0 +1,129 @@
+//! `clipforge bench --task train`: Long-CLIP fine-tuning step throughput on synthetic weights
+//! (or a model directory) and a synthetic batch — the same `StepEngine` the trainer runs (the CPU
+//! tape, or the towers on a CUDA device with `--device cuda`), timed per optimizer step (forward,
+//! loss with the PCA, backward, AdamW), with the peak resident memory of the process.
+use super::bench::BenchArgs;
+use crate::cuda::GpuOps;
+use crate::error::{Error, Result};
+use crate::flops;
+use crate::model::synthetic::{normal_vec, random_weights, Rng};
+use crate::model::ClipConfig;
+use crate::ops::adamw::AdamW;
+use crate::tensor::Tensor;
+use crate::train::data::Batch;
+use crate::train::device_step::DeviceStep;
+use crate::train::model::TrainClip;
+use crate::train::optim::Optimizer;
+use crate::train::step::{CpuStep, Micro, StepEngine};
+use std::time::Instant;
+
+/// Token sequences of `len` tokens (start, random ids, end).
+fn ids(cfg: &ClipConfig, b: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = Rng::new(seed);
+    (0..b)
+        .map(|_| {
+            let mut s = vec![cfg.text.bos_token_id];
+            s.extend((0..len - 2).map(|_| (rng.next_u64() % 49000) as u32 + 256));
+            s.push(cfg.text.eos_token_id);
+            s
+        })
+        .collect()
+}
+
+/// A memory line of /proc/self/status ("VmHWM": peak resident set, "VmRSS": current), MiB;
+/// None where /proc is absent.
+pub fn status_mib(key: &str) -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    use super::{DeviceArg, DtypeArg};
+    if a.batch < 2 {
+        return Err(Error::msg("--task train: --batch must be at least 2 (the contrastive loss compares samples)"));
+    }
+    let (model, source) = match &a.model {
+        Some(dir) => (TrainClip::load_dir(dir)?, dir.display().to_string()),
+        None => {
+            let cfg = ClipConfig::preset(&a.preset).ok_or_else(|| Error::msg(format!("--preset {}: expected b32, b16, l14 or l14-336", a.preset)))?;
+            (TrainClip::from_weights(&random_weights(&cfg, 0), &cfg)?, format!("synthetic {}", a.preset))
+        }
+    };
+    let mut model = model;
+    model.recompute = a.recompute;
+    let cfg = model.config.clone();
+    let mut opt = Optimizer::new(AdamW { lr: 1e-6, ..AdamW::default() });
+    for (i, (name, t)) in model.params.iter().enumerate() {
+        if model.trainable[i] {
+            let frozen = if name == "text_model.embeddings.position_embedding.weight" { cfg.text.frozen_positions * cfg.text.tower.hidden } else { 0 };
+            opt.add(name, t.shape(), frozen, 0);
+        }
+    }
+    let bf16 = match a.compute.dtype {
+        DtypeArg::F32 => false,
+        DtypeArg::Bf16 => true,
+        DtypeArg::F16 => return Err(Error::msg("--task train: --dtype f16 is not supported; use f32, or bf16 on a CUDA device")),
+    };
+    let gpu = match a.compute.device {
+        DeviceArg::Cpu => None,
+        DeviceArg::Auto => GpuOps::open().ok(),
+        DeviceArg::Cuda => Some(GpuOps::open().map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto")))?),
+    };
+    let pca = 32;
+    let mut eng: Box<dyn StepEngine> = match gpu {
+        Some(ops) => Box::new(DeviceStep::new(Box::new(ops), &model, &opt, pca, a.recompute, bf16)?),
+        None if bf16 => return Err(Error::msg("--task train: --dtype bf16 needs a CUDA device (the CPU trainer computes in f32)")),
+        None => Box::new(CpuStep::new(false, pca, 1.0, 0.0)),
+    };
+    let (b, s) = (a.batch, cfg.vision.image_size);
+    let t_long = a.text_len.clamp(3, cfg.text.max_positions);
+    let t_short = 16.min(t_long);
+    let batch = Batch {
+        pixels: Tensor::from_vec(normal_vec(b * 3 * s * s, 0.0, 1.0, 7), &[b, 3, s, s])?,
+        long_ids: ids(&cfg, b, t_long, 11),
+        short_ids: ids(&cfg, b, t_short, 12),
+        samples: (0..b).collect(),
+    };
+    let mut step = || -> Result<f32> {
+        let l = eng.micro_batch(&model, &Micro { batch: &batch, smart_ids: None }, 1.0)?;
+        opt.begin_step();
+        eng.apply(&mut model, &mut opt, &[1e-6])?;
+        Ok(l.loss)
+    };
+    let bar = super::progress(a.iters as u64 + 1, "train steps");
+    step()?; // warm-up (allocations, module loads, the optimizer moments touched)
+    bar.inc(1);
+    let mut times = vec![];
+    let mut loss = 0f32;
+    for _ in 0..a.iters.max(1) {
+        let t0 = Instant::now();
+        loss = step()?;
+        times.push(t0.elapsed().as_secs_f64()); // the next step's first download waits for this step's AdamW
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    let sec = times[times.len() / 2];
+    // forward + backward ≈ 3 forwards (+1 with recompute): image + long text + short text
+    let fwd = b as f64 * (flops::image_flops(&cfg) + flops::text_flops(&cfg, t_long) + flops::text_flops(&cfg, t_short));
+    let gflops = fwd * if a.recompute { 4.0 } else { 3.0 } / sec / 1e9;
+    let peak = status_mib("VmHWM"); // the whole process, as BENCHMARKS.md's /usr/bin/time -v numbers
+    let device = eng.describe();
+    let report = serde_json::json!({
+        "task": "train", "model": source, "batch": b, "device": device, "dtype": if bf16 { "bf16" } else { "f32" },
+        "recompute": a.recompute, "long_tokens": t_long, "short_tokens": t_short, "threads": rayon::current_num_threads(),
+        "step_s": sec, "samples_per_s": b as f64 / sec, "train_gflops": gflops, "loss": loss,
+        "peak_rss_mib": peak, "peak_rss_mib_per_sample": peak.map(|p| p / b as f64),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(Error::msg)?);
+    } else {
+        println!("model      {source}  (Long-CLIP step, batch {b}, {} tokens long / {t_short} short, {}{}, {device})", t_long, report["dtype"].as_str().unwrap_or(""), if a.recompute { ", recompute" } else { "" });
+        println!("step       {:8.1} ms   {:8.2} samples/s   {gflops:7.1} GFLOP/s (≈3× forward)", sec * 1e3, b as f64 / sec);
+        if let Some(p) = peak {
+            println!("peak RSS   {p:8.0} MiB  = {:.0} MiB/sample (host, whole process: weights, AdamW state, gradients, activations)", p / b as f64);
+        }
+    }
+    Ok(())
+}
