@@ -1,6 +1,6 @@
 // matmul.cu -- Linear on CUDA cores: y = x·Wᵀ (+ bias), the PyTorch-Linear layout, with f32 weights
-// (linear_f32) or bf16 weights (linear_bf16w), plus the f32 → bf16 conversion the GPU's bf16
-// cuBLASLt path feeds its GEMM inputs with.
+// (linear_f32), bf16 weights (linear_bf16w) or IEEE f16 weights (linear_f16w), plus the f32 → bf16 /
+// f16 conversions the GPU's half-precision cuBLASLt paths feed their GEMM inputs with.
 //
 // x is [m, k] row-major, W is [n, k] row-major (as stored by HF / PyTorch), y is [m, n] row-major,
 // bias is [n] (read only when has_bias != 0; it may then not be NULL). All f32; each output is one
@@ -22,7 +22,11 @@
 //   it is loaded -- the arithmetic of the bf16 towers (CPU: AVX-512 BF16 GEMM; GPU: cuBLASLt on
 //   bf16 inputs): products of bf16 values, accumulated in f32, bias and output f32. Same geometry.
 //
+// linear_f16w(x, w, bias, y, m, n, k, has_bias): the same with W in IEEE f16 and x rounded to f16
+//   (the f16 training forward: `finetune --device cuda --dtype f16`). Same geometry.
+//
 // f32_to_bf16(x, y, n): y[i] = bf16(x[i]) (round to nearest even), grid-stride, any 1-D geometry.
+// f32_to_f16(x, y, n): y[i] = f16(x[i]) (round to nearest even; beyond ±65504 → ±inf), the same.
 #include <cuda_runtime.h>
 #include "common.cuh"
 
@@ -35,6 +39,11 @@
 // included for the bf16 variant).
 // x is read as X[r, kk] = x[r·k + kk] (or x[kk·m + r] with x_t), w as W[c, kk] = w[c·k + kk] (or
 // w[kk·n + c] with w_kn); y = alpha·X·Wᵀ (+ bias) (+ beta·y).
+// x rounded to the weights' type (the GEMM's input precision).
+__device__ __forceinline__ float round_as(const float*, float v) { return v; }
+__device__ __forceinline__ float round_as(const __nv_bfloat16*, float v) { return __bfloat162float(__float2bfloat16(v)); }
+__device__ __forceinline__ float round_as(const __half*, float v) { return __half2float(__float2half(v)); }
+
 template <typename TW, bool ROUND_X>
 __device__ __forceinline__ void linear_tiles(const float* __restrict__ x, const TW* __restrict__ w,
                                              const float* __restrict__ bias, float* __restrict__ y,
@@ -60,7 +69,7 @@ __device__ __forceinline__ void linear_tiles(const float* __restrict__ x, const 
       const int gk = k0 + kk;
       const int gr = row0 + r, gc = col0 + r;
       float xv = (gr < m && gk < k) ? x[x_t ? (size_t)gk * m + gr : (size_t)gr * k + gk] : 0.f;
-      if (ROUND_X) xv = __bfloat162float(__float2bfloat16(xv));
+      if (ROUND_X) xv = round_as(w, xv);
       xs[kk][r] = xv;
       ws[kk][r] = (gc < n && gk < k) ? load_f32(w, w_kn ? (size_t)gk * n + gc : (size_t)gc * k + gk) : 0.f;
     }
@@ -107,6 +116,12 @@ linear_bf16w(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, c
   linear_tiles<__nv_bfloat16, true>(x, w, bias, y, m, n, k, has_bias);
 }
 
+extern "C" __global__ void __launch_bounds__(256)
+linear_f16w(const float* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
+            float* __restrict__ y, int m, int n, int k, int has_bias) {
+  linear_tiles<__half, true>(x, w, bias, y, m, n, k, has_bias);
+}
+
 // gemm_f32(a, b, c, m, n, k, ta, tb, alpha, beta): C[m, n] = alpha·op(A)·op(B) + beta·C (f32), with
 // A stored [m, k] (or [k, m] when ta) and B stored [k, n] (or [n, k] when tb): the backward GEMMs of
 // a Linear layer (dX = dY·W, dW = dYᵀ·X, accumulated with beta = 1). Same tiles and geometry as
@@ -120,4 +135,9 @@ gemm_f32(const float* __restrict__ a, const float* __restrict__ b, float* c, int
 extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, int n) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
     y[i] = __float2bfloat16(x[i]);
+}
+
+extern "C" __global__ void f32_to_f16(const float* __restrict__ x, __half* __restrict__ y, int n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    y[i] = __float2half(x[i]);
 }

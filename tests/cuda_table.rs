@@ -109,42 +109,54 @@ fn gemm_row(m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Row 
     }
 }
 
-/// bf16 values packed two per f32 word, as `DeviceOps::upload_bf16` stores them.
-fn pack_bf16(v: &[half::bf16]) -> Vec<f32> {
-    v.chunks(2).map(|p| f32::from_bits(p[0].to_bits() as u32 | (p.get(1).map_or(0, |h| h.to_bits()) as u32) << 16)).collect()
+/// Rounds to bf16 or f16 and back, and the 16-bit pattern of that rounding.
+fn round_half(v: f32, f16: bool) -> (f64, u16) {
+    if f16 {
+        let h = half::f16::from_f32(v);
+        (h.to_f64(), h.to_bits())
+    } else {
+        let h = half::bf16::from_f32(v);
+        (h.to_f64(), h.to_bits())
+    }
 }
 
-/// linear_bf16w: W in bf16, x rounded to bf16 on load, f32 accumulation; the reference is the
-/// f64 dot product of the rounded values (each product is exact in f32).
-fn linear_bf16_row(m: usize, n: usize, k: usize, bias: bool) -> Row {
-    let r = |v: Vec<f32>| v.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>();
-    let (x, w, b) = (common::randn(m * k, 24), r(common::randn(n * k, 25)), common::randn(n, 26));
+/// 16-bit values packed two per f32 word, as `DeviceOps::upload_bf16` stores them.
+fn pack_bits(v: &[u16]) -> Vec<f32> {
+    v.chunks(2).map(|p| f32::from_bits(p[0] as u32 | (p.get(1).copied().unwrap_or(0) as u32) << 16)).collect()
+}
+
+/// linear_bf16w / linear_f16w: W in half precision, x rounded to it on load, f32 accumulation;
+/// the reference is the f64 dot product of the rounded values (each product is exact in f32).
+fn linear_half_row(m: usize, n: usize, k: usize, bias: bool, f16: bool) -> Row {
+    let (x, w, b) = (common::randn(m * k, 24), common::randn(n * k, 25), common::randn(n, 26));
     let want: Vec<f32> = (0..m * n)
         .map(|i| {
             let (row, c) = (i / n, i % n);
-            let d: f64 = (0..k).map(|j| half::bf16::from_f32(x[row * k + j]).to_f64() * w[c * k + j].to_f64()).sum();
+            let d: f64 = (0..k).map(|j| round_half(x[row * k + j], f16).0 * round_half(w[c * k + j], f16).0).sum();
             (d + if bias { b[c] as f64 } else { 0.0 }) as f32
         })
         .collect();
     let (cfg, _) = clipforge::cuda::backend::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
+    let wbits: Vec<u16> = w.iter().map(|&v| round_half(v, f16).1).collect();
     Row {
         case: KernelCase {
-            kernel: "linear_bf16w",
+            kernel: if f16 { "linear_f16w" } else { "linear_bf16w" },
             cfg,
-            buffers: vec![x, pack_bf16(&w), b, vec![f32::NAN; m * n]],
+            buffers: vec![x, pack_bits(&wbits), b, vec![f32::NAN; m * n]],
             args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(m as i32), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(bias as i32)],
         },
         expect: vec![(3, want, 1e-5 * (k as f32).sqrt(), 1e-5)],
     }
 }
 
-/// f32_to_bf16: round to nearest even, bit exact (n even, so every packed word is written).
-fn to_bf16_row(n: usize) -> Row {
+/// f32_to_bf16 / f32_to_f16: round to nearest even, bit exact (n even, so every packed word is
+/// written).
+fn to_half_row(n: usize, f16: bool) -> Row {
     let x = common::randn(n, 27).iter().map(|v| v * 3.0).collect::<Vec<_>>();
-    let want = pack_bf16(&x.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>());
+    let want = pack_bits(&x.iter().map(|&v| round_half(v, f16).1).collect::<Vec<_>>());
     Row {
         case: KernelCase {
-            kernel: "f32_to_bf16",
+            kernel: if f16 { "f32_to_f16" } else { "f32_to_bf16" },
             cfg: LaunchCfg::new((n.div_ceil(256).min(7) as u32, 1, 1), (256, 1, 1), 0),
             buffers: vec![x, vec![f32::NAN; n / 2]],
             args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(n as i32)],
@@ -260,15 +272,18 @@ fn table() -> Vec<Row> {
     }
     for (m, n, k, bias) in [(1, 1, 1, true), (7, 65, 33, false), (130, 70, 100, true)] {
         t.push(linear_row(m, n, k, bias));
-        t.push(linear_bf16_row(m, n, k, bias));
+        t.push(linear_half_row(m, n, k, bias, false));
+        t.push(linear_half_row(m, n, k, bias, true));
     }
     for (m, n, k) in [(1, 1, 1), (7, 65, 33), (45, 13, 70)] {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             t.push(gemm_row(m, n, k, ta, tb, if ta == tb { 0.0 } else { 1.0 }));
         }
     }
-    t.push(to_bf16_row(2));
-    t.push(to_bf16_row(4000)); // grid-stride: 7 blocks of 256 threads cover 4000 in 3 rounds
+    for f16 in [false, true] {
+        t.push(to_half_row(2, f16));
+        t.push(to_half_row(4000, f16)); // grid-stride: 7 blocks of 256 threads cover 4000 in 3 rounds
+    }
     t.extend(embed_rows());
     t
 }

@@ -9,10 +9,11 @@
 //! - one step through the engines directly with the vision tower frozen: skipped on the device,
 //!   frozen weights bit-identical, loss and text weights equal to the CPU step's;
 //! - on a real GPU (skipped without one): the same reference run, f32 and bf16;
-//! - bf16 forward GEMMs (f32 masters) stay within 2e-2 of the f32 curve, and the saved weights
-//!   are the f32 masters, not their bf16 copies.
+//! - bf16 / f16 forward GEMMs (f32 masters) stay within 2e-2 / 5e-3 of the f32 curve, and the
+//!   saved weights are the f32 masters, not their half-precision copies.
 mod common;
 mod finetune_common;
+use clipforge::cuda::train_block::Half;
 use clipforge::cuda::EmuOps;
 use clipforge::model::Weights;
 use clipforge::train::device_step::DeviceStep;
@@ -22,9 +23,9 @@ use common::{assert_close, tmpdir};
 use finetune_common::*;
 use std::path::Path;
 
-fn on_emulator(cfg: &TrainConfig, resume: Option<&Path>, bf16: bool) -> RunResult {
+fn on_emulator(cfg: &TrainConfig, resume: Option<&Path>, low: Option<Half>) -> RunResult {
     run_with(cfg, resume, no_stop(), true, &|model, opt| {
-        let s: Box<dyn StepEngine> = Box::new(DeviceStep::new(Box::new(EmuOps), model, opt, cfg.pca_dim, cfg.recompute, bf16)?);
+        let s: Box<dyn StepEngine> = Box::new(DeviceStep::new(Box::new(EmuOps), model, opt, cfg.pca_dim, cfg.recompute, low)?);
         Ok(s)
     })
     .unwrap()
@@ -44,12 +45,14 @@ fn gpu_fine_tune_matches_the_pytorch_reference() {
     let r = run(&cfg, None, no_stop(), true).unwrap();
     assert_matches_reference("gpu", "expected_b4x2.json", &r.steps, 1e-4);
     assert_frozen_rows_kept(&model, &d.join("gpu/model"));
-    cfg.dtype = "bf16".into();
-    cfg.out = d.join("gpu-bf16");
-    cfg.log = Some(d.join("gpu-bf16/log.jsonl"));
-    let b = run(&cfg, None, no_stop(), true).unwrap();
-    for (x, y) in b.steps.iter().zip(&r.steps) {
-        assert!((x.loss - y.loss).abs() <= 2e-2 * y.loss.abs(), "gpu bf16 step {}: {} vs {}", x.step, x.loss, y.loss);
+    for dt in ["bf16", "f16"] {
+        cfg.dtype = dt.into();
+        cfg.out = d.join(format!("gpu-{dt}"));
+        cfg.log = Some(cfg.out.join("log.jsonl"));
+        let b = run(&cfg, None, no_stop(), true).unwrap();
+        for (x, y) in b.steps.iter().zip(&r.steps) {
+            assert!((x.loss - y.loss).abs() <= 2e-2 * y.loss.abs(), "gpu {dt} step {}: {} vs {}", x.step, x.loss, y.loss);
+        }
     }
 }
 
@@ -69,7 +72,7 @@ fn device_fine_tune_matches_the_pytorch_reference_and_the_cpu_trainer() {
     let d = tmpdir("device-parity");
     let model = stretched(&d);
     let name = "expected_b4x2.json";
-    let dev = on_emulator(&config(&model, &d.join("dev"), 4, 2), None, false);
+    let dev = on_emulator(&config(&model, &d.join("dev"), 4, 2), None, None);
     assert_matches_reference("emulated device", name, &dev.steps, 1e-4);
     assert_frozen_rows_kept(&model, &d.join("dev/model"));
     let cpu = run(&config(&model, &d.join("cpu"), 4, 2), None, no_stop(), true).unwrap();
@@ -96,29 +99,33 @@ fn device_recompute_resume_and_bf16() {
         c.save_every = 2;
         c
     };
-    let full = on_emulator(&short("full"), None, false);
+    let full = on_emulator(&short("full"), None, None);
     assert_eq!(full.steps.len(), 4);
     // activation recompute: the same arithmetic, the same curve bit for bit
     let mut rc = short("recompute");
     rc.recompute = true;
-    assert_eq!(curve(&on_emulator(&rc, None, false).steps), curve(&full.steps), "recompute changed the curve");
+    assert_eq!(curve(&on_emulator(&rc, None, None).steps), curve(&full.steps), "recompute changed the curve");
     // resume from the step-2 checkpoint of the full run
     let part = d.join("part");
     std::fs::create_dir_all(&part).unwrap();
     std::fs::copy(d.join("full/log.jsonl"), part.join("log.jsonl")).unwrap();
-    on_emulator(&short("part"), Some(&d.join("full/checkpoints/step-000002")), false);
+    on_emulator(&short("part"), Some(&d.join("full/checkpoints/step-000002")), None);
     assert_eq!(curve(&read_log(&part.join("log.jsonl"))), curve(&read_log(&d.join("full/log.jsonl"))), "resumed curve differs");
-    // bf16 forward GEMMs with f32 master weights
-    let bf = on_emulator(&short("bf16"), None, true);
-    for (a, b) in bf.steps.iter().zip(&full.steps) {
-        assert!((a.loss - b.loss).abs() <= 2e-2 * b.loss.abs(), "bf16 step {}: loss {} vs f32 {}", a.step, a.loss, b.loss);
-    }
+    // half-precision forward GEMMs with f32 master weights: bf16 (8-bit mantissa) within 2e-2 of
+    // the f32 curve, f16 (11-bit) within 5e-3; the saved weights are the masters, not the copies
     let name = "text_model.encoder.layers.0.self_attn.q_proj.weight";
     let before = Weights::open(&model).unwrap().get(name).unwrap().to_vec_f32();
-    let after = Weights::open(&d.join("bf16/model")).unwrap().get(name).unwrap().to_vec_f32();
-    let moved = before.iter().zip(&after).filter(|(x, y)| x != y).count();
-    let f32_only = after.iter().filter(|x| half::bf16::from_f32(**x).to_f32() != **x).count();
-    assert!(moved == after.len() && f32_only > after.len() * 9 / 10, "masters: {moved} moved, {f32_only} of {} not bf16 values", after.len());
+    for (low, dir, rtol) in [(Half::Bf16, "bf16", 2e-2), (Half::F16, "f16", 5e-3)] {
+        let r = on_emulator(&short(dir), None, Some(low));
+        for (a, b) in r.steps.iter().zip(&full.steps) {
+            assert!((a.loss - b.loss).abs() <= rtol * b.loss.abs(), "{dir} step {}: loss {} vs f32 {}", a.step, a.loss, b.loss);
+        }
+        let after = Weights::open(&d.join(dir).join("model")).unwrap().get(name).unwrap().to_vec_f32();
+        let moved = before.iter().zip(&after).filter(|(x, y)| x != y).count();
+        let rounded = |x: f32| if low == Half::Bf16 { half::bf16::from_f32(x).to_f32() } else { half::f16::from_f32(x).to_f32() };
+        let f32_only = after.iter().filter(|x| rounded(**x) != **x).count();
+        assert!(moved == after.len() && f32_only > after.len() * 9 / 10, "{dir} masters: {moved} moved, {f32_only} of {} not {dir} values", after.len());
+    }
 }
 
 /// One step through the two `StepEngine`s directly, with the vision tower frozen: the device
@@ -152,7 +159,7 @@ fn a_frozen_tower_is_skipped_and_the_step_matches_the_cpu_one() {
     let ((mut mc, mut oc), (mut md, mut od)) = (load(), load());
     let before = TrainClip::load_dir(&dir).unwrap();
     let mut cpu = CpuStep::new(false, 4, 1.0, 0.0);
-    let mut dev = DeviceStep::new(Box::new(EmuOps), &md, &od, 4, false, false).unwrap();
+    let mut dev = DeviceStep::new(Box::new(EmuOps), &md, &od, 4, false, None).unwrap();
     let (lc, ld) = (cpu.micro_batch(&mc, &mb, 1.0).unwrap(), dev.micro_batch(&md, &mb, 1.0).unwrap());
     assert!((lc.loss - ld.loss).abs() <= 1e-5 * lc.loss.abs(), "loss: cpu {} device {}", lc.loss, ld.loss);
     oc.begin_step();

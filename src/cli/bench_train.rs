@@ -3,6 +3,7 @@
 //! tape, or the towers on a CUDA device with `--device cuda`), timed per optimizer step (forward,
 //! loss with the PCA, backward, AdamW), with the peak resident memory of the process.
 use super::bench::BenchArgs;
+use crate::cuda::train_block::Half;
 use crate::cuda::GpuOps;
 use crate::error::{Error, Result};
 use crate::flops;
@@ -60,10 +61,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             opt.add(name, t.shape(), frozen, 0);
         }
     }
-    let bf16 = match a.compute.dtype {
-        DtypeArg::F32 => false,
-        DtypeArg::Bf16 => true,
-        DtypeArg::F16 => return Err(Error::msg("--task train: --dtype f16 is not supported; use f32, or bf16 on a CUDA device")),
+    let low = match a.compute.dtype {
+        DtypeArg::F32 => None,
+        DtypeArg::Bf16 => Some(Half::Bf16),
+        DtypeArg::F16 => Some(Half::F16),
     };
     let gpu = match a.compute.device {
         DeviceArg::Cpu => None,
@@ -72,8 +73,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let pca = 32;
     let mut eng: Box<dyn StepEngine> = match gpu {
-        Some(ops) => Box::new(DeviceStep::new(Box::new(ops), &model, &opt, pca, a.recompute, bf16)?),
-        None if bf16 => return Err(Error::msg("--task train: --dtype bf16 needs a CUDA device (the CPU trainer computes in f32)")),
+        Some(ops) => Box::new(DeviceStep::new(Box::new(ops), &model, &opt, pca, a.recompute, low)?),
+        None if low.is_some() => return Err(Error::msg("--task train: --dtype bf16 / f16 needs a CUDA device (the CPU trainer computes in f32)")),
         None => Box::new(CpuStep::new(false, pca, 1.0, 0.0)),
     };
     let (b, s) = (a.batch, cfg.vision.image_size);
@@ -111,7 +112,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let peak = status_mib("VmHWM"); // the whole process, as BENCHMARKS.md's /usr/bin/time -v numbers
     let device = eng.describe();
     let report = serde_json::json!({
-        "task": "train", "model": source, "batch": b, "device": device, "dtype": if bf16 { "bf16" } else { "f32" },
+        "task": "train", "model": source, "batch": b, "device": device, "dtype": format!("{:?}", a.compute.dtype).to_lowercase(),
         "recompute": a.recompute, "long_tokens": t_long, "short_tokens": t_short, "threads": rayon::current_num_threads(),
         "step_s": sec, "samples_per_s": b as f64 / sec, "train_gflops": gflops, "loss": loss,
         "peak_rss_mib": peak, "peak_rss_mib_per_sample": peak.map(|p| p / b as f64),

@@ -87,8 +87,8 @@ pub struct FinetuneArgs {
     /// Where the towers run: auto (a CUDA GPU when a driver opens, Long-CLIP), cpu or cuda
     #[arg(long, value_enum, default_value_t = super::DeviceArg::Auto)]
     pub device: super::DeviceArg,
-    /// Compute type: f32, or bf16 on a CUDA device (bf16 forward GEMMs, f32 master weights,
-    /// gradients and optimizer)
+    /// Compute type: f32, or bf16 / f16 on a CUDA device (half-precision forward GEMMs, f32 master
+    /// weights, gradients and optimizer)
     #[arg(long, value_enum, default_value_t = super::DtypeArg::F32)]
     pub dtype: super::DtypeArg,
     /// Print a JSON summary at the end

@@ -71,6 +71,10 @@ pub trait DeviceOps {
         let words: Vec<f32> = bits.chunks_exact(2).map(|p| f32::from_bits(p[0] as u32 | (p[1] as u32) << 16)).collect();
         self.upload(&words)
     }
+    /// f16 data, packed as [`DeviceOps::upload_bf16`] packs bf16.
+    fn upload_f16(&self, data: &[half::f16]) -> Result<Buf, String> {
+        self.upload_bf16(&data.iter().map(|v| half::bf16::from_bits(v.to_bits())).collect::<Vec<_>>())
+    }
     /// Waits for all queued work and copies `b` to the host.
     fn download(&self, b: &Buf) -> Result<Vec<f32>, String>;
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String>;
@@ -81,6 +85,9 @@ pub trait DeviceOps {
     /// bf16 values accumulated in f32, f32 bias and output (the CPU bf16 towers' arithmetic).
     #[allow(clippy::too_many_arguments)]
     fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String>;
+    /// The same with W in IEEE f16 ([`DeviceOps::upload_f16`]) and x rounded to f16.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_f16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String>;
     /// `C[m×n] = op(A)·op(B) + beta·C` in f32, A stored `[m×k]` (`[k×m]` if `ta`), B `[k×n]`
     /// (`[n×k]` if `tb`): the backward GEMMs of training (dX = dY·W, dW += dYᵀ·X with beta 1).
     #[allow(clippy::too_many_arguments)]
@@ -166,6 +173,11 @@ impl DeviceOps for EmuOps {
         let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
         self.launch("linear_bf16w", cfg, &mut args)
     }
+    fn linear_f16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+        check_linear_w(x, w, bias, y, m, n, k, 2)?;
+        let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
+        self.launch("linear_f16w", cfg, &mut args)
+    }
     fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(), String> {
         let (cfg, mut args) = gemm_kernel_launch(a, b, c, m, n, k, ta, tb, beta)?;
         self.launch("gemm_f32", cfg, &mut args)
@@ -212,6 +224,28 @@ impl GpuOps {
         self.pool.stats()
     }
     /// An uninitialised pooled buffer of `n` 4-byte elements.
+    /// Linear with half-precision weights (bf16 or f16): x converted into a pooled scratch buffer,
+    /// then one cuBLASLt GEMM (f32 accumulation, f32 bias and output); the tiled kernel without
+    /// cuBLASLt.
+    fn linear_half(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, (m, n, k): (usize, usize, usize), dt: super::Dtype) -> Result<(), String> {
+        check_linear_w(x, w, bias, y, m, n, k, 2)?;
+        if m * k > i32::MAX as usize {
+            return Err(format!("linear ({dt:?} weights): m·k = {} exceeds the conversion kernel's int range", m * k));
+        }
+        let (convert, fallback) = if dt == super::Dtype::F16 { ("f32_to_f16", "linear_f16w") } else { ("f32_to_bf16", "linear_bf16w") };
+        let Some(g) = &self.gemm else {
+            let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
+            return self.launch(fallback, cfg, &mut args);
+        };
+        let xb = self.alloc((m * k).div_ceil(2))?;
+        let blocks = (m * k).div_ceil(256).clamp(1, 16_384) as u32;
+        let mut a = KernelArgs::new().ptr(x.ptr).ptr(xb.ptr).i32((m * k) as i32);
+        self.launch(convert, LaunchCfg::new((blocks, 1, 1), (256, 1, 1), 0), &mut a)?;
+        let d = super::GemmDesc { out_dtype: super::Dtype::F32, ..super::GemmDesc::linear(m, n, k, dt, bias.is_some()) };
+        g.run(&d, xb.ptr, w.ptr, y.ptr, bias.map(|b| b.ptr))
+        // xb goes back to the pool when it drops; the pool's reuse is ordered on this stream
+    }
+
     fn block(&self, n: usize) -> Result<Buf, String> {
         let b = self.pool.alloc(n.max(1) * 4)?;
         Ok(Buf { ptr: b.ptr(), len: n, _store: Store::Device(b) })
@@ -267,21 +301,11 @@ impl DeviceOps for GpuOps {
     /// cuBLASLt: x is converted to bf16 (`f32_to_bf16`, into a scratch buffer), then one bf16 ×
     /// bf16 → f32 GEMM with the bias epilogue on the tensor cores.
     fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
-        check_linear_w(x, w, bias, y, m, n, k, 2)?;
-        if m * k > i32::MAX as usize {
-            return Err(format!("linear_bf16: m·k = {} exceeds the conversion kernel's int range", m * k));
-        }
-        let Some(g) = &self.gemm else {
-            let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
-            return self.launch("linear_bf16w", cfg, &mut args);
-        };
-        let xb = self.alloc((m * k).div_ceil(2))?;
-        let blocks = (m * k).div_ceil(256).clamp(1, 16_384) as u32;
-        let mut a = KernelArgs::new().ptr(x.ptr).ptr(xb.ptr).i32((m * k) as i32);
-        self.launch("f32_to_bf16", LaunchCfg::new((blocks, 1, 1), (256, 1, 1), 0), &mut a)?;
-        let d = super::GemmDesc { out_dtype: super::Dtype::F32, ..super::GemmDesc::linear(m, n, k, super::Dtype::Bf16, bias.is_some()) };
-        g.run(&d, xb.ptr, w.ptr, y.ptr, bias.map(|b| b.ptr))
-        // xb goes back to the pool when it drops; the pool's reuse is ordered on this stream
+        self.linear_half(x, w, bias, y, (m, n, k), super::Dtype::Bf16)
+    }
+    /// As [`DeviceOps::linear_bf16`] with f16 (`f32_to_f16`, CUDA_R_16F).
+    fn linear_f16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+        self.linear_half(x, w, bias, y, (m, n, k), super::Dtype::F16)
     }
     /// cuBLASLt with the transposes and beta in the descriptor (exact FP32), or `gemm_f32`.
     fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(), String> {

@@ -35,19 +35,21 @@ use super::device::guarded;
 pub enum Dtype {
     F32,
     Bf16,
+    F16,
 }
 
 impl Dtype {
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
-            Dtype::Bf16 => 2,
+            Dtype::Bf16 | Dtype::F16 => 2,
         }
     }
     fn cuda(self) -> cudaDataType_t {
         match self {
             Dtype::F32 => cudaDataType_t::CUDA_R_32F,
             Dtype::Bf16 => cudaDataType_t::CUDA_R_16BF,
+            Dtype::F16 => cudaDataType_t::CUDA_R_16F,
         }
     }
 }
@@ -118,8 +120,8 @@ pub fn plan(d: &GemmDesc) -> Result<LtPlan, String> {
     if d.m == 0 || d.n == 0 || d.k == 0 || d.batch == 0 {
         return bad("zero dimension");
     }
-    if d.in_dtype == Dtype::F32 && d.out_dtype == Dtype::Bf16 {
-        return bad("f32 inputs with bf16 output is not a cuBLASLt combination");
+    if d.in_dtype == Dtype::F32 && d.out_dtype != Dtype::F32 {
+        return bad("f32 inputs with a half-precision output is not a cuBLASLt combination");
     }
     let (a_rows, a_cols) = if d.trans_a { (d.k, d.m) } else { (d.m, d.k) };
     let (b_rows, b_cols) = if d.trans_b { (d.n, d.k) } else { (d.k, d.n) };

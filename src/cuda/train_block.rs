@@ -17,10 +17,18 @@ use crate::tensor::DType;
 pub struct DevBlock<'a> {
     pub p: [&'a Buf; 16],
     pub cfg: &'a TowerConfig,
-    /// bf16 copies of the six Linear weights (q, k, v, out, fc1, fc2; [`DeviceOps::upload_bf16`]
-    /// packing), written by the AdamW kernel from the f32 masters: when present the forward
-    /// GEMMs read them (bf16 products, f32 accumulation); the backward always uses the f32 masters.
-    pub half: Option<[&'a Buf; 6]>,
+    /// Half-precision copies of the six Linear weights (q, k, v, out, fc1, fc2;
+    /// [`DeviceOps::upload_bf16`] packing), written by the AdamW kernel from the f32 masters: when
+    /// present the forward GEMMs read them (half-precision products, f32 accumulation); the
+    /// backward always uses the f32 masters.
+    pub half: Option<(Half, [&'a Buf; 6])>,
+}
+
+/// The type of the forward GEMMs' weight copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    Bf16,
+    F16,
 }
 
 /// Which of the 16 parameters are the Linear weights `half` mirrors.
@@ -67,11 +75,12 @@ fn shape(c: &TowerConfig, b: usize, t: usize, causal: bool) -> AttnShape {
     AttnShape { batch: b, seq: t, heads: c.heads, head_dim: hd, causal, scale: 1.0 / (hd as f32).sqrt() }
 }
 
-/// y = x·Wᵀ + b for Linear weight `j` of [`LINEAR_WEIGHTS`]: the bf16 copy when there is one.
+/// y = x·Wᵀ + b for Linear weight `j` of [`LINEAR_WEIGHTS`]: the half-precision copy when there is one.
 #[allow(clippy::too_many_arguments)]
 fn lin(ops: &dyn DeviceOps, blk: &DevBlock, j: usize, x: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
     match blk.half {
-        Some(h) => ops.linear_bf16(x, h[j], bias, y, m, n, k),
+        Some((Half::Bf16, h)) => ops.linear_bf16(x, h[j], bias, y, m, n, k),
+        Some((Half::F16, h)) => ops.linear_f16(x, h[j], bias, y, m, n, k),
         None => ops.linear(x, blk.p[LINEAR_WEIGHTS[j]], bias, y, m, n, k),
     }
 }

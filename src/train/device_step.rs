@@ -14,7 +14,7 @@
 //!      into device accumulators (the token table's by the `embedding_bwd_rows_f32` scatter).
 //! Per optimizer step: the fused AdamW kernel (kernels/adamw.cu) on every device parameter (f32
 //! masters and moments; frozen position rows skipped by offsetting the pointers), writing the
-//! bf16 copies of the block Linear weights that the next forward reads when `bf16` is on; the
+//! bf16 or f16 copies of the block Linear weights that the next forward reads when `low` is set; the
 //! logit scale (the one host parameter) gets the CPU AdamW.
 //! tests/device_step.rs runs whole fine-tunes on the emulator against the CPU trainer and the
 //! PyTorch reference.
@@ -23,7 +23,7 @@ use super::model::{TrainClip, BLOCK_PARAMS};
 use super::optim::Optimizer;
 use super::step::{host_update, HostGrads, Micro, MicroLoss, StepEngine};
 use crate::autograd::{Tape, Var};
-use crate::cuda::train_block::{DevBlock, LINEAR_WEIGHTS};
+use crate::cuda::train_block::{DevBlock, Half, LINEAR_WEIGHTS};
 use crate::cuda::train_ops::{axpy, grid};
 use crate::cuda::train_text::{self, DevText};
 use crate::cuda::train_vision::{self, DevVision};
@@ -87,8 +87,9 @@ struct Shared {
     recompute: bool,
     /// f32 master values of the device parameters, by model parameter index.
     p: Vec<Option<Buf>>,
-    /// bf16 copies of the block Linear weights (with `bf16`).
+    /// Half-precision copies of the block Linear weights (with `low`).
     half: Vec<Option<Buf>>,
+    low: Option<Half>,
     /// This step's gradients on the device.
     acc: RefCell<Vec<Option<Buf>>>,
     /// Model parameter indices in the orders of [`vision_names`] and [`text_names`], and the
@@ -107,7 +108,8 @@ impl Shared {
     fn block<'a>(&'a self, tower: &'a TowerConfig, ix: &[usize]) -> Result<DevBlock<'a>> {
         let ps: Vec<&Buf> = ix.iter().map(|&i| self.buf(i)).collect::<Result<_>>()?;
         let half: Option<Vec<&Buf>> = LINEAR_WEIGHTS.iter().map(|&j| self.half[ix[j]].as_ref()).collect();
-        Ok(DevBlock { p: std::array::from_fn(|k| ps[k]), cfg: tower, half: half.map(|h| std::array::from_fn(|k| h[k])) })
+        let half = self.low.zip(half).map(|(d, h)| (d, std::array::from_fn(|k| h[k])));
+        Ok(DevBlock { p: std::array::from_fn(|k| ps[k]), cfg: tower, half })
     }
 
     fn vision_model(&self) -> Result<DevVision<'_>> {
@@ -183,8 +185,8 @@ fn indices(model: &TrainClip, names: &[String]) -> Result<Vec<usize>> {
 
 impl DeviceStep {
     /// Uploads the model's tower parameters and the optimizer's moments (zero, or a resumed
-    /// checkpoint's). `bf16`: forward GEMMs of the blocks read bf16 copies of their weights.
-    pub fn new(ops: Box<dyn DeviceOps>, model: &TrainClip, opt: &Optimizer, pca_dim: usize, recompute: bool, bf16: bool) -> Result<DeviceStep> {
+    /// checkpoint's). `low`: the blocks' forward GEMMs read bf16 or f16 copies of their weights.
+    pub fn new(ops: Box<dyn DeviceOps>, model: &TrainClip, opt: &Optimizer, pca_dim: usize, recompute: bool, low: Option<Half>) -> Result<DeviceStep> {
         let n = model.params.len();
         let none = || (0..n).map(|_| None).collect::<Vec<Option<Buf>>>();
         let (mut p, mut half, mut m, mut v) = (none(), none(), none(), none());
@@ -194,9 +196,11 @@ impl DeviceStep {
             }
             p[i] = Some(dev(ops.upload(&t.f32_data()))?);
             let linear = LINEAR_WEIGHTS.iter().any(|&j| name.ends_with(&format!(".{}", BLOCK_PARAMS[j])) && name.contains(".encoder.layers."));
-            if bf16 && linear {
-                let h: Vec<half::bf16> = t.f32_data().iter().map(|&x| half::bf16::from_f32(x)).collect();
-                half[i] = Some(dev(ops.upload_bf16(&h))?);
+            let data = t.f32_data();
+            match low.filter(|_| linear) {
+                Some(Half::Bf16) => half[i] = Some(dev(ops.upload_bf16(&data.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>()))?),
+                Some(Half::F16) => half[i] = Some(dev(ops.upload_f16(&data.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>()))?),
+                None => {}
             }
         }
         for st in &opt.params {
@@ -210,7 +214,7 @@ impl DeviceStep {
         let tok = indices(model, &["text_model.embeddings.token_embedding.weight".to_string()])?[0];
         let trained = |ix: &[usize]| ix.iter().any(|&i| model.trainable[i]);
         let (train_vision, train_text) = (trained(&vision), trained(&text) || model.trainable[tok]);
-        let sh = Shared { ops, config: model.config.clone(), recompute, p, half, acc: RefCell::new(none()), vision, text, tok };
+        let sh = Shared { ops, config: model.config.clone(), recompute, p, half, low, acc: RefCell::new(none()), vision, text, tok };
         Ok(DeviceStep { sh: Rc::new(sh), pca_dim, m, v, host: HostGrads::default(), train_vision, train_text })
     }
 
@@ -309,11 +313,12 @@ impl StepEngine for DeviceStep {
             let (m, v) = m.zip(v).ok_or_else(|| Error::msg(format!("no device moments for {}", st.name)))?;
             let half = sh.half[i].as_ref().map(|h| h.ptr()).unwrap_or(0);
             if half != 0 && f > 0 {
-                return Err(Error::msg(format!("{}: frozen rows in a bf16-mirrored weight", st.name)));
+                return Err(Error::msg(format!("{}: frozen rows in a weight with a half-precision copy", st.name)));
             }
+            let (p_bf16, p_f16) = if sh.low == Some(Half::F16) { (0, half) } else { (half, 0) };
             let off = 4 * f as u64; // skip the frozen leading elements of p, g, m, v
             let hp = opt.hp;
-            let mut a = KernelArgs::new().ptr(p.ptr() + off).ptr(g.ptr() + off).ptr(m.ptr() + off).ptr(v.ptr() + off).ptr(half).ptr(0);
+            let mut a = KernelArgs::new().ptr(p.ptr() + off).ptr(g.ptr() + off).ptr(m.ptr() + off).ptr(v.ptr() + off).ptr(p_bf16).ptr(p_f16);
             a = a.i64((n - f) as i64).f64(lr).f64(hp.beta1).f64(hp.beta2).f64(hp.eps).f64(hp.weight_decay).i32(opt.step as i32);
             dev(ops.launch("adamw_f32", grid(n - f), &mut a))?;
         }

@@ -7,6 +7,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::data::{read_samples, Loader};
 use super::device_step::DeviceStep;
+use crate::cuda::train_block::Half;
 use super::model::TrainClip;
 use super::optim::Optimizer;
 use super::schedule::CosineSchedule;
@@ -53,8 +54,8 @@ pub struct TrainConfig {
     /// "auto" (a CUDA device when one opens, Long-CLIP), "cpu" or "cuda".
     #[serde(default = "default_device")]
     pub device: String,
-    /// "f32", or "bf16" on a CUDA device: the blocks' forward GEMMs read bf16 copies of the f32
-    /// master weights (the backward and the optimizer stay f32).
+    /// "f32", or "bf16" / "f16" on a CUDA device: the blocks' forward GEMMs read half-precision
+    /// copies of the f32 master weights (the backward and the optimizer stay f32).
     #[serde(default = "default_dtype")]
     pub dtype: String,
 }
@@ -72,20 +73,22 @@ pub type EngineFactory<'a> = dyn Fn(&TrainClip, &Optimizer) -> Result<Box<dyn St
 /// The backend `cfg.device` / `cfg.dtype` ask for.
 pub fn engine_for(cfg: &TrainConfig, model: &TrainClip, opt: &Optimizer) -> Result<Box<dyn StepEngine>> {
     let smart = cfg.method == "smartclip";
-    let bf16 = match cfg.dtype.as_str() {
-        "f32" => false,
-        "bf16" => true,
-        d => return Err(Error::msg(format!("--dtype {d}: fine-tuning computes in f32, or bf16 on a CUDA device"))),
+    let low = match cfg.dtype.as_str() {
+        "f32" => None,
+        "bf16" => Some(Half::Bf16),
+        "f16" => Some(Half::F16),
+        d => return Err(Error::msg(format!("--dtype {d}: expected f32, or bf16 / f16 on a CUDA device"))),
     };
     let cpu = || -> Result<Box<dyn StepEngine>> { Ok(Box::new(CpuStep::new(smart, cfg.pca_dim, cfg.lambda_align as f32, cfg.lambda_sparsity as f32))) };
-    let device = |ops: crate::cuda::GpuOps| -> Result<Box<dyn StepEngine>> { Ok(Box::new(DeviceStep::new(Box::new(ops), model, opt, cfg.pca_dim, cfg.recompute, bf16)?)) };
+    let device = |ops: crate::cuda::GpuOps| -> Result<Box<dyn StepEngine>> { Ok(Box::new(DeviceStep::new(Box::new(ops), model, opt, cfg.pca_dim, cfg.recompute, low)?)) };
     match cfg.device.as_str() {
-        "cpu" if bf16 => Err(Error::msg("--dtype bf16 needs --device cuda: the CPU trainer computes in f32")),
+        "cpu" if low.is_some() => Err(Error::msg(format!("--dtype {} needs --device cuda: the CPU trainer computes in f32", cfg.dtype))),
         "cpu" => cpu(),
         "cuda" if smart => Err(Error::msg("--device cuda: SmartCLIP fine-tuning runs on the CPU backend; use --device cpu")),
         "cuda" => device(crate::cuda::GpuOps::open().map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto")))?),
         "auto" => match (smart, crate::cuda::GpuOps::open()) {
             (false, Ok(ops)) => device(ops),
+            _ if low.is_some() => Err(Error::msg(format!("--dtype {} needs a CUDA device (none opened, or SmartCLIP): the CPU trainer computes in f32", cfg.dtype))),
             _ => cpu(),
         },
         d => Err(Error::msg(format!("--device {d}: expected auto, cpu or cuda"))),
