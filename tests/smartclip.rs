@@ -4,6 +4,7 @@
 //! resumed run continues the same curve; `embed-text --mask` returns the binary masks the
 //! mask network computes; gradients of the mask network match finite differences.
 mod common;
+mod finetune_common;
 use common::{fixture, tmpdir};
 use clipforge::io::npy::read_npy;
 use clipforge::train::trainer::{run, StepLog, TrainConfig};
@@ -11,35 +12,15 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-
-
+/// The Long-CLIP test configuration (tests/finetune_common) with SmartCLIP's data and settings.
 fn config(out: &Path) -> TrainConfig {
-    TrainConfig {
-        model: fixture("tiny"),
-        data: fixture("smartclip/train.jsonl"),
-        image_root: None,
-        out: out.to_path_buf(),
-        seed: 0,
-        shuffle: false,
-        batch: 8,
-        accum: 1,
-        lr: 1e-3,
-        warmup: 3,
-        epochs: 1,
-        max_steps: Some(12),
-        save_every: 4,
-        weight_decay: 1e-2,
-        pca_dim: 32,
-        recompute: false,
-        log: Some(out.join("log.jsonl")),
-        method: "smartclip".into(),
-        mask_lr: 1e-2,
-        lambda_align: 1.0,
-        lambda_sparsity: 1e-3,
-        mask_init: Some(fixture("smartclip/mask_init.safetensors")),
-        device: "cpu".into(),
-        dtype: "f32".into(),
-    }
+    let mut c = finetune_common::config(&fixture("tiny"), out, 8, 1);
+    c.data = fixture("smartclip/train.jsonl");
+    c.pca_dim = 32;
+    c.method = "smartclip".into();
+    c.mask_lr = 1e-2;
+    c.mask_init = Some(fixture("smartclip/mask_init.safetensors"));
+    c
 }
 
 fn stop() -> Arc<AtomicBool> {
