@@ -12,9 +12,9 @@
 #      tests/cuda_e2e.rs (towers), tests/device_step.rs (Long-CLIP fine-tune f32/bf16/f16 vs the
 #      PyTorch reference fixture), tests/cuda_kernels.rs (the loaded modules);
 #   2. `clipforge bench` on the GPU: ViT-B/32 and L/14 towers (f32, bf16), and Long-CLIP training
-#      steps (`--task train`: B/32 batch 128 f32/bf16/f16, L/14 at batch 128 with --recompute — 77-token
-#      text, the synthetic preset's table; KERNELS.md's 40 GB arithmetic is for 248) with nvidia-smi
-#      sampling the GPU memory;
+#      steps (`--task train`: B/32 batch 128 f32/bf16/f16, L/14 with 248-token text (`--stretch`) at
+#      batch 128 with --recompute, the KERNELS.md "40 GB" arithmetic) with nvidia-smi sampling the GPU
+#      memory;
 #   3. the criterion kernel benches (benches/cuda.rs), short measurement.
 # Everything lands in $OUT (log.txt, bench.jsonl, mem.csv) for BENCHMARKS.md / KERNELS.md.
 set -uo pipefail
@@ -76,7 +76,7 @@ b --preset l14 --batch 128 --iters 3 --dtype bf16
 b --task train --preset b32 --batch 128 --iters 5
 b --task train --preset b32 --batch 128 --iters 5 --dtype bf16
 b --task train --preset b32 --batch 128 --iters 5 --dtype f16
-b --task train --preset l14 --batch 128 --iters 2 --dtype bf16 --recompute   # 77-token text (the preset's table)
+b --task train --preset l14 --batch 128 --iters 2 --dtype bf16 --recompute --stretch --text-len 248
 
 # 3. kernel benches
 step "criterion cuda" 120 "$bin/cuda" --bench --warm-up-time 1 --measurement-time 2

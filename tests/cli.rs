@@ -105,12 +105,13 @@ fn bench_json_on_a_model_directory() {
 fn bench_train_json_and_its_errors() {
     let m = fixture("tiny");
     let mt = m.to_str().unwrap();
-    for extra in [&[][..], &["--recompute"][..]] {
+    for extra in [&[][..], &["--recompute"][..], &["--stretch", "--text-len", "248"][..]] {
         let mut args = vec!["bench", "--task", "train", "--model", mt, "--batch", "4", "--iters", "1", "--device", "cpu", "--json"];
         args.extend(extra);
         let v: serde_json::Value = serde_json::from_str(&run(&args)).unwrap();
         assert!(v["samples_per_s"].as_f64().unwrap() > 0.0 && v["loss"].as_f64().unwrap().is_finite(), "{v}");
-        assert_eq!(v["recompute"].as_bool().unwrap(), !extra.is_empty());
+        assert_eq!(v["recompute"].as_bool().unwrap(), extra == ["--recompute"]);
+        assert_eq!(v["long_tokens"].as_u64().unwrap(), if extra.contains(&"--stretch") { 248 } else { 77 });
     }
     for (args, needle) in [
         (vec!["bench", "--task", "nope"], "--task nope"),

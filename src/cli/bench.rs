@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// --task train: recompute each block's activations in the backward pass
     #[arg(long)]
     pub recompute: bool,
+    /// --task train: stretch the text positions 77 → 248 first (keep 20, ×4, as `clipforge stretch`),
+    /// so that --text-len can go up to 248 (Long-CLIP's long captions)
+    #[arg(long)]
+    pub stretch: bool,
     /// An HF CLIP model directory (default: synthetic weights made in memory)
     #[arg(long)]
     pub model: Option<PathBuf>,

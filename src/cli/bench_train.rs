@@ -39,6 +39,23 @@ pub fn status_mib(key: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Long-CLIP's knowledge-preserved stretch of the text position table, in memory: L → 4L − 3·20
+/// rows, the first 20 frozen (the same arithmetic as `clipforge stretch`, `ops::pos_gather::stretch`).
+fn stretch_positions(model: &mut TrainClip) -> Result<()> {
+    let name = "text_model.embeddings.position_embedding.weight";
+    let i = model.index(name).ok_or_else(|| Error::msg(format!("no parameter {name}")))?;
+    let (len, w) = (model.config.text.max_positions, model.config.text.tower.hidden);
+    if model.config.text.frozen_positions > 0 {
+        return Err(Error::msg(format!("--stretch: the model is already stretched ({len} positions)")));
+    }
+    let s = crate::ops::pos_gather::Stretch::new(len, 20, 4)?;
+    let table = crate::ops::pos_gather::stretch(&model.params[i].1.f32_data(), w, s)?;
+    model.params[i].1 = Tensor::from_vec(table, &[s.new_len(), w])?;
+    model.config.text.max_positions = s.new_len();
+    model.config.text.frozen_positions = 20;
+    Ok(())
+}
+
 pub fn run(a: &BenchArgs) -> Result<()> {
     use super::{DeviceArg, DtypeArg};
     if a.batch < 2 {
@@ -53,6 +70,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let mut model = model;
     model.recompute = a.recompute;
+    if a.stretch {
+        stretch_positions(&mut model)?;
+    }
     let cfg = model.config.clone();
     let mut opt = Optimizer::new(AdamW { lr: 1e-6, ..AdamW::default() });
     for (i, (name, t)) in model.params.iter().enumerate() {
