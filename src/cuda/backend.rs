@@ -223,7 +223,6 @@ impl GpuOps {
     pub fn pool_stats(&self) -> super::PoolStats {
         self.pool.stats()
     }
-    /// An uninitialised pooled buffer of `n` 4-byte elements.
     /// Linear with half-precision weights (bf16 or f16): x converted into a pooled scratch buffer,
     /// then one cuBLASLt GEMM (f32 accumulation, f32 bias and output); the tiled kernel without
     /// cuBLASLt.
@@ -246,6 +245,7 @@ impl GpuOps {
         // xb goes back to the pool when it drops; the pool's reuse is ordered on this stream
     }
 
+    /// An uninitialised pooled buffer of `n` 4-byte elements.
     fn block(&self, n: usize) -> Result<Buf, String> {
         let b = self.pool.alloc(n.max(1) * 4)?;
         Ok(Buf { ptr: b.ptr(), len: n, _store: Store::Device(b) })
