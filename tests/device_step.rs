@@ -136,19 +136,13 @@ fn a_frozen_tower_is_skipped_and_the_step_matches_the_cpu_one() {
     use clipforge::ops::adamw::AdamW;
     use clipforge::train::data::{read_samples, Loader};
     use clipforge::train::model::TrainClip;
-    use clipforge::train::optim::Optimizer;
     use clipforge::train::step::{CpuStep, Micro};
     let dir = common::fixture("tiny");
     let load = || {
         let mut m = TrainClip::load_dir(&dir).unwrap();
         m.freeze("vision_model");
         m.freeze("visual_projection");
-        let mut opt = Optimizer::new(AdamW::default());
-        for (i, (n, t)) in m.params.iter().enumerate() {
-            if m.trainable[i] {
-                opt.add(n, t.shape(), 0, 0);
-            }
-        }
+        let opt = clipforge::train::trainer::new_optimizer(&m, AdamW::default());
         (m, opt)
     };
     let pre = clipforge::cli::common::preprocess_config(&dir, 32).unwrap();

@@ -129,8 +129,8 @@ fn bad_finetune_input_is_a_one_line_error() {
     let binary = fixture("pca_grad.safetensors");
     let mut cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--model", t, "--data", "/nonexistent.jsonl", "--out", o], "nonexistent.jsonl"),
-        (vec!["--model", t, "--data", da, "--out", o, "--batch", "4", "--device", "cpu", "--dtype", "bf16"], "--dtype bf16 needs --device cuda"),
-        (vec!["--model", t, "--data", da, "--out", o, "--batch", "4", "--device", "cpu", "--dtype", "f16"], "--dtype f16 needs --device cuda"),
+        (vec!["--model", t, "--data", da, "--out", o, "--batch", "4", "--device", "cpu", "--dtype", "bf16"], "--dtype bf16 needs a CUDA device"),
+        (vec!["--model", t, "--data", da, "--out", o, "--batch", "4", "--device", "cpu", "--dtype", "f16"], "--dtype f16 needs a CUDA device"),
         (vec!["--model", t, "--data", da, "--out", o, "--batch", "4", "--method", "smartclip", "--device", "cuda"], "SmartCLIP"),
         (vec!["--model", "/nonexistent-model", "--data", da, "--out", o], "config.json"),
         (vec!["--model", t, "--data", da, "--out", o, "--batch", "100"], "--batch"),

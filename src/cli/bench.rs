@@ -53,6 +53,19 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// `b` token sequences of `len` tokens: start, random ids, end (seeded).
+pub fn synthetic_ids(cfg: &ClipConfig, b: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = Rng::new(seed);
+    (0..b)
+        .map(|_| {
+            let mut s = vec![cfg.text.bos_token_id];
+            s.extend((0..len.saturating_sub(2)).map(|_| (rng.next_u64() % 49000) as u32 + 256));
+            s.push(cfg.text.eos_token_id);
+            s
+        })
+        .collect()
+}
+
 /// Seconds per call of `f`, median of `iters` after one warm-up.
 fn time_it(iters: usize, what: &str, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let bar = super::progress(iters as u64 + 1, what);
@@ -145,15 +158,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     if do_txt {
         let t = a.text_len.clamp(2, cfg.text.max_positions);
-        let mut rng = Rng::new(11);
-        let ids: Vec<Vec<u32>> = (0..b)
-            .map(|_| {
-                let mut s = vec![cfg.text.bos_token_id];
-                s.extend((0..t - 2).map(|_| (rng.next_u64() % 49000) as u32 + 256));
-                s.push(cfg.text.eos_token_id);
-                s
-            })
-            .collect();
+        let ids = synthetic_ids(&cfg, b, t, 11);
         let tt = model.text()?;
         let sec = match &cuda {
             Some(c) => time_it(a.iters, "text tower", || c.embed_texts(&ids).map(|_| ()))?,

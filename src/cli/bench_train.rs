@@ -2,34 +2,18 @@
 //! (or a model directory) and a synthetic batch — the same `StepEngine` the trainer runs (the CPU
 //! tape, or the towers on a CUDA device with `--device cuda`), timed per optimizer step (forward,
 //! loss with the PCA, backward, AdamW), with the peak resident memory of the process.
-use super::bench::BenchArgs;
-use crate::cuda::train_block::Half;
-use crate::cuda::GpuOps;
+use super::bench::{synthetic_ids, BenchArgs};
 use crate::error::{Error, Result};
 use crate::flops;
-use crate::model::synthetic::{normal_vec, random_weights, Rng};
+use crate::model::synthetic::{normal_vec, random_weights};
 use crate::model::ClipConfig;
 use crate::ops::adamw::AdamW;
 use crate::tensor::Tensor;
 use crate::train::data::Batch;
-use crate::train::device_step::DeviceStep;
 use crate::train::model::TrainClip;
-use crate::train::optim::Optimizer;
-use crate::train::step::{CpuStep, Micro, StepEngine};
+use crate::train::step::Micro;
+use crate::train::trainer::{new_optimizer, EngineSpec};
 use std::time::Instant;
-
-/// Token sequences of `len` tokens (start, random ids, end).
-fn ids(cfg: &ClipConfig, b: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut rng = Rng::new(seed);
-    (0..b)
-        .map(|_| {
-            let mut s = vec![cfg.text.bos_token_id];
-            s.extend((0..len - 2).map(|_| (rng.next_u64() % 49000) as u32 + 256));
-            s.push(cfg.text.eos_token_id);
-            s
-        })
-        .collect()
-}
 
 /// A memory line of /proc/self/status ("VmHWM": peak resident set, "VmRSS": current), MiB;
 /// None where /proc is absent.
@@ -57,7 +41,6 @@ fn stretch_positions(model: &mut TrainClip) -> Result<()> {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
-    use super::{DeviceArg, DtypeArg};
     if a.batch < 2 {
         return Err(Error::msg("--task train: --batch must be at least 2 (the contrastive loss compares samples)"));
     }
@@ -74,36 +57,24 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         stretch_positions(&mut model)?;
     }
     let cfg = model.config.clone();
-    let mut opt = Optimizer::new(AdamW { lr: 1e-6, ..AdamW::default() });
-    for (i, (name, t)) in model.params.iter().enumerate() {
-        if model.trainable[i] {
-            let frozen = if name == "text_model.embeddings.position_embedding.weight" { cfg.text.frozen_positions * cfg.text.tower.hidden } else { 0 };
-            opt.add(name, t.shape(), frozen, 0);
-        }
-    }
-    let low = match a.compute.dtype {
-        DtypeArg::F32 => None,
-        DtypeArg::Bf16 => Some(Half::Bf16),
-        DtypeArg::F16 => Some(Half::F16),
+    let mut opt = new_optimizer(&model, AdamW { lr: 1e-6, ..AdamW::default() });
+    let spec = EngineSpec {
+        device: &format!("{:?}", a.compute.device).to_lowercase(),
+        dtype: &format!("{:?}", a.compute.dtype).to_lowercase(),
+        smart: false,
+        pca_dim: 32,
+        recompute: a.recompute,
+        lambda_align: 1.0,
+        lambda_sparsity: 0.0,
     };
-    let gpu = match a.compute.device {
-        DeviceArg::Cpu => None,
-        DeviceArg::Auto => GpuOps::open().ok(),
-        DeviceArg::Cuda => Some(GpuOps::open().map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto")))?),
-    };
-    let pca = 32;
-    let mut eng: Box<dyn StepEngine> = match gpu {
-        Some(ops) => Box::new(DeviceStep::new(Box::new(ops), &model, &opt, pca, a.recompute, low)?),
-        None if low.is_some() => return Err(Error::msg("--task train: --dtype bf16 / f16 needs a CUDA device (the CPU trainer computes in f32)")),
-        None => Box::new(CpuStep::new(false, pca, 1.0, 0.0)),
-    };
+    let mut eng = spec.build(&model, &opt)?;
     let (b, s) = (a.batch, cfg.vision.image_size);
     let t_long = a.text_len.clamp(3, cfg.text.max_positions);
     let t_short = 16.min(t_long);
     let batch = Batch {
         pixels: Tensor::from_vec(normal_vec(b * 3 * s * s, 0.0, 1.0, 7), &[b, 3, s, s])?,
-        long_ids: ids(&cfg, b, t_long, 11),
-        short_ids: ids(&cfg, b, t_short, 12),
+        long_ids: synthetic_ids(&cfg, b, t_long, 11),
+        short_ids: synthetic_ids(&cfg, b, t_short, 12),
         samples: (0..b).collect(),
     };
     let mut step = || -> Result<f32> {
@@ -124,7 +95,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    times.sort_by(f64::total_cmp);
     let sec = times[times.len() / 2];
     // forward + backward ≈ 3 forwards (+1 with recompute): image + long text + short text
     let fwd = b as f64 * (flops::image_flops(&cfg) + flops::text_flops(&cfg, t_long) + flops::text_flops(&cfg, t_short));
@@ -132,7 +103,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let peak = status_mib("VmHWM"); // the whole process, as BENCHMARKS.md's /usr/bin/time -v numbers
     let device = eng.describe();
     let report = serde_json::json!({
-        "task": "train", "model": source, "batch": b, "device": device, "dtype": format!("{:?}", a.compute.dtype).to_lowercase(),
+        "task": "train", "model": source, "batch": b, "device": device, "dtype": spec.dtype,
         "recompute": a.recompute, "long_tokens": t_long, "short_tokens": t_short, "threads": rayon::current_num_threads(),
         "step_s": sec, "samples_per_s": b as f64 / sec, "train_gflops": gflops, "loss": loss,
         "peak_rss_mib": peak, "peak_rss_mib_per_sample": peak.map(|p| p / b as f64),

@@ -21,7 +21,7 @@
 use super::longclip::longclip_head;
 use super::model::{TrainClip, BLOCK_PARAMS};
 use super::optim::Optimizer;
-use super::step::{host_update, HostGrads, Micro, MicroLoss, StepEngine};
+use super::step::{host_update, param_index, HostGrads, Micro, MicroLoss, StepEngine};
 use crate::autograd::{Tape, Var};
 use crate::cuda::train_block::{DevBlock, Half, LINEAR_WEIGHTS};
 use crate::cuda::train_ops::{axpy, grid};
@@ -294,12 +294,12 @@ impl StepEngine for DeviceStep {
         let ops = &*sh.ops;
         let mut acc = sh.acc.borrow_mut();
         for k in 0..opt.params.len() {
-            let st = &opt.params[k];
-            let i = model.index(&st.name).ok_or_else(|| Error::msg(format!("optimizer parameter {} not in the model", st.name)))?;
+            let i = param_index(model, opt, k)?;
             let Some(p) = &sh.p[i] else {
-                host_update(model, opt, k, lrs, self.host.take(i))?;
+                host_update(model, opt, i, k, lrs, self.host.take(i))?;
                 continue;
             };
+            let st = &opt.params[k];
             let lr = *lrs.get(st.group).ok_or_else(|| Error::msg(format!("optimizer: no learning rate for group {}", st.group)))?;
             let (n, f) = (st.m.len(), st.frozen);
             let g = match acc[i].take() {

@@ -61,10 +61,15 @@ impl HostGrads {
     }
 }
 
-/// AdamW on parameter `name` on the host (value replaced in `model.params`).
-pub fn host_update(model: &mut TrainClip, opt: &mut Optimizer, k: usize, lrs: &[f64], g: Option<Vec<f32>>) -> Result<()> {
-    let name = opt.params[k].name.clone();
-    let i = model.index(&name).ok_or_else(|| Error::msg(format!("optimizer parameter {name} not in the model")))?;
+/// The model index of optimizer parameter `k`.
+pub fn param_index(model: &TrainClip, opt: &Optimizer, k: usize) -> Result<usize> {
+    let name = &opt.params[k].name;
+    model.index(name).ok_or_else(|| Error::msg(format!("optimizer parameter {name} not in the model")))
+}
+
+/// AdamW on the host for optimizer parameter `k`, model parameter `i` (value replaced in
+/// `model.params`); no gradient counts as zero.
+pub fn host_update(model: &mut TrainClip, opt: &mut Optimizer, i: usize, k: usize, lrs: &[f64], g: Option<Vec<f32>>) -> Result<()> {
     let g = g.unwrap_or_else(|| vec![0.0; opt.params[k].m.len()]);
     let mut v = model.params[i].1.to_vec_f32();
     opt.update(k, lrs, &mut v, &g)?;
@@ -114,9 +119,9 @@ impl StepEngine for CpuStep {
 
     fn apply(&mut self, model: &mut TrainClip, opt: &mut Optimizer, lrs: &[f64]) -> Result<()> {
         for k in 0..opt.params.len() {
-            let i = model.index(&opt.params[k].name).ok_or_else(|| Error::msg(format!("optimizer parameter {} not in the model", opt.params[k].name)))?;
+            let i = param_index(model, opt, k)?;
             let g = self.grads.take(i);
-            host_update(model, opt, k, lrs, g)?;
+            host_update(model, opt, i, k, lrs, g)?;
         }
         self.grads = HostGrads::default();
         Ok(())

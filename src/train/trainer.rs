@@ -7,12 +7,12 @@
 use super::checkpoint::{self, TrainerState};
 use super::data::{read_samples, Loader};
 use super::device_step::DeviceStep;
-use crate::cuda::train_block::Half;
 use super::model::TrainClip;
 use super::optim::Optimizer;
 use super::schedule::CosineSchedule;
 use super::smartclip::{init_mask_params, load_mask_params, MASK_FILE};
 use super::step::{CpuStep, Micro, StepEngine};
+use crate::cuda::train_block::Half;
 use crate::error::{Error, Result};
 use crate::io::tokenizer::ClipTokenizer;
 use crate::ops::adamw::AdamW;
@@ -70,29 +70,70 @@ fn default_dtype() -> String {
 /// Builds the step backend once the model and the optimizer exist (tests pass an emulated one).
 pub type EngineFactory<'a> = dyn Fn(&TrainClip, &Optimizer) -> Result<Box<dyn StepEngine>> + 'a;
 
-/// The backend `cfg.device` / `cfg.dtype` ask for.
-pub fn engine_for(cfg: &TrainConfig, model: &TrainClip, opt: &Optimizer) -> Result<Box<dyn StepEngine>> {
-    let smart = cfg.method == "smartclip";
-    let low = match cfg.dtype.as_str() {
-        "f32" => None,
-        "bf16" => Some(Half::Bf16),
-        "f16" => Some(Half::F16),
-        d => return Err(Error::msg(format!("--dtype {d}: expected f32, or bf16 / f16 on a CUDA device"))),
-    };
-    let cpu = || -> Result<Box<dyn StepEngine>> { Ok(Box::new(CpuStep::new(smart, cfg.pca_dim, cfg.lambda_align as f32, cfg.lambda_sparsity as f32))) };
-    let device = |ops: crate::cuda::GpuOps| -> Result<Box<dyn StepEngine>> { Ok(Box::new(DeviceStep::new(Box::new(ops), model, opt, cfg.pca_dim, cfg.recompute, low)?)) };
-    match cfg.device.as_str() {
-        "cpu" if low.is_some() => Err(Error::msg(format!("--dtype {} needs --device cuda: the CPU trainer computes in f32", cfg.dtype))),
-        "cpu" => cpu(),
-        "cuda" if smart => Err(Error::msg("--device cuda: SmartCLIP fine-tuning runs on the CPU backend; use --device cpu")),
-        "cuda" => device(crate::cuda::GpuOps::open().map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto")))?),
-        "auto" => match (smart, crate::cuda::GpuOps::open()) {
-            (false, Ok(ops)) => device(ops),
-            _ if low.is_some() => Err(Error::msg(format!("--dtype {} needs a CUDA device (none opened, or SmartCLIP): the CPU trainer computes in f32", cfg.dtype))),
-            _ => cpu(),
-        },
-        d => Err(Error::msg(format!("--device {d}: expected auto, cpu or cuda"))),
+/// What picks and builds a step backend: the run's device, dtype and loss settings.
+pub struct EngineSpec<'a> {
+    /// "auto" (a CUDA device when one opens and the method runs there), "cpu" or "cuda".
+    pub device: &'a str,
+    /// "f32", or "bf16" / "f16" (CUDA only).
+    pub dtype: &'a str,
+    pub smart: bool,
+    pub pca_dim: usize,
+    pub recompute: bool,
+    pub lambda_align: f32,
+    pub lambda_sparsity: f32,
+}
+
+impl EngineSpec<'_> {
+    pub fn from_config(cfg: &TrainConfig) -> EngineSpec<'_> {
+        EngineSpec {
+            device: &cfg.device,
+            dtype: &cfg.dtype,
+            smart: cfg.method == "smartclip",
+            pca_dim: cfg.pca_dim,
+            recompute: cfg.recompute,
+            lambda_align: cfg.lambda_align as f32,
+            lambda_sparsity: cfg.lambda_sparsity as f32,
+        }
     }
+
+    /// The backend asked for (SmartCLIP always on the CPU tape; no GPU is opened for it).
+    pub fn build(&self, model: &TrainClip, opt: &Optimizer) -> Result<Box<dyn StepEngine>> {
+        let low = match self.dtype {
+            "f32" => None,
+            "bf16" => Some(Half::Bf16),
+            "f16" => Some(Half::F16),
+            d => return Err(Error::msg(format!("--dtype {d}: expected f32, or bf16 / f16 on a CUDA device"))),
+        };
+        let cpu = || -> Result<Box<dyn StepEngine>> {
+            match low {
+                Some(_) => Err(Error::msg(format!("--dtype {} needs a CUDA device (--device cuda): the CPU trainer computes in f32", self.dtype))),
+                None => Ok(Box::new(CpuStep::new(self.smart, self.pca_dim, self.lambda_align, self.lambda_sparsity))),
+            }
+        };
+        let device = |ops: crate::cuda::GpuOps| -> Result<Box<dyn StepEngine>> { Ok(Box::new(DeviceStep::new(Box::new(ops), model, opt, self.pca_dim, self.recompute, low)?)) };
+        match self.device {
+            "cpu" => cpu(),
+            "cuda" if self.smart => Err(Error::msg("--device cuda: SmartCLIP fine-tuning runs on the CPU backend; use --device cpu")),
+            "cuda" => device(crate::cuda::GpuOps::open().map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto")))?),
+            "auto" if self.smart => cpu(),
+            "auto" => crate::cuda::GpuOps::open().map_or_else(|_| cpu(), device),
+            d => Err(Error::msg(format!("--device {d}: expected auto, cpu or cuda"))),
+        }
+    }
+}
+
+/// An AdamW state for every trainable parameter of `model`: Long-CLIP's frozen position rows
+/// excluded, SmartCLIP's mask network in group 1 (its own learning rate).
+pub fn new_optimizer(model: &TrainClip, hp: AdamW) -> Optimizer {
+    let tc = &model.config.text;
+    let mut opt = Optimizer::new(hp);
+    for (i, (name, t)) in model.params.iter().enumerate() {
+        if model.trainable[i] {
+            let frozen = if name == "text_model.embeddings.position_embedding.weight" { tc.frozen_positions * tc.tower.hidden } else { 0 };
+            opt.add(name, t.shape(), frozen, name.starts_with("mask_net.") as usize);
+        }
+    }
+    opt
 }
 
 /// One logged optimizer step.
@@ -128,7 +169,7 @@ fn checkpoint_dir(out: &Path, step: usize) -> PathBuf {
 /// Runs (or, with `resume`, continues) a fine-tune on the backend `cfg` asks for. `stop` is
 /// polled after every step (Ctrl-C); `quiet` hides the progress bar.
 pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quiet: bool) -> Result<RunResult> {
-    run_with(cfg, resume, stop, quiet, &|model, opt| engine_for(cfg, model, opt))
+    run_with(cfg, resume, stop, quiet, &|model, opt| EngineSpec::from_config(cfg).build(model, opt))
 }
 
 /// [`run`] with the backend made by `engine`.
@@ -166,13 +207,7 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
         };
         model.add_params(mask);
     }
-    let mut opt = Optimizer::new(AdamW { lr: cfg.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay });
-    for (i, (name, t)) in model.params.iter().enumerate() {
-        if model.trainable[i] {
-            let frozen = if name == "text_model.embeddings.position_embedding.weight" { tc.frozen_positions * tc.tower.hidden } else { 0 };
-            opt.add(name, t.shape(), frozen, name.starts_with("mask_net.") as usize);
-        }
-    }
+    let mut opt = new_optimizer(&model, AdamW { lr: cfg.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay });
     let mut start = 0;
     if let Some(dir) = resume {
         let st = checkpoint::load_state(dir, &mut opt)?;
