@@ -2,7 +2,7 @@
 //! 32: 1600 image tokens), and of the PCA reconstruction with its gradient (B = 128, D = 512,
 //! k = 32). Names: cpu-train/<op>/<shape>. Run: cargo bench --bench train_ops
 use clipforge::model::synthetic::normal_vec;
-use clipforge::ops::attention::{attention, attention_backward, AttnShape};
+use clipforge::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape};
 use clipforge::ops::elementwise::{unary_bwd, Unary};
 use clipforge::ops::embedding::{embedding_bwd, embedding_bwd_grouped};
 use clipforge::ops::layernorm::layer_norm_bwd;
@@ -32,6 +32,15 @@ fn bench_backward(c: &mut Criterion) {
     let dout = normal_vec(s.numel(), 0.0, 1.0, 11);
     g.throughput(Throughput::Elements(10 * 32 * 12 * 50 * 50 * 64u64));
     g.bench_function("attention_bwd/B32xT50xH12xd64", |b| b.iter(|| black_box(attention_backward(&q, &k, &v, &o, &lse, &dout, &s))));
+    // packed text (the training text tower's layout): 8 Long-CLIP captions of mixed length, no padding
+    let lens = [55usize, 180, 248, 55, 180, 248, 55, 180];
+    let nt: usize = lens.iter().sum();
+    let (q, k, v) = (normal_vec(nt * 512, 0.0, 1.0, 16), normal_vec(nt * 512, 0.0, 1.0, 17), normal_vec(nt * 512, 0.0, 1.0, 18));
+    let dout = normal_vec(nt * 512, 0.0, 1.0, 19);
+    g.throughput(Throughput::Elements(lens.iter().map(|&l| 2 * l * l * 512).sum::<usize>() as u64));
+    g.bench_function("attention_packed/8-captions-H8xd64", |b| b.iter(|| black_box(attention_packed(&q, &k, &v, &lens, 8, true))));
+    let (o, lse) = attention_packed(&q, &k, &v, &lens, 8, true);
+    g.bench_function("attention_packed_bwd/8-captions-H8xd64", |b| b.iter(|| black_box(attention_packed_backward(&q, &k, &v, &o, &lse, &dout, &lens, 8, true))));
     let ps = PatchShape { batch: 32, channels: 3, height: 224, width: 224, patch: 32, dim: 768 };
     let (px, dp) = (normal_vec(32 * 3 * 224 * 224, 0.0, 1.0, 12), normal_vec(32 * 49 * 768, 0.0, 1.0, 13));
     g.throughput(Throughput::Elements(2 * 32 * 49 * 768 * 3072u64));

@@ -2,7 +2,7 @@
 //! reference against central finite differences of the scalar loss L = Σ o·w computed in f64
 //! (so dO = w), on small odd shapes, causal and not.
 mod common;
-use clipforge::ops::attention::{attention_backward, attention_backward_reference, attention_reference, AttnShape};
+use clipforge::ops::attention::{attention_backward, attention_backward_reference, attention_packed, attention_packed_backward, attention_packed_reference, attention_reference, AttnShape};
 use common::*;
 
 fn shape(b: usize, t: usize, h: usize, d: usize, causal: bool) -> AttnShape {
@@ -85,4 +85,54 @@ fn attention_backward_reference_matches_finite_differences() {
         }
     }
     assert!(checked > 10_000);
+}
+
+/// Packed sequences (the text tower's training layout, no padding): the fast path against the
+/// f64 reference, forward and backward, and each sequence's rows against the padded batch op
+/// (causal), where padding after a sequence cannot change its rows.
+#[test]
+fn packed_attention_matches_reference_and_the_padded_batch() {
+    for (lens, h, d) in [(vec![1usize], 1usize, 1usize), (vec![7, 1, 45], 3, 59), (vec![77, 20, 50], 2, 64), (vec![5, 5], 1, 65)] {
+        let (n, t) = (lens.iter().sum::<usize>(), *lens.iter().max().unwrap());
+        let w = h * d;
+        let (q, k, v, dout) = (randn(n * w, 31), randn(n * w, 32), randn(n * w, 33), randn(n * w, 34));
+        let what = format!("packed attention {lens:?} h{h} d{d}");
+        let (o, lse) = attention_packed(&q, &k, &v, &lens, h, true);
+        let (ro, rlse) = attention_packed_reference(&q, &k, &v, &lens, h, true);
+        assert_close(&format!("{what} o"), &o, &ro, 2e-5, 2e-4);
+        assert_close(&format!("{what} lse"), &lse, &rlse, 2e-5, 2e-4);
+        let (dq, dk, dv) = attention_packed_backward(&q, &k, &v, &ro, &rlse, &dout, &lens, h, true);
+        let (mut rq, mut rk, mut rv) = (vec![], vec![], vec![]);
+        let mut off = 0;
+        for &l in &lens {
+            let r = off * w..(off + l) * w;
+            let s = shape(1, l, h, d, true);
+            let (so, slse) = attention_reference(&q[r.clone()], &k[r.clone()], &v[r.clone()], &s);
+            let (a, b, c) = attention_backward_reference(&q[r.clone()], &k[r.clone()], &v[r.clone()], &so, &slse, &dout[r], &s);
+            rq.extend(a);
+            rk.extend(b);
+            rv.extend(c);
+            off += l;
+        }
+        assert_close(&format!("{what} dq"), &dq, &rq, 2e-5, 2e-4);
+        assert_close(&format!("{what} dk"), &dk, &rk, 2e-5, 2e-4);
+        assert_close(&format!("{what} dv"), &dv, &rv, 2e-5, 2e-4);
+        // The same sequences padded to T with noise rows, as one causal batch.
+        let pad = |x: &[f32], seed: u64| {
+            let mut out = randn(lens.len() * t * w, seed);
+            let mut off = 0;
+            for (b, &l) in lens.iter().enumerate() {
+                out[b * t * w..(b * t + l) * w].copy_from_slice(&x[off * w..(off + l) * w]);
+                off += l;
+            }
+            out
+        };
+        let (pq, pk, pv) = (pad(&q, 35), pad(&k, 36), pad(&v, 37));
+        let (po, _) = attention_reference(&pq, &pk, &pv, &shape(lens.len(), t, h, d, true));
+        let mut off = 0;
+        for (b, &l) in lens.iter().enumerate() {
+            assert_close(&format!("{what} sequence {b} vs padded batch"), &o[off * w..(off + l) * w], &po[b * t * w..(b * t + l) * w], 2e-5, 2e-4);
+            off += l;
+        }
+    }
 }

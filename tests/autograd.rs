@@ -236,6 +236,28 @@ fn fused_attention() {
 }
 
 #[test]
+fn packed_attention() {
+    // Sequences of `lens` tokens back to back, each causal on its own: the f64 forward is
+    // `attention64` per sequence.
+    for (lens, h, hd) in [(vec![1usize], 1usize, 1usize), (vec![3, 1, 5], 2, 3), (vec![7, 2], 1, 59)] {
+        let n: usize = lens.iter().sum();
+        let s = [n, h * hd];
+        let l2 = lens.clone();
+        let f64_fwd = move |x: &[Vec<f64>]| -> Vec<f64> {
+            let (w, mut off, mut out) = (h * hd, 0, vec![]);
+            for &l in &l2 {
+                let r = off * w..(off + l) * w;
+                out.extend(attention64(&x[0][r.clone()], &x[1][r.clone()], &x[2][r], 1, l, h, hd, true));
+                off += l;
+            }
+            out
+        };
+        let l3 = lens.clone();
+        check(&format!("attention_packed {lens:?} H{h} hd{hd}"), vec![inp(&s, 40, true), inp(&s, 41, true), inp(&s, 42, true)], move |tp, v| tp.attention_packed(&v[0], &v[1], &v[2], h, true, &l3).unwrap(), &f64_fwd, 1e-4, 1e-3);
+    }
+}
+
+#[test]
 fn gathers() {
     let ids = [3u32, 0, 3, 6, 1];
     check("embedding", vec![inp(&[7, 4], 40, true)], move |t, v| t.embedding(&v[0], &ids).unwrap(), &move |x| ids.iter().flat_map(|&i| x[0][i as usize * 4..i as usize * 4 + 4].to_vec()).collect(), 1e-6, 1e-5);

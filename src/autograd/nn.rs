@@ -5,7 +5,7 @@
 use super::tape::{Tape, Var};
 use super::t;
 use crate::error::Result;
-use crate::ops::attention::{attention_backward, AttnShape};
+use crate::ops::attention::{attention_backward, attention_packed, attention_packed_backward, AttnShape};
 use crate::ops::matmul::{gemm, View};
 use crate::ops::patch_embed::{patch_embed_bwd_weight, PatchShape};
 use crate::ops::pos_gather::{pos_gather, pos_gather_bwd, Stretch};
@@ -119,6 +119,24 @@ impl Tape {
         let (qv, kv, vv, ov) = (q.value().clone(), k.value().clone(), v.value().clone(), o.clone());
         Ok(self.custom(&[q, k, v], o, move |g| {
             let (dq, dk, dv) = attention_backward(&qv.f32_data(), &kv.f32_data(), &vv.f32_data(), &ov.f32_data(), &lse.f32_data(), &g.f32_data(), &shape);
+            Ok(vec![Some(t(dq, qv.shape())?), Some(t(dk, qv.shape())?), Some(t(dv, qv.shape())?)])
+        }))
+    }
+
+    /// Fused attention on packed sequences (no padding): q, k, v [N, W] hold sequences of
+    /// `lens` tokens back to back (N = Σ lens) and each row attends only within its sequence.
+    pub fn attention_packed(&self, q: &Var, k: &Var, v: &Var, heads: usize, causal: bool, lens: &[usize]) -> Result<Var> {
+        let n: usize = lens.iter().sum();
+        let w = q.shape().last().copied().unwrap_or(0);
+        if heads == 0 || w % heads != 0 || q.value().numel() != n * w || k.shape() != q.shape() || v.shape() != q.shape() {
+            return Err(crate::shape_err!("attention_packed: q {:?}, k {:?}, v {:?}, {heads} heads, lengths {lens:?}", q.shape(), k.shape(), v.shape()));
+        }
+        let (o, lse) = attention_packed(&q.value().f32_data(), &k.value().f32_data(), &v.value().f32_data(), lens, heads, causal);
+        let o = t(o, q.shape())?; // [.., N, W]
+        let (qv, kv, vv, ov) = (q.value().clone(), k.value().clone(), v.value().clone(), o.clone());
+        let lens = lens.to_vec();
+        Ok(self.custom(&[q, k, v], o, move |g| {
+            let (dq, dk, dv) = attention_packed_backward(&qv.f32_data(), &kv.f32_data(), &vv.f32_data(), &ov.f32_data(), &lse, &g.f32_data(), &lens, heads, causal);
             Ok(vec![Some(t(dq, qv.shape())?), Some(t(dk, qv.shape())?), Some(t(dv, qv.shape())?)])
         }))
     }

@@ -200,3 +200,57 @@ fn scatter(dst: &mut [f32], g: &[f32], h: usize, s: &AttnShape) {
         dst[j * w + h * d..][..d].copy_from_slice(gr);
     }
 }
+
+/// Packed sequences (no padding): q, k, v and o are [N, H·hd] holding sequences of `lens[i]`
+/// tokens back to back (N = Σ lens); each row attends only to rows of its own sequence. lse is
+/// each sequence's [H, len] block, back to back. [`attention`] per sequence, sequences in parallel.
+pub fn attention_packed(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>) {
+    let parts = per_sequence(lens, heads, causal, q.len(), |x, _, s| attention(&q[x.clone()], &k[x.clone()], &v[x], s));
+    unzip_cat(parts)
+}
+
+/// [`attention_reference`] per packed sequence (f64).
+pub fn attention_packed_reference(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>) {
+    let parts = per_sequence(lens, heads, causal, q.len(), |x, _, s| attention_reference(&q[x.clone()], &k[x.clone()], &v[x], s));
+    unzip_cat(parts)
+}
+
+/// The backward of [`attention_packed`]: [`attention_backward`] per sequence → (dq, dk, dv).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_packed_backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let parts = per_sequence(lens, heads, causal, q.len(), |x, l, s| {
+        attention_backward(&q[x.clone()], &k[x.clone()], &v[x.clone()], &o[x.clone()], &lse[l], &dout[x], s)
+    });
+    let (mut dq, mut dk, mut dv) = (Vec::with_capacity(q.len()), Vec::with_capacity(q.len()), Vec::with_capacity(q.len()));
+    for (a, b, c) in parts {
+        dq.extend(a);
+        dk.extend(b);
+        dv.extend(c);
+    }
+    (dq, dk, dv)
+}
+
+/// Runs `f(rows, lse range, shape)` for every packed sequence, in parallel, results in order.
+/// `numel` = N·W fixes the width W = numel / Σ lens.
+fn per_sequence<R: Send>(lens: &[usize], heads: usize, causal: bool, numel: usize, f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &AttnShape) -> R + Sync) -> Vec<R> {
+    let n: usize = lens.iter().sum();
+    let w = numel / n.max(1);
+    let d = w / heads.max(1);
+    let mut jobs = Vec::with_capacity(lens.len());
+    let mut off = 0;
+    for &len in lens {
+        let s = AttnShape { batch: 1, seq: len, heads, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
+        jobs.push((off * w..(off + len) * w, off * heads..(off + len) * heads, s));
+        off += len;
+    }
+    jobs.into_par_iter().map(|(x, l, s)| f(x, l, &s)).collect()
+}
+
+fn unzip_cat(parts: Vec<(Vec<f32>, Vec<f32>)>) -> (Vec<f32>, Vec<f32>) {
+    let (mut o, mut lse) = (vec![], vec![]);
+    for (a, b) in parts {
+        o.extend(a);
+        lse.extend(b);
+    }
+    (o, lse)
+}

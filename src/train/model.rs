@@ -139,12 +139,21 @@ impl TrainClip {
         BLOCK_PARAMS.iter().map(|n| self.v(sv, &format!("{prefix}.encoder.layers.{l}.{n}")).cloned()).collect()
     }
 
-    fn encoder(&self, tape: &Tape, sv: &StepVars, prefix: &str, t: &TowerConfig, mut x: Var, causal: bool) -> Result<Var> {
-        for l in 0..t.layers {
+    /// The tower's blocks on `x`. With `pool`, only those rows of the output are wanted: the last
+    /// block computes keys and values for every row but everything after attention for the
+    /// pooled rows only, and the result is [R, W] instead of x's shape.
+    fn encoder(&self, tape: &Tape, sv: &StepVars, prefix: &str, t: &TowerConfig, mut x: Var, seqs: &Seqs, pool: Option<&[usize]>) -> Result<Var> {
+        let full = if pool.is_some() { t.layers.saturating_sub(1) } else { t.layers };
+        for l in 0..full {
             let p = self.block_vars(sv, prefix, l)?;
-            x = if self.recompute { block_checkpoint(tape, &x, &p, t, causal)? } else { block(tape, &x, &p, t, causal)? }; // [B, T, W]
+            x = if self.recompute { block_checkpoint(tape, &x, &p, t, seqs)? } else { block_on(tape, &x, &p, t, seqs)? }; // x's shape
         }
-        Ok(x)
+        let Some(rows) = pool else { return Ok(x) };
+        if full == t.layers {
+            let n = x.value().numel() / t.hidden.max(1);
+            return tape.gather_rows(&tape.reshape(&x, &[n, t.hidden])?, rows); // no blocks: [R, W]
+        }
+        block_rows(tape, &x, &self.block_vars(sv, prefix, full)?, t, seqs, rows) // [R, W]
     }
 
     /// pixels [B, C, S, S] → image embeddings [B, D] (not normalised).
@@ -158,16 +167,32 @@ impl TrainClip {
         let x = tape.cat(&[&cls, &patches], 1)?; // [B, T, W]
         let x = tape.add(&x, self.v(sv, "vision_model.embeddings.position_embedding.weight")?)?; // [B, T, W]
         let x = self.ln(tape, sv, "vision_model.pre_layrnorm", &x, vc.tower.eps)?;
-        let x = self.encoder(tape, sv, "vision_model", &vc.tower, x, false)?; // [B, T, W]
-        let pooled = tape.reshape(&tape.narrow(&x, 1, 0, 1)?, &[b, w])?; // [B, W]
-        debug_assert_eq!(t, x.shape()[1]);
+        let cls: Vec<usize> = (0..b).map(|i| i * t).collect();
+        let pooled = self.encoder(tape, sv, "vision_model", &vc.tower, x, &Seqs::Batch { causal: false }, Some(&cls))?; // [B, W]
         let pooled = self.ln(tape, sv, "vision_model.post_layernorm", &pooled, vc.tower.eps)?;
         tape.linear(&pooled, self.v(sv, "visual_projection.weight")?, None) // [B, D]
     }
 
     /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised).
+    /// Each sequence is cut after its pooled (end) token, since with the causal mask nothing
+    /// after it reaches it, and the sequences are packed back to back with no padding: every
+    /// row computed is a real token.
     pub fn text_embeds(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<Var> {
-        Ok(self.text_states(tape, sv, ids)?.1)
+        let tc = &self.config.text;
+        let lens: Vec<usize> = ids.iter().map(|s| if s.is_empty() { 0 } else { pool_position(s, tc.eos_token_id) + 1 }).collect();
+        if ids.is_empty() || lens.iter().any(|&l| l == 0 || l > tc.max_positions) {
+            let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0);
+            return Err(crate::shape_err!("text batch of {} sequences up to {longest} tokens (model: {} positions)", ids.len(), tc.max_positions));
+        }
+        let flat: Vec<u32> = ids.iter().zip(&lens).flat_map(|(s, &l)| s[..l].iter().copied()).collect();
+        let pos: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        let tok = tape.embedding(self.v(sv, "text_model.embeddings.token_embedding.weight")?, &flat)?; // [N, W]
+        let pos = tape.embedding(self.v(sv, "text_model.embeddings.position_embedding.weight")?, &pos)?; // [N, W]
+        let x = tape.add(&tok, &pos)?; // [N, W]
+        let ends: Vec<usize> = lens.iter().scan(0, |off, &l| { *off += l; Some(*off - 1) }).collect();
+        let pooled = self.encoder(tape, sv, "text_model", &tc.tower, x, &Seqs::Packed(lens), Some(&ends))?; // [B, W]
+        let pooled = self.ln(tape, sv, "text_model.final_layer_norm", &pooled, tc.tower.eps)?;
+        tape.linear(&pooled, self.v(sv, "text_projection.weight")?, None) // [B, D]
     }
 
     /// The text tower's final token states [B, T, W] (after the final LayerNorm; T = the longest
@@ -188,7 +213,7 @@ impl TrainClip {
         let tok = tape.reshape(&tok, &[b, t, w])?; // [B, T, W]
         let pos = tape.narrow(self.v(sv, "text_model.embeddings.position_embedding.weight")?, 0, 0, t)?; // [T, W]
         let x = tape.add(&tok, &pos)?; // [B, T, W]
-        let x = self.encoder(tape, sv, "text_model", &tc.tower, x, true)?;
+        let x = self.encoder(tape, sv, "text_model", &tc.tower, x, &Seqs::Batch { causal: true }, None)?;
         let x = self.ln(tape, sv, "text_model.final_layer_norm", &x, tc.tower.eps)?; // [B, T, W]
         let rows: Vec<usize> = ids.iter().enumerate().map(|(i, s)| i * t + pool_position(s, tc.eos_token_id)).collect();
         let pooled = tape.gather_rows(&tape.reshape(&x, &[b * t, w])?, &rows)?; // [B, W]
@@ -206,40 +231,77 @@ impl TrainClip {
     }
 }
 
+/// How a block's attention groups the rows of its input.
+#[derive(Clone, Debug)]
+pub enum Seqs {
+    /// x is [B, T, W]: B sequences of T tokens, optionally causal.
+    Batch { causal: bool },
+    /// x is [N, W]: causal sequences of these lengths packed back to back (N = Σ lengths).
+    Packed(Vec<usize>),
+}
+
 /// One pre-LN block on [B, T, W]: x + attn(ln1 x), then + mlp(ln2 ·). `p` as [`BLOCK_PARAMS`].
 pub fn block(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, causal: bool) -> Result<Var> {
-    let h = tape.layer_norm(x, &p[0], &p[1], t.eps)?; // [B, T, W]
+    block_on(tape, x, p, t, &Seqs::Batch { causal })
+}
+
+/// [`block`] on any grouping of rows.
+pub fn block_on(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, seqs: &Seqs) -> Result<Var> {
+    let a = attend(tape, x, p, t, seqs)?; // x's shape
+    block_tail(tape, x, &a, p, t)
+}
+
+/// [`block_on`] when only rows `rows` of its output are read (the pooled tokens): keys and values
+/// for every row, then the output projection and the MLP on the chosen rows only → [R, W].
+pub fn block_rows(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, seqs: &Seqs, rows: &[usize]) -> Result<Var> {
+    let a = attend(tape, x, p, t, seqs)?; // x's shape
+    let n = x.value().numel() / t.hidden.max(1);
+    let a = tape.gather_rows(&tape.reshape(&a, &[n, t.hidden])?, rows)?; // [R, W]
+    let x = tape.gather_rows(&tape.reshape(x, &[n, t.hidden])?, rows)?; // [R, W]
+    block_tail(tape, &x, &a, p, t)
+}
+
+/// attn(ln1 x), before the output projection.
+fn attend(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, seqs: &Seqs) -> Result<Var> {
+    let h = tape.layer_norm(x, &p[0], &p[1], t.eps)?; // x's shape
     let q = tape.linear(&h, &p[2], Some(&p[3]))?;
     let k = tape.linear(&h, &p[4], Some(&p[5]))?;
     let v = tape.linear(&h, &p[6], Some(&p[7]))?;
-    let a = tape.attention(&q, &k, &v, t.heads, causal)?; // [B, T, W]
-    let x = tape.add(x, &tape.linear(&a, &p[8], Some(&p[9]))?)?; // [B, T, W]
+    match seqs {
+        Seqs::Batch { causal } => tape.attention(&q, &k, &v, t.heads, *causal),
+        Seqs::Packed(lens) => tape.attention_packed(&q, &k, &v, t.heads, true, lens),
+    }
+}
+
+/// x + out_proj(a), then + mlp(ln2 ·).
+fn block_tail(tape: &Tape, x: &Var, a: &Var, p: &[Var], t: &TowerConfig) -> Result<Var> {
+    let x = tape.add(x, &tape.linear(a, &p[8], Some(&p[9]))?)?; // x's shape
     let h = tape.layer_norm(&x, &p[10], &p[11], t.eps)?;
     let act = match t.act {
         Activation::QuickGelu => Unary::QuickGelu,
         Activation::Gelu => Unary::Gelu,
     };
-    let m = tape.unary(&tape.linear(&h, &p[12], Some(&p[13]))?, act); // [B, T, I]
-    tape.add(&x, &tape.linear(&m, &p[14], Some(&p[15]))?) // [B, T, W]
+    let m = tape.unary(&tape.linear(&h, &p[12], Some(&p[13]))?, act); // [.., I]
+    tape.add(&x, &tape.linear(&m, &p[14], Some(&p[15]))?) // x's shape
 }
 
-/// [`block`] as a checkpoint: nothing inside is kept; the backward re-runs the block on a
+/// [`block_on`] as a checkpoint: nothing inside is kept; the backward re-runs the block on a
 /// private tape (its inputs as leaves) and back-propagates the output gradient through it.
-pub fn block_checkpoint(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, causal: bool) -> Result<Var> {
+pub fn block_checkpoint(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, seqs: &Seqs) -> Result<Var> {
     let inner = Tape::new();
     let y = inner.no_grad(|| {
         let pc: Vec<Var> = p.iter().map(|v| inner.constant(v.value().clone())).collect();
-        block(&inner, &inner.constant(x.value().clone()), &pc, t, causal)
+        block_on(&inner, &inner.constant(x.value().clone()), &pc, t, seqs)
     })?;
     let (xv, pv) = (x.value().clone(), p.iter().map(|v| (v.value().clone(), v.requires_grad())).collect::<Vec<_>>());
-    let (t, need_x) = (t.clone(), x.requires_grad());
+    let (t, seqs, need_x) = (t.clone(), seqs.clone(), x.requires_grad());
     let mut inputs = vec![x];
     inputs.extend(p.iter());
     Ok(tape.custom(&inputs, y.value().clone(), move |g| {
         let tp = Tape::new();
         let xi = if need_x { tp.param(xv) } else { tp.constant(xv) };
         let pi: Vec<Var> = pv.into_iter().map(|(v, r)| if r { tp.param(v) } else { tp.constant(v) }).collect();
-        let y = block(&tp, &xi, &pi, &t, causal)?;
+        let y = block_on(&tp, &xi, &pi, &t, &seqs)?;
         let grads = tp.backward_from(&y, g.clone())?;
         let mut out = vec![grads.get(&xi).cloned()];
         out.extend(pi.iter().map(|v| grads.get(v).cloned()));
