@@ -118,6 +118,20 @@ impl Tensor {
         out
     }
 
+    /// The elements as an owned f32 vector: the storage itself when this tensor is its only
+    /// owner and covers all of it (no copy), a copy otherwise.
+    pub fn into_f32_vec(self) -> Vec<f32> {
+        let whole = self.is_contiguous() && self.offset == 0 && self.storage.len() == self.numel();
+        if whole && matches!(*self.storage, Storage::F32(_)) {
+            match Arc::try_unwrap(self.storage) {
+                Ok(Storage::F32(v)) => return v,
+                Ok(other) => return other.to_f32_range(0, other.len()),
+                Err(shared) => return shared.to_f32_range(0, shared.len()),
+            }
+        }
+        self.to_vec_f32()
+    }
+
     /// A contiguous f32 tensor with the same elements (shares storage when already so).
     pub fn contiguous(&self) -> Tensor {
         if self.is_contiguous() && self.dtype() == DType::F32 && self.offset == 0 && self.storage.len() == self.numel() {

@@ -26,8 +26,12 @@ pub fn symmetric_infonce(tape: &Tape, a: &Var, b: &Var, tau: &Var, smoothing: f3
 /// The loss of one micro-batch: (L, L_long, L_short).
 pub fn longclip_loss(tape: &Tape, model: &TrainClip, sv: &StepVars, batch: &Batch, pca_dim: usize) -> Result<(Var, f32, f32)> {
     let img = model.image_embeds(tape, sv, &batch.pixels)?; // [B, D]
-    let long = model.text_embeds(tape, sv, &batch.long_ids)?; // [B, D]
-    let short = model.text_embeds(tape, sv, &batch.short_ids)?; // [B, D]
+    // long and short captions as one packed text pass: one set of weight GEMMs over all tokens
+    let b = batch.long_ids.len();
+    let ids: Vec<Vec<u32>> = batch.long_ids.iter().chain(&batch.short_ids).cloned().collect();
+    let both = model.text_embeds(tape, sv, &ids)?; // [2B, D]
+    let long = tape.narrow(&both, 0, 0, b)?; // [B, D]
+    let short = tape.narrow(&both, 0, b, b)?; // [B, D]
     longclip_head(tape, &img, &long, &short, model.logit_scale(sv)?, pca_dim)
 }
 

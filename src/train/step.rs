@@ -56,6 +56,17 @@ impl HostGrads {
             Some(a) => a.iter_mut().zip(g).for_each(|(x, y)| *x += y),
         }
     }
+    /// [`HostGrads::add`] of a gradient tensor, kept without a copy when it is the first.
+    pub fn add_tensor(&mut self, i: usize, g: Tensor) {
+        if self.0.get(i).is_some_and(|a| a.is_some()) {
+            self.add(i, &g.f32_data());
+            return;
+        }
+        if self.0.len() <= i {
+            self.0.resize(i + 1, None);
+        }
+        self.0[i] = Some(g.into_f32_vec());
+    }
     pub fn take(&mut self, i: usize) -> Option<Vec<f32>> {
         self.0.get_mut(i).and_then(|g| g.take())
     }
@@ -71,9 +82,12 @@ pub fn param_index(model: &TrainClip, opt: &Optimizer, k: usize) -> Result<usize
 /// `model.params`); no gradient counts as zero.
 pub fn host_update(model: &mut TrainClip, opt: &mut Optimizer, i: usize, k: usize, lrs: &[f64], g: Option<Vec<f32>>) -> Result<()> {
     let g = g.unwrap_or_else(|| vec![0.0; opt.params[k].m.len()]);
-    let mut v = model.params[i].1.to_vec_f32();
-    opt.update(k, lrs, &mut v, &g)?;
-    model.params[i].1 = Tensor::from_vec(v, model.params[i].1.shape())?;
+    let shape = model.params[i].1.shape().to_vec();
+    // updated in place when the model holds the only reference (the step's tape is gone)
+    let mut v = std::mem::replace(&mut model.params[i].1, Tensor::scalar(0.0)).into_f32_vec();
+    let r = opt.update(k, lrs, &mut v, &g);
+    model.params[i].1 = Tensor::from_vec(v, &shape)?;
+    r?;
     Ok(())
 }
 
@@ -111,7 +125,7 @@ impl StepEngine for CpuStep {
         let mut grads = tape.backward(&tape.scale(&l, scale))?;
         for (i, v) in sv.vars.iter().enumerate() {
             if let Some(g) = grads.take(v) {
-                self.grads.add(i, &g.f32_data());
+                self.grads.add_tensor(i, g);
             }
         }
         Ok(loss)
