@@ -10,7 +10,7 @@
 //!   dV = Pᵀ·dO,  dP = dO·Vᵀ,  D_i = Σ_e dO_ie·O_ie (= Σ_j P_ij·dP_ij),
 //!   dS = P ∘ (dP − D),  dQ = scale·dS·K,  dK = scale·dSᵀ·Q.
 use super::fastmath;
-use super::matmul::{gemm_seq, View};
+use super::matmul::{gemm_seq, gemm_seq_into, View};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -65,9 +65,22 @@ pub fn attention_reference(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (V
     (out, lse)
 }
 
+/// Query rows per block on the causal path: the block of rows r0..r1 needs keys 0..r1 only, so
+/// the masked half of the score matrix is (block-wise) never computed.
+const QBLK: usize = 64;
+
+/// The query blocks of one sequence: (r0, r1, keys the block needs).
+fn query_blocks(s: &AttnShape) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let step = if s.causal { QBLK } else { s.seq.max(1) };
+    (0..s.seq).step_by(step).map(move |r0| {
+        let r1 = (r0 + step).min(s.seq);
+        (r0, r1, if s.causal { r1 } else { s.seq })
+    })
+}
+
 /// The fast path: batches in parallel; per head, Q, K and V are gathered into contiguous tiles
-/// and the scores S = Q·Kᵀ and the mix O = P·V run as two small GEMMs, with the (masked)
-/// softmax applied to S in place in between.
+/// and, per query block, the scores S = Q·Kᵀ and the mix O = P·V run as two small GEMMs, with
+/// the (masked) softmax applied to S in place in between.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
     let mut out = vec![0f32; s.numel()];
@@ -77,7 +90,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
     }
     out.par_chunks_mut(t * w).zip(lse.par_chunks_mut(s.heads * t)).enumerate().for_each(|(b, (ob, lb))| {
         let (mut qt, mut kt, mut vt) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]); // [T, d] each
-        let mut sc = vec![0f32; t * t]; // [T, T]
+        let mut sc = vec![0f32; t * t]; // [rows of the block, keys]
         let mut o = vec![0f32; t * d]; // [T, d]
         for h in 0..s.heads {
             for j in 0..t {
@@ -86,27 +99,29 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
                 kt[j * d..(j + 1) * d].copy_from_slice(&k[row..row + d]);
                 vt[j * d..(j + 1) * d].copy_from_slice(&v[row..row + d]);
             }
-            gemm_seq(View::row_major(&qt, t, d), View::row_major(&kt, t, d).t(), &mut sc); // S = Q·Kᵀ
-            for i in 0..t {
-                let row = &mut sc[i * t..(i + 1) * t];
-                let nk = s.keys(i);
-                row[nk..].fill(0.0);
-                let row = &mut row[..nk];
-                let mut m = f32::NEG_INFINITY;
-                for x in row.iter_mut() {
-                    *x *= s.scale;
-                    m = m.max(*x);
+            for (r0, r1, nk) in query_blocks(s) {
+                let sc = &mut sc[..(r1 - r0) * nk];
+                gemm_seq(View::row_major(&qt[r0 * d..r1 * d], r1 - r0, d), View::row_major(&kt[..nk * d], nk, d).t(), sc); // S = Q·Kᵀ
+                for (i, row) in (r0..r1).zip(sc.chunks_exact_mut(nk)) {
+                    let keys = s.keys(i);
+                    row[keys..].fill(0.0);
+                    let row = &mut row[..keys];
+                    let mut m = f32::NEG_INFINITY;
+                    for x in row.iter_mut() {
+                        *x *= s.scale;
+                        m = m.max(*x);
+                    }
+                    let mut z = 0f32;
+                    for x in row.iter_mut() {
+                        *x = fastmath::exp(*x - m);
+                        z += *x;
+                    }
+                    let inv = 1.0 / z;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    lb[h * t + i] = m + z.ln();
                 }
-                let mut z = 0f32;
-                for x in row.iter_mut() {
-                    *x = fastmath::exp(*x - m);
-                    z += *x;
-                }
-                let inv = 1.0 / z;
-                row.iter_mut().for_each(|x| *x *= inv);
-                lb[h * t + i] = m + z.ln();
+                gemm_seq(View::row_major(sc, r1 - r0, nk), View::row_major(&vt[..nk * d], nk, d), &mut o[r0 * d..r1 * d]); // O = P·V
             }
-            gemm_seq(View::row_major(&sc, t, t), View::row_major(&vt, t, d), &mut o); // O = P·V
             for i in 0..t {
                 ob[i * w + h * d..][..d].copy_from_slice(&o[i * d..(i + 1) * d]);
             }
@@ -146,8 +161,9 @@ pub fn attention_backward_reference(q: &[f32], k: &[f32], v: &[f32], o: &[f32], 
     (f(dq), f(dk), f(dv))
 }
 
-/// The fast backward: batches in parallel; per head five small GEMMs (S = Q·Kᵀ, dP = dO·Vᵀ,
-/// dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q) on gathered [T, hd] tiles, with P and dS formed in place.
+/// The fast backward: batches in parallel; per head and query block five small GEMMs (S = Q·Kᵀ,
+/// dP = dO·Vᵀ, dV += Pᵀ·dO, dQ = dS·K, dK += dSᵀ·Q) on gathered [T, hd] tiles, with P and dS
+/// formed in place; causal blocks touch only the keys they see.
 pub fn attention_backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
     let (mut dq, mut dk, mut dv) = (vec![0f32; s.numel()], vec![0f32; s.numel()], vec![0f32; s.numel()]);
@@ -157,8 +173,9 @@ pub fn attention_backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32
     let chunks = dq.par_chunks_mut(t * w).zip(dk.par_chunks_mut(t * w)).zip(dv.par_chunks_mut(t * w));
     chunks.enumerate().for_each(|(b, ((dqb, dkb), dvb))| {
         let tile = || vec![0f32; t * d];
-        let (mut qt, mut kt, mut vt, mut dot, mut g) = (tile(), tile(), tile(), tile(), tile()); // [T, d]
-        let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]); // [T, T]
+        let (mut qt, mut kt, mut vt, mut dot) = (tile(), tile(), tile(), tile()); // [T, d]
+        let (mut gq, mut gk, mut gv) = (tile(), tile(), tile()); // [T, d]
+        let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]); // [rows of the block, keys]
         let mut drow = vec![0f32; t];
         for h in 0..s.heads {
             for j in 0..t {
@@ -169,25 +186,31 @@ pub fn attention_backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32
                 dot[j * d..(j + 1) * d].copy_from_slice(&dout[row..row + d]);
                 drow[j] = dout[row..row + d].iter().zip(&o[row..row + d]).map(|(x, y)| x * y).sum();
             }
-            gemm_seq(View::row_major(&qt, t, d), View::row_major(&kt, t, d).t(), &mut p); // S = Q·Kᵀ
-            gemm_seq(View::row_major(&dot, t, d), View::row_major(&vt, t, d).t(), &mut dp); // dP = dO·Vᵀ
-            for i in 0..t {
-                let li = lse[(b * s.heads + h) * t + i];
-                let nk = s.keys(i);
-                let (pr, dpr) = (&mut p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
-                for j in 0..nk {
-                    pr[j] = fastmath::exp(pr[j] * s.scale - li);
-                    dpr[j] = pr[j] * (dpr[j] - drow[i]) * s.scale; // dS, scale folded in
+            gk.fill(0.0);
+            gv.fill(0.0);
+            for (r0, r1, nk) in query_blocks(s) {
+                let bm = r1 - r0;
+                let (p, dp) = (&mut p[..bm * nk], &mut dp[..bm * nk]);
+                let (qb, db) = (View::row_major(&qt[r0 * d..r1 * d], bm, d), View::row_major(&dot[r0 * d..r1 * d], bm, d));
+                gemm_seq(qb, View::row_major(&kt[..nk * d], nk, d).t(), p); // S = Q·Kᵀ
+                gemm_seq(db, View::row_major(&vt[..nk * d], nk, d).t(), dp); // dP = dO·Vᵀ
+                for (i, (pr, dpr)) in (r0..r1).zip(p.chunks_exact_mut(nk).zip(dp.chunks_exact_mut(nk))) {
+                    let li = lse[(b * s.heads + h) * t + i];
+                    let keys = s.keys(i);
+                    for j in 0..keys {
+                        pr[j] = fastmath::exp(pr[j] * s.scale - li);
+                        dpr[j] = pr[j] * (dpr[j] - drow[i]) * s.scale; // dS, scale folded in
+                    }
+                    pr[keys..].fill(0.0);
+                    dpr[keys..].fill(0.0);
                 }
-                pr[nk..].fill(0.0);
-                dpr[nk..].fill(0.0);
+                gemm_seq_into(View::row_major(p, bm, nk).t(), db, &mut gv[..nk * d], true); // dV += Pᵀ·dO
+                gemm_seq(View::row_major(dp, bm, nk), View::row_major(&kt[..nk * d], nk, d), &mut gq[r0 * d..r1 * d]); // dQ = dS·K
+                gemm_seq_into(View::row_major(dp, bm, nk).t(), qb, &mut gk[..nk * d], true); // dK += dSᵀ·Q
             }
-            gemm_seq(View::row_major(&p, t, t).t(), View::row_major(&dot, t, d), &mut g); // dV = Pᵀ·dO
-            scatter(dvb, &g, h, s);
-            gemm_seq(View::row_major(&dp, t, t), View::row_major(&kt, t, d), &mut g); // dQ = dS·K
-            scatter(dqb, &g, h, s);
-            gemm_seq(View::row_major(&dp, t, t).t(), View::row_major(&qt, t, d), &mut g); // dK = dSᵀ·Q
-            scatter(dkb, &g, h, s);
+            scatter(dvb, &gv, h, s);
+            scatter(dqb, &gq, h, s);
+            scatter(dkb, &gk, h, s);
         }
     });
     (dq, dk, dv)

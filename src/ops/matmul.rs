@@ -87,9 +87,15 @@ pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
 
 /// c[m×n] = a·b on the calling thread (for small products inside already-parallel loops).
 pub fn gemm_seq(a: View, b: View, c: &mut [f32]) {
+    gemm_seq_into(a, b, c, false);
+}
+
+/// c[m×n] (+)= a·b on the calling thread.
+pub fn gemm_seq_into(a: View, b: View, c: &mut [f32], accumulate: bool) {
     assert_eq!(a.cols, b.rows, "gemm inner dims");
     assert!(a.max_index() < a.data.len().max(1) && b.max_index() < b.data.len().max(1), "gemm view out of bounds");
-    gemm_one(a, b, c, false, Par::Seq);
+    assert!(c.len() >= a.rows * b.cols, "gemm output too small");
+    gemm_one(a, b, c, accumulate, Par::Seq);
 }
 
 fn gemm_one(a: View, b: View, c: &mut [f32], accumulate: bool, par: Par) {
