@@ -28,6 +28,29 @@ fn matmul_fast_matches_reference() {
     }
 }
 
+/// The AVX-512 GEMM directly (matmul::gemm picks it only for big products): odd shapes that
+/// cut every register tile and kc block, all four transpose combinations, replace and add.
+#[test]
+fn gemm_f32_matches_reference() {
+    if !clipforge::ops::gemm_f32::available() {
+        eprintln!("skipped: no AVX-512F on this CPU");
+        return;
+    }
+    for &(m, k, n) in &[(1, 1, 1), (7, 45, 65), (45, 65, 59), (15, 257, 33), (130, 300, 257), (29, 513, 31), (200, 17, 2100)] {
+        let (a, b, c0) = (randn(m * k, 11), randn(k * n, 12), randn(m * n, 13));
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let av = if ta { View::row_major(&a, k, m).t() } else { View::row_major(&a, m, k) };
+            let bv = if tb { View::row_major(&b, n, k).t() } else { View::row_major(&b, k, n) };
+            for acc in [false, true] {
+                let (mut got, mut want) = (c0.clone(), c0.clone());
+                clipforge::ops::gemm_f32::gemm(av, bv, &mut got, acc);
+                gemm_reference(av, bv, &mut want, acc);
+                assert_close(&format!("gemm_f32 {m}x{k}x{n} t{ta}{tb} acc {acc}"), &got, &want, 1e-4, 1e-4);
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_fast_matches_reference() {
     for &(m, k, n) in &[(1, 1, 1), (7, 65, 45), (50, 59, 177), (77, 301, 33)] {

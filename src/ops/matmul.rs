@@ -1,5 +1,6 @@
-//! Matrix multiplication: a plain triple-loop reference and the fast path (faer's packed,
-//! multithreaded GEMM on strided views, so transposed operands are never copied).
+//! Matrix multiplication: a plain triple-loop reference and the fast path: on AVX-512 CPUs the
+//! project's packed GEMM (src/ops/gemm_f32.rs) for every product big enough, faer's packed,
+//! multithreaded GEMM otherwise; both read strided views, so transposed operands are never copied.
 //!
 //! `linear` is the transformer's hot op: y[m×n] = x[m×k]·Wᵀ + b with W stored [n×k] as in
 //! PyTorch/HF Linear layers. The bias is written first and the GEMM accumulates onto it.
@@ -68,6 +69,21 @@ pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
         return;
     }
     assert!(a.max_index() < a.data.len() && b.max_index() < b.data.len(), "gemm view out of bounds");
+    if super::gemm_f32::worth_it(m, n, k) {
+        super::gemm_f32::gemm(a, b, c, accumulate); // the hand-written AVX-512 path
+        return;
+    }
+    gemm_faer(a, b, c, accumulate);
+}
+
+/// [`gemm`] through faer only (non-AVX-512 CPUs and small products; the bench's comparison).
+pub fn gemm_faer(a: View, b: View, c: &mut [f32], accumulate: bool) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert!(a.cols == b.rows && c.len() >= m * n, "gemm shapes");
+    assert!(a.max_index() < a.data.len().max(1) && b.max_index() < b.data.len().max(1), "gemm view out of bounds");
+    if m == 0 || n == 0 || k == 0 {
+        return gemm(a, b, c, accumulate);
+    }
     let threads = rayon::current_num_threads();
     let big = 2 * m * n * k >= PAR_MIN_FLOPS;
     if big && threads > 1 && m >= 64 * threads {

@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod fastmath;
 pub mod gemm_bf16;
+pub mod gemm_f32;
 pub mod layernorm;
 pub mod matmul;
 pub mod patch_embed;

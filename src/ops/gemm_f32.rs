@@ -1,0 +1,278 @@
+//! f32 GEMM for AVX-512: `c[m×n] (+)= a[m×k]·b[k×n]`, c row-major, a and b any strides (so
+//! the transposed operands of a backward pass are packed, never copied first). The fast path of
+//! [`super::matmul::gemm`] for products big enough to pay for packing, on CPUs with AVX-512F;
+//! faer does everything else. Its reference is `matmul::gemm_reference` (tests/ops.rs).
+//!
+//! BLIS-style blocking:
+//! * Register tile `MR × NR = 14 × 32`: 28 zmm accumulators; per k step 2 loads of B (32
+//!   columns), 14 broadcasts of A and 28 FMAs.
+//! * B is packed per (NC columns × KC depth) block into `[NR-column panel][kc][NR]`, zero-padded
+//!   past n, by all threads; the kc × NR micro-panel (≤ 32 KiB) stays in L1 while a row block's
+//!   MR panels stream past it.
+//! * A is packed per row block (whole MR panels, at most `MAX_PANELS`) into `[panel][kc][MR]`,
+//!   zero-padded past m, by the thread that owns the block; row blocks are spread evenly over
+//!   the threads, and each writes its own rows of C (no two threads touch one element).
+//! * The first kc block replaces C (or adds to it when accumulating), later ones add.
+use super::matmul::View;
+use rayon::prelude::*;
+
+const MR: usize = 14;
+const NR: usize = 32;
+const KC: usize = 256;
+const NC: usize = 2048;
+/// Upper bound on MR panels in one row block (the packed A block then fits L2: 8·14·256·4 B).
+const MAX_PANELS: usize = 8;
+
+/// Whether this CPU runs the AVX-512 path.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether [`gemm`] is the faster choice for an m×k·k×n product on this CPU.
+pub fn worth_it(m: usize, n: usize, k: usize) -> bool {
+    m >= 2 * MR && n >= NR && k >= 16 && m * n * k >= 1 << 21 && available()
+}
+
+#[derive(Clone, Copy)]
+struct CPtr(*mut f32);
+// SAFETY: threads write disjoint row ranges of C through this pointer (see `gemm`).
+unsafe impl Send for CPtr {}
+unsafe impl Sync for CPtr {}
+impl CPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    static APACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// c[m×n] (row-major) (+)= a·b. Call only when [`available`]; shapes must agree and the views
+/// must lie inside their slices (checked by the caller, `matmul::gemm`).
+pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
+    let (m, n) = (a.rows, b.cols);
+    assert!(a.cols == b.rows && c.len() >= m * n && available(), "gemm_f32: bad call");
+    // One block of C per thread, each thread running the whole blocked loop on it with its own
+    // packed panels: one fork-join per product, no barrier per kc block. The split is by rows
+    // (every thread packs all of B) or by columns (every thread packs all of A), whichever
+    // packs less twice.
+    let threads = rayon::current_num_threads().max(1);
+    let (mpan, npan) = (m.div_ceil(MR), n.div_ceil(NR));
+    let by_rows = m * a.cols * (threads - 1) / threads.max(1) >= n * a.cols * (threads - 1) / threads.max(1) || npan < threads;
+    let parts = if by_rows { threads.min(mpan) } else { threads.min(npan) };
+    let cp = CPtr(c.as_mut_ptr());
+    (0..parts).into_par_iter().for_each(|t| {
+        let (i0, i1, j0, j1) = if by_rows {
+            ((t * mpan / parts) * MR, ((t + 1) * mpan / parts * MR).min(m), 0, n)
+        } else {
+            (0, m, (t * npan / parts) * NR, ((t + 1) * npan / parts * NR).min(n))
+        };
+        // SAFETY: part t writes only rows i0..i1 × cols j0..j1 of c; the parts are disjoint.
+        unsafe { gemm_block(&a, &b, cp, (i0, i1), (j0, j1), accumulate) };
+    });
+}
+
+thread_local! {
+    static BPACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Rows i0..i1 × cols j0..j1 of c (+)= a·b on the calling thread.
+///
+/// # Safety
+/// No other thread may access that block of c meanwhile; c holds a.rows × b.cols values.
+unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0, j1): (usize, usize), accumulate: bool) {
+    let (n, k) = (b.cols, a.cols);
+    BPACK.with_borrow_mut(|bpack| {
+        APACK.with_borrow_mut(|ap| {
+            for jc in (j0..j1).step_by(NC) {
+                let nc = NC.min(j1 - jc);
+                let npan = nc.div_ceil(NR);
+                for pc in (0..k).step_by(KC) {
+                    let kc = KC.min(k - pc);
+                    bpack.resize(npan * kc * NR, 0.0);
+                    for (jp, dst) in bpack.chunks_exact_mut(kc * NR).enumerate() {
+                        pack_b(b, pc, kc, jc + jp * NR, dst);
+                    }
+                    let add = accumulate || pc > 0;
+                    for ib in (i0..i1).step_by(MAX_PANELS * MR) {
+                        let ib1 = (ib + MAX_PANELS * MR).min(i1);
+                        let panels = (ib1 - ib).div_ceil(MR);
+                        ap.resize(panels * kc * MR, 0.0);
+                        for (pi, dst) in ap.chunks_exact_mut(kc * MR).enumerate() {
+                            pack_a(a, ib + pi * MR, pc, kc, dst);
+                        }
+                        for jp in 0..npan {
+                            let j = jc + jp * NR;
+                            let bpan = &bpack[jp * kc * NR..(jp + 1) * kc * NR];
+                            for pi in 0..panels {
+                                let i = ib + pi * MR;
+                                let apan = &ap[pi * kc * MR..(pi + 1) * kc * MR];
+                                // SAFETY: rows i..i+rows (inside i0..i1) and cols j..j+cols
+                                // (inside j0..j1) are inside c; the packed panels hold kc·MR and
+                                // kc·NR values; AVX-512F was checked by the caller.
+                                #[cfg(target_arch = "x86_64")]
+                                unsafe {
+                                    kernel(apan.as_ptr(), bpan.as_ptr(), kc, cp.get().add(i * n + j), n, MR.min(i1 - i), NR.min(j1 - j), add)
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// A[i0..i0+MR, pc..pc+kc] → dst[kc][MR] (rows past m are zero).
+fn pack_a(a: &View, i0: usize, pc: usize, kc: usize, dst: &mut [f32]) {
+    let rows = MR.min(a.rows - i0);
+    if rows < MR {
+        dst.fill(0.0);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if a.cs == 1 && a.rs * 16 < i32::MAX as usize {
+        // SAFETY: AVX-512F (checked by `gemm`); lanes past `rows` are masked off, the others read
+        // a.data[(i0 + r)·rs + pc + p], inside the view.
+        unsafe { pack_a_gather(a, i0, rows, pc, kc, dst) };
+        return;
+    }
+    if a.cs == 1 {
+        for r in 0..rows {
+            let src = &a.data[(i0 + r) * a.rs + pc..][..kc];
+            for (p, &x) in src.iter().enumerate() {
+                dst[p * MR + r] = x;
+            }
+        }
+    } else {
+        for p in 0..kc {
+            let base = (pc + p) * a.cs + i0 * a.rs;
+            for r in 0..rows {
+                dst[p * MR + r] = a.data[base + r * a.rs];
+            }
+        }
+    }
+}
+
+/// [`pack_a`] for row-major A: one 14-lane gather per k step.
+///
+/// # Safety
+/// AVX-512F; 16·rs fits i32; the view covers rows i0..i0+rows and columns pc..pc+kc.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_a_gather(a: &View, i0: usize, rows: usize, pc: usize, kc: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(a.rs as i32));
+    let mask: __mmask16 = ((1u32 << rows) - 1) as __mmask16;
+    let store: __mmask16 = ((1u32 << MR) - 1) as __mmask16;
+    let base = a.data.as_ptr().wrapping_add(i0 * a.rs + pc);
+    for p in 0..kc {
+        // SAFETY: masked lanes are not read; live lanes are inside the view; the store writes
+        // dst[p·MR..p·MR + MR], inside the kc·MR panel.
+        unsafe {
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.wrapping_add(p).cast());
+            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(p * MR), store, v);
+        }
+    }
+}
+
+/// B[pc..pc+kc, j0..j0+NR] → dst[kc][NR] (columns past n are zero).
+fn pack_b(b: &View, pc: usize, kc: usize, j0: usize, dst: &mut [f32]) {
+    let cols = NR.min(b.cols - j0);
+    if cols < NR {
+        dst.fill(0.0);
+    }
+    if b.cs == 1 {
+        for p in 0..kc {
+            dst[p * NR..p * NR + cols].copy_from_slice(&b.data[(pc + p) * b.rs + j0..][..cols]);
+        }
+    } else {
+        #[cfg(target_arch = "x86_64")]
+        if b.cs * 16 < i32::MAX as usize {
+            // SAFETY: AVX-512F was checked (`gemm` asserts `available`); lanes past `cols` are
+            // masked off, and the others read b.data[(j0 + j)·cs + (pc + p)·rs], inside the view.
+            unsafe { pack_b_gather(b, pc, kc, j0, cols, dst) };
+            return;
+        }
+        for j in 0..cols {
+            let base = (j0 + j) * b.cs + pc * b.rs;
+            for p in 0..kc {
+                dst[p * NR + j] = b.data[base + p * b.rs];
+            }
+        }
+    }
+}
+
+/// [`pack_b`] for column-strided B (a transposed weight): two 16-lane gathers per k step.
+///
+/// # Safety
+/// AVX-512F; 16·cs fits i32; the view covers rows pc..pc+kc and columns j0..j0+cols.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b_gather(b: &View, pc: usize, kc: usize, j0: usize, cols: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let cs = b.cs as i32;
+    let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(cs));
+    for h in 0..NR / 16 {
+        let live = cols.saturating_sub(h * 16).min(16);
+        if live == 0 {
+            break; // dst was zero-filled
+        }
+        let mask: __mmask16 = if live == 16 { 0xFFFF } else { ((1u32 << live) - 1) as __mmask16 };
+        let base = b.data.as_ptr().wrapping_add((j0 + h * 16) * b.cs + pc * b.rs);
+        for p in 0..kc {
+            // SAFETY: masked lanes are not read; live lanes are inside the view (see above).
+            unsafe {
+                let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.wrapping_add(p * b.rs).cast());
+                _mm512_storeu_ps(dst.as_mut_ptr().add(p * NR + h * 16), v);
+            }
+        }
+    }
+}
+
+/// The 14 × 32 register tile: c[rows × cols] (row stride ldc) = (c +) Σ_p a[p][·] ⊗ b[p][·].
+///
+/// # Safety
+/// AVX-512F must be available; `a` holds kc·MR and `b` kc·NR values; the rows × cols tile at `c`
+/// must be writable and not accessed concurrently.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel(a: *const f32, b: *const f32, kc: usize, c: *mut f32, ldc: usize, rows: usize, cols: usize, add: bool) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..kc {
+        // SAFETY (whole block): p < kc keeps every read inside the packed panels.
+        let (b0, b1) = unsafe { (_mm512_loadu_ps(b.add(p * NR)), _mm512_loadu_ps(b.add(p * NR + 16))) };
+        let ap = unsafe { a.add(p * MR) };
+        for (r, accr) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(unsafe { *ap.add(r) });
+            accr[0] = _mm512_fmadd_ps(x, b0, accr[0]);
+            accr[1] = _mm512_fmadd_ps(x, b1, accr[1]);
+        }
+    }
+    let lanes = |c0: usize| -> __mmask16 {
+        let k = cols.saturating_sub(c0).min(16);
+        if k == 16 { 0xFFFF } else { ((1u32 << k) - 1) as __mmask16 }
+    };
+    let (m0, m1) = (lanes(0), lanes(16));
+    for (r, accr) in acc.iter().enumerate().take(rows) {
+        // SAFETY: the masks keep the accesses inside the tile's cols of row r.
+        unsafe {
+            let row = c.add(r * ldc);
+            let v0 = if add { _mm512_add_ps(accr[0], _mm512_maskz_loadu_ps(m0, row)) } else { accr[0] };
+            _mm512_mask_storeu_ps(row, m0, v0);
+            if m1 != 0 {
+                let row = row.add(16);
+                let v1 = if add { _mm512_add_ps(accr[1], _mm512_maskz_loadu_ps(m1, row)) } else { accr[1] };
+                _mm512_mask_storeu_ps(row, m1, v1);
+            }
+        }
+    }
+}
