@@ -6,7 +6,7 @@ use super::tape::{Tape, Var};
 use super::t;
 use crate::error::Result;
 use crate::ops::attention::{attention_backward, attention_packed, attention_packed_backward, AttnShape};
-use crate::ops::matmul::{gemm, View};
+use crate::ops::matmul::{gemm, zeros, View};
 use crate::ops::patch_embed::{patch_embed_bwd_weight, PatchShape};
 use crate::ops::pos_gather::{pos_gather, pos_gather_bwd, Stretch};
 use crate::shape_err;
@@ -37,14 +37,14 @@ impl Tape {
         Ok(self.custom(&inputs, y, move |g| {
             let gd = g.f32_data();
             let dx = if nx {
-                let mut d = vec![0f32; m * k]; // [m, k] = g [m, n] · w [n, k]
+                let mut d = zeros(m * k); // [m, k] = g [m, n] · w [n, k]
                 gemm(View::row_major(&gd, m, n), View::row_major(&wv.f32_data(), n, k), &mut d, false);
                 Some(t(d, xv.shape())?)
             } else {
                 None
             };
             let dw = if nw {
-                let mut d = vec![0f32; n * k]; // [n, k] = gᵀ [n, m] · x [m, k]
+                let mut d = zeros(n * k); // [n, k] = gᵀ [n, m] · x [m, k]
                 gemm(View::row_major(&gd, m, n).t(), View::row_major(&xv.f32_data(), m, k), &mut d, false);
                 Some(t(d, &[n, k])?)
             } else {
@@ -71,14 +71,14 @@ impl Tape {
             let gd = g.f32_data();
             let da = na
                 .then(|| {
-                    let mut d = vec![0f32; m * k]; // g [m, n] · bᵀ [n, k]
+                    let mut d = zeros(m * k); // g [m, n] · bᵀ [n, k]
                     gemm(View::row_major(&gd, m, n), View::row_major(&bv.f32_data(), k, n).t(), &mut d, false);
                     t(d, &[m, k])
                 })
                 .transpose()?;
             let db = nb
                 .then(|| {
-                    let mut d = vec![0f32; k * n]; // aᵀ [k, m] · g [m, n]
+                    let mut d = zeros(k * n); // aᵀ [k, m] · g [m, n]
                     gemm(View::row_major(&av.f32_data(), m, k).t(), View::row_major(&gd, m, n), &mut d, false);
                     t(d, &[k, n])
                 })
