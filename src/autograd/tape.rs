@@ -73,8 +73,10 @@ fn accumulate(a: Tensor, b: Tensor) -> Result<Tensor> {
     if a.shape() != b.shape() {
         return Err(crate::shape_err!("gradient shapes {:?} and {:?} do not match", a.shape(), b.shape()));
     }
-    let mut v = a.to_vec_f32();
-    v.iter_mut().zip(b.f32_data().iter()).for_each(|(x, y)| *x += y);
+    use rayon::prelude::*;
+    let mut v = a.into_f32_vec(); // the earlier gradient's own buffer when nothing else holds it
+    let bd = b.f32_data();
+    v.par_chunks_mut(1 << 14).zip(bd.par_chunks(1 << 14)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
     Tensor::from_vec(v, b.shape())
 }
 
