@@ -144,41 +144,57 @@ fn pack_a(a: &View, i0: usize, pc: usize, kc: usize, dst: &mut [f32]) {
         unsafe { pack_a_gather(a, i0, rows, pc, kc, dst) };
         return;
     }
+    // element (r, p) → dst[p·MR + r]; rows outer when a row is contiguous, else k steps outer
+    let start = i0 * a.rs + pc * a.cs;
     if a.cs == 1 {
-        for r in 0..rows {
-            let src = &a.data[(i0 + r) * a.rs + pc..][..kc];
-            for (p, &x) in src.iter().enumerate() {
-                dst[p * MR + r] = x;
-            }
-        }
+        strided_copy(a.data, start, (rows, a.rs, 1), (kc, 1, MR), dst);
     } else {
-        for p in 0..kc {
-            let base = (pc + p) * a.cs + i0 * a.rs;
-            for r in 0..rows {
-                dst[p * MR + r] = a.data[base + r * a.rs];
-            }
+        strided_copy(a.data, start, (kc, a.cs, MR), (rows, a.rs, 1), dst);
+    }
+}
+
+/// dst[o·od + i·id] = src[start + o·os + i·is] for o < n_outer, i < n_inner (scalar packing).
+fn strided_copy(src: &[f32], start: usize, (no, os, od): (usize, usize, usize), (ni, is, id): (usize, usize, usize), dst: &mut [f32]) {
+    for o in 0..no {
+        for i in 0..ni {
+            dst[o * od + i * id] = src[start + o * os + i * is];
         }
     }
 }
 
-/// [`pack_a`] for row-major A: one 14-lane gather per k step.
+/// [`pack_a`] for row-major A: one gather of the panel's rows per k step.
 ///
 /// # Safety
 /// AVX-512F; 16·rs fits i32; the view covers rows i0..i0+rows and columns pc..pc+kc.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_a_gather(a: &View, i0: usize, rows: usize, pc: usize, kc: usize, dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(a.rs as i32));
-    let mask: __mmask16 = ((1u32 << rows) - 1) as __mmask16;
-    let store: __mmask16 = ((1u32 << MR) - 1) as __mmask16;
     let base = a.data.as_ptr().wrapping_add(i0 * a.rs + pc);
-    for p in 0..kc {
-        // SAFETY: masked lanes are not read; live lanes are inside the view; the store writes
-        // dst[p·MR..p·MR + MR], inside the kc·MR panel.
+    // SAFETY: lane r of step p reads a.data[(i0 + r)·rs + pc + p] (r < rows): inside the view.
+    unsafe { gather_steps(base, a.rs, rows, kc, 1, dst, MR, MR) };
+}
+
+/// For p in 0..steps: lanes 0..live of `base + p·step + lane·stride` → dst[p·dst_stride..][..store]
+/// (lanes past `live` stored as zero; `store` ≤ 16).
+///
+/// # Safety
+/// AVX-512F; 16·stride fits i32; every live lane's address is readable; dst holds
+/// (steps − 1)·dst_stride + store values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gather_steps(base: *const f32, stride: usize, live: usize, steps: usize, step: usize, dst: &mut [f32], dst_stride: usize, store: usize) {
+    use std::arch::x86_64::*;
+    let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride as i32));
+    let lanes = |n: usize| -> __mmask16 { if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 } };
+    let (mask, smask) = (lanes(live), lanes(store));
+    assert!(steps == 0 || dst.len() >= (steps - 1) * dst_stride + store, "gather_steps: dst too small");
+    for p in 0..steps {
+        // SAFETY: masked lanes are not read (caller: live lanes are readable); the store stays
+        // inside dst (asserted above).
         unsafe {
-            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.wrapping_add(p).cast());
-            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(p * MR), store, v);
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.wrapping_add(p * step).cast());
+            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(p * dst_stride), smask, v);
         }
     }
 }
@@ -201,12 +217,7 @@ fn pack_b(b: &View, pc: usize, kc: usize, j0: usize, dst: &mut [f32]) {
             unsafe { pack_b_gather(b, pc, kc, j0, cols, dst) };
             return;
         }
-        for j in 0..cols {
-            let base = (j0 + j) * b.cs + pc * b.rs;
-            for p in 0..kc {
-                dst[p * NR + j] = b.data[base + p * b.rs];
-            }
-        }
+        strided_copy(b.data, j0 * b.cs + pc * b.rs, (cols, b.cs, 1), (kc, b.rs, NR), dst); // (p, j) → dst[p·NR + j]
     }
 }
 
@@ -217,23 +228,15 @@ fn pack_b(b: &View, pc: usize, kc: usize, j0: usize, dst: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_b_gather(b: &View, pc: usize, kc: usize, j0: usize, cols: usize, dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let cs = b.cs as i32;
-    let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(cs));
     for h in 0..NR / 16 {
         let live = cols.saturating_sub(h * 16).min(16);
         if live == 0 {
             break; // dst was zero-filled
         }
-        let mask: __mmask16 = if live == 16 { 0xFFFF } else { ((1u32 << live) - 1) as __mmask16 };
         let base = b.data.as_ptr().wrapping_add((j0 + h * 16) * b.cs + pc * b.rs);
-        for p in 0..kc {
-            // SAFETY: masked lanes are not read; live lanes are inside the view (see above).
-            unsafe {
-                let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.wrapping_add(p * b.rs).cast());
-                _mm512_storeu_ps(dst.as_mut_ptr().add(p * NR + h * 16), v);
-            }
-        }
+        // SAFETY: lane j of step p reads b.data[(j0 + 16h + j)·cs + (pc + p)·rs] (j < live):
+        // inside the view.
+        unsafe { gather_steps(base, b.cs, live, kc, b.rs, &mut dst[h * 16..], NR, 16) };
     }
 }
 
