@@ -88,7 +88,7 @@ pub fn unary_bwd_reference(op: Unary, x: &[f32], dy: &[f32]) -> Vec<f64> {
 pub fn unary_bwd(op: Unary, x: &[f32], dy: &[f32]) -> Vec<f32> {
     fn run(x: &[f32], dy: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
         const CHUNK: usize = 4096;
-        let mut out = super::matmul::zeros(x.len());
+        let mut out = super::fastmath::zeros(x.len());
         par_rows(&mut out, CHUNK.min(x.len().max(1)), |i, o| {
             let base = i * CHUNK.min(x.len().max(1));
             let (xs, ds) = (&x[base..base + o.len()], &dy[base..base + o.len()]);
@@ -116,7 +116,7 @@ pub fn unary_reference(op: Unary, x: &[f32]) -> Vec<f32> {
 }
 
 pub fn unary(op: Unary, x: &[f32]) -> Vec<f32> {
-    let mut out = super::matmul::zeros(x.len());
+    let mut out = super::fastmath::zeros(x.len());
     let chunk = 4096.min(x.len().max(1));
     par_rows(&mut out, chunk, |i, o| {
         for (o, &v) in o.iter_mut().zip(&x[i * chunk..]) {
@@ -124,14 +124,6 @@ pub fn unary(op: Unary, x: &[f32]) -> Vec<f32> {
         }
     });
     out
-}
-
-pub fn unary_inplace(op: Unary, x: &mut [f32]) {
-    par_rows(x, 4096.min(x.len().max(1)), |_, r| {
-        for v in r.iter_mut() {
-            *v = op.eval_fast(*v);
-        }
-    });
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,7 +203,7 @@ pub fn binary(op: Binary, a: &Operand, b: &Operand, out_shape: &[usize]) -> Vec<
         return binary_reference(op, a, b, out_shape);
     }
     let inner = out_shape[rank - 1];
-    let mut out = super::matmul::zeros(n);
+    let mut out = super::fastmath::zeros(n);
     // Row `r` of the output is indexed by the outer dims; each operand's inner stride is 0 or 1 in
     // the fast cases, anything in the general one.
     let outer_shape = &out_shape[..rank - 1];

@@ -23,7 +23,7 @@ pub fn embedding_bwd(dout: &[f32], vocab: usize, width: usize, ids: &[u32]) -> R
     if dout.len() != ids.len() * width {
         return Err(crate::shape_err!("embedding backward: {} gradient values for {} ids of width {width}", dout.len(), ids.len()));
     }
-    let mut g = crate::ops::matmul::zeros(vocab * width);
+    let mut g = crate::ops::fastmath::zeros(vocab * width);
     for (i, &id) in ids.iter().enumerate() {
         let id = id as usize;
         if id >= vocab {

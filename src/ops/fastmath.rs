@@ -49,6 +49,17 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// n zeros, written by all threads when the buffer is big (GEMM outputs and gradients: the fill
+/// is on the critical path of every Linear, and one core would do it alone).
+pub fn zeros(n: usize) -> Vec<f32> {
+    if n < 1 << 18 {
+        return vec![0.0; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(rayon::iter::repeat_n(0f32, n));
+    v
+}
+
 /// Runs `f(row_index, row)` over the rows of `out` in parallel when the work is large enough.
 pub fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     if row_len == 0 {

@@ -66,7 +66,7 @@ pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
     // packs less twice.
     let threads = rayon::current_num_threads().max(1);
     let (mpan, npan) = (m.div_ceil(MR), n.div_ceil(NR));
-    let by_rows = m * a.cols * (threads - 1) / threads.max(1) >= n * a.cols * (threads - 1) / threads.max(1) || npan < threads;
+    let by_rows = m >= n || npan < threads; // each thread packs all k×n of B, or all m×k of A
     let parts = if by_rows { threads.min(mpan) } else { threads.min(npan) };
     let cp = CPtr(c.as_mut_ptr());
     (0..parts).into_par_iter().for_each(|t| {

@@ -37,7 +37,7 @@ pub fn layer_norm_row(x: &[f32], y: &mut [f32], gamma: &[f32], beta: &[f32], eps
 }
 
 pub fn layer_norm(x: &[f32], n: usize, gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
-    let mut out = super::matmul::zeros(x.len());
+    let mut out = super::fastmath::zeros(x.len());
     par_rows(&mut out, n, |i, y| {
         layer_norm_row(&x[i * n..(i + 1) * n], y, gamma, beta, eps);
     });
@@ -69,7 +69,7 @@ pub fn layer_norm_bwd_reference(x: &[f32], n: usize, gamma: &[f32], dy: &[f32], 
 /// dβ accumulated over row blocks in parallel, then summed. Returns (dx, dγ, dβ).
 pub fn layer_norm_bwd(x: &[f32], n: usize, gamma: &[f32], dy: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     use rayon::prelude::*;
-    let mut dx = super::matmul::zeros(x.len());
+    let mut dx = super::fastmath::zeros(x.len());
     par_rows(&mut dx, n, |i, out| {
         let (r, d) = (&x[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n]);
         let mean = sum_f32(r) / n as f32;

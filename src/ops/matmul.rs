@@ -141,21 +141,10 @@ pub fn linear_reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias
     y
 }
 
-/// n zeros, written by all threads when the buffer is big (GEMM outputs and gradients: the fill
-/// is on the critical path of every Linear, and one core would do it alone).
-pub fn zeros(n: usize) -> Vec<f32> {
-    if n < 1 << 18 {
-        return vec![0.0; n];
-    }
-    let mut v = Vec::with_capacity(n);
-    v.par_extend(rayon::iter::repeat_n(0f32, n));
-    v
-}
-
 /// y[m×n] = x[m×k]·wᵀ (+ bias): the fast path.
 pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    let mut y = zeros(m * n);
-    if let (Some(b), true) = (bias, n > 0) {
+    let mut y = super::fastmath::zeros(m * n);
+    if let Some(b) = bias.filter(|_| n > 0) {
         y.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b));
     }
     gemm(View::row_major(x, m, k), View::row_major(w, n, k).t(), &mut y, bias.is_some());

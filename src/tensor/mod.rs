@@ -121,15 +121,14 @@ impl Tensor {
     /// The elements as an owned f32 vector: the storage itself when this tensor is its only
     /// owner and covers all of it (no copy), a copy otherwise.
     pub fn into_f32_vec(self) -> Vec<f32> {
-        let whole = self.is_contiguous() && self.offset == 0 && self.storage.len() == self.numel();
-        if whole && matches!(*self.storage, Storage::F32(_)) {
-            match Arc::try_unwrap(self.storage) {
-                Ok(Storage::F32(v)) => return v,
-                Ok(other) => return other.to_f32_range(0, other.len()),
-                Err(shared) => return shared.to_f32_range(0, shared.len()),
-            }
+        if !(self.is_contiguous() && self.offset == 0 && self.storage.len() == self.numel()) {
+            return self.to_vec_f32();
         }
-        self.to_vec_f32()
+        match Arc::try_unwrap(self.storage) {
+            Ok(Storage::F32(v)) => v,
+            Ok(other) => other.to_f32_range(0, other.len()),
+            Err(shared) => shared.to_f32_range(0, shared.len()),
+        }
     }
 
     /// A contiguous f32 tensor with the same elements (shares storage when already so).
