@@ -140,12 +140,11 @@ fn a_frozen_tower_is_skipped_and_the_step_matches_the_cpu_one() {
     let dir = common::fixture("tiny");
     let load = || {
         let mut m = TrainClip::load_dir(&dir).unwrap();
-        m.freeze("vision_model");
-        m.freeze("visual_projection");
+        m.freeze_tower(clipforge::model::schema::Tower::Vision);
         let opt = clipforge::train::trainer::new_optimizer(&m, AdamW::default());
         (m, opt)
     };
-    let pre = clipforge::cli::common::preprocess_config(&dir, 32).unwrap();
+    let pre = clipforge::io::image_prep::PreprocessConfig::for_model_dir(&dir, 32).unwrap();
     let tok = clipforge::io::tokenizer::ClipTokenizer::from_file(&dir, 77).unwrap();
     let loader = Loader::new(read_samples(&common::fixture("longclip/train.jsonl"), None).unwrap(), 4, 0, false, pre, tok).unwrap();
     let batch = loader.load(&[0, 3, 5, 9]).unwrap();

@@ -95,7 +95,7 @@ fn data_formats_and_errors() {
 #[test]
 fn shuffling_is_seeded_and_positions_replay() {
     let model = fixture("tiny");
-    let pre = clipforge::cli::common::preprocess_config(&model, 32).unwrap();
+    let pre = clipforge::io::image_prep::PreprocessConfig::for_model_dir(&model, 32).unwrap();
     let tok = || clipforge::io::tokenizer::ClipTokenizer::from_file(&model, 77).unwrap();
     let s = read_samples(&fixture("longclip/train.jsonl"), None).unwrap();
     let mut a = Loader::new(s.clone(), 3, 7, true, pre.clone(), tok()).unwrap();
@@ -112,7 +112,7 @@ fn shuffling_is_seeded_and_positions_replay() {
         c.next_indices();
     }
     let pos = c.position;
-    let mut d = Loader::new(read_samples(&fixture("longclip/train.jsonl"), None).unwrap(), 3, 7, true, clipforge::cli::common::preprocess_config(&model, 32).unwrap(), tok()).unwrap();
+    let mut d = Loader::new(read_samples(&fixture("longclip/train.jsonl"), None).unwrap(), 3, 7, true, clipforge::io::image_prep::PreprocessConfig::for_model_dir(&model, 32).unwrap(), tok()).unwrap();
     d.position = pos;
     assert_eq!((0..5).map(|_| d.next_indices()).collect::<Vec<_>>(), first[7..12].to_vec());
     let batch = d.load(&[0, 5]).unwrap();

@@ -72,6 +72,11 @@ fn run_model(name: &str) {
     let mut got: Vec<(String, Tensor)> = vec![];
     model.text().unwrap().forward(&ids, Some(77), &mut |n, t| got.push((n.to_string(), t.clone()))).unwrap();
     check_layers(name, &got, &refs, 1e-4);
+    // Packed (no padding, the last block for the pooled rows only): HF's pooled state and embeddings.
+    let mut got: Vec<(String, Tensor)> = vec![];
+    model.text().unwrap().forward(&ids, None, &mut |n, t| if n == "text.pooled" || n == "text.embeds" { got.push((n.to_string(), t.clone())) }).unwrap();
+    assert_eq!(got.len(), 2, "{name}: the packed text tower recorded its pooled state and embeddings");
+    check_layers(name, &got, &refs, 1e-4);
 }
 
 #[test]

@@ -128,8 +128,7 @@ fn recompute_gives_the_same_gradients() {
 #[test]
 fn frozen_tower_records_nothing() {
     let mut model = TrainClip::load_dir(&fixture("tiny")).unwrap();
-    model.freeze("vision_model");
-    model.freeze("visual_projection");
+    model.freeze_tower(clipforge::model::schema::Tower::Vision);
     let (px, _) = inputs(&fixture("tiny"), 49407);
     let tape = Tape::new();
     let sv = model.vars(&tape);

@@ -2,15 +2,14 @@
 //! (or a model directory), achieved GFLOP/s, and that as a share of a GEMM ceiling measured in
 //! the same run; `--task train` times Long-CLIP fine-tuning steps instead (src/cli/bench_train.rs).
 use super::Compute;
-use crate::cuda::CudaClip;
+use crate::api::ClipModel;
 use crate::error::{Error, Result};
 use crate::flops;
 use crate::model::synthetic::{normal_vec, random_weights, Rng};
-use crate::model::{ClipConfig, ClipParts, LoadOptions, Towers};
+use crate::model::{ClipConfig, Towers};
 use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
 use crate::ops::matmul::{gemm, View};
 use crate::tensor::DType;
-use crate::tensor::Tensor;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -109,10 +108,6 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "train" => return super::bench_train::run(a),
         t => return Err(Error::msg(format!("--task {t}: expected embed or train"))),
     }
-    let engine = super::resolve_device(a.compute.device, a.compute.dtype)?;
-    let on_cuda = matches!(engine, super::Engine::Cuda(_));
-    let opt = LoadOptions { dtype: if on_cuda { DType::F32 } else { a.compute.dtype.dtype()? } };
-    let device = engine.name();
     let (towers, do_img, do_txt) = match a.towers.as_str() {
         "both" => (Towers::Both, true, true),
         "image" => (Towers::Vision, true, false),
@@ -122,36 +117,26 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.batch == 0 {
         return Err(Error::msg("--batch must be at least 1"));
     }
+    let opts = super::common::open_options(towers, a.compute)?;
     let (model, source) = match &a.model {
-        Some(dir) => (ClipParts::load_dir(dir, towers, &opt)?, dir.display().to_string()),
+        Some(dir) => (ClipModel::open(dir, &opts)?, dir.display().to_string()),
         None => {
             let cfg = ClipConfig::preset(&a.preset).ok_or_else(|| Error::msg(format!("--preset {}: expected b32, b16, l14 or l14-336", a.preset)))?;
-            let w = random_weights(&cfg, 0);
-            (ClipParts::load(&w, &cfg, towers, &opt)?, format!("synthetic {}", a.preset))
+            (ClipModel::from_weights(&random_weights(&cfg, 0), &cfg, &opts)?, format!("synthetic {}", a.preset))
         }
     };
-    let cuda = match engine {
-        super::Engine::Cpu => None,
-        super::Engine::Cuda(ops) => Some(CudaClip::with_dtype(Box::new(ops), &model, a.compute.dtype.dtype()?)?),
-    };
-    let cfg = model.config.clone();
+    let on_cuda = model.device() != "cpu";
+    let (device, dtype) = (model.device(), model.dtype());
+    let cfg = model.config().clone();
     let b = a.batch;
     let mut report = serde_json::json!({
-        "model": source, "batch": b, "dtype": format!("{:?}", a.compute.dtype).to_lowercase(), "device": device,
+        "model": source, "batch": b, "dtype": dtype.name(), "device": device,
         "threads": rayon::current_num_threads(),
     });
-    let mut noop = |_: &str, _: &Tensor| {};
     if do_img {
         let s = cfg.vision.image_size;
-        let px = Tensor::from_vec(normal_vec(b * 3 * s * s, 0.0, 1.0, 7), &[b, 3, s, s])?;
-        let v = model.vision()?;
-        let sec = match &cuda {
-            Some(c) => {
-                let flat = px.to_vec_f32();
-                time_it(a.iters, "image tower", || c.embed_images(&flat, b).map(|_| ()))?
-            }
-            None => time_it(a.iters, "image tower", || v.forward(&px, &mut noop).map(|_| ()))?,
-        };
+        let px = normal_vec(b * 3 * s * s, 0.0, 1.0, 7); // [B, 3, S, S]
+        let sec = time_it(a.iters, "image tower", || model.embed_pixels(&px, b).map(|_| ()))?;
         let gf = flops::image_flops(&cfg) * b as f64 / sec / 1e9;
         report["images_per_s"] = (b as f64 / sec).into();
         report["image_gflops"] = gf.into();
@@ -159,17 +144,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if do_txt {
         let t = a.text_len.clamp(2, cfg.text.max_positions);
         let ids = synthetic_ids(&cfg, b, t, 11);
-        let tt = model.text()?;
-        let sec = match &cuda {
-            Some(c) => time_it(a.iters, "text tower", || c.embed_texts(&ids).map(|_| ()))?,
-            None => time_it(a.iters, "text tower", || tt.forward(&ids, None, &mut noop).map(|_| ()))?,
-        };
+        let sec = time_it(a.iters, "text tower", || model.embed_token_ids(&ids, false, b, &mut |_| {}).map(|_| ()))?;
         report["texts_per_s"] = (b as f64 / sec).into();
         report["text_gflops"] = (flops::text_flops(&cfg, t) * b as f64 / sec / 1e9).into();
         report["text_tokens"] = t.into();
     }
     // the ceiling is the CPU's GEMM: only meaningful for CPU runs
-    let ceiling = if on_cuda { f64::NAN } else { gemm_ceiling_gflops(opt.dtype) };
+    let ceiling = if on_cuda { f64::NAN } else { gemm_ceiling_gflops(dtype) };
     if !on_cuda {
         report["gemm_ceiling_gflops"] = ceiling.into();
     }
@@ -196,7 +177,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             println!("texts/s    {x:8.2}   {:7.1} GFLOP/s   {:4.0}% of GEMM ceiling   ({} tokens)", report["text_gflops"].as_f64().unwrap_or(0.0), 100.0 * report["text_share_of_ceiling"].as_f64().unwrap_or(0.0), report["text_tokens"]);
         }
         if !on_cuda {
-            println!("GEMM ceiling {ceiling:.1} GFLOP/s ({} 1024³, measured now)", opt.dtype.name());
+            println!("GEMM ceiling {ceiling:.1} GFLOP/s ({} 1024³, measured now)", dtype.name());
         }
     }
     Ok(())

@@ -58,12 +58,11 @@ pub struct SimilarityArgs {
 /// (cosine [I×T], probabilities over texts per image [I×T], logit scale).
 fn scores(model_dir: &PathBuf, images: &[PathBuf], texts: &[String], compute: Compute) -> Result<(Vec<f32>, Vec<f32>, f32)> {
     let model = load_model(model_dir, Towers::Both, compute)?;
-    let pre = preprocess_config(model_dir, model.config.vision.image_size)?;
-    let tok = ClipTokenizer::from_file(model_dir, model.config.text.max_positions)?;
-    let img = embed_images(&model, &pre, images, 32, true, true)?;
+    let tok = ClipTokenizer::from_file(model_dir, model.config().text.max_positions)?;
+    let img = embed_images(&model, images, 32, true, true)?;
     let txt = embed_texts(&model, &tok, texts, 64, true, true)?;
     let cos = cosine_matrix(&img, &txt)?.to_vec_f32();
-    let scale = model.logit_scale.exp();
+    let scale = model.logit_scale().exp();
     let logits: Vec<f32> = cos.iter().map(|c| c * scale).collect();
     Ok((cos, softmax(&logits, texts.len()), scale))
 }

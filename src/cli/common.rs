@@ -1,63 +1,34 @@
-//! What the model-using commands share: loading a model directory, reading texts and images in
-//! batches, running the towers with a progress bar.
+//! What the model-using commands share: opening a model through the library API, reading texts
+//! and images, embedding them in batches with a progress bar.
 use super::Compute;
+use crate::api::{ClipModel, DeviceChoice, ImageOptions, OpenOptions};
 use crate::error::{Error, Result};
-use crate::io::image_prep::{load_rgb8_hf, preprocess, PreprocessConfig};
+use crate::io::image_prep::PreprocessConfig;
 use crate::io::tokenizer::ClipTokenizer;
-use crate::model::clip::l2_normalize;
-use crate::cuda::CudaClip;
-use crate::model::{ClipParts, LoadOptions, Towers};
+use crate::model::Towers;
 use crate::tensor::Tensor;
-use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
-/// A loaded model and, with `--device cuda` (or auto on a machine with a GPU), its towers on the
-/// CUDA backend. Derefs to the CPU model (config, logit scale).
-pub struct Loaded {
-    pub model: ClipParts,
-    pub cuda: Option<CudaClip>,
-}
+/// The model a command runs: the library's [`ClipModel`].
+pub type Loaded = ClipModel;
 
-impl std::ops::Deref for Loaded {
-    type Target = ClipParts;
-    fn deref(&self) -> &ClipParts {
-        &self.model
-    }
-}
-
-impl Loaded {
-    /// The model on `engine`: the CUDA towers get every weight uploaded once.
-    /// `dtype`: what the CUDA towers compute in (the CPU model is loaded in its own dtype).
-    pub fn new(model: ClipParts, engine: super::Engine, dtype: crate::tensor::DType) -> Result<Loaded> {
-        let cuda = match engine {
-            super::Engine::Cpu => None,
-            super::Engine::Cuda(ops) => Some(CudaClip::with_dtype(Box::new(ops), &model, dtype)?),
-        };
-        Ok(Loaded { model, cuda })
-    }
+/// `--device`/`--dtype` as the library's open options.
+pub fn open_options(towers: Towers, compute: Compute) -> Result<OpenOptions> {
+    let device = match compute.device {
+        super::DeviceArg::Auto => DeviceChoice::Auto,
+        super::DeviceArg::Cpu => DeviceChoice::Cpu,
+        super::DeviceArg::Cuda => DeviceChoice::Cuda,
+    };
+    Ok(OpenOptions { device, dtype: compute.dtype.dtype()?, towers })
 }
 
 pub fn load_model(dir: &Path, towers: Towers, compute: Compute) -> Result<Loaded> {
-    let engine = super::resolve_device(compute.device, compute.dtype)?;
-    let compute_dtype = compute.dtype.dtype()?;
-    // On CUDA the CPU copy is only the source of the uploads (and the config): load it as f32.
-    let dtype = if matches!(engine, super::Engine::Cuda(_)) { crate::tensor::DType::F32 } else { compute_dtype };
-    Loaded::new(ClipParts::load_dir(dir, towers, &LoadOptions { dtype })?, engine, compute_dtype)
+    ClipModel::open(dir, &open_options(towers, compute)?)
 }
 
 /// The model's preprocessing: preprocessor_config.json if present, else OpenAI's at its image size.
 pub fn preprocess_config(dir: &Path, image_size: usize) -> Result<PreprocessConfig> {
-    let p = dir.join("preprocessor_config.json");
-    if p.exists() {
-        let s = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, format!("cannot read: {e}")))?;
-        let c = PreprocessConfig::from_json_str(&s).map_err(|e| Error::file(&p, e))?;
-        if c.crop_h as usize != image_size || c.crop_w as usize != image_size {
-            return Err(Error::file(&p, format!("crop size {}×{} does not match the model's image_size {image_size}", c.crop_h, c.crop_w)));
-        }
-        Ok(c)
-    } else {
-        Ok(PreprocessConfig::openai(image_size as u32))
-    }
+    PreprocessConfig::for_model_dir(dir, image_size)
 }
 
 /// Texts from arguments or a file (one per line).
@@ -99,53 +70,35 @@ pub fn image_paths(args: &[PathBuf], dir: Option<&Path>) -> Result<Vec<PathBuf>>
     Ok(paths)
 }
 
-/// Embeds texts in batches → [N, D] (L2-normalised if `normalize`).
-pub fn embed_texts(model: &Loaded, tok: &ClipTokenizer, texts: &[String], batch: usize, normalize: bool, quiet: bool) -> Result<Tensor> {
-    let tower = model.text()?;
-    let bar = super::progress(texts.len() as u64, "texts");
-    if quiet || texts.len() <= batch {
+/// A progress bar for `n` items, hidden when `quiet` or when one batch holds them all.
+fn items_bar(n: usize, batch: usize, quiet: bool, what: &str) -> indicatif::ProgressBar {
+    let bar = super::progress(n as u64, what);
+    if quiet || n <= batch {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let mut parts = vec![];
-    for chunk in texts.chunks(batch.max(1)) {
-        let ids = tok.encode_batch(chunk)?;
-        let e = match &model.cuda {
-            Some(c) => Tensor::from_vec(c.embed_texts(&ids)?, &[ids.len(), c.projection_dim])?,
-            None => tower.forward(&ids, None, &mut |_, _| {})?, // [b, D]
-        };
-        parts.push(if normalize { l2_normalize(&e)? } else { e });
-        bar.inc(chunk.len() as u64);
-    }
+    bar
+}
+
+/// Embeds texts in batches → [N, D] (L2-normalised if `normalize`).
+pub fn embed_texts(model: &Loaded, tok: &ClipTokenizer, texts: &[String], batch: usize, normalize: bool, quiet: bool) -> Result<Tensor> {
+    let bar = items_bar(texts.len(), batch, quiet, "texts");
+    let ids = tok.encode_batch(texts)?;
+    let e = model.embed_token_ids(&ids, normalize, batch, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
-    Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)
+    Ok(e.into())
 }
 
 /// Embeds images in batches → [N, D]. Decoding and preprocessing run in parallel.
-pub fn embed_images(model: &Loaded, pre: &PreprocessConfig, paths: &[PathBuf], batch: usize, normalize: bool, quiet: bool) -> Result<Tensor> {
-    let tower = model.vision()?;
-    let s = tower.cfg.image_size;
-    let bar = super::progress(paths.len() as u64, "images");
-    if quiet || paths.len() <= batch {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let mut parts = vec![];
-    for chunk in paths.chunks(batch.max(1)) {
-        let px: Vec<Vec<f32>> = chunk.par_iter().map(|p| Ok(preprocess(&load_rgb8_hf(p)?, pre))).collect::<std::result::Result<_, anyhow::Error>>().map_err(|e| Error::msg(e))?;
-        let flat: Vec<f32> = px.concat();
-        let e = match &model.cuda {
-            Some(c) => Tensor::from_vec(c.embed_images(&flat, chunk.len())?, &[chunk.len(), c.projection_dim])?,
-            None => tower.forward(&Tensor::from_vec(flat, &[chunk.len(), 3, s, s])?, &mut |_, _| {})?, // [b, D]
-        };
-        parts.push(if normalize { l2_normalize(&e)? } else { e });
-        bar.inc(chunk.len() as u64);
-    }
+pub fn embed_images(model: &Loaded, paths: &[PathBuf], batch: usize, normalize: bool, quiet: bool) -> Result<Tensor> {
+    let bar = items_bar(paths.len(), batch, quiet, "images");
+    let e = model.embed_image_files_with(paths, &ImageOptions { normalize, batch }, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
-    Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)
+    Ok(e.into())
 }
 
 /// The context length to tokenize to: --max-len, else the model's positions.
-pub fn context_length(model: &ClipParts, max_len: Option<usize>) -> Result<usize> {
-    let p = model.config.text.max_positions;
+pub fn context_length(model: &Loaded, max_len: Option<usize>) -> Result<usize> {
+    let p = model.context_length();
     match max_len {
         Some(n) if n > p => Err(Error::msg(format!("--max-len {n} exceeds the model's {p} positions (stretch the model first)"))),
         Some(n) if n < 2 => Err(Error::msg("--max-len must be at least 2")),

@@ -65,8 +65,7 @@ pub struct EmbedTextArgs {
 pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
     let paths = image_paths(&a.images, a.dir.as_deref())?;
     let model = load_model(&a.model, Towers::Vision, a.compute)?;
-    let pre = preprocess_config(&a.model, model.config.vision.image_size)?;
-    let e = embed_images(&model, &pre, &paths, a.batch, !a.no_normalize, false)?;
+    let e = embed_images(&model, &paths, a.batch, !a.no_normalize, false)?;
     write_npy(&a.out, &e.to_vec_f32(), e.shape())?;
     if a.dir.is_some() {
         let list = a.out.with_file_name(format!("{}.files.txt", a.out.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()));

@@ -106,7 +106,7 @@ fn ctx(c: &Common) -> Result<Ctx> {
     let model = load_model(&c.model, Towers::Both, c.compute)?;
     let key = model_key(&c.model)?;
     let dir = if c.no_cache { None } else { c.cache_dir.clone().or_else(EmbeddingCache::default_dir) };
-    let pre = preprocess_config(&c.model, model.config.vision.image_size)?;
+    let pre = preprocess_config(&c.model, model.config().vision.image_size)?;
     Ok(Ctx { model, key, cache: EmbeddingCache::new(dir), pre })
 }
 
@@ -117,7 +117,7 @@ fn images(x: &Ctx, c: &Common, paths: &[PathBuf]) -> Result<Vec<f32>> {
         h.file(p)?;
     }
     let (v, _, hit) = x.cache.get_or(h.finish(), || {
-        let e = embed_images(&x.model, &x.pre, paths, c.batch, true, c.json)?;
+        let e = embed_images(&x.model, paths, c.batch, true, c.json)?;
         Ok((e.to_vec_f32(), e.shape().to_vec()))
     })?;
     if hit && !c.json {
@@ -163,9 +163,9 @@ pub fn zeroshot(a: &ZeroshotArgs) -> Result<()> {
     };
     let tmpl = templates::load(&a.templates)?;
     let x = ctx(c)?;
-    let d = x.model.config.projection_dim;
+    let d = x.model.config().projection_dim;
     let img = images(&x, c, &set.images)?;
-    let tok = ClipTokenizer::from_file(&c.model, x.model.config.text.max_positions)?;
+    let tok = ClipTokenizer::from_file(&c.model, x.model.config().text.max_positions)?;
     // class embeddings: mean of the normalised prompt embeddings, re-normalised
     let prompts: Vec<String> = names.iter().flat_map(|n| templates::prompts(&tmpl, n)).collect();
     let pe = texts(&x, c, &tok, &prompts)?;
@@ -197,7 +197,7 @@ pub fn retrieval_cmd(a: &RetrievalArgs) -> Result<()> {
     let c = &a.common;
     let set = retrieval_set(&a.data)?;
     let x = ctx(c)?;
-    let d = x.model.config.projection_dim;
+    let d = x.model.config().projection_dim;
     let tok = ClipTokenizer::from_file(&c.model, context_length(&x.model, a.max_len)?)?;
     let img = images(&x, c, &set.images)?;
     let txt = texts(&x, c, &tok, &set.texts)?;
@@ -225,7 +225,7 @@ pub fn probe_cmd(a: &ProbeArgs) -> Result<()> {
         return Err(Error::file(&a.test, format!("class folders {:?} differ from the training set's {:?}", test.folders, train.folders)));
     }
     let x = ctx(c)?;
-    let d = x.model.config.projection_dim;
+    let d = x.model.config().projection_dim;
     let (tx, vx) = (images(&x, c, &train.images)?, images(&x, c, &test.images)?);
     let r = crate::eval::probe::linear_probe(&tx, &train.labels, &vx, &test.labels, d, train.folders.len())?;
     if c.json {

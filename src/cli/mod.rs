@@ -120,17 +120,7 @@ pub fn resolve_device(d: DeviceArg, dtype: DtypeArg) -> Result<Engine> {
     }
 }
 
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
-}
+pub use crate::progress::bar as progress;
 
 pub fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {

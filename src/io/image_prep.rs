@@ -371,3 +371,21 @@ pub fn preprocess(img: &RgbImage8, cfg: &PreprocessConfig) -> Vec<f32> {
     }
     out
 }
+
+impl PreprocessConfig {
+    /// A model directory's preprocessing: its preprocessor_config.json (whose crop must match the
+    /// model's `image_size`), or OpenAI's at that size when the file is absent.
+    pub fn for_model_dir(dir: &std::path::Path, image_size: usize) -> crate::error::Result<PreprocessConfig> {
+        use crate::error::Error;
+        let p = dir.join("preprocessor_config.json");
+        if !p.exists() {
+            return Ok(PreprocessConfig::openai(image_size as u32));
+        }
+        let s = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, format!("cannot read: {e}")))?;
+        let c = PreprocessConfig::from_json_str(&s).map_err(|e| Error::file(&p, e))?;
+        if c.crop_h as usize != image_size || c.crop_w as usize != image_size {
+            return Err(Error::file(&p, format!("crop size {}×{} does not match the model's image_size {image_size}", c.crop_h, c.crop_w)));
+        }
+        Ok(c)
+    }
+}

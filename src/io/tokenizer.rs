@@ -29,6 +29,11 @@ impl ClipTokenizer {
 
     /// Ids of one text: [SOT, first n−2 content tokens, EOT]; no padding.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_counting(text)?.0)
+    }
+
+    /// [`encode`](Self::encode), and how many content tokens the context length cut off.
+    pub fn encode_counting(&self, text: &str) -> Result<(Vec<u32>, usize)> {
         let enc = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizer failed on {text:?}: {e}")))?;
         let content = enc.get_ids();
         let n = content.len().min(self.context_length - 2);
@@ -36,7 +41,7 @@ impl ClipTokenizer {
         ids.push(self.sot);
         ids.extend_from_slice(&content[..n]);
         ids.push(self.eot);
-        Ok(ids)
+        Ok((ids, content.len() - n))
     }
 
     pub fn encode_batch(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {

@@ -35,8 +35,9 @@ impl ClipParts {
         let d = config.projection_dim;
         let vision = if towers != Towers::Text { Some(VisionTower::load(weights, &config.vision, d, opt)?) } else { None };
         let text = if towers != Towers::Vision { Some(TextTower::load(weights, &config.text, d, opt)?) } else { None };
-        let logit_scale = if weights.contains("logit_scale") {
-            weights.get_shaped("logit_scale", &[]).or_else(|_| weights.get_shaped("logit_scale", &[1]))?.to_vec_f32()[0]
+        let ls = super::schema::names::LOGIT_SCALE;
+        let logit_scale = if weights.contains(ls) {
+            weights.get_shaped(ls, &[]).or_else(|_| weights.get_shaped(ls, &[1]))?.to_vec_f32()[0]
         } else {
             config.logit_scale_init
         };

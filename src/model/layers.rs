@@ -1,6 +1,7 @@
 //! The layers both towers share: Linear, LayerNorm, and the pre-LN transformer block
 //! (x + attn(ln1(x)), then x + mlp(ln2(x))), named as in HF's CLIPEncoderLayer.
 use super::config::{Activation, TowerConfig};
+use super::schema::{block_name, BlockParam, Tower};
 use super::weights::Weights;
 use crate::error::Result;
 use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
@@ -38,15 +39,16 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(w: &Weights, prefix: &str, inp: usize, out: usize, bias: bool, opt: &LoadOptions) -> Result<Linear> {
-        let name = format!("{prefix}.weight");
-        let bias = if bias { Some(load_f32(w, &format!("{prefix}.bias"), &[out])?) } else { None };
+    /// Loads weight `name` of shape [out, in] and, if named, its bias [out].
+    pub fn load_named(w: &Weights, name: &str, bias: Option<&str>, shape: &[usize], opt: &LoadOptions) -> Result<Linear> {
+        let (out, inp) = (shape[0], shape[1]);
+        let bias = bias.map(|b| load_f32(w, b, &[out])).transpose()?;
         if opt.dtype == DType::BF16 {
-            let raw = w.get_shaped(&name, &[out, inp])?;
+            let raw = w.get_shaped(name, &[out, inp])?;
             let packed = PackedBf16::from_f32(&raw.f32_data(), out, inp);
             return Ok(Linear { weight: raw, bias, packed: Some(Arc::new(packed)) });
         }
-        Ok(Linear { weight: load_f32(w, &name, &[out, inp])?, bias, packed: None })
+        Ok(Linear { weight: load_f32(w, name, &[out, inp])?, bias, packed: None })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let Some(p) = &self.packed else {
@@ -73,6 +75,7 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`, both [n].
     pub fn load(w: &Weights, prefix: &str, n: usize, eps: f32) -> Result<LayerNorm> {
         Ok(LayerNorm { weight: load_f32(w, &format!("{prefix}.weight"), &[n])?, bias: load_f32(w, &format!("{prefix}.bias"), &[n])?, eps })
     }
@@ -96,19 +99,22 @@ pub struct Block {
 }
 
 impl Block {
-    /// Loads `{prefix}.self_attn.{q,k,v,out}_proj`, `layer_norm1/2`, `mlp.fc1/fc2`.
-    pub fn load(w: &Weights, prefix: &str, c: &TowerConfig, opt: &LoadOptions) -> Result<Block> {
+    /// Loads block `layer` of `tower` (the schema's [`BlockParam`] names).
+    pub fn load(w: &Weights, tower: Tower, layer: usize, c: &TowerConfig, opt: &LoadOptions) -> Result<Block> {
         let (h, i) = (c.hidden, c.intermediate);
-        let lin = |name: &str, a, b| Linear::load(w, &format!("{prefix}.{name}"), a, b, true, opt);
+        let name = |p: BlockParam| block_name(tower, layer, p);
+        let lin = |wt: BlockParam, b: BlockParam| Linear::load_named(w, &name(wt), Some(&name(b)), &wt.shape(h, i), opt);
+        let ln = |g: BlockParam, b: BlockParam| -> Result<LayerNorm> { Ok(LayerNorm { weight: load_f32(w, &name(g), &[h])?, bias: load_f32(w, &name(b), &[h])?, eps: c.eps }) };
+        use BlockParam::*;
         Ok(Block {
-            ln1: LayerNorm::load(w, &format!("{prefix}.layer_norm1"), h, c.eps)?,
-            q: lin("self_attn.q_proj", h, h)?,
-            k: lin("self_attn.k_proj", h, h)?,
-            v: lin("self_attn.v_proj", h, h)?,
-            o: lin("self_attn.out_proj", h, h)?,
-            ln2: LayerNorm::load(w, &format!("{prefix}.layer_norm2"), h, c.eps)?,
-            fc1: lin("mlp.fc1", h, i)?,
-            fc2: lin("mlp.fc2", i, h)?,
+            ln1: ln(Ln1Weight, Ln1Bias)?,
+            q: lin(QWeight, QBias)?,
+            k: lin(KWeight, KBias)?,
+            v: lin(VWeight, VBias)?,
+            o: lin(OutWeight, OutBias)?,
+            ln2: ln(Ln2Weight, Ln2Bias)?,
+            fc1: lin(Fc1Weight, Fc1Bias)?,
+            fc2: lin(Fc2Weight, Fc2Bias)?,
             heads: c.heads,
             act: c.act,
         })
@@ -116,17 +122,51 @@ impl Block {
 
     /// x: [B, T, W] → [B, T, W].
     pub fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
-        let h = self.ln1.forward(x)?; // [B, T, W]
-        let (q, k, v) = (self.q.forward(&h)?, self.k.forward(&h)?, self.v.forward(&h)?); // [B, T, W] each
-        let (a, _lse) = Tensor::attention(&q, &k, &v, self.heads, causal)?; // [B, T, W]
-        let x = x.add(&self.o.forward(&a)?)?; // [B, T, W]
-        let h = self.ln2.forward(&x)?; // [B, T, W]
+        self.forward_on(x, &Seqs::Batch { causal }, None)
+    }
+
+    /// The block on any grouping of rows (`seqs`). With `rows`, only those rows of the output are
+    /// wanted (the pooled tokens): keys and values are computed for every row, the output
+    /// projection and the MLP for the chosen rows only, and the result is [R, W].
+    pub fn forward_on(&self, x: &Tensor, seqs: &Seqs, rows: Option<&[usize]>) -> Result<Tensor> {
+        let h = self.ln1.forward(x)?; // x's shape
+        let (q, k, v) = (self.q.forward(&h)?, self.k.forward(&h)?, self.v.forward(&h)?); // x's shape each
+        let a = match seqs {
+            Seqs::Batch { causal } => Tensor::attention(&q, &k, &v, self.heads, *causal)?.0, // [B, T, W]
+            Seqs::Packed(lens) => {
+                let (o, _lse) = crate::ops::attention::attention_packed(&q.f32_data(), &k.f32_data(), &v.f32_data(), lens, self.heads, true);
+                Tensor::from_vec(o, q.shape())? // [N, W]
+            }
+        };
+        let (x, a) = match rows {
+            None => (x.clone(), a),
+            Some(r) => (gather_rows(x, r)?, gather_rows(&a, r)?), // [R, W] each
+        };
+        let x = x.add(&self.o.forward(&a)?)?; // x's shape
+        let h = self.ln2.forward(&x)?;
         let m = self.fc1.forward(&h)?.unary(match self.act {
             Activation::QuickGelu => Unary::QuickGelu,
             Activation::Gelu => Unary::Gelu,
-        }); // [B, T, I]
-        x.add(&self.fc2.forward(&m)?) // [B, T, W]
+        }); // [.., I]
+        x.add(&self.fc2.forward(&m)?) // x's shape
     }
+}
+
+/// How a block's attention groups the rows of its input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seqs {
+    /// x is [B, T, W]: B sequences of T tokens, optionally causal.
+    Batch { causal: bool },
+    /// x is [N, W]: causal sequences of these lengths packed back to back (N = Σ lengths).
+    Packed(Vec<usize>),
+}
+
+/// Rows `rows` of x viewed as [N, W] → [R, W].
+pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let w = *x.shape().last().unwrap_or(&1);
+    let n = if w == 0 { 0 } else { x.numel() / w };
+    let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    Tensor::embedding(&x.reshape(&[n, w])?, &ids) // [R, W]
 }
 
 /// A stack of blocks; `hook(name, x)` sees every layer's output as `{prefix}.layer.{i}`.
@@ -135,15 +175,25 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn load(w: &Weights, prefix: &str, c: &TowerConfig, opt: &LoadOptions) -> Result<Encoder> {
-        let layers = (0..c.layers).map(|i| Block::load(w, &format!("{prefix}.encoder.layers.{i}"), c, opt)).collect::<Result<_>>()?;
+    pub fn load(w: &Weights, tower: Tower, c: &TowerConfig, opt: &LoadOptions) -> Result<Encoder> {
+        let layers = (0..c.layers).map(|i| Block::load(w, tower, i, c, opt)).collect::<Result<_>>()?;
         Ok(Encoder { layers })
     }
-    pub fn forward(&self, mut x: Tensor, causal: bool, name: &str, hook: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+    pub fn forward(&self, x: Tensor, causal: bool, name: &str, hook: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+        self.forward_on(x, &Seqs::Batch { causal }, None, name, hook)
+    }
+
+    /// The blocks on any grouping of rows; with `pool`, the last block computes only those rows
+    /// of its output (see [`Block::forward_on`]) and the result is [R, W].
+    pub fn forward_on(&self, mut x: Tensor, seqs: &Seqs, pool: Option<&[usize]>, name: &str, hook: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+        let last = self.layers.len().saturating_sub(1);
         for (i, b) in self.layers.iter().enumerate() {
-            x = b.forward(&x, causal)?; // [B, T, W]
+            x = b.forward_on(&x, seqs, if i == last { pool } else { None })?; // x's shape, [R, W] after a pooled last block
             hook(&format!("{name}.layer.{i}"), &x);
         }
-        Ok(x)
+        match (pool, self.layers.is_empty()) {
+            (Some(r), true) => gather_rows(&x, r), // no blocks: [R, W]
+            _ => Ok(x),
+        }
     }
 }

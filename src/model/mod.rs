@@ -2,6 +2,7 @@
 pub mod clip;
 pub mod config;
 pub mod layers;
+pub mod schema;
 pub mod stretch;
 pub mod synthetic;
 pub mod text;
@@ -11,4 +12,5 @@ pub mod weights;
 pub use clip::{Clip, ClipParts, Towers};
 pub use config::ClipConfig;
 pub use layers::LoadOptions;
+pub use schema::{BlockParam, Schema};
 pub use weights::Weights;

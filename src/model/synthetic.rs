@@ -1,6 +1,7 @@
 //! Random-weight CLIP models made in memory (for `clipforge bench` with no model directory), with
 //! CLIP's initialisation scales so activations look like a real model's.
 use super::config::ClipConfig;
+use super::schema::Schema;
 use super::weights::Weights;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -55,51 +56,18 @@ pub fn normal_vec(n: usize, mean: f32, std: f32, seed: u64) -> Vec<f32> {
     v
 }
 
-/// All tensors of an HF CLIPModel with `cfg`'s shapes, randomly initialised.
+/// All tensors of an HF CLIPModel with `cfg`'s shapes, initialised as the schema says (CLIP's
+/// scales), each from its own stream of `seed`.
 pub fn random_weights(cfg: &ClipConfig, seed: u64) -> Weights {
-    let mut m: HashMap<String, Tensor> = HashMap::new();
-    let mut k = 0u64;
-    let mut put = |m: &mut HashMap<String, Tensor>, name: String, shape: &[usize], mean: f32, std: f32| {
-        k += 1;
-        let n = shape.iter().product();
-        m.insert(name, Tensor::from_vec(normal_vec(n, mean, std, seed.wrapping_add(k)), shape).expect("shape"));
-    };
-    let d = cfg.projection_dim;
-    for (pre, t) in [("vision_model", &cfg.vision.tower), ("text_model", &cfg.text.tower)] {
-        let (h, i, l) = (t.hidden, t.intermediate, t.layers);
-        let attn_std = (h as f32).powf(-0.5);
-        let out_std = attn_std * (2.0 * l as f32).powf(-0.5);
-        for li in 0..l {
-            let p = format!("{pre}.encoder.layers.{li}");
-            for q in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                put(&mut m, format!("{p}.self_attn.{q}.weight"), &[h, h], 0.0, if q == "out_proj" { out_std } else { attn_std });
-                put(&mut m, format!("{p}.self_attn.{q}.bias"), &[h], 0.0, 0.02);
-            }
-            put(&mut m, format!("{p}.mlp.fc1.weight"), &[i, h], 0.0, (2.0 * h as f32).powf(-0.5));
-            put(&mut m, format!("{p}.mlp.fc1.bias"), &[i], 0.0, 0.02);
-            put(&mut m, format!("{p}.mlp.fc2.weight"), &[h, i], 0.0, out_std);
-            put(&mut m, format!("{p}.mlp.fc2.bias"), &[h], 0.0, 0.02);
-            for ln in ["layer_norm1", "layer_norm2"] {
-                put(&mut m, format!("{p}.{ln}.weight"), &[h], 1.0, 0.1);
-                put(&mut m, format!("{p}.{ln}.bias"), &[h], 0.0, 0.02);
-            }
-        }
-    }
-    let (v, t) = (&cfg.vision, &cfg.text);
-    let (vh, th) = (v.tower.hidden, t.tower.hidden);
-    let e = "vision_model.embeddings";
-    put(&mut m, format!("{e}.class_embedding"), &[vh], 0.0, (vh as f32).powf(-0.5));
-    put(&mut m, format!("{e}.patch_embedding.weight"), &[vh, v.channels, v.patch_size, v.patch_size], 0.0, 0.02);
-    put(&mut m, format!("{e}.position_embedding.weight"), &[v.tokens(), vh], 0.0, (vh as f32).powf(-0.5));
-    for ln in ["vision_model.pre_layrnorm", "vision_model.post_layernorm", "text_model.final_layer_norm"] {
-        let n = if ln.starts_with("vision") { vh } else { th };
-        put(&mut m, format!("{ln}.weight"), &[n], 1.0, 0.1);
-        put(&mut m, format!("{ln}.bias"), &[n], 0.0, 0.02);
-    }
-    put(&mut m, "visual_projection.weight".into(), &[d, vh], 0.0, (vh as f32).powf(-0.5));
-    put(&mut m, "text_projection.weight".into(), &[d, th], 0.0, (th as f32).powf(-0.5));
-    put(&mut m, "text_model.embeddings.token_embedding.weight".into(), &[t.vocab, th], 0.0, 0.02);
-    put(&mut m, "text_model.embeddings.position_embedding.weight".into(), &[t.max_positions, th], 0.0, 0.01);
-    m.insert("logit_scale".into(), Tensor::scalar(cfg.logit_scale_init));
+    let schema = Schema::clip(cfg);
+    let m: HashMap<String, Tensor> = schema
+        .params()
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            let v = normal_vec(p.numel(), p.init.mean, p.init.std, seed.wrapping_add(k as u64 + 1));
+            (p.name.clone(), Tensor::from_vec(v, &p.shape).expect("the schema's shape"))
+        })
+        .collect();
     Weights::from_tensors(m, "<synthetic>")
 }

@@ -2,6 +2,7 @@
 //! class token, positions, pre_layrnorm, encoder, post_layernorm on the class token, projection.
 use super::config::VisionConfig;
 use super::layers::{load_f32, Encoder, LayerNorm, Linear, LoadOptions};
+use super::schema::{names, Tower};
 use super::weights::Weights;
 use crate::error::Result;
 use crate::shape_err;
@@ -21,15 +22,14 @@ pub struct VisionTower {
 impl VisionTower {
     pub fn load(w: &Weights, cfg: &VisionConfig, proj_dim: usize, opt: &LoadOptions) -> Result<VisionTower> {
         let (h, p, c) = (cfg.tower.hidden, cfg.patch_size, cfg.channels);
-        let e = "vision_model.embeddings";
         Ok(VisionTower {
-            class_embedding: load_f32(w, &format!("{e}.class_embedding"), &[h])?,
-            patch_weight: load_f32(w, &format!("{e}.patch_embedding.weight"), &[h, c, p, p])?,
-            positions: load_f32(w, &format!("{e}.position_embedding.weight"), &[cfg.tokens(), h])?,
-            pre_ln: LayerNorm::load(w, "vision_model.pre_layrnorm", h, cfg.tower.eps)?,
-            encoder: Encoder::load(w, "vision_model", &cfg.tower, opt)?,
-            post_ln: LayerNorm::load(w, "vision_model.post_layernorm", h, cfg.tower.eps)?,
-            projection: Linear::load(w, "visual_projection", h, proj_dim, false, opt)?,
+            class_embedding: load_f32(w, names::CLASS_EMBEDDING, &[h])?,
+            patch_weight: load_f32(w, names::PATCH_EMBEDDING, &[h, c, p, p])?,
+            positions: load_f32(w, names::VISION_POSITIONS, &[cfg.tokens(), h])?,
+            pre_ln: LayerNorm::load(w, names::PRE_LN, h, cfg.tower.eps)?,
+            encoder: Encoder::load(w, Tower::Vision, &cfg.tower, opt)?,
+            post_ln: LayerNorm::load(w, names::POST_LN, h, cfg.tower.eps)?,
+            projection: Linear::load_named(w, names::VISUAL_PROJECTION, None, &[proj_dim, h], opt)?,
             cfg: cfg.clone(),
         })
     }

@@ -5,6 +5,8 @@
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::model::config::{Activation, ClipConfig, TowerConfig};
+use crate::model::layers::Seqs;
+use crate::model::schema::{names, Schema, Tower};
 use crate::model::text::pool_position;
 use crate::model::weights::Weights;
 use crate::ops::elementwise::Unary;
@@ -12,62 +14,18 @@ use crate::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// The 16 tensors of one block, in this order (HF names under `{prefix}.encoder.layers.{i}.`).
-pub const BLOCK_PARAMS: [&str; 16] = [
-    "layer_norm1.weight", "layer_norm1.bias",
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias",
-    "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias",
-    "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-    "layer_norm2.weight", "layer_norm2.bias",
-    "mlp.fc1.weight", "mlp.fc1.bias",
-    "mlp.fc2.weight", "mlp.fc2.bias",
-];
+pub use crate::model::schema::BLOCK_PARAMS;
 
-fn tower_params(prefix: &str, t: &TowerConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i) = (t.hidden, t.intermediate);
-    let mut out = vec![];
-    for l in 0..t.layers {
-        let shapes = [vec![h], vec![h], vec![h, h], vec![h], vec![h, h], vec![h], vec![h, h], vec![h], vec![h, h], vec![h], vec![h], vec![h], vec![i, h], vec![i], vec![h, i], vec![h]];
-        for (n, s) in BLOCK_PARAMS.iter().zip(shapes) {
-            out.push((format!("{prefix}.encoder.layers.{l}.{n}"), s));
-        }
-    }
-    out
-}
-
-/// Every parameter name of a CLIP model with `c`'s shapes, in a fixed order.
+/// Every parameter name of a CLIP model with `c`'s shapes, in the schema's order.
 pub fn param_shapes(c: &ClipConfig) -> Vec<(String, Vec<usize>)> {
-    let (v, t) = (&c.vision, &c.text);
-    let (vh, th, d) = (v.tower.hidden, t.tower.hidden, c.projection_dim);
-    let mut list = vec![
-        ("vision_model.embeddings.class_embedding".to_string(), vec![vh]),
-        ("vision_model.embeddings.patch_embedding.weight".into(), vec![vh, v.channels, v.patch_size, v.patch_size]),
-        ("vision_model.embeddings.position_embedding.weight".into(), vec![v.tokens(), vh]),
-        ("vision_model.pre_layrnorm.weight".into(), vec![vh]),
-        ("vision_model.pre_layrnorm.bias".into(), vec![vh]),
-    ];
-    list.extend(tower_params("vision_model", &v.tower));
-    list.extend([
-        ("vision_model.post_layernorm.weight".into(), vec![vh]),
-        ("vision_model.post_layernorm.bias".into(), vec![vh]),
-        ("visual_projection.weight".into(), vec![d, vh]),
-        ("text_model.embeddings.token_embedding.weight".into(), vec![t.vocab, th]),
-        ("text_model.embeddings.position_embedding.weight".into(), vec![t.max_positions, th]),
-    ]);
-    list.extend(tower_params("text_model", &t.tower));
-    list.extend([
-        ("text_model.final_layer_norm.weight".into(), vec![th]),
-        ("text_model.final_layer_norm.bias".into(), vec![th]),
-        ("text_projection.weight".into(), vec![d, th]),
-        ("logit_scale".into(), vec![]),
-    ]);
-    list
+    Schema::clip(c).shapes()
 }
 
 pub struct TrainClip {
     pub config: ClipConfig,
-    /// (HF name, f32 value), in [`param_shapes`] order.
+    /// The model's parameters: `params` starts with them, in this order.
+    pub schema: Schema,
+    /// (HF name, f32 value), in the schema's order, then any extra parameters (SmartCLIP's mask network).
     pub params: Vec<(String, Tensor)>,
     /// Parameters that get gradients (default: all).
     pub trainable: Vec<bool>,
@@ -82,20 +40,21 @@ pub struct StepVars {
 }
 
 impl TrainClip {
-    /// All parameters of `w` as f32 (any stored dtype), shapes checked against `config`.
+    /// All parameters of `w` as f32 (any stored dtype), shapes checked against `config`'s schema.
     pub fn from_weights(w: &Weights, config: &ClipConfig) -> Result<TrainClip> {
+        let schema = Schema::clip(config);
         let mut params = vec![];
-        for (name, shape) in param_shapes(config) {
-            if name == "logit_scale" && !w.contains(&name) {
-                params.push((name, Tensor::scalar(2.6592))); // HF's default ln(1/0.07)
+        for p in schema.params() {
+            if p.name == names::LOGIT_SCALE && !w.contains(&p.name) {
+                params.push((p.name.clone(), Tensor::scalar(config.logit_scale_init))); // HF's init value
                 continue;
             }
-            let t = w.get_shaped(&name, &shape)?;
-            params.push((name, Tensor::from_vec(t.to_vec_f32(), &shape)?)); // an owned f32 copy: training updates it
+            let t = w.get_shaped(&p.name, &p.shape)?;
+            params.push((p.name.clone(), Tensor::from_vec(t.to_vec_f32(), &p.shape)?)); // an owned f32 copy: training updates it
         }
         let index = params.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
         let n = params.len();
-        Ok(TrainClip { config: config.clone(), params, trainable: vec![true; n], recompute: false, index })
+        Ok(TrainClip { config: config.clone(), schema, params, trainable: vec![true; n], recompute: false, index })
     }
 
     pub fn load_dir(dir: &Path) -> Result<TrainClip> {
@@ -116,13 +75,17 @@ impl TrainClip {
         self.index.get(name).copied()
     }
 
-    /// Freezes every parameter whose name starts with `prefix` (e.g. "vision_model").
-    pub fn freeze(&mut self, prefix: &str) {
-        for (i, (n, _)) in self.params.iter().enumerate() {
-            if n.starts_with(prefix) {
-                self.trainable[i] = false;
-            }
+    /// Freezes every parameter of `tower` (its blocks, embeddings, norms and projection).
+    pub fn freeze_tower(&mut self, tower: Tower) {
+        for i in self.schema.tower(tower) {
+            self.trainable[i] = false;
         }
+    }
+
+    /// Leading elements of parameter `i` that fine-tuning never changes (Long-CLIP's kept
+    /// position rows; 0 for parameters outside the schema).
+    pub fn frozen_elems(&self, i: usize) -> usize {
+        self.schema.params().get(i).map_or(0, |p| p.frozen_elems())
     }
 
     /// Puts the parameters on `tape` (trainable ones as leaves, the rest as constants).
@@ -135,17 +98,18 @@ impl TrainClip {
         self.index(name).map(|i| &sv.vars[i]).ok_or_else(|| Error::msg(format!("no parameter {name}")))
     }
 
-    fn block_vars(&self, sv: &StepVars, prefix: &str, l: usize) -> Result<Vec<Var>> {
-        BLOCK_PARAMS.iter().map(|n| self.v(sv, &format!("{prefix}.encoder.layers.{l}.{n}")).cloned()).collect()
+    /// Block `l`'s 16 tensors ([`BlockParam`](crate::model::BlockParam) order).
+    fn block_vars(&self, sv: &StepVars, tower: Tower, l: usize) -> Vec<Var> {
+        sv.vars[self.schema.block(tower, l)].to_vec()
     }
 
     /// The tower's blocks on `x`. With `pool`, only those rows of the output are wanted: the last
     /// block computes keys and values for every row but everything after attention for the
     /// pooled rows only, and the result is [R, W] instead of x's shape.
-    fn encoder(&self, tape: &Tape, sv: &StepVars, prefix: &str, t: &TowerConfig, mut x: Var, seqs: &Seqs, pool: Option<&[usize]>) -> Result<Var> {
+    fn encoder(&self, tape: &Tape, sv: &StepVars, tower: Tower, t: &TowerConfig, mut x: Var, seqs: &Seqs, pool: Option<&[usize]>) -> Result<Var> {
         let full = if pool.is_some() { t.layers.saturating_sub(1) } else { t.layers };
         for l in 0..full {
-            let p = self.block_vars(sv, prefix, l)?;
+            let p = self.block_vars(sv, tower, l);
             x = if self.recompute { block_checkpoint(tape, &x, &p, t, seqs)? } else { block_on(tape, &x, &p, t, seqs)? }; // x's shape
         }
         let Some(rows) = pool else { return Ok(x) };
@@ -153,7 +117,7 @@ impl TrainClip {
             let n = x.value().numel() / t.hidden.max(1);
             return tape.gather_rows(&tape.reshape(&x, &[n, t.hidden])?, rows); // no blocks: [R, W]
         }
-        block_rows(tape, &x, &self.block_vars(sv, prefix, full)?, t, seqs, rows) // [R, W]
+        block_rows(tape, &x, &self.block_vars(sv, tower, full), t, seqs, rows) // [R, W]
     }
 
     /// pixels [B, C, S, S] → image embeddings [B, D] (not normalised).
@@ -161,16 +125,16 @@ impl TrainClip {
         let vc = &self.config.vision;
         let (b, w, t) = (pixels.dim(0), vc.tower.hidden, vc.tokens());
         let px = tape.constant(pixels.clone());
-        let patches = tape.patch_embed(&px, self.v(sv, "vision_model.embeddings.patch_embedding.weight")?)?; // [B, N, W]
-        let cls = tape.reshape(self.v(sv, "vision_model.embeddings.class_embedding")?, &[1, 1, w])?;
+        let patches = tape.patch_embed(&px, self.v(sv, names::PATCH_EMBEDDING)?)?; // [B, N, W]
+        let cls = tape.reshape(self.v(sv, names::CLASS_EMBEDDING)?, &[1, 1, w])?;
         let cls = tape.add(&tape.constant(Tensor::zeros(&[b, 1, w])), &cls)?; // [B, 1, W]
         let x = tape.cat(&[&cls, &patches], 1)?; // [B, T, W]
-        let x = tape.add(&x, self.v(sv, "vision_model.embeddings.position_embedding.weight")?)?; // [B, T, W]
-        let x = self.ln(tape, sv, "vision_model.pre_layrnorm", &x, vc.tower.eps)?;
+        let x = tape.add(&x, self.v(sv, names::VISION_POSITIONS)?)?; // [B, T, W]
+        let x = self.ln(tape, sv, names::PRE_LN, &x, vc.tower.eps)?;
         let cls: Vec<usize> = (0..b).map(|i| i * t).collect();
-        let pooled = self.encoder(tape, sv, "vision_model", &vc.tower, x, &Seqs::Batch { causal: false }, Some(&cls))?; // [B, W]
-        let pooled = self.ln(tape, sv, "vision_model.post_layernorm", &pooled, vc.tower.eps)?;
-        tape.linear(&pooled, self.v(sv, "visual_projection.weight")?, None) // [B, D]
+        let pooled = self.encoder(tape, sv, Tower::Vision, &vc.tower, x, &Seqs::Batch { causal: false }, Some(&cls))?; // [B, W]
+        let pooled = self.ln(tape, sv, names::POST_LN, &pooled, vc.tower.eps)?;
+        tape.linear(&pooled, self.v(sv, names::VISUAL_PROJECTION)?, None) // [B, D]
     }
 
     /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised).
@@ -186,13 +150,13 @@ impl TrainClip {
         }
         let flat: Vec<u32> = ids.iter().zip(&lens).flat_map(|(s, &l)| s[..l].iter().copied()).collect();
         let pos: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
-        let tok = tape.embedding(self.v(sv, "text_model.embeddings.token_embedding.weight")?, &flat)?; // [N, W]
-        let pos = tape.embedding(self.v(sv, "text_model.embeddings.position_embedding.weight")?, &pos)?; // [N, W]
+        let tok = tape.embedding(self.v(sv, names::TOKEN_EMBEDDING)?, &flat)?; // [N, W]
+        let pos = tape.embedding(self.v(sv, names::TEXT_POSITIONS)?, &pos)?; // [N, W]
         let x = tape.add(&tok, &pos)?; // [N, W]
         let ends: Vec<usize> = lens.iter().scan(0, |off, &l| { *off += l; Some(*off - 1) }).collect();
-        let pooled = self.encoder(tape, sv, "text_model", &tc.tower, x, &Seqs::Packed(lens), Some(&ends))?; // [B, W]
-        let pooled = self.ln(tape, sv, "text_model.final_layer_norm", &pooled, tc.tower.eps)?;
-        tape.linear(&pooled, self.v(sv, "text_projection.weight")?, None) // [B, D]
+        let pooled = self.encoder(tape, sv, Tower::Text, &tc.tower, x, &Seqs::Packed(lens), Some(&ends))?; // [B, W]
+        let pooled = self.ln(tape, sv, names::FINAL_LN, &pooled, tc.tower.eps)?;
+        tape.linear(&pooled, self.v(sv, names::TEXT_PROJECTION)?, None) // [B, D]
     }
 
     /// The text tower's final token states [B, T, W] (after the final LayerNorm; T = the longest
@@ -209,35 +173,26 @@ impl TrainClip {
             flat.extend_from_slice(s);
             flat.extend(std::iter::repeat(tc.eos_token_id).take(t - s.len()));
         }
-        let tok = tape.embedding(self.v(sv, "text_model.embeddings.token_embedding.weight")?, &flat)?; // [B·T, W]
+        let tok = tape.embedding(self.v(sv, names::TOKEN_EMBEDDING)?, &flat)?; // [B·T, W]
         let tok = tape.reshape(&tok, &[b, t, w])?; // [B, T, W]
-        let pos = tape.narrow(self.v(sv, "text_model.embeddings.position_embedding.weight")?, 0, 0, t)?; // [T, W]
+        let pos = tape.narrow(self.v(sv, names::TEXT_POSITIONS)?, 0, 0, t)?; // [T, W]
         let x = tape.add(&tok, &pos)?; // [B, T, W]
-        let x = self.encoder(tape, sv, "text_model", &tc.tower, x, &Seqs::Batch { causal: true }, None)?;
-        let x = self.ln(tape, sv, "text_model.final_layer_norm", &x, tc.tower.eps)?; // [B, T, W]
+        let x = self.encoder(tape, sv, Tower::Text, &tc.tower, x, &Seqs::Batch { causal: true }, None)?;
+        let x = self.ln(tape, sv, names::FINAL_LN, &x, tc.tower.eps)?; // [B, T, W]
         let rows: Vec<usize> = ids.iter().enumerate().map(|(i, s)| i * t + pool_position(s, tc.eos_token_id)).collect();
         let pooled = tape.gather_rows(&tape.reshape(&x, &[b * t, w])?, &rows)?; // [B, W]
-        let e = tape.linear(&pooled, self.v(sv, "text_projection.weight")?, None)?; // [B, D]
+        let e = tape.linear(&pooled, self.v(sv, names::TEXT_PROJECTION)?, None)?; // [B, D]
         Ok((x, e))
     }
 
     /// The logit scale s (a [1] tensor; τ = exp(s)).
     pub fn logit_scale<'a>(&self, sv: &'a StepVars) -> Result<&'a Var> {
-        self.v(sv, "logit_scale")
+        self.v(sv, names::LOGIT_SCALE)
     }
 
     fn ln(&self, tape: &Tape, sv: &StepVars, prefix: &str, x: &Var, eps: f32) -> Result<Var> {
         tape.layer_norm(x, self.v(sv, &format!("{prefix}.weight"))?, self.v(sv, &format!("{prefix}.bias"))?, eps)
     }
-}
-
-/// How a block's attention groups the rows of its input.
-#[derive(Clone, Debug)]
-pub enum Seqs {
-    /// x is [B, T, W]: B sequences of T tokens, optionally causal.
-    Batch { causal: bool },
-    /// x is [N, W]: causal sequences of these lengths packed back to back (N = Σ lengths).
-    Packed(Vec<usize>),
 }
 
 /// One pre-LN block on [B, T, W]: x + attn(ln1 x), then + mlp(ln2 ·). `p` as [`BLOCK_PARAMS`].

@@ -14,7 +14,8 @@
 //! with its own mask) and rows of Sᵀ the L_ctrT anchors (caption a against every image b, all
 //! masked with caption a's mask); τ = exp(logit_scale). Computed as
 //! S = (I·(M⊙T)ᵀ) / (sqrt((I⊙I)·(M⊙M)ᵀ + ε) ⊙ ‖T_b‖).
-use super::model::{block, StepVars, TrainClip, BLOCK_PARAMS};
+use super::model::{block, StepVars, TrainClip};
+use crate::model::schema::BlockParam;
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
 use crate::model::synthetic::Rng;
@@ -26,8 +27,7 @@ pub const MASK_FILE: &str = "mask_net.safetensors";
 
 /// The mask network's parameter names and shapes for text width `w` and embedding size `d`.
 pub fn mask_param_shapes(w: usize, inter: usize, d: usize) -> Vec<(String, Vec<usize>)> {
-    let shapes = [vec![w], vec![w], vec![w, w], vec![w], vec![w, w], vec![w], vec![w, w], vec![w], vec![w, w], vec![w], vec![w], vec![w], vec![inter, w], vec![inter], vec![w, inter], vec![w]];
-    let mut v: Vec<(String, Vec<usize>)> = BLOCK_PARAMS.iter().zip(shapes).map(|(n, s)| (format!("mask_net.block.{n}"), s)).collect();
+    let mut v: Vec<(String, Vec<usize>)> = BlockParam::ALL.iter().map(|p| (format!("mask_net.block.{}", p.name()), p.shape(w, inter))).collect();
     v.extend([
         ("mask_net.pool.query".to_string(), vec![w]),
         ("mask_net.pool.k.weight".into(), vec![w, w]),

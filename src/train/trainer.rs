@@ -125,12 +125,10 @@ impl EngineSpec<'_> {
 /// An AdamW state for every trainable parameter of `model`: Long-CLIP's frozen position rows
 /// excluded, SmartCLIP's mask network in group 1 (its own learning rate).
 pub fn new_optimizer(model: &TrainClip, hp: AdamW) -> Optimizer {
-    let tc = &model.config.text;
     let mut opt = Optimizer::new(hp);
     for (i, (name, t)) in model.params.iter().enumerate() {
         if model.trainable[i] {
-            let frozen = if name == "text_model.embeddings.position_embedding.weight" { tc.frozen_positions * tc.tower.hidden } else { 0 };
-            opt.add(name, t.shape(), frozen, name.starts_with("mask_net.") as usize);
+            opt.add(name, t.shape(), model.frozen_elems(i), name.starts_with("mask_net.") as usize);
         }
     }
     opt
@@ -184,7 +182,7 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     let mut model = TrainClip::load_dir(source)?;
     model.recompute = cfg.recompute;
     let tc = model.config.text.clone();
-    let pre = crate::cli::common::preprocess_config(&cfg.model, model.config.vision.image_size)?;
+    let pre = crate::io::image_prep::PreprocessConfig::for_model_dir(&cfg.model, model.config.vision.image_size)?;
     let tok = ClipTokenizer::from_file(&cfg.model, tc.max_positions)?;
     let samples = read_samples(&cfg.data, cfg.image_root.as_deref())?;
     let mut loader = Loader::new(samples, cfg.batch, cfg.seed, cfg.shuffle, pre, tok)?;
@@ -221,7 +219,7 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     if !quiet {
         eprintln!("fine-tuning on {}", eng.describe());
     }
-    let bar = crate::cli::progress(total as u64, "finetune");
+    let bar = crate::progress::bar(total as u64, "finetune");
     if quiet {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
