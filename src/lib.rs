@@ -9,6 +9,7 @@
 //! - `io`: tokenizer, image preprocessing, .npy output.
 pub mod api;
 pub mod autograd;
+pub mod backend;
 pub mod cli;
 pub mod cuda;
 pub mod error;

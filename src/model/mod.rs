@@ -1,4 +1,5 @@
 //! CLIP: configuration, weights, the shared transformer block and the two towers.
+pub mod block;
 pub mod clip;
 pub mod config;
 pub mod layers;

@@ -1,0 +1,202 @@
+//! The CPU backend of [`Ops`]: buffers are [`Tensor`]s (weights stay memory-mapped when stored
+//! f32), GEMMs go through `ops::matmul::gemm` (the AVX-512 f32 kernel, faer for the rest) or, for
+//! bf16 weights, the packed AVX512-BF16 kernel; attention through the blocked CPU kernels of
+//! `ops::attention` (per sequence, in parallel, for packed sequences).
+use super::{Act, Ops, Seqs, Weight};
+use crate::error::Result;
+use crate::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape};
+use crate::ops::elementwise::{unary, unary_bwd, Unary};
+use crate::ops::fastmath::{par_rows, zeros};
+use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
+use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
+use crate::ops::matmul::{gemm, linear, View};
+use crate::shape_err;
+use crate::tensor::{DType, Tensor};
+use std::sync::Arc;
+
+/// The CPU backend (rayon's thread pool).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+fn vec1(v: Vec<f32>) -> Result<Tensor> {
+    let n = v.len();
+    Tensor::from_vec(v, &[n])
+}
+
+/// Takes a buffer's values out for an in-place update (no copy when uniquely owned).
+fn take(x: &mut Tensor) -> Vec<f32> {
+    std::mem::replace(x, Tensor::scalar(0.0)).into_f32_vec()
+}
+
+fn act_op(a: Act) -> Unary {
+    match a {
+        Act::QuickGelu => Unary::QuickGelu,
+        Act::Gelu => Unary::Gelu,
+    }
+}
+
+fn check(what: &str, len: usize, want: usize) -> Result<()> {
+    if len < want {
+        return Err(shape_err!("{what}: {len} values, need {want}"));
+    }
+    Ok(())
+}
+
+impl Ops for Cpu {
+    type Buf = Tensor;
+    type Half = Arc<PackedBf16>;
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+    fn upload(&self, data: &[f32]) -> Result<Tensor> {
+        vec1(data.to_vec())
+    }
+    fn download(&self, b: &Tensor) -> Result<Vec<f32>> {
+        Ok(b.to_vec_f32())
+    }
+    fn zeros(&self, n: usize) -> Result<Tensor> {
+        vec1(zeros(n))
+    }
+    fn weight(&self, w: Tensor, n: usize, k: usize, dtype: DType) -> Result<Weight<Cpu>> {
+        check("weight", w.numel(), n * k)?;
+        let half = match dtype {
+            DType::F32 => None,
+            DType::BF16 => Some(Arc::new(PackedBf16::from_f32(&w.f32_data(), n, k))),
+            DType::F16 => return Err(crate::error::Error::msg("the CPU computes in f32 or bf16, not f16")),
+        };
+        Ok(Weight { w, half, n, k })
+    }
+
+    fn linear(&self, x: &Tensor, w: &Weight<Cpu>, bias: Option<&Tensor>, m: usize) -> Result<Tensor> {
+        let (n, k) = (w.n, w.k);
+        check("linear x", x.numel(), m * k)?;
+        let xd = x.f32_data();
+        let bias = bias.map(|b| b.f32_data());
+        match &w.half {
+            Some(p) => {
+                let mut y = zeros(m * n); // [m, n]
+                matmul_bf16(&xd[..m * k], m, p, bias.as_deref(), &mut y);
+                vec1(y)
+            }
+            None => vec1(linear(&xd[..m * k], m, k, &w.w.f32_data(), n, bias.as_deref())), // [m, n]
+        }
+    }
+
+    fn linear_bwd(&self, dy: &Tensor, x: &Tensor, w: &Weight<Cpu>, m: usize, dx: &mut Tensor, accumulate: bool) -> Result<(Tensor, Tensor)> {
+        let (n, k) = (w.n, w.k);
+        let (g, xd) = (dy.f32_data(), x.f32_data());
+        let mut d = take(dx);
+        check("linear_bwd dx", d.len(), m * k)?;
+        gemm(View::row_major(&g, m, n), View::row_major(&w.w.f32_data(), n, k), &mut d[..m * k], accumulate); // dx (+)= dy·W
+        *dx = vec1(d)?;
+        let mut dw = zeros(n * k);
+        gemm(View::row_major(&g, m, n).t(), View::row_major(&xd, m, k), &mut dw, false); // dW = dyᵀ·x
+        vec1(dw).and_then(|dw| Ok((dw, vec1(col_sums(&g[..m * n], n))?)))
+    }
+
+    fn layernorm(&self, x: &Tensor, g: &Tensor, b: &Tensor, rows: usize, w: usize, eps: f32) -> Result<(Tensor, Tensor)> {
+        check("layernorm x", x.numel(), rows * w)?;
+        let y = layer_norm(&x.f32_data()[..rows * w], w, &g.f32_data(), &b.f32_data(), eps);
+        Ok((vec1(y)?, self.zeros(0)?)) // the backward recomputes the statistics from x
+    }
+
+    fn add_layernorm(&self, x: &mut Tensor, f: &Tensor, g: &Tensor, b: &Tensor, rows: usize, w: usize, eps: f32) -> Result<(Tensor, Tensor)> {
+        self.axpy(x, f, 1.0, rows * w)?;
+        self.layernorm(x, g, b, rows, w, eps)
+    }
+
+    fn layernorm_bwd(&self, dy: &Tensor, x: &Tensor, g: &Tensor, _stats: &Tensor, rows: usize, w: usize, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dx, dg, db) = layer_norm_bwd(&x.f32_data()[..rows * w], w, &g.f32_data(), &dy.f32_data()[..rows * w], eps);
+        Ok((vec1(dx)?, vec1(dg)?, vec1(db)?))
+    }
+
+    fn bias_act(&self, u: &Tensor, bias: &Tensor, rows: usize, n: usize, act: Act) -> Result<(Tensor, Tensor)> {
+        check("bias_act u", u.numel(), rows * n)?;
+        let (ud, bd) = (u.f32_data(), bias.f32_data());
+        let mut pre = zeros(rows * n); // [rows, n]
+        par_rows(&mut pre, n, |r, o| o.iter_mut().zip(&ud[r * n..(r + 1) * n]).zip(&bd[..n]).for_each(|((o, a), b)| *o = a + b));
+        let out = unary(act_op(act), &pre);
+        Ok((vec1(out)?, vec1(pre)?))
+    }
+
+    fn bias_act_bwd(&self, dout: &Tensor, pre: &Tensor, rows: usize, n: usize, act: Act) -> Result<(Tensor, Tensor)> {
+        let du = unary_bwd(act_op(act), &pre.f32_data()[..rows * n], &dout.f32_data()[..rows * n]);
+        let db = col_sums(&du, n);
+        Ok((vec1(du)?, vec1(db)?))
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, seqs: &Seqs, heads: usize, w: usize) -> Result<(Tensor, Tensor)> {
+        check("attention q", q.numel(), seqs.rows() * w)?;
+        let (qd, kd, vd) = (q.f32_data(), k.f32_data(), v.f32_data());
+        let (o, lse) = match seqs {
+            Seqs::Batch { batch, seq, causal } => attention(&qd, &kd, &vd, &shape(*batch, *seq, heads, w, *causal)),
+            Seqs::Packed(lens) => attention_packed(&qd, &kd, &vd, lens, heads, true),
+        };
+        Ok((vec1(o)?, vec1(lse)?))
+    }
+
+    fn attention_bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, seqs: &Seqs, heads: usize, w: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (qd, kd, vd, od, ld, dd) = (q.f32_data(), k.f32_data(), v.f32_data(), o.f32_data(), lse.f32_data(), d_o.f32_data());
+        let (dq, dk, dv) = match seqs {
+            Seqs::Batch { batch, seq, causal } => attention_backward(&qd, &kd, &vd, &od, &ld, &dd, &shape(*batch, *seq, heads, w, *causal)),
+            Seqs::Packed(lens) => attention_packed_backward(&qd, &kd, &vd, &od, &ld, &dd, lens, heads, true),
+        };
+        Ok((vec1(dq)?, vec1(dk)?, vec1(dv)?))
+    }
+
+    fn copy(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let xd = x.f32_data();
+        check("copy x", xd.len(), n)?;
+        let mut y = zeros(n);
+        let chunk = 4096.min(n.max(1));
+        par_rows(&mut y, chunk, |i, r| r.copy_from_slice(&xd[i * chunk..i * chunk + r.len()]));
+        vec1(y)
+    }
+
+    fn axpy(&self, y: &mut Tensor, x: &Tensor, alpha: f32, n: usize) -> Result<()> {
+        let mut yd = take(y);
+        check("axpy y", yd.len(), n)?;
+        let xd = x.f32_data();
+        check("axpy x", xd.len(), n)?;
+        let chunk = 4096.min(n.max(1));
+        par_rows(&mut yd[..n], chunk, |i, r| r.iter_mut().zip(&xd[i * chunk..]).for_each(|(a, b)| *a += alpha * b));
+        *y = vec1(yd)?;
+        Ok(())
+    }
+
+    fn gather_rows(&self, x: &Tensor, rows: &[usize], w: usize) -> Result<Tensor> {
+        let xd = x.f32_data();
+        let n = xd.len() / w.max(1);
+        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+            return Err(shape_err!("gather_rows: row {r} of {n}"));
+        }
+        vec1(rows.iter().flat_map(|&r| xd[r * w..(r + 1) * w].iter().copied()).collect())
+    }
+
+    fn scatter_rows(&self, d: &Tensor, rows: &[usize], n: usize, w: usize) -> Result<Tensor> {
+        let dd = d.f32_data();
+        let mut out = zeros(n * w); // [N, w]
+        for (i, &r) in rows.iter().enumerate() {
+            if r >= n {
+                return Err(shape_err!("scatter_rows: row {r} of {n}"));
+            }
+            out[r * w..(r + 1) * w].copy_from_slice(&dd[i * w..(i + 1) * w]);
+        }
+        vec1(out)
+    }
+}
+
+fn shape(batch: usize, seq: usize, heads: usize, w: usize, causal: bool) -> AttnShape {
+    let d = w / heads.max(1);
+    AttnShape { batch, seq, heads, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() }
+}
+
+/// Column sums of a [m, n] matrix, in row order (a fixed reduction order: bitwise-reproducible).
+fn col_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let mut s = vec![0f32; n];
+    for row in g.chunks_exact(n.max(1)) {
+        s.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+    }
+    s
+}

@@ -1,0 +1,105 @@
+//! The interface of fused operations the CLIP block is written against ([`crate::model::block`]),
+//! and its backends: the CPU ([`cpu::Cpu`]: the AVX-512 GEMMs, bf16 packed weights, the blocked
+//! attention) and a CUDA device or its CPU emulator ([`device::Device`]: the kernels of kernels/,
+//! cuBLASLt). Operations are sized like the kernels: a Linear with its bias, LayerNorm with an
+//! optional residual add, attention over batched or packed sequences, a bias + activation, and
+//! their backwards. Backends know no CLIP: rows, widths, weights and sequence lengths only.
+pub mod cpu;
+
+use crate::error::Result;
+use crate::tensor::DType;
+
+/// The activation after a Linear's bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// x·σ(1.702x) (OpenAI CLIP).
+    QuickGelu,
+    /// The exact erf GELU.
+    Gelu,
+}
+
+/// How attention groups the rows of q, k, v [N, W].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seqs {
+    /// `batch` sequences of `seq` rows each (N = batch·seq), optionally causal.
+    Batch { batch: usize, seq: usize, causal: bool },
+    /// Causal sequences of these lengths packed back to back with no padding (N = Σ lengths).
+    Packed(Vec<usize>),
+}
+
+impl Seqs {
+    /// The number of rows N.
+    pub fn rows(&self) -> usize {
+        match self {
+            Seqs::Batch { batch, seq, .. } => batch * seq,
+            Seqs::Packed(lens) => lens.iter().sum(),
+        }
+    }
+    /// Rows of the attention's logsumexp per head (= N).
+    pub fn lse_rows(&self) -> usize {
+        self.rows()
+    }
+}
+
+/// A Linear weight W [n, k] as a backend holds it: the f32 values (the backward's, and the
+/// forward's in f32) and, in bf16/f16, the low-precision copy the forward GEMM reads.
+pub struct Weight<O: Ops + ?Sized> {
+    pub w: O::Buf,
+    pub half: Option<O::Half>,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// The fused operations. Buffers hold f32 values, row-major; shapes are passed explicitly. Every
+/// operation returns fresh buffers except the ones that say "in place".
+pub trait Ops {
+    /// A buffer of f32 values on the backend.
+    type Buf;
+    /// A low-precision copy of a Linear weight in the backend's own layout.
+    type Half;
+
+    /// Where it computes, in words.
+    fn describe(&self) -> String;
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    fn download(&self, b: &Self::Buf) -> Result<Vec<f32>>;
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A Linear weight W [n, k] from f32 values, with a `dtype` copy for the forward when
+    /// `dtype` is BF16 or F16 (an error where the backend has no such GEMM).
+    fn weight(&self, w: Self::Buf, n: usize, k: usize, dtype: DType) -> Result<Weight<Self>>;
+
+    /// y [m, n] = x [m, k]·Wᵀ (+ bias [n]).
+    fn linear(&self, x: &Self::Buf, w: &Weight<Self>, bias: Option<&Self::Buf>, m: usize) -> Result<Self::Buf>;
+    /// The backward of [`Ops::linear`] from dy [m, n]: dx [m, k] written (or added to, with
+    /// `accumulate`) in place, and (dW [n, k], db [n]).
+    fn linear_bwd(&self, dy: &Self::Buf, x: &Self::Buf, w: &Weight<Self>, m: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<(Self::Buf, Self::Buf)>;
+
+    /// y = LayerNorm(x) over rows of `w` → (y, statistics for the backward).
+    fn layernorm(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf)>;
+    /// x += f in place, then y = LayerNorm(x) → (y, statistics): the residual fused with the next norm.
+    #[allow(clippy::too_many_arguments)]
+    fn add_layernorm(&self, x: &mut Self::Buf, f: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf)>;
+    /// The backward of [`Ops::layernorm`] from dy → (dx, dγ, dβ).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd(&self, dy: &Self::Buf, x: &Self::Buf, g: &Self::Buf, stats: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+
+    /// u [rows, n] → (act(u + bias), u + bias): the MLP's bias and activation.
+    fn bias_act(&self, u: &Self::Buf, bias: &Self::Buf, rows: usize, n: usize, act: Act) -> Result<(Self::Buf, Self::Buf)>;
+    /// The backward of [`Ops::bias_act`] from d(out) → (d(u), d(bias)), given pre = u + bias.
+    fn bias_act_bwd(&self, dout: &Self::Buf, pre: &Self::Buf, rows: usize, n: usize, act: Act) -> Result<(Self::Buf, Self::Buf)>;
+
+    /// Multi-head attention of q, k, v [N, W] (`heads` heads of W/heads) → (o [N, W], lse).
+    fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Self::Buf, Self::Buf)>;
+    /// The backward of [`Ops::attention`] from do → (dq, dk, dv).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, o: &Self::Buf, lse: &Self::Buf, d_o: &Self::Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+
+    /// A fresh copy of the first `n` values of x.
+    fn copy(&self, x: &Self::Buf, n: usize) -> Result<Self::Buf>;
+    /// y += alpha·x in place (n elements).
+    fn axpy(&self, y: &mut Self::Buf, x: &Self::Buf, alpha: f32, n: usize) -> Result<()>;
+    /// Rows `rows` of x [N, w] → [R, w].
+    fn gather_rows(&self, x: &Self::Buf, rows: &[usize], w: usize) -> Result<Self::Buf>;
+    /// dx [N, w] = zeros with rows `rows` set to d [R, w] (the backward of [`Ops::gather_rows`]
+    /// for distinct rows).
+    fn scatter_rows(&self, d: &Self::Buf, rows: &[usize], n: usize, w: usize) -> Result<Self::Buf>;
+}
