@@ -274,7 +274,7 @@ impl ClipModel {
         for chunk in ids.chunks(batch.max(1)) {
             let e = match &self.cuda {
                 Some(c) => c.embed_texts(chunk)?,
-                None => self.parts.text()?.forward(chunk, None, &mut |_, _| {})?.to_vec_f32(), // [b, D]
+                None => self.parts.text()?.embed(chunk)?.to_vec_f32(), // [b, D]
             };
             data.extend(e);
             done(chunk.len());
@@ -311,7 +311,7 @@ impl ClipModel {
         let s = self.parts.config.vision.image_size;
         let e = match &self.cuda {
             Some(c) => c.embed_images(pixels, n)?,
-            None => self.parts.vision()?.forward(&Tensor::from_vec(pixels.to_vec(), &[n, 3, s, s])?, &mut |_, _| {})?.to_vec_f32(),
+            None => self.parts.vision()?.embed(&Tensor::from_vec(pixels.to_vec(), &[n, 3, s, s])?)?.to_vec_f32(),
         };
         Embeddings::new(e, n, self.embed_dim())
     }

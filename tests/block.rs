@@ -7,9 +7,8 @@ mod common;
 use clipforge::autograd::Tape;
 use clipforge::backend::cpu::Cpu;
 use clipforge::backend::{Ops, Seqs};
-use clipforge::model::block::{backward, forward, BlockRef, Stored};
+use clipforge::model::block::{backward, finish, forward, BlockRef, Stored};
 use clipforge::model::config::{Activation, TowerConfig};
-use clipforge::model::layers::Seqs as TapeSeqs;
 use clipforge::model::schema::BlockParam;
 use clipforge::train::model::{block_on, block_rows};
 use clipforge::{DType, Tensor};
@@ -60,23 +59,27 @@ fn case(name: &str, c: &TowerConfig, seqs: Seqs, rows: Option<Vec<usize>>, seed:
 
     // oracle: the tape
     let tape = Tape::new();
-    let (xt, tseqs) = match &seqs {
-        Seqs::Batch { batch, seq, causal } => (Tensor::from_vec(x.clone(), &[*batch, *seq, w]).unwrap(), TapeSeqs::Batch { causal: *causal }),
-        Seqs::Packed(lens) => (Tensor::from_vec(x.clone(), &[n, w]).unwrap(), TapeSeqs::Packed(lens.clone())),
+    let xt = match &seqs {
+        Seqs::Batch { batch, seq, .. } => Tensor::from_vec(x.clone(), &[*batch, *seq, w]).unwrap(),
+        Seqs::Packed(_) => Tensor::from_vec(x.clone(), &[n, w]).unwrap(),
     };
     let xv = tape.param(xt);
     let pv: Vec<_> = p.iter().map(|t| tape.param(t.clone())).collect();
     let yv = match &rows {
-        Some(rs) => block_rows(&tape, &xv, &pv, c, &tseqs, rs).unwrap(),
-        None => block_on(&tape, &xv, &pv, c, &tseqs).unwrap(),
+        Some(rs) => block_rows(&tape, &xv, &pv, c, &seqs, rs).unwrap(),
+        None => block_on(&tape, &xv, &pv, c, &seqs).unwrap(),
     };
     let grads = tape.backward_from(&yv, Tensor::from_vec(dy.clone(), yv.value().shape()).unwrap()).unwrap();
 
     // the one block on the CPU backend
     let st = stored(&ops, &p, c, DType::F32);
     let blk = BlockRef::new(&st, c).unwrap();
-    let (y, saved) = forward(&ops, &blk, ops.upload(&x).unwrap(), &seqs, rows.as_deref(), true).unwrap();
-    let (y_inf, _) = forward(&ops, &blk, ops.upload(&x).unwrap(), &seqs, rows.as_deref(), false).unwrap();
+    let run = |keep: bool| {
+        let (xm, f, saved) = forward(&ops, &blk, ops.upload(&x).unwrap(), None, &seqs, rows.as_deref(), keep).unwrap();
+        (finish(&ops, xm, &f, r * w).unwrap(), saved)
+    };
+    let (y, saved) = run(true);
+    let (y_inf, _) = run(false);
     assert_eq!(y.to_vec_f32(), y_inf.to_vec_f32(), "{name}: keeping activations changes nothing");
     assert_close(&format!("{name}: y"), &y.to_vec_f32(), &yv.value().to_vec_f32(), 1e-5, 1e-4);
     let (dx, dp) = backward(&ops, &blk, &saved.unwrap(), &ops.upload(&dy).unwrap()).unwrap();
@@ -89,7 +92,8 @@ fn case(name: &str, c: &TowerConfig, seqs: Seqs, rows: Option<Vec<usize>>, seed:
 
     // bf16 weights: the forward within bf16 rounding of f32 (and not equal to it)
     let st16 = stored(&ops, &p, c, DType::BF16);
-    let (y16, _) = forward(&ops, &BlockRef::new(&st16, c).unwrap(), ops.upload(&x).unwrap(), &seqs, rows.as_deref(), false).unwrap();
+    let (xm, f, _) = forward(&ops, &BlockRef::new(&st16, c).unwrap(), ops.upload(&x).unwrap(), None, &seqs, rows.as_deref(), false).unwrap();
+    let y16 = finish(&ops, xm, &f, r * w).unwrap();
     let (a, b) = (y16.to_vec_f32(), y.to_vec_f32());
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert_close(&format!("{name}: bf16 y"), &a, &b, 0.05 * scale, 0.02);

@@ -10,6 +10,7 @@ use crate::ops::fastmath::{par_rows, zeros};
 use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
 use crate::ops::matmul::{gemm, linear, View};
+use crate::ops::patch_embed::{patch_embed, PatchShape};
 use crate::shape_err;
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
@@ -57,6 +58,9 @@ impl Ops for Cpu {
     }
     fn zeros(&self, n: usize) -> Result<Tensor> {
         vec1(zeros(n))
+    }
+    fn upload_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(if t.dtype() == DType::F32 && t.is_contiguous() { t.clone() } else { vec1(t.to_vec_f32())? })
     }
     fn weight(&self, w: Tensor, n: usize, k: usize, dtype: DType) -> Result<Weight<Cpu>> {
         check("weight", w.numel(), n * k)?;
@@ -152,6 +156,25 @@ impl Ops for Cpu {
         let chunk = 4096.min(n.max(1));
         par_rows(&mut y, chunk, |i, r| r.copy_from_slice(&xd[i * chunk..i * chunk + r.len()]));
         vec1(y)
+    }
+
+    fn patch_embed(&self, px: &Tensor, w: &Weight<Cpu>, b: usize, c: usize, s: usize, p: usize) -> Result<Tensor> {
+        check("patch_embed pixels", px.numel(), b * c * s * s)?;
+        let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: w.n };
+        vec1(patch_embed(&px.f32_data(), &w.w.f32_data(), &shape)) // [B·N, D]
+    }
+
+    fn vision_embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, b: usize, n: usize, w: usize) -> Result<Tensor> {
+        let (pd, cd, ps) = (patches.f32_data(), cls.f32_data(), pos.f32_data());
+        check("vision_embed patches", pd.len(), b * n * w)?;
+        let t = n + 1;
+        let mut x = zeros(b * t * w); // [B·T, W]
+        par_rows(&mut x, w, |row, o| {
+            let (bi, ti) = (row / t, row % t);
+            let src = if ti == 0 { &cd[..w] } else { &pd[(bi * n + ti - 1) * w..][..w] };
+            o.iter_mut().zip(src).zip(&ps[ti * w..(ti + 1) * w]).for_each(|((o, a), p)| *o = a + p);
+        });
+        vec1(x)
     }
 
     fn axpy(&self, y: &mut Tensor, x: &Tensor, alpha: f32, n: usize) -> Result<()> {

@@ -63,6 +63,14 @@ pub trait Ops {
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     fn download(&self, b: &Self::Buf) -> Result<Vec<f32>>;
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A weight or input tensor as f32 values on the backend (the CPU keeps it as it is).
+    fn upload_tensor(&self, t: &crate::tensor::Tensor) -> Result<Self::Buf> {
+        self.upload(&t.to_vec_f32())
+    }
+    /// Whether [`Ops::attention`] takes [`Seqs::Packed`] (else sequences are padded to a batch).
+    fn packed_attention(&self) -> bool {
+        true
+    }
     /// A Linear weight W [n, k] from f32 values, with a `dtype` copy for the forward when
     /// `dtype` is BF16 or F16 (an error where the backend has no such GEMM).
     fn weight(&self, w: Self::Buf, n: usize, k: usize, dtype: DType) -> Result<Weight<Self>>;
@@ -95,6 +103,14 @@ pub trait Ops {
 
     /// A fresh copy of the first `n` values of x.
     fn copy(&self, x: &Self::Buf, n: usize) -> Result<Self::Buf>;
+    /// The patch convolution (stride = kernel = p, no bias) of pixels [B, C, S, S] with the
+    /// weight W [D, C·p·p] → [B·N, D], N = (S/p)², patches in raster order.
+    #[allow(clippy::too_many_arguments)]
+    fn patch_embed(&self, px: &Self::Buf, w: &Weight<Self>, b: usize, c: usize, s: usize, p: usize) -> Result<Self::Buf>;
+    /// The class token before each image's N patches, plus the positions: patches [B·N, W],
+    /// cls [W], pos [N+1, W] → [B·(N+1), W].
+    #[allow(clippy::too_many_arguments)]
+    fn vision_embed(&self, patches: &Self::Buf, cls: &Self::Buf, pos: &Self::Buf, b: usize, n: usize, w: usize) -> Result<Self::Buf>;
     /// y += alpha·x in place (n elements).
     fn axpy(&self, y: &mut Self::Buf, x: &Self::Buf, alpha: f32, n: usize) -> Result<()>;
     /// Rows `rows` of x [N, w] → [R, w].

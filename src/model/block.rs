@@ -88,19 +88,28 @@ pub struct Saved<O: Ops> {
     m: O::Buf,
 }
 
-/// x [N, W] (consumed) → y [N, W], or [R, W] with `rows`; with `keep`, what the backward needs.
-pub fn forward<O: Ops>(ops: &O, blk: &BlockRef<O>, x: O::Buf, seqs: &Seqs, rows: Option<&[usize]>, keep: bool) -> Result<(O::Buf, Option<Saved<O>>)> {
+/// The residual stream x [N, W] (consumed) plus, from the previous block, its MLP output
+/// `pending` not yet added (it is added inside this block's first LayerNorm: the residual fused
+/// with the norm) → this block's (xm, f), whose sum is the block's output [N, W], or [R, W] with
+/// `rows`; with `keep`, what the backward needs (the block's input is x + pending).
+#[allow(clippy::type_complexity)]
+pub fn forward<O: Ops>(ops: &O, blk: &BlockRef<O>, mut x: O::Buf, pending: Option<&O::Buf>, seqs: &Seqs, rows: Option<&[usize]>, keep: bool) -> Result<(O::Buf, O::Buf, Option<Saved<O>>)> {
     use BlockParam::*;
     let c = blk.cfg;
     let (n, w, inter) = (seqs.rows(), c.hidden, c.intermediate);
-    let (h1, st1) = ops.layernorm(&x, blk.buf(Ln1Weight), blk.buf(Ln1Bias), n, w, c.eps)?; // [N, W]
+    let (g1, b1) = (blk.buf(Ln1Weight), blk.buf(Ln1Bias));
+    let (h1, st1) = match pending {
+        Some(f) => ops.add_layernorm(&mut x, f, g1, b1, n, w, c.eps)?, // x += f
+        None => ops.layernorm(&x, g1, b1, n, w, c.eps)?,
+    }; // [N, W]
     let q = ops.linear(&h1, blk.lin(QWeight)?, Some(blk.buf(QBias)), n)?; // [N, W]
     let k = ops.linear(&h1, blk.lin(KWeight)?, Some(blk.buf(KBias)), n)?;
     let v = ops.linear(&h1, blk.lin(VWeight)?, Some(blk.buf(VBias)), n)?;
     let (a, lse) = ops.attention(&q, &k, &v, seqs, c.heads, w)?; // [N, W]
     let (r, mut xm, a_rows) = match rows {
         Some(rs) => (rs.len(), ops.gather_rows(&x, rs, w)?, Some(ops.gather_rows(&a, rs, w)?)), // [R, W]
-        None => (n, ops.copy(&x, n * w)?, None), // [N, W]
+        None if keep => (n, ops.copy(&x, n * w)?, None), // [N, W]
+        None => (n, std::mem::replace(&mut x, ops.zeros(0)?), None), // [N, W], x no longer needed
     };
     let o = ops.linear(a_rows.as_ref().unwrap_or(&a), blk.lin(OutWeight)?, Some(blk.buf(OutBias)), r)?; // [R, W]
     let (h2, st2) = ops.add_layernorm(&mut xm, &o, blk.buf(Ln2Weight), blk.buf(Ln2Bias), r, w, c.eps)?; // xm = x + o
@@ -110,14 +119,17 @@ pub fn forward<O: Ops>(ops: &O, blk: &BlockRef<O>, x: O::Buf, seqs: &Seqs, rows:
     drop(u);
     let f = ops.linear(&m, blk.lin(Fc2Weight)?, Some(blk.buf(Fc2Bias)), r)?; // [R, W]
     if !keep {
-        let mut y = xm;
-        ops.axpy(&mut y, &f, 1.0, r * w)?;
-        return Ok((y, None));
+        return Ok((xm, f, None));
     }
-    let mut y = ops.copy(&xm, r * w)?;
-    ops.axpy(&mut y, &f, 1.0, r * w)?; // [R, W]
+    let out = ops.copy(&xm, r * w)?;
     let saved = Saved { seqs: seqs.clone(), rows: rows.map(|r| r.to_vec()), x, h1, st1, q, k, v, a, lse, a_rows, xm, h2, st2, pre, m };
-    Ok((y, Some(saved)))
+    Ok((out, f, Some(saved)))
+}
+
+/// The block's output xm + f (in xm's buffer).
+pub fn finish<O: Ops>(ops: &O, mut xm: O::Buf, f: &O::Buf, n: usize) -> Result<O::Buf> {
+    ops.axpy(&mut xm, f, 1.0, n)?;
+    Ok(xm)
 }
 
 /// dy [R, W] → (dx [N, W], the 16 parameter gradients in [`BlockParam`] order).

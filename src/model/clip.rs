@@ -32,9 +32,9 @@ pub struct ClipParts {
 
 impl ClipParts {
     pub fn load(weights: &Weights, config: &ClipConfig, towers: Towers, opt: &LoadOptions) -> Result<ClipParts> {
-        let d = config.projection_dim;
-        let vision = if towers != Towers::Text { Some(VisionTower::load(weights, &config.vision, d, opt)?) } else { None };
-        let text = if towers != Towers::Vision { Some(TextTower::load(weights, &config.text, d, opt)?) } else { None };
+        let schema = super::schema::Schema::clip(config);
+        let vision = if towers != Towers::Text { Some(VisionTower::load(weights, &schema, &config.vision, opt)?) } else { None };
+        let text = if towers != Towers::Vision { Some(TextTower::load(weights, &schema, &config.text, opt)?) } else { None };
         let ls = super::schema::names::LOGIT_SCALE;
         let logit_scale = if weights.contains(ls) {
             weights.get_shaped(ls, &[]).or_else(|_| weights.get_shaped(ls, &[1]))?.to_vec_f32()[0]

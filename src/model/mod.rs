@@ -7,6 +7,7 @@ pub mod schema;
 pub mod stretch;
 pub mod synthetic;
 pub mod text;
+pub mod tower;
 pub mod vision;
 pub mod weights;
 

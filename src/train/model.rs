@@ -5,7 +5,7 @@
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::model::config::{Activation, ClipConfig, TowerConfig};
-use crate::model::layers::Seqs;
+use crate::backend::Seqs;
 use crate::model::schema::{names, Schema, Tower};
 use crate::model::text::pool_position;
 use crate::model::weights::Weights;
@@ -132,7 +132,7 @@ impl TrainClip {
         let x = tape.add(&x, self.v(sv, names::VISION_POSITIONS)?)?; // [B, T, W]
         let x = self.ln(tape, sv, names::PRE_LN, &x, vc.tower.eps)?;
         let cls: Vec<usize> = (0..b).map(|i| i * t).collect();
-        let pooled = self.encoder(tape, sv, Tower::Vision, &vc.tower, x, &Seqs::Batch { causal: false }, Some(&cls))?; // [B, W]
+        let pooled = self.encoder(tape, sv, Tower::Vision, &vc.tower, x, &Seqs::Batch { batch: b, seq: t, causal: false }, Some(&cls))?; // [B, W]
         let pooled = self.ln(tape, sv, names::POST_LN, &pooled, vc.tower.eps)?;
         tape.linear(&pooled, self.v(sv, names::VISUAL_PROJECTION)?, None) // [B, D]
     }
@@ -177,7 +177,7 @@ impl TrainClip {
         let tok = tape.reshape(&tok, &[b, t, w])?; // [B, T, W]
         let pos = tape.narrow(self.v(sv, names::TEXT_POSITIONS)?, 0, 0, t)?; // [T, W]
         let x = tape.add(&tok, &pos)?; // [B, T, W]
-        let x = self.encoder(tape, sv, Tower::Text, &tc.tower, x, &Seqs::Batch { causal: true }, None)?;
+        let x = self.encoder(tape, sv, Tower::Text, &tc.tower, x, &Seqs::Batch { batch: b, seq: t, causal: true }, None)?;
         let x = self.ln(tape, sv, names::FINAL_LN, &x, tc.tower.eps)?; // [B, T, W]
         let rows: Vec<usize> = ids.iter().enumerate().map(|(i, s)| i * t + pool_position(s, tc.eos_token_id)).collect();
         let pooled = tape.gather_rows(&tape.reshape(&x, &[b * t, w])?, &rows)?; // [B, W]
@@ -197,7 +197,9 @@ impl TrainClip {
 
 /// One pre-LN block on [B, T, W]: x + attn(ln1 x), then + mlp(ln2 ·). `p` as [`BLOCK_PARAMS`].
 pub fn block(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, causal: bool) -> Result<Var> {
-    block_on(tape, x, p, t, &Seqs::Batch { causal })
+    let s = x.value().shape().to_vec();
+    let (batch, seq) = (s.first().copied().unwrap_or(1), s.get(1).copied().unwrap_or(1));
+    block_on(tape, x, p, t, &Seqs::Batch { batch, seq, causal })
 }
 
 /// [`block`] on any grouping of rows.
@@ -223,7 +225,7 @@ fn attend(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, seqs: &Seqs) -> Resu
     let k = tape.linear(&h, &p[4], Some(&p[5]))?;
     let v = tape.linear(&h, &p[6], Some(&p[7]))?;
     match seqs {
-        Seqs::Batch { causal } => tape.attention(&q, &k, &v, t.heads, *causal),
+        Seqs::Batch { causal, .. } => tape.attention(&q, &k, &v, t.heads, *causal),
         Seqs::Packed(lens) => tape.attention_packed(&q, &k, &v, t.heads, true, lens),
     }
 }

@@ -1,0 +1,180 @@
+//! The two CLIP towers, written once over [`Ops`] and run by every backend: their parameters
+//! loaded through the schema, the embeddings, the encoder (the one block of
+//! [`super::block`], residual + LayerNorm fused across blocks, the last block for the pooled rows
+//! only), the final LayerNorm of the pooled rows and the projection.
+//!
+//! Vision: patch convolution, class token + positions, pre-LN, encoder (non-causal), post-LN of
+//! the class rows, visual projection. Text: token + position embeddings, the causal encoder over
+//! packed sequences (each cut after its end token, no padding) or, where the backend has no
+//! packed attention or for layer-by-layer parity, a padded batch; final LN of the end-token rows,
+//! text projection.
+use super::block::{finish, forward, BlockRef, Stored};
+use super::config::{TextConfig, TowerConfig, VisionConfig};
+use super::schema::{names, Param, Schema, Tower};
+use super::text::pool_position;
+use super::weights::Weights;
+use crate::backend::{Ops, Seqs};
+use crate::error::{Error, Result};
+use crate::shape_err;
+use crate::tensor::DType;
+
+/// Sees intermediate activations by name with their shape (parity tests); None in production.
+pub type Hook<'a, O> = Option<&'a mut dyn FnMut(&str, &<O as Ops>::Buf, &[usize])>;
+
+fn see<O: Ops>(hook: &mut Hook<O>, name: &str, x: &O::Buf, shape: &[usize]) {
+    if let Some(h) = hook {
+        h(name, x, shape);
+    }
+}
+
+/// One tower's parameters on a backend, in schema order.
+pub struct TowerParams<O: Ops> {
+    pub tower: Tower,
+    schema: Schema,
+    /// The schema index of `p[0]`.
+    first: usize,
+    p: Vec<Stored<O>>,
+}
+
+/// Is this parameter a Linear weight (held with its low-precision copy in bf16)?
+fn is_linear(p: &Param) -> bool {
+    p.is_block_linear() || p.name == names::VISUAL_PROJECTION || p.name == names::TEXT_PROJECTION
+}
+
+impl<O: Ops> TowerParams<O> {
+    /// The tower's tensors of `weights` (any stored dtype, shapes checked) on `ops`; Linear
+    /// weights also in `dtype` when that is BF16/F16 (the patch convolution stays f32).
+    pub fn load(ops: &O, schema: &Schema, tower: Tower, weights: &Weights, dtype: DType) -> Result<TowerParams<O>> {
+        let idx = schema.tower(tower);
+        let first = *idx.first().ok_or_else(|| Error::msg("empty tower"))?;
+        let mut p = Vec::with_capacity(idx.len());
+        for &i in &idx {
+            let q = &schema.params()[i];
+            let t = weights.get_shaped(&q.name, &q.shape)?;
+            let b = ops.upload_tensor(&t)?;
+            p.push(if is_linear(q) {
+                Stored::Linear(ops.weight(b, q.shape[0], q.shape[1], dtype)?)
+            } else if q.name == names::PATCH_EMBEDDING {
+                Stored::Linear(ops.weight(b, q.shape[0], q.numel() / q.shape[0], DType::F32)?)
+            } else {
+                Stored::Buf(b)
+            });
+        }
+        Ok(TowerParams { tower, schema: schema.clone(), first, p })
+    }
+
+    fn get(&self, name: &str) -> Result<&Stored<O>> {
+        self.schema.index(name).and_then(|i| i.checked_sub(self.first)).and_then(|i| self.p.get(i)).ok_or_else(|| Error::msg(format!("no parameter {name} in this tower")))
+    }
+    fn buf(&self, name: &str) -> Result<&O::Buf> {
+        Ok(self.get(name)?.buf())
+    }
+    fn weight(&self, name: &str) -> Result<&crate::backend::Weight<O>> {
+        match self.get(name)? {
+            Stored::Linear(w) => Ok(w),
+            Stored::Buf(_) => Err(Error::msg(format!("{name} is not held as a Linear weight"))),
+        }
+    }
+    /// Block `l`'s 16 parameters.
+    pub fn block<'a>(&'a self, l: usize, cfg: &'a TowerConfig) -> Result<BlockRef<'a, O>> {
+        let r = self.schema.block(self.tower, l);
+        BlockRef::new(&self.p[r.start - self.first..r.end - self.first], cfg)
+    }
+
+    /// The encoder on x [N, W] → (xm, f) of the last block, their sum being its output ([R, W]
+    /// with `pool`: those rows only). `hook` sees `{name}.layer.{i}` (materialised only then).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encoder(&self, ops: &O, cfg: &TowerConfig, x: O::Buf, seqs: &Seqs, pool: Option<&[usize]>, name: &str, hook: &mut Hook<O>) -> Result<(O::Buf, Option<O::Buf>)> {
+        let (n, w) = (seqs.rows(), cfg.hidden);
+        let (mut x, mut pending) = (x, None::<O::Buf>);
+        for l in 0..cfg.layers {
+            let rows = if l + 1 == cfg.layers { pool } else { None };
+            let (xm, f, _) = forward(ops, &self.block(l, cfg)?, x, pending.as_ref(), seqs, rows, false)?;
+            let r = rows.map_or(n, |r| r.len());
+            if hook.is_some() {
+                let y = finish(ops, ops.copy(&xm, r * w)?, &f, r * w)?;
+                see(hook, &format!("{name}.layer.{l}"), &y, &[r, w]);
+            }
+            (x, pending) = (xm, Some(f));
+        }
+        if cfg.layers == 0 {
+            if let Some(p) = pool {
+                x = ops.gather_rows(&x, p, w)?; // no blocks: [R, W]
+            }
+        }
+        Ok((x, pending))
+    }
+
+    /// LayerNorm `prefix` of x + pending ([rows, W]), then the projection → ([rows, W], [rows, D]).
+    fn head(&self, ops: &O, x: O::Buf, pending: Option<O::Buf>, ln: &str, proj: &str, rows: usize, cfg: &TowerConfig) -> Result<(O::Buf, O::Buf)> {
+        let (g, b) = (self.buf(&format!("{ln}.weight"))?, self.buf(&format!("{ln}.bias"))?);
+        let mut x = x;
+        let (pooled, _) = match &pending {
+            Some(f) => ops.add_layernorm(&mut x, f, g, b, rows, cfg.hidden, cfg.eps)?,
+            None => ops.layernorm(&x, g, b, rows, cfg.hidden, cfg.eps)?,
+        }; // [R, W]
+        let e = ops.linear(&pooled, self.weight(proj)?, None, rows)?; // [R, D]
+        Ok((pooled, e))
+    }
+
+    /// Pixels [B, C, S, S] → image embeddings [B, D] (not normalised). `hook` sees
+    /// vision.embeddings, vision.pre_ln, vision.layer.{i} (the last: class rows only), vision.pooled,
+    /// vision.embeds.
+    pub fn vision(&self, ops: &O, cfg: &VisionConfig, pixels: &O::Buf, b: usize, hook: &mut Hook<O>) -> Result<O::Buf> {
+        let (w, t, c, s, p) = (cfg.tower.hidden, cfg.tokens(), cfg.channels, cfg.image_size, cfg.patch_size);
+        let patches = ops.patch_embed(pixels, self.weight(names::PATCH_EMBEDDING)?, b, c, s, p)?; // [B·N, W]
+        let x = ops.vision_embed(&patches, self.buf(names::CLASS_EMBEDDING)?, self.buf(names::VISION_POSITIONS)?, b, t - 1, w)?; // [B·T, W]
+        drop(patches);
+        see(hook, "vision.embeddings", &x, &[b, t, w]);
+        let (x, _) = ops.layernorm(&x, self.buf(&format!("{}.weight", names::PRE_LN))?, self.buf(&format!("{}.bias", names::PRE_LN))?, b * t, w, cfg.tower.eps)?; // [B·T, W]
+        see(hook, "vision.pre_ln", &x, &[b, t, w]);
+        let cls: Vec<usize> = (0..b).map(|i| i * t).collect();
+        let seqs = Seqs::Batch { batch: b, seq: t, causal: false };
+        let (x, f) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&cls), "vision", hook)?; // [B, W]
+        let (pooled, e) = self.head(ops, x, f, names::POST_LN, names::VISUAL_PROJECTION, b, &cfg.tower)?;
+        see(hook, "vision.pooled", &pooled, &[b, w]);
+        see(hook, "vision.embeds", &e, &[b, self.weight(names::VISUAL_PROJECTION)?.n]);
+        Ok(e)
+    }
+
+    /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised).
+    /// Packed when the backend has packed attention and `pad_to` is None; else padded with the
+    /// end token to the longest sequence or `pad_to`. `hook` sees text.embeddings, text.layer.{i}
+    /// (the last: end-token rows only), text.pooled (= the final LayerNorm's rows), text.embeds.
+    pub fn text(&self, ops: &O, cfg: &TextConfig, ids: &[Vec<u32>], pad_to: Option<usize>, hook: &mut Hook<O>) -> Result<O::Buf> {
+        let w = cfg.tower.hidden;
+        let lens: Vec<usize> = ids.iter().map(|s| if s.is_empty() { 0 } else { pool_position(s, cfg.eos_token_id) + 1 }).collect();
+        let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0);
+        if ids.is_empty() || lens.contains(&0) {
+            return Err(shape_err!("text tower needs at least one sequence, none of them empty"));
+        }
+        let t = pad_to.unwrap_or(longest).max(longest);
+        if t > cfg.max_positions {
+            return Err(shape_err!("sequence of {t} tokens exceeds the model's {} positions", cfg.max_positions));
+        }
+        if let Some(&bad) = ids.iter().flatten().find(|&&id| id as usize >= cfg.vocab) {
+            return Err(shape_err!("token id {bad} outside the vocabulary of {}", cfg.vocab));
+        }
+        let b = ids.len();
+        let packed = pad_to.is_none() && ops.packed_attention();
+        let (tok, pos, seqs, ends): (Vec<usize>, Vec<usize>, Seqs, Vec<usize>) = if packed {
+            let tok = ids.iter().zip(&lens).flat_map(|(s, &l)| s[..l].iter().map(|&i| i as usize)).collect();
+            let pos = lens.iter().flat_map(|&l| 0..l).collect();
+            let ends = lens.iter().scan(0, |off, &l| Some(std::mem::replace(off, *off + l) + l - 1)).collect();
+            (tok, pos, Seqs::Packed(lens), ends)
+        } else {
+            let tok = ids.iter().flat_map(|s| s.iter().map(|&i| i as usize).chain(std::iter::repeat(cfg.eos_token_id as usize).take(t - s.len()))).collect();
+            let pos = (0..b).flat_map(|_| 0..t).collect();
+            let ends = lens.iter().enumerate().map(|(i, &l)| i * t + l - 1).collect();
+            (tok, pos, Seqs::Batch { batch: b, seq: t, causal: true }, ends)
+        };
+        let mut x = ops.gather_rows(self.buf(names::TOKEN_EMBEDDING)?, &tok, w)?; // [N, W]
+        ops.axpy(&mut x, &ops.gather_rows(self.buf(names::TEXT_POSITIONS)?, &pos, w)?, 1.0, tok.len() * w)?;
+        see(hook, "text.embeddings", &x, &[tok.len(), w]);
+        let (x, f) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&ends), "text", hook)?; // [B, W]
+        let (pooled, e) = self.head(ops, x, f, names::FINAL_LN, names::TEXT_PROJECTION, b, &cfg.tower)?;
+        see(hook, "text.pooled", &pooled, &[b, w]);
+        see(hook, "text.embeds", &e, &[b, self.weight(names::TEXT_PROJECTION)?.n]);
+        Ok(e)
+    }
+}
