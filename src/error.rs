@@ -27,6 +27,25 @@ impl Error {
     pub fn msg(msg: impl std::fmt::Display) -> Self {
         Error::Msg(msg.to_string())
     }
+    pub fn device(msg: impl std::fmt::Display) -> Self {
+        Error::Device(msg.to_string())
+    }
+    /// The message without the kind's prefix ("device error: ", ...); a file error's names the file.
+    pub fn message(&self) -> String {
+        match self {
+            Error::File { .. } => self.to_string(),
+            Error::Shape(m) | Error::Device(m) | Error::Msg(m) => m.clone(),
+        }
+    }
+    /// The same kind of error with `what: ` in front of its message.
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        match self {
+            Error::File { path, msg } => Error::File { path, msg: format!("{what}: {msg}") },
+            Error::Shape(m) => Error::Shape(format!("{what}: {m}")),
+            Error::Device(m) => Error::Device(format!("{what}: {m}")),
+            Error::Msg(m) => Error::Msg(format!("{what}: {m}")),
+        }
+    }
 }
 
 /// `bail!`-style helpers for shape checks.
