@@ -10,7 +10,8 @@ pub enum Error {
     /// Shapes that do not fit an operation.
     #[error("shape error: {0}")]
     Shape(String),
-    /// A device that cannot be used (no CUDA driver, backend not built).
+    /// A device that cannot be used or failed (no CUDA driver, backend not built, a driver,
+    /// allocation, module or launch error).
     #[error("device error: {0}")]
     Device(String),
     /// Anything else worth one line.
@@ -30,7 +31,8 @@ impl Error {
     pub fn device(msg: impl std::fmt::Display) -> Self {
         Error::Device(msg.to_string())
     }
-    /// The message without the kind's prefix ("device error: ", ...); a file error's names the file.
+    /// The message without the kind's prefix ("shape error: ", "device error: "); a file error
+    /// keeps its path ("path: message").
     pub fn message(&self) -> String {
         match self {
             Error::File { .. } => self.to_string(),

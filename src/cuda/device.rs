@@ -5,7 +5,8 @@
 //! Opening never panics. cudarc (feature `dynamic-loading`) loads `libcuda` lazily on the first
 //! driver call and *panics* when the library or one of its symbols is missing, so `open` first
 //! probes the driver with `dlopen("libcuda.so.1")` and then runs every cudarc call that could load
-//! the library inside `std::panic::catch_unwind`. No driver → `Error::Device("no CUDA driver found ...")`.
+//! the library inside `std::panic::catch_unwind`. No driver →
+//! `Error::Device("no CUDA driver found ...")`.
 //!
 //! Synchronisation model: `open` turns cudarc's per-`CudaSlice` event tracking OFF (it must happen
 //! before the first stream or allocation exists). Kernels are launched through raw device
@@ -40,7 +41,10 @@ pub fn driver_available() -> Result<()> {
 /// Runs a cudarc call, turning both its error (`DriverError`, `NvrtcError`, `CublasError`, ...)
 /// and a panic (missing library / symbol, `unwrap` inside cudarc) into a one-line
 /// [`Error::Device`] prefixed with `what`.
-pub fn guarded<T, E: std::fmt::Display>(what: &str, f: impl FnOnce() -> std::result::Result<T, E>) -> Result<T> {
+pub fn guarded<T, E: std::fmt::Display>(
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::device(format!("{what}: {e}"))),
@@ -205,7 +209,7 @@ mod tests {
     #[test]
     fn guarded_turns_panics_into_errors() {
         // (the default hook still prints the panic message; that is expected here)
-        let e = guarded("probe", || -> std::result::Result<(), String> { panic!("library missing") }).unwrap_err();
+        let e = guarded("probe", || -> std::result::Result<(), std::fmt::Error> { panic!("library missing") }).unwrap_err();
         assert!(matches!(&e, Error::Device(m) if m.starts_with("probe: cudarc panicked: library missing")), "{e}");
     }
 
