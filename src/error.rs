@@ -10,7 +10,8 @@ pub enum Error {
     /// Shapes that do not fit an operation.
     #[error("shape error: {0}")]
     Shape(String),
-    /// A device that cannot be used (no CUDA driver, backend not built).
+    /// A device that cannot be used or failed (no CUDA driver, backend not built, a driver,
+    /// allocation, module or launch error).
     #[error("device error: {0}")]
     Device(String),
     /// Anything else worth one line.
@@ -26,6 +27,26 @@ impl Error {
     }
     pub fn msg(msg: impl std::fmt::Display) -> Self {
         Error::Msg(msg.to_string())
+    }
+    pub fn device(msg: impl std::fmt::Display) -> Self {
+        Error::Device(msg.to_string())
+    }
+    /// The message without the kind's prefix ("shape error: ", "device error: "); a file error
+    /// keeps its path ("path: message").
+    pub fn message(&self) -> String {
+        match self {
+            Error::File { .. } => self.to_string(),
+            Error::Shape(m) | Error::Device(m) | Error::Msg(m) => m.clone(),
+        }
+    }
+    /// The same kind of error with `what: ` in front of its message.
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        match self {
+            Error::File { path, msg } => Error::File { path, msg: format!("{what}: {msg}") },
+            Error::Shape(m) => Error::Shape(format!("{what}: {m}")),
+            Error::Device(m) => Error::Device(format!("{what}: {m}")),
+            Error::Msg(m) => Error::Msg(format!("{what}: {m}")),
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 mod emu_common;
 use clipforge::cuda::attention::{attention_bwd_launch, attention_fwd_launch, KernelLaunch, HEAD_DIM_MAX};
 use clipforge::ops::attention::{attention_backward_reference, attention_reference, AttnShape};
-use clipforge::DType;
+use clipforge::{DType, Error, Result};
 use emu_common::*;
 
 const BF16_RTOL: f64 = 1.0 / 128.0; // one bf16 ulp: the final rounding plus f32 differences
@@ -123,20 +123,20 @@ fn from_dev<E: DevElem>(v: &[E]) -> Vec<f32> {
     v.iter().map(|&x| x.to_f32()).collect()
 }
 /// Guard canaries intact and (for inputs) the data unchanged.
-fn check_input<E: DevElem>(g: &Guarded<E>, want: &[E], what: &str) -> Result<(), String> {
+fn check_input<E: DevElem>(g: &Guarded<E>, want: &[E], what: &str) -> Result<()> {
     g.check(what)?;
     match g.data().iter().zip(want).position(|(a, b)| !a.same_bits(*b)) {
-        Some(i) => Err(format!("{what}[{i}] was modified by the kernel")),
+        Some(i) => Err(Error::msg(format!("{what}[{i}] was modified by the kernel"))),
         None => Ok(()),
     }
 }
 
-fn launch_cfg(cfg: &KernelLaunch, args: &mut LaunchArgs) -> Result<(), String> {
+fn launch_cfg(cfg: &KernelLaunch, args: &mut LaunchArgs) -> Result<()> {
     launch(&cfg.kernel, cfg.grid, cfg.block, cfg.smem_bytes, args.as_params())
 }
 
 /// Runs the forward kernel; returns (o, lse) (lse None when the kernel got a NULL lse).
-fn run_fwd<E: DevElem>(s: &AttnShape, inp: &Inputs, with_lse: bool) -> Result<(Vec<f32>, Option<Vec<f32>>), String> {
+fn run_fwd<E: DevElem>(s: &AttnShape, inp: &Inputs, with_lse: bool) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let cfg = attention_fwd_launch(s, E::DTYPE)?;
     let (hq, hk, hv) = (to_dev::<E>(&inp.q), to_dev::<E>(&inp.k), to_dev::<E>(&inp.v));
     let (gq, gk, gv) = (Guarded::from_slice(&hq), Guarded::from_slice(&hk), Guarded::from_slice(&hv));
@@ -153,13 +153,13 @@ fn run_fwd<E: DevElem>(s: &AttnShape, inp: &Inputs, with_lse: bool) -> Result<(V
     go.check("o")?;
     glse.check("lse")?;
     if !with_lse && glse.data().iter().any(|x| !x.is_nan()) {
-        return Err("lse was written although the kernel got NULL".into());
+        return Err(Error::msg("lse was written although the kernel got NULL"));
     }
     Ok((from_dev(go.data()), with_lse.then(|| glse.data().to_vec())))
 }
 
 /// Runs the backward kernel on the given o and lse; returns (dq, dk, dv) as E bit patterns.
-fn run_bwd<E: DevElem>(s: &AttnShape, inp: &Inputs, o: &[f32], lse: &[f32]) -> Result<[Vec<E>; 3], String> {
+fn run_bwd<E: DevElem>(s: &AttnShape, inp: &Inputs, o: &[f32], lse: &[f32]) -> Result<[Vec<E>; 3]> {
     let cfg = attention_bwd_launch(s, E::DTYPE)?;
     let ins: Vec<Vec<E>> = [&inp.q, &inp.k, &inp.v, &o.to_vec(), &inp.dout].iter().map(|x| to_dev::<E>(x)).collect();
     let g: Vec<Guarded<E>> = ins.iter().map(|x| Guarded::from_slice(x)).collect();
@@ -197,7 +197,7 @@ fn tol<E: DevElem>(c: &Case) -> Tol {
     }
 }
 
-fn fwd_case<E: DevElem>(c: &Case) -> Result<(), String> {
+fn fwd_case<E: DevElem>(c: &Case) -> Result<()> {
     let s = c.shape();
     let inp = inputs::<E>(c);
     let (want_o, want_lse) = attention_reference(&inp.q, &inp.k, &inp.v, &s);
@@ -208,7 +208,7 @@ fn fwd_case<E: DevElem>(c: &Case) -> Result<(), String> {
 }
 
 /// Backward on the reference forward's o (rounded to E, as the forward kernel stores it) and lse.
-fn bwd_case<E: DevElem>(c: &Case, first: &mut Option<[Vec<E>; 3]>) -> Result<(), String> {
+fn bwd_case<E: DevElem>(c: &Case, first: &mut Option<[Vec<E>; 3]>) -> Result<()> {
     let s = c.shape();
     let inp = inputs::<E>(c);
     let (o, lse) = attention_reference(&inp.q, &inp.k, &inp.v, &s);
@@ -224,7 +224,7 @@ fn bwd_case<E: DevElem>(c: &Case, first: &mut Option<[Vec<E>; 3]>) -> Result<(),
         Some(f) => {
             for ((a, b), name) in f.iter().zip(&got).zip(["dq", "dk", "dv"]) {
                 if let Some(i) = a.iter().zip(b).position(|(x, y)| !x.same_bits(*y)) {
-                    return Err(format!("{name}[{i}] differs bitwise between schedules: {:?} vs {:?}", a[i], b[i]));
+                    return Err(Error::msg(format!("{name}[{i}] differs bitwise between schedules: {:?} vs {:?}", a[i], b[i])));
                 }
             }
         }
@@ -233,7 +233,7 @@ fn bwd_case<E: DevElem>(c: &Case, first: &mut Option<[Vec<E>; 3]>) -> Result<(),
 }
 
 /// Runs `run(case)` for the small cases in every schedule and the large ones in the forward schedule.
-fn for_all_cases(name: &str, mut run: impl FnMut(&Case, bool) -> Result<(), String>) {
+fn for_all_cases(name: &str, mut run: impl FnMut(&Case, bool) -> Result<()>) {
     let (mut failures, mut runs) = (Vec::new(), 0);
     for (cases, schedules) in [(SMALL, &TEST_SCHEDULES[..]), (LARGE, &TEST_SCHEDULES[..1])] {
         for c in cases {
@@ -338,7 +338,7 @@ fn attention_kernels_trap_on_bad_launches() {
     for (hd, block) in [(129i32, 128u32), (0, 128), (64, 64), (64, 256)] {
         cfg.block = (block, 1, 1);
         let mut a = LaunchArgs::new().arg(&pq).arg(&pq).arg(&pq).arg(&po).arg(&pl).arg(&b).arg(&t).arg(&h).arg(&hd).arg(&causal).arg(&scale);
-        let err = launch_cfg(&cfg, &mut a).expect_err("the kernel must trap");
+        let err = launch_cfg(&cfg, &mut a).expect_err("the kernel must trap").to_string();
         assert!(err.contains("__trap"), "hd {hd} block {block}: {err}");
     }
 }

@@ -2,6 +2,7 @@
 //! launch API errors, concurrent launches from several test threads.
 //! Run with `--nocapture` to see which schedule caught which bug.
 mod emu_common;
+use clipforge::Result;
 use emu_common::*;
 
 /// What one run of a layernorm-forward-shaped f32 kernel showed.
@@ -48,15 +49,16 @@ fn ln_run(kernel: &str, rows: usize, cols: usize, block: u32, rows_per_block: us
     let mut args = LaunchArgs::new().arg(&px).arg(&pg).arg(&pb).arg(&py).arg(&pm).arg(&pr).arg(&ri).arg(&ci).arg(&eps);
     let mut f = Findings::default();
     if let Err(e) = launch(kernel, (ceil_div(rows, rows_per_block), 1, 1), (block, 1, 1), 0, args.as_params()) {
-        f.launch_error = Some(e);
+        f.launch_error = Some(e.to_string());
         return f;
     }
     let canaries = [gx.check("x"), gg.check("gamma"), gb.check("beta"), y.check("y"), m.check("mean"), r.check("rstd")];
-    f.canary = canaries.into_iter().find_map(|c| c.err());
+    f.canary = canaries.into_iter().find_map(|c| c.err()).map(|e| e.to_string());
     f.values = check_close("y", y.data(), &want_y, 2e-5, 2e-5)
         .and_then(|_| check_close("mean", m.data(), &want_m, 1e-5, 1e-5))
         .and_then(|_| check_close("rstd", r.data(), &want_r, 1e-5, 1e-4))
-        .err();
+        .err()
+        .map(|e| e.to_string());
     f
 }
 
@@ -116,14 +118,14 @@ fn planted_d_divergent_shuffle_is_a_launch_error() {
         set_schedule(s);
         let mut x = Guarded::from_slice(&vec![1.0f32; 64]);
         let px = x.ptr();
-        let e = launch("bug_divergent_shfl_f32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).as_params()).unwrap_err();
+        let e = launch("bug_divergent_shfl_f32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).as_params()).unwrap_err().to_string();
         println!("[(d) divergent shuffle] {:<10} {e}", sched_name(s));
         assert!(e.contains("__shfl_xor_sync") && (e.contains("exited") || e.contains("deadlock")), "{e}");
     }
     set_schedule(Schedule::Forward);
 }
 
-fn smem_reverse(kernel: &str, n: usize) -> Result<Vec<f32>, String> {
+fn smem_reverse(kernel: &str, n: usize) -> Result<Vec<f32>> {
     let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
     let (mut gx, mut gy) = (Guarded::from_slice(&x), Guarded::filled(n, f32::NAN));
     let (px, py, ni) = (gx.ptr(), gy.ptr(), n as i32);
@@ -139,7 +141,7 @@ fn planted_e_dynamic_smem_overrun_is_a_launch_error() {
         set_schedule(s);
         let y = smem_reverse("smem_reverse_f32", 1000).unwrap();
         assert!(y.iter().enumerate().all(|(i, &v)| v == (999 - i) as f32));
-        let e = smem_reverse("bug_smem_overrun_f32", 1000).unwrap_err();
+        let e = smem_reverse("bug_smem_overrun_f32", 1000).unwrap_err().to_string();
         println!("[(e) dyn smem overrun] {:<10} {e}", sched_name(s));
         assert!(e.contains("dynamic shared memory"), "{e}");
     }
@@ -150,7 +152,7 @@ fn planted_e_dynamic_smem_overrun_is_a_launch_error() {
 fn trap_is_a_launch_error() {
     let mut flags = Guarded::filled(64, 0i32);
     let p = flags.ptr();
-    let e = launch("bug_trap_i32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&p).as_params()).unwrap_err();
+    let e = launch("bug_trap_i32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&p).as_params()).unwrap_err().to_string();
     assert!(e.contains("__trap()") && e.contains("thread (5,0,0)"), "{e}");
 }
 
@@ -223,12 +225,12 @@ fn thread_and_block_indices_in_3d() {
 fn launch_api_errors() {
     let mut x = vec![0f32; 64];
     let px = x.as_mut_ptr();
-    let e = launch("no_such_kernel", (1, 1, 1), (32, 1, 1), 0, &mut []).unwrap_err();
+    let e = launch("no_such_kernel", (1, 1, 1), (32, 1, 1), 0, &mut []).unwrap_err().to_string();
     assert!(e.contains("no kernel named"), "{e}");
-    let e = launch("bug_divergent_shfl_f32", (1, 1, 1), (32, 1, 1), 0, &mut []).unwrap_err();
+    let e = launch("bug_divergent_shfl_f32", (1, 1, 1), (32, 1, 1), 0, &mut []).unwrap_err().to_string();
     assert!(e.contains("takes 1 parameters, 0 given"), "{e}");
     for (grid, block, smem) in [((1, 1, 1), (2048, 1, 1), 0), ((1, 1, 1), (0, 1, 1), 0), ((1, 70000, 1), (32, 1, 1), 0), ((1, 1, 1), (32, 1, 1), 1 << 20)] {
-        let e = launch("bug_divergent_shfl_f32", grid, block, smem, LaunchArgs::new().arg(&px).as_params()).unwrap_err();
+        let e = launch("bug_divergent_shfl_f32", grid, block, smem, LaunchArgs::new().arg(&px).as_params()).unwrap_err().to_string();
         assert!(e.contains("invalid launch configuration"), "{e}");
     }
     assert_eq!(emu::kernel_arity("layernorm_fwd_f32"), Some(9));

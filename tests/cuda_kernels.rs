@@ -2,6 +2,7 @@
 //! every shape of common::ROWS x common::COLS, every schedule (fwd, rev, random x2),
 //! per-element |got - ref| <= atol + rtol*|ref|, NaN/Inf fail, guard canaries on every buffer.
 mod emu_common;
+use clipforge::{Error, Result};
 use emu_common::*;
 
 const BF16_RTOL: f64 = 1.0 / 128.0; // one bf16 ulp: rounding + a possible flip from f32 math
@@ -24,7 +25,7 @@ fn ln_inputs(rows: usize, cols: usize, bf16: bool) -> LnInputs {
 }
 
 /// Launches a forward layernorm kernel (plain or residual) in f32 or bf16; returns (x after, y, mean, rstd).
-fn run_ln_fwd(kernel: &str, inp: &LnInputs, rows: usize, cols: usize, block: u32, bf16_io: bool) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>), String> {
+fn run_ln_fwd(kernel: &str, inp: &LnInputs, rows: usize, cols: usize, block: u32, bf16_io: bool) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
     let residual = kernel.starts_with("residual");
     let (g, b) = (Guarded::from_slice(&inp.gamma), Guarded::from_slice(&inp.beta));
     let (mut mean, mut rstd) = (Guarded::filled(rows, f32::NAN), Guarded::filled(rows, f32::NAN));
@@ -68,7 +69,7 @@ fn run_ln_fwd(kernel: &str, inp: &LnInputs, rows: usize, cols: usize, block: u32
     Ok(out)
 }
 
-fn ln_fwd_case(kernel: &str, rows: usize, cols: usize, block: u32, bf16_io: bool) -> Result<(), String> {
+fn ln_fwd_case(kernel: &str, rows: usize, cols: usize, block: u32, bf16_io: bool) -> Result<()> {
     let inp = ln_inputs(rows, cols, bf16_io);
     let residual = kernel.starts_with("residual");
     // x after the residual add, exactly as the kernel must store it (f32 add, then bf16 rounding)
@@ -79,7 +80,7 @@ fn ln_fwd_case(kernel: &str, rows: usize, cols: usize, block: u32, bf16_io: bool
     let (want_y, want_mean, want_rstd) = layernorm_ref(&to_f64(&x_new), rows, cols, &inp.gamma, &inp.beta);
     let (x_out, y, mean, rstd) = run_ln_fwd(kernel, &inp, rows, cols, block, bf16_io)?;
     if x_out.iter().zip(&x_new).any(|(a, b)| a.to_bits() != b.to_bits()) {
-        return Err("x after the kernel differs from the expected (x + residual) bits".into());
+        return Err(Error::msg("x after the kernel differs from the expected (x + residual) bits"));
     }
     let (atol, rtol) = if bf16_io { (1e-4, BF16_RTOL) } else { (2e-5, 2e-5) };
     check_close("y", &y, &want_y, atol, rtol)?;
@@ -95,7 +96,7 @@ fn layernorm_fwd_f32() {
 #[test]
 fn layernorm_fwd_f32_other_block_sizes() {
     for block in [32, 256, 1024] {
-        for_all_shapes("layernorm_fwd_f32", |r, c| ln_fwd_case("layernorm_fwd_f32", r, c, block, false).map_err(|e| format!("block {block}: {e}")));
+        for_all_shapes("layernorm_fwd_f32", |r, c| ln_fwd_case("layernorm_fwd_f32", r, c, block, false).map_err(|e| e.context(format!("block {block}"))));
     }
 }
 
@@ -130,7 +131,7 @@ fn residual_layernorm_fwd_bf16() {
 }
 
 /// layernorm_bwd_<dtype> with `parts` blocks, then layernorm_bwd_reduce_f32.
-fn ln_bwd_case(kernel: &str, rows: usize, cols: usize, parts: usize, bf16_io: bool) -> Result<(), String> {
+fn ln_bwd_case(kernel: &str, rows: usize, cols: usize, parts: usize, bf16_io: bool) -> Result<()> {
     let inp = ln_inputs(rows, cols, bf16_io);
     let mut rng = Rng::new(77 + rows as u64);
     let mut dy = rng.vec(rows * cols, -1.0, 1.0);
@@ -194,7 +195,7 @@ fn ln_bwd_case(kernel: &str, rows: usize, cols: usize, parts: usize, bf16_io: bo
 #[test]
 fn layernorm_bwd_f32() {
     for parts in [1, 3] {
-        for_all_shapes("layernorm_bwd_f32", |r, c| ln_bwd_case("layernorm_bwd_f32", r, c, parts, false).map_err(|e| format!("{parts} parts: {e}")));
+        for_all_shapes("layernorm_bwd_f32", |r, c| ln_bwd_case("layernorm_bwd_f32", r, c, parts, false).map_err(|e| e.context(format!("{parts} parts"))));
     }
 }
 
@@ -228,7 +229,7 @@ fn act_inputs(rows: usize, n: usize, bf16_io: bool) -> (Vec<f32>, Vec<f32>, Vec<
 }
 
 /// fwd then bwd (from the saved pre-activation) then bias_grad_reduce_f32.
-fn bias_act_case(act: &str, rows: usize, n: usize, bf16_io: bool) -> Result<(), String> {
+fn bias_act_case(act: &str, rows: usize, n: usize, bf16_io: bool) -> Result<()> {
     let f: fn(f64) -> (f64, f64) = if act == "quick_gelu" { quick_gelu } else { gelu };
     let suffix = if bf16_io { half_suffix() } else { "f32" };
     let (y0, bias, dy) = act_inputs(rows, n, bf16_io);
@@ -270,7 +271,7 @@ fn bias_act_case(act: &str, rows: usize, n: usize, bf16_io: bool) -> Result<(), 
             buf.check(name)?;
         }
         if gdy.data().iter().zip(&dy).any(|(a, b)| a.to_bits() != b.to_bits()) {
-            return Err("dy was modified by an out-of-place backward".into());
+            return Err(Error::msg("dy was modified by an out-of-place backward"));
         }
         (gy.data().to_vec(), gpre.data().to_vec(), gdpre.data().to_vec())
     };
@@ -279,7 +280,7 @@ fn bias_act_case(act: &str, rows: usize, n: usize, bf16_io: bool) -> Result<(), 
         buf.check(name)?;
     }
     if pre.iter().zip(&pre_saved).any(|(a, b)| a.to_bits() != b.to_bits()) {
-        return Err("saved pre-activation differs from y + b".into());
+        return Err(Error::msg("saved pre-activation differs from y + b"));
     }
     let (atol, rtol) = if bf16_io { (1e-6, BF16_RTOL) } else { (1e-6, 1e-5) };
     check_close("y", &y, &want_y, atol, rtol)?;

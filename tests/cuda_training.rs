@@ -7,6 +7,7 @@ use clipforge::ops::adamw::{adamw_reference, AdamW};
 use clipforge::ops::cross_entropy::{cross_entropy_bwd_reference, cross_entropy_reference};
 use clipforge::ops::pca::{orthonormalize, pca_reference, start_basis};
 use clipforge::ops::pos_gather::{pos_gather_bwd_reference, pos_gather_reference, stretch_reference, Stretch};
+use clipforge::{Error, Result};
 use emu_common::*;
 use half::f16;
 use training_common::*;
@@ -29,7 +30,7 @@ fn pos_smem(s: Stretch) -> u32 {
 }
 
 /// pos_gather_bwd_<dtype> over `parts` row chunks (+ the reduce when parts > 1); returns dP.
-fn run_pos_bwd(dout: &[f32], pos: &[u32], s: Stretch, w: usize, parts: usize, bf16_io: bool) -> Result<Vec<f32>, String> {
+fn run_pos_bwd(dout: &[f32], pos: &[u32], s: Stretch, w: usize, parts: usize, bf16_io: bool) -> Result<Vec<f32>> {
     let rows = pos.len();
     let (rows_i, l_i, w_i, keep_i, ratio_i) = (rows as i32, s.len as i32, w as i32, s.keep as i32, s.ratio as i32);
     let mut gpos = Guarded::from_slice(pos);
@@ -61,12 +62,12 @@ fn run_pos_bwd(dout: &[f32], pos: &[u32], s: Stretch, w: usize, parts: usize, bf
     Ok(dp.data().to_vec())
 }
 
-fn pos_case(s: Stretch, rows: usize, w: usize) -> Result<(), String> {
+fn pos_case(s: Stretch, rows: usize, w: usize) -> Result<()> {
     let mut rng = Rng::new((rows * 131 + w * 7 + s.len) as u64);
     let p = rng.vec(s.len * w, -1.0, 1.0);
     let pos = positions(rows, s, rows as u64 + 1);
     let (rows_i, l_i, w_i, keep_i, ratio_i) = (rows as i32, s.len as i32, w as i32, s.keep as i32, s.ratio as i32);
-    let want = pos_gather_reference(&p, w, s, &pos).map_err(|e| e.to_string())?;
+    let want = pos_gather_reference(&p, w, s, &pos)?;
     let mut gp = Guarded::from_slice(&p);
     let mut gpos = Guarded::from_slice(&pos);
     let (pp, ppos) = (gp.ptr() as *const f32, gpos.ptr() as *const u32);
@@ -93,7 +94,7 @@ fn pos_case(s: Stretch, rows: usize, w: usize) -> Result<(), String> {
     gpos.check("pos")?;
     // backward: f32 in one and three parts, bf16 in two
     let dout = round_bf16(&rng.vec(rows * w, -1.0, 1.0));
-    let want_dp = pos_gather_bwd_reference(&dout, w, s, &pos).map_err(|e| e.to_string())?;
+    let want_dp = pos_gather_bwd_reference(&dout, w, s, &pos)?;
     let atol = 1e-6 * (rows as f64).sqrt().max(1.0);
     for (parts, bf16_io) in [(1, false), (3, false), (2, true)] {
         let dp = run_pos_bwd(&dout, &pos, s, w, parts, bf16_io)?;
@@ -137,11 +138,11 @@ fn pos_gather_traps_on_out_of_range_positions() {
     let (mut out, mut gp, mut gpos) = (Guarded::filled(2 * 3, 0f32), Guarded::from_slice(&p), Guarded::from_slice(&pos));
     let (pp, ppos, po) = (gp.ptr() as *const f32, gpos.ptr() as *const u32, out.ptr());
     let (rows, l, w, keep, ratio) = (2i32, 7i32, 3i32, 2i32, 3i32);
-    let err = launch("pos_gather_fwd_f32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&ppos).arg(&po).arg(&rows).arg(&l).arg(&w).arg(&keep).arg(&ratio).as_params()).unwrap_err();
+    let err = launch("pos_gather_fwd_f32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&ppos).arg(&po).arg(&rows).arg(&l).arg(&w).arg(&keep).arg(&ratio).as_params()).unwrap_err().to_string();
     assert!(err.contains("__trap"), "{err}");
     let mut part = Guarded::filled(7 * 3, 0f32);
     let ppart = part.ptr();
-    let err = launch("pos_gather_bwd_f32", (1, 1, 1), (128, 1, 1), pos_smem(s), LaunchArgs::new().arg(&pp).arg(&ppos).arg(&ppart).arg(&rows).arg(&l).arg(&w).arg(&keep).arg(&ratio).as_params()).unwrap_err();
+    let err = launch("pos_gather_bwd_f32", (1, 1, 1), (128, 1, 1), pos_smem(s), LaunchArgs::new().arg(&pp).arg(&ppos).arg(&ppart).arg(&rows).arg(&l).arg(&w).arg(&keep).arg(&ratio).as_params()).unwrap_err().to_string();
     assert!(err.contains("__trap"), "{err}");
 }
 
@@ -156,7 +157,7 @@ struct CeCase {
     in_place: bool,
 }
 
-fn ce_case(c: &CeCase) -> Result<(), String> {
+fn ce_case(c: &CeCase) -> Result<()> {
     let CeCase { rows, classes, eps, bf16: bf16_io, in_place } = *c;
     let spread = 30.0;
     let mut x = logits(rows, classes, spread, (rows * 1000 + classes) as u64);
@@ -166,8 +167,8 @@ fn ce_case(c: &CeCase) -> Result<(), String> {
     let t = targets(rows, classes, rows as u64 + 3);
     let dloss = 0.75f32;
     let x64 = to_f64(&x);
-    let want = cross_entropy_reference(&x64, classes, &t, eps as f64).map_err(|e| e.to_string())?;
-    let want_d = cross_entropy_bwd_reference(&x64, classes, &t, eps as f64, dloss as f64).map_err(|e| e.to_string())?;
+    let want = cross_entropy_reference(&x64, classes, &t, eps as f64)?;
+    let want_d = cross_entropy_bwd_reference(&x64, classes, &t, eps as f64, dloss as f64)?;
     let (rows_i, c_i) = (rows as i32, classes as i32);
     let mut gt = Guarded::from_slice(&t);
     let (mut loss, mut lse, mut mean) = (Guarded::filled(rows, f32::NAN), Guarded::filled(rows, f32::NAN), Guarded::filled(1, f32::NAN));
@@ -269,7 +270,7 @@ fn cross_entropy_traps_on_out_of_range_targets() {
     let (x, t) = (vec![0f32; 2 * 5], vec![1u32, 5]);
     let (mut gx, mut gt, mut loss, mut lse) = (Guarded::from_slice(&x), Guarded::from_slice(&t), Guarded::filled(2, 0f32), Guarded::filled(2, 0f32));
     let (px, pt, pl, plse, rows, c, eps) = (gx.ptr() as *const f32, gt.ptr() as *const u32, loss.ptr(), lse.ptr(), 2i32, 5i32, 0.1f32);
-    let err = launch("cross_entropy_fwd_f32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&pt).arg(&pl).arg(&plse).arg(&rows).arg(&c).arg(&eps).as_params()).unwrap_err();
+    let err = launch("cross_entropy_fwd_f32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&pt).arg(&pl).arg(&plse).arg(&rows).arg(&c).arg(&eps).as_params()).unwrap_err().to_string();
     assert!(err.contains("__trap"), "{err}");
 }
 
@@ -284,7 +285,7 @@ struct AdamCase {
     blocks: u32,
 }
 
-fn adamw_case(c: &AdamCase) -> Result<(), String> {
+fn adamw_case(c: &AdamCase) -> Result<()> {
     let AdamCase { n, bf16_grad, copies, step, blocks } = *c;
     let opt = AdamW { lr: 2e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
     let mut rng = Rng::new(n as u64 * 3 + step as u64);
@@ -296,7 +297,7 @@ fn adamw_case(c: &AdamCase) -> Result<(), String> {
     let m0 = rng.vec(n, -1e-3, 1e-3);
     let v0 = rng.vec(n, 0.0, 1e-5);
     let (mut pr, mut mr, mut vr) = (p0.clone(), m0.clone(), v0.clone());
-    adamw_reference(&mut pr, &g, &mut mr, &mut vr, &opt, step).map_err(|e| e.to_string())?;
+    adamw_reference(&mut pr, &g, &mut mr, &mut vr, &opt, step)?;
     let (mut gp, mut gm, mut gv) = (Guarded::from_slice(&p0), Guarded::from_slice(&m0), Guarded::from_slice(&v0));
     let (mut gb, mut gh) = (Guarded::filled(n, 0x7fc0u16), Guarded::filled(n, 0x7e00u16));
     let (pp, pm, pv) = (gp.ptr(), gm.ptr(), gv.ptr());
@@ -320,10 +321,10 @@ fn adamw_case(c: &AdamCase) -> Result<(), String> {
     if copies {
         let pk = gp.data();
         if (0..n).any(|i| gb.data()[i] != half::bf16::from_f32(pk[i]).to_bits() || gh.data()[i] != f16::from_f32(pk[i]).to_bits()) {
-            return Err("bf16/f16 copies are not the rounded updated weights".into());
+            return Err(Error::msg("bf16/f16 copies are not the rounded updated weights"));
         }
     } else if gb.data().iter().any(|&b| b != 0x7fc0) || gh.data().iter().any(|&h| h != 0x7e00) {
-        return Err("copies written although their pointers were NULL".into());
+        return Err(Error::msg("copies written although their pointers were NULL"));
     }
     Ok(())
 }
@@ -345,7 +346,7 @@ fn adamw_kernels() {
 // ---------------------------------------------------------------- PCA
 
 #[allow(clippy::too_many_arguments)]
-fn gemm_launch(a: *const f32, b: *const f32, bias: *const f32, c: *mut f32, m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Result<(), String> {
+fn gemm_launch(a: *const f32, b: *const f32, bias: *const f32, c: *mut f32, m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Result<()> {
     let (m_i, n_i, k_i, ta_i, tb_i) = (m as i32, n as i32, k as i32, ta as i32, tb as i32);
     launch("pca_gemm_f32", (ceil_div(n, 32), ceil_div(m, 32), 1), (256, 1, 1), 0, LaunchArgs::new().arg(&a).arg(&b).arg(&bias).arg(&c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&ta_i).arg(&tb_i).as_params())
 }
@@ -356,10 +357,10 @@ fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// pca_orth_f32 on Qt [k, D].
-fn orth_launch(q: *mut f32, d: usize, k: usize) -> Result<(), String> {
+fn orth_launch(q: *mut f32, d: usize, k: usize) -> Result<()> {
     orth_launch_block(q, d, k, 32 * k as u32)
 }
-fn orth_launch_block(q: *mut f32, d: usize, k: usize, block: u32) -> Result<(), String> {
+fn orth_launch_block(q: *mut f32, d: usize, k: usize, block: u32) -> Result<()> {
     let (d_i, k_i) = (d as i32, k as i32);
     launch("pca_orth_f32", (1, 1, 1), (block, 1, 1), 0, LaunchArgs::new().arg(&q).arg(&d_i).arg(&k_i).as_params())
 }
@@ -404,7 +405,7 @@ fn pca_orth_kernel_is_the_cpu_gram_schmidt() {
 
 /// The whole iteration on the emulator (basis kept as Qt = Vᵀ [k, D]); returns (mean, V [D, k], recon).
 type PcaOut = (Vec<f32>, Vec<f32>, Vec<f32>);
-fn run_pca_emu(x: &[f32], b: usize, d: usize, k: usize, iters: usize) -> Result<PcaOut, String> {
+fn run_pca_emu(x: &[f32], b: usize, d: usize, k: usize, iters: usize) -> Result<PcaOut> {
     let mut gx = Guarded::from_slice(x);
     let (mut xc, mut mu) = (Guarded::filled(b * d, f32::NAN), Guarded::filled(d, f32::NAN));
     let (mut q, mut z) = (Guarded::filled(k * d, f32::NAN), Guarded::filled(k * d, f32::NAN));
@@ -415,7 +416,7 @@ fn run_pca_emu(x: &[f32], b: usize, d: usize, k: usize, iters: usize) -> Result<
     let pq0 = q.ptr();
     launch("pca_init_f32", (ceil_div(d * k, 256), 1, 1), (256, 1, 1), 0, LaunchArgs::new().arg(&pq0).arg(&d_i).arg(&k_i).arg(&seed).as_params())?;
     if q.data() != transpose(&start_basis(d, k, 0), d, k).as_slice() {
-        return Err("pca_init_f32 differs from ops::pca::start_basis (transposed)".into());
+        return Err(Error::msg("pca_init_f32 differs from ops::pca::start_basis (transposed)"));
     }
     let nul = std::ptr::null::<f32>();
     let (mut pq, mut pz) = (q.ptr(), z.ptr());
@@ -469,7 +470,7 @@ fn pca_kernels_match_exact_eigendecomposition() {
         if c.gapped {
             let diff = max_abs_diff(&projector(&v, d, k), &projector(&c.want.v, d, k));
             if diff > 1e-4 {
-                return Err(format!("projectors differ by {diff}"));
+                return Err(Error::msg(format!("projectors differ by {diff}")));
             }
         }
         Ok(())
@@ -503,15 +504,15 @@ fn pca_kernels_on_degenerate_inputs_stay_finite() {
         let (b, d, k) = (*b, *d, *k);
         let (mean, v, recon) = run_pca_emu(x, b, d, k, 6)?;
         if !mean.iter().chain(&v).chain(&recon).all(|t| t.is_finite()) {
-            return Err(format!("{what}: not finite"));
+            return Err(Error::msg(format!("{what}: not finite")));
         }
         check_orthonormal_or_zero(&v, d, k, 1e-4)?;
-        let want = pca_reference(x, b, d, k).map_err(|e| e.to_string())?;
+        let want = pca_reference(x, b, d, k)?;
         let optimal: f64 = want.eigenvalues[k..].iter().map(|v| v.max(0.0)).sum();
         let total: f64 = want.eigenvalues.iter().map(|v| v.max(0.0)).sum();
         let missed = residual_energy(x, &recon);
         if missed > optimal + 1e-5 * total + 1e-8 {
-            return Err(format!("{what}: misses {missed}, optimum {optimal}"));
+            return Err(Error::msg(format!("{what}: misses {missed}, optimum {optimal}")));
         }
         Ok(())
     });

@@ -13,9 +13,9 @@
 //!   saved weights are the f32 masters, not their half-precision copies.
 mod common;
 mod finetune_common;
-use clipforge::cuda::train_block::Half;
 use clipforge::cuda::EmuOps;
 use clipforge::model::Weights;
+use clipforge::DType;
 use clipforge::train::device_step::DeviceStep;
 use clipforge::train::step::StepEngine;
 use clipforge::train::trainer::{run, run_with, RunResult, StepLog, TrainConfig};
@@ -23,7 +23,7 @@ use common::{assert_close, tmpdir};
 use finetune_common::*;
 use std::path::Path;
 
-fn on_emulator(cfg: &TrainConfig, resume: Option<&Path>, low: Option<Half>) -> RunResult {
+fn on_emulator(cfg: &TrainConfig, resume: Option<&Path>, low: Option<DType>) -> RunResult {
     run_with(cfg, resume, no_stop(), true, &|model, opt| {
         let s: Box<dyn StepEngine> = Box::new(DeviceStep::new(Box::new(EmuOps), model, opt, cfg.pca_dim, cfg.recompute, low)?);
         Ok(s)
@@ -115,14 +115,14 @@ fn device_recompute_resume_and_bf16() {
     // the f32 curve, f16 (11-bit) within 5e-3; the saved weights are the masters, not the copies
     let name = "text_model.encoder.layers.0.self_attn.q_proj.weight";
     let before = Weights::open(&model).unwrap().get(name).unwrap().to_vec_f32();
-    for (low, dir, rtol) in [(Half::Bf16, "bf16", 2e-2), (Half::F16, "f16", 5e-3)] {
+    for (low, dir, rtol) in [(DType::BF16, "bf16", 2e-2), (DType::F16, "f16", 5e-3)] {
         let r = on_emulator(&short(dir), None, Some(low));
         for (a, b) in r.steps.iter().zip(&full.steps) {
             assert!((a.loss - b.loss).abs() <= rtol * b.loss.abs(), "{dir} step {}: loss {} vs f32 {}", a.step, a.loss, b.loss);
         }
         let after = Weights::open(&d.join(dir).join("model")).unwrap().get(name).unwrap().to_vec_f32();
         let moved = before.iter().zip(&after).filter(|(x, y)| x != y).count();
-        let rounded = |x: f32| if low == Half::Bf16 { half::bf16::from_f32(x).to_f32() } else { half::f16::from_f32(x).to_f32() };
+        let rounded = |x: f32| if low == DType::BF16 { half::bf16::from_f32(x).to_f32() } else { half::f16::from_f32(x).to_f32() };
         let f32_only = after.iter().filter(|x| rounded(**x) != **x).count();
         assert!(moved == after.len() && f32_only > after.len() * 9 / 10, "{dir} masters: {moved} moved, {f32_only} of {} not {dir} values", after.len());
     }

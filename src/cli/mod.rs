@@ -116,7 +116,7 @@ pub fn resolve_device(d: DeviceArg, dtype: DtypeArg) -> Result<Engine> {
         DeviceArg::Cuda if dtype == DtypeArg::F16 => {
             Err(Error::Device("--device cuda: the CUDA towers compute in f32 or bf16, not f16; use --dtype bf16".into()))
         }
-        DeviceArg::Cuda => crate::cuda::GpuOps::open().map(Engine::Cuda).map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto"))),
+        DeviceArg::Cuda => crate::cuda::GpuOps::open().map(Engine::Cuda).map_err(|why| Error::Device(format!("--device cuda: {}; use --device cpu or auto", why.message()))),
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::device::guarded;
+use crate::error::{Error, Result};
 
 /// Size-class granularity up to and including [`SMALL_LIMIT`].
 pub const SMALL_GRANULE: usize = 512;
@@ -37,7 +38,7 @@ pub fn size_class(bytes: usize) -> Option<usize> {
 pub trait RawAlloc: Send + Sync {
     /// Owns one allocation; freeing happens in [`RawAlloc::free`] (or the handle's own `Drop`).
     type Handle: Send;
-    fn alloc(&self, bytes: usize) -> Result<Self::Handle, String>;
+    fn alloc(&self, bytes: usize) -> Result<Self::Handle>;
     fn free(&self, h: Self::Handle);
     /// Device address of the allocation.
     fn device_ptr(&self, h: &Self::Handle) -> u64;
@@ -145,8 +146,8 @@ impl<A: RawAlloc> DevicePool<A> {
     }
 
     /// A block of at least `bytes` bytes: from the class's free list if possible, else new.
-    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<PoolBlock<A>, String> {
-        let class = size_class(bytes).ok_or_else(|| format!("allocation of {bytes} B overflows"))?;
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<PoolBlock<A>> {
+        let class = size_class(bytes).ok_or_else(|| Error::device(format!("allocation of {bytes} B overflows")))?;
         let mut st = self.lock();
         let cached = st.free.get_mut(&class).and_then(|v| v.pop());
         let handle = match cached {
@@ -163,11 +164,9 @@ impl<A: RawAlloc> DevicePool<A> {
                     Err(first) => {
                         // Out of memory (or similar): give the cache back and try once more.
                         if Self::trim_locked(&self.raw, &mut st) == 0 {
-                            return Err(format!("device allocation of {class} B failed: {first}"));
+                            return Err(first.context(format!("device allocation of {class} B failed")));
                         }
-                        self.raw.alloc(class).map_err(|e| {
-                            format!("device allocation of {class} B failed after trimming the cache: {e}")
-                        })?
+                        self.raw.alloc(class).map_err(|e| e.context(format!("device allocation of {class} B failed after trimming the cache")))?
                     }
                 }
             }
@@ -251,7 +250,7 @@ impl CudaRawAlloc {
 
 impl RawAlloc for CudaRawAlloc {
     type Handle = CudaSlice<u8>;
-    fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>, String> {
+    fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>> {
         // SAFETY: the memory is uninitialised; PoolBlock documents that and only hands out the
         // raw address, which kernels write before reading.
         guarded("cuMemAlloc", || unsafe { self.stream.alloc::<u8>(bytes) })
@@ -285,10 +284,10 @@ mod tests {
     }
     impl RawAlloc for Fake {
         type Handle = (u64, usize);
-        fn alloc(&self, bytes: usize) -> Result<(u64, usize), String> {
+        fn alloc(&self, bytes: usize) -> Result<(u64, usize)> {
             if let Some(cap) = self.capacity {
                 if self.live.load(Ordering::SeqCst) + bytes > cap {
-                    return Err("out of memory".into());
+                    return Err(Error::device("out of memory"));
                 }
             }
             self.allocs.fetch_add(1, Ordering::SeqCst);
@@ -379,7 +378,7 @@ mod tests {
         assert_eq!(c.capacity(), 6 << 20);
         assert_eq!(pool.stats().cached_bytes, 0);
         let e = pool.alloc(1 << 20).unwrap_err();
-        assert!(e.contains("out of memory"), "{e}");
+        assert!(matches!(&e, Error::Device(m) if m.contains("out of memory")), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! rely on (see the header of attention.cu). The emulator tests launch through these, and so will
 //! the GPU backend (with `cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)` when
 //! [`KernelLaunch::needs_smem_opt_in`]).
+use crate::error::Result;
 use crate::ops::attention::AttnShape;
 use crate::DType;
 
@@ -55,32 +56,32 @@ pub fn bwd_smem_bytes(head_dim: usize, elem_bytes: usize) -> usize {
 }
 
 /// Checks what the kernels rely on; returns the element size and the type suffix.
-fn check(s: &AttnShape, dtype: DType) -> Result<(usize, &'static str), String> {
+fn check(s: &AttnShape, dtype: DType) -> Result<(usize, &'static str)> {
     let (elem, suffix) = match dtype {
         DType::F32 => (4, "f32"),
         DType::BF16 => (2, "bf16"),
         DType::F16 => (2, "f16"),
     };
     if s.batch == 0 || s.seq == 0 || s.heads == 0 {
-        return Err(format!("attention kernels: empty shape {s:?}"));
+        return Err(crate::shape_err!("attention kernels: empty shape {s:?}"));
     }
     if s.head_dim == 0 || s.head_dim > HEAD_DIM_MAX {
-        return Err(format!("attention kernels: head dim {} outside 1..={HEAD_DIM_MAX}", s.head_dim));
+        return Err(crate::shape_err!("attention kernels: head dim {} outside 1..={HEAD_DIM_MAX}", s.head_dim));
     }
     if s.heads > 65535 || s.batch > 65535 {
-        return Err(format!("attention kernels: heads {} and batch {} must be <= 65535 (grid y, z)", s.heads, s.batch));
+        return Err(crate::shape_err!("attention kernels: heads {} and batch {} must be <= 65535 (grid y, z)", s.heads, s.batch));
     }
     if s.seq > i32::MAX as usize / 2 || s.width() > i32::MAX as usize {
-        return Err(format!("attention kernels: T = {} or H·hd = {} overflows the kernels' int indices", s.seq, s.width()));
+        return Err(crate::shape_err!("attention kernels: T = {} or H·hd = {} overflows the kernels' int indices", s.seq, s.width()));
     }
     if !s.scale.is_finite() {
-        return Err(format!("attention kernels: scale {} is not finite", s.scale));
+        return Err(crate::shape_err!("attention kernels: scale {} is not finite", s.scale));
     }
     Ok((elem, suffix))
 }
 
 /// `attention_fwd_<dtype>`: grid (⌈T/64⌉, H, B), block 128.
-pub fn attention_fwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch, String> {
+pub fn attention_fwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch> {
     let (elem, suffix) = check(s, dtype)?;
     Ok(KernelLaunch {
         kernel: format!("attention_fwd_{suffix}"),
@@ -91,7 +92,7 @@ pub fn attention_fwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch,
 }
 
 /// `attention_bwd_<dtype>`: grid (⌈T/32⌉ + ⌈T/64⌉, H, B) -- dK/dV blocks, then dQ blocks -- block 128.
-pub fn attention_bwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch, String> {
+pub fn attention_bwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch> {
     let (elem, suffix) = check(s, dtype)?;
     Ok(KernelLaunch {
         kernel: format!("attention_bwd_{suffix}"),

@@ -17,6 +17,9 @@
 use super::alloc::{CudaBlock, CudaPool, CudaRawAlloc};
 use super::launch::{KernelArgs, LaunchCfg, Launcher};
 use super::pinned::{StagingKind, StagingPool};
+use super::{Gemm, GemmDesc};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
 use std::sync::{Arc, Mutex};
 
 /// A device buffer of `len` 4-byte elements (f32, or i32 bit patterns from
@@ -55,15 +58,15 @@ pub trait DeviceOps {
     /// e.g. "cuda:0 NVIDIA H100 (cuBLASLt)" or "emulator".
     fn describe(&self) -> String;
     /// `n` zeros.
-    fn alloc(&self, n: usize) -> Result<Buf, String>;
-    fn upload(&self, data: &[f32]) -> Result<Buf, String>;
+    fn alloc(&self, n: usize) -> Result<Buf>;
+    fn upload(&self, data: &[f32]) -> Result<Buf>;
     /// int32 data (ids, indices) in a 4-byte-element buffer, bit for bit.
-    fn upload_i32(&self, data: &[i32]) -> Result<Buf, String> {
+    fn upload_i32(&self, data: &[i32]) -> Result<Buf> {
         self.upload(bytemuck::cast_slice::<i32, f32>(data))
     }
     /// bf16 data (weights of the bf16 towers), two values per 4-byte element: the Buf's `len`
     /// is ⌈n/2⌉ (the last half-element is zero when n is odd).
-    fn upload_bf16(&self, data: &[half::bf16]) -> Result<Buf, String> {
+    fn upload_bf16(&self, data: &[half::bf16]) -> Result<Buf> {
         let mut bits: Vec<u16> = data.iter().map(|v| v.to_bits()).collect();
         if bits.len() % 2 == 1 {
             bits.push(0);
@@ -72,33 +75,33 @@ pub trait DeviceOps {
         self.upload(&words)
     }
     /// f16 data, packed as [`DeviceOps::upload_bf16`] packs bf16.
-    fn upload_f16(&self, data: &[half::f16]) -> Result<Buf, String> {
+    fn upload_f16(&self, data: &[half::f16]) -> Result<Buf> {
         self.upload_bf16(&data.iter().map(|v| half::bf16::from_bits(v.to_bits())).collect::<Vec<_>>())
     }
     /// Waits for all queued work and copies `b` to the host.
-    fn download(&self, b: &Buf) -> Result<Vec<f32>, String>;
-    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String>;
+    fn download(&self, b: &Buf) -> Result<Vec<f32>>;
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<()>;
     /// `y[m×n] = x[m×k]·Wᵀ (+ bias[n])`, W `[n×k]` row-major; all f32, y must not alias x or W.
     #[allow(clippy::too_many_arguments)]
-    fn linear(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String>;
+    fn linear(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()>;
     /// The same with W in bf16 ([`DeviceOps::upload_bf16`]) and x rounded to bf16: products of
     /// bf16 values accumulated in f32, f32 bias and output (the CPU bf16 towers' arithmetic).
     #[allow(clippy::too_many_arguments)]
-    fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String>;
+    fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()>;
     /// The same with W in IEEE f16 ([`DeviceOps::upload_f16`]) and x rounded to f16.
     #[allow(clippy::too_many_arguments)]
-    fn linear_f16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String>;
+    fn linear_f16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()>;
     /// `C[m×n] = op(A)·op(B) + beta·C` in f32, A stored `[m×k]` (`[k×m]` if `ta`), B `[k×n]`
     /// (`[n×k]` if `tb`): the backward GEMMs of training (dX = dY·W, dW += dYᵀ·X with beta 1).
     #[allow(clippy::too_many_arguments)]
-    fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(), String>;
+    fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()>;
 }
 
 /// The `gemm_f32` kernel (kernels/matmul.cu): its launch configuration and arguments.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_kernel_launch(a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(LaunchCfg, KernelArgs), String> {
+pub fn gemm_kernel_launch(a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(LaunchCfg, KernelArgs)> {
     if m == 0 || n == 0 || k == 0 || a.len < m * k || b.len < k * n || c.len < m * n {
-        return Err(format!("gemm m {m}, n {n}, k {k}: empty problem or buffers too small (a {}, b {}, c {})", a.len, b.len, c.len));
+        return Err(crate::shape_err!("gemm m {m}, n {n}, k {k}: empty problem or buffers too small (a {}, b {}, c {})", a.len, b.len, c.len));
     }
     let (cfg, _) = linear_kernel_launch(0, 0, None, 0, m, n, k)?;
     let args = KernelArgs::new().ptr(a.ptr).ptr(b.ptr).ptr(c.ptr).i32(m as i32).i32(n as i32).i32(k as i32).i32(ta as i32).i32(tb as i32).f32(1.0).f32(beta);
@@ -106,12 +109,12 @@ pub fn gemm_kernel_launch(a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usiz
 }
 
 /// Checks buffer sizes of a Linear call (`w_per_elem`: weights per 4-byte element, 1 or 2).
-fn check_linear_w(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize, w_per_elem: usize) -> Result<(), String> {
+fn check_linear_w(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize, w_per_elem: usize) -> Result<()> {
     if m == 0 || n == 0 || k == 0 {
-        return Err(format!("linear: empty problem m {m}, n {n}, k {k}"));
+        return Err(crate::shape_err!("linear: empty problem m {m}, n {n}, k {k}"));
     }
     if x.len < m * k || w.len * w_per_elem < n * k || y.len < m * n || bias.is_some_and(|b| b.len < n) {
-        return Err(format!(
+        return Err(crate::shape_err!(
             "linear m {m}, n {n}, k {k}: buffers too small (x {}, w {}, y {}, bias {:?})",
             x.len,
             w.len,
@@ -122,15 +125,15 @@ fn check_linear_w(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: us
     Ok(())
 }
 
-fn check_linear(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+fn check_linear(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
     check_linear_w(x, w, bias, y, m, n, k, 1)
 }
 
 /// The `linear_f32` kernel (kernels/matmul.cu): its launch configuration and arguments.
-pub fn linear_kernel_launch(x: u64, w: u64, bias: Option<u64>, y: u64, m: usize, n: usize, k: usize) -> Result<(LaunchCfg, KernelArgs), String> {
+pub fn linear_kernel_launch(x: u64, w: u64, bias: Option<u64>, y: u64, m: usize, n: usize, k: usize) -> Result<(LaunchCfg, KernelArgs)> {
     let gy = m.div_ceil(64);
     if gy > 65_535 || m > i32::MAX as usize || n > i32::MAX as usize || k > i32::MAX as usize {
-        return Err(format!("linear_f32: m {m}, n {n}, k {k} exceeds the kernel's grid or int range"));
+        return Err(crate::shape_err!("linear_f32: m {m}, n {n}, k {k} exceeds the kernel's grid or int range"));
     }
     let cfg = LaunchCfg::new((n.div_ceil(64) as u32, gy as u32, 1), (256, 1, 1), 0);
     let args = KernelArgs::new().ptr(x).ptr(w).ptr(bias.unwrap_or(0)).ptr(y).i32(m as i32).i32(n as i32).i32(k as i32).i32(bias.is_some() as i32);
@@ -147,38 +150,38 @@ impl DeviceOps for EmuOps {
     fn describe(&self) -> String {
         "CUDA emulator (CPU)".into()
     }
-    fn alloc(&self, n: usize) -> Result<Buf, String> {
+    fn alloc(&self, n: usize) -> Result<Buf> {
         self.upload(&vec![0f32; n])
     }
-    fn upload(&self, data: &[f32]) -> Result<Buf, String> {
+    fn upload(&self, data: &[f32]) -> Result<Buf> {
         let mut v = data.to_vec();
         Ok(Buf { ptr: v.as_mut_ptr() as u64, len: v.len(), _store: Store::Host(v) })
     }
-    fn download(&self, b: &Buf) -> Result<Vec<f32>, String> {
+    fn download(&self, b: &Buf) -> Result<Vec<f32>> {
         match &b._store {
             Store::Host(v) => Ok(v.clone()),
-            Store::Device(_) => Err("emulator: buffer belongs to a GPU".into()),
+            Store::Device(_) => Err(Error::device("emulator: buffer belongs to a GPU")),
         }
     }
-    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String> {
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<()> {
         super::emu::EmuLauncher.launch(kernel, cfg, args)
     }
-    fn linear(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+    fn linear(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
         check_linear(x, w, bias, y, m, n, k)?;
         let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
         self.launch("linear_f32", cfg, &mut args)
     }
-    fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+    fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
         check_linear_w(x, w, bias, y, m, n, k, 2)?;
         let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
         self.launch("linear_bf16w", cfg, &mut args)
     }
-    fn linear_f16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+    fn linear_f16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
         check_linear_w(x, w, bias, y, m, n, k, 2)?;
         let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
         self.launch("linear_f16w", cfg, &mut args)
     }
-    fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(), String> {
+    fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
         let (cfg, mut args) = gemm_kernel_launch(a, b, c, m, n, k, ta, tb, beta)?;
         self.launch("gemm_f32", cfg, &mut args)
     }
@@ -189,7 +192,7 @@ impl DeviceOps for EmuOps {
 pub struct GpuOps {
     gpu: super::table::Gpu,
     /// `None` when cuBLASLt could not be loaded: GEMMs run the matmul.cu kernels.
-    gemm: Option<super::Gemm>,
+    gemm: Option<Gemm>,
     pool: Arc<CudaPool>,
     up: Mutex<StagingPool>,
     down: Mutex<StagingPool>,
@@ -197,12 +200,12 @@ pub struct GpuOps {
 
 impl GpuOps {
     /// Device 0 with the kernel modules registered and a cuBLASLt handle, or why not.
-    pub fn open() -> Result<GpuOps, String> {
+    pub fn open() -> Result<GpuOps> {
         let gpu = super::table::Gpu::open()?;
-        let gemm = match super::Gemm::new(gpu.device.compute_stream().clone(), gpu.device.sm()) {
+        let gemm = match Gemm::new(gpu.device.compute_stream().clone(), gpu.device.sm()) {
             Ok(g) => Some(g),
             Err(why) => {
-                eprintln!("note: cuBLASLt unavailable ({why}); GEMMs use the matmul.cu kernels");
+                eprintln!("note: cuBLASLt unavailable ({}); GEMMs use the matmul.cu kernels", why.message());
                 None
             }
         };
@@ -226,12 +229,16 @@ impl GpuOps {
     /// Linear with half-precision weights (bf16 or f16): x converted into a pooled scratch buffer,
     /// then one cuBLASLt GEMM (f32 accumulation, f32 bias and output); the tiled kernel without
     /// cuBLASLt.
-    fn linear_half(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, (m, n, k): (usize, usize, usize), dt: super::Dtype) -> Result<(), String> {
+    fn linear_half(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, (m, n, k): (usize, usize, usize), dt: DType) -> Result<()> {
+        let (convert, fallback) = match dt {
+            DType::BF16 => ("f32_to_bf16", "linear_bf16w"),
+            DType::F16 => ("f32_to_f16", "linear_f16w"),
+            DType::F32 => return Err(Error::msg("linear_half: the weights must be bf16 or f16, not f32")),
+        };
         check_linear_w(x, w, bias, y, m, n, k, 2)?;
         if m * k > i32::MAX as usize {
-            return Err(format!("linear ({dt:?} weights): m·k = {} exceeds the conversion kernel's int range", m * k));
+            return Err(crate::shape_err!("linear ({dt:?} weights): m·k = {} exceeds the conversion kernel's int range", m * k));
         }
-        let (convert, fallback) = if dt == super::Dtype::F16 { ("f32_to_f16", "linear_f16w") } else { ("f32_to_bf16", "linear_bf16w") };
         let Some(g) = &self.gemm else {
             let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
             return self.launch(fallback, cfg, &mut args);
@@ -240,13 +247,13 @@ impl GpuOps {
         let blocks = (m * k).div_ceil(256).clamp(1, 16_384) as u32;
         let mut a = KernelArgs::new().ptr(x.ptr).ptr(xb.ptr).i32((m * k) as i32);
         self.launch(convert, LaunchCfg::new((blocks, 1, 1), (256, 1, 1), 0), &mut a)?;
-        let d = super::GemmDesc { out_dtype: super::Dtype::F32, ..super::GemmDesc::linear(m, n, k, dt, bias.is_some()) };
+        let d = GemmDesc { out_dtype: DType::F32, ..GemmDesc::linear(m, n, k, dt, bias.is_some()) };
         g.run(&d, xb.ptr, w.ptr, y.ptr, bias.map(|b| b.ptr))
         // xb goes back to the pool when it drops; the pool's reuse is ordered on this stream
     }
 
     /// An uninitialised pooled buffer of `n` 4-byte elements.
-    fn block(&self, n: usize) -> Result<Buf, String> {
+    fn block(&self, n: usize) -> Result<Buf> {
         let b = self.pool.alloc(n.max(1) * 4)?;
         Ok(Buf { ptr: b.ptr(), len: n, _store: Store::Device(b) })
     }
@@ -258,7 +265,7 @@ impl DeviceOps for GpuOps {
         let gemm = if self.gemm.is_some() { "cuBLASLt" } else { "linear_f32 kernel" };
         format!("cuda:{} {} (sm_{}, GEMMs: {gemm})", d.ordinal(), d.name(), d.sm())
     }
-    fn alloc(&self, n: usize) -> Result<Buf, String> {
+    fn alloc(&self, n: usize) -> Result<Buf> {
         let b = self.block(n)?;
         let s = self.gpu.device.compute_stream();
         // SAFETY: the block is a live device allocation of at least 4·max(n, 1) bytes; the memset
@@ -268,7 +275,7 @@ impl DeviceOps for GpuOps {
     }
     /// Through a pinned staging buffer: the copy is queued on the compute stream and the host
     /// does not wait for it.
-    fn upload(&self, data: &[f32]) -> Result<Buf, String> {
+    fn upload(&self, data: &[f32]) -> Result<Buf> {
         let b = self.block(data.len())?;
         if !data.is_empty() {
             let s = self.gpu.device.compute_stream();
@@ -277,21 +284,21 @@ impl DeviceOps for GpuOps {
         Ok(b)
     }
     /// The one synchronisation of a batch: the pinned download waits for all queued work.
-    fn download(&self, b: &Buf) -> Result<Vec<f32>, String> {
-        let Store::Device(_) = &b._store else { return Err("GPU: buffer is not device memory".into()) };
+    fn download(&self, b: &Buf) -> Result<Vec<f32>> {
+        let Store::Device(_) = &b._store else { return Err(Error::device("GPU: buffer is not device memory")) };
         let s = self.gpu.device.compute_stream();
         let mut v = vec![0f32; b.len];
         self.down.lock().unwrap_or_else(|e| e.into_inner()).download(s, b.ptr, &mut v)?;
         super::device::guarded("pending CUDA error", || self.gpu.device.context().check_err())?;
         Ok(v)
     }
-    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String> {
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<()> {
         self.gpu.launcher.launch(kernel, cfg, args)
     }
-    fn linear(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+    fn linear(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
         check_linear(x, w, bias, y, m, n, k)?;
         match &self.gemm {
-            Some(g) => g.linear(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k, super::Dtype::F32),
+            Some(g) => g.linear(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k, DType::F32),
             None => {
                 let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
                 self.launch("linear_f32", cfg, &mut args)
@@ -300,18 +307,18 @@ impl DeviceOps for GpuOps {
     }
     /// cuBLASLt: x is converted to bf16 (`f32_to_bf16`, into a scratch buffer), then one bf16 ×
     /// bf16 → f32 GEMM with the bias epilogue on the tensor cores.
-    fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
-        self.linear_half(x, w, bias, y, (m, n, k), super::Dtype::Bf16)
+    fn linear_bf16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
+        self.linear_half(x, w, bias, y, (m, n, k), DType::BF16)
     }
     /// As [`DeviceOps::linear_bf16`] with f16 (`f32_to_f16`, CUDA_R_16F).
-    fn linear_f16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
-        self.linear_half(x, w, bias, y, (m, n, k), super::Dtype::F16)
+    fn linear_f16(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
+        self.linear_half(x, w, bias, y, (m, n, k), DType::F16)
     }
     /// cuBLASLt with the transposes and beta in the descriptor (exact FP32), or `gemm_f32`.
-    fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<(), String> {
+    fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
         let (cfg, mut args) = gemm_kernel_launch(a, b, c, m, n, k, ta, tb, beta)?;
         match &self.gemm {
-            Some(g) => g.run(&super::GemmDesc { beta, ..super::GemmDesc::batched(1, m, n, k, ta, tb, super::Dtype::F32) }, a.ptr, b.ptr, c.ptr, None),
+            Some(g) => g.run(&GemmDesc { beta, ..GemmDesc::batched(1, m, n, k, ta, tb, DType::F32) }, a.ptr, b.ptr, c.ptr, None),
             None => self.launch("gemm_f32", cfg, &mut args),
         }
     }
@@ -379,7 +386,7 @@ mod tests {
     fn linear_checks_sizes() {
         let ops = EmuOps;
         let (x, w, y) = (ops.alloc(6).unwrap(), ops.alloc(6).unwrap(), ops.alloc(3).unwrap());
-        assert!(ops.linear(&x, &w, None, &y, 2, 3, 3).unwrap_err().contains("too small"));
+        assert!(ops.linear(&x, &w, None, &y, 2, 3, 3).unwrap_err().to_string().contains("too small"));
         assert!(ops.linear(&x, &w, None, &y, 0, 3, 3).is_err());
     }
 

@@ -5,7 +5,8 @@
 //! Opening never panics. cudarc (feature `dynamic-loading`) loads `libcuda` lazily on the first
 //! driver call and *panics* when the library or one of its symbols is missing, so `open` first
 //! probes the driver with `dlopen("libcuda.so.1")` and then runs every cudarc call that could load
-//! the library inside `std::panic::catch_unwind`. No driver → `Err("no CUDA driver found ...")`.
+//! the library inside `std::panic::catch_unwind`. No driver →
+//! `Error::Device("no CUDA driver found ...")`.
 //!
 //! Synchronisation model: `open` turns cudarc's per-`CudaSlice` event tracking OFF (it must happen
 //! before the first stream or allocation exists). Kernels are launched through raw device
@@ -19,8 +20,10 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaStream};
 
+use crate::error::{Error, Result};
+
 /// Why CUDA cannot be used here, or Ok if a driver library can be loaded.
-pub fn driver_available() -> Result<(), String> {
+pub fn driver_available() -> Result<()> {
     for name in ["libcuda.so.1", "libcuda.so"] {
         let c = CString::new(name).expect("literal has no NUL");
         // SAFETY: dlopen gets a valid NUL-terminated string; nothing from the library is called
@@ -32,20 +35,20 @@ pub fn driver_available() -> Result<(), String> {
             return Ok(());
         }
     }
-    Err("no CUDA driver found (libcuda.so.1 could not be loaded)".into())
+    Err(Error::device("no CUDA driver found (libcuda.so.1 could not be loaded)"))
 }
 
 /// Runs a cudarc call, turning both its error (`DriverError`, `NvrtcError`, `CublasError`, ...)
-/// and a panic (missing library / symbol, `unwrap` inside cudarc) into a one-line `String` error
-/// prefixed with `what`.
+/// and a panic (missing library / symbol, `unwrap` inside cudarc) into a one-line
+/// [`Error::Device`] prefixed with `what`.
 pub fn guarded<T, E: std::fmt::Display>(
     what: &str,
-    f: impl FnOnce() -> Result<T, E>,
-) -> Result<T, String> {
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(p) => Err(format!("{what}: cudarc panicked: {}", panic_message(&p))),
+        Ok(Err(e)) => Err(Error::device(format!("{what}: {e}"))),
+        Err(p) => Err(Error::device(format!("{what}: cudarc panicked: {}", panic_message(&p)))),
     }
 }
 
@@ -103,18 +106,18 @@ impl std::fmt::Debug for CudaDevice {
 
 impl CudaDevice {
     /// Number of CUDA devices; `Err` (never a panic) when there is no driver.
-    pub fn device_count() -> Result<usize, String> {
+    pub fn device_count() -> Result<usize> {
         driver_available()?;
         guarded("cuDeviceGetCount", CudaContext::device_count).map(|n| n.max(0) as usize)
     }
 
     /// Opens device `ordinal`: probes the driver, retains the primary context, disables cudarc's
     /// event tracking (see the module docs), creates the two streams and queries [`DeviceInfo`].
-    pub fn open(ordinal: usize) -> Result<Self, String> {
+    pub fn open(ordinal: usize) -> Result<Self> {
         driver_available()?;
         let count = Self::device_count()?;
         if ordinal >= count {
-            return Err(format!("CUDA device {ordinal} requested but only {count} found"));
+            return Err(Error::device(format!("CUDA device {ordinal} requested but only {count} found")));
         }
         let ctx = guarded("creating CUDA context", || CudaContext::new(ordinal))?;
         // SAFETY: called before any stream or CudaSlice exists in this context, so no slice mixes
@@ -173,19 +176,19 @@ impl CudaDevice {
     }
 
     /// `(free, total)` device memory in bytes, right now.
-    pub fn mem_info(&self) -> Result<(usize, usize), String> {
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
         guarded("cuMemGetInfo", || self.ctx.mem_get_info())
     }
 
     /// Makes all work enqueued on `upload` so far a prerequisite of later work on `compute`
     /// (event record + `cuStreamWaitEvent`; the host does not block).
-    pub fn upload_fence(&self) -> Result<(), String> {
+    pub fn upload_fence(&self) -> Result<()> {
         guarded("upload fence", || self.compute.join(&self.upload))
     }
 
     /// Blocks the host until both streams are idle, then reports any error cudarc recorded
     /// asynchronously (e.g. from a `Drop`).
-    pub fn synchronize(&self) -> Result<(), String> {
+    pub fn synchronize(&self) -> Result<()> {
         guarded("synchronizing upload stream", || self.upload.synchronize())?;
         guarded("synchronizing compute stream", || self.compute.synchronize())?;
         guarded("pending CUDA error", || self.ctx.check_err())
@@ -206,9 +209,8 @@ mod tests {
     #[test]
     fn guarded_turns_panics_into_errors() {
         // (the default hook still prints the panic message; that is expected here)
-        let r: Result<(), String> = guarded("probe", || -> Result<(), String> { panic!("library missing") });
-        let e = r.unwrap_err();
-        assert!(e.starts_with("probe: cudarc panicked: library missing"), "{e}");
+        let e = guarded("probe", || -> std::result::Result<(), std::fmt::Error> { panic!("library missing") }).unwrap_err();
+        assert!(matches!(&e, Error::Device(m) if m.starts_with("probe: cudarc panicked: library missing")), "{e}");
     }
 
     #[test]
@@ -216,7 +218,7 @@ mod tests {
         // On a machine with a driver this opens (or fails cleanly); never panics either way.
         if driver_available().is_err() {
             let e = CudaDevice::open(0).unwrap_err();
-            assert!(e.contains("no CUDA driver found"), "{e}");
+            assert!(e.to_string().contains("no CUDA driver found"), "{e}");
             assert!(CudaDevice::device_count().is_err());
         }
     }

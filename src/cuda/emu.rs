@@ -12,6 +12,8 @@
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::marker::PhantomData;
 
+use crate::error::{Error, Result};
+
 extern "C" {
     fn emu_launch(
         name: *const c_char,
@@ -85,12 +87,12 @@ pub fn launch(
     block: (u32, u32, u32),
     smem: u32,
     params: &mut [*mut c_void],
-) -> Result<(), String> {
-    let arity = kernel_arity(name).ok_or_else(|| format!("no kernel named '{name}' is registered"))?;
+) -> Result<()> {
+    let arity = kernel_arity(name).ok_or_else(|| Error::device(format!("no kernel named '{name}' is registered")))?;
     if arity != params.len() {
-        return Err(format!("{name}: takes {arity} parameters, {} given", params.len()));
+        return Err(Error::device(format!("{name}: takes {arity} parameters, {} given", params.len())));
     }
-    let cname = CString::new(name).map_err(|e| e.to_string())?;
+    let cname = CString::new(name).map_err(Error::msg)?;
     let mut err = vec![0 as c_char; 2048];
     let rc = unsafe {
         emu_launch(
@@ -110,7 +112,7 @@ pub fn launch(
     if rc == 0 {
         Ok(())
     } else {
-        Err(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned())
+        Err(Error::device(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy()))
     }
 }
 
@@ -153,7 +155,7 @@ impl<'a> LaunchArgs<'a> {
 pub struct EmuLauncher;
 
 impl crate::cuda::Launcher for EmuLauncher {
-    fn launch(&self, kernel: &str, cfg: crate::cuda::LaunchCfg, args: &mut crate::cuda::KernelArgs) -> Result<(), String> {
+    fn launch(&self, kernel: &str, cfg: crate::cuda::LaunchCfg, args: &mut crate::cuda::KernelArgs) -> Result<()> {
         cfg.validate(1024, 1 << 20)?;
         launch(kernel, cfg.grid, cfg.block, cfg.smem, args.as_params())
     }

@@ -1,5 +1,6 @@
-//! cuBLASLt GEMMs with row-major, PyTorch-`Linear` semantics, f32 or bf16 storage, f32
-//! accumulation, optional fused bias, and a strided-batched form for attention products.
+//! cuBLASLt GEMMs with row-major, PyTorch-`Linear` semantics, f32, bf16 or f16 storage
+//! ([`DType`]), f32 accumulation, optional fused bias, and a strided-batched form for attention
+//! products.
 //!
 //! Row-major ↔ column-major: cuBLASLt is column-major, and a row-major `R×C` matrix with row
 //! stride `ld` is, byte for byte, the column-major `C×R` matrix (its transpose) with the same `ld`.
@@ -29,28 +30,15 @@ use cudarc::cublaslt::sys::{
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::device::guarded;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
 
-/// Element type in device memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Dtype {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl Dtype {
-    pub fn size(self) -> usize {
-        match self {
-            Dtype::F32 => 4,
-            Dtype::Bf16 | Dtype::F16 => 2,
-        }
-    }
-    fn cuda(self) -> cudaDataType_t {
-        match self {
-            Dtype::F32 => cudaDataType_t::CUDA_R_32F,
-            Dtype::Bf16 => cudaDataType_t::CUDA_R_16BF,
-            Dtype::F16 => cudaDataType_t::CUDA_R_16F,
-        }
+/// cuBLASLt's name of an element type in device memory.
+fn cuda_type(dt: DType) -> cudaDataType_t {
+    match dt {
+        DType::F32 => cudaDataType_t::CUDA_R_32F,
+        DType::BF16 => cudaDataType_t::CUDA_R_16BF,
+        DType::F16 => cudaDataType_t::CUDA_R_16F,
     }
 }
 
@@ -74,14 +62,14 @@ pub struct GemmDesc {
     pub stride_c: usize,
     pub alpha: f32,
     pub beta: f32,
-    pub in_dtype: Dtype,
-    pub out_dtype: Dtype,
+    pub in_dtype: DType,
+    pub out_dtype: DType,
     pub bias: bool,
 }
 
 impl GemmDesc {
     /// Densely packed batched product (strides = matrix sizes), no bias.
-    pub fn batched(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, dtype: Dtype) -> Self {
+    pub fn batched(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, dtype: DType) -> Self {
         let lda = if trans_a { m } else { k };
         let ldb = if trans_b { k } else { n };
         Self {
@@ -91,7 +79,7 @@ impl GemmDesc {
         }
     }
     /// `y[m×n] = x[m×k]·Wᵀ (+ bias)`, W stored `[n×k]`.
-    pub fn linear(m: usize, n: usize, k: usize, dtype: Dtype, bias: bool) -> Self {
+    pub fn linear(m: usize, n: usize, k: usize, dtype: DType, bias: bool) -> Self {
         Self { bias, ..Self::batched(1, m, n, k, false, true, dtype) }
     }
 }
@@ -115,12 +103,12 @@ pub struct LtPlan {
 }
 
 /// Validates `d` and maps it to cuBLASLt's column-major problem (see the module docs).
-pub fn plan(d: &GemmDesc) -> Result<LtPlan, String> {
-    let bad = |what: &str| Err(format!("gemm {d:?}: {what}"));
+pub fn plan(d: &GemmDesc) -> Result<LtPlan> {
+    let bad = |what: &str| Err(crate::shape_err!("gemm {d:?}: {what}"));
     if d.m == 0 || d.n == 0 || d.k == 0 || d.batch == 0 {
         return bad("zero dimension");
     }
-    if d.in_dtype == Dtype::F32 && d.out_dtype != Dtype::F32 {
+    if d.in_dtype == DType::F32 && d.out_dtype != DType::F32 {
         return bad("f32 inputs with a half-precision output is not a cuBLASLt combination");
     }
     let (a_rows, a_cols) = if d.trans_a { (d.k, d.m) } else { (d.m, d.k) };
@@ -135,7 +123,7 @@ pub fn plan(d: &GemmDesc) -> Result<LtPlan, String> {
         return bad("output batches may overlap");
     }
     let u = |v: usize| v as u64;
-    let i = |v: usize| i64::try_from(v).map_err(|_| format!("gemm {d:?}: value overflows i64"));
+    let i = |v: usize| i64::try_from(v).map_err(|_| crate::shape_err!("gemm {d:?}: value overflows i64"));
     Ok(LtPlan {
         m: u(d.n),
         n: u(d.m),
@@ -145,7 +133,7 @@ pub fn plan(d: &GemmDesc) -> Result<LtPlan, String> {
         a: (u(b_cols), u(b_rows), i(d.ldb)?),
         b: (u(a_cols), u(a_rows), i(d.lda)?),
         c: (u(d.n), u(d.m), i(d.ldc)?),
-        batch: i32::try_from(d.batch).map_err(|_| "batch overflows i32".to_string())?,
+        batch: i32::try_from(d.batch).map_err(|_| crate::shape_err!("batch overflows i32"))?,
         stride_a: i(d.stride_b)?,
         stride_b: i(d.stride_a)?,
         stride_c: i(d.stride_c)?,
@@ -160,7 +148,7 @@ pub fn ptr_alignment(p: u64) -> u32 {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct AlgoKey {
     plan: LtPlan,
-    types: (Dtype, Dtype),
+    types: (DType, DType),
     tf32: bool,
     bias: bool,
     beta_zero: bool,
@@ -184,27 +172,27 @@ raii!(Layout, sys::cublasLtMatrixLayout_t, lt::destroy_matrix_layout);
 raii!(Pref, sys::cublasLtMatmulPreference_t, lt::destroy_matmul_pref);
 
 /// Typed attribute setters: `buf` points at a live `T` of exactly the size cuBLASLt expects.
-fn set_desc<T>(d: &Desc, attr: DescAttr, v: &T) -> Result<(), String> {
+fn set_desc<T>(d: &Desc, attr: DescAttr, v: &T) -> Result<()> {
     // SAFETY: `d.0` is a live descriptor; `v` is valid for size_of::<T>() bytes during the call.
     guarded("cublasLtMatmulDescSetAttribute", || unsafe {
         lt::set_matmul_desc_attribute(d.0, attr, (v as *const T).cast(), std::mem::size_of::<T>())
     })
 }
-fn set_layout<T>(l: &Layout, attr: LayoutAttr, v: &T) -> Result<(), String> {
+fn set_layout<T>(l: &Layout, attr: LayoutAttr, v: &T) -> Result<()> {
     // SAFETY: as in set_desc, for a live layout.
     guarded("cublasLtMatrixLayoutSetAttribute", || unsafe {
         lt::set_matrix_layout_attribute(l.0, attr, (v as *const T).cast(), std::mem::size_of::<T>())
     })
 }
-fn set_pref<T>(p: &Pref, attr: PrefAttr, v: &T) -> Result<(), String> {
+fn set_pref<T>(p: &Pref, attr: PrefAttr, v: &T) -> Result<()> {
     // SAFETY: as in set_desc, for a live preference.
     guarded("cublasLtMatmulPreferenceSetAttribute", || unsafe {
         lt::set_matmul_pref_attribute(p.0, attr, (v as *const T).cast(), std::mem::size_of::<T>())
     })
 }
 
-fn layout(dt: Dtype, (rows, cols, ld): (u64, u64, i64), batch: i32, stride: i64) -> Result<Layout, String> {
-    let l = Layout(guarded("cublasLtMatrixLayoutCreate", || lt::create_matrix_layout(dt.cuda(), rows, cols, ld))?);
+fn layout(dt: DType, (rows, cols, ld): (u64, u64, i64), batch: i32, stride: i64) -> Result<Layout> {
+    let l = Layout(guarded("cublasLtMatrixLayoutCreate", || lt::create_matrix_layout(cuda_type(dt), rows, cols, ld))?);
     if batch > 1 {
         set_layout(&l, LayoutAttr::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch)?;
         set_layout(&l, LayoutAttr::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride)?;
@@ -231,10 +219,10 @@ unsafe impl Sync for Gemm {}
 
 impl Gemm {
     /// Creates the handle and a workspace (32 MiB on sm_90+, else 4 MiB, NVIDIA's advice).
-    pub fn new(stream: Arc<CudaStream>, sm: u32) -> Result<Self, String> {
+    pub fn new(stream: Arc<CudaStream>, sm: u32) -> Result<Self> {
         // SAFETY: only probes whether libcublasLt can be dlopen'ed; calls nothing in it.
         if !unsafe { sys::is_culib_present() } {
-            return Err("cuBLASLt library (libcublasLt.so) not found".into());
+            return Err(Error::device("cuBLASLt library (libcublasLt.so) not found"));
         }
         let workspace_size: usize = if sm >= 90 { 32 << 20 } else { 4 << 20 };
         // SAFETY: workspace contents are scratch for cuBLASLt; uninitialised is fine.
@@ -260,15 +248,15 @@ impl Gemm {
 
     /// `y[m×n] = x[m×k]·Wᵀ (+ bias[n])` with W `[n×k]`; all tensors of `dtype`.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear(&self, x: u64, w: u64, bias: Option<u64>, y: u64, m: usize, n: usize, k: usize, dtype: Dtype) -> Result<(), String> {
+    pub fn linear(&self, x: u64, w: u64, bias: Option<u64>, y: u64, m: usize, n: usize, k: usize, dtype: DType) -> Result<()> {
         self.run(&GemmDesc::linear(m, n, k, dtype, bias.is_some()), x, w, y, bias)
     }
 
     /// Runs `d` on device buffers `a`, `b`, `c` (and `bias` iff `d.bias`). Asynchronous.
-    pub fn run(&self, d: &GemmDesc, a: u64, b: u64, c: u64, bias: Option<u64>) -> Result<(), String> {
+    pub fn run(&self, d: &GemmDesc, a: u64, b: u64, c: u64, bias: Option<u64>) -> Result<()> {
         let p = plan(d)?;
         if d.bias != bias.is_some() {
-            return Err(format!("gemm: desc.bias = {} but bias pointer {:?}", d.bias, bias));
+            return Err(Error::msg(format!("gemm: desc.bias = {} but bias pointer {:?}", d.bias, bias)));
         }
         // cuBLASLt operands: A' = our B, B' = our A.
         let batch_align = |ptr: u64, stride: usize, es: usize| {
@@ -277,7 +265,7 @@ impl Gemm {
         };
         let (ies, oes) = (d.in_dtype.size(), d.out_dtype.size());
         let align = [batch_align(b, d.stride_b, ies), batch_align(a, d.stride_a, ies), batch_align(c, d.stride_c, oes)];
-        let tf32 = self.allow_tf32 && d.in_dtype == Dtype::F32;
+        let tf32 = self.allow_tf32 && d.in_dtype == DType::F32;
         let compute = if tf32 { Compute::CUBLAS_COMPUTE_32F_FAST_TF32 } else { Compute::CUBLAS_COMPUTE_32F };
         let key = AlgoKey { plan: p, types: (d.in_dtype, d.out_dtype), tf32, bias: d.bias, beta_zero: d.beta == 0.0, align };
 
@@ -315,7 +303,7 @@ impl Gemm {
                 let h = guarded("cublasLtMatmulAlgoGetHeuristic", || unsafe {
                     lt::get_matmul_algo_heuristic(self.handle, desc.0, la.0, lb.0, lc.0, lc.0, pref.0)
                 })
-                .map_err(|e| format!("{e} (no cuBLASLt algorithm for {d:?})"))?;
+                .map_err(|e| Error::device(format!("{} (no cuBLASLt algorithm for {d:?})", e.message())))?;
                 self.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, h.algo);
                 h.algo
             }

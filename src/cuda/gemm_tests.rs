@@ -71,7 +71,7 @@ fn check(d: &GemmDesc, seed: u64) {
 
 #[test]
 fn linear_maps_to_tn_with_bias_over_features() {
-    let d = GemmDesc::linear(5, 7, 3, Dtype::F32, true);
+    let d = GemmDesc::linear(5, 7, 3, DType::F32, true);
     let p = plan(&d).unwrap();
     assert_eq!((p.m, p.n, p.k), (7, 5, 3));
     assert!(p.trans_a && !p.trans_b);
@@ -79,13 +79,13 @@ fn linear_maps_to_tn_with_bias_over_features() {
     assert_eq!(p.b, (3, 5, 3)); // x: stored k×m col-major, ld k
     assert_eq!(p.c, (7, 5, 7)); // y: n×m col-major, ld n
     check(&d, 1);
-    check(&GemmDesc::linear(1, 1, 1, Dtype::Bf16, false), 2);
+    check(&GemmDesc::linear(1, 1, 1, DType::BF16, false), 2);
 }
 
 #[test]
 fn batched_all_transpose_combinations() {
     for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
-        let mut d = GemmDesc::batched(3, 4, 6, 5, ta, tb, Dtype::F32);
+        let mut d = GemmDesc::batched(3, 4, 6, 5, ta, tb, DType::F32);
         d.alpha = 0.5;
         d.beta = 0.25;
         check(&d, 10 + ta as u64 * 2 + tb as u64);
@@ -98,14 +98,14 @@ fn attention_on_packed_qkv_with_row_strides() {
     // (heads at column offsets): scores = Q·Kᵀ with lda = ldb = 3·D; out = P·V.
     let (t, dh, heads) = (6, 4, 2);
     let ld = 3 * heads * dh;
-    let mut d = GemmDesc::batched(heads, t, t, dh, false, true, Dtype::F32);
+    let mut d = GemmDesc::batched(heads, t, t, dh, false, true, DType::F32);
     d.lda = ld;
     d.ldb = ld;
     d.stride_a = dh;
     d.stride_b = dh;
     d.alpha = 0.5;
     check(&d, 20);
-    let mut pv = GemmDesc::batched(heads, t, dh, t, false, false, Dtype::F32);
+    let mut pv = GemmDesc::batched(heads, t, dh, t, false, false, DType::F32);
     pv.ldb = ld;
     pv.stride_b = dh;
     pv.ldc = heads * dh; // output heads side by side: [T, H·D]
@@ -115,12 +115,12 @@ fn attention_on_packed_qkv_with_row_strides() {
 
 #[test]
 fn invalid_descs_are_rejected() {
-    let ok = GemmDesc::linear(2, 3, 4, Dtype::F32, false);
+    let ok = GemmDesc::linear(2, 3, 4, DType::F32, false);
     assert!(plan(&GemmDesc { k: 0, ..ok }).is_err());
-    assert!(plan(&GemmDesc { ldb: 3, ..ok }).unwrap_err().contains("leading dimension"));
-    assert!(plan(&GemmDesc { out_dtype: Dtype::Bf16, ..ok }).is_err());
-    assert!(plan(&GemmDesc { in_dtype: Dtype::Bf16, ..ok }).is_ok()); // bf16 in, f32 out
-    assert!(plan(&GemmDesc { batch: 2, stride_c: 5, ..ok }).unwrap_err().contains("overlap"));
+    assert!(plan(&GemmDesc { ldb: 3, ..ok }).unwrap_err().to_string().contains("leading dimension"));
+    assert!(plan(&GemmDesc { out_dtype: DType::BF16, ..ok }).is_err());
+    assert!(plan(&GemmDesc { in_dtype: DType::BF16, ..ok }).is_ok()); // bf16 in, f32 out
+    assert!(plan(&GemmDesc { batch: 2, stride_c: 5, ..ok }).unwrap_err().to_string().contains("overlap"));
 }
 
 #[test]
@@ -129,5 +129,5 @@ fn alignments() {
     assert_eq!(ptr_alignment(0x7f00_0000_0010), 16);
     assert_eq!(ptr_alignment(0x7f00_0000_0002), 2);
     assert_eq!(ptr_alignment(0), 256);
-    assert_eq!(Dtype::Bf16.size(), 2);
+    assert_eq!(DType::BF16.size(), 2);
 }

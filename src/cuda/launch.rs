@@ -21,6 +21,7 @@ use cudarc::driver::{result, CudaFunction, CudaStream};
 
 use super::device::{guarded, DeviceInfo};
 use super::modules::ModuleCache;
+use crate::error::{Error, Result};
 
 /// Grid/block shape and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,10 +38,10 @@ impl LaunchCfg {
     }
 
     /// 1-D launch covering `n` elements with `block` threads per block.
-    pub fn for_elements(n: usize, block: u32) -> Result<Self, String> {
+    pub fn for_elements(n: usize, block: u32) -> Result<Self> {
         let block = block.max(1);
         let blocks = n.div_ceil(block as usize).max(1);
-        let gx = u32::try_from(blocks).map_err(|_| format!("{n} elements need too many blocks"))?;
+        let gx = u32::try_from(blocks).map_err(|_| crate::shape_err!("{n} elements need too many blocks"))?;
         Ok(Self::new((gx, 1, 1), (block, 1, 1), 0))
     }
 
@@ -49,19 +50,19 @@ impl LaunchCfg {
     }
 
     /// CUDA's launch limits (compute capability ≥ 3.0) plus the device's own.
-    pub fn validate(&self, max_threads_per_block: u32, max_dynamic_smem: u32) -> Result<(), String> {
+    pub fn validate(&self, max_threads_per_block: u32, max_dynamic_smem: u32) -> Result<()> {
         let (g, b) = (self.grid, self.block);
         if [g.0, g.1, g.2, b.0, b.1, b.2].contains(&0) {
-            return Err(format!("launch {self:?}: zero dimension"));
+            return Err(Error::device(format!("launch {self:?}: zero dimension")));
         }
         if g.0 > i32::MAX as u32 || g.1 > 65_535 || g.2 > 65_535 {
-            return Err(format!("launch {self:?}: grid exceeds (2^31-1, 65535, 65535)"));
+            return Err(Error::device(format!("launch {self:?}: grid exceeds (2^31-1, 65535, 65535)")));
         }
         if b.0 > 1024 || b.1 > 1024 || b.2 > 64 || self.threads_per_block() > u64::from(max_threads_per_block) {
-            return Err(format!("launch {self:?}: block exceeds limits (max {max_threads_per_block} threads)"));
+            return Err(Error::device(format!("launch {self:?}: block exceeds limits (max {max_threads_per_block} threads)")));
         }
         if self.smem > max_dynamic_smem {
-            return Err(format!("launch {self:?}: {} B dynamic shared memory > device max {max_dynamic_smem} B", self.smem));
+            return Err(Error::device(format!("launch {self:?}: {} B dynamic shared memory > device max {max_dynamic_smem} B", self.smem)));
         }
         Ok(())
     }
@@ -197,13 +198,13 @@ pub unsafe fn read_param<T: Copy>(params: *const *mut c_void, i: usize) -> T {
 }
 
 /// Checks packed arguments against a kernel's parameter sizes.
-pub fn check_arg_sizes(kernel: &str, expected: &[usize], args: &[KernelArg]) -> Result<(), String> {
+pub fn check_arg_sizes(kernel: &str, expected: &[usize], args: &[KernelArg]) -> Result<()> {
     if expected.len() != args.len() {
-        return Err(format!("kernel '{kernel}' takes {} parameters, {} given", expected.len(), args.len()));
+        return Err(Error::device(format!("kernel '{kernel}' takes {} parameters, {} given", expected.len(), args.len())));
     }
     for (i, (&want, a)) in expected.iter().zip(args).enumerate() {
         if want != a.size() {
-            return Err(format!("kernel '{kernel}' parameter {i} is {want} bytes, got {a:?}"));
+            return Err(Error::device(format!("kernel '{kernel}' parameter {i} is {want} bytes, got {a:?}")));
         }
     }
     Ok(())
@@ -211,7 +212,7 @@ pub fn check_arg_sizes(kernel: &str, expected: &[usize], args: &[KernelArg]) -> 
 
 /// Launches kernels by name. Implemented by [`CudaLauncher`] and by the CPU emulator.
 pub trait Launcher {
-    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String>;
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<()>;
 }
 
 /// Set once `cuFuncGetParamInfo` turned out to be missing (driver < 12.4).
@@ -277,7 +278,7 @@ impl CudaLauncher {
 }
 
 impl Launcher for CudaLauncher {
-    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<(), String> {
+    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<()> {
         cfg.validate(self.max_threads, self.max_smem)?;
         let f = self.modules.function(kernel)?;
         {
@@ -308,7 +309,7 @@ impl Launcher for CudaLauncher {
             // responsibility, as for any raw launch.
             unsafe { result::launch_kernel(f.cu_function(), cfg.grid, cfg.block, cfg.smem, self.stream.cu_stream(), params) }
         })
-        .map_err(|e| format!("kernel '{kernel}' {cfg:?}: {e}"))
+        .map_err(|e| e.context(format!("kernel '{kernel}' {cfg:?}")))
     }
 }
 
@@ -364,8 +365,8 @@ mod tests {
     fn arg_size_checks() {
         let a = KernelArgs::new().ptr(1).i32(2).f32(3.0);
         assert!(check_arg_sizes("k", &[8, 4, 4], a.args()).is_ok());
-        assert!(check_arg_sizes("k", &[8, 4], a.args()).unwrap_err().contains("takes 2 parameters, 3 given"));
-        assert!(check_arg_sizes("k", &[4, 4, 4], a.args()).unwrap_err().contains("parameter 0 is 4 bytes"));
+        assert!(check_arg_sizes("k", &[8, 4], a.args()).unwrap_err().to_string().contains("takes 2 parameters, 3 given"));
+        assert!(check_arg_sizes("k", &[4, 4, 4], a.args()).unwrap_err().to_string().contains("parameter 0 is 4 bytes"));
     }
 
     #[test]

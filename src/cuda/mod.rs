@@ -38,7 +38,7 @@ pub use backend::EmuOps;
 pub use towers::CudaClip;
 pub use alloc::{size_class, CudaBlock, CudaPool, CudaRawAlloc, DevicePool, PoolBlock, PoolStats, RawAlloc};
 pub use device::{driver_available, CudaDevice, DeviceInfo};
-pub use gemm::{Dtype, Gemm, GemmDesc};
+pub use gemm::{Gemm, GemmDesc};
 pub use launch::{CudaLauncher, KernelArg, KernelArgs, LaunchCfg, Launcher};
 pub use modules::{ModuleCache, ModuleOrigin, ModuleSpec};
 pub use pinned::{HostPod, StagingBuffer, StagingKind, StagingPool};

@@ -27,6 +27,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::device::guarded;
 use super::nvrtc;
+use crate::error::{Error, Result};
 
 /// One kernel translation unit (one .cu file) and its prebuilt images.
 #[derive(Clone, Debug)]
@@ -218,12 +219,12 @@ impl ModuleCache {
     }
 
     /// The loaded module `name`, loading it on first use.
-    pub fn module(&self, name: &str) -> Result<Arc<CudaModule>, String> {
+    pub fn module(&self, name: &str) -> Result<Arc<CudaModule>> {
         let spec = lock(&self.registry)
             .iter()
             .find(|m| m.name == name)
             .cloned()
-            .ok_or_else(|| format!("kernel module '{name}' is not registered"))?;
+            .ok_or_else(|| Error::device(format!("kernel module '{name}' is not registered")))?;
         let mut mods = lock(&self.modules);
         if let Some((m, _)) = mods.get(name) {
             return Ok(Arc::clone(m));
@@ -235,13 +236,13 @@ impl ModuleCache {
     }
 
     /// Function handle for `kernel` (see [`candidate_modules`]); cached by the exact string.
-    pub fn function(&self, kernel: &str) -> Result<CudaFunction, String> {
+    pub fn function(&self, kernel: &str) -> Result<CudaFunction> {
         if let Some(f) = lock(&self.functions).get(kernel) {
             return Ok(f.clone());
         }
         let names: Vec<String> = candidate_modules(&lock(&self.registry), kernel).into_iter().map(String::from).collect();
         if names.is_empty() {
-            return Err(format!("kernel '{kernel}': no registered module provides it"));
+            return Err(Error::device(format!("kernel '{kernel}': no registered module provides it")));
         }
         let func = split_kernel_name(kernel).1;
         let mut errs = Vec::new();
@@ -252,40 +253,40 @@ impl ModuleCache {
                     lock(&self.functions).insert(kernel.to_string(), f.clone());
                     return Ok(f);
                 }
-                Err(e) => errs.push(format!("{name}: {e}")),
+                Err(e) => errs.push(format!("{name}: {}", e.message())),
             }
         }
-        Err(format!("kernel '{kernel}' not found ({})", errs.join("; ")))
+        Err(Error::device(format!("kernel '{kernel}' not found ({})", errs.join("; "))))
     }
 
-    fn load_image(&self, ptx: Ptx) -> Result<Arc<CudaModule>, String> {
+    fn load_image(&self, ptx: Ptx) -> Result<Arc<CudaModule>> {
         guarded("cuModuleLoadData", || self.ctx.load_module(ptx))
     }
 
-    fn load(&self, m: &ModuleSpec) -> Result<Loaded, String> {
+    fn load(&self, m: &ModuleSpec) -> Result<Loaded> {
         let mut errs = Vec::new();
         if let Some((sm, bin)) = select_cubin(&m.cubins, self.sm) {
             match self.load_image(Ptx::from_binary(bin.to_vec())) {
                 Ok(module) => return Ok((module, ModuleOrigin::Cubin(sm))),
-                Err(e) => errs.push(format!("cubin sm_{sm}: {e}")),
+                Err(e) => errs.push(format!("cubin sm_{sm}: {}", e.message())),
             }
         }
         if let Some(ptx) = m.ptx {
             match self.load_image(Ptx::from_src(ptx)) {
                 Ok(module) => return Ok((module, ModuleOrigin::EmbeddedPtx)),
-                Err(e) => errs.push(format!("embedded PTX: {e}")),
+                Err(e) => errs.push(format!("embedded PTX: {}", e.message())),
             }
         }
         self.load_nvrtc(m).map_err(|e| {
-            errs.push(format!("NVRTC: {e}"));
-            format!("cannot load kernel module '{}' on sm_{}: {}", m.name, self.sm, errs.join(" | "))
+            errs.push(format!("NVRTC: {}", e.message()));
+            Error::device(format!("cannot load kernel module '{}' on sm_{}: {}", m.name, self.sm, errs.join(" | ")))
         })
     }
 
-    fn load_nvrtc(&self, m: &ModuleSpec) -> Result<Loaded, String> {
+    fn load_nvrtc(&self, m: &ModuleSpec) -> Result<Loaded> {
         let version = nvrtc::nvrtc_version()?;
         let arch = nvrtc::nvrtc_arch(self.sm, &nvrtc::nvrtc_supported_archs())
-            .ok_or_else(|| format!("NVRTC {}.{} cannot target sm_{} or older", version.0, version.1, self.sm))?;
+            .ok_or_else(|| Error::device(format!("NVRTC {}.{} cannot target sm_{} or older", version.0, version.1, self.sm)))?;
         let (source, options) = nvrtc_inputs(m, arch, &self.nvrtc_options)?;
         let key = cache_key(&source, arch, version, &options);
         let path = self.cache_dir.as_ref().map(|d| d.join(cache_file_name(m.name, arch, key)));
@@ -302,14 +303,14 @@ impl ModuleCache {
 }
 
 /// The source (local headers inlined) and options NVRTC compiles module `m` with for `arch`.
-pub fn nvrtc_inputs(m: &ModuleSpec, arch: u32, extra: &[String]) -> Result<(String, Vec<String>), String> {
+pub fn nvrtc_inputs(m: &ModuleSpec, arch: u32, extra: &[String]) -> Result<(String, Vec<String>)> {
     let source = nvrtc::inline_includes(m.source, m.headers)?;
     Ok((source, nvrtc::compile_options(arch, nvrtc::cuda_include_dir().as_deref(), extra)))
 }
 
 /// NVRTC's PTX for module `m` at `arch`, exactly as the loader's fallback compiles it (no cache,
 /// no device needed: tests/nvrtc.rs runs this for every module).
-pub fn nvrtc_ptx(m: &ModuleSpec, arch: u32, extra: &[String]) -> Result<String, String> {
+pub fn nvrtc_ptx(m: &ModuleSpec, arch: u32, extra: &[String]) -> Result<String> {
     let (source, options) = nvrtc_inputs(m, arch, extra)?;
     nvrtc::compile(m.name, &source, options)
 }

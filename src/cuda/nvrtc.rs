@@ -15,12 +15,13 @@ use std::path::PathBuf;
 use cudarc::nvrtc::{self, CompileError, CompileOptions};
 
 use super::device::{guarded, panic_message};
+use crate::error::{Error, Result};
 
 /// NVRTC's `(major, minor)`; `Err` if libnvrtc cannot be loaded.
-pub fn nvrtc_version() -> Result<(i32, i32), String> {
+pub fn nvrtc_version() -> Result<(i32, i32)> {
     // SAFETY: only probes for the library (libloading dlopen), calls nothing from it.
     if !unsafe { nvrtc::sys::is_culib_present() } {
-        return Err("NVRTC library not found (cudarc looks for libnvrtc.so, .so.12, .so.11, ...)".into());
+        return Err(Error::device("NVRTC library not found (cudarc looks for libnvrtc.so, .so.12, .so.11, ...)"));
     }
     let (mut major, mut minor) = (0, 0);
     // SAFETY: nvrtcVersion writes two ints through valid, exclusive pointers.
@@ -60,10 +61,10 @@ pub fn nvrtc_arch(device_sm: u32, supported: &[u32]) -> Option<u32> {
 
 /// Replaces `#include "name"` with the embedded header `name` (recursively, each header once —
 /// they are `#pragma once`), drops `#include <cuda_runtime.h>`, keeps other `<...>` includes.
-pub fn inline_includes(source: &str, headers: &[(&str, &str)]) -> Result<String, String> {
-    fn walk(src: &str, headers: &[(&str, &str)], seen: &mut HashSet<String>, depth: usize, out: &mut String) -> Result<(), String> {
+pub fn inline_includes(source: &str, headers: &[(&str, &str)]) -> Result<String> {
+    fn walk(src: &str, headers: &[(&str, &str)], seen: &mut HashSet<String>, depth: usize, out: &mut String) -> Result<()> {
         if depth > 16 {
-            return Err("includes nested deeper than 16".into());
+            return Err(Error::msg("includes nested deeper than 16"));
         }
         for line in src.lines() {
             let t = line.trim_start();
@@ -79,7 +80,7 @@ pub fn inline_includes(source: &str, headers: &[(&str, &str)]) -> Result<String,
                 let (_, text) = headers
                     .iter()
                     .find(|(n, _)| *n == name)
-                    .ok_or_else(|| format!("#include \"{name}\": header not embedded"))?;
+                    .ok_or_else(|| Error::msg(format!("#include \"{name}\": header not embedded")))?;
                 if seen.insert(name.to_string()) {
                     out.push_str(&format!("// ---- begin {name} ----\n"));
                     walk(text, headers, seen, depth + 1, out)?;
@@ -135,9 +136,9 @@ pub fn compile_options(arch: u32, include_dir: Option<&std::path::Path>, extra: 
 }
 
 /// Compiles prepared (include-inlined) `source` to PTX text with `options`.
-pub fn compile(name: &str, source: &str, options: Vec<String>) -> Result<String, String> {
+pub fn compile(name: &str, source: &str, options: Vec<String>) -> Result<String> {
     if source.contains('\0') {
-        return Err("source contains a NUL byte".into());
+        return Err(Error::msg("source contains a NUL byte"));
     }
     let opts = CompileOptions { options, name: Some(format!("{name}.cu")), ..Default::default() };
     // cudarc's NVRTC wrapper panics on a missing library/symbol, and `to_src` on non-UTF-8.
@@ -147,10 +148,10 @@ pub fn compile(name: &str, source: &str, options: Vec<String>) -> Result<String,
     match compiled {
         Ok(Ok(text)) => Ok(text),
         Ok(Err(CompileError::CompileError { nvrtc, options, log })) => {
-            Err(format!("{nvrtc:?} with options {options:?}:\n{}", log.to_string_lossy()))
+            Err(Error::device(format!("{nvrtc:?} with options {options:?}:\n{}", log.to_string_lossy())))
         }
-        Ok(Err(other)) => Err(format!("{other:?}")),
-        Err(p) => Err(format!("NVRTC panicked: {}", panic_message(&p))),
+        Ok(Err(other)) => Err(Error::device(format!("{other:?}"))),
+        Err(p) => Err(Error::device(format!("NVRTC panicked: {}", panic_message(&p)))),
     }
 }
 
@@ -181,7 +182,7 @@ mod tests {
         assert!(out.contains("#include <cuda_bf16.h>\n"));
         assert!(out.ends_with("extern \"C\" __global__ void k() {}\n"));
         let e = inline_includes("#include \"missing.cuh\"\n", &headers).unwrap_err();
-        assert!(e.contains("missing.cuh"), "{e}");
+        assert!(e.to_string().contains("missing.cuh"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use cudarc::driver::sys::{CUevent_flags, CU_MEMHOSTALLOC_WRITECOMBINED};
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
 
 use super::device::guarded;
+use crate::error::Result;
 
 /// Plain-old-data element types that may be viewed as bytes and filled from bytes.
 ///
@@ -90,7 +91,7 @@ pub struct StagingBuffer {
 }
 
 impl StagingBuffer {
-    pub fn new(ctx: &Arc<CudaContext>, bytes: usize, kind: StagingKind) -> Result<Self, String> {
+    pub fn new(ctx: &Arc<CudaContext>, bytes: usize, kind: StagingKind) -> Result<Self> {
         let flags = match kind {
             StagingKind::Upload => CU_MEMHOSTALLOC_WRITECOMBINED,
             StagingKind::Download => 0,
@@ -112,7 +113,7 @@ impl StagingBuffer {
     }
 
     /// Whether a copy enqueued from/to this buffer may still be running (non-blocking query).
-    pub fn is_busy(&mut self) -> Result<bool, String> {
+    pub fn is_busy(&mut self) -> Result<bool> {
         if self.pending && guarded("cuEventQuery", || self.done.try_is_complete())? {
             self.pending = false;
         }
@@ -120,7 +121,7 @@ impl StagingBuffer {
     }
 
     /// Blocks until the last enqueued copy has finished.
-    pub fn wait(&mut self) -> Result<(), String> {
+    pub fn wait(&mut self) -> Result<()> {
         if self.pending {
             guarded("cuEventSynchronize", || self.done.synchronize())?;
             self.pending = false;
@@ -129,13 +130,13 @@ impl StagingBuffer {
     }
 
     /// The host bytes, after waiting for any copy in flight.
-    pub fn host_mut(&mut self) -> Result<&mut [u8], String> {
+    pub fn host_mut(&mut self) -> Result<&mut [u8]> {
         self.wait()?;
         guarded("pinned buffer", || self.buf.as_mut_slice())
     }
 
     /// Enqueues `bytes[..len]` → device `dst` on `stream` (asynchronous; the buffer stays busy).
-    pub fn enqueue_upload(&mut self, stream: &CudaStream, dst: u64, len: usize) -> Result<(), String> {
+    pub fn enqueue_upload(&mut self, stream: &CudaStream, dst: u64, len: usize) -> Result<()> {
         self.check_len(len)?;
         let src = guarded("pinned buffer", || self.buf.as_slice())?;
         guarded("cuMemcpyHtoDAsync", || {
@@ -150,7 +151,7 @@ impl StagingBuffer {
     }
 
     /// Enqueues device `src` → `bytes[..len]` on `stream`; read it after [`Self::wait`].
-    pub fn enqueue_download(&mut self, stream: &CudaStream, src: u64, len: usize) -> Result<(), String> {
+    pub fn enqueue_download(&mut self, stream: &CudaStream, src: u64, len: usize) -> Result<()> {
         self.check_len(len)?;
         self.wait()?;
         let dst = guarded("pinned buffer", || self.buf.as_mut_slice())?;
@@ -164,14 +165,14 @@ impl StagingBuffer {
         self.mark_pending(stream)
     }
 
-    fn check_len(&self, len: usize) -> Result<(), String> {
+    fn check_len(&self, len: usize) -> Result<()> {
         if len > self.capacity() {
-            return Err(format!("copy of {len} B exceeds staging buffer of {} B", self.capacity()));
+            return Err(crate::shape_err!("copy of {len} B exceeds staging buffer of {} B", self.capacity()));
         }
         Ok(())
     }
 
-    fn mark_pending(&mut self, stream: &CudaStream) -> Result<(), String> {
+    fn mark_pending(&mut self, stream: &CudaStream) -> Result<()> {
         guarded("cuEventRecord", || self.done.record(stream))?;
         self.pending = true;
         Ok(())
@@ -206,7 +207,7 @@ impl StagingPool {
 
     /// A buffer of at least `min_bytes`: an idle cached one, a busy one if the pool is full, or a
     /// newly allocated one of `staging_capacity(min_bytes)`.
-    pub fn acquire(&mut self, min_bytes: usize) -> Result<StagingBuffer, String> {
+    pub fn acquire(&mut self, min_bytes: usize) -> Result<StagingBuffer> {
         let mut cands = Vec::with_capacity(self.free.len());
         for b in &mut self.free {
             cands.push((b.capacity(), b.is_busy()?));
@@ -235,7 +236,7 @@ impl StagingPool {
 
     /// Copies `src` into a staging buffer and enqueues its upload to `dst` on `stream`. Returns
     /// without waiting for the copy; the buffer is reused once the copy has finished.
-    pub fn upload<T: HostPod>(&mut self, stream: &CudaStream, src: &[T], dst: u64) -> Result<(), String> {
+    pub fn upload<T: HostPod>(&mut self, stream: &CudaStream, src: &[T], dst: u64) -> Result<()> {
         let bytes = as_bytes(src);
         let mut buf = self.acquire(bytes.len())?;
         let r = buf
@@ -247,7 +248,7 @@ impl StagingPool {
     }
 
     /// Copies device `src` into `out`, blocking until the data has arrived.
-    pub fn download<T: HostPod>(&mut self, stream: &CudaStream, src: u64, out: &mut [T]) -> Result<(), String> {
+    pub fn download<T: HostPod>(&mut self, stream: &CudaStream, src: u64, out: &mut [T]) -> Result<()> {
         let out = as_bytes_mut(out);
         let mut buf = self.acquire(out.len())?;
         let r = buf

@@ -2,7 +2,10 @@
 //! configuration, launched on the CPU emulator (host buffers) or on a real GPU (uploaded, launched
 //! through the production `CudaLauncher`, downloaded). The CUDA test table and the GPU benches
 //! build these; without a device the GPU half reports "skipped: no CUDA device".
+use super::device::guarded;
 use super::{CudaDevice, CudaLauncher, KernelArgs, LaunchCfg, Launcher, ModuleCache};
+use crate::error::Result;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::sync::Arc;
 
 /// A kernel argument: a buffer of the case (by index) or a scalar.
@@ -25,7 +28,7 @@ pub struct KernelCase {
 impl KernelCase {
     /// Runs on the CPU emulator; returns every buffer after the launch.
     #[cfg(feature = "emu")]
-    pub fn run_emulated(&self) -> Result<Vec<Vec<f32>>, String> {
+    pub fn run_emulated(&self) -> Result<Vec<Vec<f32>>> {
         let mut bufs = self.buffers.clone();
         let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.as_mut_ptr() as u64).collect();
         let mut args = self.pack(&ptrs);
@@ -34,28 +37,29 @@ impl KernelCase {
     }
 
     /// Runs on `gpu`: uploads the buffers, launches through the production launcher, downloads.
-    pub fn run_gpu(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>, String> {
+    pub fn run_gpu(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>> {
+        let what = "kernel case on the GPU";
         let stream = gpu.device.compute_stream();
-        super::device::guarded("kernel case on the GPU", || -> Result<Vec<Vec<f32>>, String> {
-            use cudarc::driver::DevicePtr;
-            let e = |x: cudarc::driver::DriverError| x.to_string();
-            let dev: Vec<cudarc::driver::CudaSlice<f32>> = self.buffers.iter().map(|b| stream.clone_htod(b).map_err(e)).collect::<Result<_, _>>()?;
-            let ptrs: Vec<u64> = dev.iter().map(|d| d.device_ptr(stream).0).collect();
-            let mut args = self.pack(&ptrs);
-            gpu.launcher.launch(self.kernel, self.cfg, &mut args)?;
-            stream.synchronize().map_err(e)?;
-            dev.iter().map(|d| stream.clone_dtoh(d).map_err(e)).collect()
+        let (dev, mut args) = self.upload_args(stream, what)?;
+        gpu.launcher.launch(self.kernel, self.cfg, &mut args).map_err(|e| e.context(what))?;
+        guarded(what, || {
+            stream.synchronize()?;
+            dev.iter().map(|d| stream.clone_dtoh(d)).collect()
         })
     }
 
     /// Uploads the buffers once, for timing launches alone (benches).
-    pub fn upload(&self, gpu: &Gpu) -> Result<Resident, String> {
-        let stream = gpu.device.compute_stream();
-        super::device::guarded("upload kernel case", || -> Result<Resident, String> {
-            use cudarc::driver::DevicePtr;
-            let bufs: Vec<cudarc::driver::CudaSlice<f32>> = self.buffers.iter().map(|b| stream.clone_htod(b).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+    pub fn upload(&self, gpu: &Gpu) -> Result<Resident> {
+        let (bufs, args) = self.upload_args(gpu.device.compute_stream(), "upload kernel case")?;
+        Ok(Resident { args, _bufs: bufs, kernel: self.kernel, cfg: self.cfg })
+    }
+
+    /// The buffers on the device and the arguments pointing at them (errors prefixed with `what`).
+    fn upload_args(&self, stream: &Arc<CudaStream>, what: &str) -> Result<(Vec<CudaSlice<f32>>, KernelArgs)> {
+        guarded(what, || {
+            let bufs = self.buffers.iter().map(|b| stream.clone_htod(b)).collect::<std::result::Result<Vec<_>, _>>()?;
             let ptrs: Vec<u64> = bufs.iter().map(|d| d.device_ptr(stream).0).collect();
-            Ok(Resident { args: self.pack(&ptrs), _bufs: bufs, kernel: self.kernel, cfg: self.cfg })
+            Ok::<_, cudarc::driver::DriverError>((bufs, self.pack(&ptrs)))
         })
     }
 
@@ -80,7 +84,7 @@ pub struct Gpu {
 
 impl Gpu {
     /// Device 0, or why there is none.
-    pub fn open() -> Result<Gpu, String> {
+    pub fn open() -> Result<Gpu> {
         let device = CudaDevice::open(0)?;
         let modules = Arc::new(ModuleCache::new(device.context().clone(), device.sm()));
         for spec in super::module_specs() {
@@ -94,14 +98,14 @@ impl Gpu {
 /// A case whose buffers live on the GPU: launch it repeatedly.
 pub struct Resident {
     args: KernelArgs,
-    _bufs: Vec<cudarc::driver::CudaSlice<f32>>,
+    _bufs: Vec<CudaSlice<f32>>,
     kernel: &'static str,
     cfg: LaunchCfg,
 }
 
 impl Resident {
     /// One launch followed by a stream synchronisation.
-    pub fn launch_sync(&mut self, gpu: &Gpu) -> Result<(), String> {
+    pub fn launch_sync(&mut self, gpu: &Gpu) -> Result<()> {
         gpu.launcher.launch(self.kernel, self.cfg, &mut self.args)?;
         gpu.device.synchronize()
     }

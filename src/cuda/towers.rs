@@ -32,10 +32,6 @@ use crate::model::ClipParts;
 use crate::ops::attention::AttnShape;
 use crate::tensor::{DType, Tensor};
 
-fn dev(e: String) -> Error {
-    Error::Device(e)
-}
-
 struct LnW {
     g: Buf,
     b: Buf,
@@ -120,13 +116,13 @@ impl CudaClip {
             DType::BF16 => true,
             other => return Err(Error::msg(format!("the CUDA towers compute in f32 or bf16, not {}", other.name()))),
         };
-        let up = |t: &Tensor| ops.upload(&f32_vec(t)).map_err(dev);
+        let up = |t: &Tensor| ops.upload(&f32_vec(t));
         let up_w = |t: &Tensor| -> Result<Buf> {
             if !bf16 {
                 return up(t);
             }
             let v: Vec<half::bf16> = f32_vec(t).iter().map(|&x| half::bf16::from_f32(x)).collect();
-            ops.upload_bf16(&v).map_err(dev)
+            ops.upload_bf16(&v)
         };
         let ln = |l: &LayerNorm| -> Result<LnW> { Ok(LnW { g: up(&l.weight)?, b: up(&l.bias)?, eps: l.eps }) };
         let lin = |l: &Linear| -> Result<LinW> {
@@ -206,19 +202,19 @@ impl CudaClip {
         }
         let ops = &*self.ops;
         let n = t - 1;
-        let px = ops.upload(pixels).map_err(dev)?;
-        let cols = ops.alloc(batch * n * c * p * p).map_err(dev)?;
+        let px = ops.upload(pixels)?;
+        let cols = ops.alloc(batch * n * c * p * p)?;
         launch_elems(ops, "patch_im2col_f32", batch * n * c * p * p, |a| a.ptr(px.ptr()).ptr(cols.ptr()).i32(batch as i32).i32(c as i32).i32(s as i32).i32(p as i32))?;
-        let patches = ops.alloc(batch * n * w).map_err(dev)?;
+        let patches = ops.alloc(batch * n * w)?;
         linear(ops, &cols, &v.patch_w, &patches, batch * n)?;
         drop(cols);
-        let x = ops.alloc(batch * t * w).map_err(dev)?;
+        let x = ops.alloc(batch * t * w)?;
         launch_elems(ops, "vision_embed_assemble_f32", batch * t * w, |a| {
             a.ptr(patches.ptr()).ptr(v.cls.ptr()).ptr(v.pos.ptr()).ptr(x.ptr()).i32(batch as i32).i32(n as i32).i32(w as i32)
         })?;
         drop(patches);
         // pre_layrnorm: the encoder's input is LN(embeddings)
-        let x0 = ops.alloc(batch * t * w).map_err(dev)?;
+        let x0 = ops.alloc(batch * t * w)?;
         layernorm(ops, &x, &v.pre_ln, &x0, batch * t, w)?;
         drop(x);
         let index = vec![0i32; batch];
@@ -247,8 +243,8 @@ impl CudaClip {
         }
         let w = tw.width;
         let ops = &*self.ops;
-        let idb = ops.upload_i32(&flat).map_err(dev)?;
-        let x = ops.alloc(b * t * w).map_err(dev)?;
+        let idb = ops.upload_i32(&flat)?;
+        let x = ops.alloc(b * t * w)?;
         launch_elems(ops, "text_embed_f32", b * t * w, |a| {
             a.ptr(idb.ptr()).ptr(tw.tok.ptr()).ptr(tw.pos.ptr()).ptr(x.ptr()).i32(b as i32).i32(t as i32).i32(w as i32)
         })?;
@@ -263,9 +259,8 @@ impl CudaClip {
         let ops = &*self.ops;
         let r = b * t;
         let inter = blocks.iter().map(|bl| bl.fc1.n).max().unwrap_or(0);
-        let alloc = |n: usize| ops.alloc(n).map_err(dev);
-        let (h, q, k, v, a) = (alloc(r * w)?, alloc(r * w)?, alloc(r * w)?, alloc(r * w)?, alloc(r * w)?);
-        let m = alloc(r * inter.max(1))?;
+        let (h, q, k, v, a) = (ops.alloc(r * w)?, ops.alloc(r * w)?, ops.alloc(r * w)?, ops.alloc(r * w)?, ops.alloc(r * w)?);
+        let m = ops.alloc(r * inter.max(1))?;
         let f = &k; // the MLP output reuses k's buffer (k is dead after attention)
         for (i, bl) in blocks.iter().enumerate() {
             if bl.q.k != w || bl.fc1.k != w || bl.fc2.n != w || w % bl.heads != 0 {
@@ -281,7 +276,7 @@ impl CudaClip {
             linear(ops, &h, &bl.v, &v, r)?;
             let hd = w / bl.heads;
             let shape = AttnShape { batch: b, seq: t, heads: bl.heads, head_dim: hd, causal, scale: 1.0 / (hd as f32).sqrt() };
-            let lc = attention_fwd_launch(&shape, DType::F32).map_err(dev)?;
+            let lc = attention_fwd_launch(&shape, DType::F32)?;
             let mut args = KernelArgs::new()
                 .ptr(q.ptr())
                 .ptr(k.ptr())
@@ -294,7 +289,7 @@ impl CudaClip {
                 .i32(hd as i32)
                 .i32(causal as i32)
                 .f32(shape.scale);
-            ops.launch(&lc.kernel, LaunchCfg::new(lc.grid, lc.block, lc.smem_bytes), &mut args).map_err(dev)?;
+            ops.launch(&lc.kernel, LaunchCfg::new(lc.grid, lc.block, lc.smem_bytes), &mut args)?;
             linear(ops, &a, &bl.o, &q, r)?; // o-proj output into q (dead after attention)
             residual_layernorm(ops, &x, &q, &bl.ln2, &h, r, w)?;
             let n1 = bl.fc1.n;
@@ -305,12 +300,12 @@ impl CudaClip {
             };
             let bias = bl.fc1.b.as_ref().map(|b| b.ptr()).unwrap_or(0);
             let cfg = LaunchCfg::new((n1.div_ceil(256) as u32, r.min(256) as u32, 1), (256, 1, 1), 0);
-            ops.launch(kernel, cfg, &mut KernelArgs::new().ptr(m.ptr()).ptr(bias).ptr(0).i32(r as i32).i32(n1 as i32)).map_err(dev)?;
+            ops.launch(kernel, cfg, &mut KernelArgs::new().ptr(m.ptr()).ptr(bias).ptr(0).i32(r as i32).i32(n1 as i32))?;
             linear(ops, &m, &bl.fc2, f, r)?;
         }
         // pooled rows of x and of the last MLP output (or of x alone without blocks)
-        let idx = ops.upload_i32(index).map_err(dev)?;
-        let (px, pf, pooled) = (alloc(b * w)?, alloc(b * w)?, alloc(b * w)?);
+        let idx = ops.upload_i32(index)?;
+        let (px, pf, pooled) = (ops.alloc(b * w)?, ops.alloc(b * w)?, ops.alloc(b * w)?);
         let pool = |src: &Buf, dst: &Buf| {
             launch_elems(ops, "pool_rows_f32", b * w, |a| a.ptr(src.ptr()).ptr(idx.ptr()).ptr(dst.ptr()).i32(b as i32).i32(t as i32).i32(w as i32))
         };
@@ -321,9 +316,9 @@ impl CudaClip {
             pool(f, &pf)?;
             residual_layernorm(ops, &px, &pf, final_ln, &pooled, b, w)?;
         }
-        let e = alloc(b * proj.n)?;
+        let e = ops.alloc(b * proj.n)?;
         linear(ops, &pooled, proj, &e, b)?;
-        ops.download(&e).map_err(dev)
+        ops.download(&e)
     }
 }
 
@@ -334,16 +329,16 @@ fn linear(ops: &dyn DeviceOps, x: &Buf, l: &LinW, y: &Buf, rows: usize) -> Resul
 /// y = x·Wᵀ (+ bias) in the weight's precision.
 fn gemm(ops: &dyn DeviceOps, x: &Buf, l: &LinW, bias: Option<&Buf>, y: &Buf, rows: usize) -> Result<()> {
     if l.bf16 {
-        ops.linear_bf16(x, &l.w, bias, y, rows, l.n, l.k).map_err(dev)
+        ops.linear_bf16(x, &l.w, bias, y, rows, l.n, l.k)
     } else {
-        ops.linear(x, &l.w, bias, y, rows, l.n, l.k).map_err(dev)
+        ops.linear(x, &l.w, bias, y, rows, l.n, l.k)
     }
 }
 
 
 fn layernorm(ops: &dyn DeviceOps, x: &Buf, ln: &LnW, y: &Buf, rows: usize, cols: usize) -> Result<()> {
     let mut a = KernelArgs::new().ptr(x.ptr()).ptr(ln.g.ptr()).ptr(ln.b.ptr()).ptr(y.ptr()).ptr(0).ptr(0).i32(rows as i32).i32(cols as i32).f32(ln.eps);
-    ops.launch("layernorm_fwd_f32", ln_cfg(rows), &mut a).map_err(dev)
+    ops.launch("layernorm_fwd_f32", ln_cfg(rows), &mut a)
 }
 
 /// x += residual (in place), y = LN(x).
@@ -359,12 +354,12 @@ fn residual_layernorm(ops: &dyn DeviceOps, x: &Buf, residual: &Buf, ln: &LnW, y:
         .i32(rows as i32)
         .i32(cols as i32)
         .f32(ln.eps);
-    ops.launch("residual_layernorm_fwd_f32", ln_cfg(rows), &mut a).map_err(dev)
+    ops.launch("residual_layernorm_fwd_f32", ln_cfg(rows), &mut a)
 }
 
 /// A grid-stride kernel of embed.cu over `total` output elements.
 fn launch_elems(ops: &dyn DeviceOps, kernel: &str, total: usize, args: impl FnOnce(KernelArgs) -> KernelArgs) -> Result<()> {
     let blocks = total.div_ceil(256).clamp(1, 16_384) as u32;
     let mut a = args(KernelArgs::new());
-    ops.launch(kernel, LaunchCfg::new((blocks, 1, 1), (256, 1, 1), 0), &mut a).map_err(dev)
+    ops.launch(kernel, LaunchCfg::new((blocks, 1, 1), (256, 1, 1), 0), &mut a)
 }

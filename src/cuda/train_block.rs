@@ -9,6 +9,7 @@ use super::attention::{attention_bwd_launch, attention_fwd_launch};
 use super::backend::{Buf, DeviceOps};
 use super::launch::{KernelArgs, LaunchCfg};
 use super::train_ops::{axpy, col_sums, copy, ln_bwd, ln_cfg, ln_fwd};
+use crate::error::{Error, Result};
 use crate::model::config::{Activation, TowerConfig};
 use crate::ops::attention::AttnShape;
 use crate::tensor::DType;
@@ -18,17 +19,10 @@ pub struct DevBlock<'a> {
     pub p: [&'a Buf; 16],
     pub cfg: &'a TowerConfig,
     /// Half-precision copies of the six Linear weights (q, k, v, out, fc1, fc2;
-    /// [`DeviceOps::upload_bf16`] packing), written by the AdamW kernel from the f32 masters: when
-    /// present the forward GEMMs read them (half-precision products, f32 accumulation); the
-    /// backward always uses the f32 masters.
-    pub half: Option<(Half, [&'a Buf; 6])>,
-}
-
-/// The type of the forward GEMMs' weight copies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Half {
-    Bf16,
-    F16,
+    /// [`DeviceOps::upload_bf16`] packing) and their type (bf16 or f16), written by the AdamW
+    /// kernel from the f32 masters: when present the forward GEMMs read them (half-precision
+    /// products, f32 accumulation); the backward always uses the f32 masters.
+    pub half: Option<(DType, [&'a Buf; 6])>,
 }
 
 /// Which of the 16 parameters are the Linear weights `half` mirrors.
@@ -77,22 +71,23 @@ fn shape(c: &TowerConfig, b: usize, t: usize, causal: bool) -> AttnShape {
 
 /// y = x·Wᵀ + b for Linear weight `j` of [`LINEAR_WEIGHTS`]: the half-precision copy when there is one.
 #[allow(clippy::too_many_arguments)]
-fn lin(ops: &dyn DeviceOps, blk: &DevBlock, j: usize, x: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<(), String> {
+fn lin(ops: &dyn DeviceOps, blk: &DevBlock, j: usize, x: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
     match blk.half {
-        Some((Half::Bf16, h)) => ops.linear_bf16(x, h[j], bias, y, m, n, k),
-        Some((Half::F16, h)) => ops.linear_f16(x, h[j], bias, y, m, n, k),
+        Some((DType::BF16, h)) => ops.linear_bf16(x, h[j], bias, y, m, n, k),
+        Some((DType::F16, h)) => ops.linear_f16(x, h[j], bias, y, m, n, k),
+        Some((DType::F32, _)) => Err(Error::msg("train_block: the Linear weight copies must be bf16 or f16, not f32")),
         None => ops.linear(x, blk.p[LINEAR_WEIGHTS[j]], bias, y, m, n, k),
     }
 }
 
 /// The forward keeping what `recompute` asks for: all activations, or only the block's input.
-pub fn forward_kept(ops: &dyn DeviceOps, blk: &DevBlock, x: &Buf, b: usize, t: usize, causal: bool, recompute: bool) -> Result<(Buf, Kept), String> {
+pub fn forward_kept(ops: &dyn DeviceOps, blk: &DevBlock, x: &Buf, b: usize, t: usize, causal: bool, recompute: bool) -> Result<(Buf, Kept)> {
     let (y, s) = forward(ops, blk, x, b, t, causal)?;
     Ok((y, if recompute { Kept::Input(s.x) } else { Kept::All(s) }))
 }
 
 /// The backward from what [`forward_kept`] kept (re-running the forward first for `Kept::Input`).
-pub fn backward_kept(ops: &dyn DeviceOps, blk: &DevBlock, kept: &Kept, dy: &Buf, b: usize, t: usize, causal: bool) -> Result<(Buf, Vec<Buf>), String> {
+pub fn backward_kept(ops: &dyn DeviceOps, blk: &DevBlock, kept: &Kept, dy: &Buf, b: usize, t: usize, causal: bool) -> Result<(Buf, Vec<Buf>)> {
     match kept {
         Kept::All(s) => backward(ops, blk, s, dy),
         Kept::Input(x) => backward(ops, blk, &forward(ops, blk, x, b, t, causal)?.1, dy),
@@ -100,7 +95,7 @@ pub fn backward_kept(ops: &dyn DeviceOps, blk: &DevBlock, kept: &Kept, dy: &Buf,
 }
 
 /// x [B·T, W] → y [B·T, W] and the saved activations.
-pub fn forward(ops: &dyn DeviceOps, blk: &DevBlock, x: &Buf, b: usize, t: usize, causal: bool) -> Result<(Buf, Saved), String> {
+pub fn forward(ops: &dyn DeviceOps, blk: &DevBlock, x: &Buf, b: usize, t: usize, causal: bool) -> Result<(Buf, Saved)> {
     let (c, p) = (blk.cfg, &blk.p);
     let (r, w, inter) = (b * t, c.hidden, c.intermediate);
     let (h1, mean1, rstd1) = ln_fwd(ops, x, p[0], p[1], r, w, c.eps)?;
@@ -136,7 +131,7 @@ pub fn forward(ops: &dyn DeviceOps, blk: &DevBlock, x: &Buf, b: usize, t: usize,
 
 /// Linear backward for y = x·Wᵀ + b: accumulates dx (beta 1 unless `first`), returns (dW, db).
 #[allow(clippy::too_many_arguments)]
-fn linear_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, wt: &Buf, dx: &Buf, first: bool, r: usize, n_out: usize, n_in: usize) -> Result<(Buf, Buf), String> {
+fn linear_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, wt: &Buf, dx: &Buf, first: bool, r: usize, n_out: usize, n_in: usize) -> Result<(Buf, Buf)> {
     ops.gemm(dy, wt, dx, r, n_in, n_out, false, false, if first { 0.0 } else { 1.0 })?; // dx (+)= dy·W
     let dw = ops.alloc(n_out * n_in)?;
     ops.gemm(dy, x, &dw, n_out, n_in, r, true, false, 0.0)?; // dW = dyᵀ·x
@@ -144,7 +139,7 @@ fn linear_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, wt: &Buf, dx: &Buf, first:
 }
 
 /// dy [B·T, W] → (dx, the 16 parameter gradients in `BLOCK_PARAMS` order).
-pub fn backward(ops: &dyn DeviceOps, blk: &DevBlock, s: &Saved, dy: &Buf) -> Result<(Buf, Vec<Buf>), String> {
+pub fn backward(ops: &dyn DeviceOps, blk: &DevBlock, s: &Saved, dy: &Buf) -> Result<(Buf, Vec<Buf>)> {
     let (c, p) = (blk.cfg, &blk.p);
     let (r, w, inter) = (s.b * s.t, c.hidden, c.intermediate);
     // MLP: y = xm + fc2(act(fc1(ln2(xm))))

@@ -3,6 +3,7 @@
 //! statistics and its backward, and the bias-less projection's backward.
 use super::backend::{Buf, DeviceOps};
 use super::launch::{KernelArgs, LaunchCfg};
+use crate::error::Result;
 
 /// One thread per element, block 256, at most 16384 blocks (the grid-stride kernels).
 pub fn grid(n: usize) -> LaunchCfg {
@@ -15,19 +16,19 @@ pub fn ln_cfg(rows: usize) -> LaunchCfg {
 }
 
 /// y += alpha·x over `n` elements.
-pub fn axpy(ops: &dyn DeviceOps, y: &Buf, x: &Buf, alpha: f32, n: usize) -> Result<(), String> {
+pub fn axpy(ops: &dyn DeviceOps, y: &Buf, x: &Buf, alpha: f32, n: usize) -> Result<()> {
     ops.launch("axpy_f32", grid(n), &mut KernelArgs::new().ptr(y.ptr()).ptr(x.ptr()).f32(alpha).i32(n as i32))
 }
 
 /// A new buffer holding the first `n` elements of x.
-pub fn copy(ops: &dyn DeviceOps, x: &Buf, n: usize) -> Result<Buf, String> {
+pub fn copy(ops: &dyn DeviceOps, x: &Buf, n: usize) -> Result<Buf> {
     let y = ops.alloc(n)?;
     axpy(ops, &y, x, 1.0, n)?;
     Ok(y)
 }
 
 /// Column sums of a [rows, n] matrix into a new [n] buffer (bias gradients, batch sums).
-pub fn col_sums(ops: &dyn DeviceOps, m: &Buf, rows: usize, n: usize) -> Result<Buf, String> {
+pub fn col_sums(ops: &dyn DeviceOps, m: &Buf, rows: usize, n: usize) -> Result<Buf> {
     let out = ops.alloc(n)?;
     let mut a = KernelArgs::new().ptr(m.ptr()).ptr(out.ptr()).i32(rows as i32).i32(n as i32);
     ops.launch("bias_grad_reduce_f32", LaunchCfg::new((n.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
@@ -35,7 +36,7 @@ pub fn col_sums(ops: &dyn DeviceOps, m: &Buf, rows: usize, n: usize) -> Result<B
 }
 
 /// LayerNorm forward keeping the statistics: (y, mean, rstd).
-pub fn ln_fwd(ops: &dyn DeviceOps, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf, Buf), String> {
+pub fn ln_fwd(ops: &dyn DeviceOps, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf, Buf)> {
     let (y, mean, rstd) = (ops.alloc(rows * w)?, ops.alloc(rows)?, ops.alloc(rows)?);
     let mut a = KernelArgs::new().ptr(x.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr()).ptr(mean.ptr()).ptr(rstd.ptr()).i32(rows as i32).i32(w as i32).f32(eps);
     ops.launch("layernorm_fwd_f32", ln_cfg(rows), &mut a)?;
@@ -44,7 +45,7 @@ pub fn ln_fwd(ops: &dyn DeviceOps, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: us
 
 /// LayerNorm backward from the saved statistics: (dx, dγ, dβ).
 #[allow(clippy::too_many_arguments)]
-pub fn ln_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, gamma: &Buf, mean: &Buf, rstd: &Buf, rows: usize, w: usize) -> Result<(Buf, Buf, Buf), String> {
+pub fn ln_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, gamma: &Buf, mean: &Buf, rstd: &Buf, rows: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
     let parts = rows.clamp(1, 8);
     let (dx, pg, pb) = (ops.alloc(rows * w)?, ops.alloc(parts * w)?, ops.alloc(parts * w)?);
     let mut a = KernelArgs::new().ptr(dy.ptr()).ptr(x.ptr()).ptr(gamma.ptr()).ptr(mean.ptr()).ptr(rstd.ptr()).ptr(dx.ptr()).ptr(pg.ptr()).ptr(pb.ptr()).i32(rows as i32).i32(w as i32);
@@ -56,7 +57,7 @@ pub fn ln_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, gamma: &Buf, mean: &Buf, r
 }
 
 /// Backward of e = x·Pᵀ (the towers' projections, no bias), x [b, w], P [d, w]: (dx, dP).
-pub fn projection_bwd(ops: &dyn DeviceOps, de: &Buf, x: &Buf, p: &Buf, b: usize, d: usize, w: usize) -> Result<(Buf, Buf), String> {
+pub fn projection_bwd(ops: &dyn DeviceOps, de: &Buf, x: &Buf, p: &Buf, b: usize, d: usize, w: usize) -> Result<(Buf, Buf)> {
     let dx = ops.alloc(b * w)?;
     ops.gemm(de, p, &dx, b, w, d, false, false, 0.0)?; // dx = de·P
     let dp = ops.alloc(d * w)?;

@@ -8,6 +8,7 @@ use super::backend::{Buf, DeviceOps};
 use super::launch::KernelArgs;
 use super::train_block::{backward_kept, forward_kept, DevBlock, Kept};
 use super::train_ops::{axpy, col_sums, grid, ln_bwd, ln_fwd, projection_bwd};
+use crate::error::Result;
 use crate::model::config::TextConfig;
 use crate::model::text::pool_position;
 
@@ -49,11 +50,11 @@ pub struct TextGrads {
 }
 
 /// Token ids (unpadded) → text embeddings [B, D] (not normalised) and the saved activations.
-pub fn forward(ops: &dyn DeviceOps, m: &DevText, ids: &[Vec<u32>]) -> Result<(Buf, TextSaved), String> {
+pub fn forward(ops: &dyn DeviceOps, m: &DevText, ids: &[Vec<u32>]) -> Result<(Buf, TextSaved)> {
     let (b, w) = (ids.len(), m.cfg.tower.hidden);
     let t = ids.iter().map(|s| s.len()).max().unwrap_or(0);
     if b == 0 || t == 0 || t > m.cfg.max_positions {
-        return Err(format!("text batch of {b} sequences up to {t} tokens ({} positions)", m.cfg.max_positions));
+        return Err(crate::shape_err!("text batch of {b} sequences up to {t} tokens ({} positions)", m.cfg.max_positions));
     }
     let mut flat = Vec::with_capacity(b * t);
     for s in ids {
@@ -82,7 +83,7 @@ pub fn forward(ops: &dyn DeviceOps, m: &DevText, ids: &[Vec<u32>]) -> Result<(Bu
 }
 
 /// de [B, D] → the gradients of every text parameter; the token table's is added to `dtok` [V, W].
-pub fn backward(ops: &dyn DeviceOps, m: &DevText, s: &TextSaved, de: &Buf, dtok: &Buf) -> Result<TextGrads, String> {
+pub fn backward(ops: &dyn DeviceOps, m: &DevText, s: &TextSaved, de: &Buf, dtok: &Buf) -> Result<TextGrads> {
     let (b, t, w, d) = (s.b, s.t, m.cfg.tower.hidden, m.d);
     let (dn, dproj) = projection_bwd(ops, de, &s.normed, m.proj, b, d, w)?;
     let (dpool, dg, db) = ln_bwd(ops, &dn, &s.pooled, m.final_g, &s.mean, &s.rstd, b, w)?; // final LayerNorm
@@ -103,7 +104,7 @@ pub fn backward(ops: &dyn DeviceOps, m: &DevText, s: &TextSaved, de: &Buf, dtok:
     let dpos = ops.alloc(pos_rows * w)?;
     axpy(ops, &dpos, &col_sums(ops, &dx, b, t * w)?, 1.0, t * w)?; // rows < T; the rest stay zero
     if dtok.len() < m.cfg.vocab * w {
-        return Err(format!("token gradient buffer of {} values for a [{}, {w}] table", dtok.len(), m.cfg.vocab));
+        return Err(crate::shape_err!("token gradient buffer of {} values for a [{}, {w}] table", dtok.len(), m.cfg.vocab));
     }
     let (order, starts, uniq) = crate::ops::embedding::group_by_id(&s.flat);
     let u = uniq.len();

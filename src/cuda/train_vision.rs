@@ -8,6 +8,7 @@ use super::backend::{Buf, DeviceOps};
 use super::launch::KernelArgs;
 use super::train_block::{backward_kept, forward_kept, DevBlock, Kept};
 use super::train_ops::{col_sums, grid, ln_bwd, ln_fwd, projection_bwd};
+use crate::error::Result;
 use crate::model::config::VisionConfig;
 
 pub struct DevVision<'a> {
@@ -53,11 +54,11 @@ pub struct VisionGrads {
 }
 
 /// pixels [B, C, S, S] (host) → image embeddings [B, D] (not normalised) and the saved activations.
-pub fn forward(ops: &dyn DeviceOps, m: &DevVision, pixels: &[f32], b: usize) -> Result<(Buf, VisionSaved), String> {
+pub fn forward(ops: &dyn DeviceOps, m: &DevVision, pixels: &[f32], b: usize) -> Result<(Buf, VisionSaved)> {
     let (c, s, p, w) = (m.cfg.channels, m.cfg.image_size, m.cfg.patch_size, m.cfg.tower.hidden);
     let (t, n, k) = (m.cfg.tokens(), m.cfg.tokens() - 1, c * p * p);
     if b == 0 || pixels.len() != b * c * s * s {
-        return Err(format!("vision training forward: {} pixel values for B = {b}, [{c}, {s}, {s}]", pixels.len()));
+        return Err(crate::shape_err!("vision training forward: {} pixel values for B = {b}, [{c}, {s}, {s}]", pixels.len()));
     }
     let px = ops.upload(pixels)?;
     let cols = ops.alloc(b * n * k)?;
@@ -86,7 +87,7 @@ pub fn forward(ops: &dyn DeviceOps, m: &DevVision, pixels: &[f32], b: usize) -> 
 }
 
 /// de [B, D] → the gradients of every vision parameter.
-pub fn backward(ops: &dyn DeviceOps, m: &DevVision, s: &VisionSaved, de: &Buf) -> Result<VisionGrads, String> {
+pub fn backward(ops: &dyn DeviceOps, m: &DevVision, s: &VisionSaved, de: &Buf) -> Result<VisionGrads> {
     let (b, w, d) = (s.b, m.cfg.tower.hidden, m.d);
     let (t, n, k) = (m.cfg.tokens(), m.cfg.tokens() - 1, m.cfg.channels * m.cfg.patch_size * m.cfg.patch_size);
     let (dn, dproj) = projection_bwd(ops, de, &s.normed, m.proj, b, d, w)?;

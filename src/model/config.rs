@@ -85,11 +85,11 @@ struct RawConfig {
     logit_scale_init_value: Option<f32>,
 }
 
-fn tower(r: &RawTower, d: (usize, usize, usize, usize), what: &str) -> std::result::Result<TowerConfig, String> {
+fn tower(r: &RawTower, d: (usize, usize, usize, usize), what: &str) -> Result<TowerConfig> {
     let act = match r.hidden_act.as_deref().unwrap_or("quick_gelu") {
         "quick_gelu" => Activation::QuickGelu,
         "gelu" => Activation::Gelu,
-        other => return Err(format!("{what}.hidden_act \"{other}\" is not supported (quick_gelu, gelu)")),
+        other => return Err(Error::msg(format!("{what}.hidden_act \"{other}\" is not supported (quick_gelu, gelu)"))),
     };
     let t = TowerConfig {
         hidden: r.hidden_size.unwrap_or(d.0),
@@ -100,7 +100,7 @@ fn tower(r: &RawTower, d: (usize, usize, usize, usize), what: &str) -> std::resu
         act,
     };
     if t.hidden == 0 || t.heads == 0 || t.hidden % t.heads != 0 || t.intermediate == 0 {
-        return Err(format!("{what}: hidden_size {} is not a positive multiple of num_attention_heads {}", t.hidden, t.heads));
+        return Err(Error::msg(format!("{what}: hidden_size {} is not a positive multiple of num_attention_heads {}", t.hidden, t.heads)));
     }
     Ok(t)
 }
@@ -112,8 +112,8 @@ impl ClipConfig {
         ClipConfig::from_json(&s).map_err(|e| Error::file(path, e))
     }
 
-    pub fn from_json(s: &str) -> std::result::Result<ClipConfig, String> {
-        let raw: RawConfig = serde_json::from_str(s).map_err(|e| format!("not a CLIP config.json: {e}"))?;
+    pub fn from_json(s: &str) -> Result<ClipConfig> {
+        let raw: RawConfig = serde_json::from_str(s).map_err(|e| Error::msg(format!("not a CLIP config.json: {e}")))?;
         let (rt, rv) = (raw.text_config.unwrap_or_default(), raw.vision_config.unwrap_or_default());
         let text = TextConfig {
             tower: tower(&rt, (512, 2048, 8, 12), "text_config")?,
@@ -130,13 +130,13 @@ impl ClipConfig {
             channels: rv.num_channels.unwrap_or(3),
         };
         if vision.patch_size == 0 || vision.image_size < vision.patch_size {
-            return Err(format!("vision_config: image_size {} and patch_size {} do not make patches", vision.image_size, vision.patch_size));
+            return Err(Error::msg(format!("vision_config: image_size {} and patch_size {} do not make patches", vision.image_size, vision.patch_size)));
         }
         if text.frozen_positions >= text.max_positions && text.frozen_positions > 0 {
-            return Err(format!("text_config: clipforge_frozen_positions {} must be below max_position_embeddings {}", text.frozen_positions, text.max_positions));
+            return Err(Error::msg(format!("text_config: clipforge_frozen_positions {} must be below max_position_embeddings {}", text.frozen_positions, text.max_positions)));
         }
         if text.max_positions == 0 || text.vocab == 0 {
-            return Err("text_config: vocab_size and max_position_embeddings must be positive".into());
+            return Err(Error::msg("text_config: vocab_size and max_position_embeddings must be positive"));
         }
         Ok(ClipConfig { vision, text, projection_dim: raw.projection_dim.unwrap_or(512), logit_scale_init: raw.logit_scale_init_value.unwrap_or(2.6592) })
     }

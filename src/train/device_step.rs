@@ -23,20 +23,16 @@ use super::model::{TrainClip, BLOCK_PARAMS};
 use super::optim::Optimizer;
 use super::step::{host_update, param_index, HostGrads, Micro, MicroLoss, StepEngine};
 use crate::autograd::{Tape, Var};
-use crate::cuda::train_block::{DevBlock, Half, LINEAR_WEIGHTS};
+use crate::cuda::train_block::{DevBlock, LINEAR_WEIGHTS};
 use crate::cuda::train_ops::{axpy, grid};
 use crate::cuda::train_text::{self, DevText};
 use crate::cuda::train_vision::{self, DevVision};
 use crate::cuda::{Buf, DeviceOps, KernelArgs};
 use crate::error::{Error, Result};
 use crate::model::config::{ClipConfig, TowerConfig};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use std::cell::RefCell;
 use std::rc::Rc;
-
-fn dev<T>(r: std::result::Result<T, String>) -> Result<T> {
-    r.map_err(Error::Device)
-}
 
 /// Parameters that live on the device (the two towers); the rest (logit scale) stay on the host.
 pub fn on_device(name: &str) -> bool {
@@ -89,7 +85,7 @@ struct Shared {
     p: Vec<Option<Buf>>,
     /// Half-precision copies of the block Linear weights (with `low`).
     half: Vec<Option<Buf>>,
-    low: Option<Half>,
+    low: Option<DType>,
     /// This step's gradients on the device.
     acc: RefCell<Vec<Option<Buf>>>,
     /// Model parameter indices in the orders of [`vision_names`] and [`text_names`], and the
@@ -153,7 +149,7 @@ impl Shared {
         for (&i, g) in ix.iter().zip(grads) {
             match &acc[i] {
                 None => acc[i] = Some(g),
-                Some(a) => dev(axpy(&*self.ops, a, &g, 1.0, g.len()))?,
+                Some(a) => axpy(&*self.ops, a, &g, 1.0, g.len())?,
             }
         }
         Ok(())
@@ -161,7 +157,7 @@ impl Shared {
 
     /// d(embeddings) on the host → uploaded, as the tower backward's input.
     fn upload(&self, g: &Tensor) -> Result<Buf> {
-        dev(self.ops.upload(&g.f32_data()))
+        self.ops.upload(&g.f32_data())
     }
 }
 
@@ -185,8 +181,12 @@ fn indices(model: &TrainClip, names: &[String]) -> Result<Vec<usize>> {
 
 impl DeviceStep {
     /// Uploads the model's tower parameters and the optimizer's moments (zero, or a resumed
-    /// checkpoint's). `low`: the blocks' forward GEMMs read bf16 or f16 copies of their weights.
-    pub fn new(ops: Box<dyn DeviceOps>, model: &TrainClip, opt: &Optimizer, pca_dim: usize, recompute: bool, low: Option<Half>) -> Result<DeviceStep> {
+    /// checkpoint's). `low` (bf16 or f16): the blocks' forward GEMMs read copies of their weights
+    /// in that type.
+    pub fn new(ops: Box<dyn DeviceOps>, model: &TrainClip, opt: &Optimizer, pca_dim: usize, recompute: bool, low: Option<DType>) -> Result<DeviceStep> {
+        if low == Some(DType::F32) {
+            return Err(Error::msg("device trainer: the low-precision weight copies must be bf16 or f16, not f32"));
+        }
         let n = model.params.len();
         let none = || (0..n).map(|_| None).collect::<Vec<Option<Buf>>>();
         let (mut p, mut half, mut m, mut v) = (none(), none(), none(), none());
@@ -194,20 +194,20 @@ impl DeviceStep {
             if !on_device(name) {
                 continue;
             }
-            p[i] = Some(dev(ops.upload(&t.f32_data()))?);
+            p[i] = Some(ops.upload(&t.f32_data())?);
             let linear = LINEAR_WEIGHTS.iter().any(|&j| name.ends_with(&format!(".{}", BLOCK_PARAMS[j])) && name.contains(".encoder.layers."));
             let data = t.f32_data();
             match low.filter(|_| linear) {
-                Some(Half::Bf16) => half[i] = Some(dev(ops.upload_bf16(&data.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>()))?),
-                Some(Half::F16) => half[i] = Some(dev(ops.upload_f16(&data.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>()))?),
-                None => {}
+                Some(DType::BF16) => half[i] = Some(ops.upload_bf16(&data.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>())?),
+                Some(DType::F16) => half[i] = Some(ops.upload_f16(&data.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>())?),
+                Some(DType::F32) | None => {}
             }
         }
         for st in &opt.params {
             let i = model.index(&st.name).ok_or_else(|| Error::msg(format!("optimizer parameter {} not in the model", st.name)))?;
             if p[i].is_some() {
-                m[i] = Some(dev(ops.upload(&st.m))?);
-                v[i] = Some(dev(ops.upload(&st.v))?);
+                m[i] = Some(ops.upload(&st.m)?);
+                v[i] = Some(ops.upload(&st.v)?);
             }
         }
         let (vision, text) = (indices(model, &vision_names(model))?, indices(model, &text_names(model))?);
@@ -231,10 +231,10 @@ impl DeviceStep {
     fn vision_node(&self, tape: &Tape, anchor: &Var, pixels: &Tensor) -> Result<Var> {
         let sh = self.sh.clone();
         let b = pixels.dim(0);
-        let (e, saved) = dev(train_vision::forward(&*sh.ops, &sh.vision_model()?, &pixels.f32_data(), b))?; // [B, D]
-        let value = Tensor::from_vec(dev(sh.ops.download(&e))?, &[b, sh.config.projection_dim])?;
+        let (e, saved) = train_vision::forward(&*sh.ops, &sh.vision_model()?, &pixels.f32_data(), b)?; // [B, D]
+        let value = Tensor::from_vec(sh.ops.download(&e)?, &[b, sh.config.projection_dim])?;
         Ok(tape.custom(&[anchor], value, move |g| {
-            let vg = dev(train_vision::backward(&*sh.ops, &sh.vision_model()?, &saved, &sh.upload(g)?))?;
+            let vg = train_vision::backward(&*sh.ops, &sh.vision_model()?, &saved, &sh.upload(g)?)?;
             sh.add(&sh.vision, flat_vision(vg))?;
             Ok(vec![None])
         }))
@@ -243,12 +243,12 @@ impl DeviceStep {
     /// The text tower's forward on the device as one tape node: [B, D] embeddings.
     fn text_node(&self, tape: &Tape, anchor: &Var, ids: &[Vec<u32>]) -> Result<Var> {
         let sh = self.sh.clone();
-        let (e, saved) = dev(train_text::forward(&*sh.ops, &sh.text_model()?, ids))?; // [B, D]
-        let value = Tensor::from_vec(dev(sh.ops.download(&e))?, &[ids.len(), sh.config.projection_dim])?;
+        let (e, saved) = train_text::forward(&*sh.ops, &sh.text_model()?, ids)?; // [B, D]
+        let value = Tensor::from_vec(sh.ops.download(&e)?, &[ids.len(), sh.config.projection_dim])?;
         {
             let mut acc = sh.acc.borrow_mut();
             if anchor.requires_grad() && acc[sh.tok].is_none() {
-                acc[sh.tok] = Some(dev(sh.ops.alloc(sh.config.text.vocab * sh.config.text.tower.hidden))?); // the scatter adds into it
+                acc[sh.tok] = Some(sh.ops.alloc(sh.config.text.vocab * sh.config.text.tower.hidden)?); // the scatter adds into it
             }
         }
         Ok(tape.custom(&[anchor], value, move |g| {
@@ -256,7 +256,7 @@ impl DeviceStep {
             let tg = {
                 let acc = sh.acc.borrow();
                 let dtok = acc[sh.tok].as_ref().ok_or_else(|| Error::msg("no token-gradient accumulator"))?;
-                dev(train_text::backward(&*sh.ops, &sh.text_model()?, &saved, &de, dtok))?
+                train_text::backward(&*sh.ops, &sh.text_model()?, &saved, &de, dtok)?
             };
             sh.add(&sh.text, flat_text(tg))?;
             Ok(vec![None])
@@ -304,7 +304,7 @@ impl StepEngine for DeviceStep {
             let (n, f) = (st.m.len(), st.frozen);
             let g = match acc[i].take() {
                 Some(dg) => dg,
-                None => dev(ops.alloc(n))?,
+                None => ops.alloc(n)?,
             };
             if n == f {
                 continue;
@@ -315,12 +315,12 @@ impl StepEngine for DeviceStep {
             if half != 0 && f > 0 {
                 return Err(Error::msg(format!("{}: frozen rows in a weight with a half-precision copy", st.name)));
             }
-            let (p_bf16, p_f16) = if sh.low == Some(Half::F16) { (0, half) } else { (half, 0) };
+            let (p_bf16, p_f16) = if sh.low == Some(DType::F16) { (0, half) } else { (half, 0) };
             let off = 4 * f as u64; // skip the frozen leading elements of p, g, m, v
             let hp = opt.hp;
             let mut a = KernelArgs::new().ptr(p.ptr() + off).ptr(g.ptr() + off).ptr(m.ptr() + off).ptr(v.ptr() + off).ptr(p_bf16).ptr(p_f16);
             a = a.i64((n - f) as i64).f64(lr).f64(hp.beta1).f64(hp.beta2).f64(hp.eps).f64(hp.weight_decay).i32(opt.step as i32);
-            dev(ops.launch("adamw_f32", grid(n - f), &mut a))?;
+            ops.launch("adamw_f32", grid(n - f), &mut a)?;
         }
         acc.iter_mut().for_each(|a| *a = None);
         self.host = HostGrads::default();
@@ -332,14 +332,14 @@ impl StepEngine for DeviceStep {
         for (i, p) in sh.p.iter().enumerate() {
             if let Some(p) = p {
                 let shape = model.params[i].1.shape().to_vec();
-                model.params[i].1 = Tensor::from_vec(dev(sh.ops.download(p))?, &shape)?;
+                model.params[i].1 = Tensor::from_vec(sh.ops.download(p)?, &shape)?;
             }
         }
         for st in opt.params.iter_mut() {
             if let Some(i) = model.index(&st.name) {
                 if let (Some(m), Some(v)) = (&self.m[i], &self.v[i]) {
-                    st.m = dev(sh.ops.download(m))?;
-                    st.v = dev(sh.ops.download(v))?;
+                    st.m = sh.ops.download(m)?;
+                    st.v = sh.ops.download(v)?;
                 }
             }
         }

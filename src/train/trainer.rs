@@ -12,11 +12,10 @@ use super::optim::Optimizer;
 use super::schedule::CosineSchedule;
 use super::smartclip::{init_mask_params, load_mask_params, MASK_FILE};
 use super::step::{CpuStep, Micro, StepEngine};
-use crate::cuda::train_block::Half;
 use crate::error::{Error, Result};
 use crate::io::tokenizer::ClipTokenizer;
 use crate::ops::adamw::AdamW;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,8 +99,8 @@ impl EngineSpec<'_> {
     pub fn build(&self, model: &TrainClip, opt: &Optimizer) -> Result<Box<dyn StepEngine>> {
         let low = match self.dtype {
             "f32" => None,
-            "bf16" => Some(Half::Bf16),
-            "f16" => Some(Half::F16),
+            "bf16" => Some(DType::BF16),
+            "f16" => Some(DType::F16),
             d => return Err(Error::msg(format!("--dtype {d}: expected f32, or bf16 / f16 on a CUDA device"))),
         };
         let cpu = || -> Result<Box<dyn StepEngine>> {
@@ -114,7 +113,7 @@ impl EngineSpec<'_> {
         match self.device {
             "cpu" => cpu(),
             "cuda" if self.smart => Err(Error::msg("--device cuda: SmartCLIP fine-tuning runs on the CPU backend; use --device cpu")),
-            "cuda" => device(crate::cuda::GpuOps::open().map_err(|why| Error::Device(format!("--device cuda: {why}; use --device cpu or auto")))?),
+            "cuda" => device(crate::cuda::GpuOps::open().map_err(|why| Error::Device(format!("--device cuda: {}; use --device cpu or auto", why.message())))?),
             "auto" if self.smart => cpu(),
             "auto" => crate::cuda::GpuOps::open().map_or_else(|_| cpu(), device),
             d => Err(Error::msg(format!("--device {d}: expected auto, cpu or cuda"))),

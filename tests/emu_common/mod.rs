@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 #[allow(unused_imports)]
 pub use clipforge::cuda::emu::{self, launch, set_schedule, LaunchArgs, Schedule, TEST_SCHEDULES};
+use clipforge::{Error, Result};
 
 pub const ROWS: [usize; 3] = [1, 7, 45];
 pub const COLS: [usize; 5] = [1, 59, 65, 768, 1000];
@@ -114,11 +115,11 @@ impl<T: Elem> Guarded<T> {
         &self.buf[GUARD..GUARD + self.n]
     }
     /// Err if a canary before or after the data was modified.
-    pub fn check(&self, what: &str) -> Result<(), String> {
+    pub fn check(&self, what: &str) -> Result<()> {
         for (i, v) in self.buf.iter().enumerate() {
             if (i < GUARD || i >= GUARD + self.n) && !v.same_bits(T::CANARY) {
                 let off = i as isize - GUARD as isize;
-                return Err(format!("{what}: out-of-bounds write at element {off} (buffer has {} elements): {v:?}", self.n));
+                return Err(Error::msg(format!("{what}: out-of-bounds write at element {off} (buffer has {} elements): {v:?}", self.n)));
             }
         }
         Ok(())
@@ -126,18 +127,18 @@ impl<T: Elem> Guarded<T> {
 }
 
 /// Per element: |got - want| <= atol + rtol * |want|; NaN/Inf anywhere fail.
-pub fn check_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Result<(), String> {
+pub fn check_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Result<()> {
     if got.len() != want.len() {
-        return Err(format!("{what}: {} values, want {}", got.len(), want.len()));
+        return Err(Error::msg(format!("{what}: {} values, want {}", got.len(), want.len())));
     }
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let g = g as f64;
         if !g.is_finite() || !w.is_finite() {
-            return Err(format!("{what}[{i}] = {g} (reference {w}): not finite"));
+            return Err(Error::msg(format!("{what}[{i}] = {g} (reference {w}): not finite")));
         }
         let tol = atol + rtol * w.abs();
         if (g - w).abs() > tol {
-            return Err(format!("{what}[{i}] = {g:.9e}, reference {w:.9e}, |diff| {:.3e} > tol {tol:.3e}", (g - w).abs()));
+            return Err(Error::msg(format!("{what}[{i}] = {g:.9e}, reference {w:.9e}, |diff| {:.3e} > tol {tol:.3e}", (g - w).abs())));
         }
     }
     Ok(())
@@ -156,7 +157,7 @@ pub fn sched_name(s: Schedule) -> String {
 }
 
 /// Runs `case(rows, cols)` for every shape in every test schedule; panics listing all failures.
-pub fn for_all_shapes(name: &str, mut case: impl FnMut(usize, usize) -> Result<(), String>) {
+pub fn for_all_shapes(name: &str, mut case: impl FnMut(usize, usize) -> Result<()>) {
     let mut failures = Vec::new();
     let mut runs = 0;
     for &rows in &ROWS {
@@ -197,7 +198,7 @@ pub fn ceil_div(a: usize, b: usize) -> u32 {
 }
 
 /// Runs `run(case)` for every case in every test schedule; panics listing all failures.
-pub fn for_all_cases<C: std::fmt::Debug>(name: &str, cases: &[C], mut run: impl FnMut(&C) -> Result<(), String>) {
+pub fn for_all_cases<C: std::fmt::Debug>(name: &str, cases: &[C], mut run: impl FnMut(&C) -> Result<()>) {
     let mut failures = Vec::new();
     let mut runs = 0;
     for c in cases {

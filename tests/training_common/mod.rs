@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 use super::emu_common::Rng;
 use clipforge::ops::pos_gather::Stretch;
+use clipforge::{Error, Result};
 
 /// Stretch configurations: Long-CLIP's, a small odd one, keep = L−1 (no interpolated rows),
 /// keep = 0, the identity (ratio 1) and the smallest table (L = 2).
@@ -99,13 +100,13 @@ pub fn projector<T: Copy + Into<f64>>(v: &[T], d: usize, k: usize) -> Vec<f64> {
 }
 
 /// Err unless every column of V [d, k] has norm 1 or 0 and distinct columns are orthogonal (to tol).
-pub fn check_orthonormal_or_zero(v: &[f32], d: usize, k: usize, tol: f64) -> Result<(), String> {
+pub fn check_orthonormal_or_zero(v: &[f32], d: usize, k: usize, tol: f64) -> Result<()> {
     for a in 0..k {
         for b in a..k {
             let g: f64 = (0..d).map(|i| v[i * k + a] as f64 * v[i * k + b] as f64).sum();
             let ok = if a == b { (g - 1.0).abs() <= tol || g.abs() <= tol } else { g.abs() <= tol };
             if !ok {
-                return Err(format!("VᵀV[{a},{b}] = {g}"));
+                return Err(Error::msg(format!("VᵀV[{a},{b}] = {g}")));
             }
         }
     }
