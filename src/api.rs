@@ -11,7 +11,7 @@
 //! println!("cat: {:.3}, diagram: {:.3}", cos.row(0)[0], cos.row(0)[1]);
 //! # Ok(()) }
 //! ```
-use crate::cuda::CudaClip;
+use crate::model::CudaClip;
 use crate::error::{Error, Result};
 use crate::io::image_decode::{load_rgb8_hf, RgbImage8};
 use crate::io::image_prep::{preprocess, PreprocessConfig};

@@ -3,7 +3,8 @@
 //! packing and geometry) on the emulated device, against the CPU backend's towers, per element
 //! |x − ref| ≤ 1e-4·0.1·max|ref| + 1e-4·|ref| (as tests/parity.rs). The same on a real GPU when
 //! there is one; without it that test prints "skipped: no CUDA device" and passes.
-use clipforge::cuda::{CudaClip, DeviceOps, EmuOps, GpuOps};
+use clipforge::cuda::{DeviceOps, EmuOps, GpuOps};
+use clipforge::model::CudaClip;
 use clipforge::model::{ClipParts, LoadOptions, Towers, Weights};
 use clipforge::DType;
 use std::path::{Path, PathBuf};
@@ -174,9 +175,10 @@ fn gelu_towers_emulated_match_cpu() {
     // The fixtures use QuickGELU; switch every block to exact GELU (bias_gelu_fwd_f32) on both sides.
     let dir = fixture("tiny");
     let mut model = ClipParts::load_dir(&dir, Towers::Both, &LoadOptions::default()).unwrap();
-    for b in model.vision.as_mut().unwrap().encoder.layers.iter_mut().chain(model.text.as_mut().unwrap().encoder.layers.iter_mut()) {
-        b.act = clipforge::model::config::Activation::Gelu;
-    }
+    let gelu = clipforge::model::config::Activation::Gelu;
+    (model.config.vision.tower.act, model.config.text.tower.act) = (gelu, gelu);
+    model.vision.as_mut().unwrap().cfg.tower.act = gelu;
+    model.text.as_mut().unwrap().cfg.tower.act = gelu;
     let clip = CudaClip::new(Box::new(EmuOps), &model).unwrap();
     let refs = Weights::open(&dir.join("activations.safetensors")).unwrap();
     let px = refs.get("input.pixel_values").unwrap().contiguous();
@@ -195,10 +197,10 @@ fn a_perturbed_weight_is_caught() {
     let dir = fixture("tiny");
     let mut model = ClipParts::load_dir(&dir, Towers::Both, &LoadOptions::default()).unwrap();
     let clip = CudaClip::new(Box::new(EmuOps), &model).unwrap();
-    let fc2 = &mut model.vision.as_mut().unwrap().encoder.layers[1].fc2;
-    let mut b = fc2.bias.as_ref().unwrap().to_vec_f32();
+    let name = "vision_model.encoder.layers.1.mlp.fc2.bias";
+    let mut b = Weights::open(&dir).unwrap().get(name).unwrap().to_vec_f32();
     b[3] += 1e-2;
-    fc2.bias = Some(clipforge::Tensor::from_vec(b.clone(), &[b.len()]).unwrap());
+    model.vision.as_mut().unwrap().params.set(name, clipforge::Tensor::from_vec(b.clone(), &[b.len()]).unwrap()).unwrap();
     let refs = Weights::open(&dir.join("activations.safetensors")).unwrap();
     let px = refs.get("input.pixel_values").unwrap().contiguous();
     let want = model.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap().to_vec_f32();

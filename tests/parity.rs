@@ -29,12 +29,20 @@ fn input_ids(path: &Path) -> Vec<Vec<u32>> {
 
 /// Compares recorded activations with the reference in recording order; panics naming the
 /// first layer whose elements leave |x − ref| ≤ atol·max|ref| + rtol·|ref|.
-fn check_layers(model: &str, got: &[(String, Tensor)], refs: &Weights, rtol: f32) {
+/// A recorded activation with fewer rows than HF's (the last block and the final LayerNorm run
+/// for the pooled rows only) is compared with HF's rows `pooled` (indices into its [B·T] rows).
+fn check_layers(model: &str, got: &[(String, Tensor)], refs: &Weights, rtol: f32, pooled: &[usize]) {
+    assert!(!got.is_empty(), "{model}: the tower recorded no activations");
     let mut report = BTreeMap::new();
     for (name, t) in got {
         let want = refs.get(name).unwrap_or_else(|e| panic!("{model}: reference has no {name}: {e}"));
-        assert_eq!(t.shape(), want.shape(), "{model}: layer {name} shape");
-        let (g, w) = (t.to_vec_f32(), want.to_vec_f32());
+        let width = *want.shape().last().unwrap();
+        let mut w = want.to_vec_f32();
+        if t.numel() == pooled.len() * width && w.len() != t.numel() {
+            w = pooled.iter().flat_map(|&r| w[r * width..(r + 1) * width].to_vec()).collect();
+        }
+        assert_eq!((t.numel(), *t.shape().last().unwrap()), (w.len(), width), "{model}: layer {name} shape {:?} vs HF {:?}", t.shape(), want.shape());
+        let g = t.to_vec_f32();
         let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         let mut max_rel = 0f32;
         for (i, (a, b)) in g.iter().zip(&w).enumerate() {
@@ -57,7 +65,10 @@ fn run_model(name: &str) {
     let px = refs.get("input.pixel_values").unwrap().contiguous();
     let mut got: Vec<(String, Tensor)> = vec![];
     model.vision().unwrap().forward(&px, &mut |n, t| got.push((n.to_string(), t.clone()))).unwrap();
-    check_layers(name, &got, &refs, 1e-4);
+    let (b, t) = (px.dim(0), model.config.vision.tokens());
+    let layers = model.config.vision.tower.layers;
+    assert_eq!(got.len(), 2 + layers + 2, "{name}: embeddings, pre_ln, every layer, pooled, embeds");
+    check_layers(name, &got, &refs, 1e-4, &(0..b).map(|i| i * t).collect::<Vec<_>>());
 
     // Text: the fixture pads to 77 with the end token; strip to the first end token and let the
     // tower pad back to 77 so every recorded [B, 77, W] activation is comparable.
@@ -71,12 +82,14 @@ fn run_model(name: &str) {
         .collect();
     let mut got: Vec<(String, Tensor)> = vec![];
     model.text().unwrap().forward(&ids, Some(77), &mut |n, t| got.push((n.to_string(), t.clone()))).unwrap();
-    check_layers(name, &got, &refs, 1e-4);
+    assert_eq!(got.len(), 1 + model.config.text.tower.layers + 2, "{name}: embeddings, every layer, pooled, embeds");
+    let ends: Vec<usize> = ids.iter().enumerate().map(|(i, s)| i * 77 + s.len() - 1).collect();
+    check_layers(name, &got, &refs, 1e-4, &ends);
     // Packed (no padding, the last block for the pooled rows only): HF's pooled state and embeddings.
     let mut got: Vec<(String, Tensor)> = vec![];
     model.text().unwrap().forward(&ids, None, &mut |n, t| if n == "text.pooled" || n == "text.embeds" { got.push((n.to_string(), t.clone())) }).unwrap();
     assert_eq!(got.len(), 2, "{name}: the packed text tower recorded its pooled state and embeddings");
-    check_layers(name, &got, &refs, 1e-4);
+    check_layers(name, &got, &refs, 1e-4, &ends);
 }
 
 #[test]
@@ -107,12 +120,13 @@ fn a_wrong_layer_is_named() {
     let dir = fixture("tiny");
     let mut model = ClipParts::load_dir(&dir, Towers::Vision, &LoadOptions::default()).unwrap();
     let refs = Weights::open(&dir.join("activations.safetensors")).unwrap();
-    let fc2 = &mut model.vision.as_mut().unwrap().encoder.layers[1].fc2;
-    fc2.bias = Some(fc2.bias.as_ref().unwrap().map_f32(|x| x + 1e-2));
+    let name = "vision_model.encoder.layers.1.mlp.fc2.bias";
+    let bias = Weights::open(&dir).unwrap().get(name).unwrap().to_dtype(clipforge::DType::F32).map_f32(|x| x + 1e-2);
+    model.vision.as_mut().unwrap().params.set(name, bias).unwrap();
     let px = refs.get("input.pixel_values").unwrap().contiguous();
     let mut got: Vec<(String, Tensor)> = vec![];
     model.vision().unwrap().forward(&px, &mut |n, t| got.push((n.to_string(), t.clone()))).unwrap();
-    let err = std::panic::catch_unwind(|| check_layers("tiny", &got, &refs, 1e-4)).unwrap_err();
+    let err = std::panic::catch_unwind(|| check_layers("tiny", &got, &refs, 1e-4, &(0..px.dim(0)).map(|i| i * 17).collect::<Vec<_>>())).unwrap_err();
     let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("first diverging layer is vision.layer.1"), "{msg}");
 }

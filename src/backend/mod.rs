@@ -5,6 +5,7 @@
 //! optional residual add, attention over batched or packed sequences, a bias + activation, and
 //! their backwards. Backends know no CLIP: rows, widths, weights and sequence lengths only.
 pub mod cpu;
+pub mod device;
 
 use crate::error::Result;
 use crate::tensor::DType;

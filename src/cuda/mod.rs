@@ -23,7 +23,6 @@ pub mod modules;
 pub mod nvrtc;
 pub mod pinned;
 pub mod table;
-pub mod towers;
 pub mod train_block;
 pub mod train_ops;
 pub mod train_text;
@@ -35,7 +34,6 @@ pub mod emu;
 pub use backend::{Buf, DeviceOps, GpuOps};
 #[cfg(feature = "emu")]
 pub use backend::EmuOps;
-pub use towers::CudaClip;
 pub use alloc::{size_class, CudaBlock, CudaPool, CudaRawAlloc, DevicePool, PoolBlock, PoolStats, RawAlloc};
 pub use device::{driver_available, CudaDevice, DeviceInfo};
 pub use gemm::{Gemm, GemmDesc};

@@ -2,6 +2,7 @@
 pub mod block;
 pub mod clip;
 pub mod config;
+pub mod device;
 pub mod layers;
 pub mod schema;
 pub mod stretch;
@@ -12,6 +13,7 @@ pub mod vision;
 pub mod weights;
 
 pub use clip::{Clip, ClipParts, Towers};
+pub use device::CudaClip;
 pub use config::ClipConfig;
 pub use layers::LoadOptions;
 pub use schema::{BlockParam, Schema};

@@ -63,8 +63,39 @@ impl<O: Ops> TowerParams<O> {
         Ok(TowerParams { tower, schema: schema.clone(), first, p })
     }
 
+    /// The same parameters on another backend (values read back with `download`), Linear
+    /// weights also in `dtype` there (the patch convolution stays f32).
+    pub fn upload<P: Ops>(&self, src: &O, ops: &P, dtype: DType) -> Result<TowerParams<P>> {
+        let schema = &self.schema;
+        let p = self
+            .p
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let q = &schema.params()[self.first + i];
+                let b = ops.upload(&src.download(s.buf())?)?;
+                Ok(match s {
+                    Stored::Buf(_) => Stored::Buf(b),
+                    Stored::Linear(w) => Stored::Linear(ops.weight(b, w.n, w.k, if is_linear(q) { dtype } else { DType::F32 })?),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(TowerParams { tower: self.tower, schema: schema.clone(), first: self.first, p })
+    }
+
     fn get(&self, name: &str) -> Result<&Stored<O>> {
         self.schema.index(name).and_then(|i| i.checked_sub(self.first)).and_then(|i| self.p.get(i)).ok_or_else(|| Error::msg(format!("no parameter {name} in this tower")))
+    }
+    /// Replaces a plain (non-Linear) parameter's values, e.g. to perturb a weight in a test.
+    pub fn set(&mut self, name: &str, b: O::Buf) -> Result<()> {
+        let i = self.schema.index(name).and_then(|i| i.checked_sub(self.first)).filter(|&i| i < self.p.len());
+        match i.map(|i| &mut self.p[i]) {
+            Some(Stored::Buf(old)) => {
+                *old = b;
+                Ok(())
+            }
+            _ => Err(Error::msg(format!("{name}: not a plain parameter of this tower"))),
+        }
     }
     fn buf(&self, name: &str) -> Result<&O::Buf> {
         Ok(self.get(name)?.buf())
@@ -93,7 +124,7 @@ impl<O: Ops> TowerParams<O> {
             let r = rows.map_or(n, |r| r.len());
             if hook.is_some() {
                 let y = finish(ops, ops.copy(&xm, r * w)?, &f, r * w)?;
-                see(hook, &format!("{name}.layer.{l}"), &y, &[r, w]);
+                see::<O>(hook, &format!("{name}.layer.{l}"), &y, &[r, w]);
             }
             (x, pending) = (xm, Some(f));
         }
@@ -125,15 +156,15 @@ impl<O: Ops> TowerParams<O> {
         let patches = ops.patch_embed(pixels, self.weight(names::PATCH_EMBEDDING)?, b, c, s, p)?; // [B·N, W]
         let x = ops.vision_embed(&patches, self.buf(names::CLASS_EMBEDDING)?, self.buf(names::VISION_POSITIONS)?, b, t - 1, w)?; // [B·T, W]
         drop(patches);
-        see(hook, "vision.embeddings", &x, &[b, t, w]);
+        see::<O>(hook, "vision.embeddings", &x, &[b, t, w]);
         let (x, _) = ops.layernorm(&x, self.buf(&format!("{}.weight", names::PRE_LN))?, self.buf(&format!("{}.bias", names::PRE_LN))?, b * t, w, cfg.tower.eps)?; // [B·T, W]
-        see(hook, "vision.pre_ln", &x, &[b, t, w]);
+        see::<O>(hook, "vision.pre_ln", &x, &[b, t, w]);
         let cls: Vec<usize> = (0..b).map(|i| i * t).collect();
         let seqs = Seqs::Batch { batch: b, seq: t, causal: false };
         let (x, f) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&cls), "vision", hook)?; // [B, W]
         let (pooled, e) = self.head(ops, x, f, names::POST_LN, names::VISUAL_PROJECTION, b, &cfg.tower)?;
-        see(hook, "vision.pooled", &pooled, &[b, w]);
-        see(hook, "vision.embeds", &e, &[b, self.weight(names::VISUAL_PROJECTION)?.n]);
+        see::<O>(hook, "vision.pooled", &pooled, &[b, w]);
+        see::<O>(hook, "vision.embeds", &e, &[b, self.weight(names::VISUAL_PROJECTION)?.n]);
         Ok(e)
     }
 
@@ -170,11 +201,11 @@ impl<O: Ops> TowerParams<O> {
         };
         let mut x = ops.gather_rows(self.buf(names::TOKEN_EMBEDDING)?, &tok, w)?; // [N, W]
         ops.axpy(&mut x, &ops.gather_rows(self.buf(names::TEXT_POSITIONS)?, &pos, w)?, 1.0, tok.len() * w)?;
-        see(hook, "text.embeddings", &x, &[tok.len(), w]);
+        see::<O>(hook, "text.embeddings", &x, &[tok.len(), w]);
         let (x, f) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&ends), "text", hook)?; // [B, W]
         let (pooled, e) = self.head(ops, x, f, names::FINAL_LN, names::TEXT_PROJECTION, b, &cfg.tower)?;
-        see(hook, "text.pooled", &pooled, &[b, w]);
-        see(hook, "text.embeds", &e, &[b, self.weight(names::TEXT_PROJECTION)?.n]);
+        see::<O>(hook, "text.pooled", &pooled, &[b, w]);
+        see::<O>(hook, "text.embeds", &e, &[b, self.weight(names::TEXT_PROJECTION)?.n]);
         Ok(e)
     }
 }

@@ -1,0 +1,219 @@
+//! The device backend of [`Ops`]: a CUDA GPU ([`crate::cuda::GpuOps`]) or its CPU emulator
+//! ([`crate::cuda::EmuOps`], tests), through [`DeviceOps`]. GEMMs go to cuBLASLt (f32, or bf16/f16
+//! weight copies with f32 accumulation) and everything else to the kernels of kernels/: the fused
+//! LayerNorm (with the residual add) and its backward, bias + activation, the fused attention,
+//! row gathers and the patch/class/position assembly. All launches are queued on one stream;
+//! [`Ops::download`] is the only synchronisation.
+use super::{Act, Ops, Seqs, Weight};
+use crate::cuda::attention::{attention_bwd_launch, attention_fwd_launch};
+use crate::cuda::train_ops::{axpy, col_sums, copy, grid, ln_cfg};
+use crate::cuda::{Buf, DeviceOps, KernelArgs, LaunchCfg};
+use crate::error::{Error, Result};
+use crate::ops::attention::AttnShape;
+use crate::tensor::DType;
+
+/// A device and the operations the model runs on it.
+pub struct Device {
+    ops: Box<dyn DeviceOps>,
+}
+
+impl Device {
+    pub fn new(ops: Box<dyn DeviceOps>) -> Device {
+        Device { ops }
+    }
+    /// The driver-level operations (kernel launches, raw GEMMs).
+    pub fn raw(&self) -> &dyn DeviceOps {
+        &*self.ops
+    }
+}
+
+fn act_kernels(a: Act) -> (&'static str, &'static str) {
+    match a {
+        Act::QuickGelu => ("bias_quick_gelu_fwd_f32", "bias_quick_gelu_bwd_f32"),
+        Act::Gelu => ("bias_gelu_fwd_f32", "bias_gelu_bwd_f32"),
+    }
+}
+
+fn batch_shape(seqs: &Seqs, heads: usize, w: usize) -> Result<AttnShape> {
+    match seqs {
+        Seqs::Batch { batch, seq, causal } => {
+            let d = w / heads.max(1);
+            Ok(AttnShape { batch: *batch, seq: *seq, heads, head_dim: d, causal: *causal, scale: 1.0 / (d as f32).sqrt() })
+        }
+        Seqs::Packed(_) => Err(Error::device("the device attention kernels take batched sequences (no packed variable-length mode yet)")),
+    }
+}
+
+fn indices(rows: &[usize]) -> Result<Vec<i32>> {
+    rows.iter().map(|&r| i32::try_from(r).map_err(|_| crate::shape_err!("row index {r} beyond i32"))).collect()
+}
+
+impl Ops for Device {
+    type Buf = Buf;
+    /// The copy's precision and its packed 16-bit values.
+    type Half = (DType, Buf);
+
+    fn describe(&self) -> String {
+        self.ops.describe()
+    }
+    fn upload(&self, data: &[f32]) -> Result<Buf> {
+        self.ops.upload(data)
+    }
+    fn download(&self, b: &Buf) -> Result<Vec<f32>> {
+        self.ops.download(b)
+    }
+    fn zeros(&self, n: usize) -> Result<Buf> {
+        self.ops.alloc(n)
+    }
+    fn packed_attention(&self) -> bool {
+        false
+    }
+    fn weight(&self, w: Buf, n: usize, k: usize, dtype: DType) -> Result<Weight<Device>> {
+        let half = match dtype {
+            DType::F32 => None,
+            DType::BF16 => {
+                let v: Vec<half::bf16> = self.ops.download(&w)?.into_iter().map(half::bf16::from_f32).collect();
+                Some((dtype, self.ops.upload_bf16(&v)?))
+            }
+            DType::F16 => {
+                let v: Vec<half::f16> = self.ops.download(&w)?.into_iter().map(half::f16::from_f32).collect();
+                Some((dtype, self.ops.upload_f16(&v)?))
+            }
+        };
+        Ok(Weight { w, half, n, k })
+    }
+
+    fn linear(&self, x: &Buf, w: &Weight<Device>, bias: Option<&Buf>, m: usize) -> Result<Buf> {
+        let y = self.ops.alloc(m * w.n)?; // [m, n]
+        match &w.half {
+            Some((DType::BF16, h)) => self.ops.linear_bf16(x, h, bias, &y, m, w.n, w.k)?,
+            Some((_, h)) => self.ops.linear_f16(x, h, bias, &y, m, w.n, w.k)?,
+            None => self.ops.linear(x, &w.w, bias, &y, m, w.n, w.k)?,
+        }
+        Ok(y)
+    }
+
+    fn linear_bwd(&self, dy: &Buf, x: &Buf, w: &Weight<Device>, m: usize, dx: &mut Buf, accumulate: bool) -> Result<(Buf, Buf)> {
+        let (n, k) = (w.n, w.k);
+        self.ops.gemm(dy, &w.w, dx, m, k, n, false, false, if accumulate { 1.0 } else { 0.0 })?; // dx (+)= dy·W
+        let dw = self.ops.alloc(n * k)?;
+        self.ops.gemm(dy, x, &dw, n, k, m, true, false, 0.0)?; // dW = dyᵀ·x
+        Ok((dw, col_sums(&*self.ops, dy, m, n)?))
+    }
+
+    fn layernorm(&self, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
+        let (y, st) = (self.ops.alloc(rows * w)?, self.ops.alloc(2 * rows)?); // stats: mean [rows], rstd [rows]
+        let mut a = KernelArgs::new().ptr(x.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr()).ptr(st.ptr()).ptr(st.ptr() + 4 * rows as u64).i32(rows as i32).i32(w as i32).f32(eps);
+        self.ops.launch("layernorm_fwd_f32", ln_cfg(rows), &mut a)?;
+        Ok((y, st))
+    }
+
+    fn add_layernorm(&self, x: &mut Buf, f: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
+        let (y, st) = (self.ops.alloc(rows * w)?, self.ops.alloc(2 * rows)?);
+        let mut a = KernelArgs::new()
+            .ptr(x.ptr())
+            .ptr(f.ptr())
+            .ptr(g.ptr())
+            .ptr(b.ptr())
+            .ptr(y.ptr())
+            .ptr(st.ptr())
+            .ptr(st.ptr() + 4 * rows as u64)
+            .i32(rows as i32)
+            .i32(w as i32)
+            .f32(eps);
+        self.ops.launch("residual_layernorm_fwd_f32", ln_cfg(rows), &mut a)?;
+        Ok((y, st))
+    }
+
+    fn layernorm_bwd(&self, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, rows: usize, w: usize, _eps: f32) -> Result<(Buf, Buf, Buf)> {
+        let ops = &*self.ops;
+        let parts = rows.clamp(1, 8);
+        let (dx, pg, pb) = (ops.alloc(rows * w)?, ops.alloc(parts * w)?, ops.alloc(parts * w)?);
+        let mut a = KernelArgs::new().ptr(dy.ptr()).ptr(x.ptr()).ptr(g.ptr()).ptr(st.ptr()).ptr(st.ptr() + 4 * rows as u64).ptr(dx.ptr()).ptr(pg.ptr()).ptr(pb.ptr()).i32(rows as i32).i32(w as i32);
+        ops.launch("layernorm_bwd_f32", LaunchCfg::new((parts as u32, 1, 1), (128, 1, 1), 0), &mut a)?;
+        let (dg, db) = (ops.alloc(w)?, ops.alloc(w)?);
+        let mut a = KernelArgs::new().ptr(pg.ptr()).ptr(pb.ptr()).ptr(dg.ptr()).ptr(db.ptr()).i32(parts as i32).i32(w as i32);
+        ops.launch("layernorm_bwd_reduce_f32", LaunchCfg::new((w.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
+        Ok((dx, dg, db))
+    }
+
+    fn bias_act(&self, u: &Buf, bias: &Buf, rows: usize, n: usize, act: Act) -> Result<(Buf, Buf)> {
+        let (out, pre) = (copy(&*self.ops, u, rows * n)?, self.ops.alloc(rows * n)?);
+        let g = rows.clamp(1, 64) as u32;
+        let mut a = KernelArgs::new().ptr(out.ptr()).ptr(bias.ptr()).ptr(pre.ptr()).i32(rows as i32).i32(n as i32);
+        self.ops.launch(act_kernels(act).0, LaunchCfg::new((n.div_ceil(256) as u32, g, 1), (256, 1, 1), 0), &mut a)?;
+        Ok((out, pre))
+    }
+
+    fn bias_act_bwd(&self, dout: &Buf, pre: &Buf, rows: usize, n: usize, act: Act) -> Result<(Buf, Buf)> {
+        let du = self.ops.alloc(rows * n)?;
+        let g = rows.clamp(1, 64);
+        let partial = self.ops.alloc(g * n)?;
+        let mut a = KernelArgs::new().ptr(dout.ptr()).ptr(pre.ptr()).ptr(du.ptr()).ptr(partial.ptr()).i32(rows as i32).i32(n as i32);
+        self.ops.launch(act_kernels(act).1, LaunchCfg::new((n.div_ceil(256) as u32, g as u32, 1), (256, 1, 1), 0), &mut a)?;
+        Ok((du, col_sums(&*self.ops, &partial, g, n)?))
+    }
+
+    fn attention(&self, q: &Buf, k: &Buf, v: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf)> {
+        let s = batch_shape(seqs, heads, w)?;
+        let (o, lse) = (self.ops.alloc(s.batch * s.seq * w)?, self.ops.alloc(s.batch * heads * s.seq)?);
+        let l = attention_fwd_launch(&s, DType::F32)?;
+        let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(lse.ptr());
+        a = a.i32(s.batch as i32).i32(s.seq as i32).i32(heads as i32).i32(s.head_dim as i32).i32(s.causal as i32).f32(s.scale);
+        self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
+        Ok((o, lse))
+    }
+
+    fn attention_bwd(&self, q: &Buf, k: &Buf, v: &Buf, o: &Buf, lse: &Buf, d_o: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
+        let s = batch_shape(seqs, heads, w)?;
+        let r = s.batch * s.seq * w;
+        let (dq, dk, dv) = (self.ops.alloc(r)?, self.ops.alloc(r)?, self.ops.alloc(r)?);
+        let l = attention_bwd_launch(&s, DType::F32)?;
+        let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(d_o.ptr()).ptr(lse.ptr()).ptr(dq.ptr()).ptr(dk.ptr()).ptr(dv.ptr());
+        a = a.i32(s.batch as i32).i32(s.seq as i32).i32(heads as i32).i32(s.head_dim as i32).i32(s.causal as i32).f32(s.scale);
+        self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
+        Ok((dq, dk, dv))
+    }
+
+    fn copy(&self, x: &Buf, n: usize) -> Result<Buf> {
+        copy(&*self.ops, x, n)
+    }
+    fn axpy(&self, y: &mut Buf, x: &Buf, alpha: f32, n: usize) -> Result<()> {
+        axpy(&*self.ops, y, x, alpha, n)
+    }
+
+    fn gather_rows(&self, x: &Buf, rows: &[usize], w: usize) -> Result<Buf> {
+        let idx = self.ops.upload_i32(&indices(rows)?)?;
+        let out = self.ops.alloc(rows.len() * w)?;
+        // pool_rows_f32 with T = 0 reads row index[b] of x for output row b
+        let mut a = KernelArgs::new().ptr(x.ptr()).ptr(idx.ptr()).ptr(out.ptr()).i32(rows.len() as i32).i32(0).i32(w as i32);
+        self.ops.launch("pool_rows_f32", grid(rows.len() * w), &mut a)?;
+        Ok(out)
+    }
+
+    fn scatter_rows(&self, d: &Buf, rows: &[usize], n: usize, w: usize) -> Result<Buf> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+            return Err(crate::shape_err!("scatter_rows: row {r} of {n}"));
+        }
+        let idx = self.ops.upload_i32(&indices(rows)?)?;
+        let out = self.ops.alloc(n * w)?; // zeros
+        let mut a = KernelArgs::new().ptr(d.ptr()).ptr(idx.ptr()).ptr(out.ptr()).i32(rows.len() as i32).i32(0).i32(w as i32);
+        self.ops.launch("unpool_rows_f32", grid(rows.len() * w), &mut a)?;
+        Ok(out)
+    }
+
+    fn patch_embed(&self, px: &Buf, w: &Weight<Device>, b: usize, c: usize, s: usize, p: usize) -> Result<Buf> {
+        let n = (s / p) * (s / p);
+        let cols = self.ops.alloc(b * n * c * p * p)?; // [B·N, C·P·P]
+        let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
+        self.ops.launch("patch_im2col_f32", grid(b * n * c * p * p), &mut a)?;
+        self.linear(&cols, w, None, b * n) // [B·N, D]
+    }
+
+    fn vision_embed(&self, patches: &Buf, cls: &Buf, pos: &Buf, b: usize, n: usize, w: usize) -> Result<Buf> {
+        let x = self.ops.alloc(b * (n + 1) * w)?; // [B·T, W]
+        let mut a = KernelArgs::new().ptr(patches.ptr()).ptr(cls.ptr()).ptr(pos.ptr()).ptr(x.ptr()).i32(b as i32).i32(n as i32).i32(w as i32);
+        self.ops.launch("vision_embed_assemble_f32", grid(b * (n + 1) * w), &mut a)?;
+        Ok(x)
+    }
+}
