@@ -10,7 +10,8 @@ use crate::ops::fastmath::{par_rows, zeros};
 use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
 use crate::ops::matmul::{gemm, linear, View};
-use crate::ops::patch_embed::{patch_embed, PatchShape};
+use crate::ops::embedding::embedding_bwd_grouped;
+use crate::ops::patch_embed::{patch_embed, patch_embed_bwd_weight, PatchShape};
 use crate::shape_err;
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
@@ -175,6 +176,36 @@ impl Ops for Cpu {
             o.iter_mut().zip(src).zip(&ps[ti * w..(ti + 1) * w]).for_each(|((o, a), p)| *o = a + p);
         });
         vec1(x)
+    }
+
+    fn patch_embed_bwd(&self, px: &Tensor, dpatches: &Tensor, b: usize, c: usize, s: usize, p: usize, d: usize) -> Result<Tensor> {
+        let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: d };
+        vec1(patch_embed_bwd_weight(&px.f32_data(), &dpatches.f32_data(), &shape))
+    }
+
+    fn vision_embed_bwd(&self, dx: &Tensor, b: usize, n: usize, w: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = dx.f32_data();
+        let t = n + 1;
+        check("vision_embed_bwd dx", d.len(), b * t * w)?;
+        let mut dp = zeros(b * n * w); // [B·N, W]
+        par_rows(&mut dp, w, |row, o| o.copy_from_slice(&d[(row / n * t + row % n + 1) * w..][..w]));
+        let mut dpos = vec![0f32; t * w]; // [T, W]: the batch sum, in batch order
+        for img in d[..b * t * w].chunks_exact(t * w) {
+            dpos.iter_mut().zip(img).for_each(|(a, v)| *a += v);
+        }
+        let mut dcls = vec![0f32; w];
+        for bi in 0..b {
+            dcls.iter_mut().zip(&d[bi * t * w..bi * t * w + w]).for_each(|(a, v)| *a += v);
+        }
+        Ok((vec1(dp)?, vec1(dcls)?, vec1(dpos)?))
+    }
+
+    fn embedding_bwd(&self, dx: &Tensor, ids: &[usize], table: &mut Tensor, w: usize) -> Result<()> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let mut t = take(table);
+        let r = embedding_bwd_grouped(&dx.f32_data()[..ids.len() * w], &mut t, w, &ids);
+        *table = vec1(t)?;
+        r
     }
 
     fn axpy(&self, y: &mut Tensor, x: &Tensor, alpha: f32, n: usize) -> Result<()> {

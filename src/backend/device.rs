@@ -210,6 +210,36 @@ impl Ops for Device {
         self.linear(&cols, w, None, b * n) // [B·N, D]
     }
 
+    fn patch_embed_bwd(&self, px: &Buf, dpatches: &Buf, b: usize, c: usize, s: usize, p: usize, d: usize) -> Result<Buf> {
+        let (n, k) = ((s / p) * (s / p), c * p * p);
+        let cols = self.ops.alloc(b * n * k)?; // [B·N, C·P·P]
+        let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
+        self.ops.launch("patch_im2col_f32", grid(b * n * k), &mut a)?;
+        let dw = self.ops.alloc(d * k)?;
+        self.ops.gemm(dpatches, &cols, &dw, d, k, b * n, true, false, 0.0)?; // dW = dpatchesᵀ·cols
+        Ok(dw)
+    }
+
+    fn vision_embed_bwd(&self, dx: &Buf, b: usize, n: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
+        let t = n + 1;
+        let dp = self.ops.alloc(b * n * w)?;
+        let mut a = KernelArgs::new().ptr(dx.ptr()).ptr(dp.ptr()).i32(b as i32).i32(n as i32).i32(w as i32);
+        self.ops.launch("vision_embed_bwd_f32", grid(b * n * w), &mut a)?;
+        let dpos = col_sums(&*self.ops, dx, b, t * w)?; // [T, W]: the batch sum
+        let cls_rows: Vec<usize> = (0..b).map(|i| i * t).collect();
+        let dcls = col_sums(&*self.ops, &self.gather_rows(dx, &cls_rows, w)?, b, w)?;
+        Ok((dp, dcls, dpos))
+    }
+
+    fn embedding_bwd(&self, dx: &Buf, ids: &[usize], table: &mut Buf, w: usize) -> Result<()> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let (order, starts, uniq) = crate::ops::embedding::group_by_id(&ids);
+        let u = uniq.len();
+        let (order, starts, uniq) = (self.ops.upload_i32(&order)?, self.ops.upload_i32(&starts)?, self.ops.upload_i32(&uniq)?);
+        let mut a = KernelArgs::new().ptr(dx.ptr()).ptr(order.ptr()).ptr(starts.ptr()).ptr(uniq.ptr()).ptr(table.ptr()).i32(u as i32).i32(w as i32);
+        self.ops.launch("embedding_bwd_rows_f32", grid(u * w), &mut a)
+    }
+
     fn vision_embed(&self, patches: &Buf, cls: &Buf, pos: &Buf, b: usize, n: usize, w: usize) -> Result<Buf> {
         let x = self.ops.alloc(b * (n + 1) * w)?; // [B·T, W]
         let mut a = KernelArgs::new().ptr(patches.ptr()).ptr(cls.ptr()).ptr(pos.ptr()).ptr(x.ptr()).i32(b as i32).i32(n as i32).i32(w as i32);

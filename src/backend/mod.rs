@@ -112,6 +112,15 @@ pub trait Ops {
     /// cls [W], pos [N+1, W] → [B·(N+1), W].
     #[allow(clippy::too_many_arguments)]
     fn vision_embed(&self, patches: &Self::Buf, cls: &Self::Buf, pos: &Self::Buf, b: usize, n: usize, w: usize) -> Result<Self::Buf>;
+    /// The backward of [`Ops::patch_embed`] to the weight: dW [D, C·p·p] from d(patches) [B·N, D].
+    #[allow(clippy::too_many_arguments)]
+    fn patch_embed_bwd(&self, px: &Self::Buf, dpatches: &Self::Buf, b: usize, c: usize, s: usize, p: usize, d: usize) -> Result<Self::Buf>;
+    /// The backward of [`Ops::vision_embed`]: dx [B·(N+1), W] → (d(patches) [B·N, W], d(cls) [W],
+    /// d(pos) [N+1, W]).
+    fn vision_embed_bwd(&self, dx: &Self::Buf, b: usize, n: usize, w: usize) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// The backward of a row gather from a table: table[ids[i]] += dx[i] in place, each table row's
+    /// sum in the order of `ids` (deterministic: no atomics).
+    fn embedding_bwd(&self, dx: &Self::Buf, ids: &[usize], table: &mut Self::Buf, w: usize) -> Result<()>;
     /// y += alpha·x in place (n elements).
     fn axpy(&self, y: &mut Self::Buf, x: &Self::Buf, alpha: f32, n: usize) -> Result<()>;
     /// Rows `rows` of x [N, w] → [R, w].

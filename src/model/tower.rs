@@ -97,14 +97,37 @@ impl<O: Ops> TowerParams<O> {
             _ => Err(Error::msg(format!("{name}: not a plain parameter of this tower"))),
         }
     }
-    fn buf(&self, name: &str) -> Result<&O::Buf> {
+    pub fn param(&self, name: &str) -> Result<&O::Buf> {
         Ok(self.get(name)?.buf())
     }
-    fn weight(&self, name: &str) -> Result<&crate::backend::Weight<O>> {
+    pub fn linear(&self, name: &str) -> Result<&crate::backend::Weight<O>> {
         match self.get(name)? {
             Stored::Linear(w) => Ok(w),
             Stored::Buf(_) => Err(Error::msg(format!("{name} is not held as a Linear weight"))),
         }
+    }
+    /// The number of parameters of the tower.
+    pub fn len(&self) -> usize {
+        self.p.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.p.is_empty()
+    }
+    /// The tower-local index of a parameter (its place in a [`super::tower_train::Grads`] list).
+    pub fn local(&self, name: &str) -> Result<usize> {
+        self.schema.index(name).and_then(|i| i.checked_sub(self.first)).filter(|&i| i < self.p.len()).ok_or_else(|| Error::msg(format!("no parameter {name} in this tower")))
+    }
+    /// The schema's index of the tower's first parameter (tower-local index 0).
+    pub fn first(&self) -> usize {
+        self.first
+    }
+    /// The element count of tower-local parameter `i`.
+    pub fn numel(&self, i: usize) -> usize {
+        self.schema.params()[self.first + i].numel()
+    }
+    /// The tower-local index of block `l`'s first tensor.
+    pub fn block_index(&self, l: usize) -> Result<usize> {
+        Ok(self.schema.block(self.tower, l).start - self.first)
     }
     /// Block `l`'s 16 parameters.
     pub fn block<'a>(&'a self, l: usize, cfg: &'a TowerConfig) -> Result<BlockRef<'a, O>> {
@@ -138,13 +161,13 @@ impl<O: Ops> TowerParams<O> {
 
     /// LayerNorm `prefix` of x + pending ([rows, W]), then the projection → ([rows, W], [rows, D]).
     fn head(&self, ops: &O, x: O::Buf, pending: Option<O::Buf>, ln: &str, proj: &str, rows: usize, cfg: &TowerConfig) -> Result<(O::Buf, O::Buf)> {
-        let (g, b) = (self.buf(&format!("{ln}.weight"))?, self.buf(&format!("{ln}.bias"))?);
+        let (g, b) = (self.param(&format!("{ln}.weight"))?, self.param(&format!("{ln}.bias"))?);
         let mut x = x;
         let (pooled, _) = match &pending {
             Some(f) => ops.add_layernorm(&mut x, f, g, b, rows, cfg.hidden, cfg.eps)?,
             None => ops.layernorm(&x, g, b, rows, cfg.hidden, cfg.eps)?,
         }; // [R, W]
-        let e = ops.linear(&pooled, self.weight(proj)?, None, rows)?; // [R, D]
+        let e = ops.linear(&pooled, self.linear(proj)?, None, rows)?; // [R, D]
         Ok((pooled, e))
     }
 
@@ -153,18 +176,18 @@ impl<O: Ops> TowerParams<O> {
     /// vision.embeds.
     pub fn vision(&self, ops: &O, cfg: &VisionConfig, pixels: &O::Buf, b: usize, hook: &mut Hook<O>) -> Result<O::Buf> {
         let (w, t, c, s, p) = (cfg.tower.hidden, cfg.tokens(), cfg.channels, cfg.image_size, cfg.patch_size);
-        let patches = ops.patch_embed(pixels, self.weight(names::PATCH_EMBEDDING)?, b, c, s, p)?; // [B·N, W]
-        let x = ops.vision_embed(&patches, self.buf(names::CLASS_EMBEDDING)?, self.buf(names::VISION_POSITIONS)?, b, t - 1, w)?; // [B·T, W]
+        let patches = ops.patch_embed(pixels, self.linear(names::PATCH_EMBEDDING)?, b, c, s, p)?; // [B·N, W]
+        let x = ops.vision_embed(&patches, self.param(names::CLASS_EMBEDDING)?, self.param(names::VISION_POSITIONS)?, b, t - 1, w)?; // [B·T, W]
         drop(patches);
         see::<O>(hook, "vision.embeddings", &x, &[b, t, w]);
-        let (x, _) = ops.layernorm(&x, self.buf(&format!("{}.weight", names::PRE_LN))?, self.buf(&format!("{}.bias", names::PRE_LN))?, b * t, w, cfg.tower.eps)?; // [B·T, W]
+        let (x, _) = ops.layernorm(&x, self.param(&format!("{}.weight", names::PRE_LN))?, self.param(&format!("{}.bias", names::PRE_LN))?, b * t, w, cfg.tower.eps)?; // [B·T, W]
         see::<O>(hook, "vision.pre_ln", &x, &[b, t, w]);
         let cls: Vec<usize> = (0..b).map(|i| i * t).collect();
         let seqs = Seqs::Batch { batch: b, seq: t, causal: false };
         let (x, f) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&cls), "vision", hook)?; // [B, W]
         let (pooled, e) = self.head(ops, x, f, names::POST_LN, names::VISUAL_PROJECTION, b, &cfg.tower)?;
         see::<O>(hook, "vision.pooled", &pooled, &[b, w]);
-        see::<O>(hook, "vision.embeds", &e, &[b, self.weight(names::VISUAL_PROJECTION)?.n]);
+        see::<O>(hook, "vision.embeds", &e, &[b, self.linear(names::VISUAL_PROJECTION)?.n]);
         Ok(e)
     }
 
@@ -187,25 +210,32 @@ impl<O: Ops> TowerParams<O> {
             return Err(shape_err!("token id {bad} outside the vocabulary of {}", cfg.vocab));
         }
         let b = ids.len();
-        let packed = pad_to.is_none() && ops.packed_attention();
-        let (tok, pos, seqs, ends): (Vec<usize>, Vec<usize>, Seqs, Vec<usize>) = if packed {
-            let tok = ids.iter().zip(&lens).flat_map(|(s, &l)| s[..l].iter().map(|&i| i as usize)).collect();
-            let pos = lens.iter().flat_map(|&l| 0..l).collect();
-            let ends = lens.iter().scan(0, |off, &l| Some(std::mem::replace(off, *off + l) + l - 1)).collect();
-            (tok, pos, Seqs::Packed(lens), ends)
-        } else {
-            let tok = ids.iter().flat_map(|s| s.iter().map(|&i| i as usize).chain(std::iter::repeat(cfg.eos_token_id as usize).take(t - s.len()))).collect();
-            let pos = (0..b).flat_map(|_| 0..t).collect();
-            let ends = lens.iter().enumerate().map(|(i, &l)| i * t + l - 1).collect();
-            (tok, pos, Seqs::Batch { batch: b, seq: t, causal: true }, ends)
-        };
-        let mut x = ops.gather_rows(self.buf(names::TOKEN_EMBEDDING)?, &tok, w)?; // [N, W]
-        ops.axpy(&mut x, &ops.gather_rows(self.buf(names::TEXT_POSITIONS)?, &pos, w)?, 1.0, tok.len() * w)?;
+        let (tok, pos, seqs, ends) = text_layout(ids, &lens, t, cfg.eos_token_id as usize, pad_to.is_none() && ops.packed_attention());
+        let mut x = ops.gather_rows(self.param(names::TOKEN_EMBEDDING)?, &tok, w)?; // [N, W]
+        ops.axpy(&mut x, &ops.gather_rows(self.param(names::TEXT_POSITIONS)?, &pos, w)?, 1.0, tok.len() * w)?;
         see::<O>(hook, "text.embeddings", &x, &[tok.len(), w]);
         let (x, f) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&ends), "text", hook)?; // [B, W]
         let (pooled, e) = self.head(ops, x, f, names::FINAL_LN, names::TEXT_PROJECTION, b, &cfg.tower)?;
         see::<O>(hook, "text.pooled", &pooled, &[b, w]);
-        see::<O>(hook, "text.embeds", &e, &[b, self.weight(names::TEXT_PROJECTION)?.n]);
+        see::<O>(hook, "text.embeds", &e, &[b, self.linear(names::TEXT_PROJECTION)?.n]);
         Ok(e)
+    }
+}
+
+/// The rows of a text batch: (token ids, position ids, the attention's grouping, the pooled
+/// (end-token) rows). Packed: each sequence cut after its pooled token (`lens`), back to back;
+/// else padded with the end token to `t` tokens each.
+pub fn text_layout(ids: &[Vec<u32>], lens: &[usize], t: usize, eos: usize, packed: bool) -> (Vec<usize>, Vec<usize>, Seqs, Vec<usize>) {
+    if packed {
+        let tok = ids.iter().zip(lens).flat_map(|(s, &l)| s[..l].iter().map(|&i| i as usize)).collect();
+        let pos = lens.iter().flat_map(|&l| 0..l).collect();
+        let ends = lens.iter().scan(0, |off, &l| Some(std::mem::replace(off, *off + l) + l - 1)).collect();
+        (tok, pos, Seqs::Packed(lens.to_vec()), ends)
+    } else {
+        let b = ids.len();
+        let tok = ids.iter().flat_map(|s| s.iter().map(|&i| i as usize).chain(std::iter::repeat(eos).take(t - s.len()))).collect();
+        let pos = (0..b).flat_map(|_| 0..t).collect();
+        let ends = lens.iter().enumerate().map(|(i, &l)| i * t + l - 1).collect();
+        (tok, pos, Seqs::Batch { batch: b, seq: t, causal: true }, ends)
     }
 }
