@@ -23,10 +23,7 @@ pub mod modules;
 pub mod nvrtc;
 pub mod pinned;
 pub mod table;
-pub mod train_block;
 pub mod train_ops;
-pub mod train_text;
-pub mod train_vision;
 
 #[cfg(feature = "emu")]
 pub mod emu;

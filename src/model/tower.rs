@@ -45,13 +45,17 @@ impl<O: Ops> TowerParams<O> {
     /// The tower's tensors of `weights` (any stored dtype, shapes checked) on `ops`; Linear
     /// weights also in `dtype` when that is BF16/F16 (the patch convolution stays f32).
     pub fn load(ops: &O, schema: &Schema, tower: Tower, weights: &Weights, dtype: DType) -> Result<TowerParams<O>> {
+        Self::load_with(ops, schema, tower, dtype, |q| weights.get_shaped(&q.name, &q.shape))
+    }
+
+    /// [`load`](Self::load) with each parameter's values from `value` (e.g. a training model's).
+    pub fn load_with(ops: &O, schema: &Schema, tower: Tower, dtype: DType, value: impl Fn(&Param) -> Result<crate::tensor::Tensor>) -> Result<TowerParams<O>> {
         let idx = schema.tower(tower);
         let first = *idx.first().ok_or_else(|| Error::msg("empty tower"))?;
         let mut p = Vec::with_capacity(idx.len());
         for &i in &idx {
             let q = &schema.params()[i];
-            let t = weights.get_shaped(&q.name, &q.shape)?;
-            let b = ops.upload_tensor(&t)?;
+            let b = ops.upload_tensor(&value(q)?)?;
             p.push(if is_linear(q) {
                 Stored::Linear(ops.weight(b, q.shape[0], q.shape[1], dtype)?)
             } else if q.name == names::PATCH_EMBEDDING {
@@ -61,6 +65,11 @@ impl<O: Ops> TowerParams<O> {
             });
         }
         Ok(TowerParams { tower, schema: schema.clone(), first, p })
+    }
+
+    /// Tower-local parameter `i` as the backend holds it.
+    pub fn stored(&self, i: usize) -> &Stored<O> {
+        &self.p[i]
     }
 
     /// The same parameters on another backend (values read back with `download`), Linear
