@@ -45,8 +45,8 @@ fn case(name: &str) -> Case {
     let model = TrainClip::from_weights(&weights, &config).unwrap();
     let tape = Tape::new();
     let sv = model.vars(&tape);
-    let img = model.image_embeds(&tape, &sv, &px).unwrap();
-    let txt = model.text_embeds(&tape, &sv, &ids).unwrap();
+    let img = model.image_embeds_composite(&tape, &sv, &px).unwrap();
+    let txt = model.text_embeds_composite(&tape, &sv, &ids).unwrap();
     let r_img = tape.constant(Tensor::from_vec(de_img.clone(), &[3, d]).unwrap());
     let r_txt = tape.constant(Tensor::from_vec(de_txt.clone(), &[3, d]).unwrap());
     let loss = tape.add(&tape.sum_all(&tape.mul(&img, &r_img).unwrap()).unwrap(), &tape.sum_all(&tape.mul(&txt, &r_txt).unwrap()).unwrap()).unwrap();

@@ -35,8 +35,9 @@ fn stretch_positions(model: &mut TrainClip) -> Result<()> {
     let s = crate::ops::pos_gather::Stretch::new(len, 20, 4)?;
     let table = crate::ops::pos_gather::stretch(&model.params[i].1.f32_data(), w, s)?;
     model.params[i].1 = Tensor::from_vec(table, &[s.new_len(), w])?;
-    model.config.text.max_positions = s.new_len();
-    model.config.text.frozen_positions = 20;
+    let mut config = model.config.clone();
+    (config.text.max_positions, config.text.frozen_positions) = (s.new_len(), 20);
+    model.set_config(config);
     Ok(())
 }
 

@@ -5,7 +5,11 @@
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::model::config::{Activation, ClipConfig, TowerConfig};
+use crate::backend::cpu::Cpu;
 use crate::backend::Seqs;
+use crate::model::tower::TowerParams;
+use crate::model::tower_train::Grads;
+use crate::tensor::DType;
 use crate::model::schema::{names, Schema, Tower};
 use crate::model::text::pool_position;
 use crate::model::weights::Weights;
@@ -55,6 +59,13 @@ impl TrainClip {
         let index = params.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
         let n = params.len();
         Ok(TrainClip { config: config.clone(), schema, params, trainable: vec![true; n], recompute: false, index })
+    }
+
+    /// Replaces the configuration (e.g. after stretching the position table in memory) and the
+    /// schema made from it; the parameters must already have its shapes.
+    pub fn set_config(&mut self, config: ClipConfig) {
+        self.schema = Schema::clip(&config);
+        self.config = config;
     }
 
     pub fn load_dir(dir: &Path) -> Result<TrainClip> {
@@ -120,8 +131,37 @@ impl TrainClip {
         block_rows(tape, &x, &self.block_vars(sv, tower, full), t, seqs, rows) // [R, W]
     }
 
-    /// pixels [B, C, S, S] → image embeddings [B, D] (not normalised).
+    /// pixels [B, C, S, S] → image embeddings [B, D] (not normalised): the one vision tower
+    /// (src/model/tower_train.rs) on the CPU backend, as one tape node over the tower's parameters
+    /// (its backward is the tower's hand-written backward).
     pub fn image_embeds(&self, tape: &Tape, sv: &StepVars, pixels: &Tensor) -> Result<Var> {
+        let (vc, b) = (self.config.vision.clone(), pixels.dim(0));
+        let (params, inputs) = self.tower_node_params(sv, Tower::Vision)?;
+        let (e, saved) = params.vision_train(&Cpu, &vc, pixels.contiguous(), b, self.recompute)?; // [B, D]
+        let e = e.reshape(&[b, self.config.projection_dim])?;
+        let shapes = self.tower_shapes(Tower::Vision);
+        Ok(tape.custom(&inputs.iter().collect::<Vec<_>>(), e, move |g| {
+            let mut grads: Grads<Cpu> = (0..params.len()).map(|_| None).collect();
+            params.vision_backward(&Cpu, &vc, &saved, g, &mut grads)?;
+            grads.into_iter().zip(shapes).map(|(g, s)| g.map(|t| t.reshape(&s)).transpose()).collect()
+        }))
+    }
+
+    /// A tower's parameters as the CPU backend holds them (sharing the step's values) and their
+    /// tape variables, in the tower's order.
+    fn tower_node_params(&self, sv: &StepVars, tower: Tower) -> Result<(TowerParams<Cpu>, Vec<Var>)> {
+        let params = TowerParams::load_with(&Cpu, &self.schema, tower, DType::F32, |q| Ok(self.v(sv, &q.name)?.value().clone()))?;
+        let inputs = self.schema.tower(tower).into_iter().map(|i| sv.vars[i].clone()).collect();
+        Ok((params, inputs))
+    }
+
+    fn tower_shapes(&self, tower: Tower) -> Vec<Vec<usize>> {
+        self.schema.tower(tower).into_iter().map(|i| self.schema.params()[i].shape.clone()).collect()
+    }
+
+    /// [`image_embeds`](Self::image_embeds) composed of tape ops (patch embedding, blocks, norms,
+    /// projection, each with its own tape rule): the oracle the tower code is tested against.
+    pub fn image_embeds_composite(&self, tape: &Tape, sv: &StepVars, pixels: &Tensor) -> Result<Var> {
         let vc = &self.config.vision;
         let (b, w, t) = (pixels.dim(0), vc.tower.hidden, vc.tokens());
         let px = tape.constant(pixels.clone());
@@ -137,11 +177,25 @@ impl TrainClip {
         tape.linear(&pooled, self.v(sv, names::VISUAL_PROJECTION)?, None) // [B, D]
     }
 
-    /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised).
-    /// Each sequence is cut after its pooled (end) token, since with the causal mask nothing
-    /// after it reaches it, and the sequences are packed back to back with no padding: every
-    /// row computed is a real token.
+    /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised):
+    /// the one text tower on the CPU backend as one tape node. Each sequence is cut after its
+    /// pooled (end) token, since with the causal mask nothing after it reaches it, and the
+    /// sequences are packed back to back with no padding: every row computed is a real token.
     pub fn text_embeds(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<Var> {
+        let tc = self.config.text.clone();
+        let (params, inputs) = self.tower_node_params(sv, Tower::Text)?;
+        let (e, saved) = params.text_train(&Cpu, &tc, ids, self.recompute)?; // [B, D]
+        let e = e.reshape(&[ids.len(), self.config.projection_dim])?;
+        let shapes = self.tower_shapes(Tower::Text);
+        Ok(tape.custom(&inputs.iter().collect::<Vec<_>>(), e, move |g| {
+            let mut grads: Grads<Cpu> = (0..params.len()).map(|_| None).collect();
+            params.text_backward(&Cpu, &tc, &saved, g, &mut grads)?;
+            grads.into_iter().zip(shapes).map(|(g, s)| g.map(|t| t.reshape(&s)).transpose()).collect()
+        }))
+    }
+
+    /// [`text_embeds`](Self::text_embeds) composed of tape ops: the oracle of the tower code.
+    pub fn text_embeds_composite(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<Var> {
         let tc = &self.config.text;
         let lens: Vec<usize> = ids.iter().map(|s| if s.is_empty() { 0 } else { pool_position(s, tc.eos_token_id) + 1 }).collect();
         if ids.is_empty() || lens.iter().any(|&l| l == 0 || l > tc.max_positions) {
