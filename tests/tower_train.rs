@@ -111,3 +111,16 @@ fn emulated_device_towers_backward_matches_the_tape() {
     compare("tiny emulated cuda", &c, &got);
     assert_eq!(got, run(&dev, &c, true), "emulated recompute changes nothing, bit for bit");
 }
+
+#[test]
+fn the_emulated_device_packs_captions() {
+    let c = case("tiny");
+    let dev = Device::new(Box::new(EmuOps));
+    let schema = Schema::clip(&c.config);
+    let tt = TowerParams::load(&dev, &schema, Tower::Text, &c.weights, DType::F32).unwrap();
+    let (_, saved) = tt.text_train(&dev, &c.config.text, &c.ids, false).unwrap();
+    let real: usize = c.ids.iter().map(|s| s.len()).sum();
+    let padded = c.ids.len() * c.ids.iter().map(|s| s.len()).max().unwrap();
+    eprintln!("text rows computed on the emulated device: {} packed, {padded} padded", saved.rows());
+    assert!(saved.packed() && saved.rows() == real && real < padded);
+}

@@ -2,13 +2,14 @@
 //! ([`crate::cuda::EmuOps`], tests), through [`DeviceOps`]. GEMMs go to cuBLASLt (f32, or bf16/f16
 //! weight copies with f32 accumulation) and everything else to the kernels of kernels/: the fused
 //! LayerNorm (with the residual add) and its backward, bias + activation, the fused attention,
-//! row gathers and the patch/class/position assembly. All launches are queued on one stream;
+//! row gathers and the patch/class/position assembly. Packed sequences run the fused attention
+//! once per sequence on its rows (no padding computed). All launches are queued on one stream;
 //! [`Ops::download`] is the only synchronisation.
 use super::{Act, Ops, Seqs, Weight};
 use crate::cuda::attention::{attention_bwd_launch, attention_fwd_launch};
 use crate::cuda::train_ops::{axpy, col_sums, copy, grid, ln_cfg};
 use crate::cuda::{Buf, DeviceOps, KernelArgs, LaunchCfg};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::attention::AttnShape;
 use crate::tensor::DType;
 
@@ -34,14 +35,17 @@ fn act_kernels(a: Act) -> (&'static str, &'static str) {
     }
 }
 
-fn batch_shape(seqs: &Seqs, heads: usize, w: usize) -> Result<AttnShape> {
-    match seqs {
-        Seqs::Batch { batch, seq, causal } => {
-            let d = w / heads.max(1);
-            Ok(AttnShape { batch: *batch, seq: *seq, heads, head_dim: d, causal: *causal, scale: 1.0 / (d as f32).sqrt() })
-        }
-        Seqs::Packed(_) => Err(Error::device("the device attention kernels take batched sequences (no packed variable-length mode yet)")),
-    }
+/// The attention launches of a grouping: one batched launch, or (packed sequences) one launch
+/// per sequence on its rows — (shape, first row). The lse of a packed batch is each sequence's
+/// [H, len] block back to back, as on the CPU. A single variable-length (cu_seqlens) launch is
+/// the tensor-core attention's job.
+fn launches(seqs: &Seqs, heads: usize, w: usize) -> Result<Vec<(AttnShape, usize)>> {
+    let d = w / heads.max(1);
+    let shape = |batch, seq, causal| AttnShape { batch, seq, heads, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
+    Ok(match seqs {
+        Seqs::Batch { batch, seq, causal } => vec![(shape(*batch, *seq, *causal), 0)],
+        Seqs::Packed(lens) => lens.iter().scan(0, |off, &l| Some((shape(1, l, true), std::mem::replace(off, *off + l)))).collect(),
+    })
 }
 
 fn indices(rows: &[usize]) -> Result<Vec<i32>> {
@@ -64,9 +68,6 @@ impl Ops for Device {
     }
     fn zeros(&self, n: usize) -> Result<Buf> {
         self.ops.alloc(n)
-    }
-    fn packed_attention(&self) -> bool {
-        false
     }
     fn weight(&self, w: Buf, n: usize, k: usize, dtype: DType) -> Result<Weight<Device>> {
         let half = match dtype {
@@ -155,23 +156,28 @@ impl Ops for Device {
     }
 
     fn attention(&self, q: &Buf, k: &Buf, v: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf)> {
-        let s = batch_shape(seqs, heads, w)?;
-        let (o, lse) = (self.ops.alloc(s.batch * s.seq * w)?, self.ops.alloc(s.batch * heads * s.seq)?);
-        let l = attention_fwd_launch(&s, DType::F32)?;
-        let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(lse.ptr());
-        a = a.i32(s.batch as i32).i32(s.seq as i32).i32(heads as i32).i32(s.head_dim as i32).i32(s.causal as i32).f32(s.scale);
-        self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
+        let n = seqs.rows();
+        let (o, lse) = (self.ops.alloc(n * w)?, self.ops.alloc(heads * n)?);
+        for (s, off) in launches(seqs, heads, w)? {
+            let l = attention_fwd_launch(&s, DType::F32)?;
+            let (x, at) = (4 * (off * w) as u64, |b: &Buf| b.ptr() + 4 * (off * w) as u64);
+            let mut a = KernelArgs::new().ptr(at(q)).ptr(at(k)).ptr(at(v)).ptr(o.ptr() + x).ptr(lse.ptr() + 4 * (off * heads) as u64);
+            a = a.i32(s.batch as i32).i32(s.seq as i32).i32(heads as i32).i32(s.head_dim as i32).i32(s.causal as i32).f32(s.scale);
+            self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
+        }
         Ok((o, lse))
     }
 
     fn attention_bwd(&self, q: &Buf, k: &Buf, v: &Buf, o: &Buf, lse: &Buf, d_o: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
-        let s = batch_shape(seqs, heads, w)?;
-        let r = s.batch * s.seq * w;
+        let r = seqs.rows() * w;
         let (dq, dk, dv) = (self.ops.alloc(r)?, self.ops.alloc(r)?, self.ops.alloc(r)?);
-        let l = attention_bwd_launch(&s, DType::F32)?;
-        let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(d_o.ptr()).ptr(lse.ptr()).ptr(dq.ptr()).ptr(dk.ptr()).ptr(dv.ptr());
-        a = a.i32(s.batch as i32).i32(s.seq as i32).i32(heads as i32).i32(s.head_dim as i32).i32(s.causal as i32).f32(s.scale);
-        self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
+        for (s, off) in launches(seqs, heads, w)? {
+            let l = attention_bwd_launch(&s, DType::F32)?;
+            let at = |b: &Buf| b.ptr() + 4 * (off * w) as u64;
+            let mut a = KernelArgs::new().ptr(at(q)).ptr(at(k)).ptr(at(v)).ptr(at(o)).ptr(at(d_o)).ptr(lse.ptr() + 4 * (off * heads) as u64).ptr(at(&dq)).ptr(at(&dk)).ptr(at(&dv));
+            a = a.i32(s.batch as i32).i32(s.seq as i32).i32(heads as i32).i32(s.head_dim as i32).i32(s.causal as i32).f32(s.scale);
+            self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
+        }
         Ok((dq, dk, dv))
     }
 

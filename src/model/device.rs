@@ -3,8 +3,8 @@
 //! host model. In f32 all of it is f32; in bf16/f16 every Linear weight (q, k, v, o, fc1, fc2, the
 //! projections) also gets a 16-bit copy that the forward GEMMs read (f32 accumulation and output),
 //! while the residual stream, LayerNorm, attention, embeddings and the patch convolution stay f32 —
-//! the same split as the CPU bf16 towers. Text runs as a padded batch (the device attention has no
-//! packed mode yet); the last block computes only the pooled rows on both towers.
+//! the same split as the CPU bf16 towers. Text is packed (no padding); the last block computes only the
+//! pooled rows on both towers.
 use super::clip::ClipParts;
 use super::tower::TowerParams;
 use crate::backend::cpu::Cpu;

@@ -36,6 +36,17 @@ pub struct TowerSaved<O: Ops> {
     ids: Option<(Vec<usize>, Vec<usize>)>,
 }
 
+impl<O: Ops> TowerSaved<O> {
+    /// The rows the encoder computed (text: Σ caption lengths when packed, B·T when padded).
+    pub fn rows(&self) -> usize {
+        self.seqs.rows()
+    }
+    /// Whether the sequences ran packed (no padding).
+    pub fn packed(&self) -> bool {
+        matches!(self.seqs, Seqs::Packed(_))
+    }
+}
+
 /// Per-tower gradients, by the tower's parameter index (None: no gradient yet).
 pub type Grads<O> = Vec<Option<<O as Ops>::Buf>>;
 

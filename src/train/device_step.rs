@@ -1,8 +1,8 @@
 //! Long-CLIP fine-tuning with the towers on a CUDA device ([`DeviceOps`]: a GPU, or the CPU
 //! emulator in tests), driven by the autograd tape. Per micro-batch:
 //!   1. vision tower forward (pixels → [B, D]), text tower forward for the long and the short
-//!      captions — the one tower code of src/model/tower_train.rs on the device backend (text as a
-//!      padded batch: the device attention has no packed mode yet), activations kept on the device
+//!      captions — the one tower code of src/model/tower_train.rs on the device backend (long and
+//!      short captions as one packed text pass, no padding), activations kept on the device
 //!      (or only each block's input with `recompute`). Each tower pass is one node on the tape
 //!      ([`Tape::custom`]) whose input is a one-element "anchor" leaf standing for that tower's
 //!      device parameters: a trainable tower's anchor is a parameter, a frozen one's a constant,
@@ -154,8 +154,11 @@ impl StepEngine for DeviceStep {
         let tape = Tape::new();
         let (va, ta) = (Self::anchor(&tape, self.train_vision), Self::anchor(&tape, self.train_text));
         let img = self.vision_node(&tape, &va, &batch.pixels)?; // [B, D]
-        let long = self.text_node(&tape, &ta, &batch.long_ids)?; // [B, D]
-        let short = self.text_node(&tape, &ta, &batch.short_ids)?; // [B, D]
+        // long and short captions as one packed text pass
+        let nb = batch.long_ids.len();
+        let ids: Vec<Vec<u32>> = batch.long_ids.iter().chain(&batch.short_ids).cloned().collect();
+        let both = self.text_node(&tape, &ta, &ids)?; // [2B, D]
+        let (long, short) = (tape.narrow(&both, 0, 0, nb)?, tape.narrow(&both, 0, nb, nb)?); // [B, D] each
         let s = if model.trainable[ls] { tape.param(model.params[ls].1.clone()) } else { tape.constant(model.params[ls].1.clone()) };
         let (l, a, b) = longclip_head(&tape, &img, &long, &short, &s, self.pca_dim)?;
         let loss = MicroLoss { loss: l.item(), a, b };
