@@ -1,6 +1,5 @@
-//! The small device operations the CUDA towers share (towers, train_block, train_text,
-//! train_vision): grid-stride launches, y += αx, copies, column sums, LayerNorm with saved
-//! statistics and its backward, and the bias-less projection's backward.
+//! Small device helpers of the device backend (src/backend/device.rs) and the trainer: launch
+//! geometries of the grid-stride and LayerNorm kernels, y += αx, copies, column sums.
 use super::backend::{Buf, DeviceOps};
 use super::launch::{KernelArgs, LaunchCfg};
 use crate::error::Result;
@@ -33,34 +32,4 @@ pub fn col_sums(ops: &dyn DeviceOps, m: &Buf, rows: usize, n: usize) -> Result<B
     let mut a = KernelArgs::new().ptr(m.ptr()).ptr(out.ptr()).i32(rows as i32).i32(n as i32);
     ops.launch("bias_grad_reduce_f32", LaunchCfg::new((n.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
     Ok(out)
-}
-
-/// LayerNorm forward keeping the statistics: (y, mean, rstd).
-pub fn ln_fwd(ops: &dyn DeviceOps, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf, Buf)> {
-    let (y, mean, rstd) = (ops.alloc(rows * w)?, ops.alloc(rows)?, ops.alloc(rows)?);
-    let mut a = KernelArgs::new().ptr(x.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr()).ptr(mean.ptr()).ptr(rstd.ptr()).i32(rows as i32).i32(w as i32).f32(eps);
-    ops.launch("layernorm_fwd_f32", ln_cfg(rows), &mut a)?;
-    Ok((y, mean, rstd))
-}
-
-/// LayerNorm backward from the saved statistics: (dx, dγ, dβ).
-#[allow(clippy::too_many_arguments)]
-pub fn ln_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, gamma: &Buf, mean: &Buf, rstd: &Buf, rows: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
-    let parts = rows.clamp(1, 8);
-    let (dx, pg, pb) = (ops.alloc(rows * w)?, ops.alloc(parts * w)?, ops.alloc(parts * w)?);
-    let mut a = KernelArgs::new().ptr(dy.ptr()).ptr(x.ptr()).ptr(gamma.ptr()).ptr(mean.ptr()).ptr(rstd.ptr()).ptr(dx.ptr()).ptr(pg.ptr()).ptr(pb.ptr()).i32(rows as i32).i32(w as i32);
-    ops.launch("layernorm_bwd_f32", LaunchCfg::new((parts as u32, 1, 1), (128, 1, 1), 0), &mut a)?;
-    let (dg, db) = (ops.alloc(w)?, ops.alloc(w)?);
-    let mut a = KernelArgs::new().ptr(pg.ptr()).ptr(pb.ptr()).ptr(dg.ptr()).ptr(db.ptr()).i32(parts as i32).i32(w as i32);
-    ops.launch("layernorm_bwd_reduce_f32", LaunchCfg::new((w.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
-    Ok((dx, dg, db))
-}
-
-/// Backward of e = x·Pᵀ (the towers' projections, no bias), x [b, w], P [d, w]: (dx, dP).
-pub fn projection_bwd(ops: &dyn DeviceOps, de: &Buf, x: &Buf, p: &Buf, b: usize, d: usize, w: usize) -> Result<(Buf, Buf)> {
-    let dx = ops.alloc(b * w)?;
-    ops.gemm(de, p, &dx, b, w, d, false, false, 0.0)?; // dx = de·P
-    let dp = ops.alloc(d * w)?;
-    ops.gemm(de, x, &dp, d, w, b, true, false, 0.0)?; // dP = deᵀ·x
-    Ok((dx, dp))
 }
