@@ -214,8 +214,32 @@ impl TrainClip {
     }
 
     /// The text tower's final token states [B, T, W] (after the final LayerNorm; T = the longest
-    /// sequence, shorter ones padded with the end token) and the text embeddings [B, D].
+    /// sequence, shorter ones padded with the end token) and the text embeddings [B, D]: the one
+    /// text tower on the CPU backend as one tape node (SmartCLIP's mask network reads the states).
     pub fn text_states(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<(Var, Var)> {
+        let tc = self.config.text.clone();
+        let (b, t, w, d) = (ids.len(), ids.iter().map(|s| s.len()).max().unwrap_or(0), tc.tower.hidden, self.config.projection_dim);
+        let (params, inputs) = self.tower_node_params(sv, Tower::Text)?;
+        let (states, e, saved) = params.text_states_train(&Cpu, &tc, ids, self.recompute)?; // [B·T, W], [B, D]
+        let mut both = states.into_f32_vec();
+        both.extend_from_slice(&e.f32_data());
+        let n = b * t * w;
+        let value = Tensor::from_vec(both, &[n + b * d])?; // the two outputs back to back
+        let shapes = self.tower_shapes(Tower::Text);
+        let node = tape.custom(&inputs.iter().collect::<Vec<_>>(), value, move |g| {
+            let gd = g.f32_data();
+            let (ds, de) = (Tensor::from_vec(gd[..n].to_vec(), &[n])?, Tensor::from_vec(gd[n..].to_vec(), &[b * d])?);
+            let mut grads: Grads<Cpu> = (0..params.len()).map(|_| None).collect();
+            params.text_states_backward(&Cpu, &tc, &saved, Some(&ds), &de, &mut grads)?;
+            grads.into_iter().zip(shapes).map(|(g, s)| g.map(|t| t.reshape(&s)).transpose()).collect()
+        });
+        let states = tape.reshape(&tape.narrow(&node, 0, 0, n)?, &[b, t, w])?; // [B, T, W]
+        let e = tape.reshape(&tape.narrow(&node, 0, n, b * d)?, &[b, d])?; // [B, D]
+        Ok((states, e))
+    }
+
+    /// [`text_states`](Self::text_states) composed of tape ops: the oracle of the tower code.
+    pub fn text_states_composite(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<(Var, Var)> {
         let tc = &self.config.text;
         let (b, w) = (ids.len(), tc.tower.hidden);
         let t = ids.iter().map(|s| s.len()).max().unwrap_or(0);
