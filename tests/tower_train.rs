@@ -1,4 +1,4 @@
-//! The towers' training forward and hand-written backward (src/model/tower_train.rs) against the
+//! The towers' training forward and hand-written backward (src/model/tower.rs, tower_backward.rs) against the
 //! tape's model (the oracle), per element, for every parameter of both towers: on the CPU backend
 //! (packed text) and on the emulated CUDA backend (padded text, the kernels of kernels/); with and
 //! without per-block recompute (bit-identical gradients).
@@ -10,7 +10,8 @@ use clipforge::backend::Ops;
 use clipforge::cuda::EmuOps;
 use clipforge::model::schema::{Schema, Tower};
 use clipforge::model::tower::TowerParams;
-use clipforge::model::tower_train::Grads;
+use clipforge::model::tower::Mode;
+use clipforge::model::tower_backward::Grads;
 use clipforge::model::{ClipConfig, Weights};
 use clipforge::train::model::TrainClip;
 use clipforge::{DType, Tensor};
@@ -61,14 +62,16 @@ fn run<O: Ops>(ops: &O, c: &Case, recompute: bool) -> Vec<Option<Vec<f32>>> {
     let mut out = vec![None; schema.len()];
     let b = c.px.dim(0);
     let vt = TowerParams::load(ops, &schema, Tower::Vision, &c.weights, DType::F32).unwrap();
-    let (_, saved) = vt.vision_train(ops, &c.config.vision, ops.upload(&c.px.to_vec_f32()).unwrap(), b, recompute).unwrap();
+    let (_, saved) = vt.vision(ops, &c.config.vision, ops.upload(&c.px.to_vec_f32()).unwrap(), b, Mode::Train { recompute }, &mut None).unwrap();
+    let saved = saved.unwrap();
     let mut g: Grads<O> = (0..vt.len()).map(|_| None).collect();
     vt.vision_backward(ops, &c.config.vision, &saved, &ops.upload(&c.de_img).unwrap(), &mut g).unwrap();
     for (i, d) in g.into_iter().enumerate() {
         out[vt.first() + i] = d.map(|d| ops.download(&d).unwrap()[..vt.numel(i)].to_vec());
     }
     let tt = TowerParams::load(ops, &schema, Tower::Text, &c.weights, DType::F32).unwrap();
-    let (_, saved) = tt.text_train(ops, &c.config.text, &c.ids, recompute).unwrap();
+    let (_, saved) = tt.text(ops, &c.config.text, &c.ids, None, Mode::Train { recompute }, &mut None).unwrap();
+    let saved = saved.unwrap();
     let mut g: Grads<O> = (0..tt.len()).map(|_| None).collect();
     tt.text_backward(ops, &c.config.text, &saved, &ops.upload(&c.de_txt).unwrap(), &mut g).unwrap();
     for (i, d) in g.into_iter().enumerate() {
@@ -118,7 +121,8 @@ fn the_emulated_device_packs_captions() {
     let dev = Device::new(Box::new(EmuOps));
     let schema = Schema::clip(&c.config);
     let tt = TowerParams::load(&dev, &schema, Tower::Text, &c.weights, DType::F32).unwrap();
-    let (_, saved) = tt.text_train(&dev, &c.config.text, &c.ids, false).unwrap();
+    let (_, saved) = tt.text(&dev, &c.config.text, &c.ids, None, Mode::Train { recompute: false }, &mut None).unwrap();
+    let saved = saved.unwrap();
     let real: usize = c.ids.iter().map(|s| s.len()).sum();
     let padded = c.ids.len() * c.ids.iter().map(|s| s.len()).max().unwrap();
     eprintln!("text rows computed on the emulated device: {} packed, {padded} padded", saved.rows());
@@ -146,7 +150,8 @@ fn text_states_backward_matches_the_tape() {
     let schema = Schema::clip(&c.config);
     fn check<O: Ops>(ops: &O, c: &Case, schema: &Schema, rs: &[f32], want: &[Option<Vec<f32>>], what: &str) {
         let tt = TowerParams::load(ops, schema, Tower::Text, &c.weights, DType::F32).unwrap();
-        let (_, _, saved) = tt.text_states_train(ops, &c.config.text, &c.ids, false).unwrap();
+        let (_, _, saved) = tt.text_states(ops, &c.config.text, &c.ids, Mode::Train { recompute: false }).unwrap();
+        let saved = saved.unwrap();
         let mut g: Grads<O> = (0..tt.len()).map(|_| None).collect();
         tt.text_states_backward(ops, &c.config.text, &saved, Some(&ops.upload(rs).unwrap()), &ops.upload(&c.de_txt).unwrap(), &mut g).unwrap();
         for (i, d) in g.into_iter().enumerate() {

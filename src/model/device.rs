@@ -6,7 +6,7 @@
 //! the same split as the CPU bf16 towers. Text is packed (no padding); the last block computes only the
 //! pooled rows on both towers.
 use super::clip::ClipParts;
-use super::tower::TowerParams;
+use super::tower::{Mode, TowerParams};
 use crate::backend::cpu::Cpu;
 use crate::backend::device::Device;
 use crate::backend::Ops;
@@ -55,14 +55,14 @@ impl CudaClip {
             return Err(crate::shape_err!("image tower expects pixels [B, {}, {s}, {s}] with B >= 1, got {} values for B = {batch}", c.channels, pixels.len()));
         }
         let px = self.dev.upload(pixels)?;
-        let e = v.vision(&self.dev, c, &px, batch, &mut None)?; // [B, D]
+        let (e, _) = v.vision(&self.dev, c, px, batch, Mode::Infer, &mut None)?; // [B, D]
         self.dev.download(&e)
     }
 
     /// Token ids (with start/end tokens, unpadded) → text embeddings [B, D] (not normalised).
     pub fn embed_texts(&self, ids: &[Vec<u32>]) -> Result<Vec<f32>> {
         let t = self.text.as_ref().ok_or_else(|| Error::msg("text tower not loaded"))?;
-        let e = t.text(&self.dev, &self.config.text, ids, None, &mut None)?; // [B, D]
+        let (e, _) = t.text(&self.dev, &self.config.text, ids, None, Mode::Infer, &mut None)?; // [B, D]
         self.dev.download(&e)
     }
 }

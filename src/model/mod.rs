@@ -9,7 +9,7 @@ pub mod stretch;
 pub mod synthetic;
 pub mod text;
 pub mod tower;
-pub mod tower_train;
+pub mod tower_backward;
 pub mod vision;
 pub mod weights;
 

@@ -7,7 +7,7 @@
 use super::config::TextConfig;
 use super::layers::LoadOptions;
 use super::schema::{Schema, Tower};
-use super::tower::{Hook, TowerParams};
+use super::tower::{Hook, Mode, TowerParams};
 use super::weights::Weights;
 use crate::backend::cpu::Cpu;
 use crate::error::Result;
@@ -48,7 +48,7 @@ impl TextTower {
     }
 
     fn run(&self, ids: &[Vec<u32>], pad_to: Option<usize>, hook: &mut Hook<Cpu>) -> Result<Tensor> {
-        let e = self.params.text(&Cpu, &self.cfg, ids, pad_to, hook)?; // [B·D]
+        let (e, _) = self.params.text(&Cpu, &self.cfg, ids, pad_to, Mode::Infer, hook)?; // [B·D]
         e.reshape(&[ids.len(), e.numel() / ids.len()])
     }
 }

@@ -1,14 +1,15 @@
-//! The two CLIP towers, written once over [`Ops`] and run by every backend: their parameters
-//! loaded through the schema, the embeddings, the encoder (the one block of
-//! [`super::block`], residual + LayerNorm fused across blocks, the last block for the pooled rows
-//! only), the final LayerNorm of the pooled rows and the projection.
+//! The two CLIP towers, written once over [`Ops`] and run by every backend, for inference and
+//! training alike: their parameters loaded through the schema, the embeddings, the encoder (the
+//! one block of [`super::block`], residual + LayerNorm fused across blocks, the last block for the
+//! pooled rows only), the final LayerNorm of the pooled rows and the projection. A training
+//! forward ([`Mode::Train`]) keeps what [`super::tower_backward`] needs.
 //!
 //! Vision: patch convolution, class token + positions, pre-LN, encoder (non-causal), post-LN of
 //! the class rows, visual projection. Text: token + position embeddings, the causal encoder over
 //! packed sequences (each cut after its end token, no padding) or, where the backend has no
 //! packed attention or for layer-by-layer parity, a padded batch; final LN of the end-token rows,
 //! text projection.
-use super::block::{finish, forward, BlockRef, Stored};
+use super::block::{finish, forward, BlockRef, Saved, Stored};
 use super::config::{TextConfig, TowerConfig, VisionConfig};
 use super::schema::{names, Param, Schema, Tower};
 use super::text::pool_position;
@@ -122,7 +123,7 @@ impl<O: Ops> TowerParams<O> {
     pub fn is_empty(&self) -> bool {
         self.p.is_empty()
     }
-    /// The tower-local index of a parameter (its place in a [`super::tower_train::Grads`] list).
+    /// The tower-local index of a parameter (its place in a [`super::tower_backward::Grads`] list).
     pub fn local(&self, name: &str) -> Result<usize> {
         self.schema.index(name).and_then(|i| i.checked_sub(self.first)).filter(|&i| i < self.p.len()).ok_or_else(|| Error::msg(format!("no parameter {name} in this tower")))
     }
@@ -145,14 +146,32 @@ impl<O: Ops> TowerParams<O> {
     }
 
     /// The encoder on x [N, W] → (xm, f) of the last block, their sum being its output ([R, W]
-    /// with `pool`: those rows only). `hook` sees `{name}.layer.{i}` (materialised only then).
-    #[allow(clippy::too_many_arguments)]
-    pub fn encoder(&self, ops: &O, cfg: &TowerConfig, x: O::Buf, seqs: &Seqs, pool: Option<&[usize]>, name: &str, hook: &mut Hook<O>) -> Result<(O::Buf, Option<O::Buf>)> {
+    /// with `pool`: those rows only), and what the blocks kept for the backward. The residual
+    /// add is fused into the next block's LayerNorm (and the caller's final one), except with
+    /// `recompute`, which keeps each block's materialised input. `hook` sees `{name}.layer.{i}`
+    /// (materialised only then).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub fn encoder(&self, ops: &O, cfg: &TowerConfig, x: O::Buf, seqs: &Seqs, pool: Option<&[usize]>, mode: Mode, name: &str, hook: &mut Hook<O>) -> Result<(O::Buf, Option<O::Buf>, Vec<Kept<O>>)> {
         let (n, w) = (seqs.rows(), cfg.hidden);
-        let (mut x, mut pending) = (x, None::<O::Buf>);
+        let (mut x, mut pending, mut kept) = (x, None::<O::Buf>, Vec::new());
         for l in 0..cfg.layers {
-            let rows = if l + 1 == cfg.layers { pool } else { None };
-            let (xm, f, _) = forward(ops, &self.block(l, cfg)?, x, pending.as_ref(), seqs, rows, false)?;
+            let rows = pool.filter(|_| l + 1 == cfg.layers);
+            let blk = self.block(l, cfg)?;
+            let (xm, f) = match mode {
+                Mode::Train { recompute: true } => {
+                    if let Some(f) = pending.take() {
+                        x = finish(ops, x, &f, n * w)?; // the block's input, materialised
+                    }
+                    kept.push(Kept::Input(ops.copy(&x, n * w)?));
+                    let (xm, f, _) = forward(ops, &blk, x, None, seqs, rows, false)?;
+                    (xm, f)
+                }
+                _ => {
+                    let (xm, f, saved) = forward(ops, &blk, x, pending.as_ref(), seqs, rows, mode != Mode::Infer)?;
+                    kept.extend(saved.map(Kept::All));
+                    (xm, f)
+                }
+            };
             let r = rows.map_or(n, |r| r.len());
             if hook.is_some() {
                 let y = finish(ops, ops.copy(&xm, r * w)?, &f, r * w)?;
@@ -160,75 +179,163 @@ impl<O: Ops> TowerParams<O> {
             }
             (x, pending) = (xm, Some(f));
         }
-        if cfg.layers == 0 {
-            if let Some(p) = pool {
-                x = ops.gather_rows(&x, p, w)?; // no blocks: [R, W]
-            }
+        if let Some(p) = pool.filter(|_| cfg.layers == 0) {
+            x = ops.gather_rows(&x, p, w)?; // no blocks: [R, W]
         }
-        Ok((x, pending))
+        Ok((x, pending, kept))
     }
 
-    /// LayerNorm `prefix` of x + pending ([rows, W]), then the projection → ([rows, W], [rows, D]).
-    fn head(&self, ops: &O, x: O::Buf, pending: Option<O::Buf>, ln: &str, proj: &str, rows: usize, cfg: &TowerConfig) -> Result<(O::Buf, O::Buf)> {
+    /// LayerNorm `ln` of x + pending ([rows, W]), then the projection `proj` → (normed [rows, W],
+    /// e [rows, D], the LayerNorm's (input, statistics) for the backward).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn head(&self, ops: &O, x: O::Buf, pending: Option<O::Buf>, ln: &str, proj: &str, rows: usize, cfg: &TowerConfig) -> Result<(O::Buf, O::Buf, (O::Buf, O::Buf))> {
         let (g, b) = (self.param(&format!("{ln}.weight"))?, self.param(&format!("{ln}.bias"))?);
         let mut x = x;
-        let (pooled, _) = match &pending {
-            Some(f) => ops.add_layernorm(&mut x, f, g, b, rows, cfg.hidden, cfg.eps)?,
+        let (normed, stats) = match &pending {
+            Some(f) => ops.add_layernorm(&mut x, f, g, b, rows, cfg.hidden, cfg.eps)?, // x += f
             None => ops.layernorm(&x, g, b, rows, cfg.hidden, cfg.eps)?,
         }; // [R, W]
-        let e = ops.linear(&pooled, self.linear(proj)?, None, rows)?; // [R, D]
-        Ok((pooled, e))
+        let e = ops.linear(&normed, self.linear(proj)?, None, rows)?; // [R, D]
+        Ok((normed, e, (x, stats)))
     }
 
-    /// Pixels [B, C, S, S] → image embeddings [B, D] (not normalised). `hook` sees
-    /// vision.embeddings, vision.pre_ln, vision.layer.{i} (the last: class rows only), vision.pooled,
-    /// vision.embeds.
-    pub fn vision(&self, ops: &O, cfg: &VisionConfig, pixels: &O::Buf, b: usize, hook: &mut Hook<O>) -> Result<O::Buf> {
+    /// Pixels [B, C, S, S] (consumed) → image embeddings [B, D] (not normalised), and in training
+    /// what the backward needs. `hook` sees vision.embeddings, vision.pre_ln, vision.layer.{i}
+    /// (the last: class rows only), vision.pooled, vision.embeds.
+    pub fn vision(&self, ops: &O, cfg: &VisionConfig, pixels: O::Buf, b: usize, mode: Mode, hook: &mut Hook<O>) -> Result<(O::Buf, Option<TowerSaved<O>>)> {
         let (w, t, c, s, p) = (cfg.tower.hidden, cfg.tokens(), cfg.channels, cfg.image_size, cfg.patch_size);
-        let patches = ops.patch_embed(pixels, self.linear(names::PATCH_EMBEDDING)?, b, c, s, p)?; // [B·N, W]
+        let patches = ops.patch_embed(&pixels, self.linear(names::PATCH_EMBEDDING)?, b, c, s, p)?; // [B·N, W]
         let x = ops.vision_embed(&patches, self.param(names::CLASS_EMBEDDING)?, self.param(names::VISION_POSITIONS)?, b, t - 1, w)?; // [B·T, W]
         drop(patches);
         see::<O>(hook, "vision.embeddings", &x, &[b, t, w]);
-        let (x, _) = ops.layernorm(&x, self.param(&format!("{}.weight", names::PRE_LN))?, self.param(&format!("{}.bias", names::PRE_LN))?, b * t, w, cfg.tower.eps)?; // [B·T, W]
-        see::<O>(hook, "vision.pre_ln", &x, &[b, t, w]);
+        let (h, st0) = ops.layernorm(&x, self.param(&format!("{}.weight", names::PRE_LN))?, self.param(&format!("{}.bias", names::PRE_LN))?, b * t, w, cfg.tower.eps)?; // [B·T, W]
+        see::<O>(hook, "vision.pre_ln", &h, &[b, t, w]);
         let cls: Vec<usize> = (0..b).map(|i| i * t).collect();
         let seqs = Seqs::Batch { batch: b, seq: t, causal: false };
-        let (x, f) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&cls), "vision", hook)?; // [B, W]
-        let (pooled, e) = self.head(ops, x, f, names::POST_LN, names::VISUAL_PROJECTION, b, &cfg.tower)?;
-        see::<O>(hook, "vision.pooled", &pooled, &[b, w]);
+        let (x_last, f, blocks) = self.encoder(ops, &cfg.tower, h, &seqs, Some(&cls), mode, "vision", hook)?; // [B, W]
+        let (normed, e, head) = self.head(ops, x_last, f, names::POST_LN, names::VISUAL_PROJECTION, b, &cfg.tower)?;
+        see::<O>(hook, "vision.pooled", &normed, &[b, w]);
         see::<O>(hook, "vision.embeds", &e, &[b, self.linear(names::VISUAL_PROJECTION)?.n]);
-        Ok(e)
+        let saved = (mode != Mode::Infer).then(|| TowerSaved { seqs, pool: Some(cls), blocks, head, normed, input: Input::Pixels { pixels, b, x, stats: st0 } });
+        Ok((e, saved))
     }
 
-    /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised).
-    /// Packed when the backend has packed attention and `pad_to` is None; else padded with the
-    /// end token to the longest sequence or `pad_to`. `hook` sees text.embeddings, text.layer.{i}
-    /// (the last: end-token rows only), text.pooled (= the final LayerNorm's rows), text.embeds.
-    pub fn text(&self, ops: &O, cfg: &TextConfig, ids: &[Vec<u32>], pad_to: Option<usize>, hook: &mut Hook<O>) -> Result<O::Buf> {
+    /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised),
+    /// and in training what the backward needs. Packed when the backend has packed attention and
+    /// `pad_to` is None; else padded with the end token to the longest sequence or `pad_to`.
+    /// `hook` sees text.embeddings, text.layer.{i} (the last: end-token rows only), text.pooled
+    /// (the final LayerNorm's rows), text.embeds.
+    pub fn text(&self, ops: &O, cfg: &TextConfig, ids: &[Vec<u32>], pad_to: Option<usize>, mode: Mode, hook: &mut Hook<O>) -> Result<(O::Buf, Option<TowerSaved<O>>)> {
         let w = cfg.tower.hidden;
-        let lens: Vec<usize> = ids.iter().map(|s| if s.is_empty() { 0 } else { pool_position(s, cfg.eos_token_id) + 1 }).collect();
-        let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0);
-        if ids.is_empty() || lens.contains(&0) {
-            return Err(shape_err!("text tower needs at least one sequence, none of them empty"));
-        }
-        let t = pad_to.unwrap_or(longest).max(longest);
-        if t > cfg.max_positions {
-            return Err(shape_err!("sequence of {t} tokens exceeds the model's {} positions", cfg.max_positions));
-        }
-        if let Some(&bad) = ids.iter().flatten().find(|&&id| id as usize >= cfg.vocab) {
-            return Err(shape_err!("token id {bad} outside the vocabulary of {}", cfg.vocab));
-        }
-        let b = ids.len();
-        let (tok, pos, seqs, ends) = text_layout(ids, &lens, t, cfg.eos_token_id as usize, pad_to.is_none() && ops.packed_attention());
-        let mut x = ops.gather_rows(self.param(names::TOKEN_EMBEDDING)?, &tok, w)?; // [N, W]
-        ops.axpy(&mut x, &ops.gather_rows(self.param(names::TEXT_POSITIONS)?, &pos, w)?, 1.0, tok.len() * w)?;
+        let (tok, pos, seqs, ends) = text_rows(cfg, ids, pad_to, pad_to.is_none() && ops.packed_attention())?;
+        let x = self.text_embed(ops, &tok, &pos, w)?; // [N, W]
         see::<O>(hook, "text.embeddings", &x, &[tok.len(), w]);
-        let (x, f) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&ends), "text", hook)?; // [B, W]
-        let (pooled, e) = self.head(ops, x, f, names::FINAL_LN, names::TEXT_PROJECTION, b, &cfg.tower)?;
-        see::<O>(hook, "text.pooled", &pooled, &[b, w]);
+        let (x, f, blocks) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&ends), mode, "text", hook)?; // [B, W]
+        let b = ids.len();
+        let (normed, e, head) = self.head(ops, x, f, names::FINAL_LN, names::TEXT_PROJECTION, b, &cfg.tower)?;
+        see::<O>(hook, "text.pooled", &normed, &[b, w]);
         see::<O>(hook, "text.embeds", &e, &[b, self.linear(names::TEXT_PROJECTION)?.n]);
-        Ok(e)
+        let saved = (mode != Mode::Infer).then(|| TowerSaved { seqs, pool: Some(ends), blocks, head, normed, input: Input::Tokens { tok, pos, states_pool: None } });
+        Ok((e, saved))
     }
+
+    /// The text tower's final token states [B·T, W] (after the final LayerNorm; T = the longest
+    /// sequence, shorter ones padded with the end token) and the embeddings [B, D], with what the
+    /// backward needs in training (SmartCLIP's mask network reads every token state).
+    #[allow(clippy::type_complexity)]
+    pub fn text_states(&self, ops: &O, cfg: &TextConfig, ids: &[Vec<u32>], mode: Mode) -> Result<(O::Buf, O::Buf, Option<TowerSaved<O>>)> {
+        let w = cfg.tower.hidden;
+        let (tok, pos, seqs, ends) = text_rows(cfg, ids, None, false)?;
+        let n = tok.len();
+        let x = self.text_embed(ops, &tok, &pos, w)?; // [N, W]
+        let (x, f, blocks) = self.encoder(ops, &cfg.tower, x, &seqs, None, mode, "text", &mut None)?; // [N, W]
+        let (g, b) = (self.param(&format!("{}.weight", names::FINAL_LN))?, self.param(&format!("{}.bias", names::FINAL_LN))?);
+        let mut x = x;
+        let (states, stats) = match &f {
+            Some(f) => ops.add_layernorm(&mut x, f, g, b, n, w, cfg.tower.eps)?,
+            None => ops.layernorm(&x, g, b, n, w, cfg.tower.eps)?,
+        }; // [N, W]
+        let pooled = ops.gather_rows(&states, &ends, w)?; // [B, W]
+        let e = ops.linear(&pooled, self.linear(names::TEXT_PROJECTION)?, None, ids.len())?; // [B, D]
+        if mode == Mode::Infer {
+            return Ok((states, e, None));
+        }
+        let out = ops.copy(&states, n * w)?;
+        let input = Input::Tokens { tok, pos, states_pool: Some((ends, pooled)) };
+        Ok((out, e, Some(TowerSaved { seqs, pool: None, blocks, head: (x, stats), normed: states, input })))
+    }
+
+    /// Token + position embeddings of the rows → [N, W].
+    fn text_embed(&self, ops: &O, tok: &[usize], pos: &[usize], w: usize) -> Result<O::Buf> {
+        let mut x = ops.gather_rows(self.param(names::TOKEN_EMBEDDING)?, tok, w)?; // [N, W]
+        ops.axpy(&mut x, &ops.gather_rows(self.param(names::TEXT_POSITIONS)?, pos, w)?, 1.0, tok.len() * w)?;
+        Ok(x)
+    }
+}
+
+/// How a forward runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Nothing kept.
+    Infer,
+    /// Activations kept for the backward, or (`recompute`) only each block's input.
+    Train { recompute: bool },
+}
+
+/// What one block kept.
+pub enum Kept<O: Ops> {
+    All(Saved<O>),
+    /// The block's input (the forward re-runs in the backward).
+    Input(O::Buf),
+}
+
+/// The tower's input as the backward needs it.
+pub enum Input<O: Ops> {
+    /// The pixels, the embeddings before the pre-LayerNorm and its statistics.
+    Pixels { pixels: O::Buf, b: usize, x: O::Buf, stats: O::Buf },
+    /// Token and position ids of the rows; for token states, the end rows and the projection's input.
+    Tokens { tok: Vec<usize>, pos: Vec<usize>, states_pool: Option<(Vec<usize>, O::Buf)> },
+}
+
+/// What a training forward keeps (see [`super::tower_backward`]).
+pub struct TowerSaved<O: Ops> {
+    pub(super) seqs: Seqs,
+    /// The rows the last block computes (None: all of them).
+    pub(super) pool: Option<Vec<usize>>,
+    pub(super) blocks: Vec<Kept<O>>,
+    /// The final LayerNorm's input and statistics, and its output.
+    pub(super) head: (O::Buf, O::Buf),
+    pub(super) normed: O::Buf,
+    pub(super) input: Input<O>,
+}
+
+impl<O: Ops> TowerSaved<O> {
+    /// The rows the encoder computed (text: Σ caption lengths when packed, B·T when padded).
+    pub fn rows(&self) -> usize {
+        self.seqs.rows()
+    }
+    /// Whether the sequences ran packed (no padding).
+    pub fn packed(&self) -> bool {
+        matches!(self.seqs, Seqs::Packed(_))
+    }
+}
+
+/// Checks a text batch and lays out its rows (see [`text_layout`]); `pad_to` pads further.
+#[allow(clippy::type_complexity)]
+fn text_rows(cfg: &TextConfig, ids: &[Vec<u32>], pad_to: Option<usize>, packed: bool) -> Result<(Vec<usize>, Vec<usize>, Seqs, Vec<usize>)> {
+    let lens: Vec<usize> = ids.iter().map(|s| if s.is_empty() { 0 } else { pool_position(s, cfg.eos_token_id) + 1 }).collect();
+    let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0);
+    if ids.is_empty() || lens.contains(&0) {
+        return Err(shape_err!("text tower needs at least one sequence, none of them empty"));
+    }
+    let t = pad_to.unwrap_or(longest).max(longest);
+    if t > cfg.max_positions {
+        return Err(shape_err!("sequence of {t} tokens exceeds the model's {} positions", cfg.max_positions));
+    }
+    if let Some(&bad) = ids.iter().flatten().find(|&&id| id as usize >= cfg.vocab) {
+        return Err(shape_err!("token id {bad} outside the vocabulary of {}", cfg.vocab));
+    }
+    Ok(text_layout(ids, &lens, t, cfg.eos_token_id as usize, packed))
 }
 
 /// The rows of a text batch: (token ids, position ids, the attention's grouping, the pooled

@@ -3,7 +3,7 @@
 use super::config::VisionConfig;
 use super::layers::LoadOptions;
 use super::schema::{Schema, Tower};
-use super::tower::TowerParams;
+use super::tower::{Mode, TowerParams};
 use super::weights::Weights;
 use crate::backend::cpu::Cpu;
 use crate::error::Result;
@@ -44,7 +44,7 @@ impl VisionTower {
         }
         let b = pixels.dim(0);
         let px = pixels.contiguous();
-        let e = self.params.vision(&Cpu, &self.cfg, &px, b, hook)?; // [B·D]
+        let (e, _) = self.params.vision(&Cpu, &self.cfg, px, b, Mode::Infer, hook)?; // [B·D]
         e.reshape(&[b, e.numel() / b])
     }
 }

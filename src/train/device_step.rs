@@ -1,7 +1,7 @@
 //! Long-CLIP fine-tuning with the towers on a CUDA device ([`DeviceOps`]: a GPU, or the CPU
 //! emulator in tests), driven by the autograd tape. Per micro-batch:
 //!   1. vision tower forward (pixels → [B, D]), text tower forward for the long and the short
-//!      captions — the one tower code of src/model/tower_train.rs on the device backend (long and
+//!      captions — the one tower code of src/model/tower.rs on the device backend (long and
 //!      short captions as one packed text pass, no padding), activations kept on the device
 //!      (or only each block's input with `recompute`). Each tower pass is one node on the tape
 //!      ([`Tape::custom`]) whose input is a one-element "anchor" leaf standing for that tower's
@@ -33,7 +33,8 @@ use crate::model::block::Stored;
 use crate::model::config::ClipConfig;
 use crate::model::schema::{Schema, Tower};
 use crate::model::tower::TowerParams;
-use crate::model::tower_train::Grads;
+use crate::model::tower::Mode;
+use crate::model::tower_backward::Grads;
 use crate::tensor::{DType, Tensor};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -57,6 +58,10 @@ struct Shared {
 }
 
 impl Shared {
+    fn mode(&self) -> Mode {
+        Mode::Train { recompute: self.recompute }
+    }
+
     /// The tower holding schema parameter `i`, its local index, and the gradient list.
     fn locate(&self, i: usize) -> Option<(&TowerParams<Device>, usize, &RefCell<Grads<Device>>)> {
         [(&self.vision, &self.acc_v), (&self.text, &self.acc_t)].into_iter().find_map(|(t, acc)| i.checked_sub(t.first()).filter(|&l| l < t.len()).map(|l| (t, l, acc)))
@@ -122,7 +127,8 @@ impl DeviceStep {
         let sh = self.sh.clone();
         let b = pixels.dim(0);
         let px = sh.dev.upload(&pixels.f32_data())?;
-        let (e, saved) = sh.vision.vision_train(&sh.dev, &sh.config.vision, px, b, sh.recompute)?; // [B, D]
+        let (e, saved) = sh.vision.vision(&sh.dev, &sh.config.vision, px, b, sh.mode(), &mut None)?; // [B, D]
+        let saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let value = Tensor::from_vec(sh.dev.download(&e)?, &[b, sh.config.projection_dim])?;
         Ok(tape.custom(&[anchor], value, move |g| {
             let de = sh.dev.upload(&g.f32_data())?;
@@ -134,7 +140,8 @@ impl DeviceStep {
     /// The text tower's forward on the device as one tape node: [B, D] embeddings.
     fn text_node(&self, tape: &Tape, anchor: &Var, ids: &[Vec<u32>]) -> Result<Var> {
         let sh = self.sh.clone();
-        let (e, saved) = sh.text.text_train(&sh.dev, &sh.config.text, ids, sh.recompute)?; // [B, D]
+        let (e, saved) = sh.text.text(&sh.dev, &sh.config.text, ids, None, sh.mode(), &mut None)?; // [B, D]
+        let saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let value = Tensor::from_vec(sh.dev.download(&e)?, &[ids.len(), sh.config.projection_dim])?;
         Ok(tape.custom(&[anchor], value, move |g| {
             let de = sh.dev.upload(&g.f32_data())?;

@@ -8,7 +8,8 @@ use crate::model::config::{Activation, ClipConfig, TowerConfig};
 use crate::backend::cpu::Cpu;
 use crate::backend::Seqs;
 use crate::model::tower::TowerParams;
-use crate::model::tower_train::Grads;
+use crate::model::tower::Mode;
+use crate::model::tower_backward::Grads;
 use crate::tensor::DType;
 use crate::model::schema::{names, Schema, Tower};
 use crate::model::text::pool_position;
@@ -132,12 +133,13 @@ impl TrainClip {
     }
 
     /// pixels [B, C, S, S] → image embeddings [B, D] (not normalised): the one vision tower
-    /// (src/model/tower_train.rs) on the CPU backend, as one tape node over the tower's parameters
+    /// (src/model/tower.rs, tower_backward.rs) on the CPU backend, as one tape node over the tower's parameters
     /// (its backward is the tower's hand-written backward).
     pub fn image_embeds(&self, tape: &Tape, sv: &StepVars, pixels: &Tensor) -> Result<Var> {
         let (vc, b) = (self.config.vision.clone(), pixels.dim(0));
         let (params, inputs) = self.tower_node_params(sv, Tower::Vision)?;
-        let (e, saved) = params.vision_train(&Cpu, &vc, pixels.contiguous(), b, self.recompute)?; // [B, D]
+        let (e, saved) = params.vision(&Cpu, &vc, pixels.contiguous(), b, self.mode(), &mut None)?; // [B, D]
+        let saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let e = e.reshape(&[b, self.config.projection_dim])?;
         let shapes = self.tower_shapes(Tower::Vision);
         Ok(tape.custom(&inputs.iter().collect::<Vec<_>>(), e, move |g| {
@@ -145,6 +147,10 @@ impl TrainClip {
             params.vision_backward(&Cpu, &vc, &saved, g, &mut grads)?;
             grads.into_iter().zip(shapes).map(|(g, s)| g.map(|t| t.reshape(&s)).transpose()).collect()
         }))
+    }
+
+    fn mode(&self) -> Mode {
+        Mode::Train { recompute: self.recompute }
     }
 
     /// A tower's parameters as the CPU backend holds them (sharing the step's values) and their
@@ -184,7 +190,8 @@ impl TrainClip {
     pub fn text_embeds(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<Var> {
         let tc = self.config.text.clone();
         let (params, inputs) = self.tower_node_params(sv, Tower::Text)?;
-        let (e, saved) = params.text_train(&Cpu, &tc, ids, self.recompute)?; // [B, D]
+        let (e, saved) = params.text(&Cpu, &tc, ids, None, self.mode(), &mut None)?; // [B, D]
+        let saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let e = e.reshape(&[ids.len(), self.config.projection_dim])?;
         let shapes = self.tower_shapes(Tower::Text);
         Ok(tape.custom(&inputs.iter().collect::<Vec<_>>(), e, move |g| {
@@ -220,7 +227,8 @@ impl TrainClip {
         let tc = self.config.text.clone();
         let (b, t, w, d) = (ids.len(), ids.iter().map(|s| s.len()).max().unwrap_or(0), tc.tower.hidden, self.config.projection_dim);
         let (params, inputs) = self.tower_node_params(sv, Tower::Text)?;
-        let (states, e, saved) = params.text_states_train(&Cpu, &tc, ids, self.recompute)?; // [B·T, W], [B, D]
+        let (states, e, saved) = params.text_states(&Cpu, &tc, ids, self.mode())?; // [B·T, W], [B, D]
+        let saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let mut both = states.into_f32_vec();
         both.extend_from_slice(&e.f32_data());
         let n = b * t * w;
