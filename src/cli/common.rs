@@ -56,6 +56,7 @@ pub fn preprocess_config(dir: &Path, image_size: usize) -> Result<PreprocessConf
         }
         Ok(c)
     } else {
+        eprintln!("note: {} is missing: using OpenAI CLIP's preprocessing (resize to {image_size}, centre crop, OpenAI mean/std)", p.display());
         Ok(PreprocessConfig::openai(image_size as u32))
     }
 }
@@ -79,15 +80,21 @@ pub fn read_texts(args: &[String], file: Option<&Path>) -> Result<Vec<String>> {
     Ok(texts)
 }
 
-/// Image paths from arguments or a directory (files sorted by name).
+/// Image paths from arguments or a directory (its image files sorted by name; other files, as
+/// `.DS_Store` or `README.txt`, are skipped with a note, as `eval` does).
 pub fn image_paths(args: &[PathBuf], dir: Option<&Path>) -> Result<Vec<PathBuf>> {
     let paths = match dir {
         Some(d) => {
             let rd = std::fs::read_dir(d).map_err(|e| Error::file(d, format!("cannot list directory: {e}")))?;
-            let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
-            v.sort();
+            let files: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+            let (mut v, mut other): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|p| crate::eval::data::is_image(p));
+            (v.sort(), other.sort());
+            if !other.is_empty() {
+                let names: Vec<String> = other.iter().take(5).map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+                eprintln!("note: skipped {} file(s) of {} that are not images by their extension: {}{}", other.len(), d.display(), names.join(", "), if other.len() > 5 { ", ..." } else { "" });
+            }
             if v.is_empty() {
-                return Err(Error::file(d, "holds no files"));
+                return Err(Error::file(d, "holds no image files (png, jpg, jpeg, webp, bmp, gif, tif, tiff)"));
             }
             v
         }
@@ -117,6 +124,10 @@ pub fn embed_texts(model: &Loaded, tok: &ClipTokenizer, texts: &[String], batch:
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
+    let hint = crate::io::tokenizer::cut_hint(tok.context_length, model.config.text.max_positions);
+    if let Some(note) = tok.take_cut().note(tok.context_length, "texts", &hint) {
+        eprintln!("{note}");
+    }
     Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)
 }
 
@@ -130,7 +141,7 @@ pub fn embed_images(model: &Loaded, pre: &PreprocessConfig, paths: &[PathBuf], b
     }
     let mut parts = vec![];
     for chunk in paths.chunks(batch.max(1)) {
-        let px: Vec<Vec<f32>> = chunk.par_iter().map(|p| Ok(preprocess(&load_rgb8_hf(p)?, pre))).collect::<std::result::Result<_, anyhow::Error>>().map_err(|e| Error::msg(e))?;
+        let px: Vec<Vec<f32>> = chunk.par_iter().map(|p| Ok(preprocess(&load_rgb8_hf(p)?, pre))).collect::<Result<_>>()?;
         let flat: Vec<f32> = px.concat();
         let e = match &model.cuda {
             Some(c) => Tensor::from_vec(c.embed_images(&flat, chunk.len())?, &[chunk.len(), c.projection_dim])?,

@@ -3,7 +3,8 @@
 use super::common::*;
 use super::Compute;
 use crate::error::{Error, Result};
-use crate::io::npy::{write_atomic, write_npy};
+use crate::io::npy::write_npy;
+use crate::io::output::write_file;
 use crate::io::tokenizer::ClipTokenizer;
 use crate::model::Towers;
 use clap::Args;
@@ -71,7 +72,7 @@ pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
     if a.dir.is_some() {
         let list = a.out.with_file_name(format!("{}.files.txt", a.out.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()));
         let text: String = paths.iter().map(|p| format!("{}\n", p.display())).collect();
-        write_atomic(&list, text.as_bytes())?;
+        write_file(&list, text.as_bytes())?;
     }
     eprintln!("wrote {} image embeddings of dim {} to {}", e.dim(0), e.dim(1), a.out.display());
     Ok(())

@@ -140,7 +140,7 @@ fn texts(x: &Ctx, c: &Common, tok: &ClipTokenizer, t: &[String]) -> Result<Vec<f
 }
 
 fn write_svg(path: &Path, svg: &str, quiet: bool) -> Result<()> {
-    crate::io::npy::write_atomic(path, svg.as_bytes())?;
+    crate::io::output::write_file(path, svg.as_bytes())?;
     if !quiet {
         eprintln!("picture: {}", path.display());
     }

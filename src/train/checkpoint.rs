@@ -2,8 +2,9 @@
 //! parameter in f32 under its HF name, the source's config.json and tokenizer/preprocessor files;
 //! SmartCLIP's mask network in `mask_net.safetensors` beside it)
 //! plus `optimizer.safetensors` (`exp_avg.<name>`, `exp_avg_sq.<name>`) and `trainer_state.json`.
-//! Written under a temporary name and renamed into place, so a crash never leaves a half-written
-//! checkpoint; the previous one is replaced only after the new one is complete.
+//! Written under a temporary name and renamed into place (`io::output::write_dir`), so a crash
+//! never leaves a half-written checkpoint; the previous one is replaced only after the new one is
+//! complete.
 use super::data::Position;
 use super::optim::Optimizer;
 use crate::error::{Error, Result};
@@ -40,15 +41,10 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> 
     safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
 }
 
-/// Saves params (+ optimizer state and trainer state when given) as the model dir `dir`.
+/// Saves params (+ optimizer state and trainer state when given) as the model dir `dir`
+/// (written whole through `io::output::write_dir`: a symlinked `dir` keeps its link).
 pub fn save(dir: &Path, source: &Path, params: &[(String, Tensor)], opt: Option<&Optimizer>, state: Option<&TrainerState>) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create: {e}")))?;
-    let name = dir.file_name().ok_or_else(|| Error::file(dir, "not a directory name"))?.to_string_lossy().to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    let r = (|| -> Result<()> {
+    crate::io::output::write_dir(dir, |tmp| {
         // CLIP's own tensors form the HF model file; SmartCLIP's mask network goes beside it
         let t = |mask: bool| -> Vec<(String, Vec<usize>, Vec<u8>)> {
             params.iter().filter(|(n, _)| n.starts_with("mask_net.") == mask).map(|(n, t)| (n.clone(), t.shape().to_vec(), f32_bytes(&t.f32_data()))).collect()
@@ -79,17 +75,7 @@ pub fn save(dir: &Path, source: &Path, params: &[(String, Tensor)], opt: Option<
             std::fs::write(&p, text).map_err(|e| Error::file(&p, format!("cannot write: {e}")))?;
         }
         Ok(())
-    })();
-    if let Err(e) = r {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, format!("cannot move into place: {e}")))?;
-    let _ = std::fs::remove_dir_all(&old);
+    })?;
     Ok(())
 }
 
@@ -117,20 +103,10 @@ pub fn load_state(dir: &Path, opt: &mut Optimizer) -> Result<TrainerState> {
     Ok(state)
 }
 
-/// Puts back a checkpoint that a crash left moved aside: [`save`] replaces an existing directory
-/// by renaming it to `.NAME.old-PID`, then the new one into place; a crash between the two
-/// renames leaves no `NAME` but a complete `.NAME.old-PID`, which this renames back. Unfinished
-/// `.NAME.tmp-PID` directories are left alone (the next save of NAME removes its own).
+/// Repairs what a crash inside [`save`] left under `parent` (`io::output::recover_dirs`): a
+/// checkpoint moved aside is put back, a half-written one of a process that died is removed.
 pub fn recover(parent: &Path) {
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
-    for e in entries.filter_map(|e| e.ok()) {
-        let n = e.file_name().to_string_lossy().to_string();
-        let Some((name, _pid)) = n.strip_prefix('.').and_then(|r| r.rsplit_once(".old-")) else { continue };
-        let target = parent.join(name);
-        if !target.exists() {
-            let _ = std::fs::rename(e.path(), &target);
-        }
-    }
+    crate::io::output::recover_dirs(parent)
 }
 
 /// The checkpoint with the highest step under `out/checkpoints`, if any (after [`recover`]).

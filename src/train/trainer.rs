@@ -309,7 +309,7 @@ fn open_log(path: Option<&Path>, start: usize) -> Result<Option<std::fs::File>> 
     } else {
         String::new()
     };
-    crate::io::npy::write_atomic(p, keep.as_bytes())?;
+    crate::io::output::write_file(p, keep.as_bytes())?;
     let f = std::fs::OpenOptions::new().append(true).open(p).map_err(|e| Error::file(p, format!("cannot open: {e}")))?;
     Ok(Some(f))
 }
@@ -331,7 +331,7 @@ pub fn write_curve(log: &Path) -> Result<PathBuf> {
     let mut out = log.as_os_str().to_owned();
     out.push(".svg");
     let out = PathBuf::from(out);
-    crate::io::npy::write_atomic(&out, svg.as_bytes())?;
+    crate::io::output::write_file(&out, svg.as_bytes())?;
     Ok(out)
 }
 
