@@ -29,12 +29,12 @@ pub struct Cut {
 }
 
 impl Cut {
-    /// One line for stderr when anything was cut, e.g. "3 of 10 texts are longer than the
-    /// 77-token context and were cut (120 tokens lost; the longest has 300)", `hint` appended.
+    /// One line for stderr when anything was cut, e.g. "note: 3 of 10 texts are longer than the
+    /// 77-token context and cut to it (120 tokens lost; the longest has 300)", `hint` appended.
     pub fn note(&self, context: usize, what: &str, hint: &str) -> Option<String> {
         (self.cut > 0).then(|| {
             format!(
-                "note: {} of {} {what} are longer than the {context}-token context and were cut ({} tokens lost; the longest has {}){hint}",
+                "note: {} of {} {what} are longer than the {context}-token context and cut to it ({} tokens lost; the longest has {}){hint}",
                 self.cut, self.texts, self.tokens, self.longest
             )
         })

@@ -8,6 +8,7 @@
 use super::data::Position;
 use super::optim::Optimizer;
 use crate::error::{Error, Result};
+use crate::model::ClipConfig;
 use crate::tensor::Tensor;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -123,4 +124,50 @@ pub fn latest(out: &Path) -> Option<PathBuf> {
         })
         .max_by_key(|(s, _)| *s)
         .map(|(_, p)| p)
+}
+
+/// Checks that checkpoint `dir` holds the architecture of `model` (their config.json), so that a
+/// resume with another --model says so instead of failing later on a mismatched file.
+pub fn check_model(dir: &Path, model: &Path) -> Result<()> {
+    let (ck, m) = (dir.join("config.json"), model.join("config.json"));
+    if !ck.is_file() {
+        return Err(Error::file(dir, "not a checkpoint (no config.json)"));
+    }
+    let (a, b) = (ClipConfig::from_file(&ck)?, ClipConfig::from_file(&m)?);
+    if a != b {
+        return Err(Error::file(dir, format!("checkpoint and model differ: the checkpoint is {}, --model {} is {} (resume with the --model the run started from)", describe(&a), model.display(), describe(&b))));
+    }
+    Ok(())
+}
+
+fn describe(c: &ClipConfig) -> String {
+    let (v, t) = (&c.vision, &c.text);
+    format!(
+        "{}px images in {}px patches, {}×{} vision and {}×{} text layers, {} text positions, {}-d embeddings",
+        v.image_size, v.patch_size, v.tower.layers, v.tower.hidden, t.tower.layers, t.tower.hidden, t.max_positions, c.projection_dim
+    )
+}
+
+/// The checkpoint `--resume NAME` means: the directory NAME, else NAME (e.g. `step-000100`, or
+/// just `100`) under `out/checkpoints`.
+pub fn find(out: &Path, name: &Path) -> Result<PathBuf> {
+    let under = out.join("checkpoints");
+    let numbered = name.to_str().and_then(|n| n.parse::<usize>().ok()).map(|n| under.join(format!("step-{n:06}")));
+    let found = [Some(name.to_path_buf()), Some(under.join(name)), numbered].into_iter().flatten().find(|p| p.is_dir());
+    found.ok_or_else(|| Error::file(name, format!("no such checkpoint (looked for it as given and under {})", under.display())))
+}
+
+/// Before a run that does not resume: an `out` that already holds checkpoints is an error (they
+/// would be overwritten step by step and `--resume` would mix the runs) unless `force`, which
+/// removes them. Returns what was removed.
+pub fn start_over(out: &Path, force: bool) -> Result<usize> {
+    let under = out.join("checkpoints");
+    let Some(last) = latest(out) else { return Ok(0) };
+    if !force {
+        let name = last.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        return Err(Error::file(out, format!("already holds a run (checkpoints up to {name}): continue it with --resume, or start over with --force (removes its checkpoints)")));
+    }
+    let n = std::fs::read_dir(&under).map(|d| d.count()).unwrap_or(0);
+    std::fs::remove_dir_all(&under).map_err(|e| Error::file(&under, format!("cannot remove: {e}")))?;
+    Ok(n)
 }
