@@ -192,9 +192,6 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     let tok = ClipTokenizer::from_file(&cfg.model, tc.max_positions)?;
     let samples = read_samples(&cfg.data, cfg.image_root.as_deref())?;
     let notes = super::data::check(&samples, &tok, tc.max_positions)?;
-    if !quiet {
-        notes.iter().for_each(|n| eprintln!("{n}"));
-    }
     let mut loader = Loader::new(samples, cfg.batch, cfg.seed, cfg.shuffle, pre, tok)?;
     let steps_per_epoch = loader.batches_per_epoch() / cfg.accum;
     if steps_per_epoch == 0 {
@@ -227,6 +224,7 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     let mut log = open_log(cfg.log.as_deref(), start)?;
     let mut eng = engine(&model, &opt)?;
     if !quiet {
+        notes.iter().for_each(|n| eprintln!("{n}"));
         eprintln!("fine-tuning on {}", eng.describe());
     }
     let bar = crate::cli::progress(total as u64, "finetune");
