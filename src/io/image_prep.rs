@@ -134,7 +134,7 @@ fn hw(v: &Value, key: &str) -> Result<Option<(u32, u32)>> {
     };
     match (dim(h), dim(w)) {
         (Some(h), Some(w)) => Ok(Some((h, w))),
-        _ => return Err(Error::msg(format!("preprocessor config: bad \"{key}\": {v}"))),
+        _ => Err(Error::msg(format!("preprocessor config: bad \"{key}\": {v}"))),
     }
 }
 
