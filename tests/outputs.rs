@@ -49,20 +49,18 @@ fn a_device_given_as_out_or_plot_stays_a_device() {
 
 #[test]
 fn a_fifo_given_as_out_is_written_through() {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let d = tmpdir("out-fifo");
     let fifo = d.join("pipe.npy");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    let reader = {
-        let f = fifo.clone();
-        std::thread::spawn(move || std::fs::read(f).unwrap())
-    };
+    // the reading end, opened first without blocking: the writer's open then succeeds at once,
+    // and a run that replaced the FIFO instead leaves this end with nothing to read (no hang)
+    let mut reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
     let m = fixture("tiny");
-    let o = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(["embed-text", "--model", m.to_str().unwrap(), "--out", fifo.to_str().unwrap(), "a cat"]).output().unwrap();
-    // a failed run never opened the pipe: open it (without blocking) so the reader ends
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&fifo);
-    let bytes = reader.join().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&["embed-text", "--model", m.to_str().unwrap(), "--out", fifo.to_str().unwrap(), "a cat"]);
+    let mut bytes = vec![];
+    let _ = reader.read_to_end(&mut bytes);
     assert!(kind(&fifo).is_fifo(), "--out replaced the FIFO");
     assert!(bytes.starts_with(b"\x93NUMPY"), "the pipe got {} bytes, not an .npy", bytes.len());
 }
