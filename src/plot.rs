@@ -46,7 +46,9 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) ->
     }
     let pad = 0.05 * (y1 - y0);
     (y0, y1) = (y0 - pad, y1 + pad);
-    let (w, h, l, r, t, b) = (720.0, 420.0, 70.0, 20.0, 40.0, 50.0);
+    // the legend sits right of the frame, so no grid line or data runs through it
+    let legend_w = 24.0 + 6.5 * series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0) as f64;
+    let (w, h, l, r, t, b) = (650.0 + legend_w, 420.0, 70.0, 30.0 + legend_w, 40.0, 50.0);
     let sx = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
     let sy = |y: f64| h - b - (y - y0) / (y1 - y0) * (h - t - b);
     let mut s = String::new();
@@ -69,23 +71,26 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) ->
         } else if !path.is_empty() {
             let _ = writeln!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.6" points="{}"/>"#, path.join(" "));
         }
-        let ly = t + 16.0 + 16.0 * i as f64;
-        let _ = writeln!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#, w - r - 150.0, w - r - 130.0, w - r - 125.0, ly + 4.0, esc(&se.name));
+        let (ly, lx) = (t + 16.0 + 16.0 * i as f64, w - r + 12.0);
+        let _ = writeln!(s, r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#, lx + 20.0, lx + 25.0, ly + 4.0, esc(&se.name));
     }
     s.push_str("</svg>\n");
     Ok(s)
 }
 
 /// A heatmap of `m[row][col]` counts (a confusion matrix: rows = true, columns = predicted),
-/// cells shaded by their share of the row, with the labels on both axes.
+/// cells shaded by their share of the row, with the labels on both axes (the columns' slanted
+/// above them).
 pub fn heatmap(title: &str, labels: &[String], m: &[Vec<usize>]) -> Result<String> {
     let n = labels.len();
     if n == 0 || m.len() != n || m.iter().any(|r| r.len() != n) {
         return Err(Error::msg(format!("heatmap \"{title}\": {n} labels for a {}-row matrix", m.len())));
     }
     let cell = (600.0 / n as f64).clamp(4.0, 40.0);
-    let left = 20.0 + 7.0 * labels.iter().map(|l| l.chars().count()).max().unwrap_or(1).min(24) as f64;
-    let (top, w) = (60.0, left + cell * n as f64 + 20.0);
+    let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(1).min(24) as f64;
+    let left = 20.0 + 7.0 * longest;
+    // column labels run up and right at 45°: room above for the longest, and right of the last
+    let (top, w) = (60.0 + 5.0 * longest, left + cell * n as f64 + 20.0 + 5.0 * longest);
     let h = top + cell * n as f64 + 50.0;
     let mut s = String::new();
     let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0}" height="{h:.0}" font-family="sans-serif" font-size="11">"#);
@@ -102,6 +107,8 @@ pub fn heatmap(title: &str, labels: &[String], m: &[Vec<usize>]) -> Result<Strin
         }
         if cell >= 8.0 {
             let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, left - 4.0, top + cell * (i as f64 + 0.5) + 4.0, esc(&labels[i]));
+            let (x, y) = (left + cell * (i as f64 + 0.5) + 4.0, top - 6.0);
+            let _ = writeln!(s, r#"<text x="{x:.1}" y="{y:.1}" transform="rotate(-45 {x:.1} {y:.1})">{}</text>"#, esc(&labels[i]));
         }
     }
     let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">predicted class (columns) · true class (rows)</text>"#, left + cell * n as f64 / 2.0, top + cell * n as f64 + 30.0);
@@ -133,5 +140,24 @@ mod tests {
         let hm = heatmap("c", &["a".into(), "b".into()], &[vec![2, 0], vec![1, 1]]).unwrap();
         assert!(hm.starts_with("<svg") && hm.matches("<rect").count() == 5 && !hm.contains("NaN"));
         assert!(heatmap("c", &["a".into()], &[vec![1, 2]]).is_err());
+    }
+
+    /// The x attribute of the first element of `svg` that holds `needle`.
+    fn x_of(svg: &str, needle: &str) -> f64 {
+        let line = svg.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle}"));
+        line.split("x=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn the_legend_is_outside_the_frame_and_columns_are_labelled() {
+        let full = Series { name: "image→text".into(), points: vec![(1.0, 90.0), (5.0, 100.0), (10.0, 100.0)] };
+        let svg = line_chart("recall", "K", "%", &[full]).unwrap();
+        let frame = svg.lines().find(|l| l.contains(r##"fill="none" stroke="#333""##)).unwrap();
+        let attr = |k: &str| -> f64 { frame.split(&format!(" {k}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap().parse().unwrap() };
+        assert!(x_of(&svg, ">image→text</text>") > attr("x") + attr("width"), "legend inside the plot: {svg}");
+        let hm = heatmap("c", &["cat".into(), "dog".into()], &[vec![1, 0], vec![0, 1]]).unwrap();
+        for l in ["cat", "dog"] {
+            assert_eq!(hm.matches(&format!(">{l}</text>")).count(), 2, "{l}: a row and a column label: {hm}");
+        }
     }
 }

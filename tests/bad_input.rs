@@ -157,3 +157,24 @@ fn cuda_without_a_driver_is_an_error_and_auto_falls_back() {
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     assert!(out.exists());
 }
+
+#[test]
+fn a_truncated_jpeg_is_an_error() {
+    let d = tmpdir("jpeg");
+    let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8]));
+    let mut bytes = vec![];
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Jpeg).unwrap();
+    let m = fixture("tiny");
+    let out = d.join("e.npy");
+    let (good, cut) = (d.join("good.jpg"), d.join("cut.jpg"));
+    let mut trailing = bytes.clone();
+    trailing.extend_from_slice(b"trailing bytes after the end marker");
+    std::fs::write(&good, &trailing).unwrap();
+    let ok = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), good.to_str().unwrap()]).output().unwrap();
+    assert!(ok.status.success(), "a whole JPEG: {}", String::from_utf8_lossy(&ok.stderr));
+    std::fs::remove_file(&out).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let e = fails(&["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), cut.to_str().unwrap()]);
+    assert!(e.contains("cut.jpg") && e.contains("truncated"), "{e}");
+    assert!(!out.exists());
+}

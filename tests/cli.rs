@@ -131,3 +131,101 @@ fn help_on_every_command() {
         assert!(out.contains("Usage"), "{c} --help: {out}");
     }
 }
+
+/// Runs clipforge → (success, stdout, stderr).
+fn run_any(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(args).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn bench_text_len_beyond_the_model_is_an_error_not_a_clamp() {
+    let m = fixture("tiny");
+    let mt = m.to_str().unwrap();
+    for (extra, needle) in [(&["--task", "train", "--text-len", "248"][..], "--stretch"), (&["--task", "train", "--stretch", "--text-len", "300"][..], "248"), (&["--text-len", "100"][..], "77")] {
+        let mut args = vec!["bench", "--model", mt, "--batch", "2", "--iters", "1", "--device", "cpu", "--json"];
+        args.extend(extra);
+        let (ok, _, e) = run_any(&args);
+        assert!(!ok && e.trim().lines().count() == 1 && e.contains("--text-len") && e.contains(needle), "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn inference_commands_offer_only_the_dtypes_they_compute_in() {
+    for c in ["embed-text", "embed-image", "classify", "similarity"] {
+        let help = run(&[c, "--help"]);
+        assert!(help.contains("[possible values: f32, bf16]"), "{c} --help lists other dtypes: {help}");
+    }
+    let (ok, _, e) = run_any(&["embed-text", "--model", "m", "--out", "o.npy", "--dtype", "f16", "x"]);
+    assert!(!ok && e.contains("f16") && e.contains("f32, bf16"), "{e}");
+    assert!(run(&["bench", "--help"]).contains("f16"), "bench --task train keeps f16");
+}
+
+#[test]
+fn embed_image_dir_skips_other_files_and_skip_bad_skips_broken_images() {
+    let d = tmpdir("skip");
+    let dir = d.join("photos");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..3 {
+        std::fs::copy(fixture(&format!("longclip/img_{i:03}.png")), dir.join(format!("{i}.png"))).unwrap();
+    }
+    std::fs::write(dir.join(".DS_Store"), b"\x00\x00\x00\x01Bud1").unwrap();
+    std::fs::write(dir.join("README.txt"), "my photos").unwrap();
+    let m = fixture("tiny");
+    let out = d.join("e.npy");
+    let (ok, _, e) = run_any(&["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dir", dir.to_str().unwrap()]);
+    assert!(ok, "{e}");
+    assert!(e.contains("skipped 2") && e.contains("README.txt"), "{e}");
+    assert_eq!(read_npy(&out).unwrap().1, vec![3, 24]);
+    // a broken image: an error without --skip-bad, skipped and named with it
+    std::fs::write(dir.join("1.png"), b"not a png").unwrap();
+    let (ok, _, e) = run_any(&["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dir", dir.to_str().unwrap()]);
+    assert!(!ok && e.contains("1.png"), "{e}");
+    let (ok, _, e) = run_any(&["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dir", dir.to_str().unwrap(), "--skip-bad"]);
+    assert!(ok && e.contains("skipped") && e.contains("1.png"), "{e}");
+    assert_eq!(read_npy(&out).unwrap().1, vec![2, 24]);
+    let listed = std::fs::read_to_string(d.join("e.files.txt")).unwrap();
+    assert_eq!(listed.lines().map(PathBuf::from).collect::<Vec<_>>(), vec![dir.join("0.png"), dir.join("2.png")]);
+}
+
+#[test]
+fn a_text_longer_than_the_context_is_noted() {
+    let d = tmpdir("long");
+    let m = fixture("tiny");
+    let long = "a cat sitting on a mat ".repeat(30);
+    let out = d.join("t.npy");
+    let (ok, _, e) = run_any(&["embed-text", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), "short", &long]);
+    assert!(ok && e.contains("1 of 2 texts") && e.contains("77-token") && e.contains("tokens lost") && e.contains("stretch the model first"), "{e}");
+    let (ok, _, e) = run_any(&["embed-text", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), "short"]);
+    assert!(ok && !e.contains("note"), "{e}");
+}
+
+#[test]
+fn a_missing_preprocessor_config_is_noted() {
+    let d = tmpdir("nopre");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("tiny").join(f), d.join(f)).unwrap();
+    }
+    let out = d.join("e.npy");
+    let (ok, _, e) = run_any(&["embed-image", "--model", d.to_str().unwrap(), "--out", out.to_str().unwrap(), images()[0].to_str().unwrap()]);
+    assert!(ok && e.contains("preprocessor_config.json") && e.contains("OpenAI"), "{e}");
+}
+
+#[test]
+fn the_similarity_table_is_aligned_and_help_says_how_ties_rank() {
+    let m = fixture("tiny");
+    let d = tmpdir("sim");
+    let short = d.join("a.png");
+    std::fs::copy(images()[0].as_path(), &short).unwrap();
+    let long = images()[1].clone();
+    let out = run(&["similarity", "--model", m.to_str().unwrap(), "--image", short.to_str().unwrap(), long.to_str().unwrap(), "--text", "a cat", "a dog"]);
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains('[')).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    let cols = |l: &str| l.char_indices().filter(|&(_, c)| c == '[').map(|(i, _)| l[..i].chars().count()).collect::<Vec<_>>();
+    assert_eq!(cols(rows[0]), cols(rows[1]), "columns misaligned:\n{out}");
+    let head = out.lines().find(|l| l.contains("T0") && l.contains("T1") && !l.contains(':')).unwrap_or_else(|| panic!("no column header:\n{out}"));
+    assert_eq!(head.chars().count(), rows[0].chars().count(), "header and rows differ in width:\n{out}");
+    for c in ["retrieval", "zeroshot"] {
+        assert!(run(&["eval", c, "--help"]).contains("clip_benchmark"), "eval {c} --help");
+    }
+}

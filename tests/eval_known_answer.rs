@@ -54,7 +54,10 @@ fn a_short_finetune_learns_the_colours() {
     let r5 = r["recall"][1]["text_to_image"].as_f64().unwrap();
     eprintln!("retrieval text→image R@5 (12 images, 2 per colour): {r5:.2}");
     assert!(r5 >= 0.75, "{r}");
-    let p: serde_json::Value = serde_json::from_str(&cf(&["eval", "linear-probe", "--model", tuned.to_str().unwrap(), "--train", train.to_str().unwrap(), "--test", test.to_str().unwrap(), "--no-cache", "--json"])).unwrap();
+    let lp = d.join("lp.svg");
+    let p: serde_json::Value = serde_json::from_str(&cf(&["eval", "linear-probe", "--model", tuned.to_str().unwrap(), "--train", train.to_str().unwrap(), "--test", test.to_str().unwrap(), "--no-cache", "--plot", lp.to_str().unwrap(), "--json"])).unwrap();
+    let svg = std::fs::read_to_string(&lp).unwrap_or_else(|e| panic!("linear-probe --plot wrote nothing: {e}"));
+    assert!(svg.starts_with("<svg") && svg.contains("validation accuracy"), "{svg}");
     let acc = p["result"]["test_accuracy"].as_f64().unwrap();
     eprintln!("linear probe test accuracy: {acc:.2}");
     assert!(acc >= 0.75, "{p}");

@@ -167,3 +167,87 @@ fn a_crash_between_the_two_renames_of_a_replace_loses_no_checkpoint() {
     assert_eq!(latest(&d), Some(ck.clone()));
     assert_eq!(Weights::open(&ck).unwrap().get("logit_scale").unwrap().to_vec_f32(), model.params[model.index("logit_scale").unwrap()].1.to_vec_f32());
 }
+
+/// Runs `clipforge finetune ARGS` → (success, stderr).
+fn finetune_cli(args: &[&str]) -> (bool, String) {
+    let r = Command::new(env!("CARGO_BIN_EXE_clipforge")).arg("finetune").args(args).output().unwrap();
+    (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned())
+}
+
+#[test]
+fn an_existing_out_needs_resume_or_force_and_resume_finds_checkpoints_by_name() {
+    let d = tmpdir("ft-out");
+    let (tiny, data, out) = (fixture("tiny"), fixture("longclip/train.jsonl"), d.join("out"));
+    let base = ["--model", tiny.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--batch", "4", "--max-steps", "2", "--save-every", "1", "--device", "cpu", "--pca-dim", "2"];
+    let with = |extra: &[&str]| finetune_cli(&[&base[..], extra].concat());
+    let (ok, e) = with(&[]);
+    assert!(ok, "{e}");
+    assert!(e.contains("long captions are longer than the 77-token context") && e.contains("stretch the model first"), "no note on cut captions: {e}");
+    let (ok, e) = with(&[]);
+    assert!(!ok && e.trim().lines().count() == 1 && e.contains("--resume") && e.contains("--force"), "{e}");
+    for name in ["step-000001", "1"] {
+        let (ok, e) = with(&["--resume", name]);
+        assert!(ok, "--resume {name}: {e}");
+    }
+    let (ok, e) = with(&["--force"]);
+    assert!(ok && e.contains("removed"), "{e}");
+    let (ok, e) = with(&["--resume", "step-000077"]);
+    assert!(!ok && e.contains("step-000077") && e.contains("no such checkpoint"), "{e}");
+    // a checkpoint of another architecture
+    let odd = fixture("odd");
+    let (ok, e) = finetune_cli(&["--model", odd.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--batch", "4", "--device", "cpu", "--resume"]);
+    assert!(!ok && e.trim().lines().count() == 1 && e.contains("checkpoint and model differ"), "{e}");
+}
+
+#[test]
+fn a_half_written_checkpoint_of_a_dead_run_is_removed() {
+    let d = tmpdir("ckpt-stale");
+    let ck = d.join("checkpoints");
+    let (dead, mine) = (ck.join(".step-000004.tmp-999999999"), ck.join(format!(".step-000004.tmp-{}", std::process::id())));
+    std::fs::create_dir_all(&dead).unwrap();
+    std::fs::create_dir_all(&mine).unwrap();
+    assert_eq!(clipforge::train::checkpoint::latest(&d), None);
+    assert!(!dead.exists(), "the dead run's temp checkpoint stayed");
+    assert!(mine.exists(), "a running process's temp checkpoint was removed");
+}
+
+/// JSONL of the 16 fixture images (absolute paths), `bad` replacing the image of line `at`.
+fn data_with(d: &Path, at: usize, bad: &Path) -> std::path::PathBuf {
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            let img = if i + 1 == at { bad.to_path_buf() } else { fixture(&format!("longclip/img_{i:03}.png")) };
+            serde_json::json!({"image": img, "caption": format!("shape number {i}")}).to_string()
+        })
+        .collect();
+    let p = d.join(format!("data-{at}.jsonl"));
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+#[test]
+fn bad_training_images_are_found_up_front_or_stop_with_the_last_good_step() {
+    let d = tmpdir("ft-data");
+    let tiny = fixture("tiny");
+    let run_on = |data: &Path, out: &Path| finetune_cli(&["--model", tiny.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--batch", "4", "--no-shuffle", "--device", "cpu", "--pca-dim", "2"]);
+    // a missing file and a file that is no image: found before the first step, file and line named
+    std::fs::write(d.join("notes.png"), "not an image").unwrap();
+    for (at, bad) in [(11, d.join("missing.png")), (3, d.join("notes.png"))] {
+        let data = data_with(&d, at, &bad);
+        let out = d.join(format!("out-{at}"));
+        let (ok, e) = run_on(&data, &out);
+        let name = bad.file_name().unwrap().to_str().unwrap();
+        assert!(!ok && e.trim().lines().count() == 1 && e.contains(&format!("line {at}")) && e.contains(name) && e.contains("data-"), "{e}");
+        assert!(!out.join("checkpoints").exists(), "a run started");
+    }
+    // a JPEG whose header is fine but whose data is cut: found when its batch (the third) comes
+    let img = image::RgbImage::from_fn(256, 256, |x, y| image::Rgb([(x * y) as u8, ((x + y) * 37) as u8, (x ^ y) as u8]));
+    let mut bytes = vec![];
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Jpeg).unwrap();
+    let cut = d.join("cut.jpg");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = d.join("out-cut");
+    let (ok, e) = run_on(&data_with(&d, 10, &cut), &out);
+    let last = e.trim().lines().last().unwrap_or_default();
+    assert!(!ok && last.contains("line 10") && last.contains("cut.jpg") && last.contains("truncated") && last.contains("step 2"), "{e}");
+    assert!(out.join("checkpoints/step-000002/trainer_state.json").is_file(), "no checkpoint of the last good step: {e}");
+}

@@ -1,7 +1,7 @@
 //! `clipforge bench`: images/s and texts/s of the towers on synthetic weights made in memory
 //! (or a model directory), achieved GFLOP/s, and that as a share of a GEMM ceiling measured in
 //! the same run; `--task train` times Long-CLIP fine-tuning steps instead (src/cli/bench_train.rs).
-use super::Compute;
+use super::{DeviceArg, DtypeArg};
 use crate::api::ClipModel;
 use crate::error::{Error, Result};
 use crate::flops;
@@ -37,19 +37,33 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
     #[command(flatten)]
-    pub compute: Compute,
+    pub compute: BenchCompute,
     /// Timed batches per tower, or training steps (after one warm-up)
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
-    /// Tokens per text (the full context, as HF pads to max_length; --task train: the long captions)
-    #[arg(long, default_value_t = 77)]
-    pub text_len: usize,
+    /// Tokens per text (the full context, as HF pads to max_length; --task train: the long captions).
+    /// Default 77 (the model's positions if fewer); more than the model's positions is an error
+    #[arg(long)]
+    pub text_len: Option<usize>,
     /// Which towers: both, image, text
     #[arg(long, default_value = "both")]
     pub towers: String,
     /// Print one JSON object instead of a table
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where and in what precision bench computes: the inference commands' choices, and f16 for
+/// `--task train` on a CUDA device.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct BenchCompute {
+    /// auto (CUDA when available, else CPU), cpu, or cuda
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// f32 or bf16 (as the inference commands); f16 only with --task train on a CUDA device
+    /// (half-precision forward GEMMs, f32 master weights)
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
 }
 
 /// `b` token sequences of `len` tokens: start, random ids, end (seeded).
@@ -63,6 +77,24 @@ pub fn synthetic_ids(cfg: &ClipConfig, b: usize, len: usize, seed: u64) -> Vec<V
             s
         })
         .collect()
+}
+
+/// The tokens per text of a run: `--text-len` checked against `min` and the model's positions
+/// (`stretched`: after `--stretch`), or 77 (fewer if the model has fewer).
+pub fn text_len(a: &BenchArgs, min: usize, positions: usize) -> Result<usize> {
+    let n = a.text_len.unwrap_or(77.min(positions));
+    let hint = match (a.stretch, a.task.as_str()) {
+        (false, "train") if positions < 248 => " (add --stretch for up to 248)",
+        (false, _) if positions < 248 => " (stretch the model first: clipforge stretch)",
+        _ => "",
+    };
+    if n > positions {
+        return Err(Error::msg(format!("--text-len {n} exceeds the model's {positions} text positions{hint}")));
+    }
+    if n < min {
+        return Err(Error::msg(format!("--text-len {n}: at least {min} tokens")));
+    }
+    Ok(n)
 }
 
 /// Seconds per call of `f`, median of `iters` after one warm-up.
@@ -117,7 +149,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.batch == 0 {
         return Err(Error::msg("--batch must be at least 1"));
     }
-    let opts = super::common::open_options(towers, a.compute)?;
+    let opts = super::common::open_options(towers, super::Compute { device: a.compute.device, dtype: a.compute.dtype })?;
     let (model, source) = match &a.model {
         Some(dir) => (ClipModel::open(dir, &opts)?, dir.display().to_string()),
         None => {
@@ -142,7 +174,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         report["image_gflops"] = gf.into();
     }
     if do_txt {
-        let t = a.text_len.clamp(2, cfg.text.max_positions);
+        let t = text_len(a, 2, cfg.text.max_positions)?;
         let ids = synthetic_ids(&cfg, b, t, 11);
         let sec = time_it(a.iters, "text tower", || model.embed_token_ids(&ids, false, b, &mut |_| {}).map(|_| ()))?;
         report["texts_per_s"] = (b as f64 / sec).into();

@@ -70,7 +70,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let mut eng = spec.build(&model, &opt)?;
     let (b, s) = (a.batch, cfg.vision.image_size);
-    let t_long = a.text_len.clamp(3, cfg.text.max_positions);
+    let t_long = super::bench::text_len(a, 3, cfg.text.max_positions)?;
     let t_short = 16.min(t_long);
     let batch = Batch {
         pixels: Tensor::from_vec(normal_vec(b * 3 * s * s, 0.0, 1.0, 7), &[b, 3, s, s])?,

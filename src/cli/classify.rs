@@ -119,9 +119,14 @@ pub fn similarity(a: &SimilarityArgs) -> Result<()> {
     for (j, txt) in a.texts.iter().enumerate() {
         println!("  T{j}: {txt}");
     }
-    for (i, img) in a.images.iter().enumerate() {
-        let cells: Vec<String> = (0..t).map(|j| format!("T{j} {:+.4} [{:5.1}%]", cos[i * t + j], 100.0 * probs[i * t + j])).collect();
-        println!("{}  {}", img.display(), cells.join("  "));
+    // one column per text, headed T0, T1, ...; image names padded to one width
+    let names: Vec<String> = a.images.iter().map(|p| p.display().to_string()).collect();
+    let w = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
+    let head: Vec<String> = (0..t).map(|j| format!("{:>16}", format!("T{j}"))).collect();
+    println!("{:w$}  {}", "", head.join("  "));
+    for (i, name) in names.iter().enumerate() {
+        let cells: Vec<String> = (0..t).map(|j| format!("{:+.4} [{:5.1}%]", cos[i * t + j], 100.0 * probs[i * t + j])).collect();
+        println!("{name:w$}  {}", cells.join("  "));
     }
     Ok(())
 }

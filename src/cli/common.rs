@@ -22,12 +22,21 @@ pub fn open_options(towers: Towers, compute: Compute) -> Result<OpenOptions> {
     Ok(OpenOptions { device, dtype: compute.dtype.dtype()?, towers })
 }
 
+/// Opens the model; with the image tower, checks its preprocessing up front (and notes a
+/// missing preprocessor_config.json).
 pub fn load_model(dir: &Path, towers: Towers, compute: Compute) -> Result<Loaded> {
-    ClipModel::open(dir, &open_options(towers, compute)?)
+    let model = ClipModel::open(dir, &open_options(towers, compute)?)?;
+    if towers != Towers::Text {
+        preprocess_config(dir, model.config().vision.image_size)?;
+    }
+    Ok(model)
 }
 
 /// The model's preprocessing: preprocessor_config.json if present, else OpenAI's at its image size.
 pub fn preprocess_config(dir: &Path, image_size: usize) -> Result<PreprocessConfig> {
+    if !dir.join("preprocessor_config.json").exists() {
+        eprintln!("note: {} is missing: using OpenAI CLIP's preprocessing (resize to {image_size}, centre crop, OpenAI mean/std)", dir.join("preprocessor_config.json").display());
+    }
     PreprocessConfig::for_model_dir(dir, image_size)
 }
 
@@ -50,15 +59,21 @@ pub fn read_texts(args: &[String], file: Option<&Path>) -> Result<Vec<String>> {
     Ok(texts)
 }
 
-/// Image paths from arguments or a directory (files sorted by name).
+/// Image paths from arguments or a directory (its image files sorted by name; other files, as
+/// `.DS_Store` or `README.txt`, are skipped with a note, as `eval` does).
 pub fn image_paths(args: &[PathBuf], dir: Option<&Path>) -> Result<Vec<PathBuf>> {
     let paths = match dir {
         Some(d) => {
             let rd = std::fs::read_dir(d).map_err(|e| Error::file(d, format!("cannot list directory: {e}")))?;
-            let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
-            v.sort();
+            let files: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+            let (mut v, mut other): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|p| crate::eval::data::is_image(p));
+            (v.sort(), other.sort());
+            if !other.is_empty() {
+                let names: Vec<String> = other.iter().take(5).map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+                eprintln!("note: skipped {} file(s) of {} that are not images by their extension: {}{}", other.len(), d.display(), names.join(", "), if other.len() > 5 { ", ..." } else { "" });
+            }
             if v.is_empty() {
-                return Err(Error::file(d, "holds no files"));
+                return Err(Error::file(d, "holds no image files (png, jpg, jpeg, webp, bmp, gif, tif, tiff)"));
             }
             v
         }
@@ -85,6 +100,10 @@ pub fn embed_texts(model: &Loaded, tok: &ClipTokenizer, texts: &[String], batch:
     let ids = tok.encode_batch(texts)?;
     let e = model.embed_token_ids(&ids, normalize, batch, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
+    let hint = crate::io::tokenizer::cut_hint(tok.context_length, model.context_length());
+    if let Some(note) = tok.take_cut().note(tok.context_length, "texts", &hint) {
+        eprintln!("{note}");
+    }
     Ok(e.into())
 }
 

@@ -3,7 +3,8 @@
 use super::common::*;
 use super::Compute;
 use crate::error::{Error, Result};
-use crate::io::npy::{write_atomic, write_npy};
+use crate::io::npy::write_npy;
+use crate::io::output::write_file;
 use crate::io::tokenizer::ClipTokenizer;
 use crate::model::Towers;
 use clap::Args;
@@ -22,12 +23,16 @@ pub struct EmbedImageArgs {
     /// Output .npy file (float32 [N, D])
     #[arg(long)]
     pub out: PathBuf,
-    /// Embed every file of this directory (sorted by name); the row→file list is written to OUT's stem + .files.txt
+    /// Embed every image file of this directory (sorted by name; other files are skipped with a note); the row→file list is written to OUT's stem + .files.txt
     #[arg(long, conflicts_with = "images")]
     pub dir: Option<PathBuf>,
     /// Write raw projections instead of L2-normalised embeddings
     #[arg(long)]
     pub no_normalize: bool,
+    /// Skip images that cannot be read or decoded (each named on stderr) instead of failing; the
+    /// rows written are listed in OUT's stem + .files.txt
+    #[arg(long)]
+    pub skip_bad: bool,
     /// Image files
     pub images: Vec<PathBuf>,
 }
@@ -63,17 +68,38 @@ pub struct EmbedTextArgs {
 }
 
 pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
-    let paths = image_paths(&a.images, a.dir.as_deref())?;
+    let mut paths = image_paths(&a.images, a.dir.as_deref())?;
+    if a.skip_bad {
+        paths = readable_images(paths, a.dir.as_deref())?;
+    }
     let model = load_model(&a.model, Towers::Vision, a.compute)?;
     let e = embed_images(&model, &paths, a.batch, !a.no_normalize, false)?;
     write_npy(&a.out, &e.to_vec_f32(), e.shape())?;
-    if a.dir.is_some() {
+    if a.dir.is_some() || a.skip_bad {
         let list = a.out.with_file_name(format!("{}.files.txt", a.out.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()));
         let text: String = paths.iter().map(|p| format!("{}\n", p.display())).collect();
-        write_atomic(&list, text.as_bytes())?;
+        write_file(&list, text.as_bytes())?;
     }
     eprintln!("wrote {} image embeddings of dim {} to {}", e.dim(0), e.dim(1), a.out.display());
     Ok(())
+}
+
+/// `--skip-bad`: the images that decode (in parallel), each other one named on stderr.
+fn readable_images(paths: Vec<PathBuf>, dir: Option<&std::path::Path>) -> Result<Vec<PathBuf>> {
+    use rayon::prelude::*;
+    let errs: Vec<Option<Error>> = paths.par_iter().map(|p| crate::io::image_decode::load_rgb8_hf(p).err()).collect();
+    let mut good = vec![];
+    for (p, e) in paths.into_iter().zip(errs) {
+        match e {
+            Some(e) => eprintln!("skipped: {e}"),
+            None => good.push(p),
+        }
+    }
+    if good.is_empty() {
+        let what = dir.map(|d| d.display().to_string()).unwrap_or_else(|| "the images given".into());
+        return Err(Error::msg(format!("--skip-bad: none of {what} could be read")));
+    }
+    Ok(good)
 }
 
 pub fn embed_text(a: &EmbedTextArgs) -> Result<()> {

@@ -13,13 +13,19 @@ use crate::model::Towers;
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
+/// How ties rank, in every metric's --help.
+const TIES: &str = "Ties rank as in clip_benchmark (torch.topk over all candidates): a candidate scoring the same as the right one counts ahead of it when it comes first in the data, never in its favour (duplicate captions are not all hits).";
+
 #[derive(Subcommand, Debug)]
 pub enum EvalCmd {
     /// Zero-shot classification of an ImageFolder tree (ROOT/<class>/<image>)
+    #[command(after_help = TIES)]
     Zeroshot(ZeroshotArgs),
     /// Image↔text retrieval recall@1/5/10 on a JSONL file
+    #[command(after_help = TIES)]
     Retrieval(RetrievalArgs),
-    /// Linear probe: L2-regularised logistic regression on frozen image features (ImageFolder trees)
+    /// Linear probe: L2-regularised logistic regression on frozen image features (ImageFolder trees);
+    /// --plot draws the validation accuracy of the λ sweep
     LinearProbe(ProbeArgs),
 }
 
@@ -54,7 +60,8 @@ pub struct Common {
     /// Print the metrics as JSON
     #[arg(long)]
     pub json: bool,
-    /// Where to write the SVG picture
+    /// Where to write the SVG picture (default: zeroshot_confusion.svg, retrieval_recall.svg,
+    /// linear_probe.svg)
     #[arg(long)]
     pub plot: Option<PathBuf>,
 }
@@ -140,7 +147,7 @@ fn texts(x: &Ctx, c: &Common, tok: &ClipTokenizer, t: &[String]) -> Result<Vec<f
 }
 
 fn write_svg(path: &Path, svg: &str, quiet: bool) -> Result<()> {
-    crate::io::npy::write_atomic(path, svg.as_bytes())?;
+    crate::io::output::write_file(path, svg.as_bytes())?;
     if !quiet {
         eprintln!("picture: {}", path.display());
     }
@@ -228,8 +235,12 @@ pub fn probe_cmd(a: &ProbeArgs) -> Result<()> {
     let d = x.model.config().projection_dim;
     let (tx, vx) = (images(&x, c, &train.images)?, images(&x, c, &test.images)?);
     let r = crate::eval::probe::linear_probe(&tx, &train.labels, &vx, &test.labels, d, train.folders.len())?;
+    let plot = c.plot.clone().unwrap_or_else(|| PathBuf::from("linear_probe.svg"));
+    let sweep = crate::plot::Series { name: "validation accuracy".into(), points: r.sweep.iter().map(|&(l, a)| (l.log10(), 100.0 * a)).collect() };
+    let chosen = crate::plot::Series { name: format!("test accuracy at λ = {:e}", r.lambda), points: vec![(r.lambda.log10(), 100.0 * r.test_accuracy)] };
+    write_svg(&plot, &crate::plot::line_chart("linear probe: λ sweep", "log10 λ", "accuracy (%)", &[sweep, chosen])?, c.json)?;
     if c.json {
-        println!("{}", serde_json::json!({"train_images": train.images.len(), "test_images": test.images.len(), "classes": train.folders.len(), "result": r}));
+        println!("{}", serde_json::json!({"train_images": train.images.len(), "test_images": test.images.len(), "classes": train.folders.len(), "result": r, "plot": plot}));
     } else {
         println!(
             "{} classes, {} train / {} test images: test accuracy {:.2}% (train {:.2}%), λ = {:e} chosen on a validation split",

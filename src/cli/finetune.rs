@@ -69,9 +69,14 @@ pub struct FinetuneArgs {
     /// One JSON line per optimizer step; a loss-curve SVG is written next to it at the end
     #[arg(long)]
     pub log: Option<PathBuf>,
-    /// Continue from a checkpoint directory (default: the latest under OUT/checkpoints)
+    /// Continue from a checkpoint: a directory, or a name under OUT/checkpoints (step-000100, or
+    /// 100); alone, the latest under OUT/checkpoints
     #[arg(long, num_args = 0..=1)]
     pub resume: Option<Option<PathBuf>>,
+    /// Start over in an OUT that holds checkpoints of an earlier run (they are removed); without
+    /// it (or --resume) such an OUT is an error
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// SmartCLIP: the mask network's peak learning rate (CLIP uses --lr)
     #[arg(long, default_value_t = 1e-3)]
     pub mask_lr: f64,
@@ -127,8 +132,14 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
         dtype: format!("{:?}", a.dtype).to_lowercase(),
     };
     let resume = match &a.resume {
-        None => None,
-        Some(Some(p)) => Some(p.clone()),
+        None => {
+            let removed = crate::train::checkpoint::start_over(&a.out, a.force)?;
+            if removed > 0 {
+                eprintln!("--force: removed {removed} checkpoint(s) of the earlier run in {}", a.out.join("checkpoints").display());
+            }
+            None
+        }
+        Some(Some(p)) => Some(crate::train::checkpoint::find(&a.out, p)?),
         Some(None) => Some(crate::train::checkpoint::latest(&a.out).ok_or_else(|| Error::file(a.out.join("checkpoints"), "--resume: no checkpoint found"))?),
     };
     let stop = Arc::new(AtomicBool::new(false));

@@ -50,9 +50,15 @@ pub struct Compute {
     /// auto (CUDA when available, else CPU), cpu, or cuda
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
-    /// Compute precision: f32 or bf16 (bf16 Linear weights, GEMM inputs rounded to bf16, f32 accumulation: AVX512-BF16 on the CPU, cuBLASLt tensor cores on CUDA); f16 is not supported yet
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    /// Compute precision: f32 or bf16 (bf16 Linear weights, GEMM inputs rounded to bf16, f32 accumulation: AVX512-BF16 on the CPU, cuBLASLt tensor cores on CUDA)
+    #[arg(long, default_value = "f32", value_parser = inference_dtype())]
     pub dtype: DtypeArg,
+}
+
+/// The precisions the inference towers compute in: f32 and bf16 (f16 only trains, on CUDA).
+fn inference_dtype() -> impl clap::builder::TypedValueParser<Value = DtypeArg> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["f32", "bf16"]).map(|s| if s == "bf16" { DtypeArg::Bf16 } else { DtypeArg::F32 })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

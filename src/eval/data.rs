@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 const IMAGE_EXT: [&str; 8] = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"];
 
-fn is_image(p: &Path) -> bool {
+/// Whether `p` names an image file by its extension (png, jpg, jpeg, webp, bmp, gif, tif, tiff).
+pub fn is_image(p: &Path) -> bool {
     p.extension().map(|e| IMAGE_EXT.contains(&e.to_string_lossy().to_lowercase().as_str())).unwrap_or(false)
 }
 

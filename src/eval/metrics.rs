@@ -1,7 +1,9 @@
 //! Evaluation metrics on L2-normalised embeddings (rows of row-major [N, D] slices): zero-shot
 //! top-k accuracy, per-class accuracy and the confusion matrix; retrieval recall@K both ways.
-//! A target's rank is the number of candidates scoring strictly higher, so ties count in the
-//! target's favour and the result does not depend on the candidates' order.
+//! Ties follow clip_benchmark (its `torch.topk` over the scores): a target's rank is the number
+//! of candidates scoring higher plus those scoring the same that come before it, so ties are
+//! broken by candidate order, never in the target's favour (four images with the same caption
+//! give image→text R@1 = 25 %, not 100 %).
 
 /// Cosine similarities [rows_a, rows_b] of normalised embeddings.
 pub fn similarity(a: &[f32], b: &[f32], d: usize) -> Vec<f32> {
@@ -11,10 +13,10 @@ pub fn similarity(a: &[f32], b: &[f32], d: usize) -> Vec<f32> {
     s
 }
 
-/// Rank of column `target` within row `row` (0 = best).
+/// Rank of column `target` within row `row` (0 = best; ties broken by index).
 fn rank(row: &[f32], target: usize) -> usize {
     let t = row[target];
-    row.iter().filter(|&&v| v > t).count()
+    row.iter().enumerate().filter(|&(i, &v)| v > t || (v == t && i < target)).count()
 }
 
 #[derive(Clone, Debug, serde::Serialize, PartialEq)]
@@ -101,5 +103,18 @@ mod tests {
         let r = retrieval(&img, &txt, 2, &[0, 0, 1], &[1, 2]);
         assert_eq!(r[0], Recall { k: 1, image_to_text: 0.5, text_to_image: 2.0 / 3.0 });
         assert_eq!(r[1], Recall { k: 2, image_to_text: 1.0, text_to_image: 1.0 });
+    }
+
+    /// Four images with the same caption: every caption ties, and only the first image's comes
+    /// first (clip_benchmark's torch.topk order), so R@1 is 25 % both ways, R@4 100 %.
+    #[test]
+    fn ties_are_broken_by_order_not_in_the_targets_favour() {
+        let img = [1.0, 0.0, 0.8, 0.6, 0.6, 0.8, 0.0, 1.0];
+        let txt = [0.6, 0.8, 0.6, 0.8, 0.6, 0.8, 0.6, 0.8];
+        let r = retrieval(&img, &txt, 2, &[0, 1, 2, 3], &[1, 4]);
+        assert_eq!(r[0], Recall { k: 1, image_to_text: 0.25, text_to_image: 0.25 });
+        assert_eq!(r[1].image_to_text, 1.0);
+        let z = zero_shot(&[0.5, 0.5, 0.5, 0.5], 2, &[0, 1]);
+        assert_eq!((z.top1, z.confusion[1][0]), (0.5, 1));
     }
 }

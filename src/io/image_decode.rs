@@ -1,9 +1,15 @@
 //! Image decoding to 8-bit RGB exactly as Pillow opens and converts files (the first step of
 //! HF's CLIPImageProcessor): `decode_rgb8` = `Image.open(f).convert("RGB")`; `decode_rgb8_hf` =
 //! transformers' `convert_to_rgb` (transparency composited onto white). Checked against Pillow
-//! 13.0.0: exact for PNG (all modes, 16-bit, palette, tRNS), BMP, GIF, TIFF, WebP; JPEG goes through
+//! 13.0.0: exact for PNG (all modes but one, palette, tRNS), BMP, GIF, TIFF, WebP; JPEG goes through
 //! zune-jpeg instead of libjpeg-turbo and differs by a few levels. No EXIF rotation (as Image.open).
-use anyhow::{anyhow, bail, Result};
+//! Deliberate differences from Pillow (and so from HF):
+//! - 16-bit grayscale (PIL mode I;16) keeps the high byte of each sample (`v >> 8`), as Pillow
+//!   itself does for 16-bit RGB; Pillow clamps to 0..255 instead, which turns a typical 16-bit
+//!   gray photo white.
+//! - A JPEG without its end-of-image marker after the scan data (a truncated file) is an error, as
+//!   Pillow's "image file is truncated"; zune-jpeg alone would fill the missing rows with gray.
+use crate::error::{Error, Result};
 use std::path::Path;
 
 /// Interleaved 8-bit RGB image, row-major, `data.len() == width * height * 3`.
@@ -25,9 +31,33 @@ pub fn load_rgb8_hf(path: &Path) -> Result<RgbImage8> {
 }
 
 fn load_with(path: &Path, hf: bool) -> Result<RgbImage8> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| anyhow!("cannot read image file {}: {e}", path.display()))?;
-    decode(&bytes, hf).map_err(|e| anyhow!("cannot decode image file {}: {e}", path.display()))
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
+    decode(&bytes, hf).map_err(|e| Error::file(path, format!("cannot decode image: {e}")))
+}
+
+/// Checks that `path` is a readable image from its header alone (format and size; no pixel is
+/// decoded) → (width, height). Fast enough to check a whole training set up front.
+pub fn probe(path: &Path) -> Result<(u32, u32)> {
+    let bad = |e: &dyn std::fmt::Display| Error::file(path, format!("not a readable image: {e}"));
+    let r = image::ImageReader::open(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
+    let r = r.with_guessed_format().map_err(|e| bad(&e))?;
+    if r.format().is_none() {
+        return Err(bad(&"unrecognised or unsupported image format"));
+    }
+    let (w, h) = r.into_dimensions().map_err(|e| bad(&e))?;
+    if w == 0 || h == 0 {
+        return Err(bad(&format!("zero size ({w}x{h})")));
+    }
+    Ok((w, h))
+}
+
+/// Whether JPEG bytes end their scan data with the end-of-image marker (FF D9). Entropy-coded
+/// data never holds a marker (an FF there is stuffed as FF 00), so a file cut inside its last
+/// scan has no FF D9 after its last start-of-scan (FF DA); the last, not the first, because an
+/// EXIF thumbnail before the image is a complete JPEG of its own.
+fn jpeg_complete(bytes: &[u8]) -> bool {
+    let Some(sos) = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]) else { return false };
+    bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// Decode file bytes (PNG, JPEG, WebP, BMP, GIF, TIFF, ... as the `image` crate supports) to RGB8
@@ -46,26 +76,22 @@ pub fn decode_rgb8_hf(bytes: &[u8]) -> Result<RgbImage8> {
 fn decode(bytes: &[u8], hf: bool) -> Result<RgbImage8> {
     use image::DynamicImage as D;
     if bytes.is_empty() {
-        bail!("file is empty");
+        return Err(Error::msg("file is empty"));
     }
-    let fmt = image::guess_format(bytes).map_err(|_| {
-        anyhow!(
-            "unrecognised or unsupported image format (starts with {:02x?})",
-            &bytes[..bytes.len().min(8)]
-        )
-    })?;
+    let fmt = image::guess_format(bytes)
+        .map_err(|_| Error::msg(format!("unrecognised or unsupported image format (starts with {:02x?})", &bytes[..bytes.len().min(8)])))?;
+    if fmt == image::ImageFormat::Jpeg && !jpeg_complete(bytes) {
+        return Err(Error::msg("JPEG file is truncated (no end-of-image marker after the scan data)"));
+    }
     let dynimg = std::panic::catch_unwind(|| image::load_from_memory_with_format(bytes, fmt))
-        .map_err(|_| anyhow!("{fmt:?} decoder panicked (corrupt file?)"))?
-        .map_err(|e| anyhow!("{fmt:?} decode failed: {e}"))?;
+        .map_err(|_| Error::msg(format!("{fmt:?} decoder panicked (corrupt file?)")))?
+        .map_err(|e| Error::msg(format!("{fmt:?} decode failed: {e}")))?;
     let (w, h) = (dynimg.width(), dynimg.height());
     if w == 0 || h == 0 {
-        bail!("image has zero size ({w}x{h})");
+        return Err(Error::msg(format!("image has zero size ({w}x{h})")));
     }
-    // PNG IHDR: 16-bit grayscale (colour type 0) opens in PIL as mode "I;16" even with a tRNS chunk.
-    let png_gray16 = bytes.len() > 25 && bytes.starts_with(b"\x89PNG") && bytes[24..26] == [16, 0];
-    // PIL I;16 -> RGB (and -> L) *clamps* to 255: no scaling, so a typical 16-bit gray photo goes white.
-    let clip = |v: u16| v.min(255) as u8;
-    // PIL unpacks 16-bit PNG RGB/RGBA/LA ("RGB;16B", ...) to 8 bits by keeping the high byte.
+    // 16-bit samples keep their high byte: what PIL does when it unpacks 16-bit PNG RGB/RGBA/LA
+    // ("RGB;16B", ...) to 8 bits, and here for 16-bit gray too (PIL clamps I;16 to 255 instead).
     let hi = |v: u16| (v >> 8) as u8;
     let map16 = |v: Vec<u16>, f: &dyn Fn(u16) -> u8| v.into_iter().map(f).collect::<Vec<u8>>();
     // (channels, 8-bit samples); an even channel count means the last one is alpha.
@@ -77,14 +103,8 @@ fn decode(bytes: &[u8], hf: bool) -> Result<RgbImage8> {
         D::ImageRgb8(b) => (3, b.into_raw()),
         // RGBA / RGB+tRNS / P+tRNS / GIF transparent index: convert("RGB") keeps the stored colour.
         D::ImageRgba8(b) => (4, b.into_raw()),
-        D::ImageLuma16(b) => (1, map16(b.into_raw(), &clip)),
-        D::ImageLumaA16(b) if png_gray16 => (
-            2,
-            b.chunks_exact(2)
-                .flat_map(|p| [clip(p[0]), hi(p[1])])
-                .collect(),
-        ),
-        D::ImageLumaA16(b) => (2, map16(b.into_raw(), &hi)), // PIL opens 16-bit LA as RGBA
+        D::ImageLuma16(b) => (1, map16(b.into_raw(), &hi)),
+        D::ImageLumaA16(b) => (2, map16(b.into_raw(), &hi)),
         D::ImageRgb16(b) => (3, map16(b.into_raw(), &hi)),
         D::ImageRgba16(b) => (4, map16(b.into_raw(), &hi)),
         // Float images (EXR/HDR/float TIFF): the image crate's clamp-and-round, not checked vs PIL.

@@ -6,7 +6,7 @@
 //!   including Pillow 13's pass order (Pillow <= 12 always ran the horizontal pass first).
 //! * `preprocess` = resize shortest edge, center crop (zero padding), rescale, normalise:
 //!   bit-exact f32 against the HF pipeline given the same RGB8 image.
-use anyhow::{anyhow, bail, Result};
+use crate::error::{Error, Result};
 use serde_json::Value;
 pub use super::image_decode::{decode_rgb8, decode_rgb8_hf, load_rgb8, load_rgb8_hf, RgbImage8};
 
@@ -58,16 +58,16 @@ impl PreprocessConfig {
     /// `{"height","width"}` or `[h, w]`; `crop_size`: int (square), `{"height","width"}` or `[h, w]`.
     pub fn from_json_str(s: &str) -> Result<Self> {
         const E: &str = "preprocessor config";
-        let v: Value = serde_json::from_str(s).map_err(|e| anyhow!("{E}: invalid JSON: {e}"))?;
+        let v: Value = serde_json::from_str(s).map_err(|e| Error::msg(format!("{E}: invalid JSON: {e}")))?;
         let Some(obj) = v.as_object() else {
-            bail!("{E}: top level is not an object")
+            return Err(Error::msg(format!("{E}: top level is not an object")))
         };
         let get = |k: &str| obj.get(k).filter(|x| !x.is_null());
         let flag = |k: &str| match get(k) {
             None => Ok(true), // every do_* defaults to true for CLIP
             Some(x) => x
                 .as_bool()
-                .ok_or_else(|| anyhow!("{E}: \"{k}\" is not a bool: {x}")),
+                .ok_or_else(|| Error::msg(format!("{E}: \"{k}\" is not a bool: {x}"))),
         };
         let mut cfg = Self::openai(224);
         cfg.do_resize = flag("do_resize")?;
@@ -76,11 +76,11 @@ impl PreprocessConfig {
         cfg.do_normalize = flag("do_normalize")?;
         cfg.do_convert_rgb = flag("do_convert_rgb")?;
         if let Some(r) = get("resample").filter(|r| r.as_u64() != Some(3)) {
-            bail!("{E}: only resample=3 (BICUBIC) is implemented, got {r}");
+            return Err(Error::msg(format!("{E}: only resample=3 (BICUBIC) is implemented, got {r}")));
         }
         if let Some(x) = get("rescale_factor") {
             let Some(f) = x.as_f64() else {
-                bail!("{E}: bad rescale_factor {x}")
+                return Err(Error::msg(format!("{E}: bad rescale_factor {x}")))
             };
             cfg.rescale_factor = f as f32;
         }
@@ -92,7 +92,7 @@ impl PreprocessConfig {
                     Some(n) if sz.get("longest_edge").is_none_or(Value::is_null) => {
                         cfg.shortest_edge = n
                     }
-                    _ => bail!("{E}: unsupported \"size\": {sz}"),
+                    _ => return Err(Error::msg(format!("{E}: unsupported \"size\": {sz}"))),
                 },
             }
         }
@@ -100,7 +100,7 @@ impl PreprocessConfig {
             (cfg.crop_h, cfg.crop_w) = match dim(cs) {
                 Some(n) => (n, n),
                 None => hw(cs, "crop_size")?
-                    .ok_or_else(|| anyhow!("{E}: unsupported \"crop_size\": {cs}"))?,
+                    .ok_or_else(|| Error::msg(format!("{E}: unsupported \"crop_size\": {cs}")))?,
             };
         }
         for (key, dst) in [("image_mean", &mut cfg.mean), ("image_std", &mut cfg.std)] {
@@ -110,7 +110,7 @@ impl PreprocessConfig {
                 _ => x.as_f64().map(|f| vec![f; 3]).unwrap_or_default(), // scalar = all channels
             };
             if vals.len() != 3 || matches!(x, Value::Array(a) if a.len() != 3) {
-                bail!("{E}: \"{key}\" must be 3 numbers or one number, got {x}");
+                return Err(Error::msg(format!("{E}: \"{key}\" must be 3 numbers or one number, got {x}")));
             }
             *dst = [vals[0] as f32, vals[1] as f32, vals[2] as f32];
         }
@@ -134,7 +134,7 @@ fn hw(v: &Value, key: &str) -> Result<Option<(u32, u32)>> {
     };
     match (dim(h), dim(w)) {
         (Some(h), Some(w)) => Ok(Some((h, w))),
-        _ => bail!("preprocessor config: bad \"{key}\": {v}"),
+        _ => Err(Error::msg(format!("preprocessor config: bad \"{key}\": {v}"))),
     }
 }
 

@@ -1,5 +1,6 @@
-//! Input and output: tokenizer, image preprocessing, .npy files.
+//! Input and output: tokenizer, image preprocessing, .npy files, how outputs are written.
 pub mod image_decode;
 pub mod image_prep;
 pub mod npy;
+pub mod output;
 pub mod tokenizer;

@@ -1,7 +1,6 @@
-//! NumPy .npy output (format 1.0, little-endian f32, C order), written atomically: a temp file
-//! beside the target, then rename, so a failed run never leaves a half-written file.
+//! NumPy .npy output (format 1.0, little-endian f32, C order), written by `io::output`'s policy
+//! (a temp file and a rename; special files in place; symlinks followed).
 use crate::error::{Error, Result};
-use std::io::Write;
 use std::path::Path;
 
 /// The bytes of an .npy file holding `data` with `shape`.
@@ -23,25 +22,8 @@ pub fn npy_bytes(data: &[f32], shape: &[usize]) -> Vec<u8> {
     out
 }
 
-/// Writes `bytes` to `path` through a temp file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file path"))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::file(path, format!("cannot write: {e}"))
-    })
-}
-
 pub fn write_npy(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
-    write_atomic(path, &npy_bytes(data, shape))
+    super::output::write_file(path, &npy_bytes(data, shape))
 }
 
 /// Reads an .npy written by `write_npy` (f32, C order) → (data, shape).

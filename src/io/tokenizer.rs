@@ -1,7 +1,9 @@
 //! The CLIP tokenizer: HF `tokenizer.json` through the `tokenizers` crate, with CLIP's truncation
-//! (start token, the first n−2 content tokens, end token last) to any context length.
+//! (start token, the first n−2 content tokens, end token last) to any context length. What the
+//! truncation cut is counted ([`ClipTokenizer::take_cut`]) so that commands can say so.
 use crate::error::{Error, Result};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct ClipTokenizer {
     inner: tokenizers::Tokenizer,
@@ -9,6 +11,46 @@ pub struct ClipTokenizer {
     pub eot: u32,
     /// Longest sequence produced, start and end tokens included.
     pub context_length: usize,
+    /// Since the last [`ClipTokenizer::take_cut`]: texts encoded, texts cut, tokens cut, longest text.
+    counts: [AtomicUsize; 4],
+}
+
+/// What the truncation to the context cut from a set of texts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cut {
+    /// Texts encoded.
+    pub texts: usize,
+    /// Texts longer than the context.
+    pub cut: usize,
+    /// Tokens cut from them in all.
+    pub tokens: usize,
+    /// The longest text's length in tokens (start and end included).
+    pub longest: usize,
+}
+
+impl Cut {
+    /// One line for stderr when anything was cut, e.g. "note: 3 of 10 texts are longer than the
+    /// 77-token context and cut to it (120 tokens lost; the longest has 300)", `hint` appended.
+    pub fn note(&self, context: usize, what: &str, hint: &str) -> Option<String> {
+        (self.cut > 0).then(|| {
+            format!(
+                "note: {} of {} {what} are longer than the {context}-token context and cut to it ({} tokens lost; the longest has {}){hint}",
+                self.cut, self.texts, self.tokens, self.longest
+            )
+        })
+    }
+}
+
+/// The hint of a cut note for a context of `context` tokens on a model of `max_positions`: a longer
+/// --max-len, or stretching a model of 77 positions to 248.
+pub fn cut_hint(context: usize, max_positions: usize) -> String {
+    if context < max_positions {
+        format!("; the model takes up to {max_positions} (--max-len)")
+    } else if max_positions < 248 {
+        "; stretch the model first (clipforge stretch) for texts of up to 248 tokens".into()
+    } else {
+        String::new()
+    }
 }
 
 impl ClipTokenizer {
@@ -24,7 +66,7 @@ impl ClipTokenizer {
         if context_length < 2 {
             return Err(Error::msg(format!("context length {context_length} is too short (need ≥ 2)")));
         }
-        Ok(ClipTokenizer { inner, sot, eot, context_length })
+        Ok(ClipTokenizer { inner, sot, eot, context_length, counts: Default::default() })
     }
 
     /// Ids of one text: [SOT, first n−2 content tokens, EOT]; no padding.
@@ -37,6 +79,13 @@ impl ClipTokenizer {
         let enc = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizer failed on {text:?}: {e}")))?;
         let content = enc.get_ids();
         let n = content.len().min(self.context_length - 2);
+        let [texts, cut, tokens, longest] = &self.counts;
+        texts.fetch_add(1, Ordering::Relaxed);
+        if n < content.len() {
+            cut.fetch_add(1, Ordering::Relaxed);
+            tokens.fetch_add(content.len() - n, Ordering::Relaxed);
+        }
+        longest.fetch_max(content.len() + 2, Ordering::Relaxed);
         let mut ids = Vec::with_capacity(n + 2);
         ids.push(self.sot);
         ids.extend_from_slice(&content[..n]);
@@ -46,5 +95,11 @@ impl ClipTokenizer {
 
     pub fn encode_batch(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
         texts.iter().map(|t| self.encode(t)).collect()
+    }
+
+    /// What the truncation cut since the last call (or since loading); resets the counts.
+    pub fn take_cut(&self) -> Cut {
+        let [texts, cut, tokens, longest] = self.counts.each_ref().map(|c| c.swap(0, Ordering::Relaxed));
+        Cut { texts, cut, tokens, longest }
     }
 }

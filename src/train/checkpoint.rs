@@ -2,11 +2,13 @@
 //! parameter in f32 under its HF name, the source's config.json and tokenizer/preprocessor files;
 //! SmartCLIP's mask network in `mask_net.safetensors` beside it)
 //! plus `optimizer.safetensors` (`exp_avg.<name>`, `exp_avg_sq.<name>`) and `trainer_state.json`.
-//! Written under a temporary name and renamed into place, so a crash never leaves a half-written
-//! checkpoint; the previous one is replaced only after the new one is complete.
+//! Written under a temporary name and renamed into place (`io::output::write_dir`), so a crash
+//! never leaves a half-written checkpoint; the previous one is replaced only after the new one is
+//! complete.
 use super::data::Position;
 use super::optim::Optimizer;
 use crate::error::{Error, Result};
+use crate::model::ClipConfig;
 use crate::tensor::Tensor;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -40,15 +42,10 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> 
     safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
 }
 
-/// Saves params (+ optimizer state and trainer state when given) as the model dir `dir`.
+/// Saves params (+ optimizer state and trainer state when given) as the model dir `dir`
+/// (written whole through `io::output::write_dir`: a symlinked `dir` keeps its link).
 pub fn save(dir: &Path, source: &Path, params: &[(String, Tensor)], opt: Option<&Optimizer>, state: Option<&TrainerState>) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create: {e}")))?;
-    let name = dir.file_name().ok_or_else(|| Error::file(dir, "not a directory name"))?.to_string_lossy().to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    let r = (|| -> Result<()> {
+    crate::io::output::write_dir(dir, |tmp| {
         // CLIP's own tensors form the HF model file; SmartCLIP's mask network goes beside it
         let t = |mask: bool| -> Vec<(String, Vec<usize>, Vec<u8>)> {
             params.iter().filter(|(n, _)| n.starts_with("mask_net.") == mask).map(|(n, t)| (n.clone(), t.shape().to_vec(), f32_bytes(&t.f32_data()))).collect()
@@ -79,17 +76,7 @@ pub fn save(dir: &Path, source: &Path, params: &[(String, Tensor)], opt: Option<
             std::fs::write(&p, text).map_err(|e| Error::file(&p, format!("cannot write: {e}")))?;
         }
         Ok(())
-    })();
-    if let Err(e) = r {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, format!("cannot move into place: {e}")))?;
-    let _ = std::fs::remove_dir_all(&old);
+    })?;
     Ok(())
 }
 
@@ -117,20 +104,10 @@ pub fn load_state(dir: &Path, opt: &mut Optimizer) -> Result<TrainerState> {
     Ok(state)
 }
 
-/// Puts back a checkpoint that a crash left moved aside: [`save`] replaces an existing directory
-/// by renaming it to `.NAME.old-PID`, then the new one into place; a crash between the two
-/// renames leaves no `NAME` but a complete `.NAME.old-PID`, which this renames back. Unfinished
-/// `.NAME.tmp-PID` directories are left alone (the next save of NAME removes its own).
+/// Repairs what a crash inside [`save`] left under `parent` (`io::output::recover_dirs`): a
+/// checkpoint moved aside is put back, a half-written one of a process that died is removed.
 pub fn recover(parent: &Path) {
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
-    for e in entries.filter_map(|e| e.ok()) {
-        let n = e.file_name().to_string_lossy().to_string();
-        let Some((name, _pid)) = n.strip_prefix('.').and_then(|r| r.rsplit_once(".old-")) else { continue };
-        let target = parent.join(name);
-        if !target.exists() {
-            let _ = std::fs::rename(e.path(), &target);
-        }
-    }
+    crate::io::output::recover_dirs(parent)
 }
 
 /// The checkpoint with the highest step under `out/checkpoints`, if any (after [`recover`]).
@@ -147,4 +124,50 @@ pub fn latest(out: &Path) -> Option<PathBuf> {
         })
         .max_by_key(|(s, _)| *s)
         .map(|(_, p)| p)
+}
+
+/// Checks that checkpoint `dir` holds the architecture of `model` (their config.json), so that a
+/// resume with another --model says so instead of failing later on a mismatched file.
+pub fn check_model(dir: &Path, model: &Path) -> Result<()> {
+    let (ck, m) = (dir.join("config.json"), model.join("config.json"));
+    if !ck.is_file() {
+        return Err(Error::file(dir, "not a checkpoint (no config.json)"));
+    }
+    let (a, b) = (ClipConfig::from_file(&ck)?, ClipConfig::from_file(&m)?);
+    if a != b {
+        return Err(Error::file(dir, format!("checkpoint and model differ: the checkpoint is {}, --model {} is {} (resume with the --model the run started from)", describe(&a), model.display(), describe(&b))));
+    }
+    Ok(())
+}
+
+fn describe(c: &ClipConfig) -> String {
+    let (v, t) = (&c.vision, &c.text);
+    format!(
+        "{}px images in {}px patches, {}×{} vision and {}×{} text layers, {} text positions, {}-d embeddings",
+        v.image_size, v.patch_size, v.tower.layers, v.tower.hidden, t.tower.layers, t.tower.hidden, t.max_positions, c.projection_dim
+    )
+}
+
+/// The checkpoint `--resume NAME` means: the directory NAME, else NAME (e.g. `step-000100`, or
+/// just `100`) under `out/checkpoints`.
+pub fn find(out: &Path, name: &Path) -> Result<PathBuf> {
+    let under = out.join("checkpoints");
+    let numbered = name.to_str().and_then(|n| n.parse::<usize>().ok()).map(|n| under.join(format!("step-{n:06}")));
+    let found = [Some(name.to_path_buf()), Some(under.join(name)), numbered].into_iter().flatten().find(|p| p.is_dir());
+    found.ok_or_else(|| Error::file(name, format!("no such checkpoint (looked for it as given and under {})", under.display())))
+}
+
+/// Before a run that does not resume: an `out` that already holds checkpoints is an error (they
+/// would be overwritten step by step and `--resume` would mix the runs) unless `force`, which
+/// removes them. Returns what was removed.
+pub fn start_over(out: &Path, force: bool) -> Result<usize> {
+    let under = out.join("checkpoints");
+    let Some(last) = latest(out) else { return Ok(0) };
+    if !force {
+        let name = last.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        return Err(Error::file(out, format!("already holds a run (checkpoints up to {name}): continue it with --resume, or start over with --force (removes its checkpoints)")));
+    }
+    let n = std::fs::read_dir(&under).map(|d| d.count()).unwrap_or(0);
+    std::fs::remove_dir_all(&under).map_err(|e| Error::file(&under, format!("cannot remove: {e}")))?;
+    Ok(n)
 }

@@ -9,7 +9,7 @@
 //! size, so its PCA and InfoNCE are comparable). A [`Position`] (epoch, next sample) fully
 //! determines what comes next, so a resumed run sees exactly the batches an uninterrupted one would.
 use crate::error::{Error, Result};
-use crate::io::image_decode::load_rgb8_hf;
+use crate::io::image_decode::{load_rgb8_hf, probe};
 use crate::io::image_prep::{preprocess, PreprocessConfig};
 use crate::io::tokenizer::ClipTokenizer;
 use crate::model::synthetic::Rng;
@@ -22,6 +22,8 @@ pub struct Sample {
     pub image: PathBuf,
     pub caption: String,
     pub short_caption: String,
+    /// Where it was read: "DATA: line N" (JSONL) or "DATA: entry N" (ShareGPT4V JSON, from 0).
+    pub at: String,
 }
 
 /// Long-CLIP's short caption: the text before the first ". ".
@@ -29,9 +31,9 @@ pub fn first_sentence(caption: &str) -> String {
     caption.split(". ").next().unwrap_or(caption).to_string()
 }
 
-fn sample(base: &Path, image: &str, caption: String, short: Option<String>) -> Sample {
+fn sample(base: &Path, image: &str, caption: String, short: Option<String>, at: String) -> Sample {
     let short_caption = short.unwrap_or_else(|| first_sentence(&caption));
-    Sample { image: base.join(image), caption, short_caption }
+    Sample { image: base.join(image), caption, short_caption, at }
 }
 
 /// Reads a JSONL or ShareGPT4V JSON file (by content: a leading `[` is the JSON array form).
@@ -52,7 +54,7 @@ pub fn read_samples(path: &Path, image_root: Option<&Path>) -> Result<Vec<Sample
                 .and_then(|c| c.as_str())
                 .ok_or_else(|| Error::file(path, format!("entry {i}: no conversations[1].value string")))?
                 .replace('\n', " ");
-            out.push(sample(base, &image, caption, None));
+            out.push(sample(base, &image, caption, None, format!("{}: entry {i}", path.display())));
         }
     } else {
         for (i, line) in text.lines().enumerate() {
@@ -62,13 +64,32 @@ pub fn read_samples(path: &Path, image_root: Option<&Path>) -> Result<Vec<Sample
             let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::file(path, format!("line {}: not JSON: {e}", i + 1)))?;
             let image = str_field(&v, "image").ok_or_else(|| Error::file(path, format!("line {}: no \"image\" string", i + 1)))?;
             let caption = str_field(&v, "caption").ok_or_else(|| Error::file(path, format!("line {}: no \"caption\" string", i + 1)))?;
-            out.push(sample(base, &image, caption, str_field(&v, "short_caption")));
+            out.push(sample(base, &image, caption, str_field(&v, "short_caption"), format!("{}: line {}", path.display(), i + 1)));
         }
     }
     if out.is_empty() {
         return Err(Error::file(path, "no samples"));
     }
     Ok(out)
+}
+
+/// Checks a data set before the first step, so that a bad sample does not stop a run hours in:
+/// every image must exist and have a readable header (no pixel is decoded); the first bad one is
+/// an error naming the data file, its line and the image. Returns the notes for captions longer
+/// than `tok`'s context (they are cut; `max_positions` picks the hint).
+pub fn check(samples: &[Sample], tok: &ClipTokenizer, max_positions: usize) -> Result<Vec<String>> {
+    let bad = samples.par_iter().enumerate().filter_map(|(i, s)| probe(&s.image).err().map(|e| (i, e))).min_by_key(|(i, _)| *i);
+    if let Some((i, e)) = bad {
+        return Err(Error::msg(format!("{}: {e}", samples[i].at)));
+    }
+    let hint = crate::io::tokenizer::cut_hint(tok.context_length, max_positions);
+    let mut notes = vec![];
+    for (what, short) in [("long captions", false), ("short captions", true)] {
+        tok.take_cut();
+        samples.par_iter().try_for_each(|s| tok.encode(if short { &s.short_caption } else { &s.caption }).map(|_| ()))?;
+        notes.extend(tok.take_cut().note(tok.context_length, what, &hint));
+    }
+    Ok(notes)
 }
 
 /// Where the data stream stands: the next micro-batch starts at sample `index` of epoch `epoch`'s
@@ -144,7 +165,7 @@ impl Loader {
         let (s, pre) = (self.pre.crop_h as usize, &self.pre);
         let images: Vec<Vec<f32>> = idx
             .par_iter()
-            .map(|&i| load_rgb8_hf(&self.samples[i].image).map(|im| preprocess(&im, pre)).map_err(|e| Error::msg(format!("{e:#}"))))
+            .map(|&i| load_rgb8_hf(&self.samples[i].image).map(|im| preprocess(&im, pre)).map_err(|e| Error::msg(format!("{}: {e}", self.samples[i].at))))
             .collect::<Result<_>>()?;
         let pixels: Vec<f32> = images.concat();
         let long: Vec<String> = idx.iter().map(|&i| self.samples[i].caption.clone()).collect();

@@ -174,8 +174,12 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     if cfg.accum == 0 {
         return Err(Error::msg("--accum must be at least 1"));
     }
-    if let Some(parent) = resume.and_then(|d| d.parent()) {
-        checkpoint::recover(parent); // a checkpoint a crash left moved aside
+    checkpoint::recover(&cfg.out.join("checkpoints")); // what a crash left
+    if let Some(dir) = resume {
+        if let Some(parent) = dir.parent() {
+            checkpoint::recover(parent);
+        }
+        checkpoint::check_model(dir, &cfg.model)?;
     }
     let source = resume.unwrap_or(&cfg.model);
     let mut model = TrainClip::load_dir(source)?;
@@ -184,6 +188,7 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     let pre = crate::io::image_prep::PreprocessConfig::for_model_dir(&cfg.model, model.config.vision.image_size)?;
     let tok = ClipTokenizer::from_file(&cfg.model, tc.max_positions)?;
     let samples = read_samples(&cfg.data, cfg.image_root.as_deref())?;
+    let notes = super::data::check(&samples, &tok, tc.max_positions)?;
     let mut loader = Loader::new(samples, cfg.batch, cfg.seed, cfg.shuffle, pre, tok)?;
     let steps_per_epoch = loader.batches_per_epoch() / cfg.accum;
     if steps_per_epoch == 0 {
@@ -216,6 +221,7 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     let mut log = open_log(cfg.log.as_deref(), start)?;
     let mut eng = engine(&model, &opt)?;
     if !quiet {
+        notes.iter().for_each(|n| eprintln!("{n}"));
         eprintln!("fine-tuning on {}", eng.describe());
     }
     let bar = crate::progress::bar(total as u64, "finetune");
@@ -238,7 +244,15 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
         let lrs = [lr, lr * cfg.mask_lr / cfg.lr];
         let pos_before = loader.position;
         for _ in 0..cfg.accum {
-            let batch = loader.next_batch()?;
+            let batch = match loader.next_batch() {
+                Ok(b) => b,
+                Err(e) if step > start => {
+                    let dir = save(&mut eng, &mut model, &mut opt, step, pos_before)?;
+                    bar.finish_and_clear();
+                    return Err(Error::msg(format!("{e}; stopped, the last good state (step {step}) is saved in {}", dir.display())));
+                }
+                Err(e) => return Err(e),
+            };
             let ids = if smart { Some(sampled_captions(&loader, &batch.samples, cfg.seed, loader.position.epoch)?) } else { None }; // the batch's epoch
             let l = eng.micro_batch(&model, &Micro { batch: &batch, smart_ids: ids.as_deref() }, 1.0 / cfg.accum as f32)?;
             if !l.loss.is_finite() {
@@ -306,7 +320,7 @@ fn open_log(path: Option<&Path>, start: usize) -> Result<Option<std::fs::File>> 
     } else {
         String::new()
     };
-    crate::io::npy::write_atomic(p, keep.as_bytes())?;
+    crate::io::output::write_file(p, keep.as_bytes())?;
     let f = std::fs::OpenOptions::new().append(true).open(p).map_err(|e| Error::file(p, format!("cannot open: {e}")))?;
     Ok(Some(f))
 }
@@ -328,7 +342,7 @@ pub fn write_curve(log: &Path) -> Result<PathBuf> {
     let mut out = log.as_os_str().to_owned();
     out.push(".svg");
     let out = PathBuf::from(out);
-    crate::io::npy::write_atomic(&out, svg.as_bytes())?;
+    crate::io::output::write_file(&out, svg.as_bytes())?;
     Ok(out)
 }
 
