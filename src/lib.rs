@@ -10,7 +10,6 @@
 pub mod api;
 pub mod autograd;
 pub mod backend;
-pub mod cli;
 pub mod cuda;
 pub mod error;
 pub mod eval;

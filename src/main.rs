@@ -1,5 +1,8 @@
-//! The `clipforge` binary: parses the command line and prints any error as one line.
+//! The `clipforge` binary: the command line (src/cli/, a thin user of the library's API) and any
+//! error as one line.
 use clap::Parser;
+
+mod cli;
 
 fn main() {
     // Keep freed activation buffers in the heap instead of returning them to the kernel: every
@@ -10,8 +13,8 @@ fn main() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
-    let cli = clipforge::cli::Cli::parse();
-    if let Err(e) = clipforge::cli::run(cli) {
+    let cli = cli::Cli::parse();
+    if let Err(e) = cli::run(cli) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

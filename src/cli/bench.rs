@@ -2,14 +2,14 @@
 //! (or a model directory), achieved GFLOP/s, and that as a share of a GEMM ceiling measured in
 //! the same run; `--task train` times Long-CLIP fine-tuning steps instead (src/cli/bench_train.rs).
 use super::{DeviceArg, DtypeArg};
-use crate::api::ClipModel;
-use crate::error::{Error, Result};
-use crate::flops;
-use crate::model::synthetic::{normal_vec, random_weights, Rng};
-use crate::model::{ClipConfig, Towers};
-use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
-use crate::ops::matmul::{gemm, View};
-use crate::tensor::DType;
+use clipforge::api::ClipModel;
+use clipforge::error::{Error, Result};
+use clipforge::flops;
+use clipforge::model::synthetic::{normal_vec, random_weights, Rng};
+use clipforge::model::{ClipConfig, Towers};
+use clipforge::ops::gemm_bf16::{matmul_bf16, PackedBf16};
+use clipforge::ops::matmul::{gemm, View};
+use clipforge::tensor::DType;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;

@@ -3,16 +3,16 @@
 //! tape, or the towers on a CUDA device with `--device cuda`), timed per optimizer step (forward,
 //! loss with the PCA, backward, AdamW), with the peak resident memory of the process.
 use super::bench::{synthetic_ids, BenchArgs};
-use crate::error::{Error, Result};
-use crate::flops;
-use crate::model::synthetic::{normal_vec, random_weights};
-use crate::model::ClipConfig;
-use crate::ops::adamw::AdamW;
-use crate::tensor::Tensor;
-use crate::train::data::Batch;
-use crate::train::model::TrainClip;
-use crate::train::step::Micro;
-use crate::train::trainer::{new_optimizer, EngineSpec};
+use clipforge::error::{Error, Result};
+use clipforge::flops;
+use clipforge::model::synthetic::{normal_vec, random_weights};
+use clipforge::model::ClipConfig;
+use clipforge::ops::adamw::AdamW;
+use clipforge::tensor::Tensor;
+use clipforge::train::data::Batch;
+use clipforge::train::model::TrainClip;
+use clipforge::train::step::Micro;
+use clipforge::train::trainer::{new_optimizer, EngineSpec};
 use std::time::Instant;
 
 /// A memory line of /proc/self/status ("VmHWM": peak resident set, "VmRSS": current), MiB;
@@ -32,8 +32,8 @@ fn stretch_positions(model: &mut TrainClip) -> Result<()> {
     if model.config.text.frozen_positions > 0 {
         return Err(Error::msg(format!("--stretch: the model is already stretched ({len} positions)")));
     }
-    let s = crate::ops::pos_gather::Stretch::new(len, 20, 4)?;
-    let table = crate::ops::pos_gather::stretch(&model.params[i].1.f32_data(), w, s)?;
+    let s = clipforge::ops::pos_gather::Stretch::new(len, 20, 4)?;
+    let table = clipforge::ops::pos_gather::stretch(&model.params[i].1.f32_data(), w, s)?;
     model.params[i].1 = Tensor::from_vec(table, &[s.new_len(), w])?;
     let mut config = model.config.clone();
     (config.text.max_positions, config.text.frozen_positions) = (s.new_len(), 20);

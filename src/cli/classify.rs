@@ -2,11 +2,11 @@
 //! softmax probabilities between images and texts).
 use super::common::*;
 use super::Compute;
-use crate::error::{Error, Result};
-use crate::io::tokenizer::ClipTokenizer;
-use crate::model::clip::cosine_matrix;
-use crate::model::Towers;
-use crate::ops::softmax::softmax;
+use clipforge::error::{Error, Result};
+use clipforge::io::tokenizer::ClipTokenizer;
+use clipforge::model::clip::cosine_matrix;
+use clipforge::model::Towers;
+use clipforge::ops::softmax::softmax;
 use clap::Args;
 use std::path::PathBuf;
 

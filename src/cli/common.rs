@@ -1,12 +1,12 @@
 //! What the model-using commands share: opening a model through the library API, reading texts
 //! and images, embedding them in batches with a progress bar.
 use super::Compute;
-use crate::api::{ClipModel, DeviceChoice, ImageOptions, OpenOptions};
-use crate::error::{Error, Result};
-use crate::io::image_prep::PreprocessConfig;
-use crate::io::tokenizer::ClipTokenizer;
-use crate::model::Towers;
-use crate::tensor::Tensor;
+use clipforge::api::{ClipModel, DeviceChoice, ImageOptions, OpenOptions};
+use clipforge::error::{Error, Result};
+use clipforge::io::image_prep::PreprocessConfig;
+use clipforge::io::tokenizer::ClipTokenizer;
+use clipforge::model::Towers;
+use clipforge::tensor::Tensor;
 use std::path::{Path, PathBuf};
 
 /// The model a command runs: the library's [`ClipModel`].
@@ -66,7 +66,7 @@ pub fn image_paths(args: &[PathBuf], dir: Option<&Path>) -> Result<Vec<PathBuf>>
         Some(d) => {
             let rd = std::fs::read_dir(d).map_err(|e| Error::file(d, format!("cannot list directory: {e}")))?;
             let files: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
-            let (mut v, mut other): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|p| crate::eval::data::is_image(p));
+            let (mut v, mut other): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|p| clipforge::eval::data::is_image(p));
             (v.sort(), other.sort());
             if !other.is_empty() {
                 let names: Vec<String> = other.iter().take(5).map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
@@ -100,7 +100,7 @@ pub fn embed_texts(model: &Loaded, tok: &ClipTokenizer, texts: &[String], batch:
     let ids = tok.encode_batch(texts)?;
     let e = model.embed_token_ids(&ids, normalize, batch, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
-    let hint = crate::io::tokenizer::cut_hint(tok.context_length, model.context_length());
+    let hint = clipforge::io::tokenizer::cut_hint(tok.context_length, model.context_length());
     if let Some(note) = tok.take_cut().note(tok.context_length, "texts", &hint) {
         eprintln!("{note}");
     }

@@ -2,11 +2,11 @@
 //! in input order, L2-normalised unless --no-normalize.
 use super::common::*;
 use super::Compute;
-use crate::error::{Error, Result};
-use crate::io::npy::write_npy;
-use crate::io::output::write_file;
-use crate::io::tokenizer::ClipTokenizer;
-use crate::model::Towers;
+use clipforge::error::{Error, Result};
+use clipforge::io::npy::write_npy;
+use clipforge::io::output::write_file;
+use clipforge::io::tokenizer::ClipTokenizer;
+use clipforge::model::Towers;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -87,7 +87,7 @@ pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
 /// `--skip-bad`: the images that decode (in parallel), each other one named on stderr.
 fn readable_images(paths: Vec<PathBuf>, dir: Option<&std::path::Path>) -> Result<Vec<PathBuf>> {
     use rayon::prelude::*;
-    let errs: Vec<Option<Error>> = paths.par_iter().map(|p| crate::io::image_decode::load_rgb8_hf(p).err()).collect();
+    let errs: Vec<Option<Error>> = paths.par_iter().map(|p| clipforge::io::image_decode::load_rgb8_hf(p).err()).collect();
     let mut good = vec![];
     for (p, e) in paths.into_iter().zip(errs) {
         match e {
@@ -111,7 +111,7 @@ pub fn embed_text(a: &EmbedTextArgs) -> Result<()> {
         return Err(Error::msg("internal: row count mismatch"));
     }
     if let Some(mpath) = &a.mask {
-        let m = crate::train::smartclip::text_masks(&a.model, &tok, &texts, a.batch)?;
+        let m = clipforge::train::smartclip::text_masks(&a.model, &tok, &texts, a.batch)?;
         write_npy(mpath, &m, &[texts.len(), e.dim(1)])?;
         eprintln!("wrote {} masks to {}", texts.len(), mpath.display());
     }

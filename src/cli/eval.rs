@@ -3,13 +3,13 @@
 //! recall@K).
 use super::common::*;
 use super::Compute;
-use crate::error::{Error, Result};
-use crate::eval::cache::{model_key, EmbeddingCache, Hasher};
-use crate::eval::data::{image_folder, retrieval_set};
-use crate::eval::metrics::{retrieval, similarity, zero_shot};
-use crate::eval::templates;
-use crate::io::tokenizer::ClipTokenizer;
-use crate::model::Towers;
+use clipforge::error::{Error, Result};
+use clipforge::eval::cache::{model_key, EmbeddingCache, Hasher};
+use clipforge::eval::data::{image_folder, retrieval_set};
+use clipforge::eval::metrics::{retrieval, similarity, zero_shot};
+use clipforge::eval::templates;
+use clipforge::io::tokenizer::ClipTokenizer;
+use clipforge::model::Towers;
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
@@ -106,14 +106,14 @@ struct Ctx {
     model: Loaded,
     key: u64,
     cache: EmbeddingCache,
-    pre: crate::io::image_prep::PreprocessConfig,
+    pre: clipforge::io::image_prep::PreprocessConfig,
 }
 
 fn ctx(c: &Common) -> Result<Ctx> {
     let model = load_model(&c.model, Towers::Both, c.compute)?;
     let key = model_key(&c.model)?;
     let dir = if c.no_cache { None } else { c.cache_dir.clone().or_else(EmbeddingCache::default_dir) };
-    let pre = preprocess_config(&c.model, model.config().vision.image_size)?;
+    let pre = clipforge::io::image_prep::PreprocessConfig::for_model_dir(&c.model, model.config().vision.image_size)?; // (load_model noted a missing file)
     Ok(Ctx { model, key, cache: EmbeddingCache::new(dir), pre })
 }
 
@@ -147,7 +147,7 @@ fn texts(x: &Ctx, c: &Common, tok: &ClipTokenizer, t: &[String]) -> Result<Vec<f
 }
 
 fn write_svg(path: &Path, svg: &str, quiet: bool) -> Result<()> {
-    crate::io::output::write_file(path, svg.as_bytes())?;
+    clipforge::io::output::write_file(path, svg.as_bytes())?;
     if !quiet {
         eprintln!("picture: {}", path.display());
     }
@@ -187,7 +187,7 @@ pub fn zeroshot(a: &ZeroshotArgs) -> Result<()> {
     let scores = similarity(&img, &cls, d); // [N, C]
     let z = zero_shot(&scores, names.len(), &set.labels);
     let plot = c.plot.clone().unwrap_or_else(|| PathBuf::from("zeroshot_confusion.svg"));
-    write_svg(&plot, &crate::plot::heatmap(&format!("zero-shot confusion, top-1 {:.1}%", 100.0 * z.top1), &names, &z.confusion)?, c.json)?;
+    write_svg(&plot, &clipforge::plot::heatmap(&format!("zero-shot confusion, top-1 {:.1}%", 100.0 * z.top1), &names, &z.confusion)?, c.json)?;
     if c.json {
         let per: Vec<serde_json::Value> = names.iter().zip(&z.per_class).map(|(n, (cnt, acc))| serde_json::json!({"class": n, "images": cnt, "top1": acc})).collect();
         println!("{}", serde_json::json!({"images": set.images.len(), "classes": names.len(), "templates": tmpl.len(), "top1": z.top1, "top5": z.top5, "per_class": per, "confusion": z.confusion, "plot": plot}));
@@ -210,9 +210,9 @@ pub fn retrieval_cmd(a: &RetrievalArgs) -> Result<()> {
     let txt = texts(&x, c, &tok, &set.texts)?;
     let ks = [1usize, 5, 10];
     let r = retrieval(&img, &txt, d, &set.owner, &ks);
-    let series = |name: &str, f: &dyn Fn(&crate::eval::metrics::Recall) -> f64| crate::plot::Series { name: name.into(), points: r.iter().map(|x| (x.k as f64, 100.0 * f(x))).collect() };
+    let series = |name: &str, f: &dyn Fn(&clipforge::eval::metrics::Recall) -> f64| clipforge::plot::Series { name: name.into(), points: r.iter().map(|x| (x.k as f64, 100.0 * f(x))).collect() };
     let plot = c.plot.clone().unwrap_or_else(|| PathBuf::from("retrieval_recall.svg"));
-    let svg = crate::plot::line_chart("retrieval recall@K", "K", "recall (%)", &[series("image→text", &|x| x.image_to_text), series("text→image", &|x| x.text_to_image)])?;
+    let svg = clipforge::plot::line_chart("retrieval recall@K", "K", "recall (%)", &[series("image→text", &|x| x.image_to_text), series("text→image", &|x| x.text_to_image)])?;
     write_svg(&plot, &svg, c.json)?;
     if c.json {
         println!("{}", serde_json::json!({"images": set.images.len(), "texts": set.texts.len(), "context_length": tok.context_length, "recall": r, "plot": plot}));
@@ -234,11 +234,11 @@ pub fn probe_cmd(a: &ProbeArgs) -> Result<()> {
     let x = ctx(c)?;
     let d = x.model.config().projection_dim;
     let (tx, vx) = (images(&x, c, &train.images)?, images(&x, c, &test.images)?);
-    let r = crate::eval::probe::linear_probe(&tx, &train.labels, &vx, &test.labels, d, train.folders.len())?;
+    let r = clipforge::eval::probe::linear_probe(&tx, &train.labels, &vx, &test.labels, d, train.folders.len())?;
     let plot = c.plot.clone().unwrap_or_else(|| PathBuf::from("linear_probe.svg"));
-    let sweep = crate::plot::Series { name: "validation accuracy".into(), points: r.sweep.iter().map(|&(l, a)| (l.log10(), 100.0 * a)).collect() };
-    let chosen = crate::plot::Series { name: format!("test accuracy at λ = {:e}", r.lambda), points: vec![(r.lambda.log10(), 100.0 * r.test_accuracy)] };
-    write_svg(&plot, &crate::plot::line_chart("linear probe: λ sweep", "log10 λ", "accuracy (%)", &[sweep, chosen])?, c.json)?;
+    let sweep = clipforge::plot::Series { name: "validation accuracy".into(), points: r.sweep.iter().map(|&(l, a)| (l.log10(), 100.0 * a)).collect() };
+    let chosen = clipforge::plot::Series { name: format!("test accuracy at λ = {:e}", r.lambda), points: vec![(r.lambda.log10(), 100.0 * r.test_accuracy)] };
+    write_svg(&plot, &clipforge::plot::line_chart("linear probe: λ sweep", "log10 λ", "accuracy (%)", &[sweep, chosen])?, c.json)?;
     if c.json {
         println!("{}", serde_json::json!({"train_images": train.images.len(), "test_images": test.images.len(), "classes": train.folders.len(), "result": r, "plot": plot}));
     } else {

@@ -1,7 +1,7 @@
 //! `clipforge finetune`: Long-CLIP or SmartCLIP fine-tuning (src/train/). Stretch the model first
 //! (`clipforge stretch`) for 248-token captions; the frozen position rows it records stay fixed.
-use crate::error::{Error, Result};
-use crate::train::trainer::{run, TrainConfig};
+use clipforge::error::{Error, Result};
+use clipforge::train::trainer::{run, TrainConfig};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,14 +133,14 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
     };
     let resume = match &a.resume {
         None => {
-            let removed = crate::train::checkpoint::start_over(&a.out, a.force)?;
+            let removed = clipforge::train::checkpoint::start_over(&a.out, a.force)?;
             if removed > 0 {
                 eprintln!("--force: removed {removed} checkpoint(s) of the earlier run in {}", a.out.join("checkpoints").display());
             }
             None
         }
-        Some(Some(p)) => Some(crate::train::checkpoint::find(&a.out, p)?),
-        Some(None) => Some(crate::train::checkpoint::latest(&a.out).ok_or_else(|| Error::file(a.out.join("checkpoints"), "--resume: no checkpoint found"))?),
+        Some(Some(p)) => Some(clipforge::train::checkpoint::find(&a.out, p)?),
+        Some(None) => Some(clipforge::train::checkpoint::latest(&a.out).ok_or_else(|| Error::file(a.out.join("checkpoints"), "--resume: no checkpoint found"))?),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

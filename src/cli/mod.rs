@@ -9,8 +9,8 @@ pub mod eval;
 pub mod finetune;
 pub mod stretch;
 
-use crate::error::{Error, Result};
-use crate::tensor::DType;
+use clipforge::error::{Error, Result};
+use clipforge::tensor::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
@@ -81,7 +81,7 @@ impl DtypeArg {
         match self {
             DtypeArg::F32 => Ok(DType::F32),
             DtypeArg::Bf16 => {
-                if !crate::ops::gemm_bf16::has_avx512_bf16() {
+                if !clipforge::ops::gemm_bf16::has_avx512_bf16() {
                     eprintln!("note: this CPU has no AVX512-BF16; --dtype bf16 runs a slower portable path (f32 is faster here)");
                 }
                 Ok(DType::BF16)
@@ -91,42 +91,7 @@ impl DtypeArg {
     }
 }
 
-/// Where a command's towers run.
-pub enum Engine {
-    Cpu,
-    /// The CUDA backend on device 0 (f32 or bf16; cuBLASLt GEMMs and the kernels of kernels/).
-    Cuda(crate::cuda::GpuOps),
-}
-
-impl Engine {
-    pub fn name(&self) -> String {
-        match self {
-            Engine::Cpu => "cpu".into(),
-            Engine::Cuda(ops) => {
-                use crate::cuda::DeviceOps;
-                ops.describe()
-            }
-        }
-    }
-}
-
-/// The device a command runs on. `cuda`: the CUDA backend, or an error that says why not (no
-/// driver, no device, or a dtype it does not compute in). `auto`: CUDA when a device opens and the
-/// dtype is f32 or bf16, else the CPU.
-pub fn resolve_device(d: DeviceArg, dtype: DtypeArg) -> Result<Engine> {
-    // GpuOps::open probes the driver first (CudaDevice::open), so no driver is an Err, never a panic.
-    match d {
-        DeviceArg::Cpu => Ok(Engine::Cpu),
-        DeviceArg::Auto if dtype == DtypeArg::F16 => Ok(Engine::Cpu),
-        DeviceArg::Auto => Ok(crate::cuda::GpuOps::open().map(Engine::Cuda).unwrap_or(Engine::Cpu)),
-        DeviceArg::Cuda if dtype == DtypeArg::F16 => {
-            Err(Error::Device("--device cuda: the CUDA towers compute in f32 or bf16, not f16; use --dtype bf16".into()))
-        }
-        DeviceArg::Cuda => crate::cuda::GpuOps::open().map(Engine::Cuda).map_err(|why| Error::Device(format!("--device cuda: {}; use --device cpu or auto", why.message()))),
-    }
-}
-
-pub use crate::progress::bar as progress;
+pub use clipforge::progress::bar as progress;
 
 pub fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {

@@ -1,7 +1,7 @@
 //! `clipforge stretch`: Long-CLIP's knowledge-preserved positional stretching of a model directory
 //! (src/model/stretch.rs), written as a new HF directory.
-use crate::error::Result;
-use crate::model::stretch::stretch_model;
+use clipforge::error::Result;
+use clipforge::model::stretch::stretch_model;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -30,7 +30,7 @@ pub struct StretchArgs {
 pub fn run(a: &StretchArgs) -> Result<()> {
     let r = stretch_model(&a.model, &a.out, a.keep, a.ratio, a.force)?;
     if a.json {
-        println!("{}", serde_json::to_string(&r).map_err(crate::error::Error::msg)?);
+        println!("{}", serde_json::to_string(&r).map_err(clipforge::error::Error::msg)?);
     } else {
         println!(
             "{}: {} → {} text positions (rows < {} copied and frozen for fine-tuning, ×{} interpolation, last row extrapolated), {} tensors",
