@@ -46,7 +46,7 @@ fn gpu_fine_tune_matches_the_pytorch_reference() {
     assert_matches_reference("gpu", "expected_b4x2.json", &r.steps, 1e-4);
     assert_frozen_rows_kept(&model, &d.join("gpu/model"));
     for dt in ["bf16", "f16"] {
-        cfg.dtype = dt.into();
+        cfg.dtype = clipforge::DType::parse(dt).unwrap();
         cfg.out = d.join(format!("gpu-{dt}"));
         cfg.log = Some(cfg.out.join("log.jsonl"));
         let b = run(&cfg, None, no_stop(), true).unwrap();

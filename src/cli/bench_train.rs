@@ -61,7 +61,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let mut opt = new_optimizer(&model, AdamW { lr: 1e-6, ..AdamW::default() });
     let spec = EngineSpec {
         device: &format!("{:?}", a.compute.device).to_lowercase(),
-        dtype: &format!("{:?}", a.compute.dtype).to_lowercase(),
+        dtype: a.compute.dtype.precision(),
         smart: false,
         pca_dim: 32,
         recompute: a.recompute,
@@ -104,7 +104,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let peak = status_mib("VmHWM"); // the whole process, as BENCHMARKS.md's /usr/bin/time -v numbers
     let device = eng.describe();
     let report = serde_json::json!({
-        "task": "train", "model": source, "batch": b, "device": device, "dtype": spec.dtype,
+        "task": "train", "model": source, "batch": b, "device": device, "dtype": spec.dtype.name(),
         "recompute": a.recompute, "long_tokens": t_long, "short_tokens": t_short, "threads": rayon::current_num_threads(),
         "step_s": sec, "samples_per_s": b as f64 / sec, "train_gflops": gflops, "loss": loss,
         "peak_rss_mib": peak, "peak_rss_mib_per_sample": peak.map(|p| p / b as f64),

@@ -129,7 +129,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
         lambda_sparsity: a.lambda_sparsity,
         mask_init: a.mask_init.clone(),
         device: format!("{:?}", a.device).to_lowercase(),
-        dtype: format!("{:?}", a.dtype).to_lowercase(),
+        dtype: a.dtype.precision(),
     };
     let resume = match &a.resume {
         None => {

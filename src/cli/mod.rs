@@ -76,7 +76,16 @@ pub enum DtypeArg {
 }
 
 impl DtypeArg {
-    /// The compute dtype on the CPU backend.
+    /// The precision asked for, as the crate's one precision type.
+    pub fn precision(self) -> DType {
+        match self {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+        }
+    }
+
+    /// The compute dtype of the inference towers (f32 or bf16).
     pub fn dtype(self) -> Result<DType> {
         match self {
             DtypeArg::F32 => Ok(DType::F32),

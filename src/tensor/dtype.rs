@@ -2,7 +2,10 @@
 //! (converted when an op reads them) and the bf16 GEMM path.
 use half::{bf16, f16};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The one precision type of the crate (weights, compute, CLI, configs; serialised as "f32",
+/// "f16", "bf16").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
     F16,

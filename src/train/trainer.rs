@@ -53,17 +53,17 @@ pub struct TrainConfig {
     /// "auto" (a CUDA device when one opens, Long-CLIP), "cpu" or "cuda".
     #[serde(default = "default_device")]
     pub device: String,
-    /// "f32", or "bf16" / "f16" on a CUDA device: the blocks' forward GEMMs read half-precision
-    /// copies of the f32 master weights (the backward and the optimizer stay f32).
+    /// F32, or BF16 / F16 on a CUDA device: the forward GEMMs read half-precision copies of the
+    /// f32 master weights (the backward and the optimizer stay f32).
     #[serde(default = "default_dtype")]
-    pub dtype: String,
+    pub dtype: DType,
 }
 
 fn default_device() -> String {
     "auto".into()
 }
-fn default_dtype() -> String {
-    "f32".into()
+fn default_dtype() -> DType {
+    DType::F32
 }
 
 /// Builds the step backend once the model and the optimizer exist (tests pass an emulated one).
@@ -73,8 +73,8 @@ pub type EngineFactory<'a> = dyn Fn(&TrainClip, &Optimizer) -> Result<Box<dyn St
 pub struct EngineSpec<'a> {
     /// "auto" (a CUDA device when one opens and the method runs there), "cpu" or "cuda".
     pub device: &'a str,
-    /// "f32", or "bf16" / "f16" (CUDA only).
-    pub dtype: &'a str,
+    /// F32, or BF16 / F16 (CUDA only).
+    pub dtype: DType,
     pub smart: bool,
     pub pca_dim: usize,
     pub recompute: bool,
@@ -86,7 +86,7 @@ impl EngineSpec<'_> {
     pub fn from_config(cfg: &TrainConfig) -> EngineSpec<'_> {
         EngineSpec {
             device: &cfg.device,
-            dtype: &cfg.dtype,
+            dtype: cfg.dtype,
             smart: cfg.method == "smartclip",
             pca_dim: cfg.pca_dim,
             recompute: cfg.recompute,
@@ -97,15 +97,10 @@ impl EngineSpec<'_> {
 
     /// The backend asked for (SmartCLIP always on the CPU tape; no GPU is opened for it).
     pub fn build(&self, model: &TrainClip, opt: &Optimizer) -> Result<Box<dyn StepEngine>> {
-        let low = match self.dtype {
-            "f32" => None,
-            "bf16" => Some(DType::BF16),
-            "f16" => Some(DType::F16),
-            d => return Err(Error::msg(format!("--dtype {d}: expected f32, or bf16 / f16 on a CUDA device"))),
-        };
+        let low = (self.dtype != DType::F32).then_some(self.dtype);
         let cpu = || -> Result<Box<dyn StepEngine>> {
             match low {
-                Some(_) => Err(Error::msg(format!("--dtype {} needs a CUDA device (--device cuda): the CPU trainer computes in f32", self.dtype))),
+                Some(_) => Err(Error::msg(format!("--dtype {} needs a CUDA device (--device cuda): the CPU trainer computes in f32", self.dtype.name()))),
                 None => Ok(Box::new(CpuStep::new(self.smart, self.pca_dim, self.lambda_align, self.lambda_sparsity))),
             }
         };

@@ -43,7 +43,7 @@ pub fn config(model: &Path, out: &Path, batch: usize, accum: usize) -> TrainConf
         lambda_sparsity: 1e-3,
         mask_init: None,
         device: "cpu".into(),
-        dtype: "f32".into(),
+        dtype: clipforge::DType::F32,
     }
 }
 
