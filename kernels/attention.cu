@@ -29,6 +29,7 @@
 //   geometry: blockDim = (128, 1, 1) exactly; gridDim = (CEIL_DIV(T, 32) + CEIL_DIV(T, 64), H, B).
 //   dynamic smem: 4*2*64*33 + sizeof(T)*192*LD bytes (P and dS tiles f32; Q, dO tiles 64 rows,
 //   K, V tiles 32 rows, in T).
+// Packed variable-length sequences (cu_seqlens): attention_varlen_{fwd,bwd}_f32 at the end of the file.
 // Constraints (the launcher in src/cuda/attention.rs checks them; the kernels __trap on the first
 // two): blockDim = (128, 1, 1); 1 <= hd <= 128; T >= 1; H, B <= 65535. Above 48 KiB of dynamic
 // shared memory (f32: hd >= 80 forward, hd >= 42 backward; bf16: hd >= 84 backward) the launcher
@@ -80,11 +81,11 @@ __device__ __forceinline__ void attn_load_tile(T* s, const T* __restrict__ x, in
 template <typename T, int DJ>
 __device__ __forceinline__ void attn_fwd_body(const T* __restrict__ q, const T* __restrict__ k,
                                               const T* __restrict__ v, T* __restrict__ o, float* __restrict__ lse,
-                                              int T_, int H, int hd, int causal, float scale, float* smem) {
+                                              int row0, int T_, int H, int hd, int causal, float scale, float* smem) {
   const int tx = threadIdx.x & 7, ty = threadIdx.x >> 3;
-  const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * ATTN_BQ;
+  const int h = blockIdx.y, q0 = blockIdx.x * ATTN_BQ;
   const int W = H * hd, ld = attn_ld(hd);
-  const size_t base = (size_t)b * T_ * W + (size_t)h * hd;
+  const size_t base = (size_t)row0 * W + (size_t)h * hd;
   float* Ps = smem;  // [64][33] probabilities of the current key tile
   T* Qs = reinterpret_cast<T*>(smem + ATTN_BQ * ATTN_PLD);
   T* Ks = Qs + ATTN_BQ * ld;
@@ -174,20 +175,20 @@ __device__ __forceinline__ void attn_fwd_body(const T* __restrict__ q, const T* 
         const int d = tx + 8 * j;
         if (d < hd) store_from_f32(o + base, (size_t)r * W + d, acc[i][j] * inv);
       }
-      if (lse != nullptr && tx == 0) lse[((size_t)b * H + h) * T_ + r] = (m[i] + log2f(l[i])) * ATTN_LN2;
+      if (lse != nullptr && tx == 0) lse[(size_t)row0 * H + (size_t)h * T_ + r] = (m[i] + log2f(l[i])) * ATTN_LN2;
     }
   }
 }
 
 template <typename T>
 __device__ __forceinline__ void attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                         T* __restrict__ o, float* __restrict__ lse, int T_, int H, int hd,
+                                         T* __restrict__ o, float* __restrict__ lse, int row0, int T_, int H, int hd,
                                          int causal, float scale) {
   extern __shared__ __align__(16) float attn_smem[];
   if (blockDim.x != ATTN_THREADS || blockDim.y != 1 || blockDim.z != 1 || hd < 1 || hd > ATTN_HD_MAX) __trap();
-  if (hd <= 32) attn_fwd_body<T, 4>(q, k, v, o, lse, T_, H, hd, causal, scale, attn_smem);
-  else if (hd <= 64) attn_fwd_body<T, 8>(q, k, v, o, lse, T_, H, hd, causal, scale, attn_smem);
-  else attn_fwd_body<T, 16>(q, k, v, o, lse, T_, H, hd, causal, scale, attn_smem);
+  if (hd <= 32) attn_fwd_body<T, 4>(q, k, v, o, lse, row0, T_, H, hd, causal, scale, attn_smem);
+  else if (hd <= 64) attn_fwd_body<T, 8>(q, k, v, o, lse, row0, T_, H, hd, causal, scale, attn_smem);
+  else attn_fwd_body<T, 16>(q, k, v, o, lse, row0, T_, H, hd, causal, scale, attn_smem);
 }
 
 // ---------------------------------------------------------------- backward
@@ -257,13 +258,13 @@ template <typename T, int DJQ, int DJK>
 __device__ __forceinline__ void attn_bwd_body(const T* __restrict__ q, const T* __restrict__ k,
                                               const T* __restrict__ v, const T* __restrict__ o,
                                               const T* __restrict__ dout, const float* __restrict__ lse,
-                                              T* __restrict__ dq, T* __restrict__ dk, T* __restrict__ dv, int T_,
-                                              int H, int hd, int causal, float scale, float* smem) {
+                                              T* __restrict__ dq, T* __restrict__ dk, T* __restrict__ dv, int row0,
+                                              int T_, int H, int hd, int causal, float scale, float* smem) {
   const int tid = threadIdx.x, tx = tid & 7, ty = tid >> 3;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.y;
   const int W = H * hd, ld = attn_ld(hd);
-  const size_t base = (size_t)b * T_ * W + (size_t)h * hd;
-  const float* lse_bh = lse + ((size_t)b * H + h) * T_;
+  const size_t base = (size_t)row0 * W + (size_t)h * hd;
+  const float* lse_bh = lse + (size_t)row0 * H + (size_t)h * T_;
   float* Ps = smem;                  // [64][33]
   float* dSs = Ps + ATTN_BQ * ATTN_PLD;  // [64][33]
   T* Qs = reinterpret_cast<T*>(dSs + ATTN_BQ * ATTN_PLD);
@@ -391,12 +392,12 @@ template <typename T>
 __device__ __forceinline__ void attn_bwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                          const T* __restrict__ o, const T* __restrict__ dout,
                                          const float* __restrict__ lse, T* __restrict__ dq, T* __restrict__ dk,
-                                         T* __restrict__ dv, int T_, int H, int hd, int causal, float scale) {
+                                         T* __restrict__ dv, int row0, int T_, int H, int hd, int causal, float scale) {
   extern __shared__ __align__(16) float attn_smem[];
   if (blockDim.x != ATTN_THREADS || blockDim.y != 1 || blockDim.z != 1 || hd < 1 || hd > ATTN_HD_MAX) __trap();
-  if (hd <= 32) attn_bwd_body<T, 4, 2>(q, k, v, o, dout, lse, dq, dk, dv, T_, H, hd, causal, scale, attn_smem);
-  else if (hd <= 64) attn_bwd_body<T, 8, 4>(q, k, v, o, dout, lse, dq, dk, dv, T_, H, hd, causal, scale, attn_smem);
-  else attn_bwd_body<T, 16, 8>(q, k, v, o, dout, lse, dq, dk, dv, T_, H, hd, causal, scale, attn_smem);
+  if (hd <= 32) attn_bwd_body<T, 4, 2>(q, k, v, o, dout, lse, dq, dk, dv, row0, T_, H, hd, causal, scale, attn_smem);
+  else if (hd <= 64) attn_bwd_body<T, 8, 4>(q, k, v, o, dout, lse, dq, dk, dv, row0, T_, H, hd, causal, scale, attn_smem);
+  else attn_bwd_body<T, 16, 8>(q, k, v, o, dout, lse, dq, dk, dv, row0, T_, H, hd, causal, scale, attn_smem);
 }
 
 // ---------------------------------------------------------------- entry points
@@ -405,7 +406,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                   float* __restrict__ o, float* __restrict__ lse, int B, int T, int H, int hd, int causal, float scale) {
   (void)B;
-  attn_fwd<float>(q, k, v, o, lse, T, H, hd, causal, scale);
+  attn_fwd<float>(q, k, v, o, lse, blockIdx.z * T, T, H, hd, causal, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
@@ -413,7 +414,7 @@ attention_fwd_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __r
                    const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o, float* __restrict__ lse, int B,
                    int T, int H, int hd, int causal, float scale) {
   (void)B;
-  attn_fwd<__nv_bfloat16>(q, k, v, o, lse, T, H, hd, causal, scale);
+  attn_fwd<__nv_bfloat16>(q, k, v, o, lse, blockIdx.z * T, T, H, hd, causal, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
@@ -421,7 +422,7 @@ attention_fwd_f16(const __half* __restrict__ q, const __half* __restrict__ k,
                    const __half* __restrict__ v, __half* __restrict__ o, float* __restrict__ lse, int B,
                    int T, int H, int hd, int causal, float scale) {
   (void)B;
-  attn_fwd<__half>(q, k, v, o, lse, T, H, hd, causal, scale);
+  attn_fwd<__half>(q, k, v, o, lse, blockIdx.z * T, T, H, hd, causal, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
@@ -430,7 +431,7 @@ attention_bwd_f32(const float* __restrict__ q, const float* __restrict__ k, cons
                   float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, int B, int T, int H, int hd,
                   int causal, float scale) {
   (void)B;
-  attn_bwd<float>(q, k, v, o, dout, lse, dq, dk, dv, T, H, hd, causal, scale);
+  attn_bwd<float>(q, k, v, o, dout, lse, dq, dk, dv, blockIdx.z * T, T, H, hd, causal, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
@@ -440,7 +441,7 @@ attention_bwd_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __r
                    __nv_bfloat16* __restrict__ dq, __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv,
                    int B, int T, int H, int hd, int causal, float scale) {
   (void)B;
-  attn_bwd<__nv_bfloat16>(q, k, v, o, dout, lse, dq, dk, dv, T, H, hd, causal, scale);
+  attn_bwd<__nv_bfloat16>(q, k, v, o, dout, lse, dq, dk, dv, blockIdx.z * T, T, H, hd, causal, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
@@ -450,5 +451,43 @@ attention_bwd_f16(const __half* __restrict__ q, const __half* __restrict__ k,
                    __half* __restrict__ dq, __half* __restrict__ dk, __half* __restrict__ dv,
                    int B, int T, int H, int hd, int causal, float scale) {
   (void)B;
-  attn_bwd<__half>(q, k, v, o, dout, lse, dq, dk, dv, T, H, hd, causal, scale);
+  attn_bwd<__half>(q, k, v, o, dout, lse, dq, dk, dv, blockIdx.z * T, T, H, hd, causal, scale);
+}
+
+// ---------------------------------------------------------------- packed variable-length sequences
+// attention_varlen_{fwd,bwd}_f32: the same kernels over packed sequences (no padding): sequence z
+// is rows cu_seqlens[z] .. cu_seqlens[z+1]-1 of q, k, v, o, dout, dq, dk, dv ([N, H*hd]); its lse is
+// the [H, len] block at cu_seqlens[z]*H (sequences' blocks back to back, as src/ops/attention.rs).
+// geometry: gridDim = (CEIL_DIV(Tmax, 64), H, nseq) forward, (CEIL_DIV(Tmax, 32) + CEIL_DIV(Tmax, 64),
+// H, nseq) backward; blocks beyond a shorter sequence's tiles return at once (the whole block,
+// before any barrier). Same block, smem and constraints as above.
+__device__ __forceinline__ bool attn_varlen_seq(const int* __restrict__ cu, int nseq, int tiles_fwd, int* off, int* len) {
+  const int z = blockIdx.z;
+  if (z >= nseq) return false;
+  *off = cu[z];
+  *len = cu[z + 1] - cu[z];
+  const int need = tiles_fwd ? CEIL_DIV(*len, ATTN_BQ) : CEIL_DIV(*len, ATTN_BK) + CEIL_DIV(*len, ATTN_BQ);
+  return *len > 0 && (int)blockIdx.x < need;
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_varlen_fwd_f32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                         float* __restrict__ o, float* __restrict__ lse, const int* __restrict__ cu_seqlens, int nseq,
+                         int Tmax, int H, int hd, int causal, float scale) {
+  (void)Tmax;
+  int off, len;
+  if (!attn_varlen_seq(cu_seqlens, nseq, 1, &off, &len)) return;
+  attn_fwd<float>(q, k, v, o, lse, off, len, H, hd, causal, scale);
+}
+
+// (2 blocks/SM: the two loaded offsets tip the backward past the batched kernel's 168 registers)
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
+attention_varlen_bwd_f32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                         const float* __restrict__ o, const float* __restrict__ dout, const float* __restrict__ lse,
+                         float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,
+                         const int* __restrict__ cu_seqlens, int nseq, int Tmax, int H, int hd, int causal, float scale) {
+  (void)Tmax;
+  int off, len;
+  if (!attn_varlen_seq(cu_seqlens, nseq, 0, &off, &len)) return;
+  attn_bwd<float>(q, k, v, o, dout, lse, dq, dk, dv, off, len, H, hd, causal, scale);
 }

@@ -2,7 +2,8 @@
 //! against runs on the CPU backend and on the emulated CUDA backend (in every warp schedule), and
 //! each output is compared per element with the plain reference ops (`ops::*_reference`, f64 where
 //! they have it), at odd shapes: 1 row, 7×45→65, widths 59 and 118 (head dim 59), packed
-//! sequences of 5, 1 and 9 tokens. (A real GPU would be a third column: `GpuOps::open()`.)
+//! sequences of 5, 1 and 9 tokens and of 70, 1 and 130 (several query and key tiles; on the device
+//! the variable-length kernels). (A real GPU would be a third column: `GpuOps::open()`.)
 mod common;
 mod emu_common;
 use clipforge::backend::cpu::Cpu;
@@ -63,7 +64,7 @@ fn run<O: Ops>(ops: &O) -> Out {
     }
     // attention: batched (causal and not) and packed; width 118 = 2 heads of 59
     let (heads, aw) = (2, 118);
-    for seqs in [Seqs::Batch { batch: 2, seq: 7, causal: false }, Seqs::Batch { batch: 2, seq: 7, causal: true }, Seqs::Packed(vec![5, 1, 9])] {
+    for seqs in [Seqs::Batch { batch: 2, seq: 7, causal: false }, Seqs::Batch { batch: 2, seq: 7, causal: true }, Seqs::Packed(vec![5, 1, 9]), Seqs::Packed(vec![70, 1, 130])] {
         let nr = seqs.rows();
         let (q, k, v, d) = (randn(nr * aw, 14), randn(nr * aw, 15), randn(nr * aw, 16), randn(nr * aw, 17));
         let (o, lse) = ops.attention(&up(&q), &up(&k), &up(&v), &seqs, heads, aw).unwrap();
@@ -130,7 +131,7 @@ fn reference() -> Out {
         out.extend([(format!("bias_act_bwd du {act:?}"), du), (format!("bias_act_bwd db {act:?}"), db)]);
     }
     let (heads, aw) = (2, 118);
-    for seqs in [Seqs::Batch { batch: 2, seq: 7, causal: false }, Seqs::Batch { batch: 2, seq: 7, causal: true }, Seqs::Packed(vec![5, 1, 9])] {
+    for seqs in [Seqs::Batch { batch: 2, seq: 7, causal: false }, Seqs::Batch { batch: 2, seq: 7, causal: true }, Seqs::Packed(vec![5, 1, 9]), Seqs::Packed(vec![70, 1, 130])] {
         let nr = seqs.rows();
         let (q, k, v, d) = (randn(nr * aw, 14), randn(nr * aw, 15), randn(nr * aw, 16), randn(nr * aw, 17));
         let shape = |batch, seq, causal| AttnShape { batch, seq, heads, head_dim: 59, causal, scale: 1.0 / (59f32).sqrt() };

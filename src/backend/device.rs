@@ -2,11 +2,11 @@
 //! ([`crate::cuda::EmuOps`], tests), through [`DeviceOps`]. GEMMs go to cuBLASLt (f32, or bf16/f16
 //! weight copies with f32 accumulation) and everything else to the kernels of kernels/: the fused
 //! LayerNorm (with the residual add) and its backward, bias + activation, the fused attention,
-//! row gathers and the patch/class/position assembly. Packed sequences run the fused attention
-//! once per sequence on its rows (no padding computed). All launches are queued on one stream;
+//! row gathers and the patch/class/position assembly. Packed sequences run the variable-length
+//! attention kernels (cu_seqlens): one launch, no padding computed. All launches are queued on one stream;
 //! [`Ops::download`] is the only synchronisation.
 use super::{Act, Ops, Seqs, Weight};
-use crate::cuda::attention::{attention_bwd_launch, attention_fwd_launch};
+use crate::cuda::attention::{attention_bwd_launch, attention_fwd_launch, attention_varlen_launch, KernelLaunch};
 use crate::cuda::train_ops::{axpy, col_sums, copy, grid, ln_cfg};
 use crate::cuda::{Buf, DeviceOps, KernelArgs, LaunchCfg};
 use crate::error::Result;
@@ -35,17 +35,48 @@ fn act_kernels(a: Act) -> (&'static str, &'static str) {
     }
 }
 
-/// The attention launches of a grouping: one batched launch, or (packed sequences) one launch
-/// per sequence on its rows — (shape, first row). The lse of a packed batch is each sequence's
-/// [H, len] block back to back, as on the CPU. A single variable-length (cu_seqlens) launch is
-/// the tensor-core attention's job.
-fn launches(seqs: &Seqs, heads: usize, w: usize) -> Result<Vec<(AttnShape, usize)>> {
-    let d = w / heads.max(1);
-    let shape = |batch, seq, causal| AttnShape { batch, seq, heads, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
-    Ok(match seqs {
-        Seqs::Batch { batch, seq, causal } => vec![(shape(*batch, *seq, *causal), 0)],
-        Seqs::Packed(lens) => lens.iter().scan(0, |off, &l| Some((shape(1, l, true), std::mem::replace(off, *off + l)))).collect(),
-    })
+/// The shape arguments that follow the tensors of an attention launch.
+enum AttnTail {
+    /// B, T of a batch, causal.
+    Batch(usize, usize, bool),
+    /// The packed sequences' offsets (uploaded), their count and the longest.
+    Varlen(Buf, usize, usize),
+}
+
+impl AttnTail {
+    fn append(&self, a: KernelArgs, heads: usize, w: usize) -> KernelArgs {
+        let d = w / heads.max(1);
+        let a = match self {
+            AttnTail::Batch(b, t, _) => a.i32(*b as i32).i32(*t as i32),
+            AttnTail::Varlen(cu, n, tmax) => a.ptr(cu.ptr()).i32(*n as i32).i32(*tmax as i32),
+        };
+        let causal = match self {
+            AttnTail::Batch(_, _, c) => *c,
+            AttnTail::Varlen(..) => true,
+        };
+        a.i32(heads as i32).i32(d as i32).i32(causal as i32).f32(1.0 / (d as f32).sqrt())
+    }
+}
+
+impl Device {
+    /// The launch of a grouping: the batched kernel, or (packed sequences) the variable-length
+    /// kernel over cu_seqlens — one launch either way, no padding computed.
+    fn attention_launch(&self, seqs: &Seqs, heads: usize, w: usize, backward: bool) -> Result<(KernelLaunch, AttnTail)> {
+        let d = w / heads.max(1);
+        match seqs {
+            Seqs::Batch { batch, seq, causal } => {
+                let s = AttnShape { batch: *batch, seq: *seq, heads, head_dim: d, causal: *causal, scale: 1.0 / (d as f32).sqrt() };
+                let l = if backward { attention_bwd_launch(&s, DType::F32)? } else { attention_fwd_launch(&s, DType::F32)? };
+                Ok((l, AttnTail::Batch(*batch, *seq, *causal)))
+            }
+            Seqs::Packed(lens) => {
+                let tmax = lens.iter().copied().max().unwrap_or(0);
+                let cu: Vec<usize> = std::iter::once(0).chain(lens.iter().scan(0, |o, &l| Some(std::mem::replace(o, *o + l) + l))).collect();
+                let cu = self.ops.upload_i32(&indices(&cu)?)?;
+                Ok((attention_varlen_launch(lens.len(), tmax, heads, d, backward)?, AttnTail::Varlen(cu, lens.len(), tmax)))
+            }
+        }
+    }
 }
 
 fn indices(rows: &[usize]) -> Result<Vec<i32>> {
@@ -158,26 +189,20 @@ impl Ops for Device {
     fn attention(&self, q: &Buf, k: &Buf, v: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf)> {
         let n = seqs.rows();
         let (o, lse) = (self.ops.alloc(n * w)?, self.ops.alloc(heads * n)?);
-        for (s, off) in launches(seqs, heads, w)? {
-            let l = attention_fwd_launch(&s, DType::F32)?;
-            let (x, at) = (4 * (off * w) as u64, |b: &Buf| b.ptr() + 4 * (off * w) as u64);
-            let mut a = KernelArgs::new().ptr(at(q)).ptr(at(k)).ptr(at(v)).ptr(o.ptr() + x).ptr(lse.ptr() + 4 * (off * heads) as u64);
-            a = a.i32(s.batch as i32).i32(s.seq as i32).i32(heads as i32).i32(s.head_dim as i32).i32(s.causal as i32).f32(s.scale);
-            self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
-        }
+        let (l, tail) = self.attention_launch(seqs, heads, w, false)?;
+        let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(lse.ptr());
+        a = tail.append(a, heads, w);
+        self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
         Ok((o, lse))
     }
 
     fn attention_bwd(&self, q: &Buf, k: &Buf, v: &Buf, o: &Buf, lse: &Buf, d_o: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
         let r = seqs.rows() * w;
         let (dq, dk, dv) = (self.ops.alloc(r)?, self.ops.alloc(r)?, self.ops.alloc(r)?);
-        for (s, off) in launches(seqs, heads, w)? {
-            let l = attention_bwd_launch(&s, DType::F32)?;
-            let at = |b: &Buf| b.ptr() + 4 * (off * w) as u64;
-            let mut a = KernelArgs::new().ptr(at(q)).ptr(at(k)).ptr(at(v)).ptr(at(o)).ptr(at(d_o)).ptr(lse.ptr() + 4 * (off * heads) as u64).ptr(at(&dq)).ptr(at(&dk)).ptr(at(&dv));
-            a = a.i32(s.batch as i32).i32(s.seq as i32).i32(heads as i32).i32(s.head_dim as i32).i32(s.causal as i32).f32(s.scale);
-            self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
-        }
+        let (l, tail) = self.attention_launch(seqs, heads, w, true)?;
+        let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(d_o.ptr()).ptr(lse.ptr()).ptr(dq.ptr()).ptr(dk.ptr()).ptr(dv.ptr());
+        a = tail.append(a, heads, w);
+        self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
         Ok((dq, dk, dv))
     }
 

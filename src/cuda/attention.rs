@@ -101,3 +101,14 @@ pub fn attention_bwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch>
         smem_bytes: bwd_smem_bytes(s.head_dim, elem) as u32,
     })
 }
+
+/// `attention_varlen_{fwd,bwd}_f32`: causal attention over `nseq` packed sequences (their row
+/// offsets in a `cu_seqlens` int32 buffer of nseq + 1 entries), the grid sized for the longest,
+/// `tmax`; blocks past a shorter sequence's tiles return at once. Block and shared memory as the
+/// batched kernels.
+pub fn attention_varlen_launch(nseq: usize, tmax: usize, heads: usize, head_dim: usize, backward: bool) -> Result<KernelLaunch> {
+    let s = AttnShape { batch: nseq, seq: tmax, heads, head_dim, causal: true, scale: 1.0 / (head_dim as f32).sqrt() };
+    let mut l = if backward { attention_bwd_launch(&s, DType::F32)? } else { attention_fwd_launch(&s, DType::F32)? };
+    l.kernel = format!("attention_varlen_{}_f32", if backward { "bwd" } else { "fwd" });
+    Ok(l)
+}
