@@ -11,6 +11,7 @@
 //! println!("cat: {:.3}, diagram: {:.3}", cos.row(0)[0], cos.row(0)[1]);
 //! # Ok(()) }
 //! ```
+#![warn(missing_docs)]
 use crate::model::CudaClip;
 use crate::error::{Error, Result};
 use crate::io::image_decode::{load_rgb8_hf, RgbImage8};
@@ -30,6 +31,7 @@ pub enum DeviceChoice {
     /// The CUDA backend when a GPU opens (and the precision runs there), else the CPU.
     #[default]
     Auto,
+    /// The CPU backend (AVX-512 GEMMs, bf16 packed weights), whatever GPU there is.
     Cpu,
     /// The CUDA backend on device 0, or an error saying why not.
     Cuda,
@@ -38,6 +40,7 @@ pub enum DeviceChoice {
 /// How to open a model: device, precision, and which towers to load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
+    /// Where the towers compute (default: auto).
     pub device: DeviceChoice,
     /// F32, or BF16 (bf16 Linear weights, bf16 GEMM inputs, f32 accumulation). F16 is refused.
     pub dtype: DType,
@@ -52,14 +55,17 @@ impl Default for OpenOptions {
 }
 
 impl OpenOptions {
+    /// These options on device `d`.
     pub fn device(mut self, d: DeviceChoice) -> Self {
         self.device = d;
         self
     }
+    /// These options in precision `d`.
     pub fn dtype(mut self, d: DType) -> Self {
         self.dtype = d;
         self
     }
+    /// These options loading only `t`.
     pub fn towers(mut self, t: Towers) -> Self {
         self.towers = t;
         self
@@ -105,8 +111,11 @@ impl Default for ImageOptions {
 /// A rows × cols matrix of f32, row-major: embeddings (one row per input) or scores.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Embeddings {
+    /// Rows: one per input (or per image of a score matrix).
     pub rows: usize,
+    /// Values per row: the embedding size D (or the number of texts of a score matrix).
     pub dim: usize,
+    /// `rows × dim` values, row-major.
     pub data: Vec<f32>,
 }
 
@@ -122,6 +131,7 @@ impl Embeddings {
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.dim..(i + 1) * self.dim]
     }
+    /// The rows in order.
     pub fn iter_rows(&self) -> impl Iterator<Item = &[f32]> {
         self.data.chunks_exact(self.dim.max(1)).take(self.rows)
     }
@@ -192,6 +202,7 @@ impl ClipModel {
         Ok(ClipModel { dir: None, parts, cuda, dtype: opts.dtype })
     }
 
+    /// The model's configuration (HF config.json).
     pub fn config(&self) -> &ClipConfig {
         &self.parts.config
     }
