@@ -2,7 +2,12 @@
 //! scripts/make_fixtures.py): every layer's activations in order, so a failure names the first
 //! layer that diverges; final embeddings within 1e-4 relative.
 mod common;
-use clipforge::model::{ClipParts, LoadOptions, Towers, Weights};
+use clipforge::backend::device::Device;
+use clipforge::backend::Ops;
+use clipforge::model::schema::{Schema, Tower};
+use clipforge::model::tower::{Mode, TowerParams};
+use clipforge::model::{ClipConfig, ClipParts, LoadOptions, Towers, Weights};
+use clipforge::DType;
 use clipforge::Tensor;
 use safetensors::SafeTensors;
 use std::collections::BTreeMap;
@@ -90,6 +95,46 @@ fn run_model(name: &str) {
     model.text().unwrap().forward(&ids, None, &mut |n, t| if n == "text.pooled" || n == "text.embeds" { got.push((n.to_string(), t.clone())) }).unwrap();
     assert_eq!(got.len(), 2, "{name}: the packed text tower recorded its pooled state and embeddings");
     check_layers(name, &got, &refs, 1e-4, &ends);
+}
+
+/// The same layer-by-layer check on any backend: the one tower code with a hook that downloads
+/// every activation (the CPU run above goes through the CPU front-end, this one through `Ops`).
+fn run_on<O: Ops>(ops: &O, name: &str) {
+    let dir = fixture(name);
+    let cfg = ClipConfig::from_file(&dir.join("config.json")).unwrap();
+    let (weights, refs) = (Weights::open(&dir).unwrap(), Weights::open(&dir.join("activations.safetensors")).unwrap());
+    let schema = Schema::clip(&cfg);
+    let px = refs.get("input.pixel_values").unwrap().contiguous();
+    let (b, t) = (px.dim(0), cfg.vision.tokens());
+    let mut got: Vec<(String, Tensor)> = vec![];
+    let mut hook = |n: &str, x: &O::Buf, shape: &[usize]| {
+        let v = ops.download(x).unwrap()[..shape.iter().product::<usize>()].to_vec();
+        got.push((n.to_string(), Tensor::from_vec(v, shape).unwrap()));
+    };
+    let vt = TowerParams::load(ops, &schema, Tower::Vision, &weights, DType::F32).unwrap();
+    vt.vision(ops, &cfg.vision, ops.upload(&px.to_vec_f32()).unwrap(), b, Mode::Infer, &mut Some(&mut hook)).unwrap();
+    assert_eq!(got.len(), 2 + cfg.vision.tower.layers + 2, "{name}: every vision activation recorded");
+    check_layers(&format!("{name} on {}", ops.describe()), &got, &refs, 1e-4, &(0..b).map(|i| i * t).collect::<Vec<_>>());
+    let eos = cfg.text.eos_token_id;
+    let ids: Vec<Vec<u32>> = input_ids(&dir.join("activations.safetensors")).into_iter().map(|s| s[..s.iter().position(|&x| x == eos).map_or(s.len(), |p| p + 1)].to_vec()).collect();
+    let mut got: Vec<(String, Tensor)> = vec![];
+    let mut hook = |n: &str, x: &O::Buf, shape: &[usize]| {
+        let v = ops.download(x).unwrap()[..shape.iter().product::<usize>()].to_vec();
+        got.push((n.to_string(), Tensor::from_vec(v, shape).unwrap()));
+    };
+    let tt = TowerParams::load(ops, &schema, Tower::Text, &weights, DType::F32).unwrap();
+    tt.text(ops, &cfg.text, &ids, Some(77), Mode::Infer, &mut Some(&mut hook)).unwrap();
+    assert_eq!(got.len(), 1 + cfg.text.tower.layers + 2, "{name}: every text activation recorded");
+    let ends: Vec<usize> = ids.iter().enumerate().map(|(i, s)| i * 77 + s.len() - 1).collect();
+    check_layers(&format!("{name} text on {}", ops.describe()), &got, &refs, 1e-4, &ends);
+}
+
+#[test]
+fn emulated_cuda_matches_hf_layer_by_layer() {
+    let dev = Device::new(Box::new(clipforge::cuda::EmuOps));
+    run_on(&dev, "tiny");
+    run_on(&dev, "odd");
+    run_on(&clipforge::backend::cpu::Cpu, "odd");
 }
 
 #[test]
