@@ -97,3 +97,17 @@ fn bad_input_is_a_one_line_error() {
     let leftovers: Vec<_> = std::fs::read_dir(&d).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
     assert!(leftovers.is_empty());
 }
+
+#[test]
+fn stretch_writes_through_a_symlink_and_keeps_it() {
+    // The output policy of every clipforge output (src/io/output.rs): `--out` naming a symlink
+    // fills the link's target and leaves the link in place.
+    let d = tmpdir("stretch-symlink");
+    let real = d.join("real-long");
+    let link = d.join("long");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let o = clipforge(&["stretch", "--model", fixture("tiny").to_str().unwrap(), "--out", link.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the symlink was replaced");
+    assert!(real.join("config.json").is_file() && real.join("model.safetensors").is_file(), "the target holds the model");
+}

@@ -70,24 +70,13 @@ pub fn stretch_model(src: &Path, out: &Path, keep: usize, ratio: usize, force: b
     if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) && !force {
         return Err(Error::file(out, "exists and is not empty (use --force to replace it)"));
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create: {e}")))?;
-    let name = out.file_name().ok_or_else(|| Error::file(out, "not a directory name"))?.to_string_lossy().to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    let result = write_stretched(src, &tmp, &cfg_text, s, cfg.text.tower.hidden);
-    let tensors = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::file(out, format!("cannot replace: {e}")))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::file(out, format!("cannot move the result into place: {e}")))?;
+    // the output policy of every clipforge output (src/io/output.rs): filled under a temp name
+    // beside the symlink-resolved target, then renamed into place
+    let mut tensors = 0;
+    crate::io::output::write_dir(out, |tmp| {
+        tensors = write_stretched(src, tmp, &cfg_text, s, cfg.text.tower.hidden)?;
+        Ok(())
+    })?;
     Ok(StretchReport { out: out.to_path_buf(), old_len: s.len, new_len: s.new_len(), keep, ratio, tensors })
 }
 
