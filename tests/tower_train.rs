@@ -63,17 +63,17 @@ fn run<O: Ops>(ops: &O, c: &Case, recompute: bool) -> Vec<Option<Vec<f32>>> {
     let b = c.px.dim(0);
     let vt = TowerParams::load(ops, &schema, Tower::Vision, &c.weights, DType::F32).unwrap();
     let (_, saved) = vt.vision(ops, &c.config.vision, ops.upload(&c.px.to_vec_f32()).unwrap(), b, Mode::Train { recompute }, &mut None).unwrap();
-    let saved = saved.unwrap();
+    let mut saved = saved.unwrap();
     let mut g: Grads<O> = (0..vt.len()).map(|_| None).collect();
-    vt.vision_backward(ops, &c.config.vision, &saved, &ops.upload(&c.de_img).unwrap(), &mut g).unwrap();
+    vt.vision_backward(ops, &c.config.vision, &mut saved, &ops.upload(&c.de_img).unwrap(), &mut g).unwrap();
     for (i, d) in g.into_iter().enumerate() {
         out[vt.first() + i] = d.map(|d| ops.download(&d).unwrap()[..vt.numel(i)].to_vec());
     }
     let tt = TowerParams::load(ops, &schema, Tower::Text, &c.weights, DType::F32).unwrap();
     let (_, saved) = tt.text(ops, &c.config.text, &c.ids, None, Mode::Train { recompute }, &mut None).unwrap();
-    let saved = saved.unwrap();
+    let mut saved = saved.unwrap();
     let mut g: Grads<O> = (0..tt.len()).map(|_| None).collect();
-    tt.text_backward(ops, &c.config.text, &saved, &ops.upload(&c.de_txt).unwrap(), &mut g).unwrap();
+    tt.text_backward(ops, &c.config.text, &mut saved, &ops.upload(&c.de_txt).unwrap(), &mut g).unwrap();
     for (i, d) in g.into_iter().enumerate() {
         out[tt.first() + i] = d.map(|d| ops.download(&d).unwrap()[..tt.numel(i)].to_vec());
     }
@@ -151,9 +151,9 @@ fn text_states_backward_matches_the_tape() {
     fn check<O: Ops>(ops: &O, c: &Case, schema: &Schema, rs: &[f32], want: &[Option<Vec<f32>>], what: &str) {
         let tt = TowerParams::load(ops, schema, Tower::Text, &c.weights, DType::F32).unwrap();
         let (_, _, saved) = tt.text_states(ops, &c.config.text, &c.ids, Mode::Train { recompute: false }).unwrap();
-        let saved = saved.unwrap();
+        let mut saved = saved.unwrap();
         let mut g: Grads<O> = (0..tt.len()).map(|_| None).collect();
-        tt.text_states_backward(ops, &c.config.text, &saved, Some(&ops.upload(rs).unwrap()), &ops.upload(&c.de_txt).unwrap(), &mut g).unwrap();
+        tt.text_states_backward(ops, &c.config.text, &mut saved, Some(&ops.upload(rs).unwrap()), &ops.upload(&c.de_txt).unwrap(), &mut g).unwrap();
         for (i, d) in g.into_iter().enumerate() {
             let name = &schema.params()[tt.first() + i].name;
             if name.ends_with("k_proj.bias") {

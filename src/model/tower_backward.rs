@@ -25,8 +25,9 @@ fn add<O: Ops>(ops: &O, g: &mut Grads<O>, i: usize, d: O::Buf, n: usize) -> Resu
 }
 
 impl<O: Ops> TowerParams<O> {
-    /// dy [R, W] → d(encoder input) [N, W]; block gradients added into `g`.
-    fn encoder_backward(&self, ops: &O, cfg: &TowerConfig, s: &TowerSaved<O>, mut dy: O::Buf, g: &mut Grads<O>) -> Result<O::Buf> {
+    /// dy [R, W] → d(encoder input) [N, W]; block gradients added into `g`. Each block's kept
+    /// activations are freed as soon as its backward is done (so a backward runs once).
+    fn encoder_backward(&self, ops: &O, cfg: &TowerConfig, s: &mut TowerSaved<O>, mut dy: O::Buf, g: &mut Grads<O>) -> Result<O::Buf> {
         let w = cfg.hidden;
         if cfg.layers == 0 {
             return match &s.pool {
@@ -37,15 +38,13 @@ impl<O: Ops> TowerParams<O> {
         for l in (0..cfg.layers).rev() {
             let blk = self.block(l, cfg)?;
             let rows = s.pool.as_deref().filter(|_| l + 1 == cfg.layers);
-            let rerun;
-            let saved = match &s.blocks[l] {
+            let kept = s.blocks.pop().ok_or_else(|| crate::error::Error::msg("the tower's backward ran already"))?;
+            let saved = match kept {
                 Kept::All(sv) => sv,
-                Kept::Input(x) => {
-                    rerun = forward(ops, &blk, ops.copy(x, s.seqs.rows() * w)?, None, &s.seqs, rows, true)?.2;
-                    rerun.as_ref().ok_or_else(|| crate::error::Error::msg("recompute kept nothing"))?
-                }
+                Kept::Input(x) => forward(ops, &blk, x, None, &s.seqs, rows, true)?.2.ok_or_else(|| crate::error::Error::msg("recompute kept nothing"))?,
             };
-            let (dx, grads) = backward(ops, &blk, saved, &dy)?;
+            let (dx, grads) = backward(ops, &blk, &saved, &dy)?;
+            drop(saved);
             let first = self.block_index(l)?;
             for (k, d) in grads.into_iter().enumerate() {
                 add(ops, g, first + k, d, self.numel(first + k))?;
@@ -70,7 +69,7 @@ impl<O: Ops> TowerParams<O> {
     }
 
     /// de [B, D] → every vision parameter's gradient added into `g`.
-    pub fn vision_backward(&self, ops: &O, cfg: &VisionConfig, s: &TowerSaved<O>, de: &O::Buf, g: &mut Grads<O>) -> Result<()> {
+    pub fn vision_backward(&self, ops: &O, cfg: &VisionConfig, s: &mut TowerSaved<O>, de: &O::Buf, g: &mut Grads<O>) -> Result<()> {
         let (w, t, c, sz, p) = (cfg.tower.hidden, cfg.tokens(), cfg.channels, cfg.image_size, cfg.patch_size);
         let dpool = self.head_backward(ops, s, de, names::POST_LN, names::VISUAL_PROJECTION, &cfg.tower, g)?;
         let dh = self.encoder_backward(ops, &cfg.tower, s, dpool, g)?; // [B·T, W]
@@ -88,7 +87,7 @@ impl<O: Ops> TowerParams<O> {
 
     /// de [B, D] → every text parameter's gradient added into `g` (the token table's and the
     /// positions' as deterministic row scatter-adds).
-    pub fn text_backward(&self, ops: &O, cfg: &TextConfig, s: &TowerSaved<O>, de: &O::Buf, g: &mut Grads<O>) -> Result<()> {
+    pub fn text_backward(&self, ops: &O, cfg: &TextConfig, s: &mut TowerSaved<O>, de: &O::Buf, g: &mut Grads<O>) -> Result<()> {
         let dpool = self.head_backward(ops, s, de, names::FINAL_LN, names::TEXT_PROJECTION, &cfg.tower, g)?;
         let dx = self.encoder_backward(ops, &cfg.tower, s, dpool, g)?; // [N, W]
         self.text_embed_backward(ops, cfg, s, &dx, g)
@@ -96,7 +95,7 @@ impl<O: Ops> TowerParams<O> {
 
     /// The backward of [`text_states_train`](Self::text_states_train) from d(states) [B·T, W]
     /// (if any) and d(embeddings) [B, D].
-    pub fn text_states_backward(&self, ops: &O, cfg: &TextConfig, s: &TowerSaved<O>, dstates: Option<&O::Buf>, de: &O::Buf, g: &mut Grads<O>) -> Result<()> {
+    pub fn text_states_backward(&self, ops: &O, cfg: &TextConfig, s: &mut TowerSaved<O>, dstates: Option<&O::Buf>, de: &O::Buf, g: &mut Grads<O>) -> Result<()> {
         let (n, w) = (s.seqs.rows(), cfg.tower.hidden);
         let Input::Tokens { states_pool: Some((ends, pooled)), .. } = &s.input else { return Err(shape_err!("not a text-states forward")) };
         let pw = self.linear(names::TEXT_PROJECTION)?;

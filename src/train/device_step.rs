@@ -128,11 +128,11 @@ impl DeviceStep {
         let b = pixels.dim(0);
         let px = sh.dev.upload(&pixels.f32_data())?;
         let (e, saved) = sh.vision.vision(&sh.dev, &sh.config.vision, px, b, sh.mode(), &mut None)?; // [B, D]
-        let saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
+        let mut saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let value = Tensor::from_vec(sh.dev.download(&e)?, &[b, sh.config.projection_dim])?;
         Ok(tape.custom(&[anchor], value, move |g| {
             let de = sh.dev.upload(&g.f32_data())?;
-            sh.vision.vision_backward(&sh.dev, &sh.config.vision, &saved, &de, &mut sh.acc_v.borrow_mut())?;
+            sh.vision.vision_backward(&sh.dev, &sh.config.vision, &mut saved, &de, &mut sh.acc_v.borrow_mut())?;
             Ok(vec![None])
         }))
     }
@@ -141,11 +141,11 @@ impl DeviceStep {
     fn text_node(&self, tape: &Tape, anchor: &Var, ids: &[Vec<u32>]) -> Result<Var> {
         let sh = self.sh.clone();
         let (e, saved) = sh.text.text(&sh.dev, &sh.config.text, ids, None, sh.mode(), &mut None)?; // [B, D]
-        let saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
+        let mut saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let value = Tensor::from_vec(sh.dev.download(&e)?, &[ids.len(), sh.config.projection_dim])?;
         Ok(tape.custom(&[anchor], value, move |g| {
             let de = sh.dev.upload(&g.f32_data())?;
-            sh.text.text_backward(&sh.dev, &sh.config.text, &saved, &de, &mut sh.acc_t.borrow_mut())?;
+            sh.text.text_backward(&sh.dev, &sh.config.text, &mut saved, &de, &mut sh.acc_t.borrow_mut())?;
             Ok(vec![None])
         }))
     }

@@ -139,12 +139,12 @@ impl TrainClip {
         let (vc, b) = (self.config.vision.clone(), pixels.dim(0));
         let (params, inputs) = self.tower_node_params(sv, Tower::Vision)?;
         let (e, saved) = params.vision(&Cpu, &vc, pixels.contiguous(), b, self.mode(), &mut None)?; // [B, D]
-        let saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
+        let mut saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let e = e.reshape(&[b, self.config.projection_dim])?;
         let shapes = self.tower_shapes(Tower::Vision);
         Ok(tape.custom(&inputs.iter().collect::<Vec<_>>(), e, move |g| {
             let mut grads: Grads<Cpu> = (0..params.len()).map(|_| None).collect();
-            params.vision_backward(&Cpu, &vc, &saved, g, &mut grads)?;
+            params.vision_backward(&Cpu, &vc, &mut saved, g, &mut grads)?;
             grads.into_iter().zip(shapes).map(|(g, s)| g.map(|t| t.reshape(&s)).transpose()).collect()
         }))
     }
@@ -191,12 +191,12 @@ impl TrainClip {
         let tc = self.config.text.clone();
         let (params, inputs) = self.tower_node_params(sv, Tower::Text)?;
         let (e, saved) = params.text(&Cpu, &tc, ids, None, self.mode(), &mut None)?; // [B, D]
-        let saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
+        let mut saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let e = e.reshape(&[ids.len(), self.config.projection_dim])?;
         let shapes = self.tower_shapes(Tower::Text);
         Ok(tape.custom(&inputs.iter().collect::<Vec<_>>(), e, move |g| {
             let mut grads: Grads<Cpu> = (0..params.len()).map(|_| None).collect();
-            params.text_backward(&Cpu, &tc, &saved, g, &mut grads)?;
+            params.text_backward(&Cpu, &tc, &mut saved, g, &mut grads)?;
             grads.into_iter().zip(shapes).map(|(g, s)| g.map(|t| t.reshape(&s)).transpose()).collect()
         }))
     }
@@ -228,7 +228,7 @@ impl TrainClip {
         let (b, t, w, d) = (ids.len(), ids.iter().map(|s| s.len()).max().unwrap_or(0), tc.tower.hidden, self.config.projection_dim);
         let (params, inputs) = self.tower_node_params(sv, Tower::Text)?;
         let (states, e, saved) = params.text_states(&Cpu, &tc, ids, self.mode())?; // [B·T, W], [B, D]
-        let saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
+        let mut saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let mut both = states.into_f32_vec();
         both.extend_from_slice(&e.f32_data());
         let n = b * t * w;
@@ -238,7 +238,7 @@ impl TrainClip {
             let gd = g.f32_data();
             let (ds, de) = (Tensor::from_vec(gd[..n].to_vec(), &[n])?, Tensor::from_vec(gd[n..].to_vec(), &[b * d])?);
             let mut grads: Grads<Cpu> = (0..params.len()).map(|_| None).collect();
-            params.text_states_backward(&Cpu, &tc, &saved, Some(&ds), &de, &mut grads)?;
+            params.text_states_backward(&Cpu, &tc, &mut saved, Some(&ds), &de, &mut grads)?;
             grads.into_iter().zip(shapes).map(|(g, s)| g.map(|t| t.reshape(&s)).transpose()).collect()
         });
         let states = tape.reshape(&tape.narrow(&node, 0, 0, n)?, &[b, t, w])?; // [B, T, W]
