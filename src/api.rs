@@ -155,7 +155,8 @@ impl Embeddings {
         let data = a.iter_rows().flat_map(|x| b.iter_rows().map(move |y| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>())).collect();
         Embeddings::new(data, self.rows, other.rows)
     }
-    fn to_tensor(&self) -> Result<Tensor> {
+    /// The matrix as a [rows, dim] tensor (an error if `data` does not hold rows·dim values).
+    pub fn to_tensor(&self) -> Result<Tensor> {
         Tensor::from_vec(self.data.clone(), &[self.rows, self.dim])
     }
 }
@@ -368,11 +369,6 @@ fn finish(data: Vec<f32>, rows: usize, d: usize, normalize: bool) -> Result<Embe
     Ok(if normalize { e.normalized() } else { e })
 }
 
-impl From<Embeddings> for Tensor {
-    fn from(e: Embeddings) -> Tensor {
-        e.to_tensor().expect("rows × dim data")
-    }
-}
 
 /// The GPU a request resolves to: `Cpu` → none; `Cuda` → device 0 or an error saying why not;
 /// `Auto` → device 0 when it opens and `dtype` runs there (f32, bf16), else none.

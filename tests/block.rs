@@ -1,5 +1,5 @@
 //! The one CLIP block (src/model/block.rs), forward and backward, on the CPU backend against the
-//! tape's block (the oracle: `train::model::block_on` / `block_rows` with autograd), per element:
+//! tape's block (the oracle: `common::oracle::block_on` / `block_rows` with autograd), per element:
 //! batched non-causal (vision), batched causal, packed causal sequences with the pooled-rows last
 //! block; odd widths (head dim 59 and 20, MLP 601), GELU and QuickGELU; bf16 weights within bf16
 //! rounding of f32.
@@ -10,7 +10,7 @@ use clipforge::backend::{Ops, Seqs};
 use clipforge::model::block::{backward, finish, forward, BlockRef, Stored};
 use clipforge::model::config::{Activation, TowerConfig};
 use clipforge::model::schema::BlockParam;
-use clipforge::train::model::{block_on, block_rows};
+use common::oracle::{block_on, block_rows};
 use clipforge::{DType, Tensor};
 use common::{assert_close, randn};
 

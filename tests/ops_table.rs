@@ -36,10 +36,10 @@ fn run<O: Ops>(ops: &O) -> Out {
         let wt = ops.weight(up(&w), n, k, DType::F32).unwrap();
         out.push((format!("linear {m}x{k}->{n}"), dl(&ops.linear(&up(&x), &wt, Some(&up(&b)), m).unwrap(), m * n)));
         let mut dx = up(&randn(m * k, 5));
-        let (dw, db) = ops.linear_bwd(&up(&dy), &up(&x), &wt, m, &mut dx, true).unwrap();
+        let (dw, db) = ops.linear_bwd(&up(&dy), &up(&x), &wt, m, &mut dx, true, true).unwrap();
         out.push((format!("linear_bwd dx+= {m}x{k}"), dl(&dx, m * k)));
         out.push((format!("linear_bwd dW {n}x{k}"), dl(&dw, n * k)));
-        out.push((format!("linear_bwd db {n}"), dl(&db, n)));
+        out.push((format!("linear_bwd db {n}"), dl(&db.unwrap(), n)));
     }
     // LayerNorm, with the residual add, and its backward: rows × 59
     let (r, w) = (7, 59);
@@ -56,8 +56,12 @@ fn run<O: Ops>(ops: &O) -> Out {
     let n = 65;
     for act in [Act::QuickGelu, Act::Gelu] {
         let (u, bias, d) = (randn(r * n, 11), randn(n, 12), randn(r * n, 13));
-        let (o, pre) = ops.bias_act(&up(&u), &up(&bias), r, n, act).unwrap();
+        let (o, pre) = ops.bias_act(up(&u), &up(&bias), r, n, act, true).unwrap();
+        let pre = pre.unwrap();
         out.push((format!("bias_act {act:?}"), dl(&o, r * n)));
+        let (o2, none) = ops.bias_act(up(&u), &up(&bias), r, n, act, false).unwrap();
+        assert!(none.is_none(), "inference keeps no pre-activation");
+        out.push((format!("bias_act {act:?} inference"), dl(&o2, r * n)));
         let (du, db) = ops.bias_act_bwd(&up(&d), &pre, r, n, act).unwrap();
         out.push((format!("bias_act_bwd du {act:?}"), dl(&du, r * n)));
         out.push((format!("bias_act_bwd db {act:?}"), dl(&db, n)));
@@ -126,6 +130,7 @@ fn reference() -> Out {
         let (u, bias, d) = (randn(r * n, 11), randn(n, 12), randn(r * n, 13));
         let pre: Vec<f32> = u.iter().enumerate().map(|(i, v)| v + bias[i % n]).collect();
         out.push((format!("bias_act {act:?}"), unary_reference(op, &pre)));
+        out.push((format!("bias_act {act:?} inference"), unary_reference(op, &pre)));
         let du = f64s(unary_bwd_reference(op, &pre, &d));
         let db: Vec<f32> = (0..n).map(|j| (0..r).map(|i| du[i * n + j] as f64).sum::<f64>() as f32).collect();
         out.extend([(format!("bias_act_bwd du {act:?}"), du), (format!("bias_act_bwd db {act:?}"), db)]);

@@ -9,18 +9,10 @@ use crate::ops::attention::{attention_backward, attention_packed, attention_pack
 use crate::ops::fastmath::zeros;
 use crate::ops::matmul::{gemm, View};
 use crate::ops::patch_embed::{patch_embed_bwd_weight, PatchShape};
+use crate::ops::reduce::col_sums;
 use crate::ops::pos_gather::{pos_gather, pos_gather_bwd, Stretch};
 use crate::shape_err;
 use crate::tensor::Tensor;
-
-/// Column sums of a [m, n] matrix.
-fn col_sums(g: &[f32], n: usize) -> Vec<f32> {
-    let mut s = vec![0f32; n];
-    for row in g.chunks(n) {
-        s.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-    }
-    s
-}
 
 impl Tape {
     /// x [.., k] · wᵀ (+ b), w [n, k], b [n].

@@ -11,6 +11,7 @@ use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
 use crate::ops::matmul::{gemm, linear, View};
 use crate::ops::embedding::embedding_bwd_grouped;
+use crate::ops::reduce::col_sums;
 use crate::ops::patch_embed::{patch_embed, patch_embed_bwd_weight, PatchShape};
 use crate::shape_err;
 use crate::tensor::{DType, Tensor};
@@ -88,7 +89,7 @@ impl Ops for Cpu {
         }
     }
 
-    fn linear_bwd(&self, dy: &Tensor, x: &Tensor, w: &Weight<Cpu>, m: usize, dx: &mut Tensor, accumulate: bool) -> Result<(Tensor, Tensor)> {
+    fn linear_bwd(&self, dy: &Tensor, x: &Tensor, w: &Weight<Cpu>, m: usize, dx: &mut Tensor, accumulate: bool, bias: bool) -> Result<(Tensor, Option<Tensor>)> {
         let (n, k) = (w.n, w.k);
         let (g, xd) = (dy.f32_data(), x.f32_data());
         let mut d = take(dx);
@@ -97,7 +98,8 @@ impl Ops for Cpu {
         *dx = vec1(d)?;
         let mut dw = zeros(n * k);
         gemm(View::row_major(&g, m, n).t(), View::row_major(&xd, m, k), &mut dw, false); // dW = dyᵀ·x
-        vec1(dw).and_then(|dw| Ok((dw, vec1(col_sums(&g[..m * n], n))?)))
+        let db = if bias { Some(vec1(col_sums(&g[..m * n], n))?) } else { None };
+        Ok((vec1(dw)?, db))
     }
 
     fn layernorm(&self, x: &Tensor, g: &Tensor, b: &Tensor, rows: usize, w: usize, eps: f32) -> Result<(Tensor, Tensor)> {
@@ -116,13 +118,12 @@ impl Ops for Cpu {
         Ok((vec1(dx)?, vec1(dg)?, vec1(db)?))
     }
 
-    fn bias_act(&self, u: &Tensor, bias: &Tensor, rows: usize, n: usize, act: Act) -> Result<(Tensor, Tensor)> {
+    fn bias_act(&self, u: Tensor, bias: &Tensor, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
         check("bias_act u", u.numel(), rows * n)?;
-        let (ud, bd) = (u.f32_data(), bias.f32_data());
-        let mut pre = zeros(rows * n); // [rows, n]
-        par_rows(&mut pre, n, |r, o| o.iter_mut().zip(&ud[r * n..(r + 1) * n]).zip(&bd[..n]).for_each(|((o, a), b)| *o = a + b));
-        let out = unary(act_op(act), &pre);
-        Ok((vec1(out)?, vec1(pre)?))
+        let (mut v, bd) = (u.into_f32_vec(), bias.f32_data());
+        par_rows(&mut v[..rows * n], n, |_, r| r.iter_mut().zip(&bd[..n]).for_each(|(a, b)| *a += b)); // u + bias, in place
+        let out = unary(act_op(act), &v[..rows * n]);
+        Ok((vec1(out)?, if keep_pre { Some(vec1(v)?) } else { None }))
     }
 
     fn bias_act_bwd(&self, dout: &Tensor, pre: &Tensor, rows: usize, n: usize, act: Act) -> Result<(Tensor, Tensor)> {
@@ -244,13 +245,4 @@ impl Ops for Cpu {
 fn shape(batch: usize, seq: usize, heads: usize, w: usize, causal: bool) -> AttnShape {
     let d = w / heads.max(1);
     AttnShape { batch, seq, heads, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() }
-}
-
-/// Column sums of a [m, n] matrix, in row order (a fixed reduction order: bitwise-reproducible).
-fn col_sums(g: &[f32], n: usize) -> Vec<f32> {
-    let mut s = vec![0f32; n];
-    for row in g.chunks_exact(n.max(1)) {
-        s.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-    }
-    s
 }

@@ -101,22 +101,19 @@ impl Ops for Device {
         self.ops.alloc(n)
     }
     fn weight(&self, w: Buf, n: usize, k: usize, dtype: DType) -> Result<Weight<Device>> {
-        let half = match dtype {
-            DType::F32 => None,
-            DType::BF16 => {
-                let v: Vec<half::bf16> = self.ops.download(&w)?.into_iter().map(half::bf16::from_f32).collect();
-                Some((dtype, self.ops.upload_bf16(&v)?))
-            }
-            DType::F16 => {
-                let v: Vec<half::f16> = self.ops.download(&w)?.into_iter().map(half::f16::from_f32).collect();
-                Some((dtype, self.ops.upload_f16(&v)?))
-            }
+        let kernel = match dtype {
+            DType::F32 => return Ok(Weight { w, half: None, n, k }),
+            DType::BF16 => "f32_to_bf16",
+            DType::F16 => "f32_to_f16",
         };
-        Ok(Weight { w, half, n, k })
+        // the 16-bit copy made on the device (two values per 4-byte element, as upload_bf16 packs)
+        let half = self.ops.alloc((n * k).div_ceil(2))?;
+        self.ops.launch(kernel, grid(n * k), &mut KernelArgs::new().ptr(w.ptr()).ptr(half.ptr()).i32((n * k) as i32))?;
+        Ok(Weight { w, half: Some((dtype, half)), n, k })
     }
 
     fn linear(&self, x: &Buf, w: &Weight<Device>, bias: Option<&Buf>, m: usize) -> Result<Buf> {
-        let y = self.ops.alloc(m * w.n)?; // [m, n]
+        let y = self.ops.alloc_uninit(m * w.n)?; // [m, n]
         match &w.half {
             Some((DType::BF16, h)) => self.ops.linear_bf16(x, h, bias, &y, m, w.n, w.k)?,
             Some((_, h)) => self.ops.linear_f16(x, h, bias, &y, m, w.n, w.k)?,
@@ -125,23 +122,24 @@ impl Ops for Device {
         Ok(y)
     }
 
-    fn linear_bwd(&self, dy: &Buf, x: &Buf, w: &Weight<Device>, m: usize, dx: &mut Buf, accumulate: bool) -> Result<(Buf, Buf)> {
+    fn linear_bwd(&self, dy: &Buf, x: &Buf, w: &Weight<Device>, m: usize, dx: &mut Buf, accumulate: bool, bias: bool) -> Result<(Buf, Option<Buf>)> {
         let (n, k) = (w.n, w.k);
         self.ops.gemm(dy, &w.w, dx, m, k, n, false, false, if accumulate { 1.0 } else { 0.0 })?; // dx (+)= dy·W
-        let dw = self.ops.alloc(n * k)?;
-        self.ops.gemm(dy, x, &dw, n, k, m, true, false, 0.0)?; // dW = dyᵀ·x
-        Ok((dw, col_sums(&*self.ops, dy, m, n)?))
+        let dw = self.ops.alloc_uninit(n * k)?;
+        self.ops.gemm(dy, x, &dw, n, k, m, true, false, 0.0)?; // dW = dyᵀ·x (C not read with beta 0)
+        let db = if bias { Some(col_sums(&*self.ops, dy, m, n)?) } else { None };
+        Ok((dw, db))
     }
 
     fn layernorm(&self, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
-        let (y, st) = (self.ops.alloc(rows * w)?, self.ops.alloc(2 * rows)?); // stats: mean [rows], rstd [rows]
+        let (y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?); // stats: mean [rows], rstd [rows]
         let mut a = KernelArgs::new().ptr(x.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr()).ptr(st.ptr()).ptr(st.ptr() + 4 * rows as u64).i32(rows as i32).i32(w as i32).f32(eps);
         self.ops.launch("layernorm_fwd_f32", ln_cfg(rows), &mut a)?;
         Ok((y, st))
     }
 
     fn add_layernorm(&self, x: &mut Buf, f: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
-        let (y, st) = (self.ops.alloc(rows * w)?, self.ops.alloc(2 * rows)?);
+        let (y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?);
         let mut a = KernelArgs::new()
             .ptr(x.ptr())
             .ptr(f.ptr())
@@ -160,27 +158,27 @@ impl Ops for Device {
     fn layernorm_bwd(&self, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, rows: usize, w: usize, _eps: f32) -> Result<(Buf, Buf, Buf)> {
         let ops = &*self.ops;
         let parts = rows.clamp(1, 8);
-        let (dx, pg, pb) = (ops.alloc(rows * w)?, ops.alloc(parts * w)?, ops.alloc(parts * w)?);
+        let (dx, pg, pb) = (ops.alloc_uninit(rows * w)?, ops.alloc_uninit(parts * w)?, ops.alloc_uninit(parts * w)?);
         let mut a = KernelArgs::new().ptr(dy.ptr()).ptr(x.ptr()).ptr(g.ptr()).ptr(st.ptr()).ptr(st.ptr() + 4 * rows as u64).ptr(dx.ptr()).ptr(pg.ptr()).ptr(pb.ptr()).i32(rows as i32).i32(w as i32);
         ops.launch("layernorm_bwd_f32", LaunchCfg::new((parts as u32, 1, 1), (128, 1, 1), 0), &mut a)?;
-        let (dg, db) = (ops.alloc(w)?, ops.alloc(w)?);
+        let (dg, db) = (ops.alloc_uninit(w)?, ops.alloc_uninit(w)?);
         let mut a = KernelArgs::new().ptr(pg.ptr()).ptr(pb.ptr()).ptr(dg.ptr()).ptr(db.ptr()).i32(parts as i32).i32(w as i32);
         ops.launch("layernorm_bwd_reduce_f32", LaunchCfg::new((w.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
         Ok((dx, dg, db))
     }
 
-    fn bias_act(&self, u: &Buf, bias: &Buf, rows: usize, n: usize, act: Act) -> Result<(Buf, Buf)> {
-        let (out, pre) = (copy(&*self.ops, u, rows * n)?, self.ops.alloc(rows * n)?);
+    fn bias_act(&self, u: Buf, bias: &Buf, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Buf, Option<Buf>)> {
+        let pre = if keep_pre { Some(self.ops.alloc_uninit(rows * n)?) } else { None };
         let g = rows.clamp(1, 64) as u32;
-        let mut a = KernelArgs::new().ptr(out.ptr()).ptr(bias.ptr()).ptr(pre.ptr()).i32(rows as i32).i32(n as i32);
-        self.ops.launch(act_kernels(act).0, LaunchCfg::new((n.div_ceil(256) as u32, g, 1), (256, 1, 1), 0), &mut a)?;
-        Ok((out, pre))
+        let mut a = KernelArgs::new().ptr(u.ptr()).ptr(bias.ptr()).ptr(pre.as_ref().map_or(0, |p| p.ptr())).i32(rows as i32).i32(n as i32);
+        self.ops.launch(act_kernels(act).0, LaunchCfg::new((n.div_ceil(256) as u32, g, 1), (256, 1, 1), 0), &mut a)?; // u = act(u + bias) in place
+        Ok((u, pre))
     }
 
     fn bias_act_bwd(&self, dout: &Buf, pre: &Buf, rows: usize, n: usize, act: Act) -> Result<(Buf, Buf)> {
-        let du = self.ops.alloc(rows * n)?;
+        let du = self.ops.alloc_uninit(rows * n)?;
         let g = rows.clamp(1, 64);
-        let partial = self.ops.alloc(g * n)?;
+        let partial = self.ops.alloc_uninit(g * n)?;
         let mut a = KernelArgs::new().ptr(dout.ptr()).ptr(pre.ptr()).ptr(du.ptr()).ptr(partial.ptr()).i32(rows as i32).i32(n as i32);
         self.ops.launch(act_kernels(act).1, LaunchCfg::new((n.div_ceil(256) as u32, g as u32, 1), (256, 1, 1), 0), &mut a)?;
         Ok((du, col_sums(&*self.ops, &partial, g, n)?))
@@ -188,7 +186,7 @@ impl Ops for Device {
 
     fn attention(&self, q: &Buf, k: &Buf, v: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf)> {
         let n = seqs.rows();
-        let (o, lse) = (self.ops.alloc(n * w)?, self.ops.alloc(heads * n)?);
+        let (o, lse) = (self.ops.alloc_uninit(n * w)?, self.ops.alloc_uninit(heads * n)?);
         let (l, tail) = self.attention_launch(seqs, heads, w, false)?;
         let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(lse.ptr());
         a = tail.append(a, heads, w);
@@ -198,7 +196,7 @@ impl Ops for Device {
 
     fn attention_bwd(&self, q: &Buf, k: &Buf, v: &Buf, o: &Buf, lse: &Buf, d_o: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
         let r = seqs.rows() * w;
-        let (dq, dk, dv) = (self.ops.alloc(r)?, self.ops.alloc(r)?, self.ops.alloc(r)?);
+        let (dq, dk, dv) = (self.ops.alloc_uninit(r)?, self.ops.alloc_uninit(r)?, self.ops.alloc_uninit(r)?);
         let (l, tail) = self.attention_launch(seqs, heads, w, true)?;
         let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(d_o.ptr()).ptr(lse.ptr()).ptr(dq.ptr()).ptr(dk.ptr()).ptr(dv.ptr());
         a = tail.append(a, heads, w);
@@ -215,7 +213,7 @@ impl Ops for Device {
 
     fn gather_rows(&self, x: &Buf, rows: &[usize], w: usize) -> Result<Buf> {
         let idx = self.ops.upload_i32(&indices(rows)?)?;
-        let out = self.ops.alloc(rows.len() * w)?;
+        let out = self.ops.alloc_uninit(rows.len() * w)?;
         // pool_rows_f32 with T = 0 reads row index[b] of x for output row b
         let mut a = KernelArgs::new().ptr(x.ptr()).ptr(idx.ptr()).ptr(out.ptr()).i32(rows.len() as i32).i32(0).i32(w as i32);
         self.ops.launch("pool_rows_f32", grid(rows.len() * w), &mut a)?;
@@ -235,7 +233,7 @@ impl Ops for Device {
 
     fn patch_embed(&self, px: &Buf, w: &Weight<Device>, b: usize, c: usize, s: usize, p: usize) -> Result<Buf> {
         let n = (s / p) * (s / p);
-        let cols = self.ops.alloc(b * n * c * p * p)?; // [B·N, C·P·P]
+        let cols = self.ops.alloc_uninit(b * n * c * p * p)?; // [B·N, C·P·P]
         let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
         self.ops.launch("patch_im2col_f32", grid(b * n * c * p * p), &mut a)?;
         self.linear(&cols, w, None, b * n) // [B·N, D]
@@ -243,17 +241,17 @@ impl Ops for Device {
 
     fn patch_embed_bwd(&self, px: &Buf, dpatches: &Buf, b: usize, c: usize, s: usize, p: usize, d: usize) -> Result<Buf> {
         let (n, k) = ((s / p) * (s / p), c * p * p);
-        let cols = self.ops.alloc(b * n * k)?; // [B·N, C·P·P]
+        let cols = self.ops.alloc_uninit(b * n * k)?; // [B·N, C·P·P]
         let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
         self.ops.launch("patch_im2col_f32", grid(b * n * k), &mut a)?;
-        let dw = self.ops.alloc(d * k)?;
+        let dw = self.ops.alloc_uninit(d * k)?;
         self.ops.gemm(dpatches, &cols, &dw, d, k, b * n, true, false, 0.0)?; // dW = dpatchesᵀ·cols
         Ok(dw)
     }
 
     fn vision_embed_bwd(&self, dx: &Buf, b: usize, n: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
         let t = n + 1;
-        let dp = self.ops.alloc(b * n * w)?;
+        let dp = self.ops.alloc_uninit(b * n * w)?;
         let mut a = KernelArgs::new().ptr(dx.ptr()).ptr(dp.ptr()).i32(b as i32).i32(n as i32).i32(w as i32);
         self.ops.launch("vision_embed_bwd_f32", grid(b * n * w), &mut a)?;
         let dpos = col_sums(&*self.ops, dx, b, t * w)?; // [T, W]: the batch sum
@@ -272,7 +270,7 @@ impl Ops for Device {
     }
 
     fn vision_embed(&self, patches: &Buf, cls: &Buf, pos: &Buf, b: usize, n: usize, w: usize) -> Result<Buf> {
-        let x = self.ops.alloc(b * (n + 1) * w)?; // [B·T, W]
+        let x = self.ops.alloc_uninit(b * (n + 1) * w)?; // [B·T, W]
         let mut a = KernelArgs::new().ptr(patches.ptr()).ptr(cls.ptr()).ptr(pos.ptr()).ptr(x.ptr()).i32(b as i32).i32(n as i32).i32(w as i32);
         self.ops.launch("vision_embed_assemble_f32", grid(b * (n + 1) * w), &mut a)?;
         Ok(x)

@@ -36,10 +36,6 @@ impl Seqs {
             Seqs::Packed(lens) => lens.iter().sum(),
         }
     }
-    /// Rows of the attention's logsumexp per head (= N).
-    pub fn lse_rows(&self) -> usize {
-        self.rows()
-    }
 }
 
 /// A Linear weight W [n, k] as a backend holds it: the f32 values (the backward's, and the
@@ -79,8 +75,9 @@ pub trait Ops {
     /// y [m, n] = x [m, k]·Wᵀ (+ bias [n]).
     fn linear(&self, x: &Self::Buf, w: &Weight<Self>, bias: Option<&Self::Buf>, m: usize) -> Result<Self::Buf>;
     /// The backward of [`Ops::linear`] from dy [m, n]: dx [m, k] written (or added to, with
-    /// `accumulate`) in place, and (dW [n, k], db [n]).
-    fn linear_bwd(&self, dy: &Self::Buf, x: &Self::Buf, w: &Weight<Self>, m: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<(Self::Buf, Self::Buf)>;
+    /// `accumulate`) in place, and (dW [n, k], db [n] when the Linear has its `bias` here).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(&self, dy: &Self::Buf, x: &Self::Buf, w: &Weight<Self>, m: usize, dx: &mut Self::Buf, accumulate: bool, bias: bool) -> Result<(Self::Buf, Option<Self::Buf>)>;
 
     /// y = LayerNorm(x) over rows of `w` → (y, statistics for the backward).
     fn layernorm(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf)>;
@@ -91,8 +88,10 @@ pub trait Ops {
     #[allow(clippy::too_many_arguments)]
     fn layernorm_bwd(&self, dy: &Self::Buf, x: &Self::Buf, g: &Self::Buf, stats: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
 
-    /// u [rows, n] → (act(u + bias), u + bias): the MLP's bias and activation.
-    fn bias_act(&self, u: &Self::Buf, bias: &Self::Buf, rows: usize, n: usize, act: Act) -> Result<(Self::Buf, Self::Buf)>;
+    /// u [rows, n] (consumed) → act(u + bias), in u's buffer, and with `keep_pre` u + bias (the
+    /// backward's input): the MLP's bias and activation.
+    #[allow(clippy::type_complexity)]
+    fn bias_act(&self, u: Self::Buf, bias: &Self::Buf, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Self::Buf, Option<Self::Buf>)>;
     /// The backward of [`Ops::bias_act`] from d(out) → (d(u), d(bias)), given pre = u + bias.
     fn bias_act_bwd(&self, dout: &Self::Buf, pre: &Self::Buf, rows: usize, n: usize, act: Act) -> Result<(Self::Buf, Self::Buf)>;
 

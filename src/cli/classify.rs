@@ -3,7 +3,6 @@
 use super::common::*;
 use super::Compute;
 use clipforge::error::{Error, Result};
-use clipforge::io::tokenizer::ClipTokenizer;
 use clipforge::model::clip::cosine_matrix;
 use clipforge::model::Towers;
 use clipforge::ops::softmax::softmax;
@@ -58,7 +57,7 @@ pub struct SimilarityArgs {
 /// (cosine [I×T], probabilities over texts per image [I×T], logit scale).
 fn scores(model_dir: &PathBuf, images: &[PathBuf], texts: &[String], compute: Compute) -> Result<(Vec<f32>, Vec<f32>, f32)> {
     let model = load_model(model_dir, Towers::Both, compute)?;
-    let tok = ClipTokenizer::from_file(model_dir, model.config().text.max_positions)?;
+    let tok = model.tokenizer(None)?;
     let img = embed_images(&model, images, 32, true, true)?;
     let txt = embed_texts(&model, &tok, texts, 64, true, true)?;
     let cos = cosine_matrix(&img, &txt)?.to_vec_f32();

@@ -104,7 +104,7 @@ pub fn embed_texts(model: &Loaded, tok: &ClipTokenizer, texts: &[String], batch:
     if let Some(note) = tok.take_cut().note(tok.context_length, "texts", &hint) {
         eprintln!("{note}");
     }
-    Ok(e.into())
+    e.to_tensor()
 }
 
 /// Embeds images in batches → [N, D]. Decoding and preprocessing run in parallel.
@@ -112,16 +112,5 @@ pub fn embed_images(model: &Loaded, paths: &[PathBuf], batch: usize, normalize: 
     let bar = items_bar(paths.len(), batch, quiet, "images");
     let e = model.embed_image_files_with(paths, &ImageOptions { normalize, batch }, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
-    Ok(e.into())
-}
-
-/// The context length to tokenize to: --max-len, else the model's positions.
-pub fn context_length(model: &Loaded, max_len: Option<usize>) -> Result<usize> {
-    let p = model.context_length();
-    match max_len {
-        Some(n) if n > p => Err(Error::msg(format!("--max-len {n} exceeds the model's {p} positions (stretch the model first)"))),
-        Some(n) if n < 2 => Err(Error::msg("--max-len must be at least 2")),
-        Some(n) => Ok(n),
-        None => Ok(p),
-    }
+    e.to_tensor()
 }

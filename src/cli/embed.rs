@@ -5,7 +5,6 @@ use super::Compute;
 use clipforge::error::{Error, Result};
 use clipforge::io::npy::write_npy;
 use clipforge::io::output::write_file;
-use clipforge::io::tokenizer::ClipTokenizer;
 use clipforge::model::Towers;
 use clap::Args;
 use std::path::PathBuf;
@@ -105,7 +104,7 @@ fn readable_images(paths: Vec<PathBuf>, dir: Option<&std::path::Path>) -> Result
 pub fn embed_text(a: &EmbedTextArgs) -> Result<()> {
     let texts = read_texts(&a.texts, a.file.as_deref())?;
     let model = load_model(&a.model, Towers::Text, a.compute)?;
-    let tok = ClipTokenizer::from_file(&a.model, context_length(&model, a.max_len)?)?;
+    let tok = model.tokenizer(a.max_len).map_err(|e| e.context("--max-len"))?;
     let e = embed_texts(&model, &tok, &texts, a.batch, !a.no_normalize, false)?;
     if e.dim(0) != texts.len() {
         return Err(Error::msg("internal: row count mismatch"));

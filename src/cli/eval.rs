@@ -172,7 +172,7 @@ pub fn zeroshot(a: &ZeroshotArgs) -> Result<()> {
     let x = ctx(c)?;
     let d = x.model.config().projection_dim;
     let img = images(&x, c, &set.images)?;
-    let tok = ClipTokenizer::from_file(&c.model, x.model.config().text.max_positions)?;
+    let tok = x.model.tokenizer(None)?;
     // class embeddings: mean of the normalised prompt embeddings, re-normalised
     let prompts: Vec<String> = names.iter().flat_map(|n| templates::prompts(&tmpl, n)).collect();
     let pe = texts(&x, c, &tok, &prompts)?;
@@ -205,7 +205,7 @@ pub fn retrieval_cmd(a: &RetrievalArgs) -> Result<()> {
     let set = retrieval_set(&a.data)?;
     let x = ctx(c)?;
     let d = x.model.config().projection_dim;
-    let tok = ClipTokenizer::from_file(&c.model, context_length(&x.model, a.max_len)?)?;
+    let tok = x.model.tokenizer(a.max_len).map_err(|e| e.context("--max-len"))?;
     let img = images(&x, c, &set.images)?;
     let txt = texts(&x, c, &tok, &set.texts)?;
     let ks = [1usize, 5, 10];

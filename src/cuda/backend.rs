@@ -59,6 +59,11 @@ pub trait DeviceOps {
     fn describe(&self) -> String;
     /// `n` zeros.
     fn alloc(&self, n: usize) -> Result<Buf>;
+    /// `n` elements the caller's next kernel overwrites entirely: no memset on a GPU (the
+    /// emulator fills them with NaN, so a kernel that leaves one unwritten fails its test).
+    fn alloc_uninit(&self, n: usize) -> Result<Buf> {
+        self.alloc(n)
+    }
     fn upload(&self, data: &[f32]) -> Result<Buf>;
     /// int32 data (ids, indices) in a 4-byte-element buffer, bit for bit.
     fn upload_i32(&self, data: &[i32]) -> Result<Buf> {
@@ -152,6 +157,9 @@ impl DeviceOps for EmuOps {
     }
     fn alloc(&self, n: usize) -> Result<Buf> {
         self.upload(&vec![0f32; n])
+    }
+    fn alloc_uninit(&self, n: usize) -> Result<Buf> {
+        self.upload(&vec![f32::NAN; n])
     }
     fn upload(&self, data: &[f32]) -> Result<Buf> {
         let mut v = data.to_vec();
@@ -264,6 +272,9 @@ impl DeviceOps for GpuOps {
         let d = &self.gpu.device;
         let gemm = if self.gemm.is_some() { "cuBLASLt" } else { "linear_f32 kernel" };
         format!("cuda:{} {} (sm_{}, GEMMs: {gemm})", d.ordinal(), d.name(), d.sm())
+    }
+    fn alloc_uninit(&self, n: usize) -> Result<Buf> {
+        self.block(n)
     }
     fn alloc(&self, n: usize) -> Result<Buf> {
         let b = self.block(n)?;

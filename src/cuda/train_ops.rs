@@ -28,7 +28,7 @@ pub fn copy(ops: &dyn DeviceOps, x: &Buf, n: usize) -> Result<Buf> {
 
 /// Column sums of a [rows, n] matrix into a new [n] buffer (bias gradients, batch sums).
 pub fn col_sums(ops: &dyn DeviceOps, m: &Buf, rows: usize, n: usize) -> Result<Buf> {
-    let out = ops.alloc(n)?;
+    let out = ops.alloc_uninit(n)?; // bias_grad_reduce_f32 writes every column
     let mut a = KernelArgs::new().ptr(m.ptr()).ptr(out.ptr()).i32(rows as i32).i32(n as i32);
     ops.launch("bias_grad_reduce_f32", LaunchCfg::new((n.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
     Ok(out)

@@ -115,13 +115,13 @@ pub fn forward<O: Ops>(ops: &O, blk: &BlockRef<O>, mut x: O::Buf, pending: Optio
     let (h2, st2) = ops.add_layernorm(&mut xm, &o, blk.buf(Ln2Weight), blk.buf(Ln2Bias), r, w, c.eps)?; // xm = x + o
     drop(o);
     let u = ops.linear(&h2, blk.lin(Fc1Weight)?, None, r)?; // [R, I]
-    let (m, pre) = ops.bias_act(&u, blk.buf(Fc1Bias), r, inter, blk.act())?; // [R, I] each
-    drop(u);
+    let (m, pre) = ops.bias_act(u, blk.buf(Fc1Bias), r, inter, blk.act(), keep)?; // [R, I] each (pre only to keep)
     let f = ops.linear(&m, blk.lin(Fc2Weight)?, Some(blk.buf(Fc2Bias)), r)?; // [R, W]
     if !keep {
         return Ok((xm, f, None));
     }
     let out = ops.copy(&xm, r * w)?;
+    let pre = pre.ok_or_else(|| Error::msg("bias_act kept no pre-activation"))?;
     let saved = Saved { seqs: seqs.clone(), rows: rows.map(|r| r.to_vec()), x, h1, st1, q, k, v, a, lse, a_rows, xm, h2, st2, pre, m };
     Ok((out, f, Some(saved)))
 }
@@ -140,18 +140,18 @@ pub fn backward<O: Ops>(ops: &O, blk: &BlockRef<O>, s: &Saved<O>, dy: &O::Buf) -
     let r = s.rows.as_ref().map_or(n, |v| v.len());
     // MLP: y = xm + fc2(act(fc1(ln2(xm))))
     let mut dm = ops.zeros(r * inter)?;
-    let (dw2, db2) = ops.linear_bwd(dy, &s.m, blk.lin(Fc2Weight)?, r, &mut dm, false)?;
+    let (dw2, db2) = ops.linear_bwd(dy, &s.m, blk.lin(Fc2Weight)?, r, &mut dm, false, true)?;
     let (du, db1) = ops.bias_act_bwd(&dm, &s.pre, r, inter, blk.act())?; // [R, I]
     drop(dm);
     let mut dh2 = ops.zeros(r * w)?;
-    let (dw1, _) = ops.linear_bwd(&du, &s.h2, blk.lin(Fc1Weight)?, r, &mut dh2, false)?;
+    let (dw1, _) = ops.linear_bwd(&du, &s.h2, blk.lin(Fc1Weight)?, r, &mut dh2, false, false)?; // its bias gradient came with the activation's
     drop(du);
     let (dxm2, dg2, dbeta2) = ops.layernorm_bwd(&dh2, &s.xm, blk.buf(Ln2Weight), &s.st2, r, w, c.eps)?;
     let mut dxm = ops.copy(dy, r * w)?;
     ops.axpy(&mut dxm, &dxm2, 1.0, r * w)?; // [R, W]
     // attention: xm = x + out_proj(attn(q, k, v))
     let mut da = ops.zeros(r * w)?;
-    let (dwo, dbo) = ops.linear_bwd(&dxm, s.a_rows.as_ref().unwrap_or(&s.a), blk.lin(OutWeight)?, r, &mut da, false)?;
+    let (dwo, dbo) = ops.linear_bwd(&dxm, s.a_rows.as_ref().unwrap_or(&s.a), blk.lin(OutWeight)?, r, &mut da, false, true)?;
     let (da, mut dx) = match &s.rows {
         Some(rows) => (ops.scatter_rows(&da, rows, n, w)?, ops.scatter_rows(&dxm, rows, n, w)?), // [N, W]
         None => (da, dxm),
@@ -159,10 +159,11 @@ pub fn backward<O: Ops>(ops: &O, blk: &BlockRef<O>, s: &Saved<O>, dy: &O::Buf) -
     let (dq, dk, dv) = ops.attention_bwd(&s.q, &s.k, &s.v, &s.a, &s.lse, &da, &s.seqs, c.heads, w)?;
     drop(da);
     let mut dh1 = ops.zeros(n * w)?;
-    let (dwq, dbq) = ops.linear_bwd(&dq, &s.h1, blk.lin(QWeight)?, n, &mut dh1, false)?;
-    let (dwk, dbk) = ops.linear_bwd(&dk, &s.h1, blk.lin(KWeight)?, n, &mut dh1, true)?;
-    let (dwv, dbv) = ops.linear_bwd(&dv, &s.h1, blk.lin(VWeight)?, n, &mut dh1, true)?;
+    let (dwq, dbq) = ops.linear_bwd(&dq, &s.h1, blk.lin(QWeight)?, n, &mut dh1, false, true)?;
+    let (dwk, dbk) = ops.linear_bwd(&dk, &s.h1, blk.lin(KWeight)?, n, &mut dh1, true, true)?;
+    let (dwv, dbv) = ops.linear_bwd(&dv, &s.h1, blk.lin(VWeight)?, n, &mut dh1, true, true)?;
     let (dx1, dg1, dbeta1) = ops.layernorm_bwd(&dh1, &s.x, blk.buf(Ln1Weight), &s.st1, n, w, c.eps)?;
     ops.axpy(&mut dx, &dx1, 1.0, n * w)?; // dx = residual + d(ln1 path)
-    Ok((dx, vec![dg1, dbeta1, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dg2, dbeta2, dw1, db1, dw2, db2]))
+    let b = |d: Option<O::Buf>| d.ok_or_else(|| Error::msg("linear_bwd returned no bias gradient"));
+    Ok((dx, vec![dg1, dbeta1, dwq, b(dbq)?, dwk, b(dbk)?, dwv, b(dbv)?, dwo, b(dbo)?, dg2, dbeta2, dw1, db1, dw2, b(db2)?]))
 }

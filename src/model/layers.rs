@@ -1,7 +1,5 @@
-//! How weights are loaded for compute: the precision option and f32 views of stored tensors.
-use super::weights::Weights;
-use crate::error::Result;
-use crate::tensor::{DType, Tensor};
+//! How weights are held for compute: the precision option of loading a model.
+use crate::tensor::DType;
 
 /// How weights are held for compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,10 +13,4 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions { dtype: DType::F32 }
     }
-}
-
-/// A weight ready for f32 compute: mapped in place if stored f32, converted once otherwise.
-pub fn load_f32(w: &Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
-    let t = w.get_shaped(name, shape)?;
-    Ok(if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32) })
 }

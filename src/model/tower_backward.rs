@@ -59,7 +59,7 @@ impl<O: Ops> TowerParams<O> {
         let (r, w) = (s.pool.as_ref().map_or(s.seqs.rows(), |p| p.len()), cfg.hidden);
         let pw = self.linear(proj)?;
         let mut dn = ops.zeros(r * w)?;
-        let (dproj, _) = ops.linear_bwd(de, &s.normed, pw, r, &mut dn, false)?;
+        let (dproj, _) = ops.linear_bwd(de, &s.normed, pw, r, &mut dn, false, false)?; // no bias
         add(ops, g, self.local(proj)?, dproj, pw.n * pw.k)?;
         let (lw, lb) = (format!("{ln}.weight"), format!("{ln}.bias"));
         let (dx, dg, db) = ops.layernorm_bwd(&dn, &s.head.0, self.param(&lw)?, &s.head.1, r, w, cfg.eps)?;
@@ -100,7 +100,7 @@ impl<O: Ops> TowerParams<O> {
         let Input::Tokens { states_pool: Some((ends, pooled)), .. } = &s.input else { return Err(shape_err!("not a text-states forward")) };
         let pw = self.linear(names::TEXT_PROJECTION)?;
         let mut dpooled = ops.zeros(ends.len() * w)?;
-        let (dproj, _) = ops.linear_bwd(de, pooled, pw, ends.len(), &mut dpooled, false)?;
+        let (dproj, _) = ops.linear_bwd(de, pooled, pw, ends.len(), &mut dpooled, false, false)?; // no bias
         add(ops, g, self.local(names::TEXT_PROJECTION)?, dproj, pw.n * pw.k)?;
         let mut dn = ops.scatter_rows(&dpooled, ends, n, w)?; // [N, W]
         if let Some(d) = dstates {
@@ -118,11 +118,12 @@ impl<O: Ops> TowerParams<O> {
         let w = cfg.tower.hidden;
         let Input::Tokens { tok, pos, .. } = &s.input else { return Err(shape_err!("not a text forward")) };
         for (name, ids, rows) in [(names::TOKEN_EMBEDDING, tok, cfg.vocab), (names::TEXT_POSITIONS, pos, cfg.max_positions)] {
-            let i = self.local(name)?;
-            if g[i].is_none() {
-                g[i] = Some(ops.zeros(rows * w)?);
-            }
-            ops.embedding_bwd(dx, ids, g[i].as_mut().expect("set above"), w)?;
+            let slot = &mut g[self.local(name)?];
+            let table = match slot {
+                Some(t) => t,
+                None => slot.insert(ops.zeros(rows * w)?),
+            };
+            ops.embedding_bwd(dx, ids, table, w)?;
         }
         Ok(())
     }

@@ -67,3 +67,13 @@ pub fn reduce(op: Reduce, x: &[f32], n: usize) -> Vec<f32> {
     });
     out
 }
+
+/// Column sums of a row-major [m, n] matrix, rows added in order (a fixed reduction order:
+/// bitwise-reproducible): bias gradients.
+pub fn col_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let mut s = vec![0f32; n];
+    for row in g.chunks_exact(n.max(1)) {
+        s.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+    }
+    s
+}

@@ -4,17 +4,18 @@
 //! a checkpoint: its forward runs unrecorded and its backward re-runs it on a private tape.
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
-use crate::model::config::{Activation, ClipConfig, TowerConfig};
+use crate::model::config::{ClipConfig, TowerConfig};
 use crate::backend::cpu::Cpu;
+use crate::backend::Ops;
+use crate::model::block::{backward, finish, forward, BlockRef, Stored};
+use crate::model::schema::BlockParam;
 use crate::backend::Seqs;
 use crate::model::tower::TowerParams;
 use crate::model::tower::Mode;
 use crate::model::tower_backward::Grads;
 use crate::tensor::DType;
 use crate::model::schema::{names, Schema, Tower};
-use crate::model::text::pool_position;
 use crate::model::weights::Weights;
-use crate::ops::elementwise::Unary;
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
@@ -110,28 +111,6 @@ impl TrainClip {
         self.index(name).map(|i| &sv.vars[i]).ok_or_else(|| Error::msg(format!("no parameter {name}")))
     }
 
-    /// Block `l`'s 16 tensors ([`BlockParam`](crate::model::BlockParam) order).
-    fn block_vars(&self, sv: &StepVars, tower: Tower, l: usize) -> Vec<Var> {
-        sv.vars[self.schema.block(tower, l)].to_vec()
-    }
-
-    /// The tower's blocks on `x`. With `pool`, only those rows of the output are wanted: the last
-    /// block computes keys and values for every row but everything after attention for the
-    /// pooled rows only, and the result is [R, W] instead of x's shape.
-    fn encoder(&self, tape: &Tape, sv: &StepVars, tower: Tower, t: &TowerConfig, mut x: Var, seqs: &Seqs, pool: Option<&[usize]>) -> Result<Var> {
-        let full = if pool.is_some() { t.layers.saturating_sub(1) } else { t.layers };
-        for l in 0..full {
-            let p = self.block_vars(sv, tower, l);
-            x = if self.recompute { block_checkpoint(tape, &x, &p, t, seqs)? } else { block_on(tape, &x, &p, t, seqs)? }; // x's shape
-        }
-        let Some(rows) = pool else { return Ok(x) };
-        if full == t.layers {
-            let n = x.value().numel() / t.hidden.max(1);
-            return tape.gather_rows(&tape.reshape(&x, &[n, t.hidden])?, rows); // no blocks: [R, W]
-        }
-        block_rows(tape, &x, &self.block_vars(sv, tower, full), t, seqs, rows) // [R, W]
-    }
-
     /// pixels [B, C, S, S] → image embeddings [B, D] (not normalised): the one vision tower
     /// (src/model/tower.rs, tower_backward.rs) on the CPU backend, as one tape node over the tower's parameters
     /// (its backward is the tower's hand-written backward).
@@ -165,24 +144,6 @@ impl TrainClip {
         self.schema.tower(tower).into_iter().map(|i| self.schema.params()[i].shape.clone()).collect()
     }
 
-    /// [`image_embeds`](Self::image_embeds) composed of tape ops (patch embedding, blocks, norms,
-    /// projection, each with its own tape rule): the oracle the tower code is tested against.
-    pub fn image_embeds_composite(&self, tape: &Tape, sv: &StepVars, pixels: &Tensor) -> Result<Var> {
-        let vc = &self.config.vision;
-        let (b, w, t) = (pixels.dim(0), vc.tower.hidden, vc.tokens());
-        let px = tape.constant(pixels.clone());
-        let patches = tape.patch_embed(&px, self.v(sv, names::PATCH_EMBEDDING)?)?; // [B, N, W]
-        let cls = tape.reshape(self.v(sv, names::CLASS_EMBEDDING)?, &[1, 1, w])?;
-        let cls = tape.add(&tape.constant(Tensor::zeros(&[b, 1, w])), &cls)?; // [B, 1, W]
-        let x = tape.cat(&[&cls, &patches], 1)?; // [B, T, W]
-        let x = tape.add(&x, self.v(sv, names::VISION_POSITIONS)?)?; // [B, T, W]
-        let x = self.ln(tape, sv, names::PRE_LN, &x, vc.tower.eps)?;
-        let cls: Vec<usize> = (0..b).map(|i| i * t).collect();
-        let pooled = self.encoder(tape, sv, Tower::Vision, &vc.tower, x, &Seqs::Batch { batch: b, seq: t, causal: false }, Some(&cls))?; // [B, W]
-        let pooled = self.ln(tape, sv, names::POST_LN, &pooled, vc.tower.eps)?;
-        tape.linear(&pooled, self.v(sv, names::VISUAL_PROJECTION)?, None) // [B, D]
-    }
-
     /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised):
     /// the one text tower on the CPU backend as one tape node. Each sequence is cut after its
     /// pooled (end) token, since with the causal mask nothing after it reaches it, and the
@@ -199,25 +160,6 @@ impl TrainClip {
             params.text_backward(&Cpu, &tc, &mut saved, g, &mut grads)?;
             grads.into_iter().zip(shapes).map(|(g, s)| g.map(|t| t.reshape(&s)).transpose()).collect()
         }))
-    }
-
-    /// [`text_embeds`](Self::text_embeds) composed of tape ops: the oracle of the tower code.
-    pub fn text_embeds_composite(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<Var> {
-        let tc = &self.config.text;
-        let lens: Vec<usize> = ids.iter().map(|s| if s.is_empty() { 0 } else { pool_position(s, tc.eos_token_id) + 1 }).collect();
-        if ids.is_empty() || lens.iter().any(|&l| l == 0 || l > tc.max_positions) {
-            let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0);
-            return Err(crate::shape_err!("text batch of {} sequences up to {longest} tokens (model: {} positions)", ids.len(), tc.max_positions));
-        }
-        let flat: Vec<u32> = ids.iter().zip(&lens).flat_map(|(s, &l)| s[..l].iter().copied()).collect();
-        let pos: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
-        let tok = tape.embedding(self.v(sv, names::TOKEN_EMBEDDING)?, &flat)?; // [N, W]
-        let pos = tape.embedding(self.v(sv, names::TEXT_POSITIONS)?, &pos)?; // [N, W]
-        let x = tape.add(&tok, &pos)?; // [N, W]
-        let ends: Vec<usize> = lens.iter().scan(0, |off, &l| { *off += l; Some(*off - 1) }).collect();
-        let pooled = self.encoder(tape, sv, Tower::Text, &tc.tower, x, &Seqs::Packed(lens), Some(&ends))?; // [B, W]
-        let pooled = self.ln(tape, sv, names::FINAL_LN, &pooled, tc.tower.eps)?;
-        tape.linear(&pooled, self.v(sv, names::TEXT_PROJECTION)?, None) // [B, D]
     }
 
     /// The text tower's final token states [B, T, W] (after the final LayerNorm; T = the longest
@@ -246,108 +188,43 @@ impl TrainClip {
         Ok((states, e))
     }
 
-    /// [`text_states`](Self::text_states) composed of tape ops: the oracle of the tower code.
-    pub fn text_states_composite(&self, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<(Var, Var)> {
-        let tc = &self.config.text;
-        let (b, w) = (ids.len(), tc.tower.hidden);
-        let t = ids.iter().map(|s| s.len()).max().unwrap_or(0);
-        if b == 0 || t == 0 || t > tc.max_positions {
-            return Err(crate::shape_err!("text batch of {b} sequences up to {t} tokens (model: {} positions)", tc.max_positions));
-        }
-        let mut flat = Vec::with_capacity(b * t);
-        for s in ids {
-            flat.extend_from_slice(s);
-            flat.extend(std::iter::repeat(tc.eos_token_id).take(t - s.len()));
-        }
-        let tok = tape.embedding(self.v(sv, names::TOKEN_EMBEDDING)?, &flat)?; // [B·T, W]
-        let tok = tape.reshape(&tok, &[b, t, w])?; // [B, T, W]
-        let pos = tape.narrow(self.v(sv, names::TEXT_POSITIONS)?, 0, 0, t)?; // [T, W]
-        let x = tape.add(&tok, &pos)?; // [B, T, W]
-        let x = self.encoder(tape, sv, Tower::Text, &tc.tower, x, &Seqs::Batch { batch: b, seq: t, causal: true }, None)?;
-        let x = self.ln(tape, sv, names::FINAL_LN, &x, tc.tower.eps)?; // [B, T, W]
-        let rows: Vec<usize> = ids.iter().enumerate().map(|(i, s)| i * t + pool_position(s, tc.eos_token_id)).collect();
-        let pooled = tape.gather_rows(&tape.reshape(&x, &[b * t, w])?, &rows)?; // [B, W]
-        let e = tape.linear(&pooled, self.v(sv, names::TEXT_PROJECTION)?, None)?; // [B, D]
-        Ok((x, e))
-    }
-
     /// The logit scale s (a [1] tensor; τ = exp(s)).
     pub fn logit_scale<'a>(&self, sv: &'a StepVars) -> Result<&'a Var> {
         self.v(sv, names::LOGIT_SCALE)
     }
-
-    fn ln(&self, tape: &Tape, sv: &StepVars, prefix: &str, x: &Var, eps: f32) -> Result<Var> {
-        tape.layer_norm(x, self.v(sv, &format!("{prefix}.weight"))?, self.v(sv, &format!("{prefix}.bias"))?, eps)
-    }
 }
 
-/// One pre-LN block on [B, T, W]: x + attn(ln1 x), then + mlp(ln2 ·). `p` as [`BLOCK_PARAMS`].
+/// One pre-LN transformer block (the one of src/model/block.rs, on the CPU backend) on x
+/// [B, T, W] as one tape node over x and its 16 parameters `p` ([`BLOCK_PARAMS`] order): what
+/// SmartCLIP's mask network runs over the text token states.
 pub fn block(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, causal: bool) -> Result<Var> {
-    let s = x.value().shape().to_vec();
-    let (batch, seq) = (s.first().copied().unwrap_or(1), s.get(1).copied().unwrap_or(1));
-    block_on(tape, x, p, t, &Seqs::Batch { batch, seq, causal })
-}
-
-/// [`block`] on any grouping of rows.
-pub fn block_on(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, seqs: &Seqs) -> Result<Var> {
-    let a = attend(tape, x, p, t, seqs)?; // x's shape
-    block_tail(tape, x, &a, p, t)
-}
-
-/// [`block_on`] when only rows `rows` of its output are read (the pooled tokens): keys and values
-/// for every row, then the output projection and the MLP on the chosen rows only → [R, W].
-pub fn block_rows(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, seqs: &Seqs, rows: &[usize]) -> Result<Var> {
-    let a = attend(tape, x, p, t, seqs)?; // x's shape
-    let n = x.value().numel() / t.hidden.max(1);
-    let a = tape.gather_rows(&tape.reshape(&a, &[n, t.hidden])?, rows)?; // [R, W]
-    let x = tape.gather_rows(&tape.reshape(x, &[n, t.hidden])?, rows)?; // [R, W]
-    block_tail(tape, &x, &a, p, t)
-}
-
-/// attn(ln1 x), before the output projection.
-fn attend(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, seqs: &Seqs) -> Result<Var> {
-    let h = tape.layer_norm(x, &p[0], &p[1], t.eps)?; // x's shape
-    let q = tape.linear(&h, &p[2], Some(&p[3]))?;
-    let k = tape.linear(&h, &p[4], Some(&p[5]))?;
-    let v = tape.linear(&h, &p[6], Some(&p[7]))?;
-    match seqs {
-        Seqs::Batch { causal, .. } => tape.attention(&q, &k, &v, t.heads, *causal),
-        Seqs::Packed(lens) => tape.attention_packed(&q, &k, &v, t.heads, true, lens),
-    }
-}
-
-/// x + out_proj(a), then + mlp(ln2 ·).
-fn block_tail(tape: &Tape, x: &Var, a: &Var, p: &[Var], t: &TowerConfig) -> Result<Var> {
-    let x = tape.add(x, &tape.linear(a, &p[8], Some(&p[9]))?)?; // x's shape
-    let h = tape.layer_norm(&x, &p[10], &p[11], t.eps)?;
-    let act = match t.act {
-        Activation::QuickGelu => Unary::QuickGelu,
-        Activation::Gelu => Unary::Gelu,
+    let shape = x.value().shape().to_vec();
+    let (batch, seq) = match shape[..] {
+        [b, s, w] if w == t.hidden && p.len() == 16 => (b, s),
+        _ => return Err(crate::shape_err!("block: x {shape:?} and {} parameters for width {}", p.len(), t.hidden)),
     };
-    let m = tape.unary(&tape.linear(&h, &p[12], Some(&p[13]))?, act); // [.., I]
-    tape.add(&x, &tape.linear(&m, &p[14], Some(&p[15]))?) // x's shape
-}
-
-/// [`block_on`] as a checkpoint: nothing inside is kept; the backward re-runs the block on a
-/// private tape (its inputs as leaves) and back-propagates the output gradient through it.
-pub fn block_checkpoint(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, seqs: &Seqs) -> Result<Var> {
-    let inner = Tape::new();
-    let y = inner.no_grad(|| {
-        let pc: Vec<Var> = p.iter().map(|v| inner.constant(v.value().clone())).collect();
-        block_on(&inner, &inner.constant(x.value().clone()), &pc, t, seqs)
-    })?;
-    let (xv, pv) = (x.value().clone(), p.iter().map(|v| (v.value().clone(), v.requires_grad())).collect::<Vec<_>>());
-    let (t, seqs, need_x) = (t.clone(), seqs.clone(), x.requires_grad());
+    let stored: Vec<Stored<Cpu>> = BlockParam::ALL
+        .iter()
+        .zip(p)
+        .map(|(b, v)| {
+            let val = v.value().clone();
+            Ok(if BlockParam::LINEAR_WEIGHTS.contains(b) { Stored::Linear(Cpu.weight(val.clone(), val.dim(0), val.dim(1), DType::F32)?) } else { Stored::Buf(val) })
+        })
+        .collect::<Result<_>>()?;
+    let cfg = t.clone();
+    let seqs = Seqs::Batch { batch, seq, causal };
+    let (xm, f, saved) = forward(&Cpu, &BlockRef::new(&stored, &cfg)?, x.value().contiguous(), None, &seqs, None, true)?;
+    let y = finish(&Cpu, xm, &f, x.value().numel())?.reshape(&shape)?; // [B, T, W]
+    let saved = saved.ok_or_else(|| Error::msg("block: the forward kept nothing"))?;
+    let shapes: Vec<Vec<usize>> = p.iter().map(|v| v.value().shape().to_vec()).collect();
     let mut inputs = vec![x];
     inputs.extend(p.iter());
-    Ok(tape.custom(&inputs, y.value().clone(), move |g| {
-        let tp = Tape::new();
-        let xi = if need_x { tp.param(xv) } else { tp.constant(xv) };
-        let pi: Vec<Var> = pv.into_iter().map(|(v, r)| if r { tp.param(v) } else { tp.constant(v) }).collect();
-        let y = block_on(&tp, &xi, &pi, &t, &seqs)?;
-        let grads = tp.backward_from(&y, g.clone())?;
-        let mut out = vec![grads.get(&xi).cloned()];
-        out.extend(pi.iter().map(|v| grads.get(v).cloned()));
+    Ok(tape.custom(&inputs, y, move |g| {
+        let (dx, grads) = backward(&Cpu, &BlockRef::new(&stored, &cfg)?, &saved, g)?;
+        let mut out = vec![Some(dx.reshape(&shape)?)];
+        for (d, s) in grads.into_iter().zip(&shapes) {
+            out.push(Some(d.reshape(s)?));
+        }
         Ok(out)
     }))
 }
