@@ -320,10 +320,18 @@ impl ClipModel {
 
     /// Pixels [N, 3, S, S] already preprocessed → embeddings [N, D] (not normalised).
     pub fn embed_pixels(&self, pixels: &[f32], n: usize) -> Result<Embeddings> {
+        match &self.cuda {
+            Some(c) => Embeddings::new(c.embed_images(pixels, n)?, n, self.embed_dim()),
+            None => self.embed_pixel_vec(pixels.to_vec(), n),
+        }
+    }
+
+    /// [`embed_pixels`](Self::embed_pixels) of a batch it may keep (no copy on the CPU).
+    fn embed_pixel_vec(&self, pixels: Vec<f32>, n: usize) -> Result<Embeddings> {
         let s = self.parts.config.vision.image_size;
         let e = match &self.cuda {
-            Some(c) => c.embed_images(pixels, n)?,
-            None => self.parts.vision()?.embed(&Tensor::from_vec(pixels.to_vec(), &[n, 3, s, s])?)?.to_vec_f32(),
+            Some(c) => c.embed_images(&pixels, n)?,
+            None => self.parts.vision()?.embed(&Tensor::from_vec(pixels, &[n, 3, s, s])?)?.to_vec_f32(),
         };
         Embeddings::new(e, n, self.embed_dim())
     }
@@ -336,7 +344,7 @@ impl ClipModel {
         let mut data = Vec::with_capacity(items.len() * d);
         for chunk in items.chunks(opts.batch.max(1)) {
             let px: Vec<Vec<f32>> = chunk.par_iter().map(&prep).collect::<Result<_>>()?;
-            data.extend(self.embed_pixels(&px.concat(), chunk.len())?.data);
+            data.extend(self.embed_pixel_vec(px.concat(), chunk.len())?.data);
             done(chunk.len());
         }
         finish(data, items.len(), d, opts.normalize)
