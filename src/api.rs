@@ -22,6 +22,9 @@ use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
+mod hidden;
+pub use hidden::{HiddenOptions, ImageHidden, Padding, TextHidden};
+
 /// A decoded 8-bit RGB image (interleaved, row-major), the input of [`ClipModel::embed_images`].
 pub type RgbImage = RgbImage8;
 

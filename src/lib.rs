@@ -22,7 +22,7 @@ pub mod progress;
 pub mod tensor;
 pub mod train;
 
-pub use api::{ClipModel, DeviceChoice, Embeddings, ImageOptions, OpenOptions, RgbImage, TextOptions};
+pub use api::{ClipModel, DeviceChoice, Embeddings, HiddenOptions, ImageHidden, ImageOptions, OpenOptions, Padding, RgbImage, TextHidden, TextOptions};
 pub use error::{Error, Result};
 pub use model::Towers;
 pub use tensor::{DType, Device, Tensor};

@@ -86,7 +86,7 @@ pub fn image_paths(args: &[PathBuf], dir: Option<&Path>) -> Result<Vec<PathBuf>>
 }
 
 /// A progress bar for `n` items, hidden when `quiet` or when one batch holds them all.
-fn items_bar(n: usize, batch: usize, quiet: bool, what: &str) -> indicatif::ProgressBar {
+pub fn items_bar(n: usize, batch: usize, quiet: bool, what: &str) -> indicatif::ProgressBar {
     let bar = super::progress(n as u64, what);
     if quiet || n <= batch {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());

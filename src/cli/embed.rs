@@ -1,5 +1,6 @@
 //! `clipforge embed-image` and `clipforge embed-text`: embeddings to a float32 .npy [N, D], rows
-//! in input order, L2-normalised unless --no-normalize.
+//! in input order, L2-normalised unless --no-normalize; with --hidden-states, per-token outputs
+//! to a .safetensors file (src/cli/hidden.rs).
 use super::common::*;
 use super::Compute;
 use clipforge::error::{Error, Result};
@@ -19,7 +20,7 @@ pub struct EmbedImageArgs {
     /// Images per forward pass
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    /// Output .npy file (float32 [N, D])
+    /// Output .npy file (float32 [N, D]); with --hidden-states a .safetensors file
     #[arg(long)]
     pub out: PathBuf,
     /// Embed every image file of this directory (sorted by name; other files are skipped with a note); the row→file list is written to OUT's stem + .files.txt
@@ -32,6 +33,8 @@ pub struct EmbedImageArgs {
     /// rows written are listed in OUT's stem + .files.txt
     #[arg(long)]
     pub skip_bad: bool,
+    #[command(flatten)]
+    pub hidden: super::hidden::HiddenArgs,
     /// Image files
     pub images: Vec<PathBuf>,
 }
@@ -49,7 +52,7 @@ pub struct EmbedTextArgs {
     /// Texts per forward pass
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    /// Output .npy file (float32 [N, D])
+    /// Output .npy file (float32 [N, D]); with --hidden-states a .safetensors file
     #[arg(long)]
     pub out: PathBuf,
     /// Read texts from this file, one per line
@@ -62,6 +65,11 @@ pub struct EmbedTextArgs {
     /// .npy, from the model directory's mask_net.safetensors
     #[arg(long)]
     pub mask: Option<PathBuf>,
+    #[command(flatten)]
+    pub hidden: super::hidden::HiddenArgs,
+    /// With --hidden-states: pad every text to the context length or to the longest text
+    #[arg(long, value_enum, default_value_t = super::hidden::PaddingArg::MaxLength, requires = "hidden_states")]
+    pub padding: super::hidden::PaddingArg,
     /// Texts
     pub texts: Vec<String>,
 }
@@ -72,6 +80,9 @@ pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
         paths = readable_images(paths, a.dir.as_deref())?;
     }
     let model = load_model(&a.model, Towers::Vision, a.compute)?;
+    if a.hidden.hidden_states.is_some() {
+        return super::hidden::images(&model, &paths, &a.hidden, a.batch, &a.out);
+    }
     let e = embed_images(&model, &paths, a.batch, !a.no_normalize, false)?;
     write_npy(&a.out, &e.to_vec_f32(), e.shape())?;
     if a.dir.is_some() || a.skip_bad {
@@ -105,6 +116,9 @@ pub fn embed_text(a: &EmbedTextArgs) -> Result<()> {
     let texts = read_texts(&a.texts, a.file.as_deref())?;
     let model = load_model(&a.model, Towers::Text, a.compute)?;
     let tok = model.tokenizer(a.max_len).map_err(|e| e.context("--max-len"))?;
+    if a.hidden.hidden_states.is_some() {
+        return super::hidden::texts(&model, &tok, &texts, &a.hidden, a.padding, a.batch, &a.out);
+    }
     let e = embed_texts(&model, &tok, &texts, a.batch, !a.no_normalize, false)?;
     if e.dim(0) != texts.len() {
         return Err(Error::msg("internal: row count mismatch"));

@@ -7,6 +7,7 @@ pub mod common;
 pub mod embed;
 pub mod eval;
 pub mod finetune;
+pub mod hidden;
 pub mod stretch;
 
 use clipforge::error::{Error, Result};
@@ -27,9 +28,9 @@ pub struct Cli {
 pub enum Command {
     /// Throughput of the image and text towers (synthetic ViT-B/32 weights by default)
     Bench(bench::BenchArgs),
-    /// Image embeddings to a float32 .npy [N, D]
+    /// Image embeddings to a float32 .npy [N, D] (or per-token hidden states to .safetensors)
     EmbedImage(embed::EmbedImageArgs),
-    /// Text embeddings to a float32 .npy [N, D]
+    /// Text embeddings to a float32 .npy [N, D] (or per-token hidden states to .safetensors)
     EmbedText(embed::EmbedTextArgs),
     /// Zero-shot classification of images against class names
     Classify(classify::ClassifyArgs),

@@ -3,4 +3,5 @@ pub mod image_decode;
 pub mod image_prep;
 pub mod npy;
 pub mod output;
+pub mod st_out;
 pub mod tokenizer;

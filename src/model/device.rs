@@ -59,6 +59,25 @@ impl CudaClip {
         self.dev.download(&e)
     }
 
+    /// Hidden state `layer` of every image token ([`super::hidden`]) → ([B·T, W], [B·D]).
+    pub fn vision_hidden(&self, pixels: &[f32], batch: usize, layer: usize, final_ln: bool) -> Result<(Vec<f32>, Vec<f32>)> {
+        let v = self.vision.as_ref().ok_or_else(|| Error::msg("image tower not loaded"))?;
+        let c = &self.config.vision;
+        if batch == 0 || pixels.len() != batch * c.channels * c.image_size * c.image_size {
+            return Err(crate::shape_err!("image tower expects pixels [B, {}, {s}, {s}] with B >= 1, got {} values for B = {batch}", c.channels, pixels.len(), s = c.image_size));
+        }
+        let (s, e) = v.vision_hidden(&self.dev, c, self.dev.upload(pixels)?, batch, layer, final_ln)?; // [B·T, W], [B, D]
+        Ok((self.dev.download(&s)?, self.dev.download(&e)?))
+    }
+
+    /// Hidden state `layer` of every text token, padded with the end token to `t`
+    /// ([`super::hidden`]) → ([B·T, W], [B·D]).
+    pub fn text_hidden(&self, ids: &[Vec<u32>], t: usize, layer: usize, final_ln: bool) -> Result<(Vec<f32>, Vec<f32>)> {
+        let tw = self.text.as_ref().ok_or_else(|| Error::msg("text tower not loaded"))?;
+        let (s, e) = tw.text_hidden(&self.dev, &self.config.text, ids, t, layer, final_ln)?; // [B·T, W], [B, D]
+        Ok((self.dev.download(&s)?, self.dev.download(&e)?))
+    }
+
     /// Token ids (with start/end tokens, unpadded) → text embeddings [B, D] (not normalised).
     pub fn embed_texts(&self, ids: &[Vec<u32>]) -> Result<Vec<f32>> {
         let t = self.text.as_ref().ok_or_else(|| Error::msg("text tower not loaded"))?;

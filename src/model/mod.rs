@@ -3,6 +3,7 @@ pub mod block;
 pub mod clip;
 pub mod config;
 pub mod device;
+pub mod hidden;
 pub mod layers;
 pub mod schema;
 pub mod stretch;

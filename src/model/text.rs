@@ -47,6 +47,14 @@ impl TextTower {
         self.run(ids, None, &mut None)
     }
 
+    /// Hidden state `layer` of every token ([`super::hidden`]): ids padded with the end token to
+    /// `t` → ([B, T, W], text embeddings [B, D], not normalised).
+    pub fn hidden_states(&self, ids: &[Vec<u32>], t: usize, layer: usize, final_ln: bool) -> Result<(Tensor, Tensor)> {
+        let (s, e) = self.params.text_hidden(&Cpu, &self.cfg, ids, t, layer, final_ln)?; // [B·T, W], [B·D]
+        let b = ids.len();
+        Ok((s.reshape(&[b, t, self.cfg.tower.hidden])?, e.reshape(&[b, e.numel() / b])?))
+    }
+
     fn run(&self, ids: &[Vec<u32>], pad_to: Option<usize>, hook: &mut Hook<Cpu>) -> Result<Tensor> {
         let (e, _) = self.params.text(&Cpu, &self.cfg, ids, pad_to, Mode::Infer, hook)?; // [B·D]
         e.reshape(&[ids.len(), e.numel() / ids.len()])

@@ -188,7 +188,7 @@ impl<O: Ops> TowerParams<O> {
     /// LayerNorm `ln` of x + pending ([rows, W]), then the projection `proj` → (normed [rows, W],
     /// e [rows, D], the LayerNorm's (input, statistics) for the backward).
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    fn head(&self, ops: &O, x: O::Buf, pending: Option<O::Buf>, ln: &str, proj: &str, rows: usize, cfg: &TowerConfig) -> Result<(O::Buf, O::Buf, (O::Buf, O::Buf))> {
+    pub(super) fn head(&self, ops: &O, x: O::Buf, pending: Option<O::Buf>, ln: &str, proj: &str, rows: usize, cfg: &TowerConfig) -> Result<(O::Buf, O::Buf, (O::Buf, O::Buf))> {
         let (g, b) = (self.param(&format!("{ln}.weight"))?, self.param(&format!("{ln}.bias"))?);
         let mut x = x;
         let (normed, stats) = match &pending {
@@ -203,12 +203,9 @@ impl<O: Ops> TowerParams<O> {
     /// what the backward needs. `hook` sees vision.embeddings, vision.pre_ln, vision.layer.{i}
     /// (the last: class rows only), vision.pooled, vision.embeds.
     pub fn vision(&self, ops: &O, cfg: &VisionConfig, pixels: O::Buf, b: usize, mode: Mode, hook: &mut Hook<O>) -> Result<(O::Buf, Option<TowerSaved<O>>)> {
-        let (w, t, c, s, p) = (cfg.tower.hidden, cfg.tokens(), cfg.channels, cfg.image_size, cfg.patch_size);
-        let patches = ops.patch_embed(&pixels, self.linear(names::PATCH_EMBEDDING)?, b, c, s, p)?; // [B·N, W]
-        let x = ops.vision_embed(&patches, self.param(names::CLASS_EMBEDDING)?, self.param(names::VISION_POSITIONS)?, b, t - 1, w)?; // [B·T, W]
-        drop(patches);
+        let (w, t) = (cfg.tower.hidden, cfg.tokens());
+        let (x, h, st0) = self.vision_stem(ops, cfg, &pixels, b)?; // [B·T, W] twice
         see::<O>(hook, "vision.embeddings", &x, &[b, t, w]);
-        let (h, st0) = ops.layernorm(&x, self.param(&format!("{}.weight", names::PRE_LN))?, self.param(&format!("{}.bias", names::PRE_LN))?, b * t, w, cfg.tower.eps)?; // [B·T, W]
         see::<O>(hook, "vision.pre_ln", &h, &[b, t, w]);
         let cls: Vec<usize> = (0..b).map(|i| i * t).collect();
         let seqs = Seqs::Batch { batch: b, seq: t, causal: false };
@@ -218,6 +215,17 @@ impl<O: Ops> TowerParams<O> {
         see::<O>(hook, "vision.embeds", &e, &[b, self.linear(names::VISUAL_PROJECTION)?.n]);
         let saved = (mode != Mode::Infer).then(|| TowerSaved { seqs, pool: Some(cls), blocks, head, normed, input: Input::Pixels { pixels, b, x, stats: st0 } });
         Ok((e, saved))
+    }
+
+    /// Pixels [B, C, S, S] → (class token + patches + positions x [B·T, W], its pre-LayerNorm h
+    /// [B·T, W], the LayerNorm's statistics).
+    pub(super) fn vision_stem(&self, ops: &O, cfg: &VisionConfig, pixels: &O::Buf, b: usize) -> Result<(O::Buf, O::Buf, O::Buf)> {
+        let (w, t, c, s, p) = (cfg.tower.hidden, cfg.tokens(), cfg.channels, cfg.image_size, cfg.patch_size);
+        let patches = ops.patch_embed(pixels, self.linear(names::PATCH_EMBEDDING)?, b, c, s, p)?; // [B·N, W]
+        let x = ops.vision_embed(&patches, self.param(names::CLASS_EMBEDDING)?, self.param(names::VISION_POSITIONS)?, b, t - 1, w)?; // [B·T, W]
+        drop(patches);
+        let (h, st0) = ops.layernorm(&x, self.param(&format!("{}.weight", names::PRE_LN))?, self.param(&format!("{}.bias", names::PRE_LN))?, b * t, w, cfg.tower.eps)?; // [B·T, W]
+        Ok((x, h, st0))
     }
 
     /// Token ids (start/end tokens included, unpadded) → text embeddings [B, D] (not normalised),
@@ -266,7 +274,7 @@ impl<O: Ops> TowerParams<O> {
     }
 
     /// Token + position embeddings of the rows → [N, W].
-    fn text_embed(&self, ops: &O, tok: &[usize], pos: &[usize], w: usize) -> Result<O::Buf> {
+    pub(super) fn text_embed(&self, ops: &O, tok: &[usize], pos: &[usize], w: usize) -> Result<O::Buf> {
         let mut x = ops.gather_rows(self.param(names::TOKEN_EMBEDDING)?, tok, w)?; // [N, W]
         ops.axpy(&mut x, &ops.gather_rows(self.param(names::TEXT_POSITIONS)?, pos, w)?, 1.0, tok.len() * w)?;
         Ok(x)
@@ -322,7 +330,7 @@ impl<O: Ops> TowerSaved<O> {
 
 /// Checks a text batch and lays out its rows (see [`text_layout`]); `pad_to` pads further.
 #[allow(clippy::type_complexity)]
-fn text_rows(cfg: &TextConfig, ids: &[Vec<u32>], pad_to: Option<usize>, packed: bool) -> Result<(Vec<usize>, Vec<usize>, Seqs, Vec<usize>)> {
+pub(super) fn text_rows(cfg: &TextConfig, ids: &[Vec<u32>], pad_to: Option<usize>, packed: bool) -> Result<(Vec<usize>, Vec<usize>, Seqs, Vec<usize>)> {
     let lens: Vec<usize> = ids.iter().map(|s| if s.is_empty() { 0 } else { pool_position(s, cfg.eos_token_id) + 1 }).collect();
     let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0);
     if ids.is_empty() || lens.contains(&0) {

@@ -37,12 +37,25 @@ impl VisionTower {
         self.run(pixels, &mut None)
     }
 
-    fn run(&self, pixels: &Tensor, hook: &mut crate::model::tower::Hook<Cpu>) -> Result<Tensor> {
+    /// Hidden state `layer` of every token ([`super::hidden`]), class token first: pixels
+    /// [B, C, S, S] → ([B, T, W], image embeddings [B, D], not normalised).
+    pub fn hidden_states(&self, pixels: &Tensor, layer: usize, final_ln: bool) -> Result<(Tensor, Tensor)> {
+        let b = self.check(pixels)?;
+        let (s, e) = self.params.vision_hidden(&Cpu, &self.cfg, pixels.contiguous(), b, layer, final_ln)?; // [B·T, W], [B·D]
+        Ok((s.reshape(&[b, self.cfg.tokens(), self.cfg.tower.hidden])?, e.reshape(&[b, e.numel() / b])?))
+    }
+
+    /// The batch size of pixels [B, C, S, S], or why they do not fit.
+    fn check(&self, pixels: &Tensor) -> Result<usize> {
         let s = self.cfg.image_size;
         if pixels.rank() != 4 || pixels.dim(1) != self.cfg.channels || pixels.dim(2) != s || pixels.dim(3) != s || pixels.dim(0) == 0 {
             return Err(shape_err!("image tower expects pixels [B, {}, {s}, {s}] with B ≥ 1, got {:?}", self.cfg.channels, pixels.shape()));
         }
-        let b = pixels.dim(0);
+        Ok(pixels.dim(0))
+    }
+
+    fn run(&self, pixels: &Tensor, hook: &mut crate::model::tower::Hook<Cpu>) -> Result<Tensor> {
+        let b = self.check(pixels)?;
         let px = pixels.contiguous();
         let (e, _) = self.params.vision(&Cpu, &self.cfg, px, b, Mode::Infer, hook)?; // [B·D]
         e.reshape(&[b, e.numel() / b])
