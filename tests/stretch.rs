@@ -81,6 +81,7 @@ fn bad_input_is_a_one_line_error() {
         (vec!["--model".into(), tiny.display().to_string(), "--keep".into(), "77".into()], "keep"),
         (vec!["--model".into(), tiny.display().to_string(), "--ratio".into(), "0".into()], "ratio"),
         (vec!["--model".into(), bad_cfg.display().to_string()], "config.json"),
+        (vec!["--model".into(), tiny.display().to_string(), "--length".into(), "60".into()], "--length 60"),
     ];
     for (i, (args, needle)) in cases.into_iter().enumerate() {
         let out = d.join(format!("out{i}"));
@@ -110,4 +111,38 @@ fn stretch_writes_through_a_symlink_and_keeps_it() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the symlink was replaced");
     assert!(real.join("config.json").is_file() && real.join("model.safetensors").is_file(), "the target holds the model");
+}
+
+#[test]
+fn keep_ratio_and_length_choose_the_table() {
+    let d = tmpdir("stretch-length");
+    let orig = Weights::open(&fixture("tiny")).unwrap().get("text_model.embeddings.position_embedding.weight").unwrap();
+    let (w, tiny) = (orig.dim(1), fixture("tiny"));
+    // --keep 10 --ratio 3: 3·77 − 2·10 = 211 rows; --keep 10 --length 300: ⌈290/67⌉ = 5, 345 rows cut to 300
+    for (args, len, keep, ratio) in [(vec!["--keep", "10", "--ratio", "3"], 211, 10, 3), (vec!["--keep", "10", "--length", "300"], 300, 10, 5)] {
+        let out = d.join(format!("m{len}"));
+        let mut a = vec!["stretch", "--json", "--model", tiny.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        a.extend(args);
+        let o = clipforge(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!((r["new_len"].as_u64(), r["ratio"].as_u64(), r["keep"].as_u64()), (Some(len), Some(ratio), Some(keep)));
+        let want = stretch_reference(&orig.to_vec_f32(), w, Stretch::new(77, keep as usize, ratio as usize).unwrap());
+        let got = Weights::open(&out).unwrap().get("text_model.embeddings.position_embedding.weight").unwrap();
+        assert_eq!(got.shape(), &[len as usize, w]);
+        for (i, (&g, &r)) in got.to_vec_f32().iter().zip(&want).enumerate() {
+            assert!((g as f64 - r).abs() <= 1e-6 + 1e-6 * r.abs(), "row {} col {}: {g} vs {r}", i / w, i % w);
+        }
+        let m = ClipParts::load_dir(&out, Towers::Both, &LoadOptions::default()).unwrap();
+        assert_eq!((m.config.text.max_positions, m.config.text.frozen_positions), (len as usize, keep as usize), "frozen rows follow --keep");
+        // a text filling the whole new context embeds
+        let text = vec!["word"; len as usize].join(" ");
+        let npy = d.join(format!("e{len}.npy"));
+        let o = clipforge(&["embed-text", "--device", "cpu", "--model", out.to_str().unwrap(), "--out", npy.to_str().unwrap(), &text]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // a ratio and a length together: refused by the argument parser
+    let o = clipforge(&["stretch", "--model", tiny.to_str().unwrap(), "--out", d.join("both").to_str().unwrap(), "--length", "300", "--ratio", "4"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
+    assert!(!d.join("both").exists());
 }

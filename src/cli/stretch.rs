@@ -1,7 +1,8 @@
 //! `clipforge stretch`: Long-CLIP's knowledge-preserved positional stretching of a model directory
-//! (src/model/stretch.rs), written as a new HF directory.
+//! (src/model/stretch.rs), written as a new HF directory: by a ratio (Long-CLIP: keep 20, ×4,
+//! 77 → 248) or to a context length (the smallest ratio that reaches it, the table cut there).
 use clipforge::error::Result;
-use clipforge::model::stretch::stretch_model;
+use clipforge::model::stretch::{stretch_model_to, Target};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -16,9 +17,14 @@ pub struct StretchArgs {
     /// Leading positions copied unchanged (and kept frozen when fine-tuning)
     #[arg(long, default_value_t = 20)]
     pub keep: usize,
-    /// Interpolation factor for the positions after `keep`
-    #[arg(long, default_value_t = 4)]
-    pub ratio: usize,
+    /// Interpolation factor for the positions after `keep` (default 4: 77 → 248 with keep 20);
+    /// the new length is ratio·L − (ratio−1)·keep
+    #[arg(long, conflicts_with = "length")]
+    pub ratio: Option<usize>,
+    /// Target context length instead of a ratio: the smallest ratio that reaches it, the
+    /// table then cut to exactly this many positions
+    #[arg(long)]
+    pub length: Option<usize>,
     /// Replace an existing non-empty output directory
     #[arg(long)]
     pub force: bool,
@@ -28,12 +34,18 @@ pub struct StretchArgs {
 }
 
 pub fn run(a: &StretchArgs) -> Result<()> {
-    let r = stretch_model(&a.model, &a.out, a.keep, a.ratio, a.force)?;
+    let target = match (a.length, a.ratio) {
+        (Some(len), _) => Target::Length(len),
+        (None, r) => Target::Ratio(r.unwrap_or(4)),
+    };
+    let r = stretch_model_to(&a.model, &a.out, a.keep, target, a.force)?;
     if a.json {
         println!("{}", serde_json::to_string(&r).map_err(clipforge::error::Error::msg)?);
     } else {
+        let full = r.ratio * r.old_len - (r.ratio - 1) * r.keep;
+        let tail = if r.new_len < full { format!("cut at {} of {full}", r.new_len) } else { "last row extrapolated".into() };
         println!(
-            "{}: {} → {} text positions (rows < {} copied and frozen for fine-tuning, ×{} interpolation, last row extrapolated), {} tensors",
+            "{}: {} → {} text positions (rows < {} copied and frozen for fine-tuning, ×{} interpolation, {tail}), {} tensors",
             r.out.display(), r.old_len, r.new_len, r.keep, r.ratio, r.tensors
         );
     }

@@ -60,13 +60,45 @@ fn from_f32(v: &[f32], dtype: Dtype) -> Vec<u8> {
 
 /// Stretches `src` into `out` (see the module docs). `force` replaces an existing `out`.
 pub fn stretch_model(src: &Path, out: &Path, keep: usize, ratio: usize, force: bool) -> Result<StretchReport> {
+    stretch_model_to(src, out, keep, Target::Ratio(ratio), force)
+}
+
+/// How far a stretch goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Interpolation factor R: L·R − (R−1)·keep positions.
+    Ratio(usize),
+    /// A context length: the smallest integer ratio that reaches it, the table then cut to that
+    /// many rows (the extrapolated tail and the last interpolated rows beyond it are dropped).
+    Length(usize),
+}
+
+/// The ratio that reaches `len` positions from `base` keeping `keep`: ⌈(len − keep)/(base − keep)⌉.
+pub fn ratio_for_length(base: usize, keep: usize, len: usize) -> Result<usize> {
+    if len <= base || keep + 1 >= base {
+        return Err(Error::msg(format!("--length {len}: a stretch needs a length above the model's {base} positions and --keep below {}", base.saturating_sub(1))));
+    }
+    Ok((len - keep).div_ceil(base - keep))
+}
+
+/// [`stretch_model`] to a [`Target`].
+pub fn stretch_model_to(src: &Path, out: &Path, keep: usize, target: Target, force: bool) -> Result<StretchReport> {
     let cfg_path = src.join("config.json");
     let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
     let cfg = crate::model::config::ClipConfig::from_json(&cfg_text).map_err(|e| Error::file(&cfg_path, e))?;
     if cfg.text.frozen_positions > 0 {
         return Err(Error::file(&cfg_path, format!("already stretched (clipforge_frozen_positions = {}); stretch the original model", cfg.text.frozen_positions)));
     }
-    let s = Stretch::new(cfg.text.max_positions, keep, ratio).map_err(|e| Error::file(&cfg_path, e))?;
+    let base = cfg.text.max_positions;
+    let ratio = match target {
+        Target::Ratio(r) => r,
+        Target::Length(len) => ratio_for_length(base, keep, len).map_err(|e| Error::file(&cfg_path, e))?,
+    };
+    let s = Stretch::new(base, keep, ratio).map_err(|e| Error::file(&cfg_path, e))?;
+    let new_len = match target {
+        Target::Ratio(_) => s.new_len(),
+        Target::Length(len) => len,
+    };
     if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) && !force {
         return Err(Error::file(out, "exists and is not empty (use --force to replace it)"));
     }
@@ -74,13 +106,14 @@ pub fn stretch_model(src: &Path, out: &Path, keep: usize, ratio: usize, force: b
     // beside the symlink-resolved target, then renamed into place
     let mut tensors = 0;
     crate::io::output::write_dir(out, |tmp| {
-        tensors = write_stretched(src, tmp, &cfg_text, s, cfg.text.tower.hidden)?;
+        tensors = write_stretched(src, tmp, &cfg_text, s, new_len, cfg.text.tower.hidden)?;
         Ok(())
     })?;
-    Ok(StretchReport { out: out.to_path_buf(), old_len: s.len, new_len: s.new_len(), keep, ratio, tensors })
+    Ok(StretchReport { out: out.to_path_buf(), old_len: s.len, new_len, keep, ratio, tensors })
 }
 
-fn write_stretched(src: &Path, dst: &Path, cfg_text: &str, s: Stretch, width: usize) -> Result<usize> {
+/// Writes the stretched directory: the table stretched by `s` and cut to `new_len` rows.
+fn write_stretched(src: &Path, dst: &Path, cfg_text: &str, s: Stretch, new_len: usize, width: usize) -> Result<usize> {
     // every tensor of every file, the position table replaced
     let files = weight_files(src)?;
     let mut bytes: Vec<(PathBuf, Vec<u8>)> = vec![];
@@ -97,12 +130,12 @@ fn write_stretched(src: &Path, dst: &Path, cfg_text: &str, s: Stretch, width: us
                 if shape != [s.len, width] {
                     return Err(Error::file(path, format!("{name} has shape {shape:?}; config.json says [{}, {width}]", s.len)));
                 }
-                let table = stretch(&to_f32(view.data(), dtype, path)?, width, s)?;
-                owned.push((name, dtype, vec![s.new_len(), width], from_f32(&table, dtype)));
+                let table = stretch(&to_f32(view.data(), dtype, path)?, width, s)?; // [Ln, W]
+                owned.push((name, dtype, vec![new_len, width], from_f32(&table[..new_len * width], dtype)));
                 found = true;
             } else if name == POSITION_IDS {
-                let ids: Vec<u8> = (0..s.new_len() as i64).flat_map(|i| i.to_le_bytes()).collect();
-                owned.push((name, Dtype::I64, vec![1, s.new_len()], ids));
+                let ids: Vec<u8> = (0..new_len as i64).flat_map(|i| i.to_le_bytes()).collect();
+                owned.push((name, Dtype::I64, vec![1, new_len], ids));
             } else {
                 owned.push((name, dtype, shape, view.data().to_vec()));
             }
@@ -123,7 +156,7 @@ fn write_stretched(src: &Path, dst: &Path, cfg_text: &str, s: Stretch, width: us
     // config.json: everything kept, the new length and the frozen-row count added
     let mut cfg: serde_json::Value = serde_json::from_str(cfg_text).map_err(|e| Error::file(src.join("config.json"), e))?;
     let tc = cfg.get_mut("text_config").and_then(|t| t.as_object_mut()).ok_or_else(|| Error::file(src.join("config.json"), "no text_config object"))?;
-    tc.insert("max_position_embeddings".into(), s.new_len().into());
+    tc.insert("max_position_embeddings".into(), new_len.into());
     tc.insert("clipforge_frozen_positions".into(), s.keep.into());
     write_json(&dst.join("config.json"), &cfg)?;
     // tokenizer and preprocessor files
@@ -136,7 +169,7 @@ fn write_stretched(src: &Path, dst: &Path, cfg_text: &str, s: Stretch, width: us
             let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, format!("cannot read: {e}")))?;
             let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&p, format!("not JSON: {e}")))?;
             if let Some(o) = v.as_object_mut().filter(|o| o.contains_key("model_max_length")) {
-                o.insert("model_max_length".into(), s.new_len().into());
+                o.insert("model_max_length".into(), new_len.into());
             }
             write_json(&dst.join(f), &v)?;
         } else {
