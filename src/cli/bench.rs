@@ -30,7 +30,8 @@ pub struct BenchArgs {
     /// An HF CLIP model directory (default: synthetic weights made in memory)
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Architecture of the synthetic weights: b32, b16, l14, l14-336
+    /// Architecture of the synthetic weights: b32, b16, l14, l14-336, or their Long-CLIP forms
+    /// (248 text positions, 20 frozen) longclip-b32, longclip-b16, longclip-l14, longclip-l14-336
     #[arg(long, default_value = "b32")]
     pub preset: String,
     /// Images (and texts) per batch
@@ -153,7 +154,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let (model, source) = match &a.model {
         Some(dir) => (ClipModel::open(dir, &opts)?, dir.display().to_string()),
         None => {
-            let cfg = ClipConfig::preset(&a.preset).ok_or_else(|| Error::msg(format!("--preset {}: expected b32, b16, l14 or l14-336", a.preset)))?;
+            let cfg = ClipConfig::preset(&a.preset).ok_or_else(|| Error::msg(format!("--preset {}: expected {}", a.preset, ClipConfig::PRESETS)))?;
             (ClipModel::from_weights(&random_weights(&cfg, 0), &cfg, &opts)?, format!("synthetic {}", a.preset))
         }
     };

@@ -48,7 +48,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let (model, source) = match &a.model {
         Some(dir) => (TrainClip::load_dir(dir)?, dir.display().to_string()),
         None => {
-            let cfg = ClipConfig::preset(&a.preset).ok_or_else(|| Error::msg(format!("--preset {}: expected b32, b16, l14 or l14-336", a.preset)))?;
+            let cfg = ClipConfig::preset(&a.preset).ok_or_else(|| Error::msg(format!("--preset {}: expected {}", a.preset, ClipConfig::PRESETS)))?;
             (TrainClip::from_weights(&random_weights(&cfg, 0), &cfg)?, format!("synthetic {}", a.preset))
         }
     };

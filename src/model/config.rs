@@ -141,8 +141,19 @@ impl ClipConfig {
         Ok(ClipConfig { vision, text, projection_dim: raw.projection_dim.unwrap_or(512), logit_scale_init: raw.logit_scale_init_value.unwrap_or(2.6592) })
     }
 
-    /// Built-in presets of the OpenAI models: "b32", "b16", "l14", "l14-336".
+    /// The names [`ClipConfig::preset`] knows.
+    pub const PRESETS: &'static str = "b32, b16, l14, l14-336, longclip-b32, longclip-b16, longclip-l14 or longclip-l14-336";
+
+    /// Built-in presets of the OpenAI models: "b32", "b16", "l14", "l14-336"; and their Long-CLIP
+    /// forms "longclip-…": the same towers with 248 text positions, the first 20 frozen (what
+    /// `clipforge stretch` makes of them, and the structure of the released Long-CLIP checkpoints).
     pub fn preset(name: &str) -> Option<ClipConfig> {
+        if let Some(base) = name.strip_prefix("longclip-") {
+            let mut c = Self::preset(base)?;
+            let s = crate::ops::pos_gather::Stretch::LONG_CLIP;
+            (c.text.max_positions, c.text.frozen_positions) = (s.new_len(), s.keep);
+            return Some(c);
+        }
         let t = |h: usize, l: usize| TowerConfig { hidden: h, intermediate: 4 * h, heads: h / 64, layers: l, eps: 1e-5, act: Activation::QuickGelu };
         let (vw, vl, patch, img, tw, proj) = match name {
             "b32" => (768, 12, 32, 224, 512, 512),
