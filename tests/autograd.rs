@@ -150,7 +150,9 @@ fn unary64(op: Unary, x: f64) -> f64 {
         Unary::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
         Unary::Gelu => 0.5 * x * (1.0 + clipforge::ops::elementwise::erf64(x / std::f64::consts::SQRT_2)),
         Unary::Exp => x.exp(),
-        _ => unreachable!(),
+        Unary::Neg => -x,
+        Unary::Sqrt => x.sqrt(),
+        Unary::Recip => 1.0 / x,
     }
 }
 
@@ -179,6 +181,17 @@ fn broadcasting_arithmetic() {
 fn activations() {
     for op in [Unary::QuickGelu, Unary::Gelu, Unary::Exp] {
         check(&format!("{op:?}"), vec![inp(&[45, 3], 12, true)], move |t, v| t.unary(&v[0], op), &move |x| x[0].iter().map(|&a| unary64(op, a)).collect(), 1e-5, 1e-3);
+    }
+}
+
+/// Sqrt (SmartCLIP's norms), Neg and Recip, on positive inputs away from 0 where their f64
+/// finite differences are well conditioned.
+#[test]
+fn sqrt_neg_recip() {
+    for op in [Unary::Sqrt, Unary::Neg, Unary::Recip] {
+        let mut x = inp(&[7, 5], 31, true);
+        x.data.iter_mut().for_each(|v| *v = v.abs() + 0.3);
+        check(&format!("{op:?}"), vec![x], move |t, v| t.unary(&v[0], op), &move |x| x[0].iter().map(|&a| unary64(op, a)).collect(), 1e-5, 1e-3);
     }
 }
 

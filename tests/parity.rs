@@ -32,6 +32,20 @@ fn input_ids(path: &Path) -> Vec<Vec<u32>> {
     (0..b).map(|i| flat[i * t..(i + 1) * t].to_vec()).collect()
 }
 
+/// The activations a tower must record, in order (a hook that records nothing, or skips or
+/// renames a layer, fails here rather than passing over fewer layers).
+fn expected(tower: &str, layers: usize) -> Vec<String> {
+    let head: &[&str] = if tower == "vision" { &["vision.embeddings", "vision.pre_ln"] } else { &["text.embeddings"] };
+    let mut v: Vec<String> = head.iter().map(|s| s.to_string()).collect();
+    v.extend((0..layers).map(|i| format!("{tower}.layer.{i}")));
+    v.extend([format!("{tower}.pooled"), format!("{tower}.embeds")]);
+    v
+}
+
+fn names(got: &[(String, Tensor)]) -> Vec<String> {
+    got.iter().map(|(n, _)| n.clone()).collect()
+}
+
 /// Compares recorded activations with the reference in recording order; panics naming the
 /// first layer whose elements leave |x − ref| ≤ atol·max|ref| + rtol·|ref|.
 /// A recorded activation with fewer rows than HF's (the last block and the final LayerNorm run
@@ -72,7 +86,7 @@ fn run_model(name: &str) {
     model.vision().unwrap().forward(&px, &mut |n, t| got.push((n.to_string(), t.clone()))).unwrap();
     let (b, t) = (px.dim(0), model.config.vision.tokens());
     let layers = model.config.vision.tower.layers;
-    assert_eq!(got.len(), 2 + layers + 2, "{name}: embeddings, pre_ln, every layer, pooled, embeds");
+    assert_eq!(names(&got), expected("vision", layers), "{name}: embeddings, pre_ln, every layer, pooled, embeds");
     check_layers(name, &got, &refs, 1e-4, &(0..b).map(|i| i * t).collect::<Vec<_>>());
 
     // Text: the fixture pads to 77 with the end token; strip to the first end token and let the
@@ -87,13 +101,13 @@ fn run_model(name: &str) {
         .collect();
     let mut got: Vec<(String, Tensor)> = vec![];
     model.text().unwrap().forward(&ids, Some(77), &mut |n, t| got.push((n.to_string(), t.clone()))).unwrap();
-    assert_eq!(got.len(), 1 + model.config.text.tower.layers + 2, "{name}: embeddings, every layer, pooled, embeds");
+    assert_eq!(names(&got), expected("text", model.config.text.tower.layers), "{name}: embeddings, every layer, pooled, embeds");
     let ends: Vec<usize> = ids.iter().enumerate().map(|(i, s)| i * 77 + s.len() - 1).collect();
     check_layers(name, &got, &refs, 1e-4, &ends);
     // Packed (no padding, the last block for the pooled rows only): HF's pooled state and embeddings.
     let mut got: Vec<(String, Tensor)> = vec![];
     model.text().unwrap().forward(&ids, None, &mut |n, t| if n == "text.pooled" || n == "text.embeds" { got.push((n.to_string(), t.clone())) }).unwrap();
-    assert_eq!(got.len(), 2, "{name}: the packed text tower recorded its pooled state and embeddings");
+    assert_eq!(names(&got), ["text.pooled", "text.embeds"], "{name}: the packed text tower recorded its pooled state and embeddings");
     check_layers(name, &got, &refs, 1e-4, &ends);
 }
 
@@ -113,7 +127,7 @@ fn run_on<O: Ops>(ops: &O, name: &str) {
     };
     let vt = TowerParams::load(ops, &schema, Tower::Vision, &weights, DType::F32).unwrap();
     vt.vision(ops, &cfg.vision, ops.upload(&px.to_vec_f32()).unwrap(), b, Mode::Infer, &mut Some(&mut hook)).unwrap();
-    assert_eq!(got.len(), 2 + cfg.vision.tower.layers + 2, "{name}: every vision activation recorded");
+    assert_eq!(names(&got), expected("vision", cfg.vision.tower.layers), "{name}: every vision activation recorded");
     check_layers(&format!("{name} on {}", ops.describe()), &got, &refs, 1e-4, &(0..b).map(|i| i * t).collect::<Vec<_>>());
     let eos = cfg.text.eos_token_id;
     let ids: Vec<Vec<u32>> = input_ids(&dir.join("activations.safetensors")).into_iter().map(|s| s[..s.iter().position(|&x| x == eos).map_or(s.len(), |p| p + 1)].to_vec()).collect();
@@ -124,7 +138,7 @@ fn run_on<O: Ops>(ops: &O, name: &str) {
     };
     let tt = TowerParams::load(ops, &schema, Tower::Text, &weights, DType::F32).unwrap();
     tt.text(ops, &cfg.text, &ids, Some(77), Mode::Infer, &mut Some(&mut hook)).unwrap();
-    assert_eq!(got.len(), 1 + cfg.text.tower.layers + 2, "{name}: every text activation recorded");
+    assert_eq!(names(&got), expected("text", cfg.text.tower.layers), "{name}: every text activation recorded");
     let ends: Vec<usize> = ids.iter().enumerate().map(|(i, s)| i * 77 + s.len() - 1).collect();
     check_layers(&format!("{name} text on {}", ops.describe()), &got, &refs, 1e-4, &ends);
 }
