@@ -17,6 +17,10 @@ pub enum Error {
     /// Anything else worth one line.
     #[error("{0}")]
     Msg(String),
+    /// The user interrupted the work (Ctrl-C) after it saved what it could; the command exits
+    /// with 130, as a shell reports SIGINT.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -36,7 +40,7 @@ impl Error {
     pub fn message(&self) -> String {
         match self {
             Error::File { .. } => self.to_string(),
-            Error::Shape(m) | Error::Device(m) | Error::Msg(m) => m.clone(),
+            Error::Shape(m) | Error::Device(m) | Error::Msg(m) | Error::Interrupted(m) => m.clone(),
         }
     }
     /// The same kind of error with `what: ` in front of its message.
@@ -46,6 +50,7 @@ impl Error {
             Error::Shape(m) => Error::Shape(format!("{what}: {m}")),
             Error::Device(m) => Error::Device(format!("{what}: {m}")),
             Error::Msg(m) => Error::Msg(format!("{what}: {m}")),
+            Error::Interrupted(m) => Error::Interrupted(format!("{what}: {m}")),
         }
     }
 }

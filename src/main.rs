@@ -16,6 +16,7 @@ fn main() {
     let cli = cli::Cli::parse();
     if let Err(e) = cli::run(cli) {
         eprintln!("error: {e}");
-        std::process::exit(1);
+        // 130 = 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+        std::process::exit(if matches!(e, clipforge::Error::Interrupted(_)) { 130 } else { 1 });
     }
 }

@@ -7,6 +7,9 @@
 //!   written, never replaced), so `--out /dev/null` or a named pipe work and are not clobbered;
 //!   a socket or a directory where a file is expected is an error.
 //!
+//! Files and directories are fsynced before the rename that publishes them and their folder after
+//! it, so neither a crash nor a power cut leaves a published output with missing data.
+//!
 //! Directories (checkpoints, the fine-tuned model) are filled under a temp name beside the
 //! (resolved) target and renamed into place; an old one is moved aside first and removed after,
 //! and [`recover_dirs`] repairs what a crash between those steps left.
@@ -67,7 +70,8 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
         if let Some(m) = &meta {
             std::fs::set_permissions(&tmp, m.permissions())?;
         }
-        std::fs::rename(&tmp, &target)
+        std::fs::rename(&tmp, &target)?;
+        sync_dir(&parent_of(&target))
     })();
     res.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -87,7 +91,7 @@ pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<P
     let tmp = sibling(&target, "tmp")?;
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    if let Err(e) = fill(&tmp) {
+    if let Err(e) = fill(&tmp).and_then(|_| sync_tree(&tmp).map_err(|e| Error::file(&tmp, format!("cannot sync: {e}")))) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -96,8 +100,29 @@ pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<P
         std::fs::rename(&target, &old).map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
     }
     std::fs::rename(&tmp, &target).map_err(|e| Error::file(dir, format!("cannot move into place: {e}")))?;
+    sync_dir(&parent).map_err(|e| Error::file(&parent, format!("cannot sync: {e}")))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(target)
+}
+
+/// fsync of a directory: its entries (a rename into it) reach the disk.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// fsync of every file under `dir`, then of the directories themselves (before the rename that
+/// publishes them, so a power cut never leaves a published directory with empty files).
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            sync_tree(&e.path())?;
+        } else if ft.is_file() {
+            std::fs::File::open(e.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
 }
 
 /// Repairs what a crash inside [`write_dir`] left in `parent`: a complete `.NAME.old-PID` with no

@@ -104,13 +104,14 @@ pub fn layer_norm_bwd(x: &[f32], n: usize, gamma: &[f32], dy: &[f32], eps: f32) 
             }
             (dg, db)
         })
-        .reduce(
-            || (vec![0f32; n], vec![0f32; n]),
-            |(mut a, mut b), (c, d)| {
-                a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
-                b.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
-                (a, b)
-            },
-        );
+        .collect::<Vec<_>>()
+        .into_iter()
+        // the 64-row partials summed in row order: the same bits whatever the threads did (a
+        // parallel reduce's tree follows work stealing, so its float sums vary run to run)
+        .fold((vec![0f32; n], vec![0f32; n]), |(mut a, mut b), (c, d)| {
+            a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
+            b.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
+            (a, b)
+        });
     (dx, dg, db)
 }

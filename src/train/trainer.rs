@@ -287,7 +287,8 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
         }
         if interrupted {
             bar.finish_and_clear();
-            return Err(Error::msg(format!("interrupted after step {done}: checkpoint written to {} (continue with --resume)", last_ckpt.as_ref().unwrap().display())));
+            let at = last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            return Err(Error::Interrupted(format!("interrupted after step {done}: checkpoint written to {at} (continue with --resume)")));
         }
     }
     bar.finish_and_clear();
