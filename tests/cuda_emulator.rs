@@ -95,6 +95,33 @@ fn planted_a_missing_syncthreads_gives_wrong_results() {
     assert!(runs.iter().all(|(_, f)| f.launch_error.is_none()));
 }
 
+/// A race that launch order hides: the forward schedule runs warp w−1 before warp w, so the
+/// missing barrier goes unnoticed there; reverse and random orders read stale shared memory.
+/// This is what the other schedules are for (a `set_schedule` that did nothing fails here).
+#[test]
+fn planted_e_a_race_only_other_schedules_catch() {
+    let k = 8usize;
+    let x: Vec<f32> = (0..k).map(|i| 10.0 + i as f32).collect();
+    let want: Vec<f32> = (0..k).map(|w| if w == 0 { 0.0 } else { x[w - 1] }).collect();
+    let runs = per_schedule("(e) race hidden by launch order", || {
+        let (mut gx, mut gy) = (Guarded::from_slice(&x), Guarded::filled(k, f32::NAN));
+        let (px, py) = (gx.ptr(), gy.ptr());
+        let mut f = Findings::default();
+        if let Err(e) = launch("bug_prev_warp_race_f32", (1, 1, 1), (32 * k as u32, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&py).as_params()) {
+            f.launch_error = Some(e.to_string());
+            return f;
+        }
+        f.values = (gy.data() != want.as_slice()).then(|| format!("y = {:?}", gy.data()));
+        f
+    });
+    for (s, f) in &runs {
+        match s {
+            Schedule::Forward => assert!(!f.caught(), "forward order hides this race, yet: {}", f.summary()),
+            _ => assert!(f.caught(), "{} did not catch the race", sched_name(*s)),
+        }
+    }
+}
+
 #[test]
 fn planted_b_divergent_syncthreads_is_a_launch_error() {
     for (s, f) in per_schedule("(b) divergent __syncthreads", || ln_run("ln_bug_divergent_sync_f32", 7, 1000, 128, 1)) {

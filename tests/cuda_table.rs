@@ -1,4 +1,4 @@
-//! The CUDA op table: each kernel case runs on the CPU emulator and, when a GPU is present, on
+//! The CUDA op table: each kernel case runs on the CPU emulator (in every warp schedule) and, when a GPU is present, on
 //! the real device through the production launcher, and both are checked per element against
 //! the CPU backend's reference op. Without a device the GPU column prints
 //! "skipped: no CUDA device" and passes.
@@ -225,6 +225,50 @@ fn embed_rows() -> Vec<Row> {
         },
         embedding_bwd_row(b * t, w, v),
         Row {
+            // y += alpha·x over 4000 elements with 3 blocks: grid-stride rounds
+            case: KernelCase {
+                kernel: "axpy_f32",
+                cfg: LaunchCfg::new((3, 1, 1), (256, 1, 1), 0),
+                buffers: vec![common::randn(4000, 51), common::randn(4000, 52)],
+                args: vec![Arg::Buf(0), Arg::Buf(1), Arg::F32(-0.75), Arg::I32(4000)],
+            },
+            expect: vec![(0, common::randn(4000, 51).iter().zip(common::randn(4000, 52)).map(|(y, x)| (-0.75f32).mul_add(x, *y)).collect(), 0.0, 0.0)],
+        },
+        Row {
+            // dx[b, index[b], :] += dp[b, :] into a non-zero dx; every other row untouched
+            case: KernelCase {
+                kernel: "unpool_rows_f32",
+                cfg: grid(b * w),
+                buffers: vec![common::randn(b * w, 53), bits(&index), common::randn(b * t * w, 54)],
+                args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::I32(b32), Arg::I32(t32), Arg::I32(w32)],
+            },
+            expect: vec![(2, {
+                let (dp, mut dx) = (common::randn(b * w, 53), common::randn(b * t * w, 54));
+                for bi in 0..b {
+                    for c in 0..w {
+                        dx[(bi * t + index[bi] as usize) * w + c] += dp[bi * w + c];
+                    }
+                }
+                dx
+            }, 0.0, 0.0)],
+        },
+        Row {
+            // the patch rows of d(assembled): dpatches[b·N + t − 1] = dx[b, t] for t ≥ 1
+            case: KernelCase {
+                kernel: "vision_embed_bwd_f32",
+                cfg: LaunchCfg::new((2, 1, 1), (128, 1, 1), 0),
+                buffers: vec![common::randn(b * (n + 1) * w, 55), vec![f32::NAN; b * n * w]],
+                args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(b32), Arg::I32(n as i32), Arg::I32(w32)],
+            },
+            expect: vec![(1, {
+                let dx = common::randn(b * (n + 1) * w, 55);
+                (0..b * n * w).map(|i| {
+                    let (row, c) = (i / w, i % w);
+                    dx[((row / n) * (n + 1) + row % n + 1) * w + c]
+                }).collect()
+            }, 0.0, 0.0)],
+        },
+        Row {
             case: KernelCase {
                 kernel: "pool_rows_f32",
                 cfg: grid(b * w),
@@ -294,12 +338,19 @@ fn check(where_: &str, row: &Row, got: &[Vec<f32>]) {
     }
 }
 
+/// Every row in every warp schedule of the emulator (forward, reverse, two seeded random ones):
+/// a race that happens to work in launch order fails in another order.
 #[test]
 fn emulated_kernels_match_cpu_ops() {
-    for row in table() {
-        let got = row.case.run_emulated().unwrap_or_else(|e| panic!("{}: {e}", row.case.kernel));
-        check("emulated", &row, &got);
+    use clipforge::cuda::emu::{set_schedule, Schedule, TEST_SCHEDULES};
+    for s in TEST_SCHEDULES {
+        set_schedule(s);
+        for row in table() {
+            let got = row.case.run_emulated().unwrap_or_else(|e| panic!("{}: {e}", row.case.kernel));
+            check(&format!("emulated ({s:?})"), &row, &got);
+        }
     }
+    set_schedule(Schedule::Forward);
 }
 
 #[test]
