@@ -99,11 +99,11 @@ fn planted_a_missing_syncthreads_gives_wrong_results() {
 /// missing barrier goes unnoticed there; reverse and random orders read stale shared memory.
 /// This is what the other schedules are for (a `set_schedule` that did nothing fails here).
 #[test]
-fn planted_e_a_race_only_other_schedules_catch() {
+fn planted_f_a_race_only_other_schedules_catch() {
     let k = 8usize;
     let x: Vec<f32> = (0..k).map(|i| 10.0 + i as f32).collect();
     let want: Vec<f32> = (0..k).map(|w| if w == 0 { 0.0 } else { x[w - 1] }).collect();
-    let runs = per_schedule("(e) race hidden by launch order", || {
+    let runs = per_schedule("(f) race hidden by launch order", || {
         let (mut gx, mut gy) = (Guarded::from_slice(&x), Guarded::filled(k, f32::NAN));
         let (px, py) = (gx.ptr(), gy.ptr());
         let mut f = Findings::default();

@@ -1,4 +1,4 @@
-// buggy/order_race.cu -- TEST ONLY, PLANTED BUG (e): a race that launch order hides.
+// buggy/order_race.cu -- TEST ONLY, PLANTED BUG (f): a race that launch order hides.
 //   bug_prev_warp_race_f32  lane 0 of warp w stages x[w] in shared memory, then (no __syncthreads
 //                           between) reads the value warp w-1 staged: y[w] = x[w-1], y[0] = 0.
 // Correct only when warps run in launch order, one after the other: the emulator's forward
