@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct StretchArgs {
-    /// HF CLIP model directory (77 text positions for OpenAI CLIP)
+    /// HF CLIP model directory (77 text positions for OpenAI CLIP), or OpenAI's released .pt checkpoint
     #[arg(long)]
     pub model: PathBuf,
     /// Output directory (a new HF model directory; must not exist or be empty unless --force)
@@ -28,7 +28,16 @@ pub struct StretchArgs {
 }
 
 pub fn run(a: &StretchArgs) -> Result<()> {
-    let r = stretch_model(&a.model, &a.out, a.keep, a.ratio, a.force)?;
+    let r = if clipforge::io::pt::is_pt_file(&a.model) {
+        // converted beside the output first, and that copy removed after
+        let name = a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = a.out.with_file_name(format!(".{name}.pt-source-{}", std::process::id()));
+        let r = super::common::model_dir(&a.model, &tmp).and_then(|src| stretch_model(&src, &a.out, a.keep, a.ratio, a.force));
+        let _ = std::fs::remove_dir_all(&tmp);
+        r?
+    } else {
+        stretch_model(&a.model, &a.out, a.keep, a.ratio, a.force)?
+    };
     if a.json {
         println!("{}", serde_json::to_string(&r).map_err(clipforge::error::Error::msg)?);
     } else {

@@ -126,14 +126,23 @@ pub fn smartclip_loss(tape: &Tape, model: &TrainClip, sv: &StepVars, mask_p: &[V
 }
 
 /// The binary masks [N·D] of `texts` from a model directory with a `mask_net.safetensors`
-/// (what `clipforge finetune --method smartclip` writes), computed on the CPU without recording.
+/// (what `clipforge finetune --method smartclip` and `convert` write) or a SmartCLIP `.pt`,
+/// computed on the CPU without recording.
 pub fn text_masks(dir: &Path, tok: &crate::io::tokenizer::ClipTokenizer, texts: &[String], batch: usize) -> Result<Vec<f32>> {
-    let file = dir.join(MASK_FILE);
-    if !file.is_file() {
-        return Err(crate::error::Error::file(&file, "missing: --mask needs a SmartCLIP model (clipforge finetune --method smartclip)"));
-    }
-    let mut model = TrainClip::load_dir(dir)?;
-    let extra = load_mask_params(&model, &file)?;
+    let (mut model, extra) = if crate::io::pt::is_pt_file(dir) {
+        // a released SmartCLIP checkpoint, converted in memory
+        let c = crate::model::convert::convert_pt(dir)?;
+        let mask = c.mask_net.clone().ok_or_else(|| crate::error::Error::file(dir, "has no mask network (mask_net.*): --mask needs a SmartCLIP checkpoint"))?;
+        (TrainClip::from_weights(&c.weights(), &c.config)?, mask)
+    } else {
+        let file = dir.join(MASK_FILE);
+        if !file.is_file() {
+            return Err(crate::error::Error::file(&file, "missing: --mask needs a SmartCLIP model (clipforge finetune --method smartclip)"));
+        }
+        let model = TrainClip::load_dir(dir)?;
+        let extra = load_mask_params(&model, &file)?;
+        (model, extra)
+    };
     let first = model.params.len();
     model.add_params(extra);
     let mut out = vec![];
