@@ -129,7 +129,7 @@ pub fn smartclip_loss(tape: &Tape, model: &TrainClip, sv: &StepVars, mask_p: &[V
 /// (what `clipforge finetune --method smartclip` and `convert` write) or a SmartCLIP `.pt`,
 /// computed on the CPU without recording.
 pub fn text_masks(dir: &Path, tok: &crate::io::tokenizer::ClipTokenizer, texts: &[String], batch: usize) -> Result<Vec<f32>> {
-    let (mut model, extra) = if crate::io::pt::is_pt_file(dir) {
+    let (model, extra) = if crate::io::pt::is_pt_file(dir) {
         // a released SmartCLIP checkpoint, converted in memory
         let c = crate::model::convert::convert_pt(dir)?;
         let mask = c.mask_net.clone().ok_or_else(|| crate::error::Error::file(dir, "has no mask network (mask_net.*): --mask needs a SmartCLIP checkpoint"))?;
@@ -143,15 +143,24 @@ pub fn text_masks(dir: &Path, tok: &crate::io::tokenizer::ClipTokenizer, texts: 
         let extra = load_mask_params(&model, &file)?;
         (model, extra)
     };
-    let first = model.params.len();
-    model.add_params(extra);
-    let mut out = vec![];
+    let mut ids = vec![];
     for chunk in texts.chunks(batch.max(1)) {
-        let ids = tok.encode_batch(chunk)?;
+        ids.extend(tok.encode_batch(chunk)?);
+    }
+    id_masks(model, extra, &ids, batch)
+}
+
+/// The binary masks [N·D] of token id sequences (start and end tokens included, unpadded) from
+/// CLIP `model` with the mask network `mask` ([`mask_param_shapes`] order), `batch` at a time.
+pub fn id_masks(mut model: TrainClip, mask: Vec<(String, Tensor)>, ids: &[Vec<u32>], batch: usize) -> Result<Vec<f32>> {
+    let first = model.params.len();
+    model.add_params(mask);
+    let mut out = vec![];
+    for ids in ids.chunks(batch.max(1)) {
         let tape = Tape::new();
         let m = tape.no_grad(|| -> Result<Var> {
             let sv = model.vars(&tape);
-            let (h, _) = model.text_states(&tape, &sv, &ids)?;
+            let (h, _) = model.text_states(&tape, &sv, ids)?;
             let valid: Vec<usize> = ids.iter().map(|s| crate::model::text::pool_position(s, model.config.text.eos_token_id) + 1).collect();
             masks(&tape, &model, &sv.vars[first..], &h, &valid)
         })?;
