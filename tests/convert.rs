@@ -185,6 +185,15 @@ fn cli_converts_and_reads_pt_directly() {
         got.push(clipforge::io::npy::read_npy(&npy).unwrap().0);
     }
     assert_eq!(got[0], got[1]);
+    // stretch takes OpenAI's .pt; a Long-CLIP .pt is already stretched (named in the error)
+    let o = Command::new(bin).args(["stretch", "--json", "--model"]).arg(pt("openai_jit.pt")).arg("--out").arg(dir.join("stretched")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["old_len"].as_u64(), v["new_len"].as_u64()), (Some(77), Some(248)));
+    assert!(!std::fs::read_dir(&dir).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("pt-source")), "temporary conversion left behind");
+    let o = Command::new(bin).args(["stretch", "--model"]).arg(pt("longclip.pt")).arg("--out").arg(dir.join("again")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("longclip.pt: already stretched"), "{err}");
     // a foreign pickle: exit 1, one line on stderr, nothing written
     let bad = dir.join("bad");
     let o = Command::new(bin).args(["convert", "--from"]).arg(pt("bad_foreign.pt")).arg("--out").arg(&bad).output().unwrap();
