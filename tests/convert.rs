@@ -203,3 +203,22 @@ fn cli_converts_and_reads_pt_directly() {
     assert!(err.contains("bad_foreign.pt") && err.contains("posix.system"), "{err}");
     assert!(!bad.exists());
 }
+
+#[test]
+fn altered_bytes_never_panic() {
+    // every 5th byte of a small checkpoint overwritten, and every 50th length cut: an error or a
+    // read, never a panic
+    let good = std::fs::read(pt("views.pt")).unwrap();
+    let dir = tmpdir("convert-fuzz");
+    let f = dir.join("x.pt");
+    for i in (0..good.len()).step_by(5) {
+        let mut b = good.clone();
+        b[i] ^= 0x5a;
+        std::fs::write(&f, &b).unwrap();
+        let _ = read_pt(&f);
+    }
+    for n in (0..good.len()).step_by(50) {
+        std::fs::write(&f, &good[..n]).unwrap();
+        assert!(read_pt(&f).is_err(), "a cut at {n} bytes was read");
+    }
+}

@@ -101,7 +101,7 @@ pub fn read_pt(path: &Path) -> Result<PtCheckpoint> {
 
 fn read_entry<R: Read + std::io::Seek>(zip: &mut zip::ZipArchive<R>, name: &str) -> std::result::Result<Vec<u8>, String> {
     let mut f = zip.by_name(name).map_err(|e| format!("zip entry {name}: {e}"))?;
-    let mut v = Vec::with_capacity(f.size().min(1 << 32) as usize);
+    let mut v = Vec::with_capacity(f.size().min(1 << 26) as usize); // a claimed size is not trusted
     f.read_to_end(&mut v).map_err(|e| format!("zip entry {name} cannot be read ({e}): the file is truncated or corrupt"))?;
     Ok(v)
 }
@@ -179,6 +179,9 @@ fn materialise(storage: &[f32], t: &TensorRef) -> std::result::Result<Vec<f32>, 
     let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("shape overflows")?;
     if numel == 0 {
         return Ok(vec![]);
+    }
+    if numel > storage.len().saturating_mul(4).saturating_add(1024) {
+        return Err(format!("view of {numel} elements on a storage of {} (broadcast views this large are not supported)", storage.len()));
     }
     // the farthest element the view reaches must lie inside the storage
     let last = t.shape.iter().zip(&t.strides).try_fold(t.offset, |a, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| a.checked_add(x))).ok_or("strides overflow")?;
