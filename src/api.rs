@@ -176,9 +176,16 @@ pub struct ClipModel {
 
 impl ClipModel {
     /// Opens an HF CLIP directory (config.json, model.safetensors or shards, tokenizer.json,
-    /// preprocessor_config.json).
+    /// preprocessor_config.json), or a released PyTorch `.pt` checkpoint (OpenAI CLIP, Long-CLIP,
+    /// SmartCLIP), converted in memory, with the built-in CLIP tokenizer and OpenAI's preprocessing.
     pub fn open(dir: impl AsRef<Path>, opts: &OpenOptions) -> Result<ClipModel> {
         let dir = dir.as_ref();
+        if crate::io::pt::is_pt_file(dir) {
+            let c = crate::model::convert::convert_pt(dir)?;
+            let mut m = ClipModel::from_weights(&c.weights(), &c.config, opts)?;
+            m.dir = Some(dir.to_path_buf());
+            return Ok(m);
+        }
         if !dir.is_dir() {
             return Err(Error::file(dir, "not a model directory (expected config.json and model.safetensors)"));
         }
@@ -210,7 +217,7 @@ impl ClipModel {
     pub fn config(&self) -> &ClipConfig {
         &self.parts.config
     }
-    /// The model directory (None for weights made in memory).
+    /// The model directory or `.pt` file (None for weights made in memory).
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
     }

@@ -32,9 +32,10 @@ pub fn load_model(dir: &Path, towers: Towers, compute: Compute) -> Result<Loaded
     Ok(model)
 }
 
-/// The model's preprocessing: preprocessor_config.json if present, else OpenAI's at its image size.
+/// The model's preprocessing: preprocessor_config.json if present, else OpenAI's at its image size
+/// (which is what a released `.pt` checkpoint uses).
 pub fn preprocess_config(dir: &Path, image_size: usize) -> Result<PreprocessConfig> {
-    if !dir.join("preprocessor_config.json").exists() {
+    if !dir.join("preprocessor_config.json").exists() && !clipforge::io::pt::is_pt_file(dir) {
         eprintln!("note: {} is missing: using OpenAI CLIP's preprocessing (resize to {image_size}, centre crop, OpenAI mean/std)", dir.join("preprocessor_config.json").display());
     }
     PreprocessConfig::for_model_dir(dir, image_size)
@@ -113,4 +114,15 @@ pub fn embed_images(model: &Loaded, paths: &[PathBuf], batch: usize, normalize: 
     let e = model.embed_image_files_with(paths, &ImageOptions { normalize, batch }, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     e.to_tensor()
+}
+
+/// A `.pt` checkpoint given where a command needs a model directory (fine-tuning, stretching):
+/// converted into `dir` (replaced if there) and `dir` returned; a directory is returned as is.
+pub fn model_dir(model: &Path, dir: &Path) -> Result<PathBuf> {
+    if !clipforge::io::pt::is_pt_file(model) {
+        return Ok(model.to_path_buf());
+    }
+    let r = clipforge::model::convert::convert_pt(model)?.write(dir, true)?;
+    eprintln!("note: {} converted into {}", model.display(), r.out.display());
+    Ok(r.out)
 }

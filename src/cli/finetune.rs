@@ -20,7 +20,7 @@ pub struct FinetuneArgs {
     /// Fine-tuning method
     #[arg(long, value_enum, default_value_t = Method::Longclip)]
     pub method: Method,
-    /// HF CLIP model directory to start from (run `clipforge stretch` on it for 248 tokens)
+    /// HF CLIP model directory to start from (run `clipforge stretch` on it for 248 tokens), or a released .pt checkpoint (converted into OUT/source-model first)
     #[arg(long)]
     pub model: PathBuf,
     /// Training data: JSONL {"image", "caption", "short_caption"?} or ShareGPT4V JSON
@@ -102,8 +102,12 @@ pub struct FinetuneArgs {
 }
 
 pub fn finetune(a: &FinetuneArgs) -> Result<()> {
+    let model = super::common::model_dir(&a.model, &a.out.join("source-model"))?;
+    // a SmartCLIP checkpoint's mask network is the one its fine-tune starts from
+    let mask_file = model.join(clipforge::train::smartclip::MASK_FILE);
+    let mask_init = a.mask_init.clone().or_else(|| (model != a.model && matches!(a.method, Method::Smartclip) && mask_file.is_file()).then_some(mask_file));
     let cfg = TrainConfig {
-        model: a.model.clone(),
+        model,
         data: a.data.clone(),
         image_root: a.image_root.clone(),
         out: a.out.clone(),
@@ -127,7 +131,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
         mask_lr: a.mask_lr,
         lambda_align: a.lambda_align,
         lambda_sparsity: a.lambda_sparsity,
-        mask_init: a.mask_init.clone(),
+        mask_init,
         device: format!("{:?}", a.device).to_lowercase(),
         dtype: a.dtype.precision(),
     };

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_train;
 pub mod classify;
 pub mod common;
+pub mod convert;
 pub mod embed;
 pub mod eval;
 pub mod finetune;
@@ -41,6 +42,8 @@ pub enum Command {
     Eval(eval::EvalCmd),
     /// Fine-tune CLIP: Long-CLIP (long + short captions, primary component matching) or SmartCLIP (per-caption dimension masks)
     Finetune(finetune::FinetuneArgs),
+    /// Convert a released PyTorch .pt checkpoint (OpenAI CLIP, Long-CLIP, SmartCLIP) into an HF model dir
+    Convert(convert::ConvertArgs),
     /// Long-CLIP knowledge-preserved stretching of the text positions (77 → 248) into a new HF model dir
     Stretch(stretch::StretchArgs),
 }
@@ -114,6 +117,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Classify(a) => classify::classify(&a),
         Command::Similarity(a) => classify::similarity(&a),
         Command::Stretch(a) => stretch::run(&a),
+        Command::Convert(a) => convert::run(&a),
         Command::Finetune(a) => finetune::finetune(&a),
         Command::Eval(c) => eval::run(&c),
     }

@@ -1,14 +1,15 @@
 //! `clipforge stretch`: Long-CLIP's knowledge-preserved positional stretching of a model directory
 //! (src/model/stretch.rs), written as a new HF directory: by a ratio (Long-CLIP: keep 20, ×4,
 //! 77 → 248) or to a context length (the smallest ratio that reaches it, the table cut there).
-use clipforge::error::Result;
+//! A `.pt` checkpoint is converted beside the output first.
+use clipforge::error::{Error, Result};
 use clipforge::model::stretch::{stretch_model_to, Target};
 use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct StretchArgs {
-    /// HF CLIP model directory (77 text positions for OpenAI CLIP)
+    /// HF CLIP model directory (77 text positions for OpenAI CLIP), or OpenAI's released .pt checkpoint
     #[arg(long)]
     pub model: PathBuf,
     /// Output directory (a new HF model directory; must not exist or be empty unless --force)
@@ -38,9 +39,22 @@ pub fn run(a: &StretchArgs) -> Result<()> {
         (Some(len), _) => Target::Length(len),
         (None, r) => Target::Ratio(r.unwrap_or(4)),
     };
-    let r = stretch_model_to(&a.model, &a.out, a.keep, target, a.force)?;
+    let r = if clipforge::io::pt::is_pt_file(&a.model) {
+        // converted beside the output first (that copy removed after)
+        let c = clipforge::model::convert::convert_pt(&a.model)?;
+        if c.config.text.frozen_positions > 0 {
+            return Err(Error::file(&a.model, format!("already stretched ({} positions, the first {} frozen): a Long-CLIP checkpoint; stretch the original model", c.config.text.max_positions, c.config.text.frozen_positions)));
+        }
+        let name = a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = a.out.with_file_name(format!(".{name}.pt-source-{}", std::process::id()));
+        let r = c.write(&tmp, true).and_then(|_| stretch_model_to(&tmp, &a.out, a.keep, target, a.force));
+        let _ = std::fs::remove_dir_all(&tmp);
+        r?
+    } else {
+        stretch_model_to(&a.model, &a.out, a.keep, target, a.force)?
+    };
     if a.json {
-        println!("{}", serde_json::to_string(&r).map_err(clipforge::error::Error::msg)?);
+        println!("{}", serde_json::to_string(&r).map_err(Error::msg)?);
     } else {
         let full = r.ratio * r.old_len - (r.ratio - 1) * r.keep;
         let tail = if r.new_len < full { format!("cut at {} of {full}", r.new_len) } else { "last row extrapolated".into() };

@@ -1,6 +1,8 @@
 //! The CLIP tokenizer: HF `tokenizer.json` through the `tokenizers` crate, with CLIP's truncation
 //! (start token, the first n−2 content tokens, end token last) to any context length. What the
 //! truncation cut is counted ([`ClipTokenizer::take_cut`]) so that commands can say so.
+//! OpenAI's CLIP BPE is built in ([`CLIP_TOKENIZER_JSON`]): a `.pt` checkpoint used as a model
+//! has no tokenizer.json beside it, and `clipforge convert` writes this one.
 use crate::error::{Error, Result};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,15 +55,34 @@ pub fn cut_hint(context: usize, max_positions: usize) -> String {
     }
 }
 
+/// OpenAI CLIP's BPE (49408 tokens, the vocabulary and merges of `bpe_simple_vocab_16e6`) as an
+/// HF `tokenizer.json` (the file tests/fixtures/tokenizer.json also holds).
+pub const CLIP_TOKENIZER_JSON: &[u8] = include_bytes!("../../assets/clip_tokenizer.json");
+
 impl ClipTokenizer {
-    /// Loads `tokenizer.json` (a file, or the one in a model directory).
+    /// Loads `tokenizer.json` (a file, or the one in a model directory); for a `.pt` checkpoint
+    /// (which carries none), the built-in CLIP BPE.
     pub fn from_file(path: &Path, context_length: usize) -> Result<ClipTokenizer> {
+        if crate::io::pt::is_pt_file(path) {
+            return ClipTokenizer::clip_bpe(context_length);
+        }
         let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
         if !file.exists() {
             return Err(Error::file(&file, "missing (the model directory needs the tokenizer.json of the CLIP BPE)"));
         }
         let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::file(&file, format!("not a valid tokenizer.json: {e}")))?;
         let id = |t: &str| inner.token_to_id(t).ok_or_else(|| Error::file(&file, format!("vocabulary has no {t} token")));
+        let (sot, eot) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
+        if context_length < 2 {
+            return Err(Error::msg(format!("context length {context_length} is too short (need ≥ 2)")));
+        }
+        Ok(ClipTokenizer { inner, sot, eot, context_length, counts: Default::default() })
+    }
+
+    /// The built-in CLIP BPE ([`CLIP_TOKENIZER_JSON`]) at `context_length` tokens.
+    pub fn clip_bpe(context_length: usize) -> Result<ClipTokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(CLIP_TOKENIZER_JSON).map_err(|e| Error::msg(format!("the built-in CLIP tokenizer: {e}")))?;
+        let id = |t: &str| inner.token_to_id(t).ok_or_else(|| Error::msg(format!("the built-in CLIP tokenizer has no {t} token")));
         let (sot, eot) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
         if context_length < 2 {
             return Err(Error::msg(format!("context length {context_length} is too short (need ≥ 2)")));

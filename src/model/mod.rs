@@ -1,7 +1,8 @@
-//! CLIP: configuration, weights, the shared transformer block and the two towers.
+//! CLIP: configuration, weights (and released .pt checkpoints converted), the shared transformer block and the two towers.
 pub mod block;
 pub mod clip;
 pub mod config;
+pub mod convert;
 pub mod device;
 pub mod hidden;
 pub mod layers;

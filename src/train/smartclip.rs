@@ -126,23 +126,41 @@ pub fn smartclip_loss(tape: &Tape, model: &TrainClip, sv: &StepVars, mask_p: &[V
 }
 
 /// The binary masks [N·D] of `texts` from a model directory with a `mask_net.safetensors`
-/// (what `clipforge finetune --method smartclip` writes), computed on the CPU without recording.
+/// (what `clipforge finetune --method smartclip` and `convert` write) or a SmartCLIP `.pt`,
+/// computed on the CPU without recording.
 pub fn text_masks(dir: &Path, tok: &crate::io::tokenizer::ClipTokenizer, texts: &[String], batch: usize) -> Result<Vec<f32>> {
-    let file = dir.join(MASK_FILE);
-    if !file.is_file() {
-        return Err(crate::error::Error::file(&file, "missing: --mask needs a SmartCLIP model (clipforge finetune --method smartclip)"));
-    }
-    let mut model = TrainClip::load_dir(dir)?;
-    let extra = load_mask_params(&model, &file)?;
-    let first = model.params.len();
-    model.add_params(extra);
-    let mut out = vec![];
+    let (model, extra) = if crate::io::pt::is_pt_file(dir) {
+        // a released SmartCLIP checkpoint, converted in memory
+        let c = crate::model::convert::convert_pt(dir)?;
+        let mask = c.mask_net.clone().ok_or_else(|| crate::error::Error::file(dir, "has no mask network (mask_net.*): --mask needs a SmartCLIP checkpoint"))?;
+        (TrainClip::from_weights(&c.weights(), &c.config)?, mask)
+    } else {
+        let file = dir.join(MASK_FILE);
+        if !file.is_file() {
+            return Err(crate::error::Error::file(&file, "missing: --mask needs a SmartCLIP model (clipforge finetune --method smartclip)"));
+        }
+        let model = TrainClip::load_dir(dir)?;
+        let extra = load_mask_params(&model, &file)?;
+        (model, extra)
+    };
+    let mut ids = vec![];
     for chunk in texts.chunks(batch.max(1)) {
-        let ids = tok.encode_batch(chunk)?;
+        ids.extend(tok.encode_batch(chunk)?);
+    }
+    id_masks(model, extra, &ids, batch)
+}
+
+/// The binary masks [N·D] of token id sequences (start and end tokens included, unpadded) from
+/// CLIP `model` with the mask network `mask` ([`mask_param_shapes`] order), `batch` at a time.
+pub fn id_masks(mut model: TrainClip, mask: Vec<(String, Tensor)>, ids: &[Vec<u32>], batch: usize) -> Result<Vec<f32>> {
+    let first = model.params.len();
+    model.add_params(mask);
+    let mut out = vec![];
+    for ids in ids.chunks(batch.max(1)) {
         let tape = Tape::new();
         let m = tape.no_grad(|| -> Result<Var> {
             let sv = model.vars(&tape);
-            let (h, _) = model.text_states(&tape, &sv, &ids)?;
+            let (h, _) = model.text_states(&tape, &sv, ids)?;
             let valid: Vec<usize> = ids.iter().map(|s| crate::model::text::pool_position(s, model.config.text.eos_token_id) + 1).collect();
             masks(&tape, &model, &sv.vars[first..], &h, &valid)
         })?;
