@@ -51,6 +51,21 @@ pub fn probe(path: &Path) -> Result<(u32, u32)> {
     Ok((w, h))
 }
 
+/// [`probe`] of image file bytes held in memory (a tar member): format and size from the header
+/// alone → (width, height).
+pub fn probe_bytes(bytes: &[u8]) -> Result<(u32, u32)> {
+    let bad = |e: &dyn std::fmt::Display| Error::msg(format!("not a readable image: {e}"));
+    let r = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| bad(&e))?;
+    if r.format().is_none() {
+        return Err(bad(&"unrecognised or unsupported image format"));
+    }
+    let (w, h) = r.into_dimensions().map_err(|e| bad(&e))?;
+    if w == 0 || h == 0 {
+        return Err(bad(&format!("zero size ({w}x{h})")));
+    }
+    Ok((w, h))
+}
+
 /// Whether JPEG bytes end their scan data with the end-of-image marker (FF D9). Entropy-coded
 /// data never holds a marker (an FF there is stuffed as FF 00), so a file cut inside its last
 /// scan has no FF D9 after its last start-of-scan (FF DA); the last, not the first, because an
