@@ -32,6 +32,8 @@ pub struct EmbedImageArgs {
     /// rows written are listed in OUT's stem + .files.txt
     #[arg(long)]
     pub skip_bad: bool,
+    #[command(flatten)]
+    pub shards: super::embed_shards::ShardArgs,
     /// Image files
     pub images: Vec<PathBuf>,
 }
@@ -67,6 +69,9 @@ pub struct EmbedTextArgs {
 }
 
 pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
+    if !a.shards.patterns.is_empty() {
+        return super::embed_shards::run(a);
+    }
     let mut paths = image_paths(&a.images, a.dir.as_deref())?;
     if a.skip_bad {
         paths = readable_images(paths, a.dir.as_deref())?;

@@ -5,6 +5,7 @@ pub mod bench_train;
 pub mod classify;
 pub mod common;
 pub mod embed;
+pub mod embed_shards;
 pub mod eval;
 pub mod finetune;
 pub mod stretch;

@@ -5,6 +5,8 @@ pub mod image_prep;
 pub mod image_source;
 pub mod npy;
 pub mod output;
+pub mod pipeline;
+pub mod shard_stream;
 pub mod shards;
 pub mod tokenizer;
 pub mod webdataset;
