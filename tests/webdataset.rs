@@ -200,6 +200,7 @@ fn embed_shards_equal_loose_files_split_by_rank_and_resume() {
     // --out a file, a bad rank
     one_line_error(&["embed-image", "--model", m, "--shards", &pattern, "--out", want_npy.to_str().unwrap()], &["loose.npy", "directory"]);
     one_line_error(&["embed-image", "--model", m, "--shards", &pattern, "--out", split.to_str().unwrap(), "--shard-rank", "2", "--shard-world", "2"], &["--shard-rank 2"]);
+    one_line_error(&["embed-image", "--model", m, "--out", split.to_str().unwrap(), "--shard-rank", "1", &files[0]], &["--shards"]);
 }
 
 /// A shard with a good sample, a sample without an image, and (optionally) a corrupt image.

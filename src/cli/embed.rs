@@ -69,7 +69,7 @@ pub struct EmbedTextArgs {
 }
 
 pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
-    if !a.shards.patterns.is_empty() {
+    if a.shards.given() {
         return super::embed_shards::run(a);
     }
     let mut paths = image_paths(&a.images, a.dir.as_deref())?;

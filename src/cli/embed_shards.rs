@@ -28,12 +28,20 @@ pub struct ShardArgs {
     /// outputs already exist are skipped (rerun to resume)
     #[arg(long = "shards", value_name = "PATTERN", conflicts_with_all = ["images", "dir"])]
     pub patterns: Vec<String>,
-    /// With --shards: this process's rank; shard i of the expanded list goes to rank i % --shard-world
-    #[arg(long, default_value_t = 0, value_name = "R", requires = "patterns")]
-    pub shard_rank: usize,
-    /// With --shards: how many processes (machines) split the shard list
-    #[arg(long, default_value_t = 1, value_name = "W", requires = "patterns")]
-    pub shard_world: usize,
+    /// With --shards: this process's rank (default 0); shard i of the expanded list goes to rank
+    /// i % --shard-world
+    #[arg(long, value_name = "R", requires = "patterns")]
+    pub shard_rank: Option<usize>,
+    /// With --shards: how many processes (machines) split the shard list (default 1)
+    #[arg(long, value_name = "W", requires = "patterns")]
+    pub shard_world: Option<usize>,
+}
+
+impl ShardArgs {
+    /// Whether any shard flag was given (embed-image then runs [`run`]).
+    pub fn given(&self) -> bool {
+        !self.patterns.is_empty() || self.shard_rank.is_some() || self.shard_world.is_some()
+    }
 }
 
 /// The outputs of one shard in `out`: (embeddings .npy, keys .txt).
@@ -45,6 +53,9 @@ pub fn shard_outputs(out: &Path, shard: &Path) -> (PathBuf, PathBuf) {
 /// `embed-image --shards`.
 pub fn run(a: &EmbedImageArgs) -> Result<()> {
     let s = &a.shards;
+    if s.patterns.is_empty() {
+        return Err(Error::msg("--shard-rank / --shard-world split the shards of --shards PATTERN (not image files)"));
+    }
     let all = shard_list(&s.patterns)?;
     let mut by_stem: HashMap<String, &PathBuf> = HashMap::new();
     for p in &all {
@@ -52,14 +63,15 @@ pub fn run(a: &EmbedImageArgs) -> Result<()> {
             return Err(Error::file(p, format!("has the same output name as {} (shards need distinct file names)", other.display())));
         }
     }
-    let mine = rank_shards(&all, s.shard_rank, s.shard_world)?;
+    let (rank, world_n) = (s.shard_rank.unwrap_or(0), s.shard_world.unwrap_or(1));
+    let mine = rank_shards(&all, rank, world_n)?;
     if a.out.is_file() {
         return Err(Error::file(&a.out, "--out must be a directory with --shards (it is a file)"));
     }
     std::fs::create_dir_all(&a.out).map_err(|e| Error::file(&a.out, format!("cannot create the output directory: {e}")))?;
     let todo: Vec<PathBuf> = mine.iter().filter(|p| !(shard_outputs(&a.out, p).0.is_file() && shard_outputs(&a.out, p).1.is_file())).cloned().collect();
     let done_before = mine.len() - todo.len();
-    let world = if s.shard_world > 1 { format!(" (rank {} of {})", s.shard_rank, s.shard_world) } else { String::new() };
+    let world = if world_n > 1 { format!(" (rank {rank} of {world_n})") } else { String::new() };
     if done_before > 0 {
         eprintln!("{done_before} of this rank's {} shard(s) already have their outputs in {}: skipped", mine.len(), a.out.display());
     }
