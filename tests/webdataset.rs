@@ -307,6 +307,12 @@ fn finetune_on_shards_runs_the_same_steps_as_on_jsonl() {
         let r = run(&cfg, None, finetune_common::no_stop(), true).unwrap();
         logs.push(r.steps.iter().map(|s| (s.step, s.loss, s.loss_long, s.loss_short, s.lr)).collect::<Vec<_>>());
     }
+    // a sample without an image, one without a caption: errors naming the shard and the key
+    let e = clipforge::train::data::read_data(&bad_shard(&d, false), None).unwrap_err().to_string();
+    assert!(e.contains("noimage.tar") && e.contains("\"k1\"") && e.contains("no image"), "{e}");
+    write_tar(&d.join("nocap.tar"), &[("k.png".into(), std::fs::read(fixture("images/chelsea.png")).unwrap()), ("k.json".into(), b"{}".to_vec())]);
+    let e = clipforge::train::data::read_data(&d.join("nocap.tar"), None).unwrap_err().to_string();
+    assert!(e.contains("nocap.tar") && e.contains("\"k\"") && e.contains("no caption"), "{e}");
     assert_eq!(logs[0].len(), 3);
     assert_eq!(logs[0], logs[1], "fine-tuning on shards differs from the same data as JSONL");
     // the CLI, and its data check: a bad image in a shard is found before the first step
