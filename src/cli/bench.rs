@@ -16,8 +16,9 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to time: embed (the towers' forward) or train (Long-CLIP fine-tuning steps: forward,
-    /// loss with the PCA, backward, AdamW)
+    /// What to time: embed (the towers' forward), train (Long-CLIP fine-tuning steps: forward,
+    /// loss with the PCA, backward, AdamW) or loader (read + decode + preprocess of --data shards,
+    /// no model)
     #[arg(long, default_value = "embed")]
     pub task: String,
     /// --task train: recompute each block's activations in the backward pass
@@ -52,6 +53,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table
     #[arg(long)]
     pub json: bool,
+    /// --task loader: WebDataset tar shards ('data/{00000..00009}.tar')
+    #[arg(long)]
+    pub data: Option<String>,
 }
 
 /// Where and in what precision bench computes: the inference commands' choices, and f16 for
@@ -139,7 +143,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     match a.task.as_str() {
         "embed" => {}
         "train" => return super::bench_train::run(a),
-        t => return Err(Error::msg(format!("--task {t}: expected embed or train"))),
+        "loader" => return super::bench_loader::run(a),
+        t => return Err(Error::msg(format!("--task {t}: expected embed, train or loader"))),
     }
     let (towers, do_img, do_txt) = match a.towers.as_str() {
         "both" => (Towers::Both, true, true),

@@ -35,6 +35,8 @@ pub struct EmbedImageArgs {
     pub skip_bad: bool,
     #[command(flatten)]
     pub hidden: super::hidden::HiddenArgs,
+    #[command(flatten)]
+    pub shards: super::embed_shards::ShardArgs,
     /// Image files
     pub images: Vec<PathBuf>,
 }
@@ -75,6 +77,12 @@ pub struct EmbedTextArgs {
 }
 
 pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
+    if a.shards.given() {
+        if a.hidden.hidden_states.is_some() {
+            return Err(Error::msg("--hidden-states writes one .safetensors file of the images given; it does not combine with --shards (per-shard embeddings)"));
+        }
+        return super::embed_shards::run(a);
+    }
     let mut paths = image_paths(&a.images, a.dir.as_deref())?;
     if a.skip_bad {
         paths = readable_images(paths, a.dir.as_deref())?;

@@ -85,7 +85,9 @@ pub struct ZeroshotArgs {
 pub struct RetrievalArgs {
     #[command(flatten)]
     pub common: Common,
-    /// JSONL: {"image": path relative to the file, "captions": [...]} (or "caption": "...")
+    /// JSONL: {"image": path relative to the file, "captions": [...]} (or "caption": "..."), or
+    /// WebDataset tar shards ('data/{00000..00009}.tar': KEY.jpg/png/webp with KEY.json
+    /// {"captions": [...]} / {"caption": "..."} or KEY.txt, one caption per line)
     #[arg(long)]
     pub data: PathBuf,
     /// Context length (77, or up to 248 for a stretched Long-CLIP model; default: the model's)
@@ -125,6 +127,26 @@ fn images(x: &Ctx, c: &Common, paths: &[PathBuf]) -> Result<Vec<f32>> {
     }
     let (v, _, hit) = x.cache.get_or(h.finish(), || {
         let e = embed_images(&x.model, paths, c.batch, true, c.json)?;
+        Ok((e.to_vec_f32(), e.shape().to_vec()))
+    })?;
+    if hit && !c.json {
+        eprintln!("image embeddings: from the cache");
+    }
+    Ok(v)
+}
+
+/// [`images`] of images that may be tar members (hashed by their bytes, as files are).
+fn source_images(x: &Ctx, c: &Common, srcs: &[clipforge::io::image_source::ImageSource]) -> Result<Vec<f32>> {
+    if let Some(paths) = srcs.iter().map(|s| s.path().map(Path::to_path_buf)).collect::<Option<Vec<_>>>() {
+        return images(x, c, &paths);
+    }
+    let mut h = Hasher::default();
+    h.bytes(&x.key.to_le_bytes()).str("images").str(&format!("{:?}", x.pre));
+    for s in srcs {
+        h.bytes(&s.read()?);
+    }
+    let (v, _, hit) = x.cache.get_or(h.finish(), || {
+        let e = super::embed_shards::embed_sources(&x.model, srcs, c.batch, true, c.json)?;
         Ok((e.to_vec_f32(), e.shape().to_vec()))
     })?;
     if hit && !c.json {
@@ -206,7 +228,7 @@ pub fn retrieval_cmd(a: &RetrievalArgs) -> Result<()> {
     let x = ctx(c)?;
     let d = x.model.config().projection_dim;
     let tok = x.model.tokenizer(a.max_len).map_err(|e| e.context("--max-len"))?;
-    let img = images(&x, c, &set.images)?;
+    let img = source_images(&x, c, &set.images)?;
     let txt = texts(&x, c, &tok, &set.texts)?;
     let ks = [1usize, 5, 10];
     let r = retrieval(&img, &txt, d, &set.owner, &ks);

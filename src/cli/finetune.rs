@@ -23,7 +23,8 @@ pub struct FinetuneArgs {
     /// HF CLIP model directory to start from (run `clipforge stretch` on it for 248 tokens), or a released .pt checkpoint (converted into OUT/source-model first)
     #[arg(long)]
     pub model: PathBuf,
-    /// Training data: JSONL {"image", "caption", "short_caption"?} or ShareGPT4V JSON
+    /// Training data: JSONL {"image", "caption", "short_caption"?}, ShareGPT4V JSON, or WebDataset
+    /// tar shards ('data/{00000..00099}.tar'; KEY.jpg/png/webp with KEY.txt and/or KEY.json)
     #[arg(long)]
     pub data: PathBuf,
     /// Images are relative to this directory (default: the data file's directory)

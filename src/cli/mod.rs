@@ -1,11 +1,13 @@
 //! The command line: one subcommand per job, `--help` on each. Data goes to stdout (or the
 //! --out file), progress and messages to stderr.
 pub mod bench;
+pub mod bench_loader;
 pub mod bench_train;
 pub mod classify;
 pub mod common;
 pub mod convert;
 pub mod embed;
+pub mod embed_shards;
 pub mod eval;
 pub mod finetune;
 pub mod hidden;

@@ -1,7 +1,10 @@
 //! Evaluation datasets: an ImageFolder tree (one subfolder per class, sorted; images sorted by
 //! name) and retrieval JSONL ({"image": path relative to the file, "captions": [..]} or
-//! {"image", "caption"}).
+//! {"image", "caption"}), or WebDataset tar shards: one image per sample key, its captions the
+//! `.json`'s "captions" array or "caption" string, else the lines of its `.txt` (one caption per
+//! non-empty line, as clip_benchmark writes retrieval sets).
 use crate::error::{Error, Result};
+use crate::io::image_source::ImageSource;
 use std::path::{Path, PathBuf};
 
 const IMAGE_EXT: [&str; 8] = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"];
@@ -42,13 +45,16 @@ pub fn image_folder(root: &Path) -> Result<ImageFolder> {
 }
 
 pub struct RetrievalSet {
-    pub images: Vec<PathBuf>,
+    pub images: Vec<ImageSource>,
     pub texts: Vec<String>,
     /// The image of each text.
     pub owner: Vec<usize>,
 }
 
 pub fn retrieval_set(path: &Path) -> Result<RetrievalSet> {
+    if crate::io::shards::is_shard_spec(&path.to_string_lossy()) {
+        return retrieval_shards(&crate::io::shards::shard_list(&[path.to_string_lossy()])?);
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut s = RetrievalSet { images: vec![], texts: vec![], owner: vec![] };
@@ -64,12 +70,47 @@ pub fn retrieval_set(path: &Path) -> Result<RetrievalSet> {
             return Err(Error::file(path, format!("line {}: no \"captions\" array of strings or \"caption\" string", i + 1)));
         }
         let n = s.images.len();
-        s.images.push(dir.join(img));
+        s.images.push(ImageSource::File(dir.join(img)));
         s.owner.extend(std::iter::repeat(n).take(caps.len()));
         s.texts.extend(caps);
     }
     if s.images.is_empty() {
         return Err(Error::file(path, "no samples"));
+    }
+    Ok(s)
+}
+
+/// A retrieval set from tar shards, shard after shard in tar order.
+pub fn retrieval_shards(shards: &[PathBuf]) -> Result<RetrievalSet> {
+    use crate::io::webdataset::{index_shard, no_image, read_json, read_text};
+    let mut s = RetrievalSet { images: vec![], texts: vec![], owner: vec![] };
+    for path in shards {
+        let shard = index_shard(path)?;
+        for smp in &shard.samples {
+            let member = smp.image().ok_or_else(|| no_image(path, smp))?.clone();
+            let json = smp.get("json").map(|m| read_json(path, m)).transpose()?;
+            let strs = |v: &serde_json::Value| v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect::<Vec<_>>());
+            let mut caps = match json.as_ref().map(|j| (j.get("captions"), j.get("caption"))) {
+                Some((Some(c), _)) => strs(c).unwrap_or_default(),
+                Some((None, Some(c))) => c.as_str().map(|c| vec![c.to_string()]).unwrap_or_default(),
+                _ => vec![],
+            };
+            if caps.is_empty() {
+                if let Some(m) = smp.get("txt") {
+                    caps = read_text(path, m)?.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+                }
+            }
+            if caps.is_empty() {
+                return Err(Error::file(path, format!("sample {:?} has no caption (a .txt member, or \"captions\" / \"caption\" in its .json)", smp.key)));
+            }
+            let n = s.images.len();
+            s.images.push(ImageSource::Member { shard: shard.path.clone(), member });
+            s.owner.extend(std::iter::repeat(n).take(caps.len()));
+            s.texts.extend(caps);
+        }
+    }
+    if s.images.is_empty() {
+        return Err(Error::msg(format!("no samples in the {} shard(s)", shards.len())));
     }
     Ok(s)
 }

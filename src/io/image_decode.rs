@@ -51,6 +51,21 @@ pub fn probe(path: &Path) -> Result<(u32, u32)> {
     Ok((w, h))
 }
 
+/// [`probe`] of image file bytes held in memory (a tar member): format and size from the header
+/// alone → (width, height).
+pub fn probe_bytes(bytes: &[u8]) -> Result<(u32, u32)> {
+    let bad = |e: &dyn std::fmt::Display| Error::msg(format!("not a readable image: {e}"));
+    let r = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| bad(&e))?;
+    if r.format().is_none() {
+        return Err(bad(&"unrecognised or unsupported image format"));
+    }
+    let (w, h) = r.into_dimensions().map_err(|e| bad(&e))?;
+    if w == 0 || h == 0 {
+        return Err(bad(&format!("zero size ({w}x{h})")));
+    }
+    Ok((w, h))
+}
+
 /// Whether JPEG bytes end their scan data with the end-of-image marker (FF D9). Entropy-coded
 /// data never holds a marker (an FF there is stuffed as FF 00), so a file cut inside its last
 /// scan has no FF D9 after its last start-of-scan (FF DA); the last, not the first, because an
@@ -111,16 +126,24 @@ fn decode(bytes: &[u8], hf: bool) -> Result<RgbImage8> {
         other => (4, other.to_rgba8().into_raw()),
     };
     // CMYK JPEG: zune-jpeg's CMYK -> RGB (measured within 1 level of PIL's).
-    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
-    for p in s.chunks_exact(nc) {
-        let a = if hf && nc % 2 == 0 { p[nc - 1] } else { 255 };
-        let v = if nc < 3 {
-            [p[0]; 3]
-        } else {
-            [p[0], p[1], p[2]]
-        };
-        rgb.extend(v.map(|c| over_white(c, a))); // exact identity for a = 255
-    }
+    // Only an alpha band that is composited needs per-pixel arithmetic (over_white is the
+    // identity for a = 255, checked for every level in the tests below); RGB is kept as decoded,
+    // gray replicated, a dropped alpha band skipped.
+    let composite = hf && nc % 2 == 0;
+    let rgb: Vec<u8> = match nc {
+        3 => s,
+        1 => s.iter().flat_map(|&v| [v; 3]).collect(),
+        _ if !composite => s.chunks_exact(nc).flat_map(|p| if nc < 3 { [p[0]; 3] } else { [p[0], p[1], p[2]] }).collect(),
+        _ => {
+            let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+            for p in s.chunks_exact(nc) {
+                let a = p[nc - 1];
+                let v = if nc < 3 { [p[0]; 3] } else { [p[0], p[1], p[2]] };
+                rgb.extend(v.map(|c| over_white(c, a)));
+            }
+            rgb
+        }
+    };
     Ok(RgbImage8 {
         width: w,
         height: h,
@@ -139,4 +162,14 @@ fn over_white(c: u8, a: u8) -> u8 {
     let coef2 = 255 * 128 - coef1;
     let tmp = c * coef1 + 255 * coef2 + (0x80 << 7);
     ((((tmp >> 8) + tmp) >> 8) >> 7) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn over_white_of_an_opaque_pixel_is_the_identity() {
+        for c in 0..=255u8 {
+            assert_eq!(super::over_white(c, 255), c);
+        }
+    }
 }

@@ -2,6 +2,10 @@
 //! image paths relative to the file) or ShareGPT4V JSON (an array of {"image", "conversations"},
 //! long caption = conversations[1].value with newlines as spaces, images relative to the file's
 //! directory or `image_root`). The short caption defaults to Long-CLIP's `caption.split(". ")[0]`.
+//! Or WebDataset tar shards (`data/{00000..00099}.tar`, src/io/webdataset.rs): one sample per key
+//! with an image (jpg, jpeg, png, webp, ...), the long caption from its `.txt` (trimmed, newlines
+//! as spaces) or else the `caption` of its `.json`, the short caption from the `.json`'s
+//! `short_caption` if present; images are read from the tar members in place.
 //!
 //! Batches: each epoch visits the samples in a permutation (identity with `shuffle = false`,
 //! else a Fisher–Yates shuffle seeded by (seed, epoch)); consecutive `batch` samples form a
@@ -9,7 +13,9 @@
 //! size, so its PCA and InfoNCE are comparable). A [`Position`] (epoch, next sample) fully
 //! determines what comes next, so a resumed run sees exactly the batches an uninterrupted one would.
 use crate::error::{Error, Result};
-use crate::io::image_decode::{load_rgb8_hf, probe};
+pub use crate::io::image_source::ImageSource;
+use crate::io::shards::{is_shard_spec, shard_list};
+use crate::io::webdataset::{index_shard, no_image, read_json, read_text};
 use crate::io::image_prep::{preprocess, PreprocessConfig};
 use crate::io::tokenizer::ClipTokenizer;
 use crate::model::synthetic::Rng;
@@ -19,10 +25,11 @@ use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
-    pub image: PathBuf,
+    pub image: ImageSource,
     pub caption: String,
     pub short_caption: String,
-    /// Where it was read: "DATA: line N" (JSONL) or "DATA: entry N" (ShareGPT4V JSON, from 0).
+    /// Where it was read: "DATA: line N" (JSONL), "DATA: entry N" (ShareGPT4V JSON, from 0) or
+    /// "SHARD: sample KEY" (a tar shard).
     pub at: String,
 }
 
@@ -33,7 +40,55 @@ pub fn first_sentence(caption: &str) -> String {
 
 fn sample(base: &Path, image: &str, caption: String, short: Option<String>, at: String) -> Sample {
     let short_caption = short.unwrap_or_else(|| first_sentence(&caption));
-    Sample { image: base.join(image), caption, short_caption, at }
+    Sample { image: ImageSource::File(base.join(image)), caption, short_caption, at }
+}
+
+/// The training data `data` names: tar shards (a brace pattern, a `.tar`, a `::` list; see
+/// `io::shards`) or a JSONL / ShareGPT4V JSON file ([`read_samples`]).
+pub fn read_data(data: &Path, image_root: Option<&Path>) -> Result<Vec<Sample>> {
+    let spec = data.to_string_lossy();
+    if !is_shard_spec(&spec) {
+        return read_samples(data, image_root);
+    }
+    if image_root.is_some() {
+        return Err(Error::msg("--image-root: tar shards hold their images (drop --image-root)"));
+    }
+    read_shards(&shard_list(&[spec])?)
+}
+
+/// The samples of tar shards, shard after shard in tar order (the shards indexed in parallel).
+pub fn read_shards(shards: &[PathBuf]) -> Result<Vec<Sample>> {
+    let per: Vec<Vec<Sample>> = shards.par_iter().map(|p| shard_samples(p)).collect::<Result<_>>()?;
+    let out: Vec<Sample> = per.concat();
+    if out.is_empty() {
+        return Err(Error::msg(format!("no samples in the {} shard(s)", shards.len())));
+    }
+    Ok(out)
+}
+
+fn shard_samples(path: &Path) -> Result<Vec<Sample>> {
+    let shard = index_shard(path)?;
+    let mut out = Vec::with_capacity(shard.samples.len());
+    for s in &shard.samples {
+        let member = s.image().ok_or_else(|| no_image(path, s))?.clone();
+        let json = s.get("json").map(|m| read_json(path, m)).transpose()?;
+        let field = |k: &str| json.as_ref().and_then(|j| j.get(k)).and_then(|v| v.as_str()).map(String::from);
+        let caption = match s.get("txt") {
+            Some(m) => read_text(path, m)?.trim().replace('\n', " "),
+            None => field("caption").ok_or_else(|| Error::file(path, format!("sample {:?} has no caption (a .txt member or a \"caption\" string in its .json)", s.key)))?,
+        };
+        let image = ImageSource::Member { shard: shard.path.clone(), member };
+        out.push(Sample { image, short_caption: field("short_caption").unwrap_or_else(|| first_sentence(&caption)), caption, at: format!("{}: sample {:?}", path.display(), s.key) });
+    }
+    Ok(out)
+}
+
+/// `e` about sample `s`'s image, with where the sample was read when the error does not say it.
+fn image_err(s: &Sample, e: Error) -> Error {
+    match s.image {
+        ImageSource::File(_) => Error::msg(format!("{}: {e}", s.at)),
+        ImageSource::Member { .. } => e,
+    }
 }
 
 /// Reads a JSONL or ShareGPT4V JSON file (by content: a leading `[` is the JSON array form).
@@ -78,9 +133,9 @@ pub fn read_samples(path: &Path, image_root: Option<&Path>) -> Result<Vec<Sample
 /// an error naming the data file, its line and the image. Returns the notes for captions longer
 /// than `tok`'s context (they are cut; `max_positions` picks the hint).
 pub fn check(samples: &[Sample], tok: &ClipTokenizer, max_positions: usize) -> Result<Vec<String>> {
-    let bad = samples.par_iter().enumerate().filter_map(|(i, s)| probe(&s.image).err().map(|e| (i, e))).min_by_key(|(i, _)| *i);
+    let bad = samples.par_iter().enumerate().filter_map(|(i, s)| s.image.probe().err().map(|e| (i, e))).min_by_key(|(i, _)| *i);
     if let Some((i, e)) = bad {
-        return Err(Error::msg(format!("{}: {e}", samples[i].at)));
+        return Err(image_err(&samples[i], e));
     }
     let hint = crate::io::tokenizer::cut_hint(tok.context_length, max_positions);
     let mut notes = vec![];
@@ -165,7 +220,7 @@ impl Loader {
         let (s, pre) = (self.pre.crop_h as usize, &self.pre);
         let images: Vec<Vec<f32>> = idx
             .par_iter()
-            .map(|&i| load_rgb8_hf(&self.samples[i].image).map(|im| preprocess(&im, pre)).map_err(|e| Error::msg(format!("{}: {e}", self.samples[i].at))))
+            .map(|&i| self.samples[i].image.load_rgb8_hf().map(|im| preprocess(&im, pre)).map_err(|e| image_err(&self.samples[i], e)))
             .collect::<Result<_>>()?;
         let pixels: Vec<f32> = images.concat();
         let long: Vec<String> = idx.iter().map(|&i| self.samples[i].caption.clone()).collect();

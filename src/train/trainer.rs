@@ -5,7 +5,7 @@
 //! Ctrl-C → checkpoint then exit, a non-finite loss → stop with the last good state saved, and a
 //! loss-curve SVG next to the log at the end.
 use super::checkpoint::{self, TrainerState};
-use super::data::{read_samples, Loader};
+use super::data::{read_data, Loader};
 use super::device_step::DeviceStep;
 use super::model::TrainClip;
 use super::optim::Optimizer;
@@ -182,7 +182,7 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     let tc = model.config.text.clone();
     let pre = crate::io::image_prep::PreprocessConfig::for_model_dir(&cfg.model, model.config.vision.image_size)?;
     let tok = ClipTokenizer::from_file(&cfg.model, tc.max_positions)?;
-    let samples = read_samples(&cfg.data, cfg.image_root.as_deref())?;
+    let samples = read_data(&cfg.data, cfg.image_root.as_deref())?;
     let notes = super::data::check(&samples, &tok, tc.max_positions)?;
     let mut loader = Loader::new(samples, cfg.batch, cfg.seed, cfg.shuffle, pre, tok)?;
     let steps_per_epoch = loader.batches_per_epoch() / cfg.accum;
