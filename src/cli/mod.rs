@@ -7,6 +7,7 @@ pub mod common;
 pub mod embed;
 pub mod eval;
 pub mod finetune;
+pub mod serve;
 pub mod stretch;
 
 use clipforge::error::{Error, Result};
@@ -42,6 +43,8 @@ pub enum Command {
     Finetune(finetune::FinetuneArgs),
     /// Long-CLIP knowledge-preserved stretching of the text positions (77 → 248) into a new HF model dir
     Stretch(stretch::StretchArgs),
+    /// Serve text and image embeddings over HTTP (OpenAI-compatible /v1/embeddings), dynamically batched
+    Serve(serve::ServeArgs),
 }
 
 /// Where and in what precision a command computes.
@@ -115,5 +118,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stretch(a) => stretch::run(&a),
         Command::Finetune(a) => finetune::finetune(&a),
         Command::Eval(c) => eval::run(&c),
+        Command::Serve(a) => serve::run(&a),
     }
 }
