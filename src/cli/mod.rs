@@ -11,6 +11,7 @@ pub mod embed_shards;
 pub mod eval;
 pub mod finetune;
 pub mod hidden;
+pub mod serve;
 pub mod stretch;
 
 use clipforge::error::{Error, Result};
@@ -48,6 +49,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Long-CLIP knowledge-preserved stretching of the text positions (77 → 248) into a new HF model dir
     Stretch(stretch::StretchArgs),
+    /// Serve text and image embeddings over HTTP (OpenAI-compatible /v1/embeddings), dynamically batched
+    Serve(serve::ServeArgs),
 }
 
 /// Where and in what precision a command computes.
@@ -122,5 +125,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert::run(&a),
         Command::Finetune(a) => finetune::finetune(&a),
         Command::Eval(c) => eval::run(&c),
+        Command::Serve(a) => serve::run(&a),
     }
 }
