@@ -87,8 +87,8 @@ def resize_cases(rng) -> list[tuple[np.ndarray, np.ndarray]]:
         (3, 350, 2, 40, "noise"), (350, 3, 40, 2, "noise"), (1, 1, 5, 4, "noise"),
         (20, 20, 1, 1, "noise"), (1, 40, 3, 7, "noise"), (57, 43, 56, 42, "noise"),
         (45, 45, 44, 46, "checker"), (48, 36, 20, 15, "checker"), (24, 18, 61, 47, "checker"),
-        (60, 8, 13, 30, "stripes"), (8, 60, 30, 13, "stripes"), (121, 97, 37, 29, "checker"),
-        (7, 300, 4, 99, "checker"), (129, 67, 224, 116, "noise"), (97, 131, 32, 43, "stripes"),
+        (60, 8, 13, 30, "stripes"), (8, 60, 30, 13, "stripes"), (81, 65, 37, 29, "checker"),
+        (7, 300, 4, 99, "checker"), (69, 37, 120, 64, "noise"), (97, 131, 32, 43, "stripes"),
     ]
     out = []
     for w, h, w2, h2, kind in cases:
@@ -153,6 +153,13 @@ def save_format_images(src: str, d: str) -> list[tuple[str, str]]:
     save("chelsea_exif6_422.jpg", small(chelsea, 117, 78),
          "JPEG 4:2:2 with EXIF Orientation = 6 (not applied: Image.open and the HF processor ignore it), 117x78",
          quality=88, subsampling=1, exif=exif.tobytes())
+    # CMYK with real black ink (grey component removal), saved by libjpeg with an Adobe marker
+    rgb = np.asarray(small(coffee, 72, 96)).astype(np.int32)
+    k = 255 - rgb.max(axis=2)
+    cmy = np.where(k[..., None] < 255, (255 - rgb - k[..., None]) * 255 // np.maximum(255 - k[..., None], 1), 0)
+    cmyk = np.dstack([cmy, k]).astype(np.uint8)
+    save("coffee_cmyk.jpg", Image.fromarray(cmyk, mode="CMYK"), "JPEG CMYK (4 components, Adobe marker), 72x96",
+         quality=90)
     return files
 
 
