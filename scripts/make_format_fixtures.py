@@ -24,6 +24,8 @@ What is written:
                                                chosen to hit up/down/mixed scaling, a skipped pass, 1-px edges, tall/wide
         format.{name}.rgb        u8 [h,w,3]    Pillow's decode + transformers' convert_to_rgb (what the processor sees)
         format.{name}.32         u8 [3,32,32]  HF processor output at 32 px with rescale/normalise off
+        embed.{model}.{name}     f32 [D]       HF's l2-normalised image embedding of formats/{name} (Image.open ->
+                                               processor -> CLIPModel.get_image_features), model = tiny (32 px), odd (98 px)
 """
 from __future__ import annotations
 
@@ -281,6 +283,20 @@ def main():
                 up = ImageOps.exif_transpose(im)
                 assert up.size == im.size[::-1]
                 assert not np.array_equal(run_u8(u8procs[32], up), t[f"format.{name}.32"])
+    # end to end: HF's embeddings of every format file (Image.open -> processor -> CLIPModel), l2-normalised
+    import torch
+    from transformers import CLIPModel
+    for model_name, size in (("tiny", 32), ("odd", 98)):
+        model = CLIPModel.from_pretrained(os.path.join(out, model_name), dtype=torch.float32,
+                                          attn_implementation="eager").eval()
+        proc = processor(size, True)
+        for name, _ in files:
+            with Image.open(os.path.join(fdir, name)) as im:
+                pv = torch.from_numpy(proc(images=im, return_tensors="np")["pixel_values"])
+            with torch.no_grad():
+                e = model.get_image_features(pixel_values=pv)
+            e = getattr(e, "pooler_output", e)[0]
+            t[f"embed.{model_name}.{name}"] = np.ascontiguousarray((e / e.norm()).numpy().astype(np.float32))
     save_file(t, os.path.join(out, "pixels_u8.safetensors"))
     write_readme(fdir, files)
     total = sum(os.path.getsize(os.path.join(fdir, n)) for n, _ in files)

@@ -197,3 +197,30 @@ fn every_format_decodes_like_pillow() {
     assert!(names.len() >= 14, "{names:?}");
     assert!(bad.is_empty(), "differs from Pillow:\n{}", bad.join("\n"));
 }
+
+/// End to end: every format file embedded by clipforge (file → decode → preprocess → vision tower
+/// → projection → l2) equals HF's embedding of `Image.open(file)` through the processor and
+/// `CLIPModel.get_image_features`, within 1e-4 relative (the model parity bound), for the tiny
+/// (32 px) and odd (98 px) fixture models. JPEG included: the pixels are the same bytes.
+#[test]
+fn every_format_embeds_like_hf() {
+    let refs = u8_refs();
+    let mut names: Vec<String> = refs.keys().filter_map(|k| k.strip_prefix("embed.tiny.").map(str::to_string)).collect();
+    names.sort();
+    assert!(names.len() >= 14, "{names:?}");
+    let paths: Vec<PathBuf> = names.iter().map(|n| fixtures().join("formats").join(n)).collect();
+    for model in ["tiny", "odd"] {
+        let m = clipforge::ClipModel::open(fixtures().join(model), &clipforge::OpenOptions::default().device(clipforge::DeviceChoice::Cpu)).unwrap();
+        let e = m.embed_image_files(&paths).unwrap();
+        let mut bad = vec![];
+        for (name, got) in names.iter().zip(e.iter_rows()) {
+            let want = f32s(&refs[&format!("embed.{model}.{name}")].1);
+            assert_eq!(got.len(), want.len(), "{model} {name}");
+            let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / (1e-5 + 1e-4 * w.abs())).fold(0f32, f32::max);
+            if worst > 1.0 {
+                bad.push(format!("{name}: worst |got - HF| / (1e-5 + 1e-4 |HF|) = {worst:.1}"));
+            }
+        }
+        assert!(bad.is_empty(), "{model}: embeddings differ from HF:\n{}", bad.join("\n"));
+    }
+}
