@@ -1,11 +1,13 @@
 //! CLIP image preprocessing matching Hugging Face's slow `CLIPImageProcessor` (the PIL/NumPy
-//! backend, `CLIPImageProcessorPil` in transformers 5.x) and Pillow, bit for bit where possible.
-//! Checked against Pillow 13.0.0 + transformers 5.23.0 (tests/pixels.rs on tests/fixtures):
+//! backend, `CLIPImageProcessorPil` in transformers 5.x) and Pillow, bit for bit.
+//! Checked against Pillow 13.0.0 + transformers 5.25.0 (tests/pixels.rs on tests/fixtures, zero
+//! differing bytes; fixtures from scripts/make_fixtures.py and scripts/make_format_fixtures.py):
 //! * decoding to RGB8 (PIL's open + convert, or HF's convert_to_rgb): see `image_decode`;
 //! * `resize_bicubic_pillow` = `Image.resize((w, h), Image.BICUBIC)`, bit-exact on 8-bit RGB,
-//!   including Pillow 13's pass order (Pillow <= 12 always ran the horizontal pass first).
-//! * `preprocess` = resize shortest edge, center crop (zero padding), rescale, normalise:
-//!   bit-exact f32 against the HF pipeline given the same RGB8 image.
+//!   including Pillow 13's pass order (vertical first for some shapes; Pillow <= 12 always ran
+//!   the horizontal pass first), checked on adversarial synthetic images;
+//! * `preprocess_u8` = resize shortest edge + center crop (zero padding): HF's uint8 image;
+//! * `preprocess` = that, rescaled and normalised: HF's f32 values (every level checked).
 use crate::error::{Error, Result};
 use serde_json::Value;
 pub use super::image_decode::{decode_rgb8, decode_rgb8_hf, load_rgb8, load_rgb8_hf, RgbImage8};
