@@ -171,7 +171,7 @@ fn normalised_values_equal_hf() {
     assert!(checked >= 7, "checked {checked}");
 }
 
-/// Every format fixture decodes to Pillow's uint8 pixels (after transformers' convert_to_rgb) and
+/// Every format fixture probes to its size and decodes to Pillow's uint8 pixels (after transformers' convert_to_rgb) and
 /// preprocesses to the processor's uint8 image at 32 px: BMP, GIF (palette, transparent index),
 /// TIFF (LZW), WebP (lossless, lossy, lossy + alpha), JPEG (4:2:0, 4:4:4, 4:2:2, progressive,
 /// grayscale, CMYK, arithmetic-coded; an EXIF orientation tag is not applied, as neither Image.open nor the processor do).
@@ -183,6 +183,8 @@ fn every_format_decodes_like_pillow() {
     let mut bad = vec![];
     for name in &names {
         let img = load_rgb8_hf(&fixtures().join("formats").join(name)).unwrap();
+        let probed = clipforge::io::image_decode::probe(&fixtures().join("formats").join(name)).unwrap();
+        assert_eq!(probed, (img.width, img.height), "{name}: probe");
         let (shape, want) = &refs[&format!("format.{name}.rgb")];
         assert_eq!(shape, &[img.height as usize, img.width as usize, 3], "{name}");
         let (n, m) = diff(&img.data, want);

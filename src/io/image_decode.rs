@@ -44,10 +44,19 @@ pub fn probe(path: &Path) -> Result<(u32, u32)> {
     let bad = |e: &dyn std::fmt::Display| Error::file(path, format!("not a readable image: {e}"));
     let r = image::ImageReader::open(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
     let r = r.with_guessed_format().map_err(|e| bad(&e))?;
-    if r.format().is_none() {
+    let Some(fmt) = r.format() else {
         return Err(bad(&"unrecognised or unsupported image format"));
-    }
-    let (w, h) = r.into_dimensions().map_err(|e| bad(&e))?;
+    };
+    let (w, h) = match r.into_dimensions() {
+        Ok(wh) => wh,
+        // the image crate's JPEG header parser stops at what it cannot decode (arithmetic
+        // coding's DAC marker); ask the decoder that will decode it
+        Err(e) if fmt == image::ImageFormat::Jpeg => {
+            let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
+            super::jpeg_decode::jpeg_size(&bytes).map_err(|_| bad(&e))?
+        }
+        Err(e) => return Err(bad(&e)),
+    };
     if w == 0 || h == 0 {
         return Err(bad(&format!("zero size ({w}x{h})")));
     }

@@ -22,8 +22,21 @@ const MAX_PIXELS: u64 = 2 * 89_478_485;
 
 /// Decode JPEG bytes to RGB8 exactly as Pillow's `Image.open(f).convert("RGB")`.
 pub(crate) fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage8> {
+    guarded(|| decode_unguarded(bytes))
+}
+
+/// (width, height) from the JPEG headers alone (libjpeg's `jpeg_read_header`).
+pub(crate) fn jpeg_size(bytes: &[u8]) -> Result<(u32, u32)> {
+    guarded(|| {
+        let d = Decompress::new_mem(bytes).map_err(|e| Error::msg(format!("JPEG header: {e}")))?;
+        Ok((d.width() as u32, d.height() as u32))
+    })
+}
+
+/// Runs libjpeg code, turning its fatal errors into an `Error`.
+fn guarded<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
     // libjpeg's fatal errors unwind out of the C code as a String payload (not a panic: no hook).
-    match std::panic::catch_unwind(|| decode_unguarded(bytes)) {
+    match std::panic::catch_unwind(f) {
         Ok(r) => r,
         Err(payload) => {
             let msg = payload
