@@ -835,6 +835,10 @@ def write_readme(out: str, tokinfo: dict, imgs: list[dict], pixels: dict, models
     a("| `pixels.safetensors` | `{stem}.224`, `{stem}.32`, `{stem}.98`: f16 [3,S,S], output of the slow PIL-based HF "
       "CLIP image processor (`CLIPImageProcessorPil` in transformers 5; `CLIPImageProcessor` is the torchvision "
       "one there) with shortest_edge S, crop S x S, bicubic, rescale 1/255, OpenAI mean/std |")
+    a("| `formats/`, `pixels_u8.safetensors` | made by `scripts/make_format_fixtures.py` (run after this script): "
+      "small images in every format clipforge reads (BMP, GIF, TIFF, WebP, JPEG variants) and the exact uint8 "
+      "references (Pillow decode, Pillow resize, HF resize + crop, HF normalisation of every level); see "
+      "`formats/README.md` |")
     for name, m in models.items():
         cfg = m["cfg"]
         vc, tc = cfg.vision_config, cfg.text_config

@@ -187,3 +187,35 @@ fn a_truncated_jpeg_is_an_error() {
     assert!(e.contains("cut.jpg") && e.contains("truncated"), "{e}");
     assert!(!out.exists());
 }
+
+/// libjpeg's fatal errors (its default handler would `exit()` the process) come back as one line
+/// naming the file: a frame header with no components, dimensions over libjpeg's 65500 limit, a
+/// frame header cut short. Corrupt entropy data is a libjpeg warning: decoded anyway, as Pillow does.
+#[test]
+fn a_corrupt_jpeg_is_a_clean_error() {
+    let d = tmpdir("jpeg-corrupt");
+    let m = fixture("tiny");
+    let out = d.join("e.npy");
+    let good = std::fs::read(fixture("formats/chelsea_420.jpg")).unwrap();
+    let sof = good.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+    let mut no_components = good.clone();
+    no_components[sof + 9] = 0;
+    let mut huge = good.clone();
+    huge[sof + 5..sof + 9].copy_from_slice(&[0xFF; 4]);
+    let mut short_sof = good.clone();
+    short_sof[sof + 3] = 5; // segment length 5: too short for a frame header
+    for (name, bytes, what) in [("nocomp.jpg", no_components, "Empty JPEG image"), ("huge.jpg", huge, "65500"), ("shortsof.jpg", short_sof, "JPEG")] {
+        let p = d.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = fails(&["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), p.to_str().unwrap()]);
+        assert!(e.contains(name) && e.contains(what), "{name}: {e}");
+        assert!(!out.exists());
+    }
+    let mut garbage = good.clone();
+    let sos = garbage.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
+    garbage[sos + 200..sos + 260].iter_mut().for_each(|b| *b = if *b == 0xFF { 0x00 } else { b.wrapping_mul(7).wrapping_add(13) & 0xFE });
+    let p = d.join("garbage.jpg");
+    std::fs::write(&p, garbage).unwrap();
+    let ok = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), p.to_str().unwrap()]).output().unwrap();
+    assert!(ok.status.success(), "corrupt scan data decodes: {}", String::from_utf8_lossy(&ok.stderr));
+}

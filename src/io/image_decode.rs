@@ -1,14 +1,17 @@
 //! Image decoding to 8-bit RGB exactly as Pillow opens and converts files (the first step of
 //! HF's CLIPImageProcessor): `decode_rgb8` = `Image.open(f).convert("RGB")`; `decode_rgb8_hf` =
 //! transformers' `convert_to_rgb` (transparency composited onto white). Checked against Pillow
-//! 13.0.0: exact for PNG (all modes but one, palette, tRNS), BMP, GIF, TIFF, WebP; JPEG goes through
-//! zune-jpeg instead of libjpeg-turbo and differs by a few levels. No EXIF rotation (as Image.open).
+//! 13.0.0 byte for byte (tests/pixels.rs `every_format_decodes_like_pillow`): PNG (all modes but
+//! one, palette, tRNS), BMP, GIF (palette, transparent index), TIFF (LZW), WebP (lossless, lossy,
+//! lossy + alpha) through the `image` crate; JPEG through libjpeg-turbo's own decoder
+//! (`jpeg_decode`, as Pillow). No EXIF rotation (as Image.open and the HF processor; transformers'
+//! `load_image` would apply it).
 //! Deliberate differences from Pillow (and so from HF):
 //! - 16-bit grayscale (PIL mode I;16) keeps the high byte of each sample (`v >> 8`), as Pillow
 //!   itself does for 16-bit RGB; Pillow clamps to 0..255 instead, which turns a typical 16-bit
 //!   gray photo white.
 //! - A JPEG without its end-of-image marker after the scan data (a truncated file) is an error, as
-//!   Pillow's "image file is truncated"; zune-jpeg alone would fill the missing rows with gray.
+//!   Pillow's "image file is truncated"; libjpeg alone would fill the missing rows with gray.
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -41,10 +44,19 @@ pub fn probe(path: &Path) -> Result<(u32, u32)> {
     let bad = |e: &dyn std::fmt::Display| Error::file(path, format!("not a readable image: {e}"));
     let r = image::ImageReader::open(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
     let r = r.with_guessed_format().map_err(|e| bad(&e))?;
-    if r.format().is_none() {
+    let Some(fmt) = r.format() else {
         return Err(bad(&"unrecognised or unsupported image format"));
-    }
-    let (w, h) = r.into_dimensions().map_err(|e| bad(&e))?;
+    };
+    let (w, h) = match r.into_dimensions() {
+        Ok(wh) => wh,
+        // the image crate's JPEG header parser stops at what it cannot decode (arithmetic
+        // coding's DAC marker); ask the decoder that will decode it
+        Err(e) if fmt == image::ImageFormat::Jpeg => {
+            let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read image: {e}")))?;
+            super::jpeg_decode::jpeg_size(&bytes).map_err(|_| bad(&e))?
+        }
+        Err(e) => return Err(bad(&e)),
+    };
     if w == 0 || h == 0 {
         return Err(bad(&format!("zero size ({w}x{h})")));
     }
@@ -98,6 +110,9 @@ fn decode(bytes: &[u8], hf: bool) -> Result<RgbImage8> {
     if fmt == image::ImageFormat::Jpeg && !jpeg_complete(bytes) {
         return Err(Error::msg("JPEG file is truncated (no end-of-image marker after the scan data)"));
     }
+    if fmt == image::ImageFormat::Jpeg {
+        return super::jpeg_decode::decode_jpeg(bytes); // no alpha: `hf` changes nothing
+    }
     let dynimg = std::panic::catch_unwind(|| image::load_from_memory_with_format(bytes, fmt))
         .map_err(|_| Error::msg(format!("{fmt:?} decoder panicked (corrupt file?)")))?
         .map_err(|e| Error::msg(format!("{fmt:?} decode failed: {e}")))?;
@@ -125,7 +140,6 @@ fn decode(bytes: &[u8], hf: bool) -> Result<RgbImage8> {
         // Float images (EXR/HDR/float TIFF): the image crate's clamp-and-round, not checked vs PIL.
         other => (4, other.to_rgba8().into_raw()),
     };
-    // CMYK JPEG: zune-jpeg's CMYK -> RGB (measured within 1 level of PIL's).
     // Only an alpha band that is composited needs per-pixel arithmetic (over_white is the
     // identity for a = 255, checked for every level in the tests below); RGB is kept as decoded,
     // gray replicated, a dropped alpha band skipped.

@@ -1,11 +1,13 @@
 //! CLIP image preprocessing matching Hugging Face's slow `CLIPImageProcessor` (the PIL/NumPy
-//! backend, `CLIPImageProcessorPil` in transformers 5.x) and Pillow, bit for bit where possible.
-//! Checked against Pillow 13.0.0 + transformers 5.23.0 (tests/pixels.rs on tests/fixtures):
+//! backend, `CLIPImageProcessorPil` in transformers 5.x) and Pillow, bit for bit.
+//! Checked against Pillow 13.0.0 + transformers 5.25.0 (tests/pixels.rs on tests/fixtures, zero
+//! differing bytes; fixtures from scripts/make_fixtures.py and scripts/make_format_fixtures.py):
 //! * decoding to RGB8 (PIL's open + convert, or HF's convert_to_rgb): see `image_decode`;
 //! * `resize_bicubic_pillow` = `Image.resize((w, h), Image.BICUBIC)`, bit-exact on 8-bit RGB,
-//!   including Pillow 13's pass order (Pillow <= 12 always ran the horizontal pass first).
-//! * `preprocess` = resize shortest edge, center crop (zero padding), rescale, normalise:
-//!   bit-exact f32 against the HF pipeline given the same RGB8 image.
+//!   including Pillow 13's pass order (vertical first for some shapes; Pillow <= 12 always ran
+//!   the horizontal pass first), checked on adversarial synthetic images;
+//! * `preprocess_u8` = resize shortest edge + center crop (zero padding): HF's uint8 image;
+//! * `preprocess` = that, rescaled and normalised: HF's f32 values (every level checked).
 use crate::error::{Error, Result};
 use serde_json::Value;
 pub use super::image_decode::{decode_rgb8, decode_rgb8_hf, load_rgb8, load_rgb8_hf, RgbImage8};
@@ -338,12 +340,11 @@ fn channel_luts(cfg: &PreprocessConfig) -> [[f32; 256]; 3] {
     lut
 }
 
-/// The whole HF pipeline on an RGB8 image: resize (shortest edge, Pillow BICUBIC on uint8) →
-/// center crop (HF offsets `(h - crop_h) // 2`, zero padding when the image is smaller) →
-/// rescale → normalise. Returns CHW f32 of shape [3, H, W], (W, H) = [`output_size`] (the crop
-/// size when `do_center_crop`). `do_convert_rgb` is a decode-time step (see [`decode_rgb8_hf`]).
-/// An invalid image (zero size, wrong `data` length) is treated as empty: all padding.
-pub fn preprocess(img: &RgbImage8, cfg: &PreprocessConfig) -> Vec<f32> {
+/// The uint8 image HF rescales and normalises: resize (shortest edge, Pillow BICUBIC on uint8) →
+/// center crop (HF offsets `(h - crop_h) // 2`, zero padding when the image is smaller). Returns
+/// interleaved RGB (HWC) of [`output_size`]. An invalid image (zero size, wrong `data` length) is
+/// treated as empty: all padding.
+pub fn preprocess_u8(img: &RgbImage8, cfg: &PreprocessConfig) -> RgbImage8 {
     let (iw, ih) = (img.width, img.height);
     let (iw, ih) = if valid(img) { (iw, ih) } else { (0, 0) };
     let (rw, rh) = resized_size(iw, ih, cfg);
@@ -357,6 +358,7 @@ pub fn preprocess(img: &RgbImage8, cfg: &PreprocessConfig) -> Vec<f32> {
     let (y1, x1) = (y1.max(y0), x1.max(x0));
     // Resample only the pixels that survive the crop (each output pixel is independent).
     let win = resize_window(img, rw, rh, (x0 as u32, y0 as u32, x1 as u32, y1 as u32));
+    let (w, h) = (ow, oh);
     let (ow, oh, ww) = (ow as usize, oh as usize, (x1 - x0) as usize * 3);
     let mut canvas = vec![0u8; oh * ow * 3]; // zero padding happens before rescale/normalise
     let (dy, dx) = ((y0 - top) as usize, (x0 - left) as usize);
@@ -364,9 +366,17 @@ pub fn preprocess(img: &RgbImage8, cfg: &PreprocessConfig) -> Vec<f32> {
         let d = ((dy + r) * ow + dx) * 3;
         canvas[d..d + ww].copy_from_slice(src);
     }
-    let (lut, n) = (channel_luts(cfg), oh * ow);
-    let mut out = vec![0f32; 3 * n];
-    for (i, p) in canvas.chunks_exact(3).enumerate() {
+    RgbImage8 { width: w, height: h, data: canvas }
+}
+
+/// The whole HF pipeline on an RGB8 image: [`preprocess_u8`] (resize, center crop) → rescale →
+/// normalise. Returns CHW f32 of shape [3, H, W], (W, H) = [`output_size`] (the crop size when
+/// `do_center_crop`). `do_convert_rgb` is a decode-time step (see [`decode_rgb8_hf`]).
+pub fn preprocess(img: &RgbImage8, cfg: &PreprocessConfig) -> Vec<f32> {
+    let canvas = preprocess_u8(img, cfg);
+    let (lut, n) = (channel_luts(cfg), canvas.width as usize * canvas.height as usize);
+    let mut out = vec![0f32; 3 * n]; // [3, H, W]
+    for (i, p) in canvas.data.chunks_exact(3).enumerate() {
         (0..3).for_each(|c| out[c * n + i] = lut[c][p[c] as usize]);
     }
     out

@@ -4,6 +4,7 @@
 pub mod image_decode;
 pub mod image_prep;
 pub mod image_source;
+mod jpeg_decode;
 pub mod npy;
 pub mod output;
 pub mod pipeline;
