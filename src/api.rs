@@ -274,16 +274,23 @@ impl ClipModel {
 
     /// Texts → embeddings [N, D]; `done(n)` is called after each batch of n texts.
     pub fn embed_texts_with<S: AsRef<str>>(&self, texts: &[S], opts: &TextOptions, done: &mut dyn FnMut(usize)) -> Result<Embeddings> {
-        let tok = self.tokenizer(opts.max_len)?;
+        let (_, ids) = self.encode(texts, opts.max_len, opts.truncate)?;
+        self.embed_token_ids(&ids, opts.normalize, opts.batch, done)
+    }
+
+    /// The tokenizer at `max_len` and the ids of `texts` (unpadded); a text longer than the
+    /// context is cut, or with `truncate` off an error naming it.
+    fn encode<S: AsRef<str>>(&self, texts: &[S], max_len: Option<usize>, truncate: bool) -> Result<(ClipTokenizer, Vec<Vec<u32>>)> {
+        let tok = self.tokenizer(max_len)?;
         let mut ids = Vec::with_capacity(texts.len());
         for (i, t) in texts.iter().enumerate() {
             let (s, lost) = tok.encode_counting(t.as_ref())?;
-            if lost > 0 && !opts.truncate {
+            if lost > 0 && !truncate {
                 return Err(Error::msg(format!("text {i} has {} tokens, {lost} more than the context of {} (truncation is off)", s.len() + lost, tok.context_length)));
             }
             ids.push(s);
         }
-        self.embed_token_ids(&ids, opts.normalize, opts.batch, done)
+        Ok((tok, ids))
     }
 
     /// Token ids (start and end tokens included, unpadded) → embeddings [N, D].
@@ -320,12 +327,7 @@ impl ClipModel {
     /// directory says: resize, centre crop, normalise).
     pub fn embed_images(&self, images: &[RgbImage]) -> Result<Embeddings> {
         let pre = self.preprocess_config()?;
-        self.embed_batches(images, &ImageOptions::default(), &mut |_| {}, |im| {
-            if im.data.len() != im.width as usize * im.height as usize * 3 || im.width == 0 || im.height == 0 {
-                return Err(crate::shape_err!("RGB image {}×{} with {} bytes (expected {})", im.width, im.height, im.data.len(), im.width as usize * im.height as usize * 3));
-            }
-            Ok(preprocess(im, &pre))
-        })
+        self.embed_batches(images, &ImageOptions::default(), &mut |_| {}, |im| prep_rgb(im, &pre))
     }
 
     /// Pixels [N, 3, S, S] already preprocessed → embeddings [N, D] (not normalised).
@@ -380,6 +382,14 @@ impl ClipModel {
         let texts = self.embed_texts(&prompts)?;
         Ok(self.similarity(images, &texts)?.1)
     }
+}
+
+/// A decoded image checked (its bytes fill width × height × 3, neither side 0) and preprocessed.
+fn prep_rgb(im: &RgbImage, pre: &PreprocessConfig) -> Result<Vec<f32>> {
+    if im.data.len() != im.width as usize * im.height as usize * 3 || im.width == 0 || im.height == 0 {
+        return Err(crate::shape_err!("RGB image {}×{} with {} bytes (expected {})", im.width, im.height, im.data.len(), im.width as usize * im.height as usize * 3));
+    }
+    Ok(preprocess(im, pre))
 }
 
 fn finish(data: Vec<f32>, rows: usize, d: usize, normalize: bool) -> Result<Embeddings> {

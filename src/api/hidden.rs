@@ -11,7 +11,7 @@
 //! assert_eq!(h.hidden_states.shape(), &[1, model.context_length(), model.config().text.tower.hidden]);
 //! # Ok(()) }
 //! ```
-use super::{finish, ClipModel, Embeddings, RgbImage};
+use super::{finish, prep_rgb, ClipModel, Embeddings, RgbImage};
 use crate::error::{Error, Result};
 use crate::io::image_decode::load_rgb8_hf;
 use crate::io::image_prep::preprocess;
@@ -83,15 +83,7 @@ pub struct ImageHidden {
 impl ClipModel {
     /// Texts → per-token hidden states (see [`HiddenOptions`]).
     pub fn text_hidden_states<S: AsRef<str>>(&self, texts: &[S], opts: &HiddenOptions) -> Result<TextHidden> {
-        let tok = self.tokenizer(opts.max_len)?;
-        let mut ids = Vec::with_capacity(texts.len());
-        for (i, t) in texts.iter().enumerate() {
-            let (s, lost) = tok.encode_counting(t.as_ref())?;
-            if lost > 0 && !opts.truncate {
-                return Err(Error::msg(format!("text {i} has {} tokens, {lost} more than the context of {} (truncation is off)", s.len() + lost, tok.context_length)));
-            }
-            ids.push(s);
-        }
+        let (tok, ids) = self.encode(texts, opts.max_len, opts.truncate)?;
         self.token_hidden_states(&ids, tok.context_length, opts)
     }
 
@@ -134,12 +126,7 @@ impl ClipModel {
     /// `opts.batch`; the text options are ignored).
     pub fn image_hidden_states(&self, images: &[RgbImage], opts: &HiddenOptions) -> Result<ImageHidden> {
         let pre = self.preprocess_config()?;
-        self.hidden_batches(images, opts, |im| {
-            if im.data.len() != im.width as usize * im.height as usize * 3 || im.width == 0 || im.height == 0 {
-                return Err(crate::shape_err!("RGB image {}×{} with {} bytes (expected {})", im.width, im.height, im.data.len(), im.width as usize * im.height as usize * 3));
-            }
-            Ok(preprocess(im, &pre))
-        })
+        self.hidden_batches(images, opts, |im| prep_rgb(im, &pre))
     }
 
     /// Image files → per-token hidden states, each batch decoded in parallel.
