@@ -97,7 +97,7 @@ impl ClipTokenizer {
 
     /// [`encode`](Self::encode), and how many content tokens the context length cut off.
     pub fn encode_counting(&self, text: &str) -> Result<(Vec<u32>, usize)> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizer failed on {text:?}: {e}")))?;
+        let enc = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizer failed on {:?}: {e}", crate::io::text::excerpt(text, 80))))?;
         let content = enc.get_ids();
         let n = content.len().min(self.context_length - 2);
         let [texts, cut, tokens, longest] = &self.counts;
