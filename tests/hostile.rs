@@ -333,6 +333,23 @@ fn non_utf8_names_and_contents() {
 }
 
 #[test]
+fn broken_tokenizer_json() {
+    // tokenizers 0.23 panics on a tokenizer.json cut inside its "decoder" (found by tests/fuzz.rs)
+    let t = Tmp::new("tokenizer");
+    let m = t.join("m");
+    model_files(&m);
+    std::fs::copy(fixture("tiny/model.safetensors"), m.join("model.safetensors")).unwrap();
+    let out = t.join("e.npy");
+    let full = std::fs::read(m.join("tokenizer.json")).unwrap();
+    let cut = full.windows(10).position(|w| w == b"\"decoder\":").map(|i| i + 30).unwrap_or(full.len() / 2);
+    for (what, bytes) in [("cut in its decoder", &full[..cut]), ("cut", &full[..full.len() / 3]), ("a fuzz input", &std::fs::read(fixture("fuzz/tokenizer_json/decoder_cut")).unwrap()[..])] {
+        std::fs::write(m.join("tokenizer.json"), bytes).unwrap();
+        let e = refused(&embed_text_args(&m, &out), &["tokenizer.json"]);
+        assert!(!out.exists(), "{what}: {e}");
+    }
+}
+
+#[test]
 fn broken_jsonl_lines() {
     let t = Tmp::new("jsonl");
     let m = fixture("tiny");

@@ -70,7 +70,13 @@ impl ClipTokenizer {
         if !file.exists() {
             return Err(Error::file(&file, "missing (the model directory needs the tokenizer.json of the CLIP BPE)"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::file(&file, format!("not a valid tokenizer.json: {e}")))?;
+        let text = crate::io::text::read_utf8(&file)?;
+        // tokenizers 0.23 panics (an `expect` in its decoder deserializer) on some malformed JSON
+        // (found by tests/fuzz.rs): the file is checked to be JSON first, and a panic left is caught.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| Error::file(&file, format!("not valid JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| Error::file(&file, "not a valid tokenizer.json (the tokenizers crate crashed on it)"))?
+            .map_err(|e| Error::file(&file, format!("not a valid tokenizer.json: {e}")))?;
         let id = |t: &str| inner.token_to_id(t).ok_or_else(|| Error::file(&file, format!("vocabulary has no {t} token")));
         let (sot, eot) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
         if context_length < 2 {
