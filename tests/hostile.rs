@@ -342,7 +342,7 @@ fn broken_tokenizer_json() {
     let out = t.join("e.npy");
     let full = std::fs::read(m.join("tokenizer.json")).unwrap();
     let cut = full.windows(10).position(|w| w == b"\"decoder\":").map(|i| i + 30).unwrap_or(full.len() / 2);
-    for (what, bytes) in [("cut in its decoder", &full[..cut]), ("cut", &full[..full.len() / 3]), ("a fuzz input", &std::fs::read(fixture("fuzz/tokenizer_json/decoder_cut")).unwrap()[..])] {
+    for (what, bytes) in [("cut in its decoder", &full[..cut]), ("cut", &full[..full.len() / 3]), ("a fuzz input", &std::fs::read(fixture("fuzz/tokenizer_json/decoder_cut")).unwrap()[..]), ("a merge longer than the vocabulary", &std::fs::read(fixture("fuzz/tokenizer_json/merge_too_long")).unwrap()[..])] {
         std::fs::write(m.join("tokenizer.json"), bytes).unwrap();
         let e = refused(&embed_text_args(&m, &out), &["tokenizer.json"]);
         assert!(!out.exists(), "{what}: {e}");

@@ -6,10 +6,20 @@ use clipforge::io::image_prep::{preprocess, PreprocessConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// How a target's inputs are mutated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Bytes only.
+    Bytes,
+    /// JSON (or JSONL) text: bytes, numbers in the text, or the parsed tree.
+    Json,
+    /// A safetensors file: bytes, or its header's JSON tree (the length field kept right).
+    Safetensors,
+}
+
 pub struct Target {
     pub name: &'static str,
-    /// JSON or other text: also mutate numbers.
-    pub text: bool,
+    pub kind: Kind,
     pub seeds: fn() -> Vec<Vec<u8>>,
     /// Runs one input → whether the parser accepted it.
     pub run: fn(&[u8]) -> bool,
@@ -17,16 +27,16 @@ pub struct Target {
 
 pub fn targets() -> Vec<Target> {
     vec![
-        Target { name: "safetensors", text: false, seeds: safetensors_seeds, run: run_safetensors },
-        Target { name: "config_json", text: true, seeds: config_seeds, run: run_config },
-        Target { name: "preprocessor_config", text: true, seeds: preprocessor_seeds, run: run_preprocessor },
-        Target { name: "tokenizer_json", text: true, seeds: tokenizer_seeds, run: run_tokenizer },
-        Target { name: "jsonl", text: true, seeds: jsonl_seeds, run: run_jsonl },
-        Target { name: "images", text: false, seeds: image_seeds, run: run_image },
-        Target { name: "pt", text: false, seeds: pt_seeds, run: run_pt },
-        Target { name: "pickle", text: false, seeds: pickle_seeds, run: run_pickle },
-        Target { name: "tar_index", text: false, seeds: tar_seeds, run: run_tar },
-        Target { name: "npy", text: false, seeds: npy_seeds, run: run_npy },
+        Target { name: "safetensors", kind: Kind::Safetensors, seeds: safetensors_seeds, run: run_safetensors },
+        Target { name: "config_json", kind: Kind::Json, seeds: config_seeds, run: run_config },
+        Target { name: "preprocessor_config", kind: Kind::Json, seeds: preprocessor_seeds, run: run_preprocessor },
+        Target { name: "tokenizer_json", kind: Kind::Json, seeds: tokenizer_seeds, run: run_tokenizer },
+        Target { name: "jsonl", kind: Kind::Json, seeds: jsonl_seeds, run: run_jsonl },
+        Target { name: "images", kind: Kind::Bytes, seeds: image_seeds, run: run_image },
+        Target { name: "pt", kind: Kind::Bytes, seeds: pt_seeds, run: run_pt },
+        Target { name: "pickle", kind: Kind::Bytes, seeds: pickle_seeds, run: run_pickle },
+        Target { name: "tar_index", kind: Kind::Bytes, seeds: tar_seeds, run: run_tar },
+        Target { name: "npy", kind: Kind::Bytes, seeds: npy_seeds, run: run_npy },
     ]
 }
 
