@@ -332,6 +332,37 @@ fn non_utf8_names_and_contents() {
     refused(&[OsStr::new("eval"), "retrieval".as_ref(), "--model".as_ref(), m.as_os_str(), "--data".as_ref(), jsonl.as_os_str(), "--no-cache".as_ref()], &["d.jsonl", "line 2"]);
 }
 
+/// A .pt (a zip of stored entries) whose data.pkl is `pkl`.
+fn pt_with_pickle(path: &Path, pkl: &[u8]) {
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let o = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("archive/data.pkl", o).unwrap();
+    std::io::Write::write_all(&mut z, pkl).unwrap();
+    z.start_file("archive/byteorder", o).unwrap();
+    std::io::Write::write_all(&mut z, b"little").unwrap();
+    z.finish().unwrap();
+}
+
+#[test]
+fn a_pickle_nested_a_million_deep() {
+    // 2 MB of pickle: a list in a list in a list ... a million deep. Dropping it recursively
+    // overflowed the stack (an abort, not an error).
+    let n = 1_000_000;
+    let mut pkl = b"\x80\x02".to_vec();
+    pkl.extend(std::iter::repeat_n(b']', n));
+    pkl.extend(std::iter::repeat_n(b'a', n - 1));
+    let cut = pkl.clone();
+    pkl.push(b'.');
+    let t = Tmp::new("deep");
+    for (name, bytes) in [("deep.pt", &pkl), ("deep_cut.pt", &cut)] {
+        let p = t.join(name);
+        pt_with_pickle(&p, bytes);
+        let out = t.join("converted");
+        refused(&[OsStr::new("convert"), "--from".as_ref(), p.as_os_str(), "--out".as_ref(), out.as_os_str()], &[name]);
+        assert!(!out.exists());
+    }
+}
+
 #[test]
 fn broken_tokenizer_json() {
     // tokenizers 0.23 panics on a tokenizer.json cut inside its "decoder" (found by tests/fuzz.rs)
@@ -342,7 +373,7 @@ fn broken_tokenizer_json() {
     let out = t.join("e.npy");
     let full = std::fs::read(m.join("tokenizer.json")).unwrap();
     let cut = full.windows(10).position(|w| w == b"\"decoder\":").map(|i| i + 30).unwrap_or(full.len() / 2);
-    for (what, bytes) in [("cut in its decoder", &full[..cut]), ("cut", &full[..full.len() / 3]), ("a fuzz input", &std::fs::read(fixture("fuzz/tokenizer_json/decoder_cut")).unwrap()[..]), ("a merge longer than the vocabulary", &std::fs::read(fixture("fuzz/tokenizer_json/merge_too_long")).unwrap()[..])] {
+    for (what, bytes) in [("cut in its decoder", &full[..cut]), ("cut", &full[..full.len() / 3]), ("a fuzz input", &std::fs::read(fixture("fuzz/tokenizer_json/decoder_cut")).unwrap()[..]), ("a merge longer than the vocabulary", &std::fs::read(fixture("fuzz/tokenizer_json/merge_too_long")).unwrap()[..]), ("an empty Replace pattern", &std::fs::read(fixture("fuzz/tokenizer_json/replace_empty_pattern")).unwrap()[..])] {
         std::fs::write(m.join("tokenizer.json"), bytes).unwrap();
         let e = refused(&embed_text_args(&m, &out), &["tokenizer.json"]);
         assert!(!out.exists(), "{what}: {e}");

@@ -85,6 +85,16 @@ fn check_bpe_merges(v: &serde_json::Value) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// No Replace normalizer with an empty pattern (tokenizers 0.23 then panics in the next
+/// normalizer when it encodes; found by tests/fuzz.rs).
+fn check_replace(n: &serde_json::Value) -> std::result::Result<(), String> {
+    match n["type"].as_str() {
+        Some("Sequence") => n["normalizers"].as_array().into_iter().flatten().try_for_each(check_replace),
+        Some("Replace") if ["Regex", "String"].iter().any(|k| n["pattern"][k].as_str() == Some("")) => Err("a Replace normalizer has an empty pattern".into()),
+        _ => Ok(()),
+    }
+}
+
 impl ClipTokenizer {
     /// Loads `tokenizer.json` (a file, or the one in a model directory); for a `.pt` checkpoint
     /// (which carries none), the built-in CLIP BPE.
@@ -102,7 +112,7 @@ impl ClipTokenizer {
         // entry; so the file is checked to be JSON and its merges checked first, and a panic
         // left is caught.
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&file, format!("not valid JSON: {e}")))?;
-        check_bpe_merges(&json).map_err(|e| Error::file(&file, e))?;
+        check_bpe_merges(&json).and_then(|_| check_replace(&json["normalizer"])).map_err(|e| Error::file(&file, e))?;
         drop(json);
         let inner = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
             .map_err(|_| Error::file(&file, "not a valid tokenizer.json (the tokenizers crate crashed on it)"))?
@@ -133,7 +143,10 @@ impl ClipTokenizer {
 
     /// [`encode`](Self::encode), and how many content tokens the context length cut off.
     pub fn encode_counting(&self, text: &str) -> Result<(Vec<u32>, usize)> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizer failed on {:?}: {e}", crate::io::text::excerpt(text, 80))))?;
+        // a panic inside tokenizers (a hostile tokenizer.json the checks above let through) is an error
+        let enc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.encode(text, false)))
+            .map_err(|_| Error::msg(format!("the tokenizer crashed on {:?} (a broken tokenizer.json?)", crate::io::text::excerpt(text, 80))))?
+            .map_err(|e| Error::msg(format!("tokenizer failed on {:?}: {e}", crate::io::text::excerpt(text, 80))))?;
         let content = enc.get_ids();
         let n = content.len().min(self.context_length - 2);
         let [texts, cut, tokens, longest] = &self.counts;

@@ -266,8 +266,9 @@ fn pickle_seeds() -> Vec<Vec<u8>> {
 }
 
 fn run_pickle(b: &[u8]) -> bool {
-    let a = clipforge::io::pt::pickle::unpickle(b, false).is_ok();
-    clipforge::io::pt::pickle::unpickle(b, true).is_ok() || a
+    use clipforge::io::pt::pickle::{dismantle, unpickle};
+    let a = unpickle(b, false).map(dismantle).is_ok();
+    unpickle(b, true).map(dismantle).is_ok() || a
 }
 
 // ---- tar shards -------------------------------------------------------------------------

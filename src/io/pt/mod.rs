@@ -67,7 +67,9 @@ pub fn read_pt(path: &Path) -> Result<PtCheckpoint> {
     let root = pickle::unpickle(&bytes, torchscript).map_err(|m| err(format!("{m} (not a PyTorch state dict)")))?;
     let mut found: Vec<(String, std::rc::Rc<TensorRef>)> = vec![];
     let kind = if torchscript { PtKind::TorchScript } else { PtKind::StateDict };
-    collect(&root, "", &mut found, 0).map_err(err)?;
+    let collected = collect(&root, "", &mut found, 0);
+    pickle::dismantle(root); // a deep pickle is not dropped recursively
+    collected.map_err(err)?;
     if found.is_empty() {
         return Err(err("holds no tensors".into()));
     }
