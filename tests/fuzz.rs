@@ -365,13 +365,13 @@ macro_rules! fuzz_test {
     };
 }
 
-fuzz_test!(safetensors, 20000);
-fuzz_test!(config_json, 30000);
-fuzz_test!(preprocessor_config, 100000);
-fuzz_test!(tokenizer_json, 1500);
-fuzz_test!(jsonl, 20000);
-fuzz_test!(images, 60000);
-fuzz_test!(pt, 6000);
-fuzz_test!(pickle, 100000);
-fuzz_test!(tar_index, 20000);
-fuzz_test!(npy, 30000);
+fuzz_test!(safetensors, 100000);
+fuzz_test!(config_json, 150000);
+fuzz_test!(preprocessor_config, 150000);
+fuzz_test!(tokenizer_json, 10000);
+fuzz_test!(jsonl, 150000);
+fuzz_test!(images, 150000);
+fuzz_test!(pt, 100000);
+fuzz_test!(pickle, 150000);
+fuzz_test!(tar_index, 150000);
+fuzz_test!(npy, 150000);

@@ -76,7 +76,7 @@ fn decompression_bombs_are_refused_before_decoding() {
     let m = fixture("tiny");
     for (name, bytes) in bombs() {
         let e = decode_rgb8_hf(&bytes).err().unwrap_or_else(|| panic!("{name}: decoded")).to_string();
-        assert!(e.contains("decompression bomb") || name == "bomb.gif", "{name}: {e}");
+        assert!(e.contains("decompression bomb"), "{name}: {e}");
         assert!(probe_bytes(&bytes).is_err(), "{name}: probe_bytes");
         let p = t.join(name);
         std::fs::write(&p, &bytes).unwrap();
