@@ -76,7 +76,7 @@ pub fn classify(a: &ClassifyArgs) -> Result<()> {
         return Err(Error::msg("no class names given"));
     }
     if !a.template.contains("{}") {
-        return Err(Error::msg(format!("--template {:?} has no {{}} for the class name", a.template)));
+        return Err(Error::msg(format!("--template {:?} has no {{}} for the class name", clipforge::io::text::excerpt(&a.template, 80))));
     }
     let prompts: Vec<String> = labels.iter().map(|l| a.template.replace("{}", l)).collect();
     let (_, probs, _) = scores(&a.model, &a.images, &prompts, a.compute)?;

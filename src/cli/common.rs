@@ -45,7 +45,7 @@ pub fn preprocess_config(dir: &Path, image_size: usize) -> Result<PreprocessConf
 pub fn read_texts(args: &[String], file: Option<&Path>) -> Result<Vec<String>> {
     let texts: Vec<String> = match file {
         Some(f) => {
-            let s = std::fs::read_to_string(f).map_err(|e| Error::file(f, format!("cannot read: {e}")))?;
+            let s = clipforge::io::text::read_utf8(f)?;
             let v: Vec<String> = s.lines().map(|l| l.to_string()).collect();
             if v.is_empty() {
                 return Err(Error::file(f, "holds no texts (one text per line)"));

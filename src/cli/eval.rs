@@ -181,7 +181,7 @@ pub fn zeroshot(a: &ZeroshotArgs) -> Result<()> {
     let set = image_folder(&a.data)?;
     let names: Vec<String> = match &a.classnames {
         Some(p) => {
-            let t = std::fs::read_to_string(p).map_err(|e| Error::file(p, format!("cannot read: {e}")))?;
+            let t = clipforge::io::text::read_utf8(p)?;
             let n: Vec<String> = t.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
             if n.len() != set.folders.len() {
                 return Err(Error::file(p, format!("{} class names for {} class folders", n.len(), set.folders.len())));

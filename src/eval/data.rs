@@ -55,7 +55,7 @@ pub fn retrieval_set(path: &Path) -> Result<RetrievalSet> {
     if crate::io::shards::is_shard_spec(&path.to_string_lossy()) {
         return retrieval_shards(&crate::io::shards::shard_list(&[path.to_string_lossy()])?);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let text = crate::io::text::read_utf8(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut s = RetrievalSet { images: vec![], texts: vec![], owner: vec![] };
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

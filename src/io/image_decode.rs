@@ -10,10 +10,25 @@
 //! - 16-bit grayscale (PIL mode I;16) keeps the high byte of each sample (`v >> 8`), as Pillow
 //!   itself does for 16-bit RGB; Pillow clamps to 0..255 instead, which turns a typical 16-bit
 //!   gray photo white.
+//! - An image of more than [`MAX_PIXELS`] pixels is refused from its header, before any pixel
+//!   is decoded (Pillow's `DecompressionBombError` limit): a small file can claim 30000×30000.
 //! - A JPEG without its end-of-image marker after the scan data (a truncated file) is an error, as
 //!   Pillow's "image file is truncated"; libjpeg alone would fill the missing rows with gray.
 use crate::error::{Error, Result};
 use std::path::Path;
+
+/// The most pixels an image may have (width × height), checked from the header before decoding:
+/// Pillow's `DecompressionBombError` threshold (2 × `Image.MAX_IMAGE_PIXELS`).
+pub const MAX_PIXELS: u64 = 2 * 89_478_485;
+
+/// Refuses a header that claims more than [`MAX_PIXELS`] pixels (a decompression bomb).
+pub fn check_pixels(w: u32, h: u32) -> Result<()> {
+    let n = w as u64 * h as u64;
+    if n > MAX_PIXELS {
+        return Err(Error::msg(format!("image is {w}x{h} = {n} pixels, more than the limit of {MAX_PIXELS} (a decompression bomb?)")));
+    }
+    Ok(())
+}
 
 /// Interleaved 8-bit RGB image, row-major, `data.len() == width * height * 3`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +75,7 @@ pub fn probe(path: &Path) -> Result<(u32, u32)> {
     if w == 0 || h == 0 {
         return Err(bad(&format!("zero size ({w}x{h})")));
     }
+    check_pixels(w, h).map_err(|e| bad(&e))?;
     Ok((w, h))
 }
 
@@ -75,6 +91,7 @@ pub fn probe_bytes(bytes: &[u8]) -> Result<(u32, u32)> {
     if w == 0 || h == 0 {
         return Err(bad(&format!("zero size ({w}x{h})")));
     }
+    check_pixels(w, h).map_err(|e| bad(&e))?;
     Ok((w, h))
 }
 
@@ -109,6 +126,12 @@ fn decode(bytes: &[u8], hf: bool) -> Result<RgbImage8> {
         .map_err(|_| Error::msg(format!("unrecognised or unsupported image format (starts with {:02x?})", &bytes[..bytes.len().min(8)])))?;
     if fmt == image::ImageFormat::Jpeg && !jpeg_complete(bytes) {
         return Err(Error::msg("JPEG file is truncated (no end-of-image marker after the scan data)"));
+    }
+    let header = std::panic::catch_unwind(|| image::ImageReader::with_format(std::io::Cursor::new(bytes), fmt).into_dimensions());
+    match header {
+        Ok(Ok((w, h))) => check_pixels(w, h)?, // before the decoder allocates w × h pixels
+        Ok(Err(image::ImageError::Limits(e))) => return Err(Error::msg(format!("{fmt:?} header claims an image too large to decode ({e}; a decompression bomb?)"))),
+        _ => {}
     }
     if fmt == image::ImageFormat::Jpeg {
         return super::jpeg_decode::decode_jpeg(bytes); // no alpha: `hf` changes nothing

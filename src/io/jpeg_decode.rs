@@ -17,8 +17,8 @@ use super::image_decode::RgbImage8;
 use crate::error::{Error, Result};
 use mozjpeg::{ColorSpace, DctMethod, Decompress};
 
-/// Pillow's decompression-bomb limit (`2 * Image.MAX_IMAGE_PIXELS`): larger images are an error.
-const MAX_PIXELS: u64 = 2 * 89_478_485;
+// Pillow's decompression-bomb limit (`2 * Image.MAX_IMAGE_PIXELS`): larger images are an error.
+use super::image_decode::MAX_PIXELS;
 
 /// Decode JPEG bytes to RGB8 exactly as Pillow's `Image.open(f).convert("RGB")`.
 pub(crate) fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage8> {

@@ -12,5 +12,6 @@ pub mod pt;
 pub mod shard_stream;
 pub mod shards;
 pub mod st_out;
+pub mod text;
 pub mod tokenizer;
 pub mod webdataset;

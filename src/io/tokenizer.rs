@@ -59,6 +59,42 @@ pub fn cut_hint(context: usize, max_positions: usize) -> String {
 /// HF `tokenizer.json` (the file tests/fixtures/tokenizer.json also holds).
 pub const CLIP_TOKENIZER_JSON: &[u8] = include_bytes!("../../assets/clip_tokenizer.json");
 
+/// A BPE model's merges: each one's second token starts with the continuing-subword prefix
+/// (tokenizers slices it off by length, even inside a character) and each merged token is in the
+/// vocabulary (tokenizers copies it into a buffer as long as the longest entry before it checks).
+fn check_bpe_merges(v: &serde_json::Value) -> std::result::Result<(), String> {
+    let model = &v["model"];
+    let (Some(vocab), Some(merges)) = (model["vocab"].as_object(), model["merges"].as_array()) else { return Ok(()) };
+    let prefix = model["continuing_subword_prefix"].as_str().unwrap_or("");
+    for (i, m) in merges.iter().enumerate() {
+        let (a, b) = match (m, m.as_array().map(|p| p.as_slice())) {
+            (_, Some([serde_json::Value::String(a), serde_json::Value::String(b)])) => (a.as_str(), b.as_str()),
+            (serde_json::Value::String(s), _) => match s.split_once(' ') {
+                Some(p) => p,
+                None => continue,
+            },
+            _ => continue, // tokenizers says what is wrong with it
+        };
+        let Some(rest) = b.strip_prefix(prefix) else {
+            return Err(format!("BPE merge {i} ({a:?}, {b:?}): the second token lacks the continuing-subword prefix {prefix:?}"));
+        };
+        if !vocab.contains_key(&format!("{a}{rest}")) {
+            return Err(format!("BPE merge {i} ({a:?}, {b:?}): the merged token is not in the vocabulary"));
+        }
+    }
+    Ok(())
+}
+
+/// No Replace normalizer with an empty pattern (tokenizers 0.23 then panics in the next
+/// normalizer when it encodes; found by tests/fuzz.rs).
+fn check_replace(n: &serde_json::Value) -> std::result::Result<(), String> {
+    match n["type"].as_str() {
+        Some("Sequence") => n["normalizers"].as_array().into_iter().flatten().try_for_each(check_replace),
+        Some("Replace") if ["Regex", "String"].iter().any(|k| n["pattern"][k].as_str() == Some("")) => Err("a Replace normalizer has an empty pattern".into()),
+        _ => Ok(()),
+    }
+}
+
 impl ClipTokenizer {
     /// Loads `tokenizer.json` (a file, or the one in a model directory); for a `.pt` checkpoint
     /// (which carries none), the built-in CLIP BPE.
@@ -70,7 +106,17 @@ impl ClipTokenizer {
         if !file.exists() {
             return Err(Error::file(&file, "missing (the model directory needs the tokenizer.json of the CLIP BPE)"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::file(&file, format!("not a valid tokenizer.json: {e}")))?;
+        let text = crate::io::text::read_utf8(&file)?;
+        // tokenizers 0.23 panics on some bad files (found by tests/fuzz.rs): on malformed JSON (an
+        // `expect` in its decoder deserializer) and on a BPE merge longer than every vocabulary
+        // entry; so the file is checked to be JSON and its merges checked first, and a panic
+        // left is caught.
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&file, format!("not valid JSON: {e}")))?;
+        check_bpe_merges(&json).and_then(|_| check_replace(&json["normalizer"])).map_err(|e| Error::file(&file, e))?;
+        drop(json);
+        let inner = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| Error::file(&file, "not a valid tokenizer.json (the tokenizers crate crashed on it)"))?
+            .map_err(|e| Error::file(&file, format!("not a valid tokenizer.json: {e}")))?;
         let id = |t: &str| inner.token_to_id(t).ok_or_else(|| Error::file(&file, format!("vocabulary has no {t} token")));
         let (sot, eot) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
         if context_length < 2 {
@@ -97,7 +143,10 @@ impl ClipTokenizer {
 
     /// [`encode`](Self::encode), and how many content tokens the context length cut off.
     pub fn encode_counting(&self, text: &str) -> Result<(Vec<u32>, usize)> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizer failed on {text:?}: {e}")))?;
+        // a panic inside tokenizers (a hostile tokenizer.json the checks above let through) is an error
+        let enc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.encode(text, false)))
+            .map_err(|_| Error::msg(format!("the tokenizer crashed on {:?} (a broken tokenizer.json?)", crate::io::text::excerpt(text, 80))))?
+            .map_err(|e| Error::msg(format!("tokenizer failed on {:?}: {e}", crate::io::text::excerpt(text, 80))))?;
         let content = enc.get_ids();
         let n = content.len().min(self.context_length - 2);
         let [texts, cut, tokens, longest] = &self.counts;

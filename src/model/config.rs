@@ -108,7 +108,7 @@ fn tower(r: &RawTower, d: (usize, usize, usize, usize), what: &str) -> Result<To
 impl ClipConfig {
     /// Reads an HF `config.json`.
     pub fn from_file(path: &Path) -> Result<ClipConfig> {
-        let s = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let s = crate::io::text::read_utf8(path)?;
         ClipConfig::from_json(&s).map_err(|e| Error::file(path, e))
     }
 

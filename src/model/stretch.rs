@@ -25,20 +25,12 @@ pub struct StretchReport {
     pub tensors: usize,
 }
 
-/// The weight files of a model dir: model.safetensors or the shards of its index.
+/// The weight files of a model dir (model.safetensors or the shards of its index), checked as
+/// [`crate::model::Weights::open`] checks them (shards inside the directory, present, agreeing
+/// with the index, no tensor in two shards).
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index).map_err(|_| Error::file(dir, "no model.safetensors or model.safetensors.index.json in this directory"))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("not JSON: {e}")))?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::file(&index, "no weight_map object"))?;
-    let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
+    crate::model::Weights::open(dir)?;
+    Ok(crate::model::weights::model_files(dir)?.0)
 }
 
 fn to_f32(data: &[u8], dtype: Dtype, path: &Path) -> Result<Vec<f32>> {

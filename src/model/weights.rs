@@ -31,26 +31,35 @@ impl Weights {
     }
 
     /// Opens a model directory (model.safetensors, or the shards listed in
-    /// model.safetensors.index.json) or a single .safetensors file.
+    /// model.safetensors.index.json) or a single .safetensors file. A sharded model must agree
+    /// with its index: every shard listed is there, every tensor is in the shard the index names,
+    /// and no tensor is in two shards (an error naming both files, never one silently kept).
     pub fn open(path: &Path) -> Result<Weights> {
-        let files: Vec<PathBuf> = if path.is_dir() {
-            let index = path.join("model.safetensors.index.json");
-            let single = path.join("model.safetensors");
-            if single.exists() {
-                vec![single]
-            } else if index.exists() {
-                shard_files(&index)?
-            } else {
-                return Err(Error::file(path, "no model.safetensors or model.safetensors.index.json in this directory"));
-            }
-        } else {
-            vec![path.to_path_buf()]
-        };
+        let (files, index) = if path.is_dir() { model_files(path)? } else { (vec![path.to_path_buf()], None) };
         let mut w = Weights { files: vec![], entries: HashMap::new(), origin: path.to_path_buf() };
         for f in files {
             w.add_file(&f)?;
         }
+        if let Some((index, map)) = index {
+            w.check_index(&index, &map)?;
+        }
         Ok(w)
+    }
+
+    /// Every tensor the index lists is in the shard it names.
+    fn check_index(&self, index: &Path, map: &[(String, String)]) -> Result<()> {
+        for (name, shard) in map {
+            let at = match self.entries.get(name) {
+                Some(Entry::Mapped { file, .. } | Entry::Unsupported { file, .. }) => Some(&self.files[*file].0),
+                _ => None,
+            };
+            match at {
+                Some(p) if p.file_name().is_some_and(|n| n == shard.as_str()) => {}
+                Some(p) => return Err(Error::file(index, format!("lists tensor \"{name}\" in {shard}, but it is in {}", p.display()))),
+                None => return Err(Error::file(index, format!("lists tensor \"{name}\" in {shard}, which does not hold it"))),
+            }
+        }
+        Ok(())
     }
 
     fn add_file(&mut self, path: &Path) -> Result<()> {
@@ -72,6 +81,10 @@ impl Weights {
                 Some(dtype) => Entry::Mapped { file: idx, dtype, shape: info.shape.clone(), start: base + info.data_offsets.0 },
                 None => Entry::Unsupported { file: idx, dtype: format!("{:?}", info.dtype) },
             };
+            if let Some(Entry::Mapped { file, .. } | Entry::Unsupported { file, .. }) = self.entries.get(&name) {
+                let other = &self.files[*file].0;
+                return Err(Error::file(path, format!("tensor \"{name}\" is also in {}: a tensor must be in one shard only", other.display())));
+            }
             self.entries.insert(name, entry);
         }
         self.files.push((path.to_path_buf(), Arc::new(map)));
@@ -137,21 +150,43 @@ impl Weights {
     }
 }
 
-fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::file(index, format!("cannot read: {e}")))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(index, format!("not valid JSON: {e}")))?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::file(index, "no \"weight_map\" object"))?;
+/// The safetensors files of a model directory: model.safetensors, or else the shards
+/// model.safetensors.index.json lists (with its path and its (tensor, shard) pairs), each checked
+/// to be a plain file name inside the directory that exists.
+pub fn model_files(dir: &Path) -> Result<ModelFiles> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if single.exists() {
+        return Ok((vec![single], None));
+    }
+    if !index.exists() {
+        return Err(Error::file(dir, "no model.safetensors or model.safetensors.index.json in this directory"));
+    }
+    let bytes = std::fs::read(&index).map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::file(&index, format!("not valid JSON: {e}")))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::file(&index, "no \"weight_map\" object"))?;
+    let mut pairs = Vec::with_capacity(map.len());
     let mut files: Vec<String> = Vec::new();
-    for f in map.values() {
-        let f = f.as_str().ok_or_else(|| Error::file(index, "weight_map values must be file names"))?;
-        if f.contains('/') || f.contains("..") {
-            return Err(Error::file(index, format!("shard name \"{f}\" must be a plain file name")));
+    for (name, f) in map {
+        let f = f.as_str().ok_or_else(|| Error::file(&index, format!("weight_map[\"{name}\"] must be a file name, got {f}")))?;
+        if f.is_empty() || f.contains(['/', '\\']) || f == "." || f == ".." {
+            return Err(Error::file(&index, format!("shard name \"{f}\" must be a plain file name in this directory")));
         }
         if !files.iter().any(|x| x == f) {
             files.push(f.to_string());
         }
+        pairs.push((name.clone(), f.to_string()));
+    }
+    if files.is_empty() {
+        return Err(Error::file(&index, "\"weight_map\" lists no tensors"));
     }
     files.sort();
-    let dir = index.parent().unwrap_or(Path::new("."));
-    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+    if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+        return Err(Error::file(missing, format!("missing: {} lists it as a shard", index.display())));
+    }
+    Ok((files, Some((index, pairs))))
 }
+
+/// [`model_files`]: the files, and for a sharded model the index with its (tensor, shard) pairs.
+pub type ModelFiles = (Vec<PathBuf>, Option<(PathBuf, Vec<(String, String)>)>);

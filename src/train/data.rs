@@ -93,7 +93,7 @@ fn image_err(s: &Sample, e: Error) -> Error {
 
 /// Reads a JSONL or ShareGPT4V JSON file (by content: a leading `[` is the JSON array form).
 pub fn read_samples(path: &Path, image_root: Option<&Path>) -> Result<Vec<Sample>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let text = crate::io::text::read_utf8(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let base = image_root.unwrap_or(dir);
     let str_field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(|s| s.to_string());

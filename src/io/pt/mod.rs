@@ -60,11 +60,16 @@ pub fn read_pt(path: &Path) -> Result<PtCheckpoint> {
         }
     }
     let torchscript = names.iter().any(|n| *n == format!("{top}constants.pkl") || n.starts_with(&format!("{top}code/")));
-    let bytes = read_entry(&mut zip, &format!("{top}data.pkl")).map_err(err)?;
+    let bytes = read_entry(&mut zip, &format!("{top}data.pkl"), MAX_PICKLE).map_err(err)?;
+    if bytes.len() as u64 >= MAX_PICKLE {
+        return Err(err(format!("{top}data.pkl is larger than {} MiB: not a checkpoint's pickle", MAX_PICKLE >> 20)));
+    }
     let root = pickle::unpickle(&bytes, torchscript).map_err(|m| err(format!("{m} (not a PyTorch state dict)")))?;
     let mut found: Vec<(String, std::rc::Rc<TensorRef>)> = vec![];
     let kind = if torchscript { PtKind::TorchScript } else { PtKind::StateDict };
-    collect(&root, "", &mut found, 0).map_err(err)?;
+    let collected = collect(&root, "", &mut found, 0);
+    pickle::dismantle(root); // a deep pickle is not dropped recursively
+    collected.map_err(err)?;
     if found.is_empty() {
         return Err(err("holds no tensors".into()));
     }
@@ -80,8 +85,9 @@ pub fn read_pt(path: &Path) -> Result<PtCheckpoint> {
     for key in keys {
         let views = by_key.remove(&key).unwrap_or_default();
         let Some(s) = views.first().map(|(_, t)| t.storage.clone()) else { continue };
-        let raw = read_entry(&mut zip, &format!("{top}data/{key}")).map_err(err)?;
         let need = s.numel.checked_mul(s.dtype.size()).ok_or_else(|| err(format!("storage {key} is too large")))?;
+        // no more than the pickle says is read: a compressed entry cannot inflate without bound
+        let raw = read_entry(&mut zip, &format!("{top}data/{key}"), need as u64).map_err(err)?;
         if raw.len() < need {
             return Err(err(format!("storage data/{key} holds {} bytes, the pickle says {} ({} × {:?})", raw.len(), need, s.numel, s.dtype)));
         }
@@ -99,10 +105,19 @@ pub fn read_pt(path: &Path) -> Result<PtCheckpoint> {
     Ok(PtCheckpoint { kind, tensors })
 }
 
-fn read_entry<R: Read + std::io::Seek>(zip: &mut zip::ZipArchive<R>, name: &str) -> std::result::Result<Vec<u8>, String> {
+/// The largest `data.pkl` read (a CLIP checkpoint's is well under 1 MiB).
+const MAX_PICKLE: u64 = 256 << 20;
+
+/// The first `max` bytes of zip entry `name` (all of it if shorter). An entry of exactly `max`
+/// bytes is read to its end, so that the zip reader checks its CRC.
+fn read_entry<R: Read + std::io::Seek>(zip: &mut zip::ZipArchive<R>, name: &str, max: u64) -> std::result::Result<Vec<u8>, String> {
     let mut f = zip.by_name(name).map_err(|e| format!("zip entry {name}: {e}"))?;
-    let mut v = Vec::with_capacity(f.size().min(1 << 26) as usize); // a claimed size is not trusted
-    f.read_to_end(&mut v).map_err(|e| format!("zip entry {name} cannot be read ({e}): the file is truncated or corrupt"))?;
+    let mut v = Vec::with_capacity(f.size().min(max).min(1 << 26) as usize); // a claimed size is not trusted
+    let bad = |e: std::io::Error| format!("zip entry {name} cannot be read ({e}): the file is truncated or corrupt");
+    (&mut f).take(max).read_to_end(&mut v).map_err(bad)?;
+    if v.len() as u64 == max {
+        f.read(&mut [0u8; 1]).map_err(bad)?;
+    }
     Ok(v)
 }
 

@@ -178,11 +178,35 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Drops `v` without recursion: a pickle can nest containers a million deep in a few
+/// megabytes, and the compiler's recursive drop of that overflows the stack (an abort, found by
+/// tests/hostile.rs). Containers shared with another owner are left to it.
+pub fn dismantle(v: Value) {
+    let mut todo = vec![v];
+    while let Some(v) = todo.pop() {
+        match v {
+            Value::Tuple(rc) => todo.extend(Rc::try_unwrap(rc).unwrap_or_default()),
+            Value::List(rc) => todo.extend(Rc::try_unwrap(rc).map(RefCell::into_inner).unwrap_or_default()),
+            Value::Dict(rc) => todo.extend(Rc::try_unwrap(rc).map(RefCell::into_inner).unwrap_or_default().into_iter().flat_map(|(k, x)| [k, x])),
+            Value::Object(rc) => todo.extend(Rc::try_unwrap(rc).ok().and_then(|o| o.into_inner().state)),
+            _ => {}
+        }
+    }
+}
+
 /// Unpickles `bytes`; `torchscript` allows the `__torch__.` classes of a TorchScript archive.
+/// A deeply nested result is best given to [`dismantle`] rather than dropped.
 pub fn unpickle(bytes: &[u8], torchscript: bool) -> Result<Value, PickleError> {
-    let mut r = Reader { b: bytes, pos: 0 };
     let mut stack: Vec<Item> = Vec::new();
     let mut memo: HashMap<u32, Value> = HashMap::new();
+    let r = unpickle_with(bytes, torchscript, &mut stack, &mut memo);
+    // what is left on the stack and in the memo (after an error, or shared with the result)
+    stack.into_iter().filter_map(|i| if let Item::V(v) = i { Some(v) } else { None }).chain(memo.into_values()).for_each(dismantle);
+    r
+}
+
+fn unpickle_with(bytes: &[u8], torchscript: bool, stack: &mut Vec<Item>, memo: &mut HashMap<u32, Value>) -> Result<Value, PickleError> {
+    let mut r = Reader { b: bytes, pos: 0 };
     loop {
         let at = r.pos;
         let op = r.u8()?;
@@ -205,7 +229,7 @@ pub fn unpickle(bytes: &[u8], torchscript: bool) -> Result<Value, PickleError> {
             0x95 => {
                 r.u64()?; // FRAME size (protocol 4)
             }
-            b'.' => return pop(&mut stack), // STOP
+            b'.' => return pop(stack), // STOP
             b'(' => stack.push(Item::Mark),
             b'}' => stack.push(Item::V(Value::Dict(Rc::new(RefCell::new(vec![]))))),
             b']' => stack.push(Item::V(Value::List(Rc::new(RefCell::new(vec![]))))),
@@ -245,21 +269,21 @@ pub fn unpickle(bytes: &[u8], torchscript: bool) -> Result<Value, PickleError> {
                 stack.push(Item::V(Value::Float(f64::from_be_bytes(a))));
             }
             b't' => {
-                let items = pop_mark(&mut stack)?;
+                let items = pop_mark(stack)?;
                 stack.push(Item::V(Value::Tuple(Rc::new(items))));
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
-                let mut items = (0..n).map(|_| pop(&mut stack)).collect::<Result<Vec<_>, _>>()?;
+                let mut items = (0..n).map(|_| pop(stack)).collect::<Result<Vec<_>, _>>()?;
                 items.reverse();
                 stack.push(Item::V(Value::Tuple(Rc::new(items))));
             }
             b's' | b'u' => {
                 let items = if op == b's' {
-                    let v = pop(&mut stack)?;
-                    vec![pop(&mut stack)?, v]
+                    let v = pop(stack)?;
+                    vec![pop(stack)?, v]
                 } else {
-                    pop_mark(&mut stack)?
+                    pop_mark(stack)?
                 };
                 match stack.last() {
                     Some(Item::V(Value::Dict(d))) if items.len() % 2 == 0 => {
@@ -272,7 +296,7 @@ pub fn unpickle(bytes: &[u8], torchscript: bool) -> Result<Value, PickleError> {
                 }
             }
             b'a' | b'e' => {
-                let items = if op == b'a' { vec![pop(&mut stack)?] } else { pop_mark(&mut stack)? };
+                let items = if op == b'a' { vec![pop(stack)?] } else { pop_mark(stack)? };
                 match stack.last() {
                     Some(Item::V(Value::List(l))) => l.borrow_mut().extend(items),
                     _ => return Err(format!("malformed pickle: APPEND(S) without a list at byte {at}")),
@@ -300,8 +324,8 @@ pub fn unpickle(bytes: &[u8], torchscript: bool) -> Result<Value, PickleError> {
                 let (module, name) = if op == b'c' {
                     (r.line()?, r.line()?)
                 } else {
-                    let name = pop(&mut stack)?;
-                    let module = pop(&mut stack)?;
+                    let name = pop(stack)?;
+                    let module = pop(stack)?;
                     match (module, name) {
                         (Value::Str(m), Value::Str(n)) => (m, n),
                         _ => return Err(format!("malformed pickle: STACK_GLOBAL without two strings at byte {at}")),
@@ -310,12 +334,12 @@ pub fn unpickle(bytes: &[u8], torchscript: bool) -> Result<Value, PickleError> {
                 stack.push(Item::V(Value::Global(resolve(&module, &name, torchscript).ok_or_else(|| format!("unsupported pickle global {module}.{name} at byte {at}"))?)));
             }
             b'Q' => {
-                let pid = pop(&mut stack)?;
+                let pid = pop(stack)?;
                 stack.push(Item::V(Value::Storage(persistent(&pid).ok_or_else(|| format!("unsupported persistent id at byte {at} (expected ('storage', type, key, location, numel))"))?)));
             }
             b'R' => {
-                let args = pop(&mut stack)?;
-                let f = pop(&mut stack)?;
+                let args = pop(stack)?;
+                let f = pop(stack)?;
                 let args = match args {
                     Value::Tuple(t) => t,
                     a => return Err(format!("malformed pickle: REDUCE with {} arguments at byte {at}", a.kind())),
@@ -323,14 +347,14 @@ pub fn unpickle(bytes: &[u8], torchscript: bool) -> Result<Value, PickleError> {
                 stack.push(Item::V(reduce(&f, &args).map_err(|e| format!("{e} at byte {at}"))?));
             }
             0x81 => {
-                let _args = pop(&mut stack)?;
-                match pop(&mut stack)? {
+                let _args = pop(stack)?;
+                match pop(stack)? {
                     Value::Global(Global::TorchClass(class)) => stack.push(Item::V(Value::Object(Rc::new(RefCell::new(Object { class, state: None }))))),
                     v => return Err(format!("unsupported NEWOBJ of a {} at byte {at}", v.kind())),
                 }
             }
             b'b' => {
-                let state = pop(&mut stack)?;
+                let state = pop(stack)?;
                 match stack.last() {
                     Some(Item::V(Value::Object(o))) => o.borrow_mut().state = Some(state),
                     Some(Item::V(Value::Tensor(_))) => {} // a Parameter's extra state: not needed
