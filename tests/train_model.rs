@@ -91,7 +91,8 @@ fn loss64(model: &TrainClip, px: &Tensor, ids: &[Vec<u32>], r: &[f32], moved: Op
 /// The tape's f32 gradient of every parameter tensor of the tiny model against float64 central
 /// differences of [`loss64`] on 3 elements each (2 chosen at random among those the batch reaches,
 /// and the one with the largest gradient), h = 1e-4 of the tensor's largest |value| (1e-4 at
-/// least): per element |g − fd| ≤ 1e-4·max|g| + 1e-3·|fd|, max|g| over the whole tensor. The f64
+/// least): per element |g − fd| ≤ 1e-4·max|g| + 1e-6·G + 1e-3·|fd|, max|g| over the whole tensor,
+/// G over the whole model (the k_proj biases' true gradient is 0: the tape's is noise). The f64
 /// forward itself must equal the tape's to 1e-5 relative first.
 #[test]
 fn gradients_match_finite_differences() {
@@ -105,8 +106,9 @@ fn gradients_match_finite_differences() {
     let r: Vec<f32> = (0..(px.dim(0) + ids.len()) * model.config.projection_dim).map(|_| rng.normal()).collect();
     let l64 = loss64(&model, &px, ids, &r, None);
     assert!((loss as f64 - l64).abs() <= 1e-5 * l64.abs().max(1.0), "f64 forward {l64} vs the tape's {loss}");
+    let gall = grads.iter().flatten().flatten().fold(0f32, |m, v| m.max(v.abs())) as f64;
     let mut pick = Rng::new(11);
-    let mut checked = 0;
+    let (mut checked, mut worst) = (0, 0f64);
     for (i, (name, t)) in model.params.iter().enumerate() {
         let g = grads[i].as_ref().unwrap_or_else(|| panic!("{name}: no gradient"));
         let gmax = g.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
@@ -122,11 +124,13 @@ fn gradients_match_finite_differences() {
         for e in elems {
             let fd = (loss64(&model, &px, ids, &r, Some((i, e, h))) - loss64(&model, &px, ids, &r, Some((i, e, -h)))) / (2.0 * h);
             let err = (g[e] as f64 - fd).abs();
-            assert!(err <= 1e-4 * gmax + 1e-3 * fd.abs(), "{name}[{e}]: tape {}, f64 finite differences {fd} (|err| {err:.3e}, max|g| {gmax:.3e})", g[e]);
+            let tol = 1e-4 * gmax + 1e-6 * gall + 1e-3 * fd.abs();
+            assert!(err <= tol, "{name}[{e}]: tape {}, f64 finite differences {fd} (|err| {err:.3e}, max|g| {gmax:.3e})", g[e]);
+            worst = worst.max(err / tol);
             checked += 1;
         }
     }
-    eprintln!("{checked} gradient elements of {} parameter tensors checked", model.params.len());
+    eprintln!("{checked} gradient elements of {} parameter tensors checked; at most {worst:.2} of the tolerance used", model.params.len());
 }
 
 #[test]
