@@ -13,6 +13,7 @@ use clipforge::{DType, Error, Result};
 use emu_common::*;
 
 const BF16_RTOL: f64 = 1.0 / 128.0; // one bf16 ulp: the final rounding plus f32 differences
+const F16_RTOL: f64 = 1.0 / 1024.0; // one f16 ulp: f16 is checked to its own precision, 8× tighter
 
 /// A tensor element type of the kernels, with its f32 conversions.
 trait DevElem: Elem {
@@ -193,7 +194,8 @@ fn tol<E: DevElem>(c: &Case) -> Tol {
     let grad_atol = |a: f64| if c.sharp { 1e-4 } else { a };
     match E::DTYPE {
         DType::F32 => Tol { o: (1e-5, 1e-4), lse: (1e-5, 1e-5), grad: (grad_atol(2e-6), 2e-4) },
-        _ => Tol { o: (1e-5, BF16_RTOL), lse: (1e-5, 1e-5), grad: (grad_atol(1e-5), BF16_RTOL) },
+        DType::F16 => Tol { o: (1e-5, F16_RTOL), lse: (1e-5, 1e-5), grad: (grad_atol(1e-5), F16_RTOL) },
+        DType::BF16 => Tol { o: (1e-5, BF16_RTOL), lse: (1e-5, 1e-5), grad: (grad_atol(1e-5), BF16_RTOL) },
     }
 }
 

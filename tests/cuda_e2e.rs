@@ -2,7 +2,9 @@
 //! `CudaClip` (every kernel and GEMM of the GPU towers, launched with the production argument
 //! packing and geometry) on the emulated device, against the CPU backend's towers, per element
 //! |x − ref| ≤ 1e-4·0.1·max|ref| + 1e-4·|ref| (as tests/parity.rs). The same on a real GPU when
-//! there is one; without it that test prints "skipped: no CUDA device" and passes.
+//! there is one; without it that test prints "skipped: no CUDA device" and passes. bf16: per element
+//! against the bf16-rounding reference towers, and provably not f32 (`run_model_bf16`).
+mod common;
 use clipforge::cuda::{DeviceOps, EmuOps, GpuOps};
 use clipforge::model::CudaClip;
 use clipforge::model::{ClipParts, LoadOptions, Towers, Weights};
@@ -72,48 +74,35 @@ fn run_model(name: &str, ops: Box<dyn DeviceOps>) {
     eprintln!("{name} on {what}: max |err| / max|ref|: images {e_img:.3e} (B = {}), texts {e_txt:.3e} (B = {}), argmax-pooled texts {e_argmax:.3e}", px.dim(0), ids.len());
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
-    let n = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
-}
-
 /// The bf16 towers (Linear weights bf16, GEMM inputs rounded to bf16, f32 accumulation) through
-/// the CUDA code path: every embedding has cosine ≥ 0.999 to the CPU f32 towers, and is close per
-/// element to the CPU bf16 towers (the same rounding points; only the summation order differs).
+/// the CUDA code path, per element against the bf16-rounding reference towers
+/// (tests/common/half_ref.rs: the same rounding points, f64 accumulation) within
+/// u·max|ref| + u·|ref| (u = 2^-8); and not f32: farther than u/8·max|ref| from the CPU f32 towers
+/// somewhere, so a bf16 path that silently ran in f32 fails here.
 fn run_model_bf16(name: &str, ops: Box<dyn DeviceOps>) {
+    use clipforge::model::schema::{Schema, Tower};
+    use clipforge::model::tower::{Mode, TowerParams};
+    use common::half_ref::{assert_not_f32, assert_half_close, scaled_err, HalfRef};
     let dir = fixture(name);
     let f32_model = ClipParts::load_dir(&dir, Towers::Both, &LoadOptions::default()).unwrap();
-    let bf16_model = ClipParts::load_dir(&dir, Towers::Both, &LoadOptions { dtype: DType::BF16 }).unwrap();
     let clip = CudaClip::with_dtype(ops, &f32_model, DType::BF16).unwrap();
     let what = format!("{name} bf16 on {}", clip.describe());
+    let (w, schema) = (Weights::open(&dir).unwrap(), Schema::clip(&f32_model.config));
+    let (rv, rt) = (TowerParams::load(&HalfRef, &schema, Tower::Vision, &w, DType::BF16).unwrap(), TowerParams::load(&HalfRef, &schema, Tower::Text, &w, DType::BF16).unwrap());
     let refs = Weights::open(&dir.join("activations.safetensors")).unwrap();
     let px = refs.get("input.pixel_values").unwrap().contiguous();
     let ids = text_ids(&dir, f32_model.config.text.eos_token_id);
     let got_img = clip.embed_images(&px.to_vec_f32(), px.dim(0)).unwrap();
     let got_txt = clip.embed_texts(&ids).unwrap();
-    let d = clip.projection_dim;
-    let mut worst = 1.0f64;
-    for (got, want32, want16, kind) in [
-        (&got_img, f32_model.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap(), bf16_model.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap(), "image"),
-        (&got_txt, f32_model.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap(), bf16_model.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap(), "text"),
+    for (got, want32, reference, kind) in [
+        (&got_img, f32_model.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap(), rv.vision(&HalfRef, &f32_model.config.vision, px.clone(), px.dim(0), Mode::Infer, &mut None).unwrap().0, "image"),
+        (&got_txt, f32_model.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap(), rt.text(&HalfRef, &f32_model.config.text, &ids, None, Mode::Infer, &mut None).unwrap().0, "text"),
     ] {
-        let (w32, w16) = (want32.to_vec_f32(), want16.to_vec_f32());
-        assert_eq!(got.len(), w32.len(), "{what} {kind}");
-        for (i, (g, w)) in got.chunks(d).zip(w32.chunks(d)).enumerate() {
-            let c = cosine(g, w);
-            assert!(c >= 0.999, "{what}: {kind} embedding {i} has cosine {c} to the CPU f32 towers");
-            worst = worst.min(c);
-        }
-        let scale = w16.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let mut max_rel = 0f32;
-        for (i, (&g, &w)) in got.iter().zip(&w16).enumerate() {
-            assert!(g.is_finite() && (g - w).abs() <= 1e-2 * scale, "{what}: {kind} element {i} = {g}, CPU bf16 towers {w}");
-            max_rel = max_rel.max((g - w).abs() / scale);
-        }
-        eprintln!("{what}: {kind} max |err| / max|ref| vs CPU bf16 towers {max_rel:.2e}");
+        let (w32, r) = (want32.to_vec_f32(), reference.to_vec_f32());
+        eprintln!("{what}: {kind} max|err|/max|ref| to the bf16-rounding reference: device bf16 {:.3}u, CPU f32 {:.3}u", scaled_err(got, &r) * 256.0, scaled_err(&w32, &r) * 256.0);
+        assert_half_close(&format!("{what}: {kind} embeddings"), got, &r, DType::BF16);
+        assert_not_f32(&format!("{what}: {kind}"), got, &w32, &r, DType::BF16);
     }
-    eprintln!("{what}: min cosine to CPU f32 {worst:.6}");
 }
 
 #[test]

@@ -5,7 +5,6 @@ mod emu_common;
 use clipforge::{Error, Result};
 use emu_common::*;
 
-const BF16_RTOL: f64 = 1.0 / 128.0; // one bf16 ulp: rounding + a possible flip from f32 math
 
 struct LnInputs {
     x: Vec<f32>, // already bf16-representable when `bf16` was asked for
@@ -82,7 +81,7 @@ fn ln_fwd_case(kernel: &str, rows: usize, cols: usize, block: u32, bf16_io: bool
     if x_out.iter().zip(&x_new).any(|(a, b)| a.to_bits() != b.to_bits()) {
         return Err(Error::msg("x after the kernel differs from the expected (x + residual) bits"));
     }
-    let (atol, rtol) = if bf16_io { (1e-4, BF16_RTOL) } else { (2e-5, 2e-5) };
+    let (atol, rtol) = if bf16_io { (1e-4, half_rtol()) } else { (2e-5, 2e-5) };
     check_close("y", &y, &want_y, atol, rtol)?;
     check_close("mean", &mean, &want_mean, 1e-5, 1e-5)?;
     check_close("rstd", &rstd, &want_rstd, 1e-5, 1e-4)
@@ -186,7 +185,7 @@ fn ln_bwd_case(kernel: &str, rows: usize, cols: usize, parts: usize, bf16_io: bo
     for (buf, n) in [(&g, "gamma"), (&gm, "mean"), (&gr, "rstd"), (&dgp, "dgamma_partial"), (&dbp, "dbeta_partial"), (&dg, "dgamma"), (&db, "dbeta")] {
         buf.check(n)?;
     }
-    let (atol, rtol) = if bf16_io { (1e-4, BF16_RTOL) } else { (2e-5, 1e-4) };
+    let (atol, rtol) = if bf16_io { (1e-4, half_rtol()) } else { (2e-5, 1e-4) };
     check_close("dx", &dx, &want_dx, atol, rtol)?;
     check_close("dgamma", dg.data(), &want_dg, 1e-4, 1e-4)?;
     check_close("dbeta", db.data(), &want_db, 1e-4, 1e-4)
@@ -282,7 +281,7 @@ fn bias_act_case(act: &str, rows: usize, n: usize, bf16_io: bool) -> Result<()> 
     if pre.iter().zip(&pre_saved).any(|(a, b)| a.to_bits() != b.to_bits()) {
         return Err(Error::msg("saved pre-activation differs from y + b"));
     }
-    let (atol, rtol) = if bf16_io { (1e-6, BF16_RTOL) } else { (1e-6, 1e-5) };
+    let (atol, rtol) = if bf16_io { (1e-6, half_rtol()) } else { (1e-6, 1e-5) };
     check_close("y", &y, &want_y, atol, rtol)?;
     check_close("dpre", &dpre, &gpre, atol, rtol)?;
     check_close("dbias", db.data(), &want_db, 1e-4, 1e-5)

@@ -136,6 +136,11 @@ fn linear_half_row(m: usize, n: usize, k: usize, bias: bool, f16: bool) -> Row {
             (d + if bias { b[c] as f64 } else { 0.0 }) as f32
         })
         .collect();
+    let (atol, rtol) = (1e-5 * (k as f32).sqrt(), 1e-5);
+    // the check can tell the format: the unrounded (f32) product is outside this tolerance of the
+    // rounded reference somewhere (any k ≥ 2 row), so a kernel that skipped the rounding fails
+    let exact: Vec<f32> = (0..m * n).map(|i| ((0..k).map(|j| x[i / n * k + j] as f64 * w[i % n * k + j] as f64).sum::<f64>() + if bias { b[i % n] as f64 } else { 0.0 }) as f32).collect();
+    assert!(k < 2 || exact.iter().zip(&want).any(|(e, r)| (e - r).abs() > atol + rtol * r.abs()), "linear_half_row {m}x{n}x{k} f16 {f16}: f32 products pass the rounded check");
     let (cfg, _) = clipforge::cuda::backend::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
     let wbits: Vec<u16> = w.iter().map(|&v| round_half(v, f16).1).collect();
     Row {
@@ -145,7 +150,7 @@ fn linear_half_row(m: usize, n: usize, k: usize, bias: bool, f16: bool) -> Row {
             buffers: vec![x, pack_bits(&wbits), b, vec![f32::NAN; m * n]],
             args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::I32(m as i32), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(bias as i32)],
         },
-        expect: vec![(3, want, 1e-5 * (k as f32).sqrt(), 1e-5)],
+        expect: vec![(3, want, atol, rtol)],
     }
 }
 

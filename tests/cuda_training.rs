@@ -12,7 +12,6 @@ use emu_common::*;
 use half::f16;
 use training_common::*;
 
-const BF16_RTOL: f64 = 1.0 / 128.0;
 
 fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
     v.iter().map(|&x| bf16(x)).collect()
@@ -82,7 +81,7 @@ fn pos_case(s: Stretch, rows: usize, w: usize) -> Result<()> {
     let pob = outb.ptr();
     launch(&format!("pos_gather_fwd_{}", half_suffix()), grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&ppos).arg(&pob).arg(&rows_i).arg(&l_i).arg(&w_i).arg(&keep_i).arg(&ratio_i).as_params())?;
     outb.check("out bf16")?;
-    check_close("fwd bf16", &from_bf16_bits(outb.data()), &want, 1e-7, BF16_RTOL)?;
+    check_close("fwd bf16", &from_bf16_bits(outb.data()), &want, 1e-7, half_rtol())?;
     // the whole table
     let ln = s.new_len();
     let mut table = Guarded::filled(ln * w, f32::NAN);
@@ -210,7 +209,7 @@ fn ce_case(c: &CeCase) -> Result<()> {
     check_close(&format!("loss {suffix}"), loss.data(), &want.loss, atol, 1e-5)?;
     check_close(&format!("lse {suffix}"), lse.data(), &want.lse, atol, 1e-6)?;
     check_close("mean", mean.data(), &[want.mean], atol, 1e-5)?;
-    let (datol, drtol) = if bf16_io { (1e-6, BF16_RTOL) } else { (1e-6 * spread as f64 / rows as f64, 1e-4) };
+    let (datol, drtol) = if bf16_io { (1e-6, half_rtol()) } else { (1e-6 * spread as f64 / rows as f64, 1e-4) };
     check_close(&format!("dlogits {suffix}"), &dl, &want_d, datol, drtol)
 }
 

@@ -10,7 +10,9 @@
 //!   frozen weights bit-identical, loss and text weights equal to the CPU step's;
 //! - on a real GPU (skipped without one): the same reference run, f32 and bf16;
 //! - bf16 / f16 forward GEMMs (f32 masters) stay within 2e-2 / 5e-3 of the f32 curve, and the
-//!   saved weights are the f32 masters, not their half-precision copies.
+//!   saved weights are the f32 masters, not their half-precision copies;
+//! - one bf16 / f16 micro-batch: the loss equals a reference with the GEMM inputs rounded to the
+//!   format (tests/common/half_ref.rs) within u/8 and is farther than u/64 from the f32 loss.
 mod common;
 mod finetune_common;
 use clipforge::cuda::EmuOps;
@@ -167,5 +169,64 @@ fn a_frozen_tower_is_skipped_and_the_step_matches_the_cpu_one() {
         } else if !n.ends_with("k_proj.bias") {
             assert_close(&format!("{n} after one step"), &got, &mc.params[i].1.to_vec_f32(), 1e-6, 1e-4);
         }
+    }
+}
+
+/// The half-precision forward GEMMs of the device trainer (`--dtype bf16` / `f16`: weight copies
+/// and GEMM inputs rounded, f32 accumulation) against a reference micro-batch: the same towers on
+/// tests/common/half_ref.rs (inputs rounded to the format exactly as the fast path does, f64
+/// accumulation) and the same loss head. One micro-batch of the tiny model on the emulated device:
+/// - f32: the device loss equals the CPU f32 loss within 1e-6 relative (f32 noise);
+/// - bf16 / f16: the loss equals the rounding reference's within u/8 relative (u = 2^-8 / 2^-11,
+///   the format's unit roundoff; measured 7e-8·u for bf16, 0.04u for f16: an f32 difference of
+///   ~1e-7 moves the odd activation across an f16 rounding boundary, and on the narrow tiny model
+///   one such flip moves the output by ~u/√width), and differs from the f32 loss by more than u/64
+///   (measured 0.56u bf16, 0.24u f16; f32 noise is ~3e-8 relative): a trainer that silently kept
+///   f32 GEMMs, or rounded to the other format (≥ 0.4u of this one away), fails.
+#[test]
+fn half_precision_loss_is_the_rounded_reference_not_f32() {
+    use clipforge::autograd::Tape;
+    use clipforge::model::schema::Tower;
+    use clipforge::model::tower::{Mode, TowerParams};
+    use clipforge::ops::adamw::AdamW;
+    use clipforge::train::data::{read_samples, Loader};
+    use clipforge::train::longclip::longclip_head;
+    use clipforge::train::model::TrainClip;
+    use clipforge::train::step::Micro;
+    use common::half_ref::{unit_roundoff, HalfRef};
+    let dir = common::fixture("tiny");
+    let model = TrainClip::load_dir(&dir).unwrap();
+    let opt = clipforge::train::trainer::new_optimizer(&model, AdamW::default());
+    let pre = clipforge::io::image_prep::PreprocessConfig::for_model_dir(&dir, 32).unwrap();
+    let tok = clipforge::io::tokenizer::ClipTokenizer::from_file(&dir, 77).unwrap();
+    let loader = Loader::new(read_samples(&common::fixture("longclip/train.jsonl"), None).unwrap(), 4, 0, false, pre, tok).unwrap();
+    let batch = loader.load(&[0, 3, 5, 9]).unwrap();
+    let mb = Micro { batch: &batch, smart_ids: None };
+    let device = |low: Option<DType>| DeviceStep::new(Box::new(EmuOps), &model, &opt, 4, false, low).unwrap().micro_batch(&model, &mb, 1.0).unwrap().loss as f64;
+    let reference = |dt: DType| -> f64 {
+        let value = |q: &clipforge::model::schema::Param| Ok(model.params[model.index(&q.name).unwrap()].1.clone());
+        let (v, t) = (TowerParams::load_with(&HalfRef, &model.schema, Tower::Vision, dt, value).unwrap(), TowerParams::load_with(&HalfRef, &model.schema, Tower::Text, dt, value).unwrap());
+        let nb = batch.long_ids.len();
+        let img = v.vision(&HalfRef, &model.config.vision, batch.pixels.contiguous(), nb, Mode::Infer, &mut None).unwrap().0; // [B·D]
+        let ids: Vec<Vec<u32>> = batch.long_ids.iter().chain(&batch.short_ids).cloned().collect();
+        let txt = t.text(&HalfRef, &model.config.text, &ids, None, Mode::Infer, &mut None).unwrap().0; // [2B·D]
+        let d = model.config.projection_dim;
+        let tape = Tape::new();
+        let c = |x: Vec<f32>, rows: usize| tape.constant(clipforge::Tensor::from_vec(x, &[rows, d]).unwrap());
+        let txt = txt.to_vec_f32();
+        let (img, long, short) = (c(img.to_vec_f32(), nb), c(txt[..nb * d].to_vec(), nb), c(txt[nb * d..].to_vec(), nb));
+        let s = tape.constant(model.params[model.index("logit_scale").unwrap()].1.clone());
+        longclip_head(&tape, &img, &long, &short, &s, 4).unwrap().0.item() as f64
+    };
+    let (d32, r32) = (device(None), reference(DType::F32));
+    eprintln!("f32: device {d32}, CPU {r32}");
+    assert!((d32 - r32).abs() <= 1e-6 * r32.abs(), "f32: device loss {d32}, CPU {r32}");
+    for dt in [DType::BF16, DType::F16] {
+        let (dev, rf) = (device(Some(dt)), reference(dt));
+        let u = unit_roundoff(dt);
+        let tol = u / 8.0 * rf.abs();
+        eprintln!("{dt:?}: device {dev}, rounding reference {rf} (|diff| {:.3e} = {:.4}u·|loss|), f32 {d32} (|diff| {:.3e} = {:.4}u·|loss|)", (dev - rf).abs(), (dev - rf).abs() / (u * rf.abs()), (dev - d32).abs(), (dev - d32).abs() / (u * rf.abs()));
+        assert!((dev - rf).abs() <= tol, "{dt:?}: device loss {dev}, {dt:?}-rounding reference {rf}: |diff| {:.3e} > u/8·|loss| = {tol:.3e}", (dev - rf).abs());
+        assert!((dev - d32).abs() > u / 64.0 * rf.abs(), "{dt:?}: device loss {dev} within u/64 of the f32 loss {d32}: the GEMMs did not run in {dt:?}");
     }
 }

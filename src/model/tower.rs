@@ -72,6 +72,11 @@ impl<O: Ops> TowerParams<O> {
     pub fn stored(&self, i: usize) -> &Stored<O> {
         &self.p[i]
     }
+    /// Tower-local parameter `i`, to change in place (a Linear weight's f32 values included; its
+    /// low-precision copy, if any, is not remade): finite differences in tests.
+    pub fn stored_mut(&mut self, i: usize) -> &mut Stored<O> {
+        &mut self.p[i]
+    }
 
     /// The same parameters on another backend (values read back with `download`), Linear
     /// weights also in `dtype` there (the patch convolution stays f32).

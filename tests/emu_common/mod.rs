@@ -53,6 +53,12 @@ pub fn bf16_to_f32(b: u16) -> f32 {
     }
     half::bf16::from_bits(b).to_f32()
 }
+/// One ulp of the current 16-bit format relative to a value in [1, 2): 2^-7 for bf16 (8
+/// significant bits), 2^-10 for f16 (11 bits, after [`use_f16`]) — the final rounding plus a
+/// possible flip from f32 arithmetic. f16 is checked to its own precision, 8× tighter than bf16.
+pub fn half_rtol() -> f64 {
+    if HALF_IS_F16.with(|h| h.get()) { 1.0 / 1024.0 } else { 1.0 / 128.0 }
+}
 /// Rounds through bf16 (what a bf16 tensor can hold).
 pub fn round_bf16(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16_to_f32(bf16(x))).collect()
