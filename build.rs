@@ -36,18 +36,10 @@ fn main() {
     }
 
     // GPU modules: the top-level kernels/*.cu
-    let mut cus: Vec<PathBuf> = fs::read_dir(&kernels)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
+    let mut cus: Vec<PathBuf> = fs::read_dir(&kernels).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
     cus.sort();
     let headers: Vec<PathBuf> = {
-        let mut h: Vec<PathBuf> = fs::read_dir(&kernels)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "cuh"))
-            .collect();
+        let mut h: Vec<PathBuf> = fs::read_dir(&kernels).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "cuh")).collect();
         h.sort();
         h
     };

@@ -12,7 +12,8 @@ fn cases() -> Vec<(String, KernelCase, u64)> {
         let n = rows * cols;
         let cfg = LaunchCfg::new((rows.div_ceil(4) as u32, 1, 1), (128, 1, 1), 0);
         let bufs = vec![vec![0.5; n], vec![1.0; cols], vec![0.0; cols], vec![0.0; n], vec![0.0; rows], vec![0.0; rows]];
-        let args = vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::Buf(4), Arg::Buf(5), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::F32(1e-5)];
+        let args =
+            vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::Buf(4), Arg::Buf(5), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::F32(1e-5)];
         v.push((format!("layernorm_fwd_f32/{name}"), KernelCase { kernel: "layernorm_fwd_f32", cfg, buffers: bufs, args }, (8 * n) as u64));
         let i = 4 * cols;
         let m = rows * i;
@@ -30,7 +31,11 @@ fn cases() -> Vec<(String, KernelCase, u64)> {
     let bufs = vec![vec![0.01; n * w], bits(&order), bits(&starts), bits(&uniq), vec![0.0; v_ * w]];
     let args = vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::Buf(4), Arg::I32(u as i32), Arg::I32(w as i32)];
     let cfg = LaunchCfg::new(((u * w).div_ceil(256).min(16384) as u32, 1, 1), (256, 1, 1), 0);
-    v.push(("embedding_bwd_rows_f32/B32-text-b256".into(), KernelCase { kernel: "embedding_bwd_rows_f32", cfg, buffers: bufs, args }, (4 * (n * w + 2 * u * w)) as u64));
+    v.push((
+        "embedding_bwd_rows_f32/B32-text-b256".into(),
+        KernelCase { kernel: "embedding_bwd_rows_f32", cfg, buffers: bufs, args },
+        (4 * (n * w + 2 * u * w)) as u64,
+    ));
     v
 }
 

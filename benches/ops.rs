@@ -2,8 +2,8 @@
 //! 2464 text tokens). Names: cpu/<op>/<shape>. Run: cargo bench --bench ops
 use clipforge::model::synthetic::normal_vec;
 use clipforge::ops::attention::{attention, AttnShape};
-use clipforge::ops::gemm_bf16::{matmul_bf16, PackedBf16};
 use clipforge::ops::elementwise::{unary, Unary};
+use clipforge::ops::gemm_bf16::{matmul_bf16, PackedBf16};
 use clipforge::ops::layernorm::layer_norm;
 use clipforge::ops::matmul::{gemm, gemm_faer, linear, View};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

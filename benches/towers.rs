@@ -11,7 +11,21 @@ fn bench_towers(c: &mut Criterion) {
     let model = ClipParts::load(&w, &cfg, Towers::Both, &LoadOptions::default()).unwrap();
     let b = 8;
     let px = Tensor::from_vec(normal_vec(b * 3 * 224 * 224, 0.0, 1.0, 1), &[b, 3, 224, 224]).unwrap();
-    let ids: Vec<Vec<u32>> = (0..b).map(|i| (0..77).map(|j| if j == 76 { 49407 } else if j == 0 { 49406 } else { 300 + (i * 77 + j) as u32 }).collect()).collect();
+    let ids: Vec<Vec<u32>> = (0..b)
+        .map(|i| {
+            (0..77)
+                .map(|j| {
+                    if j == 76 {
+                        49407
+                    } else if j == 0 {
+                        49406
+                    } else {
+                        300 + (i * 77 + j) as u32
+                    }
+                })
+                .collect()
+        })
+        .collect();
     let mut g = c.benchmark_group("cpu/tower");
     g.sample_size(10);
     g.throughput(Throughput::Elements(b as u64));

@@ -40,7 +40,9 @@ fn bench_backward(c: &mut Criterion) {
     g.throughput(Throughput::Elements(lens.iter().map(|&l| 2 * l * l * 512).sum::<usize>() as u64));
     g.bench_function("attention_packed/8-captions-H8xd64", |b| b.iter(|| black_box(attention_packed(&q, &k, &v, &lens, 8, true))));
     let (o, lse) = attention_packed(&q, &k, &v, &lens, 8, true);
-    g.bench_function("attention_packed_bwd/8-captions-H8xd64", |b| b.iter(|| black_box(attention_packed_backward(&q, &k, &v, &o, &lse, &dout, &lens, 8, true))));
+    g.bench_function("attention_packed_bwd/8-captions-H8xd64", |b| {
+        b.iter(|| black_box(attention_packed_backward(&q, &k, &v, &o, &lse, &dout, &lens, 8, true)))
+    });
     let ps = PatchShape { batch: 32, channels: 3, height: 224, width: 224, patch: 32, dim: 768 };
     let (px, dp) = (normal_vec(32 * 3 * 224 * 224, 0.0, 1.0, 12), normal_vec(32 * 49 * 768, 0.0, 1.0, 13));
     g.throughput(Throughput::Elements(2 * 32 * 49 * 768 * 3072u64));

@@ -125,10 +125,7 @@ pub fn rewrite(src: &str, orig: &Path, next_id: &mut u32, warnings: &mut Vec<Str
             match split_decl(&strip_decl(t, &["__shared__"])) {
                 Some((ty, name, dims)) => {
                     *next_id += 1;
-                    replaced = Some(format!(
-                        "{indent}auto& {name} = ::emu::detail::shared_var<{ty}{dims}, {}>();",
-                        *next_id
-                    ));
+                    replaced = Some(format!("{indent}auto& {name} = ::emu::detail::shared_var<{ty}{dims}, {}>();", *next_id));
                 }
                 None => warnings.push(format!("{here}: __shared__ declaration left as thread_local (not poisoned per block)")),
             }

@@ -28,15 +28,10 @@ pub fn find_nvcc() -> Option<PathBuf> {
         }
         panic!("NVCC={} does not run (`nvcc --version` failed)", p.display());
     }
-    let mut candidates: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
-        .iter()
-        .filter_map(|v| std::env::var_os(v))
-        .map(|d| PathBuf::from(d).join("bin").join("nvcc"))
-        .collect();
+    let mut candidates: Vec<PathBuf> =
+        ["CUDA_HOME", "CUDA_PATH"].iter().filter_map(std::env::var_os).map(|d| PathBuf::from(d).join("bin").join("nvcc")).collect();
     candidates.push(PathBuf::from("nvcc"));
-    let py = Command::new("python3")
-        .args(["-c", "import nvidia.cu13 as m, os; print(os.path.join(list(m.__path__)[0], 'bin', 'nvcc'))"])
-        .output();
+    let py = Command::new("python3").args(["-c", "import nvidia.cu13 as m, os; print(os.path.join(list(m.__path__)[0], 'bin', 'nvcc'))"]).output();
     if let Ok(o) = py {
         if o.status.success() {
             candidates.push(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
@@ -144,10 +139,7 @@ pub fn compile_all(nvcc: &Path, cus: &[PathBuf], include: &Path, out_dir: &Path,
 pub fn table(usage: &[Usage]) -> String {
     let mut s = format!("{:<32} {:<8} {:>5} {:>6} {:>6} {:>8} {:>8}\n", "kernel", "arch", "regs", "smem", "stack", "spill_st", "spill_ld");
     for u in usage {
-        s += &format!(
-            "{:<32} {:<8} {:>5} {:>6} {:>6} {:>8} {:>8}\n",
-            u.kernel, u.arch, u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads
-        );
+        s += &format!("{:<32} {:<8} {:>5} {:>6} {:>6} {:>8} {:>8}\n", u.kernel, u.arch, u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads);
     }
     s
 }

@@ -12,11 +12,11 @@
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
-use crate::model::CudaClip;
 use crate::error::{Error, Result};
 use crate::io::image_decode::{load_rgb8_hf, RgbImage8};
 use crate::io::image_prep::{preprocess, PreprocessConfig};
 use crate::io::tokenizer::ClipTokenizer;
+use crate::model::CudaClip;
 use crate::model::{ClipConfig, ClipParts, LoadOptions, Towers, Weights};
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
@@ -286,7 +286,11 @@ impl ClipModel {
         for (i, t) in texts.iter().enumerate() {
             let (s, lost) = tok.encode_counting(t.as_ref())?;
             if lost > 0 && !truncate {
-                return Err(Error::msg(format!("text {i} has {} tokens, {lost} more than the context of {} (truncation is off)", s.len() + lost, tok.context_length)));
+                return Err(Error::msg(format!(
+                    "text {i} has {} tokens, {lost} more than the context of {} (truncation is off)",
+                    s.len() + lost,
+                    tok.context_length
+                )));
             }
             ids.push(s);
         }
@@ -348,7 +352,13 @@ impl ClipModel {
         Embeddings::new(e, n, self.embed_dim())
     }
 
-    fn embed_batches<T: Sync>(&self, items: &[T], opts: &ImageOptions, done: &mut dyn FnMut(usize), prep: impl Fn(&T) -> Result<Vec<f32>> + Sync) -> Result<Embeddings> {
+    fn embed_batches<T: Sync>(
+        &self,
+        items: &[T],
+        opts: &ImageOptions,
+        done: &mut dyn FnMut(usize),
+        prep: impl Fn(&T) -> Result<Vec<f32>> + Sync,
+    ) -> Result<Embeddings> {
         if items.is_empty() {
             return Err(Error::msg("no images to embed"));
         }
@@ -387,7 +397,13 @@ impl ClipModel {
 /// A decoded image checked (its bytes fill width × height × 3, neither side 0) and preprocessed.
 fn prep_rgb(im: &RgbImage, pre: &PreprocessConfig) -> Result<Vec<f32>> {
     if im.data.len() != im.width as usize * im.height as usize * 3 || im.width == 0 || im.height == 0 {
-        return Err(crate::shape_err!("RGB image {}×{} with {} bytes (expected {})", im.width, im.height, im.data.len(), im.width as usize * im.height as usize * 3));
+        return Err(crate::shape_err!(
+            "RGB image {}×{} with {} bytes (expected {})",
+            im.width,
+            im.height,
+            im.data.len(),
+            im.width as usize * im.height as usize * 3
+        ));
     }
     Ok(preprocess(im, pre))
 }
@@ -396,7 +412,6 @@ fn finish(data: Vec<f32>, rows: usize, d: usize, normalize: bool) -> Result<Embe
     let e = Embeddings::new(data, rows, d)?;
     Ok(if normalize { e.normalized() } else { e })
 }
-
 
 /// The GPU a request resolves to: `Cpu` → none; `Cuda` → device 0 or an error saying why not;
 /// `Auto` → device 0 when it opens and `dtype` runs there (f32, bf16), else none.

@@ -53,12 +53,30 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) ->
     let sy = |y: f64| h - b - (y - y0) / (y1 - y0) * (h - t - b);
     let mut s = String::new();
     let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#);
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/><text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#, w / 2.0, esc(title));
+    let _ =
+        writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/><text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#, w / 2.0, esc(title));
     for tx in ticks(x0, x1, 8) {
-        let _ = writeln!(s, r##"<line x1="{0:.1}" y1="{1}" x2="{0:.1}" y2="{2}" stroke="#ddd"/><text x="{0:.1}" y="{3}" text-anchor="middle">{4}</text>"##, sx(tx), t, h - b, h - b + 16.0, fmt_tick(tx));
+        let _ = writeln!(
+            s,
+            r##"<line x1="{0:.1}" y1="{1}" x2="{0:.1}" y2="{2}" stroke="#ddd"/><text x="{0:.1}" y="{3}" text-anchor="middle">{4}</text>"##,
+            sx(tx),
+            t,
+            h - b,
+            h - b + 16.0,
+            fmt_tick(tx)
+        );
     }
     for ty in ticks(y0, y1, 6) {
-        let _ = writeln!(s, r##"<line x1="{1}" y1="{0:.1}" x2="{2}" y2="{0:.1}" stroke="#ddd"/><text x="{3}" y="{4:.1}" text-anchor="end">{5}</text>"##, sy(ty), l, w - r, l - 6.0, sy(ty) + 4.0, fmt_tick(ty));
+        let _ = writeln!(
+            s,
+            r##"<line x1="{1}" y1="{0:.1}" x2="{2}" y2="{0:.1}" stroke="#ddd"/><text x="{3}" y="{4:.1}" text-anchor="end">{5}</text>"##,
+            sy(ty),
+            l,
+            w - r,
+            l - 6.0,
+            sy(ty) + 4.0,
+            fmt_tick(ty)
+        );
     }
     let _ = writeln!(s, r##"<rect x="{l}" y="{t}" width="{}" height="{}" fill="none" stroke="#333"/>"##, w - l - r, h - t - b);
     let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, (l + w - r) / 2.0, h - 12.0, esc(xlabel));
@@ -67,12 +85,24 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[Series]) ->
         let c = COLORS[i % COLORS.len()];
         let path: Vec<String> = se.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
         if path.len() == 1 {
-            let _ = writeln!(s, r#"<circle cx="{}" cy="{}" r="3" fill="{c}"/>"#, path[0].split(',').next().unwrap_or("0"), path[0].split(',').nth(1).unwrap_or("0"));
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{}" cy="{}" r="3" fill="{c}"/>"#,
+                path[0].split(',').next().unwrap_or("0"),
+                path[0].split(',').nth(1).unwrap_or("0")
+            );
         } else if !path.is_empty() {
             let _ = writeln!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.6" points="{}"/>"#, path.join(" "));
         }
         let (ly, lx) = (t + 16.0 + 16.0 * i as f64, w - r + 12.0);
-        let _ = writeln!(s, r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#, lx + 20.0, lx + 25.0, ly + 4.0, esc(&se.name));
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#,
+            lx + 20.0,
+            lx + 25.0,
+            ly + 4.0,
+            esc(&se.name)
+        );
     }
     s.push_str("</svg>\n");
     Ok(s)
@@ -94,15 +124,33 @@ pub fn heatmap(title: &str, labels: &[String], m: &[Vec<usize>]) -> Result<Strin
     let h = top + cell * n as f64 + 50.0;
     let mut s = String::new();
     let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0}" height="{h:.0}" font-family="sans-serif" font-size="11">"#);
-    let _ = writeln!(s, r#"<rect width="{w:.0}" height="{h:.0}" fill="white"/><text x="{:.1}" y="22" text-anchor="middle" font-size="15">{}</text>"#, w / 2.0, esc(title));
+    let _ = writeln!(
+        s,
+        r#"<rect width="{w:.0}" height="{h:.0}" fill="white"/><text x="{:.1}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+        w / 2.0,
+        esc(title)
+    );
     for (i, row) in m.iter().enumerate() {
         let total: usize = row.iter().sum();
         for (j, &v) in row.iter().enumerate() {
             let f = if total == 0 { 0.0 } else { v as f64 / total as f64 };
             let shade = (255.0 * (1.0 - f)) as u8;
-            let _ = writeln!(s, r##"<rect x="{:.1}" y="{:.1}" width="{cell:.1}" height="{cell:.1}" fill="rgb({shade},{shade},255)" stroke="#eee"><title>{} → {}: {v}</title></rect>"##, left + cell * j as f64, top + cell * i as f64, esc(&labels[i]), esc(&labels[j]));
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{:.1}" width="{cell:.1}" height="{cell:.1}" fill="rgb({shade},{shade},255)" stroke="#eee"><title>{} → {}: {v}</title></rect>"##,
+                left + cell * j as f64,
+                top + cell * i as f64,
+                esc(&labels[i]),
+                esc(&labels[j])
+            );
             if cell >= 18.0 && v > 0 {
-                let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="{}">{v}</text>"#, left + cell * (j as f64 + 0.5), top + cell * (i as f64 + 0.5) + 4.0, if f > 0.5 { "white" } else { "black" });
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="{}">{v}</text>"#,
+                    left + cell * (j as f64 + 0.5),
+                    top + cell * (i as f64 + 0.5) + 4.0,
+                    if f > 0.5 { "white" } else { "black" }
+                );
             }
         }
         if cell >= 8.0 {
@@ -111,7 +159,12 @@ pub fn heatmap(title: &str, labels: &[String], m: &[Vec<usize>]) -> Result<Strin
             let _ = writeln!(s, r#"<text x="{x:.1}" y="{y:.1}" transform="rotate(-45 {x:.1} {y:.1})">{}</text>"#, esc(&labels[i]));
         }
     }
-    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">predicted class (columns) · true class (rows)</text>"#, left + cell * n as f64 / 2.0, top + cell * n as f64 + 30.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">predicted class (columns) · true class (rows)</text>"#,
+        left + cell * n as f64 / 2.0,
+        top + cell * n as f64 + 30.0
+    );
     s.push_str("</svg>\n");
     Ok(s)
 }
@@ -133,7 +186,16 @@ mod tests {
     fn charts_are_well_formed() {
         let one = line_chart("t", "x", "y", &[Series { name: "a<b".into(), points: vec![(1.0, 2.0)] }]).unwrap();
         assert!(one.starts_with("<svg") && one.trim_end().ends_with("</svg>") && one.contains("a&lt;b") && one.contains("<circle"));
-        let many = line_chart("loss", "step", "loss", &[Series { name: "loss".into(), points: (0..50).map(|i| (i as f64, 1.0 / (1.0 + i as f64))).collect() }, Series { name: "nan".into(), points: vec![(1.0, f64::NAN)] }]).unwrap();
+        let many = line_chart(
+            "loss",
+            "step",
+            "loss",
+            &[
+                Series { name: "loss".into(), points: (0..50).map(|i| (i as f64, 1.0 / (1.0 + i as f64))).collect() },
+                Series { name: "nan".into(), points: vec![(1.0, f64::NAN)] },
+            ],
+        )
+        .unwrap();
         assert!(many.contains("<polyline") && !many.contains("NaN") && !many.contains("inf"));
         assert!(line_chart("e", "x", "y", &[]).is_err());
         assert_eq!(ticks(0.0, 1.0, 5).len(), 6);

@@ -2,7 +2,9 @@
 //! reference against central finite differences of the scalar loss L = Σ o·w computed in f64
 //! (so dO = w), on small odd shapes, causal and not.
 mod common;
-use clipforge::ops::attention::{attention_backward, attention_backward_reference, attention_packed, attention_packed_backward, attention_packed_reference, attention_reference, AttnShape};
+use clipforge::ops::attention::{
+    attention_backward, attention_backward_reference, attention_packed, attention_packed_backward, attention_packed_reference, attention_reference, AttnShape,
+};
 use common::*;
 
 fn shape(b: usize, t: usize, h: usize, d: usize, causal: bool) -> AttnShape {

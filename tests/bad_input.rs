@@ -48,7 +48,7 @@ fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)],
         header.insert(name.to_string(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len() + extra_end]}));
     }
     let mut h = serde_json::to_string(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -179,7 +179,10 @@ fn a_truncated_jpeg_is_an_error() {
     let mut trailing = bytes.clone();
     trailing.extend_from_slice(b"trailing bytes after the end marker");
     std::fs::write(&good, &trailing).unwrap();
-    let ok = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), good.to_str().unwrap()]).output().unwrap();
+    let ok = Command::new(env!("CARGO_BIN_EXE_clipforge"))
+        .args(["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), good.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(ok.status.success(), "a whole JPEG: {}", String::from_utf8_lossy(&ok.stderr));
     std::fs::remove_file(&out).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
@@ -189,7 +192,8 @@ fn a_truncated_jpeg_is_an_error() {
 }
 
 /// libjpeg's fatal errors (its default handler would `exit()` the process) come back as one line
-/// naming the file: a frame header with no components, dimensions over libjpeg's 65500 limit, a
+/// naming the file: a frame header with no components, 65535×65535 (refused from the header as a
+/// decompression bomb before libjpeg sees it), a
 /// frame header cut short. Corrupt entropy data is a libjpeg warning: decoded anyway, as Pillow does.
 #[test]
 fn a_corrupt_jpeg_is_a_clean_error() {
@@ -204,7 +208,9 @@ fn a_corrupt_jpeg_is_a_clean_error() {
     huge[sof + 5..sof + 9].copy_from_slice(&[0xFF; 4]);
     let mut short_sof = good.clone();
     short_sof[sof + 3] = 5; // segment length 5: too short for a frame header
-    for (name, bytes, what) in [("nocomp.jpg", no_components, "Empty JPEG image"), ("huge.jpg", huge, "65500"), ("shortsof.jpg", short_sof, "JPEG")] {
+    for (name, bytes, what) in
+        [("nocomp.jpg", no_components, "Empty JPEG image"), ("huge.jpg", huge, "decompression bomb"), ("shortsof.jpg", short_sof, "JPEG")]
+    {
         let p = d.join(name);
         std::fs::write(&p, bytes).unwrap();
         let e = fails(&["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), p.to_str().unwrap()]);
@@ -216,6 +222,9 @@ fn a_corrupt_jpeg_is_a_clean_error() {
     garbage[sos + 200..sos + 260].iter_mut().for_each(|b| *b = if *b == 0xFF { 0x00 } else { b.wrapping_mul(7).wrapping_add(13) & 0xFE });
     let p = d.join("garbage.jpg");
     std::fs::write(&p, garbage).unwrap();
-    let ok = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), p.to_str().unwrap()]).output().unwrap();
+    let ok = Command::new(env!("CARGO_BIN_EXE_clipforge"))
+        .args(["embed-image", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), p.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(ok.status.success(), "corrupt scan data decodes: {}", String::from_utf8_lossy(&ok.stderr));
 }

@@ -10,20 +10,24 @@ use clipforge::model::synthetic::random_weights;
 use clipforge::model::tower::{Mode, TowerParams};
 use clipforge::model::{ClipConfig, ClipParts, LoadOptions, Towers, Weights};
 use clipforge::{DType, Tensor};
-use common::half_ref::{assert_not_f32, assert_half_close, scaled_err, HalfRef};
+use common::half_ref::{assert_half_close, assert_not_f32, scaled_err, HalfRef};
 use std::path::Path;
 
 fn check(w: &Weights, cfg: &ClipConfig, b: usize, what: &str) {
     let f32m = ClipParts::load(w, cfg, Towers::Both, &LoadOptions { dtype: DType::F32 }).unwrap();
     let bf = ClipParts::load(w, cfg, Towers::Both, &LoadOptions { dtype: DType::BF16 }).unwrap();
     let schema = Schema::clip(cfg);
-    let (rv, rt) = (TowerParams::load(&HalfRef, &schema, Tower::Vision, w, DType::BF16).unwrap(), TowerParams::load(&HalfRef, &schema, Tower::Text, w, DType::BF16).unwrap());
+    let (rv, rt) = (
+        TowerParams::load(&HalfRef, &schema, Tower::Vision, w, DType::BF16).unwrap(),
+        TowerParams::load(&HalfRef, &schema, Tower::Text, w, DType::BF16).unwrap(),
+    );
     let s = cfg.vision.image_size;
     let px = common::rand_tensor(&[b, 3, s, s], 3);
     let (a, c) = (f32m.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap(), bf.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap());
     let r = rv.vision(&HalfRef, &cfg.vision, px.contiguous(), b, Mode::Infer, &mut None).unwrap().0;
     compare(&format!("{what} images"), &c, &a, &r);
-    let ids: Vec<Vec<u32>> = (0..b).map(|i| (0..20 + 5 * i as u32).map(|j| if j == 0 { 49406 } else { 400 + 37 * j + i as u32 }).chain([49407]).collect()).collect();
+    let ids: Vec<Vec<u32>> =
+        (0..b).map(|i| (0..20 + 5 * i as u32).map(|j| if j == 0 { 49406 } else { 400 + 37 * j + i as u32 }).chain([49407]).collect()).collect();
     let (a, c) = (f32m.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap(), bf.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap());
     let r = rt.text(&HalfRef, &cfg.text, &ids, None, Mode::Infer, &mut None).unwrap().0;
     compare(&format!("{what} texts"), &c, &a, &r);

@@ -10,8 +10,8 @@ use clipforge::backend::{Ops, Seqs};
 use clipforge::model::block::{backward, finish, forward, BlockRef, Stored};
 use clipforge::model::config::{Activation, TowerConfig};
 use clipforge::model::schema::BlockParam;
-use common::oracle::{block_on, block_rows};
 use clipforge::{DType, Tensor};
+use common::oracle::{block_on, block_rows};
 use common::{assert_close, randn};
 
 fn cfg(hidden: usize, heads: usize, inter: usize, act: Activation) -> TowerConfig {

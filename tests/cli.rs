@@ -142,7 +142,11 @@ fn run_any(args: &[&str]) -> (bool, String, String) {
 fn bench_text_len_beyond_the_model_is_an_error_not_a_clamp() {
     let m = fixture("tiny");
     let mt = m.to_str().unwrap();
-    for (extra, needle) in [(&["--task", "train", "--text-len", "248"][..], "--stretch"), (&["--task", "train", "--stretch", "--text-len", "300"][..], "248"), (&["--text-len", "100"][..], "77")] {
+    for (extra, needle) in [
+        (&["--task", "train", "--text-len", "248"][..], "--stretch"),
+        (&["--task", "train", "--stretch", "--text-len", "300"][..], "248"),
+        (&["--text-len", "100"][..], "77"),
+    ] {
         let mut args = vec!["bench", "--model", mt, "--batch", "2", "--iters", "1", "--device", "cpu", "--json"];
         args.extend(extra);
         let (ok, _, e) = run_any(&args);

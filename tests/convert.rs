@@ -129,7 +129,7 @@ fn smartclip_mask_network_is_mapped_and_matches_pytorch() {
     assert_eq!(got.len(), want.len());
     let decided: Vec<usize> = (0..want.len()).filter(|&i| (soft[i] - 0.5).abs() > 1e-4).collect();
     assert!(decided.len() > want.len() * 9 / 10);
-    assert!(want.iter().any(|&m| m == 0.0) && want.iter().any(|&m| m == 1.0), "reference masks are all one value");
+    assert!(want.contains(&0.0) && want.contains(&1.0), "reference masks are all one value");
     for i in decided {
         assert_eq!(got[i], want[i], "mask element {i} (soft {})", soft[i]);
     }
@@ -176,7 +176,13 @@ fn cli_converts_and_reads_pt_directly() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((v["flavour"].as_str(), v["frozen_positions"].as_u64(), v["text_positions"].as_u64()), (Some("LongClip"), Some(20), Some(248)));
     // embed-image with the .pt itself as --model, and with the converted directory: same numbers
-    let img = fixture("images").read_dir().unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "png" || x == "jpg")).unwrap();
+    let img = fixture("images")
+        .read_dir()
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "png" || x == "jpg"))
+        .unwrap();
     let mut got = vec![];
     for (m, name) in [(pt("longclip.pt"), "a.npy"), (out.clone(), "b.npy")] {
         let npy = dir.join(name);

@@ -101,7 +101,12 @@ fn sigkill_at_random_moments_then_resume_ends_bit_identical() {
     assert_eq!(log_lines(&out), log_lines(&want), "log after {kills} kills");
     assert_eq!(weights(&out), weights(&want), "final weights after {kills} kills and resumes differ from an uninterrupted run");
     // nothing half-written left behind
-    let stray: Vec<String> = std::fs::read_dir(out.join("checkpoints")).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with('.')).collect();
+    let stray: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
     assert!(stray.is_empty(), "{stray:?}");
     eprintln!("{kills} SIGKILLs over {runs} runs");
 }

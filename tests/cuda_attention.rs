@@ -347,7 +347,14 @@ fn attention_kernels_trap_on_bad_launches() {
 
 #[test]
 fn attention_kernels_are_registered() {
-    for (name, arity) in [("attention_fwd_f32", 11), ("attention_fwd_bf16", 11), ("attention_fwd_f16", 11), ("attention_bwd_f32", 15), ("attention_bwd_bf16", 15), ("attention_bwd_f16", 15)] {
+    for (name, arity) in [
+        ("attention_fwd_f32", 11),
+        ("attention_fwd_bf16", 11),
+        ("attention_fwd_f16", 11),
+        ("attention_bwd_f32", 15),
+        ("attention_bwd_bf16", 15),
+        ("attention_bwd_f16", 15),
+    ] {
         assert_eq!(emu::kernel_arity(name), Some(arity), "{name}");
         assert!(clipforge::cuda::kernels::module_of(name).is_some_and(|m| m.name == "attention"), "{name}");
     }

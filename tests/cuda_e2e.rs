@@ -71,7 +71,11 @@ fn run_model(name: &str, ops: Box<dyn DeviceOps>) {
     let want = model.text().unwrap().forward(&odd_ids, None, &mut |_, _| {}).unwrap();
     let got = clip.embed_texts(&odd_ids).unwrap();
     let e_argmax = check(&format!("{name} argmax-pooled text on {what}"), &got, &want.to_vec_f32());
-    eprintln!("{name} on {what}: max |err| / max|ref|: images {e_img:.3e} (B = {}), texts {e_txt:.3e} (B = {}), argmax-pooled texts {e_argmax:.3e}", px.dim(0), ids.len());
+    eprintln!(
+        "{name} on {what}: max |err| / max|ref|: images {e_img:.3e} (B = {}), texts {e_txt:.3e} (B = {}), argmax-pooled texts {e_argmax:.3e}",
+        px.dim(0),
+        ids.len()
+    );
 }
 
 /// The bf16 towers (Linear weights bf16, GEMM inputs rounded to bf16, f32 accumulation) through
@@ -82,24 +86,41 @@ fn run_model(name: &str, ops: Box<dyn DeviceOps>) {
 fn run_model_bf16(name: &str, ops: Box<dyn DeviceOps>) {
     use clipforge::model::schema::{Schema, Tower};
     use clipforge::model::tower::{Mode, TowerParams};
-    use common::half_ref::{assert_not_f32, assert_half_close, scaled_err, HalfRef};
+    use common::half_ref::{assert_half_close, assert_not_f32, scaled_err, HalfRef};
     let dir = fixture(name);
     let f32_model = ClipParts::load_dir(&dir, Towers::Both, &LoadOptions::default()).unwrap();
     let clip = CudaClip::with_dtype(ops, &f32_model, DType::BF16).unwrap();
     let what = format!("{name} bf16 on {}", clip.describe());
     let (w, schema) = (Weights::open(&dir).unwrap(), Schema::clip(&f32_model.config));
-    let (rv, rt) = (TowerParams::load(&HalfRef, &schema, Tower::Vision, &w, DType::BF16).unwrap(), TowerParams::load(&HalfRef, &schema, Tower::Text, &w, DType::BF16).unwrap());
+    let (rv, rt) = (
+        TowerParams::load(&HalfRef, &schema, Tower::Vision, &w, DType::BF16).unwrap(),
+        TowerParams::load(&HalfRef, &schema, Tower::Text, &w, DType::BF16).unwrap(),
+    );
     let refs = Weights::open(&dir.join("activations.safetensors")).unwrap();
     let px = refs.get("input.pixel_values").unwrap().contiguous();
     let ids = text_ids(&dir, f32_model.config.text.eos_token_id);
     let got_img = clip.embed_images(&px.to_vec_f32(), px.dim(0)).unwrap();
     let got_txt = clip.embed_texts(&ids).unwrap();
     for (got, want32, reference, kind) in [
-        (&got_img, f32_model.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap(), rv.vision(&HalfRef, &f32_model.config.vision, px.clone(), px.dim(0), Mode::Infer, &mut None).unwrap().0, "image"),
-        (&got_txt, f32_model.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap(), rt.text(&HalfRef, &f32_model.config.text, &ids, None, Mode::Infer, &mut None).unwrap().0, "text"),
+        (
+            &got_img,
+            f32_model.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap(),
+            rv.vision(&HalfRef, &f32_model.config.vision, px.clone(), px.dim(0), Mode::Infer, &mut None).unwrap().0,
+            "image",
+        ),
+        (
+            &got_txt,
+            f32_model.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap(),
+            rt.text(&HalfRef, &f32_model.config.text, &ids, None, Mode::Infer, &mut None).unwrap().0,
+            "text",
+        ),
     ] {
         let (w32, r) = (want32.to_vec_f32(), reference.to_vec_f32());
-        eprintln!("{what}: {kind} max|err|/max|ref| to the bf16-rounding reference: device bf16 {:.3}u, CPU f32 {:.3}u", scaled_err(got, &r) * 256.0, scaled_err(&w32, &r) * 256.0);
+        eprintln!(
+            "{what}: {kind} max|err|/max|ref| to the bf16-rounding reference: device bf16 {:.3}u, CPU f32 {:.3}u",
+            scaled_err(got, &r) * 256.0,
+            scaled_err(&w32, &r) * 256.0
+        );
         assert_half_close(&format!("{what}: {kind} embeddings"), got, &r, DType::BF16);
         assert_not_f32(&format!("{what}: {kind}"), got, &w32, &r, DType::BF16);
     }

@@ -5,7 +5,6 @@ mod emu_common;
 use clipforge::{Error, Result};
 use emu_common::*;
 
-
 struct LnInputs {
     x: Vec<f32>, // already bf16-representable when `bf16` was asked for
     res: Vec<f32>,
@@ -256,16 +255,29 @@ fn bias_act_case(act: &str, rows: usize, n: usize, bf16_io: bool) -> Result<()> 
         launch(&format!("bias_{act}_fwd_{suffix}"), grid, (256, 1, 1), 0, LaunchArgs::new().arg(&py).arg(&pb).arg(&ppre).arg(&rows_i).arg(&n_i).as_params())?;
         let y = back(gy.data());
         // backward in place: dpre overwrites dy
-        launch(&format!("bias_{act}_bwd_{suffix}"), grid, (256, 1, 1), 0, LaunchArgs::new().arg(&pdy).arg(&ppre).arg(&pdy).arg(&pdbp).arg(&rows_i).arg(&n_i).as_params())?;
+        launch(
+            &format!("bias_{act}_bwd_{suffix}"),
+            grid,
+            (256, 1, 1),
+            0,
+            LaunchArgs::new().arg(&pdy).arg(&ppre).arg(&pdy).arg(&pdbp).arg(&rows_i).arg(&n_i).as_params(),
+        )?;
         for (buf, name) in [(&gy, "y"), (&gpre, "pre"), (&gdy, "dy/dpre")] {
             buf.check(name)?;
         }
         (y, back(gpre.data()), back(gdy.data()))
     } else {
-        let (mut gy, mut gpre, mut gdy, mut gdpre) = (Guarded::from_slice(&y0), Guarded::filled(rows * n, f32::NAN), Guarded::from_slice(&dy), Guarded::filled(rows * n, f32::NAN));
+        let (mut gy, mut gpre, mut gdy, mut gdpre) =
+            (Guarded::from_slice(&y0), Guarded::filled(rows * n, f32::NAN), Guarded::from_slice(&dy), Guarded::filled(rows * n, f32::NAN));
         let (py, ppre, pdy, pdpre) = (gy.ptr(), gpre.ptr(), gdy.ptr(), gdpre.ptr());
         launch(&format!("bias_{act}_fwd_{suffix}"), grid, (256, 1, 1), 0, LaunchArgs::new().arg(&py).arg(&pb).arg(&ppre).arg(&rows_i).arg(&n_i).as_params())?;
-        launch(&format!("bias_{act}_bwd_{suffix}"), grid, (256, 1, 1), 0, LaunchArgs::new().arg(&pdy).arg(&ppre).arg(&pdpre).arg(&pdbp).arg(&rows_i).arg(&n_i).as_params())?;
+        launch(
+            &format!("bias_{act}_bwd_{suffix}"),
+            grid,
+            (256, 1, 1),
+            0,
+            LaunchArgs::new().arg(&pdy).arg(&ppre).arg(&pdpre).arg(&pdbp).arg(&rows_i).arg(&n_i).as_params(),
+        )?;
         for (buf, name) in [(&gy, "y"), (&gpre, "pre"), (&gdy, "dy"), (&gdpre, "dpre")] {
             buf.check(name)?;
         }
@@ -356,8 +368,8 @@ fn production_launcher_packing_runs_on_the_emulator() {
         let row = &inp.x[r * cols..(r + 1) * cols];
         let mu = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
         let var = row.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / cols as f64;
-        for c in 0..cols {
-            let want = (row[c] as f64 - mu) / (var + EPS as f64).sqrt() * inp.gamma[c] as f64 + inp.beta[c] as f64;
+        for (c, &xc) in row.iter().enumerate() {
+            let want = (xc as f64 - mu) / (var + EPS as f64).sqrt() * inp.gamma[c] as f64 + inp.beta[c] as f64;
             let got = y.data()[r * cols + c] as f64;
             assert!((got - want).abs() <= 1e-5 + 1e-5 * want.abs(), "row {r} col {c}: {got} vs {want}");
         }

@@ -26,7 +26,18 @@ fn layernorm_row(rows: usize, cols: usize, residual: bool) -> Row {
         (
             "residual_layernorm_fwd_f32",
             vec![x.clone(), res, g, b, nan(rows * cols), nan(rows), nan(rows)],
-            vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::Buf(3), Arg::Buf(4), Arg::Buf(5), Arg::Buf(6), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::F32(1e-5)],
+            vec![
+                Arg::Buf(0),
+                Arg::Buf(1),
+                Arg::Buf(2),
+                Arg::Buf(3),
+                Arg::Buf(4),
+                Arg::Buf(5),
+                Arg::Buf(6),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+                Arg::F32(1e-5),
+            ],
             4,
         )
     } else {
@@ -103,7 +114,18 @@ fn gemm_row(m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Row 
             kernel: "gemm_f32",
             cfg,
             buffers: vec![a, b, c0],
-            args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::I32(m as i32), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(ta as i32), Arg::I32(tb as i32), Arg::F32(1.0), Arg::F32(beta)],
+            args: vec![
+                Arg::Buf(0),
+                Arg::Buf(1),
+                Arg::Buf(2),
+                Arg::I32(m as i32),
+                Arg::I32(n as i32),
+                Arg::I32(k as i32),
+                Arg::I32(ta as i32),
+                Arg::I32(tb as i32),
+                Arg::F32(1.0),
+                Arg::F32(beta),
+            ],
         },
         expect: vec![(2, want, 1e-5 * (k as f32).sqrt(), 1e-5)],
     }
@@ -139,8 +161,13 @@ fn linear_half_row(m: usize, n: usize, k: usize, bias: bool, f16: bool) -> Row {
     let (atol, rtol) = (1e-5 * (k as f32).sqrt(), 1e-5);
     // the check can tell the format: the unrounded (f32) product is outside this tolerance of the
     // rounded reference somewhere (any k ≥ 2 row), so a kernel that skipped the rounding fails
-    let exact: Vec<f32> = (0..m * n).map(|i| ((0..k).map(|j| x[i / n * k + j] as f64 * w[i % n * k + j] as f64).sum::<f64>() + if bias { b[i % n] as f64 } else { 0.0 }) as f32).collect();
-    assert!(k < 2 || exact.iter().zip(&want).any(|(e, r)| (e - r).abs() > atol + rtol * r.abs()), "linear_half_row {m}x{n}x{k} f16 {f16}: f32 products pass the rounded check");
+    let exact: Vec<f32> = (0..m * n)
+        .map(|i| ((0..k).map(|j| x[i / n * k + j] as f64 * w[i % n * k + j] as f64).sum::<f64>() + if bias { b[i % n] as f64 } else { 0.0 }) as f32)
+        .collect();
+    assert!(
+        k < 2 || exact.iter().zip(&want).any(|(e, r)| (e - r).abs() > atol + rtol * r.abs()),
+        "linear_half_row {m}x{n}x{k} f16 {f16}: f32 products pass the rounded check"
+    );
     let (cfg, _) = clipforge::cuda::backend::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
     let wbits: Vec<u16> = w.iter().map(|&v| round_half(v, f16).1).collect();
     Row {
@@ -247,15 +274,20 @@ fn embed_rows() -> Vec<Row> {
                 buffers: vec![common::randn(b * w, 53), bits(&index), common::randn(b * t * w, 54)],
                 args: vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2), Arg::I32(b32), Arg::I32(t32), Arg::I32(w32)],
             },
-            expect: vec![(2, {
-                let (dp, mut dx) = (common::randn(b * w, 53), common::randn(b * t * w, 54));
-                for bi in 0..b {
-                    for c in 0..w {
-                        dx[(bi * t + index[bi] as usize) * w + c] += dp[bi * w + c];
+            expect: vec![(
+                2,
+                {
+                    let (dp, mut dx) = (common::randn(b * w, 53), common::randn(b * t * w, 54));
+                    for bi in 0..b {
+                        for c in 0..w {
+                            dx[(bi * t + index[bi] as usize) * w + c] += dp[bi * w + c];
+                        }
                     }
-                }
-                dx
-            }, 0.0, 0.0)],
+                    dx
+                },
+                0.0,
+                0.0,
+            )],
         },
         Row {
             // the patch rows of d(assembled): dpatches[b·N + t − 1] = dx[b, t] for t ≥ 1
@@ -265,13 +297,20 @@ fn embed_rows() -> Vec<Row> {
                 buffers: vec![common::randn(b * (n + 1) * w, 55), vec![f32::NAN; b * n * w]],
                 args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(b32), Arg::I32(n as i32), Arg::I32(w32)],
             },
-            expect: vec![(1, {
-                let dx = common::randn(b * (n + 1) * w, 55);
-                (0..b * n * w).map(|i| {
-                    let (row, c) = (i / w, i % w);
-                    dx[((row / n) * (n + 1) + row % n + 1) * w + c]
-                }).collect()
-            }, 0.0, 0.0)],
+            expect: vec![(
+                1,
+                {
+                    let dx = common::randn(b * (n + 1) * w, 55);
+                    (0..b * n * w)
+                        .map(|i| {
+                            let (row, c) = (i / w, i % w);
+                            dx[((row / n) * (n + 1) + row % n + 1) * w + c]
+                        })
+                        .collect()
+                },
+                0.0,
+                0.0,
+            )],
         },
         Row {
             case: KernelCase {

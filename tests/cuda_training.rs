@@ -12,7 +12,6 @@ use emu_common::*;
 use half::f16;
 use training_common::*;
 
-
 fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
     v.iter().map(|&x| bf16(x)).collect()
 }
@@ -56,7 +55,13 @@ fn run_pos_bwd(dout: &[f32], pos: &[u32], s: Stretch, w: usize, parts: usize, bf
     }
     let mut dp = Guarded::filled(s.len * w, f32::NAN);
     let (pp, pdp, parts_i, n_i) = (partial.ptr() as *const f32, dp.ptr(), parts as i32, (s.len * w) as i32);
-    launch("pos_gather_bwd_reduce_f32", (ceil_div(s.len * w, 256), 1, 1), (256, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&pdp).arg(&parts_i).arg(&n_i).as_params())?;
+    launch(
+        "pos_gather_bwd_reduce_f32",
+        (ceil_div(s.len * w, 256), 1, 1),
+        (256, 1, 1),
+        0,
+        LaunchArgs::new().arg(&pp).arg(&pdp).arg(&parts_i).arg(&n_i).as_params(),
+    )?;
     dp.check("dP")?;
     Ok(dp.data().to_vec())
 }
@@ -74,19 +79,37 @@ fn pos_case(s: Stretch, rows: usize, w: usize) -> Result<()> {
     // forward f32 and bf16
     let mut out = Guarded::filled(rows * w, f32::NAN);
     let po = out.ptr();
-    launch("pos_gather_fwd_f32", grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&ppos).arg(&po).arg(&rows_i).arg(&l_i).arg(&w_i).arg(&keep_i).arg(&ratio_i).as_params())?;
+    launch(
+        "pos_gather_fwd_f32",
+        grid,
+        (128, 1, 1),
+        0,
+        LaunchArgs::new().arg(&pp).arg(&ppos).arg(&po).arg(&rows_i).arg(&l_i).arg(&w_i).arg(&keep_i).arg(&ratio_i).as_params(),
+    )?;
     out.check("out f32")?;
     check_close("fwd f32", out.data(), &want, 1e-7, 1e-6)?;
     let mut outb = Guarded::filled(rows * w, 0x7fc0u16);
     let pob = outb.ptr();
-    launch(&format!("pos_gather_fwd_{}", half_suffix()), grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&ppos).arg(&pob).arg(&rows_i).arg(&l_i).arg(&w_i).arg(&keep_i).arg(&ratio_i).as_params())?;
+    launch(
+        &format!("pos_gather_fwd_{}", half_suffix()),
+        grid,
+        (128, 1, 1),
+        0,
+        LaunchArgs::new().arg(&pp).arg(&ppos).arg(&pob).arg(&rows_i).arg(&l_i).arg(&w_i).arg(&keep_i).arg(&ratio_i).as_params(),
+    )?;
     outb.check("out bf16")?;
     check_close("fwd bf16", &from_bf16_bits(outb.data()), &want, 1e-7, half_rtol())?;
     // the whole table
     let ln = s.new_len();
     let mut table = Guarded::filled(ln * w, f32::NAN);
     let pt = table.ptr();
-    launch("pos_stretch_f32", (ceil_div(ln, 4), 1, 1), (128, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&pt).arg(&l_i).arg(&w_i).arg(&keep_i).arg(&ratio_i).as_params())?;
+    launch(
+        "pos_stretch_f32",
+        (ceil_div(ln, 4), 1, 1),
+        (128, 1, 1),
+        0,
+        LaunchArgs::new().arg(&pp).arg(&pt).arg(&l_i).arg(&w_i).arg(&keep_i).arg(&ratio_i).as_params(),
+    )?;
     table.check("stretched table")?;
     check_close("stretch", table.data(), &stretch_reference(&p, w, s), 1e-7, 1e-6)?;
     gp.check("P")?;
@@ -137,11 +160,27 @@ fn pos_gather_traps_on_out_of_range_positions() {
     let (mut out, mut gp, mut gpos) = (Guarded::filled(2 * 3, 0f32), Guarded::from_slice(&p), Guarded::from_slice(&pos));
     let (pp, ppos, po) = (gp.ptr() as *const f32, gpos.ptr() as *const u32, out.ptr());
     let (rows, l, w, keep, ratio) = (2i32, 7i32, 3i32, 2i32, 3i32);
-    let err = launch("pos_gather_fwd_f32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&ppos).arg(&po).arg(&rows).arg(&l).arg(&w).arg(&keep).arg(&ratio).as_params()).unwrap_err().to_string();
+    let err = launch(
+        "pos_gather_fwd_f32",
+        (1, 1, 1),
+        (64, 1, 1),
+        0,
+        LaunchArgs::new().arg(&pp).arg(&ppos).arg(&po).arg(&rows).arg(&l).arg(&w).arg(&keep).arg(&ratio).as_params(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("__trap"), "{err}");
     let mut part = Guarded::filled(7 * 3, 0f32);
     let ppart = part.ptr();
-    let err = launch("pos_gather_bwd_f32", (1, 1, 1), (128, 1, 1), pos_smem(s), LaunchArgs::new().arg(&pp).arg(&ppos).arg(&ppart).arg(&rows).arg(&l).arg(&w).arg(&keep).arg(&ratio).as_params()).unwrap_err().to_string();
+    let err = launch(
+        "pos_gather_bwd_f32",
+        (1, 1, 1),
+        (128, 1, 1),
+        pos_smem(s),
+        LaunchArgs::new().arg(&pp).arg(&ppos).arg(&ppart).arg(&rows).arg(&l).arg(&w).arg(&keep).arg(&ratio).as_params(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("__trap"), "{err}");
 }
 
@@ -178,11 +217,23 @@ fn ce_case(c: &CeCase) -> Result<()> {
         let mut gx = Guarded::from_slice(&to_bf16_bits(&x));
         let px = gx.ptr();
         let pxc = px as *const u16;
-        launch(&format!("cross_entropy_fwd_{}", half_suffix()), grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pxc).arg(&pt).arg(&pl).arg(&plse).arg(&rows_i).arg(&c_i).arg(&eps).as_params())?;
+        launch(
+            &format!("cross_entropy_fwd_{}", half_suffix()),
+            grid,
+            (128, 1, 1),
+            0,
+            LaunchArgs::new().arg(&pxc).arg(&pt).arg(&pl).arg(&plse).arg(&rows_i).arg(&c_i).arg(&eps).as_params(),
+        )?;
         let mut gd = Guarded::filled(rows * classes, 0x7fc0u16);
         let pd = if in_place { px } else { gd.ptr() };
         let plsec = plse as *const f32;
-        launch(&format!("cross_entropy_bwd_{}", half_suffix()), grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pxc).arg(&pt).arg(&plsec).arg(&pd).arg(&rows_i).arg(&c_i).arg(&eps).arg(&dloss).as_params())?;
+        launch(
+            &format!("cross_entropy_bwd_{}", half_suffix()),
+            grid,
+            (128, 1, 1),
+            0,
+            LaunchArgs::new().arg(&pxc).arg(&pt).arg(&plsec).arg(&pd).arg(&rows_i).arg(&c_i).arg(&eps).arg(&dloss).as_params(),
+        )?;
         gx.check("logits")?;
         gd.check("dlogits")?;
         from_bf16_bits(if in_place { gx.data() } else { gd.data() })
@@ -190,14 +241,30 @@ fn ce_case(c: &CeCase) -> Result<()> {
         let mut gx = Guarded::from_slice(&x);
         let px = gx.ptr();
         let pxc = px as *const f32;
-        launch("cross_entropy_fwd_f32", grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pxc).arg(&pt).arg(&pl).arg(&plse).arg(&rows_i).arg(&c_i).arg(&eps).as_params())?;
+        launch(
+            "cross_entropy_fwd_f32",
+            grid,
+            (128, 1, 1),
+            0,
+            LaunchArgs::new().arg(&pxc).arg(&pt).arg(&pl).arg(&plse).arg(&rows_i).arg(&c_i).arg(&eps).as_params(),
+        )?;
         let mut gd = Guarded::filled(rows * classes, f32::NAN);
         let pd = if in_place { px } else { gd.ptr() };
         let plsec = plse as *const f32;
-        launch("cross_entropy_bwd_f32", grid, (128, 1, 1), 0, LaunchArgs::new().arg(&pxc).arg(&pt).arg(&plsec).arg(&pd).arg(&rows_i).arg(&c_i).arg(&eps).arg(&dloss).as_params())?;
+        launch(
+            "cross_entropy_bwd_f32",
+            grid,
+            (128, 1, 1),
+            0,
+            LaunchArgs::new().arg(&pxc).arg(&pt).arg(&plsec).arg(&pd).arg(&rows_i).arg(&c_i).arg(&eps).arg(&dloss).as_params(),
+        )?;
         gx.check("logits")?;
         gd.check("dlogits")?;
-        if in_place { gx.data().to_vec() } else { gd.data().to_vec() }
+        if in_place {
+            gx.data().to_vec()
+        } else {
+            gd.data().to_vec()
+        }
     };
     let plc = pl as *const f32;
     launch("cross_entropy_mean_f32", (1, 1, 1), (256, 1, 1), 0, LaunchArgs::new().arg(&plc).arg(&pm).arg(&rows_i).as_params())?;
@@ -244,7 +311,8 @@ fn f16_variants_of_pos_gather_cross_entropy_adamw() {
         }
     }
     for_all_cases("cross_entropy f16", &ce, ce_case);
-    let adam: Vec<AdamCase> = [1usize, 45, 4099].iter().map(|&n| AdamCase { n, bf16_grad: true, copies: true, step: 10, blocks: (n.div_ceil(256) as u32).min(3) }).collect();
+    let adam: Vec<AdamCase> =
+        [1usize, 45, 4099].iter().map(|&n| AdamCase { n, bf16_grad: true, copies: true, step: 10, blocks: (n.div_ceil(256) as u32).min(3) }).collect();
     for_all_cases("adamw f16 grads", &adam, adamw_case);
 }
 
@@ -269,7 +337,15 @@ fn cross_entropy_traps_on_out_of_range_targets() {
     let (x, t) = (vec![0f32; 2 * 5], vec![1u32, 5]);
     let (mut gx, mut gt, mut loss, mut lse) = (Guarded::from_slice(&x), Guarded::from_slice(&t), Guarded::filled(2, 0f32), Guarded::filled(2, 0f32));
     let (px, pt, pl, plse, rows, c, eps) = (gx.ptr() as *const f32, gt.ptr() as *const u32, loss.ptr(), lse.ptr(), 2i32, 5i32, 0.1f32);
-    let err = launch("cross_entropy_fwd_f32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&pt).arg(&pl).arg(&plse).arg(&rows).arg(&c).arg(&eps).as_params()).unwrap_err().to_string();
+    let err = launch(
+        "cross_entropy_fwd_f32",
+        (1, 1, 1),
+        (64, 1, 1),
+        0,
+        LaunchArgs::new().arg(&px).arg(&pt).arg(&pl).arg(&plse).arg(&rows).arg(&c).arg(&eps).as_params(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("__trap"), "{err}");
 }
 
@@ -347,7 +423,13 @@ fn adamw_kernels() {
 #[allow(clippy::too_many_arguments)]
 fn gemm_launch(a: *const f32, b: *const f32, bias: *const f32, c: *mut f32, m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Result<()> {
     let (m_i, n_i, k_i, ta_i, tb_i) = (m as i32, n as i32, k as i32, ta as i32, tb as i32);
-    launch("pca_gemm_f32", (ceil_div(n, 32), ceil_div(m, 32), 1), (256, 1, 1), 0, LaunchArgs::new().arg(&a).arg(&b).arg(&bias).arg(&c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&ta_i).arg(&tb_i).as_params())
+    launch(
+        "pca_gemm_f32",
+        (ceil_div(n, 32), ceil_div(m, 32), 1),
+        (256, 1, 1),
+        0,
+        LaunchArgs::new().arg(&a).arg(&b).arg(&bias).arg(&c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&ta_i).arg(&tb_i).as_params(),
+    )
 }
 
 /// [rows, cols] -> [cols, rows]
@@ -375,8 +457,10 @@ fn pca_gemm_kernel() {
         let (a, b, bias) = (rng.vec(m * k, -1.0, 1.0), rng.vec(k * n, -1.0, 1.0), rng.vec(n, -1.0, 1.0));
         let at = |i: usize, p: usize| (if ta { a[p * m + i] } else { a[i * k + p] }) as f64;
         let bt = |p: usize, j: usize| (if tb { b[j * k + p] } else { b[p * n + j] }) as f64;
-        let want: Vec<f64> = (0..m * n).map(|e| (0..k).map(|p| at(e / n, p) * bt(p, e % n)).sum::<f64>() + if with_bias { bias[e % n] as f64 } else { 0.0 }).collect();
-        let (mut ga, mut gb, mut gbias, mut gc) = (Guarded::from_slice(&a), Guarded::from_slice(&b), Guarded::from_slice(&bias), Guarded::filled(m * n, f32::NAN));
+        let want: Vec<f64> =
+            (0..m * n).map(|e| (0..k).map(|p| at(e / n, p) * bt(p, e % n)).sum::<f64>() + if with_bias { bias[e % n] as f64 } else { 0.0 }).collect();
+        let (mut ga, mut gb, mut gbias, mut gc) =
+            (Guarded::from_slice(&a), Guarded::from_slice(&b), Guarded::from_slice(&bias), Guarded::filled(m * n, f32::NAN));
         let pbias = if with_bias { gbias.ptr() as *const f32 } else { std::ptr::null() };
         gemm_launch(ga.ptr(), gb.ptr(), pbias, gc.ptr(), m, n, k, ta, tb)?;
         for (g, name) in [(&ga, "A"), (&gb, "B"), (&gbias, "bias"), (&gc, "C")] {

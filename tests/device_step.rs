@@ -17,10 +17,10 @@ mod common;
 mod finetune_common;
 use clipforge::cuda::EmuOps;
 use clipforge::model::Weights;
-use clipforge::DType;
 use clipforge::train::device_step::DeviceStep;
 use clipforge::train::step::StepEngine;
 use clipforge::train::trainer::{run, run_with, RunResult, StepLog, TrainConfig};
+use clipforge::DType;
 use common::{assert_close, tmpdir};
 use finetune_common::*;
 use std::path::Path;
@@ -202,10 +202,14 @@ fn half_precision_loss_is_the_rounded_reference_not_f32() {
     let loader = Loader::new(read_samples(&common::fixture("longclip/train.jsonl"), None).unwrap(), 4, 0, false, pre, tok).unwrap();
     let batch = loader.load(&[0, 3, 5, 9]).unwrap();
     let mb = Micro { batch: &batch, smart_ids: None };
-    let device = |low: Option<DType>| DeviceStep::new(Box::new(EmuOps), &model, &opt, 4, false, low).unwrap().micro_batch(&model, &mb, 1.0).unwrap().loss as f64;
+    let device =
+        |low: Option<DType>| DeviceStep::new(Box::new(EmuOps), &model, &opt, 4, false, low).unwrap().micro_batch(&model, &mb, 1.0).unwrap().loss as f64;
     let reference = |dt: DType| -> f64 {
         let value = |q: &clipforge::model::schema::Param| Ok(model.params[model.index(&q.name).unwrap()].1.clone());
-        let (v, t) = (TowerParams::load_with(&HalfRef, &model.schema, Tower::Vision, dt, value).unwrap(), TowerParams::load_with(&HalfRef, &model.schema, Tower::Text, dt, value).unwrap());
+        let (v, t) = (
+            TowerParams::load_with(&HalfRef, &model.schema, Tower::Vision, dt, value).unwrap(),
+            TowerParams::load_with(&HalfRef, &model.schema, Tower::Text, dt, value).unwrap(),
+        );
         let nb = batch.long_ids.len();
         let img = v.vision(&HalfRef, &model.config.vision, batch.pixels.contiguous(), nb, Mode::Infer, &mut None).unwrap().0; // [B·D]
         let ids: Vec<Vec<u32>> = batch.long_ids.iter().chain(&batch.short_ids).cloned().collect();
@@ -225,7 +229,13 @@ fn half_precision_loss_is_the_rounded_reference_not_f32() {
         let (dev, rf) = (device(Some(dt)), reference(dt));
         let u = unit_roundoff(dt);
         let tol = u / 8.0 * rf.abs();
-        eprintln!("{dt:?}: device {dev}, rounding reference {rf} (|diff| {:.3e} = {:.4}u·|loss|), f32 {d32} (|diff| {:.3e} = {:.4}u·|loss|)", (dev - rf).abs(), (dev - rf).abs() / (u * rf.abs()), (dev - d32).abs(), (dev - d32).abs() / (u * rf.abs()));
+        eprintln!(
+            "{dt:?}: device {dev}, rounding reference {rf} (|diff| {:.3e} = {:.4}u·|loss|), f32 {d32} (|diff| {:.3e} = {:.4}u·|loss|)",
+            (dev - rf).abs(),
+            (dev - rf).abs() / (u * rf.abs()),
+            (dev - d32).abs(),
+            (dev - d32).abs() / (u * rf.abs())
+        );
         assert!((dev - rf).abs() <= tol, "{dt:?}: device loss {dev}, {dt:?}-rounding reference {rf}: |diff| {:.3e} > u/8·|loss| = {tol:.3e}", (dev - rf).abs());
         assert!((dev - d32).abs() > u / 64.0 * rf.abs(), "{dt:?}: device loss {dev} within u/64 of the f32 loss {d32}: the GEMMs did not run in {dt:?}");
     }

@@ -4,12 +4,10 @@
 //! the embedding cache is hit on a repeat and missed after a file changes; bad input is a
 //! one-line error.
 mod common;
-use common::{fixture, tmpdir};
 use clipforge::io::npy::read_npy;
+use common::{fixture, tmpdir};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-
 
 fn cf(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clipforge")).args(args).output().unwrap()
@@ -50,7 +48,21 @@ fn zeroshot_metrics_agree_with_an_independent_computation() {
     let tmpl = d.join("templates.txt");
     std::fs::write(&tmpl, "a photo of a {}.\na {} thing.\n").unwrap();
     let plot = d.join("cm.svg");
-    let args = ["eval", "zeroshot", "--model", m, "--data", root.to_str().unwrap(), "--templates", tmpl.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap(), "--plot", plot.to_str().unwrap(), "--json"];
+    let args = [
+        "eval",
+        "zeroshot",
+        "--model",
+        m,
+        "--data",
+        root.to_str().unwrap(),
+        "--templates",
+        tmpl.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+        "--json",
+    ];
     let j: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
     // independent: embed the images and the prompts, average per class, argmax
@@ -119,7 +131,18 @@ fn retrieval_recall_agrees_with_an_independent_computation() {
         .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let m = fixture("tiny");
-    let out = ok(&["eval", "retrieval", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--no-cache", "--plot", d.join("r.svg").to_str().unwrap(), "--json"]);
+    let out = ok(&[
+        "eval",
+        "retrieval",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--no-cache",
+        "--plot",
+        d.join("r.svg").to_str().unwrap(),
+        "--json",
+    ]);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     let img_npy = d.join("img.npy");
     let mut a: Vec<String> = ["embed-image", "--model", m.to_str().unwrap(), "--out", img_npy.to_str().unwrap()].iter().map(|s| s.to_string()).collect();
@@ -138,7 +161,10 @@ fn retrieval_recall_agrees_with_an_independent_computation() {
         let t2i = (0..12).filter(|&t| (0..6).filter(|&i| sim(i, t) > sim(t / 2, t)).count() < *k).count() as f64 / 12.0;
         let r = &j["recall"][n];
         assert_eq!(r["k"].as_u64(), Some(*k as u64));
-        assert!((r["image_to_text"].as_f64().unwrap() - i2t).abs() < 1e-12 && (r["text_to_image"].as_f64().unwrap() - t2i).abs() < 1e-12, "R@{k}: {r} vs {i2t} / {t2i}");
+        assert!(
+            (r["image_to_text"].as_f64().unwrap() - i2t).abs() < 1e-12 && (r["text_to_image"].as_f64().unwrap() - t2i).abs() < 1e-12,
+            "R@{k}: {r} vs {i2t} / {t2i}"
+        );
     }
 }
 

@@ -8,11 +8,11 @@
 //! - the data formats (JSONL, ShareGPT4V), the short-caption rule and line-numbered errors.
 mod common;
 mod finetune_common;
-use common::{fixture, tmpdir};
-use finetune_common::*;
 use clipforge::model::Weights;
 use clipforge::train::data::{first_sentence, read_samples, Loader};
 use clipforge::train::trainer::{run, StepLog};
+use common::{fixture, tmpdir};
+use finetune_common::*;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -86,7 +86,10 @@ fn data_formats_and_errors() {
     let sg = d.join("sharegpt.json");
     std::fs::write(&sg, r#"[{"image": "a.png", "conversations": [{"value": "describe"}, {"value": "Line one.\nTwo. Three"}]}]"#).unwrap();
     let s = read_samples(&sg, Some(Path::new("/imgs"))).unwrap();
-    assert_eq!((s[0].caption.as_str(), s[0].short_caption.as_str(), s[0].image.path().unwrap()), ("Line one. Two. Three", "Line one", Path::new("/imgs/a.png")));
+    assert_eq!(
+        (s[0].caption.as_str(), s[0].short_caption.as_str(), s[0].image.path().unwrap()),
+        ("Line one. Two. Three", "Line one", Path::new("/imgs/a.png"))
+    );
     let bad = d.join("bad.jsonl");
     std::fs::write(&bad, "{\"image\": \"a.png\", \"caption\": \"x\"}\n{\"image\": \"b.png\"}\n").unwrap();
     let e = read_samples(&bad, None).unwrap_err().to_string();
@@ -115,7 +118,15 @@ fn shuffling_is_seeded_and_positions_replay() {
         c.next_indices();
     }
     let pos = c.position;
-    let mut d = Loader::new(read_samples(&fixture("longclip/train.jsonl"), None).unwrap(), 3, 7, true, clipforge::io::image_prep::PreprocessConfig::for_model_dir(&model, 32).unwrap(), tok()).unwrap();
+    let mut d = Loader::new(
+        read_samples(&fixture("longclip/train.jsonl"), None).unwrap(),
+        3,
+        7,
+        true,
+        clipforge::io::image_prep::PreprocessConfig::for_model_dir(&model, 32).unwrap(),
+        tok(),
+    )
+    .unwrap();
     d.position = pos;
     assert_eq!((0..5).map(|_| d.next_indices()).collect::<Vec<_>>(), first[7..12].to_vec());
     let batch = d.load(&[0, 5]).unwrap();
@@ -164,7 +175,7 @@ fn a_crash_between_the_two_renames_of_a_replace_loses_no_checkpoint() {
     let state = TrainerState { step: 2, position: clipforge::train::data::Position { epoch: 0, index: 2 }, args: serde_json::json!({}) };
     save(&ck, &fixture("tiny"), &model.params, None, Some(&state)).unwrap();
     save(&ck, &fixture("tiny"), &model.params, None, Some(&state)).unwrap(); // a replace
-    // a crash inside the next replace: the old directory moved aside, the new one unfinished
+                                                                             // a crash inside the next replace: the old directory moved aside, the new one unfinished
     std::fs::rename(&ck, d.join("checkpoints/.step-000002.old-4242")).unwrap();
     std::fs::create_dir_all(d.join("checkpoints/.step-000002.tmp-4242")).unwrap();
     assert_eq!(latest(&d), Some(ck.clone()));
@@ -181,7 +192,24 @@ fn finetune_cli(args: &[&str]) -> (bool, String) {
 fn an_existing_out_needs_resume_or_force_and_resume_finds_checkpoints_by_name() {
     let d = tmpdir("ft-out");
     let (tiny, data, out) = (fixture("tiny"), fixture("longclip/train.jsonl"), d.join("out"));
-    let base = ["--model", tiny.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--batch", "4", "--max-steps", "2", "--save-every", "1", "--device", "cpu", "--pca-dim", "2"];
+    let base = [
+        "--model",
+        tiny.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch",
+        "4",
+        "--max-steps",
+        "2",
+        "--save-every",
+        "1",
+        "--device",
+        "cpu",
+        "--pca-dim",
+        "2",
+    ];
     let with = |extra: &[&str]| finetune_cli(&[&base[..], extra].concat());
     let (ok, e) = with(&[]);
     assert!(ok, "{e}");
@@ -198,7 +226,19 @@ fn an_existing_out_needs_resume_or_force_and_resume_finds_checkpoints_by_name() 
     assert!(!ok && e.contains("step-000077") && e.contains("no such checkpoint"), "{e}");
     // a checkpoint of another architecture
     let odd = fixture("odd");
-    let (ok, e) = finetune_cli(&["--model", odd.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--batch", "4", "--device", "cpu", "--resume"]);
+    let (ok, e) = finetune_cli(&[
+        "--model",
+        odd.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch",
+        "4",
+        "--device",
+        "cpu",
+        "--resume",
+    ]);
     assert!(!ok && e.trim().lines().count() == 1 && e.contains("checkpoint and model differ"), "{e}");
 }
 
@@ -231,7 +271,23 @@ fn data_with(d: &Path, at: usize, bad: &Path) -> std::path::PathBuf {
 fn bad_training_images_are_found_up_front_or_stop_with_the_last_good_step() {
     let d = tmpdir("ft-data");
     let tiny = fixture("tiny");
-    let run_on = |data: &Path, out: &Path| finetune_cli(&["--model", tiny.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--batch", "4", "--no-shuffle", "--device", "cpu", "--pca-dim", "2"]);
+    let run_on = |data: &Path, out: &Path| {
+        finetune_cli(&[
+            "--model",
+            tiny.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch",
+            "4",
+            "--no-shuffle",
+            "--device",
+            "cpu",
+            "--pca-dim",
+            "2",
+        ])
+    };
     // a missing file and a file that is no image: found before the first step, file and line named
     std::fs::write(d.join("notes.png"), "not an image").unwrap();
     for (at, bad) in [(11, d.join("missing.png")), (3, d.join("notes.png"))] {

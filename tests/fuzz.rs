@@ -13,8 +13,8 @@
 //! `CLIPFORGE_FUZZ_ONLY=target:iteration` replays one input. Every crash found is kept in
 //! tests/fixtures/fuzz/<target>/ and replayed by `regressions_replay`.
 use clipforge::model::synthetic::Rng;
-use std::alloc::{GlobalAlloc, Layout, System};
 use serde_json::{json, Value};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 
 #[path = "fuzz_targets/mod.rs"]
@@ -71,7 +71,8 @@ static ALLOC: Counting = Counting;
 // ---- mutations ---------------------------------------------------------------------------
 
 const INTERESTING: [u64; 14] = [0, 1, 0x7f, 0x80, 0xff, 0x100, 0x7fff, 0xffff, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 1 << 40, 1 << 60, u64::MAX];
-const NUMBERS: [&str; 12] = ["0", "-1", "1e308", "-1e308", "4294967296", "18446744073709551615", "1152921504606846976", "99999999999999999999999", "0.5", "NaN", "1e-400", "65536"];
+const NUMBERS: [&str; 12] =
+    ["0", "-1", "1e308", "-1e308", "4294967296", "18446744073709551615", "1152921504606846976", "99999999999999999999999", "0.5", "NaN", "1e-400", "65536"];
 
 fn below(r: &mut Rng, n: usize) -> usize {
     if n == 0 {
@@ -280,7 +281,9 @@ fn one(t: &Target, data: &[u8]) -> Result<bool, String> {
     WATCH.with(|w| w.set(false));
     let big = BIGGEST.with(|b| b.replace(0));
     match r {
-        Err(p) => Err(format!("panic: {}", p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default())),
+        Err(p) => {
+            Err(format!("panic: {}", p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()))
+        }
         Ok(_) if big > REPORT => Err(format!("allocated {big} bytes at once")),
         Ok(accepted) => Ok(accepted),
     }
@@ -325,7 +328,12 @@ fn fuzz(name: &str, iters: usize) {
         }
     }
     fuzz_targets::clean_scratch();
-    eprintln!("fuzz: {name}: {} iterations in {:.1} s ({accepted} accepted by the parser), {} crash(es)", range.len(), start.elapsed().as_secs_f64(), crashes.len());
+    eprintln!(
+        "fuzz: {name}: {} iterations in {:.1} s ({accepted} accepted by the parser), {} crash(es)",
+        range.len(),
+        start.elapsed().as_secs_f64(),
+        crashes.len()
+    );
     assert!(crashes.is_empty(), "{name}: {} crashing input(s) (seed {seed}): {crashes:?}", crashes.len());
 }
 

@@ -20,9 +20,7 @@ fn r(x: f32) -> f64 {
 
 /// Σ_k |bf16(a_ik)·bf16(w_jk)|: the scale of f32 accumulation error.
 fn sum_abs(a: &[f32], w: &[f32], k: usize, i: usize, j: usize) -> f64 {
-    (0..k)
-        .map(|kk| (r(a[i * k + kk]) * r(w[j * k + kk])).abs())
-        .sum()
+    (0..k).map(|kk| (r(a[i * k + kk]) * r(w[j * k + kk])).abs()).sum()
 }
 
 /// Checks rows `rows` of c against the reference: |x − ref| ≤ ATOL + RTOL·Σ|terms|.
@@ -46,16 +44,9 @@ fn check(m: usize, n: usize, k: usize, bias: bool, kernel: Kernel, rows: &[usize
         matmul_bf16_reference(&a[i * k..(i + 1) * k], 1, &w, n, k, bias, &mut cref);
         for j in 0..n {
             let (x, y) = (c[i * n + j], cref[j]);
-            assert!(
-                x.is_finite(),
-                "non-finite at ({i},{j}) for {m}x{n}x{k}: {x}"
-            );
+            assert!(x.is_finite(), "non-finite at ({i},{j}) for {m}x{n}x{k}: {x}");
             let tol = ATOL + RTOL * sum_abs(&a, &w, k, i, j);
-            assert!(
-                ((x - y) as f64).abs() <= tol,
-                "({i},{j}) {m}x{n}x{k} bias={} {kernel:?}: got {x}, ref {y}, tol {tol}",
-                bias.is_some()
-            );
+            assert!(((x - y) as f64).abs() <= tol, "({i},{j}) {m}x{n}x{k} bias={} {kernel:?}: got {x}, ref {y}, tol {tol}", bias.is_some());
         }
     }
 }
@@ -157,10 +148,7 @@ fn from_bf16_matches_from_f32_and_nonfinite_inputs() {
     let mut g = Rng::seeded(3);
     let w = g.vec(n * k, 1.0);
     let wb: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
-    let (p1, p2) = (
-        PackedBf16::from_f32(&w, n, k),
-        PackedBf16::from_bf16(&wb, n, k),
-    );
+    let (p1, p2) = (PackedBf16::from_f32(&w, n, k), PackedBf16::from_bf16(&wb, n, k));
     for j in 0..n {
         for kk in 0..k {
             assert_eq!(p1.get(j, kk), wb[j * k + kk]);

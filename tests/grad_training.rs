@@ -110,7 +110,14 @@ fn backward_kernels_match_finite_differences() {
     let (pr, ppos, pdp) = (gr.ptr() as *const f32, gpos.ptr() as *const u32, dp.ptr());
     let (rows_i, l, wi, keep, ratio) = (rows as i32, s.len as i32, w as i32, s.keep as i32, s.ratio as i32);
     let smem = ((s.len * 128 + 4 * s.new_len()) * 4) as u32;
-    launch("pos_gather_bwd_f32", (1, 1, 1), (128, 1, 1), smem, LaunchArgs::new().arg(&pr).arg(&ppos).arg(&pdp).arg(&rows_i).arg(&l).arg(&wi).arg(&keep).arg(&ratio).as_params()).unwrap();
+    launch(
+        "pos_gather_bwd_f32",
+        (1, 1, 1),
+        (128, 1, 1),
+        smem,
+        LaunchArgs::new().arg(&pr).arg(&ppos).arg(&pdp).arg(&rows_i).arg(&l).arg(&wi).arg(&keep).arg(&ratio).as_params(),
+    )
+    .unwrap();
     dp.check("dP").unwrap();
     check64("kernel dP", &to_f64(dp.data()), &fd, 1e-5, 1e-5);
 
@@ -123,9 +130,23 @@ fn backward_kernels_match_finite_differences() {
     let (mut loss, mut lse, mut dx) = (Guarded::filled(rows, f32::NAN), Guarded::filled(rows, f32::NAN), Guarded::filled(rows * classes, f32::NAN));
     let (px, pt, pl, plse, pdx) = (gx.ptr() as *const f32, gt.ptr() as *const u32, loss.ptr(), lse.ptr(), dx.ptr());
     let (rows_i, c_i) = (rows as i32, classes as i32);
-    launch("cross_entropy_fwd_f32", (2, 1, 1), (96, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&pt).arg(&pl).arg(&plse).arg(&rows_i).arg(&c_i).arg(&eps).as_params()).unwrap();
+    launch(
+        "cross_entropy_fwd_f32",
+        (2, 1, 1),
+        (96, 1, 1),
+        0,
+        LaunchArgs::new().arg(&px).arg(&pt).arg(&pl).arg(&plse).arg(&rows_i).arg(&c_i).arg(&eps).as_params(),
+    )
+    .unwrap();
     let plsec = plse as *const f32;
-    launch("cross_entropy_bwd_f32", (2, 1, 1), (96, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&pt).arg(&plsec).arg(&pdx).arg(&rows_i).arg(&c_i).arg(&eps).arg(&dloss).as_params()).unwrap();
+    launch(
+        "cross_entropy_bwd_f32",
+        (2, 1, 1),
+        (96, 1, 1),
+        0,
+        LaunchArgs::new().arg(&px).arg(&pt).arg(&plsec).arg(&pdx).arg(&rows_i).arg(&c_i).arg(&eps).arg(&dloss).as_params(),
+    )
+    .unwrap();
     dx.check("dlogits").unwrap();
     check64("kernel dlogits", &to_f64(dx.data()), &fd, 2e-6, 1e-4);
 }

@@ -52,7 +52,13 @@ fn check_text(m: &ClipModel, r: &Weights, prefix: &str, t: usize) {
         let h = m.token_hidden_states(&ids, t, &opts(layer, false)).unwrap();
         assert_eq!(h.hidden_states.shape(), &[ids.len(), t, 32]);
         assert_close(&format!("{prefix} hidden_states[{layer}]"), &h.hidden_states.to_vec_f32(), &get(r, &format!("{prefix}.hidden.{want}")), ATOL, RTOL);
-        assert_close(&format!("{prefix} text_embeds"), &h.text_embeds.iter_rows().flatten().copied().collect::<Vec<_>>(), &get(r, &format!("{prefix}.text_embeds")), ATOL, RTOL);
+        assert_close(
+            &format!("{prefix} text_embeds"),
+            &h.text_embeds.iter_rows().flatten().copied().collect::<Vec<_>>(),
+            &get(r, &format!("{prefix}.text_embeds")),
+            ATOL,
+            RTOL,
+        );
     }
     let h = m.token_hidden_states(&ids, t, &opts(-1, true)).unwrap();
     assert_close(&format!("{prefix} last_hidden_state"), &h.hidden_states.to_vec_f32(), &get(r, &format!("{prefix}.last")), ATOL, RTOL);
@@ -142,7 +148,14 @@ fn cli_writes_the_hidden_states_file() {
         .map(|t| t.as_str().unwrap().to_string())
         .collect();
     let out = dir.join("h.safetensors");
-    let o = clipforge().args(["embed-text", "--device", "cpu", "--model"]).arg(fixture("tiny")).args(["--hidden-states", "-2", "--out-dtype", "f16", "--out"]).arg(&out).args(&texts).output().unwrap();
+    let o = clipforge()
+        .args(["embed-text", "--device", "cpu", "--model"])
+        .arg(fixture("tiny"))
+        .args(["--hidden-states", "-2", "--out-dtype", "f16", "--out"])
+        .arg(&out)
+        .args(&texts)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let bytes = std::fs::read(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -157,7 +170,14 @@ fn cli_writes_the_hidden_states_file() {
     // f16 storage: half a unit in the 11th bit.
     assert_close("CLI f16 hidden_states[-2]", &got, &get(&refs(), "t77.hidden.1"), 1e-4, 1.0 / 1024.0);
 
-    let o = clipforge().args(["embed-image", "--device", "cpu", "--model"]).arg(fixture("tiny")).args(["--hidden-states", "-1", "--final-layer-norm", "--out"]).arg(dir.join("i.safetensors")).arg(fixture("images/chelsea.png")).output().unwrap();
+    let o = clipforge()
+        .args(["embed-image", "--device", "cpu", "--model"])
+        .arg(fixture("tiny"))
+        .args(["--hidden-states", "-1", "--final-layer-norm", "--out"])
+        .arg(dir.join("i.safetensors"))
+        .arg(fixture("images/chelsea.png"))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let bytes = std::fs::read(dir.join("i.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -165,8 +185,12 @@ fn cli_writes_the_hidden_states_file() {
     assert_eq!(st.tensor("image_embeds").unwrap().shape(), &[1, 24]);
 
     // A .npy name, or a layer outside the tower: one line, non-zero exit, nothing written.
-    for (args, msg) in [(vec!["--hidden-states", "-2", "--out", "x.npy"], "name the output FILE.safetensors"), (vec!["--hidden-states", "5", "--out", "y.safetensors"], "between -3 and 2")] {
-        let o = clipforge().current_dir(&dir).args(["embed-text", "--device", "cpu", "--model"]).arg(fixture("tiny")).args(&args).arg("a cat").output().unwrap();
+    for (args, msg) in [
+        (vec!["--hidden-states", "-2", "--out", "x.npy"], "name the output FILE.safetensors"),
+        (vec!["--hidden-states", "5", "--out", "y.safetensors"], "between -3 and 2"),
+    ] {
+        let o =
+            clipforge().current_dir(&dir).args(["embed-text", "--device", "cpu", "--model"]).arg(fixture("tiny")).args(&args).arg("a cat").output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(msg) && err.trim().lines().count() == 1, "{err}");
     }

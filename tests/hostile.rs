@@ -145,24 +145,48 @@ fn sharded_weights_broken_every_way() {
         ("no weight_map", br#"{"metadata": {}}"#.to_vec(), vec![INDEX, "weight_map"]),
         ("weight_map an array", br#"{"weight_map": ["a"]}"#.to_vec(), vec![INDEX, "weight_map"]),
         ("empty weight_map", br#"{"weight_map": {}}"#.to_vec(), vec![INDEX, "lists no tensors"]),
-        ("a number for a file", with_map(&|w| {
-            w.insert(first.clone(), 7.into());
-        }), vec![INDEX, "must be a file name"]),
-        ("outside the directory", with_map(&|w| {
-            w.insert(first.clone(), "../x.safetensors".into());
-        }), vec![INDEX, "../x.safetensors", "plain file name"]),
-        ("an absolute path", with_map(&|w| {
-            w.insert(first.clone(), "/etc/passwd".into());
-        }), vec![INDEX, "plain file name"]),
-        ("a shard listed but missing", with_map(&|w| {
-            w.insert(first.clone(), "model-00003-of-00002.safetensors".into());
-        }), vec!["model-00003-of-00002.safetensors", "missing"]),
-        ("a tensor in the wrong shard", with_map(&|w| {
-            w.insert(first.clone(), SHARDS[1].into());
-        }), vec![INDEX, &first, SHARDS[0]]),
-        ("a tensor in no shard", with_map(&|w| {
-            w.insert("no.such.tensor".into(), SHARDS[0].into());
-        }), vec![INDEX, "no.such.tensor", "does not hold it"]),
+        (
+            "a number for a file",
+            with_map(&|w| {
+                w.insert(first.clone(), 7.into());
+            }),
+            vec![INDEX, "must be a file name"],
+        ),
+        (
+            "outside the directory",
+            with_map(&|w| {
+                w.insert(first.clone(), "../x.safetensors".into());
+            }),
+            vec![INDEX, "../x.safetensors", "plain file name"],
+        ),
+        (
+            "an absolute path",
+            with_map(&|w| {
+                w.insert(first.clone(), "/etc/passwd".into());
+            }),
+            vec![INDEX, "plain file name"],
+        ),
+        (
+            "a shard listed but missing",
+            with_map(&|w| {
+                w.insert(first.clone(), "model-00003-of-00002.safetensors".into());
+            }),
+            vec!["model-00003-of-00002.safetensors", "missing"],
+        ),
+        (
+            "a tensor in the wrong shard",
+            with_map(&|w| {
+                w.insert(first.clone(), SHARDS[1].into());
+            }),
+            vec![INDEX, &first, SHARDS[0]],
+        ),
+        (
+            "a tensor in no shard",
+            with_map(&|w| {
+                w.insert("no.such.tensor".into(), SHARDS[0].into());
+            }),
+            vec![INDEX, "no.such.tensor", "does not hold it"],
+        ),
     ];
     for (what, bytes, want) in cases {
         set_index(&bytes);
@@ -215,8 +239,18 @@ fn lying_safetensors_headers_are_refused() {
         ("header not UTF-8", None, b"{\"a\xff\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}".to_vec(), f32x4.clone()),
         ("header not JSON", None, h(r#"{"a":{"dtype":"F32","#), f32x4.clone()),
         ("offsets past the end", None, h(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,1099511627776]}}"#), f32x4.clone()),
-        ("overlapping offsets", None, h(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#), f32x4.clone()),
-        ("a gap between tensors", None, h(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#), vec![0; 12]),
+        (
+            "overlapping offsets",
+            None,
+            h(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#),
+            f32x4.clone(),
+        ),
+        (
+            "a gap between tensors",
+            None,
+            h(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#),
+            vec![0; 12],
+        ),
         ("end before start", None, h(r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}"#), vec![0; 8]),
         ("shape product ≠ bytes", None, h(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}"#), f32x4.clone()),
         ("2^60 elements", None, h(r#"{"a":{"dtype":"F32","shape":[1152921504606846976],"data_offsets":[0,16]}}"#), f32x4.clone()),
@@ -263,7 +297,16 @@ fn unaligned_tensor_data_loads_exactly() {
     ok(&embed_text_args(&fixture("tiny"), &want_npy));
     let img = fixture("images/chelsea.png");
     let want_img = t.join("want_img.npy");
-    ok(&[OsStr::new("embed-image"), "--device".as_ref(), "cpu".as_ref(), "--model".as_ref(), fixture("tiny").as_os_str(), "--out".as_ref(), want_img.as_os_str(), img.as_os_str()]);
+    ok(&[
+        OsStr::new("embed-image"),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--model".as_ref(),
+        fixture("tiny").as_os_str(),
+        "--out".as_ref(),
+        want_img.as_os_str(),
+        img.as_os_str(),
+    ]);
     for pad in [1, 2, 3, 5] {
         let m = t.join(format!("m{pad}"));
         model_files(&m);
@@ -276,7 +319,16 @@ fn unaligned_tensor_data_loads_exactly() {
         ok(&embed_text_args(&m, &out));
         assert_eq!(read_npy(&out).unwrap(), read_npy(&want_npy).unwrap(), "pad {pad}");
         let out = t.join(format!("i{pad}.npy"));
-        ok(&[OsStr::new("embed-image"), "--device".as_ref(), "cpu".as_ref(), "--model".as_ref(), m.as_os_str(), "--out".as_ref(), out.as_os_str(), img.as_os_str()]);
+        ok(&[
+            OsStr::new("embed-image"),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+            "--model".as_ref(),
+            m.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+            img.as_os_str(),
+        ]);
         assert_eq!(read_npy(&out).unwrap(), read_npy(&want_img).unwrap(), "pad {pad}");
     }
 }
@@ -298,21 +350,52 @@ fn non_utf8_names_and_contents() {
     let img = t.join(bytes_name(b"caf\xe9.png"));
     std::fs::copy(fixture("images/chelsea.png"), &img).unwrap();
     let iout = t.join("i.npy");
-    ok(&[OsStr::new("embed-image"), "--device".as_ref(), "cpu".as_ref(), "--model".as_ref(), m.as_os_str(), "--out".as_ref(), iout.as_os_str(), img.as_os_str()]);
+    ok(&[
+        OsStr::new("embed-image"),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--model".as_ref(),
+        m.as_os_str(),
+        "--out".as_ref(),
+        iout.as_os_str(),
+        img.as_os_str(),
+    ]);
     let bad = t.join(bytes_name(b"bro\xe9ken.png"));
     std::fs::write(&bad, b"not a png").unwrap();
     std::fs::remove_file(&iout).unwrap();
-    refused(&[OsStr::new("embed-image"), "--device".as_ref(), "cpu".as_ref(), "--model".as_ref(), m.as_os_str(), "--out".as_ref(), iout.as_os_str(), bad.as_os_str()], &["bro\u{fffd}ken.png"]);
+    refused(
+        &[
+            OsStr::new("embed-image"),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+            "--model".as_ref(),
+            m.as_os_str(),
+            "--out".as_ref(),
+            iout.as_os_str(),
+            bad.as_os_str(),
+        ],
+        &["bro\u{fffd}ken.png"],
+    );
     assert!(!iout.exists());
     // a texts file with a bad byte on line 2: the file, the line and the column
     let texts = t.join("texts.txt");
     std::fs::write(&texts, b"a cat\na d\xf0g\n").unwrap();
     std::fs::remove_file(&out).unwrap();
-    refused(&[OsStr::new("embed-text"), "--model".as_ref(), m.as_os_str(), "--out".as_ref(), out.as_os_str(), "--file".as_ref(), texts.as_os_str()], &["texts.txt", "not UTF-8", "line 2, column 4"]);
+    refused(
+        &[OsStr::new("embed-text"), "--model".as_ref(), m.as_os_str(), "--out".as_ref(), out.as_os_str(), "--file".as_ref(), texts.as_os_str()],
+        &["texts.txt", "not UTF-8", "line 2, column 4"],
+    );
     // class names for classify
-    refused(&[OsStr::new("classify"), "--model".as_ref(), m.as_os_str(), "--labels-file".as_ref(), texts.as_os_str(), img.as_os_str()], &["texts.txt", "line 2"]);
+    refused(
+        &[OsStr::new("classify"), "--model".as_ref(), m.as_os_str(), "--labels-file".as_ref(), texts.as_os_str(), img.as_os_str()],
+        &["texts.txt", "line 2"],
+    );
     // config.json, tokenizer.json, preprocessor_config.json with a bad byte
-    for (f, cmd, want) in [("config.json", "embed-text", "line 1, column 2"), ("tokenizer.json", "embed-text", "tokenizer.json"), ("preprocessor_config.json", "embed-image", "preprocessor_config.json")] {
+    for (f, cmd, want) in [
+        ("config.json", "embed-text", "line 1, column 2"),
+        ("tokenizer.json", "embed-text", "tokenizer.json"),
+        ("preprocessor_config.json", "embed-image", "preprocessor_config.json"),
+    ] {
         let p = m.join(f);
         let good = std::fs::read(&p).unwrap();
         let mut b = good.clone();
@@ -329,7 +412,10 @@ fn non_utf8_names_and_contents() {
     std::fs::write(&jsonl, b"{\"image\": \"a.png\", \"caption\": \"ok\"}\n{\"image\": \"b.png\", \"caption\": \"caf\xe9\"}\n").unwrap();
     let e = clipforge::train::data::read_samples(&jsonl, None).unwrap_err().to_string();
     assert!(e.contains("d.jsonl") && e.contains("line 2"), "{e}");
-    refused(&[OsStr::new("eval"), "retrieval".as_ref(), "--model".as_ref(), m.as_os_str(), "--data".as_ref(), jsonl.as_os_str(), "--no-cache".as_ref()], &["d.jsonl", "line 2"]);
+    refused(
+        &[OsStr::new("eval"), "retrieval".as_ref(), "--model".as_ref(), m.as_os_str(), "--data".as_ref(), jsonl.as_os_str(), "--no-cache".as_ref()],
+        &["d.jsonl", "line 2"],
+    );
 }
 
 /// A .pt (a zip of stored entries) whose data.pkl is `pkl`.
@@ -373,7 +459,13 @@ fn broken_tokenizer_json() {
     let out = t.join("e.npy");
     let full = std::fs::read(m.join("tokenizer.json")).unwrap();
     let cut = full.windows(10).position(|w| w == b"\"decoder\":").map(|i| i + 30).unwrap_or(full.len() / 2);
-    for (what, bytes) in [("cut in its decoder", &full[..cut]), ("cut", &full[..full.len() / 3]), ("a fuzz input", &std::fs::read(fixture("fuzz/tokenizer_json/decoder_cut")).unwrap()[..]), ("a merge longer than the vocabulary", &std::fs::read(fixture("fuzz/tokenizer_json/merge_too_long")).unwrap()[..]), ("an empty Replace pattern", &std::fs::read(fixture("fuzz/tokenizer_json/replace_empty_pattern")).unwrap()[..])] {
+    for (what, bytes) in [
+        ("cut in its decoder", &full[..cut]),
+        ("cut", &full[..full.len() / 3]),
+        ("a fuzz input", &std::fs::read(fixture("fuzz/tokenizer_json/decoder_cut")).unwrap()[..]),
+        ("a merge longer than the vocabulary", &std::fs::read(fixture("fuzz/tokenizer_json/merge_too_long")).unwrap()[..]),
+        ("an empty Replace pattern", &std::fs::read(fixture("fuzz/tokenizer_json/replace_empty_pattern")).unwrap()[..]),
+    ] {
         std::fs::write(m.join("tokenizer.json"), bytes).unwrap();
         let e = refused(&embed_text_args(&m, &out), &["tokenizer.json"]);
         assert!(!out.exists(), "{what}: {e}");
@@ -411,9 +503,15 @@ fn broken_jsonl_lines() {
     // the binary: finetune and eval retrieval refuse with one line and write nothing
     std::fs::write(&p, format!("{good}\n[1, 2]\n")).unwrap();
     let out = t.join("run");
-    refused(&[OsStr::new("finetune"), "--model".as_ref(), m.as_os_str(), "--data".as_ref(), p.as_os_str(), "--out".as_ref(), out.as_os_str()], &["d.jsonl", "line 2"]);
+    refused(
+        &[OsStr::new("finetune"), "--model".as_ref(), m.as_os_str(), "--data".as_ref(), p.as_os_str(), "--out".as_ref(), out.as_os_str()],
+        &["d.jsonl", "line 2"],
+    );
     assert!(!out.exists());
-    refused(&[OsStr::new("eval"), "retrieval".as_ref(), "--model".as_ref(), m.as_os_str(), "--data".as_ref(), p.as_os_str(), "--no-cache".as_ref()], &["d.jsonl", "line 2"]);
+    refused(
+        &[OsStr::new("eval"), "retrieval".as_ref(), "--model".as_ref(), m.as_os_str(), "--data".as_ref(), p.as_os_str(), "--no-cache".as_ref()],
+        &["d.jsonl", "line 2"],
+    );
 }
 
 #[path = "hostile_media/mod.rs"]

@@ -68,13 +68,22 @@ fn run<O: Ops>(ops: &O) -> Out {
     }
     // attention: batched (causal and not) and packed; width 118 = 2 heads of 59
     let (heads, aw) = (2, 118);
-    for seqs in [Seqs::Batch { batch: 2, seq: 7, causal: false }, Seqs::Batch { batch: 2, seq: 7, causal: true }, Seqs::Packed(vec![5, 1, 9]), Seqs::Packed(vec![70, 1, 130])] {
+    for seqs in [
+        Seqs::Batch { batch: 2, seq: 7, causal: false },
+        Seqs::Batch { batch: 2, seq: 7, causal: true },
+        Seqs::Packed(vec![5, 1, 9]),
+        Seqs::Packed(vec![70, 1, 130]),
+    ] {
         let nr = seqs.rows();
         let (q, k, v, d) = (randn(nr * aw, 14), randn(nr * aw, 15), randn(nr * aw, 16), randn(nr * aw, 17));
         let (o, lse) = ops.attention(&up(&q), &up(&k), &up(&v), &seqs, heads, aw).unwrap();
         out.push((format!("attention {seqs:?}"), dl(&o, nr * aw)));
         let (dq, dk, dv) = ops.attention_bwd(&up(&q), &up(&k), &up(&v), &o, &lse, &up(&d), &seqs, heads, aw).unwrap();
-        out.extend([(format!("attention_bwd dq {seqs:?}"), dl(&dq, nr * aw)), (format!("attention_bwd dk {seqs:?}"), dl(&dk, nr * aw)), (format!("attention_bwd dv {seqs:?}"), dl(&dv, nr * aw))]);
+        out.extend([
+            (format!("attention_bwd dq {seqs:?}"), dl(&dq, nr * aw)),
+            (format!("attention_bwd dk {seqs:?}"), dl(&dk, nr * aw)),
+            (format!("attention_bwd dv {seqs:?}"), dl(&dv, nr * aw)),
+        ]);
     }
     // rows: axpy, copy, gather, scatter, embedding backward
     let (x, y) = (randn(r * w, 18), randn(r * w, 19));
@@ -100,7 +109,11 @@ fn run<O: Ops>(ops: &O) -> Out {
     let (cls, pos, dx) = (randn(dd, 24), randn((np + 1) * dd, 25), randn(b * (np + 1) * dd, 26));
     out.push(("vision_embed".into(), dl(&ops.vision_embed(&up(&dp), &up(&cls), &up(&pos), b, np, dd).unwrap(), b * (np + 1) * dd)));
     let (dpa, dcl, dpo) = ops.vision_embed_bwd(&up(&dx), b, np, dd).unwrap();
-    out.extend([("vision_embed_bwd patches".into(), dl(&dpa, b * np * dd)), ("vision_embed_bwd cls".into(), dl(&dcl, dd)), ("vision_embed_bwd pos".into(), dl(&dpo, (np + 1) * dd))]);
+    out.extend([
+        ("vision_embed_bwd patches".into(), dl(&dpa, b * np * dd)),
+        ("vision_embed_bwd cls".into(), dl(&dcl, dd)),
+        ("vision_embed_bwd pos".into(), dl(&dpo, (np + 1) * dd)),
+    ]);
     out
 }
 
@@ -136,7 +149,12 @@ fn reference() -> Out {
         out.extend([(format!("bias_act_bwd du {act:?}"), du), (format!("bias_act_bwd db {act:?}"), db)]);
     }
     let (heads, aw) = (2, 118);
-    for seqs in [Seqs::Batch { batch: 2, seq: 7, causal: false }, Seqs::Batch { batch: 2, seq: 7, causal: true }, Seqs::Packed(vec![5, 1, 9]), Seqs::Packed(vec![70, 1, 130])] {
+    for seqs in [
+        Seqs::Batch { batch: 2, seq: 7, causal: false },
+        Seqs::Batch { batch: 2, seq: 7, causal: true },
+        Seqs::Packed(vec![5, 1, 9]),
+        Seqs::Packed(vec![70, 1, 130]),
+    ] {
         let nr = seqs.rows();
         let (q, k, v, d) = (randn(nr * aw, 14), randn(nr * aw, 15), randn(nr * aw, 16), randn(nr * aw, 17));
         let shape = |batch, seq, causal| AttnShape { batch, seq, heads, head_dim: 59, causal, scale: 1.0 / (59f32).sqrt() };
@@ -155,7 +173,9 @@ fn reference() -> Out {
             let rg = off * aw..(off + s.batch * s.seq) * aw;
             let (o, lse) = attention_reference(&q[rg.clone()], &k[rg.clone()], &v[rg.clone()], s);
             let (a, b, c) = attention_backward_reference(&q[rg.clone()], &k[rg.clone()], &v[rg.clone()], &o, &lse, &d[rg], s);
-            (dq.extend(a), dk.extend(b), dv.extend(c));
+            dq.extend(a);
+            dk.extend(b);
+            dv.extend(c);
         }
         out.extend([(format!("attention_bwd dq {seqs:?}"), dq), (format!("attention_bwd dk {seqs:?}"), dk), (format!("attention_bwd dv {seqs:?}"), dv)]);
     }
@@ -182,10 +202,12 @@ fn reference() -> Out {
     out.push(("patch_embed_bwd".into(), f64s(patch_embed_bwd_weight_reference(&px, &dp, &shape))));
     let (cls, pos, dx) = (randn(dd, 24), randn((np + 1) * dd, 25), randn(b * (np + 1) * dd, 26));
     let t = np + 1;
-    let emb: Vec<f32> = (0..b * t * dd).map(|i| {
-        let (bi, ti, c) = (i / (t * dd), i / dd % t, i % dd);
-        (if ti == 0 { cls[c] } else { dp[(bi * np + ti - 1) * dd + c] }) + pos[ti * dd + c]
-    }).collect();
+    let emb: Vec<f32> = (0..b * t * dd)
+        .map(|i| {
+            let (bi, ti, c) = (i / (t * dd), i / dd % t, i % dd);
+            (if ti == 0 { cls[c] } else { dp[(bi * np + ti - 1) * dd + c] }) + pos[ti * dd + c]
+        })
+        .collect();
     out.push(("vision_embed".into(), emb));
     let dpa: Vec<f32> = (0..b * np * dd).map(|i| dx[((i / dd / np) * t + i / dd % np + 1) * dd + i % dd]).collect();
     let dcl: Vec<f32> = (0..dd).map(|c| (0..b).map(|bi| dx[bi * t * dd + c]).sum()).collect();

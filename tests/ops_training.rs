@@ -31,14 +31,16 @@ fn long_clip_stretch_is_methods_formulas_9_to_11() {
     for i in 0..56 {
         for k in 0..4 {
             for c in 0..w {
-                want[(20 + 4 * i + k) * w + c] = (1.0 - k as f64 / 4.0) * row(20 + i, c) + (k as f64 / 4.0) * row(21 + i, c); // (10)
+                want[(20 + 4 * i + k) * w + c] = (1.0 - k as f64 / 4.0) * row(20 + i, c) + (k as f64 / 4.0) * row(21 + i, c);
+                // (10)
             }
         }
     }
     assert_eq!(20 + 4 * 55 + 3, 243, "(10) covers slots 20..243");
     for k in 0..4 {
         for c in 0..w {
-            want[(244 + k) * w + c] = row(76, c) + (k as f64 / 4.0) * (row(76, c) - row(75, c)); // (11)
+            want[(244 + k) * w + c] = row(76, c) + (k as f64 / 4.0) * (row(76, c) - row(75, c));
+            // (11)
         }
     }
     let reference = stretch_reference(&p, w, s);
@@ -47,7 +49,13 @@ fn long_clip_stretch_is_methods_formulas_9_to_11() {
     check_close("stretch", &fast, &want, 1e-7, 1e-6).unwrap();
     // the kept rows are copied bit for bit, the first row of each group and of the tail too
     for j in (0..20).chain((20..244).step_by(4)).chain([244]) {
-        let src = if j < 20 { j } else if j < 244 { 20 + (j - 20) / 4 } else { 76 };
+        let src = if j < 20 {
+            j
+        } else if j < 244 {
+            20 + (j - 20) / 4
+        } else {
+            76
+        };
         assert_eq!(&fast[j * w..(j + 1) * w], &p[src * w..(src + 1) * w], "row {j}");
     }
 }
@@ -163,7 +171,8 @@ fn adam_inputs(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) 
 
 #[test]
 fn adamw_fast_is_bitwise_the_reference() {
-    let opts = [AdamW::default(), AdamW { lr: 1e-6, weight_decay: 1e-2, ..AdamW::default() }, AdamW { beta1: 0.3, lr: 0.05, weight_decay: 0.0, ..AdamW::default() }];
+    let opts =
+        [AdamW::default(), AdamW { lr: 1e-6, weight_decay: 1e-2, ..AdamW::default() }, AdamW { beta1: 0.3, lr: 0.05, weight_decay: 0.0, ..AdamW::default() }];
     for opt in opts {
         for &n in &[1usize, 7, 45, 4099, 100_003] {
             for &step in &[1u32, 2, 10, 1000] {
@@ -198,15 +207,23 @@ fn adamw_first_step_closed_form_and_decay_order() {
     let (p0, g, _, _) = adam_inputs(257, 5);
     let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; 257], vec![0f32; 257]);
     adamw_reference(&mut p, &g, &mut m, &mut v, &opt, 1).unwrap();
-    let want: Vec<f64> = p0.iter().zip(&g).map(|(&p, &g)| {
-        let (p, g) = (p as f64, g as f64);
-        p * (1.0 - opt.lr * opt.weight_decay) - opt.lr * g / (g.abs() + opt.eps)
-    }).collect();
+    let want: Vec<f64> = p0
+        .iter()
+        .zip(&g)
+        .map(|(&p, &g)| {
+            let (p, g) = (p as f64, g as f64);
+            p * (1.0 - opt.lr * opt.weight_decay) - opt.lr * g / (g.abs() + opt.eps)
+        })
+        .collect();
     check_close("p after step 1", &p, &want, 1e-6, 1e-5).unwrap();
-    let decay_last: Vec<f64> = p0.iter().zip(&g).map(|(&p, &g)| {
-        let (p, g) = (p as f64, g as f64);
-        (p - opt.lr * g / (g.abs() + opt.eps)) * (1.0 - opt.lr * opt.weight_decay)
-    }).collect();
+    let decay_last: Vec<f64> = p0
+        .iter()
+        .zip(&g)
+        .map(|(&p, &g)| {
+            let (p, g) = (p as f64, g as f64);
+            (p - opt.lr * g / (g.abs() + opt.eps)) * (1.0 - opt.lr * opt.weight_decay)
+        })
+        .collect();
     assert!(check_close("decay applied last", &p, &decay_last, 1e-6, 1e-5).is_err());
 }
 
@@ -253,7 +270,12 @@ fn jacobi_eigendecomposition_is_exact() {
     let n = 40;
     let mut rng = Rng::new(21);
     let b: Vec<f64> = (0..n * n).map(|_| rng.uniform(-1.0, 1.0) as f64).collect();
-    let a: Vec<f64> = (0..n * n).map(|e| { let (i, j) = (e / n, e % n); b[i * n + j] + b[j * n + i] }).collect();
+    let a: Vec<f64> = (0..n * n)
+        .map(|e| {
+            let (i, j) = (e / n, e % n);
+            b[i * n + j] + b[j * n + i]
+        })
+        .collect();
     let (vals, vecs) = sym_eig(&a, n);
     for c in 0..n {
         for i in 0..n {

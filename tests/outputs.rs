@@ -42,7 +42,20 @@ fn a_device_given_as_out_or_plot_stays_a_device() {
         std::fs::create_dir_all(root.join(c)).unwrap();
         std::fs::copy(fixture("longclip/img_000.png"), root.join(c).join("a.png")).unwrap();
     }
-    ok(&["eval", "zeroshot", "--model", m.to_str().unwrap(), "--data", root.to_str().unwrap(), "--templates", "simple", "--no-cache", "--plot", dev.to_str().unwrap(), "--json"]);
+    ok(&[
+        "eval",
+        "zeroshot",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        root.to_str().unwrap(),
+        "--templates",
+        "simple",
+        "--no-cache",
+        "--plot",
+        dev.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(kind(&dev).is_char_device(), "--plot replaced the device");
     assert!(std::fs::read_dir(&d).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")), "a temp file was left");
 }

@@ -106,7 +106,15 @@ fn run_model(name: &str) {
     check_layers(name, &got, &refs, 1e-4, &ends);
     // Packed (no padding, the last block for the pooled rows only): HF's pooled state and embeddings.
     let mut got: Vec<(String, Tensor)> = vec![];
-    model.text().unwrap().forward(&ids, None, &mut |n, t| if n == "text.pooled" || n == "text.embeds" { got.push((n.to_string(), t.clone())) }).unwrap();
+    model
+        .text()
+        .unwrap()
+        .forward(&ids, None, &mut |n, t| {
+            if n == "text.pooled" || n == "text.embeds" {
+                got.push((n.to_string(), t.clone()))
+            }
+        })
+        .unwrap();
     assert_eq!(names(&got), ["text.pooled", "text.embeds"], "{name}: the packed text tower recorded its pooled state and embeddings");
     check_layers(name, &got, &refs, 1e-4, &ends);
 }
@@ -130,7 +138,10 @@ fn run_on<O: Ops>(ops: &O, name: &str) {
     assert_eq!(names(&got), expected("vision", cfg.vision.tower.layers), "{name}: every vision activation recorded");
     check_layers(&format!("{name} on {}", ops.describe()), &got, &refs, 1e-4, &(0..b).map(|i| i * t).collect::<Vec<_>>());
     let eos = cfg.text.eos_token_id;
-    let ids: Vec<Vec<u32>> = input_ids(&dir.join("activations.safetensors")).into_iter().map(|s| s[..s.iter().position(|&x| x == eos).map_or(s.len(), |p| p + 1)].to_vec()).collect();
+    let ids: Vec<Vec<u32>> = input_ids(&dir.join("activations.safetensors"))
+        .into_iter()
+        .map(|s| s[..s.iter().position(|&x| x == eos).map_or(s.len(), |p| p + 1)].to_vec())
+        .collect();
     let mut got: Vec<(String, Tensor)> = vec![];
     let mut hook = |n: &str, x: &O::Buf, shape: &[usize]| {
         let v = ops.download(x).unwrap()[..shape.iter().product::<usize>()].to_vec();

@@ -102,7 +102,7 @@ fn degenerate_batches_give_finite_gradients() {
     let g = data(20, 24, 11, |_| 1.0);
     // batch ≤ k: X̂ = X, so dX = G exactly
     let x = data(20, 24, 12, |_| 1.0);
-    let (r, c) = pca_reconstruct(&x, 20, 24, 32.min(24)).unwrap();
+    let (r, c) = pca_reconstruct(&x, 20, 24, 24).unwrap();
     close("batch<=k reconstruction", &r, &x.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-5, 1e-5);
     let (_, c2) = pca_reconstruct(&x, 20, 24, 21).unwrap(); // rank 19 < 21
     for cache in [&c, &c2] {

@@ -8,6 +8,7 @@
 //!   rescale/normalise arithmetic of every level (1e-6), and every format in tests/fixtures/formats
 //!   (BMP, GIF, TIFF, WebP lossless/lossy/alpha, JPEG baseline/progressive/4:2:0/4:2:2/4:4:4/gray/
 //!   CMYK/arithmetic/EXIF-rotated) decoded exactly as Pillow then preprocessed exactly as HF: zero differences.
+//!
 //! 16-bit grayscale (I;16) differs on purpose: Pillow clamps its samples to 255 (a 16-bit photo goes
 //! white), clipforge keeps the high byte.
 use clipforge::io::image_prep::{load_rgb8_hf, preprocess, preprocess_u8, resize_bicubic_pillow, PreprocessConfig, RgbImage8};
@@ -178,7 +179,11 @@ fn normalised_values_equal_hf() {
 #[test]
 fn every_format_decodes_like_pillow() {
     let refs = u8_refs();
-    let mut names: Vec<String> = std::fs::read_dir(fixtures().join("formats")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.ends_with(".md")).collect();
+    let mut names: Vec<String> = std::fs::read_dir(fixtures().join("formats"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".md"))
+        .collect();
     names.sort();
     let mut bad = vec![];
     for name in &names {

@@ -91,12 +91,27 @@ fn endpoints_answer_and_match_the_cli() {
     assert_eq!(sim.status, 200, "{}", sim.text());
     let sim = sim.json();
     let out = Command::new(env!("CARGO_BIN_EXE_clipforge"))
-        .args(["similarity", "--model", fixture("tiny").to_str().unwrap(), "--device", "cpu", "--json", "--image", paths[1].to_str().unwrap(), paths[2].to_str().unwrap(), "--text", "a cat", "a dog"])
+        .args([
+            "similarity",
+            "--model",
+            fixture("tiny").to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--json",
+            "--image",
+            paths[1].to_str().unwrap(),
+            paths[2].to_str().unwrap(),
+            "--text",
+            "a cat",
+            "a dog",
+        ])
         .output()
         .unwrap();
     let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for key in ["cosine", "probs"] {
-        let flat = |v: &serde_json::Value| v.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect::<Vec<f32>>();
+        let flat = |v: &serde_json::Value| {
+            v.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect::<Vec<f32>>()
+        };
         assert_close(&flat(&sim[key]), &flat(&cli[key]), 1e-6, 1e-5, key);
     }
 
@@ -121,7 +136,8 @@ fn batching_does_not_change_a_requests_rows() {
     let s = &s;
     let (merged, long_rows, image_rows) = std::thread::scope(|sc| {
         let longs: Vec<_> = long.iter().map(|t| sc.spawn(move || rows(&s.post("/v1/embeddings", &json!({"input": t})).json()).remove(0))).collect();
-        let ims: Vec<_> = urls.iter().map(|u| sc.spawn(move || rows(&s.post("/v1/embeddings", &json!({"input": u, "modality": "image"})).json()).remove(0))).collect();
+        let ims: Vec<_> =
+            urls.iter().map(|u| sc.spawn(move || rows(&s.post("/v1/embeddings", &json!({"input": u, "modality": "image"})).json()).remove(0))).collect();
         let m = sc.spawn(move || rows(&s.post("/v1/embeddings", &json!({"input": [short]})).json()).remove(0));
         (m.join().unwrap(), longs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(), ims.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>())
     });
@@ -137,7 +153,8 @@ fn batching_does_not_change_a_requests_rows() {
     for (i, r) in long_rows.iter().enumerate() {
         assert_close(r, &cli[i], ATOL, RTOL, &format!("long text {i}"));
     }
-    let cli = cli_rows("embed-image", &images().iter().map(|p| p.to_str().unwrap().to_string()).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>());
+    let cli =
+        cli_rows("embed-image", &images().iter().map(|p| p.to_str().unwrap().to_string()).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>());
     for (i, r) in image_rows.iter().enumerate() {
         assert_close(r, &cli[i], ATOL, RTOL, &format!("image {i} batched vs embed-image"));
     }

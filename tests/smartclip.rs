@@ -5,9 +5,9 @@
 //! mask network computes; gradients of the mask network match finite differences.
 mod common;
 mod finetune_common;
-use common::{fixture, tmpdir};
 use clipforge::io::npy::read_npy;
 use clipforge::train::trainer::{run, StepLog, TrainConfig};
+use common::{fixture, tmpdir};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -36,7 +36,9 @@ fn matches_the_pytorch_reference_and_resumes_exactly() {
     let steps = exp["steps"].as_array().unwrap();
     assert_eq!(r.steps.len(), steps.len());
     for (got, want) in r.steps.iter().zip(steps) {
-        for (k, g) in [("loss", got.loss), ("loss_align", got.loss_align.unwrap()), ("mask_l1", got.mask_l1.unwrap()), ("lr", got.lr), ("logit_scale", got.logit_scale)] {
+        for (k, g) in
+            [("loss", got.loss), ("loss_align", got.loss_align.unwrap()), ("mask_l1", got.mask_l1.unwrap()), ("lr", got.lr), ("logit_scale", got.logit_scale)]
+        {
             let w = want[k].as_f64().unwrap();
             assert!(g.is_finite() && (g - w).abs() <= 1e-4 * w.abs(), "step {}: {k} = {g}, PyTorch {w}", got.step);
         }
@@ -47,21 +49,46 @@ fn matches_the_pytorch_reference_and_resumes_exactly() {
     std::fs::create_dir_all(&part).unwrap();
     std::fs::copy(out.join("log.jsonl"), part.join("log.jsonl")).unwrap();
     run(&config(&part), Some(&out.join("checkpoints/step-000004")), stop(), true).unwrap();
-    let read = |p: &Path| -> Vec<(usize, f64, f64)> { std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<StepLog>(l).unwrap()).map(|s| (s.step, s.loss, s.logit_scale)).collect() };
+    let read = |p: &Path| -> Vec<(usize, f64, f64)> {
+        std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<StepLog>(l).unwrap()).map(|s| (s.step, s.loss, s.logit_scale)).collect()
+    };
     assert_eq!(read(&part.join("log.jsonl")), read(&out.join("log.jsonl")));
     // embed-text --mask: 0/1 masks of the model's width, not all equal
     let masks = d.join("m.npy");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_clipforge"))
-        .args(["embed-text", "--model", out.join("model").to_str().unwrap(), "--out", d.join("e.npy").to_str().unwrap(), "--mask", masks.to_str().unwrap(), "a red square", "a blue circle drawn with paint", "x"])
+        .args([
+            "embed-text",
+            "--model",
+            out.join("model").to_str().unwrap(),
+            "--out",
+            d.join("e.npy").to_str().unwrap(),
+            "--mask",
+            masks.to_str().unwrap(),
+            "a red square",
+            "a blue circle drawn with paint",
+            "x",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (m, shape) = read_npy(&masks).unwrap();
     assert_eq!(shape, vec![3, 24]);
     assert!(m.iter().all(|&v| v == 0.0 || v == 1.0));
-    assert!(m.iter().any(|&v| v == 1.0) && m.iter().any(|&v| v == 0.0));
+    assert!(m.contains(&1.0) && m.contains(&0.0));
     // a model without a mask network: a one-line error
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_clipforge")).args(["embed-text", "--model", fixture("tiny").to_str().unwrap(), "--out", d.join("e2.npy").to_str().unwrap(), "--mask", d.join("m2.npy").to_str().unwrap(), "x"]).output().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_clipforge"))
+        .args([
+            "embed-text",
+            "--model",
+            fixture("tiny").to_str().unwrap(),
+            "--out",
+            d.join("e2.npy").to_str().unwrap(),
+            "--mask",
+            d.join("m2.npy").to_str().unwrap(),
+            "x",
+        ])
+        .output()
+        .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("mask_net.safetensors"));
 }
 
@@ -73,7 +100,15 @@ fn matches_the_pytorch_reference_and_resumes_exactly() {
 /// the binary mask at s0 and with ∂m/∂s = identity — its derivative is, by definition, the
 /// gradient the straight-through estimator gives.
 #[allow(clippy::too_many_arguments)]
-fn smart64(m: &clipforge::train::model::TrainClip, first: usize, px: &clipforge::Tensor, ids: &[Vec<u32>], lambda: (f64, f64), moved: Option<(usize, usize, f64)>, ste: Option<(&[f64], &[f64])>) -> (f64, Vec<f64>) {
+fn smart64(
+    m: &clipforge::train::model::TrainClip,
+    first: usize,
+    px: &clipforge::Tensor,
+    ids: &[Vec<u32>],
+    lambda: (f64, f64),
+    moved: Option<(usize, usize, f64)>,
+    ste: Option<(&[f64], &[f64])>,
+) -> (f64, Vec<f64>) {
     use clipforge::backend::{Ops, Seqs};
     use clipforge::model::block::{finish, forward, BlockRef, Stored};
     use clipforge::model::tower::Mode;
@@ -99,14 +134,20 @@ fn smart64(m: &clipforge::train::model::TrainClip, first: usize, px: &clipforge:
         .zip(&p)
         .map(|(bp, v)| {
             let shape = bp.shape(w, m.config.text.tower.intermediate);
-            if BlockParam::LINEAR_WEIGHTS.contains(bp) { Stored::Linear(F64Ref.weight(v.clone(), shape[0], shape[1], clipforge::DType::F32).unwrap()) } else { Stored::Buf(v.clone()) }
+            if BlockParam::LINEAR_WEIGHTS.contains(bp) {
+                Stored::Linear(F64Ref.weight(v.clone(), shape[0], shape[1], clipforge::DType::F32).unwrap())
+            } else {
+                Stored::Buf(v.clone())
+            }
         })
         .collect();
     let cfg = m.config.text.tower.clone();
     let seqs = Seqs::Batch { batch: b, seq: t, causal: true };
     let (xm, f, _) = forward(&F64Ref, &BlockRef::new(&stored, &cfg).unwrap(), states, None, &seqs, None, false).unwrap();
     let x = finish(&F64Ref, xm, &f, b * t * w).unwrap(); // [B·T, W]
-    let lin = |x: &[f64], wt: &[f64], bias: &[f64], n: usize, k: usize| -> Vec<f64> { (0..x.len() / k * n).map(|i| x[i / n * k..][..k].iter().zip(&wt[i % n * k..][..k]).map(|(a, c)| a * c).sum::<f64>() + bias[i % n]).collect() };
+    let lin = |x: &[f64], wt: &[f64], bias: &[f64], n: usize, k: usize| -> Vec<f64> {
+        (0..x.len() / k * n).map(|i| x[i / n * k..][..k].iter().zip(&wt[i % n * k..][..k]).map(|(a, c)| a * c).sum::<f64>() + bias[i % n]).collect()
+    };
     let (q, kk, vv) = (&p[16], lin(&x, &p[17], &p[18], w, w), lin(&x, &p[19], &p[20], w, w)); // [B·T, W]
     let mut pooled = vec![0f64; b * w]; // [B, W]
     for bi in 0..b {
@@ -138,7 +179,8 @@ fn smart64(m: &clipforge::train::model::TrainClip, first: usize, px: &clipforge:
             num / ((qn + 1e-12).sqrt() * tn) * tau
         })
         .collect();
-    let ce = |row: &dyn Fn(usize, usize) -> f64| -> f64 { (0..b).map(|a| (0..b).map(|c| row(a, c).exp()).sum::<f64>().ln() - row(a, a)).sum::<f64>() / b as f64 };
+    let ce =
+        |row: &dyn Fn(usize, usize) -> f64| -> f64 { (0..b).map(|a| (0..b).map(|c| row(a, c).exp()).sum::<f64>().ln() - row(a, a)).sum::<f64>() / b as f64 };
     let align = ce(&|a, c| logits[a * b + c]) + ce(&|a, c| logits[c * b + a]);
     (lambda.0 * align + lambda.1 * mask.iter().sum::<f64>() / b as f64, soft)
 }
@@ -173,7 +215,7 @@ fn mask_network_gradients_match_finite_differences() {
     let hard0: Vec<f64> = s0.iter().map(|&s| if s > 0.5 { 1.0 } else { 0.0 }).collect();
     let engine = id_masks(TrainClip::load_dir(&fixture("tiny")).unwrap(), mask, &ids, 8).unwrap();
     assert_eq!(engine.iter().map(|&v| v as f64).collect::<Vec<_>>(), hard0, "the f64 forward's binary masks differ from the engine's");
-    assert!(hard0.iter().any(|&v| v == 1.0) && hard0.iter().any(|&v| v == 0.0), "degenerate masks");
+    assert!(hard0.contains(&1.0) && hard0.contains(&0.0), "degenerate masks");
     let names = [
         "mask_net.proj.weight",
         "mask_net.proj.bias",
@@ -206,7 +248,11 @@ fn mask_network_gradients_match_finite_differences() {
             let f = |d: f64| smart64(&model, first, &px, &ids, lam, Some((i, e, d)), Some((&hard0, &s0))).0;
             let fd = (f(h) - f(-h)) / (2.0 * h);
             let err = (gi[e] as f64 - fd).abs();
-            assert!(err <= 1e-4 * gmax + 1e-3 * fd.abs(), "{name}[{e}]: tape {}, f64 finite differences of the straight-through surrogate {fd} (|err| {err:.3e}, max|g| {gmax:.3e})", gi[e]);
+            assert!(
+                err <= 1e-4 * gmax + 1e-3 * fd.abs(),
+                "{name}[{e}]: tape {}, f64 finite differences of the straight-through surrogate {fd} (|err| {err:.3e}, max|g| {gmax:.3e})",
+                gi[e]
+            );
         }
     }
 }
@@ -228,6 +274,8 @@ fn caption_sampling_is_reproducible_across_resume() {
     std::fs::create_dir_all(&part.out).unwrap();
     std::fs::copy(d.join("full/log.jsonl"), d.join("part/log.jsonl")).unwrap();
     run(&part, Some(&d.join("full/checkpoints/step-000004")), stop(), true).unwrap();
-    let read = |p: &Path| -> Vec<(usize, f64)> { std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<StepLog>(l).unwrap()).map(|s| (s.step, s.loss)).collect() };
+    let read = |p: &Path| -> Vec<(usize, f64)> {
+        std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<StepLog>(l).unwrap()).map(|s| (s.step, s.loss)).collect()
+    };
     assert_eq!(read(&d.join("part/log.jsonl")), read(&d.join("full/log.jsonl")));
 }

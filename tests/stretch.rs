@@ -5,14 +5,12 @@
 //! that CLIPModel loads it with no missing or unexpected keys), texts of up to 248 tokens embed,
 //! and bad input is a one-line error that leaves nothing behind.
 mod common;
-use common::{fixture, tmpdir};
 use clipforge::io::npy::read_npy;
 use clipforge::model::{ClipParts, LoadOptions, Towers, Weights};
 use clipforge::ops::pos_gather::{stretch_reference, Stretch};
+use common::{fixture, tmpdir};
 use std::path::PathBuf;
 use std::process::{Command, Output};
-
-
 
 fn clipforge(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clipforge")).args(args).output().unwrap()
@@ -52,7 +50,8 @@ fn table_and_config_follow_the_formula() {
 fn stretched_text_embeddings_equal_hf() {
     let out = stretched("tiny", "hf");
     let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("stretch_expected.json")).unwrap()).unwrap();
-    let ids: Vec<Vec<u32>> = exp["ids"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect();
+    let ids: Vec<Vec<u32>> =
+        exp["ids"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect();
     assert_eq!(ids.iter().map(|s| s.len()).max(), Some(248), "the fixture exercises the full 248 positions");
     let m = ClipParts::load_dir(&out, Towers::Text, &LoadOptions::default()).unwrap();
     let got = m.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap().to_vec_f32();

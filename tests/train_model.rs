@@ -5,12 +5,12 @@
 mod common;
 use clipforge::autograd::Tape;
 use clipforge::backend::Ops;
-use clipforge::model::tower::Mode;
-use common::f64_ref::{towers_f64, F64Ref};
-use clipforge::model::{ClipParts, LoadOptions, Towers, Weights};
 use clipforge::model::synthetic::Rng;
+use clipforge::model::tower::Mode;
+use clipforge::model::{ClipParts, LoadOptions, Towers, Weights};
 use clipforge::train::model::TrainClip;
 use clipforge::Tensor;
+use common::f64_ref::{towers_f64, F64Ref};
 use std::path::{Path, PathBuf};
 
 fn fixture(p: &str) -> PathBuf {

@@ -39,8 +39,10 @@ fn encoded(name: &str, fmt: image::ImageFormat) -> Vec<u8> {
 /// palette and RGBA among them), each sample with a .txt or a .json → (shard paths, (key, image
 /// member name, bytes) in order).
 fn photo_shards(d: &Path) -> (Vec<PathBuf>, Vec<(String, String, Vec<u8>)>) {
-    let names = ["astronaut_small.png", "camera_16bit.png", "camera_gray.png", "chelsea_rgb16.png", "coffee_palette.png", "coffee_portrait.png", "rocket_rgba.png"];
-    let mut imgs: Vec<(String, Vec<u8>)> = vec![("jpg".into(), encoded("chelsea.png", image::ImageFormat::Jpeg)), ("webp".into(), encoded("coffee_portrait.png", image::ImageFormat::WebP))];
+    let names =
+        ["astronaut_small.png", "camera_16bit.png", "camera_gray.png", "chelsea_rgb16.png", "coffee_palette.png", "coffee_portrait.png", "rocket_rgba.png"];
+    let mut imgs: Vec<(String, Vec<u8>)> =
+        vec![("jpg".into(), encoded("chelsea.png", image::ImageFormat::Jpeg)), ("webp".into(), encoded("coffee_portrait.png", image::ImageFormat::WebP))];
     imgs.extend(names.iter().map(|n| ("png".to_string(), std::fs::read(fixture(&format!("images/{n}"))).unwrap())));
     let (mut shards, mut all) = (vec![], vec![]);
     for (s, chunk) in imgs.chunks(4).enumerate() {
@@ -117,7 +119,19 @@ fn members_group_into_samples_by_key() {
     let d = tmpdir("wds-group");
     let p = d.join("s.tar");
     let m = |n: &str, b: &[u8]| (n.to_string(), b.to_vec());
-    write_tar(&p, &[m("README", b"x"), m("s/000.JPG", b"j"), m("s/000.txt", b"t"), m("s/000.json", b"{}"), m("s/001.seg.png", b"s"), m("s/001.webp", b"w"), m("s/002.txt", b"only text"), m("s/000.png", b"again")]);
+    write_tar(
+        &p,
+        &[
+            m("README", b"x"),
+            m("s/000.JPG", b"j"),
+            m("s/000.txt", b"t"),
+            m("s/000.json", b"{}"),
+            m("s/001.seg.png", b"s"),
+            m("s/001.webp", b"w"),
+            m("s/002.txt", b"only text"),
+            m("s/000.png", b"again"),
+        ],
+    );
     let sh = index_shard(&p).unwrap();
     let got: Vec<(String, Vec<String>)> = sh.samples.iter().map(|s| (s.key.clone(), s.members.iter().map(|(e, _)| e.clone()).collect())).collect();
     let want = [("s/000", vec!["jpg", "txt", "json"]), ("s/001", vec!["seg.png", "webp"]), ("s/002", vec!["txt"]), ("s/000", vec!["png"])];
@@ -141,11 +155,14 @@ fn embed_shards_equal_loose_files_split_by_rank_and_resume() {
     // the same bytes as loose files, embedded the usual way
     let loose = d.join("loose");
     std::fs::create_dir_all(&loose).unwrap();
-    let files: Vec<String> = all.iter().map(|(_, name, b)| {
-        let f = loose.join(name.replace('/', "_"));
-        std::fs::write(&f, b).unwrap();
-        f.display().to_string()
-    }).collect();
+    let files: Vec<String> = all
+        .iter()
+        .map(|(_, name, b)| {
+            let f = loose.join(name.replace('/', "_"));
+            std::fs::write(&f, b).unwrap();
+            f.display().to_string()
+        })
+        .collect();
     let want_npy = d.join("loose.npy");
     let mut a = vec!["embed-image", "--model", m, "--device", "cpu", "--batch", "3", "--out", want_npy.to_str().unwrap()];
     a.extend(files.iter().map(|s| s.as_str()));
@@ -199,7 +216,10 @@ fn embed_shards_equal_loose_files_split_by_rank_and_resume() {
     assert!(ok && e.contains("nothing to do"), "{e}");
     // --out a file, a bad rank
     one_line_error(&["embed-image", "--model", m, "--shards", &pattern, "--out", want_npy.to_str().unwrap()], &["loose.npy", "directory"]);
-    one_line_error(&["embed-image", "--model", m, "--shards", &pattern, "--out", split.to_str().unwrap(), "--shard-rank", "2", "--shard-world", "2"], &["--shard-rank 2"]);
+    one_line_error(
+        &["embed-image", "--model", m, "--shards", &pattern, "--out", split.to_str().unwrap(), "--shard-rank", "2", "--shard-world", "2"],
+        &["--shard-rank 2"],
+    );
     one_line_error(&["embed-image", "--model", m, "--out", split.to_str().unwrap(), "--shard-rank", "1", &files[0]], &["--shards"]);
 }
 
@@ -242,7 +262,15 @@ fn bad_samples_and_bad_tars_are_one_line_errors() {
         ("mid-data", good[..3072 + pp + pp / 2].to_vec(), &["member k3.png", "truncated"]),
         ("at-boundary", good[..4096 + 2 * pp].to_vec(), &["k3.txt", "end-of-archive"]),
         ("mid-header", good[..1536 + pp + 200].to_vec(), &["after member k0.txt"]),
-        ("bad-checksum", { let mut g = good.clone(); g[512 + pp + 3] ^= 0x55; g }, &["after member k0.png", "checksum"]),
+        (
+            "bad-checksum",
+            {
+                let mut g = good.clone();
+                g[512 + pp + 3] ^= 0x55;
+                g
+            },
+            &["after member k0.png", "checksum"],
+        ),
     ];
     for (name, bytes, want) in cases {
         let p = d.join(format!("{name}.tar"));
@@ -320,11 +348,44 @@ fn finetune_on_shards_runs_the_same_steps_as_on_jsonl() {
     std::fs::create_dir_all(&bad).unwrap();
     let (_, bad_pattern) = training_data(&bad, Some(9));
     let out = d.join("out-bad");
-    let args = ["finetune", "--model", model.to_str().unwrap(), "--data", &bad_pattern, "--out", out.to_str().unwrap(), "--batch", "4", "--device", "cpu", "--pca-dim", "2", "--max-steps", "1"];
+    let args = [
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &bad_pattern,
+        "--out",
+        out.to_str().unwrap(),
+        "--batch",
+        "4",
+        "--device",
+        "cpu",
+        "--pca-dim",
+        "2",
+        "--max-steps",
+        "1",
+    ];
     one_line_error(&args, &["train-1.tar", "member 000009.png", "not a readable image"]);
     assert!(!out.join("checkpoints").exists());
     let out = d.join("out-cli");
-    let (ok, so, e) = cli(&["finetune", "--model", model.to_str().unwrap(), "--data", &pattern, "--out", out.to_str().unwrap(), "--batch", "4", "--device", "cpu", "--pca-dim", "2", "--max-steps", "2", "--json"]);
+    let (ok, so, e) = cli(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &pattern,
+        "--out",
+        out.to_str().unwrap(),
+        "--batch",
+        "4",
+        "--device",
+        "cpu",
+        "--pca-dim",
+        "2",
+        "--max-steps",
+        "2",
+        "--json",
+    ]);
     assert!(ok && so.contains("\"steps\":2"), "{so}{e}");
 }
 
@@ -346,7 +407,20 @@ fn eval_retrieval_on_shards_equals_the_jsonl() {
     std::fs::write(&jsonl, lines.join("\n")).unwrap();
     let m = fixture("tiny");
     let run = |data: &str| {
-        let (ok, so, e) = cli(&["eval", "retrieval", "--model", m.to_str().unwrap(), "--device", "cpu", "--data", data, "--no-cache", "--plot", d.join("r.svg").to_str().unwrap(), "--json"]);
+        let (ok, so, e) = cli(&[
+            "eval",
+            "retrieval",
+            "--model",
+            m.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--data",
+            data,
+            "--no-cache",
+            "--plot",
+            d.join("r.svg").to_str().unwrap(),
+            "--json",
+        ]);
         assert!(ok, "{e}");
         let mut v: serde_json::Value = serde_json::from_str(&so).unwrap();
         v.as_object_mut().unwrap().remove("plot");

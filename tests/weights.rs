@@ -27,10 +27,8 @@ fn bf16_file_equals_bf16_rounded_f32() {
         bufs.push((name.to_string(), bytes, t.shape().to_vec()));
         rounded.insert(name.to_string(), b.to_dtype(DType::F32));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bufs
-        .iter()
-        .map(|(n, b, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        bufs.iter().map(|(n, b, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     std::fs::copy(tiny().join("config.json"), dir.join("config.json")).unwrap();
 

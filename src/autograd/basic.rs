@@ -63,10 +63,9 @@ impl Tape {
                 Binary::Add => (na.then(|| g.clone()), nb.then(|| g.clone())),
                 Binary::Sub => (na.then(|| g.clone()), nb.then(|| g.scale(-1.0))),
                 Binary::Mul => (na.then(|| g.mul(&bv)).transpose()?, nb.then(|| g.mul(&av)).transpose()?),
-                Binary::Div => (
-                    na.then(|| g.div(&bv)).transpose()?,
-                    nb.then(|| -> Result<Tensor> { g.mul(&av)?.div(&bv.mul(&bv)?).map(|t| t.scale(-1.0)) }).transpose()?,
-                ),
+                Binary::Div => {
+                    (na.then(|| g.div(&bv)).transpose()?, nb.then(|| -> Result<Tensor> { g.mul(&av)?.div(&bv.mul(&bv)?).map(|t| t.scale(-1.0)) }).transpose()?)
+                }
                 _ => return Err(crate::error::Error::msg("autograd: no rule for this binary op")),
             };
             Ok(vec![ga.map(|g| reduce_to(&g, av.shape())).transpose()?, gb.map(|g| reduce_to(&g, bv.shape())).transpose()?])

@@ -3,6 +3,7 @@
 //! - `basic`: broadcasting arithmetic, activations, reductions, views;
 //! - `nn`: Linear/matmul, LayerNorm, softmax, fused attention, embedding, patch embedding,
 //!   positional gather, cross-entropy, L2-normalisation.
+//!
 //! Every rule is checked against f64 central finite differences in tests/autograd.rs.
 pub mod basic;
 pub mod nn;

@@ -2,15 +2,15 @@
 //! embedding gather, patch embedding, the Long-CLIP positional gather, cross-entropy with label
 //! smoothing and row L2-normalisation. Backwards call the CPU ops' backward functions
 //! (src/ops/*), so each rule's arithmetic is tested there against its reference as well.
-use super::tape::{Tape, Var};
 use super::t;
+use super::tape::{Tape, Var};
 use crate::error::Result;
 use crate::ops::attention::{attention_backward, attention_packed, attention_packed_backward, AttnShape};
 use crate::ops::fastmath::zeros;
 use crate::ops::matmul::{gemm, View};
 use crate::ops::patch_embed::{patch_embed_bwd_weight, PatchShape};
-use crate::ops::reduce::col_sums;
 use crate::ops::pos_gather::{pos_gather, pos_gather_bwd, Stretch};
+use crate::ops::reduce::col_sums;
 use crate::shape_err;
 use crate::tensor::Tensor;
 
@@ -129,7 +129,8 @@ impl Tape {
         let (qv, kv, vv, ov) = (q.value().clone(), k.value().clone(), v.value().clone(), o.clone());
         let lens = lens.to_vec();
         Ok(self.custom(&[q, k, v], o, move |g| {
-            let (dq, dk, dv) = attention_packed_backward(&qv.f32_data(), &kv.f32_data(), &vv.f32_data(), &ov.f32_data(), &lse, &g.f32_data(), &lens, heads, causal);
+            let (dq, dk, dv) =
+                attention_packed_backward(&qv.f32_data(), &kv.f32_data(), &vv.f32_data(), &ov.f32_data(), &lse, &g.f32_data(), &lens, heads, causal);
             Ok(vec![Some(t(dq, qv.shape())?), Some(t(dk, qv.shape())?), Some(t(dv, qv.shape())?)])
         }))
     }
@@ -139,9 +140,7 @@ impl Tape {
         let y = Tensor::embedding(table.value(), ids)?;
         let (vocab, width) = (table.shape()[0], table.shape()[1]);
         let ids = ids.to_vec();
-        Ok(self.custom(&[table], y, move |g| {
-            Ok(vec![Some(t(crate::ops::embedding::embedding_bwd(&g.f32_data(), vocab, width, &ids)?, &[vocab, width])?)])
-        }))
+        Ok(self.custom(&[table], y, move |g| Ok(vec![Some(t(crate::ops::embedding::embedding_bwd(&g.f32_data(), vocab, width, &ids)?, &[vocab, width])?)])))
     }
 
     /// Patch embedding of pixels [B, C, H, W] (data: no gradient) with the conv weight

@@ -6,13 +6,13 @@ use super::{Act, Ops, Seqs, Weight};
 use crate::error::Result;
 use crate::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape};
 use crate::ops::elementwise::{unary, unary_bwd, Unary};
+use crate::ops::embedding::embedding_bwd_grouped;
 use crate::ops::fastmath::{par_rows, zeros};
 use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
 use crate::ops::matmul::{gemm, linear, View};
-use crate::ops::embedding::embedding_bwd_grouped;
-use crate::ops::reduce::col_sums;
 use crate::ops::patch_embed::{patch_embed, patch_embed_bwd_weight, PatchShape};
+use crate::ops::reduce::col_sums;
 use crate::shape_err;
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
@@ -89,7 +89,16 @@ impl Ops for Cpu {
         }
     }
 
-    fn linear_bwd(&self, dy: &Tensor, x: &Tensor, w: &Weight<Cpu>, m: usize, dx: &mut Tensor, accumulate: bool, bias: bool) -> Result<(Tensor, Option<Tensor>)> {
+    fn linear_bwd(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Weight<Cpu>,
+        m: usize,
+        dx: &mut Tensor,
+        accumulate: bool,
+        bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (n, k) = (w.n, w.k);
         let (g, xd) = (dy.f32_data(), x.f32_data());
         let mut d = take(dx);
@@ -142,7 +151,18 @@ impl Ops for Cpu {
         Ok((vec1(o)?, vec1(lse)?))
     }
 
-    fn attention_bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, seqs: &Seqs, heads: usize, w: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    fn attention_bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        d_o: &Tensor,
+        seqs: &Seqs,
+        heads: usize,
+        w: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (qd, kd, vd, od, ld, dd) = (q.f32_data(), k.f32_data(), v.f32_data(), o.f32_data(), lse.f32_data(), d_o.f32_data());
         let (dq, dk, dv) = match seqs {
             Seqs::Batch { batch, seq, causal } => attention_backward(&qd, &kd, &vd, &od, &ld, &dd, &shape(*batch, *seq, heads, w, *causal)),

@@ -133,7 +133,16 @@ impl Ops for Device {
 
     fn layernorm(&self, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
         let (y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?); // stats: mean [rows], rstd [rows]
-        let mut a = KernelArgs::new().ptr(x.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr()).ptr(st.ptr()).ptr(st.ptr() + 4 * rows as u64).i32(rows as i32).i32(w as i32).f32(eps);
+        let mut a = KernelArgs::new()
+            .ptr(x.ptr())
+            .ptr(g.ptr())
+            .ptr(b.ptr())
+            .ptr(y.ptr())
+            .ptr(st.ptr())
+            .ptr(st.ptr() + 4 * rows as u64)
+            .i32(rows as i32)
+            .i32(w as i32)
+            .f32(eps);
         self.ops.launch("layernorm_fwd_f32", ln_cfg(rows), &mut a)?;
         Ok((y, st))
     }
@@ -159,7 +168,17 @@ impl Ops for Device {
         let ops = &*self.ops;
         let parts = rows.clamp(1, 8);
         let (dx, pg, pb) = (ops.alloc_uninit(rows * w)?, ops.alloc_uninit(parts * w)?, ops.alloc_uninit(parts * w)?);
-        let mut a = KernelArgs::new().ptr(dy.ptr()).ptr(x.ptr()).ptr(g.ptr()).ptr(st.ptr()).ptr(st.ptr() + 4 * rows as u64).ptr(dx.ptr()).ptr(pg.ptr()).ptr(pb.ptr()).i32(rows as i32).i32(w as i32);
+        let mut a = KernelArgs::new()
+            .ptr(dy.ptr())
+            .ptr(x.ptr())
+            .ptr(g.ptr())
+            .ptr(st.ptr())
+            .ptr(st.ptr() + 4 * rows as u64)
+            .ptr(dx.ptr())
+            .ptr(pg.ptr())
+            .ptr(pb.ptr())
+            .i32(rows as i32)
+            .i32(w as i32);
         ops.launch("layernorm_bwd_f32", LaunchCfg::new((parts as u32, 1, 1), (128, 1, 1), 0), &mut a)?;
         let (dg, db) = (ops.alloc_uninit(w)?, ops.alloc_uninit(w)?);
         let mut a = KernelArgs::new().ptr(pg.ptr()).ptr(pb.ptr()).ptr(dg.ptr()).ptr(db.ptr()).i32(parts as i32).i32(w as i32);
@@ -198,7 +217,8 @@ impl Ops for Device {
         let r = seqs.rows() * w;
         let (dq, dk, dv) = (self.ops.alloc_uninit(r)?, self.ops.alloc_uninit(r)?, self.ops.alloc_uninit(r)?);
         let (l, tail) = self.attention_launch(seqs, heads, w, true)?;
-        let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(d_o.ptr()).ptr(lse.ptr()).ptr(dq.ptr()).ptr(dk.ptr()).ptr(dv.ptr());
+        let mut a =
+            KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(d_o.ptr()).ptr(lse.ptr()).ptr(dq.ptr()).ptr(dk.ptr()).ptr(dv.ptr());
         a = tail.append(a, heads, w);
         self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
         Ok((dq, dk, dv))

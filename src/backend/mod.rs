@@ -77,7 +77,16 @@ pub trait Ops {
     /// The backward of [`Ops::linear`] from dy [m, n]: dx [m, k] written (or added to, with
     /// `accumulate`) in place, and (dW [n, k], db [n] when the Linear has its `bias` here).
     #[allow(clippy::too_many_arguments)]
-    fn linear_bwd(&self, dy: &Self::Buf, x: &Self::Buf, w: &Weight<Self>, m: usize, dx: &mut Self::Buf, accumulate: bool, bias: bool) -> Result<(Self::Buf, Option<Self::Buf>)>;
+    fn linear_bwd(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Weight<Self>,
+        m: usize,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+        bias: bool,
+    ) -> Result<(Self::Buf, Option<Self::Buf>)>;
 
     /// y = LayerNorm(x) over rows of `w` → (y, statistics for the backward).
     fn layernorm(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf)>;
@@ -86,7 +95,16 @@ pub trait Ops {
     fn add_layernorm(&self, x: &mut Self::Buf, f: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf)>;
     /// The backward of [`Ops::layernorm`] from dy → (dx, dγ, dβ).
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_bwd(&self, dy: &Self::Buf, x: &Self::Buf, g: &Self::Buf, stats: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    fn layernorm_bwd(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        g: &Self::Buf,
+        stats: &Self::Buf,
+        rows: usize,
+        w: usize,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
 
     /// u [rows, n] (consumed) → act(u + bias), in u's buffer, and with `keep_pre` u + bias (the
     /// backward's input): the MLP's bias and activation.
@@ -99,7 +117,18 @@ pub trait Ops {
     fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Self::Buf, Self::Buf)>;
     /// The backward of [`Ops::attention`] from do → (dq, dk, dv).
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, o: &Self::Buf, lse: &Self::Buf, d_o: &Self::Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    fn attention_bwd(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        o: &Self::Buf,
+        lse: &Self::Buf,
+        d_o: &Self::Buf,
+        seqs: &Seqs,
+        heads: usize,
+        w: usize,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
 
     /// A fresh copy of the first `n` values of x.
     fn copy(&self, x: &Self::Buf, n: usize) -> Result<Self::Buf>;

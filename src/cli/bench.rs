@@ -2,6 +2,7 @@
 //! (or a model directory), achieved GFLOP/s, and that as a share of a GEMM ceiling measured in
 //! the same run; `--task train` times Long-CLIP fine-tuning steps instead (src/cli/bench_train.rs).
 use super::{DeviceArg, DtypeArg};
+use clap::Args;
 use clipforge::api::ClipModel;
 use clipforge::error::{Error, Result};
 use clipforge::flops;
@@ -10,7 +11,6 @@ use clipforge::model::{ClipConfig, Towers};
 use clipforge::ops::gemm_bf16::{matmul_bf16, PackedBf16};
 use clipforge::ops::matmul::{gemm, View};
 use clipforge::tensor::DType;
-use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -209,10 +209,19 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             println!("model      {}  (batch {b}, {}, cpu, {} threads)", source, report["dtype"].as_str().unwrap_or(""), report["threads"]);
         }
         if let Some(x) = report["images_per_s"].as_f64() {
-            println!("images/s   {x:8.2}   {:7.1} GFLOP/s   {:4.0}% of GEMM ceiling", report["image_gflops"].as_f64().unwrap_or(0.0), 100.0 * report["image_share_of_ceiling"].as_f64().unwrap_or(0.0));
+            println!(
+                "images/s   {x:8.2}   {:7.1} GFLOP/s   {:4.0}% of GEMM ceiling",
+                report["image_gflops"].as_f64().unwrap_or(0.0),
+                100.0 * report["image_share_of_ceiling"].as_f64().unwrap_or(0.0)
+            );
         }
         if let Some(x) = report["texts_per_s"].as_f64() {
-            println!("texts/s    {x:8.2}   {:7.1} GFLOP/s   {:4.0}% of GEMM ceiling   ({} tokens)", report["text_gflops"].as_f64().unwrap_or(0.0), 100.0 * report["text_share_of_ceiling"].as_f64().unwrap_or(0.0), report["text_tokens"]);
+            println!(
+                "texts/s    {x:8.2}   {:7.1} GFLOP/s   {:4.0}% of GEMM ceiling   ({} tokens)",
+                report["text_gflops"].as_f64().unwrap_or(0.0),
+                100.0 * report["text_share_of_ceiling"].as_f64().unwrap_or(0.0),
+                report["text_tokens"]
+            );
         }
         if !on_cuda {
             println!("GEMM ceiling {ceiling:.1} GFLOP/s ({} 1024³, measured now)", dtype.name());

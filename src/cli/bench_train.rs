@@ -119,10 +119,17 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(Error::msg)?);
     } else {
-        println!("model      {source}  (Long-CLIP step, batch {b}, {} tokens long / {t_short} short, {}{}, {device})", t_long, report["dtype"].as_str().unwrap_or(""), if a.recompute { ", recompute" } else { "" });
+        println!(
+            "model      {source}  (Long-CLIP step, batch {b}, {} tokens long / {t_short} short, {}{}, {device})",
+            t_long,
+            report["dtype"].as_str().unwrap_or(""),
+            if a.recompute { ", recompute" } else { "" }
+        );
         println!("step       {:8.1} ms   {:8.2} samples/s   {gflops:7.1} GFLOP/s (≈3× forward)", sec * 1e3, b as f64 / sec);
         match (step_peak, before) {
-            (Some(p), Some(b0)) => println!("peak RSS   {p:8.0} MiB during the steps ({b0:.0} MiB before them: weights; the rest AdamW state, gradients, activations)"),
+            (Some(p), Some(b0)) => {
+                println!("peak RSS   {p:8.0} MiB during the steps ({b0:.0} MiB before them: weights; the rest AdamW state, gradients, activations)")
+            }
             _ => {
                 if let Some(p) = peak {
                     println!("peak RSS   {p:8.0} MiB  = {:.0} MiB/sample (host, whole process: weights, AdamW state, gradients, activations)", p / b as f64);

@@ -2,11 +2,11 @@
 //! softmax probabilities between images and texts).
 use super::common::*;
 use super::Compute;
+use clap::Args;
 use clipforge::error::{Error, Result};
 use clipforge::model::clip::cosine_matrix;
 use clipforge::model::Towers;
 use clipforge::ops::softmax::softmax;
-use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -55,7 +55,7 @@ pub struct SimilarityArgs {
 }
 
 /// (cosine [I×T], probabilities over texts per image [I×T], logit scale).
-fn scores(model_dir: &PathBuf, images: &[PathBuf], texts: &[String], compute: Compute) -> Result<(Vec<f32>, Vec<f32>, f32)> {
+fn scores(model_dir: &std::path::Path, images: &[PathBuf], texts: &[String], compute: Compute) -> Result<(Vec<f32>, Vec<f32>, f32)> {
     let model = load_model(model_dir, Towers::Both, compute)?;
     let tok = model.tokenizer(None)?;
     let img = embed_images(&model, images, 32, true, true)?;

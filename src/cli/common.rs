@@ -36,7 +36,10 @@ pub fn load_model(dir: &Path, towers: Towers, compute: Compute) -> Result<Loaded
 /// (which is what a released `.pt` checkpoint uses).
 pub fn preprocess_config(dir: &Path, image_size: usize) -> Result<PreprocessConfig> {
     if !dir.join("preprocessor_config.json").exists() && !clipforge::io::pt::is_pt_file(dir) {
-        eprintln!("note: {} is missing: using OpenAI CLIP's preprocessing (resize to {image_size}, centre crop, OpenAI mean/std)", dir.join("preprocessor_config.json").display());
+        eprintln!(
+            "note: {} is missing: using OpenAI CLIP's preprocessing (resize to {image_size}, centre crop, OpenAI mean/std)",
+            dir.join("preprocessor_config.json").display()
+        );
     }
     PreprocessConfig::for_model_dir(dir, image_size)
 }
@@ -68,10 +71,17 @@ pub fn image_paths(args: &[PathBuf], dir: Option<&Path>) -> Result<Vec<PathBuf>>
             let rd = std::fs::read_dir(d).map_err(|e| Error::file(d, format!("cannot list directory: {e}")))?;
             let files: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
             let (mut v, mut other): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|p| clipforge::eval::data::is_image(p));
-            (v.sort(), other.sort());
+            v.sort();
+            other.sort();
             if !other.is_empty() {
                 let names: Vec<String> = other.iter().take(5).map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
-                eprintln!("note: skipped {} file(s) of {} that are not images by their extension: {}{}", other.len(), d.display(), names.join(", "), if other.len() > 5 { ", ..." } else { "" });
+                eprintln!(
+                    "note: skipped {} file(s) of {} that are not images by their extension: {}{}",
+                    other.len(),
+                    d.display(),
+                    names.join(", "),
+                    if other.len() > 5 { ", ..." } else { "" }
+                );
             }
             if v.is_empty() {
                 return Err(Error::file(d, "holds no image files (png, jpg, jpeg, webp, bmp, gif, tif, tiff)"));

@@ -1,8 +1,8 @@
 //! `clipforge convert`: a released PyTorch checkpoint (OpenAI's TorchScript CLIP archives,
 //! Long-CLIP's and SmartCLIP's state dicts) → an HF CLIP model directory (src/model/convert.rs).
+use clap::Args;
 use clipforge::error::{Error, Result};
 use clipforge::model::convert::convert_pt;
-use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -33,8 +33,17 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         let v = &c.config.vision;
         println!(
             "{}: {:?} {:?} → {} tensors; ViT {}px/{} ({}×{}), text {}×{} with {} positions{}{}",
-            r.out.display(), r.flavour, r.kind, r.tensors, v.image_size, v.patch_size, v.tower.layers, v.tower.hidden,
-            c.config.text.tower.layers, c.config.text.tower.hidden, r.text_positions,
+            r.out.display(),
+            r.flavour,
+            r.kind,
+            r.tensors,
+            v.image_size,
+            v.patch_size,
+            v.tower.layers,
+            v.tower.hidden,
+            c.config.text.tower.layers,
+            c.config.text.tower.hidden,
+            r.text_positions,
             if r.frozen_positions > 0 { format!(" (rows < {} frozen for fine-tuning)", r.frozen_positions) } else { String::new() },
             if r.mask_net { "; SmartCLIP mask network in mask_net.safetensors" } else { "" },
         );

@@ -3,11 +3,11 @@
 //! to a .safetensors file (src/cli/hidden.rs).
 use super::common::*;
 use super::Compute;
+use clap::Args;
 use clipforge::error::{Error, Result};
 use clipforge::io::npy::write_npy;
 use clipforge::io::output::write_file;
 use clipforge::model::Towers;
-use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -79,7 +79,9 @@ pub struct EmbedTextArgs {
 pub fn embed_image(a: &EmbedImageArgs) -> Result<()> {
     if a.shards.given() {
         if a.hidden.hidden_states.is_some() {
-            return Err(Error::msg("--hidden-states writes one .safetensors file of the images given; it does not combine with --shards (per-shard embeddings)"));
+            return Err(Error::msg(
+                "--hidden-states writes one .safetensors file of the images given; it does not combine with --shards (per-shard embeddings)",
+            ));
         }
         return super::embed_shards::run(a);
     }

@@ -6,6 +6,7 @@
 //! any scheduler can run the ranks. Also the image embedding of `eval` for images in shards.
 use super::common::*;
 use super::embed::EmbedImageArgs;
+use clap::Args;
 use clipforge::api::Embeddings;
 use clipforge::error::{Error, Result};
 use clipforge::io::image_source::ImageSource;
@@ -15,7 +16,6 @@ use clipforge::io::shard_stream::{stream_shards, stream_sources};
 use clipforge::io::shards::{rank_shards, shard_list, shard_stem};
 use clipforge::model::Towers;
 use clipforge::tensor::Tensor;
-use clap::Args;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

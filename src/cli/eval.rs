@@ -3,6 +3,7 @@
 //! recall@K).
 use super::common::*;
 use super::Compute;
+use clap::{Args, Subcommand};
 use clipforge::error::{Error, Result};
 use clipforge::eval::cache::{model_key, EmbeddingCache, Hasher};
 use clipforge::eval::data::{image_folder, retrieval_set};
@@ -10,7 +11,6 @@ use clipforge::eval::metrics::{retrieval, similarity, zero_shot};
 use clipforge::eval::templates;
 use clipforge::io::tokenizer::ClipTokenizer;
 use clipforge::model::Towers;
-use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
 /// How ties rank, in every metric's --help.
@@ -211,8 +211,12 @@ pub fn zeroshot(a: &ZeroshotArgs) -> Result<()> {
     let plot = c.plot.clone().unwrap_or_else(|| PathBuf::from("zeroshot_confusion.svg"));
     write_svg(&plot, &clipforge::plot::heatmap(&format!("zero-shot confusion, top-1 {:.1}%", 100.0 * z.top1), &names, &z.confusion)?, c.json)?;
     if c.json {
-        let per: Vec<serde_json::Value> = names.iter().zip(&z.per_class).map(|(n, (cnt, acc))| serde_json::json!({"class": n, "images": cnt, "top1": acc})).collect();
-        println!("{}", serde_json::json!({"images": set.images.len(), "classes": names.len(), "templates": tmpl.len(), "top1": z.top1, "top5": z.top5, "per_class": per, "confusion": z.confusion, "plot": plot}));
+        let per: Vec<serde_json::Value> =
+            names.iter().zip(&z.per_class).map(|(n, (cnt, acc))| serde_json::json!({"class": n, "images": cnt, "top1": acc})).collect();
+        println!(
+            "{}",
+            serde_json::json!({"images": set.images.len(), "classes": names.len(), "templates": tmpl.len(), "top1": z.top1, "top5": z.top5, "per_class": per, "confusion": z.confusion, "plot": plot})
+        );
     } else {
         println!("{} images, {} classes, {} templates: top-1 {:.2}%  top-5 {:.2}%", set.images.len(), names.len(), tmpl.len(), 100.0 * z.top1, 100.0 * z.top5);
         for (n, (cnt, acc)) in names.iter().zip(&z.per_class) {
@@ -232,12 +236,23 @@ pub fn retrieval_cmd(a: &RetrievalArgs) -> Result<()> {
     let txt = texts(&x, c, &tok, &set.texts)?;
     let ks = [1usize, 5, 10];
     let r = retrieval(&img, &txt, d, &set.owner, &ks);
-    let series = |name: &str, f: &dyn Fn(&clipforge::eval::metrics::Recall) -> f64| clipforge::plot::Series { name: name.into(), points: r.iter().map(|x| (x.k as f64, 100.0 * f(x))).collect() };
+    let series = |name: &str, f: &dyn Fn(&clipforge::eval::metrics::Recall) -> f64| clipforge::plot::Series {
+        name: name.into(),
+        points: r.iter().map(|x| (x.k as f64, 100.0 * f(x))).collect(),
+    };
     let plot = c.plot.clone().unwrap_or_else(|| PathBuf::from("retrieval_recall.svg"));
-    let svg = clipforge::plot::line_chart("retrieval recall@K", "K", "recall (%)", &[series("image→text", &|x| x.image_to_text), series("text→image", &|x| x.text_to_image)])?;
+    let svg = clipforge::plot::line_chart(
+        "retrieval recall@K",
+        "K",
+        "recall (%)",
+        &[series("image→text", &|x| x.image_to_text), series("text→image", &|x| x.text_to_image)],
+    )?;
     write_svg(&plot, &svg, c.json)?;
     if c.json {
-        println!("{}", serde_json::json!({"images": set.images.len(), "texts": set.texts.len(), "context_length": tok.context_length, "recall": r, "plot": plot}));
+        println!(
+            "{}",
+            serde_json::json!({"images": set.images.len(), "texts": set.texts.len(), "context_length": tok.context_length, "recall": r, "plot": plot})
+        );
     } else {
         println!("{} images, {} texts (context {}):", set.images.len(), set.texts.len(), tok.context_length);
         for x in &r {
@@ -262,11 +277,19 @@ pub fn probe_cmd(a: &ProbeArgs) -> Result<()> {
     let chosen = clipforge::plot::Series { name: format!("test accuracy at λ = {:e}", r.lambda), points: vec![(r.lambda.log10(), 100.0 * r.test_accuracy)] };
     write_svg(&plot, &clipforge::plot::line_chart("linear probe: λ sweep", "log10 λ", "accuracy (%)", &[sweep, chosen])?, c.json)?;
     if c.json {
-        println!("{}", serde_json::json!({"train_images": train.images.len(), "test_images": test.images.len(), "classes": train.folders.len(), "result": r, "plot": plot}));
+        println!(
+            "{}",
+            serde_json::json!({"train_images": train.images.len(), "test_images": test.images.len(), "classes": train.folders.len(), "result": r, "plot": plot})
+        );
     } else {
         println!(
             "{} classes, {} train / {} test images: test accuracy {:.2}% (train {:.2}%), λ = {:e} chosen on a validation split",
-            train.folders.len(), train.images.len(), test.images.len(), 100.0 * r.test_accuracy, 100.0 * r.train_accuracy, r.lambda
+            train.folders.len(),
+            train.images.len(),
+            test.images.len(),
+            100.0 * r.test_accuracy,
+            100.0 * r.train_accuracy,
+            r.lambda
         );
     }
     Ok(())

@@ -1,8 +1,8 @@
 //! `clipforge finetune`: Long-CLIP or SmartCLIP fine-tuning (src/train/). Stretch the model first
 //! (`clipforge stretch`) for 248-token captions; the frozen position rows it records stay fixed.
+use clap::{Args, ValueEnum};
 use clipforge::error::{Error, Result};
 use clipforge::train::trainer::{run, TrainConfig};
-use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -145,7 +145,9 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
             None
         }
         Some(Some(p)) => Some(clipforge::train::checkpoint::find(&a.out, p)?),
-        Some(None) => Some(clipforge::train::checkpoint::latest(&a.out).ok_or_else(|| Error::file(a.out.join("checkpoints"), "--resume: no checkpoint found"))?),
+        Some(None) => {
+            Some(clipforge::train::checkpoint::latest(&a.out).ok_or_else(|| Error::file(a.out.join("checkpoints"), "--resume: no checkpoint found"))?)
+        }
     };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

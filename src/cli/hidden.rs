@@ -5,12 +5,12 @@
 //! `hidden_states` [N, T, W] (class token first) and `image_embeds` [N, D]. The embeddings are
 //! the projected pooled outputs, not normalised (what SDXL reads as `text_embeds`).
 use super::common::{items_bar, Loaded};
+use clap::{Args, ValueEnum};
 use clipforge::api::{HiddenOptions, Padding};
 use clipforge::error::{Error, Result};
 use clipforge::io::st_out::{write_safetensors, Values};
 use clipforge::io::tokenizer::ClipTokenizer;
 use clipforge::tensor::DType;
-use clap::{Args, ValueEnum};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -14,9 +14,9 @@ pub mod hidden;
 pub mod serve;
 pub mod stretch;
 
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use clipforge::error::{Error, Result};
 use clipforge::tensor::DType;
-use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(name = "clipforge", version, about = "CLIP, Long-CLIP and SmartCLIP inference, fine-tuning and benchmarking")]

@@ -2,9 +2,9 @@
 //! (src/model/stretch.rs), written as a new HF directory: by a ratio (Long-CLIP: keep 20, ×4,
 //! 77 → 248) or to a context length (the smallest ratio that reaches it, the table cut there).
 //! A `.pt` checkpoint is converted beside the output first.
+use clap::Args;
 use clipforge::error::{Error, Result};
 use clipforge::model::stretch::{stretch_model_to, Target};
-use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -43,7 +43,13 @@ pub fn run(a: &StretchArgs) -> Result<()> {
         // converted beside the output first (that copy removed after)
         let c = clipforge::model::convert::convert_pt(&a.model)?;
         if c.config.text.frozen_positions > 0 {
-            return Err(Error::file(&a.model, format!("already stretched ({} positions, the first {} frozen): a Long-CLIP checkpoint; stretch the original model", c.config.text.max_positions, c.config.text.frozen_positions)));
+            return Err(Error::file(
+                &a.model,
+                format!(
+                    "already stretched ({} positions, the first {} frozen): a Long-CLIP checkpoint; stretch the original model",
+                    c.config.text.max_positions, c.config.text.frozen_positions
+                ),
+            ));
         }
         let name = a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = a.out.with_file_name(format!(".{name}.pt-source-{}", std::process::id()));
@@ -60,7 +66,12 @@ pub fn run(a: &StretchArgs) -> Result<()> {
         let tail = if r.new_len < full { format!("cut at {} of {full}", r.new_len) } else { "last row extrapolated".into() };
         println!(
             "{}: {} → {} text positions (rows < {} copied and frozen for fine-tuning, ×{} interpolation, {tail}), {} tensors",
-            r.out.display(), r.old_len, r.new_len, r.keep, r.ratio, r.tensors
+            r.out.display(),
+            r.old_len,
+            r.new_len,
+            r.keep,
+            r.ratio,
+            r.tensors
         );
     }
     Ok(())

@@ -131,10 +131,7 @@ impl<A: RawAlloc> std::fmt::Debug for PoolBlock<A> {
 
 impl<A: RawAlloc> DevicePool<A> {
     pub fn new(raw: A) -> Arc<Self> {
-        Arc::new(Self {
-            raw,
-            state: Mutex::new(State { free: HashMap::new(), stats: PoolStats::default() }),
-        })
+        Arc::new(Self { raw, state: Mutex::new(State { free: HashMap::new(), stats: PoolStats::default() }) })
     }
 
     pub fn raw(&self) -> &A {

@@ -119,13 +119,7 @@ fn check_linear_w(x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, m: usize, n: us
         return Err(crate::shape_err!("linear: empty problem m {m}, n {n}, k {k}"));
     }
     if x.len < m * k || w.len * w_per_elem < n * k || y.len < m * n || bias.is_some_and(|b| b.len < n) {
-        return Err(crate::shape_err!(
-            "linear m {m}, n {n}, k {k}: buffers too small (x {}, w {}, y {}, bias {:?})",
-            x.len,
-            w.len,
-            y.len,
-            bias.map(|b| b.len)
-        ));
+        return Err(crate::shape_err!("linear m {m}, n {n}, k {k}: buffers too small (x {}, w {}, y {}, bias {:?})", x.len, w.len, y.len, bias.map(|b| b.len)));
     }
     Ok(())
 }

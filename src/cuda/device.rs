@@ -41,10 +41,7 @@ pub fn driver_available() -> Result<()> {
 /// Runs a cudarc call, turning both its error (`DriverError`, `NvrtcError`, `CublasError`, ...)
 /// and a panic (missing library / symbol, `unwrap` inside cudarc) into a one-line
 /// [`Error::Device`] prefixed with `what`.
-pub fn guarded<T, E: std::fmt::Display>(
-    what: &str,
-    f: impl FnOnce() -> std::result::Result<T, E>,
-) -> Result<T> {
+pub fn guarded<T, E: std::fmt::Display>(what: &str, f: impl FnOnce() -> std::result::Result<T, E>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::device(format!("{what}: {e}"))),
@@ -132,14 +129,9 @@ impl CudaDevice {
             name: guarded("device name", || ctx.name())?,
             compute_capability: (major.max(0) as u32, minor.max(0) as u32),
             total_mem: guarded("total memory", || ctx.total_mem())?,
-            multiprocessors: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-                .max(0) as u32,
-            max_smem_per_block_optin: attr(
-                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            )?
-            .max(0) as u32,
-            max_threads_per_block: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?
-                .max(0) as u32,
+            multiprocessors: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(0) as u32,
+            max_smem_per_block_optin: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as u32,
+            max_threads_per_block: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?.max(0) as u32,
         };
         Ok(Self { ctx, compute, upload, info })
     }

@@ -71,9 +71,7 @@ pub fn kernel_arity(name: &str) -> Option<usize> {
 
 /// Names of all kernels the emulator knows.
 pub fn kernel_names() -> Vec<String> {
-    (0..unsafe { emu_kernel_count() })
-        .map(|i| unsafe { CStr::from_ptr(emu_kernel_name(i)) }.to_string_lossy().into_owned())
-        .collect()
+    (0..unsafe { emu_kernel_count() }).map(|i| unsafe { CStr::from_ptr(emu_kernel_name(i)) }.to_string_lossy().into_owned()).collect()
 }
 
 /// Launches kernel `name` like `cuLaunchKernel(f, grid, block, smem, stream, params, NULL)`.
@@ -81,34 +79,14 @@ pub fn kernel_names() -> Vec<String> {
 /// pointer argument must be valid for what the kernel accesses. Errors: unknown kernel, wrong
 /// number of parameters, invalid configuration, and whatever the emulator diagnoses while
 /// running (deadlock, divergent barrier, bad warp collective, shared memory overrun, __trap).
-pub fn launch(
-    name: &str,
-    grid: (u32, u32, u32),
-    block: (u32, u32, u32),
-    smem: u32,
-    params: &mut [*mut c_void],
-) -> Result<()> {
+pub fn launch(name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, params: &mut [*mut c_void]) -> Result<()> {
     let arity = kernel_arity(name).ok_or_else(|| Error::device(format!("no kernel named '{name}' is registered")))?;
     if arity != params.len() {
         return Err(Error::device(format!("{name}: takes {arity} parameters, {} given", params.len())));
     }
     let cname = CString::new(name).map_err(Error::msg)?;
     let mut err = vec![0 as c_char; 2048];
-    let rc = unsafe {
-        emu_launch(
-            cname.as_ptr(),
-            grid.0,
-            grid.1,
-            grid.2,
-            block.0,
-            block.1,
-            block.2,
-            smem,
-            params.as_mut_ptr(),
-            err.as_mut_ptr(),
-            err.len(),
-        )
-    };
+    let rc = unsafe { emu_launch(cname.as_ptr(), grid.0, grid.1, grid.2, block.0, block.1, block.2, smem, params.as_mut_ptr(), err.as_mut_ptr(), err.len()) };
     if rc == 0 {
         Ok(())
     } else {

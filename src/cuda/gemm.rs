@@ -73,9 +73,23 @@ impl GemmDesc {
         let lda = if trans_a { m } else { k };
         let ldb = if trans_b { k } else { n };
         Self {
-            m, n, k, batch, trans_a, trans_b, lda, ldb, ldc: n,
-            stride_a: m * k, stride_b: k * n, stride_c: m * n,
-            alpha: 1.0, beta: 0.0, in_dtype: dtype, out_dtype: dtype, bias: false,
+            m,
+            n,
+            k,
+            batch,
+            trans_a,
+            trans_b,
+            lda,
+            ldb,
+            ldc: n,
+            stride_a: m * k,
+            stride_b: k * n,
+            stride_c: m * n,
+            alpha: 1.0,
+            beta: 0.0,
+            in_dtype: dtype,
+            out_dtype: dtype,
+            bias: false,
         }
     }
     /// `y[m×n] = x[m×k]·Wᵀ (+ bias)`, W stored `[n×k]`.
@@ -142,7 +156,11 @@ pub fn plan(d: &GemmDesc) -> Result<LtPlan> {
 
 /// Largest power of two (≤ 256) dividing `p`, as cuBLASLt's MIN_ALIGNMENT preferences expect.
 pub fn ptr_alignment(p: u64) -> u32 {
-    if p == 0 { 256 } else { 1u32 << p.trailing_zeros().min(8) }
+    if p == 0 {
+        256
+    } else {
+        1u32 << p.trailing_zeros().min(8)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -174,21 +192,15 @@ raii!(Pref, sys::cublasLtMatmulPreference_t, lt::destroy_matmul_pref);
 /// Typed attribute setters: `buf` points at a live `T` of exactly the size cuBLASLt expects.
 fn set_desc<T>(d: &Desc, attr: DescAttr, v: &T) -> Result<()> {
     // SAFETY: `d.0` is a live descriptor; `v` is valid for size_of::<T>() bytes during the call.
-    guarded("cublasLtMatmulDescSetAttribute", || unsafe {
-        lt::set_matmul_desc_attribute(d.0, attr, (v as *const T).cast(), std::mem::size_of::<T>())
-    })
+    guarded("cublasLtMatmulDescSetAttribute", || unsafe { lt::set_matmul_desc_attribute(d.0, attr, (v as *const T).cast(), std::mem::size_of::<T>()) })
 }
 fn set_layout<T>(l: &Layout, attr: LayoutAttr, v: &T) -> Result<()> {
     // SAFETY: as in set_desc, for a live layout.
-    guarded("cublasLtMatrixLayoutSetAttribute", || unsafe {
-        lt::set_matrix_layout_attribute(l.0, attr, (v as *const T).cast(), std::mem::size_of::<T>())
-    })
+    guarded("cublasLtMatrixLayoutSetAttribute", || unsafe { lt::set_matrix_layout_attribute(l.0, attr, (v as *const T).cast(), std::mem::size_of::<T>()) })
 }
 fn set_pref<T>(p: &Pref, attr: PrefAttr, v: &T) -> Result<()> {
     // SAFETY: as in set_desc, for a live preference.
-    guarded("cublasLtMatmulPreferenceSetAttribute", || unsafe {
-        lt::set_matmul_pref_attribute(p.0, attr, (v as *const T).cast(), std::mem::size_of::<T>())
-    })
+    guarded("cublasLtMatmulPreferenceSetAttribute", || unsafe { lt::set_matmul_pref_attribute(p.0, attr, (v as *const T).cast(), std::mem::size_of::<T>()) })
 }
 
 fn layout(dt: DType, (rows, cols, ld): (u64, u64, i64), batch: i32, stride: i64) -> Result<Layout> {
@@ -231,10 +243,7 @@ impl Gemm {
         drop(_g);
         guarded("binding context", || stream.context().bind_to_thread())?;
         let handle = guarded("cublasLtCreate", lt::create_handle)?;
-        Ok(Self {
-            handle, stream, _workspace: ws, workspace_ptr, workspace_size, allow_tf32: false,
-            algos: Mutex::new(HashMap::new()),
-        })
+        Ok(Self { handle, stream, _workspace: ws, workspace_ptr, workspace_size, allow_tf32: false, algos: Mutex::new(HashMap::new()) })
     }
 
     /// Lets f32 GEMMs use TF32 tensor cores (faster, ~1e-3 relative error).
@@ -300,10 +309,9 @@ impl Gemm {
                     set_pref(&pref, attr, &al)?;
                 }
                 // SAFETY: all descriptors are live; cudarc writes one heuristic result.
-                let h = guarded("cublasLtMatmulAlgoGetHeuristic", || unsafe {
-                    lt::get_matmul_algo_heuristic(self.handle, desc.0, la.0, lb.0, lc.0, lc.0, pref.0)
-                })
-                .map_err(|e| Error::device(format!("{} (no cuBLASLt algorithm for {d:?})", e.message())))?;
+                let h =
+                    guarded("cublasLtMatmulAlgoGetHeuristic", || unsafe { lt::get_matmul_algo_heuristic(self.handle, desc.0, la.0, lb.0, lc.0, lc.0, pref.0) })
+                        .map_err(|e| Error::device(format!("{} (no cuBLASLt algorithm for {d:?})", e.message())))?;
                 self.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, h.algo);
                 h.algo
             }
@@ -315,11 +323,21 @@ impl Gemm {
         // `workspace_size` bytes, used only on this stream; C and D alias (in-place beta).
         guarded("cublasLtMatmul", || unsafe {
             lt::matmul(
-                self.handle, desc.0,
-                (&alpha as *const f32).cast(), (&beta as *const f32).cast(),
-                b as *const c_void, la.0, a as *const c_void, lb.0,
-                c as *const c_void, lc.0, c as *mut c_void, lc.0,
-                &algo, self.workspace_ptr as *mut c_void, self.workspace_size,
+                self.handle,
+                desc.0,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                b as *const c_void,
+                la.0,
+                a as *const c_void,
+                lb.0,
+                c as *const c_void,
+                lc.0,
+                c as *mut c_void,
+                lc.0,
+                &algo,
+                self.workspace_ptr as *mut c_void,
+                self.workspace_size,
                 self.stream.cu_stream() as sys::cudaStream_t,
             )
         })
@@ -329,7 +347,7 @@ impl Gemm {
 impl Drop for Gemm {
     fn drop(&mut self) {
         let _ = self.stream.synchronize(); // the workspace is freed right after this
-        // SAFETY: `handle` came from cublasLtCreate and is destroyed exactly once.
+                                           // SAFETY: `handle` came from cublasLtCreate and is destroyed exactly once.
         let _ = unsafe { lt::destroy_handle(self.handle) };
     }
 }

@@ -261,13 +261,7 @@ pub struct CudaLauncher {
 
 impl CudaLauncher {
     pub fn new(modules: Arc<ModuleCache>, stream: Arc<CudaStream>, info: &DeviceInfo) -> Self {
-        Self {
-            modules,
-            stream,
-            max_threads: info.max_threads_per_block.max(1),
-            max_smem: info.max_smem_per_block_optin,
-            state: Mutex::new(HashMap::new()),
-        }
+        Self { modules, stream, max_threads: info.max_threads_per_block.max(1), max_smem: info.max_smem_per_block_optin, state: Mutex::new(HashMap::new()) }
     }
     pub fn modules(&self) -> &Arc<ModuleCache> {
         &self.modules
@@ -283,10 +277,7 @@ impl Launcher for CudaLauncher {
         let f = self.modules.function(kernel)?;
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let fs = st.entry(kernel.to_string()).or_insert_with(|| FnState {
-                smem_limit: 48 << 10,
-                param_sizes: param_sizes(&f),
-            });
+            let fs = st.entry(kernel.to_string()).or_insert_with(|| FnState { smem_limit: 48 << 10, param_sizes: param_sizes(&f) });
             if let Some(sizes) = &fs.param_sizes {
                 check_arg_sizes(kernel, sizes, args.args())?;
             }

@@ -28,10 +28,10 @@ pub mod train_ops;
 #[cfg(feature = "emu")]
 pub mod emu;
 
-pub use backend::{Buf, DeviceOps, GpuOps};
+pub use alloc::{size_class, CudaBlock, CudaPool, CudaRawAlloc, DevicePool, PoolBlock, PoolStats, RawAlloc};
 #[cfg(feature = "emu")]
 pub use backend::EmuOps;
-pub use alloc::{size_class, CudaBlock, CudaPool, CudaRawAlloc, DevicePool, PoolBlock, PoolStats, RawAlloc};
+pub use backend::{Buf, DeviceOps, GpuOps};
 pub use device::{driver_available, CudaDevice, DeviceInfo};
 pub use gemm::{Gemm, GemmDesc};
 pub use launch::{CudaLauncher, KernelArg, KernelArgs, LaunchCfg, Launcher};
@@ -42,8 +42,6 @@ pub use pinned::{HostPod, StagingBuffer, StagingKind, StagingPool};
 pub fn module_specs() -> Vec<ModuleSpec> {
     kernels::MODULES
         .iter()
-        .map(|m| {
-            ModuleSpec::new(m.name, m.cubins, m.ptx_compute_90, m.source).with_headers(kernels::HEADERS).with_entry_points(m.entry_points)
-        })
+        .map(|m| ModuleSpec::new(m.name, m.cubins, m.ptx_compute_90, m.source).with_headers(kernels::HEADERS).with_entry_points(m.entry_points))
         .collect()
 }

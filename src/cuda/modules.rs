@@ -76,10 +76,8 @@ pub fn select_cubin(cubins: &[(u32, &'static [u8])], sm: u32) -> Option<(u32, &'
 
 /// `$XDG_CACHE_HOME/clipforge/ptx` if that is an absolute path, else `$HOME/.cache/clipforge/ptx`.
 pub fn cache_dir_from(xdg_cache_home: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
-    let base = xdg_cache_home
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| home.filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
+    let base =
+        xdg_cache_home.map(PathBuf::from).filter(|p| p.is_absolute()).or_else(|| home.filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("clipforge").join("ptx"))
 }
 
@@ -157,7 +155,11 @@ pub fn candidate_modules<'a>(specs: &'a [ModuleSpec], kernel: &str) -> Vec<&'a s
         (Some(m), _) => names(&|s| s.name == m),
         (None, f) => {
             let listed = names(&|s| s.entry_points.contains(&f));
-            if listed.is_empty() { names(&|s| s.entry_points.is_empty()) } else { listed }
+            if listed.is_empty() {
+                names(&|s| s.entry_points.is_empty())
+            } else {
+                listed
+            }
         }
     }
 }
@@ -220,11 +222,8 @@ impl ModuleCache {
 
     /// The loaded module `name`, loading it on first use.
     pub fn module(&self, name: &str) -> Result<Arc<CudaModule>> {
-        let spec = lock(&self.registry)
-            .iter()
-            .find(|m| m.name == name)
-            .cloned()
-            .ok_or_else(|| Error::device(format!("kernel module '{name}' is not registered")))?;
+        let spec =
+            lock(&self.registry).iter().find(|m| m.name == name).cloned().ok_or_else(|| Error::device(format!("kernel module '{name}' is not registered")))?;
         let mut mods = lock(&self.modules);
         if let Some((m, _)) = mods.get(name) {
             return Ok(Arc::clone(m));

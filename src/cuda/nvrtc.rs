@@ -33,17 +33,13 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 pub fn nvrtc_supported_archs() -> Vec<u32> {
     let mut n = 0;
     // SAFETY: nvrtcGetNumSupportedArchs writes one int through a valid pointer.
-    let counted = guarded("nvrtcGetNumSupportedArchs", || unsafe {
-        nvrtc::sys::nvrtcGetNumSupportedArchs(&mut n).result()
-    });
+    let counted = guarded("nvrtcGetNumSupportedArchs", || unsafe { nvrtc::sys::nvrtcGetNumSupportedArchs(&mut n).result() });
     if counted.is_err() || n <= 0 {
         return Vec::new();
     }
     let mut archs = vec![0; n as usize];
     // SAFETY: `archs` has room for exactly the `n` ints NVRTC reported.
-    let got = guarded("nvrtcGetSupportedArchs", || unsafe {
-        nvrtc::sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()).result()
-    });
+    let got = guarded("nvrtcGetSupportedArchs", || unsafe { nvrtc::sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()).result() });
     match got {
         Ok(()) => archs.into_iter().filter(|&a| a > 0).map(|a| a as u32).collect(),
         Err(_) => Vec::new(),
@@ -77,10 +73,7 @@ pub fn inline_includes(source: &str, headers: &[(&str, &str)]) -> Result<String>
                 continue;
             };
             if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) {
-                let (_, text) = headers
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .ok_or_else(|| Error::msg(format!("#include \"{name}\": header not embedded")))?;
+                let (_, text) = headers.iter().find(|(n, _)| *n == name).ok_or_else(|| Error::msg(format!("#include \"{name}\": header not embedded")))?;
                 if seen.insert(name.to_string()) {
                     out.push_str(&format!("// ---- begin {name} ----\n"));
                     walk(text, headers, seen, depth + 1, out)?;
@@ -142,9 +135,7 @@ pub fn compile(name: &str, source: &str, options: Vec<String>) -> Result<String>
     }
     let opts = CompileOptions { options, name: Some(format!("{name}.cu")), ..Default::default() };
     // cudarc's NVRTC wrapper panics on a missing library/symbol, and `to_src` on non-UTF-8.
-    let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        nvrtc::compile_ptx_with_opts(source, opts).map(|p| p.to_src())
-    }));
+    let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| nvrtc::compile_ptx_with_opts(source, opts).map(|p| p.to_src())));
     match compiled {
         Ok(Ok(text)) => Ok(text),
         Ok(Err(CompileError::CompileError { nvrtc, options, log })) => {

@@ -72,12 +72,7 @@ pub fn staging_capacity(bytes: usize) -> usize {
 /// fits; if `allow_busy`, else the smallest fitting busy one. `None` → allocate a new buffer.
 pub fn pick_buffer(cands: &[(usize, bool)], min_bytes: usize, allow_busy: bool) -> Option<usize> {
     let best = |want_busy: bool| {
-        cands
-            .iter()
-            .enumerate()
-            .filter(|(_, &(cap, busy))| cap >= min_bytes && busy == want_busy)
-            .min_by_key(|(_, &(cap, _))| cap)
-            .map(|(i, _)| i)
+        cands.iter().enumerate().filter(|(_, &(cap, busy))| cap >= min_bytes && busy == want_busy).min_by_key(|(_, &(cap, _))| cap).map(|(i, _)| i)
     };
     best(false).or_else(|| if allow_busy { best(true) } else { None })
 }
@@ -98,9 +93,7 @@ impl StagingBuffer {
         };
         // SAFETY: the pinned bytes start uninitialised; they are only exposed as `&mut [u8]`
         // (valid for any bit pattern) or read after a device→host copy filled them.
-        let buf = guarded("cuMemHostAlloc", || unsafe {
-            ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), flags)
-        })?;
+        let buf = guarded("cuMemHostAlloc", || unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), flags) })?;
         let done = guarded("cuEventCreate", || ctx.new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)))?;
         Ok(Self { buf, done, pending: false, kind })
     }
@@ -239,10 +232,7 @@ impl StagingPool {
     pub fn upload<T: HostPod>(&mut self, stream: &CudaStream, src: &[T], dst: u64) -> Result<()> {
         let bytes = as_bytes(src);
         let mut buf = self.acquire(bytes.len())?;
-        let r = buf
-            .host_mut()
-            .map(|h| h[..bytes.len()].copy_from_slice(bytes))
-            .and_then(|_| buf.enqueue_upload(stream, dst, bytes.len()));
+        let r = buf.host_mut().map(|h| h[..bytes.len()].copy_from_slice(bytes)).and_then(|_| buf.enqueue_upload(stream, dst, bytes.len()));
         self.release(buf);
         r
     }
@@ -251,10 +241,7 @@ impl StagingPool {
     pub fn download<T: HostPod>(&mut self, stream: &CudaStream, src: u64, out: &mut [T]) -> Result<()> {
         let out = as_bytes_mut(out);
         let mut buf = self.acquire(out.len())?;
-        let r = buf
-            .enqueue_download(stream, src, out.len())
-            .and_then(|_| buf.host_mut())
-            .map(|h| out.copy_from_slice(&h[..out.len()]));
+        let r = buf.enqueue_download(stream, src, out.len()).and_then(|_| buf.host_mut()).map(|h| out.copy_from_slice(&h[..out.len()]));
         self.release(buf);
         r
     }

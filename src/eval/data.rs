@@ -33,9 +33,13 @@ pub fn image_folder(root: &Path) -> Result<ImageFolder> {
     }
     let (mut images, mut labels) = (vec![], vec![]);
     for (c, f) in folders.iter().enumerate() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(f).map_err(|e| Error::file(f, format!("cannot list: {e}")))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_image(p)).collect();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(f)
+            .map_err(|e| Error::file(f, format!("cannot list: {e}")))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_image(p))
+            .collect();
         files.sort();
-        labels.extend(std::iter::repeat(c).take(files.len()));
+        labels.extend(std::iter::repeat_n(c, files.len()));
         images.extend(files);
     }
     if images.is_empty() {
@@ -71,7 +75,7 @@ pub fn retrieval_set(path: &Path) -> Result<RetrievalSet> {
         }
         let n = s.images.len();
         s.images.push(ImageSource::File(dir.join(img)));
-        s.owner.extend(std::iter::repeat(n).take(caps.len()));
+        s.owner.extend(std::iter::repeat_n(n, caps.len()));
         s.texts.extend(caps);
     }
     if s.images.is_empty() {
@@ -105,7 +109,7 @@ pub fn retrieval_shards(shards: &[PathBuf]) -> Result<RetrievalSet> {
             }
             let n = s.images.len();
             s.images.push(ImageSource::Member { shard: shard.path.clone(), member });
-            s.owner.extend(std::iter::repeat(n).take(caps.len()));
+            s.owner.extend(std::iter::repeat_n(n, caps.len()));
             s.texts.extend(caps);
         }
     }

@@ -145,14 +145,20 @@ pub fn linear_probe(train_x: &[f32], train_y: &[usize], test_x: &[f32], test_y: 
     let mut seen = vec![0usize; c];
     let (mut tr, mut va) = (vec![], vec![]);
     for (i, &y) in train_y.iter().enumerate() {
-        if seen[y] % 5 == 0 { va.push(i) } else { tr.push(i) }
+        if seen[y].is_multiple_of(5) {
+            va.push(i)
+        } else {
+            tr.push(i)
+        }
         seen[y] += 1;
     }
     if tr.is_empty() {
         std::mem::swap(&mut tr, &mut va);
         va = tr.clone();
     }
-    let pick = |idx: &[usize]| -> (Vec<f32>, Vec<usize>) { (idx.iter().flat_map(|&i| train_x[i * d..(i + 1) * d].iter().copied()).collect(), idx.iter().map(|&i| train_y[i]).collect()) };
+    let pick = |idx: &[usize]| -> (Vec<f32>, Vec<usize>) {
+        (idx.iter().flat_map(|&i| train_x[i * d..(i + 1) * d].iter().copied()).collect(), idx.iter().map(|&i| train_y[i]).collect())
+    };
     let ((tx, ty), (vx, vy)) = (pick(&tr), pick(&va));
     let mut sweep = vec![];
     for e in -6..=2 {

@@ -130,7 +130,9 @@ fn decode(bytes: &[u8], hf: bool) -> Result<RgbImage8> {
     let header = std::panic::catch_unwind(|| image::ImageReader::with_format(std::io::Cursor::new(bytes), fmt).into_dimensions());
     match header {
         Ok(Ok((w, h))) => check_pixels(w, h)?, // before the decoder allocates w × h pixels
-        Ok(Err(image::ImageError::Limits(e))) => return Err(Error::msg(format!("{fmt:?} header claims an image too large to decode ({e}; a decompression bomb?)"))),
+        Ok(Err(image::ImageError::Limits(e))) => {
+            return Err(Error::msg(format!("{fmt:?} header claims an image too large to decode ({e}; a decompression bomb?)")))
+        }
         _ => {}
     }
     if fmt == image::ImageFormat::Jpeg {
@@ -181,11 +183,7 @@ fn decode(bytes: &[u8], hf: bool) -> Result<RgbImage8> {
             rgb
         }
     };
-    Ok(RgbImage8 {
-        width: w,
-        height: h,
-        data: rgb,
-    })
+    Ok(RgbImage8 { width: w, height: h, data: rgb })
 }
 
 /// Pillow `ImagingAlphaComposite` (AlphaComposite.c, 7 extra bits) of (c, a) over opaque white.

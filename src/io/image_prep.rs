@@ -8,9 +8,9 @@
 //!   the horizontal pass first), checked on adversarial synthetic images;
 //! * `preprocess_u8` = resize shortest edge + center crop (zero padding): HF's uint8 image;
 //! * `preprocess` = that, rescaled and normalised: HF's f32 values (every level checked).
+pub use super::image_decode::{decode_rgb8, decode_rgb8_hf, load_rgb8, load_rgb8_hf, RgbImage8};
 use crate::error::{Error, Result};
 use serde_json::Value;
-pub use super::image_decode::{decode_rgb8, decode_rgb8_hf, load_rgb8, load_rgb8_hf, RgbImage8};
 
 /// The preprocessing parameters of a HF `preprocessor_config.json` (BICUBIC resampling only).
 #[derive(Clone, Debug, PartialEq)]
@@ -61,15 +61,11 @@ impl PreprocessConfig {
     pub fn from_json_str(s: &str) -> Result<Self> {
         const E: &str = "preprocessor config";
         let v: Value = serde_json::from_str(s).map_err(|e| Error::msg(format!("{E}: invalid JSON: {e}")))?;
-        let Some(obj) = v.as_object() else {
-            return Err(Error::msg(format!("{E}: top level is not an object")))
-        };
+        let Some(obj) = v.as_object() else { return Err(Error::msg(format!("{E}: top level is not an object"))) };
         let get = |k: &str| obj.get(k).filter(|x| !x.is_null());
         let flag = |k: &str| match get(k) {
             None => Ok(true), // every do_* defaults to true for CLIP
-            Some(x) => x
-                .as_bool()
-                .ok_or_else(|| Error::msg(format!("{E}: \"{k}\" is not a bool: {x}"))),
+            Some(x) => x.as_bool().ok_or_else(|| Error::msg(format!("{E}: \"{k}\" is not a bool: {x}"))),
         };
         let mut cfg = Self::openai(224);
         cfg.do_resize = flag("do_resize")?;
@@ -81,9 +77,7 @@ impl PreprocessConfig {
             return Err(Error::msg(format!("{E}: only resample=3 (BICUBIC) is implemented, got {r}")));
         }
         if let Some(x) = get("rescale_factor") {
-            let Some(f) = x.as_f64() else {
-                return Err(Error::msg(format!("{E}: bad rescale_factor {x}")))
-            };
+            let Some(f) = x.as_f64() else { return Err(Error::msg(format!("{E}: bad rescale_factor {x}"))) };
             cfg.rescale_factor = f as f32;
         }
         if let Some(sz) = get("size") {
@@ -91,9 +85,7 @@ impl PreprocessConfig {
                 (Some(n), _) => cfg.shortest_edge = n,
                 (None, Ok(Some(p))) => cfg.size_hw = Some(p),
                 _ => match sz.get("shortest_edge").and_then(dim) {
-                    Some(n) if sz.get("longest_edge").is_none_or(Value::is_null) => {
-                        cfg.shortest_edge = n
-                    }
+                    Some(n) if sz.get("longest_edge").is_none_or(Value::is_null) => cfg.shortest_edge = n,
                     _ => return Err(Error::msg(format!("{E}: unsupported \"size\": {sz}"))),
                 },
             }
@@ -101,8 +93,7 @@ impl PreprocessConfig {
         if let Some(cs) = get("crop_size") {
             (cfg.crop_h, cfg.crop_w) = match dim(cs) {
                 Some(n) => (n, n),
-                None => hw(cs, "crop_size")?
-                    .ok_or_else(|| Error::msg(format!("{E}: unsupported \"crop_size\": {cs}")))?,
+                None => hw(cs, "crop_size")?.ok_or_else(|| Error::msg(format!("{E}: unsupported \"crop_size\": {cs}")))?,
             };
         }
         for (key, dst) in [("image_mean", &mut cfg.mean), ("image_std", &mut cfg.std)] {
@@ -128,10 +119,9 @@ fn dim(v: &Value) -> Option<u32> {
 fn hw(v: &Value, key: &str) -> Result<Option<(u32, u32)>> {
     let (h, w) = match v {
         Value::Array(a) if a.len() == 2 => (&a[0], &a[1]),
-        Value::Object(o) if o.contains_key("height") || o.contains_key("width") => (
-            o.get("height").unwrap_or(&Value::Null),
-            o.get("width").unwrap_or(&Value::Null),
-        ),
+        Value::Object(o) if o.contains_key("height") || o.contains_key("width") => {
+            (o.get("height").unwrap_or(&Value::Null), o.get("width").unwrap_or(&Value::Null))
+        }
         _ => return Ok(None),
     };
     match (dim(h), dim(w)) {
@@ -202,11 +192,7 @@ fn clip8(ss: i32) -> u8 {
 /// Resize with Pillow's BICUBIC (`Image.resize((w, h), Image.BICUBIC)`), bit-exact for 8-bit RGB.
 pub fn resize_bicubic_pillow(img: &RgbImage8, w: u32, h: u32) -> RgbImage8 {
     let data = resize_window(img, w, h, (0, 0, w, h));
-    RgbImage8 {
-        width: w,
-        height: h,
-        data,
-    }
+    RgbImage8 { width: w, height: h, data }
 }
 
 /// Source index range a pass reads, with the bounds rebased to its start (Pillow's ybox trick).
@@ -246,9 +232,7 @@ fn vpass(src: &[u8], sw: usize, (c0, c1): (usize, usize), (ks, b, k): &Coeffs) -
         acc.iter_mut().for_each(|a| *a = 1 << (PRECISION_BITS - 1));
         for (j, &kj) in k[yy * ks..yy * ks + n].iter().enumerate() {
             let row = &src[((ymin + j) * sw + c0) * 3..][..ow];
-            acc.iter_mut()
-                .zip(row)
-                .for_each(|(a, &p)| *a += p as i32 * kj);
+            acc.iter_mut().zip(row).for_each(|(a, &p)| *a += p as i32 * kj);
         }
         dst.iter_mut().zip(&acc).for_each(|(o, &a)| *o = clip8(a));
     }
@@ -317,24 +301,12 @@ fn channel_luts(cfg: &PreprocessConfig) -> [[f32; 256]; 3] {
     // The config holds f32; HF multiplies by the Python float 1/255 (f64). f32(1/255) widened is a
     // different f64 and gives 1-ulp differences for 126 of 256 levels, so recover the exact value.
     let exact = cfg.rescale_factor == (1.0f64 / 255.0) as f32;
-    let rf = if exact {
-        1.0 / 255.0
-    } else {
-        cfg.rescale_factor as f64
-    };
+    let rf = if exact { 1.0 / 255.0 } else { cfg.rescale_factor as f64 };
     let mut lut = [[0f32; 256]; 3];
     for (c, l) in lut.iter_mut().enumerate() {
         for (v, o) in l.iter_mut().enumerate() {
-            let x = if cfg.do_rescale {
-                (v as f64 * rf) as f32
-            } else {
-                v as f32
-            };
-            *o = if cfg.do_normalize {
-                (x - cfg.mean[c]) / cfg.std[c]
-            } else {
-                x
-            };
+            let x = if cfg.do_rescale { (v as f64 * rf) as f32 } else { v as f32 };
+            *o = if cfg.do_normalize { (x - cfg.mean[c]) / cfg.std[c] } else { x };
         }
     }
     lut

@@ -39,11 +39,7 @@ fn guarded<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<
     match std::panic::catch_unwind(f) {
         Ok(r) => r,
         Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("libjpeg failed");
+            let msg = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied()).unwrap_or("libjpeg failed");
             Err(Error::msg(format!("JPEG decode failed: {}", msg.trim_start_matches("libjpeg fatal error: "))))
         }
     }
@@ -70,19 +66,11 @@ fn decode_unguarded(bytes: &[u8]) -> Result<RgbImage8> {
     };
     let samples: Vec<u8> = s.read_scanlines().map_err(io)?; // [h, w, 4 or 3]
     s.finish().map_err(io)?;
-    let data = if cmyk {
-        samples.chunks_exact(4).flat_map(cmyk_inverted_to_rgb).collect()
-    } else {
-        samples
-    };
+    let data = if cmyk { samples.chunks_exact(4).flat_map(cmyk_inverted_to_rgb).collect() } else { samples };
     if data.len() != w * h * 3 {
         return Err(Error::msg(format!("JPEG decode failed: {} samples for {w}x{h}", data.len())));
     }
-    Ok(RgbImage8 {
-        width: w as u32,
-        height: h as u32,
-        data,
-    })
+    Ok(RgbImage8 { width: w as u32, height: h as u32, data })
 }
 
 /// Pillow's unpack `CMYK;I` (Adobe files store inverted ink) then Convert.c `cmyk2rgb`:

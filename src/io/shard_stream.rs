@@ -73,7 +73,8 @@ pub fn stream_shards(shards: &[PathBuf], pre: &PreprocessConfig, batch: usize, s
             let n_chunks = items.len().div_ceil(batch);
             for (ci, chunk) in items.chunks(batch).enumerate() {
                 let px: Vec<Result<Vec<f32>>> = chunk.par_iter().map(|(_, src)| src.load_rgb8_hf().map(|im| preprocess(&im, pre))).collect();
-                let mut b = ShardBatch { shard: si, keys: vec![], pixels: vec![], last: ci + 1 == n_chunks, skipped: std::mem::take(&mut skipped), failed: None };
+                let mut b =
+                    ShardBatch { shard: si, keys: vec![], pixels: vec![], last: ci + 1 == n_chunks, skipped: std::mem::take(&mut skipped), failed: None };
                 for ((key, _), r) in chunk.iter().zip(px) {
                     match r {
                         Ok(p) => {

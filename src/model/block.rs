@@ -93,7 +93,15 @@ pub struct Saved<O: Ops> {
 /// with the norm) → this block's (xm, f), whose sum is the block's output [N, W], or [R, W] with
 /// `rows`; with `keep`, what the backward needs (the block's input is x + pending).
 #[allow(clippy::type_complexity)]
-pub fn forward<O: Ops>(ops: &O, blk: &BlockRef<O>, mut x: O::Buf, pending: Option<&O::Buf>, seqs: &Seqs, rows: Option<&[usize]>, keep: bool) -> Result<(O::Buf, O::Buf, Option<Saved<O>>)> {
+pub fn forward<O: Ops>(
+    ops: &O,
+    blk: &BlockRef<O>,
+    mut x: O::Buf,
+    pending: Option<&O::Buf>,
+    seqs: &Seqs,
+    rows: Option<&[usize]>,
+    keep: bool,
+) -> Result<(O::Buf, O::Buf, Option<Saved<O>>)> {
     use BlockParam::*;
     let c = blk.cfg;
     let (n, w, inter) = (seqs.rows(), c.hidden, c.intermediate);
@@ -108,8 +116,8 @@ pub fn forward<O: Ops>(ops: &O, blk: &BlockRef<O>, mut x: O::Buf, pending: Optio
     let (a, lse) = ops.attention(&q, &k, &v, seqs, c.heads, w)?; // [N, W]
     let (r, mut xm, a_rows) = match rows {
         Some(rs) => (rs.len(), ops.gather_rows(&x, rs, w)?, Some(ops.gather_rows(&a, rs, w)?)), // [R, W]
-        None if keep => (n, ops.copy(&x, n * w)?, None), // [N, W]
-        None => (n, std::mem::replace(&mut x, ops.zeros(0)?), None), // [N, W], x no longer needed
+        None if keep => (n, ops.copy(&x, n * w)?, None),                                        // [N, W]
+        None => (n, std::mem::replace(&mut x, ops.zeros(0)?), None),                            // [N, W], x no longer needed
     };
     let o = ops.linear(a_rows.as_ref().unwrap_or(&a), blk.lin(OutWeight)?, Some(blk.buf(OutBias)), r)?; // [R, W]
     let (h2, st2) = ops.add_layernorm(&mut xm, &o, blk.buf(Ln2Weight), blk.buf(Ln2Bias), r, w, c.eps)?; // xm = x + o
@@ -149,7 +157,7 @@ pub fn backward<O: Ops>(ops: &O, blk: &BlockRef<O>, s: &Saved<O>, dy: &O::Buf) -
     let (dxm2, dg2, dbeta2) = ops.layernorm_bwd(&dh2, &s.xm, blk.buf(Ln2Weight), &s.st2, r, w, c.eps)?;
     let mut dxm = ops.copy(dy, r * w)?;
     ops.axpy(&mut dxm, &dxm2, 1.0, r * w)?; // [R, W]
-    // attention: xm = x + out_proj(attn(q, k, v))
+                                            // attention: xm = x + out_proj(attn(q, k, v))
     let mut da = ops.zeros(r * w)?;
     let (dwo, dbo) = ops.linear_bwd(&dxm, s.a_rows.as_ref().unwrap_or(&s.a), blk.lin(OutWeight)?, r, &mut da, false, true)?;
     let (da, mut dx) = match &s.rows {

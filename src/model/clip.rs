@@ -36,11 +36,8 @@ impl ClipParts {
         let vision = if towers != Towers::Text { Some(VisionTower::load(weights, &schema, &config.vision, opt)?) } else { None };
         let text = if towers != Towers::Vision { Some(TextTower::load(weights, &schema, &config.text, opt)?) } else { None };
         let ls = super::schema::names::LOGIT_SCALE;
-        let logit_scale = if weights.contains(ls) {
-            weights.get_shaped(ls, &[]).or_else(|_| weights.get_shaped(ls, &[1]))?.to_vec_f32()[0]
-        } else {
-            config.logit_scale_init
-        };
+        let logit_scale =
+            if weights.contains(ls) { weights.get_shaped(ls, &[]).or_else(|_| weights.get_shaped(ls, &[1]))?.to_vec_f32()[0] } else { config.logit_scale_init };
         Ok(ClipParts { config: config.clone(), vision, text, logit_scale })
     }
 

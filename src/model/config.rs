@@ -99,7 +99,7 @@ fn tower(r: &RawTower, d: (usize, usize, usize, usize), what: &str) -> Result<To
         eps: r.layer_norm_eps.unwrap_or(1e-5),
         act,
     };
-    if t.hidden == 0 || t.heads == 0 || t.hidden % t.heads != 0 || t.intermediate == 0 {
+    if t.hidden == 0 || t.heads == 0 || !t.hidden.is_multiple_of(t.heads) || t.intermediate == 0 {
         return Err(Error::msg(format!("{what}: hidden_size {} is not a positive multiple of num_attention_heads {}", t.hidden, t.heads)));
     }
     Ok(t)
@@ -133,7 +133,10 @@ impl ClipConfig {
             return Err(Error::msg(format!("vision_config: image_size {} and patch_size {} do not make patches", vision.image_size, vision.patch_size)));
         }
         if text.frozen_positions >= text.max_positions && text.frozen_positions > 0 {
-            return Err(Error::msg(format!("text_config: clipforge_frozen_positions {} must be below max_position_embeddings {}", text.frozen_positions, text.max_positions)));
+            return Err(Error::msg(format!(
+                "text_config: clipforge_frozen_positions {} must be below max_position_embeddings {}",
+                text.frozen_positions, text.max_positions
+            )));
         }
         if text.max_positions == 0 || text.vocab == 0 {
             return Err(Error::msg("text_config: vocab_size and max_position_embeddings must be positive"));

@@ -84,7 +84,10 @@ impl Source<'_> {
         self.t.remove(name).ok_or_else(|| Error::file(self.path, format!("missing tensor \"{name}\" (not an OpenAI-style CLIP ViT checkpoint)")))
     }
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        self.t.get(name).map(|t| t.shape().to_vec()).ok_or_else(|| Error::file(self.path, format!("missing tensor \"{name}\" (not an OpenAI-style CLIP ViT checkpoint)")))
+        self.t
+            .get(name)
+            .map(|t| t.shape().to_vec())
+            .ok_or_else(|| Error::file(self.path, format!("missing tensor \"{name}\" (not an OpenAI-style CLIP ViT checkpoint)")))
     }
     fn dim(&self, name: &str, rank: usize, i: usize) -> Result<usize> {
         let s = self.shape(name)?;
@@ -157,7 +160,7 @@ fn derive_config(s: &Source) -> Result<ClipConfig> {
         if layers == 0 {
             return Err(err(format!("no {what} blocks (missing tensor \"{prefix}0.ln_1.weight\")")));
         }
-        if w % 64 != 0 {
+        if !w.is_multiple_of(64) {
             return Err(err(format!("{what} width {w} is not a multiple of 64 (OpenAI CLIP's head size)")));
         }
         let inter = s.dim(&format!("{prefix}0.mlp.c_fc.weight"), 2, 0)?;
@@ -235,7 +238,8 @@ fn head_tensor(s: &mut Source, hf: &str) -> Result<Tensor> {
                 Some(res) if res.shape() == p.shape() => {
                     // Long-CLIP: rows < 20 of the frozen table, the rest of the trained one
                     let l = p.dim(0);
-                    Ok(Tensor::cat(&[&p.narrow(0, 0, LONGCLIP_KEEP)?, &res.narrow(0, LONGCLIP_KEEP, l - LONGCLIP_KEEP)?], 0)?) // [L, W]
+                    Ok(Tensor::cat(&[&p.narrow(0, 0, LONGCLIP_KEEP)?, &res.narrow(0, LONGCLIP_KEEP, l - LONGCLIP_KEEP)?], 0)?)
+                    // [L, W]
                 }
                 Some(res) => Err(Error::file(s.path, format!("positional_embedding_res has shape {:?}, positional_embedding {:?}", res.shape(), p.shape()))),
             }
@@ -281,7 +285,15 @@ fn map_mask_net(s: &mut Source, c: &ClipConfig) -> Result<Vec<(String, Tensor)>>
     out.into_iter()
         .map(|(n, t, shape)| {
             if t.shape() != shape.as_slice() {
-                return Err(Error::file(s.path, format!("SmartCLIP mask network tensor {n} has shape {:?}, expected {shape:?} for text width {} and {}-d embeddings", t.shape(), c.text.tower.hidden, c.projection_dim)));
+                return Err(Error::file(
+                    s.path,
+                    format!(
+                        "SmartCLIP mask network tensor {n} has shape {:?}, expected {shape:?} for text width {} and {}-d embeddings",
+                        t.shape(),
+                        c.text.tower.hidden,
+                        c.projection_dim
+                    ),
+                ));
             }
             Ok((n, t))
         })

@@ -64,7 +64,12 @@ impl CudaClip {
         let v = self.vision.as_ref().ok_or_else(|| Error::msg("image tower not loaded"))?;
         let c = &self.config.vision;
         if batch == 0 || pixels.len() != batch * c.channels * c.image_size * c.image_size {
-            return Err(crate::shape_err!("image tower expects pixels [B, {}, {s}, {s}] with B >= 1, got {} values for B = {batch}", c.channels, pixels.len(), s = c.image_size));
+            return Err(crate::shape_err!(
+                "image tower expects pixels [B, {}, {s}, {s}] with B >= 1, got {} values for B = {batch}",
+                c.channels,
+                pixels.len(),
+                s = c.image_size
+            ));
         }
         let (s, e) = v.vision_hidden(&self.dev, c, self.dev.upload(pixels)?, batch, layer, final_ln)?; // [B·T, W], [B, D]
         Ok((self.dev.download(&s)?, self.dev.download(&e)?))

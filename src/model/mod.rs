@@ -16,8 +16,8 @@ pub mod vision;
 pub mod weights;
 
 pub use clip::{Clip, ClipParts, Towers};
-pub use device::CudaClip;
 pub use config::ClipConfig;
+pub use device::CudaClip;
 pub use layers::LoadOptions;
 pub use schema::{BlockParam, Schema};
 pub use weights::Weights;

@@ -57,7 +57,8 @@ impl BlockParam {
         [Ln1Weight, Ln1Bias, QWeight, QBias, KWeight, KBias, VWeight, VBias, OutWeight, OutBias, Ln2Weight, Ln2Bias, Fc1Weight, Fc1Bias, Fc2Weight, Fc2Bias]
     };
     /// The Linear weights (the tensors a bf16/f16 copy is made of), in block order.
-    pub const LINEAR_WEIGHTS: [BlockParam; 6] = [BlockParam::QWeight, BlockParam::KWeight, BlockParam::VWeight, BlockParam::OutWeight, BlockParam::Fc1Weight, BlockParam::Fc2Weight];
+    pub const LINEAR_WEIGHTS: [BlockParam; 6] =
+        [BlockParam::QWeight, BlockParam::KWeight, BlockParam::VWeight, BlockParam::OutWeight, BlockParam::Fc1Weight, BlockParam::Fc2Weight];
 
     /// Position in the block's 16 tensors.
     pub fn index(self) -> usize {
@@ -264,7 +265,14 @@ impl Schema {
 fn push_blocks(p: &mut Vec<Param>, tower: Tower, t: &TowerConfig) {
     for l in 0..t.layers {
         for b in BlockParam::ALL {
-            p.push(Param { name: block_name(tower, l, b), shape: b.shape(t.hidden, t.intermediate), tower, block: Some((l, b)), frozen_rows: 0, init: b.init(t.hidden, t.layers) });
+            p.push(Param {
+                name: block_name(tower, l, b),
+                shape: b.shape(t.hidden, t.intermediate),
+                tower,
+                block: Some((l, b)),
+                frozen_rows: 0,
+                init: b.init(t.hidden, t.layers),
+            });
         }
     }
 }

@@ -68,7 +68,10 @@ pub enum Target {
 /// The ratio that reaches `len` positions from `base` keeping `keep`: ⌈(len − keep)/(base − keep)⌉.
 pub fn ratio_for_length(base: usize, keep: usize, len: usize) -> Result<usize> {
     if len <= base || keep + 1 >= base {
-        return Err(Error::msg(format!("--length {len}: a stretch needs a length above the model's {base} positions and --keep below {}", base.saturating_sub(1))));
+        return Err(Error::msg(format!(
+            "--length {len}: a stretch needs a length above the model's {base} positions and --keep below {}",
+            base.saturating_sub(1)
+        )));
     }
     Ok((len - keep).div_ceil(base - keep))
 }
@@ -79,7 +82,10 @@ pub fn stretch_model_to(src: &Path, out: &Path, keep: usize, target: Target, for
     let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
     let cfg = crate::model::config::ClipConfig::from_json(&cfg_text).map_err(|e| Error::file(&cfg_path, e))?;
     if cfg.text.frozen_positions > 0 {
-        return Err(Error::file(&cfg_path, format!("already stretched (clipforge_frozen_positions = {}); stretch the original model", cfg.text.frozen_positions)));
+        return Err(Error::file(
+            &cfg_path,
+            format!("already stretched (clipforge_frozen_positions = {}); stretch the original model", cfg.text.frozen_positions),
+        ));
     }
     let base = cfg.text.max_positions;
     let ratio = match target {

@@ -99,7 +99,11 @@ impl<O: Ops> TowerParams<O> {
     }
 
     fn get(&self, name: &str) -> Result<&Stored<O>> {
-        self.schema.index(name).and_then(|i| i.checked_sub(self.first)).and_then(|i| self.p.get(i)).ok_or_else(|| Error::msg(format!("no parameter {name} in this tower")))
+        self.schema
+            .index(name)
+            .and_then(|i| i.checked_sub(self.first))
+            .and_then(|i| self.p.get(i))
+            .ok_or_else(|| Error::msg(format!("no parameter {name} in this tower")))
     }
     /// Replaces a plain (non-Linear) parameter's values, e.g. to perturb a weight in a test.
     pub fn set(&mut self, name: &str, b: O::Buf) -> Result<()> {
@@ -130,7 +134,11 @@ impl<O: Ops> TowerParams<O> {
     }
     /// The tower-local index of a parameter (its place in a [`super::tower_backward::Grads`] list).
     pub fn local(&self, name: &str) -> Result<usize> {
-        self.schema.index(name).and_then(|i| i.checked_sub(self.first)).filter(|&i| i < self.p.len()).ok_or_else(|| Error::msg(format!("no parameter {name} in this tower")))
+        self.schema
+            .index(name)
+            .and_then(|i| i.checked_sub(self.first))
+            .filter(|&i| i < self.p.len())
+            .ok_or_else(|| Error::msg(format!("no parameter {name} in this tower")))
     }
     /// The schema's index of the tower's first parameter (tower-local index 0).
     pub fn first(&self) -> usize {
@@ -156,7 +164,17 @@ impl<O: Ops> TowerParams<O> {
     /// `recompute`, which keeps each block's materialised input. `hook` sees `{name}.layer.{i}`
     /// (materialised only then).
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    pub fn encoder(&self, ops: &O, cfg: &TowerConfig, x: O::Buf, seqs: &Seqs, pool: Option<&[usize]>, mode: Mode, name: &str, hook: &mut Hook<O>) -> Result<(O::Buf, Option<O::Buf>, Vec<Kept<O>>)> {
+    pub fn encoder(
+        &self,
+        ops: &O,
+        cfg: &TowerConfig,
+        x: O::Buf,
+        seqs: &Seqs,
+        pool: Option<&[usize]>,
+        mode: Mode,
+        name: &str,
+        hook: &mut Hook<O>,
+    ) -> Result<(O::Buf, Option<O::Buf>, Vec<Kept<O>>)> {
         let (n, w) = (seqs.rows(), cfg.hidden);
         let (mut x, mut pending, mut kept) = (x, None::<O::Buf>, Vec::new());
         for l in 0..cfg.layers {
@@ -193,7 +211,16 @@ impl<O: Ops> TowerParams<O> {
     /// LayerNorm `ln` of x + pending ([rows, W]), then the projection `proj` → (normed [rows, W],
     /// e [rows, D], the LayerNorm's (input, statistics) for the backward).
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    pub(super) fn head(&self, ops: &O, x: O::Buf, pending: Option<O::Buf>, ln: &str, proj: &str, rows: usize, cfg: &TowerConfig) -> Result<(O::Buf, O::Buf, (O::Buf, O::Buf))> {
+    pub(super) fn head(
+        &self,
+        ops: &O,
+        x: O::Buf,
+        pending: Option<O::Buf>,
+        ln: &str,
+        proj: &str,
+        rows: usize,
+        cfg: &TowerConfig,
+    ) -> Result<(O::Buf, O::Buf, (O::Buf, O::Buf))> {
         let (g, b) = (self.param(&format!("{ln}.weight"))?, self.param(&format!("{ln}.bias"))?);
         let mut x = x;
         let (normed, stats) = match &pending {
@@ -218,7 +245,8 @@ impl<O: Ops> TowerParams<O> {
         let (normed, e, head) = self.head(ops, x_last, f, names::POST_LN, names::VISUAL_PROJECTION, b, &cfg.tower)?;
         see::<O>(hook, "vision.pooled", &normed, &[b, w]);
         see::<O>(hook, "vision.embeds", &e, &[b, self.linear(names::VISUAL_PROJECTION)?.n]);
-        let saved = (mode != Mode::Infer).then(|| TowerSaved { seqs, pool: Some(cls), blocks, head, normed, input: Input::Pixels { pixels, b, x, stats: st0 } });
+        let saved =
+            (mode != Mode::Infer).then(|| TowerSaved { seqs, pool: Some(cls), blocks, head, normed, input: Input::Pixels { pixels, b, x, stats: st0 } });
         Ok((e, saved))
     }
 
@@ -229,7 +257,8 @@ impl<O: Ops> TowerParams<O> {
         let patches = ops.patch_embed(pixels, self.linear(names::PATCH_EMBEDDING)?, b, c, s, p)?; // [B·N, W]
         let x = ops.vision_embed(&patches, self.param(names::CLASS_EMBEDDING)?, self.param(names::VISION_POSITIONS)?, b, t - 1, w)?; // [B·T, W]
         drop(patches);
-        let (h, st0) = ops.layernorm(&x, self.param(&format!("{}.weight", names::PRE_LN))?, self.param(&format!("{}.bias", names::PRE_LN))?, b * t, w, cfg.tower.eps)?; // [B·T, W]
+        let (h, st0) =
+            ops.layernorm(&x, self.param(&format!("{}.weight", names::PRE_LN))?, self.param(&format!("{}.bias", names::PRE_LN))?, b * t, w, cfg.tower.eps)?; // [B·T, W]
         Ok((x, h, st0))
     }
 
@@ -238,7 +267,15 @@ impl<O: Ops> TowerParams<O> {
     /// `pad_to` is None; else padded with the end token to the longest sequence or `pad_to`.
     /// `hook` sees text.embeddings, text.layer.{i} (the last: end-token rows only), text.pooled
     /// (the final LayerNorm's rows), text.embeds.
-    pub fn text(&self, ops: &O, cfg: &TextConfig, ids: &[Vec<u32>], pad_to: Option<usize>, mode: Mode, hook: &mut Hook<O>) -> Result<(O::Buf, Option<TowerSaved<O>>)> {
+    pub fn text(
+        &self,
+        ops: &O,
+        cfg: &TextConfig,
+        ids: &[Vec<u32>],
+        pad_to: Option<usize>,
+        mode: Mode,
+        hook: &mut Hook<O>,
+    ) -> Result<(O::Buf, Option<TowerSaved<O>>)> {
         let w = cfg.tower.hidden;
         let (tok, pos, seqs, ends) = text_rows(cfg, ids, pad_to, pad_to.is_none() && ops.packed_attention())?;
         let x = self.text_embed(ops, &tok, &pos, w)?; // [N, W]
@@ -248,7 +285,8 @@ impl<O: Ops> TowerParams<O> {
         let (normed, e, head) = self.head(ops, x, f, names::FINAL_LN, names::TEXT_PROJECTION, b, &cfg.tower)?;
         see::<O>(hook, "text.pooled", &normed, &[b, w]);
         see::<O>(hook, "text.embeds", &e, &[b, self.linear(names::TEXT_PROJECTION)?.n]);
-        let saved = (mode != Mode::Infer).then(|| TowerSaved { seqs, pool: Some(ends), blocks, head, normed, input: Input::Tokens { tok, pos, states_pool: None } });
+        let saved =
+            (mode != Mode::Infer).then(|| TowerSaved { seqs, pool: Some(ends), blocks, head, normed, input: Input::Tokens { tok, pos, states_pool: None } });
         Ok((e, saved))
     }
 
@@ -362,7 +400,7 @@ pub fn text_layout(ids: &[Vec<u32>], lens: &[usize], t: usize, eos: usize, packe
         (tok, pos, Seqs::Packed(lens.to_vec()), ends)
     } else {
         let b = ids.len();
-        let tok = ids.iter().flat_map(|s| s.iter().map(|&i| i as usize).chain(std::iter::repeat(eos).take(t - s.len()))).collect();
+        let tok = ids.iter().flat_map(|s| s.iter().map(|&i| i as usize).chain(std::iter::repeat_n(eos, t - s.len()))).collect();
         let pos = (0..b).flat_map(|_| 0..t).collect();
         let ends = lens.iter().enumerate().map(|(i, &l)| i * t + l - 1).collect();
         (tok, pos, Seqs::Batch { batch: b, seq: t, causal: true }, ends)

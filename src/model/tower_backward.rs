@@ -95,7 +95,15 @@ impl<O: Ops> TowerParams<O> {
 
     /// The backward of [`text_states_train`](Self::text_states_train) from d(states) [B·T, W]
     /// (if any) and d(embeddings) [B, D].
-    pub fn text_states_backward(&self, ops: &O, cfg: &TextConfig, s: &mut TowerSaved<O>, dstates: Option<&O::Buf>, de: &O::Buf, g: &mut Grads<O>) -> Result<()> {
+    pub fn text_states_backward(
+        &self,
+        ops: &O,
+        cfg: &TextConfig,
+        s: &mut TowerSaved<O>,
+        dstates: Option<&O::Buf>,
+        de: &O::Buf,
+        g: &mut Grads<O>,
+    ) -> Result<()> {
         let (n, w) = (s.seqs.rows(), cfg.tower.hidden);
         let Input::Tokens { states_pool: Some((ends, pooled)), .. } = &s.input else { return Err(shape_err!("not a text-states forward")) };
         let pw = self.linear(names::TEXT_PROJECTION)?;

@@ -11,9 +11,17 @@ use std::sync::Arc;
 
 enum Entry {
     /// A tensor inside mapped file `file`: dtype, shape, absolute byte start.
-    Mapped { file: usize, dtype: DType, shape: Vec<usize>, start: usize },
+    Mapped {
+        file: usize,
+        dtype: DType,
+        shape: Vec<usize>,
+        start: usize,
+    },
     /// A tensor whose dtype clipforge cannot read (kept so the error can say so).
-    Unsupported { file: usize, dtype: String },
+    Unsupported {
+        file: usize,
+        dtype: String,
+    },
     Owned(Tensor),
 }
 
@@ -113,10 +121,9 @@ impl Weights {
         match self.entries.get(name) {
             None => Err(Error::file(&self.origin, format!("missing tensor \"{name}\""))),
             Some(Entry::Owned(t)) => Ok(t.clone()),
-            Some(Entry::Unsupported { file, dtype }) => Err(Error::file(
-                &self.files[*file].0,
-                format!("tensor \"{name}\" has dtype {dtype}; clipforge reads F32, F16 and BF16"),
-            )),
+            Some(Entry::Unsupported { file, dtype }) => {
+                Err(Error::file(&self.files[*file].0, format!("tensor \"{name}\" has dtype {dtype}; clipforge reads F32, F16 and BF16")))
+            }
             Some(Entry::Mapped { file, dtype, shape, start }) => {
                 let len = shape.iter().product();
                 let storage = Storage::Mapped { map: self.files[*file].1.clone(), start: *start, len, dtype: *dtype };
@@ -129,10 +136,7 @@ impl Weights {
     pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.get(name)?;
         if t.shape() != shape {
-            return Err(Error::file(
-                self.file_of(name),
-                format!("tensor \"{name}\" has shape {:?} but config.json implies {:?}", t.shape(), shape),
-            ));
+            return Err(Error::file(self.file_of(name), format!("tensor \"{name}\" has shape {:?} but config.json implies {:?}", t.shape(), shape)));
         }
         Ok(t)
     }

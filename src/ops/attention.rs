@@ -32,7 +32,11 @@ impl AttnShape {
     }
     /// Keys visible to query `i`.
     fn keys(&self, i: usize) -> usize {
-        if self.causal { i + 1 } else { self.seq }
+        if self.causal {
+            i + 1
+        } else {
+            self.seq
+        }
     }
 }
 
@@ -120,7 +124,8 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
                     row.iter_mut().for_each(|x| *x *= inv);
                     lb[h * t + i] = m + z.ln();
                 }
-                gemm_seq(View::row_major(sc, r1 - r0, nk), View::row_major(&vt[..nk * d], nk, d), &mut o[r0 * d..r1 * d]); // O = P·V
+                gemm_seq(View::row_major(sc, r1 - r0, nk), View::row_major(&vt[..nk * d], nk, d), &mut o[r0 * d..r1 * d]);
+                // O = P·V
             }
             for i in 0..t {
                 ob[i * w + h * d..][..d].copy_from_slice(&o[i * d..(i + 1) * d]);
@@ -206,7 +211,8 @@ pub fn attention_backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32
                 }
                 gemm_seq_into(View::row_major(p, bm, nk).t(), db, &mut gv[..nk * d], true); // dV += Pᵀ·dO
                 gemm_seq(View::row_major(dp, bm, nk), View::row_major(&kt[..nk * d], nk, d), &mut gq[r0 * d..r1 * d]); // dQ = dS·K
-                gemm_seq_into(View::row_major(dp, bm, nk).t(), qb, &mut gk[..nk * d], true); // dK += dSᵀ·Q
+                gemm_seq_into(View::row_major(dp, bm, nk).t(), qb, &mut gk[..nk * d], true);
+                // dK += dSᵀ·Q
             }
             scatter(dvb, &gv, h, s);
             scatter(dqb, &gq, h, s);
@@ -240,7 +246,17 @@ pub fn attention_packed_reference(q: &[f32], k: &[f32], v: &[f32], lens: &[usize
 
 /// The backward of [`attention_packed`]: [`attention_backward`] per sequence → (dq, dk, dv).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_packed_backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn attention_packed_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    lens: &[usize],
+    heads: usize,
+    causal: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let parts = per_sequence(lens, heads, causal, q.len(), |x, l, s| {
         attention_backward(&q[x.clone()], &k[x.clone()], &v[x.clone()], &o[x.clone()], &lse[l], &dout[x], s)
     });
@@ -255,7 +271,13 @@ pub fn attention_packed_backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse
 
 /// Runs `f(rows, lse range, shape)` for every packed sequence, in parallel, results in order.
 /// `numel` = N·W fixes the width W = numel / Σ lens.
-fn per_sequence<R: Send>(lens: &[usize], heads: usize, causal: bool, numel: usize, f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &AttnShape) -> R + Sync) -> Vec<R> {
+fn per_sequence<R: Send>(
+    lens: &[usize],
+    heads: usize,
+    causal: bool,
+    numel: usize,
+    f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &AttnShape) -> R + Sync,
+) -> Vec<R> {
     let n: usize = lens.iter().sum();
     let w = numel / n.max(1);
     let d = w / heads.max(1);

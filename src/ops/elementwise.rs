@@ -157,7 +157,13 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     for i in 0..r {
         let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
         let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
-        out[i] = if da == db || db == 1 { da } else if da == 1 { db } else { return None };
+        out[i] = if da == db || db == 1 {
+            da
+        } else if da == 1 {
+            db
+        } else {
+            return None;
+        };
     }
     Some(out)
 }
@@ -165,9 +171,7 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
 /// Strides of `shape` (with `strides`) seen through broadcasting to `out` (0 on broadcast dims).
 pub fn broadcast_strides(shape: &[usize], strides: &[usize], out: &[usize]) -> Vec<usize> {
     let pad = out.len() - shape.len();
-    (0..out.len())
-        .map(|i| if i < pad || shape[i - pad] == 1 { 0 } else { strides[i - pad] })
-        .collect()
+    (0..out.len()).map(|i| if i < pad || shape[i - pad] == 1 { 0 } else { strides[i - pad] }).collect()
 }
 
 /// A strided operand: data, offset, strides already broadcast to the output shape.

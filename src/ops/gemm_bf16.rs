@@ -77,17 +77,15 @@ impl PackedBf16 {
         let kp = k.div_ceil(2);
         let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
         if kp > 0 {
-            data.par_chunks_mut(kp * NR)
-                .enumerate()
-                .for_each(|(panel, dst)| {
-                    for jj in 0..NR.min(n - panel * NR) {
-                        let j = panel * NR + jj;
-                        for p in 0..kp {
-                            let hi = (2 * p + 1 < k).then(|| get(j, 2 * p + 1));
-                            dst[p * NR + jj] = pair(get(j, 2 * p), hi.unwrap_or(bf16::ZERO));
-                        }
+            data.par_chunks_mut(kp * NR).enumerate().for_each(|(panel, dst)| {
+                for jj in 0..NR.min(n - panel * NR) {
+                    let j = panel * NR + jj;
+                    for p in 0..kp {
+                        let hi = (2 * p + 1 < k).then(|| get(j, 2 * p + 1));
+                        dst[p * NR + jj] = pair(get(j, 2 * p), hi.unwrap_or(bf16::ZERO));
                     }
-                });
+                }
+            });
         }
         PackedBf16 { n, k, kp, data }
     }
@@ -156,14 +154,7 @@ pub enum Kernel {
 
 /// [`matmul_bf16`] with an explicit kernel choice.
 #[doc(hidden)]
-pub fn matmul_bf16_forced(
-    a: &[f32],
-    m: usize,
-    w: &PackedBf16,
-    bias: Option<&[f32]>,
-    c: &mut [f32],
-    kernel: Kernel,
-) {
+pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel) {
     let (n, k, kp) = (w.n, w.k, w.kp);
     assert_eq!(a.len(), m * k, "a must be m*k");
     assert_eq!(c.len(), m * n, "c must be m*n");
@@ -195,10 +186,7 @@ pub fn matmul_bf16_forced(
     (0..mblk * nsplit).into_par_iter().for_each(|item| {
         let (ib, js) = (item / nsplit, item % nsplit);
         let (p0, p1) = (ib * mpan / mblk, (ib + 1) * mpan / mblk);
-        let (j0, j1) = (
-            js * npan / nsplit * NR,
-            ((js + 1) * npan / nsplit * NR).min(n),
-        );
+        let (j0, j1) = (js * npan / nsplit * NR, ((js + 1) * npan / nsplit * NR).min(n));
         let nkb = kp.div_ceil(KC);
         ABUF.with_borrow_mut(|abuf| {
             // Pack this row block of A (all k) once; it is reused for every column.
@@ -232,15 +220,8 @@ pub fn matmul_bf16_forced(
                         for pi in 0..p1 - p0 {
                             let a = &abuf[(pi * nkb + kb) * MR * KC..][..MR * KC];
                             let ir = (p0 + pi) * MR;
-                            let t = Tile {
-                                c: cptr.get(),
-                                off: ir * n + jr,
-                                ldc: n,
-                                rows: MR.min(m - ir),
-                                cols: NR.min(n - jr),
-                                bias: bias_j,
-                                accumulate: pc > 0,
-                            };
+                            let t =
+                                Tile { c: cptr.get(), off: ir * n + jr, ldc: n, rows: MR.min(m - ir), cols: NR.min(n - jr), bias: bias_j, accumulate: pc > 0 };
                             // SAFETY: `t` is rows ir..ir+rows, cols jr..jr+cols of C:
                             // inside the m×n buffer and inside this item's block (rows of
                             // panels p0..p1, cols j0..j1), which no other item touches.
@@ -267,11 +248,7 @@ fn prefetch_l2(x: &[f32]) {
     for line in x.chunks(16) {
         // SAFETY: prefetching has no architectural effect besides caching and never
         // faults; the address is inside `x` anyway.
-        unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
-                line.as_ptr().cast(),
-            )
-        };
+        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
     }
 }
 
@@ -304,9 +281,7 @@ impl Tile<'_> {
     unsafe fn store(&self, acc: &[[f32; NR]; MR]) {
         for (r, accr) in acc.iter().enumerate().take(self.rows) {
             // SAFETY: caller guarantees this row segment is in bounds and exclusive.
-            let row = unsafe {
-                std::slice::from_raw_parts_mut(self.c.add(self.off + r * self.ldc), self.cols)
-            };
+            let row = unsafe { std::slice::from_raw_parts_mut(self.c.add(self.off + r * self.ldc), self.cols) };
             for (j, x) in row.iter_mut().enumerate() {
                 let base = match (self.bias, self.accumulate) {
                     (_, true) => *x,
@@ -336,9 +311,7 @@ fn pack_a(rows: &[f32], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: b
             continue;
         }
         for (q, v) in d.iter_mut().enumerate() {
-            let hi = src
-                .get(2 * q + 1)
-                .map_or(bf16::ZERO, |&x| bf16::from_f32(x));
+            let hi = src.get(2 * q + 1).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
             *v = pair(bf16::from_f32(src[2 * q]), hi);
         }
     }
@@ -394,11 +367,7 @@ fn portable_body<const FMA: bool>(a: &[u32], b: &[u32], kc: usize, acc: &mut [[f
                     let av = a[(2 * r2 + h) * KC + p0 + q];
                     let (lo, hi) = (f32::from_bits(av << 16), f32::from_bits(av & 0xffff_0000));
                     for j in 0..NR {
-                        xh[j] = if FMA {
-                            hi.mul_add(bq[1][j], lo.mul_add(bq[0][j], xh[j]))
-                        } else {
-                            xh[j] + hi * bq[1][j] + lo * bq[0][j]
-                        };
+                        xh[j] = if FMA { hi.mul_add(bq[1][j], lo.mul_add(bq[0][j], xh[j])) } else { xh[j] + hi * bq[1][j] + lo * bq[0][j] };
                     }
                 }
             }
@@ -409,7 +378,7 @@ fn portable_body<const FMA: bool>(a: &[u32], b: &[u32], kc: usize, acc: &mut [[f
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{KC, MR, NR, Tile};
+    use super::{Tile, KC, MR, NR};
     use core::arch::x86_64::*;
 
     /// Converts `src` f32 to bf16 pairs (RNE) in `dst`; an odd tail is padded with 0.
@@ -478,10 +447,7 @@ mod avx512 {
             // SAFETY: `bias` has at least `cols` elements; masked-off lanes are not read.
             Some(bias) => unsafe {
                 let p = bias.as_ptr();
-                (
-                    _mm512_maskz_loadu_ps(m0, p),
-                    _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)),
-                )
+                (_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)))
             },
             None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
         };
@@ -507,15 +473,7 @@ mod avx512 {
 }
 
 /// Plain reference: inputs rounded to bf16 (RNE), f64 accumulation, naive loops.
-pub fn matmul_bf16_reference(
-    a: &[f32],
-    m: usize,
-    w_f32: &[f32],
-    n: usize,
-    k: usize,
-    bias: Option<&[f32]>,
-    c: &mut [f32],
-) {
+pub fn matmul_bf16_reference(a: &[f32], m: usize, w_f32: &[f32], n: usize, k: usize, bias: Option<&[f32]>, c: &mut [f32]) {
     assert_eq!(a.len(), m * k);
     assert_eq!(w_f32.len(), n * k);
     assert_eq!(c.len(), m * n);

@@ -186,7 +186,13 @@ unsafe fn pack_a_gather(a: &View, i0: usize, rows: usize, pc: usize, kc: usize, 
 unsafe fn gather_steps(base: *const f32, stride: usize, live: usize, steps: usize, step: usize, dst: &mut [f32], dst_stride: usize, store: usize) {
     use std::arch::x86_64::*;
     let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride as i32));
-    let lanes = |n: usize| -> __mmask16 { if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 } };
+    let lanes = |n: usize| -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    };
     let (mask, smask) = (lanes(live), lanes(store));
     assert!(steps == 0 || dst.len() >= (steps - 1) * dst_stride + store, "gather_steps: dst too small");
     for p in 0..steps {
@@ -217,7 +223,8 @@ fn pack_b(b: &View, pc: usize, kc: usize, j0: usize, dst: &mut [f32]) {
             unsafe { pack_b_gather(b, pc, kc, j0, cols, dst) };
             return;
         }
-        strided_copy(b.data, j0 * b.cs + pc * b.rs, (cols, b.cs, 1), (kc, b.rs, NR), dst); // (p, j) → dst[p·NR + j]
+        strided_copy(b.data, j0 * b.cs + pc * b.rs, (cols, b.cs, 1), (kc, b.rs, NR), dst);
+        // (p, j) → dst[p·NR + j]
     }
 }
 
@@ -262,7 +269,11 @@ unsafe fn kernel(a: *const f32, b: *const f32, kc: usize, c: *mut f32, ldc: usiz
     }
     let lanes = |c0: usize| -> __mmask16 {
         let k = cols.saturating_sub(c0).min(16);
-        if k == 16 { 0xFFFF } else { ((1u32 << k) - 1) as __mmask16 }
+        if k == 16 {
+            0xFFFF
+        } else {
+            ((1u32 << k) - 1) as __mmask16
+        }
     };
     let (m0, m1) = (lanes(0), lanes(16));
     for (r, accr) in acc.iter().enumerate().take(rows) {

@@ -86,7 +86,7 @@ pub fn layer_norm_bwd(x: &[f32], n: usize, gamma: &[f32], dy: &[f32], eps: f32) 
             out[j] = rstd * (d[j] * gamma[j] - mg - (r[j] - mean) * rstd * mgx);
         }
     });
-    let rows = if n == 0 { 0 } else { x.len() / n };
+    let rows = x.len().checked_div(n).unwrap_or(0);
     let block = 64;
     let (dg, db) = (0..rows.div_ceil(block))
         .into_par_iter()

@@ -1,8 +1,8 @@
 //! Patch embedding: a convolution whose stride equals its kernel (no bias), as CLIP's conv1.
 //! Reference: direct convolution loops. Fast: im2col into [B·N, C·P·P] then one GEMM with the
 //! weight viewed as [D, C·P·P]. Output [B, N, D] with N = (H/P)·(W/P), patches in raster order.
-use super::matmul::{gemm, View};
 use super::fastmath::par_rows;
+use super::matmul::{gemm, View};
 
 #[derive(Clone, Copy, Debug)]
 pub struct PatchShape {

@@ -73,13 +73,17 @@ pub fn pca_reconstruct_bwd(c: &PcaCache, g: &[f32]) -> Result<Vec<f32>> {
     let (top, rest) = (c.evecs.subcols(0, k), c.evecs.subcols(k, d - k));
     let xu = &c.xc * top; // [B, k]
     let gu = &gm * top; // [B, k]
-    // T = U_restᵀ (A + Aᵀ) U_top with A = X_cᵀG: A·U_top = X_cᵀ(G·U_top), Aᵀ·U_top = Gᵀ(X_c·U_top)
+                        // T = U_restᵀ (A + Aᵀ) U_top with A = X_cᵀG: A·U_top = X_cᵀ(G·U_top), Aᵀ·U_top = Gᵀ(X_c·U_top)
     let su = c.xc.transpose() * &gu + gm.transpose() * &xu; // [D, k]
     let t = rest.transpose() * &su; // [D−k, k]
     let lmax = c.evals[0];
     let w = Mat::<f64>::from_fn(d - k, k, |j, i| {
         let (li, lj) = (c.evals[i], c.evals[k + j]);
-        if degenerate(li, lj, lmax) { 0.0 } else { t[(j, i)] / (li - lj) }
+        if degenerate(li, lj, lmax) {
+            0.0
+        } else {
+            t[(j, i)] / (li - lj)
+        }
     });
     // dX_c = G·P + X_c·M + X_c·Mᵀ with M = U_rest·W·U_topᵀ
     let xr = &c.xc * rest; // [B, D−k]

@@ -33,9 +33,7 @@ impl Stretch {
     /// Checked constructor: L ≥ 2, keep ≤ L − 1, ratio ≥ 1.
     pub fn new(len: usize, keep: usize, ratio: usize) -> Result<Self> {
         if len < 2 || keep >= len || ratio == 0 || ratio.checked_mul(len).is_none_or(|v| v > i32::MAX as usize) {
-            return Err(Error::msg(format!(
-                "invalid positional stretch: L = {len}, keep = {keep}, ratio = {ratio} (need L >= 2, keep <= L-1, ratio >= 1)"
-            )));
+            return Err(Error::msg(format!("invalid positional stretch: L = {len}, keep = {keep}, ratio = {ratio} (need L >= 2, keep <= L-1, ratio >= 1)")));
         }
         Ok(Stretch { len, keep, ratio })
     }

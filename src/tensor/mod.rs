@@ -145,7 +145,7 @@ impl Tensor {
         let known: usize = shape.iter().filter(|&&d| d != usize::MAX).product();
         let mut shape = shape.to_vec();
         if let Some(p) = shape.iter().position(|&d| d == usize::MAX) {
-            if known == 0 || n % known != 0 {
+            if known == 0 || !n.is_multiple_of(known) {
                 return Err(shape_err!("cannot reshape {:?} into {:?}", self.shape, shape));
             }
             shape[p] = n / known;

@@ -15,7 +15,7 @@ impl Tensor {
     /// The last dim, and the number of rows before it.
     fn rows_cols(&self) -> (usize, usize) {
         let n = *self.shape().last().unwrap_or(&1);
-        (if n == 0 { 0 } else { self.numel() / n }, n)
+        (self.numel().checked_div(n).unwrap_or(0), n)
     }
 
     // ---- elementwise -------------------------------------------------------------------------
@@ -35,8 +35,7 @@ impl Tensor {
 
     /// Elementwise `op` with numpy broadcasting; operands may be any strided views.
     pub fn binary(&self, op: Binary, other: &Tensor) -> Result<Tensor> {
-        let shape = broadcast_shape(self.shape(), other.shape())
-            .ok_or_else(|| shape_err!("cannot broadcast {:?} with {:?}", self.shape(), other.shape()))?;
+        let shape = broadcast_shape(self.shape(), other.shape()).ok_or_else(|| shape_err!("cannot broadcast {:?} with {:?}", self.shape(), other.shape()))?;
         let (a, b) = (self.storage_f32(), other.storage_f32());
         let oa = Operand { data: &a.0, offset: a.1, strides: broadcast_strides(self.shape(), self.strides(), &shape) };
         let ob = Operand { data: &b.0, offset: b.1, strides: broadcast_strides(other.shape(), other.strides(), &shape) };
@@ -174,7 +173,7 @@ impl Tensor {
 
     /// Fused attention over q, k, v of shape [B, T, H·hd]; returns (o [B, T, H·hd], lse [B, H, T]).
     pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<(Tensor, Tensor)> {
-        if q.rank() != 3 || q.shape() != k.shape() || q.shape() != v.shape() || heads == 0 || q.dim(2) % heads != 0 {
+        if q.rank() != 3 || q.shape() != k.shape() || q.shape() != v.shape() || heads == 0 || !q.dim(2).is_multiple_of(heads) {
             return Err(shape_err!("attention: q {:?}, k {:?}, v {:?}, {heads} heads", q.shape(), k.shape(), v.shape()));
         }
         let (b, t, w) = (q.dim(0), q.dim(1), q.dim(2));
@@ -198,14 +197,8 @@ impl Tensor {
         if pixels.rank() != 4 || weight.rank() != 4 || weight.dim(1) != pixels.dim(1) || weight.dim(2) != weight.dim(3) {
             return Err(shape_err!("patch_embed: pixels {:?}, weight {:?}", pixels.shape(), weight.shape()));
         }
-        let s = PatchShape {
-            batch: pixels.dim(0),
-            channels: pixels.dim(1),
-            height: pixels.dim(2),
-            width: pixels.dim(3),
-            patch: weight.dim(2),
-            dim: weight.dim(0),
-        };
+        let s =
+            PatchShape { batch: pixels.dim(0), channels: pixels.dim(1), height: pixels.dim(2), width: pixels.dim(3), patch: weight.dim(2), dim: weight.dim(0) };
         if s.patch == 0 || s.height < s.patch || s.width < s.patch {
             return Err(shape_err!("patch_embed: image {}×{} smaller than patch {}", s.height, s.width, s.patch));
         }

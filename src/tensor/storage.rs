@@ -10,7 +10,12 @@ pub enum Storage {
     F16(Vec<f16>),
     BF16(Vec<bf16>),
     /// `len` elements of `dtype` at byte `start` of a mapped file.
-    Mapped { map: Arc<Mmap>, start: usize, len: usize, dtype: DType },
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+        dtype: DType,
+    },
 }
 
 impl Storage {

@@ -15,7 +15,8 @@ use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 
 /// Files copied from the source model into every checkpoint / output dir.
-pub const MODEL_FILES: [&str; 6] = ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "special_tokens_map.json", "vocab.json"];
+pub const MODEL_FILES: [&str; 6] =
+    ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "special_tokens_map.json", "vocab.json"];
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TrainerState {
@@ -135,7 +136,15 @@ pub fn check_model(dir: &Path, model: &Path) -> Result<()> {
     }
     let (a, b) = (ClipConfig::from_file(&ck)?, ClipConfig::from_file(&m)?);
     if a != b {
-        return Err(Error::file(dir, format!("checkpoint and model differ: the checkpoint is {}, --model {} is {} (resume with the --model the run started from)", describe(&a), model.display(), describe(&b))));
+        return Err(Error::file(
+            dir,
+            format!(
+                "checkpoint and model differ: the checkpoint is {}, --model {} is {} (resume with the --model the run started from)",
+                describe(&a),
+                model.display(),
+                describe(&b)
+            ),
+        ));
     }
     Ok(())
 }
@@ -165,7 +174,10 @@ pub fn start_over(out: &Path, force: bool) -> Result<usize> {
     let Some(last) = latest(out) else { return Ok(0) };
     if !force {
         let name = last.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        return Err(Error::file(out, format!("already holds a run (checkpoints up to {name}): continue it with --resume, or start over with --force (removes its checkpoints)")));
+        return Err(Error::file(
+            out,
+            format!("already holds a run (checkpoints up to {name}): continue it with --resume, or start over with --force (removes its checkpoints)"),
+        ));
     }
     let n = std::fs::read_dir(&under).map(|d| d.count()).unwrap_or(0);
     std::fs::remove_dir_all(&under).map_err(|e| Error::file(&under, format!("cannot remove: {e}")))?;

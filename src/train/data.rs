@@ -13,11 +13,11 @@
 //! size, so its PCA and InfoNCE are comparable). A [`Position`] (epoch, next sample) fully
 //! determines what comes next, so a resumed run sees exactly the batches an uninterrupted one would.
 use crate::error::{Error, Result};
+use crate::io::image_prep::{preprocess, PreprocessConfig};
 pub use crate::io::image_source::ImageSource;
 use crate::io::shards::{is_shard_spec, shard_list};
-use crate::io::webdataset::{index_shard, no_image, read_json, read_text};
-use crate::io::image_prep::{preprocess, PreprocessConfig};
 use crate::io::tokenizer::ClipTokenizer;
+use crate::io::webdataset::{index_shard, no_image, read_json, read_text};
 use crate::model::synthetic::Rng;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -75,10 +75,16 @@ fn shard_samples(path: &Path) -> Result<Vec<Sample>> {
         let field = |k: &str| json.as_ref().and_then(|j| j.get(k)).and_then(|v| v.as_str()).map(String::from);
         let caption = match s.get("txt") {
             Some(m) => read_text(path, m)?.trim().replace('\n', " "),
-            None => field("caption").ok_or_else(|| Error::file(path, format!("sample {:?} has no caption (a .txt member or a \"caption\" string in its .json)", s.key)))?,
+            None => field("caption")
+                .ok_or_else(|| Error::file(path, format!("sample {:?} has no caption (a .txt member or a \"caption\" string in its .json)", s.key)))?,
         };
         let image = ImageSource::Member { shard: shard.path.clone(), member };
-        out.push(Sample { image, short_caption: field("short_caption").unwrap_or_else(|| first_sentence(&caption)), caption, at: format!("{}: sample {:?}", path.display(), s.key) });
+        out.push(Sample {
+            image,
+            short_caption: field("short_caption").unwrap_or_else(|| first_sentence(&caption)),
+            caption,
+            at: format!("{}: sample {:?}", path.display(), s.key),
+        });
     }
     Ok(out)
 }
@@ -157,7 +163,7 @@ pub struct Position {
 
 /// One micro-batch, ready for the towers.
 pub struct Batch {
-    pub pixels: Tensor,         // [B, 3, S, S]
+    pub pixels: Tensor,           // [B, 3, S, S]
     pub long_ids: Vec<Vec<u32>>,  // B token sequences (unpadded)
     pub short_ids: Vec<Vec<u32>>, // B token sequences (unpadded)
     pub samples: Vec<usize>,

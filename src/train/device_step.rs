@@ -13,6 +13,7 @@
 //!   3. `tape.backward` walks the head, then each tower node, whose backward uploads its
 //!      d(embeddings) and runs the tower's backward on the device, adding the parameter gradients
 //!      into device accumulators (the token table's by the `embedding_bwd_rows_f32` scatter).
+//!
 //! Per optimizer step: the fused AdamW kernel (kernels/adamw.cu) on every device parameter (f32
 //! masters and moments; frozen position rows skipped by offsetting the pointers), writing the
 //! bf16 or f16 copies of the block Linear weights that the next forward reads when `low` is set; the
@@ -32,8 +33,8 @@ use crate::error::{Error, Result};
 use crate::model::block::Stored;
 use crate::model::config::ClipConfig;
 use crate::model::schema::{Schema, Tower};
-use crate::model::tower::TowerParams;
 use crate::model::tower::Mode;
+use crate::model::tower::TowerParams;
 use crate::model::tower_backward::Grads;
 use crate::tensor::{DType, Tensor};
 use std::cell::RefCell;
@@ -64,7 +65,9 @@ impl Shared {
 
     /// The tower holding schema parameter `i`, its local index, and the gradient list.
     fn locate(&self, i: usize) -> Option<(&TowerParams<Device>, usize, &RefCell<Grads<Device>>)> {
-        [(&self.vision, &self.acc_v), (&self.text, &self.acc_t)].into_iter().find_map(|(t, acc)| i.checked_sub(t.first()).filter(|&l| l < t.len()).map(|l| (t, l, acc)))
+        [(&self.vision, &self.acc_v), (&self.text, &self.acc_t)]
+            .into_iter()
+            .find_map(|(t, acc)| i.checked_sub(t.first()).filter(|&l| l < t.len()).map(|l| (t, l, acc)))
     }
 }
 
@@ -92,7 +95,9 @@ impl DeviceStep {
         }
         let dev = Device::new(ops);
         let schema = &model.schema;
-        let value = |q: &crate::model::schema::Param| model.index(&q.name).map(|i| model.params[i].1.clone()).ok_or_else(|| Error::msg(format!("no parameter {}", q.name)));
+        let value = |q: &crate::model::schema::Param| {
+            model.index(&q.name).map(|i| model.params[i].1.clone()).ok_or_else(|| Error::msg(format!("no parameter {}", q.name)))
+        };
         let dtype = low.unwrap_or(DType::F32);
         let vision = TowerParams::load_with(&dev, schema, Tower::Vision, dtype, value)?;
         let text = TowerParams::load_with(&dev, schema, Tower::Text, dtype, value)?;
@@ -161,7 +166,7 @@ impl StepEngine for DeviceStep {
         let tape = Tape::new();
         let (va, ta) = (Self::anchor(&tape, self.train_vision), Self::anchor(&tape, self.train_text));
         let img = self.vision_node(&tape, &va, &batch.pixels)?; // [B, D]
-        // long and short captions as one packed text pass
+                                                                // long and short captions as one packed text pass
         let nb = batch.long_ids.len();
         let ids: Vec<Vec<u32>> = batch.long_ids.iter().chain(&batch.short_ids).cloned().collect();
         let both = self.text_node(&tape, &ta, &ids)?; // [2B, D]

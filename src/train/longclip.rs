@@ -26,7 +26,7 @@ pub fn symmetric_infonce(tape: &Tape, a: &Var, b: &Var, tau: &Var, smoothing: f3
 /// The loss of one micro-batch: (L, L_long, L_short).
 pub fn longclip_loss(tape: &Tape, model: &TrainClip, sv: &StepVars, batch: &Batch, pca_dim: usize) -> Result<(Var, f32, f32)> {
     let img = model.image_embeds(tape, sv, &batch.pixels)?; // [B, D]
-    // long and short captions as one packed text pass: one set of weight GEMMs over all tokens
+                                                            // long and short captions as one packed text pass: one set of weight GEMMs over all tokens
     let b = batch.long_ids.len();
     let ids: Vec<Vec<u32>> = batch.long_ids.iter().chain(&batch.short_ids).cloned().collect();
     let both = model.text_embeds(tape, sv, &ids)?; // [2B, D]

@@ -3,19 +3,19 @@
 //! in tests/train_model.rs). One block function serves both towers; with `recompute` each block is
 //! a checkpoint: its forward runs unrecorded and its backward re-runs it on a private tape.
 use crate::autograd::{Tape, Var};
-use crate::error::{Error, Result};
-use crate::model::config::{ClipConfig, TowerConfig};
 use crate::backend::cpu::Cpu;
 use crate::backend::Ops;
-use crate::model::block::{backward, finish, forward, BlockRef, Stored};
-use crate::model::schema::BlockParam;
 use crate::backend::Seqs;
-use crate::model::tower::TowerParams;
-use crate::model::tower::Mode;
-use crate::model::tower_backward::Grads;
-use crate::tensor::DType;
+use crate::error::{Error, Result};
+use crate::model::block::{backward, finish, forward, BlockRef, Stored};
+use crate::model::config::{ClipConfig, TowerConfig};
+use crate::model::schema::BlockParam;
 use crate::model::schema::{names, Schema, Tower};
+use crate::model::tower::Mode;
+use crate::model::tower::TowerParams;
+use crate::model::tower_backward::Grads;
 use crate::model::weights::Weights;
+use crate::tensor::DType;
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
@@ -56,7 +56,8 @@ impl TrainClip {
                 continue;
             }
             let t = w.get_shaped(&p.name, &p.shape)?;
-            params.push((p.name.clone(), Tensor::from_vec(t.to_vec_f32(), &p.shape)?)); // an owned f32 copy: training updates it
+            params.push((p.name.clone(), Tensor::from_vec(t.to_vec_f32(), &p.shape)?));
+            // an owned f32 copy: training updates it
         }
         let index = params.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
         let n = params.len();
@@ -208,7 +209,11 @@ pub fn block(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, causal: bool) -> 
         .zip(p)
         .map(|(b, v)| {
             let val = v.value().clone();
-            Ok(if BlockParam::LINEAR_WEIGHTS.contains(b) { Stored::Linear(Cpu.weight(val.clone(), val.dim(0), val.dim(1), DType::F32)?) } else { Stored::Buf(val) })
+            Ok(if BlockParam::LINEAR_WEIGHTS.contains(b) {
+                Stored::Linear(Cpu.weight(val.clone(), val.dim(0), val.dim(1), DType::F32)?)
+            } else {
+                Stored::Buf(val)
+            })
         })
         .collect::<Result<_>>()?;
     let cfg = t.clone();

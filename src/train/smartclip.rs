@@ -15,9 +15,9 @@
 //! masked with caption a's mask); τ = exp(logit_scale). Computed as
 //! S = (I·(M⊙T)ᵀ) / (sqrt((I⊙I)·(M⊙M)ᵀ + ε) ⊙ ‖T_b‖).
 use super::model::{block, StepVars, TrainClip};
-use crate::model::schema::BlockParam;
 use crate::autograd::{Tape, Var};
 use crate::error::Result;
+use crate::model::schema::BlockParam;
 use crate::model::synthetic::Rng;
 use crate::ops::elementwise::Unary;
 use crate::tensor::Tensor;
@@ -104,7 +104,16 @@ fn sigmoid(tape: &Tape, x: &Var) -> Result<Var> {
 }
 
 /// The SmartCLIP loss of a batch: (L, L_align part, mean ‖m‖₁).
-pub fn smartclip_loss(tape: &Tape, model: &TrainClip, sv: &StepVars, mask_p: &[Var], pixels: &Tensor, ids: &[Vec<u32>], lambda_align: f32, lambda_sparsity: f32) -> Result<(Var, f32, f32)> {
+pub fn smartclip_loss(
+    tape: &Tape,
+    model: &TrainClip,
+    sv: &StepVars,
+    mask_p: &[Var],
+    pixels: &Tensor,
+    ids: &[Vec<u32>],
+    lambda_align: f32,
+    lambda_sparsity: f32,
+) -> Result<(Var, f32, f32)> {
     let img = model.image_embeds(tape, sv, pixels)?; // [B, D]
     let (h, txt) = model.text_states(tape, sv, ids)?; // [B, T, W], [B, D]
     let valid: Vec<usize> = ids.iter().map(|s| crate::model::text::pool_position(s, model.config.text.eos_token_id) + 1).collect();

@@ -104,7 +104,9 @@ impl EngineSpec<'_> {
                 None => Ok(Box::new(CpuStep::new(self.smart, self.pca_dim, self.lambda_align, self.lambda_sparsity))),
             }
         };
-        let device = |ops: crate::cuda::GpuOps| -> Result<Box<dyn StepEngine>> { Ok(Box::new(DeviceStep::new(Box::new(ops), model, opt, self.pca_dim, self.recompute, low)?)) };
+        let device = |ops: crate::cuda::GpuOps| -> Result<Box<dyn StepEngine>> {
+            Ok(Box::new(DeviceStep::new(Box::new(ops), model, opt, self.pca_dim, self.recompute, low)?))
+        };
         match self.device {
             "cpu" => cpu(),
             "cuda" if self.smart => Err(Error::msg("--device cuda: SmartCLIP fine-tuning runs on the CPU backend; use --device cpu")),
@@ -211,7 +213,8 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
         start = st.step;
         loader.position = st.position;
     } else if let (false, Some(i)) = (smart, model.index("logit_scale")) {
-        model.params[i].1 = Tensor::from_vec(vec![100f32.ln()], model.params[i].1.shape())?; // reset to ln 100
+        model.params[i].1 = Tensor::from_vec(vec![100f32.ln()], model.params[i].1.shape())?;
+        // reset to ln 100
     }
     let mut log = open_log(cfg.log.as_deref(), start)?;
     let mut eng = engine(&model, &opt)?;
@@ -275,7 +278,9 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
             samples_per_s: (cfg.batch * cfg.accum) as f64 / t0.elapsed().as_secs_f64(),
         };
         if let Some(f) = log.as_mut() {
-            writeln!(f, "{}", serde_json::to_string(&rec).map_err(Error::msg)?).and_then(|_| f.flush()).map_err(|e| Error::msg(format!("cannot write the log: {e}")))?;
+            writeln!(f, "{}", serde_json::to_string(&rec).map_err(Error::msg)?)
+                .and_then(|_| f.flush())
+                .map_err(|e| Error::msg(format!("cannot write the log: {e}")))?;
         }
         bar.set_message(format!("loss {loss:.4}"));
         bar.inc(1);
@@ -309,10 +314,7 @@ fn open_log(path: Option<&Path>, start: usize) -> Result<Option<std::fs::File>> 
     }
     let keep: String = if start > 0 && p.is_file() {
         let text = std::fs::read_to_string(p).map_err(|e| Error::file(p, format!("cannot read: {e}")))?;
-        text.lines()
-            .filter(|l| serde_json::from_str::<StepLog>(l).map(|r| r.step <= start).unwrap_or(false))
-            .map(|l| format!("{l}\n"))
-            .collect()
+        text.lines().filter(|l| serde_json::from_str::<StepLog>(l).map(|r| r.step <= start).unwrap_or(false)).map(|l| format!("{l}\n")).collect()
     } else {
         String::new()
     };
@@ -325,10 +327,18 @@ fn open_log(path: Option<&Path>, start: usize) -> Result<Option<std::fs::File>> 
 pub fn write_curve(log: &Path) -> Result<PathBuf> {
     let text = std::fs::read_to_string(log).map_err(|e| Error::file(log, format!("cannot read: {e}")))?;
     let recs: Vec<StepLog> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let series = |name: &str, f: &dyn Fn(&StepLog) -> f64| crate::plot::Series { name: name.into(), points: recs.iter().map(|r| (r.step as f64, f(r))).collect() };
-    let opt_series = |name: &str, f: &dyn Fn(&StepLog) -> Option<f64>| crate::plot::Series { name: name.into(), points: recs.iter().filter_map(|r| f(r).map(|v| (r.step as f64, v))).collect() };
+    let series =
+        |name: &str, f: &dyn Fn(&StepLog) -> f64| crate::plot::Series { name: name.into(), points: recs.iter().map(|r| (r.step as f64, f(r))).collect() };
+    let opt_series = |name: &str, f: &dyn Fn(&StepLog) -> Option<f64>| crate::plot::Series {
+        name: name.into(),
+        points: recs.iter().filter_map(|r| f(r).map(|v| (r.step as f64, v))).collect(),
+    };
     let mut all = vec![series("loss", &|r| r.loss)];
-    for (n, f) in [("loss_long", &(|r: &StepLog| r.loss_long) as &dyn Fn(&StepLog) -> Option<f64>), ("loss_short", &|r: &StepLog| r.loss_short), ("loss_align", &|r: &StepLog| r.loss_align)] {
+    for (n, f) in [
+        ("loss_long", &(|r: &StepLog| r.loss_long) as &dyn Fn(&StepLog) -> Option<f64>),
+        ("loss_short", &|r: &StepLog| r.loss_short),
+        ("loss_align", &|r: &StepLog| r.loss_align),
+    ] {
         let s = opt_series(n, f);
         if !s.points.is_empty() {
             all.push(s);
@@ -353,7 +363,8 @@ fn sampled_captions(loader: &Loader, samples: &[usize], seed: u64, epoch: usize)
             let mut pool = vec![s.caption.clone(), s.short_caption.clone()];
             pool.extend(s.caption.split(". ").map(|x| x.trim().to_string()).filter(|x| !x.is_empty()));
             pool.dedup();
-            let mut r = crate::model::synthetic::Rng::new(seed ^ (epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut r =
+                crate::model::synthetic::Rng::new(seed ^ (epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             pool[(r.next_u64() % pool.len() as u64) as usize].clone()
         })
         .collect();

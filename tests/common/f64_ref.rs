@@ -66,7 +66,9 @@ impl Ops for F64Ref {
     }
     fn linear(&self, x: &Vec<f64>, w: &Weight<F64Ref>, bias: Option<&Vec<f64>>, m: usize) -> Result<Vec<f64>> {
         let (n, k) = (w.n, w.k);
-        Ok((0..m * n).map(|i| x[i / n * k..][..k].iter().zip(&w.w[i % n * k..][..k]).map(|(a, b)| a * b).sum::<f64>() + bias.map_or(0.0, |b| b[i % n])).collect()) // [m, n]
+        Ok((0..m * n)
+            .map(|i| x[i / n * k..][..k].iter().zip(&w.w[i % n * k..][..k]).map(|(a, b)| a * b).sum::<f64>() + bias.map_or(0.0, |b| b[i % n]))
+            .collect()) // [m, n]
     }
     fn linear_bwd(&self, _: &Vec<f64>, _: &Vec<f64>, _: &Weight<F64Ref>, _: usize, _: &mut Vec<f64>, _: bool, _: bool) -> Result<(Vec<f64>, Option<Vec<f64>>)> {
         fwd_only()
@@ -112,7 +114,18 @@ impl Ops for F64Ref {
         }
         Ok((o, vec![]))
     }
-    fn attention_bwd(&self, _: &Vec<f64>, _: &Vec<f64>, _: &Vec<f64>, _: &Vec<f64>, _: &Vec<f64>, _: &Vec<f64>, _: &Seqs, _: usize, _: usize) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+    fn attention_bwd(
+        &self,
+        _: &Vec<f64>,
+        _: &Vec<f64>,
+        _: &Vec<f64>,
+        _: &Vec<f64>,
+        _: &Vec<f64>,
+        _: &Vec<f64>,
+        _: &Seqs,
+        _: usize,
+        _: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
         fwd_only()
     }
     fn copy(&self, x: &Vec<f64>, n: usize) -> Result<Vec<f64>> {
@@ -171,7 +184,9 @@ impl Ops for F64Ref {
 pub fn towers_f64(model: &clipforge::train::model::TrainClip, moved: Option<(usize, usize, f64)>) -> [clipforge::model::tower::TowerParams<F64Ref>; 2] {
     use clipforge::model::block::Stored;
     use clipforge::model::tower::TowerParams;
-    let value = |q: &clipforge::model::schema::Param| model.index(&q.name).map(|i| model.params[i].1.clone()).ok_or_else(|| Error::msg(format!("no parameter {}", q.name)));
+    let value = |q: &clipforge::model::schema::Param| {
+        model.index(&q.name).map(|i| model.params[i].1.clone()).ok_or_else(|| Error::msg(format!("no parameter {}", q.name)))
+    };
     [clipforge::model::schema::Tower::Vision, clipforge::model::schema::Tower::Text].map(|t| {
         let mut p = TowerParams::load_with(&F64Ref, &model.schema, t, DType::F32, value).unwrap();
         if let Some((i, e, d)) = moved {

@@ -79,7 +79,16 @@ impl Ops for HalfRef {
         });
         Tensor::from_vec(y, &[m * n])
     }
-    fn linear_bwd(&self, dy: &Tensor, x: &Tensor, w: &Weight<HalfRef>, m: usize, dx: &mut Tensor, accumulate: bool, bias: bool) -> Result<(Tensor, Option<Tensor>)> {
+    fn linear_bwd(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Weight<HalfRef>,
+        m: usize,
+        dx: &mut Tensor,
+        accumulate: bool,
+        bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         Cpu.linear_bwd(dy, x, &to_cpu(w), m, dx, accumulate, bias)
     }
     fn layernorm(&self, x: &Tensor, g: &Tensor, b: &Tensor, rows: usize, w: usize, eps: f32) -> Result<(Tensor, Tensor)> {
@@ -100,7 +109,18 @@ impl Ops for HalfRef {
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, seqs: &Seqs, heads: usize, w: usize) -> Result<(Tensor, Tensor)> {
         Cpu.attention(q, k, v, seqs, heads, w)
     }
-    fn attention_bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, seqs: &Seqs, heads: usize, w: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    fn attention_bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        d_o: &Tensor,
+        seqs: &Seqs,
+        heads: usize,
+        w: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         Cpu.attention_bwd(q, k, v, o, lse, d_o, seqs, heads, w)
     }
     fn copy(&self, x: &Tensor, n: usize) -> Result<Tensor> {
@@ -156,7 +176,12 @@ pub fn assert_half_close(what: &str, got: &[f32], want: &[f32], dt: DType) {
         .take(4)
         .map(|(i, (g, w))| format!("[{i}] {g} vs {w}"))
         .collect();
-    assert!(bad.is_empty(), "{what}: outside u·max|ref| + u·|ref| (u = {u:.3e}) of the {dt:?}-rounding reference (max |err|/max|ref| = {:.3}u): {}", scaled_err(got, want) / u, bad.join(", "));
+    assert!(
+        bad.is_empty(),
+        "{what}: outside u·max|ref| + u·|ref| (u = {u:.3e}) of the {dt:?}-rounding reference (max |err|/max|ref| = {:.3}u): {}",
+        scaled_err(got, want) / u,
+        bad.join(", ")
+    );
 }
 
 /// Not f32: the half-precision result differs from the f32 one by more than u/8·max|ref|

@@ -38,7 +38,6 @@ pub fn encoder(m: &TrainClip, tape: &Tape, sv: &StepVars, tower: Tower, t: &Towe
     block_rows(tape, &x, &block_vars(m, sv, tower, full), t, seqs, rows) // [R, W]
 }
 
-
 /// [`image_embeds`](Self::image_embeds) composed of tape ops (patch embedding, blocks, norms,
 /// projection, each with its own tape rule): the oracle the tower code is tested against.
 pub fn image_embeds_composite(m: &TrainClip, tape: &Tape, sv: &StepVars, pixels: &Tensor) -> Result<Var> {
@@ -57,7 +56,6 @@ pub fn image_embeds_composite(m: &TrainClip, tape: &Tape, sv: &StepVars, pixels:
     tape.linear(&pooled, v(m, sv, names::VISUAL_PROJECTION)?, None) // [B, D]
 }
 
-
 /// [`text_embeds`](Self::text_embeds) composed of tape ops: the oracle of the tower code.
 pub fn text_embeds_composite(m: &TrainClip, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<Var> {
     let tc = &m.config.text;
@@ -71,12 +69,17 @@ pub fn text_embeds_composite(m: &TrainClip, tape: &Tape, sv: &StepVars, ids: &[V
     let tok = tape.embedding(v(m, sv, names::TOKEN_EMBEDDING)?, &flat)?; // [N, W]
     let pos = tape.embedding(v(m, sv, names::TEXT_POSITIONS)?, &pos)?; // [N, W]
     let x = tape.add(&tok, &pos)?; // [N, W]
-    let ends: Vec<usize> = lens.iter().scan(0, |off, &l| { *off += l; Some(*off - 1) }).collect();
+    let ends: Vec<usize> = lens
+        .iter()
+        .scan(0, |off, &l| {
+            *off += l;
+            Some(*off - 1)
+        })
+        .collect();
     let pooled = encoder(m, tape, sv, Tower::Text, &tc.tower, x, &Seqs::Packed(lens), Some(&ends))?; // [B, W]
     let pooled = ln(m, tape, sv, names::FINAL_LN, &pooled, tc.tower.eps)?;
     tape.linear(&pooled, v(m, sv, names::TEXT_PROJECTION)?, None) // [B, D]
 }
-
 
 /// [`text_states`](Self::text_states) composed of tape ops: the oracle of the tower code.
 pub fn text_states_composite(m: &TrainClip, tape: &Tape, sv: &StepVars, ids: &[Vec<u32>]) -> Result<(Var, Var)> {
@@ -89,7 +92,7 @@ pub fn text_states_composite(m: &TrainClip, tape: &Tape, sv: &StepVars, ids: &[V
     let mut flat = Vec::with_capacity(b * t);
     for s in ids {
         flat.extend_from_slice(s);
-        flat.extend(std::iter::repeat(tc.eos_token_id).take(t - s.len()));
+        flat.extend(std::iter::repeat_n(tc.eos_token_id, t - s.len()));
     }
     let tok = tape.embedding(v(m, sv, names::TOKEN_EMBEDDING)?, &flat)?; // [B·T, W]
     let tok = tape.reshape(&tok, &[b, t, w])?; // [B, T, W]
@@ -102,7 +105,6 @@ pub fn text_states_composite(m: &TrainClip, tape: &Tape, sv: &StepVars, ids: &[V
     let e = tape.linear(&pooled, v(m, sv, names::TEXT_PROJECTION)?, None)?; // [B, D]
     Ok((x, e))
 }
-
 
 pub fn ln(m: &TrainClip, tape: &Tape, sv: &StepVars, prefix: &str, x: &Var, eps: f32) -> Result<Var> {
     tape.layer_norm(x, v(m, sv, &format!("{prefix}.weight"))?, v(m, sv, &format!("{prefix}.bias"))?, eps)

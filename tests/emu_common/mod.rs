@@ -38,7 +38,11 @@ pub fn use_f16(on: bool) {
 }
 /// "bf16" or "f16": the kernel-name suffix of the current 16-bit format.
 pub fn half_suffix() -> &'static str {
-    if HALF_IS_F16.with(|h| h.get()) { "f16" } else { "bf16" }
+    if HALF_IS_F16.with(|h| h.get()) {
+        "f16"
+    } else {
+        "bf16"
+    }
 }
 /// The 16-bit pattern of x (bf16, or f16 after [`use_f16`]), round to nearest even.
 pub fn bf16(x: f32) -> u16 {
@@ -57,7 +61,11 @@ pub fn bf16_to_f32(b: u16) -> f32 {
 /// significant bits), 2^-10 for f16 (11 bits, after [`use_f16`]) — the final rounding plus a
 /// possible flip from f32 arithmetic. f16 is checked to its own precision, 8× tighter than bf16.
 pub fn half_rtol() -> f64 {
-    if HALF_IS_F16.with(|h| h.get()) { 1.0 / 1024.0 } else { 1.0 / 128.0 }
+    if HALF_IS_F16.with(|h| h.get()) {
+        1.0 / 1024.0
+    } else {
+        1.0 / 128.0
+    }
 }
 /// Rounds through bf16 (what a bf16 tensor can hold).
 pub fn round_bf16(v: &[f32]) -> Vec<f32> {

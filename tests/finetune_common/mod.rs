@@ -12,7 +12,10 @@ use std::sync::Arc;
 /// The tiny model stretched to 248 positions (20 frozen) in `dir`/long.
 pub fn stretched(dir: &Path) -> PathBuf {
     let out = dir.join("long");
-    let o = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(["stretch", "--model", fixture("tiny").to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_clipforge"))
+        .args(["stretch", "--model", fixture("tiny").to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     out
 }
@@ -62,7 +65,13 @@ pub fn assert_matches_reference(what: &str, name: &str, steps: &[StepLog], rtol:
     let want_steps = exp["steps"].as_array().unwrap();
     assert_eq!(steps.len(), want_steps.len(), "{what}: step count");
     for (got, want) in steps.iter().zip(want_steps) {
-        for (k, g) in [("loss", got.loss), ("loss_long", got.loss_long.unwrap()), ("loss_short", got.loss_short.unwrap()), ("lr", got.lr), ("logit_scale", got.logit_scale)] {
+        for (k, g) in [
+            ("loss", got.loss),
+            ("loss_long", got.loss_long.unwrap()),
+            ("loss_short", got.loss_short.unwrap()),
+            ("lr", got.lr),
+            ("logit_scale", got.logit_scale),
+        ] {
             let w = want[k].as_f64().unwrap();
             assert!(g.is_finite() && (g - w).abs() <= rtol * w.abs(), "{what} ({name}) step {}: {k} = {g}, PyTorch {w}", got.step);
         }

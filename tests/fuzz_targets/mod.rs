@@ -119,7 +119,7 @@ fn config_seeds() -> Vec<Vec<u8>> {
 
 fn run_config(b: &[u8]) -> bool {
     let s = String::from_utf8_lossy(b);
-    if b.len() % 8 == 0 {
+    if b.len().is_multiple_of(8) {
         let _ = clipforge::model::config::ClipConfig::from_file(&scratch("config.json", b));
     }
     let Ok(c) = clipforge::model::config::ClipConfig::from_json(&s) else { return false };
@@ -129,7 +129,9 @@ fn run_config(b: &[u8]) -> bool {
 
 fn preprocessor_seeds() -> Vec<Vec<u8>> {
     let mut v: Vec<Vec<u8>> = ["tiny/preprocessor_config.json", "odd/preprocessor_config.json"].iter().map(|p| std::fs::read(fixture(p)).unwrap()).collect();
-    v.push(br#"{"size": {"height": 20, "width": 30}, "crop_size": [16, 12], "image_mean": 0.5, "image_std": [0.2, 0.3, 0.4], "do_center_crop": false}"#.to_vec());
+    v.push(
+        br#"{"size": {"height": 20, "width": 30}, "crop_size": [16, 12], "image_mean": 0.5, "image_std": [0.2, 0.3, 0.4], "do_center_crop": false}"#.to_vec(),
+    );
     v.push(br#"{"size": 18, "crop_size": 16, "resample": 3, "rescale_factor": 0.5, "do_normalize": false}"#.to_vec());
     v
 }
@@ -184,7 +186,8 @@ fn run_tokenizer(b: &[u8]) -> bool {
 
 fn jsonl_seeds() -> Vec<Vec<u8>> {
     vec![
-        b"{\"image\": \"a.png\", \"caption\": \"a cat. on a mat\"}\n{\"image\": \"d/b.jpg\", \"caption\": \"two dogs\", \"short_caption\": \"dogs\"}\n\n".to_vec(),
+        b"{\"image\": \"a.png\", \"caption\": \"a cat. on a mat\"}\n{\"image\": \"d/b.jpg\", \"caption\": \"two dogs\", \"short_caption\": \"dogs\"}\n\n"
+            .to_vec(),
         br#"[{"image": "a.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a long\ncaption"}]}]"#.to_vec(),
     ]
 }
@@ -305,7 +308,11 @@ fn run_tar(b: &[u8]) -> bool {
 // ---- .npy -------------------------------------------------------------------------------
 
 fn npy_seeds() -> Vec<Vec<u8>> {
-    vec![clipforge::io::npy::npy_bytes(&[1.0, -2.5, 3.0, 0.0, 7.0, 8.0], &[2, 3]), clipforge::io::npy::npy_bytes(&[], &[0, 4]), clipforge::io::npy::npy_bytes(&[5.0], &[])]
+    vec![
+        clipforge::io::npy::npy_bytes(&[1.0, -2.5, 3.0, 0.0, 7.0, 8.0], &[2, 3]),
+        clipforge::io::npy::npy_bytes(&[], &[0, 4]),
+        clipforge::io::npy::npy_bytes(&[5.0], &[]),
+    ]
 }
 
 fn run_npy(b: &[u8]) -> bool {

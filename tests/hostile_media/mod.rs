@@ -84,7 +84,19 @@ fn decompression_bombs_are_refused_before_decoding() {
             assert!(e.contains(name) && !e.contains('\n'), "{name}: {e}");
         }
         let out = t.join("e.npy");
-        refused(&[OsStr::new("embed-image"), "--device".as_ref(), "cpu".as_ref(), "--model".as_ref(), m.as_os_str(), "--out".as_ref(), out.as_os_str(), p.as_os_str()], &[name]);
+        refused(
+            &[
+                OsStr::new("embed-image"),
+                "--device".as_ref(),
+                "cpu".as_ref(),
+                "--model".as_ref(),
+                m.as_os_str(),
+                "--out".as_ref(),
+                out.as_os_str(),
+                p.as_os_str(),
+            ],
+            &[name],
+        );
         assert!(!out.exists());
         // in a training set: the up-front check (header only) names the data file's line and image
         let jsonl = t.join("d.jsonl");
@@ -127,7 +139,17 @@ fn extreme_aspect_ratios_preprocess_to_the_centre() {
     stripe(10000, 1, 10).save(&b).unwrap();
     let out = t.join("e.npy");
     let m = fixture("tiny");
-    ok(&[OsStr::new("embed-image"), "--device".as_ref(), "cpu".as_ref(), "--model".as_ref(), m.as_os_str(), "--out".as_ref(), out.as_os_str(), a.as_os_str(), b.as_os_str()]);
+    ok(&[
+        OsStr::new("embed-image"),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--model".as_ref(),
+        m.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        a.as_os_str(),
+        b.as_os_str(),
+    ]);
     let (v, shape) = read_npy(&out).unwrap();
     assert_eq!(shape[0], 2);
     assert!(v.iter().all(|x| x.is_finite()));
@@ -143,7 +165,17 @@ fn empty_and_100k_character_texts() {
     std::fs::write(&f, format!("\n{long_word}\n{long_words}\n \n")).unwrap();
     let out = t.join("e.npy");
     let start = std::time::Instant::now();
-    let err = ok(&[OsStr::new("embed-text"), "--device".as_ref(), "cpu".as_ref(), "--model".as_ref(), m.as_os_str(), "--out".as_ref(), out.as_os_str(), "--file".as_ref(), f.as_os_str()]);
+    let err = ok(&[
+        OsStr::new("embed-text"),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--model".as_ref(),
+        m.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--file".as_ref(),
+        f.as_os_str(),
+    ]);
     assert!(start.elapsed().as_secs() < 60, "{:?}", start.elapsed());
     assert!(err.contains("note: 2 of 4 texts are longer"), "{err}");
     let (v, shape) = read_npy(&out).unwrap();
@@ -159,11 +191,33 @@ fn empty_and_100k_character_texts() {
     ok(&[OsStr::new("embed-text"), "--device".as_ref(), "cpu".as_ref(), "--model".as_ref(), m.as_os_str(), "--out".as_ref(), out.as_os_str(), "".as_ref()]);
     let img = fixture("images/chelsea.png");
     let labels = format!("{long_word},cat");
-    let o = cli(&[OsStr::new("classify"), "--device".as_ref(), "cpu".as_ref(), "--json".as_ref(), "--model".as_ref(), m.as_os_str(), "--labels".as_ref(), labels.as_ref(), img.as_os_str()]);
+    let o = cli(&[
+        OsStr::new("classify"),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--json".as_ref(),
+        "--model".as_ref(),
+        m.as_os_str(),
+        "--labels".as_ref(),
+        labels.as_ref(),
+        img.as_os_str(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     refused(&[OsStr::new("classify"), "--model".as_ref(), m.as_os_str(), "--labels".as_ref(), " , ,".as_ref(), img.as_os_str()], &["no class names"]);
     // an error about a 100k-character text quotes a short excerpt of it, not all of it
-    let e = refused(&[OsStr::new("classify"), "--model".as_ref(), m.as_os_str(), "--labels".as_ref(), "cat".as_ref(), "--template".as_ref(), long_word.as_ref(), img.as_os_str()], &["--template"]);
+    let e = refused(
+        &[
+            OsStr::new("classify"),
+            "--model".as_ref(),
+            m.as_os_str(),
+            "--labels".as_ref(),
+            "cat".as_ref(),
+            "--template".as_ref(),
+            long_word.as_ref(),
+            img.as_os_str(),
+        ],
+        &["--template"],
+    );
     assert!(e.len() < 1000, "an error line of {} bytes", e.len());
 }
 
@@ -231,5 +285,8 @@ fn broken_tar_members() {
     let e = read(&p).unwrap_err().to_string();
     assert!(e.contains("huge.tar") && e.contains("k0.png") && e.contains("truncated"), "{e}");
     let out = t.join("out");
-    refused(&[OsStr::new("embed-image"), "--model".as_ref(), m.as_os_str(), "--shards".as_ref(), p.as_os_str(), "--out".as_ref(), out.as_os_str()], &["huge.tar", "truncated"]);
+    refused(
+        &[OsStr::new("embed-image"), "--model".as_ref(), m.as_os_str(), "--shards".as_ref(), p.as_os_str(), "--out".as_ref(), out.as_os_str()],
+        &["huge.tar", "truncated"],
+    );
 }

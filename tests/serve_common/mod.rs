@@ -192,11 +192,17 @@ pub fn data_url(path: &Path) -> String {
 
 /// Rows of a `/v1/embeddings` float response.
 pub fn rows(j: &serde_json::Value) -> Vec<Vec<f32>> {
-    j["data"].as_array().unwrap().iter().enumerate().map(|(i, r)| {
-        assert_eq!(r["index"].as_u64(), Some(i as u64));
-        assert_eq!(r["object"], "embedding");
-        r["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-    }).collect()
+    j["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            assert_eq!(r["index"].as_u64(), Some(i as u64));
+            assert_eq!(r["object"], "embedding");
+            r["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+        })
+        .collect()
 }
 
 /// Per element |x − ref| ≤ atol + rtol·|ref|.

@@ -9,10 +9,7 @@ use clipforge::{Error, Result};
 /// Stretch configurations: Long-CLIP's, a small odd one, keep = L−1 (no interpolated rows),
 /// keep = 0, the identity (ratio 1) and the smallest table (L = 2).
 pub fn stretches() -> Vec<Stretch> {
-    [(77, 20, 4), (7, 2, 3), (5, 4, 2), (9, 0, 5), (6, 3, 1), (2, 1, 4)]
-        .iter()
-        .map(|&(l, k, r)| Stretch::new(l, k, r).unwrap())
-        .collect()
+    [(77, 20, 4), (7, 2, 3), (5, 4, 2), (9, 0, 5), (6, 3, 1), (2, 1, 4)].iter().map(|&(l, k, r)| Stretch::new(l, k, r).unwrap()).collect()
 }
 
 /// `rows` position ids in [0, Ln): every position once while rows allow (in a shuffled order),

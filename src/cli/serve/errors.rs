@@ -27,11 +27,21 @@ impl ApiError {
     }
     /// 401: no or a wrong `Authorization: Bearer` key.
     pub fn unauthorized() -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", "missing or invalid API key (send the header Authorization: Bearer KEY)")
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            "missing or invalid API key (send the header Authorization: Bearer KEY)",
+        )
     }
     /// 404: no such route.
     pub fn not_found(path: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", format!("no route {path} (POST /v1/embeddings, /v1/similarity, /v1/tokenize; GET /health, /info, /metrics)"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            format!("no route {path} (POST /v1/embeddings, /v1/similarity, /v1/tokenize; GET /health, /info, /metrics)"),
+        )
     }
     /// 405: a known route with the wrong method.
     pub fn method_not_allowed() -> ApiError {
@@ -43,7 +53,12 @@ impl ApiError {
     }
     /// 429: `--max-concurrent-requests` requests are already in flight.
     pub fn overloaded(limit: usize) -> ApiError {
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "too_many_requests", format!("the server is at its limit of {limit} concurrent requests; retry later"))
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "too_many_requests",
+            format!("the server is at its limit of {limit} concurrent requests; retry later"),
+        )
     }
     /// 503: the request ran past `--request-timeout-s`, or the server is shutting down.
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> ApiError {

@@ -45,14 +45,22 @@ pub fn text_input(input: &Value, lim: &InputLimits) -> ApiResult<TextInput> {
     let out = match input {
         Value::String(s) => TextInput::Texts(vec![s.clone()]),
         Value::Array(a) if a.iter().all(Value::is_string) => TextInput::Texts(a.iter().filter_map(|s| s.as_str().map(String::from)).collect()),
-        Value::Array(a) if a.iter().all(Value::is_number) => TextInput::Ids(vec![id_list(a).ok_or_else(|| ApiError::bad_request("token ids must be non-negative integers"))?]),
+        Value::Array(a) if a.iter().all(Value::is_number) => {
+            TextInput::Ids(vec![id_list(a).ok_or_else(|| ApiError::bad_request("token ids must be non-negative integers"))?])
+        }
         Value::Array(a) if a.iter().all(Value::is_array) => {
             let lists = a.iter().map(|x| x.as_array().and_then(|l| id_list(l))).collect::<Option<Vec<_>>>();
             TextInput::Ids(lists.ok_or_else(|| ApiError::bad_request("token ids must be lists of non-negative integers"))?)
         }
         _ => return Err(ApiError::bad_request(SHAPES)),
     };
-    count_ok(match &out { TextInput::Texts(t) => t.len(), TextInput::Ids(i) => i.len() }, lim)?;
+    count_ok(
+        match &out {
+            TextInput::Texts(t) => t.len(),
+            TextInput::Ids(i) => i.len(),
+        },
+        lim,
+    )?;
     Ok(out)
 }
 
@@ -68,7 +76,9 @@ pub fn string_list(input: &Value, what: &str, lim: &InputLimits) -> ApiResult<Ve
 }
 
 fn too_long(i: usize, n: usize, ctx: usize) -> ApiError {
-    ApiError::too_long(format!("input[{i}] has {n} tokens, more than the model's context of {ctx} (start and end tokens included); send \"truncate\": true to cut it CLIP-style"))
+    ApiError::too_long(format!(
+        "input[{i}] has {n} tokens, more than the model's context of {ctx} (start and end tokens included); send \"truncate\": true to cut it CLIP-style"
+    ))
 }
 
 /// Texts or ids → token id sequences (start and end tokens included), checked.
@@ -116,7 +126,8 @@ pub fn tokens(input: TextInput, info: &ModelInfo, truncate: bool) -> ApiResult<V
 /// The bytes of one image input: a `data:<mime>;base64,<data>` URL, or a local file path where
 /// the server allows them.
 fn image_bytes(i: usize, s: &str, lim: &InputLimits) -> ApiResult<Vec<u8>> {
-    let big = |n: u64| ApiError::too_large(format!("input[{i}] is an image of {n} bytes, over the server's limit of {} (--max-image-bytes)", lim.max_image_bytes));
+    let big =
+        |n: u64| ApiError::too_large(format!("input[{i}] is an image of {n} bytes, over the server's limit of {} (--max-image-bytes)", lim.max_image_bytes));
     if let Some(rest) = s.strip_prefix("data:") {
         let (meta, data) = rest.split_once(',').ok_or_else(|| ApiError::bad_request(format!("input[{i}]: a data URL needs a comma before its data")))?;
         if !meta.ends_with(";base64") {
@@ -134,7 +145,9 @@ fn image_bytes(i: usize, s: &str, lim: &InputLimits) -> ApiResult<Vec<u8>> {
         return Ok(bytes);
     }
     if !lim.allow_file_paths {
-        return Err(ApiError::bad_request(format!("input[{i}] is not a data URL (data:image/png;base64,...); local file paths are taken only when the server runs with --allow-file-paths")));
+        return Err(ApiError::bad_request(format!(
+            "input[{i}] is not a data URL (data:image/png;base64,...); local file paths are taken only when the server runs with --allow-file-paths"
+        )));
     }
     let meta = std::fs::metadata(s).map_err(|e| ApiError::bad_request(format!("input[{i}]: {s}: cannot read image: {e}")))?;
     if meta.len() > lim.max_image_bytes as u64 {
@@ -148,10 +161,15 @@ fn image_bytes(i: usize, s: &str, lim: &InputLimits) -> ApiResult<Vec<u8>> {
 /// async threads.
 pub fn image_pixels(i: usize, s: &str, info: &ModelInfo, lim: &InputLimits) -> ApiResult<Vec<f32>> {
     let bytes = image_bytes(i, s, lim)?;
-    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| ApiError::bad_request(format!("input[{i}]: cannot read image: {e}")))?;
+    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| ApiError::bad_request(format!("input[{i}]: cannot read image: {e}")))?;
     let (w, h) = reader.into_dimensions().map_err(|e| ApiError::bad_request(format!("input[{i}]: cannot decode image: {e}")))?;
     if w as u64 * h as u64 > lim.max_image_pixels {
-        return Err(ApiError::too_large(format!("input[{i}] is a {w}×{h} image, over the server's limit of {} pixels (--max-image-pixels)", lim.max_image_pixels)));
+        return Err(ApiError::too_large(format!(
+            "input[{i}] is a {w}×{h} image, over the server's limit of {} pixels (--max-image-pixels)",
+            lim.max_image_pixels
+        )));
     }
     let img = decode_rgb8_hf(&bytes).map_err(|e| ApiError::bad_request(format!("input[{i}]: cannot decode image: {}", e.message())))?;
     Ok(preprocess(&img, &info.preprocess)) // [3, S, S]

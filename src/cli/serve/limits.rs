@@ -53,6 +53,10 @@ async fn guarded(s: &AppState, endpoint: &str, req: Request, next: Next) -> Resp
     let _counted = InFlight(&s.metrics.in_flight);
     match tokio::time::timeout(s.cfg.timeout, next.run(req)).await {
         Ok(r) => r,
-        Err(_) => ApiError::unavailable("timeout", format!("the request took longer than the server's {:.1} s limit (--request-timeout-s)", s.cfg.timeout.as_secs_f64())).into_response(),
+        Err(_) => ApiError::unavailable(
+            "timeout",
+            format!("the request took longer than the server's {:.1} s limit (--request-timeout-s)", s.cfg.timeout.as_secs_f64()),
+        )
+        .into_response(),
     }
 }

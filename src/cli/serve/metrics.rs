@@ -124,9 +124,21 @@ impl Metrics {
         };
         gauge(&mut out, "clipforge_queue_depth", "Requests waiting for the model.", "gauge", self.queue_depth.load(Ordering::Relaxed) as u64);
         gauge(&mut out, "clipforge_requests_in_flight", "Requests being served.", "gauge", self.in_flight.load(Ordering::Relaxed) as u64);
-        gauge(&mut out, "clipforge_requests_rejected_total", "Requests refused with 429 (over --max-concurrent-requests).", "counter", self.rejected.load(Ordering::Relaxed));
+        gauge(
+            &mut out,
+            "clipforge_requests_rejected_total",
+            "Requests refused with 429 (over --max-concurrent-requests).",
+            "counter",
+            self.rejected.load(Ordering::Relaxed),
+        );
         gauge(&mut out, "clipforge_texts_total", "Texts embedded.", "counter", self.texts.load(Ordering::Relaxed));
-        gauge(&mut out, "clipforge_tokens_total", "Tokens embedded (start and end tokens included); rate() is tokens/s.", "counter", self.tokens.load(Ordering::Relaxed));
+        gauge(
+            &mut out,
+            "clipforge_tokens_total",
+            "Tokens embedded (start and end tokens included); rate() is tokens/s.",
+            "counter",
+            self.tokens.load(Ordering::Relaxed),
+        );
         gauge(&mut out, "clipforge_images_total", "Images embedded; rate() is images/s.", "counter", self.images.load(Ordering::Relaxed));
         out
     }

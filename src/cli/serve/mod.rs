@@ -71,7 +71,14 @@ pub struct ServeArgs {
 }
 
 fn check(a: &ServeArgs) -> Result<()> {
-    let positive = [("--max-batch-tokens", a.max_batch_tokens), ("--max-batch-images", a.max_batch_images), ("--max-concurrent-requests", a.max_concurrent_requests), ("--max-inputs", a.max_inputs), ("--max-body-bytes", a.max_body_bytes), ("--max-image-bytes", a.max_image_bytes)];
+    let positive = [
+        ("--max-batch-tokens", a.max_batch_tokens),
+        ("--max-batch-images", a.max_batch_images),
+        ("--max-concurrent-requests", a.max_concurrent_requests),
+        ("--max-inputs", a.max_inputs),
+        ("--max-body-bytes", a.max_body_bytes),
+        ("--max-image-bytes", a.max_image_bytes),
+    ];
     if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
         return Err(Error::msg(format!("{flag} must be at least 1")));
     }
@@ -88,11 +95,17 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     let batch = batcher::BatchLimits { max_tokens: a.max_batch_tokens, max_images: a.max_batch_images, max_wait: Duration::from_millis(a.max_wait_ms) };
     let opts = super::common::open_options(Towers::Both, a.compute)?;
     let (batcher, info, worker) = batcher::start(a.model.clone(), opts, batch, metrics.clone())?;
-    let name = a.served_model_name.clone().unwrap_or_else(|| a.model.file_name().map_or_else(|| a.model.display().to_string(), |n| n.to_string_lossy().into_owned()));
+    let name =
+        a.served_model_name.clone().unwrap_or_else(|| a.model.file_name().map_or_else(|| a.model.display().to_string(), |n| n.to_string_lossy().into_owned()));
     let cfg = routes::ServeConfig {
         model_name: name,
         model_path: a.model.display().to_string(),
-        inputs: inputs::InputLimits { max_inputs: a.max_inputs, max_image_bytes: a.max_image_bytes, max_image_pixels: a.max_image_pixels, allow_file_paths: a.allow_file_paths },
+        inputs: inputs::InputLimits {
+            max_inputs: a.max_inputs,
+            max_image_bytes: a.max_image_bytes,
+            max_image_pixels: a.max_image_pixels,
+            allow_file_paths: a.allow_file_paths,
+        },
         max_body_bytes: a.max_body_bytes,
         max_concurrent: a.max_concurrent_requests,
         timeout: Duration::from_secs_f64(a.request_timeout_s),
@@ -134,7 +147,10 @@ async fn serve(a: &ServeArgs, state: routes::AppState) -> Result<()> {
         eprintln!("warning: listening on {} without --api-key: anyone who reaches this address can use the server", bound.ip());
     }
     let i = &state.info;
-    eprintln!("clipforge serve: listening on http://{bound} (model {}, {}-dim, context {}, {} {})", state.cfg.model_name, i.dim, i.context_length, i.device, i.dtype);
+    eprintln!(
+        "clipforge serve: listening on http://{bound} (model {}, {}-dim, context {}, {} {})",
+        state.cfg.model_name, i.dim, i.context_length, i.device, i.dtype
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let drain = state.cfg.timeout + Duration::from_secs(5);
     let metrics = state.metrics.clone();

@@ -49,7 +49,11 @@ async fn json_body<T: DeserializeOwned>(s: &AppState, req: Request) -> ApiResult
     }
     let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
         let chain = format!("{e} {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
-        if chain.contains("length limit") { too_big() } else { ApiError::bad_request(format!("cannot read the request body: {e}")) }
+        if chain.contains("length limit") {
+            too_big()
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"))
+        }
     })?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
@@ -90,7 +94,8 @@ async fn embed_image_input(s: &AppState, inputs: Vec<String>) -> ApiResult<Vec<f
         .collect();
     let mut pixels = Vec::new();
     for t in tasks {
-        pixels.extend(t.await.map_err(|_| ApiError::internal("image preparation failed"))??); // [3, S, S] each
+        pixels.extend(t.await.map_err(|_| ApiError::internal("image preparation failed"))??);
+        // [3, S, S] each
     }
     embed(s, Work::Image { pixels, n }).await
 }
@@ -161,7 +166,11 @@ pub async fn embeddings(State(s): State<AppState>, req: Request) -> ApiResult<Re
         .chunks_exact(d.max(1))
         .enumerate()
         .map(|(index, e)| {
-            let embedding = if b64 { Vector::Base64(base64::engine::general_purpose::STANDARD.encode(e.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())) } else { Vector::Float(e.to_vec()) };
+            let embedding = if b64 {
+                Vector::Base64(base64::engine::general_purpose::STANDARD.encode(e.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()))
+            } else {
+                Vector::Float(e.to_vec())
+            };
             EmbeddingRow { object: "embedding", index, embedding }
         })
         .collect();

@@ -43,10 +43,13 @@ pub fn is_pt_file(path: &Path) -> bool {
 pub fn read_pt(path: &Path) -> Result<PtCheckpoint> {
     let err = |m: String| Error::file(path, m);
     let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| {
-        err(format!("not a PyTorch zip checkpoint ({e}); a truncated download, or a pre-1.6 torch.save file (re-save it with a newer torch)"))
-    })?;
-    let names: Vec<String> = zip.file_names().map(|s| s.map(|n| n.into_owned())).collect::<std::result::Result<_, _>>().map_err(|e| err(format!("unreadable zip entry name: {e}")))?;
+    let mut zip = zip::ZipArchive::new(file)
+        .map_err(|e| err(format!("not a PyTorch zip checkpoint ({e}); a truncated download, or a pre-1.6 torch.save file (re-save it with a newer torch)")))?;
+    let names: Vec<String> = zip
+        .file_names()
+        .map(|s| s.map(|n| n.into_owned()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| err(format!("unreadable zip entry name: {e}")))?;
     let pkl: Vec<&String> = names.iter().filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1).collect();
     let top = match pkl.as_slice() {
         [one] => one.trim_end_matches("data.pkl").to_string(),
@@ -199,9 +202,16 @@ fn materialise(storage: &[f32], t: &TensorRef) -> std::result::Result<Vec<f32>, 
         return Err(format!("view of {numel} elements on a storage of {} (broadcast views this large are not supported)", storage.len()));
     }
     // the farthest element the view reaches must lie inside the storage
-    let last = t.shape.iter().zip(&t.strides).try_fold(t.offset, |a, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| a.checked_add(x))).ok_or("strides overflow")?;
+    let last =
+        t.shape.iter().zip(&t.strides).try_fold(t.offset, |a, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| a.checked_add(x))).ok_or("strides overflow")?;
     if last >= storage.len() {
-        return Err(format!("view (offset {}, shape {:?}, strides {:?}) reaches element {last} of a storage of {}", t.offset, t.shape, t.strides, storage.len()));
+        return Err(format!(
+            "view (offset {}, shape {:?}, strides {:?}) reaches element {last} of a storage of {}",
+            t.offset,
+            t.shape,
+            t.strides,
+            storage.len()
+        ));
     }
     let contiguous = crate::tensor::contiguous_strides(&t.shape);
     if t.strides == contiguous || t.shape.iter().zip(&t.strides).zip(&contiguous).all(|((&d, s), c)| d == 1 || s == c) {

@@ -142,7 +142,8 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], PickleError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| format!("pickle ends early (at byte {} of {})", self.pos, self.b.len()))?;
+        let end =
+            self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| format!("pickle ends early (at byte {} of {})", self.pos, self.b.len()))?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -331,11 +332,15 @@ fn unpickle_with(bytes: &[u8], torchscript: bool, stack: &mut Vec<Item>, memo: &
                         _ => return Err(format!("malformed pickle: STACK_GLOBAL without two strings at byte {at}")),
                     }
                 };
-                stack.push(Item::V(Value::Global(resolve(&module, &name, torchscript).ok_or_else(|| format!("unsupported pickle global {module}.{name} at byte {at}"))?)));
+                stack.push(Item::V(Value::Global(
+                    resolve(&module, &name, torchscript).ok_or_else(|| format!("unsupported pickle global {module}.{name} at byte {at}"))?,
+                )));
             }
             b'Q' => {
                 let pid = pop(stack)?;
-                stack.push(Item::V(Value::Storage(persistent(&pid).ok_or_else(|| format!("unsupported persistent id at byte {at} (expected ('storage', type, key, location, numel))"))?)));
+                stack.push(Item::V(Value::Storage(
+                    persistent(&pid).ok_or_else(|| format!("unsupported persistent id at byte {at} (expected ('storage', type, key, location, numel))"))?,
+                )));
             }
             b'R' => {
                 let args = pop(stack)?;
@@ -408,7 +413,9 @@ fn reduce(f: &Value, args: &[Value]) -> Result<Value, PickleError> {
         Value::Global(Global::OrderedDict) if args.is_empty() => Ok(Value::Dict(Rc::new(RefCell::new(vec![])))),
         Value::Global(Global::RebuildTensor) => {
             // (storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])
-            let (Some(Value::Storage(s)), Some(offset), Some(shape), Some(strides)) = (args.first(), args.get(1).and_then(as_usize), args.get(2).and_then(usizes), args.get(3).and_then(usizes)) else {
+            let (Some(Value::Storage(s)), Some(offset), Some(shape), Some(strides)) =
+                (args.first(), args.get(1).and_then(as_usize), args.get(2).and_then(usizes), args.get(3).and_then(usizes))
+            else {
                 return Err("malformed _rebuild_tensor_v2 arguments".into());
             };
             if shape.len() != strides.len() {
