@@ -21,6 +21,7 @@ fn act(a: Act, x: f64) -> f64 {
 }
 
 /// Multi-head softmax attention of rows `r0..r0 + t` (one sequence) of q, k, v [N, W] into o.
+#[allow(clippy::too_many_arguments)]
 fn attend(q: &[f64], k: &[f64], v: &[f64], o: &mut [f64], r0: usize, t: usize, heads: usize, w: usize, causal: bool) {
     let d = w / heads;
     let scale = 1.0 / (d as f64).sqrt();
