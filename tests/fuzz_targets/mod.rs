@@ -119,7 +119,7 @@ fn config_seeds() -> Vec<Vec<u8>> {
 
 fn run_config(b: &[u8]) -> bool {
     let s = String::from_utf8_lossy(b);
-    if b.len() % 8 == 0 {
+    if b.len().is_multiple_of(8) {
         let _ = clipforge::model::config::ClipConfig::from_file(&scratch("config.json", b));
     }
     let Ok(c) = clipforge::model::config::ClipConfig::from_json(&s) else { return false };
