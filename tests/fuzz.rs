@@ -356,6 +356,18 @@ fn regressions_replay() {
 }
 
 #[test]
+fn the_allocation_watch_sees_a_lying_size() {
+    // a target that trusts a 1 GiB length field (reserved, never touched) is reported
+    let t = Target { name: "lying", kind: Kind::Bytes, seeds: Vec::new, run: |b| Vec::<u8>::with_capacity((b[0] as usize) << 30).capacity() > 0 };
+    assert_eq!(one(&t, &[0]), Ok(false)); // with_capacity(0) has capacity 0
+    let e = one(&t, &[1]).unwrap_err();
+    assert!(e.contains("allocated 1073741824 bytes at once"), "{e}");
+    // and a panic is caught and reported
+    let p = Target { name: "panics", kind: Kind::Bytes, seeds: Vec::new, run: |b| b[3] == 0 };
+    assert!(one(&p, &[1]).unwrap_err().contains("index out of bounds"));
+}
+
+#[test]
 fn mutations_are_deterministic() {
     let seeds = vec![b"{\"a\": 12, \"b\": [1, 2.5]}".to_vec(), vec![0u8; 40]];
     let a: Vec<Vec<u8>> = (0..50).map(|i| mutate(&mut Rng::new(i), &seeds, Kind::Json)).collect();

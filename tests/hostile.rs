@@ -231,7 +231,8 @@ fn lying_safetensors_headers_are_refused() {
     let out = t.join("e.npy");
     let h = |s: &str| s.as_bytes().to_vec();
     let f32x4 = vec![0u8; 16];
-    let cases: Vec<(&str, Option<u64>, Vec<u8>, Vec<u8>)> = vec![
+    type Case<'a> = (&'a str, Option<u64>, Vec<u8>, Vec<u8>); // (what, length field, header, data)
+    let cases: Vec<Case> = vec![
         ("header longer than the file", Some(4096), h(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#), f32x4.clone()),
         ("header length 0", Some(0), h(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#), f32x4.clone()),
         ("header length 2^64-1", Some(u64::MAX), h("{}"), vec![]),
@@ -418,12 +419,14 @@ fn non_utf8_names_and_contents() {
     );
 }
 
-/// A .pt (a zip of stored entries) whose data.pkl is `pkl`.
+/// A .pt (a zip of stored entries) whose data.pkl is `pkl`, with a 16-byte storage `data/0`.
 fn pt_with_pickle(path: &Path, pkl: &[u8]) {
     let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
     let o = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     z.start_file("archive/data.pkl", o).unwrap();
     std::io::Write::write_all(&mut z, pkl).unwrap();
+    z.start_file("archive/data/0", o).unwrap();
+    std::io::Write::write_all(&mut z, &[0u8; 16]).unwrap();
     z.start_file("archive/byteorder", o).unwrap();
     std::io::Write::write_all(&mut z, b"little").unwrap();
     z.finish().unwrap();
@@ -445,6 +448,30 @@ fn a_pickle_nested_a_million_deep() {
         pt_with_pickle(&p, bytes);
         let out = t.join("converted");
         refused(&[OsStr::new("convert"), "--from".as_ref(), p.as_os_str(), "--out".as_ref(), out.as_os_str()], &[name]);
+        assert!(!out.exists());
+    }
+}
+
+/// The pickle `torch.save` writes for {"visual.proj": a [2^30, 2^30] f32 tensor} on a storage
+/// of `numel` elements (Python's pickle, protocol 2, of `_rebuild_tensor_v2` with a persistent id).
+fn huge_tensor_pickle(numel: u64) -> Vec<u8> {
+    let mut p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01X\x0b\x00\x00\x00visual.projq\x02ctorch._utils\n_rebuild_tensor_v2\nq\x03((X\x07\x00\x00\x00storageq\x04ctorch\nFloatStorage\nq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07\x8a\x08".to_vec();
+    p.extend_from_slice(&numel.to_le_bytes());
+    p.extend_from_slice(b"tq\x08QK\x00J\x00\x00\x00@J\x00\x00\x00@\x86q\tJ\x00\x00\x00@K\x01\x86q\n\x89h\x00)Rq\x0btq\x0cRq\rs.");
+    p
+}
+
+#[test]
+fn a_pt_claiming_2_to_the_60_elements() {
+    // the storage or the view claims 2^60 elements (4 EiB): refused from the sizes, never allocated
+    let t = Tmp::new("huge-pt");
+    for (name, numel, want) in [("storage.pt", 1u64 << 60, "the pickle says 4611686018427387904"), ("view.pt", 4, "view of 1152921504606846976 elements on a storage of 4")] {
+        let p = t.join(name);
+        pt_with_pickle(&p, &huge_tensor_pickle(numel));
+        let e = clipforge::io::pt::read_pt(&p).err().unwrap_or_else(|| panic!("{name}: read")).to_string();
+        assert!(e.contains(name) && e.contains(want), "{e}");
+        let out = t.join("converted");
+        refused(&[OsStr::new("convert"), "--from".as_ref(), p.as_os_str(), "--out".as_ref(), out.as_os_str()], &[name, want]);
         assert!(!out.exists());
     }
 }

@@ -10,16 +10,18 @@
 //! - 16-bit grayscale (PIL mode I;16) keeps the high byte of each sample (`v >> 8`), as Pillow
 //!   itself does for 16-bit RGB; Pillow clamps to 0..255 instead, which turns a typical 16-bit
 //!   gray photo white.
-//! - An image of more than [`MAX_PIXELS`] pixels is refused from its header, before any pixel
-//!   is decoded (Pillow's `DecompressionBombError` limit): a small file can claim 30000×30000.
+//! - An image of more than [`MAX_PIXELS`] pixels (Pillow's `MAX_IMAGE_PIXELS`, where Pillow only
+//!   warns) is refused from its header, before any pixel is decoded: a small file can claim
+//!   30000×30000, and a 178-byte WebP claiming 11826×12750 made the decoders allocate 1 GB.
 //! - A JPEG without its end-of-image marker after the scan data (a truncated file) is an error, as
 //!   Pillow's "image file is truncated"; libjpeg alone would fill the missing rows with gray.
 use crate::error::{Error, Result};
 use std::path::Path;
 
 /// The most pixels an image may have (width × height), checked from the header before decoding:
-/// Pillow's `DecompressionBombError` threshold (2 × `Image.MAX_IMAGE_PIXELS`).
-pub const MAX_PIXELS: u64 = 2 * 89_478_485;
+/// Pillow's `Image.MAX_IMAGE_PIXELS` (9459×9459; Pillow warns above it and refuses above twice
+/// it). With it no decode allocates more than ~360 MB at once (RGBA, or WebP's own buffer).
+pub const MAX_PIXELS: u64 = 89_478_485;
 
 /// Refuses a header that claims more than [`MAX_PIXELS`] pixels (a decompression bomb).
 pub fn check_pixels(w: u32, h: u32) -> Result<()> {

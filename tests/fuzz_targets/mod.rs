@@ -316,5 +316,7 @@ fn npy_seeds() -> Vec<Vec<u8>> {
 }
 
 fn run_npy(b: &[u8]) -> bool {
-    clipforge::io::npy::read_npy(&scratch("a.npy", b)).is_ok()
+    let Ok((data, shape)) = clipforge::io::npy::read_npy(&scratch("a.npy", b)) else { return false };
+    assert_eq!(shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)), Some(data.len()), "shape {shape:?}");
+    true
 }

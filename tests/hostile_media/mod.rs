@@ -249,7 +249,8 @@ fn broken_tar_members() {
     let s = read(&p).unwrap();
     assert_eq!((s.len(), s[0].caption.as_str()), (1, "a cat"));
     let bomb = png_claiming(30000, 30000);
-    let cases: [(&str, Vec<(&[u8], &[u8])>, &[&str]); 4] = [
+    type Case<'a> = (&'a str, Vec<(&'a [u8], &'a [u8])>, &'a [&'a str]); // (shard, members, error words)
+    let cases: [Case; 4] = [
         ("caption.tar", vec![mb(b"k0.png", &png), mb(b"k0.txt", b"caf\xe9")], &["member k0.txt", "not UTF-8"]),
         ("json.tar", vec![mb(b"k0.png", &png), mb(b"k0.json", b"{\"caption\": ")], &["member k0.json", "not JSON"]),
         ("array.tar", vec![mb(b"k0.png", &png), mb(b"k0.json", b"[\"a cat\"]")], &["\"k0\"", "no caption"]),
