@@ -465,7 +465,9 @@ fn huge_tensor_pickle(numel: u64) -> Vec<u8> {
 fn a_pt_claiming_2_to_the_60_elements() {
     // the storage or the view claims 2^60 elements (4 EiB): refused from the sizes, never allocated
     let t = Tmp::new("huge-pt");
-    for (name, numel, want) in [("storage.pt", 1u64 << 60, "the pickle says 4611686018427387904"), ("view.pt", 4, "view of 1152921504606846976 elements on a storage of 4")] {
+    for (name, numel, want) in
+        [("storage.pt", 1u64 << 60, "the pickle says 4611686018427387904"), ("view.pt", 4, "view of 1152921504606846976 elements on a storage of 4")]
+    {
         let p = t.join(name);
         pt_with_pickle(&p, &huge_tensor_pickle(numel));
         let e = clipforge::io::pt::read_pt(&p).err().unwrap_or_else(|| panic!("{name}: read")).to_string();

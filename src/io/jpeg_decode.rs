@@ -17,7 +17,7 @@ use super::image_decode::RgbImage8;
 use crate::error::{Error, Result};
 use mozjpeg::{ColorSpace, DctMethod, Decompress};
 
-// Pillow's decompression-bomb limit (`2 * Image.MAX_IMAGE_PIXELS`): larger images are an error.
+// The decompression-bomb limit of src/io/image_decode.rs (Pillow's MAX_IMAGE_PIXELS).
 use super::image_decode::MAX_PIXELS;
 
 /// Decode JPEG bytes to RGB8 exactly as Pillow's `Image.open(f).convert("RGB")`.
