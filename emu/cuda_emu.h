@@ -9,6 +9,7 @@
 //   cuda_emu_core.h   fibers, context switch, block scheduler, shared memory, grid loop
 //   cuda_emu_sync.h   __syncthreads*, __syncwarp, shuffles, votes, warp reductions, __trap
 //   cuda_emu_launch.h launch with cuLaunchKernel-style void** params, kernel registry
+//   cuda_emu_async.h  cp.async with commit/wait groups (kernels/mma.cuh)
 //   emu_capi.cpp      C ABI for Rust: emu_launch, emu_set_schedule, ...
 //
 // Not emulated: inline PTX/asm, tensor-core mma/wgmma/ldmatrix, TMA, mbarrier, clusters,
@@ -20,3 +21,4 @@
 #include "cuda_emu_core.h"
 #include "cuda_emu_sync.h"
 #include "cuda_emu_launch.h"
+#include "cuda_emu_async.h"
