@@ -132,3 +132,163 @@ extern "C" __global__ void bias_grad_reduce_f32(const float* __restrict__ partia
   for (int p = 0; p < nparts; ++p) s += partial[(size_t)p * n + c];
   dbias[c] = s;
 }
+
+// ---- the device backend's bias + activation (f32 activations, optional half copy), vectorized ----
+//
+// bias_act_fwd_f32v(y, b, pre, rows, n, act, vec) and _hbf16 / _hf16 (y, b, pre, yh, rows, n, act,
+//   vec): y[i] = act(y[i] + b[c]) in place, pre[i] = y[i] + b[c] when pre != NULL, and (the _h
+//   variants) yh[i] = the output rounded to bf16 / f16: the next GEMM's half input, written here
+//   instead of by a conversion pass. act: 0 quick_gelu, 1 gelu. pre, yh must not alias y or b.
+// bias_act_bwd_f32v(dy, pre, dpre, partial, rows, n, act, vec): dpre[i] = dy[i]·act'(pre[i]) and
+//   partial[blockIdx.y, c] = the sum of dpre[r, c] over block row blockIdx.y's row chunk, in row
+//   order (zero for an empty chunk): DETERMINISTIC partials, [gridDim.y, n], summed by
+//   col_reduce_f32. dpre must not alias dy or pre.
+// geometry (both): blockDim = (256, 1, 1); with vec != 0 each thread owns four consecutive columns
+//   (float4 loads and stores; the caller guarantees n % 4 == 0 and 16-byte aligned y, b, pre, dy,
+//   dpre and 8-byte aligned yh), else one column: gridDim.x = CEIL_DIV(n, 256·(vec ? 4 : 1));
+//   gridDim.y = P ∈ [1, 65535] row chunks of CEIL_DIV(rows, P) consecutive rows (the caller sizes
+//   P from the work: ≥ one wave of blocks where rows allow).
+// col_sums_partial_f32(m, partial, rows, n): partial[p, c] = sum of m[r, c] over row chunk p
+//   (CEIL_DIV(rows, gridDim.y) rows, in order; zero if empty). blockDim = (256, 1, 1),
+//   gridDim = (CEIL_DIV(n, 256), P): the first stage of a column sum (bias gradients).
+// col_reduce_f32(partial, out, parts, n): out[c] = sum over p of partial[p, c] in a fixed order
+//   (thread row ty sums p ≡ ty mod 8 in order, then the 8 row sums in order): bitwise
+//   reproducible. blockDim = (32, 8, 1) exactly, gridDim.x = CEIL_DIV(n, 32); coalesced 128-byte
+//   row reads.
+
+__device__ __forceinline__ float act_rt(float x, int act) {
+  return act ? act_fwd<ACT_GELU>(x) : act_fwd<ACT_QUICK_GELU>(x);
+}
+__device__ __forceinline__ float act_grad_rt(float x, int act) {
+  return act ? act_grad<ACT_GELU>(x) : act_grad<ACT_QUICK_GELU>(x);
+}
+__device__ __forceinline__ void bias_store4(float*, size_t, float4) {}
+__device__ __forceinline__ void bias_store4(__nv_bfloat16* y, size_t i, float4 v) {
+  reinterpret_cast<__nv_bfloat162*>(y + i)[0] = __floats2bfloat162_rn(v.x, v.y);
+  reinterpret_cast<__nv_bfloat162*>(y + i)[1] = __floats2bfloat162_rn(v.z, v.w);
+}
+__device__ __forceinline__ void bias_store4(__half* y, size_t i, float4 v) {
+  reinterpret_cast<__half2*>(y + i)[0] = __floats2half2_rn(v.x, v.y);
+  reinterpret_cast<__half2*>(y + i)[1] = __floats2half2_rn(v.z, v.w);
+}
+
+__device__ __forceinline__ void row_chunk(int rows, int& r0, int& r1) {
+  const int chunk = CEIL_DIV(rows, (int)gridDim.y);
+  r0 = min(rows, (int)blockIdx.y * chunk);
+  r1 = min(rows, r0 + chunk);
+}
+
+template <typename TH>
+__device__ __forceinline__ void bias_act_fwd_v(float* __restrict__ y, const float* __restrict__ b, float* __restrict__ pre,
+                                               TH* __restrict__ yh, int rows, int n, int act, int vec) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  int r0, r1;
+  row_chunk(rows, r0, r1);
+  if (vec) {
+    const int c = 4 * t;
+    if (c >= n) return;  // no barriers in this kernel
+    const float4 bc = b ? reinterpret_cast<const float4*>(b + c)[0] : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int r = r0; r < r1; ++r) {
+      const size_t i = (size_t)r * n + c;
+      float4 v = reinterpret_cast<const float4*>(y + i)[0];
+      v.x += bc.x;
+      v.y += bc.y;
+      v.z += bc.z;
+      v.w += bc.w;
+      if (pre) reinterpret_cast<float4*>(pre + i)[0] = v;
+      const float4 o = make_float4(act_rt(v.x, act), act_rt(v.y, act), act_rt(v.z, act), act_rt(v.w, act));
+      reinterpret_cast<float4*>(y + i)[0] = o;
+      if (yh) bias_store4(yh, i, o);
+    }
+    return;
+  }
+  const int c = t;
+  if (c >= n) return;
+  const float bc = b ? b[c] : 0.f;
+  for (int r = r0; r < r1; ++r) {
+    const size_t i = (size_t)r * n + c;
+    const float v = y[i] + bc;
+    if (pre) pre[i] = v;
+    const float o = act_rt(v, act);
+    y[i] = o;
+    if (yh) store_from_f32(yh, i, o);
+  }
+}
+
+extern "C" __global__ void bias_act_fwd_f32v(float* __restrict__ y, const float* __restrict__ b, float* __restrict__ pre,
+                                             int rows, int n, int act, int vec) {
+  bias_act_fwd_v<float>(y, b, pre, nullptr, rows, n, act, vec);
+}
+extern "C" __global__ void bias_act_fwd_f32_hbf16(float* __restrict__ y, const float* __restrict__ b,
+                                                  float* __restrict__ pre, __nv_bfloat16* __restrict__ yh, int rows, int n,
+                                                  int act, int vec) {
+  bias_act_fwd_v<__nv_bfloat16>(y, b, pre, yh, rows, n, act, vec);
+}
+extern "C" __global__ void bias_act_fwd_f32_hf16(float* __restrict__ y, const float* __restrict__ b,
+                                                 float* __restrict__ pre, __half* __restrict__ yh, int rows, int n,
+                                                 int act, int vec) {
+  bias_act_fwd_v<__half>(y, b, pre, yh, rows, n, act, vec);
+}
+
+extern "C" __global__ void bias_act_bwd_f32v(const float* __restrict__ dy, const float* __restrict__ pre,
+                                             float* __restrict__ dpre, float* __restrict__ partial, int rows, int n,
+                                             int act, int vec) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  int r0, r1;
+  row_chunk(rows, r0, r1);
+  if (vec) {
+    const int c = 4 * t;
+    if (c >= n) return;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int r = r0; r < r1; ++r) {
+      const size_t i = (size_t)r * n + c;
+      const float4 d = reinterpret_cast<const float4*>(dy + i)[0], p = reinterpret_cast<const float4*>(pre + i)[0];
+      const float4 g = make_float4(d.x * act_grad_rt(p.x, act), d.y * act_grad_rt(p.y, act), d.z * act_grad_rt(p.z, act),
+                                   d.w * act_grad_rt(p.w, act));
+      reinterpret_cast<float4*>(dpre + i)[0] = g;
+      acc.x += g.x;
+      acc.y += g.y;
+      acc.z += g.z;
+      acc.w += g.w;
+    }
+    reinterpret_cast<float4*>(partial + (size_t)blockIdx.y * n + c)[0] = acc;
+    return;
+  }
+  const int c = t;
+  if (c >= n) return;
+  float acc = 0.f;
+  for (int r = r0; r < r1; ++r) {
+    const size_t i = (size_t)r * n + c;
+    const float g = dy[i] * act_grad_rt(pre[i], act);
+    dpre[i] = g;
+    acc += g;
+  }
+  partial[(size_t)blockIdx.y * n + c] = acc;
+}
+
+extern "C" __global__ void col_sums_partial_f32(const float* __restrict__ m, float* __restrict__ partial, int rows, int n) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  int r0, r1;
+  row_chunk(rows, r0, r1);
+  float acc = 0.f;
+  for (int r = r0; r < r1; ++r) acc += m[(size_t)r * n + c];
+  partial[(size_t)blockIdx.y * n + c] = acc;
+}
+
+extern "C" __global__ void __launch_bounds__(256) col_reduce_f32(const float* __restrict__ partial, float* __restrict__ out,
+                                                                int parts, int n) {
+  __shared__ float s[8][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (c < n)
+    for (int p = threadIdx.y; p < parts; p += 8) acc += partial[(size_t)p * n + c];
+  s[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < n) {
+    float t = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) t += s[j][threadIdx.x];
+    out[c] = t;
+  }
+}

@@ -73,10 +73,25 @@ extern "C" __global__ void pool_rows_f32(const float* __restrict__ x, const int*
 }
 
 // axpy_f32(y, x, alpha, n): y[i] += alpha * x[i] (residual gradients, copies into zeroed buffers).
-// Grid-stride, any 1-D geometry. x must not alias y.
+// Grid-stride, any 1-D geometry. x must not alias y. float4 loads and stores in groups of four when
+// both are 16-byte aligned, the tail (or everything, unaligned) one element a thread.
 extern "C" __global__ void axpy_f32(float* __restrict__ y, const float* __restrict__ x, float alpha, int n) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-    y[i] = fmaf(alpha, x[i], y[i]);
+  const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x, stride = (long long)gridDim.x * blockDim.x;
+  long long done = 0;
+  if (((reinterpret_cast<size_t>(x) | reinterpret_cast<size_t>(y)) & 15) == 0) {
+    const long long quads = n / 4;
+    for (long long q = tid; q < quads; q += stride) {
+      const float4 a = reinterpret_cast<const float4*>(x)[q];
+      float4 b = reinterpret_cast<float4*>(y)[q];
+      b.x = fmaf(alpha, a.x, b.x);
+      b.y = fmaf(alpha, a.y, b.y);
+      b.z = fmaf(alpha, a.z, b.z);
+      b.w = fmaf(alpha, a.w, b.w);
+      reinterpret_cast<float4*>(y)[q] = b;
+    }
+    done = quads * 4;
+  }
+  for (long long i = done + tid; i < n; i += stride) y[i] = fmaf(alpha, x[i], y[i]);
 }
 
 // unpool_rows_f32(dp, index, dx, B, T, W): dx[b, index[b], :] += dp[b, :] — the backward of

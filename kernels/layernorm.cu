@@ -19,7 +19,9 @@
 //   geometry: blockDim = (32*k, 1, 1); gridDim.x = P, any P >= 1 (e.g. 2 x SM count, <= rows).
 //   dx must not alias dy or x.
 // Reduce: dgamma[c] = sum_p dgamma_partial[p, c] (same for dbeta); one thread per column.
-//   geometry: blockDim = (256, 1, 1), gridDim.x = CEIL_DIV(cols, 256).
+//   geometry: blockDim = (256, 1, 1), gridDim.x = CEIL_DIV(cols, 256). (The device backend sums the
+//   partials with col_reduce_f32 of bias_gelu.cu instead: 32 columns × 8 part-strides a block.)
+// _f32_hbf16 / _f32_hf16 forwards: f32 in and out, plus the output rounded to bf16 / f16 in yh.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,10 +29,10 @@
 
 // No __restrict__ on xr: the residual kernel rereads x it has just written, which must not
 // go through the non-coherent read-only path; the kernels' own __restrict__ still applies.
-template <typename T>
+template <typename T, typename TH = float>
 __device__ __forceinline__ void layernorm_row(const T* xr, const float* __restrict__ gamma,
                                               const float* __restrict__ beta, T* yr, float* mean_out,
-                                              float* rstd_out, int row, int cols, float eps) {
+                                              float* rstd_out, int row, int cols, float eps, TH* yhr = nullptr) {
   const int lane = threadIdx.x & 31;
   float s = 0.f;
   for (int c = lane; c < cols; c += 32) s += load_f32(xr, c);
@@ -41,29 +43,33 @@ __device__ __forceinline__ void layernorm_row(const T* xr, const float* __restri
     ss += d * d;
   }
   const float rstd = rsqrtf(warp_reduce_sum(ss) / cols + eps);
-  for (int c = lane; c < cols; c += 32)
-    store_from_f32(yr, c, (load_f32(xr, c) - mean) * rstd * gamma[c] + beta[c]);
+  for (int c = lane; c < cols; c += 32) {
+    const float v = (load_f32(xr, c) - mean) * rstd * gamma[c] + beta[c];
+    store_from_f32(yr, c, v);
+    if (yhr) store_from_f32(yhr, c, v);  // the next GEMM's half input, from the same f32 value
+  }
   if (lane == 0) {
     if (mean_out) mean_out[row] = mean;
     if (rstd_out) rstd_out[row] = rstd;
   }
 }
 
-template <typename T>
+template <typename T, typename TH = float>
 __device__ __forceinline__ void layernorm_fwd(const T* __restrict__ x, const float* __restrict__ gamma,
                                               const float* __restrict__ beta, T* __restrict__ y, float* mean,
-                                              float* rstd, int rows, int cols, float eps) {
+                                              float* rstd, int rows, int cols, float eps, TH* __restrict__ yh = nullptr) {
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= rows) return;  // whole warp leaves together: no block barrier in this kernel
   const size_t off = (size_t)row * cols;
-  layernorm_row(x + off, gamma, beta, y + off, mean, rstd, row, cols, eps);
+  layernorm_row<T, TH>(x + off, gamma, beta, y + off, mean, rstd, row, cols, eps, yh ? yh + off : nullptr);
 }
 
-template <typename T>
+template <typename T, typename TH = float>
 __device__ __forceinline__ void residual_layernorm_fwd(T* x, const T* __restrict__ residual,
                                                        const float* __restrict__ gamma,
                                                        const float* __restrict__ beta, T* __restrict__ y,
-                                                       float* mean, float* rstd, int rows, int cols, float eps) {
+                                                       float* mean, float* rstd, int rows, int cols, float eps,
+                                                       TH* __restrict__ yh = nullptr) {
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= rows) return;
   const int lane = threadIdx.x & 31;
@@ -72,7 +78,7 @@ __device__ __forceinline__ void residual_layernorm_fwd(T* x, const T* __restrict
   const T* rr = residual + off;
   // each lane owns the columns lane, lane+32, ...: it rereads only what it wrote itself
   for (int c = lane; c < cols; c += 32) store_from_f32(xr, c, load_f32(xr, c) + load_f32(rr, c));
-  layernorm_row<T>(xr, gamma, beta, y + off, mean, rstd, row, cols, eps);
+  layernorm_row<T, TH>(xr, gamma, beta, y + off, mean, rstd, row, cols, eps, yh ? yh + off : nullptr);
 }
 
 template <typename T>
@@ -157,6 +163,36 @@ extern "C" __global__ void residual_layernorm_fwd_f16(__half* x, const __half* _
                                                        const float* __restrict__ beta, __half* __restrict__ y,
                                                        float* mean, float* rstd, int rows, int cols, float eps) {
   residual_layernorm_fwd<__half>(x, residual, gamma, beta, y, mean, rstd, rows, cols, eps);
+}
+
+// f32 LayerNorm that also writes its output rounded to bf16 / f16 into yh (the half input of the
+// next GEMM: no separate conversion pass). Same geometry and arguments as the f32 kernels, with yh
+// after y; yh must not alias anything.
+extern "C" __global__ void layernorm_fwd_f32_hbf16(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                   const float* __restrict__ beta, float* __restrict__ y,
+                                                   __nv_bfloat16* __restrict__ yh, float* mean, float* rstd, int rows,
+                                                   int cols, float eps) {
+  layernorm_fwd<float, __nv_bfloat16>(x, gamma, beta, y, mean, rstd, rows, cols, eps, yh);
+}
+extern "C" __global__ void layernorm_fwd_f32_hf16(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                  const float* __restrict__ beta, float* __restrict__ y,
+                                                  __half* __restrict__ yh, float* mean, float* rstd, int rows, int cols,
+                                                  float eps) {
+  layernorm_fwd<float, __half>(x, gamma, beta, y, mean, rstd, rows, cols, eps, yh);
+}
+extern "C" __global__ void residual_layernorm_fwd_f32_hbf16(float* x, const float* __restrict__ residual,
+                                                            const float* __restrict__ gamma,
+                                                            const float* __restrict__ beta, float* __restrict__ y,
+                                                            __nv_bfloat16* __restrict__ yh, float* mean, float* rstd,
+                                                            int rows, int cols, float eps) {
+  residual_layernorm_fwd<float, __nv_bfloat16>(x, residual, gamma, beta, y, mean, rstd, rows, cols, eps, yh);
+}
+extern "C" __global__ void residual_layernorm_fwd_f32_hf16(float* x, const float* __restrict__ residual,
+                                                           const float* __restrict__ gamma,
+                                                           const float* __restrict__ beta, float* __restrict__ y,
+                                                           __half* __restrict__ yh, float* mean, float* rstd, int rows,
+                                                           int cols, float eps) {
+  residual_layernorm_fwd<float, __half>(x, residual, gamma, beta, y, mean, rstd, rows, cols, eps, yh);
 }
 
 extern "C" __global__ void layernorm_bwd_f32(const float* __restrict__ dy, const float* __restrict__ x,

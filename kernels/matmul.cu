@@ -25,7 +25,11 @@
 // linear_f16w(x, w, bias, y, m, n, k, has_bias): the same with W in IEEE f16 and x rounded to f16
 //   (the f16 training forward: `finetune --device cuda --dtype f16`). Same geometry.
 //
-// f32_to_bf16(x, y, n): y[i] = bf16(x[i]) (round to nearest even), grid-stride, any 1-D geometry.
+// gemm_bf16 / gemm_f16: gemm_f32 on half inputs with f32 accumulation and output (see below).
+//
+// f32_to_bf16(x, y, n): y[i] = bf16(x[i]) (round to nearest even), grid-stride, any 1-D geometry;
+//   n is a 64-bit count (long long: ViT-L/14's MLP input at batch 2040 is 2^31 elements), float4
+//   loads when aligned, scalar tail.
 // f32_to_f16(x, y, n): y[i] = f16(x[i]) (round to nearest even; beyond ±65504 → ±inf), the same.
 #include <cuda_runtime.h>
 #include "common.cuh"
@@ -44,8 +48,8 @@ __device__ __forceinline__ float round_as(const float*, float v) { return v; }
 __device__ __forceinline__ float round_as(const __nv_bfloat16*, float v) { return __bfloat162float(__float2bfloat16(v)); }
 __device__ __forceinline__ float round_as(const __half*, float v) { return __half2float(__float2half(v)); }
 
-template <typename TW, bool ROUND_X>
-__device__ __forceinline__ void linear_tiles(const float* __restrict__ x, const TW* __restrict__ w,
+template <typename TX, typename TW, bool ROUND_X>
+__device__ __forceinline__ void linear_tiles(const TX* __restrict__ x, const TW* __restrict__ w,
                                              const float* __restrict__ bias, float* __restrict__ y,
                                              int m, int n, int k, int has_bias, int x_t = 0, int w_kn = 0,
                                              float alpha = 1.f, float beta = 0.f) {
@@ -68,7 +72,7 @@ __device__ __forceinline__ void linear_tiles(const float* __restrict__ x, const 
       const int r = e >> 4, kk = e & 15;
       const int gk = k0 + kk;
       const int gr = row0 + r, gc = col0 + r;
-      float xv = (gr < m && gk < k) ? x[x_t ? (size_t)gk * m + gr : (size_t)gr * k + gk] : 0.f;
+      float xv = (gr < m && gk < k) ? load_f32(x, x_t ? (size_t)gk * m + gr : (size_t)gr * k + gk) : 0.f;
       if (ROUND_X) xv = round_as(w, xv);
       xs[kk][r] = xv;
       ws[kk][r] = (gc < n && gk < k) ? load_f32(w, w_kn ? (size_t)gk * n + gc : (size_t)gc * k + gk) : 0.f;
@@ -107,19 +111,19 @@ __device__ __forceinline__ void linear_tiles(const float* __restrict__ x, const 
 extern "C" __global__ void __launch_bounds__(256)
 linear_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
            float* __restrict__ y, int m, int n, int k, int has_bias) {
-  linear_tiles<float, false>(x, w, bias, y, m, n, k, has_bias);
+  linear_tiles<float, float, false>(x, w, bias, y, m, n, k, has_bias);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
 linear_bf16w(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, const float* __restrict__ bias,
              float* __restrict__ y, int m, int n, int k, int has_bias) {
-  linear_tiles<__nv_bfloat16, true>(x, w, bias, y, m, n, k, has_bias);
+  linear_tiles<float, __nv_bfloat16, true>(x, w, bias, y, m, n, k, has_bias);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
 linear_f16w(const float* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
             float* __restrict__ y, int m, int n, int k, int has_bias) {
-  linear_tiles<__half, true>(x, w, bias, y, m, n, k, has_bias);
+  linear_tiles<float, __half, true>(x, w, bias, y, m, n, k, has_bias);
 }
 
 // gemm_f32(a, b, c, m, n, k, ta, tb, alpha, beta): C[m, n] = alpha·op(A)·op(B) + beta·C (f32), with
@@ -129,15 +133,56 @@ linear_f16w(const float* __restrict__ x, const __half* __restrict__ w, const flo
 extern "C" __global__ void __launch_bounds__(256)
 gemm_f32(const float* __restrict__ a, const float* __restrict__ b, float* c, int m, int n, int k, int ta, int tb,
          float alpha, float beta) {
-  linear_tiles<float, false>(a, b, nullptr, c, m, n, k, 0, ta, !tb, alpha, beta);
+  linear_tiles<float, float, false>(a, b, nullptr, c, m, n, k, 0, ta, !tb, alpha, beta);
 }
 
-extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, int n) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-    y[i] = __float2bfloat16(x[i]);
+// gemm_bf16 / gemm_f16(a, b, bias, c, m, n, k, ta, tb, alpha, beta): gemm_f32 with A and B stored in
+// bf16 / f16 (packed 16-bit values, as DeviceOps::upload_bf16 stores them): products of half
+// values accumulated in f32, C = alpha·op(A)·op(B) (+ bias[n] on every row) + beta·C in f32 -- the
+// arithmetic of cuBLASLt on CUDA_R_16BF / CUDA_R_16F inputs with CUBLAS_COMPUTE_32F: the half
+// forward Linear (ta = 0, tb = 1, bias) and the half backward GEMMs (dX = dY·W from the half
+// weight copy, dW = dYᵀ·X from half activations, f32 C). bias may be NULL. Same tiles and
+// geometry as linear_f32; with beta == 0, C is not read.
+extern "C" __global__ void __launch_bounds__(256)
+gemm_bf16(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ b, const float* __restrict__ bias,
+          float* c, int m, int n, int k, int ta, int tb, float alpha, float beta) {
+  linear_tiles<__nv_bfloat16, __nv_bfloat16, false>(a, b, bias, c, m, n, k, bias != nullptr, ta, !tb, alpha, beta);
 }
 
-extern "C" __global__ void f32_to_f16(const float* __restrict__ x, __half* __restrict__ y, int n) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-    y[i] = __float2half(x[i]);
+extern "C" __global__ void __launch_bounds__(256)
+gemm_f16(const __half* __restrict__ a, const __half* __restrict__ b, const float* __restrict__ bias, float* c, int m,
+         int n, int k, int ta, int tb, float alpha, float beta) {
+  linear_tiles<__half, __half, false>(a, b, bias, c, m, n, k, bias != nullptr, ta, !tb, alpha, beta);
+}
+
+// Four f32 → four halves (two 4-byte stores), round to nearest even.
+__device__ __forceinline__ void store4(__nv_bfloat16* y, float4 v) {
+  reinterpret_cast<__nv_bfloat162*>(y)[0] = __floats2bfloat162_rn(v.x, v.y);
+  reinterpret_cast<__nv_bfloat162*>(y)[1] = __floats2bfloat162_rn(v.z, v.w);
+}
+__device__ __forceinline__ void store4(__half* y, float4 v) {
+  reinterpret_cast<__half2*>(y)[0] = __floats2half2_rn(v.x, v.y);
+  reinterpret_cast<__half2*>(y)[1] = __floats2half2_rn(v.z, v.w);
+}
+
+// Grid-stride conversion with 64-bit sizes: float4 loads and 2 × half2 stores when x is 16-byte
+// and y 8-byte aligned (groups of four), the tail (or everything, unaligned) one element a thread.
+template <typename TH>
+__device__ __forceinline__ void to_half(const float* __restrict__ x, TH* __restrict__ y, long long n) {
+  const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x, stride = (long long)gridDim.x * blockDim.x;
+  long long done = 0;
+  if ((reinterpret_cast<size_t>(x) & 15) == 0 && (reinterpret_cast<size_t>(y) & 7) == 0) {
+    const long long quads = n / 4;
+    for (long long q = tid; q < quads; q += stride) store4(y + 4 * q, reinterpret_cast<const float4*>(x)[q]);
+    done = quads * 4;
+  }
+  for (long long i = done + tid; i < n; i += stride) store_from_f32(y, i, x[i]);
+}
+
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, long long n) {
+  to_half(x, y, n);
+}
+
+extern "C" __global__ void f32_to_f16(const float* __restrict__ x, __half* __restrict__ y, long long n) {
+  to_half(x, y, n);
 }

@@ -49,11 +49,16 @@ pub struct OpenOptions {
     pub dtype: DType,
     /// A text-only program need not load the image tower, and vice versa.
     pub towers: Towers,
+    /// With `dtype` F32 on a GPU: the GEMMs on the TF32 tensor cores (inputs rounded to a 10-bit
+    /// mantissa, f32 accumulation, ~1e-3 relative) instead of exact FP32. Default off here (exact,
+    /// as the CPU); the CLI turns it on unless `--no-tf32`. No effect on the CPU, in bf16, or on
+    /// the emulator.
+    pub tf32: bool,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { device: DeviceChoice::Auto, dtype: DType::F32, towers: Towers::Both }
+        OpenOptions { device: DeviceChoice::Auto, dtype: DType::F32, towers: Towers::Both, tf32: false }
     }
 }
 
@@ -71,6 +76,11 @@ impl OpenOptions {
     /// These options loading only `t`.
     pub fn towers(mut self, t: Towers) -> Self {
         self.towers = t;
+        self
+    }
+    /// These options with f32 GEMMs in TF32 on a GPU (`on`) or exact FP32.
+    pub fn tf32(mut self, on: bool) -> Self {
+        self.tf32 = on;
         self
     }
 }
@@ -202,7 +212,7 @@ impl ClipModel {
         if opts.dtype == DType::F16 {
             return Err(Error::msg("dtype f16: inference computes in f32 or bf16 (use bf16)"));
         }
-        let cuda_ops = open_device(opts.device, opts.dtype)?;
+        let cuda_ops = open_device(opts.device, opts.dtype, opts.tf32)?;
         // On CUDA the host copy is only the source of the uploads (and the config): keep it f32.
         let host = if cuda_ops.is_some() { DType::F32 } else { opts.dtype };
         let parts = ClipParts::load(weights, config, opts.towers, &LoadOptions { dtype: host })?;
@@ -414,10 +424,16 @@ fn finish(data: Vec<f32>, rows: usize, d: usize, normalize: bool) -> Result<Embe
 }
 
 /// The GPU a request resolves to: `Cpu` → none; `Cuda` → device 0 or an error saying why not;
-/// `Auto` → device 0 when it opens and `dtype` runs there (f32, bf16), else none.
-pub fn open_device(d: DeviceChoice, dtype: DType) -> Result<Option<Box<dyn crate::cuda::DeviceOps>>> {
+/// `Auto` → device 0 when it opens and `dtype` runs there (f32, bf16), else none. With `tf32`
+/// and F32, the GPU's f32 GEMMs run in TF32 ([`crate::cuda::GpuOps::set_tf32`]).
+pub fn open_device(d: DeviceChoice, dtype: DType, tf32: bool) -> Result<Option<Box<dyn crate::cuda::DeviceOps>>> {
     // GpuOps::open probes the driver first, so no driver is an Err, never a panic.
-    let open = || crate::cuda::GpuOps::open().map(|g| Box::new(g) as Box<dyn crate::cuda::DeviceOps>);
+    let open = || {
+        crate::cuda::GpuOps::open().map(|mut g| {
+            g.set_tf32(tf32 && dtype == DType::F32);
+            Box::new(g) as Box<dyn crate::cuda::DeviceOps>
+        })
+    };
     match d {
         DeviceChoice::Cpu => Ok(None),
         DeviceChoice::Auto if dtype == DType::F16 => Ok(None),

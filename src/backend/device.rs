@@ -5,22 +5,52 @@
 //! row gathers and the patch/class/position assembly. Packed sequences run the variable-length
 //! attention kernels (cu_seqlens): one launch, no padding computed. All launches are queued on one stream;
 //! [`Ops::download`] is the only synchronisation.
+//!
+//! Mixed precision (towers with bf16/f16 weight copies, f32 masters): activations stay f32
+//! buffers, and the kernels that produce a half GEMM's input — LayerNorm (h1 for q, k, v; h2 for
+//! fc1; the final norms for the projections) and bias + activation (m for fc2) — also write it
+//! rounded to the towers' format next to the f32 values ([`Buf::half`]), so q, k and v read one
+//! conversion made by the norm itself and no Linear converts its own input. Other inputs (the
+//! attention output, the gradients dY) are converted once per use into unzeroed scratch. Every
+//! forward and backward GEMM of a half Linear runs on half inputs with f32 accumulation
+//! ([`DeviceOps::gemm_half`]): y = x·Wᵀ + b and dX = dY·W from the half weight copy, dW = dYᵀ·X
+//! from the half activations into f32 gradients for the f32 masters. The format is the one of the
+//! half weights made by [`Ops::weight`] (the first such weight sets it).
 use super::{Act, Ops, Seqs, Weight};
 use crate::cuda::attention::{attention_bwd_launch, attention_fwd_launch, attention_varlen_launch, KernelLaunch};
-use crate::cuda::train_ops::{axpy, col_sums, copy, grid, ln_cfg};
-use crate::cuda::{Buf, DeviceOps, KernelArgs, LaunchCfg};
+use crate::cuda::train_ops::{axpy, bias_act_cfg, col_sums, copy, grid, ln_bwd_cfg, ln_cfg, reduce_parts, to_half, vec4};
+use crate::cuda::{Buf, DeviceOps, KernelArgs};
 use crate::error::Result;
 use crate::ops::attention::AttnShape;
 use crate::tensor::DType;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// A device and the operations the model runs on it.
 pub struct Device {
     ops: Box<dyn DeviceOps>,
+    /// The format of the half weight copies (0 none, 1 bf16, 2 f16): the kernels that feed their
+    /// GEMMs also write their output in it.
+    half: AtomicU8,
 }
 
 impl Device {
     pub fn new(ops: Box<dyn DeviceOps>) -> Device {
-        Device { ops }
+        Device { ops, half: AtomicU8::new(0) }
+    }
+    /// The format the towers' half GEMMs read, once a half weight exists.
+    fn act_half(&self) -> Option<DType> {
+        match self.half.load(Ordering::Relaxed) {
+            1 => Some(DType::BF16),
+            2 => Some(DType::F16),
+            _ => None,
+        }
+    }
+    /// x's packed `dt` copy: the one its producer wrote, else a fresh conversion of `n` values.
+    fn half_of<'a>(&self, x: &'a Buf, dt: DType, n: usize) -> Result<HalfIn<'a>> {
+        Ok(match x.half(dt) {
+            Some(h) => HalfIn::Kept(h),
+            None => HalfIn::Made(to_half(&*self.ops, dt, x, n)?),
+        })
     }
     /// The driver-level operations (kernel launches, raw GEMMs).
     pub fn raw(&self) -> &dyn DeviceOps {
@@ -28,10 +58,11 @@ impl Device {
     }
 }
 
-fn act_kernels(a: Act) -> (&'static str, &'static str) {
+/// The `act` argument of the bias_act_*_f32v kernels.
+fn act_code(a: Act) -> i32 {
     match a {
-        Act::QuickGelu => ("bias_quick_gelu_fwd_f32", "bias_quick_gelu_bwd_f32"),
-        Act::Gelu => ("bias_gelu_fwd_f32", "bias_gelu_bwd_f32"),
+        Act::QuickGelu => 0,
+        Act::Gelu => 1,
     }
 }
 
@@ -79,6 +110,34 @@ impl Device {
     }
 }
 
+/// A half GEMM input: kept next to its f32 values, or converted for this use.
+enum HalfIn<'a> {
+    Kept(&'a Buf),
+    Made(Buf),
+}
+
+impl std::ops::Deref for HalfIn<'_> {
+    type Target = Buf;
+    fn deref(&self) -> &Buf {
+        match self {
+            HalfIn::Kept(b) => b,
+            HalfIn::Made(b) => b,
+        }
+    }
+}
+
+/// The LayerNorm forward kernel: f32, or f32 with the half copy for the next GEMM.
+fn ln_kernel(residual: bool, half: Option<DType>) -> &'static str {
+    match (residual, half) {
+        (false, None) => "layernorm_fwd_f32",
+        (false, Some(DType::F16)) => "layernorm_fwd_f32_hf16",
+        (false, Some(_)) => "layernorm_fwd_f32_hbf16",
+        (true, None) => "residual_layernorm_fwd_f32",
+        (true, Some(DType::F16)) => "residual_layernorm_fwd_f32_hf16",
+        (true, Some(_)) => "residual_layernorm_fwd_f32_hbf16",
+    }
+}
+
 fn indices(rows: &[usize]) -> Result<Vec<i32>> {
     rows.iter().map(|&r| i32::try_from(r).map_err(|_| crate::shape_err!("row index {r} beyond i32"))).collect()
 }
@@ -101,22 +160,22 @@ impl Ops for Device {
         self.ops.alloc(n)
     }
     fn weight(&self, w: Buf, n: usize, k: usize, dtype: DType) -> Result<Weight<Device>> {
-        let kernel = match dtype {
-            DType::F32 => return Ok(Weight { w, half: None, n, k }),
-            DType::BF16 => "f32_to_bf16",
-            DType::F16 => "f32_to_f16",
-        };
+        if dtype == DType::F32 {
+            return Ok(Weight { w, half: None, n, k });
+        }
+        self.half.store(if dtype == DType::F16 { 2 } else { 1 }, Ordering::Relaxed);
         // the 16-bit copy made on the device (two values per 4-byte element, as upload_bf16 packs)
-        let half = self.ops.alloc((n * k).div_ceil(2))?;
-        self.ops.launch(kernel, grid(n * k), &mut KernelArgs::new().ptr(w.ptr()).ptr(half.ptr()).i32((n * k) as i32))?;
+        let half = to_half(&*self.ops, dtype, &w, n * k)?;
         Ok(Weight { w, half: Some((dtype, half)), n, k })
     }
 
     fn linear(&self, x: &Buf, w: &Weight<Device>, bias: Option<&Buf>, m: usize) -> Result<Buf> {
         let y = self.ops.alloc_uninit(m * w.n)?; // [m, n]
         match &w.half {
-            Some((DType::BF16, h)) => self.ops.linear_bf16(x, h, bias, &y, m, w.n, w.k)?,
-            Some((_, h)) => self.ops.linear_f16(x, h, bias, &y, m, w.n, w.k)?,
+            Some((dt, h)) => {
+                let xh = self.half_of(x, *dt, m * w.k)?; // [m, k] halves
+                self.ops.gemm_half(*dt, &xh, h, bias, &y, m, w.n, w.k, false, true, 0.0)?
+            }
             None => self.ops.linear(x, &w.w, bias, &y, m, w.n, w.k)?,
         }
         Ok(y)
@@ -124,49 +183,72 @@ impl Ops for Device {
 
     fn linear_bwd(&self, dy: &Buf, x: &Buf, w: &Weight<Device>, m: usize, dx: &mut Buf, accumulate: bool, bias: bool) -> Result<(Buf, Option<Buf>)> {
         let (n, k) = (w.n, w.k);
-        self.ops.gemm(dy, &w.w, dx, m, k, n, false, false, if accumulate { 1.0 } else { 0.0 })?; // dx (+)= dy·W
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        dx.clear_half();
         let dw = self.ops.alloc_uninit(n * k)?;
-        self.ops.gemm(dy, x, &dw, n, k, m, true, false, 0.0)?; // dW = dyᵀ·x (C not read with beta 0)
+        match &w.half {
+            Some((dt, h)) => {
+                let dyh = to_half(&*self.ops, *dt, dy, m * n)?; // [m, n] halves, for both GEMMs
+                self.ops.gemm_half(*dt, &dyh, h, None, dx, m, k, n, false, false, beta)?; // dx (+)= dy·W, half W
+                let xh = self.half_of(x, *dt, m * k)?; // [m, k]
+                self.ops.gemm_half(*dt, &dyh, &xh, None, &dw, n, k, m, true, false, 0.0)?; // dW = dyᵀ·x in f32
+            }
+            None => {
+                self.ops.gemm(dy, &w.w, dx, m, k, n, false, false, beta)?; // dx (+)= dy·W
+                self.ops.gemm(dy, x, &dw, n, k, m, true, false, 0.0)?; // dW = dyᵀ·x (C not read with beta 0)
+            }
+        }
         let db = if bias { Some(col_sums(&*self.ops, dy, m, n)?) } else { None };
         Ok((dw, db))
     }
 
     fn layernorm(&self, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
-        let (y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?); // stats: mean [rows], rstd [rows]
-        let mut a = KernelArgs::new()
-            .ptr(x.ptr())
-            .ptr(g.ptr())
-            .ptr(b.ptr())
-            .ptr(y.ptr())
+        let (mut y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?); // stats: mean [rows], rstd [rows]
+        let half = self.act_half();
+        let yh = half.map(|_| self.ops.alloc_uninit((rows * w).div_ceil(2))).transpose()?; // [rows, w] halves
+        let mut a = KernelArgs::new().ptr(x.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr());
+        if let Some(h) = &yh {
+            a = a.ptr(h.ptr());
+        }
+        let mut a = a
             .ptr(st.ptr())
             .ptr(st.ptr() + 4 * rows as u64)
             .i32(rows as i32)
             .i32(w as i32)
             .f32(eps);
-        self.ops.launch("layernorm_fwd_f32", ln_cfg(rows), &mut a)?;
+        self.ops.launch(ln_kernel(false, half), ln_cfg(rows), &mut a)?;
+        if let (Some(dt), Some(h)) = (half, yh) {
+            y.set_half(dt, h);
+        }
         Ok((y, st))
     }
 
     fn add_layernorm(&self, x: &mut Buf, f: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
-        let (y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?);
-        let mut a = KernelArgs::new()
-            .ptr(x.ptr())
-            .ptr(f.ptr())
-            .ptr(g.ptr())
-            .ptr(b.ptr())
-            .ptr(y.ptr())
+        let (mut y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?);
+        let half = self.act_half();
+        let yh = half.map(|_| self.ops.alloc_uninit((rows * w).div_ceil(2))).transpose()?; // [rows, w] halves
+        x.clear_half(); // x += f below
+        let mut a = KernelArgs::new().ptr(x.ptr()).ptr(f.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr());
+        if let Some(h) = &yh {
+            a = a.ptr(h.ptr());
+        }
+        let mut a = a
             .ptr(st.ptr())
             .ptr(st.ptr() + 4 * rows as u64)
             .i32(rows as i32)
             .i32(w as i32)
             .f32(eps);
-        self.ops.launch("residual_layernorm_fwd_f32", ln_cfg(rows), &mut a)?;
+        self.ops.launch(ln_kernel(true, half), ln_cfg(rows), &mut a)?;
+        if let (Some(dt), Some(h)) = (half, yh) {
+            y.set_half(dt, h);
+        }
         Ok((y, st))
     }
 
     fn layernorm_bwd(&self, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, rows: usize, w: usize, _eps: f32) -> Result<(Buf, Buf, Buf)> {
         let ops = &*self.ops;
-        let parts = rows.clamp(1, 8);
+        let cfg = ln_bwd_cfg(rows); // row chunks for ≥ 1 wave at real shapes
+        let parts = cfg.grid.0 as usize;
         let (dx, pg, pb) = (ops.alloc_uninit(rows * w)?, ops.alloc_uninit(parts * w)?, ops.alloc_uninit(parts * w)?);
         let mut a = KernelArgs::new()
             .ptr(dy.ptr())
@@ -179,28 +261,47 @@ impl Ops for Device {
             .ptr(pb.ptr())
             .i32(rows as i32)
             .i32(w as i32);
-        ops.launch("layernorm_bwd_f32", LaunchCfg::new((parts as u32, 1, 1), (128, 1, 1), 0), &mut a)?;
-        let (dg, db) = (ops.alloc_uninit(w)?, ops.alloc_uninit(w)?);
-        let mut a = KernelArgs::new().ptr(pg.ptr()).ptr(pb.ptr()).ptr(dg.ptr()).ptr(db.ptr()).i32(parts as i32).i32(w as i32);
-        ops.launch("layernorm_bwd_reduce_f32", LaunchCfg::new((w.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0), &mut a)?;
-        Ok((dx, dg, db))
+        ops.launch("layernorm_bwd_f32", cfg, &mut a)?;
+        Ok((dx, reduce_parts(ops, &pg, parts, w)?, reduce_parts(ops, &pb, parts, w)?)) // fixed-order sums of the chunks
+
     }
 
-    fn bias_act(&self, u: Buf, bias: &Buf, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Buf, Option<Buf>)> {
+    fn bias_act(&self, mut u: Buf, bias: &Buf, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Buf, Option<Buf>)> {
         let pre = if keep_pre { Some(self.ops.alloc_uninit(rows * n)?) } else { None };
-        let g = rows.clamp(1, 64) as u32;
-        let mut a = KernelArgs::new().ptr(u.ptr()).ptr(bias.ptr()).ptr(pre.as_ref().map_or(0, |p| p.ptr())).i32(rows as i32).i32(n as i32);
-        self.ops.launch(act_kernels(act).0, LaunchCfg::new((n.div_ceil(256) as u32, g, 1), (256, 1, 1), 0), &mut a)?; // u = act(u + bias) in place
+        let half = self.act_half();
+        let uh = half.map(|_| self.ops.alloc_uninit((rows * n).div_ceil(2))).transpose()?; // [rows, n] halves
+        let pre_ptr = pre.as_ref().map_or(0, |p| p.ptr());
+        let vec = vec4(n, &[u.ptr(), bias.ptr(), pre_ptr]) && uh.as_ref().is_none_or(|h| h.ptr() % 8 == 0);
+        let kernel = match half {
+            None => "bias_act_fwd_f32v",
+            Some(DType::F16) => "bias_act_fwd_f32_hf16",
+            Some(_) => "bias_act_fwd_f32_hbf16",
+        };
+        let mut a = KernelArgs::new().ptr(u.ptr()).ptr(bias.ptr()).ptr(pre_ptr);
+        if let Some(h) = &uh {
+            a = a.ptr(h.ptr());
+        }
+        let mut a = a.i32(rows as i32).i32(n as i32).i32(act_code(act)).i32(vec as i32);
+        self.ops.launch(kernel, bias_act_cfg(rows, n, vec), &mut a)?; // u = act(u + bias) in place (+ its half copy)
+        u.clear_half();
+        if let (Some(dt), Some(h)) = (half, uh) {
+            u.set_half(dt, h);
+        }
         Ok((u, pre))
     }
 
     fn bias_act_bwd(&self, dout: &Buf, pre: &Buf, rows: usize, n: usize, act: Act) -> Result<(Buf, Buf)> {
         let du = self.ops.alloc_uninit(rows * n)?;
-        let g = rows.clamp(1, 64);
-        let partial = self.ops.alloc_uninit(g * n)?;
-        let mut a = KernelArgs::new().ptr(dout.ptr()).ptr(pre.ptr()).ptr(du.ptr()).ptr(partial.ptr()).i32(rows as i32).i32(n as i32);
-        self.ops.launch(act_kernels(act).1, LaunchCfg::new((n.div_ceil(256) as u32, g as u32, 1), (256, 1, 1), 0), &mut a)?;
-        Ok((du, col_sums(&*self.ops, &partial, g, n)?))
+        let vec = vec4(n, &[dout.ptr(), pre.ptr(), du.ptr()]);
+        let cfg = bias_act_cfg(rows, n, vec);
+        let parts = cfg.grid.1 as usize;
+        let partial = self.ops.alloc_uninit(parts * n)?; // [parts, n]: every column of every chunk written
+        if vec && partial.ptr() % 16 != 0 {
+            return Err(crate::error::Error::device("bias_act_bwd: unaligned scratch"));
+        }
+        let mut a = KernelArgs::new().ptr(dout.ptr()).ptr(pre.ptr()).ptr(du.ptr()).ptr(partial.ptr()).i32(rows as i32).i32(n as i32).i32(act_code(act)).i32(vec as i32);
+        self.ops.launch("bias_act_bwd_f32v", cfg, &mut a)?;
+        Ok((du, reduce_parts(&*self.ops, &partial, parts, n)?))
     }
 
     fn attention(&self, q: &Buf, k: &Buf, v: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf)> {
@@ -228,6 +329,7 @@ impl Ops for Device {
         copy(&*self.ops, x, n)
     }
     fn axpy(&self, y: &mut Buf, x: &Buf, alpha: f32, n: usize) -> Result<()> {
+        y.clear_half();
         axpy(&*self.ops, y, x, alpha, n)
     }
 
@@ -285,6 +387,7 @@ impl Ops for Device {
         let (order, starts, uniq) = crate::ops::embedding::group_by_id(&ids);
         let u = uniq.len();
         let (order, starts, uniq) = (self.ops.upload_i32(&order)?, self.ops.upload_i32(&starts)?, self.ops.upload_i32(&uniq)?);
+        table.clear_half();
         let mut a = KernelArgs::new().ptr(dx.ptr()).ptr(order.ptr()).ptr(starts.ptr()).ptr(uniq.ptr()).ptr(table.ptr()).i32(u as i32).i32(w as i32);
         self.ops.launch("embedding_bwd_rows_f32", grid(u * w), &mut a)
     }

@@ -69,6 +69,9 @@ pub struct BenchCompute {
     /// (half-precision forward GEMMs, f32 master weights)
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// With --dtype f32 on CUDA: exact FP32 GEMMs instead of the TF32 tensor cores (the default for inference; fine-tuning stays exact FP32)
+    #[arg(long)]
+    pub no_tf32: bool,
 }
 
 /// `b` token sequences of `len` tokens: start, random ids, end (seeded).
@@ -155,7 +158,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.batch == 0 {
         return Err(Error::msg("--batch must be at least 1"));
     }
-    let opts = super::common::open_options(towers, super::Compute { device: a.compute.device, dtype: a.compute.dtype })?;
+    let opts = super::common::open_options(towers, super::Compute { device: a.compute.device, dtype: a.compute.dtype, no_tf32: a.compute.no_tf32 })?;
     let (model, source) = match &a.model {
         Some(dir) => (ClipModel::open(dir, &opts)?, dir.display().to_string()),
         None => {

@@ -19,7 +19,7 @@ pub fn open_options(towers: Towers, compute: Compute) -> Result<OpenOptions> {
         super::DeviceArg::Cpu => DeviceChoice::Cpu,
         super::DeviceArg::Cuda => DeviceChoice::Cuda,
     };
-    Ok(OpenOptions { device, dtype: compute.dtype.dtype()?, towers })
+    Ok(OpenOptions { device, dtype: compute.dtype.dtype()?, towers, tf32: !compute.no_tf32 })
 }
 
 /// Opens the model; with the image tower, checks its preprocessing up front (and notes a

@@ -62,6 +62,9 @@ pub struct Compute {
     /// Compute precision: f32 or bf16 (bf16 Linear weights, GEMM inputs rounded to bf16, f32 accumulation: AVX512-BF16 on the CPU, cuBLASLt tensor cores on CUDA)
     #[arg(long, default_value = "f32", value_parser = inference_dtype())]
     pub dtype: DtypeArg,
+    /// With --dtype f32 on CUDA: exact FP32 GEMMs instead of the TF32 tensor cores (TF32: inputs rounded to a 10-bit mantissa, f32 accumulation, ~1e-3 relative; the default). No effect on the CPU or in bf16
+    #[arg(long)]
+    pub no_tf32: bool,
 }
 
 /// The precisions the inference towers compute in: f32 and bf16 (f16 only trains, on CUDA).

@@ -29,6 +29,9 @@ pub struct Buf {
     ptr: u64,
     len: usize,
     _store: Store,
+    /// The same values rounded to bf16/f16 and packed ([`DeviceOps::upload_bf16`] layout), when
+    /// the kernel that wrote them also wrote the next half GEMM's input (see [`Buf::half`]).
+    half: Option<Box<(DType, Buf)>>,
 }
 
 enum Store {
@@ -50,6 +53,20 @@ impl Buf {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+    /// The packed `dt` copy of these values a kernel wrote next to them (LayerNorm, bias +
+    /// activation), if any: the input of the next half-precision GEMM, no conversion pass needed.
+    /// Whoever changes the values in place drops it ([`Buf::clear_half`]).
+    pub fn half(&self, dt: DType) -> Option<&Buf> {
+        self.half.as_deref().filter(|h| h.0 == dt).map(|h| &h.1)
+    }
+    /// Attaches the packed `dt` copy of these values.
+    pub fn set_half(&mut self, dt: DType, h: Buf) {
+        self.half = Some(Box::new((dt, h)));
+    }
+    /// Drops the half copy (the values are about to change).
+    pub fn clear_half(&mut self) {
+        self.half = None;
     }
 }
 
@@ -100,6 +117,52 @@ pub trait DeviceOps {
     /// (`[n×k]` if `tb`): the backward GEMMs of training (dX = dY·W, dW += dYᵀ·X with beta 1).
     #[allow(clippy::too_many_arguments)]
     fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()>;
+    /// [`DeviceOps::gemm`] with A and B packed `dt` values (bf16 or f16, [`DeviceOps::upload_bf16`]
+    /// layout) and an optional f32 `bias[n]` added to every row: products of half values
+    /// accumulated in f32, f32 C (`C = op(A)·op(B) (+ bias) + beta·C`). The half towers' forward
+    /// Linear (x·Wᵀ + b from the half copies) and backward GEMMs (dX = dY·W from the half weight
+    /// copy, dW = dYᵀ·X from half activations); cuBLASLt CUDA_R_16BF/16F with CUBLAS_COMPUTE_32F
+    /// on a GPU, `gemm_bf16`/`gemm_f16` of kernels/matmul.cu (the same arithmetic) on the emulator.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_half(&self, dt: DType, a: &Buf, b: &Buf, bias: Option<&Buf>, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()>;
+}
+
+/// The `gemm_bf16` / `gemm_f16` kernel (kernels/matmul.cu) for [`DeviceOps::gemm_half`]: its
+/// name, launch configuration and arguments, after the buffer sizes are checked.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_half_launch(
+    dt: DType,
+    a: &Buf,
+    b: &Buf,
+    bias: Option<&Buf>,
+    c: &Buf,
+    (m, n, k): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+    beta: f32,
+) -> Result<(&'static str, LaunchCfg, KernelArgs)> {
+    let kernel = match dt {
+        DType::BF16 => "gemm_bf16",
+        DType::F16 => "gemm_f16",
+        DType::F32 => return Err(Error::msg("gemm_half: the inputs must be bf16 or f16, not f32")),
+    };
+    if m == 0 || n == 0 || k == 0 || a.len * 2 < m * k || b.len * 2 < k * n || c.len < m * n || bias.is_some_and(|x| x.len < n) {
+        return Err(crate::shape_err!("gemm_half m {m}, n {n}, k {k}: empty problem or buffers too small (a {}, b {}, c {})", a.len, b.len, c.len));
+    }
+    let (cfg, _) = linear_kernel_launch(0, 0, None, 0, m, n, k)?;
+    let args = KernelArgs::new()
+        .ptr(a.ptr)
+        .ptr(b.ptr)
+        .ptr(bias.map_or(0, |x| x.ptr))
+        .ptr(c.ptr)
+        .i32(m as i32)
+        .i32(n as i32)
+        .i32(k as i32)
+        .i32(ta as i32)
+        .i32(tb as i32)
+        .f32(1.0)
+        .f32(beta);
+    Ok((kernel, cfg, args))
 }
 
 /// The `gemm_f32` kernel (kernels/matmul.cu): its launch configuration and arguments.
@@ -157,7 +220,7 @@ impl DeviceOps for EmuOps {
     }
     fn upload(&self, data: &[f32]) -> Result<Buf> {
         let mut v = data.to_vec();
-        Ok(Buf { ptr: v.as_mut_ptr() as u64, len: v.len(), _store: Store::Host(v) })
+        Ok(Buf { ptr: v.as_mut_ptr() as u64, len: v.len(), _store: Store::Host(v), half: None })
     }
     fn download(&self, b: &Buf) -> Result<Vec<f32>> {
         match &b._store {
@@ -187,6 +250,10 @@ impl DeviceOps for EmuOps {
         let (cfg, mut args) = gemm_kernel_launch(a, b, c, m, n, k, ta, tb, beta)?;
         self.launch("gemm_f32", cfg, &mut args)
     }
+    fn gemm_half(&self, dt: DType, a: &Buf, b: &Buf, bias: Option<&Buf>, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
+        let (kernel, cfg, mut args) = gemm_half_launch(dt, a, b, bias, c, (m, n, k), ta, tb, beta)?;
+        self.launch(kernel, cfg, &mut args)
+    }
 }
 
 /// A real GPU: pooled device buffers and pinned staging on the compute stream, the production
@@ -198,6 +265,8 @@ pub struct GpuOps {
     pool: Arc<CudaPool>,
     up: Mutex<StagingPool>,
     down: Mutex<StagingPool>,
+    /// f32 GEMMs in TF32 ([`GpuOps::set_tf32`]).
+    tf32: bool,
 }
 
 impl GpuOps {
@@ -219,52 +288,50 @@ impl GpuOps {
             down: Mutex::new(StagingPool::new(ctx, StagingKind::Download)),
             gpu,
             gemm,
+            tf32: false,
         })
     }
     pub fn gpu(&self) -> &super::table::Gpu {
         &self.gpu
     }
+    /// f32 GEMMs on the TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32: 10-bit mantissa inputs,
+    /// f32 accumulation, ~1e-3 relative) instead of exact FP32, the default of [`GpuOps::open`].
+    /// `--dtype f32` commands turn it on unless `--no-tf32`; half GEMMs are unaffected, and so is
+    /// the emulator (exact f32 always) and the matmul.cu fallback without cuBLASLt.
+    pub fn set_tf32(&mut self, on: bool) {
+        if let Some(g) = &mut self.gemm {
+            g.set_allow_tf32(on);
+        }
+        self.tf32 = on && self.gemm.is_some();
+    }
     /// The caching allocator's counters (hits, misses, bytes in use and cached).
     pub fn pool_stats(&self) -> super::PoolStats {
         self.pool.stats()
     }
-    /// Linear with half-precision weights (bf16 or f16): x converted into a pooled scratch buffer,
-    /// then one cuBLASLt GEMM (f32 accumulation, f32 bias and output); the tiled kernel without
-    /// cuBLASLt.
+    /// Linear with half-precision weights (bf16 or f16): x converted into a pooled scratch buffer
+    /// (not zeroed: the conversion writes all of it; 64-bit sizes), then [`DeviceOps::gemm_half`].
     fn linear_half(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, (m, n, k): (usize, usize, usize), dt: DType) -> Result<()> {
-        let (convert, fallback) = match dt {
-            DType::BF16 => ("f32_to_bf16", "linear_bf16w"),
-            DType::F16 => ("f32_to_f16", "linear_f16w"),
-            DType::F32 => return Err(Error::msg("linear_half: the weights must be bf16 or f16, not f32")),
-        };
         check_linear_w(x, w, bias, y, m, n, k, 2)?;
-        if m * k > i32::MAX as usize {
-            return Err(crate::shape_err!("linear ({dt:?} weights): m·k = {} exceeds the conversion kernel's int range", m * k));
-        }
-        let Some(g) = &self.gemm else {
-            let (cfg, mut args) = linear_kernel_launch(x.ptr, w.ptr, bias.map(|b| b.ptr), y.ptr, m, n, k)?;
-            return self.launch(fallback, cfg, &mut args);
-        };
-        let xb = self.alloc((m * k).div_ceil(2))?;
-        let blocks = (m * k).div_ceil(256).clamp(1, 16_384) as u32;
-        let mut a = KernelArgs::new().ptr(x.ptr).ptr(xb.ptr).i32((m * k) as i32);
-        self.launch(convert, LaunchCfg::new((blocks, 1, 1), (256, 1, 1), 0), &mut a)?;
-        let d = GemmDesc { out_dtype: DType::F32, ..GemmDesc::linear(m, n, k, dt, bias.is_some()) };
-        g.run(&d, xb.ptr, w.ptr, y.ptr, bias.map(|b| b.ptr))
-        // xb goes back to the pool when it drops; the pool's reuse is ordered on this stream
+        let xh = super::train_ops::to_half(self, dt, x, m * k)?; // [m, k] packed halves
+        self.gemm_half(dt, &xh, w, bias, y, m, n, k, false, true, 0.0)
+        // xh goes back to the pool when it drops; the pool's reuse is ordered on this stream
     }
 
     /// An uninitialised pooled buffer of `n` 4-byte elements.
     fn block(&self, n: usize) -> Result<Buf> {
         let b = self.pool.alloc(n.max(1) * 4)?;
-        Ok(Buf { ptr: b.ptr(), len: n, _store: Store::Device(b) })
+        Ok(Buf { ptr: b.ptr(), len: n, _store: Store::Device(b), half: None })
     }
 }
 
 impl DeviceOps for GpuOps {
     fn describe(&self) -> String {
         let d = &self.gpu.device;
-        let gemm = if self.gemm.is_some() { "cuBLASLt" } else { "linear_f32 kernel" };
+        let gemm = match (&self.gemm, self.tf32) {
+            (Some(_), true) => "cuBLASLt, f32 in TF32",
+            (Some(_), false) => "cuBLASLt",
+            (None, _) => "linear_f32 kernel",
+        };
         format!("cuda:{} {} (sm_{}, GEMMs: {gemm})", d.ordinal(), d.name(), d.sm())
     }
     fn alloc_uninit(&self, n: usize) -> Result<Buf> {
@@ -325,6 +392,18 @@ impl DeviceOps for GpuOps {
         match &self.gemm {
             Some(g) => g.run(&GemmDesc { beta, ..GemmDesc::batched(1, m, n, k, ta, tb, DType::F32) }, a.ptr, b.ptr, c.ptr, None),
             None => self.launch("gemm_f32", cfg, &mut args),
+        }
+    }
+    /// cuBLASLt on CUDA_R_16BF / CUDA_R_16F inputs, CUBLAS_COMPUTE_32F, f32 C with beta and the
+    /// bias epilogue; `gemm_bf16` / `gemm_f16` without cuBLASLt.
+    fn gemm_half(&self, dt: DType, a: &Buf, b: &Buf, bias: Option<&Buf>, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
+        let (kernel, cfg, mut args) = gemm_half_launch(dt, a, b, bias, c, (m, n, k), ta, tb, beta)?;
+        match &self.gemm {
+            Some(g) => {
+                let d = GemmDesc { beta, bias: bias.is_some(), out_dtype: DType::F32, ..GemmDesc::batched(1, m, n, k, ta, tb, dt) };
+                g.run(&d, a.ptr, b.ptr, c.ptr, bias.map(|x| x.ptr))
+            }
+            None => self.launch(kernel, cfg, &mut args),
         }
     }
 }

@@ -12,7 +12,11 @@ use std::sync::Arc;
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
     Buf(usize),
+    /// A NULL pointer (an optional buffer left out).
+    Null,
     I32(i32),
+    /// A 64-bit count (`long long` in the kernel).
+    I64(i64),
     F32(f32),
 }
 
@@ -68,7 +72,9 @@ impl KernelCase {
         for arg in &self.args {
             a = match *arg {
                 Arg::Buf(i) => a.ptr(ptrs[i]),
+                Arg::Null => a.ptr(0),
                 Arg::I32(v) => a.i32(v),
+                Arg::I64(v) => a.i64(v),
                 Arg::F32(v) => a.f32(v),
             };
         }
