@@ -552,7 +552,7 @@ fn half_table() -> Vec<HalfRow> {
             for half in [None, Some(false), Some(true)] {
                 t.push(bias_act_v_row(r, n, act, parts, half));
             }
-            t.push(HalfRow { row: bias_act_bwd_v_row(r, n, act, parts), halves: vec![] });
+            t.push(HalfRow { row: bias_act_bwd_v_row(r, n, act, parts as usize), halves: vec![] });
         }
     }
     for (rows, n, parts) in [(1, 1, 1), (7, 65, 3), (45, 65, 2), (45, 768, 45), (300, 33, 9)] {

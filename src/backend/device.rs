@@ -292,13 +292,14 @@ impl Ops for Device {
 
     fn bias_act_bwd(&self, dout: &Buf, pre: &Buf, rows: usize, n: usize, act: Act) -> Result<(Buf, Buf)> {
         let du = self.ops.alloc_uninit(rows * n)?;
-        let vec = vec4(n, &[dout.ptr(), pre.ptr(), du.ptr()]);
-        let cfg = bias_act_cfg(rows, n, vec);
-        let parts = cfg.grid.1 as usize;
-        let partial = self.ops.alloc_uninit(parts * n)?; // [parts, n]: every column of every chunk written
+        let mut vec = vec4(n, &[dout.ptr(), pre.ptr(), du.ptr()]);
+        let mut cfg = bias_act_cfg(rows, n, vec);
+        let mut partial = self.ops.alloc_uninit(cfg.grid.1 as usize * n)?; // [parts, n]: every column of every chunk written
         if vec && partial.ptr() % 16 != 0 {
-            return Err(crate::error::Error::device("bias_act_bwd: unaligned scratch"));
+            (vec, cfg) = (false, bias_act_cfg(rows, n, false));
+            partial = self.ops.alloc_uninit(cfg.grid.1 as usize * n)?;
         }
+        let parts = cfg.grid.1 as usize;
         let mut a = KernelArgs::new().ptr(dout.ptr()).ptr(pre.ptr()).ptr(du.ptr()).ptr(partial.ptr()).i32(rows as i32).i32(n as i32).i32(act_code(act)).i32(vec as i32);
         self.ops.launch("bias_act_bwd_f32v", cfg, &mut a)?;
         Ok((du, reduce_parts(&*self.ops, &partial, parts, n)?))
