@@ -139,18 +139,19 @@ mod tests {
         assert_eq!(blocks(ln_bwd_cfg(7)), 1);
     }
 
-    /// The conversion of ViT-L/14's MLP input at batch 2040 (m·k > 2³¹) plans with a 64-bit count.
+    /// The conversion of ViT-L/14's MLP input at batch 2048 (m·k > 2³¹; the old int path refused batch ≥ 2041)
+    /// plans with a 64-bit count.
     #[test]
     fn half_conversion_sizes_are_64_bit() {
-        let n = 2040 * 257 * 4096;
+        let n = 2048 * 257 * 4096;
         assert!(n > i32::MAX as usize);
         let (kernel, cfg, args) = to_half_launch(DType::BF16, 0, 0, n).unwrap();
         assert_eq!(kernel, "f32_to_bf16");
         assert_eq!(cfg.grid.0, 16_384);
         assert_eq!(args.len(), 3);
         assert!(to_half_launch(DType::F32, 0, 0, 4).is_err());
-        // the GEMM plan of that Linear (fc2: m = 2040·257, k = 4096) is 64-bit too
-        let d = crate::cuda::GemmDesc { out_dtype: DType::F32, ..crate::cuda::GemmDesc::linear(2040 * 257, 1024, 4096, DType::BF16, true) };
+        // the GEMM plan of that Linear (fc2: m = 2048·257, k = 4096) is 64-bit too
+        let d = crate::cuda::GemmDesc { out_dtype: DType::F32, ..crate::cuda::GemmDesc::linear(2048 * 257, 1024, 4096, DType::BF16, true) };
         assert!(crate::cuda::gemm::plan(&d).is_ok());
     }
 }
