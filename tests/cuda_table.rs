@@ -443,7 +443,7 @@ fn bias_act_v_row(rows: usize, n: usize, act: Unary, parts: u32, half: Option<bo
     let b = common::randn(n, 72);
     let pre: Vec<f32> = y.iter().enumerate().map(|(i, v)| v + b[i % n]).collect();
     let out: Vec<f32> = pre.iter().map(|&v| act.eval_ref(v)).collect();
-    let vec = n % 4 == 0;
+    let vec = n.is_multiple_of(4);
     let cfg = LaunchCfg::new((n.div_ceil(if vec { 4 } else { 1 }).div_ceil(256) as u32, parts, 1), (256, 1, 1), 0);
     let mut buffers = vec![y, b, vec![f32::NAN; rows * n]];
     let mut args = vec![Arg::Buf(0), Arg::Buf(1), Arg::Buf(2)];
@@ -473,7 +473,7 @@ fn bias_act_bwd_v_row(rows: usize, n: usize, act: Unary, parts: usize) -> Row {
             (p * chunk..((p + 1) * chunk).min(rows)).map(|r| dpre[r * n + c] as f64).sum::<f64>() as f32
         })
         .collect();
-    let vec = n % 4 == 0;
+    let vec = n.is_multiple_of(4);
     let cfg = LaunchCfg::new((n.div_ceil(if vec { 4 } else { 1 }).div_ceil(256) as u32, parts as u32, 1), (256, 1, 1), 0);
     Row {
         case: KernelCase {

@@ -191,7 +191,8 @@ impl Ops for Device {
                 let dyh = to_half(&*self.ops, *dt, dy, m * n)?; // [m, n] halves, for both GEMMs
                 self.ops.gemm_half(*dt, &dyh, h, None, dx, m, k, n, false, false, beta)?; // dx (+)= dy·W, half W
                 let xh = self.half_of(x, *dt, m * k)?; // [m, k]
-                self.ops.gemm_half(*dt, &dyh, &xh, None, &dw, n, k, m, true, false, 0.0)?; // dW = dyᵀ·x in f32
+                self.ops.gemm_half(*dt, &dyh, &xh, None, &dw, n, k, m, true, false, 0.0)?;
+                // dW = dyᵀ·x in f32
             }
             None => {
                 self.ops.gemm(dy, &w.w, dx, m, k, n, false, false, beta)?; // dx (+)= dy·W
@@ -210,12 +211,7 @@ impl Ops for Device {
         if let Some(h) = &yh {
             a = a.ptr(h.ptr());
         }
-        let mut a = a
-            .ptr(st.ptr())
-            .ptr(st.ptr() + 4 * rows as u64)
-            .i32(rows as i32)
-            .i32(w as i32)
-            .f32(eps);
+        let mut a = a.ptr(st.ptr()).ptr(st.ptr() + 4 * rows as u64).i32(rows as i32).i32(w as i32).f32(eps);
         self.ops.launch(ln_kernel(false, half), ln_cfg(rows), &mut a)?;
         if let (Some(dt), Some(h)) = (half, yh) {
             y.set_half(dt, h);
@@ -232,12 +228,7 @@ impl Ops for Device {
         if let Some(h) = &yh {
             a = a.ptr(h.ptr());
         }
-        let mut a = a
-            .ptr(st.ptr())
-            .ptr(st.ptr() + 4 * rows as u64)
-            .i32(rows as i32)
-            .i32(w as i32)
-            .f32(eps);
+        let mut a = a.ptr(st.ptr()).ptr(st.ptr() + 4 * rows as u64).i32(rows as i32).i32(w as i32).f32(eps);
         self.ops.launch(ln_kernel(true, half), ln_cfg(rows), &mut a)?;
         if let (Some(dt), Some(h)) = (half, yh) {
             y.set_half(dt, h);
@@ -262,8 +253,8 @@ impl Ops for Device {
             .i32(rows as i32)
             .i32(w as i32);
         ops.launch("layernorm_bwd_f32", cfg, &mut a)?;
-        Ok((dx, reduce_parts(ops, &pg, parts, w)?, reduce_parts(ops, &pb, parts, w)?)) // fixed-order sums of the chunks
-
+        Ok((dx, reduce_parts(ops, &pg, parts, w)?, reduce_parts(ops, &pb, parts, w)?))
+        // fixed-order sums of the chunks
     }
 
     fn bias_act(&self, mut u: Buf, bias: &Buf, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Buf, Option<Buf>)> {
@@ -271,7 +262,7 @@ impl Ops for Device {
         let half = self.act_half();
         let uh = half.map(|_| self.ops.alloc_uninit((rows * n).div_ceil(2))).transpose()?; // [rows, n] halves
         let pre_ptr = pre.as_ref().map_or(0, |p| p.ptr());
-        let vec = vec4(n, &[u.ptr(), bias.ptr(), pre_ptr]) && uh.as_ref().is_none_or(|h| h.ptr() % 8 == 0);
+        let vec = vec4(n, &[u.ptr(), bias.ptr(), pre_ptr]) && uh.as_ref().is_none_or(|h| h.ptr().is_multiple_of(8));
         let kernel = match half {
             None => "bias_act_fwd_f32v",
             Some(DType::F16) => "bias_act_fwd_f32_hf16",
@@ -295,12 +286,13 @@ impl Ops for Device {
         let mut vec = vec4(n, &[dout.ptr(), pre.ptr(), du.ptr()]);
         let mut cfg = bias_act_cfg(rows, n, vec);
         let mut partial = self.ops.alloc_uninit(cfg.grid.1 as usize * n)?; // [parts, n]: every column of every chunk written
-        if vec && partial.ptr() % 16 != 0 {
+        if vec && !partial.ptr().is_multiple_of(16) {
             (vec, cfg) = (false, bias_act_cfg(rows, n, false));
             partial = self.ops.alloc_uninit(cfg.grid.1 as usize * n)?;
         }
         let parts = cfg.grid.1 as usize;
-        let mut a = KernelArgs::new().ptr(dout.ptr()).ptr(pre.ptr()).ptr(du.ptr()).ptr(partial.ptr()).i32(rows as i32).i32(n as i32).i32(act_code(act)).i32(vec as i32);
+        let mut a =
+            KernelArgs::new().ptr(dout.ptr()).ptr(pre.ptr()).ptr(du.ptr()).ptr(partial.ptr()).i32(rows as i32).i32(n as i32).i32(act_code(act)).i32(vec as i32);
         self.ops.launch("bias_act_bwd_f32v", cfg, &mut a)?;
         Ok((du, reduce_parts(&*self.ops, &partial, parts, n)?))
     }
@@ -398,5 +390,81 @@ impl Ops for Device {
         let mut a = KernelArgs::new().ptr(patches.ptr()).ptr(cls.ptr()).ptr(pos.ptr()).ptr(x.ptr()).i32(b as i32).i32(n as i32).i32(w as i32);
         self.ops.launch("vision_embed_assemble_f32", grid(b * (n + 1) * w), &mut a)?;
         Ok(x)
+    }
+}
+
+#[cfg(all(test, feature = "emu"))]
+mod tests {
+    use super::*;
+    use crate::cuda::EmuOps;
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+    fn r(v: f32, dt: DType) -> f64 {
+        if dt == DType::F16 {
+            half::f16::from_f32(v).to_f64()
+        } else {
+            half::bf16::from_f32(v).to_f64()
+        }
+    }
+    /// C[m×n] = A[m×k]·B[k×n] of f64 values.
+    fn mm(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
+        (0..m * n).map(|i| (0..k).map(|j| a[i / n * k + j] * b[j * n + i % n]).sum()).collect()
+    }
+    fn close(what: &str, got: &[f32], want: &[f64], k: usize) {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((*g as f64 - w).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + w.abs()), "{what}[{i}]: {g} vs {w}");
+        }
+    }
+
+    /// A half Linear's forward and both backward GEMMs read half inputs with f32 accumulation
+    /// (vs an f64 reference of the rounded values, and measurably not f32), whether x carries the
+    /// LayerNorm's half copy or is converted; an in-place change drops the copy.
+    #[test]
+    fn half_linear_forward_and_backward_round_their_inputs() {
+        let (m, n, k) = (13, 7, 37);
+        for dt in [DType::BF16, DType::F16] {
+            let dev = Device::new(Box::new(EmuOps));
+            let (wv, xv, dyv) = (lcg(n * k, 1), lcg(m * k, 2), lcg(m * n, 3));
+            let w = dev.weight(dev.upload(&wv).unwrap(), n, k, dt).unwrap();
+            let (g, b) = (dev.upload(&vec![1.0; k]).unwrap(), dev.upload(&vec![0.0; k]).unwrap());
+            let (mut h, _) = dev.layernorm(&dev.upload(&xv).unwrap(), &g, &b, m, k, 1e-5).unwrap();
+            assert!(h.half(dt).is_some(), "{dt:?}: the LayerNorm wrote no half copy");
+            let hv = dev.download(&h).unwrap();
+            let plain = dev.upload(&hv).unwrap(); // the same values without the copy
+            let (y1, y2) = (dev.linear(&h, &w, None, m).unwrap(), dev.linear(&plain, &w, None, m).unwrap());
+            let (hr, wr): (Vec<f64>, Vec<f64>) = (hv.iter().map(|&v| r(v, dt)).collect(), wv.iter().map(|&v| r(v, dt)).collect());
+            let wt: Vec<f64> = (0..k * n).map(|i| wr[i % n * k + i / n]).collect(); // Wᵀ [k, n]
+            let want = mm(&hr, &wt, m, n, k);
+            assert_eq!(dev.download(&y1).unwrap(), dev.download(&y2).unwrap(), "{dt:?}: kept and converted inputs differ");
+            close("y", &dev.download(&y1).unwrap(), &want, k);
+            // backward: dx = dy·W (half W), dW = dyᵀ·x (half x), f32 out
+            let dy = dev.upload(&dyv).unwrap();
+            let mut dx = dev.zeros(m * k).unwrap();
+            let (dw, db) = dev.linear_bwd(&dy, &h, &w, m, &mut dx, false, true).unwrap();
+            let dyr: Vec<f64> = dyv.iter().map(|&v| r(v, dt)).collect();
+            let dyt: Vec<f64> = (0..n * m).map(|i| dyr[i % m * n + i / m]).collect(); // dyᵀ [n, m]
+            let (dxv, dwv) = (dev.download(&dx).unwrap(), dev.download(&dw).unwrap());
+            close("dx", &dxv, &mm(&dyr, &wr, m, k, n), n);
+            close("dW", &dwv, &mm(&dyt, &hr, n, k, m), m);
+            let exact_dw =
+                mm(&(0..n * m).map(|i| dyv[i % m * n + i / m] as f64).collect::<Vec<_>>(), &hv.iter().map(|&v| v as f64).collect::<Vec<_>>(), n, k, m);
+            assert!(dwv.iter().zip(&exact_dw).any(|(g, e)| (*g as f64 - e).abs() > 1e-4 * (1.0 + e.abs())), "{dt:?}: dW looks like f32");
+            let dbv = dev.download(&db.unwrap()).unwrap();
+            close("db", &dbv, &(0..n).map(|c| (0..m).map(|i| dyv[i * n + c] as f64).sum()).collect::<Vec<_>>(), m);
+            // an in-place update drops the half copy: the next Linear reads the new values
+            dev.axpy(&mut h, &plain, 1.0, m * k).unwrap();
+            assert!(h.half(dt).is_none());
+            let y3 = dev.download(&dev.linear(&h, &w, None, m).unwrap()).unwrap();
+            let hr2: Vec<f64> = hv.iter().map(|&v| r(v + v, dt)).collect();
+            close("y after axpy", &y3, &mm(&hr2, &wt, m, n, k), k);
+        }
     }
 }

@@ -13,6 +13,9 @@ use crate::tensor::DType;
 
 /// Blocks that fill a 132-SM GPU twice (H100 SXM / H200): the first-stage target of the reductions.
 pub const WAVE_BLOCKS: usize = 2 * 132;
+/// Blocks of the bias + activation kernels: eight per SM (their row chunks are short loops of
+/// float4 rows; eight 256-thread blocks keep 64 warps of loads in flight on each SM).
+pub const ELEMENTWISE_BLOCKS: usize = 8 * 132;
 /// The fewest rows a reduction chunk sums (fewer only when there are fewer rows).
 pub const MIN_CHUNK_ROWS: usize = 32;
 
@@ -29,7 +32,11 @@ pub fn ln_cfg(rows: usize) -> LaunchCfg {
 /// Row chunks of a first-stage reduction over `rows` rows whose launch has `col_blocks` blocks per
 /// chunk: enough for [`WAVE_BLOCKS`] blocks, each chunk ≥ [`MIN_CHUNK_ROWS`] rows, ≥ 1, ≤ 65535.
 pub fn row_parts(rows: usize, col_blocks: usize) -> usize {
-    let want = WAVE_BLOCKS.div_ceil(col_blocks.max(1));
+    row_parts_for(rows, col_blocks, WAVE_BLOCKS)
+}
+
+fn row_parts_for(rows: usize, col_blocks: usize, target: usize) -> usize {
+    let want = target.div_ceil(col_blocks.max(1));
     want.min(rows.div_ceil(MIN_CHUNK_ROWS)).clamp(1, 65_535)
 }
 
@@ -39,16 +46,17 @@ pub fn ln_bwd_cfg(rows: usize) -> LaunchCfg {
 }
 
 /// The launch of `bias_act_fwd_f32v` / `bias_act_bwd_f32v` over [rows, n]: four columns a thread
-/// when `vec` (n % 4 == 0, aligned buffers), `row_parts` row chunks.
+/// when `vec` (n % 4 == 0, aligned buffers), row chunks for [`ELEMENTWISE_BLOCKS`] blocks (each
+/// ≥ [`MIN_CHUNK_ROWS`] rows).
 pub fn bias_act_cfg(rows: usize, n: usize, vec: bool) -> LaunchCfg {
     let cols = n.div_ceil(if vec { 4 } else { 1 }).div_ceil(256);
-    LaunchCfg::new((cols as u32, row_parts(rows, cols) as u32, 1), (256, 1, 1), 0)
+    LaunchCfg::new((cols as u32, row_parts_for(rows, cols, ELEMENTWISE_BLOCKS) as u32, 1), (256, 1, 1), 0)
 }
 
 /// Whether the vectorized (float4) paths may run: `n` a multiple of 4 and every pointer 16-byte
 /// aligned.
 pub fn vec4(n: usize, ptrs: &[u64]) -> bool {
-    n % 4 == 0 && ptrs.iter().all(|p| p % 16 == 0)
+    n.is_multiple_of(4) && ptrs.iter().all(|p| p.is_multiple_of(16))
 }
 
 /// The launch of `f32_to_bf16` / `f32_to_f16` over `n` elements (64-bit: any n): the kernel
