@@ -51,9 +51,8 @@ fn mma_ldmatrix_cp_async_match_a_cpu_matmul() {
         for m_valid in [16, 11, 0] {
             for s in TEST_SCHEDULES {
                 set_schedule(s);
-                let r = run_mma(kernel, f16, m_valid, 3, 77 + m_valid as u64).and_then(|(c, want)| {
-                    (0..3).try_for_each(|v| check_close(&format!("variant {v}"), &c[256 * v..256 * (v + 1)], &want, 1e-5, 1e-5))
-                });
+                let r = run_mma(kernel, f16, m_valid, 3, 77 + m_valid as u64)
+                    .and_then(|(c, want)| (0..3).try_for_each(|v| check_close(&format!("variant {v}"), &c[256 * v..256 * (v + 1)], &want, 1e-5, 1e-5)));
                 if let Err(e) = r {
                     failures.push(format!("{kernel} m_valid={m_valid} schedule={}: {e}", sched_name(s)));
                 }
@@ -134,13 +133,8 @@ const SMALL: &[Case] = &[
     varlen(&[65, 3], 1, 80, false),
 ];
 /// The forward schedule only (emulator time).
-const LARGE: &[Case] = &[
-    case(1, 197, 2, 64, false),
-    case(1, 197, 1, 80, true),
-    case(1, 248, 1, 80, true),
-    case(2, 257, 1, 64, false),
-    varlen(&[248, 77, 1, 130], 1, 64, true),
-];
+const LARGE: &[Case] =
+    &[case(1, 197, 2, 64, false), case(1, 197, 1, 80, true), case(1, 248, 1, 80, true), case(2, 257, 1, 64, false), varlen(&[248, 77, 1, 130], 1, 64, true)];
 /// One long sequence (the forward schedule; the backward of it too).
 const HUGE: &[Case] = &[case(1, 577, 1, 64, false)];
 
@@ -479,8 +473,21 @@ fn flash_kernels_are_registered() {
 /// 64/80 (batched and packed), converting its f32 activations; f32 keeps the CUDA-core kernels.
 #[test]
 fn device_attention_of_half_towers_runs_the_flash_kernels() {
+    device_attention(Box::new(clipforge::cuda::EmuOps));
+}
+
+/// The same on a real GPU (skipped without one): the PTX mma/ldmatrix/cp.async against the reference.
+#[test]
+fn a_real_gpu_runs_the_flash_kernels() {
+    match clipforge::cuda::GpuOps::open() {
+        Ok(g) => device_attention(Box::new(g)),
+        Err(why) => eprintln!("skipped: no CUDA device ({why})"),
+    }
+}
+
+fn device_attention(ops: Box<dyn clipforge::cuda::DeviceOps>) {
     use clipforge::backend::{device::Device, Ops, Seqs};
-    let dev = Device::new(Box::new(clipforge::cuda::EmuOps));
+    let dev = Device::new(ops);
     let cases = [
         (DType::BF16, case(2, 77, 2, 64, true), Seqs::Batch { batch: 2, seq: 77, causal: true }),
         (DType::F16, case(1, 70, 1, 80, false), Seqs::Batch { batch: 1, seq: 70, causal: false }),

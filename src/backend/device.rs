@@ -140,7 +140,8 @@ impl Ops for Device {
             DType::BF16 => "f32_to_bf16",
             DType::F16 => "f32_to_f16",
         };
-        self.attn.set(dtype); // the towers' precision: attention follows it
+        // the towers' precision: attention follows it
+        self.attn.set(dtype);
         // the 16-bit copy made on the device (two values per 4-byte element, as upload_bf16 packs)
         let half = self.ops.alloc((n * k).div_ceil(2))?;
         self.ops.launch(kernel, grid(n * k), &mut KernelArgs::new().ptr(w.ptr()).ptr(half.ptr()).i32((n * k) as i32))?;
