@@ -447,7 +447,7 @@ fn flash_kernels_trap_on_unsupported_launches() {
     let mut l = c.launch(DType::BF16, true).unwrap();
     l.smem_bytes = clipforge::cuda::flash::bwd_smem_bytes(48) as u32;
     let inp = inputs(&c48, DType::BF16);
-    let err = run_bwd(&c48, DType::BF16, &inp, &inp.v, &vec![0.0; 7], &l).expect_err("hd 48 must trap").to_string();
+    let err = run_bwd(&c48, DType::BF16, &inp, &inp.v, &[0.0; 7], &l).expect_err("hd 48 must trap").to_string();
     assert!(err.contains("__trap"), "{err}");
 }
 

@@ -105,7 +105,7 @@ impl Device {
         Ok(h)
     }
     /// 16-bit [n] -> f32 [n].
-    fn from_half(&self, h: &Buf, n: usize, dt: DType) -> Result<Buf> {
+    fn half_to_f32(&self, h: &Buf, n: usize, dt: DType) -> Result<Buf> {
         let x = self.ops.alloc_uninit(n)?;
         let k = if dt == DType::F16 { "f16_to_f32" } else { "bf16_to_f32" };
         self.ops.launch(k, grid(n), &mut KernelArgs::new().ptr(h.ptr()).ptr(x.ptr()).i32(n as i32))?;
@@ -248,7 +248,7 @@ impl Ops for Device {
             let (l, tail) = self.attention_launch(seqs, heads, w, false, dt)?;
             let mut a = tail.append(KernelArgs::new().ptr(qh.ptr()).ptr(kh.ptr()).ptr(vh.ptr()).ptr(oh.ptr()).ptr(lse.ptr()), heads, w);
             self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
-            return Ok((self.from_half(&oh, n * w, dt)?, lse));
+            return Ok((self.half_to_f32(&oh, n * w, dt)?, lse));
         }
         let o = self.ops.alloc_uninit(n * w)?; // [n, w]
         let (l, tail) = self.attention_launch(seqs, heads, w, false, DType::F32)?;
@@ -267,7 +267,7 @@ impl Ops for Device {
             let a = KernelArgs::new().ptr(h[0].ptr()).ptr(h[1].ptr()).ptr(h[2].ptr()).ptr(h[3].ptr()).ptr(h[4].ptr()).ptr(lse.ptr());
             let mut a = tail.append(a.ptr(g[0].ptr()).ptr(g[1].ptr()).ptr(g[2].ptr()), heads, w);
             self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
-            return Ok((self.from_half(&g[0], r, dt)?, self.from_half(&g[1], r, dt)?, self.from_half(&g[2], r, dt)?));
+            return Ok((self.half_to_f32(&g[0], r, dt)?, self.half_to_f32(&g[1], r, dt)?, self.half_to_f32(&g[2], r, dt)?));
         }
         let (dq, dk, dv) = (self.ops.alloc_uninit(r)?, self.ops.alloc_uninit(r)?, self.ops.alloc_uninit(r)?);
         let (l, tail) = self.attention_launch(seqs, heads, w, true, DType::F32)?;
