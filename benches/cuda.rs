@@ -36,6 +36,28 @@ fn cases() -> Vec<(String, KernelCase, u64)> {
         KernelCase { kernel: "embedding_bwd_rows_f32", cfg, buffers: bufs, args },
         (4 * (n * w + 2 * u * w)) as u64,
     ));
+    // attention at ViT-B/16 (T 197, 12 heads) and L/14 (T 257, 16 heads), hd 64, batch 256, bf16: the
+    // tensor-core flash kernels next to the CUDA-core kernel they replace (bytes: q, k, v, o or
+    // q, k, v, o, dO, dq, dk, dv once each, + lse)
+    for (name, t, h) in [("B16", 197usize, 12usize), ("L14", 257, 16)] {
+        let (b, d) = (256usize, 64usize);
+        let n = b * t * h * d; // elements per tensor
+        let half = |x: f32| f32::from_bits(u32::from(half::bf16::from_f32(x).to_bits()) * 0x1_0001); // two equal bf16s
+        let s = clipforge::ops::attention::AttnShape { batch: b, seq: t, heads: h, head_dim: d, causal: false, scale: 0.125 };
+        let tail = [Arg::I32(b as i32), Arg::I32(t as i32), Arg::I32(h as i32), Arg::I32(d as i32), Arg::I32(0), Arg::F32(0.125)];
+        for (kernel, bwd) in [("flash_fwd_bf16", false), ("attention_fwd_bf16", false), ("flash_bwd_bf16", true)] {
+            let l = clipforge::cuda::flash::best_launch(&s, clipforge::DType::BF16, bwd).unwrap();
+            let l = if kernel.starts_with("attention") { clipforge::cuda::attention::attention_fwd_launch(&s, clipforge::DType::BF16).unwrap() } else { l };
+            let cfg = LaunchCfg::new(l.grid, l.block, l.smem_bytes);
+            let tensors = if bwd { 8 } else { 4 };
+            let mut bufs: Vec<Vec<f32>> = (0..tensors).map(|i| vec![half(0.01 * (i + 1) as f32); n / 2]).collect();
+            let lse_at = if bwd { 5 } else { 4 };
+            bufs.insert(lse_at, vec![0.0; b * h * t]);
+            let mut args: Vec<Arg> = (0..bufs.len()).map(Arg::Buf).collect();
+            args.extend(tail.iter().copied());
+            v.push((format!("{kernel}/{name}-b256"), KernelCase { kernel, cfg, buffers: bufs, args }, (2 * tensors * n + 4 * b * h * t) as u64));
+        }
+    }
     v
 }
 

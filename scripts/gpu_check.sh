@@ -10,7 +10,8 @@
 # tests/fixtures through the path they were built in), then runs, each under its own timeout:
 #   1. the GPU columns of the tests: tests/cuda_table.rs (every kernel vs the CPU op),
 #      tests/cuda_e2e.rs (towers), tests/device_step.rs (Long-CLIP fine-tune f32/bf16/f16 vs the
-#      PyTorch reference fixture), tests/cuda_kernels.rs (the loaded modules);
+#      PyTorch reference fixture), tests/cuda_kernels.rs (the loaded modules), tests/cuda_flash.rs
+#      (the tensor-core flash attention through the device backend);
 #   2. `clipforge bench` on the GPU: ViT-B/32 and L/14 towers (f32, bf16), and Long-CLIP training
 #      steps (`--task train`: B/32 batch 128 f32/bf16/f16, L/14 with 248-token text (`--stretch`) at
 #      batch 128 with --recompute, the KERNELS.md "40 GB" arithmetic) with nvidia-smi sampling the GPU
@@ -20,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
-tests=(cuda_table cuda_e2e device_step cuda_kernels)
+tests=(cuda_table cuda_e2e device_step cuda_kernels cuda_flash)
 
 if [ "$mode" = pack ]; then
   set -e

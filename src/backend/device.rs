@@ -3,8 +3,11 @@
 //! weight copies with f32 accumulation) and everything else to the kernels of kernels/: the fused
 //! LayerNorm (with the residual add) and its backward, bias + activation, the fused attention,
 //! row gathers and the patch/class/position assembly. Packed sequences run the variable-length
-//! attention kernels (cu_seqlens): one launch, no padding computed. All launches are queued on one stream;
-//! [`Ops::download`] is the only synchronisation.
+//! attention kernels (cu_seqlens): one launch, no padding computed. Attention of bf16/f16 towers
+//! (the precision of the last [`Ops::weight`] copy, or [`Device::set_attention_dtype`]) runs the
+//! tensor-core flash kernels at their head dims (q, k, v converted to the 16-bit type and o back:
+//! the activations are f32), the f32 CUDA-core kernels otherwise ([`crate::cuda::flash`] chooses).
+//! All launches are queued on one stream; [`Ops::download`] is the only synchronisation.
 //!
 //! Mixed precision (towers with bf16/f16 weight copies, f32 masters): activations stay f32
 //! buffers, and the kernels that produce a half GEMM's input — LayerNorm (h1 for q, k, v; h2 for
@@ -17,9 +20,10 @@
 //! from the half activations into f32 gradients for the f32 masters. The format is the one of the
 //! half weights made by [`Ops::weight`] (the first such weight sets it).
 use super::{Act, Ops, Seqs, Weight};
-use crate::cuda::attention::{attention_bwd_launch, attention_fwd_launch, attention_varlen_launch, KernelLaunch};
+use crate::cuda::attention::KernelLaunch;
+use crate::cuda::flash::{best_launch, best_varlen_launch};
 use crate::cuda::train_ops::{axpy, bias_act_cfg, col_sums, copy, grid, ln_bwd_cfg, ln_cfg, reduce_parts, to_half, vec4};
-use crate::cuda::{Buf, DeviceOps, KernelArgs};
+use crate::cuda::{Buf, DeviceOps, KernelArgs, LaunchCfg};
 use crate::error::Result;
 use crate::ops::attention::AttnShape;
 use crate::tensor::DType;
@@ -31,11 +35,13 @@ pub struct Device {
     /// The format of the half weight copies (0 none, 1 bf16, 2 f16): the kernels that feed their
     /// GEMMs also write their output in it.
     half: AtomicU8,
+    /// The precision attention computes in (F32 until a bf16/f16 weight copy is made).
+    attn: std::cell::Cell<DType>,
 }
 
 impl Device {
     pub fn new(ops: Box<dyn DeviceOps>) -> Device {
-        Device { ops, half: AtomicU8::new(0) }
+        Device { ops, half: AtomicU8::new(0), attn: std::cell::Cell::new(DType::F32) }
     }
     /// The format the towers' half GEMMs read, once a half weight exists.
     fn act_half(&self) -> Option<DType> {
@@ -51,6 +57,13 @@ impl Device {
             Some(h) => HalfIn::Kept(h),
             None => HalfIn::Made(to_half(&*self.ops, dt, x, n)?),
         })
+    }
+    /// The precision of attention: BF16/F16 select the flash kernels where they serve the head dim.
+    pub fn set_attention_dtype(&self, dtype: DType) {
+        self.attn.set(dtype);
+    }
+    pub fn attention_dtype(&self) -> DType {
+        self.attn.get()
     }
     /// The driver-level operations (kernel launches, raw GEMMs).
     pub fn raw(&self) -> &dyn DeviceOps {
@@ -92,21 +105,39 @@ impl AttnTail {
 impl Device {
     /// The launch of a grouping: the batched kernel, or (packed sequences) the variable-length
     /// kernel over cu_seqlens — one launch either way, no padding computed.
-    fn attention_launch(&self, seqs: &Seqs, heads: usize, w: usize, backward: bool) -> Result<(KernelLaunch, AttnTail)> {
+    /// `dt`: the tensors' type (F32, or BF16/F16 where the flash kernels serve the head dim).
+    fn attention_launch(&self, seqs: &Seqs, heads: usize, w: usize, backward: bool, dt: DType) -> Result<(KernelLaunch, AttnTail)> {
         let d = w / heads.max(1);
         match seqs {
             Seqs::Batch { batch, seq, causal } => {
                 let s = AttnShape { batch: *batch, seq: *seq, heads, head_dim: d, causal: *causal, scale: 1.0 / (d as f32).sqrt() };
-                let l = if backward { attention_bwd_launch(&s, DType::F32)? } else { attention_fwd_launch(&s, DType::F32)? };
+                let l = best_launch(&s, dt, backward)?;
                 Ok((l, AttnTail::Batch(*batch, *seq, *causal)))
             }
             Seqs::Packed(lens) => {
                 let tmax = lens.iter().copied().max().unwrap_or(0);
                 let cu: Vec<usize> = std::iter::once(0).chain(lens.iter().scan(0, |o, &l| Some(std::mem::replace(o, *o + l) + l))).collect();
                 let cu = self.ops.upload_i32(&indices(&cu)?)?;
-                Ok((attention_varlen_launch(lens.len(), tmax, heads, d, backward)?, AttnTail::Varlen(cu, lens.len(), tmax)))
+                Ok((best_varlen_launch(lens.len(), tmax, heads, d, dt, backward)?, AttnTail::Varlen(cu, lens.len(), tmax)))
             }
         }
+    }
+
+    /// The 16-bit type attention runs in for this head dim, if the flash kernels serve it.
+    fn flash_dtype(&self, heads: usize, w: usize) -> Option<DType> {
+        let dt = self.attn.get();
+        crate::cuda::flash::supported(dt, w / heads.max(1)).then_some(dt)
+    }
+    /// f32 [n] -> a new 16-bit copy (two values per 4-byte element).
+    fn to_half(&self, x: &Buf, n: usize, dt: DType) -> Result<Buf> {
+        to_half(&*self.ops, dt, x, n)
+    }
+    /// 16-bit [n] -> f32 [n].
+    fn half_to_f32(&self, h: &Buf, n: usize, dt: DType) -> Result<Buf> {
+        let x = self.ops.alloc_uninit(n)?;
+        let k = if dt == DType::F16 { "f16_to_f32" } else { "bf16_to_f32" };
+        self.ops.launch(k, grid(n), &mut KernelArgs::new().ptr(h.ptr()).ptr(x.ptr()).i32(n as i32))?;
+        Ok(x)
     }
 }
 
@@ -164,6 +195,8 @@ impl Ops for Device {
             return Ok(Weight { w, half: None, n, k });
         }
         self.half.store(if dtype == DType::F16 { 2 } else { 1 }, Ordering::Relaxed);
+        // the towers' precision: attention follows it
+        self.attn.set(dtype);
         // the 16-bit copy made on the device (two values per 4-byte element, as upload_bf16 packs)
         let half = to_half(&*self.ops, dtype, &w, n * k)?;
         Ok(Weight { w, half: Some((dtype, half)), n, k })
@@ -299,8 +332,17 @@ impl Ops for Device {
 
     fn attention(&self, q: &Buf, k: &Buf, v: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf)> {
         let n = seqs.rows();
-        let (o, lse) = (self.ops.alloc_uninit(n * w)?, self.ops.alloc_uninit(heads * n)?);
-        let (l, tail) = self.attention_launch(seqs, heads, w, false)?;
+        let lse = self.ops.alloc_uninit(heads * n)?; // [heads·n] f32
+        if let Some(dt) = self.flash_dtype(heads, w) {
+            let (qh, kh, vh) = (self.to_half(q, n * w, dt)?, self.to_half(k, n * w, dt)?, self.to_half(v, n * w, dt)?);
+            let oh = self.ops.alloc_uninit((n * w).div_ceil(2))?; // [n, w] 16-bit
+            let (l, tail) = self.attention_launch(seqs, heads, w, false, dt)?;
+            let mut a = tail.append(KernelArgs::new().ptr(qh.ptr()).ptr(kh.ptr()).ptr(vh.ptr()).ptr(oh.ptr()).ptr(lse.ptr()), heads, w);
+            self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
+            return Ok((self.half_to_f32(&oh, n * w, dt)?, lse));
+        }
+        let o = self.ops.alloc_uninit(n * w)?; // [n, w]
+        let (l, tail) = self.attention_launch(seqs, heads, w, false, DType::F32)?;
         let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(lse.ptr());
         a = tail.append(a, heads, w);
         self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
@@ -309,8 +351,17 @@ impl Ops for Device {
 
     fn attention_bwd(&self, q: &Buf, k: &Buf, v: &Buf, o: &Buf, lse: &Buf, d_o: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
         let r = seqs.rows() * w;
+        if let Some(dt) = self.flash_dtype(heads, w) {
+            let h: Vec<Buf> = [q, k, v, o, d_o].iter().map(|x| self.to_half(x, r, dt)).collect::<Result<_>>()?;
+            let g: Vec<Buf> = (0..3).map(|_| self.ops.alloc_uninit(r.div_ceil(2))).collect::<Result<_>>()?; // dq, dk, dv 16-bit
+            let (l, tail) = self.attention_launch(seqs, heads, w, true, dt)?;
+            let a = KernelArgs::new().ptr(h[0].ptr()).ptr(h[1].ptr()).ptr(h[2].ptr()).ptr(h[3].ptr()).ptr(h[4].ptr()).ptr(lse.ptr());
+            let mut a = tail.append(a.ptr(g[0].ptr()).ptr(g[1].ptr()).ptr(g[2].ptr()), heads, w);
+            self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
+            return Ok((self.half_to_f32(&g[0], r, dt)?, self.half_to_f32(&g[1], r, dt)?, self.half_to_f32(&g[2], r, dt)?));
+        }
         let (dq, dk, dv) = (self.ops.alloc_uninit(r)?, self.ops.alloc_uninit(r)?, self.ops.alloc_uninit(r)?);
-        let (l, tail) = self.attention_launch(seqs, heads, w, true)?;
+        let (l, tail) = self.attention_launch(seqs, heads, w, true, DType::F32)?;
         let mut a =
             KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(d_o.ptr()).ptr(lse.ptr()).ptr(dq.ptr()).ptr(dk.ptr()).ptr(dv.ptr());
         a = tail.append(a, heads, w);

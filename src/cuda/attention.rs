@@ -56,7 +56,7 @@ pub fn bwd_smem_bytes(head_dim: usize, elem_bytes: usize) -> usize {
 }
 
 /// Checks what the kernels rely on; returns the element size and the type suffix.
-fn check(s: &AttnShape, dtype: DType) -> Result<(usize, &'static str)> {
+pub(crate) fn check_shape(s: &AttnShape, dtype: DType) -> Result<(usize, &'static str)> {
     let (elem, suffix) = match dtype {
         DType::F32 => (4, "f32"),
         DType::BF16 => (2, "bf16"),
@@ -82,7 +82,7 @@ fn check(s: &AttnShape, dtype: DType) -> Result<(usize, &'static str)> {
 
 /// `attention_fwd_<dtype>`: grid (⌈T/64⌉, H, B), block 128.
 pub fn attention_fwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch> {
-    let (elem, suffix) = check(s, dtype)?;
+    let (elem, suffix) = check_shape(s, dtype)?;
     Ok(KernelLaunch {
         kernel: format!("attention_fwd_{suffix}"),
         grid: (s.seq.div_ceil(BQ) as u32, s.heads as u32, s.batch as u32),
@@ -93,7 +93,7 @@ pub fn attention_fwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch>
 
 /// `attention_bwd_<dtype>`: grid (⌈T/32⌉ + ⌈T/64⌉, H, B) -- dK/dV blocks, then dQ blocks -- block 128.
 pub fn attention_bwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch> {
-    let (elem, suffix) = check(s, dtype)?;
+    let (elem, suffix) = check_shape(s, dtype)?;
     Ok(KernelLaunch {
         kernel: format!("attention_bwd_{suffix}"),
         grid: ((s.seq.div_ceil(BK) + s.seq.div_ceil(BQ)) as u32, s.heads as u32, s.batch as u32),

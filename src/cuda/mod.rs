@@ -8,7 +8,8 @@
 //! `--device auto` falls back to the CPU.
 //!
 //! - [`attention`]: launch configurations (grid, block, shared memory, shape checks) of the
-//!   fused attention kernels;
+//!   fused attention kernels; [`flash`]: the same for the tensor-core flash kernels (bf16/f16)
+//!   and the choice between the two;
 //! - [`kernels`]: the modules of kernels/*.cu as built by build.rs (source for NVRTC; cubins and
 //!   PTX when nvcc was found);
 //! - [`emu`] (feature `emu`): run any kernel on the CPU emulator of emu/, for tests without a GPU.
@@ -16,6 +17,7 @@ pub mod alloc;
 pub mod attention;
 pub mod backend;
 pub mod device;
+pub mod flash;
 pub mod gemm;
 pub mod kernels;
 pub mod launch;
