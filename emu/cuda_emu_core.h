@@ -67,6 +67,15 @@ enum class State : uint8_t { Ready, AtBarrier, AtWarpOp, Exited };
 enum class WarpOp : uint8_t { SyncWarp, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, All, Any, RedAdd, RedMin, RedMax, RedAnd, RedOr, RedXor };
 enum class BarOp : uint8_t { Plain, Count, And, Or };
 
+// One cp.async in flight (cuda_emu_async.h): the source bytes, read at issue, and where they
+// land when a cp.async.wait_group covering `group` completes it.
+struct AsyncCopy {
+  void* dst;
+  unsigned bytes;
+  uint64_t group;  // == Fiber::async_group while not yet committed
+  alignas(16) unsigned char data[16];
+};
+
 struct Fiber {
   // context
 #if defined(__x86_64__)
@@ -89,10 +98,24 @@ struct Fiber {
   uint64_t value = 0, result = 0;
   const char* file = nullptr;
   unsigned line = 0;
+  // cp.async: copies in flight, oldest first, and the number of groups committed so far
+  std::vector<AsyncCopy> async_q;
+  uint64_t async_group = 0;
 #ifdef EMU_ASAN
   void* fake_stack = nullptr;
 #endif
 };
+
+// Lands the in-flight copies of groups < `upto` (in issue order) and forgets them.
+inline void async_complete(Fiber& f, uint64_t upto) {
+  size_t keep = 0;
+  for (size_t i = 0; i < f.async_q.size(); ++i) {
+    AsyncCopy& c = f.async_q[i];
+    if (c.group < upto) std::memcpy(c.dst, c.data, c.bytes);
+    else f.async_q[keep++] = c;
+  }
+  f.async_q.resize(keep);
+}
 
 // Per host thread: the fibers of the block being run and the scheduler's own context.
 struct Runner {
@@ -247,6 +270,7 @@ inline void yield_to_scheduler(Fiber& f, bool exiting = false) {
   __sanitizer_finish_switch_fiber(nullptr, &t_run.sched_stack_bottom, &t_run.sched_stack_size);
 #endif
   t_run.entry(t_run.entry_ctx);
+  async_complete(*f, UINT64_MAX);  // a thread's pending cp.async copies land when it exits
   f->state = State::Exited;
   yield_to_scheduler(*f, /*exiting=*/true);
   __builtin_trap();  // an exited fiber is never resumed
@@ -350,6 +374,8 @@ inline bool run_block(Runner& r, unsigned n, dim3 bdim, const Settings& s, std::
     f.lane = i % 32;
     f.warp = i / 32;
     f.state = State::Ready;
+    f.async_q.clear();
+    f.async_group = 0;
   }
   const unsigned nwarps = (n + 31) / 32;
   std::vector<unsigned> warps(nwarps), lanes(32);

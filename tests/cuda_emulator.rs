@@ -284,3 +284,33 @@ fn launches_from_parallel_threads_do_not_interfere() {
         w.join().unwrap();
     }
 }
+
+/// Row sums of `blocks * tiles` tiles of 16×64 floats through a cp.async kernel of
+/// kernels/buggy/cp_async_no_wait.cu. Err on a launch error or a wrong/non-finite sum.
+fn cpasync_rowsum(kernel: &str, blocks: u32, tiles: i32) -> Result<()> {
+    let rows = blocks as usize * tiles as usize * 16;
+    let x = Rng::new(77).vec(rows * 64, -1.0, 1.0);
+    let want: Vec<f64> = x.chunks(64).map(|r| r.iter().map(|&v| v as f64).sum()).collect();
+    let (mut gx, mut gy) = (Guarded::from_slice(&x), Guarded::filled(rows, f32::NAN));
+    let (px, py) = (gx.ptr(), gy.ptr());
+    launch(kernel, (blocks, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&py).arg(&tiles).as_params())?;
+    gx.check("x")?;
+    gy.check("y")?;
+    check_close("y", gy.data(), &want, 1e-5, 1e-5)
+}
+
+#[test]
+fn cp_async_groups_land_at_the_wait() {
+    for (blocks, tiles) in [(1, 1), (3, 2), (2, 5)] {
+        for_all_cases("cpasync_rowsum_f32", &[(blocks, tiles)], |&(b, t)| cpasync_rowsum("cpasync_rowsum_f32", b, t));
+    }
+    for (kernel, tiles) in [("bug_cpasync_no_wait_f32", 1), ("bug_cpasync_no_wait_f32", 3), ("bug_cpasync_wait1_f32", 1), ("bug_cpasync_wait1_f32", 4)] {
+        for s in TEST_SCHEDULES {
+            set_schedule(s);
+            let e = cpasync_rowsum(kernel, 3, tiles).expect_err("a missing cp.async wait went unnoticed").to_string();
+            println!("[cp.async {kernel} tiles {tiles}] {:<10} {e}", sched_name(s));
+            assert!(e.contains("not finite"), "{e}");
+        }
+    }
+    set_schedule(Schedule::Forward);
+}
