@@ -8,6 +8,8 @@
 //        message is written to err (NUL-terminated, truncated to err_len).
 //   void emu_set_schedule(mode, seed)   0 forward, 1 reverse, 2 random(seed). Applies to
 //        launches made later from the CALLING host thread (initially from EMU_SCHEDULE/EMU_SEED).
+//   void emu_set_resident_blocks(k)     blocks run interleaved per launch (>= 1; default 4 or
+//        EMU_BLOCKS), for launches made later from the CALLING host thread
 //   void emu_set_strict(on)             barrier with exited threads: error (1) or warning (0)
 //   int  emu_kernel_arity(name)         number of parameters, -1 if unknown
 //   size_t emu_kernel_count(), const char* emu_kernel_name(i): the registry
@@ -43,6 +45,8 @@ extern "C" void emu_set_schedule(int mode, uint64_t seed) {
   s.schedule = mode == 1 ? emu::Schedule::Reverse : mode == 2 ? emu::Schedule::Random : emu::Schedule::Forward;
   s.seed = seed;
 }
+
+extern "C" void emu_set_resident_blocks(unsigned k) { emu::thread_settings().resident_blocks = k ? k : 1; }
 
 extern "C" void emu_set_strict(int on) { emu::thread_settings().strict = on != 0; }
 

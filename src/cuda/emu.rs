@@ -30,12 +30,14 @@ extern "C" {
     ) -> c_int;
     fn emu_set_schedule(mode: c_int, seed: u64);
     fn emu_set_strict(on: c_int);
+    fn emu_set_resident_blocks(k: c_uint);
     fn emu_kernel_arity(name: *const c_char) -> c_int;
     fn emu_kernel_count() -> usize;
     fn emu_kernel_name(i: usize) -> *const c_char;
 }
 
-/// Order in which the emulator runs blocks, warps and the lanes of a warp.
+/// Order in which the emulator runs blocks, warps and the lanes of a warp (and interleaves the
+/// warps of the resident blocks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schedule {
     Forward,
@@ -55,6 +57,12 @@ pub fn set_schedule(s: Schedule) {
         Schedule::Random(seed) => (2, seed),
     };
     unsafe { emu_set_schedule(mode, seed) }
+}
+
+/// How many blocks of a grid run interleaved (resident at once) in later launches from the
+/// calling thread: 4 by default (or `EMU_BLOCKS`), 1 runs blocks one after another.
+pub fn set_resident_blocks(k: u32) {
+    unsafe { emu_set_resident_blocks(k.max(1)) }
 }
 
 /// Strict mode (default): a __syncthreads reached while other threads have exited is an error.
