@@ -10,6 +10,7 @@
 //   cuda_emu_sync.h   __syncthreads*, __syncwarp, shuffles, votes, warp reductions, __trap
 //   cuda_emu_launch.h launch with cuLaunchKernel-style void** params, kernel registry
 //   cuda_emu_async.h  cp.async with commit/wait groups (kernels/mma.cuh)
+//   cuda_emu_guard.h  guard pages after global buffers: out-of-bounds reads and writes fail the launch
 //   emu_capi.cpp      C ABI for Rust: emu_launch, emu_set_schedule, ...
 //
 // Not emulated: inline PTX/asm (kernels reach cp.async, mma.sync and ldmatrix through the
@@ -27,3 +28,4 @@
 #include "cuda_emu_sync.h"
 #include "cuda_emu_launch.h"
 #include "cuda_emu_async.h"
+#include "cuda_emu_guard.h"

@@ -400,8 +400,10 @@ inline int release_block_barrier(Block& b, const Settings& s) {
   return 1;
 }
 
-// Hook run after every fiber switch back to the scheduler.
-inline void after_resume() {}
+// Defined in cuda_emu_guard.h: guard-page faults of global buffers become launch errors.
+inline void after_resume();        // after every switch back to the scheduler
+inline void guard_launch_begin();
+inline void guard_launch_end();
 
 // Makes `b` the resident block with index `idx`: fresh fibers, poisoned shared memory.
 inline void admit_block(Runner& r, Block& b, uint3 idx, unsigned n, dim3 bdim, size_t smem, const Settings& s) {
@@ -474,6 +476,7 @@ inline LaunchResult run_grid(dim3 grid, dim3 block, size_t smem, void (*entry)(v
   Diag diag;
   t_diag = &diag;
   r.busy = true;
+  guard_launch_begin();
   r.entry = entry;
   r.entry_ctx = ctx;
   gridDim = grid;
@@ -533,6 +536,7 @@ inline LaunchResult run_grid(dim3 grid, dim3 block, size_t smem, void (*entry)(v
     }
   }
   for (unsigned i = 0; i < k; ++i) r.blocks[i]->active = false;
+  guard_launch_end();
   r.cur_block = nullptr;
   r.busy = false;
   t_diag = nullptr;

@@ -153,7 +153,8 @@ fn planted_d_divergent_shuffle_is_a_launch_error() {
 }
 
 fn smem_reverse(kernel: &str, n: usize) -> Result<Vec<f32>> {
-    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    // n + 1 inputs: the overrun kernel also loads x[n], which the guard page would report first
+    let x: Vec<f32> = (0..=n).map(|i| i as f32).collect();
     let (mut gx, mut gy) = (Guarded::from_slice(&x), Guarded::filled(n, f32::NAN));
     let (px, py, ni) = (gx.ptr(), gy.ptr(), n as i32);
     launch(kernel, (1, 1, 1), (128, 1, 1), (n * 4) as u32, LaunchArgs::new().arg(&px).arg(&py).arg(&ni).as_params())?;
