@@ -4,8 +4,9 @@
 // built-in vector types, dim3/uint3 and the built-in variables threadIdx/blockIdx/blockDim/
 // gridDim, plus the per-launch settings (schedule) and the per-launch diagnostics sink.
 //
-// The built-in variables are thread_local: every CUDA block runs on one host thread, and the
-// fiber scheduler (cuda_emu_core.h) rewrites threadIdx each time it resumes a CUDA thread.
+// The built-in variables are thread_local: a launch runs on the host thread that made it, and
+// the fiber scheduler (cuda_emu_core.h) rewrites threadIdx and blockIdx each time it resumes a
+// CUDA thread (several blocks are resident and interleaved).
 // Include cuda_emu.h rather than this file.
 #pragma once
 #if defined(__CUDACC__) || defined(__CUDA_ARCH__)
@@ -25,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <source_location>
@@ -101,10 +103,11 @@ struct Settings {
   bool strict = true;                  // a barrier released while some threads have exited is an error
   size_t stack_bytes = 256 * 1024;     // per CUDA thread (fiber), lazily committed
   size_t max_dyn_smem = 227 * 1024;    // sm_90 opt-in limit
+  unsigned resident_blocks = 4;        // blocks run interleaved at once (fewer if the grid is smaller)
 };
 
 // Defaults come from the environment (EMU_SCHEDULE=fwd|rev|random, EMU_SEED, EMU_STRICT,
-// EMU_STACK_KB). emu_set_schedule() changes the settings of the CALLING host thread only, so
+// EMU_STACK_KB, EMU_BLOCKS = resident blocks). emu_set_schedule() changes the settings of the CALLING host thread only, so
 // tests running in parallel threads do not disturb each other.
 inline Settings env_settings() {
   Settings s;
@@ -115,6 +118,7 @@ inline Settings env_settings() {
   if (const char* v = std::getenv("EMU_SEED")) s.seed = std::strtoull(v, nullptr, 10);
   if (const char* v = std::getenv("EMU_STRICT")) s.strict = std::atoi(v) != 0;
   if (const char* v = std::getenv("EMU_STACK_KB")) s.stack_bytes = size_t(std::max(16, std::atoi(v))) * 1024;
+  if (const char* v = std::getenv("EMU_BLOCKS")) s.resident_blocks = unsigned(std::max(1, std::atoi(v)));
   return s;
 }
 inline Settings& thread_settings() {

@@ -70,12 +70,12 @@ inline uint64_t collective_result(Fiber* const* lane, const Fiber& f, unsigned m
 
 // Completes every collective of warp `w` whose named lanes have all arrived.
 // Returns true if some lanes were released (so the warp can run further).
-inline bool settle_warp(Runner& r, unsigned w, unsigned n, const Settings& s) {
+inline bool settle_warp(Block& b, unsigned w, const Settings& s) {
   Fiber* lane[32];
   unsigned exist = 0;
   for (unsigned l = 0; l < 32; ++l) {
     const unsigned id = w * 32 + l;
-    lane[l] = id < n ? &r.fibers[id] : nullptr;
+    lane[l] = id < b.nthreads ? &b.fibers[id] : nullptr;
     if (lane[l]) exist |= 1u << l;
   }
   bool released = false;
@@ -152,12 +152,11 @@ inline uint64_t block_sync(BarOp op, int pred, const std::source_location& loc) 
 
 inline unsigned active_mask() {
   const Fiber& f = self();
-  const Runner& r = t_run;
-  const unsigned n = blockDim.x * blockDim.y * blockDim.z;
+  const Block& b = *t_run.cur_block;
   unsigned m = 0;
   for (unsigned l = 0; l < 32; ++l) {
     const unsigned id = f.warp * 32 + l;
-    if (id < n && r.fibers[id].state != State::Exited) m |= 1u << l;
+    if (id < b.nthreads && b.fibers[id].state != State::Exited) m |= 1u << l;
   }
   return m;
 }

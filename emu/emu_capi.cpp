@@ -8,7 +8,11 @@
 //        message is written to err (NUL-terminated, truncated to err_len).
 //   void emu_set_schedule(mode, seed)   0 forward, 1 reverse, 2 random(seed). Applies to
 //        launches made later from the CALLING host thread (initially from EMU_SCHEDULE/EMU_SEED).
+//   void emu_set_resident_blocks(k)     blocks run interleaved per launch (>= 1; default 4 or
+//        EMU_BLOCKS), for launches made later from the CALLING host thread
 //   void emu_set_strict(on)             barrier with exited threads: error (1) or warning (0)
+//   void* emu_guard_alloc(front, bytes) / emu_guard_free(base, front, bytes): emulated device
+//        memory whose end abuts a guard page (cuda_emu_guard.h); the data starts at base + front
 //   int  emu_kernel_arity(name)         number of parameters, -1 if unknown
 //   size_t emu_kernel_count(), const char* emu_kernel_name(i): the registry
 // Launches from different host threads may run concurrently: all emulator state is per host
@@ -44,6 +48,8 @@ extern "C" void emu_set_schedule(int mode, uint64_t seed) {
   s.seed = seed;
 }
 
+extern "C" void emu_set_resident_blocks(unsigned k) { emu::thread_settings().resident_blocks = k ? k : 1; }
+
 extern "C" void emu_set_strict(int on) { emu::thread_settings().strict = on != 0; }
 
 extern "C" int emu_kernel_arity(const char* name) {
@@ -56,3 +62,7 @@ extern "C" size_t emu_kernel_count() { return emu::kernel_registry().size(); }
 extern "C" const char* emu_kernel_name(size_t i) {
   return i < emu::kernel_registry().size() ? emu::kernel_registry()[i].name : nullptr;
 }
+
+extern "C" void* emu_guard_alloc(size_t front, size_t bytes) { return emu::detail::guard_alloc(front, bytes); }
+
+extern "C" void emu_guard_free(void* base, size_t front, size_t bytes) { emu::detail::guard_free(base, front, bytes); }

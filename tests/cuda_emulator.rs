@@ -153,7 +153,8 @@ fn planted_d_divergent_shuffle_is_a_launch_error() {
 }
 
 fn smem_reverse(kernel: &str, n: usize) -> Result<Vec<f32>> {
-    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    // n + 1 inputs: the overrun kernel also loads x[n], which the guard page would report first
+    let x: Vec<f32> = (0..=n).map(|i| i as f32).collect();
     let (mut gx, mut gy) = (Guarded::from_slice(&x), Guarded::filled(n, f32::NAN));
     let (px, py, ni) = (gx.ptr(), gy.ptr(), n as i32);
     launch(kernel, (1, 1, 1), (128, 1, 1), (n * 4) as u32, LaunchArgs::new().arg(&px).arg(&py).arg(&ni).as_params())?;
@@ -283,4 +284,137 @@ fn launches_from_parallel_threads_do_not_interfere() {
     for w in workers {
         w.join().unwrap();
     }
+}
+
+/// Row sums of `blocks * tiles` tiles of 16×64 floats through a cp.async kernel of
+/// kernels/buggy/cp_async_no_wait.cu. Err on a launch error or a wrong/non-finite sum.
+fn cpasync_rowsum(kernel: &str, blocks: u32, tiles: i32) -> Result<()> {
+    let rows = blocks as usize * tiles as usize * 16;
+    let x = Rng::new(77).vec(rows * 64, -1.0, 1.0);
+    let want: Vec<f64> = x.chunks(64).map(|r| r.iter().map(|&v| v as f64).sum()).collect();
+    let (mut gx, mut gy) = (Guarded::from_slice(&x), Guarded::filled(rows, f32::NAN));
+    let (px, py) = (gx.ptr(), gy.ptr());
+    launch(kernel, (blocks, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&py).arg(&tiles).as_params())?;
+    gx.check("x")?;
+    gy.check("y")?;
+    check_close("y", gy.data(), &want, 1e-5, 1e-5)
+}
+
+#[test]
+fn cp_async_groups_land_at_the_wait() {
+    for (blocks, tiles) in [(1, 1), (3, 2), (2, 5)] {
+        for_all_cases("cpasync_rowsum_f32", &[(blocks, tiles)], |&(b, t)| cpasync_rowsum("cpasync_rowsum_f32", b, t));
+    }
+    for (kernel, tiles) in [("bug_cpasync_no_wait_f32", 1), ("bug_cpasync_no_wait_f32", 3), ("bug_cpasync_wait1_f32", 1), ("bug_cpasync_wait1_f32", 4)] {
+        for s in TEST_SCHEDULES {
+            set_schedule(s);
+            let e = cpasync_rowsum(kernel, 3, tiles).expect_err("a missing cp.async wait went unnoticed").to_string();
+            println!("[cp.async {kernel} tiles {tiles}] {:<10} {e}", sched_name(s));
+            assert!(e.contains("not finite"), "{e}");
+        }
+    }
+    set_schedule(Schedule::Forward);
+}
+
+/// Runs a kernel of kernels/buggy/interblock_race.cu over `blocks` blocks of 64 threads.
+/// `counter`: the kernel adds every block's sum into one float (want: the total); otherwise it
+/// writes running block sums (want: their prefix sums). Err on a wrong value.
+fn interblock(kernel: &str, blocks: usize, counter: bool) -> Result<()> {
+    let x = Rng::new(99).vec(blocks * 64, 0.0, 1.0);
+    let sums: Vec<f64> = x.chunks(64).map(|c| c.iter().map(|&v| v as f64).sum()).collect();
+    let mut gx = Guarded::from_slice(&x);
+    let px = gx.ptr();
+    if counter {
+        let mut total = Guarded::filled(1, 0f32);
+        let pt = total.ptr();
+        launch(kernel, (blocks as u32, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&pt).as_params())?;
+        total.check("total")?;
+        return check_close("total", total.data(), &[sums.iter().sum()], 1e-4, 1e-5);
+    }
+    let want: Vec<f64> = sums
+        .iter()
+        .scan(0.0, |a, s| {
+            *a += s;
+            Some(*a)
+        })
+        .collect();
+    let mut carry = Guarded::filled(blocks, f32::NAN);
+    let pc = carry.ptr();
+    if kernel == "block_sums_f32" {
+        let mut partial = Guarded::filled(blocks, f32::NAN);
+        let (pp, n) = (partial.ptr(), blocks as i32);
+        launch(kernel, (blocks as u32, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&pp).as_params())?;
+        launch("carry_scan_f32", (1, 1, 1), (32, 1, 1), 0, LaunchArgs::new().arg(&pp).arg(&pc).arg(&n).as_params())?;
+    } else {
+        launch(kernel, (blocks as u32, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&pc).as_params())?;
+    }
+    carry.check("carry")?;
+    check_close("carry", carry.data(), &want, 1e-4, 1e-5)
+}
+
+#[test]
+fn planted_g_inter_block_races_show_with_interleaved_blocks() {
+    for blocks in [1, 3, 10] {
+        for_all_cases("counter_atomic_f32", &[blocks], |&b| interblock("counter_atomic_f32", b, true));
+        for_all_cases("block_sums_f32 + carry_scan_f32", &[blocks], |&b| interblock("block_sums_f32", b, false));
+    }
+    for (kernel, counter) in [("bug_counter_rmw_f32", true), ("bug_chained_carry_f32", false)] {
+        let runs: Vec<(Schedule, Option<String>)> = TEST_SCHEDULES
+            .iter()
+            .map(|&s| {
+                set_schedule(s);
+                (s, interblock(kernel, 10, counter).err().map(|e| e.to_string()))
+            })
+            .collect();
+        for (s, e) in &runs {
+            println!("[(g) {kernel}] {:<10} {}", sched_name(*s), e.as_deref().unwrap_or("NOT CAUGHT"));
+        }
+        assert!(runs.iter().any(|(_, e)| e.is_some()), "{kernel}: inter-block race not caught in any schedule");
+    }
+    // The lost update needs blocks in flight together: one block at a time hides it.
+    set_schedule(Schedule::Forward);
+    emu::set_resident_blocks(1);
+    let one_at_a_time = interblock("bug_counter_rmw_f32", 10, true);
+    emu::set_resident_blocks(4);
+    assert!(one_at_a_time.is_ok(), "{one_at_a_time:?}");
+    assert!(interblock("bug_counter_rmw_f32", 10, true).is_err());
+}
+
+fn pair_sum(kernel: &str, n: usize) -> Result<Vec<f32>> {
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let (mut gx, mut gy) = (Guarded::from_slice(&x), Guarded::filled(n, f32::NAN));
+    let (px, py, ni) = (gx.ptr(), gy.ptr(), n as i32);
+    launch(kernel, (ceil_div(n, 128), 1, 1), (128, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&py).arg(&ni).as_params())?;
+    gx.check("x")?;
+    gy.check("y")?;
+    Ok(gy.data().to_vec())
+}
+
+#[test]
+fn planted_h_out_of_bounds_global_reads_and_writes_fail_the_launch() {
+    let n = 1000usize; // a multiple of 4: x[n] is on the guard page
+    let want: Vec<f32> = (0..n).map(|i| if i + 1 < n { (2 * i + 1) as f32 } else { i as f32 }).collect();
+    for s in TEST_SCHEDULES {
+        set_schedule(s);
+        assert_eq!(pair_sum("pair_sum_f32", n).unwrap(), want);
+        for _ in 0..2 {
+            // twice: the guard page is protected again after the failed launch
+            let e = pair_sum("bug_oob_read_f32", n).unwrap_err().to_string();
+            println!("[(h) oob read] {:<10} {e}", sched_name(s));
+            assert!(
+                e.contains("out-of-bounds read at byte offset 4000 of a 4000-byte buffer (0 bytes past its end) by block (7,0,0) thread (103,0,0)"),
+                "{e}"
+            );
+        }
+        let e = pair_sum("bug_oob_write_f32", n).unwrap_err().to_string();
+        println!("[(h) oob write] {:<10} {e}", sched_name(s));
+        assert!(e.contains("out-of-bounds write at byte offset 40") && e.contains("of a 4000-byte buffer"), "{e}");
+    }
+    set_schedule(Schedule::Forward);
+    // cp.async reads its source at issue: a source one row short faults there
+    let x = vec![1f32; 15 * 64];
+    let (mut gx, mut gy) = (Guarded::from_slice(&x), Guarded::filled(16, f32::NAN));
+    let (px, py, tiles) = (gx.ptr(), gy.ptr(), 1i32);
+    let e = launch("cpasync_rowsum_f32", (1, 1, 1), (64, 1, 1), 0, LaunchArgs::new().arg(&px).arg(&py).arg(&tiles).as_params()).unwrap_err().to_string();
+    assert!(e.contains("out-of-bounds read at byte offset 3840 of a 3840-byte buffer"), "{e}");
 }

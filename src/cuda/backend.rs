@@ -7,8 +7,8 @@
 //!   production [`CudaLauncher`](super::CudaLauncher), Linear GEMMs through cuBLASLt
 //!   ([`Gemm::linear`], exact FP32, or bf16 inputs with f32 accumulation), or through the tiled
 //!   kernels of kernels/matmul.cu when cuBLASLt cannot be loaded.
-//! - [`EmuOps`] (feature `emu`): host `Vec<f32>` buffers whose addresses are the "device
-//!   pointers", kernels on the CPU emulator through [`EmuLauncher`](super::emu::EmuLauncher), and
+//! - [`EmuOps`] (feature `emu`): host buffers ([`DeviceMem`](super::emu::DeviceMem), each
+//!   ending at a guard page) whose addresses are the "device pointers", kernels on the CPU emulator through [`EmuLauncher`](super::emu::EmuLauncher), and
 //!   every GEMM as the `linear_f32` kernel on the emulator. The same tower code, the same kernel
 //!   names, argument packing and launch geometry as on the GPU run end to end in `cargo test`.
 //!
@@ -34,10 +34,17 @@ pub struct Buf {
     half: Option<Box<(DType, Buf)>>,
 }
 
+/// Emulated device memory (only the emulator builds one).
+#[cfg(feature = "emu")]
+type HostMem = super::emu::DeviceMem;
+#[cfg(not(feature = "emu"))]
+type HostMem = ();
+
 enum Store {
-    /// Emulated device memory: a host allocation (its heap address does not move with the Buf).
+    /// Emulated device memory: a host mapping whose end abuts a guard page, so kernels that
+    /// read or write past a buffer fail their launch ([`super::emu::DeviceMem`]).
     #[allow(dead_code)]
-    Host(Vec<f32>),
+    Host(HostMem),
     /// A block of the caching allocator (returned to its free list on drop, stream-ordered).
     #[allow(dead_code)]
     Device(CudaBlock),
@@ -213,18 +220,21 @@ impl DeviceOps for EmuOps {
         "CUDA emulator (CPU)".into()
     }
     fn alloc(&self, n: usize) -> Result<Buf> {
-        self.upload(&vec![0f32; n])
+        let m = super::emu::DeviceMem::new(n * 4)?; // zeroed
+        Ok(Buf { ptr: m.ptr() as u64, len: n, _store: Store::Host(m), half: None })
     }
     fn alloc_uninit(&self, n: usize) -> Result<Buf> {
-        self.upload(&vec![f32::NAN; n])
+        let mut m = super::emu::DeviceMem::new(n * 4)?;
+        m.as_mut_slice::<f32>().fill(f32::NAN);
+        Ok(Buf { ptr: m.ptr() as u64, len: n, _store: Store::Host(m), half: None })
     }
     fn upload(&self, data: &[f32]) -> Result<Buf> {
-        let mut v = data.to_vec();
-        Ok(Buf { ptr: v.as_mut_ptr() as u64, len: v.len(), _store: Store::Host(v), half: None })
+        let m = super::emu::DeviceMem::from_slice(data)?;
+        Ok(Buf { ptr: m.ptr() as u64, len: data.len(), _store: Store::Host(m), half: None })
     }
     fn download(&self, b: &Buf) -> Result<Vec<f32>> {
         match &b._store {
-            Store::Host(v) => Ok(v.clone()),
+            Store::Host(m) => Ok(m.as_slice::<f32>().to_vec()),
             Store::Device(_) => Err(Error::device("emulator: buffer belongs to a GPU")),
         }
     }

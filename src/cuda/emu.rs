@@ -30,12 +30,84 @@ extern "C" {
     ) -> c_int;
     fn emu_set_schedule(mode: c_int, seed: u64);
     fn emu_set_strict(on: c_int);
+    fn emu_set_resident_blocks(k: c_uint);
     fn emu_kernel_arity(name: *const c_char) -> c_int;
     fn emu_kernel_count() -> usize;
     fn emu_kernel_name(i: usize) -> *const c_char;
 }
 
-/// Order in which the emulator runs blocks, warps and the lanes of a warp.
+extern "C" {
+    fn emu_guard_alloc(front: usize, bytes: usize) -> *mut c_void;
+    fn emu_guard_free(base: *mut c_void, front: usize, bytes: usize);
+}
+
+/// Emulated device memory: `bytes` zeroed bytes whose end (rounded up to 16 bytes, so 16-byte
+/// vector loads of the last elements stay legal) abuts a PROT_NONE guard page registered with
+/// the emulator. A kernel that reads or writes past the end (beyond the rounding) faults there;
+/// the emulator catches the fault and fails the launch with "out-of-bounds read|write at byte
+/// offset ... of a B-byte buffer ... by block (..) thread (..)" (emu/cuda_emu_guard.h).
+/// Optionally `front` bytes (a multiple of 16) precede the data, e.g. for canaries.
+pub struct DeviceMem {
+    base: std::ptr::NonNull<u8>,
+    front: usize,
+    bytes: usize,
+}
+
+// The mapping is owned by this value alone; access goes through &/&mut like a Box<[u8]>.
+unsafe impl Send for DeviceMem {}
+unsafe impl Sync for DeviceMem {}
+
+impl DeviceMem {
+    /// `bytes` zeroed, guarded bytes.
+    pub fn new(bytes: usize) -> Result<Self> {
+        Self::with_front(0, bytes)
+    }
+    /// `front` bytes (rounded up to 16) of room before `bytes` zeroed, guarded bytes.
+    pub fn with_front(front: usize, bytes: usize) -> Result<Self> {
+        let front = front.div_ceil(16) * 16;
+        let p = unsafe { emu_guard_alloc(front, bytes) };
+        let base = std::ptr::NonNull::new(p as *mut u8).ok_or_else(|| Error::device(format!("emulator: cannot map {bytes} bytes of device memory")))?;
+        Ok(DeviceMem { base, front, bytes })
+    }
+    /// A guarded copy of `data`.
+    pub fn from_slice<T: bytemuck::Pod>(data: &[T]) -> Result<Self> {
+        let mut m = Self::new(std::mem::size_of_val(data))?;
+        m.as_mut_slice::<u8>().copy_from_slice(bytemuck::cast_slice(data));
+        Ok(m)
+    }
+    /// The start of the data (what kernels receive).
+    pub fn ptr(&self) -> *mut u8 {
+        unsafe { self.base.as_ptr().add(self.front) }
+    }
+    /// The start of the front room (== [`DeviceMem::ptr`] without one).
+    pub fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+    /// Bytes of data requested.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// Front room + data + the padding up to 16 bytes: everything accessible before the guard page.
+    pub fn span(&self) -> usize {
+        self.front + self.bytes.div_ceil(16) * 16
+    }
+    /// The data as `T`s (⌊bytes / size_of::<T>()⌋ of them).
+    pub fn as_slice<T: bytemuck::Pod>(&self) -> &[T] {
+        unsafe { std::slice::from_raw_parts(self.ptr() as *const T, self.bytes / std::mem::size_of::<T>()) }
+    }
+    pub fn as_mut_slice<T: bytemuck::Pod>(&mut self) -> &mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.ptr() as *mut T, self.bytes / std::mem::size_of::<T>()) }
+    }
+}
+
+impl Drop for DeviceMem {
+    fn drop(&mut self) {
+        unsafe { emu_guard_free(self.base.as_ptr() as *mut c_void, self.front, self.bytes) }
+    }
+}
+
+/// Order in which the emulator runs blocks, warps and the lanes of a warp (and interleaves the
+/// warps of the resident blocks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schedule {
     Forward,
@@ -55,6 +127,12 @@ pub fn set_schedule(s: Schedule) {
         Schedule::Random(seed) => (2, seed),
     };
     unsafe { emu_set_schedule(mode, seed) }
+}
+
+/// How many blocks of a grid run interleaved (resident at once) in later launches from the
+/// calling thread: 4 by default (or `EMU_BLOCKS`), 1 runs blocks one after another.
+pub fn set_resident_blocks(k: u32) {
+    unsafe { emu_set_resident_blocks(k.max(1)) }
 }
 
 /// Strict mode (default): a __syncthreads reached while other threads have exited is an error.

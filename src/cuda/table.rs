@@ -33,11 +33,12 @@ impl KernelCase {
     /// Runs on the CPU emulator; returns every buffer after the launch.
     #[cfg(feature = "emu")]
     pub fn run_emulated(&self) -> Result<Vec<Vec<f32>>> {
-        let mut bufs = self.buffers.clone();
-        let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.as_mut_ptr() as u64).collect();
+        // device memory with a guard page after each buffer: out-of-bounds accesses fail the launch
+        let mems = self.buffers.iter().map(|b| super::emu::DeviceMem::from_slice(b)).collect::<Result<Vec<_>>>()?;
+        let ptrs: Vec<u64> = mems.iter().map(|m| m.ptr() as u64).collect();
         let mut args = self.pack(&ptrs);
         super::emu::EmuLauncher.launch(self.kernel, self.cfg, &mut args)?;
-        Ok(bufs)
+        Ok(mems.iter().map(|m| m.as_slice::<f32>().to_vec()).collect())
     }
 
     /// Runs on `gpu`: uploads the buffers, launches through the production launcher, downloads.

@@ -104,33 +104,46 @@ impl Elem for i32 {
 
 pub const GUARD: usize = 64;
 
-/// A device-buffer stand-in with GUARD canary elements on both sides: out-of-bounds writes
-/// show up as modified canaries, out-of-bounds reads read canaries (NaN) instead of faulting.
+/// A device-buffer stand-in (emulated device memory, [`emu::DeviceMem`]): GUARD canary
+/// elements before the data, canaries in the padding up to the next 16 bytes after it, and
+/// then a guard page. Out-of-bounds writes into the canaries show up in [`Guarded::check`];
+/// reads and writes beyond the padding fault on the guard page and fail the launch with a
+/// message naming the access (underflowing reads of the front canaries read NaN patterns).
 pub struct Guarded<T: Elem> {
-    buf: Vec<T>,
+    mem: emu::DeviceMem,
     n: usize,
+    _t: std::marker::PhantomData<T>,
 }
 impl<T: Elem> Guarded<T> {
     pub fn from_slice(data: &[T]) -> Self {
-        let mut buf = vec![T::CANARY; data.len() + 2 * GUARD];
+        let sz = std::mem::size_of::<T>();
+        let mem = emu::DeviceMem::with_front(GUARD * sz, data.len() * sz).expect("emulated device memory");
+        let g = Guarded { mem, n: data.len(), _t: std::marker::PhantomData };
+        // SAFETY: the span is mapped, 16-byte aligned and a whole number of T (2- or 4-byte plain values)
+        let buf = unsafe { std::slice::from_raw_parts_mut(g.mem.base() as *mut T, g.mem.span() / sz) };
+        buf.fill(T::CANARY);
         buf[GUARD..GUARD + data.len()].copy_from_slice(data);
-        Guarded { buf, n: data.len() }
+        g
     }
     pub fn filled(n: usize, v: T) -> Self {
         Self::from_slice(&vec![v; n])
     }
     pub fn ptr(&mut self) -> *mut T {
-        unsafe { self.buf.as_mut_ptr().add(GUARD) }
+        self.mem.ptr() as *mut T
     }
     pub fn cptr(&self) -> *const T {
-        unsafe { self.buf.as_ptr().add(GUARD) }
+        self.mem.ptr() as *const T
+    }
+    fn buf(&self) -> &[T] {
+        // SAFETY: as in from_slice; every element was initialised there
+        unsafe { std::slice::from_raw_parts(self.mem.base() as *const T, self.mem.span() / std::mem::size_of::<T>()) }
     }
     pub fn data(&self) -> &[T] {
-        &self.buf[GUARD..GUARD + self.n]
+        &self.buf()[GUARD..GUARD + self.n]
     }
     /// Err if a canary before or after the data was modified.
     pub fn check(&self, what: &str) -> Result<()> {
-        for (i, v) in self.buf.iter().enumerate() {
+        for (i, v) in self.buf().iter().enumerate() {
             if (i < GUARD || i >= GUARD + self.n) && !v.same_bits(T::CANARY) {
                 let off = i as isize - GUARD as isize;
                 return Err(Error::msg(format!("{what}: out-of-bounds write at element {off} (buffer has {} elements): {v:?}", self.n)));
