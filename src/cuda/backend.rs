@@ -38,6 +38,8 @@ enum Store {
     /// A block of the caching allocator (returned to its free list on drop, stream-ordered).
     #[allow(dead_code)]
     Device(CudaBlock),
+    /// No memory at all: an address and a length ([`crate::perf::record::RecordingOps`]).
+    None,
 }
 
 impl Buf {
@@ -50,6 +52,10 @@ impl Buf {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+    /// A buffer with no storage: what the recording device (src/perf/record.rs) hands out.
+    pub(crate) fn fake(ptr: u64, len: usize) -> Buf {
+        Buf { ptr, len, _store: Store::None }
     }
 }
 
@@ -162,7 +168,7 @@ impl DeviceOps for EmuOps {
     fn download(&self, b: &Buf) -> Result<Vec<f32>> {
         match &b._store {
             Store::Host(v) => Ok(v.clone()),
-            Store::Device(_) => Err(Error::device("emulator: buffer belongs to a GPU")),
+            _ => Err(Error::device("emulator: buffer belongs to a GPU")),
         }
     }
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<()> {
