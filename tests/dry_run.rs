@@ -134,3 +134,36 @@ fn the_cli_predicts_with_no_device() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("--gpu v100") && err.trim().lines().count() == 1, "{err}");
 }
+
+/// On a GPU (scripts/gpu_check.sh runs the `gpu` tests): which image every kernel module loaded
+/// from (cubin of which SM, embedded PTX, or NVRTC) and the GEMM path, as one `gpu-info:` JSON
+/// line; skipped without a driver.
+#[test]
+fn gpu_module_image_and_gemm_path() {
+    use clipforge::cuda::{driver_available, DeviceOps, GpuOps};
+    if driver_available().is_err() {
+        eprintln!("skipped: no CUDA driver");
+        return;
+    }
+    let ops = match GpuOps::open() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    let cache = ops.gpu().launcher.modules();
+    let mut modules = serde_json::Map::new();
+    for m in clipforge::cuda::kernels::MODULES {
+        let origin = match cache.module(m.name) {
+            Ok(_) => format!("{:?}", cache.origin(m.name)),
+            Err(e) => format!("failed: {e}"),
+        };
+        modules.insert(m.name.to_string(), origin.into());
+    }
+    let v = serde_json::json!({
+        "device": ops.describe(), "sm": ops.gpu().device.sm(), "nvcc_at_build": clipforge::cuda::kernels::NVCC_VERSION, "modules": modules,
+    });
+    println!("gpu-info: {v}");
+    assert!(modules.values().all(|o| !o.as_str().unwrap_or("").starts_with("failed")), "{v}");
+}

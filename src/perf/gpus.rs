@@ -154,8 +154,10 @@ pub mod k {
     /// Registers per thread assumed when the build had no nvcc (no ptxas report).
     pub const DEFAULT_REGS: u32 = 64;
     /// cuBLASLt tile shapes (M×N of the output per CTA, one CTA per SM at a time) the model
-    /// chooses from, with split-K up to MAX_SPLIT_K when the tiles do not fill the GPU.
-    pub const GEMM_TILES: &[(usize, usize)] = &[(128, 256), (256, 128), (128, 128), (128, 64), (64, 64)];
+    /// chooses from, each with its share of the sustained efficiency (smaller tiles re-read more
+    /// operand bytes per FLOP from shared memory and L2), with split-K up to MAX_SPLIT_K when
+    /// the tiles do not fill the GPU.
+    pub const GEMM_TILES: &[(usize, usize, f64)] = &[(128, 256, 1.0), (256, 128, 1.0), (128, 128, 0.95), (128, 64, 0.85), (64, 64, 0.7)];
     pub const MAX_SPLIT_K: usize = 16;
     /// Split-K keeps at least this many k per split.
     pub const MIN_K_PER_SPLIT: usize = 256;

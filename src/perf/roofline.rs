@@ -116,7 +116,7 @@ fn bytes_of(dt: DType) -> f64 {
 /// The GEMM's tiling: (tile m, tile n, split-K, compute time at full efficiency).
 pub fn gemm_tiling(gpu: &Gpu, g: &GemmRec, peak_eff: f64) -> (usize, usize, usize, f64) {
     let mut best = (0, 0, 1, f64::INFINITY);
-    for &(tm, tn) in k::GEMM_TILES {
+    for &(tm, tn, tile_eff) in k::GEMM_TILES {
         let tiles = g.m.div_ceil(tm) * g.n.div_ceil(tn) * g.batch;
         for split in 1..=k::MAX_SPLIT_K {
             if split > 1 && (tiles * split > 2 * gpu.sms as usize || g.k / split < k::MIN_K_PER_SPLIT) {
@@ -125,7 +125,7 @@ pub fn gemm_tiling(gpu: &Gpu, g: &GemmRec, peak_eff: f64) -> (usize, usize, usiz
             let ctas = tiles * split;
             let waves = ctas.div_ceil(gpu.sms as usize);
             let per_cta = 2.0 * (tm * tn) as f64 * g.k.div_ceil(split) as f64;
-            let t = waves as f64 * per_cta / (peak_eff / gpu.sms as f64);
+            let t = waves as f64 * per_cta / (tile_eff * peak_eff / gpu.sms as f64);
             if t < best.3 {
                 best = (tm, tn, split, t);
             }
