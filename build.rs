@@ -46,6 +46,8 @@ fn main() {
     let nvcc_path = nvcc::find_nvcc();
     let mut built: Vec<Option<Vec<PathBuf>>> = vec![None; cus.len()];
     let mut nvcc_version = None;
+    // registers/smem per kernel for the performance model (src/perf/resources.rs); empty without nvcc
+    let mut ptxas_table = String::new();
     if let Some(nvcc_path) = &nvcc_path {
         let dir = out.join("nvcc");
         fs::create_dir_all(&dir).unwrap();
@@ -58,6 +60,7 @@ fn main() {
         let flags = nvcc::flags("<arch>", "cubin").join(" ");
         let report = format!("{version}\n{} {flags} -I kernels -o X.cubin X.cu\n\n{}\n{log}", nvcc_path.display(), nvcc::table(&usage));
         fs::write(dir.join("ptxas_report.txt"), &report).unwrap();
+        ptxas_table = nvcc::table(&usage);
         let spills: Vec<&nvcc::Usage> = usage.iter().filter(|u| u.spill_stores > 0 || u.spill_loads > 0).collect();
         if !spills.is_empty() {
             panic!(
@@ -68,6 +71,7 @@ fn main() {
         }
         nvcc_version = Some(version);
     }
+    fs::write(out.join("ptxas_table.txt"), &ptxas_table).unwrap();
     write_kernels_rs(&out, &cus, &headers, &built, nvcc_version);
 }
 

@@ -1,33 +1,40 @@
 #!/usr/bin/env bash
-# The GPU checks as one prepared script, for a session that is lent a device machine (the `device`
-# tool: no cargo and no network there, 15 minutes of device time, 64 MiB travel).
+# The GPU checks as prepared scripts, for a session that is lent a device machine (the `device`
+# tool: no cargo and no network there; 15 minutes of device time per session, 10 per call, the
+# machine's start counted; 64 MiB travel).
 #
-#   bash scripts/gpu_check.sh pack     # here: build release binaries, strip, xz into .gpu/ (ignored)
-#   device run  carry=[".gpu"]  timeout_s=540
-#       command: bash scripts/gpu_check.sh run
+#   bash scripts/gpu_check.sh pack      # here: release binaries + test binaries, stripped, xz into .gpu/ (ignored)
+#   device run  carry=[".gpu"]  timeout_s=480   command: bash scripts/gpu_check.sh run
+#   device run  carry=[".gpu"]  timeout_s=300   command: bash scripts/gpu_check.sh criterion   (optional, second call)
+#   python3 scripts/gpu_results.py <files_at>   # here: measured vs predicted into BENCHMARKS.md and KERNELS.md
 #
-# `run` (there) unpacks .gpu/, points /work/main at the checkout (the test binaries find
-# tests/fixtures through the path they were built in), then runs, each under its own timeout:
-#   1. the GPU columns of the tests: tests/cuda_table.rs (every kernel vs the CPU op),
-#      tests/cuda_e2e.rs (towers), tests/device_step.rs (Long-CLIP fine-tune f32/bf16/f16 vs the
-#      PyTorch reference fixture), tests/cuda_kernels.rs (the loaded modules), tests/cuda_flash.rs
-#      (the tensor-core flash attention through the device backend);
-#   2. `clipforge bench` on the GPU: ViT-B/32 and L/14 towers (f32, bf16), and Long-CLIP training
-#      steps (`--task train`: B/32 batch 128 f32/bf16/f16, L/14 with 248-token text (`--stretch`) at
-#      batch 128 with --recompute, the KERNELS.md "40 GB" arithmetic) with nvidia-smi sampling the GPU
-#      memory;
-#   3. the criterion kernel benches (benches/cuda.rs), short measurement.
-# Everything lands in $OUT (log.txt, bench.jsonl, mem.csv) for BENCHMARKS.md / KERNELS.md.
+# `run` (first call, the essentials, its own budget RUN_BUDGET_S = 400 s of command time so that the
+# call with the machine's start stays under 8 minutes; a step that would not fit is skipped and logged):
+#   0. driver and CUDA version (nvidia-smi), which image every kernel module loaded (cubin arch, PTX or
+#      NVRTC) and the GEMM path (tests/dry_run.rs gpu_module_image_and_gemm_path → gpu-info line);
+#   1. `clipforge bench` on the GPU for the three cases of tests/dry_run.rs — B/16 and L/14 image towers
+#      (bf16, batch 256) and the Long-CLIP L/14 train step (248 tokens, --stretch, batch 128, bf16) —
+#      each next to its dry-run prediction for an H200 (`--dry-run --gpu h200`, the lent machine), with
+#      nvidia-smi sampling the GPU memory;
+#   2. the GPU columns of the tests (the tests named gpu_*): tests/cuda_table.rs (every kernel vs the CPU
+#      op), cuda_e2e.rs (towers), device_step.rs (Long-CLIP fine-tune f32/bf16/f16 vs the PyTorch
+#      fixture), cuda_kernels.rs (the loaded modules), cuda_flash.rs (the tensor-core flash attention
+#      through the device backend);
+#   3. more bench lines, as the budget allows: B/32 towers f32 and bf16, B/32 train bf16, L/14 train
+#      with --recompute.
+# `criterion`: the criterion kernel benches (benches/cuda.rs), short measurement.
+# Everything lands in $OUT: log.txt, info.json, bench.jsonl (measured), predicted.jsonl (dry runs,
+# one per bench line, same order, with the bench's arguments), mem.csv, criterion.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
-tests=(cuda_table cuda_e2e device_step cuda_kernels cuda_flash)
+tests=(cuda_table cuda_e2e device_step cuda_kernels cuda_flash dry_run)
 
 if [ "$mode" = pack ]; then
   set -e
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   cargo build --release --quiet
-  cargo test --release --no-run --quiet
+  for t in "${tests[@]}"; do cargo test --release --no-run --quiet --test "$t"; done
   cargo bench --no-run --quiet --bench cuda
   rm -rf .gpu && mkdir -p .gpu/bin
   cp target/release/clipforge .gpu/bin/
@@ -39,15 +46,19 @@ if [ "$mode" = pack ]; then
   tar -C .gpu -cJf .gpu/bin.tar.xz bin && rm -rf .gpu/bin
   echo "built in: $PWD (the tests look for $PWD/tests/fixtures)" > .gpu/README
   echo "$PWD" > .gpu/built_in
+  git rev-parse HEAD > .gpu/commit 2>/dev/null || true
   du -sh .gpu/bin.tar.xz
   exit 0
 fi
 
-[ "$mode" = run ] || { echo "usage: $0 pack|run" >&2; exit 2; }
+case "$mode" in run | criterion) ;; *) echo "usage: $0 pack|run|criterion" >&2; exit 2 ;; esac
 out=${OUT:-/tmp/gpu_out}
 mkdir -p "$out" /tmp/gpu
 log="$out/log.txt"
-tar -C /tmp/gpu -xJf .gpu/bin.tar.xz || { echo "no .gpu/bin.tar.xz: run '$0 pack' here and carry .gpu" | tee "$log"; exit 1; }
+t0=$(date +%s)
+budget=${RUN_BUDGET_S:-400}
+[ "$mode" = criterion ] && budget=${CRITERION_BUDGET_S:-280}
+[ -d /tmp/gpu/bin ] || tar -C /tmp/gpu -xJf .gpu/bin.tar.xz || { echo "no .gpu/bin.tar.xz: run '$0 pack' here and carry .gpu" | tee "$log"; exit 1; }
 built=$(cat .gpu/built_in)
 if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then
   mkdir -p "$(dirname "$built")" && ln -s "$PWD" "$built"
@@ -55,32 +66,75 @@ fi
 bin=/tmp/gpu/bin
 # tests/device_step.rs runs the binary at the path cargo built it (CARGO_BIN_EXE_clipforge)
 [ -e target/release/clipforge ] || { mkdir -p target/release && ln -s "$bin/clipforge" target/release/clipforge; }
-step() { # name, timeout, command...
-  local name=$1 t=$2; shift 2
-  echo "=== $name ($(date +%T))" | tee -a "$log"
+left() { echo $((budget - ($(date +%s) - t0))); }
+step() { # name, timeout, command...: skipped when the budget left is under the timeout's third
+  local name=$1 t=$2 l; shift 2
+  l=$(left)
+  if [ "$l" -lt $((t / 3)) ] || [ "$l" -lt 15 ]; then
+    echo "=== $name: SKIPPED (budget: ${l}s left)" | tee -a "$log"
+    return 1
+  fi
+  [ "$t" -gt "$l" ] && t=$l
+  echo "=== $name ($(date +%T), limit ${t}s)" | tee -a "$log"
   timeout "$t" "$@" >> "$log" 2>&1
-  echo "=== $name: exit $?" | tee -a "$log"
+  local rc=$?
+  echo "=== $name: exit $rc" | tee -a "$log"
+  return $rc
 }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$log"
+
+if [ "$mode" = criterion ]; then
+  step "criterion cuda" "$budget" bash -c "$bin/cuda --bench --warm-up-time 1 --measurement-time 2 | tee $out/criterion.txt"
+  exit 0
+fi
+
+# 0. essentials
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  nvidia-smi | grep -o 'CUDA Version: *[0-9.]*'
+  echo "commit $(cat .gpu/commit 2>/dev/null)"
+} | tee -a "$log"
 nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 250 > "$out/mem.csv" 2>/dev/null &
 smi=$!
+step "gpu info" 60 "$bin/dry_run" gpu_module_image_and_gemm_path --test-threads 1 --nocapture
+python3 - "$log" "$out/info.json" <<'PY' || true
+import json, re, subprocess, sys
+text = open(sys.argv[1]).read()
+info = {}
+m = re.search(r"gpu-info: (\{.*\})", text)
+if m:
+    info.update(json.loads(m.group(1)))
+q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+info["nvidia_smi"] = q
+c = re.search(r"CUDA Version: *([0-9.]+)", text)
+info["cuda_driver_api"] = c.group(1) if c else None
+json.dump(info, open(sys.argv[2], "w"), indent=1)
+PY
 
-# 1. tests (GPU columns; --nocapture shows "skipped: no CUDA device" if the GPU did not open)
-# (only the tests named gpu_*: the emulated ones ran in CI)
-for t in "${tests[@]}"; do step "test $t" 240 "$bin/$t" gpu --test-threads 1 --nocapture; done
+# 1. and 3. clipforge bench on the GPU, each line next to its dry-run prediction for the H200
+b() { # timeout, bench arguments...
+  local t=$1; shift
+  local args="$*"
+  "$bin/clipforge" bench --device cuda --dry-run --gpu h200 --json "$@" 2>>"$log" | python3 -c "
+import json, sys
+v = json.load(sys.stdin); v['args'] = sys.argv[1]; print(json.dumps(v))" "$args" >> "$out/predicted.jsonl" || echo "{\"args\": \"$args\", \"error\": \"dry run failed\"}" >> "$out/predicted.jsonl"
+  step "bench $args" "$t" bash -o pipefail -c "$bin/clipforge bench --device cuda --json $args | python3 -c \"
+import json, sys
+v = json.load(sys.stdin); v['args'] = sys.argv[1]; print(json.dumps(v))\" '$args' >> $out/bench.jsonl" ||
+    echo "{\"args\": \"$args\", \"error\": \"bench failed or skipped\"}" >> "$out/bench.jsonl"
+}
+# the three cases of tests/dry_run.rs first, then the test columns, then the rest
+b 45 --preset b16 --batch 256 --iters 5 --dtype bf16 --towers image
+b 60 --preset l14 --batch 256 --iters 3 --dtype bf16 --towers image
+b 120 --task train --preset l14 --batch 128 --iters 2 --dtype bf16 --stretch --text-len 248
 
-# 2. clipforge bench on the GPU
-b() { step "bench $*" 150 bash -o pipefail -c "$bin/clipforge bench --device cuda --json $* | tr -d '\n' >> $out/bench.jsonl; rc=\$?; echo >> $out/bench.jsonl; exit \$rc"; }
-b --preset b32 --batch 256 --iters 5
-b --preset b32 --batch 256 --iters 5 --dtype bf16
-b --preset l14 --batch 128 --iters 3 --dtype bf16
-b --task train --preset b32 --batch 128 --iters 5
-b --task train --preset b32 --batch 128 --iters 5 --dtype bf16
-b --task train --preset b32 --batch 128 --iters 5 --dtype f16
-b --task train --preset l14 --batch 128 --iters 2 --dtype bf16 --recompute --stretch --text-len 248
+# 2. tests (GPU columns; --nocapture shows "skipped: no CUDA device" if the GPU did not open)
+for t in cuda_table cuda_e2e device_step cuda_kernels; do step "test $t" 60 "$bin/$t" gpu --test-threads 1 --nocapture; done
 
-# 3. kernel benches
-step "criterion cuda" 120 "$bin/cuda" --bench --warm-up-time 1 --measurement-time 2
+b 40 --preset b32 --batch 256 --iters 5
+b 40 --preset b32 --batch 256 --iters 5 --dtype bf16
+b 60 --task train --preset b32 --batch 128 --iters 3 --dtype bf16
+b 120 --task train --preset l14 --batch 128 --iters 2 --dtype bf16 --recompute --stretch --text-len 248
 
 kill "$smi" 2>/dev/null
 echo "peak GPU memory (MiB): $(cut -d, -f2 "$out/mem.csv" | tr -dc '0-9\n' | sort -n | tail -1)" | tee -a "$log"
+echo "command time: $(($(date +%s) - t0)) s of ${budget} s" | tee -a "$log"

@@ -17,6 +17,7 @@ pub mod flops;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod perf;
 pub mod plot;
 pub mod progress;
 pub mod tensor;

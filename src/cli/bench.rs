@@ -56,6 +56,15 @@ pub struct BenchArgs {
     /// --task loader: WebDataset tar shards ('data/{00000..00009}.tar')
     #[arg(long)]
     pub data: Option<String>,
+    /// With --device cuda: run nothing; record every kernel launch and GEMM of the device path
+    /// (embed or --task train) and print the time each would take on --gpu (roofline model,
+    /// KERNELS.md "Performance model"): per kernel launches, time, share, % of roofline, SM
+    /// waves; predicted img/s, texts/s or samples/s. Needs no GPU or CUDA driver
+    #[arg(long)]
+    pub dry_run: bool,
+    /// --dry-run: the GPU to predict: h100 (H100 SXM), h200, a100 (A100 SXM 80GB) or l40s
+    #[arg(long, default_value = "h100")]
+    pub gpu: String,
 }
 
 /// Where and in what precision bench computes: the inference commands' choices, and f16 for
@@ -143,6 +152,9 @@ pub fn gemm_ceiling_gflops(dtype: DType) -> f64 {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
+    if a.dry_run {
+        return super::bench_dry::run(a);
+    }
     match a.task.as_str() {
         "embed" => {}
         "train" => return super::bench_train::run(a),

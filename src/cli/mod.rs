@@ -1,6 +1,7 @@
 //! The command line: one subcommand per job, `--help` on each. Data goes to stdout (or the
 //! --out file), progress and messages to stderr.
 pub mod bench;
+pub mod bench_dry;
 pub mod bench_loader;
 pub mod bench_train;
 pub mod classify;

@@ -48,6 +48,8 @@ enum Store {
     /// A block of the caching allocator (returned to its free list on drop, stream-ordered).
     #[allow(dead_code)]
     Device(CudaBlock),
+    /// No memory at all: an address and a length ([`crate::perf::record::RecordingOps`]).
+    None,
 }
 
 impl Buf {
@@ -74,6 +76,10 @@ impl Buf {
     /// Drops the half copy (the values are about to change).
     pub fn clear_half(&mut self) {
         self.half = None;
+    }
+    /// A buffer with no storage: what the recording device (src/perf/record.rs) hands out.
+    pub(crate) fn fake(ptr: u64, len: usize) -> Buf {
+        Buf { ptr, len, _store: Store::None, half: None }
     }
 }
 
@@ -235,7 +241,7 @@ impl DeviceOps for EmuOps {
     fn download(&self, b: &Buf) -> Result<Vec<f32>> {
         match &b._store {
             Store::Host(m) => Ok(m.as_slice::<f32>().to_vec()),
-            Store::Device(_) => Err(Error::device("emulator: buffer belongs to a GPU")),
+            _ => Err(Error::device("emulator: buffer belongs to a GPU")),
         }
     }
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<()> {

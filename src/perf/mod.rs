@@ -1,0 +1,20 @@
+//! The performance model: run the device code path on a recording device and predict its time on
+//! a named GPU, without a GPU (`clipforge bench --device cuda --dry-run --gpu h100`).
+//!
+//! - [`record`]: [`RecordingOps`](record::RecordingOps), a `DeviceOps` that records every launch,
+//!   GEMM, memset and copy instead of executing it;
+//! - [`cost`]: per-kernel FLOP/byte models decoded from the launch arguments;
+//! - [`resources`]: registers and static shared memory from the build's ptxas report;
+//! - [`gpus`]: the named GPUs and every constant of the model;
+//! - [`roofline`]: occupancy, waves and the predicted time of each operation;
+//! - [`run`]: the towers and the training step on the recorder;
+//! - [`report`]: per-kernel tables, throughput, offenders.
+//!
+//! KERNELS.md ("Performance model") documents the constants and assumptions.
+pub mod cost;
+pub mod gpus;
+pub mod record;
+pub mod report;
+pub mod resources;
+pub mod roofline;
+pub mod run;

@@ -1,0 +1,169 @@
+//! The performance model's assertions (issue 12, points 5 and 6), without a GPU: the device code
+//! path runs on the recording device (src/perf/record.rs) and the roofline predictor
+//! (src/perf/roofline.rs) times it on an H100 SXM. Three cases, bf16:
+//! ViT-B/16 and ViT-L/14 image-tower inference at batch 256, and the Long-CLIP ViT-L/14 training
+//! step (248-token long captions, 16-token short ones, batch 128, no --recompute).
+//!
+//! (a) no kernel launch below one full wave (SMs × blocks per SM at its occupancy) when its work
+//!     could fill the GPU: the problem's parallelism (src/perf/cost.rs `par`: threads with one
+//!     independent output element each, reductions one per 64 summed elements, row kernels one
+//!     warp per row) ≥ SMs × blocks per SM × threads per block;
+//! (b) under bf16 every GEMM and attention runs on the tensor cores;
+//! (c) predicted H100 throughput meets the goals: B/16 ≥ 12 000 img/s, L/14 ≥ 2 500 img/s,
+//!     Long-CLIP L/14 fine-tuning ≥ 600 samples/s.
+//! Each failure prints a table of the offending launches.
+use clipforge::model::{ClipConfig, Towers};
+use clipforge::perf::cost::row_of;
+use clipforge::perf::gpus::gpu;
+use clipforge::perf::record::Op;
+use clipforge::perf::report::{offenders, Report};
+use clipforge::perf::run;
+use clipforge::DType;
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+
+struct Case {
+    name: &'static str,
+    report: Report,
+    kernels: BTreeSet<String>,
+    goal: f64,
+}
+
+fn kernels(ops: &[Op]) -> BTreeSet<String> {
+    ops.iter().filter_map(|o| if let Op::Launch(l) = o { Some(l.kernel.clone()) } else { None }).collect()
+}
+
+fn infer(name: &'static str, preset: &str, goal: f64) -> Case {
+    let cfg = ClipConfig::preset(preset).unwrap();
+    let (rec, phases) = run::infer(&cfg, 256, DType::BF16, 77, Towers::Vision).unwrap();
+    let report = Report::new(gpu("h100").unwrap(), &phases[0], &rec.log()).unwrap();
+    Case { name, report, kernels: kernels(&phases[0].ops), goal }
+}
+
+fn train() -> Case {
+    let mut cfg = ClipConfig::preset("longclip-l14").unwrap();
+    cfg.text.max_positions = 248;
+    let (rec, phase) = run::train(&cfg, 128, DType::BF16, 248, false).unwrap();
+    let report = Report::new(gpu("h100").unwrap(), &phase, &rec.log()).unwrap();
+    Case { name: "Long-CLIP L/14 train step (248 tokens, batch 128)", report, kernels: kernels(&phase.ops), goal: 600.0 }
+}
+
+fn cases() -> &'static [Case] {
+    static C: OnceLock<Vec<Case>> = OnceLock::new();
+    C.get_or_init(|| vec![infer("ViT-B/16 inference (batch 256)", "b16", 12_000.0), infer("ViT-L/14 inference (batch 256)", "l14", 2_500.0), train()])
+}
+
+#[test]
+fn every_launched_kernel_has_a_cost_row() {
+    // (launching one without a row already fails the dry run; this names them all at once)
+    let missing: Vec<String> = cases().iter().flat_map(|c| c.kernels.iter()).filter(|k| row_of(k).is_none()).cloned().collect();
+    assert!(missing.is_empty(), "kernels without a row in src/perf/cost.rs: {missing:?}");
+    let all: Vec<&str> = clipforge::cuda::kernels::MODULES.iter().flat_map(|m| m.entry_points.iter().copied()).filter(|k| row_of(k).is_none()).collect();
+    assert!(all.is_empty(), "entry points of kernels/*.cu without a cost row: {all:?}");
+}
+
+#[test]
+fn no_launch_below_a_full_wave_when_the_work_could_fill_the_gpu() {
+    let mut msg = String::new();
+    for c in cases() {
+        let low = c.report.below_wave();
+        if !low.is_empty() {
+            msg += &format!("\n{}:\n{}", c.name, offenders("below one full wave on 132 SMs although the work could fill it", &low));
+        }
+    }
+    assert!(msg.is_empty(), "{msg}");
+}
+
+#[test]
+fn bf16_gemms_and_attention_run_on_tensor_cores() {
+    let mut msg = String::new();
+    for c in cases() {
+        let off = c.report.off_tensor_cores();
+        if !off.is_empty() {
+            msg += &format!("\n{}:\n{}", c.name, offenders("GEMMs / attention not on bf16 tensor cores under --dtype bf16", &off));
+        }
+    }
+    assert!(msg.is_empty(), "{msg}");
+}
+
+#[test]
+fn predicted_h100_throughput_meets_the_goals() {
+    let mut msg = String::new();
+    for c in cases() {
+        let got = c.report.throughput();
+        if got < c.goal {
+            msg += &format!("\n{}: predicted {got:.0} {} < goal {:.0}\n{}", c.name, c.report.per, c.goal, c.report.table());
+        }
+    }
+    assert!(msg.is_empty(), "{msg}");
+}
+
+#[test]
+fn the_model_sees_what_the_issue_describes() {
+    // sanity of the recording itself: the towers' structure is all there
+    let b16 = &cases()[0];
+    let gemms = b16.report.preds.iter().filter(|p| p.name.starts_with("cuBLASLt")).count();
+    assert!(gemms >= 12 * 4, "B/16: {gemms} GEMMs recorded, expected at least 4 per block");
+    assert!(b16.kernels.iter().any(|k| k.starts_with("attention_fwd")), "{:?}", b16.kernels);
+    let tr = &cases()[2];
+    assert!(tr.kernels.iter().any(|k| k.starts_with("attention_bwd")) && tr.kernels.iter().any(|k| k.starts_with("adamw")), "{:?}", tr.kernels);
+    for c in cases() {
+        let t = c.report.throughput();
+        assert!(t.is_finite() && t > 0.0, "{}: {t}", c.name);
+    }
+}
+
+#[test]
+fn the_cli_predicts_with_no_device() {
+    let exe = env!("CARGO_BIN_EXE_clipforge");
+    let out = std::process::Command::new(exe)
+        .args(["bench", "--device", "cuda", "--dry-run", "--gpu", "a100", "--preset", "b32", "--batch", "8", "--dtype", "bf16", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["gpu"], "A100 SXM 80GB");
+    let phases = v["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 2, "image and text towers");
+    for p in phases {
+        assert!(p["predicted_per_s"].as_f64().unwrap() > 0.0);
+        let share: f64 = p["kernels"].as_array().unwrap().iter().map(|k| k["share"].as_f64().unwrap()).sum();
+        assert!((share - 1.0).abs() < 1e-9, "shares sum to {share}");
+    }
+    let bad = std::process::Command::new(exe).args(["bench", "--device", "cuda", "--dry-run", "--gpu", "v100"]).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("--gpu v100") && err.trim().lines().count() == 1, "{err}");
+}
+
+/// On a GPU (scripts/gpu_check.sh runs the `gpu` tests): which image every kernel module loaded
+/// from (cubin of which SM, embedded PTX, or NVRTC) and the GEMM path, as one `gpu-info:` JSON
+/// line; skipped without a driver.
+#[test]
+fn gpu_module_image_and_gemm_path() {
+    use clipforge::cuda::{driver_available, DeviceOps, GpuOps};
+    if driver_available().is_err() {
+        eprintln!("skipped: no CUDA driver");
+        return;
+    }
+    let ops = match GpuOps::open() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    let cache = ops.gpu().launcher.modules();
+    let mut modules = serde_json::Map::new();
+    for m in clipforge::cuda::kernels::MODULES {
+        let origin = match cache.module(m.name) {
+            Ok(_) => format!("{:?}", cache.origin(m.name)),
+            Err(e) => format!("failed: {e}"),
+        };
+        modules.insert(m.name.to_string(), origin.into());
+    }
+    let v = serde_json::json!({
+        "device": ops.describe(), "sm": ops.gpu().device.sm(), "nvcc_at_build": clipforge::cuda::kernels::NVCC_VERSION, "modules": modules,
+    });
+    println!("gpu-info: {v}");
+    assert!(modules.values().all(|o| !o.as_str().unwrap_or("").starts_with("failed")), "{v}");
+}
