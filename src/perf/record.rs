@@ -150,16 +150,11 @@ impl RecordingOps {
         let g = GemmRec { call, m, n, k, batch: 1, in_dtype: dt, out_dtype: DType::F32, trans_a: ta, trans_b: tb, bias, beta, path };
         self.op(Op::Gemm(g))
     }
-    /// GpuOps::linear_half: x converted into a memset scratch, then the half GEMM.
+    /// GpuOps::linear_half: x converted into an unzeroed scratch (64-bit sizes), then the half GEMM.
     fn linear_half(&self, (m, n, k): (usize, usize, usize), bias: bool, dt: DType) -> Result<()> {
-        let convert = if dt == DType::BF16 { "f32_to_bf16" } else { "f32_to_f16" };
-        if m * k > i32::MAX as usize {
-            return Err(crate::shape_err!("linear ({dt:?} weights): m·k = {} exceeds the conversion kernel's int range", m * k));
-        }
-        let xb = self.alloc((m * k).div_ceil(2))?;
-        let blocks = (m * k).div_ceil(256).clamp(1, 16_384) as u32;
-        let mut a = KernelArgs::new().ptr(0).ptr(xb.ptr()).i32((m * k) as i32);
-        self.launch(convert, LaunchCfg::new((blocks, 1, 1), (256, 1, 1), 0), &mut a)?;
+        let xb = self.alloc_uninit((m * k).div_ceil(2))?; // [m, k] packed halves
+        let (convert, cfg, mut a) = crate::cuda::train_ops::to_half_launch(dt, 0, xb.ptr(), m * k)?;
+        self.launch(convert, cfg, &mut a)?;
         self.gemm_op(if dt == DType::BF16 { "linear_bf16" } else { "linear_f16" }, (m, n, k), dt, (false, true), bias, 0.0)
     }
 }
@@ -220,6 +215,9 @@ impl DeviceOps for RecordingOps {
     fn gemm(&self, _a: &Buf, _b: &Buf, _c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
         self.gemm_op("gemm", (m, n, k), DType::F32, (ta, tb), false, beta)
     }
+    fn gemm_half(&self, dt: DType, _a: &Buf, _b: &Buf, bias: Option<&Buf>, _c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
+        self.gemm_op("gemm_half", (m, n, k), dt, (ta, tb), bias.is_some(), beta)
+    }
 }
 
 #[cfg(test)]
@@ -246,9 +244,8 @@ mod tests {
         r.take();
         r.linear_bf16(&x, &w, None, &y, 2, 2, 3).unwrap();
         let ops = r.take();
-        assert!(matches!(ops[0], Op::Memset { bytes: 12 }));
-        assert!(matches!(&ops[1], Op::Launch(l) if l.kernel == "f32_to_bf16"));
-        assert!(matches!(&ops[2], Op::Gemm(g) if g.path == GemmPath::TensorCore && (g.m, g.n, g.k) == (2, 2, 3)));
+        assert!(matches!(&ops[0], Op::Launch(l) if l.kernel == "f32_to_bf16"));
+        assert!(matches!(&ops[1], Op::Gemm(g) if g.path == GemmPath::TensorCore && (g.m, g.n, g.k) == (2, 2, 3)));
         r.gemm(&x, &w, &y, 2, 2, 3, true, false, 1.0).unwrap();
         assert!(matches!(&r.take()[0], Op::Gemm(g) if g.path == GemmPath::F32 && g.trans_a && g.beta == 1.0));
         assert!(r.launch("no_such_kernel", LaunchCfg::new((1, 1, 1), (1, 1, 1), 0), &mut KernelArgs::new()).is_err());
