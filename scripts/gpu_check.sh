@@ -4,11 +4,11 @@
 # machine's start counted; 64 MiB travel).
 #
 #   bash scripts/gpu_check.sh pack      # here: release binaries + test binaries, stripped, xz into .gpu/ (ignored)
-#   device run  carry=[".gpu"]  timeout_s=480   command: bash scripts/gpu_check.sh run
+#   device run  carry=[".gpu"]  timeout_s=360   command: bash scripts/gpu_check.sh run
 #   device run  carry=[".gpu"]  timeout_s=300   command: bash scripts/gpu_check.sh criterion   (optional, second call)
 #   python3 scripts/gpu_results.py <files_at>   # here: measured vs predicted into BENCHMARKS.md and KERNELS.md
 #
-# `run` (first call, the essentials, its own budget RUN_BUDGET_S = 400 s of command time so that the
+# `run` (first call, the essentials, its own budget RUN_BUDGET_S = 330 s of command time so that the
 # call with the machine's start stays under 8 minutes; a step that would not fit is skipped and logged):
 #   0. driver and CUDA version (nvidia-smi), which image every kernel module loaded (cubin arch, PTX or
 #      NVRTC) and the GEMM path (tests/dry_run.rs gpu_module_image_and_gemm_path → gpu-info line);
@@ -56,7 +56,7 @@ out=${OUT:-/tmp/gpu_out}
 mkdir -p "$out" /tmp/gpu
 log="$out/log.txt"
 t0=$(date +%s)
-budget=${RUN_BUDGET_S:-400}
+budget=${RUN_BUDGET_S:-330}
 [ "$mode" = criterion ] && budget=${CRITERION_BUDGET_S:-280}
 [ -d /tmp/gpu/bin ] || tar -C /tmp/gpu -xJf .gpu/bin.tar.xz || { echo "no .gpu/bin.tar.xz: run '$0 pack' here and carry .gpu" | tee "$log"; exit 1; }
 built=$(cat .gpu/built_in)

@@ -53,7 +53,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let log = rec.log();
     let reports = phases.iter().map(|p| Report::new(gpu, p, &log)).collect::<Result<Vec<_>>>()?;
     let regs = if !resources::have_report() {
-        format!("DEFAULT {} registers per thread for every kernel: this build had no nvcc (no ptxas report), occupancy is a guess", clipforge::perf::gpus::k::DEFAULT_REGS)
+        format!(
+            "DEFAULT {} registers per thread for every kernel: this build had no nvcc (no ptxas report), occupancy is a guess",
+            clipforge::perf::gpus::k::DEFAULT_REGS
+        )
     } else if reports.iter().any(|r| r.default_regs()) {
         format!("ptxas report of {} (some kernels missing from it: DEFAULT registers for those)", resources::arch_of(gpu.sm))
     } else {

@@ -75,7 +75,11 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn arg(&self, i: usize) -> Result<KernelArg> {
-        self.rec.args.get(i).copied().ok_or_else(|| Error::msg(format!("dry run: {} has {} arguments, its cost row reads #{i}", self.rec.kernel, self.rec.args.len())))
+        self.rec
+            .args
+            .get(i)
+            .copied()
+            .ok_or_else(|| Error::msg(format!("dry run: {} has {} arguments, its cost row reads #{i}", self.rec.kernel, self.rec.args.len())))
     }
     /// Integer argument `i` (i32, u32 or i64).
     pub fn i(&self, i: usize) -> Result<f64> {
@@ -168,7 +172,8 @@ fn attention(c: &Ctx, first: usize, mults: f64, tensors_in: f64, tensors_out: f6
     let rows = b * t * h * hd;
     let (unit, eff) = attn_unit(c);
     let lse = 4.0 * b * t * h;
-    let (read, written) = if bwd { (tensors_in * rows * c.t + lse, tensors_out * rows * c.t) } else { (tensors_in * rows * c.t, tensors_out * rows * c.t + lse) };
+    let (read, written) =
+        if bwd { (tensors_in * rows * c.t + lse, tensors_out * rows * c.t) } else { (tensors_in * rows * c.t, tensors_out * rows * c.t + lse) };
     Ok(Cost { flops: mults * b * h * pairs(t, causal) * hd, read, written, unit, class: Class::Attention, eff, par: c.blocks() * 128.0 })
 }
 
@@ -180,7 +185,8 @@ fn attention_varlen(c: &Ctx, cu: usize, mults: f64, tensors_in: f64, tensors_out
     let pp: f64 = lens.iter().map(|&l| pairs(l, causal)).sum();
     let (unit, eff) = attn_unit(c);
     let lse = 4.0 * rows / hd;
-    let (read, written) = if bwd { (tensors_in * rows * c.t + lse, tensors_out * rows * c.t) } else { (tensors_in * rows * c.t, tensors_out * rows * c.t + lse) };
+    let (read, written) =
+        if bwd { (tensors_in * rows * c.t + lse, tensors_out * rows * c.t) } else { (tensors_in * rows * c.t, tensors_out * rows * c.t + lse) };
     let tiles: f64 = lens.iter().map(|&l| (l / 64.0).ceil() * if bwd { 3.0 } else { 1.0 }).sum();
     Ok(Cost { flops: mults * h * pp * hd, read, written, unit, class: Class::Attention, eff, par: tiles * h * 128.0 })
 }
@@ -240,7 +246,7 @@ pub const TABLE: &[Row] = &[
     },
     Row { name: "pool_rows_f32", cost: |c| Ok(ew(c.i(3)? * c.i(5)?, 4.0, 4.0, 0.0)) }, // (x, index, out, B, T, W)
     Row { name: "unpool_rows_f32", cost: |c| Ok(ew(c.i(3)? * c.i(5)?, 8.0, 4.0, 1.0)) }, // (dp, index, dx, B, T, W)
-    Row { name: "axpy_f32", cost: |c| Ok(ew(c.i(3)?, 8.0, 4.0, 2.0)) },                  // (y, x, alpha, n)
+    Row { name: "axpy_f32", cost: |c| Ok(ew(c.i(3)?, 8.0, 4.0, 2.0)) },                // (y, x, alpha, n)
     Row { name: "vision_embed_bwd_f32", cost: |c| Ok(ew(c.i(2)? * c.i(3)? * c.i(4)?, 4.0, 4.0, 0.0)) }, // (dx, dpatches, B, N, W)
     Row {
         name: "embedding_bwd_rows_f32", // (dx, order, starts, uniq, dtable, U, W)
@@ -369,8 +375,8 @@ pub fn row_of(kernel: &str) -> Option<(&'static Row, f64)> {
 
 /// The cost of one recorded launch; an unknown kernel is an error naming it.
 pub fn launch_cost(rec: &LaunchRec, log: &Log) -> Result<Cost> {
-    let (row, t) = row_of(&rec.kernel)
-        .ok_or_else(|| Error::msg(format!("dry run: kernel {} has no cost model: add its row to src/perf/cost.rs (TABLE)", rec.kernel)))?;
+    let (row, t) =
+        row_of(&rec.kernel).ok_or_else(|| Error::msg(format!("dry run: kernel {} has no cost model: add its row to src/perf/cost.rs (TABLE)", rec.kernel)))?;
     (row.cost)(&Ctx { rec, log, t })
 }
 
@@ -381,8 +387,7 @@ mod tests {
 
     #[test]
     fn every_entry_point_has_a_row() {
-        let missing: Vec<&str> =
-            crate::cuda::kernels::MODULES.iter().flat_map(|m| m.entry_points.iter().copied()).filter(|k| row_of(k).is_none()).collect();
+        let missing: Vec<&str> = crate::cuda::kernels::MODULES.iter().flat_map(|m| m.entry_points.iter().copied()).filter(|k| row_of(k).is_none()).collect();
         assert!(missing.is_empty(), "kernels without a cost row in src/perf/cost.rs: {missing:?}");
     }
 

@@ -60,11 +60,17 @@ pub enum Op {
     Launch(LaunchRec),
     Gemm(GemmRec),
     /// `cuMemsetD8Async` of a freshly allocated block.
-    Memset { bytes: usize },
+    Memset {
+        bytes: usize,
+    },
     /// Host → device copy (pinned staging).
-    Upload { bytes: usize },
+    Upload {
+        bytes: usize,
+    },
     /// Device → host copy (synchronises).
-    Download { bytes: usize },
+    Download {
+        bytes: usize,
+    },
 }
 
 /// What was recorded, and the fake address space.

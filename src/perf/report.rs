@@ -4,9 +4,9 @@
 //! off the tensor cores).
 use super::cost::{Class, Unit};
 use super::gpus::Gpu;
+use super::record::Log;
 use super::roofline::{predict, Pred};
 use super::run::Phase;
-use super::record::Log;
 use crate::error::Result;
 use serde_json::{json, Value};
 use std::collections::HashMap;
