@@ -401,10 +401,7 @@ fn planted_h_out_of_bounds_global_reads_and_writes_fail_the_launch() {
             // twice: the guard page is protected again after the failed launch
             let e = pair_sum("bug_oob_read_f32", n).unwrap_err().to_string();
             println!("[(h) oob read] {:<10} {e}", sched_name(s));
-            assert!(
-                e.contains("out-of-bounds read at byte offset 4000 of a 4000-byte buffer (0 bytes past its end) by block (7,0,0) thread (103,0,0)"),
-                "{e}"
-            );
+            assert!(e.contains("out-of-bounds read at byte offset 4000 of a 4000-byte buffer (0 bytes past its end) by block (7,0,0) thread (103,0,0)"), "{e}");
         }
         let e = pair_sum("bug_oob_write_f32", n).unwrap_err().to_string();
         println!("[(h) oob write] {:<10} {e}", sched_name(s));

@@ -117,7 +117,7 @@ pub struct Guarded<T: Elem> {
 impl<T: Elem> Guarded<T> {
     pub fn from_slice(data: &[T]) -> Self {
         let sz = std::mem::size_of::<T>();
-        let mem = emu::DeviceMem::with_front(GUARD * sz, data.len() * sz).expect("emulated device memory");
+        let mem = emu::DeviceMem::with_front(GUARD * sz, std::mem::size_of_val(data)).expect("emulated device memory");
         let g = Guarded { mem, n: data.len(), _t: std::marker::PhantomData };
         // SAFETY: the span is mapped, 16-byte aligned and a whole number of T (2- or 4-byte plain values)
         let buf = unsafe { std::slice::from_raw_parts_mut(g.mem.base() as *mut T, g.mem.span() / sz) };
