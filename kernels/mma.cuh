@@ -106,10 +106,15 @@ __device__ __forceinline__ void ldmatrix(unsigned* r, const void* row_addr) {
   }
 }
 
+// src-size 0 (a row past the tensor) is an asynchronous copy from zeros, so the emulator's group
+// tracking covers it like any other; a partial src-size (unused by the kernels) copies at issue.
 template <int SIZE>
 __device__ __forceinline__ void cp_async_zfill(void* dst, const void* src, int src_bytes) {
+  static const unsigned char zeros[16] = {0};
   if (src_bytes >= SIZE) {
     ::emu::cp_async(dst, src, SIZE);
+  } else if (src_bytes <= 0) {
+    ::emu::cp_async(dst, zeros, SIZE);
   } else {
     if (src_bytes > 0) std::memcpy(dst, src, src_bytes);
     std::memset(static_cast<char*>(dst) + (src_bytes > 0 ? src_bytes : 0), 0, SIZE - (src_bytes > 0 ? src_bytes : 0));
