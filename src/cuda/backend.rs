@@ -5,11 +5,14 @@
 //!   first batch no `cuMemAlloc`/`cuMemFree` at all), host data goes up through pinned staging
 //!   buffers ([`StagingPool`]) and comes back through pinned ones, kernels go through the
 //!   production [`CudaLauncher`](super::CudaLauncher), Linear GEMMs through cuBLASLt
-//!   ([`Gemm::linear`], exact FP32, or bf16 inputs with f32 accumulation), or through the tiled
-//!   kernels of kernels/matmul.cu when cuBLASLt cannot be loaded.
+//!   ([`Gemm::linear`], exact FP32 or TF32 ([`GpuOps::set_tf32`]), or bf16/f16 inputs with f32
+//!   accumulation: [`DeviceOps::gemm_half`]), or through the tiled kernels of kernels/matmul.cu
+//!   when cuBLASLt cannot be loaded.
 //! - [`EmuOps`] (feature `emu`): host buffers ([`DeviceMem`](super::emu::DeviceMem), each
-//!   ending at a guard page) whose addresses are the "device pointers", kernels on the CPU emulator through [`EmuLauncher`](super::emu::EmuLauncher), and
-//!   every GEMM as the `linear_f32` kernel on the emulator. The same tower code, the same kernel
+//!   ending at a guard page) whose addresses are the "device
+//!   pointers", kernels on the CPU emulator through [`EmuLauncher`](super::emu::EmuLauncher), and
+//!   every GEMM as a kernel of kernels/matmul.cu on the emulator (`linear_f32`, `gemm_f32`, and
+//!   `gemm_bf16` / `gemm_f16` with cuBLASLt's half-input arithmetic; f32 is always exact). The same tower code, the same kernel
 //!   names, argument packing and launch geometry as on the GPU run end to end in `cargo test`.
 //!
 //! Every operation is asynchronous on the GPU (one stream, in order); [`DeviceOps::download`] is
