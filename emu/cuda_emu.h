@@ -6,8 +6,9 @@
 //
 //   cuda_emu_base.h   qualifiers, dim3/vector types, threadIdx & co, settings, diagnostics
 //   cuda_emu_math.h   __half/__nv_bfloat16, float intrinsics, min/max, atomics
-//   cuda_emu_core.h   fibers, context switch, block scheduler, shared memory, grid loop
+//   cuda_emu_core.h   fibers, context switch, resident blocks, shared memory
 //   cuda_emu_sync.h   __syncthreads*, __syncwarp, shuffles, votes, warp reductions, __trap
+//   cuda_emu_grid.h   block scheduler (interleaved resident blocks), grid loop
 //   cuda_emu_launch.h launch with cuLaunchKernel-style void** params, kernel registry
 //   cuda_emu_async.h  cp.async with commit/wait groups (kernels/mma.cuh)
 //   cuda_emu_guard.h  guard pages after global buffers: out-of-bounds reads and writes fail the launch
@@ -26,6 +27,7 @@
 #include "cuda_emu_math.h"
 #include "cuda_emu_core.h"
 #include "cuda_emu_sync.h"
+#include "cuda_emu_grid.h"
 #include "cuda_emu_launch.h"
 #include "cuda_emu_async.h"
 #include "cuda_emu_guard.h"

@@ -1,4 +1,4 @@
-// cuda_emu_async.h -- part 6 of the clipforge CUDA CPU emulator: cp.async (global -> shared
+// cuda_emu_async.h -- part 7 of the clipforge CUDA CPU emulator: cp.async (global -> shared
 // asynchronous copies) with commit/wait groups, as kernels/mma.cuh uses them under __CUDA_EMU__.
 //
 // Interface (called by one CUDA thread, like the PTX instructions it stands for):

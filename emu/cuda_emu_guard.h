@@ -1,4 +1,4 @@
-// cuda_emu_guard.h -- part 7 of the clipforge CUDA CPU emulator: out-of-bounds global memory
+// cuda_emu_guard.h -- part 8 of the clipforge CUDA CPU emulator: out-of-bounds global memory
 // accesses (reads and writes) caught by guard pages.
 //
 // guard_alloc(front, bytes) maps `front + round16(bytes)` bytes so that their end abuts a

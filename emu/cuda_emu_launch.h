@@ -1,4 +1,4 @@
-// cuda_emu_launch.h -- part 5 of the clipforge CUDA CPU emulator: launching kernels by name.
+// cuda_emu_launch.h -- part 6 of the clipforge CUDA CPU emulator: launching kernels by name.
 //
 // A kernel is launched with cuLaunchKernel-style parameters: `void** params`, one pointer per
 // kernel argument, pointing at that argument's value. Every CUDA thread gets its own copy of
@@ -11,7 +11,7 @@
 // Include cuda_emu.h rather than this file.
 #pragma once
 #include <tuple>
-#include "cuda_emu_sync.h"
+#include "cuda_emu_grid.h"
 
 namespace emu {
 using detail::LaunchResult;
