@@ -23,7 +23,7 @@ use super::{Act, Ops, Seqs, Weight};
 use crate::cuda::attention::KernelLaunch;
 use crate::cuda::flash::{best_launch, best_varlen_launch};
 use crate::cuda::train_ops::{axpy, bias_act_cfg, col_sums, copy, grid, ln_bwd_cfg, ln_cfg, reduce_parts, to_half, vec4};
-use crate::cuda::{Buf, DeviceOps, KernelArgs, LaunchCfg};
+use crate::cuda::{Buf, DeviceOps, KernelArgs};
 use crate::error::Result;
 use crate::ops::attention::AttnShape;
 use crate::tensor::DType;

@@ -33,7 +33,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 o => return Err(Error::msg(format!("--towers {o}: expected both, image or text"))),
             };
             let t = text_len(a, 2, cfg.text.max_positions)?;
-            run::infer(&cfg, a.batch, dtype, t, towers)?
+            run::infer(&cfg, a.batch, dtype, t, towers, !a.compute.no_tf32)?
         }
         "train" => {
             if a.stretch {

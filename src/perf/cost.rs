@@ -212,12 +212,51 @@ pub const TABLE: &[Row] = &[
     Row { name: "attention_bwd_*", cost: |c| attention(c, 9, 10.0, 5.0, 3.0, true) },
     Row { name: "attention_varlen_fwd_f32", cost: |c| attention_varlen(c, 5, 4.0, 3.0, 1.0, false) },
     Row { name: "attention_varlen_bwd_f32", cost: |c| attention_varlen(c, 9, 10.0, 5.0, 3.0, true) },
+    // flash_fwd.cu / flash_bwd.cu (tensor cores: mma.sync): fwd (q, k, v, o, lse, B, T, H, hd, causal, scale),
+    // bwd (q, k, v, o, dout, lse, dq, dk, dv, B, T, H, hd, causal, scale); varlen: cu_seqlens, nseq,
+    // Tmax in place of B, T. Forward 4 FLOPs per (query, key) pair and head dim (S = QKᵀ, PV).
+    // Backward: the textbook 10 (2.5× the forward: S, dP, dV, dK, dQ), but this kernel computes S
+    // and dP twice (its dK/dV and dQ blocks each recompute them, deterministic, no atomics): 7 tile
+    // products, 14 FLOPs executed per pair and dim (3.5× the forward) — the time model counts those.
+    Row { name: "flash_fwd_*", cost: |c| attention(c, 5, 4.0, 3.0, 1.0, false) },
+    Row { name: "flash_bwd_*", cost: |c| attention(c, 9, FLASH_BWD_MULTS, 5.0, 3.0, true) },
+    Row { name: "flash_varlen_fwd_*", cost: |c| attention_varlen(c, 5, 4.0, 3.0, 1.0, false) },
+    Row { name: "flash_varlen_bwd_*", cost: |c| attention_varlen(c, 9, FLASH_BWD_MULTS, 5.0, 3.0, true) },
+    // (x, y, n): 16-bit → f32 (flash outputs back to the f32 stream)
+    Row { name: "bf16_to_f32", cost: |c| Ok(ew(c.i(2)?, 2.0, 4.0, 0.0)) },
+    Row { name: "f16_to_f32", cost: |c| Ok(ew(c.i(2)?, 2.0, 4.0, 0.0)) },
+    // mma_test.cu (a, b, c, m_valid): one warp, one 16×16×16 tile (tests of the fragment layouts)
+    Row { name: "mma_test_*", cost: |c| Ok(Cost { unit: Unit::TensorCore, class: Class::Gemm, eff: k::TC_KERNEL_EFF, ..cc(Class::Gemm, 2.0 * 16.0 * 16.0 * 16.0, 2.0 * c.t * 256.0, 4.0 * 256.0, 32.0) }) },
     // bias_gelu.cu: fwd (y, b, pre, rows, n) in place; bwd (dy, pre, dpre, dbias_partial, rows, n)
     Row { name: "bias_gelu_fwd_*", cost: |c| bias_fwd(c) },
     Row { name: "bias_quick_gelu_fwd_*", cost: |c| bias_fwd(c) },
     Row { name: "bias_gelu_bwd_*", cost: |c| bias_bwd(c) },
     Row { name: "bias_quick_gelu_bwd_*", cost: |c| bias_bwd(c) },
     Row { name: "bias_grad_reduce_f32", cost: |c| Ok(reduce(c.i(2)?, c.i(3)?)) },
+    // vectorized bias + activation: fwd (y, b, pre, [yh,] rows, n, act, vec) in place on f32 y, with
+    // the 16-bit copy yh of the output for the next GEMM; bwd (dy, pre, dpre, partial, rows, n, act, vec)
+    Row { name: "bias_act_fwd_f32v", cost: |c| bias_act_fwd(c, 3, 0.0) },
+    Row { name: "bias_act_fwd_f32_hbf16", cost: |c| bias_act_fwd(c, 4, 2.0) },
+    Row { name: "bias_act_fwd_f32_hf16", cost: |c| bias_act_fwd(c, 4, 2.0) },
+    Row {
+        name: "bias_act_bwd_f32v",
+        cost: |c| {
+            let (r, n) = (c.i(4)?, c.i(5)?);
+            let parts = c.rec.cfg.grid.1 as f64;
+            Ok(ew(r * n, 8.0, 4.0 + 4.0 * parts / r.max(1.0), 15.0))
+        },
+    },
+    // two-stage column sums (bias gradients): (m, partial, rows, n) on grid (⌈n/256⌉, parts), then
+    // col_reduce_f32 (partial, out, parts, n)
+    Row {
+        name: "col_sums_partial_f32",
+        cost: |c| {
+            let (r, n) = (c.i(2)?, c.i(3)?);
+            let parts = c.rec.cfg.grid.1 as f64;
+            Ok(cc(Class::Reduction, r * n, 4.0 * r * n, 4.0 * parts * n, r * n / REDUCE_PER_THREAD))
+        },
+    },
+    Row { name: "col_reduce_f32", cost: |c| Ok(reduce(c.i(2)?, c.i(3)?)) },
     // cross_entropy.cu: fwd (logits, targets, loss, lse, rows, C, eps); bwd (logits, targets, lse, dlogits, rows, C, ...)
     Row {
         name: "cross_entropy_fwd_*",
@@ -271,6 +310,12 @@ pub const TABLE: &[Row] = &[
             Ok(cc(Class::Norm, 9.0 * r * n, 2.0 * r * n * c.t + 8.0 * n, 2.0 * r * n * c.t + 8.0 * r, 32.0 * r))
         },
     },
+    // f32 LayerNorm also writing the 16-bit input of the next GEMM: (x, g, b, y, yh, mean, rstd, rows, cols, eps),
+    // residual: (x, residual, g, b, y, yh, mean, rstd, rows, cols, eps)
+    Row { name: "layernorm_fwd_f32_hbf16", cost: |c| ln_fwd_h(c, 7, false) },
+    Row { name: "layernorm_fwd_f32_hf16", cost: |c| ln_fwd_h(c, 7, false) },
+    Row { name: "residual_layernorm_fwd_f32_hbf16", cost: |c| ln_fwd_h(c, 8, true) },
+    Row { name: "residual_layernorm_fwd_f32_hf16", cost: |c| ln_fwd_h(c, 8, true) },
     Row {
         name: "layernorm_bwd_*", // (dy, x, g, mean, rstd, dx, dg_partial, db_partial, rows, cols)
         cost: |c| {
@@ -292,6 +337,10 @@ pub const TABLE: &[Row] = &[
     Row { name: "linear_f32", cost: |c| linear_kernel(c, 4.0) },
     Row { name: "linear_bf16w", cost: |c| linear_kernel(c, 2.0) },
     Row { name: "linear_f16w", cost: |c| linear_kernel(c, 2.0) },
+    // gemm_bf16 / gemm_f16 (a, b, bias, c, m, n, k, ta, tb, alpha, beta): the emulator's (and no-cuBLASLt)
+    // half GEMMs, tiled on the CUDA cores
+    Row { name: "gemm_bf16", cost: |c| half_gemm_kernel(c) },
+    Row { name: "gemm_f16", cost: |c| half_gemm_kernel(c) },
     Row {
         name: "gemm_f32", // (a, b, c, m, n, k, ta, tb, alpha, beta)
         cost: |c| {
@@ -347,6 +396,29 @@ fn bias_fwd(c: &Ctx) -> Result<Cost> {
     let (r, n) = (c.i(3)?, c.i(4)?);
     let pre = if c.p(2)? != 0 { c.t } else { 0.0 };
     Ok(ew(r * n, c.t + 4.0 / r.max(1.0), c.t + pre, 10.0))
+}
+
+/// Executed FLOPs per (query, key) pair and head dim of flash_bwd (see its TABLE rows).
+pub const FLASH_BWD_MULTS: f64 = 14.0;
+
+/// bias_act_fwd_*: f32 y in place (+ bias), `pre` f32 when non-null, `h` bytes of the 16-bit copy.
+fn bias_act_fwd(c: &Ctx, rows_at: usize, h: f64) -> Result<Cost> {
+    let (r, n) = (c.i(rows_at)?, c.i(rows_at + 1)?);
+    let pre = if c.p(2)? != 0 { 4.0 } else { 0.0 };
+    Ok(ew(r * n, 4.0 + 4.0 / r.max(1.0), 4.0 + pre + h, 10.0))
+}
+
+/// The f32 LayerNorms with a 16-bit copy of y (rows at `rows_at`, cols after it).
+fn ln_fwd_h(c: &Ctx, rows_at: usize, residual: bool) -> Result<Cost> {
+    let (r, n) = (c.i(rows_at)?, c.i(rows_at + 1)?);
+    let x = if residual { 2.0 } else { 1.0 }; // residual: x += residual written back
+    Ok(cc(Class::Norm, (8.0 + x) * r * n, 4.0 * x * r * n + 8.0 * n, 4.0 * x * r * n + 2.0 * r * n + 8.0 * r, 32.0 * r))
+}
+
+/// gemm_bf16 / gemm_f16: 16-bit A and B, f32 C (read when beta ≠ 0).
+fn half_gemm_kernel(c: &Ctx) -> Result<Cost> {
+    let (m, n, kk, beta) = (c.i(4)?, c.i(5)?, c.i(6)?, c.f(10)?);
+    Ok(tiled_gemm(m, n, kk, 2.0 * (m * kk + kk * n) + if beta != 0.0 { 4.0 * m * n } else { 0.0 }, 4.0 * m * n))
 }
 
 fn bias_bwd(c: &Ctx) -> Result<Cost> {

@@ -6,9 +6,10 @@
 //! appended to a [`Log`] for the roofline predictor (src/perf/roofline.rs).
 //!
 //! It mirrors what [`GpuOps`](crate::cuda::GpuOps) does with cuBLASLt loaded: `alloc` memsets,
-//! `alloc_uninit` does not; a Linear with bf16/f16 weights converts x into a (memset) scratch with
-//! `f32_to_bf16`/`f32_to_f16` and then runs one tensor-core GEMM; f32 GEMMs are exact FP32 (CUDA
-//! cores) unless [`RecordingOps::tf32`]. When GpuOps changes how it issues work, change the
+//! `alloc_uninit` does not; a Linear with bf16/f16 weights converts x into an unzeroed scratch with
+//! `f32_to_bf16`/`f32_to_f16` (64-bit sizes) and then runs one tensor-core GEMM (`gemm_half`, as do
+//! the half backward GEMMs); f32 GEMMs are exact FP32 (CUDA cores) unless [`RecordingOps::tf32`]
+//! (GpuOps: `--dtype f32` without `--no-tf32`; the dry run sets it the same way). When GpuOps changes how it issues work, change the
 //! mirror here the same way. A new `DeviceOps` method is one line here: `self.op(Op::…)` or
 //! `self.gemm_op(…)`.
 use crate::cuda::{Buf, DeviceOps, KernelArg, KernelArgs, LaunchCfg};
@@ -120,7 +121,7 @@ impl Log {
 #[derive(Clone, Default)]
 pub struct RecordingOps {
     log: Arc<Mutex<Log>>,
-    /// f32 GEMMs on the TF32 tensor cores (cuBLASLt `allow_tf32`); GpuOps today: exact FP32.
+    /// f32 GEMMs on the TF32 tensor cores (cuBLASLt `allow_tf32`), as GpuOps::set_tf32.
     pub tf32: bool,
 }
 
@@ -156,11 +157,10 @@ impl RecordingOps {
         let g = GemmRec { call, m, n, k, batch: 1, in_dtype: dt, out_dtype: DType::F32, trans_a: ta, trans_b: tb, bias, beta, path };
         self.op(Op::Gemm(g))
     }
-    /// GpuOps::linear_half: x converted into an unzeroed scratch (64-bit sizes), then the half GEMM.
-    fn linear_half(&self, (m, n, k): (usize, usize, usize), bias: bool, dt: DType) -> Result<()> {
-        let xb = self.alloc_uninit((m * k).div_ceil(2))?; // [m, k] packed halves
-        let (convert, cfg, mut a) = crate::cuda::train_ops::to_half_launch(dt, 0, xb.ptr(), m * k)?;
-        self.launch(convert, cfg, &mut a)?;
+    /// GpuOps::linear_half: x converted by `train_ops::to_half` into an unzeroed scratch (64-bit
+    /// sizes), then the half GEMM (`gemm_half`, ta = 0, tb = 1, beta 0).
+    fn linear_half(&self, x: &Buf, (m, n, k): (usize, usize, usize), bias: bool, dt: DType) -> Result<()> {
+        let _xh = crate::cuda::train_ops::to_half(self, dt, x, m * k)?; // [m, k] packed halves
         self.gemm_op(if dt == DType::BF16 { "linear_bf16" } else { "linear_f16" }, (m, n, k), dt, (false, true), bias, 0.0)
     }
 }
@@ -212,11 +212,11 @@ impl DeviceOps for RecordingOps {
     fn linear(&self, _x: &Buf, _w: &Buf, bias: Option<&Buf>, _y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
         self.gemm_op("linear", (m, n, k), DType::F32, (false, true), bias.is_some(), 0.0)
     }
-    fn linear_bf16(&self, _x: &Buf, _w: &Buf, bias: Option<&Buf>, _y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
-        self.linear_half((m, n, k), bias.is_some(), DType::BF16)
+    fn linear_bf16(&self, x: &Buf, _w: &Buf, bias: Option<&Buf>, _y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
+        self.linear_half(x, (m, n, k), bias.is_some(), DType::BF16)
     }
-    fn linear_f16(&self, _x: &Buf, _w: &Buf, bias: Option<&Buf>, _y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
-        self.linear_half((m, n, k), bias.is_some(), DType::F16)
+    fn linear_f16(&self, x: &Buf, _w: &Buf, bias: Option<&Buf>, _y: &Buf, m: usize, n: usize, k: usize) -> Result<()> {
+        self.linear_half(x, (m, n, k), bias.is_some(), DType::F16)
     }
     fn gemm(&self, _a: &Buf, _b: &Buf, _c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
         self.gemm_op("gemm", (m, n, k), DType::F32, (ta, tb), false, beta)

@@ -52,11 +52,13 @@ pub fn token_ids(cfg: &ClipConfig, b: usize, len: usize) -> Vec<Vec<u32>> {
 
 /// Inference: one batch of `batch` images and/or texts of `text_len` tokens through the device
 /// towers in `dtype` (f32 or bf16), as `clipforge bench` times them.
-pub fn infer(cfg: &ClipConfig, batch: usize, dtype: DType, text_len: usize, towers: Towers) -> Result<(RecordingOps, Vec<Phase>)> {
+/// `tf32`: f32 GEMMs in TF32 when `dtype` is f32 (as `OpenOptions::tf32` sets GpuOps).
+pub fn infer(cfg: &ClipConfig, batch: usize, dtype: DType, text_len: usize, towers: Towers, tf32: bool) -> Result<(RecordingOps, Vec<Phase>)> {
     if batch == 0 {
         return Err(Error::msg("dry run: --batch must be at least 1"));
     }
-    let rec = RecordingOps::new();
+    let mut rec = RecordingOps::new();
+    rec.tf32 = tf32 && dtype == DType::F32;
     let parts = ClipParts::load(&zero_weights(cfg)?, cfg, towers, &LoadOptions { dtype: DType::F32 })?;
     let clip = CudaClip::with_dtype(Box::new(rec.clone()), &parts, dtype)?;
     rec.take(); // the weight uploads and half copies happen once, before any timed batch
