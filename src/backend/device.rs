@@ -339,7 +339,11 @@ impl Ops for Device {
             let (l, tail) = self.attention_launch(seqs, heads, w, false, dt)?;
             let mut a = tail.append(KernelArgs::new().ptr(qh.ptr()).ptr(kh.ptr()).ptr(vh.ptr()).ptr(oh.ptr()).ptr(lse.ptr()), heads, w);
             self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
-            return Ok((self.half_to_f32(&oh, n * w, dt)?, lse));
+            let mut o = self.half_to_f32(&oh, n * w, dt)?; // [n, w] f32
+            if self.act_half() == Some(dt) {
+                o.set_half(dt, oh); // the output projection's GEMM (and attention_bwd) read these halves
+            }
+            return Ok((o, lse));
         }
         let o = self.ops.alloc_uninit(n * w)?; // [n, w]
         let (l, tail) = self.attention_launch(seqs, heads, w, false, DType::F32)?;
@@ -352,7 +356,7 @@ impl Ops for Device {
     fn attention_bwd(&self, q: &Buf, k: &Buf, v: &Buf, o: &Buf, lse: &Buf, d_o: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
         let r = seqs.rows() * w;
         if let Some(dt) = self.flash_dtype(heads, w) {
-            let h: Vec<Buf> = [q, k, v, o, d_o].iter().map(|x| self.to_half(x, r, dt)).collect::<Result<_>>()?;
+            let h: Vec<HalfIn> = [q, k, v, o, d_o].iter().map(|x| self.half_of(x, dt, r)).collect::<Result<_>>()?; // o: the forward's halves
             let g: Vec<Buf> = (0..3).map(|_| self.ops.alloc_uninit(r.div_ceil(2))).collect::<Result<_>>()?; // dq, dk, dv 16-bit
             let (l, tail) = self.attention_launch(seqs, heads, w, true, dt)?;
             let a = KernelArgs::new().ptr(h[0].ptr()).ptr(h[1].ptr()).ptr(h[2].ptr()).ptr(h[3].ptr()).ptr(h[4].ptr()).ptr(lse.ptr());

@@ -3,16 +3,24 @@
 //! conversions, two-stage column sums.
 //!
 //! Geometry follows the work, not constants: a reduction's first stage splits its rows into enough
-//! chunks for [`WAVE_BLOCKS`] blocks (two per SM of an H100/H200's 132) when the rows allow (each
-//! chunk at least [`MIN_CHUNK_ROWS`] rows), and the second stage ([`reduce_parts`]) sums the chunks'
+//! chunks for [`WAVE_BLOCKS`] blocks (a full wave of an H100/H200's 132 SMs) when the rows allow (each
+//! chunk at least [`MIN_CHUNK_ROWS`] rows; LayerNorm backward: [`LN_BWD_BLOCKS`], [`LN_BWD_MIN_ROWS`]), and the second stage ([`reduce_parts`]) sums the chunks'
 //! partials in a fixed order: the result is bitwise reproducible for a given shape.
 use super::backend::{Buf, DeviceOps};
 use super::launch::{KernelArgs, LaunchCfg};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
-/// Blocks that fill a 132-SM GPU twice (H100 SXM / H200): the first-stage target of the reductions.
-pub const WAVE_BLOCKS: usize = 2 * 132;
+/// First-stage blocks of the column reductions (`col_sums_partial_f32`, 256 threads, 20 registers:
+/// 8 resident blocks per SM): one full wave of a 132-SM GPU (H100 SXM / H200). Two blocks per SM
+/// (the old target) left three quarters of the SM slots, and of the loads in flight, empty.
+pub const WAVE_BLOCKS: usize = 8 * 132;
+/// Row chunks of `layernorm_bwd` (128 threads, 48 registers: 10 resident blocks per SM): at least
+/// one full wave of 132 SMs (1320 blocks) at real shapes, with chunks of [`LN_BWD_MIN_ROWS`].
+pub const LN_BWD_BLOCKS: usize = 16 * 132;
+/// The fewest rows a `layernorm_bwd` chunk sums: 16 (ViT-L/14 training's 32 896 rows make 2056
+/// chunks; each block's partial row of dγ, dβ costs 8·cols bytes, a sixteenth of its input).
+pub const LN_BWD_MIN_ROWS: usize = 16;
 /// Blocks of the bias + activation kernels: eight per SM (their row chunks are short loops of
 /// float4 rows; eight 256-thread blocks keep 64 warps of loads in flight on each SM).
 pub const ELEMENTWISE_BLOCKS: usize = 8 * 132;
@@ -36,13 +44,18 @@ pub fn row_parts(rows: usize, col_blocks: usize) -> usize {
 }
 
 fn row_parts_for(rows: usize, col_blocks: usize, target: usize) -> usize {
-    let want = target.div_ceil(col_blocks.max(1));
-    want.min(rows.div_ceil(MIN_CHUNK_ROWS)).clamp(1, 65_535)
+    row_parts_min(rows, col_blocks, target, MIN_CHUNK_ROWS)
 }
 
-/// The grid of `layernorm_bwd_f32`: one block (4 warps) per chunk of rows, [`row_parts`] chunks.
+fn row_parts_min(rows: usize, col_blocks: usize, target: usize, min_rows: usize) -> usize {
+    let want = target.div_ceil(col_blocks.max(1));
+    want.min(rows.div_ceil(min_rows)).clamp(1, 65_535)
+}
+
+/// The grid of `layernorm_bwd_f32`: one block (4 warps) per chunk of rows, [`LN_BWD_BLOCKS`] chunks
+/// of at least [`LN_BWD_MIN_ROWS`] rows.
 pub fn ln_bwd_cfg(rows: usize) -> LaunchCfg {
-    LaunchCfg::new((row_parts(rows, 1) as u32, 1, 1), (128, 1, 1), 0)
+    LaunchCfg::new((row_parts_min(rows, 1, LN_BWD_BLOCKS, LN_BWD_MIN_ROWS) as u32, 1, 1), (128, 1, 1), 0)
 }
 
 /// The launch of `bias_act_fwd_f32v` / `bias_act_bwd_f32v` over [rows, n]: four columns a thread
@@ -144,6 +157,7 @@ mod tests {
         // small problems stay small: one row, one chunk
         assert_eq!(row_parts(1, 1), 1);
         assert_eq!(row_parts(45, 3), 2);
+        assert_eq!(blocks(ln_bwd_cfg(128 * 257)), 2056); // ≥ one wave of 10 blocks per SM
         assert_eq!(blocks(ln_bwd_cfg(7)), 1);
     }
 
