@@ -60,10 +60,11 @@ pub fn ln_bwd_cfg(rows: usize) -> LaunchCfg {
 
 /// The launch of `bias_act_fwd_f32v` / `bias_act_bwd_f32v` over [rows, n]: four columns a thread
 /// when `vec` (n % 4 == 0, aligned buffers), row chunks for [`ELEMENTWISE_BLOCKS`] blocks (each
-/// ≥ [`MIN_CHUNK_ROWS`] rows).
+/// ≥ 1 row).
 pub fn bias_act_cfg(rows: usize, n: usize, vec: bool) -> LaunchCfg {
     let cols = n.div_ceil(if vec { 4 } else { 1 }).div_ceil(256);
-    LaunchCfg::new((cols as u32, row_parts_for(rows, cols, ELEMENTWISE_BLOCKS) as u32, 1), (256, 1, 1), 0)
+    // chunks down to one row: few rows (pooled tokens, short captions) still spread over the SMs
+    LaunchCfg::new((cols as u32, row_parts_min(rows, cols, ELEMENTWISE_BLOCKS, 1) as u32, 1), (256, 1, 1), 0)
 }
 
 /// Whether the vectorized (float4) paths may run: `n` a multiple of 4 and every pointer 16-byte

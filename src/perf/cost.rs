@@ -243,7 +243,7 @@ pub const TABLE: &[Row] = &[
         cost: |c| {
             let (r, n) = (c.i(4)?, c.i(5)?);
             let parts = c.rec.cfg.grid.1 as f64;
-            Ok(ew(r * n, 8.0, 4.0 + 4.0 * parts / r.max(1.0), 15.0))
+            Ok(Cost { par: r * n / vec_width(c, 7)?, ..ew(r * n, 8.0, 4.0 + 4.0 * parts / r.max(1.0), 15.0) })
         },
     },
     // two-stage column sums (bias gradients): (m, partial, rows, n) on grid (⌈n/256⌉, parts), then
@@ -332,8 +332,9 @@ pub const TABLE: &[Row] = &[
         },
     },
     // matmul.cu
-    Row { name: "f32_to_bf16", cost: |c| Ok(ew(c.i(2)?, 4.0, 2.0, 1.0)) },
-    Row { name: "f32_to_f16", cost: |c| Ok(ew(c.i(2)?, 4.0, 2.0, 1.0)) },
+    // (x, y, n as i64): one float4 per thread (train_ops::to_half_launch), so `par` is n/4
+    Row { name: "f32_to_bf16", cost: |c| Ok(Cost { par: c.i(2)? / 4.0, ..ew(c.i(2)?, 4.0, 2.0, 1.0) }) },
+    Row { name: "f32_to_f16", cost: |c| Ok(Cost { par: c.i(2)? / 4.0, ..ew(c.i(2)?, 4.0, 2.0, 1.0) }) },
     Row { name: "linear_f32", cost: |c| linear_kernel(c, 4.0) },
     Row { name: "linear_bf16w", cost: |c| linear_kernel(c, 2.0) },
     Row { name: "linear_f16w", cost: |c| linear_kernel(c, 2.0) },
@@ -405,7 +406,13 @@ pub const FLASH_BWD_MULTS: f64 = 14.0;
 fn bias_act_fwd(c: &Ctx, rows_at: usize, h: f64) -> Result<Cost> {
     let (r, n) = (c.i(rows_at)?, c.i(rows_at + 1)?);
     let pre = if c.p(2)? != 0 { 4.0 } else { 0.0 };
-    Ok(ew(r * n, 4.0 + 4.0 / r.max(1.0), 4.0 + pre + h, 10.0))
+    Ok(Cost { par: r * n / vec_width(c, rows_at + 3)?, ..ew(r * n, 4.0 + 4.0 / r.max(1.0), 4.0 + pre + h, 10.0) })
+}
+
+/// Elements per thread of the vectorized elementwise kernels (argument `vec` at `i`): 4 (float4) or 1;
+/// their `par` counts threads of that width.
+fn vec_width(c: &Ctx, i: usize) -> Result<f64> {
+    Ok(if c.i(i)? != 0.0 { 4.0 } else { 1.0 })
 }
 
 /// The f32 LayerNorms with a 16-bit copy of y (rows at `rows_at`, cols after it).
