@@ -406,14 +406,6 @@ impl Ops for Device {
         let cols = self.ops.alloc_uninit(b * n * c * p * p)?; // [B·N, C·P·P]
         let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
         self.ops.launch("patch_im2col_f32", grid(b * n * c * p * p), &mut a)?;
-        if let (Some(dt), None) = (self.act_half(), &w.half) {
-            // half towers: the patch GEMM on the tensor cores too (its weight, D × C·P·P, converted per
-            // call: 0.6M values for ViT-L/14, negligible next to the [B·N, C·P·P] columns)
-            let (colsh, wh) = (to_half(&*self.ops, dt, &cols, b * n * w.k)?, to_half(&*self.ops, dt, &w.w, w.n * w.k)?);
-            let y = self.ops.alloc_uninit(b * n * w.n)?; // [B·N, D]
-            self.ops.gemm_half(dt, &colsh, &wh, None, &y, b * n, w.n, w.k, false, true, 0.0)?;
-            return Ok(y);
-        }
         self.linear(&cols, w, None, b * n) // [B·N, D]
     }
 
@@ -423,12 +415,6 @@ impl Ops for Device {
         let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
         self.ops.launch("patch_im2col_f32", grid(b * n * k), &mut a)?;
         let dw = self.ops.alloc_uninit(d * k)?;
-        if let Some(dt) = self.act_half() {
-            // half training: dW = dpatchesᵀ·cols from 16-bit operands, f32 accumulation (as linear_bwd)
-            let (dph, colsh) = (to_half(&*self.ops, dt, dpatches, b * n * d)?, to_half(&*self.ops, dt, &cols, b * n * k)?);
-            self.ops.gemm_half(dt, &dph, &colsh, None, &dw, d, k, b * n, true, false, 0.0)?;
-            return Ok(dw);
-        }
         self.ops.gemm(dpatches, &cols, &dw, d, k, b * n, true, false, 0.0)?; // dW = dpatchesᵀ·cols
         Ok(dw)
     }
