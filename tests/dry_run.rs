@@ -106,7 +106,12 @@ fn the_model_sees_what_the_issue_describes() {
     assert!(gemms >= 12 * 4, "B/16: {gemms} GEMMs recorded, expected at least 4 per block");
     assert!(b16.kernels.iter().any(|k| k.starts_with("flash_fwd_bf16")), "{:?}", b16.kernels);
     let tr = &cases()[2];
-    assert!(tr.kernels.iter().any(|k| k.starts_with("flash_bwd_bf16") || k.starts_with("flash_varlen_bwd_bf16")) && tr.kernels.iter().any(|k| k.starts_with("adamw")), "{:?}", tr.kernels);
+    assert!(
+        tr.kernels.iter().any(|k| k.starts_with("flash_bwd_bf16") || k.starts_with("flash_varlen_bwd_bf16"))
+            && tr.kernels.iter().any(|k| k.starts_with("adamw")),
+        "{:?}",
+        tr.kernels
+    );
     for c in cases() {
         let t = c.report.throughput();
         assert!(t.is_finite() && t > 0.0, "{}: {t}", c.name);

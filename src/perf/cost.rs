@@ -226,7 +226,17 @@ pub const TABLE: &[Row] = &[
     Row { name: "bf16_to_f32", cost: |c| Ok(ew(c.i(2)?, 2.0, 4.0, 0.0)) },
     Row { name: "f16_to_f32", cost: |c| Ok(ew(c.i(2)?, 2.0, 4.0, 0.0)) },
     // mma_test.cu (a, b, c, m_valid): one warp, one 16×16×16 tile (tests of the fragment layouts)
-    Row { name: "mma_test_*", cost: |c| Ok(Cost { unit: Unit::TensorCore, class: Class::Gemm, eff: k::TC_KERNEL_EFF, ..cc(Class::Gemm, 2.0 * 16.0 * 16.0 * 16.0, 2.0 * c.t * 256.0, 4.0 * 256.0, 32.0) }) },
+    Row {
+        name: "mma_test_*",
+        cost: |c| {
+            Ok(Cost {
+                unit: Unit::TensorCore,
+                class: Class::Gemm,
+                eff: k::TC_KERNEL_EFF,
+                ..cc(Class::Gemm, 2.0 * 16.0 * 16.0 * 16.0, 2.0 * c.t * 256.0, 4.0 * 256.0, 32.0)
+            })
+        },
+    },
     // bias_gelu.cu: fwd (y, b, pre, rows, n) in place; bwd (dy, pre, dpre, dbias_partial, rows, n)
     Row { name: "bias_gelu_fwd_*", cost: |c| bias_fwd(c) },
     Row { name: "bias_quick_gelu_fwd_*", cost: |c| bias_fwd(c) },

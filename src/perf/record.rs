@@ -221,7 +221,20 @@ impl DeviceOps for RecordingOps {
     fn gemm(&self, _a: &Buf, _b: &Buf, _c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
         self.gemm_op("gemm", (m, n, k), DType::F32, (ta, tb), false, beta)
     }
-    fn gemm_half(&self, dt: DType, _a: &Buf, _b: &Buf, bias: Option<&Buf>, _c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
+    fn gemm_half(
+        &self,
+        dt: DType,
+        _a: &Buf,
+        _b: &Buf,
+        bias: Option<&Buf>,
+        _c: &Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        beta: f32,
+    ) -> Result<()> {
         self.gemm_op("gemm_half", (m, n, k), dt, (ta, tb), bias.is_some(), beta)
     }
 }
