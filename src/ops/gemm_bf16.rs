@@ -33,17 +33,20 @@
 //!   weight columns and masked column stores, odd k via a zero `hi` half.
 //!
 //! # Dispatch
-//! [`has_avx512_bf16`] selects the AVX512-BF16 microkernel at run time; otherwise
-//! a portable f32 microkernel runs on the same packed data (bf16 → f32 by shifting;
-//! AVX2+FMA build when available). Note that `vdpbf16ps`/`vcvtne2ps2bf16` treat f32/bf16
-//! denormals as zero; the portable path keeps them. NaN/Inf propagate in both paths.
+//! `cpu_path::selected()` picks, at run time: the AMX tile kernel (`gemm_amx.rs`, same packed
+//! weights: panels are zero-padded to a multiple of 16 pairs, one tile's depth), else the
+//! AVX512-BF16 microkernel (`gemm_bf16_avx512.rs`), else a portable f32 microkernel on the same
+//! packed data (bf16 → f32 by shifting; AVX2+FMA build when available); `CLIPFORGE_CPU_GEMM` caps
+//! it. Note that `tdpbf16ps`/`vdpbf16ps`/`vcvtne2ps2bf16` treat f32/bf16 denormals as zero; the
+//! portable path keeps them. NaN/Inf propagate in every path.
 
+use super::cpu_path::{self, GemmPath};
 use half::bf16;
 use rayon::prelude::*;
 
-const NR: usize = 32;
-const MR: usize = 14;
-const KC: usize = 256; // max k pairs per kc-block (512 k values)
+pub(super) const NR: usize = 32;
+pub(super) const MR: usize = 14;
+pub(super) const KC: usize = 256; // max k pairs per kc-block (512 k values)
 const NC: usize = NR * 8; // columns per jc chunk inside a work item
 
 /// Weights `[n×k]` converted to bf16 and packed for the microkernel (see module docs).
@@ -52,6 +55,7 @@ pub struct PackedBf16 {
     n: usize,
     k: usize,
     kp: usize,
+    kps: usize, // pairs per panel: kp padded with zeros to a multiple of 16 (one AMX tile)
     data: Vec<u32>,
 }
 
@@ -75,9 +79,10 @@ impl PackedBf16 {
 
     fn pack(n: usize, k: usize, get: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
         let kp = k.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
+        let kps = kp.next_multiple_of(16);
+        let mut data = vec![0u32; n.div_ceil(NR) * kps * NR];
         if kp > 0 {
-            data.par_chunks_mut(kp * NR).enumerate().for_each(|(panel, dst)| {
+            data.par_chunks_mut(kps * NR).enumerate().for_each(|(panel, dst)| {
                 for jj in 0..NR.min(n - panel * NR) {
                     let j = panel * NR + jj;
                     for p in 0..kp {
@@ -87,7 +92,7 @@ impl PackedBf16 {
                 }
             });
         }
-        PackedBf16 { n, k, kp, data }
+        PackedBf16 { n, k, kp, kps, data }
     }
 
     pub fn n(&self) -> usize {
@@ -99,8 +104,15 @@ impl PackedBf16 {
     /// Element `W[j, kk]` as stored (bf16).
     pub fn get(&self, j: usize, kk: usize) -> bf16 {
         assert!(j < self.n && kk < self.k);
-        let v = self.data[(j / NR) * self.kp * NR + (kk / 2) * NR + j % NR];
+        let v = self.data[(j / NR) * self.kps * NR + (kk / 2) * NR + j % NR];
         bf16::from_bits((v >> (16 * (kk % 2))) as u16)
+    }
+    /// Pairs per panel in storage (`ceil(k/2)` rounded up to 16, zero-padded).
+    pub fn kps(&self) -> usize {
+        self.kps
+    }
+    pub(super) fn data(&self) -> &[u32] {
+        &self.data
     }
     /// Bytes of packed weight storage.
     pub fn size_bytes(&self) -> usize {
@@ -144,8 +156,14 @@ unsafe impl Sync for CPtr {}
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// AVX512-BF16 if detected, else the portable kernel (what [`matmul_bf16`] does).
+    /// The path of [`cpu_path::selected`] (what [`matmul_bf16`] does).
     Auto,
+    /// The AMX tile kernel (`gemm_amx`). Falls back to [`Kernel::Auto`] without AMX.
+    Amx,
+    /// The AMX kernel's blocking, packing and edges on the software model of the tile unit.
+    AmxSoft,
+    /// The AVX512-BF16 kernel. Falls back to [`Kernel::Portable`] without it.
+    Avx512Bf16,
     /// Portable kernel (its AVX2+FMA build where available).
     Portable,
     /// Portable kernel, baseline build (no AVX2/FMA).
@@ -173,7 +191,26 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
         }
         return;
     }
-    let simd = kernel == Kernel::Auto && has_avx512_bf16();
+    let have_simd = has_avx512_bf16();
+    let kernel = match kernel {
+        Kernel::Auto => match cpu_path::selected() {
+            GemmPath::Amx => Kernel::Amx,
+            GemmPath::Avx512Bf16 => Kernel::Avx512Bf16,
+            GemmPath::Avx512 => Kernel::Portable,
+            GemmPath::Scalar => Kernel::PortableBaseline,
+        },
+        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => return matmul_bf16_forced(a, m, w, bias, c, Kernel::Auto),
+        other => other,
+    };
+    match kernel {
+        // SAFETY: AMX was detected and its permission granted (cpu_path::detected).
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Amx => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::HwTiles>(a, m, w, bias, c, have_simd) },
+        // SAFETY: the software model has no hardware requirement.
+        Kernel::AmxSoft => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::SoftTiles>(a, m, w, bias, c, have_simd) },
+        _ => {}
+    }
+    let simd = kernel == Kernel::Avx512Bf16 && have_simd;
     let avx2 = kernel != Kernel::PortableBaseline;
 
     // Work split: `mblk` row blocks (whole MR panels, sizes differ by <= 1 panel) ×
@@ -215,7 +252,7 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
                     let (pc, kc) = (kb * kp / nkb, (kb + 1) * kp / nkb - kb * kp / nkb);
                     for jr in (jc..j1.min(jc + NC)).step_by(NR) {
                         prefetch_l2(pf.next().unwrap_or(&[]));
-                        let b = &w.data[(jr / NR) * kp * NR + pc * NR..][..kc * NR];
+                        let b = &w.data[(jr / NR) * w.kps * NR + pc * NR..][..kc * NR];
                         let bias_j = bias.filter(|_| pc == 0).map(|b| &b[jr..]);
                         for pi in 0..p1 - p0 {
                             let a = &abuf[(pi * nkb + kb) * MR * KC..][..MR * KC];
@@ -229,7 +266,7 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
                             unsafe {
                                 #[cfg(target_arch = "x86_64")]
                                 if simd {
-                                    avx512::kernel(a, b, kc, &t);
+                                    super::gemm_bf16_avx512::kernel(a, b, kc, &t);
                                     continue;
                                 }
                                 kernel_portable(a, b, kc, &t, avx2);
@@ -240,6 +277,20 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
             }
         });
     });
+}
+
+/// Converts f32 to bf16 pairs (RNE) in `dst` (`ceil(src.len()/2)` values; an odd tail's `hi` is 0).
+/// `simd`: AVX512-BF16 was detected.
+pub(super) fn to_pairs(src: &[f32], dst: &mut [u32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the features were detected (caller).
+        return unsafe { super::gemm_bf16_avx512::convert(src, dst) };
+    }
+    for (q, v) in dst.iter_mut().enumerate() {
+        let hi = src.get(2 * q + 1).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
+        *v = pair(bf16::from_f32(src[2 * q]), hi);
+    }
 }
 
 /// Prefetches `x` (64-byte lines) into L2.
@@ -262,14 +313,14 @@ thread_local! {
 }
 
 /// Destination of one microkernel call: rows×cols of C at `c + off`, row stride `ldc`.
-struct Tile<'a> {
-    c: *mut f32,
-    off: usize,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    bias: Option<&'a [f32]>, // starts at the tile's first column; only for the first kc-block
-    accumulate: bool,        // add to the existing C values (later kc-blocks)
+pub(super) struct Tile<'a> {
+    pub(super) c: *mut f32,
+    pub(super) off: usize,
+    pub(super) ldc: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) bias: Option<&'a [f32]>, // starts at the tile's first column; only for the first kc-block
+    pub(super) accumulate: bool,        // add to the existing C values (later kc-blocks)
 }
 
 impl Tile<'_> {
@@ -303,17 +354,7 @@ fn pack_a(rows: &[f32], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: b
             d.fill(0);
             continue;
         }
-        let src = &rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))];
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: the avx512 path is only taken when the features were detected.
-            unsafe { avx512::convert(src, d) };
-            continue;
-        }
-        for (q, v) in d.iter_mut().enumerate() {
-            let hi = src.get(2 * q + 1).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
-            *v = pair(bf16::from_f32(src[2 * q]), hi);
-        }
+        to_pairs(&rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))], d, simd);
     }
 }
 
@@ -372,102 +413,6 @@ fn portable_body<const FMA: bool>(a: &[u32], b: &[u32], kc: usize, acc: &mut [[f
                 }
             }
             accr.copy_from_slice(&x);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{Tile, KC, MR, NR};
-    use core::arch::x86_64::*;
-
-    /// Converts `src` f32 to bf16 pairs (RNE) in `dst`; an odd tail is padded with 0.
-    ///
-    /// # Safety
-    /// Requires avx512f + avx512bf16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn convert(src: &[f32], dst: &mut [u32]) {
-        for (s, d) in src.chunks(32).zip(dst.chunks_mut(16)) {
-            let (n, p) = (s.len(), s.as_ptr());
-            let (m0, m1) = (mask16(n), mask16(n.saturating_sub(16)));
-            // SAFETY: masked loads only touch lanes < n, inside `s` (fault suppression
-            // covers the rest; `wrapping_add` keeps the pointer arithmetic defined);
-            // the masked store writes ceil(n/2) <= d.len() lanes.
-            unsafe {
-                let lo = _mm512_maskz_loadu_ps(m0, p);
-                let hi = _mm512_maskz_loadu_ps(m1, p.wrapping_add(16));
-                let v: __m512i = core::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                _mm512_mask_storeu_epi32(d.as_mut_ptr().cast(), mask16(n.div_ceil(2)), v);
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn mask16(n: usize) -> __mmask16 {
-        ((1u32 << n.min(16)) - 1) as u16
-    }
-
-    /// AVX512-BF16 microkernel: 14×32 register tile, one `vdpbf16ps` per zmm per k pair.
-    ///
-    /// # Safety
-    /// Requires avx512f + avx512bf16; `a.len() >= MR·KC`, `b.len() >= kc·NR`; the
-    /// tile contract of [`Tile::store`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
-        assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
-        let mut c0 = [_mm512_setzero_ps(); MR];
-        let mut c1 = [_mm512_setzero_ps(); MR];
-        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
-        // Pull the C tile towards L1 while the k loop runs (prefetch never faults).
-        for r in 0..MR {
-            if r < t.rows {
-                let cr = t.c.wrapping_add(t.off + r * t.ldc);
-                _mm_prefetch::<_MM_HINT_ET0>(cr.cast());
-                _mm_prefetch::<_MM_HINT_ET0>(cr.wrapping_add(16).cast());
-            }
-        }
-        // SAFETY: the loop reads a[r·KC + p] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
-        // all inside the slices (asserted above).
-        unsafe {
-            for _ in 0..kc {
-                let b0: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.cast()));
-                let b1: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
-                for r in 0..MR {
-                    let av = _mm512_set1_epi32(*ap.add(r * KC) as i32);
-                    let av: __m512bh = core::mem::transmute(av);
-                    c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
-                    c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
-                }
-                ap = ap.add(1);
-                bp = bp.add(NR);
-            }
-        }
-        let (m0, m1) = (mask16(t.cols), mask16(t.cols.saturating_sub(16)));
-        let (bias0, bias1) = match t.bias {
-            // SAFETY: `bias` has at least `cols` elements; masked-off lanes are not read.
-            Some(bias) => unsafe {
-                let p = bias.as_ptr();
-                (_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)))
-            },
-            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
-        };
-        for r in 0..MR {
-            if r >= t.rows {
-                break;
-            }
-            // SAFETY: per the tile contract, columns 0..cols of row r are in bounds and
-            // exclusive; masked lanes (>= cols) are neither read nor written.
-            unsafe {
-                let cr = t.c.add(t.off + r * t.ldc);
-                let cr1 = cr.wrapping_add(16);
-                let (mut v0, mut v1) = (_mm512_add_ps(c0[r], bias0), _mm512_add_ps(c1[r], bias1));
-                if t.accumulate {
-                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
-                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr1));
-                }
-                _mm512_mask_storeu_ps(cr, m0, v0);
-                _mm512_mask_storeu_ps(cr1, m1, v1);
-            }
         }
     }
 }

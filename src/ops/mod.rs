@@ -7,7 +7,11 @@ pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod fastmath;
+pub mod cpu_path;
+pub mod gemm_amx;
 pub mod gemm_bf16;
+#[cfg(target_arch = "x86_64")]
+mod gemm_bf16_avx512;
 pub mod gemm_f32;
 pub mod layernorm;
 pub mod matmul;
