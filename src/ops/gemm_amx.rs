@@ -206,11 +206,12 @@ thread_local! {
 }
 
 /// `c = a·Wᵀ (+ bias)` through the tile operations `O` (m, n, k ≥ 1; shapes checked by the
-/// caller). `simd`: AVX512-BF16 is available for the f32 → bf16 conversion of A.
+/// caller); `acc`: `c += a·Wᵀ` (no bias). `simd`: AVX512-BF16 is available for the f32 → bf16
+/// conversion of A.
 ///
 /// # Safety
 /// For [`HwTiles`]: the CPU has AMX-BF16 and this process holds the tile-data permission.
-pub(crate) unsafe fn matmul_amx<O: TileOps>(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], simd: bool) {
+pub(crate) unsafe fn matmul_amx<O: TileOps>(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], simd: bool, acc: bool) {
     let (n, k, kps) = (w.n(), w.k(), w.kps());
     assert!(a.len() == m * k && c.len() == m * n && kps % TK == 0 && m > 0 && n > 0 && k > 0, "matmul_amx: bad call");
     let nkt = kps / TK; // k tiles
@@ -276,7 +277,7 @@ pub(crate) unsafe fn matmul_amx<O: TileOps>(a: &[f32], m: usize, w: &PackedBf16,
                             tiles.store::<3>(sp.add(16 * NR * 4 + 64), NR * 4);
                             let ir = (p0 + pi) * BM;
                             let bias_j = bias.filter(|_| kb == 0).map(|b| &b[jr..]);
-                            write_c(&scratch, cptr.get(), ir * n + jr, n, BM.min(m - ir), NR.min(n - jr), bias_j, kb > 0);
+                            write_c(&scratch, cptr.get(), ir * n + jr, n, BM.min(m - ir), NR.min(n - jr), bias_j, acc || kb > 0);
                         }
                     }
                 }

@@ -71,6 +71,29 @@ impl PackedBf16 {
         Self::pack(n, k, |j, kk| bf16::from_f32(w[j * k + kk]))
     }
 
+    /// Packs the transpose of `x` (`[rows×cols]` row-major f32): the weight `[cols×rows]`, for
+    /// products with `xᵀ` as the right operand (a backward pass's dW = dyᵀ·x, dx = dy·W).
+    pub fn from_f32_t(x: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(x.len(), rows * cols, "x must be rows*cols");
+        let (n, k) = (cols, rows);
+        let kp = k.div_ceil(2);
+        let kps = kp.next_multiple_of(16);
+        let mut data = vec![0u32; n.div_ceil(NR) * kps * NR];
+        if kp > 0 {
+            data.par_chunks_mut(kps * NR).enumerate().for_each(|(panel, dst)| {
+                let (j0, nj) = (panel * NR, NR.min(n - panel * NR));
+                for (p, d) in dst.chunks_exact_mut(NR).take(kp).enumerate() {
+                    let lo = &x[2 * p * cols + j0..][..nj];
+                    let hi = (2 * p + 1 < k).then(|| &x[(2 * p + 1) * cols + j0..][..nj]);
+                    for (jj, v) in d[..nj].iter_mut().enumerate() {
+                        *v = pair(bf16::from_f32(lo[jj]), hi.map_or(bf16::ZERO, |h| bf16::from_f32(h[jj])));
+                    }
+                }
+            });
+        }
+        PackedBf16 { n, k, kp, kps, data }
+    }
+
     /// Packs `w` (`[n×k]` row-major bf16).
     pub fn from_bf16(w: &[bf16], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "w must be n*k");
@@ -173,7 +196,18 @@ pub enum Kernel {
 /// [`matmul_bf16`] with an explicit kernel choice.
 #[doc(hidden)]
 pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel) {
+    gemm(a, m, w, bias, c, kernel, false)
+}
+
+/// `c[m×n] += a[m×k] · Wᵀ` (the backward passes' accumulation into an existing gradient).
+pub fn matmul_bf16_acc(a: &[f32], m: usize, w: &PackedBf16, c: &mut [f32], kernel: Kernel) {
+    gemm(a, m, w, None, c, kernel, true)
+}
+
+/// The GEMM; `acc`: add to c instead of overwriting it (no bias then).
+fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel, acc: bool) {
     let (n, k, kp) = (w.n, w.k, w.kp);
+    assert!(!acc || bias.is_none(), "accumulating GEMM takes no bias");
     assert_eq!(a.len(), m * k, "a must be m*k");
     assert_eq!(c.len(), m * n, "c must be m*n");
     if let Some(b) = bias {
@@ -182,13 +216,16 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
+    if k == 0 && !acc {
         for row in c.chunks_mut(n) {
             match bias {
                 Some(b) => row.copy_from_slice(b),
                 None => row.fill(0.0),
             }
         }
+        return;
+    }
+    if k == 0 {
         return;
     }
     let have_simd = has_avx512_bf16();
@@ -199,15 +236,15 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
             GemmPath::Avx512 => Kernel::Portable,
             GemmPath::Scalar => Kernel::PortableBaseline,
         },
-        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => return matmul_bf16_forced(a, m, w, bias, c, Kernel::Auto),
+        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => return gemm(a, m, w, bias, c, Kernel::Auto, acc),
         other => other,
     };
     match kernel {
         // SAFETY: AMX was detected and its permission granted (cpu_path::detected).
         #[cfg(target_arch = "x86_64")]
-        Kernel::Amx => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::HwTiles>(a, m, w, bias, c, have_simd) },
+        Kernel::Amx => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::HwTiles>(a, m, w, bias, c, have_simd, acc) },
         // SAFETY: the software model has no hardware requirement.
-        Kernel::AmxSoft => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::SoftTiles>(a, m, w, bias, c, have_simd) },
+        Kernel::AmxSoft => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::SoftTiles>(a, m, w, bias, c, have_simd, acc) },
         _ => {}
     }
     let simd = kernel == Kernel::Avx512Bf16 && have_simd;
@@ -257,8 +294,15 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
                         for pi in 0..p1 - p0 {
                             let a = &abuf[(pi * nkb + kb) * MR * KC..][..MR * KC];
                             let ir = (p0 + pi) * MR;
-                            let t =
-                                Tile { c: cptr.get(), off: ir * n + jr, ldc: n, rows: MR.min(m - ir), cols: NR.min(n - jr), bias: bias_j, accumulate: pc > 0 };
+                            let t = Tile {
+                                c: cptr.get(),
+                                off: ir * n + jr,
+                                ldc: n,
+                                rows: MR.min(m - ir),
+                                cols: NR.min(n - jr),
+                                bias: bias_j,
+                                accumulate: acc || pc > 0,
+                            };
                             // SAFETY: `t` is rows ir..ir+rows, cols jr..jr+cols of C:
                             // inside the m×n buffer and inside this item's block (rows of
                             // panels p0..p1, cols j0..j1), which no other item touches.
