@@ -67,7 +67,7 @@ const SMALL: &[(usize, usize, usize)] = &[
     (29, 64, 1000), // several kc-blocks, odd-size last block
 ];
 
-const KERNELS: [Kernel; 6] = [Kernel::Auto, Kernel::Amx, Kernel::AmxSoft, Kernel::Avx512Bf16, Kernel::Portable, Kernel::PortableBaseline];
+const KERNELS: [Kernel; 7] = [Kernel::Auto, Kernel::Amx, Kernel::AmxSoft, Kernel::Avx512Bf16, Kernel::Avx512Fma, Kernel::Portable, Kernel::PortableBaseline];
 
 #[test]
 fn small_shapes_all_kernels() {

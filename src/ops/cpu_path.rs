@@ -6,9 +6,10 @@
 //!   AMX-BF16 bits, the OS enabling the tile state in XCR0, and Linux granting it to this process
 //!   (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, requested once, here). If any of these
 //!   fail the next path runs and one line says why (stderr, once).
-//! * `avx512bf16`: `vdpbf16ps` for bf16 GEMMs (`src/ops/gemm_bf16.rs`).
-//! * `avx512`: the hand-written AVX-512F f32 GEMM (`src/ops/gemm_f32.rs`); bf16 GEMMs run the
-//!   portable kernel (its AVX2+FMA build).
+//! * `avx512bf16`: `vdpbf16ps` for bf16 GEMMs (`src/ops/gemm_bf16.rs`) where it pays (AMD; see
+//!   [`bf16_dot_pays`]), else bf16 inputs through AVX-512F f32 FMAs.
+//! * `avx512`: the hand-written AVX-512F f32 GEMM (`src/ops/gemm_f32.rs`); bf16 GEMMs run bf16
+//!   inputs through AVX-512F f32 FMAs.
 //! * `scalar`: no hand-written SIMD kernel: f32 through faer, bf16 through the portable kernel's
 //!   baseline build.
 //!
@@ -22,7 +23,7 @@ use std::sync::OnceLock;
 pub enum GemmPath {
     /// No hand-written SIMD kernel (faer for f32, the portable baseline build for bf16).
     Scalar = 0,
-    /// AVX-512F f32 kernel; bf16 through the portable AVX2+FMA kernel.
+    /// AVX-512F f32 kernel; bf16 inputs through AVX-512F f32 FMAs.
     Avx512 = 1,
     /// AVX512-BF16 (`vdpbf16ps`) for bf16.
     Avx512Bf16 = 2,
@@ -136,11 +137,34 @@ pub fn force_path(cap: Option<GemmPath>) {
     FORCED.store(cap.map_or(UNSET, |p| p as u8), Ordering::Relaxed);
 }
 
-/// The path GEMMs take now: the detected one, capped by [`force_path`] or `CLIPFORGE_CPU_GEMM`.
-pub fn selected() -> GemmPath {
-    let cap = match FORCED.load(Ordering::Relaxed) {
+fn cap() -> GemmPath {
+    match FORCED.load(Ordering::Relaxed) {
         UNSET => env_cap(),
         v => GemmPath::from_u8(v),
-    };
-    detected().min(cap)
+    }
+}
+
+/// The path GEMMs take now: the detected one, capped by [`force_path`] or `CLIPFORGE_CPU_GEMM`.
+pub fn selected() -> GemmPath {
+    detected().min(cap())
+}
+
+/// Whether `vdpbf16ps` beats f32 FMAs on bf16 inputs here, when AMX is not used: on AMD (Zen 4/5:
+/// one `vdpbf16ps` does the work of two FMAs at the same rate) it does; on Intel's AVX512-BF16
+/// parts it issues on one port while FMAs issue on two, so the same products through f32 FMAs
+/// are faster (measured 0.71× for `vdpbf16ps` at 1024³ on a Xeon VM). Forcing
+/// `CLIPFORGE_CPU_GEMM=avx512bf16` selects `vdpbf16ps` anyway.
+pub fn bf16_dot_pays() -> bool {
+    static AMD: OnceLock<bool> = OnceLock::new();
+    let amd = *AMD.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let r = core::arch::x86_64::__cpuid(0); // leaf 0 exists on every x86-64 CPU
+            let v: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|x| x.to_le_bytes()).collect();
+            v == b"AuthenticAMD"
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    });
+    amd || cap() == GemmPath::Avx512Bf16
 }

@@ -187,6 +187,9 @@ pub enum Kernel {
     AmxSoft,
     /// The AVX512-BF16 kernel. Falls back to [`Kernel::Portable`] without it.
     Avx512Bf16,
+    /// bf16 inputs through AVX-512F f32 FMAs (faster than `vdpbf16ps` on Intel without AMX).
+    /// Falls back to [`Kernel::Portable`] without AVX-512F.
+    Avx512Fma,
     /// Portable kernel (its AVX2+FMA build where available).
     Portable,
     /// Portable kernel, baseline build (no AVX2/FMA).
@@ -232,8 +235,8 @@ fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]
     let kernel = match kernel {
         Kernel::Auto => match cpu_path::selected() {
             GemmPath::Amx => Kernel::Amx,
-            GemmPath::Avx512Bf16 => Kernel::Avx512Bf16,
-            GemmPath::Avx512 => Kernel::Portable,
+            GemmPath::Avx512Bf16 if cpu_path::bf16_dot_pays() => Kernel::Avx512Bf16,
+            GemmPath::Avx512Bf16 | GemmPath::Avx512 => Kernel::Avx512Fma,
             GemmPath::Scalar => Kernel::PortableBaseline,
         },
         Kernel::Amx if cpu_path::detected() < GemmPath::Amx => return gemm(a, m, w, bias, c, Kernel::Auto, acc),
@@ -248,7 +251,9 @@ fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]
         _ => {}
     }
     let simd = kernel == Kernel::Avx512Bf16 && have_simd;
+    let fma = kernel == Kernel::Avx512Fma && super::gemm_f32::available();
     let avx2 = kernel != Kernel::PortableBaseline;
+    let astride = if fma { 2 * KC } else { KC }; // A panel row stride (u32 pairs, or f32 values)
 
     // Work split: `mblk` row blocks (whole MR panels, sizes differ by <= 1 panel) ×
     // `nsplit` column ranges (whole NR panels), about ITEMS_PER_THREAD items per thread.
@@ -264,13 +269,13 @@ fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]
         let nkb = kp.div_ceil(KC);
         ABUF.with_borrow_mut(|abuf| {
             // Pack this row block of A (all k) once; it is reused for every column.
-            abuf.resize((p1 - p0) * nkb * MR * KC, 0);
-            for (i, dst) in abuf.chunks_exact_mut(MR * KC).enumerate() {
+            abuf.resize((p1 - p0) * nkb * MR * astride, 0);
+            for (i, dst) in abuf.chunks_exact_mut(MR * astride).enumerate() {
                 let (pi, kb) = (i / nkb, i % nkb);
                 let (pc, pc1) = (kb * kp / nkb, (kb + 1) * kp / nkb);
                 let r0 = (p0 + pi) * MR;
                 let rows = &a[r0 * k..(r0 + MR).min(m) * k];
-                pack_a(rows, k, pc, pc1 - pc, dst, simd);
+                pack_a(rows, k, pc, pc1 - pc, dst, simd, fma);
             }
             // Prefetch the next row block's A (usually this thread's next item), spread
             // over the jr iterations, so its DRAM reads overlap with compute.
@@ -292,7 +297,7 @@ fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]
                         let b = &w.data[(jr / NR) * w.kps * NR + pc * NR..][..kc * NR];
                         let bias_j = bias.filter(|_| pc == 0).map(|b| &b[jr..]);
                         for pi in 0..p1 - p0 {
-                            let a = &abuf[(pi * nkb + kb) * MR * KC..][..MR * KC];
+                            let a = &abuf[(pi * nkb + kb) * MR * astride..][..MR * astride];
                             let ir = (p0 + pi) * MR;
                             let t = Tile {
                                 c: cptr.get(),
@@ -311,6 +316,11 @@ fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]
                                 #[cfg(target_arch = "x86_64")]
                                 if simd {
                                     super::gemm_bf16_avx512::kernel(a, b, kc, &t);
+                                    continue;
+                                }
+                                #[cfg(target_arch = "x86_64")]
+                                if fma {
+                                    super::gemm_bf16_avx512::kernel_fma(bytemuck::cast_slice(a), b, kc, &t);
                                     continue;
                                 }
                                 kernel_portable(a, b, kc, &t, avx2);
@@ -391,11 +401,18 @@ impl Tile<'_> {
 
 /// Packs pairs `pc..pc+kc` of `rows` (≤ MR full rows of `a`) into one A micro-panel
 /// (`[MR][KC]` bf16 pairs; missing rows are zero).
-fn pack_a(rows: &[f32], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool) {
-    for (r, d) in dst.chunks_exact_mut(KC).enumerate() {
-        let d = &mut d[..kc];
+/// `fma`: widened instead, `[MR][2·KC]` bf16-rounded values as f32 bits (for `kernel_fma`).
+fn pack_a(rows: &[f32], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool, fma: bool) {
+    let stride = if fma { 2 * KC } else { KC };
+    for (r, d) in dst.chunks_exact_mut(stride).enumerate() {
+        let d = &mut d[..if fma { 2 * kc } else { kc }];
         if (r + 1) * k > rows.len() {
             d.fill(0);
+            continue;
+        }
+        if fma {
+            let src = &rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))];
+            d.iter_mut().enumerate().for_each(|(i, v)| *v = src.get(i).map_or(0, |&x| (bf16::from_f32(x).to_bits() as u32) << 16));
             continue;
         }
         to_pairs(&rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))], d, simd);

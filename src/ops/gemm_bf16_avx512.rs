@@ -64,6 +64,55 @@ pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
             bp = bp.add(NR);
         }
     }
+    // SAFETY: the tile contract, forwarded.
+    unsafe { store(&c0, &c1, t) }
+}
+
+/// bf16 GEMM through f32 FMAs (AVX-512F), for CPUs whose `vdpbf16ps` is no faster than two FMAs
+/// (Intel's AVX512-BF16 parts run it on one port, the FMAs on two): A comes widened (bf16-rounded
+/// values as f32, `[MR][2·KC]`), B as bf16 pairs widened in registers (lo by a shift, hi by a mask).
+/// Each bf16×bf16 product is exact in f32, so this computes the same sums as `vdpbf16ps` up to
+/// the accumulation order (and keeps denormals).
+///
+/// # Safety
+/// Requires avx512f; `a.len() >= MR·2·KC`, `b.len() >= kc·NR`; the tile contract of [`Tile::store`].
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn kernel_fma(a: &[f32], b: &[u32], kc: usize, t: &Tile) {
+    assert!(kc <= KC && a.len() >= MR * 2 * KC && b.len() >= kc * NR);
+    let mut c0 = [_mm512_setzero_ps(); MR];
+    let mut c1 = [_mm512_setzero_ps(); MR];
+    let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+    let hi_mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    // SAFETY: the loop reads a[r·2KC + 2p + {0,1}] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
+    // all inside the slices (asserted above).
+    unsafe {
+        for _ in 0..kc {
+            let (r0, r1) = (_mm512_loadu_si512(bp.cast()), _mm512_loadu_si512(bp.add(16).cast()));
+            let (lo0, lo1) = (_mm512_castsi512_ps(_mm512_slli_epi32::<16>(r0)), _mm512_castsi512_ps(_mm512_slli_epi32::<16>(r1)));
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*ap.add(r * 2 * KC));
+                c0[r] = _mm512_fmadd_ps(av, lo0, c0[r]);
+                c1[r] = _mm512_fmadd_ps(av, lo1, c1[r]);
+            }
+            let (hi0, hi1) = (_mm512_castsi512_ps(_mm512_and_si512(r0, hi_mask)), _mm512_castsi512_ps(_mm512_and_si512(r1, hi_mask)));
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*ap.add(r * 2 * KC + 1));
+                c0[r] = _mm512_fmadd_ps(av, hi0, c0[r]);
+                c1[r] = _mm512_fmadd_ps(av, hi1, c1[r]);
+            }
+            ap = ap.add(2);
+            bp = bp.add(NR);
+        }
+        store(&c0, &c1, t)
+    }
+}
+
+/// Writes the 14×32 register tile `acc (+ bias | + c)` to the valid part of the tile.
+///
+/// # Safety
+/// Requires avx512f; the tile contract of [`Tile::store`].
+#[target_feature(enable = "avx512f")]
+unsafe fn store(c0: &[__m512; MR], c1: &[__m512; MR], t: &Tile) {
     let (m0, m1) = (mask16(t.cols), mask16(t.cols.saturating_sub(16)));
     let (bias0, bias1) = match t.bias {
         // SAFETY: `bias` has at least `cols` elements; masked-off lanes are not read.
