@@ -44,16 +44,34 @@ const ITEMS_PER_THREAD: usize = 8;
 /// [`HwTiles`]); `load`/`store` read or write 16 rows of 64 bytes at `p + r·stride`.
 pub trait TileOps: Default {
     /// `ldtilecfg`, palette 1: all 8 tiles 16 rows × 64 bytes.
+    ///
+    /// # Safety
+    /// See [`TileOps`].
     unsafe fn configure(&mut self);
     /// `tilezero tmmT`.
+    ///
+    /// # Safety
+    /// See [`TileOps`].
     unsafe fn zero<const T: u8>(&mut self);
     /// `tileloadd tmmT, [p + stride]`.
+    ///
+    /// # Safety
+    /// See [`TileOps`].
     unsafe fn load<const T: u8>(&mut self, p: *const u8, stride: usize);
     /// `tdpbf16ps tmmC, tmmA, tmmB`.
+    ///
+    /// # Safety
+    /// See [`TileOps`].
     unsafe fn dp<const C: u8, const A: u8, const B: u8>(&mut self);
     /// `tilestored [p + stride], tmmT`.
+    ///
+    /// # Safety
+    /// See [`TileOps`].
     unsafe fn store<const T: u8>(&mut self, p: *mut u8, stride: usize);
     /// `tilerelease` (tile state back to its initial, unconfigured state).
+    ///
+    /// # Safety
+    /// See [`TileOps`].
     unsafe fn release(&mut self);
 }
 
