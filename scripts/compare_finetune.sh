@@ -5,7 +5,7 @@
 #   scripts/compare_finetune.sh [tiny|b32] [BATCH=8] [STEPS=5]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which=${1:-tiny}; batch=${2:-8}; steps=${3:-5}
+which=${1:-tiny}; batch=${2:-8}; steps=${3:-5}  # CF_DTYPE=bf16: clipforge's CPU bf16 fine-tune
 work=$(mktemp -d)
 case "$which" in
   tiny) src=tests/fixtures/tiny ;;
@@ -22,7 +22,8 @@ torch_run() {
 }
 torch_run torch1
 /usr/bin/time -v ./target/release/clipforge finetune --model "$work/long" --data "$data" --out "$work/cf" --no-shuffle \
-  --batch "$batch" --max-steps "$steps" --lr 1e-5 --warmup 2 --pca-dim "$pca" --log "$work/cf/log.jsonl" 2> "$work/cf.time" > /dev/null
+  --batch "$batch" --max-steps "$steps" --lr 1e-5 --warmup 2 --pca-dim "$pca" --dtype "${CF_DTYPE:-f32}" --device cpu \
+  --log "$work/cf/log.jsonl" 2> "$work/cf.time" > /dev/null
 torch_run torch2
 python3 - "$work" "$batch" <<'PY'
 import json, re, statistics, sys

@@ -1,21 +1,64 @@
 //! The CPU backend of [`Ops`]: buffers are [`Tensor`]s (weights stay memory-mapped when stored
 //! f32), GEMMs go through `ops::matmul::gemm` (the AVX-512 f32 kernel, faer for the rest) or, for
-//! bf16 weights, the packed AVX512-BF16 kernel; attention through the blocked CPU kernels of
-//! `ops::attention` (per sequence, in parallel, for packed sequences).
+//! bf16 weights, the packed bf16 GEMM (AMX or AVX512-BF16, `ops::gemm_bf16`); attention through
+//! the blocked CPU kernels of `ops::attention` (per sequence, in parallel, for packed sequences).
+//!
+//! bf16 training (`finetune --dtype bf16`): a bf16 weight keeps its f32 master (`Weight::w`); the
+//! backward GEMMs of such a weight also take bf16 inputs with f32 accumulation: dx = dy·W through
+//! Wᵀ packed on the first backward (cached with the weight), dW = dyᵀ·x through xᵀ packed per call.
 use super::{Act, Ops, Seqs, Weight};
 use crate::error::Result;
 use crate::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape};
 use crate::ops::elementwise::{unary, unary_bwd, Unary};
 use crate::ops::embedding::embedding_bwd_grouped;
 use crate::ops::fastmath::{par_rows, zeros};
-use crate::ops::gemm_bf16::{matmul_bf16, PackedBf16};
+use crate::ops::gemm_bf16::{matmul_bf16, matmul_bf16_acc, Kernel, PackedBf16};
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
 use crate::ops::matmul::{gemm, linear, View};
 use crate::ops::patch_embed::{patch_embed, patch_embed_bwd_weight, PatchShape};
 use crate::ops::reduce::col_sums;
 use crate::shape_err;
 use crate::tensor::{DType, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+/// A Linear weight's bf16 copies: `fwd` packed for y = x·Wᵀ, and Wᵀ for dx = dy·W (packed from
+/// the f32 master on the first backward).
+#[derive(Debug)]
+pub struct CpuHalf {
+    pub fwd: PackedBf16,
+    bwd: OnceLock<PackedBf16>,
+}
+
+/// dx[m×k] (+)= dy[m×n]·W and dW[n×k] = dyᵀ·x with bf16 inputs, f32 accumulation.
+fn linear_bwd_bf16(g: &[f32], xd: &[f32], w: &Weight<Cpu>, h: &CpuHalf, m: usize, d: &mut [f32], accumulate: bool) -> Vec<f32> {
+    let (n, k) = (w.n, w.k);
+    let wt = h.bwd.get_or_init(|| PackedBf16::from_f32_t(&w.w.f32_data()[..n * k], n, k)); // Wᵀ: [k outputs × n]
+    if accumulate {
+        matmul_bf16_acc(&g[..m * n], m, wt, d, Kernel::Auto); // dx += dy·W
+    } else {
+        matmul_bf16(&g[..m * n], m, wt, None, d); // dx = dy·W
+    }
+    let gt = transpose(&g[..m * n], m, n); // [n, m]
+    let xt = PackedBf16::from_f32_t(&xd[..m * k], m, k); // xᵀ: [k outputs × m]
+    let mut dw = zeros(n * k); // [n, k]
+    matmul_bf16(&gt, n, &xt, None, &mut dw); // dW = dyᵀ·x
+    dw
+}
+
+/// The transpose of a row-major [rows×cols] matrix (in parallel, 32-row blocks of the output).
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = zeros(rows * cols); // [cols, rows]
+    if rows > 0 {
+        par_rows(&mut t, 32 * rows, |b, blk| {
+            for i in 0..rows {
+                for (jj, o) in blk.chunks_exact_mut(rows).enumerate() {
+                    o[i] = x[i * cols + b * 32 + jj];
+                }
+            }
+        });
+    }
+    t
+}
 
 /// The CPU backend (rayon's thread pool).
 #[derive(Clone, Copy, Debug, Default)]
@@ -47,7 +90,7 @@ fn check(what: &str, len: usize, want: usize) -> Result<()> {
 
 impl Ops for Cpu {
     type Buf = Tensor;
-    type Half = Arc<PackedBf16>;
+    type Half = Arc<CpuHalf>;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -68,7 +111,7 @@ impl Ops for Cpu {
         check("weight", w.numel(), n * k)?;
         let half = match dtype {
             DType::F32 => None,
-            DType::BF16 => Some(Arc::new(PackedBf16::from_f32(&w.f32_data(), n, k))),
+            DType::BF16 => Some(Arc::new(CpuHalf { fwd: PackedBf16::from_f32(&w.f32_data(), n, k), bwd: OnceLock::new() })),
             DType::F16 => return Err(crate::error::Error::msg("the CPU computes in f32 or bf16, not f16")),
         };
         Ok(Weight { w, half, n, k })
@@ -82,7 +125,7 @@ impl Ops for Cpu {
         match &w.half {
             Some(p) => {
                 let mut y = zeros(m * n); // [m, n]
-                matmul_bf16(&xd[..m * k], m, p, bias.as_deref(), &mut y);
+                matmul_bf16(&xd[..m * k], m, &p.fwd, bias.as_deref(), &mut y);
                 vec1(y)
             }
             None => vec1(linear(&xd[..m * k], m, k, &w.w.f32_data(), n, bias.as_deref())), // [m, n]
@@ -103,6 +146,14 @@ impl Ops for Cpu {
         let (g, xd) = (dy.f32_data(), x.f32_data());
         let mut d = take(dx);
         check("linear_bwd dx", d.len(), m * k)?;
+        check("linear_bwd dy", g.len(), m * n)?;
+        check("linear_bwd x", xd.len(), m * k)?;
+        if let Some(h) = &w.half {
+            let dw = linear_bwd_bf16(&g, &xd, w, h, m, &mut d[..m * k], accumulate);
+            *dx = vec1(d)?;
+            let db = if bias { Some(vec1(col_sums(&g[..m * n], n))?) } else { None };
+            return Ok((vec1(dw)?, db));
+        }
         gemm(View::row_major(&g, m, n), View::row_major(&w.w.f32_data(), n, k), &mut d[..m * k], accumulate); // dx (+)= dy·W
         *dx = vec1(d)?;
         let mut dw = zeros(n * k);

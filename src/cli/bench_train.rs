@@ -55,6 +55,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let mut model = model;
     model.recompute = a.recompute;
+    model.compute = a.compute.dtype.precision(); // the CPU step's GEMM type (bf16: forward and backward)
     if a.stretch {
         stretch_positions(&mut model)?;
     }

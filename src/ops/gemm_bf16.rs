@@ -33,17 +33,20 @@
 //!   weight columns and masked column stores, odd k via a zero `hi` half.
 //!
 //! # Dispatch
-//! [`has_avx512_bf16`] selects the AVX512-BF16 microkernel at run time; otherwise
-//! a portable f32 microkernel runs on the same packed data (bf16 → f32 by shifting;
-//! AVX2+FMA build when available). Note that `vdpbf16ps`/`vcvtne2ps2bf16` treat f32/bf16
-//! denormals as zero; the portable path keeps them. NaN/Inf propagate in both paths.
+//! `cpu_path::selected()` picks, at run time: the AMX tile kernel (`gemm_amx.rs`, same packed
+//! weights: panels are zero-padded to a multiple of 16 pairs, one tile's depth), else the
+//! AVX512-BF16 microkernel (`gemm_bf16_avx512.rs`), else a portable f32 microkernel on the same
+//! packed data (bf16 → f32 by shifting; AVX2+FMA build when available); `CLIPFORGE_CPU_GEMM` caps
+//! it. Note that `tdpbf16ps`/`vdpbf16ps`/`vcvtne2ps2bf16` treat f32/bf16 denormals as zero; the
+//! portable path keeps them. NaN/Inf propagate in every path.
 
+use super::cpu_path::{self, GemmPath};
 use half::bf16;
 use rayon::prelude::*;
 
-const NR: usize = 32;
-const MR: usize = 14;
-const KC: usize = 256; // max k pairs per kc-block (512 k values)
+pub(super) const NR: usize = 32;
+pub(super) const MR: usize = 14;
+pub(super) const KC: usize = 256; // max k pairs per kc-block (512 k values)
 const NC: usize = NR * 8; // columns per jc chunk inside a work item
 
 /// Weights `[n×k]` converted to bf16 and packed for the microkernel (see module docs).
@@ -52,6 +55,7 @@ pub struct PackedBf16 {
     n: usize,
     k: usize,
     kp: usize,
+    kps: usize, // pairs per panel: kp padded with zeros to a multiple of 16 (one AMX tile)
     data: Vec<u32>,
 }
 
@@ -67,6 +71,29 @@ impl PackedBf16 {
         Self::pack(n, k, |j, kk| bf16::from_f32(w[j * k + kk]))
     }
 
+    /// Packs the transpose of `x` (`[rows×cols]` row-major f32): the weight `[cols×rows]`, for
+    /// products with `xᵀ` as the right operand (a backward pass's dW = dyᵀ·x, dx = dy·W).
+    pub fn from_f32_t(x: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(x.len(), rows * cols, "x must be rows*cols");
+        let (n, k) = (cols, rows);
+        let kp = k.div_ceil(2);
+        let kps = kp.next_multiple_of(16);
+        let mut data = vec![0u32; n.div_ceil(NR) * kps * NR];
+        if kp > 0 {
+            data.par_chunks_mut(kps * NR).enumerate().for_each(|(panel, dst)| {
+                let (j0, nj) = (panel * NR, NR.min(n - panel * NR));
+                for (p, d) in dst.chunks_exact_mut(NR).take(kp).enumerate() {
+                    let lo = &x[2 * p * cols + j0..][..nj];
+                    let hi = (2 * p + 1 < k).then(|| &x[(2 * p + 1) * cols + j0..][..nj]);
+                    for (jj, v) in d[..nj].iter_mut().enumerate() {
+                        *v = pair(bf16::from_f32(lo[jj]), hi.map_or(bf16::ZERO, |h| bf16::from_f32(h[jj])));
+                    }
+                }
+            });
+        }
+        PackedBf16 { n, k, kp, kps, data }
+    }
+
     /// Packs `w` (`[n×k]` row-major bf16).
     pub fn from_bf16(w: &[bf16], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "w must be n*k");
@@ -75,9 +102,10 @@ impl PackedBf16 {
 
     fn pack(n: usize, k: usize, get: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
         let kp = k.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
+        let kps = kp.next_multiple_of(16);
+        let mut data = vec![0u32; n.div_ceil(NR) * kps * NR];
         if kp > 0 {
-            data.par_chunks_mut(kp * NR).enumerate().for_each(|(panel, dst)| {
+            data.par_chunks_mut(kps * NR).enumerate().for_each(|(panel, dst)| {
                 for jj in 0..NR.min(n - panel * NR) {
                     let j = panel * NR + jj;
                     for p in 0..kp {
@@ -87,7 +115,7 @@ impl PackedBf16 {
                 }
             });
         }
-        PackedBf16 { n, k, kp, data }
+        PackedBf16 { n, k, kp, kps, data }
     }
 
     pub fn n(&self) -> usize {
@@ -99,8 +127,15 @@ impl PackedBf16 {
     /// Element `W[j, kk]` as stored (bf16).
     pub fn get(&self, j: usize, kk: usize) -> bf16 {
         assert!(j < self.n && kk < self.k);
-        let v = self.data[(j / NR) * self.kp * NR + (kk / 2) * NR + j % NR];
+        let v = self.data[(j / NR) * self.kps * NR + (kk / 2) * NR + j % NR];
         bf16::from_bits((v >> (16 * (kk % 2))) as u16)
+    }
+    /// Pairs per panel in storage (`ceil(k/2)` rounded up to 16, zero-padded).
+    pub fn kps(&self) -> usize {
+        self.kps
+    }
+    pub(super) fn data(&self) -> &[u32] {
+        &self.data
     }
     /// Bytes of packed weight storage.
     pub fn size_bytes(&self) -> usize {
@@ -144,8 +179,17 @@ unsafe impl Sync for CPtr {}
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// AVX512-BF16 if detected, else the portable kernel (what [`matmul_bf16`] does).
+    /// The path of [`cpu_path::selected`] (what [`matmul_bf16`] does).
     Auto,
+    /// The AMX tile kernel (`gemm_amx`). Falls back to [`Kernel::Auto`] without AMX.
+    Amx,
+    /// The AMX kernel's blocking, packing and edges on the software model of the tile unit.
+    AmxSoft,
+    /// The AVX512-BF16 kernel. Falls back to [`Kernel::Portable`] without it.
+    Avx512Bf16,
+    /// bf16 inputs through AVX-512F f32 FMAs (faster than `vdpbf16ps` on Intel without AMX).
+    /// Falls back to [`Kernel::Portable`] without AVX-512F.
+    Avx512Fma,
     /// Portable kernel (its AVX2+FMA build where available).
     Portable,
     /// Portable kernel, baseline build (no AVX2/FMA).
@@ -155,7 +199,18 @@ pub enum Kernel {
 /// [`matmul_bf16`] with an explicit kernel choice.
 #[doc(hidden)]
 pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel) {
+    gemm(a, m, w, bias, c, kernel, false)
+}
+
+/// `c[m×n] += a[m×k] · Wᵀ` (the backward passes' accumulation into an existing gradient).
+pub fn matmul_bf16_acc(a: &[f32], m: usize, w: &PackedBf16, c: &mut [f32], kernel: Kernel) {
+    gemm(a, m, w, None, c, kernel, true)
+}
+
+/// The GEMM; `acc`: add to c instead of overwriting it (no bias then).
+fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel, acc: bool) {
     let (n, k, kp) = (w.n, w.k, w.kp);
+    assert!(!acc || bias.is_none(), "accumulating GEMM takes no bias");
     assert_eq!(a.len(), m * k, "a must be m*k");
     assert_eq!(c.len(), m * n, "c must be m*n");
     if let Some(b) = bias {
@@ -164,7 +219,7 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
+    if k == 0 && !acc {
         for row in c.chunks_mut(n) {
             match bias {
                 Some(b) => row.copy_from_slice(b),
@@ -173,8 +228,32 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
         }
         return;
     }
-    let simd = kernel == Kernel::Auto && has_avx512_bf16();
+    if k == 0 {
+        return;
+    }
+    let have_simd = has_avx512_bf16();
+    let kernel = match kernel {
+        Kernel::Auto => match cpu_path::selected() {
+            GemmPath::Amx => Kernel::Amx,
+            GemmPath::Avx512Bf16 if cpu_path::bf16_dot_pays() => Kernel::Avx512Bf16,
+            GemmPath::Avx512Bf16 | GemmPath::Avx512 => Kernel::Avx512Fma,
+            GemmPath::Scalar => Kernel::PortableBaseline,
+        },
+        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => return gemm(a, m, w, bias, c, Kernel::Auto, acc),
+        other => other,
+    };
+    match kernel {
+        // SAFETY: AMX was detected and its permission granted (cpu_path::detected).
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Amx => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::HwTiles>(a, m, w, bias, c, have_simd, acc) },
+        // SAFETY: the software model has no hardware requirement.
+        Kernel::AmxSoft => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::SoftTiles>(a, m, w, bias, c, have_simd, acc) },
+        _ => {}
+    }
+    let simd = kernel == Kernel::Avx512Bf16 && have_simd;
+    let fma = kernel == Kernel::Avx512Fma && super::gemm_f32::available();
     let avx2 = kernel != Kernel::PortableBaseline;
+    let astride = if fma { 2 * KC } else { KC }; // A panel row stride (u32 pairs, or f32 values)
 
     // Work split: `mblk` row blocks (whole MR panels, sizes differ by <= 1 panel) ×
     // `nsplit` column ranges (whole NR panels), about ITEMS_PER_THREAD items per thread.
@@ -190,13 +269,13 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
         let nkb = kp.div_ceil(KC);
         ABUF.with_borrow_mut(|abuf| {
             // Pack this row block of A (all k) once; it is reused for every column.
-            abuf.resize((p1 - p0) * nkb * MR * KC, 0);
-            for (i, dst) in abuf.chunks_exact_mut(MR * KC).enumerate() {
+            abuf.resize((p1 - p0) * nkb * MR * astride, 0);
+            for (i, dst) in abuf.chunks_exact_mut(MR * astride).enumerate() {
                 let (pi, kb) = (i / nkb, i % nkb);
                 let (pc, pc1) = (kb * kp / nkb, (kb + 1) * kp / nkb);
                 let r0 = (p0 + pi) * MR;
                 let rows = &a[r0 * k..(r0 + MR).min(m) * k];
-                pack_a(rows, k, pc, pc1 - pc, dst, simd);
+                pack_a(rows, k, pc, pc1 - pc, dst, simd, fma);
             }
             // Prefetch the next row block's A (usually this thread's next item), spread
             // over the jr iterations, so its DRAM reads overlap with compute.
@@ -215,13 +294,20 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
                     let (pc, kc) = (kb * kp / nkb, (kb + 1) * kp / nkb - kb * kp / nkb);
                     for jr in (jc..j1.min(jc + NC)).step_by(NR) {
                         prefetch_l2(pf.next().unwrap_or(&[]));
-                        let b = &w.data[(jr / NR) * kp * NR + pc * NR..][..kc * NR];
+                        let b = &w.data[(jr / NR) * w.kps * NR + pc * NR..][..kc * NR];
                         let bias_j = bias.filter(|_| pc == 0).map(|b| &b[jr..]);
                         for pi in 0..p1 - p0 {
-                            let a = &abuf[(pi * nkb + kb) * MR * KC..][..MR * KC];
+                            let a = &abuf[(pi * nkb + kb) * MR * astride..][..MR * astride];
                             let ir = (p0 + pi) * MR;
-                            let t =
-                                Tile { c: cptr.get(), off: ir * n + jr, ldc: n, rows: MR.min(m - ir), cols: NR.min(n - jr), bias: bias_j, accumulate: pc > 0 };
+                            let t = Tile {
+                                c: cptr.get(),
+                                off: ir * n + jr,
+                                ldc: n,
+                                rows: MR.min(m - ir),
+                                cols: NR.min(n - jr),
+                                bias: bias_j,
+                                accumulate: acc || pc > 0,
+                            };
                             // SAFETY: `t` is rows ir..ir+rows, cols jr..jr+cols of C:
                             // inside the m×n buffer and inside this item's block (rows of
                             // panels p0..p1, cols j0..j1), which no other item touches.
@@ -229,7 +315,12 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
                             unsafe {
                                 #[cfg(target_arch = "x86_64")]
                                 if simd {
-                                    avx512::kernel(a, b, kc, &t);
+                                    super::gemm_bf16_avx512::kernel(a, b, kc, &t);
+                                    continue;
+                                }
+                                #[cfg(target_arch = "x86_64")]
+                                if fma {
+                                    super::gemm_bf16_avx512::kernel_fma(bytemuck::cast_slice(a), b, kc, &t);
                                     continue;
                                 }
                                 kernel_portable(a, b, kc, &t, avx2);
@@ -240,6 +331,20 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
             }
         });
     });
+}
+
+/// Converts f32 to bf16 pairs (RNE) in `dst` (`ceil(src.len()/2)` values; an odd tail's `hi` is 0).
+/// `simd`: AVX512-BF16 was detected.
+pub(super) fn to_pairs(src: &[f32], dst: &mut [u32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the features were detected (caller).
+        return unsafe { super::gemm_bf16_avx512::convert(src, dst) };
+    }
+    for (q, v) in dst.iter_mut().enumerate() {
+        let hi = src.get(2 * q + 1).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
+        *v = pair(bf16::from_f32(src[2 * q]), hi);
+    }
 }
 
 /// Prefetches `x` (64-byte lines) into L2.
@@ -262,14 +367,14 @@ thread_local! {
 }
 
 /// Destination of one microkernel call: rows×cols of C at `c + off`, row stride `ldc`.
-struct Tile<'a> {
-    c: *mut f32,
-    off: usize,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    bias: Option<&'a [f32]>, // starts at the tile's first column; only for the first kc-block
-    accumulate: bool,        // add to the existing C values (later kc-blocks)
+pub(super) struct Tile<'a> {
+    pub(super) c: *mut f32,
+    pub(super) off: usize,
+    pub(super) ldc: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) bias: Option<&'a [f32]>, // starts at the tile's first column; only for the first kc-block
+    pub(super) accumulate: bool,        // add to the existing C values (later kc-blocks)
 }
 
 impl Tile<'_> {
@@ -296,24 +401,21 @@ impl Tile<'_> {
 
 /// Packs pairs `pc..pc+kc` of `rows` (≤ MR full rows of `a`) into one A micro-panel
 /// (`[MR][KC]` bf16 pairs; missing rows are zero).
-fn pack_a(rows: &[f32], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool) {
-    for (r, d) in dst.chunks_exact_mut(KC).enumerate() {
-        let d = &mut d[..kc];
+/// `fma`: widened instead, `[MR][2·KC]` bf16-rounded values as f32 bits (for `kernel_fma`).
+fn pack_a(rows: &[f32], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool, fma: bool) {
+    let stride = if fma { 2 * KC } else { KC };
+    for (r, d) in dst.chunks_exact_mut(stride).enumerate() {
+        let d = &mut d[..if fma { 2 * kc } else { kc }];
         if (r + 1) * k > rows.len() {
             d.fill(0);
             continue;
         }
-        let src = &rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))];
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: the avx512 path is only taken when the features were detected.
-            unsafe { avx512::convert(src, d) };
+        if fma {
+            let src = &rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))];
+            d.iter_mut().enumerate().for_each(|(i, v)| *v = src.get(i).map_or(0, |&x| (bf16::from_f32(x).to_bits() as u32) << 16));
             continue;
         }
-        for (q, v) in d.iter_mut().enumerate() {
-            let hi = src.get(2 * q + 1).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
-            *v = pair(bf16::from_f32(src[2 * q]), hi);
-        }
+        to_pairs(&rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))], d, simd);
     }
 }
 
@@ -372,102 +474,6 @@ fn portable_body<const FMA: bool>(a: &[u32], b: &[u32], kc: usize, acc: &mut [[f
                 }
             }
             accr.copy_from_slice(&x);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{Tile, KC, MR, NR};
-    use core::arch::x86_64::*;
-
-    /// Converts `src` f32 to bf16 pairs (RNE) in `dst`; an odd tail is padded with 0.
-    ///
-    /// # Safety
-    /// Requires avx512f + avx512bf16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn convert(src: &[f32], dst: &mut [u32]) {
-        for (s, d) in src.chunks(32).zip(dst.chunks_mut(16)) {
-            let (n, p) = (s.len(), s.as_ptr());
-            let (m0, m1) = (mask16(n), mask16(n.saturating_sub(16)));
-            // SAFETY: masked loads only touch lanes < n, inside `s` (fault suppression
-            // covers the rest; `wrapping_add` keeps the pointer arithmetic defined);
-            // the masked store writes ceil(n/2) <= d.len() lanes.
-            unsafe {
-                let lo = _mm512_maskz_loadu_ps(m0, p);
-                let hi = _mm512_maskz_loadu_ps(m1, p.wrapping_add(16));
-                let v: __m512i = core::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                _mm512_mask_storeu_epi32(d.as_mut_ptr().cast(), mask16(n.div_ceil(2)), v);
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn mask16(n: usize) -> __mmask16 {
-        ((1u32 << n.min(16)) - 1) as u16
-    }
-
-    /// AVX512-BF16 microkernel: 14×32 register tile, one `vdpbf16ps` per zmm per k pair.
-    ///
-    /// # Safety
-    /// Requires avx512f + avx512bf16; `a.len() >= MR·KC`, `b.len() >= kc·NR`; the
-    /// tile contract of [`Tile::store`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
-        assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
-        let mut c0 = [_mm512_setzero_ps(); MR];
-        let mut c1 = [_mm512_setzero_ps(); MR];
-        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
-        // Pull the C tile towards L1 while the k loop runs (prefetch never faults).
-        for r in 0..MR {
-            if r < t.rows {
-                let cr = t.c.wrapping_add(t.off + r * t.ldc);
-                _mm_prefetch::<_MM_HINT_ET0>(cr.cast());
-                _mm_prefetch::<_MM_HINT_ET0>(cr.wrapping_add(16).cast());
-            }
-        }
-        // SAFETY: the loop reads a[r·KC + p] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
-        // all inside the slices (asserted above).
-        unsafe {
-            for _ in 0..kc {
-                let b0: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.cast()));
-                let b1: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
-                for r in 0..MR {
-                    let av = _mm512_set1_epi32(*ap.add(r * KC) as i32);
-                    let av: __m512bh = core::mem::transmute(av);
-                    c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
-                    c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
-                }
-                ap = ap.add(1);
-                bp = bp.add(NR);
-            }
-        }
-        let (m0, m1) = (mask16(t.cols), mask16(t.cols.saturating_sub(16)));
-        let (bias0, bias1) = match t.bias {
-            // SAFETY: `bias` has at least `cols` elements; masked-off lanes are not read.
-            Some(bias) => unsafe {
-                let p = bias.as_ptr();
-                (_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)))
-            },
-            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
-        };
-        for r in 0..MR {
-            if r >= t.rows {
-                break;
-            }
-            // SAFETY: per the tile contract, columns 0..cols of row r are in bounds and
-            // exclusive; masked lanes (>= cols) are neither read nor written.
-            unsafe {
-                let cr = t.c.add(t.off + r * t.ldc);
-                let cr1 = cr.wrapping_add(16);
-                let (mut v0, mut v1) = (_mm512_add_ps(c0[r], bias0), _mm512_add_ps(c1[r], bias1));
-                if t.accumulate {
-                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
-                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr1));
-                }
-                _mm512_mask_storeu_ps(cr, m0, v0);
-                _mm512_mask_storeu_ps(cr1, m1, v1);
-            }
         }
     }
 }

@@ -69,7 +69,7 @@ pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
         return;
     }
     assert!(a.max_index() < a.data.len() && b.max_index() < b.data.len(), "gemm view out of bounds");
-    if super::gemm_f32::worth_it(m, n, k) {
+    if super::gemm_f32::worth_it(m, n, k) && super::cpu_path::selected() >= super::cpu_path::GemmPath::Avx512 {
         super::gemm_f32::gemm(a, b, c, accumulate); // the hand-written AVX-512 path
         return;
     }

@@ -3,11 +3,15 @@
 //! Both work on flat slices; `tensor::ops` checks shapes and layouts and calls them.
 pub mod adamw;
 pub mod attention;
+pub mod cpu_path;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod fastmath;
+pub mod gemm_amx;
 pub mod gemm_bf16;
+#[cfg(target_arch = "x86_64")]
+mod gemm_bf16_avx512;
 pub mod gemm_f32;
 pub mod layernorm;
 pub mod matmul;

@@ -37,6 +37,9 @@ pub struct TrainClip {
     pub trainable: Vec<bool>,
     /// Per-block activation recompute (checkpointing).
     pub recompute: bool,
+    /// The towers' GEMM type on the CPU: F32, or BF16 (bf16 copies of the Linear weights made from
+    /// the f32 masters every step; forward and backward GEMMs on bf16 inputs, f32 accumulation).
+    pub compute: DType,
     index: HashMap<String, usize>,
 }
 
@@ -61,7 +64,7 @@ impl TrainClip {
         }
         let index = params.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
         let n = params.len();
-        Ok(TrainClip { config: config.clone(), schema, params, trainable: vec![true; n], recompute: false, index })
+        Ok(TrainClip { config: config.clone(), schema, params, trainable: vec![true; n], recompute: false, compute: DType::F32, index })
     }
 
     /// Replaces the configuration (e.g. after stretching the position table in memory) and the
@@ -136,7 +139,7 @@ impl TrainClip {
     /// A tower's parameters as the CPU backend holds them (sharing the step's values) and their
     /// tape variables, in the tower's order.
     fn tower_node_params(&self, sv: &StepVars, tower: Tower) -> Result<(TowerParams<Cpu>, Vec<Var>)> {
-        let params = TowerParams::load_with(&Cpu, &self.schema, tower, DType::F32, |q| Ok(self.v(sv, &q.name)?.value().clone()))?;
+        let params = TowerParams::load_with(&Cpu, &self.schema, tower, self.compute, |q| Ok(self.v(sv, &q.name)?.value().clone()))?;
         let inputs = self.schema.tower(tower).into_iter().map(|i| sv.vars[i].clone()).collect();
         Ok((params, inputs))
     }

@@ -53,8 +53,8 @@ pub struct TrainConfig {
     /// "auto" (a CUDA device when one opens, Long-CLIP), "cpu" or "cuda".
     #[serde(default = "default_device")]
     pub device: String,
-    /// F32, or BF16 / F16 on a CUDA device: the forward GEMMs read half-precision copies of the
-    /// f32 master weights (the backward and the optimizer stay f32).
+    /// F32; BF16 (CPU: forward and backward GEMMs on bf16 inputs; CUDA: the forward GEMMs read
+    /// bf16 copies of the f32 master weights); F16 on a CUDA device. Masters and AdamW stay f32.
     #[serde(default = "default_dtype")]
     pub dtype: DType,
 }
@@ -73,7 +73,7 @@ pub type EngineFactory<'a> = dyn Fn(&TrainClip, &Optimizer) -> Result<Box<dyn St
 pub struct EngineSpec<'a> {
     /// "auto" (a CUDA device when one opens and the method runs there), "cpu" or "cuda".
     pub device: &'a str,
-    /// F32, or BF16 / F16 (CUDA only).
+    /// F32, BF16 (CPU or CUDA) or F16 (CUDA only).
     pub dtype: DType,
     pub smart: bool,
     pub pca_dim: usize,
@@ -100,8 +100,11 @@ impl EngineSpec<'_> {
         let low = (self.dtype != DType::F32).then_some(self.dtype);
         let cpu = || -> Result<Box<dyn StepEngine>> {
             match low {
-                Some(_) => Err(Error::msg(format!("--dtype {} needs a CUDA device (--device cuda): the CPU trainer computes in f32", self.dtype.name()))),
-                None => Ok(Box::new(CpuStep::new(self.smart, self.pca_dim, self.lambda_align, self.lambda_sparsity))),
+                // bf16: the towers' GEMMs in bf16 (`TrainClip::compute`), masters and AdamW in f32
+                None | Some(DType::BF16) => Ok(Box::new(CpuStep::new(self.smart, self.pca_dim, self.lambda_align, self.lambda_sparsity))),
+                Some(_) => {
+                    Err(Error::msg(format!("--dtype {} needs a CUDA device (--device cuda): the CPU trainer computes in f32 or bf16", self.dtype.name())))
+                }
             }
         };
         let device = |ops: crate::cuda::GpuOps| -> Result<Box<dyn StepEngine>> {
@@ -181,6 +184,7 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     let source = resume.unwrap_or(&cfg.model);
     let mut model = TrainClip::load_dir(source)?;
     model.recompute = cfg.recompute;
+    model.compute = cfg.dtype; // read by the CPU step only (the device step makes its own copies)
     let tc = model.config.text.clone();
     let pre = crate::io::image_prep::PreprocessConfig::for_model_dir(&cfg.model, model.config.vision.image_size)?;
     let tok = ClipTokenizer::from_file(&cfg.model, tc.max_positions)?;

@@ -1,0 +1,143 @@
+//! The AVX512-BF16 microkernel of `gemm_bf16` (x86-64): f32 → bf16 pair conversion and the
+//! 14×32 register tile over `vdpbf16ps` (see `gemm_bf16`'s module docs for the layout).
+use super::gemm_bf16::{Tile, KC, MR, NR};
+use core::arch::x86_64::*;
+
+/// Converts `src` f32 to bf16 pairs (RNE) in `dst`; an odd tail is padded with 0.
+///
+/// # Safety
+/// Requires avx512f + avx512bf16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn convert(src: &[f32], dst: &mut [u32]) {
+    for (s, d) in src.chunks(32).zip(dst.chunks_mut(16)) {
+        let (n, p) = (s.len(), s.as_ptr());
+        let (m0, m1) = (mask16(n), mask16(n.saturating_sub(16)));
+        // SAFETY: masked loads only touch lanes < n, inside `s` (fault suppression
+        // covers the rest; `wrapping_add` keeps the pointer arithmetic defined);
+        // the masked store writes ceil(n/2) <= d.len() lanes.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(m0, p);
+            let hi = _mm512_maskz_loadu_ps(m1, p.wrapping_add(16));
+            let v: __m512i = core::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_mask_storeu_epi32(d.as_mut_ptr().cast(), mask16(n.div_ceil(2)), v);
+        }
+    }
+}
+
+#[inline(always)]
+fn mask16(n: usize) -> __mmask16 {
+    ((1u32 << n.min(16)) - 1) as u16
+}
+
+/// AVX512-BF16 microkernel: 14×32 register tile, one `vdpbf16ps` per zmm per k pair.
+///
+/// # Safety
+/// Requires avx512f + avx512bf16; `a.len() >= MR·KC`, `b.len() >= kc·NR`; the
+/// tile contract of [`Tile::store`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
+    assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
+    let mut c0 = [_mm512_setzero_ps(); MR];
+    let mut c1 = [_mm512_setzero_ps(); MR];
+    let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+    // Pull the C tile towards L1 while the k loop runs (prefetch never faults).
+    for r in 0..MR {
+        if r < t.rows {
+            let cr = t.c.wrapping_add(t.off + r * t.ldc);
+            _mm_prefetch::<_MM_HINT_ET0>(cr.cast());
+            _mm_prefetch::<_MM_HINT_ET0>(cr.wrapping_add(16).cast());
+        }
+    }
+    // SAFETY: the loop reads a[r·KC + p] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
+    // all inside the slices (asserted above).
+    unsafe {
+        for _ in 0..kc {
+            let b0: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.cast()));
+            let b1: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
+            for r in 0..MR {
+                let av = _mm512_set1_epi32(*ap.add(r * KC) as i32);
+                let av: __m512bh = core::mem::transmute(av);
+                c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
+                c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
+            }
+            ap = ap.add(1);
+            bp = bp.add(NR);
+        }
+    }
+    // SAFETY: the tile contract, forwarded.
+    unsafe { store(&c0, &c1, t) }
+}
+
+/// bf16 GEMM through f32 FMAs (AVX-512F), for CPUs whose `vdpbf16ps` is no faster than two FMAs
+/// (Intel's AVX512-BF16 parts run it on one port, the FMAs on two): A comes widened (bf16-rounded
+/// values as f32, `[MR][2·KC]`), B as bf16 pairs widened in registers (lo by a shift, hi by a mask).
+/// Each bf16×bf16 product is exact in f32, so this computes the same sums as `vdpbf16ps` up to
+/// the accumulation order (and keeps denormals).
+///
+/// # Safety
+/// Requires avx512f; `a.len() >= MR·2·KC`, `b.len() >= kc·NR`; the tile contract of [`Tile::store`].
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn kernel_fma(a: &[f32], b: &[u32], kc: usize, t: &Tile) {
+    assert!(kc <= KC && a.len() >= MR * 2 * KC && b.len() >= kc * NR);
+    let mut c0 = [_mm512_setzero_ps(); MR];
+    let mut c1 = [_mm512_setzero_ps(); MR];
+    let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+    let hi_mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    // SAFETY: the loop reads a[r·2KC + 2p + {0,1}] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
+    // all inside the slices (asserted above).
+    unsafe {
+        for _ in 0..kc {
+            let (r0, r1) = (_mm512_loadu_si512(bp.cast()), _mm512_loadu_si512(bp.add(16).cast()));
+            let (lo0, lo1) = (_mm512_castsi512_ps(_mm512_slli_epi32::<16>(r0)), _mm512_castsi512_ps(_mm512_slli_epi32::<16>(r1)));
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*ap.add(r * 2 * KC));
+                c0[r] = _mm512_fmadd_ps(av, lo0, c0[r]);
+                c1[r] = _mm512_fmadd_ps(av, lo1, c1[r]);
+            }
+            let (hi0, hi1) = (_mm512_castsi512_ps(_mm512_and_si512(r0, hi_mask)), _mm512_castsi512_ps(_mm512_and_si512(r1, hi_mask)));
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*ap.add(r * 2 * KC + 1));
+                c0[r] = _mm512_fmadd_ps(av, hi0, c0[r]);
+                c1[r] = _mm512_fmadd_ps(av, hi1, c1[r]);
+            }
+            ap = ap.add(2);
+            bp = bp.add(NR);
+        }
+        store(&c0, &c1, t)
+    }
+}
+
+/// Writes the 14×32 register tile `acc (+ bias | + c)` to the valid part of the tile.
+///
+/// # Safety
+/// Requires avx512f; the tile contract of [`Tile::store`].
+#[target_feature(enable = "avx512f")]
+unsafe fn store(c0: &[__m512; MR], c1: &[__m512; MR], t: &Tile) {
+    let (m0, m1) = (mask16(t.cols), mask16(t.cols.saturating_sub(16)));
+    let (bias0, bias1) = match t.bias {
+        // SAFETY: `bias` has at least `cols` elements; masked-off lanes are not read.
+        Some(bias) => unsafe {
+            let p = bias.as_ptr();
+            (_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)))
+        },
+        None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+    };
+    for r in 0..MR {
+        if r >= t.rows {
+            break;
+        }
+        // SAFETY: per the tile contract, columns 0..cols of row r are in bounds and
+        // exclusive; masked lanes (>= cols) are neither read nor written.
+        unsafe {
+            let cr = t.c.add(t.off + r * t.ldc);
+            let cr1 = cr.wrapping_add(16);
+            let (mut v0, mut v1) = (_mm512_add_ps(c0[r], bias0), _mm512_add_ps(c1[r], bias1));
+            if t.accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr1));
+            }
+            _mm512_mask_storeu_ps(cr, m0, v0);
+            _mm512_mask_storeu_ps(cr1, m1, v1);
+        }
+    }
+}
