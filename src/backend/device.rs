@@ -32,16 +32,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// A device and the operations the model runs on it.
 pub struct Device {
     ops: Box<dyn DeviceOps>,
-    /// The format of the half weight copies (0 none, 1 bf16, 2 f16): the kernels that feed their
-    /// GEMMs also write their output in it.
+    /// The towers' precision, set by the half weight copies (0 none, 1 bf16, 2 f16): the kernels
+    /// that feed their GEMMs also write their output in it, and attention computes in it.
     half: AtomicU8,
-    /// The precision attention computes in (F32 until a bf16/f16 weight copy is made).
-    attn: std::cell::Cell<DType>,
 }
 
 impl Device {
     pub fn new(ops: Box<dyn DeviceOps>) -> Device {
-        Device { ops, half: AtomicU8::new(0), attn: std::cell::Cell::new(DType::F32) }
+        Device { ops, half: AtomicU8::new(0) }
     }
     /// The format the towers' half GEMMs read, once a half weight exists.
     fn act_half(&self) -> Option<DType> {
@@ -58,12 +56,19 @@ impl Device {
             None => HalfIn::Made(to_half(&*self.ops, dt, x, n)?),
         })
     }
-    /// The precision of attention: BF16/F16 select the flash kernels where they serve the head dim.
+    /// The towers' precision (set by [`Ops::weight`] for half weights): BF16/F16 select the flash
+    /// attention kernels where they serve the head dim, and make the kernels that feed half GEMMs
+    /// write their half copies.
     pub fn set_attention_dtype(&self, dtype: DType) {
-        self.attn.set(dtype);
+        let code = match dtype {
+            DType::F32 => 0,
+            DType::BF16 => 1,
+            DType::F16 => 2,
+        };
+        self.half.store(code, Ordering::Relaxed);
     }
     pub fn attention_dtype(&self) -> DType {
-        self.attn.get()
+        self.act_half().unwrap_or(DType::F32)
     }
     /// The driver-level operations (kernel launches, raw GEMMs).
     pub fn raw(&self) -> &dyn DeviceOps {
@@ -125,12 +130,8 @@ impl Device {
 
     /// The 16-bit type attention runs in for this head dim, if the flash kernels serve it.
     fn flash_dtype(&self, heads: usize, w: usize) -> Option<DType> {
-        let dt = self.attn.get();
+        let dt = self.attention_dtype();
         crate::cuda::flash::supported(dt, w / heads.max(1)).then_some(dt)
-    }
-    /// f32 [n] -> a new 16-bit copy (two values per 4-byte element).
-    fn to_half(&self, x: &Buf, n: usize, dt: DType) -> Result<Buf> {
-        to_half(&*self.ops, dt, x, n)
     }
     /// 16-bit [n] -> f32 [n].
     fn half_to_f32(&self, h: &Buf, n: usize, dt: DType) -> Result<Buf> {
@@ -194,9 +195,7 @@ impl Ops for Device {
         if dtype == DType::F32 {
             return Ok(Weight { w, half: None, n, k });
         }
-        self.half.store(if dtype == DType::F16 { 2 } else { 1 }, Ordering::Relaxed);
-        // the towers' precision: attention follows it
-        self.attn.set(dtype);
+        self.set_attention_dtype(dtype);
         // the 16-bit copy made on the device (two values per 4-byte element, as upload_bf16 packs)
         let half = to_half(&*self.ops, dtype, &w, n * k)?;
         Ok(Weight { w, half: Some((dtype, half)), n, k })
@@ -334,7 +333,7 @@ impl Ops for Device {
         let n = seqs.rows();
         let lse = self.ops.alloc_uninit(heads * n)?; // [heads·n] f32
         if let Some(dt) = self.flash_dtype(heads, w) {
-            let (qh, kh, vh) = (self.to_half(q, n * w, dt)?, self.to_half(k, n * w, dt)?, self.to_half(v, n * w, dt)?);
+            let (qh, kh, vh) = (to_half(&*self.ops, dt, q, n * w)?, to_half(&*self.ops, dt, k, n * w)?, to_half(&*self.ops, dt, v, n * w)?);
             let oh = self.ops.alloc_uninit((n * w).div_ceil(2))?; // [n, w] 16-bit
             let (l, tail) = self.attention_launch(seqs, heads, w, false, dt)?;
             let mut a = tail.append(KernelArgs::new().ptr(qh.ptr()).ptr(kh.ptr()).ptr(vh.ptr()).ptr(oh.ptr()).ptr(lse.ptr()), heads, w);
