@@ -25,7 +25,8 @@
 // linear_f16w(x, w, bias, y, m, n, k, has_bias): the same with W in IEEE f16 and x rounded to f16
 //   (the f16 training forward: `finetune --device cuda --dtype f16`). Same geometry.
 //
-// gemm_bf16 / gemm_f16: gemm_f32 on half inputs with f32 accumulation and output (see below).
+// gemm_bf16 / gemm_f16 (f32 D) and gemm_bf16_h / gemm_f16_h (16-bit D): gemm_f32 on half inputs with
+// f32 accumulation, bias and an added C (see below).
 //
 // f32_to_bf16(x, y, n): y[i] = bf16(x[i]) (round to nearest even), grid-stride, any 1-D geometry;
 //   n is a 64-bit count (long long: ViT-L/14's MLP input at batch 2040 is 2^31 elements), float4
@@ -48,11 +49,18 @@ __device__ __forceinline__ float round_as(const float*, float v) { return v; }
 __device__ __forceinline__ float round_as(const __nv_bfloat16*, float v) { return __bfloat162float(__float2bfloat16(v)); }
 __device__ __forceinline__ float round_as(const __half*, float v) { return __half2float(__float2half(v)); }
 
-template <typename TX, typename TW, bool ROUND_X>
+// The output stored as f32 or rounded to 16 bits (round to nearest even).
+__device__ __forceinline__ void store_as(float* y, float v) { *y = v; }
+__device__ __forceinline__ void store_as(__nv_bfloat16* y, float v) { *y = __float2bfloat16(v); }
+__device__ __forceinline__ void store_as(__half* y, float v) { *y = __float2half(v); }
+
+// cin (f32, may be y itself or NULL): added to every output after the bias (the residual of a
+// fused Linear, or the accumulation of a backward GEMM).
+template <typename TX, typename TW, bool ROUND_X, typename TY = float>
 __device__ __forceinline__ void linear_tiles(const TX* __restrict__ x, const TW* __restrict__ w,
-                                             const float* __restrict__ bias, float* __restrict__ y,
+                                             const float* __restrict__ bias, TY* y,
                                              int m, int n, int k, int has_bias, int x_t = 0, int w_kn = 0,
-                                             float alpha = 1.f, float beta = 0.f) {
+                                             float alpha = 1.f, float beta = 0.f, const float* cin = nullptr) {
   __shared__ float xs[MM_BK][MM_LD];
   __shared__ float ws[MM_BK][MM_LD];
   const int tid = threadIdx.x;
@@ -101,9 +109,11 @@ __device__ __forceinline__ void linear_tiles(const TX* __restrict__ x, const TW*
     for (int j = 0; j < 4; ++j) {
       const int c = col0 + tx + 16 * j;
       if (c >= n) continue;
+      const size_t at = (size_t)r * n + c;
       float out = alpha * acc[i][j] + (has_bias ? bias[c] : 0.f);
-      if (beta != 0.f) out = fmaf(beta, y[(size_t)r * n + c], out);
-      y[(size_t)r * n + c] = out;
+      if (beta != 0.f) out = fmaf(beta, load_f32(y, at), out);
+      if (cin) out += cin[at];
+      store_as(y + at, out);
     }
   }
 }
@@ -136,23 +146,40 @@ gemm_f32(const float* __restrict__ a, const float* __restrict__ b, float* c, int
   linear_tiles<float, float, false>(a, b, nullptr, c, m, n, k, 0, ta, !tb, alpha, beta);
 }
 
-// gemm_bf16 / gemm_f16(a, b, bias, c, m, n, k, ta, tb, alpha, beta): gemm_f32 with A and B stored in
-// bf16 / f16 (packed 16-bit values, as DeviceOps::upload_bf16 stores them): products of half
-// values accumulated in f32, C = alpha·op(A)·op(B) (+ bias[n] on every row) + beta·C in f32 -- the
-// arithmetic of cuBLASLt on CUDA_R_16BF / CUDA_R_16F inputs with CUBLAS_COMPUTE_32F: the half
-// forward Linear (ta = 0, tb = 1, bias) and the half backward GEMMs (dX = dY·W from the half
-// weight copy, dW = dYᵀ·X from half activations, f32 C). bias may be NULL. Same tiles and
-// geometry as linear_f32; with beta == 0, C is not read.
+// gemm_bf16 / gemm_f16(a, b, bias, c, d, m, n, k, ta, tb): gemm_f32 with A and B stored in bf16 /
+// f16 (packed 16-bit values, as DeviceOps::upload_bf16 stores them): products of half values
+// accumulated in f32, D = op(A)·op(B) (+ bias[n] on every row) (+ C) in f32 -- the arithmetic of
+// cuBLASLt on CUDA_R_16BF / CUDA_R_16F inputs with CUBLAS_COMPUTE_32F: the half forward Linear
+// (ta = 0, tb = 1, bias, C = the residual) and the half backward GEMMs (dX = dY·W from the half
+// weight copy, dW = dYᵀ·X from half activations; C = D accumulates). bias and C may be NULL; C
+// may be D. Same tiles and geometry as linear_f32.
+// gemm_bf16_h / gemm_f16_h(a, b, bias, c, d, ...): the same with D rounded to bf16 / f16 (round
+// to nearest even) as it is stored: a Linear whose output only feeds the next 16-bit GEMM or the
+// flash attention. c must be NULL (cuBLASLt's C has D's type).
 extern "C" __global__ void __launch_bounds__(256)
 gemm_bf16(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ b, const float* __restrict__ bias,
-          float* c, int m, int n, int k, int ta, int tb, float alpha, float beta) {
-  linear_tiles<__nv_bfloat16, __nv_bfloat16, false>(a, b, bias, c, m, n, k, bias != nullptr, ta, !tb, alpha, beta);
+          const float* c, float* d, int m, int n, int k, int ta, int tb) {
+  linear_tiles<__nv_bfloat16, __nv_bfloat16, false>(a, b, bias, d, m, n, k, bias != nullptr, ta, !tb, 1.f, 0.f, c);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-gemm_f16(const __half* __restrict__ a, const __half* __restrict__ b, const float* __restrict__ bias, float* c, int m,
-         int n, int k, int ta, int tb, float alpha, float beta) {
-  linear_tiles<__half, __half, false>(a, b, bias, c, m, n, k, bias != nullptr, ta, !tb, alpha, beta);
+gemm_f16(const __half* __restrict__ a, const __half* __restrict__ b, const float* __restrict__ bias, const float* c,
+         float* d, int m, int n, int k, int ta, int tb) {
+  linear_tiles<__half, __half, false>(a, b, bias, d, m, n, k, bias != nullptr, ta, !tb, 1.f, 0.f, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gemm_bf16_h(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ b,
+            const float* __restrict__ bias, const float* c, __nv_bfloat16* __restrict__ d, int m, int n, int k,
+            int ta, int tb) {
+  linear_tiles<__nv_bfloat16, __nv_bfloat16, false, __nv_bfloat16>(a, b, bias, d, m, n, k, bias != nullptr, ta, !tb,
+                                                                    1.f, 0.f, c);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gemm_f16_h(const __half* __restrict__ a, const __half* __restrict__ b, const float* __restrict__ bias,
+           const float* c, __half* __restrict__ d, int m, int n, int k, int ta, int tb) {
+  linear_tiles<__half, __half, false, __half>(a, b, bias, d, m, n, k, bias != nullptr, ta, !tb, 1.f, 0.f, c);
 }
 
 // Four f32 → four halves (two 4-byte stores), round to nearest even.

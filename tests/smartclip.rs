@@ -110,7 +110,7 @@ fn smart64(
     ste: Option<(&[f64], &[f64])>,
 ) -> (f64, Vec<f64>) {
     use clipforge::backend::{Ops, Seqs};
-    use clipforge::model::block::{finish, forward, BlockRef, Stored};
+    use clipforge::model::block::{forward, BlockRef, Stored};
     use clipforge::model::tower::Mode;
     use clipforge::model::BlockParam;
     use common::f64_ref::{towers_f64, F64Ref};
@@ -143,8 +143,7 @@ fn smart64(
         .collect();
     let cfg = m.config.text.tower.clone();
     let seqs = Seqs::Batch { batch: b, seq: t, causal: true };
-    let (xm, f, _) = forward(&F64Ref, &BlockRef::new(&stored, &cfg).unwrap(), states, None, &seqs, None, false).unwrap();
-    let x = finish(&F64Ref, xm, &f, b * t * w).unwrap(); // [B·T, W]
+    let (x, _) = forward(&F64Ref, &BlockRef::new(&stored, &cfg).unwrap(), states, &seqs, None, false).unwrap(); // [B·T, W]
     let lin = |x: &[f64], wt: &[f64], bias: &[f64], n: usize, k: usize| -> Vec<f64> {
         (0..x.len() / k * n).map(|i| x[i / n * k..][..k].iter().zip(&wt[i % n * k..][..k]).map(|(a, c)| a * c).sum::<f64>() + bias[i % n]).collect()
     };

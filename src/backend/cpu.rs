@@ -178,6 +178,19 @@ impl Ops for Cpu {
         Ok((vec1(dx)?, vec1(dg)?, vec1(db)?))
     }
 
+    /// With a bf16 weight, the pre-activation x·Wᵀ + b is rounded to bf16 (the device's GEMM
+    /// writes it in 16 bits) before the f32 activation; f32 weights: Linear, then bias + act.
+    fn linear_act(&self, x: &Tensor, w: &Weight<Cpu>, bias: &Tensor, m: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
+        if w.half.is_none() {
+            let u = self.linear(x, w, None, m)?; // [m, n]
+            return self.bias_act(u, bias, m, w.n, act, keep_pre);
+        }
+        let mut pre = self.linear(x, w, Some(bias), m)?.into_f32_vec(); // [m, n]
+        par_rows(&mut pre, w.n, |_, r| r.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()));
+        let out = unary(act_op(act), &pre);
+        Ok((vec1(out)?, if keep_pre { Some(vec1(pre)?) } else { None }))
+    }
+
     fn bias_act(&self, u: Tensor, bias: &Tensor, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
         check("bias_act u", u.numel(), rows * n)?;
         let (mut v, bd) = (u.into_f32_vec(), bias.f32_data());

@@ -20,18 +20,15 @@
 //! from the half activations into f32 gradients for the f32 masters. The format is the one of the
 //! half weights made by [`Ops::weight`] (the first such weight sets it).
 use super::{Act, Ops, Seqs, Weight};
-use crate::cuda::attention::KernelLaunch;
-use crate::cuda::flash::{best_launch, best_varlen_launch};
 use crate::cuda::train_ops::{axpy, bias_act_cfg, col_sums, copy, grid, ln_bwd_cfg, ln_cfg, reduce_parts, to_half, vec4};
 use crate::cuda::{Buf, DeviceOps, KernelArgs};
 use crate::error::Result;
-use crate::ops::attention::AttnShape;
 use crate::tensor::DType;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// A device and the operations the model runs on it.
 pub struct Device {
-    ops: Box<dyn DeviceOps>,
+    pub(super) ops: Box<dyn DeviceOps>,
     /// The towers' precision, set by the half weight copies (0 none, 1 bf16, 2 f16): the kernels
     /// that feed their GEMMs also write their output in it, and attention computes in it.
     half: AtomicU8,
@@ -42,7 +39,7 @@ impl Device {
         Device { ops, half: AtomicU8::new(0) }
     }
     /// The format the towers' half GEMMs read, once a half weight exists.
-    fn act_half(&self) -> Option<DType> {
+    pub(super) fn act_half(&self) -> Option<DType> {
         match self.half.load(Ordering::Relaxed) {
             1 => Some(DType::BF16),
             2 => Some(DType::F16),
@@ -50,11 +47,25 @@ impl Device {
         }
     }
     /// x's packed `dt` copy: the one its producer wrote, else a fresh conversion of `n` values.
-    fn half_of<'a>(&self, x: &'a Buf, dt: DType, n: usize) -> Result<HalfIn<'a>> {
+    pub(super) fn half_of<'a>(&self, x: &'a Buf, dt: DType, n: usize) -> Result<Got<'a>> {
         Ok(match x.half(dt) {
-            Some(h) => HalfIn::Kept(h),
-            None => HalfIn::Made(to_half(&*self.ops, dt, x, n)?),
+            Some(h) => Got::Kept(h),
+            None => Got::Made(to_half(&*self.ops, dt, &*self.f32_of(x)?, n)?),
         })
+    }
+    /// x's f32 values: x itself, or (a [`Buf::half_only`] buffer) its 16-bit values converted.
+    pub(super) fn f32_of<'a>(&self, x: &'a Buf) -> Result<Got<'a>> {
+        match x.half_any() {
+            Some((dt, h)) if x.is_half_only() => Ok(Got::Made(self.half_to_f32(h, x.len(), dt)?)),
+            _ => Ok(Got::Kept(x)),
+        }
+    }
+    /// Gives a [`Buf::half_only`] buffer its f32 values, before an operation changes them in place.
+    pub(super) fn make_f32(&self, x: &mut Buf) -> Result<()> {
+        if let (Some((dt, h)), true) = (x.half_any(), x.is_half_only()) {
+            *x = self.half_to_f32(h, x.len(), dt)?;
+        }
+        Ok(())
     }
     /// The towers' precision (set by [`Ops::weight`] for half weights): BF16/F16 select the flash
     /// attention kernels where they serve the head dim, and make the kernels that feed half GEMMs
@@ -77,83 +88,26 @@ impl Device {
 }
 
 /// The `act` argument of the bias_act_*_f32v kernels.
-fn act_code(a: Act) -> i32 {
+pub(super) fn act_code(a: Act) -> i32 {
     match a {
         Act::QuickGelu => 0,
         Act::Gelu => 1,
     }
 }
 
-/// The shape arguments that follow the tensors of an attention launch.
-enum AttnTail {
-    /// B, T of a batch, causal.
-    Batch(usize, usize, bool),
-    /// The packed sequences' offsets (uploaded), their count and the longest.
-    Varlen(Buf, usize, usize),
-}
-
-impl AttnTail {
-    fn append(&self, a: KernelArgs, heads: usize, w: usize) -> KernelArgs {
-        let d = w / heads.max(1);
-        let a = match self {
-            AttnTail::Batch(b, t, _) => a.i32(*b as i32).i32(*t as i32),
-            AttnTail::Varlen(cu, n, tmax) => a.ptr(cu.ptr()).i32(*n as i32).i32(*tmax as i32),
-        };
-        let causal = match self {
-            AttnTail::Batch(_, _, c) => *c,
-            AttnTail::Varlen(..) => true,
-        };
-        a.i32(heads as i32).i32(d as i32).i32(causal as i32).f32(1.0 / (d as f32).sqrt())
-    }
-}
-
-impl Device {
-    /// The launch of a grouping: the batched kernel, or (packed sequences) the variable-length
-    /// kernel over cu_seqlens — one launch either way, no padding computed.
-    /// `dt`: the tensors' type (F32, or BF16/F16 where the flash kernels serve the head dim).
-    fn attention_launch(&self, seqs: &Seqs, heads: usize, w: usize, backward: bool, dt: DType) -> Result<(KernelLaunch, AttnTail)> {
-        let d = w / heads.max(1);
-        match seqs {
-            Seqs::Batch { batch, seq, causal } => {
-                let s = AttnShape { batch: *batch, seq: *seq, heads, head_dim: d, causal: *causal, scale: 1.0 / (d as f32).sqrt() };
-                let l = best_launch(&s, dt, backward)?;
-                Ok((l, AttnTail::Batch(*batch, *seq, *causal)))
-            }
-            Seqs::Packed(lens) => {
-                let tmax = lens.iter().copied().max().unwrap_or(0);
-                let cu: Vec<usize> = std::iter::once(0).chain(lens.iter().scan(0, |o, &l| Some(std::mem::replace(o, *o + l) + l))).collect();
-                let cu = self.ops.upload_i32(&indices(&cu)?)?;
-                Ok((best_varlen_launch(lens.len(), tmax, heads, d, dt, backward)?, AttnTail::Varlen(cu, lens.len(), tmax)))
-            }
-        }
-    }
-
-    /// The 16-bit type attention runs in for this head dim, if the flash kernels serve it.
-    fn flash_dtype(&self, heads: usize, w: usize) -> Option<DType> {
-        let dt = self.attention_dtype();
-        crate::cuda::flash::supported(dt, w / heads.max(1)).then_some(dt)
-    }
-    /// 16-bit [n] -> f32 [n].
-    fn half_to_f32(&self, h: &Buf, n: usize, dt: DType) -> Result<Buf> {
-        let x = self.ops.alloc_uninit(n)?;
-        let k = if dt == DType::F16 { "f16_to_f32" } else { "bf16_to_f32" };
-        self.ops.launch(k, grid(n), &mut KernelArgs::new().ptr(h.ptr()).ptr(x.ptr()).i32(n as i32))?;
-        Ok(x)
-    }
-}
-
-/// A half GEMM input: kept next to its f32 values, or converted for this use.
-enum HalfIn<'a> {
+/// An input in the form an operation reads: the caller's buffer (or its kept 16-bit copy), or a
+/// conversion made for this use.
+pub(super) enum Got<'a> {
     Kept(&'a Buf),
     Made(Buf),
 }
 
-impl std::ops::Deref for HalfIn<'_> {
+impl std::ops::Deref for Got<'_> {
     type Target = Buf;
     fn deref(&self) -> &Buf {
         match self {
-            HalfIn::Kept(b) => b,
-            HalfIn::Made(b) => b,
+            Got::Kept(b) => b,
+            Got::Made(b) => b,
         }
     }
 }
@@ -170,7 +124,7 @@ fn ln_kernel(residual: bool, half: Option<DType>) -> &'static str {
     }
 }
 
-fn indices(rows: &[usize]) -> Result<Vec<i32>> {
+pub(super) fn indices(rows: &[usize]) -> Result<Vec<i32>> {
     rows.iter().map(|&r| i32::try_from(r).map_err(|_| crate::shape_err!("row index {r} beyond i32"))).collect()
 }
 
@@ -186,7 +140,7 @@ impl Ops for Device {
         self.ops.upload(data)
     }
     fn download(&self, b: &Buf) -> Result<Vec<f32>> {
-        self.ops.download(b)
+        self.ops.download(&*self.f32_of(b)?)
     }
     fn zeros(&self, n: usize) -> Result<Buf> {
         self.ops.alloc(n)
@@ -201,41 +155,30 @@ impl Ops for Device {
         Ok(Weight { w, half: Some((dtype, half)), n, k })
     }
 
-    fn linear(&self, x: &Buf, w: &Weight<Device>, bias: Option<&Buf>, m: usize) -> Result<Buf> {
-        let y = self.ops.alloc_uninit(m * w.n)?; // [m, n]
-        match &w.half {
-            Some((dt, h)) => {
-                let xh = self.half_of(x, *dt, m * w.k)?; // [m, k] halves
-                self.ops.gemm_half(*dt, &xh, h, bias, &y, m, w.n, w.k, false, true, 0.0)?
-            }
-            None => self.ops.linear(x, &w.w, bias, &y, m, w.n, w.k)?,
-        }
-        Ok(y)
+    fn uninit(&self, n: usize) -> Result<Buf> {
+        self.ops.alloc_uninit(n)
     }
-
+    fn linear(&self, x: &Buf, w: &Weight<Device>, bias: Option<&Buf>, m: usize) -> Result<Buf> {
+        self.lin(x, w, bias, m, None)
+    }
     fn linear_bwd(&self, dy: &Buf, x: &Buf, w: &Weight<Device>, m: usize, dx: &mut Buf, accumulate: bool, bias: bool) -> Result<(Buf, Option<Buf>)> {
-        let (n, k) = (w.n, w.k);
-        let beta = if accumulate { 1.0 } else { 0.0 };
-        dx.clear_half();
-        let dw = self.ops.alloc_uninit(n * k)?;
-        match &w.half {
-            Some((dt, h)) => {
-                let dyh = to_half(&*self.ops, *dt, dy, m * n)?; // [m, n] halves, for both GEMMs
-                self.ops.gemm_half(*dt, &dyh, h, None, dx, m, k, n, false, false, beta)?; // dx (+)= dy·W, half W
-                let xh = self.half_of(x, *dt, m * k)?; // [m, k]
-                self.ops.gemm_half(*dt, &dyh, &xh, None, &dw, n, k, m, true, false, 0.0)?;
-                // dW = dyᵀ·x in f32
-            }
-            None => {
-                self.ops.gemm(dy, &w.w, dx, m, k, n, false, false, beta)?; // dx (+)= dy·W
-                self.ops.gemm(dy, x, &dw, n, k, m, true, false, 0.0)?; // dW = dyᵀ·x (C not read with beta 0)
-            }
-        }
-        let db = if bias { Some(col_sums(&*self.ops, dy, m, n)?) } else { None };
-        Ok((dw, db))
+        self.lin_bwd(dy, x, w, m, dx, accumulate, bias)
+    }
+    fn qkv(&self, h: &Buf, w: [&Weight<Device>; 3], b: [&Buf; 3], n: usize, heads: usize) -> Result<[Buf; 3]> {
+        self.qkv_fused(h, w, b, n, heads)
+    }
+    fn linear_act(&self, x: &Buf, w: &Weight<Device>, bias: &Buf, m: usize, act: Act, keep_pre: bool) -> Result<(Buf, Option<Buf>)> {
+        self.lin_act(x, w, bias, m, act, keep_pre)
+    }
+    fn linear_add(&self, x: &Buf, w: &Weight<Device>, bias: &Buf, m: usize, res: &Buf) -> Result<Buf> {
+        self.lin_add(x, w, bias, m, res)
+    }
+    fn layernorm_for_linear(&self, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
+        self.ln_for_linear(x, g, b, rows, w, eps)
     }
 
     fn layernorm(&self, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
+        let x = self.f32_of(x)?;
         let (mut y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?); // stats: mean [rows], rstd [rows]
         let half = self.act_half();
         let yh = half.map(|_| self.ops.alloc_uninit((rows * w).div_ceil(2))).transpose()?; // [rows, w] halves
@@ -255,6 +198,8 @@ impl Ops for Device {
         let (mut y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?);
         let half = self.act_half();
         let yh = half.map(|_| self.ops.alloc_uninit((rows * w).div_ceil(2))).transpose()?; // [rows, w] halves
+        self.make_f32(x)?;
+        let f = self.f32_of(f)?;
         x.clear_half(); // x += f below
         let mut a = KernelArgs::new().ptr(x.ptr()).ptr(f.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr());
         if let Some(h) = &yh {
@@ -269,6 +214,7 @@ impl Ops for Device {
     }
 
     fn layernorm_bwd(&self, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, rows: usize, w: usize, _eps: f32) -> Result<(Buf, Buf, Buf)> {
+        let (dy, x) = (self.f32_of(dy)?, self.f32_of(x)?);
         let ops = &*self.ops;
         let cfg = ln_bwd_cfg(rows); // row chunks for ≥ 1 wave at real shapes
         let parts = cfg.grid.0 as usize;
@@ -290,6 +236,7 @@ impl Ops for Device {
     }
 
     fn bias_act(&self, mut u: Buf, bias: &Buf, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Buf, Option<Buf>)> {
+        self.make_f32(&mut u)?;
         let pre = if keep_pre { Some(self.ops.alloc_uninit(rows * n)?) } else { None };
         let half = self.act_half();
         let uh = half.map(|_| self.ops.alloc_uninit((rows * n).div_ceil(2))).transpose()?; // [rows, n] halves
@@ -314,6 +261,7 @@ impl Ops for Device {
     }
 
     fn bias_act_bwd(&self, dout: &Buf, pre: &Buf, rows: usize, n: usize, act: Act) -> Result<(Buf, Buf)> {
+        let (dout, pre) = (self.f32_of(dout)?, self.f32_of(pre)?);
         let du = self.ops.alloc_uninit(rows * n)?;
         let mut vec = vec4(n, &[dout.ptr(), pre.ptr(), du.ptr()]);
         let mut cfg = bias_act_cfg(rows, n, vec);
@@ -330,57 +278,26 @@ impl Ops for Device {
     }
 
     fn attention(&self, q: &Buf, k: &Buf, v: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf)> {
-        let n = seqs.rows();
-        let lse = self.ops.alloc_uninit(heads * n)?; // [heads·n] f32
-        if let Some(dt) = self.flash_dtype(heads, w) {
-            let (qh, kh, vh) = (to_half(&*self.ops, dt, q, n * w)?, to_half(&*self.ops, dt, k, n * w)?, to_half(&*self.ops, dt, v, n * w)?);
-            let oh = self.ops.alloc_uninit((n * w).div_ceil(2))?; // [n, w] 16-bit
-            let (l, tail) = self.attention_launch(seqs, heads, w, false, dt)?;
-            let mut a = tail.append(KernelArgs::new().ptr(qh.ptr()).ptr(kh.ptr()).ptr(vh.ptr()).ptr(oh.ptr()).ptr(lse.ptr()), heads, w);
-            self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
-            let mut o = self.half_to_f32(&oh, n * w, dt)?; // [n, w] f32
-            if self.act_half() == Some(dt) {
-                o.set_half(dt, oh); // the output projection's GEMM (and attention_bwd) read these halves
-            }
-            return Ok((o, lse));
-        }
-        let o = self.ops.alloc_uninit(n * w)?; // [n, w]
-        let (l, tail) = self.attention_launch(seqs, heads, w, false, DType::F32)?;
-        let mut a = KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(lse.ptr());
-        a = tail.append(a, heads, w);
-        self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
-        Ok((o, lse))
+        self.attn_fwd(q, k, v, seqs, heads, w)
     }
-
     fn attention_bwd(&self, q: &Buf, k: &Buf, v: &Buf, o: &Buf, lse: &Buf, d_o: &Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
-        let r = seqs.rows() * w;
-        if let Some(dt) = self.flash_dtype(heads, w) {
-            let h: Vec<HalfIn> = [q, k, v, o, d_o].iter().map(|x| self.half_of(x, dt, r)).collect::<Result<_>>()?; // o: the forward's halves
-            let g: Vec<Buf> = (0..3).map(|_| self.ops.alloc_uninit(r.div_ceil(2))).collect::<Result<_>>()?; // dq, dk, dv 16-bit
-            let (l, tail) = self.attention_launch(seqs, heads, w, true, dt)?;
-            let a = KernelArgs::new().ptr(h[0].ptr()).ptr(h[1].ptr()).ptr(h[2].ptr()).ptr(h[3].ptr()).ptr(h[4].ptr()).ptr(lse.ptr());
-            let mut a = tail.append(a.ptr(g[0].ptr()).ptr(g[1].ptr()).ptr(g[2].ptr()), heads, w);
-            self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
-            return Ok((self.half_to_f32(&g[0], r, dt)?, self.half_to_f32(&g[1], r, dt)?, self.half_to_f32(&g[2], r, dt)?));
-        }
-        let (dq, dk, dv) = (self.ops.alloc_uninit(r)?, self.ops.alloc_uninit(r)?, self.ops.alloc_uninit(r)?);
-        let (l, tail) = self.attention_launch(seqs, heads, w, true, DType::F32)?;
-        let mut a =
-            KernelArgs::new().ptr(q.ptr()).ptr(k.ptr()).ptr(v.ptr()).ptr(o.ptr()).ptr(d_o.ptr()).ptr(lse.ptr()).ptr(dq.ptr()).ptr(dk.ptr()).ptr(dv.ptr());
-        a = tail.append(a, heads, w);
-        self.ops.launch(&l.kernel, l.cfg(), &mut a)?;
-        Ok((dq, dk, dv))
+        self.attn_bwd(q, k, v, o, lse, d_o, seqs, heads, w)
     }
 
     fn copy(&self, x: &Buf, n: usize) -> Result<Buf> {
-        copy(&*self.ops, x, n)
+        match self.f32_of(x)? {
+            Got::Made(y) if y.len() == n => Ok(y), // a half-only x: its conversion is the copy
+            x => copy(&*self.ops, &x, n),
+        }
     }
     fn axpy(&self, y: &mut Buf, x: &Buf, alpha: f32, n: usize) -> Result<()> {
+        self.make_f32(y)?;
         y.clear_half();
-        axpy(&*self.ops, y, x, alpha, n)
+        axpy(&*self.ops, y, &*self.f32_of(x)?, alpha, n)
     }
 
     fn gather_rows(&self, x: &Buf, rows: &[usize], w: usize) -> Result<Buf> {
+        let x = self.f32_of(x)?;
         let idx = self.ops.upload_i32(&indices(rows)?)?;
         let out = self.ops.alloc_uninit(rows.len() * w)?;
         // pool_rows_f32 with T = 0 reads row index[b] of x for output row b
@@ -393,6 +310,7 @@ impl Ops for Device {
         if let Some(&r) = rows.iter().find(|&&r| r >= n) {
             return Err(crate::shape_err!("scatter_rows: row {r} of {n}"));
         }
+        let d = self.f32_of(d)?;
         let idx = self.ops.upload_i32(&indices(rows)?)?;
         let out = self.ops.alloc(n * w)?; // zeros
         let mut a = KernelArgs::new().ptr(d.ptr()).ptr(idx.ptr()).ptr(out.ptr()).i32(rows.len() as i32).i32(0).i32(w as i32);
@@ -402,6 +320,7 @@ impl Ops for Device {
 
     fn patch_embed(&self, px: &Buf, w: &Weight<Device>, b: usize, c: usize, s: usize, p: usize) -> Result<Buf> {
         let n = (s / p) * (s / p);
+        let px = self.f32_of(px)?;
         let cols = self.ops.alloc_uninit(b * n * c * p * p)?; // [B·N, C·P·P]
         let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
         self.ops.launch("patch_im2col_f32", grid(b * n * c * p * p), &mut a)?;
@@ -410,16 +329,18 @@ impl Ops for Device {
 
     fn patch_embed_bwd(&self, px: &Buf, dpatches: &Buf, b: usize, c: usize, s: usize, p: usize, d: usize) -> Result<Buf> {
         let (n, k) = ((s / p) * (s / p), c * p * p);
+        let (px, dpatches) = (self.f32_of(px)?, self.f32_of(dpatches)?);
         let cols = self.ops.alloc_uninit(b * n * k)?; // [B·N, C·P·P]
         let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
         self.ops.launch("patch_im2col_f32", grid(b * n * k), &mut a)?;
         let dw = self.ops.alloc_uninit(d * k)?;
-        self.ops.gemm(dpatches, &cols, &dw, d, k, b * n, true, false, 0.0)?; // dW = dpatchesᵀ·cols
+        self.ops.gemm(&dpatches, &cols, &dw, d, k, b * n, true, false, 0.0)?; // dW = dpatchesᵀ·cols
         Ok(dw)
     }
 
     fn vision_embed_bwd(&self, dx: &Buf, b: usize, n: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
         let t = n + 1;
+        let dx = &*self.f32_of(dx)?;
         let dp = self.ops.alloc_uninit(b * n * w)?;
         let mut a = KernelArgs::new().ptr(dx.ptr()).ptr(dp.ptr()).i32(b as i32).i32(n as i32).i32(w as i32);
         self.ops.launch("vision_embed_bwd_f32", grid(b * n * w), &mut a)?;
@@ -434,13 +355,16 @@ impl Ops for Device {
         let (order, starts, uniq) = crate::ops::embedding::group_by_id(&ids);
         let u = uniq.len();
         let (order, starts, uniq) = (self.ops.upload_i32(&order)?, self.ops.upload_i32(&starts)?, self.ops.upload_i32(&uniq)?);
+        self.make_f32(table)?;
         table.clear_half();
+        let dx = self.f32_of(dx)?;
         let mut a = KernelArgs::new().ptr(dx.ptr()).ptr(order.ptr()).ptr(starts.ptr()).ptr(uniq.ptr()).ptr(table.ptr()).i32(u as i32).i32(w as i32);
         self.ops.launch("embedding_bwd_rows_f32", grid(u * w), &mut a)
     }
 
     fn vision_embed(&self, patches: &Buf, cls: &Buf, pos: &Buf, b: usize, n: usize, w: usize) -> Result<Buf> {
         let x = self.ops.alloc_uninit(b * (n + 1) * w)?; // [B·T, W]
+        let patches = self.f32_of(patches)?;
         let mut a = KernelArgs::new().ptr(patches.ptr()).ptr(cls.ptr()).ptr(pos.ptr()).ptr(x.ptr()).i32(b as i32).i32(n as i32).i32(w as i32);
         self.ops.launch("vision_embed_assemble_f32", grid(b * (n + 1) * w), &mut a)?;
         Ok(x)
@@ -448,77 +372,5 @@ impl Ops for Device {
 }
 
 #[cfg(all(test, feature = "emu"))]
-mod tests {
-    use super::*;
-    use crate::cuda::EmuOps;
-
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-    fn r(v: f32, dt: DType) -> f64 {
-        if dt == DType::F16 {
-            half::f16::from_f32(v).to_f64()
-        } else {
-            half::bf16::from_f32(v).to_f64()
-        }
-    }
-    /// C[m×n] = A[m×k]·B[k×n] of f64 values.
-    fn mm(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
-        (0..m * n).map(|i| (0..k).map(|j| a[i / n * k + j] * b[j * n + i % n]).sum()).collect()
-    }
-    fn close(what: &str, got: &[f32], want: &[f64], k: usize) {
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((*g as f64 - w).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + w.abs()), "{what}[{i}]: {g} vs {w}");
-        }
-    }
-
-    /// A half Linear's forward and both backward GEMMs read half inputs with f32 accumulation
-    /// (vs an f64 reference of the rounded values, and measurably not f32), whether x carries the
-    /// LayerNorm's half copy or is converted; an in-place change drops the copy.
-    #[test]
-    fn half_linear_forward_and_backward_round_their_inputs() {
-        let (m, n, k) = (13, 7, 37);
-        for dt in [DType::BF16, DType::F16] {
-            let dev = Device::new(Box::new(EmuOps));
-            let (wv, xv, dyv) = (lcg(n * k, 1), lcg(m * k, 2), lcg(m * n, 3));
-            let w = dev.weight(dev.upload(&wv).unwrap(), n, k, dt).unwrap();
-            let (g, b) = (dev.upload(&vec![1.0; k]).unwrap(), dev.upload(&vec![0.0; k]).unwrap());
-            let (mut h, _) = dev.layernorm(&dev.upload(&xv).unwrap(), &g, &b, m, k, 1e-5).unwrap();
-            assert!(h.half(dt).is_some(), "{dt:?}: the LayerNorm wrote no half copy");
-            let hv = dev.download(&h).unwrap();
-            let plain = dev.upload(&hv).unwrap(); // the same values without the copy
-            let (y1, y2) = (dev.linear(&h, &w, None, m).unwrap(), dev.linear(&plain, &w, None, m).unwrap());
-            let (hr, wr): (Vec<f64>, Vec<f64>) = (hv.iter().map(|&v| r(v, dt)).collect(), wv.iter().map(|&v| r(v, dt)).collect());
-            let wt: Vec<f64> = (0..k * n).map(|i| wr[i % n * k + i / n]).collect(); // Wᵀ [k, n]
-            let want = mm(&hr, &wt, m, n, k);
-            assert_eq!(dev.download(&y1).unwrap(), dev.download(&y2).unwrap(), "{dt:?}: kept and converted inputs differ");
-            close("y", &dev.download(&y1).unwrap(), &want, k);
-            // backward: dx = dy·W (half W), dW = dyᵀ·x (half x), f32 out
-            let dy = dev.upload(&dyv).unwrap();
-            let mut dx = dev.zeros(m * k).unwrap();
-            let (dw, db) = dev.linear_bwd(&dy, &h, &w, m, &mut dx, false, true).unwrap();
-            let dyr: Vec<f64> = dyv.iter().map(|&v| r(v, dt)).collect();
-            let dyt: Vec<f64> = (0..n * m).map(|i| dyr[i % m * n + i / m]).collect(); // dyᵀ [n, m]
-            let (dxv, dwv) = (dev.download(&dx).unwrap(), dev.download(&dw).unwrap());
-            close("dx", &dxv, &mm(&dyr, &wr, m, k, n), n);
-            close("dW", &dwv, &mm(&dyt, &hr, n, k, m), m);
-            let exact_dw =
-                mm(&(0..n * m).map(|i| dyv[i % m * n + i / m] as f64).collect::<Vec<_>>(), &hv.iter().map(|&v| v as f64).collect::<Vec<_>>(), n, k, m);
-            assert!(dwv.iter().zip(&exact_dw).any(|(g, e)| (*g as f64 - e).abs() > 1e-4 * (1.0 + e.abs())), "{dt:?}: dW looks like f32");
-            let dbv = dev.download(&db.unwrap()).unwrap();
-            close("db", &dbv, &(0..n).map(|c| (0..m).map(|i| dyv[i * n + c] as f64).sum()).collect::<Vec<_>>(), m);
-            // an in-place update drops the half copy: the next Linear reads the new values
-            dev.axpy(&mut h, &plain, 1.0, m * k).unwrap();
-            assert!(h.half(dt).is_none());
-            let y3 = dev.download(&dev.linear(&h, &w, None, m).unwrap()).unwrap();
-            let hr2: Vec<f64> = hv.iter().map(|&v| r(v + v, dt)).collect();
-            close("y after axpy", &y3, &mm(&hr2, &wt, m, n, k), k);
-        }
-    }
-}
+#[path = "device_tests.rs"]
+mod tests;

@@ -6,6 +6,8 @@
 //! their backwards. Backends know no CLIP: rows, widths, weights and sequence lengths only.
 pub mod cpu;
 pub mod device;
+mod device_attn;
+mod device_fused;
 
 use crate::error::Result;
 use crate::tensor::DType;
@@ -88,11 +90,61 @@ pub trait Ops {
         bias: bool,
     ) -> Result<(Self::Buf, Option<Self::Buf>)>;
 
+    /// A buffer of `n` elements that the caller overwrites entirely before reading it (zeros
+    /// where the backend has no cheaper allocation).
+    fn uninit(&self, n: usize) -> Result<Self::Buf> {
+        self.zeros(n)
+    }
+
+    /// q, k, v [n, W] = h·Wᵀ + b for the three weights of an attention layer, whose outputs are
+    /// read only by [`Ops::attention`], [`Ops::attention_bwd`] and `download` (a backend may then
+    /// keep them in the format its attention computes in).
+    fn qkv(&self, h: &Self::Buf, w: [&Weight<Self>; 3], b: [&Self::Buf; 3], n: usize, heads: usize) -> Result<[Self::Buf; 3]> {
+        let _ = heads;
+        Ok([self.linear(h, w[0], Some(b[0]), n)?, self.linear(h, w[1], Some(b[1]), n)?, self.linear(h, w[2], Some(b[2]), n)?])
+    }
+    /// The backward of [`Ops::qkv`] from dq, dk, dv → (dh [n, K], the three dW, the three db).
+    #[allow(clippy::type_complexity)]
+    fn qkv_bwd(&self, d: [&Self::Buf; 3], h: &Self::Buf, w: [&Weight<Self>; 3], n: usize) -> Result<(Self::Buf, [Self::Buf; 3], [Self::Buf; 3])> {
+        let mut dh = self.uninit(n * w[0].k)?; // [n, K]
+        let mut out = Vec::with_capacity(3);
+        for (i, (d, w)) in d.into_iter().zip(w).enumerate() {
+            let (dw, db) = self.linear_bwd(d, h, w, n, &mut dh, i > 0, true)?;
+            out.push((dw, db.ok_or_else(|| crate::error::Error::msg("linear_bwd returned no bias gradient"))?));
+        }
+        let [(dwq, dbq), (dwk, dbk), (dwv, dbv)]: [(Self::Buf, Self::Buf); 3] =
+            out.try_into().map_err(|_| crate::error::Error::msg("qkv_bwd: three gradients expected"))?;
+        Ok((dh, [dwq, dwk, dwv], [dbq, dbk, dbv]))
+    }
+    /// act(x·Wᵀ + bias) [m, n] → (out, with `keep_pre` x·Wᵀ + bias for the backward): the MLP's
+    /// first Linear with its bias and activation. The output is read by a Linear (as its input),
+    /// [`Ops::linear_bwd`] (as x) and `download`; `pre` only by [`Ops::bias_act_bwd`].
+    #[allow(clippy::too_many_arguments)]
+    fn linear_act(&self, x: &Self::Buf, w: &Weight<Self>, bias: &Self::Buf, m: usize, act: Act, keep_pre: bool) -> Result<(Self::Buf, Option<Self::Buf>)> {
+        let u = self.linear(x, w, None, m)?; // [m, n]
+        self.bias_act(u, bias, m, w.n, act, keep_pre)
+    }
+    /// y [m, n] = res + (x·Wᵀ + bias), a new buffer (res is kept): a Linear with the residual
+    /// add fused.
+    fn linear_add(&self, x: &Self::Buf, w: &Weight<Self>, bias: &Self::Buf, m: usize, res: &Self::Buf) -> Result<Self::Buf> {
+        let f = self.linear(x, w, Some(bias), m)?; // [m, n]
+        let mut y = self.copy(res, m * w.n)?;
+        self.axpy(&mut y, &f, 1.0, m * w.n)?;
+        Ok(y)
+    }
+
     /// y = LayerNorm(x) over rows of `w` → (y, statistics for the backward).
     fn layernorm(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf)>;
-    /// x += f in place, then y = LayerNorm(x) → (y, statistics): the residual fused with the next norm.
+    /// x += f in place, then y = LayerNorm(x) → (y, statistics): a residual add fused with the next norm.
     #[allow(clippy::too_many_arguments)]
     fn add_layernorm(&self, x: &mut Self::Buf, f: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf)>;
+    /// [`Ops::layernorm`] whose output is read only by Linears (as their input),
+    /// [`Ops::linear_bwd`] (as x), [`Ops::qkv`] / [`Ops::linear_act`] and `download` (a backend may
+    /// keep it in its GEMMs' input format only).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_for_linear(&self, x: &Self::Buf, g: &Self::Buf, b: &Self::Buf, rows: usize, w: usize, eps: f32) -> Result<(Self::Buf, Self::Buf)> {
+        self.layernorm(x, g, b, rows, w, eps)
+    }
     /// The backward of [`Ops::layernorm`] from dy → (dx, dγ, dβ).
     #[allow(clippy::too_many_arguments)]
     fn layernorm_bwd(
@@ -105,6 +157,24 @@ pub trait Ops {
         w: usize,
         eps: f32,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// [`Ops::layernorm_bwd`] with a residual gradient added: (res + dx, dγ, dβ).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd_add(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        g: &Self::Buf,
+        stats: &Self::Buf,
+        rows: usize,
+        w: usize,
+        eps: f32,
+        res: &Self::Buf,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
+        let (dx, dg, db) = self.layernorm_bwd(dy, x, g, stats, rows, w, eps)?;
+        let mut out = self.copy(res, rows * w)?;
+        self.axpy(&mut out, &dx, 1.0, rows * w)?;
+        Ok((out, dg, db))
+    }
 
     /// u [rows, n] (consumed) → act(u + bias), in u's buffer, and with `keep_pre` u + bias (the
     /// backward's input): the MLP's bias and activation.

@@ -76,9 +76,34 @@ impl Buf {
     pub fn set_half(&mut self, dt: DType, h: Buf) {
         self.half = Some(Box::new((dt, h)));
     }
+    /// Takes the packed `dt` copy out, if there is one.
+    pub fn take_half(&mut self, dt: DType) -> Option<Buf> {
+        match self.half.take() {
+            Some(h) if h.0 == dt => Some(h.1),
+            other => {
+                self.half = other;
+                None
+            }
+        }
+    }
     /// Drops the half copy (the values are about to change).
     pub fn clear_half(&mut self) {
         self.half = None;
+    }
+    /// `n` values held only as their packed `dt` copy `h` (no f32 storage: [`Buf::ptr`] is 0):
+    /// the output of a kernel or GEMM whose readers all take the 16-bit values (the next half
+    /// GEMM, the flash attention). The device backend converts it back to f32 where an
+    /// operation needs f32 values ([`Buf::is_half_only`]).
+    pub fn half_only(dt: DType, h: Buf, n: usize) -> Buf {
+        Buf { ptr: 0, len: n, _store: Store::None, half: Some(Box::new((dt, h))) }
+    }
+    /// The packed 16-bit copy and its format, whatever the format.
+    pub fn half_any(&self) -> Option<(DType, &Buf)> {
+        self.half.as_deref().map(|h| (h.0, &h.1))
+    }
+    /// Whether the values exist only as their 16-bit copy ([`Buf::half_only`]).
+    pub fn is_half_only(&self) -> bool {
+        self.ptr == 0 && self.half.is_some()
     }
     /// A buffer with no storage: what the recording device (src/perf/record.rs) hands out.
     pub(crate) fn fake(ptr: u64, len: usize) -> Buf {
@@ -133,51 +158,82 @@ pub trait DeviceOps {
     /// (`[n×k]` if `tb`): the backward GEMMs of training (dX = dY·W, dW += dYᵀ·X with beta 1).
     #[allow(clippy::too_many_arguments)]
     fn gemm(&self, a: &Buf, b: &Buf, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()>;
-    /// [`DeviceOps::gemm`] with A and B packed `dt` values (bf16 or f16, [`DeviceOps::upload_bf16`]
-    /// layout) and an optional f32 `bias[n]` added to every row: products of half values
-    /// accumulated in f32, f32 C (`C = op(A)·op(B) (+ bias) + beta·C`). The half towers' forward
-    /// Linear (x·Wᵀ + b from the half copies) and backward GEMMs (dX = dY·W from the half weight
-    /// copy, dW = dYᵀ·X from half activations); cuBLASLt CUDA_R_16BF/16F with CUBLAS_COMPUTE_32F
-    /// on a GPU, `gemm_bf16`/`gemm_f16` of kernels/matmul.cu (the same arithmetic) on the emulator.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_half(&self, dt: DType, a: &Buf, b: &Buf, bias: Option<&Buf>, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()>;
+    /// A GEMM on packed 16-bit A and B ([`HalfGemm`]: bf16 or f16, [`DeviceOps::upload_bf16`]
+    /// layout) with f32 accumulation: `D = op(A)·op(B) (+ bias) (+ C)`, D f32 or 16-bit. The half
+    /// towers' forward Linears (x·Wᵀ + b from the half copies, with the residual as C, or written
+    /// in 16 bits for the next GEMM or attention) and backward GEMMs (dX = dY·W from the half
+    /// weight copy, dW = dYᵀ·X from half activations); cuBLASLt CUDA_R_16BF/16F with
+    /// CUBLAS_COMPUTE_32F on a GPU, the `gemm_bf16`/`gemm_f16` kernels of kernels/matmul.cu (the
+    /// same arithmetic) on the emulator.
+    fn gemm_half(&self, g: &HalfGemm) -> Result<()>;
 }
 
-/// The `gemm_bf16` / `gemm_f16` kernel (kernels/matmul.cu) for [`DeviceOps::gemm_half`]: its
-/// name, launch configuration and arguments, after the buffer sizes are checked.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_half_launch(
-    dt: DType,
-    a: &Buf,
-    b: &Buf,
-    bias: Option<&Buf>,
-    c: &Buf,
-    (m, n, k): (usize, usize, usize),
-    ta: bool,
-    tb: bool,
-    beta: f32,
-) -> Result<(&'static str, LaunchCfg, KernelArgs)> {
-    let kernel = match dt {
-        DType::BF16 => "gemm_bf16",
-        DType::F16 => "gemm_f16",
-        DType::F32 => return Err(Error::msg("gemm_half: the inputs must be bf16 or f16, not f32")),
+/// One [`DeviceOps::gemm_half`]: `d[m×n] = op(a)·op(b) (+ bias[n] on every row) (+ c)`, A stored
+/// `[m×k]` (`[k×m]` if `ta`), B `[k×n]` (`[n×k]` if `tb`), both packed `dt` values; `bias` and
+/// `c` f32; `d` f32, or packed `dt` values when `half_out` (then no `c`). `c` may be `d` itself
+/// (accumulate in place).
+pub struct HalfGemm<'a> {
+    pub dt: DType,
+    pub a: &'a Buf,
+    pub b: &'a Buf,
+    pub bias: Option<&'a Buf>,
+    pub c: Option<&'a Buf>,
+    pub d: &'a Buf,
+    pub half_out: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ta: bool,
+    pub tb: bool,
+}
+
+impl<'a> HalfGemm<'a> {
+    /// `d = op(a)·op(b)` into f32, nothing added.
+    pub fn new(dt: DType, a: &'a Buf, b: &'a Buf, d: &'a Buf, (m, n, k): (usize, usize, usize), ta: bool, tb: bool) -> Self {
+        HalfGemm { dt, a, b, bias: None, c: None, d, half_out: false, m, n, k, ta, tb }
+    }
+    /// The cuBLASLt description (beta 1 when C is added).
+    pub fn desc(&self) -> GemmDesc {
+        let out_dtype = if self.half_out { self.dt } else { DType::F32 };
+        let beta = if self.c.is_some() { 1.0 } else { 0.0 };
+        GemmDesc { beta, bias: self.bias.is_some(), out_dtype, ..GemmDesc::batched(1, self.m, self.n, self.k, self.ta, self.tb, self.dt) }
+    }
+}
+
+/// The kernel (kernels/matmul.cu) of a [`DeviceOps::gemm_half`]: `gemm_bf16` / `gemm_f16` (f32
+/// D) or `gemm_bf16_h` / `gemm_f16_h` (16-bit D), its launch configuration and arguments
+/// `(a, b, bias, c, d, m, n, k, ta, tb)`, after the buffer sizes are checked.
+pub fn gemm_half_launch(g: &HalfGemm) -> Result<(&'static str, LaunchCfg, KernelArgs)> {
+    let kernel = match (g.dt, g.half_out) {
+        (DType::BF16, false) => "gemm_bf16",
+        (DType::BF16, true) => "gemm_bf16_h",
+        (DType::F16, false) => "gemm_f16",
+        (DType::F16, true) => "gemm_f16_h",
+        (DType::F32, _) => return Err(Error::msg("gemm_half: the inputs must be bf16 or f16, not f32")),
     };
-    if m == 0 || n == 0 || k == 0 || a.len * 2 < m * k || b.len * 2 < k * n || c.len < m * n || bias.is_some_and(|x| x.len < n) {
-        return Err(crate::shape_err!("gemm_half m {m}, n {n}, k {k}: empty problem or buffers too small (a {}, b {}, c {})", a.len, b.len, c.len));
+    let (m, n, k) = (g.m, g.n, g.k);
+    let d_elems = if g.half_out { (m * n).div_ceil(2) } else { m * n };
+    let small = g.a.len * 2 < m * k || g.b.len * 2 < k * n || g.d.len < d_elems || g.bias.is_some_and(|x| x.len < n) || g.c.is_some_and(|c| c.len < m * n);
+    if m == 0 || n == 0 || k == 0 || small || (g.half_out && g.c.is_some()) {
+        return Err(crate::shape_err!(
+            "gemm_half m {m}, n {n}, k {k}: empty problem, buffers too small (a {}, b {}, d {}) or C with a 16-bit D",
+            g.a.len,
+            g.b.len,
+            g.d.len
+        ));
     }
     let (cfg, _) = linear_kernel_launch(0, 0, None, 0, m, n, k)?;
     let args = KernelArgs::new()
-        .ptr(a.ptr)
-        .ptr(b.ptr)
-        .ptr(bias.map_or(0, |x| x.ptr))
-        .ptr(c.ptr)
+        .ptr(g.a.ptr)
+        .ptr(g.b.ptr)
+        .ptr(g.bias.map_or(0, |x| x.ptr))
+        .ptr(g.c.map_or(0, |x| x.ptr))
+        .ptr(g.d.ptr)
         .i32(m as i32)
         .i32(n as i32)
         .i32(k as i32)
-        .i32(ta as i32)
-        .i32(tb as i32)
-        .f32(1.0)
-        .f32(beta);
+        .i32(g.ta as i32)
+        .i32(g.tb as i32);
     Ok((kernel, cfg, args))
 }
 
@@ -269,8 +325,8 @@ impl DeviceOps for EmuOps {
         let (cfg, mut args) = gemm_kernel_launch(a, b, c, m, n, k, ta, tb, beta)?;
         self.launch("gemm_f32", cfg, &mut args)
     }
-    fn gemm_half(&self, dt: DType, a: &Buf, b: &Buf, bias: Option<&Buf>, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
-        let (kernel, cfg, mut args) = gemm_half_launch(dt, a, b, bias, c, (m, n, k), ta, tb, beta)?;
+    fn gemm_half(&self, g: &HalfGemm) -> Result<()> {
+        let (kernel, cfg, mut args) = gemm_half_launch(g)?;
         self.launch(kernel, cfg, &mut args)
     }
 }
@@ -332,7 +388,7 @@ impl GpuOps {
     fn linear_half(&self, x: &Buf, w: &Buf, bias: Option<&Buf>, y: &Buf, (m, n, k): (usize, usize, usize), dt: DType) -> Result<()> {
         check_linear_w(x, w, bias, y, m, n, k, 2)?;
         let xh = super::train_ops::to_half(self, dt, x, m * k)?; // [m, k] packed halves
-        self.gemm_half(dt, &xh, w, bias, y, m, n, k, false, true, 0.0)
+        self.gemm_half(&HalfGemm { bias, ..HalfGemm::new(dt, &xh, w, y, (m, n, k), false, true) })
         // xh goes back to the pool when it drops; the pool's reuse is ordered on this stream
     }
 
@@ -413,15 +469,12 @@ impl DeviceOps for GpuOps {
             None => self.launch("gemm_f32", cfg, &mut args),
         }
     }
-    /// cuBLASLt on CUDA_R_16BF / CUDA_R_16F inputs, CUBLAS_COMPUTE_32F, f32 C with beta and the
-    /// bias epilogue; `gemm_bf16` / `gemm_f16` without cuBLASLt.
-    fn gemm_half(&self, dt: DType, a: &Buf, b: &Buf, bias: Option<&Buf>, c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
-        let (kernel, cfg, mut args) = gemm_half_launch(dt, a, b, bias, c, (m, n, k), ta, tb, beta)?;
+    /// cuBLASLt on CUDA_R_16BF / CUDA_R_16F inputs, CUBLAS_COMPUTE_32F, f32 or 16-bit D, C
+    /// added with beta 1, the bias epilogue (f32 bias); the matmul.cu kernels without cuBLASLt.
+    fn gemm_half(&self, g: &HalfGemm) -> Result<()> {
+        let (kernel, cfg, mut args) = gemm_half_launch(g)?;
         match &self.gemm {
-            Some(g) => {
-                let d = GemmDesc { beta, bias: bias.is_some(), out_dtype: DType::F32, ..GemmDesc::batched(1, m, n, k, ta, tb, dt) };
-                g.run(&d, a.ptr, b.ptr, c.ptr, bias.map(|x| x.ptr))
-            }
+            Some(lt) => lt.run_cd(&g.desc(), g.a.ptr, g.b.ptr, g.c.unwrap_or(g.d).ptr, g.d.ptr, g.bias.map(|x| x.ptr)),
             None => self.launch(kernel, cfg, &mut args),
         }
     }

@@ -261,8 +261,16 @@ impl Gemm {
         self.run(&GemmDesc::linear(m, n, k, dtype, bias.is_some()), x, w, y, bias)
     }
 
-    /// Runs `d` on device buffers `a`, `b`, `c` (and `bias` iff `d.bias`). Asynchronous.
+    /// Runs `d` on device buffers `a`, `b`, `c` (and `bias` iff `d.bias`), C read and written in
+    /// place. Asynchronous.
     pub fn run(&self, d: &GemmDesc, a: u64, b: u64, c: u64, bias: Option<u64>) -> Result<()> {
+        self.run_cd(d, a, b, c, c, bias)
+    }
+
+    /// Runs `d` with C read from `c` (when `d.beta` ≠ 0) and the result written to `dst` (which may
+    /// be `c`): D = alpha·op(A)·op(B) + beta·C (+ bias). A bias is f32 whatever the output type
+    /// (CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE = CUDA_R_32F, the scale type, for 16-bit D).
+    pub fn run_cd(&self, d: &GemmDesc, a: u64, b: u64, c: u64, dst: u64, bias: Option<u64>) -> Result<()> {
         let p = plan(d)?;
         if d.bias != bias.is_some() {
             return Err(Error::msg(format!("gemm: desc.bias = {} but bias pointer {:?}", d.bias, bias)));
@@ -273,7 +281,7 @@ impl Gemm {
             ptr_alignment(ptr).min(s)
         };
         let (ies, oes) = (d.in_dtype.size(), d.out_dtype.size());
-        let align = [batch_align(b, d.stride_b, ies), batch_align(a, d.stride_a, ies), batch_align(c, d.stride_c, oes)];
+        let align = [batch_align(b, d.stride_b, ies), batch_align(a, d.stride_a, ies), batch_align(c, d.stride_c, oes).min(batch_align(dst, d.stride_c, oes))];
         let tf32 = self.allow_tf32 && d.in_dtype == DType::F32;
         let compute = if tf32 { Compute::CUBLAS_COMPUTE_32F_FAST_TF32 } else { Compute::CUBLAS_COMPUTE_32F };
         let key = AlgoKey { plan: p, types: (d.in_dtype, d.out_dtype), tf32, bias: d.bias, beta_zero: d.beta == 0.0, align };
@@ -284,6 +292,9 @@ impl Gemm {
         set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSB, &(p.trans_b as i32))?;
         let epilogue = if let Some(bp) = bias {
             set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp)?;
+            if d.out_dtype != DType::F32 {
+                set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &(cudaDataType_t::CUDA_R_32F as i32))?;
+            }
             Epilogue::CUBLASLT_EPILOGUE_BIAS
         } else {
             Epilogue::CUBLASLT_EPILOGUE_DEFAULT
@@ -320,7 +331,8 @@ impl Gemm {
         // SAFETY: descriptors/layouts are live and describe the buffers (the caller guarantees
         // a, b, c, bias are device allocations of this context large enough for `d`); alpha/beta
         // are host f32 (default pointer mode, f32 scale type); the workspace is ours, of
-        // `workspace_size` bytes, used only on this stream; C and D alias (in-place beta).
+        // `workspace_size` bytes, used only on this stream; C and D have the same layout (they
+        // alias for an in-place beta, or D is a separate buffer of the same size).
         guarded("cublasLtMatmul", || unsafe {
             lt::matmul(
                 self.handle,
@@ -333,7 +345,7 @@ impl Gemm {
                 lb.0,
                 c as *const c_void,
                 lc.0,
-                c as *mut c_void,
+                dst as *mut c_void,
                 lc.0,
                 &algo,
                 self.workspace_ptr as *mut c_void,

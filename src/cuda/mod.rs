@@ -33,7 +33,7 @@ pub mod emu;
 pub use alloc::{size_class, CudaBlock, CudaPool, CudaRawAlloc, DevicePool, PoolBlock, PoolStats, RawAlloc};
 #[cfg(feature = "emu")]
 pub use backend::EmuOps;
-pub use backend::{Buf, DeviceOps, GpuOps};
+pub use backend::{Buf, DeviceOps, GpuOps, HalfGemm};
 pub use device::{driver_available, CudaDevice, DeviceInfo};
 pub use gemm::{Gemm, GemmDesc};
 pub use launch::{CudaLauncher, KernelArg, KernelArgs, LaunchCfg, Launcher};

@@ -57,21 +57,20 @@ impl<O: Ops> TowerParams<O> {
         let (n, w) = (seqs.rows(), cfg.hidden);
         let mut kept: Option<Result<O::Buf>> = (layer == 0).then(|| ops.copy(&x, n * w));
         let want = format!("{}.layer.{}", head.name, layer.wrapping_sub(1));
-        let (x, f) = {
+        let x = {
             let mut grab = |name: &str, y: &O::Buf, _: &[usize]| {
                 if layer > 0 && name == want {
                     kept = Some(ops.copy(y, n * w));
                 }
             };
             let mut hook: Hook<O> = Some(&mut grab);
-            let (x, f, _) = self.encoder(ops, cfg, x, seqs, None, Mode::Infer, head.name, &mut hook)?; // [N, W] + pending
-            (x, f)
+            self.encoder(ops, cfg, x, seqs, None, Mode::Infer, head.name, &mut hook)?.0
+            // [N, W]
         };
         let states = kept.ok_or_else(|| Error::msg(format!("internal: hidden state {layer} was not reached")))??; // [N, W]
         let xr = ops.gather_rows(&x, pool, w)?; // [R, W]
-        let fr = f.map(|f| ops.gather_rows(&f, pool, w)).transpose()?; // [R, W]
         drop(x);
-        let (_, e, _) = self.head(ops, xr, fr, head.ln, head.proj, pool.len(), cfg)?; // [R, D]
+        let (_, e, _) = self.head(ops, xr, head.ln, head.proj, pool.len(), cfg)?; // [R, D]
         if !final_ln {
             return Ok((states, e));
         }

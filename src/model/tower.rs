@@ -1,6 +1,6 @@
 //! The two CLIP towers, written once over [`Ops`] and run by every backend, for inference and
 //! training alike: their parameters loaded through the schema, the embeddings, the encoder (the
-//! one block of [`super::block`], residual + LayerNorm fused across blocks, the last block for the
+//! one block of [`super::block`], each residual add fused into a Linear, the last block for the
 //! pooled rows only), the final LayerNorm of the pooled rows and the projection. A training
 //! forward ([`Mode::Train`]) keeps what [`super::tower_backward`] needs.
 //!
@@ -9,7 +9,7 @@
 //! packed sequences (each cut after its end token, no padding) or, where the backend has no
 //! packed attention or for layer-by-layer parity, a padded batch; final LN of the end-token rows,
 //! text projection.
-use super::block::{finish, forward, BlockRef, Saved, Stored};
+use super::block::{forward, BlockRef, Saved, Stored};
 use super::config::{TextConfig, TowerConfig, VisionConfig};
 use super::schema::{names, Param, Schema, Tower};
 use super::text::pool_position;
@@ -158,11 +158,9 @@ impl<O: Ops> TowerParams<O> {
         BlockRef::new(&self.p[r.start - self.first..r.end - self.first], cfg)
     }
 
-    /// The encoder on x [N, W] → (xm, f) of the last block, their sum being its output ([R, W]
-    /// with `pool`: those rows only), and what the blocks kept for the backward. The residual
-    /// add is fused into the next block's LayerNorm (and the caller's final one), except with
-    /// `recompute`, which keeps each block's materialised input. `hook` sees `{name}.layer.{i}`
-    /// (materialised only then).
+    /// The encoder on x [N, W] → the last block's output ([R, W] with `pool`: those rows only),
+    /// and what the blocks kept for the backward (with `recompute`, each block's input only).
+    /// `hook` sees `{name}.layer.{i}`.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     pub fn encoder(
         &self,
@@ -174,59 +172,38 @@ impl<O: Ops> TowerParams<O> {
         mode: Mode,
         name: &str,
         hook: &mut Hook<O>,
-    ) -> Result<(O::Buf, Option<O::Buf>, Vec<Kept<O>>)> {
+    ) -> Result<(O::Buf, Vec<Kept<O>>)> {
         let (n, w) = (seqs.rows(), cfg.hidden);
-        let (mut x, mut pending, mut kept) = (x, None::<O::Buf>, Vec::new());
+        let (mut x, mut kept) = (x, Vec::new());
         for l in 0..cfg.layers {
             let rows = pool.filter(|_| l + 1 == cfg.layers);
             let blk = self.block(l, cfg)?;
-            let (xm, f) = match mode {
+            x = match mode {
                 Mode::Train { recompute: true } => {
-                    if let Some(f) = pending.take() {
-                        x = finish(ops, x, &f, n * w)?; // the block's input, materialised
-                    }
                     kept.push(Kept::Input(ops.copy(&x, n * w)?));
-                    let (xm, f, _) = forward(ops, &blk, x, None, seqs, rows, false)?;
-                    (xm, f)
+                    forward(ops, &blk, x, seqs, rows, false)?.0
                 }
                 _ => {
-                    let (xm, f, saved) = forward(ops, &blk, x, pending.as_ref(), seqs, rows, mode != Mode::Infer)?;
+                    let (y, saved) = forward(ops, &blk, x, seqs, rows, mode != Mode::Infer)?;
                     kept.extend(saved.map(Kept::All));
-                    (xm, f)
+                    y
                 }
             };
             let r = rows.map_or(n, |r| r.len());
-            if hook.is_some() {
-                let y = finish(ops, ops.copy(&xm, r * w)?, &f, r * w)?;
-                see::<O>(hook, &format!("{name}.layer.{l}"), &y, &[r, w]);
-            }
-            (x, pending) = (xm, Some(f));
+            see::<O>(hook, &format!("{name}.layer.{l}"), &x, &[r, w]);
         }
         if let Some(p) = pool.filter(|_| cfg.layers == 0) {
             x = ops.gather_rows(&x, p, w)?; // no blocks: [R, W]
         }
-        Ok((x, pending, kept))
+        Ok((x, kept))
     }
 
-    /// LayerNorm `ln` of x + pending ([rows, W]), then the projection `proj` → (normed [rows, W],
-    /// e [rows, D], the LayerNorm's (input, statistics) for the backward).
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    pub(super) fn head(
-        &self,
-        ops: &O,
-        x: O::Buf,
-        pending: Option<O::Buf>,
-        ln: &str,
-        proj: &str,
-        rows: usize,
-        cfg: &TowerConfig,
-    ) -> Result<(O::Buf, O::Buf, (O::Buf, O::Buf))> {
+    /// LayerNorm `ln` of x ([rows, W]), then the projection `proj` → (normed [rows, W], e [rows,
+    /// D], the LayerNorm's (input, statistics) for the backward).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn head(&self, ops: &O, x: O::Buf, ln: &str, proj: &str, rows: usize, cfg: &TowerConfig) -> Result<(O::Buf, O::Buf, (O::Buf, O::Buf))> {
         let (g, b) = (self.param(&format!("{ln}.weight"))?, self.param(&format!("{ln}.bias"))?);
-        let mut x = x;
-        let (normed, stats) = match &pending {
-            Some(f) => ops.add_layernorm(&mut x, f, g, b, rows, cfg.hidden, cfg.eps)?, // x += f
-            None => ops.layernorm(&x, g, b, rows, cfg.hidden, cfg.eps)?,
-        }; // [R, W]
+        let (normed, stats) = ops.layernorm_for_linear(&x, g, b, rows, cfg.hidden, cfg.eps)?; // [R, W]
         let e = ops.linear(&normed, self.linear(proj)?, None, rows)?; // [R, D]
         Ok((normed, e, (x, stats)))
     }
@@ -241,8 +218,8 @@ impl<O: Ops> TowerParams<O> {
         see::<O>(hook, "vision.pre_ln", &h, &[b, t, w]);
         let cls: Vec<usize> = (0..b).map(|i| i * t).collect();
         let seqs = Seqs::Batch { batch: b, seq: t, causal: false };
-        let (x_last, f, blocks) = self.encoder(ops, &cfg.tower, h, &seqs, Some(&cls), mode, "vision", hook)?; // [B, W]
-        let (normed, e, head) = self.head(ops, x_last, f, names::POST_LN, names::VISUAL_PROJECTION, b, &cfg.tower)?;
+        let (x_last, blocks) = self.encoder(ops, &cfg.tower, h, &seqs, Some(&cls), mode, "vision", hook)?; // [B, W]
+        let (normed, e, head) = self.head(ops, x_last, names::POST_LN, names::VISUAL_PROJECTION, b, &cfg.tower)?;
         see::<O>(hook, "vision.pooled", &normed, &[b, w]);
         see::<O>(hook, "vision.embeds", &e, &[b, self.linear(names::VISUAL_PROJECTION)?.n]);
         let saved =
@@ -280,9 +257,9 @@ impl<O: Ops> TowerParams<O> {
         let (tok, pos, seqs, ends) = text_rows(cfg, ids, pad_to, pad_to.is_none() && ops.packed_attention())?;
         let x = self.text_embed(ops, &tok, &pos, w)?; // [N, W]
         see::<O>(hook, "text.embeddings", &x, &[tok.len(), w]);
-        let (x, f, blocks) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&ends), mode, "text", hook)?; // [B, W]
+        let (x, blocks) = self.encoder(ops, &cfg.tower, x, &seqs, Some(&ends), mode, "text", hook)?; // [B, W]
         let b = ids.len();
-        let (normed, e, head) = self.head(ops, x, f, names::FINAL_LN, names::TEXT_PROJECTION, b, &cfg.tower)?;
+        let (normed, e, head) = self.head(ops, x, names::FINAL_LN, names::TEXT_PROJECTION, b, &cfg.tower)?;
         see::<O>(hook, "text.pooled", &normed, &[b, w]);
         see::<O>(hook, "text.embeds", &e, &[b, self.linear(names::TEXT_PROJECTION)?.n]);
         let saved =
@@ -299,13 +276,9 @@ impl<O: Ops> TowerParams<O> {
         let (tok, pos, seqs, ends) = text_rows(cfg, ids, None, false)?;
         let n = tok.len();
         let x = self.text_embed(ops, &tok, &pos, w)?; // [N, W]
-        let (x, f, blocks) = self.encoder(ops, &cfg.tower, x, &seqs, None, mode, "text", &mut None)?; // [N, W]
+        let (x, blocks) = self.encoder(ops, &cfg.tower, x, &seqs, None, mode, "text", &mut None)?; // [N, W]
         let (g, b) = (self.param(&format!("{}.weight", names::FINAL_LN))?, self.param(&format!("{}.bias", names::FINAL_LN))?);
-        let mut x = x;
-        let (states, stats) = match &f {
-            Some(f) => ops.add_layernorm(&mut x, f, g, b, n, w, cfg.tower.eps)?,
-            None => ops.layernorm(&x, g, b, n, w, cfg.tower.eps)?,
-        }; // [N, W]
+        let (states, stats) = ops.layernorm(&x, g, b, n, w, cfg.tower.eps)?; // [N, W]
         let pooled = ops.gather_rows(&states, &ends, w)?; // [B, W]
         let e = ops.linear(&pooled, self.linear(names::TEXT_PROJECTION)?, None, ids.len())?; // [B, D]
         if mode == Mode::Infer {

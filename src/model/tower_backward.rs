@@ -41,7 +41,7 @@ impl<O: Ops> TowerParams<O> {
             let kept = s.blocks.pop().ok_or_else(|| crate::error::Error::msg("the tower's backward ran already"))?;
             let saved = match kept {
                 Kept::All(sv) => sv,
-                Kept::Input(x) => forward(ops, &blk, x, None, &s.seqs, rows, true)?.2.ok_or_else(|| crate::error::Error::msg("recompute kept nothing"))?,
+                Kept::Input(x) => forward(ops, &blk, x, &s.seqs, rows, true)?.1.ok_or_else(|| crate::error::Error::msg("recompute kept nothing"))?,
             };
             let (dx, grads) = backward(ops, &blk, &saved, &dy)?;
             drop(saved);

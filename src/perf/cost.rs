@@ -348,10 +348,12 @@ pub const TABLE: &[Row] = &[
     Row { name: "linear_f32", cost: |c| linear_kernel(c, 4.0) },
     Row { name: "linear_bf16w", cost: |c| linear_kernel(c, 2.0) },
     Row { name: "linear_f16w", cost: |c| linear_kernel(c, 2.0) },
-    // gemm_bf16 / gemm_f16 (a, b, bias, c, m, n, k, ta, tb, alpha, beta): the emulator's (and no-cuBLASLt)
-    // half GEMMs, tiled on the CUDA cores
-    Row { name: "gemm_bf16", cost: |c| half_gemm_kernel(c) },
-    Row { name: "gemm_f16", cost: |c| half_gemm_kernel(c) },
+    // gemm_bf16 / gemm_f16 (a, b, bias, c, d, m, n, k, ta, tb): the emulator's (and no-cuBLASLt)
+    // half GEMMs, tiled on the CUDA cores; *_h: 16-bit D
+    Row { name: "gemm_bf16", cost: |c| half_gemm_kernel(c, 4.0) },
+    Row { name: "gemm_f16", cost: |c| half_gemm_kernel(c, 4.0) },
+    Row { name: "gemm_bf16_h", cost: |c| half_gemm_kernel(c, 2.0) },
+    Row { name: "gemm_f16_h", cost: |c| half_gemm_kernel(c, 2.0) },
     Row {
         name: "gemm_f32", // (a, b, c, m, n, k, ta, tb, alpha, beta)
         cost: |c| {
@@ -432,10 +434,11 @@ fn ln_fwd_h(c: &Ctx, rows_at: usize, residual: bool) -> Result<Cost> {
     Ok(cc(Class::Norm, (8.0 + x) * r * n, 4.0 * x * r * n + 8.0 * n, 4.0 * x * r * n + 2.0 * r * n + 8.0 * r, 32.0 * r))
 }
 
-/// gemm_bf16 / gemm_f16: 16-bit A and B, f32 C (read when beta ≠ 0).
-fn half_gemm_kernel(c: &Ctx) -> Result<Cost> {
-    let (m, n, kk, beta) = (c.i(4)?, c.i(5)?, c.i(6)?, c.f(10)?);
-    Ok(tiled_gemm(m, n, kk, 2.0 * (m * kk + kk * n) + if beta != 0.0 { 4.0 * m * n } else { 0.0 }, 4.0 * m * n))
+/// gemm_bf16 / gemm_f16 (and *_h): 16-bit A and B, f32 C read when non-null, D of `d` bytes.
+fn half_gemm_kernel(c: &Ctx, d: f64) -> Result<Cost> {
+    let (m, n, kk) = (c.i(5)?, c.i(6)?, c.i(7)?);
+    let cin = if c.p(3)? != 0 { 4.0 * m * n } else { 0.0 };
+    Ok(tiled_gemm(m, n, kk, 2.0 * (m * kk + kk * n) + cin, d * m * n))
 }
 
 fn bias_bwd(c: &Ctx) -> Result<Cost> {

@@ -221,21 +221,25 @@ impl DeviceOps for RecordingOps {
     fn gemm(&self, _a: &Buf, _b: &Buf, _c: &Buf, m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Result<()> {
         self.gemm_op("gemm", (m, n, k), DType::F32, (ta, tb), false, beta)
     }
-    fn gemm_half(
-        &self,
-        dt: DType,
-        _a: &Buf,
-        _b: &Buf,
-        bias: Option<&Buf>,
-        _c: &Buf,
-        m: usize,
-        n: usize,
-        k: usize,
-        ta: bool,
-        tb: bool,
-        beta: f32,
-    ) -> Result<()> {
-        self.gemm_op("gemm_half", (m, n, k), dt, (ta, tb), bias.is_some(), beta)
+    fn gemm_half(&self, g: &crate::cuda::HalfGemm) -> Result<()> {
+        crate::cuda::backend::gemm_half_launch(g)?; // the same size checks as the devices
+        let d = g.desc();
+        let path = GemmPath::TensorCore;
+        let rec = GemmRec {
+            call: "gemm_half",
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            batch: 1,
+            in_dtype: g.dt,
+            out_dtype: d.out_dtype,
+            trans_a: g.ta,
+            trans_b: g.tb,
+            bias: d.bias,
+            beta: d.beta,
+            path,
+        };
+        self.op(Op::Gemm(rec))
     }
 }
 

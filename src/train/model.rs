@@ -7,7 +7,7 @@ use crate::backend::cpu::Cpu;
 use crate::backend::Ops;
 use crate::backend::Seqs;
 use crate::error::{Error, Result};
-use crate::model::block::{backward, finish, forward, BlockRef, Stored};
+use crate::model::block::{backward, forward, BlockRef, Stored};
 use crate::model::config::{ClipConfig, TowerConfig};
 use crate::model::schema::BlockParam;
 use crate::model::schema::{names, Schema, Tower};
@@ -221,8 +221,8 @@ pub fn block(tape: &Tape, x: &Var, p: &[Var], t: &TowerConfig, causal: bool) -> 
         .collect::<Result<_>>()?;
     let cfg = t.clone();
     let seqs = Seqs::Batch { batch, seq, causal };
-    let (xm, f, saved) = forward(&Cpu, &BlockRef::new(&stored, &cfg)?, x.value().contiguous(), None, &seqs, None, true)?;
-    let y = finish(&Cpu, xm, &f, x.value().numel())?.reshape(&shape)?; // [B, T, W]
+    let (y, saved) = forward(&Cpu, &BlockRef::new(&stored, &cfg)?, x.value().contiguous(), &seqs, None, true)?;
+    let y = y.reshape(&shape)?; // [B, T, W]
     let saved = saved.ok_or_else(|| Error::msg("block: the forward kept nothing"))?;
     let shapes: Vec<Vec<usize>> = p.iter().map(|v| v.value().shape().to_vec()).collect();
     let mut inputs = vec![x];

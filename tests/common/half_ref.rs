@@ -1,7 +1,8 @@
 //! A reference backend for the half-precision towers: every Linear with a bf16/f16 weight copy
 //! rounds its inputs (the activations x and the weights W) to that format exactly as the fast
 //! paths do (round to nearest even) and accumulates the exact products in f64, then adds the f32
-//! bias; every other operation is the CPU backend's f32 op. The bf16 CPU towers, the bf16 CUDA
+//! bias; the MLP's pre-activation (x·W1ᵀ + b1) is rounded to the format before its activation;
+//! every other operation is the CPU backend's f32 op. The bf16 CPU towers, the bf16 CUDA
 //! towers and the bf16/f16 device trainer round at exactly these points and differ from this only
 //! by their f32 summation order, so they must match it far more closely than they match f32.
 //!
@@ -78,6 +79,17 @@ impl Ops for HalfRef {
             }
         });
         Tensor::from_vec(y, &[m * n])
+    }
+    /// The 16-bit towers' MLP: the pre-activation x·Wᵀ + b rounded to the format, then the f32
+    /// activation of those values (rounded again by the next Linear's input rounding).
+    fn linear_act(&self, x: &Tensor, w: &Weight<HalfRef>, bias: &Tensor, m: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let Some((dt, _)) = &w.half else {
+            let u = self.linear(x, w, None, m)?;
+            return Cpu.bias_act(u, bias, m, w.n, act, keep_pre);
+        };
+        let pre: Vec<f32> = self.linear(x, w, Some(bias), m)?.to_vec_f32().iter().map(|&v| round_to(v, *dt) as f32).collect(); // [m, n]
+        let zero = Tensor::from_vec(vec![0.0; w.n], &[w.n])?;
+        Cpu.bias_act(Tensor::from_vec(pre, &[m * w.n])?, &zero, m, w.n, act, keep_pre)
     }
     fn linear_bwd(
         &self,
