@@ -15,7 +15,7 @@ use crate::ops::fastmath::{par_rows, zeros};
 use crate::ops::gemm_bf16::{matmul_bf16, matmul_bf16_acc, Kernel, PackedBf16};
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
 use crate::ops::matmul::{gemm, linear, View};
-use crate::ops::patch_embed::{patch_embed, patch_embed_bwd_weight, PatchShape};
+use crate::ops::patch_embed::{im2col, patch_embed, patch_embed_bwd_weight, PatchShape};
 use crate::ops::reduce::col_sums;
 use crate::shape_err;
 use crate::tensor::{DType, Tensor};
@@ -247,7 +247,15 @@ impl Ops for Cpu {
     fn patch_embed(&self, px: &Tensor, w: &Weight<Cpu>, b: usize, c: usize, s: usize, p: usize) -> Result<Tensor> {
         check("patch_embed pixels", px.numel(), b * c * s * s)?;
         let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: w.n };
-        vec1(patch_embed(&px.f32_data(), &w.w.f32_data(), &shape)) // [B·N, D]
+        match &w.half {
+            Some(h) => {
+                let cols = im2col(&px.f32_data(), &shape); // [B·N, C·P·P]
+                let mut out = zeros(b * shape.patches() * w.n); // [B·N, D]
+                matmul_bf16(&cols, b * shape.patches(), &h.fwd, None, &mut out); // bf16 pixels and weights, f32 sums
+                vec1(out)
+            }
+            None => vec1(patch_embed(&px.f32_data(), &w.w.f32_data(), &shape)), // [B·N, D]
+        }
     }
 
     fn vision_embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, b: usize, n: usize, w: usize) -> Result<Tensor> {

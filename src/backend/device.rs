@@ -21,7 +21,7 @@
 //! half weights made by [`Ops::weight`] (the first such weight sets it).
 use super::{Act, Ops, Seqs, Weight};
 use crate::cuda::train_ops::{axpy, bias_act_cfg, col_sums, copy, grid, ln_bwd_cfg, ln_cfg, reduce_parts, to_half, vec4};
-use crate::cuda::{Buf, DeviceOps, KernelArgs};
+use crate::cuda::{Buf, DeviceOps, HalfGemm, KernelArgs};
 use crate::error::Result;
 use crate::tensor::DType;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -80,6 +80,18 @@ impl Device {
     }
     pub fn attention_dtype(&self) -> DType {
         self.act_half().unwrap_or(DType::F32)
+    }
+    /// A GEMM input from the host (pixels): uploaded in the towers' 16-bit format when they
+    /// compute in one (half the bytes over the bus; the patch GEMM rounds them to it anyway), else
+    /// f32.
+    pub fn upload_input(&self, data: &[f32]) -> Result<Buf> {
+        match self.act_half() {
+            Some(DType::F16) => {
+                Ok(Buf::half_only(DType::F16, self.ops.upload_f16(&data.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>())?, data.len()))
+            }
+            Some(_) => Ok(Buf::half_only(DType::BF16, self.ops.upload_bf16(&data.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>())?, data.len())),
+            None => self.ops.upload(data),
+        }
     }
     /// The driver-level operations (kernel launches, raw GEMMs).
     pub fn raw(&self) -> &dyn DeviceOps {
@@ -334,7 +346,15 @@ impl Ops for Device {
         let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
         self.ops.launch("patch_im2col_f32", grid(b * n * k), &mut a)?;
         let dw = self.ops.alloc_uninit(d * k)?;
-        self.ops.gemm(&dpatches, &cols, &dw, d, k, b * n, true, false, 0.0)?; // dW = dpatchesᵀ·cols
+        match self.act_half() {
+            Some(dt) => {
+                // 16-bit towers: from the 16-bit d(patches) and pixels, f32 sums (the patch weight has its 16-bit copy)
+                let (dph, ch) = (self.half_of(&dpatches, dt, b * n * d)?, self.half_of(&cols, dt, b * n * k)?);
+                self.ops.gemm_half(&HalfGemm::new(dt, &dph, &ch, &dw, (d, k, b * n), true, false))?;
+                // dW = dpatchesᵀ·cols
+            }
+            None => self.ops.gemm(&dpatches, &cols, &dw, d, k, b * n, true, false, 0.0)?, // dW = dpatchesᵀ·cols
+        }
         Ok(dw)
     }
 

@@ -70,3 +70,75 @@ fn half_linear_forward_and_backward_round_their_inputs() {
         close("y after axpy", &y3, &mm(&hr2, &wt, m, n, k), k);
     }
 }
+
+fn quick_gelu(x: f64) -> f64 {
+    x / (1.0 + (-1.702 * x).exp())
+}
+
+/// The fused Linears of 16-bit towers against an f64 reference of the rounded inputs: the
+/// residual added as the GEMM's C (f32 out); the MLP's pre-activation rounded to 16 bits and held
+/// only so ([`Buf::half_only`]), its activation computed from those values and rounded again;
+/// q, k, v in 16 bits only where the flash kernels read them (head dim 64) and f32 otherwise
+/// (head dim 59); a LayerNorm feeding Linears in 16 bits only; pixels uploaded in 16 bits. Every
+/// 16-bit-only buffer still downloads its values.
+#[test]
+fn fused_half_linears_round_where_documented() {
+    let (m, k, n) = (9, 37, 65);
+    for dt in [DType::BF16, DType::F16] {
+        let u = if dt == DType::F16 { 2f64.powi(-11) } else { 2f64.powi(-8) };
+        let dev = Device::new(Box::new(EmuOps));
+        let (wv, xv, bv, resv) = (lcg(n * k, 11), lcg(m * k, 12), lcg(n, 13), lcg(m * n, 14));
+        let w = dev.weight(dev.upload(&wv).unwrap(), n, k, dt).unwrap();
+        let (x, b, res) = (dev.upload(&xv).unwrap(), dev.upload(&bv).unwrap(), dev.upload(&resv).unwrap());
+        let (xr, wr): (Vec<f64>, Vec<f64>) = (xv.iter().map(|&v| r(v, dt)).collect(), wv.iter().map(|&v| r(v, dt)).collect());
+        let wt: Vec<f64> = (0..k * n).map(|i| wr[i % n * k + i / n]).collect(); // Wᵀ [k, n]
+        let base: Vec<f64> = mm(&xr, &wt, m, n, k).iter().enumerate().map(|(i, v)| v + bv[i % n] as f64).collect(); // x·Wᵀ + b
+                                                                                                                    // linear_add: f32, res + x·Wᵀ + b
+        let y = dev.linear_add(&x, &w, &b, m, &res).unwrap();
+        assert!(!y.is_half_only());
+        close("linear_add", &dev.download(&y).unwrap(), &base.iter().zip(&resv).map(|(a, c)| a + *c as f64).collect::<Vec<_>>(), k);
+        // linear_act: the pre-activation rounded, held in 16 bits only
+        let (o, pre) = dev.linear_act(&x, &w, &b, m, Act::QuickGelu, true).unwrap();
+        let pre = pre.unwrap();
+        assert!(o.is_half_only() && pre.is_half_only(), "{dt:?}: MLP activations must be 16-bit only");
+        let (pv, ov) = (dev.download(&pre).unwrap(), dev.download(&o).unwrap());
+        for (i, (&p, &e)) in pv.iter().zip(&base).enumerate() {
+            assert!((p as f64 - e).abs() <= u * e.abs() + 1e-5 * (k as f64).sqrt() * (1.0 + e.abs()), "{dt:?} pre[{i}]: {p} vs {e}");
+            assert_eq!(r(p, dt), p as f64, "{dt:?} pre[{i}] is not a 16-bit value");
+            let want = r(quick_gelu(p as f64) as f32, dt);
+            assert!((ov[i] as f64 - want).abs() <= 2.0 * u * want.abs() + 1e-6, "{dt:?} act[{i}]: {} vs {want}", ov[i]);
+        }
+        assert!(pv.iter().zip(&base).any(|(&p, e)| (p as f64 - e).abs() > 1e-3 * u * e.abs()), "{dt:?}: the pre-activation was not rounded");
+        // the next Linear reads the 16-bit m as is; a copy and an in-place add give f32 values back
+        let mut c = dev.copy(&o, m * n).unwrap();
+        assert!(!c.is_half_only());
+        assert_eq!(dev.download(&c).unwrap(), ov);
+        dev.axpy(&mut c, &o, 1.0, m * n).unwrap();
+        assert_eq!(dev.download(&c).unwrap(), ov.iter().map(|v| v + v).collect::<Vec<_>>());
+        // LayerNorm feeding Linears: 16-bit only, the same values as the plain LayerNorm's copy
+        let (g, bb) = (dev.upload(&vec![1.0; k]).unwrap(), dev.upload(&vec![0.0; k]).unwrap());
+        let (h, _) = dev.layernorm_for_linear(&x, &g, &bb, m, k, 1e-5).unwrap();
+        let (hf, _) = dev.layernorm(&x, &g, &bb, m, k, 1e-5).unwrap();
+        assert!(h.is_half_only());
+        assert_eq!(dev.download(&h).unwrap(), dev.download(&hf).unwrap().iter().map(|&v| r(v, dt) as f32).collect::<Vec<_>>());
+        // pixels: 16 bits over the bus
+        let px = dev.upload_input(&xv).unwrap();
+        assert!(px.is_half_only());
+        assert_eq!(dev.download(&px).unwrap(), xr.iter().map(|&v| v as f32).collect::<Vec<_>>());
+        // q, k, v: 16-bit only for the flash kernels (head dim 64), f32 for head dim 59
+        for (width, heads, flash) in [(64, 1, true), (118, 2, false)] {
+            let ws: Vec<Weight<Device>> = (0..3).map(|s| dev.weight(dev.upload(&lcg(width * k, 20 + s)).unwrap(), width, k, dt).unwrap()).collect();
+            let bs: Vec<Buf> = (0..3).map(|s| dev.upload(&lcg(width, 30 + s)).unwrap()).collect();
+            let qkv = dev.qkv(&x, [&ws[0], &ws[1], &ws[2]], [&bs[0], &bs[1], &bs[2]], m, heads).unwrap();
+            for t in &qkv {
+                assert_eq!(t.is_half_only(), flash, "{dt:?} width {width}: 16-bit only iff the flash kernels read it");
+            }
+            let q = dev.download(&qkv[0]).unwrap();
+            let want = dev.download(&dev.linear(&x, &ws[0], Some(&bs[0]), m).unwrap()).unwrap();
+            for (i, (&a, &e)) in q.iter().zip(&want).enumerate() {
+                let e = if flash { r(e, dt) } else { e as f64 };
+                assert!((a as f64 - e).abs() <= u * e.abs() + 1e-6, "{dt:?} q[{i}]: {a} vs {e}");
+            }
+        }
+    }
+}

@@ -54,7 +54,7 @@ impl CudaClip {
         if batch == 0 || pixels.len() != batch * c.channels * s * s {
             return Err(crate::shape_err!("image tower expects pixels [B, {}, {s}, {s}] with B >= 1, got {} values for B = {batch}", c.channels, pixels.len()));
         }
-        let px = self.dev.upload(pixels)?;
+        let px = self.dev.upload_input(pixels)?;
         let (e, _) = v.vision(&self.dev, c, px, batch, Mode::Infer, &mut None)?; // [B, D]
         self.dev.download(&e)
     }
@@ -71,7 +71,7 @@ impl CudaClip {
                 s = c.image_size
             ));
         }
-        let (s, e) = v.vision_hidden(&self.dev, c, self.dev.upload(pixels)?, batch, layer, final_ln)?; // [B·T, W], [B, D]
+        let (s, e) = v.vision_hidden(&self.dev, c, self.dev.upload_input(pixels)?, batch, layer, final_ln)?; // [B·T, W], [B, D]
         Ok((self.dev.download(&s)?, self.dev.download(&e)?))
     }
 

@@ -60,7 +60,8 @@ impl<O: Ops> TowerParams<O> {
             p.push(if is_linear(q) {
                 Stored::Linear(ops.weight(b, q.shape[0], q.shape[1], dtype)?)
             } else if q.name == names::PATCH_EMBEDDING {
-                Stored::Linear(ops.weight(b, q.shape[0], q.numel() / q.shape[0], DType::F32)?)
+                Stored::Linear(ops.weight(b, q.shape[0], q.numel() / q.shape[0], dtype)?)
+            // the patch convolution is a Linear over im2col rows
             } else {
                 Stored::Buf(b)
             });
@@ -79,19 +80,17 @@ impl<O: Ops> TowerParams<O> {
     }
 
     /// The same parameters on another backend (values read back with `download`), Linear
-    /// weights also in `dtype` there (the patch convolution stays f32).
+    /// weights (and the patch convolution's) also in `dtype` there.
     pub fn upload<P: Ops>(&self, src: &O, ops: &P, dtype: DType) -> Result<TowerParams<P>> {
         let schema = &self.schema;
         let p = self
             .p
             .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let q = &schema.params()[self.first + i];
+            .map(|s| {
                 let b = ops.upload(&src.download(s.buf())?)?;
                 Ok(match s {
                     Stored::Buf(_) => Stored::Buf(b),
-                    Stored::Linear(w) => Stored::Linear(ops.weight(b, w.n, w.k, if is_linear(q) { dtype } else { DType::F32 })?),
+                    Stored::Linear(w) => Stored::Linear(ops.weight(b, w.n, w.k, dtype)?),
                 })
             })
             .collect::<Result<_>>()?;

@@ -50,7 +50,7 @@ pub fn patch_embed_reference(px: &[f32], w: &[f32], s: &PatchShape) -> Vec<f32> 
 }
 
 /// The im2col matrix [B·N, C·P·P] of the patches (rows in output order).
-fn im2col(px: &[f32], s: &PatchShape) -> Vec<f32> {
+pub fn im2col(px: &[f32], s: &PatchShape) -> Vec<f32> {
     let (gh, gw) = s.grid();
     let (c, p) = (s.channels, s.patch);
     let kdim = c * p * p;

@@ -131,7 +131,7 @@ impl DeviceStep {
     fn vision_node(&self, tape: &Tape, anchor: &Var, pixels: &Tensor) -> Result<Var> {
         let sh = self.sh.clone();
         let b = pixels.dim(0);
-        let px = sh.dev.upload(&pixels.f32_data())?;
+        let px = sh.dev.upload_input(&pixels.f32_data())?;
         let (e, saved) = sh.vision.vision(&sh.dev, &sh.config.vision, px, b, sh.mode(), &mut None)?; // [B, D]
         let mut saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let value = Tensor::from_vec(sh.dev.download(&e)?, &[b, sh.config.projection_dim])?;

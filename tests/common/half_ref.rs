@@ -1,7 +1,7 @@
 //! A reference backend for the half-precision towers: every Linear with a bf16/f16 weight copy
 //! rounds its inputs (the activations x and the weights W) to that format exactly as the fast
 //! paths do (round to nearest even) and accumulates the exact products in f64, then adds the f32
-//! bias; the MLP's pre-activation (x·W1ᵀ + b1) is rounded to the format before its activation;
+//! bias (the patch convolution is such a Linear over im2col rows); the MLP's pre-activation (x·W1ᵀ + b1) is rounded to the format before its activation;
 //! every other operation is the CPU backend's f32 op. The bf16 CPU towers, the bf16 CUDA
 //! towers and the bf16/f16 device trainer round at exactly these points and differ from this only
 //! by their f32 summation order, so they must match it far more closely than they match f32.
@@ -11,6 +11,7 @@
 //! f32 could be.
 use clipforge::backend::cpu::Cpu;
 use clipforge::backend::{Act, Ops, Seqs, Weight};
+use clipforge::ops::patch_embed::{im2col, PatchShape};
 use clipforge::{DType, Result, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -138,8 +139,14 @@ impl Ops for HalfRef {
     fn copy(&self, x: &Tensor, n: usize) -> Result<Tensor> {
         Cpu.copy(x, n)
     }
+    /// The patch convolution as the Linear over im2col rows it is (pixels and weights rounded).
     fn patch_embed(&self, px: &Tensor, w: &Weight<HalfRef>, b: usize, c: usize, s: usize, p: usize) -> Result<Tensor> {
-        Cpu.patch_embed(px, &to_cpu(w), b, c, s, p)
+        if w.half.is_none() {
+            return Cpu.patch_embed(px, &to_cpu(w), b, c, s, p);
+        }
+        let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: w.n };
+        let cols = Tensor::from_vec(im2col(&px.to_vec_f32()[..b * c * s * s], &shape), &[b * shape.patches() * c * p * p])?; // [B·N, C·P·P]
+        self.linear(&cols, w, None, b * shape.patches())
     }
     fn vision_embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, b: usize, n: usize, w: usize) -> Result<Tensor> {
         Cpu.vision_embed(patches, cls, pos, b, n, w)
