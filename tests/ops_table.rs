@@ -41,6 +41,29 @@ fn run<O: Ops>(ops: &O) -> Out {
         out.push((format!("linear_bwd dW {n}x{k}"), dl(&dw, n * k)));
         out.push((format!("linear_bwd db {n}"), dl(&db.unwrap(), n)));
     }
+    // the fused Linears: residual add, bias + activation, the three attention projections
+    {
+        let (m, k, n) = (7, 45, 65);
+        let (x, w, b, res) = (randn(m * k, 1), randn(n * k, 2), randn(n, 3), randn(m * n, 14));
+        let wt = ops.weight(up(&w), n, k, DType::F32).unwrap();
+        out.push(("linear_add".into(), dl(&ops.linear_add(&up(&x), &wt, &up(&b), m, &up(&res)).unwrap(), m * n)));
+        let (o, pre) = ops.linear_act(&up(&x), &wt, &up(&b), m, Act::QuickGelu, true).unwrap();
+        out.push(("linear_act".into(), dl(&o, m * n)));
+        out.push(("linear_act pre".into(), dl(&pre.unwrap(), m * n)));
+        let ws: Vec<_> = (0..3).map(|i| ops.weight(up(&randn(n * k, 40 + i)), n, k, DType::F32).unwrap()).collect();
+        let bs: Vec<_> = (0..3).map(|i| up(&randn(n, 50 + i))).collect();
+        let qkv = ops.qkv(&up(&x), [&ws[0], &ws[1], &ws[2]], [&bs[0], &bs[1], &bs[2]], m, 5).unwrap();
+        for (name, t) in ["q", "k", "v"].iter().zip(&qkv) {
+            out.push((format!("qkv {name}"), dl(t, m * n)));
+        }
+        let ds: Vec<_> = (0..3).map(|i| up(&randn(m * n, 60 + i))).collect();
+        let (dh, dw, db) = ops.qkv_bwd([&ds[0], &ds[1], &ds[2]], &up(&x), [&ws[0], &ws[1], &ws[2]], m).unwrap();
+        out.push(("qkv_bwd dh".into(), dl(&dh, m * k)));
+        for i in 0..3 {
+            out.push((format!("qkv_bwd dW {i}"), dl(&dw[i], n * k)));
+            out.push((format!("qkv_bwd db {i}"), dl(&db[i], n)));
+        }
+    }
     // LayerNorm, with the residual add, and its backward: rows × 59
     let (r, w) = (7, 59);
     let (x, f, g, b, dy) = (randn(r * w, 6), randn(r * w, 7), randn(w, 8), randn(w, 9), randn(r * w, 10));
@@ -52,6 +75,10 @@ fn run<O: Ops>(ops: &O) -> Out {
     out.push(("add_layernorm y".into(), dl(&y2, r * w)));
     let (dx, dg, db) = ops.layernorm_bwd(&up(&dy), &up(&x), &up(&g), &st, r, w, 1e-5).unwrap();
     out.extend([("layernorm_bwd dx".into(), dl(&dx, r * w)), ("layernorm_bwd dg".into(), dl(&dg, w)), ("layernorm_bwd db".into(), dl(&db, w))]);
+    let (h, _) = ops.layernorm_for_linear(&up(&x), &up(&g), &up(&b), r, w, 1e-5).unwrap();
+    out.push(("layernorm_for_linear".into(), dl(&h, r * w)));
+    let (dx, dg, db) = ops.layernorm_bwd_add(&up(&dy), &up(&x), &up(&g), &st, r, w, 1e-5, &up(&f)).unwrap();
+    out.extend([("layernorm_bwd_add dx".into(), dl(&dx, r * w)), ("layernorm_bwd_add dg".into(), dl(&dg, w)), ("layernorm_bwd_add db".into(), dl(&db, w))]);
     // bias + activation and backward: rows × 65
     let n = 65;
     for act in [Act::QuickGelu, Act::Gelu] {
@@ -130,6 +157,31 @@ fn reference() -> Out {
         let db: Vec<f32> = (0..n).map(|j| (0..m).map(|i| dy[i * n + j] as f64).sum::<f64>() as f32).collect();
         out.extend([(format!("linear_bwd dx+= {m}x{k}"), dx), (format!("linear_bwd dW {n}x{k}"), dw), (format!("linear_bwd db {n}"), db)]);
     }
+    {
+        let (m, k, n) = (7, 45, 65);
+        let (x, w, b, res) = (randn(m * k, 1), randn(n * k, 2), randn(n, 3), randn(m * n, 14));
+        let y = linear_reference(&x, m, k, &w, n, Some(&b));
+        out.push(("linear_add".into(), y.iter().zip(&res).map(|(a, c)| a + c).collect()));
+        out.push(("linear_act".into(), unary_reference(Unary::QuickGelu, &y)));
+        out.push(("linear_act pre".into(), y));
+        let ws: Vec<_> = (0..3).map(|i| randn(n * k, 40 + i)).collect();
+        let bs: Vec<_> = (0..3).map(|i| randn(n, 50 + i)).collect();
+        for (i, name) in ["q", "k", "v"].iter().enumerate() {
+            out.push((format!("qkv {name}"), linear_reference(&x, m, k, &ws[i], n, Some(&bs[i]))));
+        }
+        let ds: Vec<_> = (0..3).map(|i| randn(m * n, 60 + i)).collect();
+        let mut dh = vec![0f32; m * k];
+        for i in 0..3 {
+            gemm_reference(View::row_major(&ds[i], m, n), View::row_major(&ws[i], n, k), &mut dh, true);
+        }
+        out.push(("qkv_bwd dh".into(), dh));
+        for (i, d) in ds.iter().enumerate() {
+            let mut dw = vec![0f32; n * k];
+            gemm_reference(View::row_major(d, m, n).t(), View::row_major(&x, m, k), &mut dw, false);
+            out.push((format!("qkv_bwd dW {i}"), dw));
+            out.push((format!("qkv_bwd db {i}"), (0..n).map(|j| (0..m).map(|r| d[r * n + j] as f64).sum::<f64>() as f32).collect()));
+        }
+    }
     let (r, w) = (7, 59);
     let (x, f, g, b, dy) = (randn(r * w, 6), randn(r * w, 7), randn(w, 8), randn(w, 9), randn(r * w, 10));
     out.push(("layernorm".into(), layer_norm_reference(&x, w, &g, &b, 1e-5)));
@@ -137,7 +189,11 @@ fn reference() -> Out {
     out.push(("add_layernorm x".into(), xf.clone()));
     out.push(("add_layernorm y".into(), layer_norm_reference(&xf, w, &g, &b, 1e-5)));
     let (dx, dg, db) = layer_norm_bwd_reference(&x, w, &g, &dy, 1e-5);
-    out.extend([("layernorm_bwd dx".into(), f64s(dx)), ("layernorm_bwd dg".into(), f64s(dg)), ("layernorm_bwd db".into(), f64s(db))]);
+    let dx = f64s(dx);
+    let dxa: Vec<f32> = dx.iter().zip(&f).map(|(a, c)| a + c).collect();
+    out.extend([("layernorm_bwd dx".into(), dx), ("layernorm_bwd dg".into(), f64s(dg.clone())), ("layernorm_bwd db".into(), f64s(db.clone()))]);
+    out.push(("layernorm_for_linear".into(), layer_norm_reference(&x, w, &g, &b, 1e-5)));
+    out.extend([("layernorm_bwd_add dx".into(), dxa), ("layernorm_bwd_add dg".into(), f64s(dg)), ("layernorm_bwd_add db".into(), f64s(db))]);
     let n = 65;
     for (act, op) in [(Act::QuickGelu, Unary::QuickGelu), (Act::Gelu, Unary::Gelu)] {
         let (u, bias, d) = (randn(r * n, 11), randn(n, 12), randn(r * n, 13));
