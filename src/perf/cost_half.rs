@@ -7,7 +7,8 @@ use crate::error::Result;
 /// act_fwd_h*: (pre, out, rows, n, act, vec): 16-bit in and out, eight values a thread when vec.
 fn act_fwd(c: &Ctx) -> Result<Cost> {
     let t = c.i(2)? * c.i(3)?;
-    Ok(Cost { par: t / (2.0 * vec_width(c, 5)?), ..ew(t, 2.0, 2.0, 10.0) })
+    let per = if c.i(5)? != 0.0 { 8.0 } else { 1.0 }; // values a thread
+    Ok(Cost { par: t / per, ..ew(t, 2.0, 2.0, 10.0) })
 }
 
 /// act_bwd_h*: (dout f32, pre 16-bit, du 16-bit, partial f32 [parts, n], rows, n, act, vec).
@@ -72,7 +73,7 @@ mod tests {
     fn half_rows_count_honest_bytes() {
         let g = LaunchCfg::new((1, 1, 1), (256, 1, 1), 0);
         let c = cost("act_fwd_hbf16", g, KernelArgs::new().ptr(1).ptr(2).i32(10).i32(8).i32(0).i32(1));
-        assert_eq!((c.read, c.written), (160.0, 160.0));
+        assert_eq!((c.read, c.written, c.par), (160.0, 160.0, 10.0));
         let c = cost("copy_f32", g, KernelArgs::new().ptr(1).ptr(2).i64(100));
         assert_eq!((c.read, c.written), (400.0, 400.0));
         let parts = LaunchCfg::new((1, 5, 1), (256, 1, 1), 0);
