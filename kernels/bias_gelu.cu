@@ -151,10 +151,15 @@ extern "C" __global__ void bias_grad_reduce_f32(const float* __restrict__ partia
 // col_sums_partial_f32(m, partial, rows, n): partial[p, c] = sum of m[r, c] over row chunk p
 //   (CEIL_DIV(rows, gridDim.y) rows, in order; zero if empty). blockDim = (256, 1, 1),
 //   gridDim = (CEIL_DIV(n, 256), P): the first stage of a column sum (bias gradients).
-// col_reduce_f32(partial, out, parts, n): out[c] = sum over p of partial[p, c] in a fixed order
-//   (thread row ty sums p ≡ ty mod 8 in order, then the 8 row sums in order): bitwise
-//   reproducible. blockDim = (32, 8, 1) exactly, gridDim.x = CEIL_DIV(n, 32); coalesced 128-byte
-//   row reads.
+// col_reduce_f32(partial, out, parts, n): out[c] = sum over p of partial[p, c] in a fixed tree:
+//   thread (tx, ty) of a block of C × R threads (C = blockDim.x columns, R = blockDim.y a power of
+//   two, C·R ≤ 1024) sums p ≡ ty mod R in order, then the R sums of a column are added pairwise
+//   in shared memory (s[ty] += s[ty + h] for h = R/2, R/4, ..., 1): bitwise reproducible for a
+//   given (parts, n, blockDim), whatever the schedule. gridDim.x = CEIL_DIV(n, C); a warp reads
+//   32/C rows of C consecutive columns (C = 8: whole 32-byte sectors). The launcher
+//   (train_ops::col_reduce_cfg) picks C ∈ {4, 8} for ≥ 132 blocks at n ≥ 528 and R ≈ parts / 4
+//   (≤ 1024 / C) so a column's parts are spread over many threads: one wave of an H100 for
+//   n = 768…4096 and parts up to ~2100.
 
 __device__ __forceinline__ float act_rt(float x, int act) {
   return act ? act_fwd<ACT_GELU>(x) : act_fwd<ACT_QUICK_GELU>(x);
@@ -276,19 +281,19 @@ extern "C" __global__ void col_sums_partial_f32(const float* __restrict__ m, flo
   partial[(size_t)blockIdx.y * n + c] = acc;
 }
 
-extern "C" __global__ void __launch_bounds__(256) col_reduce_f32(const float* __restrict__ partial, float* __restrict__ out,
-                                                                int parts, int n) {
-  __shared__ float s[8][33];
-  const int c = blockIdx.x * 32 + threadIdx.x;
+extern "C" __global__ void __launch_bounds__(1024) col_reduce_f32(const float* __restrict__ partial, float* __restrict__ out,
+                                                                 int parts, int n) {
+  __shared__ float s[1024];
+  const int C = blockDim.x, R = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
+  const int c = blockIdx.x * C + tx;
   float acc = 0.f;
   if (c < n)
-    for (int p = threadIdx.y; p < parts; p += 8) acc += partial[(size_t)p * n + c];
-  s[threadIdx.y][threadIdx.x] = acc;
+    for (int p = ty; p < parts; p += R) acc += partial[(size_t)p * n + c];
+  s[ty * C + tx] = acc;
   __syncthreads();
-  if (threadIdx.y == 0 && c < n) {
-    float t = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) t += s[j][threadIdx.x];
-    out[c] = t;
+  for (int h = R >> 1; h > 0; h >>= 1) {  // the same tree in every block: a fixed order of additions
+    if (ty < h) s[ty * C + tx] += s[(ty + h) * C + tx];
+    __syncthreads();
   }
+  if (ty == 0 && c < n) out[c] = s[tx];
 }

@@ -49,6 +49,24 @@ extern "C" __global__ void patch_im2col_f32(const float* __restrict__ pixels, fl
   }
 }
 
+// patch_im2col_h16(pixels, cols, B, C, S, P): patch_im2col_f32 moving 16-bit values (bf16 or f16
+//   pixels, packed two per word, into the patch GEMM's 16-bit input): the same layout and geometry,
+//   the bits copied unchanged (one 2-byte load and store a thread).
+extern "C" __global__ void patch_im2col_h16(const unsigned short* __restrict__ pixels, unsigned short* __restrict__ cols,
+                                            int B, int C, int S, int P) {
+  const int G = S / P, N = G * G, K = C * P * P;
+  const size_t total = (size_t)B * N * K;
+  GRID_STRIDE(i, total) {
+    const size_t row = i / K;
+    const int col = (int)(i - row * K);
+    const int b = (int)(row / N), patch = (int)(row % N);
+    const int gy = patch / G, gx = patch % G;
+    const int c = col / (P * P), rem = col % (P * P);
+    const int ky = rem / P, kx = rem % P;
+    cols[i] = pixels[(((size_t)b * C + c) * S + gy * P + ky) * S + gx * P + kx];
+  }
+}
+
 extern "C" __global__ void vision_embed_assemble_f32(const float* __restrict__ patches, const float* __restrict__ cls,
                                                      const float* __restrict__ pos, float* __restrict__ out, int B,
                                                      int N, int W) {
@@ -92,6 +110,20 @@ extern "C" __global__ void axpy_f32(float* __restrict__ y, const float* __restri
     done = quads * 4;
   }
   for (long long i = done + tid; i < n; i += stride) y[i] = fmaf(alpha, x[i], y[i]);
+}
+
+// copy_f32(x, y, n): y[i] = x[i] over n elements (64-bit), grid-stride, any 1-D geometry (one
+// float4 a thread when both are 16-byte aligned, the tail or everything else one element a thread).
+// y must not alias x. The device backend's copies (no memset + axpy).
+extern "C" __global__ void copy_f32(const float* __restrict__ x, float* __restrict__ y, long long n) {
+  const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x, stride = (long long)gridDim.x * blockDim.x;
+  long long done = 0;
+  if (((reinterpret_cast<size_t>(x) | reinterpret_cast<size_t>(y)) & 15) == 0) {
+    const long long quads = n / 4;
+    for (long long q = tid; q < quads; q += stride) reinterpret_cast<float4*>(y)[q] = reinterpret_cast<const float4*>(x)[q];
+    done = quads * 4;
+  }
+  for (long long i = done + tid; i < n; i += stride) y[i] = x[i];
 }
 
 // unpool_rows_f32(dp, index, dx, B, T, W): dx[b, index[b], :] += dp[b, :] — the backward of

@@ -22,6 +22,8 @@
 //   geometry: blockDim = (256, 1, 1), gridDim.x = CEIL_DIV(cols, 256). (The device backend sums the
 //   partials with col_reduce_f32 of bias_gelu.cu instead: 32 columns × 8 part-strides a block.)
 // _f32_hbf16 / _f32_hf16 forwards: f32 in and out, plus the output rounded to bf16 / f16 in yh.
+// layernorm_fwd_hbf16 / _hf16: f32 in, ONLY the 16-bit output (and the stats).
+// layernorm_bwd_add_f32: the f32 backward with dx = res + (the backward), res after rstd.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -45,8 +47,8 @@ __device__ __forceinline__ void layernorm_row(const T* xr, const float* __restri
   const float rstd = rsqrtf(warp_reduce_sum(ss) / cols + eps);
   for (int c = lane; c < cols; c += 32) {
     const float v = (load_f32(xr, c) - mean) * rstd * gamma[c] + beta[c];
-    store_from_f32(yr, c, v);
-    if (yhr) store_from_f32(yhr, c, v);  // the next GEMM's half input, from the same f32 value
+    if (yr) store_from_f32(yr, c, v);     // NULL: only the half output (layernorm_fwd_h*)
+    if (yhr) store_from_f32(yhr, c, v);  // the next GEMM's half input, from the same f32 value  // the next GEMM's half input, from the same f32 value
   }
   if (lane == 0) {
     if (mean_out) mean_out[row] = mean;
@@ -61,7 +63,7 @@ __device__ __forceinline__ void layernorm_fwd(const T* __restrict__ x, const flo
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= rows) return;  // whole warp leaves together: no block barrier in this kernel
   const size_t off = (size_t)row * cols;
-  layernorm_row<T, TH>(x + off, gamma, beta, y + off, mean, rstd, row, cols, eps, yh ? yh + off : nullptr);
+  layernorm_row<T, TH>(x + off, gamma, beta, y ? y + off : nullptr, mean, rstd, row, cols, eps, yh ? yh + off : nullptr);
 }
 
 template <typename T, typename TH = float>
@@ -86,7 +88,7 @@ __device__ __forceinline__ void layernorm_bwd(const T* __restrict__ dy, const T*
                                               const float* __restrict__ gamma, const float* __restrict__ mean,
                                               const float* __restrict__ rstd, T* __restrict__ dx,
                                               float* __restrict__ dgamma_partial, float* __restrict__ dbeta_partial,
-                                              int rows, int cols) {
+                                              int rows, int cols, const T* __restrict__ res = nullptr) {
   const int chunk = CEIL_DIV(rows, (int)gridDim.x);
   const int r0 = min(rows, (int)blockIdx.x * chunk);
   const int r1 = min(rows, r0 + chunk);
@@ -108,7 +110,8 @@ __device__ __forceinline__ void layernorm_bwd(const T* __restrict__ dy, const T*
     b = warp_reduce_sum(b) * inv_cols;
     for (int c = lane; c < cols; c += 32) {
       const float xhat = (load_f32(x, off + c) - m) * rs;
-      store_from_f32(dx, off + c, rs * (gamma[c] * load_f32(dy, off + c) - a - xhat * b));
+      const float g = rs * (gamma[c] * load_f32(dy, off + c) - a - xhat * b);
+      store_from_f32(dx, off + c, res ? load_f32(res, off + c) + g : g);
     }
   }
 
@@ -195,12 +198,36 @@ extern "C" __global__ void residual_layernorm_fwd_f32_hf16(float* x, const float
   residual_layernorm_fwd<float, __half>(x, residual, gamma, beta, y, mean, rstd, rows, cols, eps, yh);
 }
 
+// f32 LayerNorm writing ONLY the bf16 / f16 output yh (no f32 y): the 16-bit activation path.
+// (x, gamma, beta, yh, mean, rstd, rows, cols, eps): the math and geometry of layernorm_fwd_f32_h*.
+extern "C" __global__ void layernorm_fwd_hbf16(const float* __restrict__ x, const float* __restrict__ gamma,
+                                               const float* __restrict__ beta, __nv_bfloat16* __restrict__ yh, float* mean,
+                                               float* rstd, int rows, int cols, float eps) {
+  layernorm_fwd<float, __nv_bfloat16>(x, gamma, beta, nullptr, mean, rstd, rows, cols, eps, yh);
+}
+extern "C" __global__ void layernorm_fwd_hf16(const float* __restrict__ x, const float* __restrict__ gamma,
+                                              const float* __restrict__ beta, __half* __restrict__ yh, float* mean,
+                                              float* rstd, int rows, int cols, float eps) {
+  layernorm_fwd<float, __half>(x, gamma, beta, nullptr, mean, rstd, rows, cols, eps, yh);
+}
+
 extern "C" __global__ void layernorm_bwd_f32(const float* __restrict__ dy, const float* __restrict__ x,
                                              const float* __restrict__ gamma, const float* __restrict__ mean,
                                              const float* __restrict__ rstd, float* __restrict__ dx,
                                              float* __restrict__ dgamma_partial, float* __restrict__ dbeta_partial,
                                              int rows, int cols) {
   layernorm_bwd<float>(dy, x, gamma, mean, rstd, dx, dgamma_partial, dbeta_partial, rows, cols);
+}
+
+// dx = res + the LayerNorm backward of dy: the residual stream's gradient added in the same pass
+// (no separate axpy). Arguments as layernorm_bwd_f32 with res [rows, cols] f32 after rstd; same
+// geometry and partials. res must not alias dx, dy or x.
+extern "C" __global__ void layernorm_bwd_add_f32(const float* __restrict__ dy, const float* __restrict__ x,
+                                                 const float* __restrict__ gamma, const float* __restrict__ mean,
+                                                 const float* __restrict__ rstd, const float* __restrict__ res,
+                                                 float* __restrict__ dx, float* __restrict__ dgamma_partial,
+                                                 float* __restrict__ dbeta_partial, int rows, int cols) {
+  layernorm_bwd<float>(dy, x, gamma, mean, rstd, dx, dgamma_partial, dbeta_partial, rows, cols, res);
 }
 
 extern "C" __global__ void layernorm_bwd_bf16(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ x,

@@ -6,11 +6,15 @@ mod common;
 /// Rows of the mixed-precision and launch-geometry kernels (half GEMMs, half outputs, two-stage reductions).
 #[path = "cuda_table_rows/half.rs"]
 mod half_rows;
+/// Rows of the kernels that keep activations in 16 bit between GEMMs, copy_f32, col_reduce_f32's tree.
+#[path = "cuda_table_rows/keep16.rs"]
+mod keep16_rows;
 use clipforge::cuda::table::{Arg, Gpu, KernelCase};
 use clipforge::cuda::LaunchCfg;
 use clipforge::ops::elementwise::Unary;
 use clipforge::ops::layernorm::layer_norm_reference;
 use half_rows::{check_half, half_table};
+use keep16_rows::{check_k16, keep16_table};
 
 struct Row {
     case: KernelCase,
@@ -421,5 +425,34 @@ fn gpu_kernels_match_cpu_ops() {
     for row in half_table() {
         let got = row.row.case.run_gpu(&gpu).unwrap_or_else(|e| panic!("{}: {e}", row.row.case.kernel));
         check_half("gpu", &row, &got);
+    }
+}
+
+/// The 16-bit activation kernels (and copy_f32, col_reduce_f32) in every warp schedule.
+#[test]
+fn emulated_keep16_kernels_match_cpu_ops() {
+    use clipforge::cuda::emu::{set_schedule, Schedule, TEST_SCHEDULES};
+    for s in TEST_SCHEDULES {
+        set_schedule(s);
+        for row in keep16_table() {
+            let got = row.case.run_emulated().unwrap_or_else(|e| panic!("{}: {e}", row.case.kernel));
+            check_k16(&format!("emulated ({s:?})"), &row, &got);
+        }
+    }
+    set_schedule(Schedule::Forward);
+}
+
+#[test]
+fn gpu_keep16_kernels_match_cpu_ops() {
+    let gpu = match Gpu::open() {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!("skipped: no CUDA device ({why})");
+            return;
+        }
+    };
+    for row in keep16_table() {
+        let got = row.case.run_gpu(&gpu).unwrap_or_else(|e| panic!("{}: {e}", row.case.kernel));
+        check_k16("gpu", &row, &got);
     }
 }

@@ -12,6 +12,8 @@
 //!   and the choice between the two;
 //! - [`kernels`]: the modules of kernels/*.cu as built by build.rs (source for NVRTC; cubins and
 //!   PTX when nvcc was found);
+//! - [`half_ops`]: launchers of the 16-bit activation kernels (activation, LayerNorm, column sums,
+//!   im2col on bf16/f16 tensors); [`train_ops`]: the f32 helpers (copies, reductions, conversions);
 //! - [`emu`] (feature `emu`): run any kernel on the CPU emulator of emu/, for tests without a GPU.
 pub mod alloc;
 pub mod attention;
@@ -19,6 +21,7 @@ pub mod backend;
 pub mod device;
 pub mod flash;
 pub mod gemm;
+pub mod half_ops;
 pub mod kernels;
 pub mod launch;
 pub mod modules;

@@ -47,7 +47,7 @@ fn row_parts_for(rows: usize, col_blocks: usize, target: usize) -> usize {
     row_parts_min(rows, col_blocks, target, MIN_CHUNK_ROWS)
 }
 
-fn row_parts_min(rows: usize, col_blocks: usize, target: usize, min_rows: usize) -> usize {
+pub(crate) fn row_parts_min(rows: usize, col_blocks: usize, target: usize, min_rows: usize) -> usize {
     let want = target.div_ceil(col_blocks.max(1));
     want.min(rows.div_ceil(min_rows)).clamp(1, 65_535)
 }
@@ -100,16 +100,33 @@ pub fn axpy(ops: &dyn DeviceOps, y: &Buf, x: &Buf, alpha: f32, n: usize) -> Resu
     ops.launch("axpy_f32", grid(n.div_ceil(4)), &mut KernelArgs::new().ptr(y.ptr()).ptr(x.ptr()).f32(alpha).i32(n as i32))
 }
 
-/// A new buffer holding the first `n` elements of x.
+/// The launch of `copy_f32` over `n` elements: one float4 a thread, at most 16384 blocks
+/// (grid-stride).
+pub fn copy_cfg(n: usize) -> LaunchCfg {
+    LaunchCfg::new((n.div_ceil(4 * 256).clamp(1, 16_384) as u32, 1, 1), (256, 1, 1), 0)
+}
+
+/// A new buffer holding the first `n` elements of x (`copy_f32`: no memset, one pass).
 pub fn copy(ops: &dyn DeviceOps, x: &Buf, n: usize) -> Result<Buf> {
-    let y = ops.alloc(n)?;
-    axpy(ops, &y, x, 1.0, n)?;
+    if x.len() < n {
+        return Err(Error::msg(format!("copy: {n} elements from a buffer of {}", x.len())));
+    }
+    let y = ops.alloc_uninit(n)?; // [n], every element written
+    let n64 = i64::try_from(n).map_err(|_| crate::shape_err!("copy: {n} elements"))?;
+    ops.launch("copy_f32", copy_cfg(n), &mut KernelArgs::new().ptr(x.ptr()).ptr(y.ptr()).i64(n64))?;
     Ok(y)
 }
 
-/// The launch of `col_reduce_f32` over `n` columns: 32 columns × 8 part-strides a block.
-pub fn col_reduce_cfg(n: usize) -> LaunchCfg {
-    LaunchCfg::new((n.div_ceil(32) as u32, 1, 1), (32, 8, 1), 0)
+/// The launch of `col_reduce_f32` over `parts` rows of `n` columns: blocks of C × R threads, C = 8
+/// columns (a 32-byte sector per row) when that still makes two 1024-thread blocks per SM of 132
+/// SMs, else 4 (≥ 132 blocks from n = 528); R = ⌈parts/4⌉ rounded up to a power of two, in
+/// [8, 1024/C] (each thread sums ~4–16 parts, then a fixed in-block tree). ViT-L/14 training
+/// (n = 768…4096, parts ~100…2100) gets ≥ 132 blocks, and ≥ half of the GPU's thread slots
+/// resident from parts ≈ 1000.
+pub fn col_reduce_cfg(parts: usize, n: usize) -> LaunchCfg {
+    let c = if n.div_ceil(8) >= 2 * 132 { 8 } else { 4 };
+    let r = parts.div_ceil(4).next_power_of_two().clamp(8, 1024 / c);
+    LaunchCfg::new((n.div_ceil(c).max(1) as u32, 1, 1), (c as u32, r as u32, 1), 0)
 }
 
 /// out[c] = Σ_p partial[p, c] over `parts` rows of partial sums into a new [n] buffer, in a fixed
@@ -117,7 +134,7 @@ pub fn col_reduce_cfg(n: usize) -> LaunchCfg {
 pub fn reduce_parts(ops: &dyn DeviceOps, partial: &Buf, parts: usize, n: usize) -> Result<Buf> {
     let out = ops.alloc_uninit(n)?; // col_reduce_f32 writes every column
     let mut a = KernelArgs::new().ptr(partial.ptr()).ptr(out.ptr()).i32(parts as i32).i32(n as i32);
-    ops.launch("col_reduce_f32", col_reduce_cfg(n), &mut a)?;
+    ops.launch("col_reduce_f32", col_reduce_cfg(parts, n), &mut a)?;
     Ok(out)
 }
 
@@ -160,6 +177,27 @@ mod tests {
         assert_eq!(row_parts(45, 3), 2);
         assert_eq!(blocks(ln_bwd_cfg(128 * 257)), 2056); // ≥ one wave of 10 blocks per SM
         assert_eq!(blocks(ln_bwd_cfg(7)), 1);
+    }
+
+    /// The second stage of the column sums fills one wave of 132 SMs at ViT-B…L widths and the
+    /// first stages' part counts, with a power-of-two tree of at most 1024 threads a block.
+    #[test]
+    fn col_reduce_fills_132_sms() {
+        for n in [768, 1024, 2048, 3072, 4096] {
+            for parts in [100, 352, 1000, 1056, 2056, 2100] {
+                let cfg = col_reduce_cfg(parts, n);
+                let (c, r) = (cfg.block.0 as usize, cfg.block.1 as usize);
+                assert!(r.is_power_of_two() && c * r <= 1024 && cfg.grid.0 as usize * c >= n, "{n}x{parts}: {cfg:?}");
+                assert!(cfg.grid.0 >= 132, "col_reduce {n} columns x {parts} parts: {} blocks", cfg.grid.0);
+                if parts >= 1000 {
+                    // resident threads (≤ 2 blocks of 1024 per SM) ≥ half of 132 SMs × 2048
+                    let resident = (cfg.grid.0 as usize).min(2 * 132) * c * r;
+                    assert!(resident >= 132 * 1024, "{n}x{parts}: {resident} threads");
+                }
+            }
+        }
+        assert_eq!(col_reduce_cfg(1, 1).grid, (1, 1, 1));
+        assert_eq!(col_reduce_cfg(1, 1).block, (4, 8, 1));
     }
 
     /// The conversion of ViT-L/14's MLP input at batch 2048 (m·k > 2³¹; the old int path refused batch ≥ 2041)

@@ -2,7 +2,8 @@
 //! written, the execution unit (tensor cores or CUDA cores) and the parallelism its problem
 //! exposes, decoded from the launch arguments (the same packing as src/backend/device.rs and
 //! src/train/device_step.rs). A kernel without a row is an error at dry-run time: a new kernel
-//! adds its row to [`TABLE`] (tests/dry_run.rs checks every kernel the towers launch has one).
+//! adds its row to [`TABLE`] (tests/dry_run.rs checks every kernel the towers launch has one); the
+//! 16-bit activation kernels' rows are in [`super::cost_half::TABLE`].
 //!
 //! Bytes count compulsory DRAM traffic: every tensor read or written once (re-reads of a tile
 //! served by L2 are free, e.g. attention's K/V tiles). `par` is the number of threads the
@@ -127,16 +128,16 @@ pub struct Row {
     pub cost: CostFn,
 }
 
-fn cc(class: Class, flops: f64, read: f64, written: f64, par: f64) -> Cost {
+pub(super) fn cc(class: Class, flops: f64, read: f64, written: f64, par: f64) -> Cost {
     Cost { flops, read, written, unit: Unit::CudaCore, class, eff: k::CC_EFF, par }
 }
 
 /// One thread per element: `rb`/`wb` bytes read/written and `f` FLOPs per element.
-fn ew(n: f64, rb: f64, wb: f64, f: f64) -> Cost {
+pub(super) fn ew(n: f64, rb: f64, wb: f64, f: f64) -> Cost {
     cc(Class::Elementwise, f * n, rb * n, wb * n, n)
 }
 
-fn reduce(parts: f64, n: f64) -> Cost {
+pub(super) fn reduce(parts: f64, n: f64) -> Cost {
     cc(Class::Reduction, parts * n, 4.0 * parts * n, 4.0 * n, (parts * n / REDUCE_PER_THREAD).max(n.min(parts * n)))
 }
 
@@ -266,6 +267,7 @@ pub const TABLE: &[Row] = &[
             Ok(cc(Class::Reduction, r * n, 4.0 * r * n, 4.0 * parts * n, r * n / REDUCE_PER_THREAD))
         },
     },
+    // (partial, out, parts, n): C × R-thread blocks (train_ops::col_reduce_cfg), each partial read once
     Row { name: "col_reduce_f32", cost: |c| Ok(reduce(c.i(2)?, c.i(3)?)) },
     // cross_entropy.cu: fwd (logits, targets, loss, lse, rows, C, eps); bwd (logits, targets, lse, dlogits, rows, C, ...)
     Row {
@@ -423,7 +425,7 @@ fn bias_act_fwd(c: &Ctx, rows_at: usize, h: f64) -> Result<Cost> {
 
 /// Elements per thread of the vectorized elementwise kernels (argument `vec` at `i`): 4 (float4) or 1;
 /// their `par` counts threads of that width.
-fn vec_width(c: &Ctx, i: usize) -> Result<f64> {
+pub(super) fn vec_width(c: &Ctx, i: usize) -> Result<f64> {
     Ok(if c.i(i)? != 0.0 { 4.0 } else { 1.0 })
 }
 
@@ -455,7 +457,7 @@ fn linear_kernel(c: &Ctx, wt: f64) -> Result<Cost> {
 
 /// The row of `kernel` and the element size of its typed tensors.
 pub fn row_of(kernel: &str) -> Option<(&'static Row, f64)> {
-    TABLE.iter().find_map(|r| match r.name.strip_suffix('*') {
+    TABLE.iter().chain(super::cost_half::TABLE).find_map(|r| match r.name.strip_suffix('*') {
         None => (r.name == kernel).then_some((r, 4.0)),
         Some(base) => match kernel.strip_prefix(base)? {
             "f32" => Some((r, 4.0)),

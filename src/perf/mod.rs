@@ -3,7 +3,8 @@
 //!
 //! - [`record`]: [`RecordingOps`](record::RecordingOps), a `DeviceOps` that records every launch,
 //!   GEMM, memset and copy instead of executing it;
-//! - [`cost`]: per-kernel FLOP/byte models decoded from the launch arguments;
+//! - [`cost`]: per-kernel FLOP/byte models decoded from the launch arguments ([`cost_half`]: the
+//!   16-bit activation kernels' rows);
 //! - [`resources`]: registers and static shared memory from the build's ptxas report;
 //! - [`gpus`]: the named GPUs and every constant of the model;
 //! - [`roofline`]: occupancy, waves and the predicted time of each operation;
@@ -12,6 +13,7 @@
 //!
 //! KERNELS.md ("Performance model") documents the constants and assumptions.
 pub mod cost;
+pub mod cost_half;
 pub mod gpus;
 pub mod record;
 pub mod report;

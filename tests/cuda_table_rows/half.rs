@@ -179,7 +179,7 @@ fn col_sums_rows(rows: usize, n: usize, parts: usize) -> Vec<Row> {
         Row {
             case: KernelCase {
                 kernel: "col_reduce_f32",
-                cfg: clipforge::cuda::train_ops::col_reduce_cfg(n),
+                cfg: clipforge::cuda::train_ops::col_reduce_cfg(parts, n),
                 buffers: vec![partial, vec![f32::NAN; n]],
                 args: vec![Arg::Buf(0), Arg::Buf(1), Arg::I32(parts as i32), Arg::I32(n as i32)],
             },
