@@ -20,6 +20,7 @@
 //! from the half activations into f32 gradients for the f32 masters. The format is the one of the
 //! half weights made by [`Ops::weight`] (the first such weight sets it).
 use super::{Act, Ops, Seqs, Weight};
+use crate::cuda::half_ops::patch_im2col_half;
 use crate::cuda::train_ops::{axpy, bias_act_cfg, col_sums, copy, grid, ln_bwd_cfg, ln_cfg, reduce_parts, to_half, vec4};
 use crate::cuda::{Buf, DeviceOps, HalfGemm, KernelArgs};
 use crate::error::Result;
@@ -225,6 +226,9 @@ impl Ops for Device {
         Ok((y, st))
     }
 
+    fn layernorm_bwd_add(&self, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, rows: usize, w: usize, _eps: f32, res: &Buf) -> Result<(Buf, Buf, Buf)> {
+        crate::cuda::half_ops::layernorm_bwd_add(&*self.ops, &*self.f32_of(dy)?, &*self.f32_of(x)?, g, st, &*self.f32_of(res)?, rows, w)
+    }
     fn layernorm_bwd(&self, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, rows: usize, w: usize, _eps: f32) -> Result<(Buf, Buf, Buf)> {
         let (dy, x) = (self.f32_of(dy)?, self.f32_of(x)?);
         let ops = &*self.ops;
@@ -273,6 +277,9 @@ impl Ops for Device {
     }
 
     fn bias_act_bwd(&self, dout: &Buf, pre: &Buf, rows: usize, n: usize, act: Act) -> Result<(Buf, Buf)> {
+        if let Some(r) = self.act_bwd(dout, pre, rows, n, act)? {
+            return Ok(r); // a 16-bit pre-activation (linear_act of a 16-bit weight)
+        }
         let (dout, pre) = (self.f32_of(dout)?, self.f32_of(pre)?);
         let du = self.ops.alloc_uninit(rows * n)?;
         let mut vec = vec4(n, &[dout.ptr(), pre.ptr(), du.ptr()]);
@@ -332,7 +339,10 @@ impl Ops for Device {
 
     fn patch_embed(&self, px: &Buf, w: &Weight<Device>, b: usize, c: usize, s: usize, p: usize) -> Result<Buf> {
         let n = (s / p) * (s / p);
-        let px = self.f32_of(px)?;
+        if let (Some((dt, h)), true) = (px.half_any(), px.is_half_only()) {
+            let cols = Buf::half_only(dt, patch_im2col_half(&*self.ops, h, b, c, s, p)?, b * n * c * p * p); // [B·N, C·P·P] 16-bit
+            return self.linear(&cols, w, None, b * n); // [B·N, D]
+        }
         let cols = self.ops.alloc_uninit(b * n * c * p * p)?; // [B·N, C·P·P]
         let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
         self.ops.launch("patch_im2col_f32", grid(b * n * c * p * p), &mut a)?;
@@ -341,10 +351,16 @@ impl Ops for Device {
 
     fn patch_embed_bwd(&self, px: &Buf, dpatches: &Buf, b: usize, c: usize, s: usize, p: usize, d: usize) -> Result<Buf> {
         let (n, k) = ((s / p) * (s / p), c * p * p);
-        let (px, dpatches) = (self.f32_of(px)?, self.f32_of(dpatches)?);
-        let cols = self.ops.alloc_uninit(b * n * k)?; // [B·N, C·P·P]
-        let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
-        self.ops.launch("patch_im2col_f32", grid(b * n * k), &mut a)?;
+        let dpatches = self.f32_of(dpatches)?;
+        let cols = match px.half_any() {
+            Some((dt, h)) if px.is_half_only() => Buf::half_only(dt, patch_im2col_half(&*self.ops, h, b, c, s, p)?, b * n * k), // [B·N, C·P·P] 16-bit
+            _ => {
+                let cols = self.ops.alloc_uninit(b * n * k)?; // [B·N, C·P·P]
+                let mut a = KernelArgs::new().ptr(px.ptr()).ptr(cols.ptr()).i32(b as i32).i32(c as i32).i32(s as i32).i32(p as i32);
+                self.ops.launch("patch_im2col_f32", grid(b * n * k), &mut a)?;
+                cols
+            }
+        };
         let dw = self.ops.alloc_uninit(d * k)?;
         match self.act_half() {
             Some(dt) => {

@@ -12,8 +12,9 @@
 //! stream, LayerNorm statistics, softmax and every gradient sum stay f32.
 use super::device::{act_code, Device};
 use super::{Act, Ops, Weight};
-use crate::cuda::train_ops::{bias_act_cfg, col_sums, vec4};
-use crate::cuda::{Buf, DeviceOps, HalfGemm, KernelArgs};
+use crate::cuda::half_ops::{act_bwd_half, act_half, col_sums_half, layernorm_half};
+use crate::cuda::train_ops::col_sums;
+use crate::cuda::{Buf, DeviceOps, HalfGemm};
 use crate::error::Result;
 use crate::tensor::DType;
 
@@ -74,7 +75,11 @@ impl Device {
                 ops.gemm(&dy, &x, &dw, n, k, m, true, false, 0.0)?; // dW = dyᵀ·x (C not read with beta 0)
             }
         }
-        let db = if bias { Some(col_sums(ops, &*self.f32_of(dy)?, m, n)?) } else { None };
+        let db = match (bias, dy.half_any()) {
+            (false, _) => None,
+            (true, Some((dt, h))) if dy.is_half_only() => Some(col_sums_half(ops, dt, h, m, n)?), // the 16-bit dy's sums in f32
+            (true, _) => Some(col_sums(ops, dy, m, n)?),
+        };
         Ok((dw, db))
     }
 
@@ -104,21 +109,21 @@ impl Device {
         };
         let n = w.n;
         let pre = self.lin_half_out(x, w, *dt, hw, Some(bias), m)?; // [m, n] 16-bit
-        let out = self.act_of_half(&pre, *dt, m, n, act)?; // [m, n] 16-bit
+        let (_, ph) = pre.half_any().ok_or_else(|| crate::error::Error::msg("linear_act: no 16-bit pre-activation"))?;
+        let out = Buf::half_only(*dt, act_half(&*self.ops, *dt, ph, m, n, act_code(act))?, m * n); // [m, n] 16-bit
         Ok((out, keep_pre.then_some(pre)))
     }
 
-    /// act(pre) of a 16-bit [rows, n] pre-activation, rounded to the same format (16-bit only).
-    fn act_of_half(&self, pre: &Buf, dt: DType, rows: usize, n: usize, act: Act) -> Result<Buf> {
-        let ops: &dyn DeviceOps = &*self.ops;
-        let u = self.f32_of(pre)?; // [rows, n] f32 (the rounded values)
-        let zero = ops.alloc(n)?; // no bias: the GEMM added it
-        let uh = ops.alloc_uninit((rows * n).div_ceil(2))?; // [rows, n] halves
-        let vec = vec4(n, &[u.ptr(), zero.ptr()]) && uh.ptr().is_multiple_of(8);
-        let kernel = if dt == DType::F16 { "bias_act_fwd_f32_hf16" } else { "bias_act_fwd_f32_hbf16" };
-        let mut a = KernelArgs::new().ptr(u.ptr()).ptr(zero.ptr()).ptr(0).ptr(uh.ptr()).i32(rows as i32).i32(n as i32).i32(act_code(act)).i32(vec as i32);
-        ops.launch(kernel, bias_act_cfg(rows, n, vec), &mut a)?;
-        Ok(Buf::half_only(dt, uh, rows * n))
+    /// The backward of the activation from a 16-bit pre-activation: du in 16 bits only (read by
+    /// the fc1 backward GEMMs), the bias gradient from the f32 du.
+    pub(super) fn act_bwd(&self, dout: &Buf, pre: &Buf, rows: usize, n: usize, act: Act) -> Result<Option<(Buf, Buf)>> {
+        match pre.half_any() {
+            Some((dt, ph)) if pre.is_half_only() => {
+                let (du, db) = act_bwd_half(&*self.ops, dt, &*self.f32_of(dout)?, ph, rows, n, act_code(act))?;
+                Ok(Some((Buf::half_only(dt, du, rows * n), db)))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// y = res + x·Wᵀ + bias in one GEMM (C = res) for a 16-bit weight.
@@ -128,18 +133,12 @@ impl Device {
 
     /// LayerNorm whose output feeds Linears only: 16-bit only when the towers compute in 16 bits.
     pub(super) fn ln_for_linear(&self, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
-        let (y, st) = self.layernorm(x, g, b, rows, w, eps)?; // [rows, w] (+ its 16-bit copy)
         match self.act_half() {
-            Some(dt) => Ok((into_half_only(y, dt, rows * w)?, st)),
-            None => Ok((y, st)),
+            Some(dt) => {
+                let (y, st) = layernorm_half(&*self.ops, dt, &*self.f32_of(x)?, g, b, rows, w, eps)?; // [rows, w] 16-bit, stats
+                Ok((Buf::half_only(dt, y, rows * w), st))
+            }
+            None => self.layernorm(x, g, b, rows, w, eps),
         }
-    }
-}
-
-/// A buffer with its 16-bit copy → the copy alone ([`Buf::half_only`]).
-fn into_half_only(mut y: Buf, dt: DType, n: usize) -> Result<Buf> {
-    match y.take_half(dt) {
-        Some(h) => Ok(Buf::half_only(dt, h, n)),
-        None => Err(crate::error::Error::msg("layernorm wrote no 16-bit copy")),
     }
 }
