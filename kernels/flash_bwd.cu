@@ -23,7 +23,8 @@
 // dynamic smem: 6 tiles [64][hd+8] of T + 256 f32 = 56,320 B (hd 64), 68,608 B (hd 80): the
 // launcher raises the kernel's dynamic shared memory limit.
 // flash_varlen_bwd_<T>(..., cu_seqlens, nseq, Tmax, H, hd, causal, scale): packed sequences as
-//   attention_varlen_bwd_f32; gridDim = (2·⌈Tmax/64⌉, H, nseq).
+//   attention_varlen_bwd_f32; gridDim = (2·⌈Tmax/64⌉, H, nseq). flash_varlen_bwd64_<T>: the same,
+//   hd 64 only (else __trap), with the register bound of the batched kernels (see below).
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -200,7 +201,8 @@ __device__ __forceinline__ void flash_bwd_body(const T* __restrict__ q, const T*
   }
 }
 
-template <typename T>
+// HD: 0 = both head-dim instances (dispatch on hd), 64 = the hd-64 instance only (else __trap).
+template <typename T, int HD = 0>
 __device__ __forceinline__ void flash_bwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ o,
                                           const T* __restrict__ dout, const float* __restrict__ lse, T* __restrict__ dq, T* __restrict__ dk,
                                           T* __restrict__ dv, int row0, int T_, int H, int hd, int causal, float scale) {
@@ -208,15 +210,17 @@ __device__ __forceinline__ void flash_bwd(const T* __restrict__ q, const T* __re
   if (blockDim.x != FL_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
   T* smem = reinterpret_cast<T*>(fl_smem);
   if (hd == 64) flash_bwd_body<T, 64>(q, k, v, o, dout, lse, dq, dk, dv, row0, T_, H, causal, scale, smem);
-  else if (hd == 80) flash_bwd_body<T, 80>(q, k, v, o, dout, lse, dq, dk, dv, row0, T_, H, causal, scale, smem);
+  else if (HD == 0 && hd == 80) flash_bwd_body<T, 80>(q, k, v, o, dout, lse, dq, dk, dv, row0, T_, H, causal, scale, smem);
   else __trap();
 }
 
 // sm_90: the batched entry points are compiled for 3 resident blocks per SM (<= 168 registers, 0
 // spills; 12 warps/SM on H100 instead of 8 at the 203 registers of the unbounded build; 3 x 57 KB of
 // shared memory fit the 228 KB). Other archs fit only 2 (A100: 164 KB smem) or 1 (sm_86/89: 100 KB)
-// by shared memory, so they keep 2 (where 168 would spill on sm_80). The varlen entry points stay
-// unbounded: at 168 they spill 12-56 B (their offset and length live in registers).
+// by shared memory, so they keep 2 (where 168 would spill on sm_80). The varlen entry points of both
+// head dims stay unbounded (at 168 the hd-80 instance spills 16 B: the sequence's offset and length
+// live in registers); flash_varlen_bwd64_<T> (hd 64 only, the launcher's choice at hd 64) is bounded
+// to 3 blocks like the batched ones.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define FL_BWD_BLOCKS_SM 3
 #else
@@ -254,4 +258,21 @@ flash_varlen_bwd_f16(FL_BWD_ARGS(__half), const int* __restrict__ cu_seqlens, in
   int off, len;
   if (!fl_varlen_seq(cu_seqlens, nseq, 2, &off, &len)) return;
   flash_bwd<__half>(q, k, v, o, dout, lse, dq, dk, dv, off, len, H, hd, causal, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FL_THREADS, FL_BWD_BLOCKS_SM)
+flash_varlen_bwd64_bf16(FL_BWD_ARGS(__nv_bfloat16), const int* __restrict__ cu_seqlens, int nseq, int Tmax, int H, int hd, int causal,
+                        float scale) {
+  (void)Tmax;
+  int off, len;
+  if (!fl_varlen_seq(cu_seqlens, nseq, 2, &off, &len)) return;
+  flash_bwd<__nv_bfloat16, 64>(q, k, v, o, dout, lse, dq, dk, dv, off, len, H, hd, causal, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FL_THREADS, FL_BWD_BLOCKS_SM)
+flash_varlen_bwd64_f16(FL_BWD_ARGS(__half), const int* __restrict__ cu_seqlens, int nseq, int Tmax, int H, int hd, int causal, float scale) {
+  (void)Tmax;
+  int off, len;
+  if (!fl_varlen_seq(cu_seqlens, nseq, 2, &off, &len)) return;
+  flash_bwd<__half, 64>(q, k, v, o, dout, lse, dq, dk, dv, off, len, H, hd, causal, scale);
 }

@@ -224,6 +224,7 @@ pub const TABLE: &[Row] = &[
     Row { name: "flash_bwd_*", cost: |c| flash(c, 9, true) },
     Row { name: "flash_varlen_fwd_*", cost: |c| flash_varlen(c, 5, false) },
     Row { name: "flash_varlen_bwd_*", cost: |c| flash_varlen(c, 9, true) },
+    Row { name: "flash_varlen_bwd64_*", cost: |c| flash_varlen(c, 9, true) }, // the hd-64 instance alone
     // (x, y, n): 16-bit → f32 (flash outputs back to the f32 stream)
     Row { name: "bf16_to_f32", cost: |c| Ok(ew(c.i(2)?, 2.0, 4.0, 0.0)) },
     Row { name: "f16_to_f32", cost: |c| Ok(ew(c.i(2)?, 2.0, 4.0, 0.0)) },
