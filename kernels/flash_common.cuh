@@ -12,6 +12,10 @@
 //   fl_mma_pb   acc[D/8][4] += P·B: P = a 16 x 64 f32 result as above (rounded to T for the A
 //               fragments, the FlashAttention-2 register reuse), B = a 64-row [k][n] tile
 //               (ldmatrix.x4.trans): a 16 x D result.
+//   Both take nb (1..4, warp-uniform): only the first 16·nb rows of the 64-row B tile are used
+//   (abt: n-tiles j >= 2·nb are left as they are; pb: P columns >= 16·nb are taken as zero): the
+//   callers pass fl_chunks16 of the rows left before T (or the causal bound), so tiles past the
+//   sequence end cost no mma (executed work: 16-row granularity, as src/perf/cost.rs counts it).
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
@@ -34,9 +38,12 @@ __device__ __forceinline__ void fl_load_tile(T* s, const T* __restrict__ x, int 
   }
 }
 
-// acc[j] += A[16 rows][0..D) · B[8j .. 8j+8)[0..D)ᵀ for j < 8.
+// 16-row chunks (0..4) of a 64-row tile holding `rows_left` valid rows.
+__device__ __forceinline__ int fl_chunks16(int rows_left) { return rows_left <= 0 ? 0 : min(4, CEIL_DIV(rows_left, 16)); }
+
+// acc[j] += A[16 rows][0..D) · B[8j .. 8j+8)[0..D)ᵀ for j < 2·nb.
 template <typename T, int D>
-__device__ __forceinline__ void fl_mma_abt(float acc[8][4], const T* A, const T* B) {
+__device__ __forceinline__ void fl_mma_abt(float acc[8][4], const T* A, const T* B, int nb = 4) {
   constexpr int LD = D + 8;
   const int lane = threadIdx.x & 31, j8 = lane >> 3, r8 = lane & 7;
 #pragma unroll
@@ -45,6 +52,7 @@ __device__ __forceinline__ void fl_mma_abt(float acc[8][4], const T* A, const T*
     ldmatrix_x4(a, A + (r8 + (j8 & 1) * 8) * LD + ks * 16 + (j8 >> 1) * 8);
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
+      if (np >= nb) break;
       // matrices: (n lo, k lo) (n lo, k hi) (n hi, k lo) (n hi, k hi) = b0, b1 of n-tiles 2np, 2np+1
       unsigned b[4];
       ldmatrix_x4(b, B + (np * 16 + r8 + (j8 >> 1) * 8) * LD + ks * 16 + (j8 & 1) * 8);
@@ -54,13 +62,14 @@ __device__ __forceinline__ void fl_mma_abt(float acc[8][4], const T* A, const T*
   }
 }
 
-// acc[j] += P[16][0..64) · B[0..64)[8j .. 8j+8) for j < D/8.
+// acc[j] += P[16][0..16·nb) · B[0..16·nb)[8j .. 8j+8) for j < D/8.
 template <typename T, int D>
-__device__ __forceinline__ void fl_mma_pb(float acc[D / 8][4], const float p[8][4], const T* B) {
+__device__ __forceinline__ void fl_mma_pb(float acc[D / 8][4], const float p[8][4], const T* B, int nb = 4) {
   constexpr int LD = D + 8;
   const int lane = threadIdx.x & 31, j8 = lane >> 3, r8 = lane & 7;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
+    if (kk >= nb) break;
     const unsigned a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
                            pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll

@@ -12,7 +12,10 @@
 // flight while tile i is used); Q stays in shared memory; S = Q·Kᵀ by ldmatrix + mma; masked
 // scores -> running max m, running (per-thread partial) sum l, the accumulator rescaled by
 // 2^(m_old - m_new); o += P·V with P straight from the S registers and V by ldmatrix.trans.
-// Tails: rows past T load as zeros (cp.async src-size 0) and are masked (keys) or not stored (queries).
+// Tails: rows past T load as zeros (cp.async src-size 0) and are masked (keys) or not stored (queries);
+// no mma for them at 16-row granularity: a warp whose 16 queries are all past T skips the tile's
+// math, and key chunks of 16 all past T (or, causal, all past the warp's last query) are skipped
+// (fl_mma_abt/pb nb), so the executed pairs are what src/perf/cost.rs `flash_pairs` counts.
 //   hd: 64 or 80 (template instances; anything else __traps -- the launcher routes other head dims
 //   to kernels/attention.cu). geometry: blockDim = (128, 1, 1); gridDim = (⌈T/64⌉, H, B).
 //   dynamic smem: 5 tiles [64][hd+8] of T (Q, K x2, V x2) = 46,080 B (hd 64), 56,320 B (hd 80).
@@ -41,6 +44,7 @@ __device__ __forceinline__ void flash_fwd_body(const T* __restrict__ q, const T*
   const int kend = causal ? min(T_, q0 + FL_TILE) : T_;
   const int ntiles = CEIL_DIV(kend, FL_TILE);
   const int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  const bool live = q0 + warp * 16 < T_;
 
   fl_load_tile<T, D>(Qs, q + base, q0, T_, W);
   fl_load_tile<T, D>(Ks, k + base, 0, T_, W);
@@ -61,10 +65,13 @@ __device__ __forceinline__ void flash_fwd_body(const T* __restrict__ q, const T*
       cp_async_wait<0>();
     }
     __syncthreads();  // tile it (and Q) visible to all threads
+    if (live) {  // warp-uniform: a warp whose 16 rows are all past T computes nothing (barriers stay outside)
+    // key chunks of 16 with a key < T and (causal) a key <= the warp's last row; the rest cost no mma
+    const int nb = min(fl_chunks16(T_ - k0), causal ? fl_chunks16(q0 + warp * 16 + 16 - k0) : 4);
     float s[8][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-    fl_mma_abt<T, D>(s, Qs + warp * 16 * LD, Ks + buf * TILE);
+    fl_mma_abt<T, D>(s, Qs + warp * 16 * LD, Ks + buf * TILE, nb);
     float mt[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -96,7 +103,8 @@ __device__ __forceinline__ void flash_fwd_body(const T* __restrict__ q, const T*
         s[j][e] = exp2f(s[j][e] - m[e >> 1]);
         l[e >> 1] += s[j][e];
       }
-    fl_mma_pb<T, D>(acc, s, Vs + buf * TILE);
+    fl_mma_pb<T, D>(acc, s, Vs + buf * TILE, nb);
+    }
     __syncthreads();  // every warp is done with buffer `buf` before it is refilled
   }
 #pragma unroll

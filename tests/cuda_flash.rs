@@ -430,7 +430,8 @@ fn other_head_dims_fall_back_to_the_cuda_core_kernels() {
         let b = best_launch(&s, DType::F16, true).unwrap();
         assert_eq!((b.kernel.as_str(), b.grid), ("flash_bwd_f16", (8, 12, 2)));
         assert!(b.smem_bytes <= clipforge::cuda::attention::SMEM_LIMIT_SM80);
-        assert_eq!(best_varlen_launch(3, 248, 12, d, DType::BF16, true).unwrap().kernel, "flash_varlen_bwd_bf16");
+        let want = if d == 64 { "flash_varlen_bwd64_bf16" } else { "flash_varlen_bwd_bf16" };
+        assert_eq!(best_varlen_launch(3, 248, 12, d, DType::BF16, true).unwrap().kernel, want);
     }
     assert!(flash_fwd_launch(&s, DType::F32).is_err() && flash_fwd_launch(&s, DType::BF16).is_err());
 }
@@ -449,6 +450,14 @@ fn flash_kernels_trap_on_unsupported_launches() {
     let inp = inputs(&c48, DType::BF16);
     let err = run_bwd(&c48, DType::BF16, &inp, &inp.v, &[0.0; 7], &l).expect_err("hd 48 must trap").to_string();
     assert!(err.contains("__trap"), "{err}");
+    // the hd-64-only varlen backward refuses hd 80
+    let c80 = varlen(&[7, 3], 1, 80, true);
+    let mut l = c80.launch(DType::BF16, true).unwrap();
+    assert_eq!(l.kernel, "flash_varlen_bwd_bf16");
+    l.kernel = "flash_varlen_bwd64_bf16".into();
+    let inp = inputs(&c80, DType::BF16);
+    let err = run_bwd(&c80, DType::BF16, &inp, &inp.v, &[0.0; 10], &l).expect_err("hd 80 must trap in bwd64").to_string();
+    assert!(err.contains("__trap"), "{err}");
 }
 
 #[test]
@@ -462,6 +471,8 @@ fn flash_kernels_are_registered() {
         ("flash_bwd_f16", 15),
         ("flash_varlen_bwd_bf16", 16),
         ("flash_varlen_bwd_f16", 16),
+        ("flash_varlen_bwd64_bf16", 16),
+        ("flash_varlen_bwd64_f16", 16),
         ("mma_test_bf16", 4),
         ("bf16_to_f32", 3),
     ] {

@@ -14,7 +14,7 @@
 //!     change together; KERNELS.md "Performance model"). The exemption matches those GEMMs exactly by
 //!     their FLOPs (2·B·patches·width·3p²), so any other CUDA-core GEMM or attention fails;
 //! (c) the goals (B/16 ≥ 12 000 img/s, L/14 ≥ 2 500 img/s, Long-CLIP L/14 fine-tuning
-//!     ≥ 600 samples/s on an H100 SXM) are NOT met yet: the model predicts about 7.0k, 2.0k and 385.
+//!     ≥ 600 samples/s on an H100 SXM) are NOT met yet: the model predicts about 7.0k, 2.0k and 396.
 //!     The test prints the gap to each goal and fails if a prediction falls below the floor
 //!     measured when this was written (a regression guard, raised as the kernels improve).
 //! Each failure prints a table of the offending launches.
@@ -66,7 +66,7 @@ fn train() -> Case {
         report,
         kernels: kernels(&phase.ops),
         goal: 600.0,
-        floor: 380.0,
+        floor: 390.0,
         patch_flops: patch_flops(&cfg, 128),
     }
 }

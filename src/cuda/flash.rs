@@ -71,11 +71,18 @@ pub fn flash_bwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch> {
 }
 
 /// `flash_varlen_{fwd,bwd}_<dtype>` over `nseq` packed sequences (offsets in a cu_seqlens int32
-/// buffer of nseq + 1 entries), the grid sized for the longest, `tmax`.
+/// buffer of nseq + 1 entries), the grid sized for the longest, `tmax`. The backward at head dim 64
+/// is `flash_varlen_bwd64_<dtype>`: the hd-64 instance alone, which fits the register bound of 3
+/// blocks per SM on sm_90 (kernels/flash_bwd.cu; both instances together would spill).
 pub fn flash_varlen_launch(nseq: usize, tmax: usize, heads: usize, head_dim: usize, causal: bool, dtype: DType, backward: bool) -> Result<KernelLaunch> {
     let s = AttnShape { batch: nseq, seq: tmax, heads, head_dim, causal, scale: 1.0 / (head_dim as f32).sqrt() };
     let mut l = if backward { flash_bwd_launch(&s, dtype)? } else { flash_fwd_launch(&s, dtype)? };
-    l.kernel = format!("flash_varlen_{}_{}", if backward { "bwd" } else { "fwd" }, suffix(dtype));
+    let pass = match (backward, head_dim) {
+        (false, _) => "fwd",
+        (true, 64) => "bwd64",
+        (true, _) => "bwd",
+    };
+    l.kernel = format!("flash_varlen_{pass}_{}", suffix(dtype));
     Ok(l)
 }
 

@@ -215,14 +215,17 @@ pub const TABLE: &[Row] = &[
     Row { name: "attention_varlen_bwd_f32", cost: |c| attention_varlen(c, 9, 10.0, 5.0, 3.0, true) },
     // flash_fwd.cu / flash_bwd.cu (tensor cores: mma.sync): fwd (q, k, v, o, lse, B, T, H, hd, causal, scale),
     // bwd (q, k, v, o, dout, lse, dq, dk, dv, B, T, H, hd, causal, scale); varlen: cu_seqlens, nseq,
-    // Tmax in place of B, T. Forward 4 FLOPs per (query, key) pair and head dim (S = QKᵀ, PV).
-    // Backward: the textbook 10 (2.5× the forward: S, dP, dV, dK, dQ), but this kernel computes S
-    // and dP twice (its dK/dV and dQ blocks each recompute them, deterministic, no atomics): 7 tile
-    // products, 14 FLOPs executed per pair and dim (3.5× the forward) — the time model counts those.
-    Row { name: "flash_fwd_*", cost: |c| attention(c, 5, 4.0, 3.0, 1.0, false) },
-    Row { name: "flash_bwd_*", cost: |c| attention(c, 9, FLASH_BWD_MULTS, 5.0, 3.0, true) },
-    Row { name: "flash_varlen_fwd_*", cost: |c| attention_varlen(c, 5, 4.0, 3.0, 1.0, false) },
-    Row { name: "flash_varlen_bwd_*", cost: |c| attention_varlen(c, 9, FLASH_BWD_MULTS, 5.0, 3.0, true) },
+    // Tmax in place of B, T. FLOPs as executed: the (query, key) pairs the kernels' mma cover
+    // ([`flash_pairs`]: 16-row granularity, causal at tile granularity on the diagonal), 2·hd per
+    // pair and tile product. Forward 2 products (S = QKᵀ, PV). Backward: the textbook 5 (S, dP, dV,
+    // dK, dQ), but this kernel computes S and dP twice (its dK/dV blocks: Sᵀ, dPᵀ, dV, dK over the
+    // key-major pairs; its dQ blocks: S, dP, dQ over the query-major pairs; deterministic, no
+    // atomics): 7 products, 14 FLOPs per pair and dim ([`FLASH_BWD_MULTS`]) — the time model counts those.
+    Row { name: "flash_fwd_*", cost: |c| flash(c, 5, false) },
+    Row { name: "flash_bwd_*", cost: |c| flash(c, 9, true) },
+    Row { name: "flash_varlen_fwd_*", cost: |c| flash_varlen(c, 5, false) },
+    Row { name: "flash_varlen_bwd_*", cost: |c| flash_varlen(c, 9, true) },
+    Row { name: "flash_varlen_bwd64_*", cost: |c| flash_varlen(c, 9, true) }, // the hd-64 instance alone
     // (x, y, n): 16-bit → f32 (flash outputs back to the f32 stream)
     Row { name: "bf16_to_f32", cost: |c| Ok(ew(c.i(2)?, 2.0, 4.0, 0.0)) },
     Row { name: "f16_to_f32", cost: |c| Ok(ew(c.i(2)?, 2.0, 4.0, 0.0)) },
@@ -413,8 +416,55 @@ fn bias_fwd(c: &Ctx) -> Result<Cost> {
     Ok(ew(r * n, c.t + 4.0 / r.max(1.0), c.t + pre, 10.0))
 }
 
-/// Executed FLOPs per (query, key) pair and head dim of flash_bwd (see its TABLE rows).
+/// Executed FLOPs per (query, key) pair and head dim of flash_bwd (see its TABLE rows): 2 per
+/// product, 4 products in the dK/dV blocks and 3 in the dQ blocks.
 pub const FLASH_BWD_MULTS: f64 = 14.0;
+
+/// The (query, key) pairs one flash head of length `l` executes on the tensor cores, as
+/// (query-major, key-major): the forward and the backward's dQ blocks loop over key tiles for
+/// each warp of 16 queries (no warp past `l`; key chunks of 16 up to `l`, causal: up to the warp's
+/// last query); the dK/dV blocks loop over query tiles for each warp of 16 keys (query chunks of 16
+/// up to `l`; causal: from the key tile's first row, the diagonal tile whole). Both are
+/// ⌈l/16⌉²·256 without causal.
+pub fn flash_pairs(l: f64, causal: bool) -> (f64, f64) {
+    let l = l.max(0.0) as usize;
+    let c16 = |x: usize| x.div_ceil(16) * 16;
+    if !causal {
+        let n = c16(l) as f64;
+        return (n * n, n * n);
+    }
+    let tiles: Vec<usize> = (0..l.div_ceil(64)).map(|i| c16((l - 64 * i).min(64))).collect();
+    let (mut qmaj, mut kmaj) = (0usize, 0usize);
+    for (m, &sm) in tiles.iter().enumerate() {
+        for w in (0..4).filter(|w| 64 * m + 16 * w < l) {
+            qmaj += 16 * (64 * m + sm.min(16 * w + 16));
+        }
+        kmaj += sm * tiles[m..].iter().sum::<usize>();
+    }
+    (qmaj as f64, kmaj as f64)
+}
+
+/// Executed FLOPs of one flash head of length `l`: forward 2 products over the query-major pairs;
+/// backward 3 (S, dP, dQ) over those and 4 (Sᵀ, dPᵀ, dV, dK) over the key-major ones.
+fn flash_flops(l: f64, causal: bool, hd: f64, bwd: bool) -> f64 {
+    let (q, k) = flash_pairs(l, causal);
+    2.0 * hd * if bwd { 3.0 * q + 4.0 * k } else { 2.0 * q }
+}
+
+/// Batched flash kernels: bytes and parallelism as [`attention`], FLOPs as executed.
+fn flash(c: &Ctx, first: usize, bwd: bool) -> Result<Cost> {
+    let (b, t, h, hd, causal) = (c.i(first)?, c.i(first + 1)?, c.i(first + 2)?, c.i(first + 3)?, c.i(first + 4)? != 0.0);
+    let io = if bwd { (5.0, 3.0) } else { (3.0, 1.0) };
+    Ok(Cost { flops: b * h * flash_flops(t, causal, hd, bwd), ..attention(c, first, 0.0, io.0, io.1, bwd)? })
+}
+
+/// Packed flash kernels: the same per sequence.
+fn flash_varlen(c: &Ctx, cu: usize, bwd: bool) -> Result<Cost> {
+    let lens = c.seqlens(cu, cu + 1, cu + 2)?;
+    let (h, hd, causal) = (c.i(cu + 3)?, c.i(cu + 4)?, c.i(cu + 5)? != 0.0);
+    let io = if bwd { (5.0, 3.0) } else { (3.0, 1.0) };
+    Ok(Cost { flops: h * lens.iter().map(|&l| flash_flops(l, causal, hd, bwd)).sum::<f64>(), ..attention_varlen(c, cu, 0.0, io.0, io.1, bwd)? })
+}
 
 /// bias_act_fwd_*: f32 y in place (+ bias), `pre` f32 when non-null, `h` bytes of the 16-bit copy.
 fn bias_act_fwd(c: &Ctx, rows_at: usize, h: f64) -> Result<Cost> {
@@ -496,5 +546,25 @@ mod tests {
         assert_eq!(c.class, Class::Attention);
         let rec = LaunchRec { kernel: "nope_f32".into(), ..rec };
         assert!(launch_cost(&rec, &log).unwrap_err().to_string().contains("nope_f32"));
+    }
+
+    #[test]
+    fn flash_counts_the_pairs_it_executes() {
+        // non-causal: ⌈T/16⌉·16 squared (T 257: 272 queries and keys, not the 320 of whole 64-tiles)
+        assert_eq!(flash_pairs(257.0, false), (272.0 * 272.0, 272.0 * 272.0));
+        assert_eq!(flash_pairs(1.0, true), (256.0, 256.0));
+        // causal T 130, tiles of 64, 64, 16 rows: query-major Σ warps 16·(64m + min(s_m, 16w+16)),
+        // key-major Σ_n s_n·Σ_{m≥n} s_m (the diagonal tile whole)
+        assert_eq!(
+            flash_pairs(130.0, true),
+            (16.0 * (16.0 + 32.0 + 48.0 + 64.0) + 16.0 * (256.0 + 160.0) + 16.0 * 144.0, 64.0 * 144.0 + 64.0 * 80.0 + 16.0 * 16.0)
+        );
+        let log = Log::default();
+        let a = KernelArgs::new().ptr(1).ptr(2).ptr(3).ptr(4).ptr(5).ptr(6).ptr(7).ptr(8).ptr(9).i32(2).i32(257).i32(12).i32(64).i32(0).f32(0.125);
+        let rec = LaunchRec { kernel: "flash_bwd_bf16".into(), cfg: LaunchCfg::new((10, 12, 2), (128, 1, 1), 0), args: a.args().to_vec() };
+        let c = launch_cost(&rec, &log).unwrap();
+        assert_eq!(c.flops, FLASH_BWD_MULTS * 2.0 * 12.0 * 272.0 * 272.0 * 64.0);
+        assert_eq!(c.read, (5.0 * 2.0 * 257.0 * 12.0 * 64.0) * 2.0 + 4.0 * 2.0 * 257.0 * 12.0);
+        assert_eq!((c.unit, c.class), (Unit::TensorCore, Class::Attention));
     }
 }
