@@ -18,7 +18,7 @@
 // (fl_mma_abt/pb nb), so the executed pairs are what src/perf/cost.rs `flash_pairs` counts.
 //   hd: 64 or 80 (template instances; anything else __traps -- the launcher routes other head dims
 //   to kernels/attention.cu). geometry: blockDim = (128, 1, 1); gridDim = (⌈T/64⌉, H, B).
-//   dynamic smem: 5 tiles [64][hd+8] of T (Q, K x2, V x2) = 46,080 B (hd 64), 56,320 B (hd 80).
+//   dynamic smem: 4 tiles [64][hd+8] of T (Q, K x2, V) = 36,864 B (hd 64), 45,056 B (hd 80).
 //   q, k, v rows 16-byte aligned (base pointers 16-byte aligned; hd·2 a multiple of 16).
 // flash_varlen_fwd_<T>(q, k, v, o, lse, cu_seqlens, nseq, Tmax, H, hd, causal, scale): packed
 //   sequences as attention_varlen_fwd_f32 (lse block of sequence z at cu_seqlens[z]·H);
@@ -38,16 +38,18 @@ __device__ __forceinline__ void flash_fwd_body(const T* __restrict__ q, const T*
   const int W = H * D;
   const size_t base = (size_t)row0 * W + (size_t)h * D;
   T* Qs = smem;
-  T* Ks = Qs + TILE;     // [2][64][LD]
-  T* Vs = Ks + 2 * TILE;  // [2][64][LD]
+  T* Ks = Qs + TILE;      // [2][64][LD]: K double-buffered
+  T* Vs = Ks + 2 * TILE;  // [64][LD]: V single-buffered, V(it+1) loads while S(it+1) is computed
   const float sl2 = scale * FL_LOG2E;
   const int kend = causal ? min(T_, q0 + FL_TILE) : T_;
   const int ntiles = CEIL_DIV(kend, FL_TILE);
   const int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   const bool live = q0 + warp * 16 < T_;
 
+  // commit groups: {Q, K0}, {V0}; then per tile {K(it+1)} at its start and {V(it+1)} after PV(it)
   fl_load_tile<T, D>(Qs, q + base, q0, T_, W);
   fl_load_tile<T, D>(Ks, k + base, 0, T_, W);
+  cp_async_commit();
   fl_load_tile<T, D>(Vs, v + base, 0, T_, W);
   cp_async_commit();
 
@@ -56,19 +58,18 @@ __device__ __forceinline__ void flash_fwd_body(const T* __restrict__ q, const T*
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
   for (int it = 0; it < ntiles; ++it) {
     const int k0 = it * FL_TILE, buf = it & 1;
-    if (it + 1 < ntiles) {  // the next tile into the other buffer, consumed (barrier) last iteration
+    if (it + 1 < ntiles) {  // K(it+1) into the other buffer, last read by S(it-1) (barriers since)
       fl_load_tile<T, D>(Ks + (buf ^ 1) * TILE, k + base, k0 + FL_TILE, T_, W);
-      fl_load_tile<T, D>(Vs + (buf ^ 1) * TILE, v + base, k0 + FL_TILE, T_, W);
       cp_async_commit();
-      cp_async_wait<1>();
+      cp_async_wait<2>();  // K(it) (and Q) landed; V(it) and K(it+1) may be in flight
     } else {
-      cp_async_wait<0>();
+      cp_async_wait<1>();  // K(it) landed; V(it) may be in flight
     }
-    __syncthreads();  // tile it (and Q) visible to all threads
+    __syncthreads();  // K(it) (and Q) visible to all threads
+    float s[8][4];
     if (live) {  // warp-uniform: a warp whose 16 rows are all past T computes nothing (barriers stay outside)
     // key chunks of 16 with a key < T and (causal) a key <= the warp's last row; the rest cost no mma
     const int nb = min(fl_chunks16(T_ - k0), causal ? fl_chunks16(q0 + warp * 16 + 16 - k0) : 4);
-    float s[8][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
     fl_mma_abt<T, D>(s, Qs + warp * 16 * LD, Ks + buf * TILE, nb);
@@ -103,9 +104,16 @@ __device__ __forceinline__ void flash_fwd_body(const T* __restrict__ q, const T*
         s[j][e] = exp2f(s[j][e] - m[e >> 1]);
         l[e >> 1] += s[j][e];
       }
-    fl_mma_pb<T, D>(acc, s, Vs + buf * TILE, nb);
     }
-    __syncthreads();  // every warp is done with buffer `buf` before it is refilled
+    if (it + 1 < ntiles) cp_async_wait<1>();  // V(it) landed; K(it+1) may be in flight
+    else cp_async_wait<0>();
+    __syncthreads();  // V(it) visible to all threads
+    if (live) fl_mma_pb<T, D>(acc, s, Vs, min(fl_chunks16(T_ - k0), causal ? fl_chunks16(q0 + warp * 16 + 16 - k0) : 4));
+    __syncthreads();  // every warp is done with V(it) and K(it) before they are refilled
+    if (it + 1 < ntiles) {
+      fl_load_tile<T, D>(Vs, v + base, k0 + FL_TILE, T_, W);
+      cp_async_commit();
+    }
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -124,16 +132,28 @@ __device__ __forceinline__ void flash_fwd_body(const T* __restrict__ q, const T*
   }
 }
 
-template <typename T>
+// HD = 64: the hd-64 instance alone (flash_fwd64_<T>); 0: both head dims.
+template <typename T, int HD = 0>
 __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                                           float* __restrict__ lse, int row0, int T_, int H, int hd, int causal, float scale) {
   extern __shared__ __align__(16) float fl_smem[];
   if (blockDim.x != FL_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
   T* smem = reinterpret_cast<T*>(fl_smem);
   if (hd == 64) flash_fwd_body<T, 64>(q, k, v, o, lse, row0, T_, H, causal, scale, smem);
-  else if (hd == 80) flash_fwd_body<T, 80>(q, k, v, o, lse, row0, T_, H, causal, scale, smem);
+  else if (HD == 0 && hd == 80) flash_fwd_body<T, 80>(q, k, v, o, lse, row0, T_, H, causal, scale, smem);
   else __trap();
 }
+
+// flash_fwd64_<T>: the batched forward's hd-64 instance alone, compiled on sm_90 for 5 resident
+// blocks per SM (<= 96 registers, 0 spills; 20 warps/SM instead of 16 at the 127 registers of the
+// two-instance build; 5 x 37 KB of shared memory fit the 228 KB). Other archs fit 4 or fewer blocks
+// by shared memory and keep the unbounded build. The launcher picks it at hd 64 (batched only: the
+// varlen forward spills at 96).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FL_FWD64_BLOCKS_SM 5
+#else
+#define FL_FWD64_BLOCKS_SM 1
+#endif
 
 extern "C" __global__ void __launch_bounds__(FL_THREADS)
 flash_fwd_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
@@ -147,6 +167,20 @@ flash_fwd_f16(const __half* __restrict__ q, const __half* __restrict__ k, const 
               float* __restrict__ lse, int B, int T, int H, int hd, int causal, float scale) {
   (void)B;
   flash_fwd<__half>(q, k, v, o, lse, blockIdx.z * T, T, H, hd, causal, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FL_THREADS, FL_FWD64_BLOCKS_SM)
+flash_fwd64_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
+                 __nv_bfloat16* __restrict__ o, float* __restrict__ lse, int B, int T, int H, int hd, int causal, float scale) {
+  (void)B;
+  flash_fwd<__nv_bfloat16, 64>(q, k, v, o, lse, blockIdx.z * T, T, H, hd, causal, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FL_THREADS, FL_FWD64_BLOCKS_SM)
+flash_fwd64_f16(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v, __half* __restrict__ o,
+                float* __restrict__ lse, int B, int T, int H, int hd, int causal, float scale) {
+  (void)B;
+  flash_fwd<__half, 64>(q, k, v, o, lse, blockIdx.z * T, T, H, hd, causal, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(FL_THREADS)

@@ -426,7 +426,8 @@ fn other_head_dims_fall_back_to_the_cuda_core_kernels() {
         let s = case(2, 197, 12, d, false).shape(2, 197);
         assert_eq!(best_launch(&s, DType::F32, false).unwrap().kernel, "attention_fwd_f32");
         let f = best_launch(&s, DType::BF16, false).unwrap();
-        assert_eq!((f.kernel.as_str(), f.grid, f.block), ("flash_fwd_bf16", (4, 12, 2), (128, 1, 1)));
+        let fwd = if d == 64 { "flash_fwd64_bf16" } else { "flash_fwd_bf16" }; // hd 64: the 5-blocks-per-SM build
+        assert_eq!((f.kernel.as_str(), f.grid, f.block), (fwd, (4, 12, 2), (128, 1, 1)));
         let b = best_launch(&s, DType::F16, true).unwrap();
         assert_eq!((b.kernel.as_str(), b.grid), ("flash_bwd_f16", (8, 12, 2)));
         assert!(b.smem_bytes <= clipforge::cuda::attention::SMEM_LIMIT_SM80);
@@ -458,6 +459,14 @@ fn flash_kernels_trap_on_unsupported_launches() {
     let inp = inputs(&c80, DType::BF16);
     let err = run_bwd(&c80, DType::BF16, &inp, &inp.v, &[0.0; 10], &l).expect_err("hd 80 must trap in bwd64").to_string();
     assert!(err.contains("__trap"), "{err}");
+    // and the hd-64-only batched forward too
+    let c80 = case(1, 7, 1, 80, false);
+    let mut l = c80.launch(DType::BF16, false).unwrap();
+    assert_eq!(l.kernel, "flash_fwd_bf16");
+    l.kernel = "flash_fwd64_bf16".into();
+    let inp = inputs(&c80, DType::BF16);
+    let err = run_fwd(&c80, DType::BF16, &inp, &l).expect_err("hd 80 must trap in fwd64").to_string();
+    assert!(err.contains("__trap"), "{err}");
 }
 
 #[test]
@@ -465,6 +474,8 @@ fn flash_kernels_are_registered() {
     for (name, arity) in [
         ("flash_fwd_bf16", 11),
         ("flash_fwd_f16", 11),
+        ("flash_fwd64_bf16", 11),
+        ("flash_fwd64_f16", 11),
         ("flash_varlen_fwd_bf16", 12),
         ("flash_varlen_fwd_f16", 12),
         ("flash_bwd_bf16", 15),

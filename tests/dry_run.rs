@@ -8,18 +8,13 @@
 //!     could fill the GPU: the problem's parallelism (src/perf/cost.rs `par`: threads with one
 //!     independent output element each, reductions one per 64 summed elements, row kernels one
 //!     warp per row) ≥ SMs × blocks per SM × threads per block;
-//! (b) under bf16 every GEMM and attention runs on the tensor cores — except, for now, the
-//!     patch-embedding GEMM and its weight gradient (f32: the CPU bf16 towers and the bf16 rounding
-//!     reference of tests/common/half_ref.rs keep the patch convolution in f32, and the three must
-//!     change together; KERNELS.md "Performance model"). The exemption matches those GEMMs exactly by
-//!     their FLOPs (2·B·patches·width·3p²), so any other CUDA-core GEMM or attention fails;
-//! (c) the issue's goals (B/16 ≥ 12 000 img/s, L/14 ≥ 2 500 img/s, Long-CLIP L/14 fine-tuning
-//!     ≥ 600 samples/s on an H100 SXM) are NOT met yet: the model predicts about 7.0k, 2.0k and 396.
-//!     The test prints the gap to each goal and fails if a prediction falls below the floor
-//!     measured when this was written (a regression guard, raised as the kernels improve).
+//! (b) under bf16 every GEMM and attention runs on the tensor cores (the patch convolution too:
+//!     its GEMM and weight gradient read 16-bit pixels and weights);
+//! (c) the issue's goals hold: B/16 ≥ 12 000 img/s, L/14 ≥ 2 500 img/s, Long-CLIP L/14
+//!     fine-tuning ≥ 600 samples/s on an H100 SXM (the test prints each prediction and its margin).
 //! Each failure prints a table of the offending launches.
 use clipforge::model::{ClipConfig, Towers};
-use clipforge::perf::cost::{row_of, Class};
+use clipforge::perf::cost::row_of;
 use clipforge::perf::gpus::gpu;
 use clipforge::perf::record::Op;
 use clipforge::perf::report::{offenders, Report};
@@ -32,28 +27,19 @@ struct Case {
     name: &'static str,
     report: Report,
     kernels: BTreeSet<String>,
+    /// The issue's goal (img/s or samples/s).
     goal: f64,
-    /// Predicted throughput when this test was last raised (see the module docs, (c)).
-    floor: f64,
-    /// FLOPs of one patch-embedding GEMM (0 for the text-only cases).
-    patch_flops: f64,
-}
-
-fn patch_flops(cfg: &ClipConfig, batch: usize) -> f64 {
-    let v = &cfg.vision;
-    let patches = (v.image_size / v.patch_size).pow(2);
-    2.0 * (batch * patches * v.tower.hidden * v.channels * v.patch_size * v.patch_size) as f64
 }
 
 fn kernels(ops: &[Op]) -> BTreeSet<String> {
     ops.iter().filter_map(|o| if let Op::Launch(l) = o { Some(l.kernel.clone()) } else { None }).collect()
 }
 
-fn infer(name: &'static str, preset: &str, goal: f64, floor: f64) -> Case {
+fn infer(name: &'static str, preset: &str, goal: f64) -> Case {
     let cfg = ClipConfig::preset(preset).unwrap();
     let (rec, phases) = run::infer(&cfg, 256, DType::BF16, 77, Towers::Vision, true).unwrap();
     let report = Report::new(gpu("h100").unwrap(), &phases[0], &rec.log()).unwrap();
-    Case { name, report, kernels: kernels(&phases[0].ops), goal, floor, patch_flops: patch_flops(&cfg, 256) }
+    Case { name, report, kernels: kernels(&phases[0].ops), goal }
 }
 
 fn train() -> Case {
@@ -66,15 +52,13 @@ fn train() -> Case {
         report,
         kernels: kernels(&phase.ops),
         goal: 600.0,
-        floor: 390.0,
-        patch_flops: patch_flops(&cfg, 128),
     }
 }
 
 fn cases() -> &'static [Case] {
     static C: OnceLock<Vec<Case>> = OnceLock::new();
     C.get_or_init(|| {
-        vec![infer("ViT-B/16 inference (batch 256)", "b16", 12_000.0, 6_900.0), infer("ViT-L/14 inference (batch 256)", "l14", 2_500.0, 1_950.0), train()]
+        vec![infer("ViT-B/16 inference (batch 256)", "b16", 12_000.0), infer("ViT-L/14 inference (batch 256)", "l14", 2_500.0), train()]
     })
 }
 
@@ -103,9 +87,7 @@ fn no_launch_below_a_full_wave_when_the_work_could_fill_the_gpu() {
 fn bf16_gemms_and_attention_run_on_tensor_cores() {
     let mut msg = String::new();
     for c in cases() {
-        let patch =
-            |p: &&clipforge::perf::roofline::Pred| p.class == Class::Gemm && c.patch_flops > 0.0 && (p.flops - c.patch_flops).abs() <= 1e-9 * c.patch_flops;
-        let off: Vec<_> = c.report.off_tensor_cores().into_iter().filter(|p| !patch(p)).collect();
+        let off = c.report.off_tensor_cores();
         if !off.is_empty() {
             msg += &format!("\n{}:\n{}", c.name, offenders("GEMMs / attention not on bf16 tensor cores under --dtype bf16", &off));
         }
@@ -114,13 +96,13 @@ fn bf16_gemms_and_attention_run_on_tensor_cores() {
 }
 
 #[test]
-fn predicted_h100_throughput_holds_its_floor_and_reports_the_goal_gap() {
+fn predicted_h100_throughput_meets_the_goals() {
     let mut msg = String::new();
     for c in cases() {
         let got = c.report.throughput();
-        println!("{}: predicted {got:.0} {}, goal {:.0} ({:.0} % of it), floor {:.0}", c.name, c.report.per, c.goal, 100.0 * got / c.goal, c.floor);
-        if got < c.floor {
-            msg += &format!("\n{}: predicted {got:.0} {} < floor {:.0} (a regression)\n{}", c.name, c.report.per, c.floor, c.report.table());
+        println!("{}: predicted {got:.0} {}, goal {:.0} ({:.1} % of it)", c.name, c.report.per, c.goal, 100.0 * got / c.goal);
+        if got < c.goal {
+            msg += &format!("\n{}: predicted {got:.0} {} < goal {:.0}\n{}", c.name, c.report.per, c.goal, c.report.table());
         }
     }
     assert!(msg.is_empty(), "{msg}");
@@ -132,7 +114,7 @@ fn the_model_sees_what_the_issue_describes() {
     let b16 = &cases()[0];
     let gemms = b16.report.preds.iter().filter(|p| p.name.starts_with("cuBLASLt")).count();
     assert!(gemms >= 12 * 4, "B/16: {gemms} GEMMs recorded, expected at least 4 per block");
-    assert!(b16.kernels.iter().any(|k| k.starts_with("flash_fwd_bf16")), "{:?}", b16.kernels);
+    assert!(b16.kernels.iter().any(|k| k.starts_with("flash_fwd64_bf16")), "{:?}", b16.kernels);
     let tr = &cases()[2];
     assert!(
         tr.kernels.iter().any(|k| k.starts_with("flash_bwd_bf16") || k.starts_with("flash_varlen_bwd_bf16"))

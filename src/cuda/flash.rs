@@ -22,9 +22,9 @@ pub fn supported(dtype: DType, head_dim: usize) -> bool {
     dtype != DType::F32 && HEAD_DIMS.contains(&head_dim)
 }
 
-/// Forward: Q, 2 K and 2 V tiles of [64][hd + 8] 16-bit values.
+/// Forward: Q, 2 K and 1 V tiles of [64][hd + 8] 16-bit values (V single-buffered).
 pub fn fwd_smem_bytes(head_dim: usize) -> usize {
-    5 * TILE * (head_dim + 8) * 2
+    4 * TILE * (head_dim + 8) * 2
 }
 
 /// Backward: 6 tiles of [64][hd + 8] 16-bit values and 2 x 2 x 64 f32 (lse·log2e and D per stage).
@@ -52,7 +52,7 @@ fn check(s: &AttnShape, dtype: DType) -> Result<()> {
 pub fn flash_fwd_launch(s: &AttnShape, dtype: DType) -> Result<KernelLaunch> {
     check(s, dtype)?;
     Ok(KernelLaunch {
-        kernel: format!("flash_fwd_{}", suffix(dtype)),
+        kernel: format!("flash_fwd{}_{}", if s.head_dim == 64 { "64" } else { "" }, suffix(dtype)),
         grid: (s.seq.div_ceil(TILE) as u32, s.heads as u32, s.batch as u32),
         block: (THREADS, 1, 1),
         smem_bytes: fwd_smem_bytes(s.head_dim) as u32,
@@ -78,7 +78,7 @@ pub fn flash_varlen_launch(nseq: usize, tmax: usize, heads: usize, head_dim: usi
     let s = AttnShape { batch: nseq, seq: tmax, heads, head_dim, causal, scale: 1.0 / (head_dim as f32).sqrt() };
     let mut l = if backward { flash_bwd_launch(&s, dtype)? } else { flash_fwd_launch(&s, dtype)? };
     let pass = match (backward, head_dim) {
-        (false, _) => "fwd",
+        (false, _) => "fwd", // flash_fwd64 spills in the varlen form
         (true, 64) => "bwd64",
         (true, _) => "bwd",
     };

@@ -222,6 +222,7 @@ pub const TABLE: &[Row] = &[
     // key-major pairs; its dQ blocks: S, dP, dQ over the query-major pairs; deterministic, no
     // atomics): 7 products, 14 FLOPs per pair and dim ([`FLASH_BWD_MULTS`]) — the time model counts those.
     Row { name: "flash_fwd_*", cost: |c| flash(c, 5, false) },
+    Row { name: "flash_fwd64_*", cost: |c| flash(c, 5, false) }, // the hd-64 instance alone
     Row { name: "flash_bwd_*", cost: |c| flash(c, 9, true) },
     Row { name: "flash_varlen_fwd_*", cost: |c| flash_varlen(c, 5, false) },
     Row { name: "flash_varlen_bwd_*", cost: |c| flash_varlen(c, 9, true) },
