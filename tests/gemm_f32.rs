@@ -11,17 +11,8 @@ use common::*;
 /// (m, k, n): k = 385 and 769 split evenly (Intel: 2×193, 3×257) and not (generic: 256 + rest);
 /// n = 2100 gives each of two threads a part wider than one NC block; 113 rows cut the second
 /// row block of 8 panels; m < n splits by columns, m ≥ n by rows.
-const SHAPES: &[(usize, usize, usize)] = &[
-    (1, 1, 1),
-    (1, 7, 3),
-    (7, 45, 65),
-    (45, 65, 59),
-    (29, 385, 31),
-    (130, 769, 257),
-    (113, 64, 33),
-    (200, 17, 2100),
-    (250, 1100, 77),
-];
+const SHAPES: &[(usize, usize, usize)] =
+    &[(1, 1, 1), (1, 7, 3), (7, 45, 65), (45, 65, 59), (29, 385, 31), (130, 769, 257), (113, 64, 33), (200, 17, 2100), (250, 1100, 77)];
 
 fn check(tuning: Tuning) {
     for &(m, k, n) in SHAPES {

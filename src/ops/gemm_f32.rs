@@ -17,7 +17,8 @@
 //!   L2) the depth is split into even blocks of at most 384, NC = 1024 keeps the packed B block
 //!   (1.5 MiB) in L2, and the kernel prefetches its C tile (strided rows no hardware prefetcher
 //!   follows) and, on a B panel's last use, the next B panel; AMD and others keep kc = 256,
-//!   NC = 2048 and no software prefetch (the tuning measured on Zen 4; not re-measured).
+//!   NC = 2048 and no software prefetch, exactly as before the Intel tuning (Zen 4 could not be
+//!   measured when it was added; `cargo bench --bench ops -- gemm_f32` compares both anywhere).
 use super::matmul::View;
 use rayon::prelude::*;
 use std::sync::OnceLock;
