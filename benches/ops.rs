@@ -4,6 +4,7 @@ use clipforge::model::synthetic::normal_vec;
 use clipforge::ops::attention::{attention, AttnShape};
 use clipforge::ops::elementwise::{unary, Unary};
 use clipforge::ops::gemm_bf16::{matmul_bf16, PackedBf16};
+use clipforge::ops::gemm_f32::{gemm_tuned, Tuning};
 use clipforge::ops::layernorm::layer_norm;
 use clipforge::ops::matmul::{gemm, gemm_faer, linear, View};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -34,6 +35,27 @@ fn bench_gemm_train(c: &mut Criterion) {
             g.bench_function(format!("fwd{name}/{m}x{k}x{n}"), |b| b.iter(|| f(xv, wv.t(), black_box(&mut y), false)));
             g.bench_function(format!("dx{name}/{m}x{k}x{n}"), |b| b.iter(|| f(gv, wv, black_box(&mut dx), false)));
             g.bench_function(format!("dw{name}/{m}x{k}x{n}"), |b| b.iter(|| f(gv.t(), xv, black_box(&mut dw), false)));
+        }
+    }
+    g.finish();
+}
+
+/// The AVX-512 f32 GEMM at the towers' Linear shapes (y = x·Wᵀ; ViT-B/32 batch 32: 1600 image
+/// tokens, 2464 text tokens) under each tuning, so the Intel and generic blockings compare on
+/// whatever CPU runs the bench.
+fn bench_gemm_f32_tunings(c: &mut Criterion) {
+    if !clipforge::ops::gemm_f32::available() {
+        return;
+    }
+    let mut g = c.benchmark_group("cpu/gemm_f32");
+    g.sample_size(10);
+    for &(m, k, n) in &[(1600, 768, 768), (1600, 768, 3072), (1600, 3072, 768), (2464, 512, 2048), (2464, 2048, 512)] {
+        let (x, w) = (normal_vec(m * k, 0.0, 1.0, 1), normal_vec(n * k, 0.0, 0.02, 2));
+        let (xv, wv) = (View::row_major(&x, m, k), View::row_major(&w, n, k));
+        let mut y = vec![0f32; m * n];
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64)); // FLOPs
+        for t in [Tuning::Intel, Tuning::Generic] {
+            g.bench_function(format!("{t:?}/{m}x{k}x{n}"), |b| b.iter(|| gemm_tuned(xv, wv.t(), black_box(&mut y), false, t)));
         }
     }
     g.finish();
@@ -82,5 +104,5 @@ fn bench_quick_gelu(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_matmul, bench_gemm_train, bench_matmul_bf16, bench_attention, bench_layernorm, bench_quick_gelu);
+criterion_group!(benches, bench_matmul, bench_gemm_train, bench_gemm_f32_tunings, bench_matmul_bf16, bench_attention, bench_layernorm, bench_quick_gelu);
 criterion_main!(benches);

@@ -13,15 +13,67 @@
 //!   zero-padded past m, by the thread that owns the block; row blocks are spread evenly over
 //!   the threads, and each writes its own rows of C (no two threads touch one element).
 //! * The first kc block replaces C (or adds to it when accumulating), later ones add.
+//! * Two tunings ([`Tuning`], chosen once per process from CPUID): on Intel (48 KiB L1d, 2 MiB
+//!   L2) the depth is split into even blocks of at most 384, NC = 1024 keeps the packed B block
+//!   (1.5 MiB) in L2, and the kernel prefetches its C tile (strided rows no hardware prefetcher
+//!   follows) and, on a B panel's last use, the next B panel; AMD and others keep kc = 256,
+//!   NC = 2048 and no software prefetch, exactly as before the Intel tuning (Zen 4 could not be
+//!   measured when it was added; `cargo bench --bench ops -- gemm_f32` compares both anywhere).
 use super::matmul::View;
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 const MR: usize = 14;
 const NR: usize = 32;
-const KC: usize = 256;
-const NC: usize = 2048;
-/// Upper bound on MR panels in one row block (the packed A block then fits L2: 8·14·256·4 B).
+/// Upper bound on MR panels in one row block (the packed A block then fits L2: 8·14·384·4 B).
 const MAX_PANELS: usize = 8;
+
+/// The blocking and prefetch choices of one CPU kind (see the file header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tuning {
+    /// kc = 256 fixed, NC = 2048, no software prefetch (AMD Zen 4 and anything not Intel).
+    Generic,
+    /// kc ≤ 384 split evenly over k, NC = 1024, C-tile and next-B-panel prefetch (Intel Xeon).
+    Intel,
+}
+
+impl Tuning {
+    /// The tuning for this CPU: [`Tuning::Intel`] on GenuineIntel, [`Tuning::Generic`] otherwise.
+    pub fn detected() -> Tuning {
+        static T: OnceLock<Tuning> = OnceLock::new();
+        *T.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let r = core::arch::x86_64::__cpuid(0); // leaf 0 exists on every x86-64 CPU
+                let v: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|x| x.to_le_bytes()).collect();
+                if v == b"GenuineIntel" {
+                    return Tuning::Intel;
+                }
+            }
+            Tuning::Generic
+        })
+    }
+
+    /// Depth of one k block for a product of depth k.
+    fn kc(self, k: usize) -> usize {
+        match self {
+            Tuning::Generic => 256.min(k),
+            Tuning::Intel => k.div_ceil(k.div_ceil(384)).max(1), // even blocks: 768 → 2×384, 512 → 2×256
+        }
+    }
+
+    /// Columns of B packed per block.
+    fn nc(self) -> usize {
+        match self {
+            Tuning::Generic => 2048,
+            Tuning::Intel => 1024,
+        }
+    }
+
+    fn prefetch(self) -> bool {
+        self == Tuning::Intel
+    }
+}
 
 /// Whether this CPU runs the AVX-512 path.
 pub fn available() -> bool {
@@ -58,6 +110,11 @@ thread_local! {
 /// c[m×n] (row-major) (+)= a·b. Call only when [`available`]; shapes must agree and the views
 /// must lie inside their slices (checked by the caller, `matmul::gemm`).
 pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
+    gemm_tuned(a, b, c, accumulate, Tuning::detected());
+}
+
+/// [`gemm`] with a given [`Tuning`] (tests run every tuning on any AVX-512 CPU).
+pub fn gemm_tuned(a: View, b: View, c: &mut [f32], accumulate: bool, tuning: Tuning) {
     let (m, n) = (a.rows, b.cols);
     assert!(a.cols == b.rows && c.len() >= m * n && available(), "gemm_f32: bad call");
     // One block of C per thread, each thread running the whole blocked loop on it with its own
@@ -76,7 +133,7 @@ pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
             (0, m, (t * npan / parts) * NR, ((t + 1) * npan / parts * NR).min(n))
         };
         // SAFETY: part t writes only rows i0..i1 × cols j0..j1 of c; the parts are disjoint.
-        unsafe { gemm_block(&a, &b, cp, (i0, i1), (j0, j1), accumulate) };
+        unsafe { gemm_block(&a, &b, cp, (i0, i1), (j0, j1), accumulate, tuning) };
     });
 }
 
@@ -88,15 +145,16 @@ thread_local! {
 ///
 /// # Safety
 /// No other thread may access that block of c meanwhile; c holds a.rows × b.cols values.
-unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0, j1): (usize, usize), accumulate: bool) {
+unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0, j1): (usize, usize), accumulate: bool, tuning: Tuning) {
     let (n, k) = (b.cols, a.cols);
+    let (kc_max, nc_max, prefetch) = (tuning.kc(k), tuning.nc(), tuning.prefetch());
     BPACK.with_borrow_mut(|bpack| {
         APACK.with_borrow_mut(|ap| {
-            for jc in (j0..j1).step_by(NC) {
-                let nc = NC.min(j1 - jc);
+            for jc in (j0..j1).step_by(nc_max) {
+                let nc = nc_max.min(j1 - jc);
                 let npan = nc.div_ceil(NR);
-                for pc in (0..k).step_by(KC) {
-                    let kc = KC.min(k - pc);
+                for pc in (0..k).step_by(kc_max) {
+                    let kc = kc_max.min(k - pc);
                     bpack.resize(npan * kc * NR, 0.0);
                     for (jp, dst) in bpack.chunks_exact_mut(kc * NR).enumerate() {
                         pack_b(b, pc, kc, jc + jp * NR, dst);
@@ -112,15 +170,20 @@ unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0
                         for jp in 0..npan {
                             let j = jc + jp * NR;
                             let bpan = &bpack[jp * kc * NR..(jp + 1) * kc * NR];
+                            // The next B panel, prefetched during this one's last use (or none).
+                            let next_b = bpack.get((jp + 1) * kc * NR..(jp + 2) * kc * NR).filter(|_| prefetch).map(<[f32]>::as_ptr);
                             for pi in 0..panels {
                                 let i = ib + pi * MR;
                                 let apan = &ap[pi * kc * MR..(pi + 1) * kc * MR];
+                                let tile = Tile { c: cp.get().wrapping_add(i * n + j), ldc: n, rows: MR.min(i1 - i), cols: NR.min(j1 - j), add };
+                                let pf = Prefetch { c: prefetch, next_b: next_b.filter(|_| pi + 1 == panels) };
                                 // SAFETY: rows i..i+rows (inside i0..i1) and cols j..j+cols
                                 // (inside j0..j1) are inside c; the packed panels hold kc·MR and
-                                // kc·NR values; AVX-512F was checked by the caller.
+                                // kc·NR values, the next B panel kc·NR; AVX-512F was checked by
+                                // the caller.
                                 #[cfg(target_arch = "x86_64")]
                                 unsafe {
-                                    kernel(apan.as_ptr(), bpan.as_ptr(), kc, cp.get().add(i * n + j), n, MR.min(i1 - i), NR.min(j1 - j), add)
+                                    kernel(apan.as_ptr(), bpan.as_ptr(), kc, tile, pf)
                                 };
                             }
                         }
@@ -247,24 +310,73 @@ unsafe fn pack_b_gather(b: &View, pc: usize, kc: usize, j0: usize, cols: usize, 
     }
 }
 
+/// The C tile a kernel call writes: `rows × cols` at `c`, row stride `ldc`, added to or replaced.
+#[derive(Clone, Copy)]
+struct Tile {
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+}
+
+/// Software prefetch of a kernel call: the C tile's rows first, and a packed B panel (kc·NR
+/// values) for the next call, one 128-byte row per k step.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    c: bool,
+    next_b: Option<*const f32>,
+}
+
 /// The 14 × 32 register tile: c[rows × cols] (row stride ldc) = (c +) Σ_p a[p][·] ⊗ b[p][·].
 ///
 /// # Safety
-/// AVX-512F must be available; `a` holds kc·MR and `b` kc·NR values; the rows × cols tile at `c`
-/// must be writable and not accessed concurrently.
+/// AVX-512F must be available; `a` holds kc·MR and `b` kc·NR values (and `pf.next_b`, if any,
+/// kc·NR); the rows × cols tile at `t.c` must be writable and not accessed concurrently.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(a: *const f32, b: *const f32, kc: usize, c: *mut f32, ldc: usize, rows: usize, cols: usize, add: bool) {
+unsafe fn kernel(a: *const f32, b: *const f32, kc: usize, t: Tile, pf: Prefetch) {
     use std::arch::x86_64::*;
+    let Tile { c, ldc, rows, cols, add } = t;
+    if pf.c {
+        // Rows of C are ldc apart: no hardware prefetcher sees them coming; they are loaded (or
+        // written) after the k loop, so this hides their miss behind the whole loop.
+        for r in 0..rows {
+            let row = c.wrapping_add(r * ldc);
+            // A row of the tile spans up to three cache lines: its first, middle and last value.
+            _mm_prefetch::<_MM_HINT_T0>(row.cast());
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(cols / 2).cast());
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(cols.max(1) - 1).cast());
+        }
+    }
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    for p in 0..kc {
-        // SAFETY (whole block): p < kc keeps every read inside the packed panels.
-        let (b0, b1) = unsafe { (_mm512_loadu_ps(b.add(p * NR)), _mm512_loadu_ps(b.add(p * NR + 16))) };
-        let ap = unsafe { a.add(p * MR) };
-        for (r, accr) in acc.iter_mut().enumerate() {
-            let x = _mm512_set1_ps(unsafe { *ap.add(r) });
-            accr[0] = _mm512_fmadd_ps(x, b0, accr[0]);
-            accr[1] = _mm512_fmadd_ps(x, b1, accr[1]);
+    // One k step: two B loads, MR broadcasts of A, 2·MR FMAs.
+    macro_rules! step {
+        ($p:expr) => {{
+            let p = $p;
+            // SAFETY: p < kc keeps every read inside the packed panels.
+            let (b0, b1) = unsafe { (_mm512_loadu_ps(b.add(p * NR)), _mm512_loadu_ps(b.add(p * NR + 16))) };
+            let ap = unsafe { a.add(p * MR) };
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(unsafe { *ap.add(r) });
+                accr[0] = _mm512_fmadd_ps(x, b0, accr[0]);
+                accr[1] = _mm512_fmadd_ps(x, b1, accr[1]);
+            }
+        }};
+    }
+    match pf.next_b {
+        Some(nb) => {
+            for p in 0..kc {
+                // A hint only: never faults; rows p of the next panel (kc·NR values, caller).
+                _mm_prefetch::<_MM_HINT_T0>(nb.wrapping_add(p * NR).cast());
+                _mm_prefetch::<_MM_HINT_T0>(nb.wrapping_add(p * NR + 16).cast());
+                step!(p);
+            }
+        }
+        None => {
+            for p in 0..kc {
+                step!(p);
+            }
         }
     }
     let lanes = |c0: usize| -> __mmask16 {
