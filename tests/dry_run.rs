@@ -47,19 +47,12 @@ fn train() -> Case {
     cfg.text.max_positions = 248;
     let (rec, phase) = run::train(&cfg, 128, DType::BF16, 248, false).unwrap();
     let report = Report::new(gpu("h100").unwrap(), &phase, &rec.log()).unwrap();
-    Case {
-        name: "Long-CLIP L/14 train step (248 tokens, batch 128)",
-        report,
-        kernels: kernels(&phase.ops),
-        goal: 600.0,
-    }
+    Case { name: "Long-CLIP L/14 train step (248 tokens, batch 128)", report, kernels: kernels(&phase.ops), goal: 600.0 }
 }
 
 fn cases() -> &'static [Case] {
     static C: OnceLock<Vec<Case>> = OnceLock::new();
-    C.get_or_init(|| {
-        vec![infer("ViT-B/16 inference (batch 256)", "b16", 12_000.0), infer("ViT-L/14 inference (batch 256)", "l14", 2_500.0), train()]
-    })
+    C.get_or_init(|| vec![infer("ViT-B/16 inference (batch 256)", "b16", 12_000.0), infer("ViT-L/14 inference (batch 256)", "l14", 2_500.0), train()])
 }
 
 #[test]

@@ -94,6 +94,15 @@ impl Device {
             None => self.ops.upload(data),
         }
     }
+    /// Rows `rows` of a [N, w] matrix of 4-byte words → [R, w].
+    fn gather_words(&self, x: &Buf, rows: &[usize], w: usize) -> Result<Buf> {
+        let idx = self.ops.upload_i32(&indices(rows)?)?;
+        let out = self.ops.alloc_uninit(rows.len() * w)?;
+        // pool_rows_f32 with T = 0 reads row index[b] of x for output row b
+        let mut a = KernelArgs::new().ptr(x.ptr()).ptr(idx.ptr()).ptr(out.ptr()).i32(rows.len() as i32).i32(0).i32(w as i32);
+        self.ops.launch("pool_rows_f32", grid(rows.len() * w), &mut a)?;
+        Ok(out)
+    }
     /// The driver-level operations (kernel launches, raw GEMMs).
     pub fn raw(&self) -> &dyn DeviceOps {
         &*self.ops
@@ -190,20 +199,13 @@ impl Ops for Device {
         self.ln_for_linear(x, g, b, rows, w, eps)
     }
 
+    /// f32 only: a LayerNorm that feeds GEMMs is [`Ops::layernorm_for_linear`].
     fn layernorm(&self, x: &Buf, g: &Buf, b: &Buf, rows: usize, w: usize, eps: f32) -> Result<(Buf, Buf)> {
         let x = self.f32_of(x)?;
-        let (mut y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?); // stats: mean [rows], rstd [rows]
-        let half = self.act_half();
-        let yh = half.map(|_| self.ops.alloc_uninit((rows * w).div_ceil(2))).transpose()?; // [rows, w] halves
-        let mut a = KernelArgs::new().ptr(x.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr());
-        if let Some(h) = &yh {
-            a = a.ptr(h.ptr());
-        }
+        let (y, st) = (self.ops.alloc_uninit(rows * w)?, self.ops.alloc_uninit(2 * rows)?); // stats: mean [rows], rstd [rows]
+        let a = KernelArgs::new().ptr(x.ptr()).ptr(g.ptr()).ptr(b.ptr()).ptr(y.ptr());
         let mut a = a.ptr(st.ptr()).ptr(st.ptr() + 4 * rows as u64).i32(rows as i32).i32(w as i32).f32(eps);
-        self.ops.launch(ln_kernel(false, half), ln_cfg(rows), &mut a)?;
-        if let (Some(dt), Some(h)) = (half, yh) {
-            y.set_half(dt, h);
-        }
+        self.ops.launch(ln_kernel(false, None), ln_cfg(rows), &mut a)?;
         Ok((y, st))
     }
 
@@ -316,13 +318,13 @@ impl Ops for Device {
     }
 
     fn gather_rows(&self, x: &Buf, rows: &[usize], w: usize) -> Result<Buf> {
+        if let (Some((dt, h)), true, true) = (x.half_any(), x.is_half_only(), w.is_multiple_of(2)) {
+            // 16-bit rows of even width are w/2 packed 4-byte words: gathered as such, still 16-bit
+            let out = self.gather_words(h, rows, w / 2)?; // [R, w] 16-bit
+            return Ok(Buf::half_only(dt, out, rows.len() * w));
+        }
         let x = self.f32_of(x)?;
-        let idx = self.ops.upload_i32(&indices(rows)?)?;
-        let out = self.ops.alloc_uninit(rows.len() * w)?;
-        // pool_rows_f32 with T = 0 reads row index[b] of x for output row b
-        let mut a = KernelArgs::new().ptr(x.ptr()).ptr(idx.ptr()).ptr(out.ptr()).i32(rows.len() as i32).i32(0).i32(w as i32);
-        self.ops.launch("pool_rows_f32", grid(rows.len() * w), &mut a)?;
-        Ok(out)
+        self.gather_words(&x, rows, w)
     }
 
     fn scatter_rows(&self, d: &Buf, rows: &[usize], n: usize, w: usize) -> Result<Buf> {

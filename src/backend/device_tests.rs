@@ -39,7 +39,7 @@ fn half_linear_forward_and_backward_round_their_inputs() {
         let (wv, xv, dyv) = (lcg(n * k, 1), lcg(m * k, 2), lcg(m * n, 3));
         let w = dev.weight(dev.upload(&wv).unwrap(), n, k, dt).unwrap();
         let (g, b) = (dev.upload(&vec![1.0; k]).unwrap(), dev.upload(&vec![0.0; k]).unwrap());
-        let (mut h, _) = dev.layernorm(&dev.upload(&xv).unwrap(), &g, &b, m, k, 1e-5).unwrap();
+        let (mut h, _) = dev.layernorm_for_linear(&dev.upload(&xv).unwrap(), &g, &b, m, k, 1e-5).unwrap();
         assert!(h.half(dt).is_some(), "{dt:?}: the LayerNorm wrote no half copy");
         let hv = dev.download(&h).unwrap();
         let plain = dev.upload(&hv).unwrap(); // the same values without the copy
@@ -121,6 +121,26 @@ fn fused_half_linears_round_where_documented() {
         let (hf, _) = dev.layernorm(&x, &g, &bb, m, k, 1e-5).unwrap();
         assert!(h.is_half_only());
         assert_eq!(dev.download(&h).unwrap(), dev.download(&hf).unwrap().iter().map(|&v| r(v, dt) as f32).collect::<Vec<_>>());
+        assert!(hf.half(dt).is_none(), "a plain LayerNorm writes f32 only");
+        // rows of a 16-bit-only matrix are gathered in 16 bits (even widths), exactly
+        let rows = [8, 0, 3];
+        let hv = dev.download(&h).unwrap();
+        let odd = dev.gather_rows(&h, &rows, k).unwrap(); // odd width: through f32
+        assert_eq!(dev.download(&odd).unwrap(), rows.iter().flat_map(|&r| hv[r * k..(r + 1) * k].to_vec()).collect::<Vec<_>>());
+        let (hh, _) = dev
+            .layernorm_for_linear(
+                &dev.upload(&lcg(m * 36, 40)).unwrap(),
+                &dev.upload(&vec![1.0; 36]).unwrap(),
+                &dev.upload(&vec![0.0; 36]).unwrap(),
+                m,
+                36,
+                1e-5,
+            )
+            .unwrap();
+        let g16 = dev.gather_rows(&hh, &rows, 36).unwrap();
+        assert!(g16.is_half_only());
+        let all = dev.download(&hh).unwrap();
+        assert_eq!(dev.download(&g16).unwrap(), rows.iter().flat_map(|&r| all[r * 36..(r + 1) * 36].to_vec()).collect::<Vec<_>>());
         // pixels: 16 bits over the bus
         let px = dev.upload_input(&xv).unwrap();
         assert!(px.is_half_only());

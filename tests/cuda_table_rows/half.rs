@@ -1,4 +1,5 @@
-//! The CUDA op table's rows for the mixed-precision and launch-geometry kernels: gemm_bf16/f16, the
+//! The CUDA op table's rows for the mixed-precision and launch-geometry kernels: gemm_bf16/f16 (f32
+//! or 16-bit D, with or without C), the
 //! LayerNorm and bias + activation kernels with a half copy of their output, bias_act_bwd_f32v, the
 //! two-stage column sums, the vectorized axpy and conversions with scalar tails (odd shapes: 1, 7,
 //! 45×65, widths not divisible by 4 or 64). Run by tests/cuda_table.rs under every schedule.
@@ -38,43 +39,64 @@ pub struct HalfRow {
     halves: Vec<(usize, usize, bool, Vec<f32>)>,
 }
 
-/// gemm_bf16 / gemm_f16: C = op(A)·op(B) (+ bias) + beta·C on packed half A and B (the reference:
-/// f64 products of the rounded values, so only the f32 summation order differs).
-fn gemm_half_row(m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32, bias: bool, f16: bool) -> Row {
+/// Where a half GEMM row puts its result: f32 D alone, f32 D = C (accumulate in place), f32 D next
+/// to a separate C, or 16-bit D (gemm_*_h).
+#[derive(Clone, Copy, PartialEq)]
+enum GemmOut {
+    F32,
+    InPlace,
+    SeparateC,
+    Half,
+}
+
+/// gemm_bf16 / gemm_f16 (and *_h): D = op(A)·op(B) (+ bias) (+ C) on packed half A and B (the
+/// reference: f64 products of the rounded values, so only the f32 summation order differs; a
+/// 16-bit D within one rounding of it).
+fn gemm_half_row(m: usize, n: usize, k: usize, ta: bool, tb: bool, out: GemmOut, bias: bool, f16: bool) -> HalfRow {
     let (a, b, c0, bv) = (common::randn(m * k, 61), common::randn(k * n, 62), common::randn(m * n, 63), common::randn(n, 64));
     let ab: Vec<u16> = a.iter().map(|&v| round_half(v, f16).1).collect();
     let bb: Vec<u16> = b.iter().map(|&v| round_half(v, f16).1).collect();
     let at = |r: usize, kk: usize| round_half(if ta { a[kk * m + r] } else { a[r * k + kk] }, f16).0;
     let bt = |kk: usize, c: usize| round_half(if tb { b[c * k + kk] } else { b[kk * n + c] }, f16).0;
+    let add_c = matches!(out, GemmOut::InPlace | GemmOut::SeparateC);
     let want: Vec<f32> = (0..m * n)
         .map(|i| {
             let (r, c) = (i / n, i % n);
             let d: f64 = (0..k).map(|kk| at(r, kk) * bt(kk, c)).sum();
-            (d + if bias { bv[c] as f64 } else { 0.0 } + beta as f64 * c0[i] as f64) as f32
+            (d + if bias { bv[c] as f64 } else { 0.0 } + if add_c { c0[i] as f64 } else { 0.0 }) as f32
         })
         .collect();
     let (cfg, _) = clipforge::cuda::backend::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
-    Row {
-        case: KernelCase {
-            kernel: if f16 { "gemm_f16" } else { "gemm_bf16" },
-            cfg,
-            buffers: vec![pack_bits(&ab), pack_bits(&bb), bv, c0],
-            args: vec![
-                Arg::Buf(0),
-                Arg::Buf(1),
-                if bias { Arg::Buf(2) } else { Arg::Null },
-                Arg::Buf(3),
-                Arg::I32(m as i32),
-                Arg::I32(n as i32),
-                Arg::I32(k as i32),
-                Arg::I32(ta as i32),
-                Arg::I32(tb as i32),
-                Arg::F32(1.0),
-                Arg::F32(beta),
-            ],
-        },
-        expect: vec![(3, want, 1e-5 * (k as f32).sqrt(), 1e-5)],
+    let name = match (f16, out == GemmOut::Half) {
+        (false, false) => "gemm_bf16",
+        (true, false) => "gemm_f16",
+        (false, true) => "gemm_bf16_h",
+        (true, true) => "gemm_f16_h",
+    };
+    let mut buffers = vec![pack_bits(&ab), pack_bits(&bb), bv, c0];
+    let (c, d) = match out {
+        GemmOut::F32 | GemmOut::Half => (Arg::Null, 4),
+        GemmOut::InPlace => (Arg::Buf(3), 3),
+        GemmOut::SeparateC => (Arg::Buf(3), 4),
+    };
+    if d == 4 {
+        buffers.push(vec![f32::NAN; if out == GemmOut::Half { (m * n).div_ceil(2) } else { m * n }]);
     }
+    let args = vec![
+        Arg::Buf(0),
+        Arg::Buf(1),
+        if bias { Arg::Buf(2) } else { Arg::Null },
+        c,
+        Arg::Buf(d),
+        Arg::I32(m as i32),
+        Arg::I32(n as i32),
+        Arg::I32(k as i32),
+        Arg::I32(ta as i32),
+        Arg::I32(tb as i32),
+    ];
+    let tol = 1e-5 * (k as f32).sqrt();
+    let (expect, halves) = if out == GemmOut::Half { (vec![], vec![(4, m * n, f16, want)]) } else { (vec![(d, want, tol, 1e-5)], vec![]) };
+    HalfRow { row: Row { case: KernelCase { kernel: name, cfg, buffers, args }, expect }, halves }
 }
 
 /// layernorm_fwd_f32_h* / residual_layernorm_fwd_f32_h*: the f32 row of `layernorm_row` plus the
@@ -196,7 +218,9 @@ pub fn half_table() -> Vec<HalfRow> {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             for f16 in [false, true] {
                 let bias = ta != tb;
-                t.push(HalfRow { row: gemm_half_row(m, n, k, ta, tb, if ta == tb { 0.0 } else { 1.0 }, bias, f16), halves: vec![] });
+                for out in [GemmOut::F32, GemmOut::InPlace, GemmOut::SeparateC, GemmOut::Half] {
+                    t.push(gemm_half_row(m, n, k, ta, tb, out, bias, f16));
+                }
             }
         }
     }
