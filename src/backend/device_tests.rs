@@ -128,14 +128,7 @@ fn fused_half_linears_round_where_documented() {
         let odd = dev.gather_rows(&h, &rows, k).unwrap(); // odd width: through f32
         assert_eq!(dev.download(&odd).unwrap(), rows.iter().flat_map(|&r| hv[r * k..(r + 1) * k].to_vec()).collect::<Vec<_>>());
         let (hh, _) = dev
-            .layernorm_for_linear(
-                &dev.upload(&lcg(m * 36, 40)).unwrap(),
-                &dev.upload(&vec![1.0; 36]).unwrap(),
-                &dev.upload(&vec![0.0; 36]).unwrap(),
-                m,
-                36,
-                1e-5,
-            )
+            .layernorm_for_linear(&dev.upload(&lcg(m * 36, 40)).unwrap(), &dev.upload(&[1.0; 36]).unwrap(), &dev.upload(&[0.0; 36]).unwrap(), m, 36, 1e-5)
             .unwrap();
         let g16 = dev.gather_rows(&hh, &rows, 36).unwrap();
         assert!(g16.is_half_only());
