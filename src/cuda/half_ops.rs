@@ -9,7 +9,7 @@
 //! past one). Vector paths run only where the shape and every pointer allow (the `vec` argument).
 use super::backend::{Buf, DeviceOps};
 use super::launch::{KernelArgs, LaunchCfg};
-use super::train_ops::{bias_act_cfg, ln_bwd_cfg, ln_cfg, reduce_parts, row_parts};
+use super::train_ops::{bias_act_cfg, ln_bwd_cfg, ln_cfg, reduce_parts, row_parts_min, WAVE_BLOCKS};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -87,10 +87,12 @@ pub fn act_bwd_half(ops: &dyn DeviceOps, dt: DType, dout: &Buf, pre: &Buf, rows:
 }
 
 /// The first stage of [`col_sums_half`]: four columns a thread when `vec`, row chunks of at least
-/// [`MIN_CHUNK_ROWS`](super::train_ops::MIN_CHUNK_ROWS) rows for one wave of blocks ([`row_parts`]): (launch, parts).
+/// 16 rows (half the f32 kernel's [`MIN_CHUNK_ROWS`](super::train_ops::MIN_CHUNK_ROWS): a 16-bit row
+/// is half the bytes) for one wave of blocks: (launch, parts). ViT-L/14 training's 32 896 rows × 1024
+/// columns (one column block) make 1056 chunks: a full wave of 8 blocks on 132 SMs.
 pub fn col_sums_half_cfg(rows: usize, n: usize, vec: bool) -> (LaunchCfg, usize) {
     let cols = n.div_ceil(if vec { 4 } else { 1 }).div_ceil(256);
-    let parts = row_parts(rows, cols);
+    let parts = row_parts_min(rows, cols, WAVE_BLOCKS, 16);
     (LaunchCfg::new((cols as u32, parts as u32, 1), (256, 1, 1), 0), parts)
 }
 
