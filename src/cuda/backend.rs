@@ -471,11 +471,23 @@ impl DeviceOps for GpuOps {
     }
     /// cuBLASLt on CUDA_R_16BF / CUDA_R_16F inputs, CUBLAS_COMPUTE_32F, f32 or 16-bit D, C
     /// added with beta 1, the bias epilogue (f32 bias); the matmul.cu kernels without cuBLASLt.
+    ///
+    /// A 16-bit D whose cuBLASLt plan has no algorithm (e.g. a library without the f32 bias for
+    /// 16-bit D) falls back to an f32 D and one rounding pass (the same values), with a note once.
     fn gemm_half(&self, g: &HalfGemm) -> Result<()> {
         let (kernel, cfg, mut args) = gemm_half_launch(g)?;
-        match &self.gemm {
-            Some(lt) => lt.run_cd(&g.desc(), g.a.ptr, g.b.ptr, g.c.unwrap_or(g.d).ptr, g.d.ptr, g.bias.map(|x| x.ptr)),
-            None => self.launch(kernel, cfg, &mut args),
+        let Some(lt) = &self.gemm else { return self.launch(kernel, cfg, &mut args) };
+        match lt.run_cd(&g.desc(), g.a.ptr, g.b.ptr, g.c.unwrap_or(g.d).ptr, g.d.ptr, g.bias.map(|x| x.ptr)) {
+            Err(e) if g.half_out => {
+                static NOTED: std::sync::Once = std::sync::Once::new();
+                NOTED.call_once(|| eprintln!("note: cuBLASLt refused a 16-bit output GEMM ({}); using f32 output + rounding", e.message()));
+                let y = self.block(g.m * g.n)?; // [m, n] f32
+                let f = HalfGemm { bias: g.bias, ..HalfGemm::new(g.dt, g.a, g.b, &y, (g.m, g.n, g.k), g.ta, g.tb) }; // f32 D
+                lt.run_cd(&f.desc(), g.a.ptr, g.b.ptr, y.ptr, y.ptr, g.bias.map(|x| x.ptr))?;
+                let (k, c, mut a) = super::train_ops::to_half_launch(g.dt, y.ptr, g.d.ptr, g.m * g.n)?;
+                self.launch(k, c, &mut a)
+            }
+            r => r,
         }
     }
 }
