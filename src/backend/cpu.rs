@@ -60,6 +60,16 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
+/// res + y over the first `n` values, in y's buffer (res first: the residual stream's order of addition).
+fn add_into(y: Tensor, res: &Tensor, n: usize) -> Result<Tensor> {
+    let r = res.f32_data();
+    check("residual", r.len(), n)?;
+    let mut v = y.into_f32_vec();
+    check("residual add", v.len(), n)?;
+    par_rows(&mut v[..n], 4096, |i, row| row.iter_mut().zip(&r[i * 4096..]).for_each(|(a, b)| *a = *b + *a));
+    vec1(v)
+}
+
 /// The CPU backend (rayon's thread pool).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
@@ -176,6 +186,28 @@ impl Ops for Cpu {
     fn layernorm_bwd(&self, dy: &Tensor, x: &Tensor, g: &Tensor, _stats: &Tensor, rows: usize, w: usize, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
         let (dx, dg, db) = layer_norm_bwd(&x.f32_data()[..rows * w], w, &g.f32_data(), &dy.f32_data()[..rows * w], eps);
         Ok((vec1(dx)?, vec1(dg)?, vec1(db)?))
+    }
+
+    /// res + dx in dx's buffer (one pass, no copy of res).
+    fn layernorm_bwd_add(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        g: &Tensor,
+        st: &Tensor,
+        rows: usize,
+        w: usize,
+        eps: f32,
+        res: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dx, dg, db) = self.layernorm_bwd(dy, x, g, st, rows, w, eps)?;
+        Ok((add_into(dx, res, rows * w)?, dg, db))
+    }
+
+    /// The Linear, then res added in its output's buffer (one pass, no copy of res).
+    fn linear_add(&self, x: &Tensor, w: &Weight<Cpu>, bias: &Tensor, m: usize, res: &Tensor) -> Result<Tensor> {
+        let y = self.linear(x, w, Some(bias), m)?; // [m, n]
+        add_into(y, res, m * w.n)
     }
 
     /// With a bf16 weight, the pre-activation x·Wᵀ + b is rounded to bf16 (the device's GEMM
