@@ -66,7 +66,7 @@ fn add_into(y: Tensor, res: &Tensor, n: usize) -> Result<Tensor> {
     check("residual", r.len(), n)?;
     let mut v = y.into_f32_vec();
     check("residual add", v.len(), n)?;
-    par_rows(&mut v[..n], 4096, |i, row| row.iter_mut().zip(&r[i * 4096..]).for_each(|(a, b)| *a = *b + *a));
+    par_rows(&mut v[..n], 4096, |i, row| row.iter_mut().zip(&r[i * 4096..]).for_each(|(a, b)| *a += *b)); // f32 addition commutes: res + y
     vec1(v)
 }
 
