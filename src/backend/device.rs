@@ -20,8 +20,8 @@
 //! from the half activations into f32 gradients for the f32 masters. The format is the one of the
 //! half weights made by [`Ops::weight`] (the first such weight sets it).
 use super::{Act, Ops, Seqs, Weight};
-use crate::cuda::half_ops::patch_im2col_half;
-use crate::cuda::train_ops::{axpy, bias_act_cfg, col_sums, copy, grid, ln_bwd_cfg, ln_cfg, reduce_parts, to_half, vec4};
+use crate::cuda::half_ops::{layernorm_bwd, patch_im2col_half};
+use crate::cuda::train_ops::{axpy, bias_act_cfg, col_sums, copy, grid, ln_cfg, reduce_parts, to_half, vec4};
 use crate::cuda::{Buf, DeviceOps, HalfGemm, KernelArgs};
 use crate::error::Result;
 use crate::tensor::DType;
@@ -229,28 +229,10 @@ impl Ops for Device {
     }
 
     fn layernorm_bwd_add(&self, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, rows: usize, w: usize, _eps: f32, res: &Buf) -> Result<(Buf, Buf, Buf)> {
-        crate::cuda::half_ops::layernorm_bwd_add(&*self.ops, &*self.f32_of(dy)?, &*self.f32_of(x)?, g, st, &*self.f32_of(res)?, rows, w)
+        layernorm_bwd(&*self.ops, &*self.f32_of(dy)?, &*self.f32_of(x)?, g, st, Some(&*self.f32_of(res)?), rows, w)
     }
     fn layernorm_bwd(&self, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, rows: usize, w: usize, _eps: f32) -> Result<(Buf, Buf, Buf)> {
-        let (dy, x) = (self.f32_of(dy)?, self.f32_of(x)?);
-        let ops = &*self.ops;
-        let cfg = ln_bwd_cfg(rows); // row chunks for ≥ 1 wave at real shapes
-        let parts = cfg.grid.0 as usize;
-        let (dx, pg, pb) = (ops.alloc_uninit(rows * w)?, ops.alloc_uninit(parts * w)?, ops.alloc_uninit(parts * w)?);
-        let mut a = KernelArgs::new()
-            .ptr(dy.ptr())
-            .ptr(x.ptr())
-            .ptr(g.ptr())
-            .ptr(st.ptr())
-            .ptr(st.ptr() + 4 * rows as u64)
-            .ptr(dx.ptr())
-            .ptr(pg.ptr())
-            .ptr(pb.ptr())
-            .i32(rows as i32)
-            .i32(w as i32);
-        ops.launch("layernorm_bwd_f32", cfg, &mut a)?;
-        Ok((dx, reduce_parts(ops, &pg, parts, w)?, reduce_parts(ops, &pb, parts, w)?))
-        // fixed-order sums of the chunks
+        layernorm_bwd(&*self.ops, &*self.f32_of(dy)?, &*self.f32_of(x)?, g, st, None, rows, w)
     }
 
     fn bias_act(&self, mut u: Buf, bias: &Buf, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Buf, Option<Buf>)> {

@@ -127,7 +127,7 @@ fn time_it(iters: usize, what: &str, mut f: impl FnMut() -> Result<()>) -> Resul
         bar.inc(1);
     }
     bar.finish_and_clear();
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    times.sort_by(|a, b| a.total_cmp(b));
     Ok(times[times.len() / 2])
 }
 

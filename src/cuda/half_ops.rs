@@ -137,31 +137,26 @@ pub fn layernorm_half(ops: &dyn DeviceOps, dt: DType, x: &Buf, g: &Buf, b: &Buf,
     Ok((y, st))
 }
 
-/// The LayerNorm backward with the residual gradient added in the same pass
-/// (`layernorm_bwd_add_f32`): dx = res + LN-backward(dy), all f32 [rows, w]; st = the forward's
-/// stats [2·rows] (mean then rstd). Returns (dx, dγ [w], dβ [w]) (row-chunk partials then
-/// [`reduce_parts`]: a fixed order).
+/// The LayerNorm backward (`layernorm_bwd_f32`), or with `res` the residual gradient added in the
+/// same pass (`layernorm_bwd_add_f32`): dx = (res +) LN-backward(dy), all f32 [rows, w]; st = the
+/// forward's stats [2·rows] (mean then rstd). Returns (dx, dγ [w], dβ [w]) (row-chunk partials in
+/// [`ln_bwd_cfg`] chunks, then [`reduce_parts`]: a fixed order).
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_bwd_add(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, res: &Buf, rows: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
-    for (what, b, words) in [("dy", dy, rows * w), ("x", x, rows * w), ("res", res, rows * w), ("gamma", g, w), ("stats", st, 2 * rows)] {
-        need(&format!("layernorm_bwd_add {what}"), b, words)?;
+pub fn layernorm_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, res: Option<&Buf>, rows: usize, w: usize) -> Result<(Buf, Buf, Buf)> {
+    for (what, b, words) in
+        [("dy", dy, rows * w), ("x", x, rows * w), ("gamma", g, w), ("stats", st, 2 * rows)].into_iter().chain(res.map(|r| ("res", r, rows * w)))
+    {
+        need(&format!("layernorm_bwd {what}"), b, words)?;
     }
     let cfg = ln_bwd_cfg(rows);
     let parts = cfg.grid.0 as usize;
     let (dx, pg, pb) = (ops.alloc_uninit(rows * w)?, ops.alloc_uninit(parts * w)?, ops.alloc_uninit(parts * w)?); // [rows, w], [parts, w] ×2
-    let mut a = KernelArgs::new()
-        .ptr(dy.ptr())
-        .ptr(x.ptr())
-        .ptr(g.ptr())
-        .ptr(st.ptr())
-        .ptr(st.ptr() + 4 * rows as u64)
-        .ptr(res.ptr())
-        .ptr(dx.ptr())
-        .ptr(pg.ptr())
-        .ptr(pb.ptr())
-        .i32(i32_of("layernorm_bwd_add rows", rows)?)
-        .i32(i32_of("layernorm_bwd_add w", w)?);
-    ops.launch("layernorm_bwd_add_f32", cfg, &mut a)?;
+    let mut a = KernelArgs::new().ptr(dy.ptr()).ptr(x.ptr()).ptr(g.ptr()).ptr(st.ptr()).ptr(st.ptr() + 4 * rows as u64);
+    if let Some(r) = res {
+        a = a.ptr(r.ptr());
+    }
+    let mut a = a.ptr(dx.ptr()).ptr(pg.ptr()).ptr(pb.ptr()).i32(i32_of("layernorm_bwd rows", rows)?).i32(i32_of("layernorm_bwd w", w)?);
+    ops.launch(if res.is_some() { "layernorm_bwd_add_f32" } else { "layernorm_bwd_f32" }, cfg, &mut a)?;
     Ok((dx, reduce_parts(ops, &pg, parts, w)?, reduce_parts(ops, &pb, parts, w)?))
 }
 
