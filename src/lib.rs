@@ -11,6 +11,7 @@ pub mod api;
 pub mod autograd;
 pub mod backend;
 pub mod cuda;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod flops;

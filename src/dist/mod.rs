@@ -1,0 +1,85 @@
+//! Data-parallel fine-tuning across ranks (one process per GPU; or per CPU node):
+//! - [`Collective`]: the collective operations the trainer needs, every result in rank order so a
+//!   run is bitwise reproducible; [`Single`]: world size 1, no communication;
+//! - `launch`: where this process stands (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//!   `MASTER_PORT` as torchrun sets them, or srun's / mpirun's own variables) and
+//!   `--nproc-per-node` (one child process per GPU on this machine, a failure stops them all);
+//! - `tcp`: the rendezvous on MASTER_ADDR:MASTER_PORT and a host collective over TCP (CPU ranks,
+//!   and the control channel that carries NCCL's unique id and a rank's failure);
+//! - `nccl`: NCCL communicators through cudarc, the library loaded at run time;
+//! - `buckets`: gradient buckets all-reduced as the backward pass finishes them.
+//!
+//! The math the trainer does with these (src/train/): each rank takes its shard of every global
+//! micro-batch, the towers' embeddings of all ranks are all-gathered so every rank computes the
+//! loss over the whole global batch (the same value everywhere), each rank back-propagates the
+//! rows of its own shard through its towers, and the parameter gradients are summed over ranks —
+//! exactly the gradient of the one-rank run over the global batch.
+use crate::cuda::{Buf, DeviceOps};
+use crate::error::Result;
+
+pub mod buckets;
+
+/// The collective operations of data-parallel training. Every rank calls the same operations in
+/// the same order; a rank that fails calls [`Collective::abort`] and every other rank's pending or
+/// later call fails with an error naming it.
+pub trait Collective: Send {
+    /// This rank, 0..world.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn world(&self) -> usize;
+    /// Every rank's `local` (the same length on every rank) concatenated in rank order.
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>>;
+    /// `data` replaced by its element-wise sum over ranks, added in rank order (0 + 1 + 2 …) so
+    /// every rank holds the same bits.
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()>;
+    /// Each device buffer replaced by its sum over ranks (one bucket, one collective). The
+    /// default goes through the host (emulator and host transports); NCCL sums on the device.
+    fn all_reduce_device(&self, ops: &dyn DeviceOps, bufs: &mut [&mut Buf]) -> Result<()> {
+        let mut flat = Vec::new();
+        for b in bufs.iter() {
+            flat.extend(ops.download(b)?);
+        }
+        self.all_reduce_sum(&mut flat)?;
+        let mut at = 0;
+        for b in bufs.iter_mut() {
+            let n = b.len();
+            **b = ops.upload(&flat[at..at + n])?;
+            at += n;
+        }
+        Ok(())
+    }
+    /// Returns when every rank has called it.
+    fn barrier(&self) -> Result<()>;
+    /// This rank failed with `why`: tells the other ranks, whose pending and later calls fail.
+    fn abort(&self, why: &str);
+    /// e.g. "nccl", "tcp", "threads" (logged at start).
+    fn describe(&self) -> String;
+}
+
+/// One rank: nothing to communicate.
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
+        Ok(local.to_vec())
+    }
+    fn all_reduce_sum(&self, _data: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn all_reduce_device(&self, _ops: &dyn DeviceOps, _bufs: &mut [&mut Buf]) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&self, _why: &str) {}
+    fn describe(&self) -> String {
+        "one rank".into()
+    }
+}
