@@ -150,7 +150,7 @@ fn a_frozen_tower_is_skipped_and_the_step_matches_the_cpu_one() {
     let tok = clipforge::io::tokenizer::ClipTokenizer::from_file(&dir, 77).unwrap();
     let loader = Loader::new(read_samples(&common::fixture("longclip/train.jsonl"), None).unwrap(), 4, 0, false, pre, tok).unwrap();
     let batch = loader.load(&[0, 3, 5, 9]).unwrap();
-    let mb = Micro { batch: &batch, smart_ids: None };
+    let mb = Micro { batch: &batch, smart_ids: None, last: true };
     let ((mut mc, mut oc), (mut md, mut od)) = (load(), load());
     let before = TrainClip::load_dir(&dir).unwrap();
     let mut cpu = CpuStep::new(false, 4, 1.0, 0.0);
@@ -203,7 +203,7 @@ fn half_precision_loss_is_the_rounded_reference_not_f32() {
     let tok = clipforge::io::tokenizer::ClipTokenizer::from_file(&dir, 77).unwrap();
     let loader = Loader::new(read_samples(&common::fixture("longclip/train.jsonl"), None).unwrap(), 4, 0, false, pre, tok).unwrap();
     let batch = loader.load(&[0, 3, 5, 9]).unwrap();
-    let mb = Micro { batch: &batch, smart_ids: None };
+    let mb = Micro { batch: &batch, smart_ids: None, last: true };
     let device =
         |low: Option<DType>| DeviceStep::new(Box::new(EmuOps), &model, &opt, 4, false, low).unwrap().micro_batch(&model, &mb, 1.0).unwrap().loss as f64;
     let reference = |dt: DType| -> f64 {
@@ -222,7 +222,7 @@ fn half_precision_loss_is_the_rounded_reference_not_f32() {
         let txt = txt.to_vec_f32();
         let (img, long, short) = (c(img.to_vec_f32(), nb), c(txt[..nb * d].to_vec(), nb), c(txt[nb * d..].to_vec(), nb));
         let s = tape.constant(model.params[model.index("logit_scale").unwrap()].1.clone());
-        longclip_head(&tape, &img, &long, &short, &s, 4).unwrap().0.item() as f64
+        longclip_head(&tape, &img, &long, &short, &s, 4, usize::MAX).unwrap().0.item() as f64
     };
     let (d32, r32) = (device(None), reference(DType::F32));
     eprintln!("f32: device {d32}, CPU {r32}");

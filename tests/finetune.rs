@@ -170,7 +170,7 @@ fn a_crash_between_the_two_renames_of_a_replace_loses_no_checkpoint() {
     let d = tmpdir("ckpt-crash");
     let model = clipforge::train::model::TrainClip::load_dir(&fixture("tiny")).unwrap();
     let ck = d.join("checkpoints/step-000002");
-    let state = TrainerState { step: 2, position: clipforge::train::data::Position { epoch: 0, index: 2 }, args: serde_json::json!({}) };
+    let state = TrainerState { step: 2, position: clipforge::train::data::Position { epoch: 0, index: 2 }, args: serde_json::json!({}), world: 1 };
     save(&ck, &fixture("tiny"), &model.params, None, Some(&state)).unwrap();
     save(&ck, &fixture("tiny"), &model.params, None, Some(&state)).unwrap(); // a replace
                                                                              // a crash inside the next replace: the old directory moved aside, the new one unfinished

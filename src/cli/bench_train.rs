@@ -81,7 +81,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         samples: (0..b).collect(),
     };
     let mut step = || -> Result<f32> {
-        let l = eng.micro_batch(&model, &Micro { batch: &batch, smart_ids: None }, 1.0)?;
+        let l = eng.micro_batch(&model, &Micro { batch: &batch, smart_ids: None, last: true }, 1.0)?;
         opt.begin_step();
         eng.apply(&mut model, &mut opt, &[1e-6])?;
         Ok(l.loss)

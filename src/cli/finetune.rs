@@ -38,7 +38,8 @@ pub struct FinetuneArgs {
     /// Visit the data in file order every epoch
     #[arg(long)]
     pub no_shuffle: bool,
-    /// Micro-batch size (the PCA and InfoNCE run per micro-batch)
+    /// Micro-batch size per rank (InfoNCE runs over the global micro-batch of --batch × ranks, the
+    /// PCA over each rank's; see --pca-group)
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
     /// Micro-batches per optimizer step (gradient accumulation)
@@ -64,6 +65,10 @@ pub struct FinetuneArgs {
     /// Principal components kept by the short-caption branch (Long-CLIP: 32)
     #[arg(long, default_value_t = 32)]
     pub pca_dim: usize,
+    /// Long-CLIP: rows of the global micro-batch per PCA of the short-caption target (default: each
+    /// rank's --batch, as the official code does it on every GPU; --batch × ranks: one PCA over all)
+    #[arg(long)]
+    pub pca_group: Option<usize>,
     /// Recompute each block's activations in the backward pass (less memory, ~1.3× compute)
     #[arg(long)]
     pub recompute: bool,
@@ -135,6 +140,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
         mask_init,
         device: format!("{:?}", a.device).to_lowercase(),
         dtype: a.dtype.precision(),
+        pca_group: a.pca_group,
     };
     let resume = match &a.resume {
         None => {

@@ -13,6 +13,7 @@ use super::block::{forward, BlockRef, Saved, Stored};
 use super::config::{TextConfig, TowerConfig, VisionConfig};
 use super::schema::{names, Param, Schema, Tower};
 use super::text::pool_position;
+use super::tower_backward::Grads;
 use super::weights::Weights;
 use crate::backend::{Ops, Seqs};
 use crate::error::{Error, Result};
@@ -221,8 +222,15 @@ impl<O: Ops> TowerParams<O> {
         let (normed, e, head) = self.head(ops, x_last, names::POST_LN, names::VISUAL_PROJECTION, b, &cfg.tower)?;
         see::<O>(hook, "vision.pooled", &normed, &[b, w]);
         see::<O>(hook, "vision.embeds", &e, &[b, self.linear(names::VISUAL_PROJECTION)?.n]);
-        let saved =
-            (mode != Mode::Infer).then(|| TowerSaved { seqs, pool: Some(cls), blocks, head, normed, input: Input::Pixels { pixels, b, x, stats: st0 } });
+        let saved = (mode != Mode::Infer).then(|| TowerSaved {
+            seqs,
+            pool: Some(cls),
+            blocks,
+            head,
+            normed,
+            input: Input::Pixels { pixels, b, x, stats: st0 },
+            on_block: None,
+        });
         Ok((e, saved))
     }
 
@@ -261,8 +269,15 @@ impl<O: Ops> TowerParams<O> {
         let (normed, e, head) = self.head(ops, x, names::FINAL_LN, names::TEXT_PROJECTION, b, &cfg.tower)?;
         see::<O>(hook, "text.pooled", &normed, &[b, w]);
         see::<O>(hook, "text.embeds", &e, &[b, self.linear(names::TEXT_PROJECTION)?.n]);
-        let saved =
-            (mode != Mode::Infer).then(|| TowerSaved { seqs, pool: Some(ends), blocks, head, normed, input: Input::Tokens { tok, pos, states_pool: None } });
+        let saved = (mode != Mode::Infer).then(|| TowerSaved {
+            seqs,
+            pool: Some(ends),
+            blocks,
+            head,
+            normed,
+            input: Input::Tokens { tok, pos, states_pool: None },
+            on_block: None,
+        });
         Ok((e, saved))
     }
 
@@ -285,7 +300,7 @@ impl<O: Ops> TowerParams<O> {
         }
         let out = ops.copy(&states, n * w)?;
         let input = Input::Tokens { tok, pos, states_pool: Some((ends, pooled)) };
-        Ok((out, e, Some(TowerSaved { seqs, pool: None, blocks, head: (x, stats), normed: states, input })))
+        Ok((out, e, Some(TowerSaved { seqs, pool: None, blocks, head: (x, stats), normed: states, input, on_block: None })))
     }
 
     /// Token + position embeddings of the rows → [N, W].
@@ -330,12 +345,23 @@ pub struct TowerSaved<O: Ops> {
     pub(super) head: (O::Buf, O::Buf),
     pub(super) normed: O::Buf,
     pub(super) input: Input<O>,
+    /// Called by the backward after each block with the tower-local indices of the parameters
+    /// whose gradients it just added (data parallel: their bucket may be all-reduced now).
+    pub(super) on_block: Option<BlockDone<O>>,
 }
+
+/// What the backward calls when a block's parameter gradients are done: (ops, the gradients,
+/// the block's tower-local parameter indices).
+pub type BlockDone<O> = Box<dyn FnMut(&O, &mut Grads<O>, &[usize]) -> Result<()>>;
 
 impl<O: Ops> TowerSaved<O> {
     /// The rows the encoder computed (text: Σ caption lengths when packed, B·T when padded).
     pub fn rows(&self) -> usize {
         self.seqs.rows()
+    }
+    /// Sets what the backward calls after each block ([`BlockDone`]).
+    pub fn on_block(&mut self, f: BlockDone<O>) {
+        self.on_block = Some(f);
     }
     /// Whether the sequences ran packed (no padding).
     pub fn packed(&self) -> bool {

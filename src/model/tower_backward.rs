@@ -46,8 +46,12 @@ impl<O: Ops> TowerParams<O> {
             let (dx, grads) = backward(ops, &blk, &saved, &dy)?;
             drop(saved);
             let first = self.block_index(l)?;
+            let count = grads.len();
             for (k, d) in grads.into_iter().enumerate() {
                 add(ops, g, first + k, d, self.numel(first + k))?;
+            }
+            if let Some(done) = s.on_block.as_mut() {
+                done(ops, g, &(first..first + count).collect::<Vec<_>>())?;
             }
             dy = dx;
         }

@@ -96,7 +96,7 @@ pub fn train(cfg: &ClipConfig, batch: usize, dtype: DType, long: usize, recomput
         samples: (0..batch).collect(),
     };
     rec.take();
-    eng.micro_batch(&model, &Micro { batch: &data, smart_ids: None }, 1.0)?;
+    eng.micro_batch(&model, &Micro { batch: &data, smart_ids: None, last: true }, 1.0)?;
     opt.begin_step();
     eng.apply(&mut model, &mut opt, &[1e-6])?;
     let name = format!("train step ({long} + {} tokens{})", 16.min(long), if recompute { ", recompute" } else { "" });

@@ -26,6 +26,13 @@ pub struct TrainerState {
     pub position: Position,
     /// The run's settings (for the record and to check a resume uses the same ones).
     pub args: serde_json::Value,
+    /// The number of ranks that trained it (the global micro-batch is `batch` × `world`).
+    #[serde(default = "one")]
+    pub world: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

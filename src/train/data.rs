@@ -222,6 +222,14 @@ impl Loader {
         self.load(&idx)
     }
 
+    /// Rank `rank` of `world`'s shard of the next global micro-batch (`batch` = the global size):
+    /// consecutive rows, so the ranks' shards in rank order are the one-rank micro-batch.
+    pub fn next_shard(&mut self, rank: usize, world: usize) -> Result<Batch> {
+        let idx = self.next_indices();
+        let b = idx.len() / world.max(1);
+        self.load(&idx[rank * b..(rank + 1) * b])
+    }
+
     pub fn load(&self, idx: &[usize]) -> Result<Batch> {
         let (s, pre) = (self.pre.crop_h as usize, &self.pre);
         let images: Vec<Vec<f32>> = idx

@@ -18,8 +18,13 @@
 //! masters and moments; frozen position rows skipped by offsetting the pointers), writing the
 //! bf16 or f16 copies of the block Linear weights that the next forward reads when `low` is set; the
 //! logit scale (the one host parameter) gets the CPU AdamW.
+//!
+//! Many ranks (src/train/dist.rs): the embeddings are all-gathered before the head, and each
+//! tower's gradients are summed over ranks in buckets launched from the tower's backward as its
+//! blocks finish (the step's last micro-batch), the rest when the step applies.
 //! tests/device_step.rs runs whole fine-tunes on the emulator against the CPU trainer and the
 //! PyTorch reference.
+use super::dist::{gather_rows, reduce_host, DeviceSync};
 use super::longclip::longclip_head;
 use super::model::TrainClip;
 use super::optim::Optimizer;
@@ -29,6 +34,7 @@ use crate::backend::device::Device;
 use crate::backend::Ops;
 use crate::cuda::train_ops::grid;
 use crate::cuda::{Buf, DeviceOps, KernelArgs};
+use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
 use crate::model::block::Stored;
 use crate::model::config::ClipConfig;
@@ -83,6 +89,12 @@ pub struct DeviceStep {
     /// Whether each tower has a trainable parameter (else its anchor is a constant).
     train_vision: bool,
     train_text: bool,
+    comm: Rc<dyn Collective>,
+    pca_group: Option<usize>,
+    /// Which model parameters train (schema order).
+    trainable: Vec<bool>,
+    /// The bucketed gradient sums of the vision and the text tower (many ranks only).
+    sync: Option<(Rc<DeviceSync>, Rc<DeviceSync>)>,
 }
 
 impl DeviceStep {
@@ -115,7 +127,20 @@ impl DeviceStep {
         let none = |t: &TowerParams<Device>| RefCell::new((0..t.len()).map(|_| None).collect());
         let (acc_v, acc_t) = (none(&vision), none(&text));
         let sh = Shared { dev, config: model.config.clone(), recompute, low, vision, text, acc_v, acc_t };
-        Ok(DeviceStep { sh: Rc::new(sh), pca_dim, m, v, host: HostGrads::default(), train_vision, train_text })
+        let comm: Rc<dyn Collective> = Rc::new(Single);
+        Ok(DeviceStep {
+            sh: Rc::new(sh),
+            pca_dim,
+            m,
+            v,
+            host: HostGrads::default(),
+            train_vision,
+            train_text,
+            comm,
+            pca_group: None,
+            trainable: model.trainable.clone(),
+            sync: None,
+        })
     }
 
     /// The anchor leaf of a tower: a parameter when the tower trains, else a constant.
@@ -135,9 +160,18 @@ impl DeviceStep {
         let (e, saved) = sh.vision.vision(&sh.dev, &sh.config.vision, px, b, sh.mode(), &mut None)?; // [B, D]
         let mut saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let value = Tensor::from_vec(sh.dev.download(&e)?, &[b, sh.config.projection_dim])?;
+        let sync = self.sync.as_ref().map(|s| s.0.clone());
+        if let Some(s) = sync.clone() {
+            saved.on_block(Box::new(move |dev, g, ids| s.ready(dev, g, ids)));
+        }
         Ok(tape.custom(&[anchor], value, move |g| {
             let de = sh.dev.upload(&g.f32_data())?;
-            sh.vision.vision_backward(&sh.dev, &sh.config.vision, &mut saved, &de, &mut sh.acc_v.borrow_mut())?;
+            let mut acc = sh.acc_v.borrow_mut();
+            sh.vision.vision_backward(&sh.dev, &sh.config.vision, &mut saved, &de, &mut acc)?;
+            if let Some(s) = sync {
+                s.ready(&sh.dev, &mut acc, &(0..sh.vision.len()).collect::<Vec<_>>())?;
+                // the tower's rest
+            }
             Ok(vec![None])
         }))
     }
@@ -148,9 +182,18 @@ impl DeviceStep {
         let (e, saved) = sh.text.text(&sh.dev, &sh.config.text, ids, None, sh.mode(), &mut None)?; // [B, D]
         let mut saved = saved.ok_or_else(|| Error::msg("a training forward keeps its activations"))?;
         let value = Tensor::from_vec(sh.dev.download(&e)?, &[ids.len(), sh.config.projection_dim])?;
+        let sync = self.sync.as_ref().map(|s| s.1.clone());
+        if let Some(s) = sync.clone() {
+            saved.on_block(Box::new(move |dev, g, ids| s.ready(dev, g, ids)));
+        }
         Ok(tape.custom(&[anchor], value, move |g| {
             let de = sh.dev.upload(&g.f32_data())?;
-            sh.text.text_backward(&sh.dev, &sh.config.text, &mut saved, &de, &mut sh.acc_t.borrow_mut())?;
+            let mut acc = sh.acc_t.borrow_mut();
+            sh.text.text_backward(&sh.dev, &sh.config.text, &mut saved, &de, &mut acc)?;
+            if let Some(s) = sync {
+                s.ready(&sh.dev, &mut acc, &(0..sh.text.len()).collect::<Vec<_>>())?;
+                // the tower's rest
+            }
             Ok(vec![None])
         }))
     }
@@ -164,22 +207,28 @@ impl StepEngine for DeviceStep {
         let batch = mb.batch;
         let ls = model.index("logit_scale").ok_or_else(|| Error::msg("no parameter logit_scale"))?;
         let tape = Tape::new();
+        if let Some((sv, st)) = &self.sync {
+            sv.arm(mb.last);
+            st.arm(mb.last);
+        }
         let (va, ta) = (Self::anchor(&tape, self.train_vision), Self::anchor(&tape, self.train_text));
         let img = self.vision_node(&tape, &va, &batch.pixels)?; // [B, D]
                                                                 // long and short captions as one packed text pass
         let nb = batch.long_ids.len();
         let ids: Vec<Vec<u32>> = batch.long_ids.iter().chain(&batch.short_ids).cloned().collect();
         let both = self.text_node(&tape, &ta, &ids)?; // [2B, D]
-        let (long, short) = (tape.narrow(&both, 0, 0, nb)?, tape.narrow(&both, 0, nb, nb)?); // [B, D] each
+        let (long, short) = (tape.narrow(&both, 0, 0, nb)?, tape.narrow(&both, 0, nb, nb)?); // [b, D] each
+        let c = &*self.comm;
+        let (img, long, short) = (gather_rows(&tape, c, &img)?, gather_rows(&tape, c, &long)?, gather_rows(&tape, c, &short)?); // [B, D] each
         let s = if model.trainable[ls] { tape.param(model.params[ls].1.clone()) } else { tape.constant(model.params[ls].1.clone()) };
-        let (l, a, b) = longclip_head(&tape, &img, &long, &short, &s, self.pca_dim)?;
+        let (l, a, b) = longclip_head(&tape, &img, &long, &short, &s, self.pca_dim, self.pca_group.unwrap_or(nb))?;
         let loss = MicroLoss { loss: l.item(), a, b };
         if !loss.loss.is_finite() || !l.requires_grad() {
             return Ok(loss); // (nothing trains: a forward only)
         }
         let g = tape.backward(&tape.scale(&l, scale))?; // the head on the host, then the towers on the device
-        if let Some(t) = g.get(&s) {
-            self.host.add(ls, &t.f32_data());
+        if let (Some(t), 0) = (g.get(&s), self.comm.rank()) {
+            self.host.add(ls, &t.f32_data()); // the replicated head's gradient: rank 0 brings it to the sum
         }
         Ok(loss)
     }
@@ -187,6 +236,13 @@ impl StepEngine for DeviceStep {
     fn apply(&mut self, model: &mut TrainClip, opt: &mut Optimizer, lrs: &[f64]) -> Result<()> {
         let sh = &*self.sh;
         let ops = sh.dev.raw();
+        if let Some((sv, st)) = &self.sync {
+            sv.finish(&sh.dev, &mut sh.acc_v.borrow_mut())?;
+            st.finish(&sh.dev, &mut sh.acc_t.borrow_mut())?;
+        }
+        let host: Vec<usize> = (0..opt.params.len()).map(|k| param_index(model, opt, k)).collect::<Result<Vec<_>>>()?;
+        let host: Vec<usize> = host.into_iter().filter(|&i| sh.locate(i).is_none()).collect();
+        reduce_host(&*self.comm, &mut self.host, &host, &|i| model.params[i].1.numel())?;
         for k in 0..opt.params.len() {
             let i = param_index(model, opt, k)?;
             let Some((tower, l, acc)) = sh.locate(i) else {
@@ -245,5 +301,22 @@ impl StepEngine for DeviceStep {
 
     fn describe(&self) -> String {
         self.sh.dev.describe()
+    }
+
+    fn set_dist(&mut self, comm: Rc<dyn Collective>, pca_group: Option<usize>) {
+        let sh = &*self.sh;
+        let trainable = &self.trainable;
+        let tower_sync = |t: &TowerParams<Device>, layers: usize| -> Rc<DeviceSync> {
+            let tr = |l: usize| trainable.get(t.first() + l).copied().unwrap_or(false);
+            let blocks: Vec<Vec<usize>> = (0..layers)
+                .map(|l| t.block_index(l).map(|f| (f..f + crate::model::schema::BLOCK_PARAMS.len()).filter(|&i| tr(i)).collect()).unwrap_or_default())
+                .collect();
+            let in_block: std::collections::HashSet<usize> = blocks.iter().flatten().copied().collect();
+            let rest: Vec<usize> = (0..t.len()).filter(|&i| tr(i) && !in_block.contains(&i)).collect();
+            Rc::new(DeviceSync::new(comm.clone(), &blocks, &rest, (0..t.len()).map(|i| t.numel(i)).collect()))
+        };
+        self.sync = (comm.world() > 1).then(|| (tower_sync(&sh.vision, sh.config.vision.tower.layers), tower_sync(&sh.text, sh.config.text.tower.layers)));
+        self.comm = comm;
+        self.pca_group = pca_group;
     }
 }

@@ -14,8 +14,10 @@
 //! with its own mask) and rows of Sᵀ the L_ctrT anchors (caption a against every image b, all
 //! masked with caption a's mask); τ = exp(logit_scale). Computed as
 //! S = (I·(M⊙T)ᵀ) / (sqrt((I⊙I)·(M⊙M)ᵀ + ε) ⊙ ‖T_b‖).
+use super::dist::gather_rows;
 use super::model::{block, StepVars, TrainClip};
 use crate::autograd::{Tape, Var};
+use crate::dist::Collective;
 use crate::error::Result;
 use crate::model::schema::BlockParam;
 use crate::model::synthetic::Rng;
@@ -103,7 +105,8 @@ fn sigmoid(tape: &Tape, x: &Var) -> Result<Var> {
     tape.div(&one, &tape.add(&one, &e)?)
 }
 
-/// The SmartCLIP loss of a batch: (L, L_align part, mean ‖m‖₁).
+/// The SmartCLIP loss of a batch: (L, L_align part, mean ‖m‖₁). With many ranks `pixels` and `ids`
+/// are this rank's shard and the loss is the global micro-batch's (the same on every rank).
 pub fn smartclip_loss(
     tape: &Tape,
     model: &TrainClip,
@@ -113,12 +116,15 @@ pub fn smartclip_loss(
     ids: &[Vec<u32>],
     lambda_align: f32,
     lambda_sparsity: f32,
+    comm: &dyn Collective,
 ) -> Result<(Var, f32, f32)> {
-    let img = model.image_embeds(tape, sv, pixels)?; // [B, D]
-    let (h, txt) = model.text_states(tape, sv, ids)?; // [B, T, W], [B, D]
+    let img = model.image_embeds(tape, sv, pixels)?; // [b, D]
+    let (h, txt) = model.text_states(tape, sv, ids)?; // [b, T, W], [b, D]
     let valid: Vec<usize> = ids.iter().map(|s| crate::model::text::pool_position(s, model.config.text.eos_token_id) + 1).collect();
-    let m = masks(tape, model, mask_p, &h, &valid)?; // [B, D]
-    let n = ids.len();
+    let m = masks(tape, model, mask_p, &h, &valid)?; // [b, D]
+                                                     // many ranks: the global micro-batch's rows, this rank's carrying the gradient
+    let (img, txt, m) = (gather_rows(tape, comm, &img)?, gather_rows(tape, comm, &txt)?, gather_rows(tape, comm, &m)?); // [B, D] each
+    let n = img.shape()[0];
     let num = tape.linear(&img, &tape.mul(&m, &txt)?, None)?; // [B, B]: I_a · (m_b ⊙ T_b)
     let q = tape.linear(&tape.mul(&img, &img)?, &tape.mul(&m, &m)?, None)?; // [B, B]
     let img_norm = tape.unary(&tape.add(&q, &tape.constant(Tensor::scalar(1e-12)))?, Unary::Sqrt); // ‖I_a ⊙ m_b‖

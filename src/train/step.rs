@@ -4,18 +4,24 @@
 //! - [`super::device_step::DeviceStep`]: the towers on a CUDA device (or its emulator), the loss
 //!   head on the host tape, AdamW on the device.
 use super::data::Batch;
+use super::dist::reduce_host;
 use super::longclip::longclip_loss;
 use super::model::TrainClip;
 use super::optim::Optimizer;
 use super::smartclip::smartclip_loss;
 use crate::autograd::{Tape, Var};
+use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
+use crate::model::schema::names;
 use crate::tensor::Tensor;
+use std::rc::Rc;
 
 /// One micro-batch and, for SmartCLIP, the captions sampled for it.
 pub struct Micro<'a> {
     pub batch: &'a Batch,
     pub smart_ids: Option<&'a [Vec<u32>]>,
+    /// The optimizer step's last micro-batch: its backward may start summing gradients over ranks.
+    pub last: bool,
 }
 
 /// The loss of one micro-batch and its two logged terms (Long-CLIP: L_long, L_short; SmartCLIP:
@@ -40,6 +46,9 @@ pub trait StepEngine {
     fn sync(&mut self, model: &mut TrainClip, opt: &mut Optimizer) -> Result<()>;
     /// "cpu", or the device's description.
     fn describe(&self) -> String;
+    /// Data parallel: the ranks' collective ([`crate::dist::Single`] until set), and the rows per
+    /// PCA group of Long-CLIP's short-caption target (None: each rank's micro-batch).
+    fn set_dist(&mut self, comm: Rc<dyn Collective>, pca_group: Option<usize>);
 }
 
 /// Gradients summed over micro-batches, per model parameter (host side).
@@ -66,6 +75,12 @@ impl HostGrads {
             self.0.resize(i + 1, None);
         }
         self.0[i] = Some(g.into_f32_vec());
+    }
+    pub fn set(&mut self, i: usize, g: Vec<f32>) {
+        if self.0.len() <= i {
+            self.0.resize(i + 1, None);
+        }
+        self.0[i] = Some(g);
     }
     pub fn take(&mut self, i: usize) -> Option<Vec<f32>> {
         self.0.get_mut(i).and_then(|g| g.take())
@@ -98,11 +113,13 @@ pub struct CpuStep {
     pub lambda_align: f32,
     pub lambda_sparsity: f32,
     grads: HostGrads,
+    comm: Rc<dyn Collective>,
+    pca_group: Option<usize>,
 }
 
 impl CpuStep {
     pub fn new(smart: bool, pca_dim: usize, lambda_align: f32, lambda_sparsity: f32) -> CpuStep {
-        CpuStep { smart, pca_dim, lambda_align, lambda_sparsity, grads: HostGrads::default() }
+        CpuStep { smart, pca_dim, lambda_align, lambda_sparsity, grads: HostGrads::default(), comm: Rc::new(Single), pca_group: None }
     }
 }
 
@@ -113,17 +130,21 @@ impl StepEngine for CpuStep {
         let (l, a, b) = match (self.smart, mb.smart_ids) {
             (true, Some(ids)) => {
                 let mp: Vec<Var> = (0..model.params.len()).filter(|&i| model.params[i].0.starts_with("mask_net.")).map(|i| sv.vars[i].clone()).collect();
-                smartclip_loss(&tape, model, &sv, &mp, &mb.batch.pixels, ids, self.lambda_align, self.lambda_sparsity)?
+                smartclip_loss(&tape, model, &sv, &mp, &mb.batch.pixels, ids, self.lambda_align, self.lambda_sparsity, &*self.comm)?
             }
             (true, None) => return Err(Error::msg("SmartCLIP step without sampled captions")),
-            (false, _) => longclip_loss(&tape, model, &sv, mb.batch, self.pca_dim)?,
+            (false, _) => longclip_loss(&tape, model, &sv, mb.batch, self.pca_dim, &*self.comm, self.pca_group)?,
         };
         let loss = MicroLoss { loss: l.item(), a, b };
         if !loss.loss.is_finite() {
             return Ok(loss);
         }
         let mut grads = tape.backward(&tape.scale(&l, scale))?;
+        let head_only = if self.comm.rank() > 0 { model.index(names::LOGIT_SCALE) } else { None }; // rank 0 brings the replicated head's gradient
         for (i, v) in sv.vars.iter().enumerate() {
+            if Some(i) == head_only {
+                continue;
+            }
             if let Some(g) = grads.take(v) {
                 self.grads.add_tensor(i, g);
             }
@@ -132,6 +153,10 @@ impl StepEngine for CpuStep {
     }
 
     fn apply(&mut self, model: &mut TrainClip, opt: &mut Optimizer, lrs: &[f64]) -> Result<()> {
+        // the sum over ranks, last parameters (the first the backward finishes) first
+        let ids = (0..opt.params.len()).rev().map(|k| param_index(model, opt, k)).collect::<Result<Vec<_>>>()?;
+        let numel = |i: usize| model.params[i].1.numel();
+        reduce_host(&*self.comm, &mut self.grads, &ids, &numel)?;
         for k in 0..opt.params.len() {
             let i = param_index(model, opt, k)?;
             let g = self.grads.take(i);
@@ -147,5 +172,10 @@ impl StepEngine for CpuStep {
 
     fn describe(&self) -> String {
         "cpu".into()
+    }
+
+    fn set_dist(&mut self, comm: Rc<dyn Collective>, pca_group: Option<usize>) {
+        self.comm = comm;
+        self.pca_group = pca_group;
     }
 }

@@ -4,6 +4,12 @@
 //! optimizer step, atomic checkpoints with optimizer state and data position, exact resume,
 //! Ctrl-C → checkpoint then exit, a non-finite loss → stop with the last good state saved, and a
 //! loss-curve SVG next to the log at the end.
+//!
+//! Many ranks ([`run_dist`], src/dist/): `batch` is each rank's micro-batch; the loader walks the
+//! global micro-batches (`batch` × ranks, the same seed-driven order as one rank) and each rank
+//! loads its consecutive shard; the loss is the global batch's, the gradients are summed over
+//! ranks; rank 0 writes the log, the checkpoints and the model while the others wait at a barrier;
+//! Ctrl-C on any rank stops every rank after the same step; an error on one rank stops them all.
 use super::checkpoint::{self, TrainerState};
 use super::data::{read_data, Loader};
 use super::device_step::DeviceStep;
@@ -12,12 +18,14 @@ use super::optim::Optimizer;
 use super::schedule::CosineSchedule;
 use super::smartclip::{init_mask_params, load_mask_params, MASK_FILE};
 use super::step::{CpuStep, Micro, StepEngine};
+use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
 use crate::io::tokenizer::ClipTokenizer;
 use crate::ops::adamw::AdamW;
 use crate::tensor::{DType, Tensor};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,6 +65,10 @@ pub struct TrainConfig {
     /// bf16 copies of the f32 master weights); F16 on a CUDA device. Masters and AdamW stay f32.
     #[serde(default = "default_dtype")]
     pub dtype: DType,
+    /// Long-CLIP: rows per PCA group of the short-caption target in the global micro-batch
+    /// (None: each rank's micro-batch, as the official code; one rank: the whole micro-batch).
+    #[serde(default)]
+    pub pca_group: Option<usize>,
 }
 
 fn default_device() -> String {
@@ -171,14 +183,46 @@ pub fn run(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quie
 
 /// [`run`] with the backend made by `engine`.
 pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>, quiet: bool, engine: &EngineFactory) -> Result<RunResult> {
+    run_dist(cfg, resume, stop, quiet, engine, Rc::new(Single))
+}
+
+/// [`run_with`] as one rank of `comm`'s ranks (every rank calls it with the same settings). An
+/// error on this rank is passed to the others ([`Collective::abort`]) so that they stop too.
+pub fn run_dist(
+    cfg: &TrainConfig,
+    resume: Option<&Path>,
+    stop: Arc<AtomicBool>,
+    quiet: bool,
+    engine: &EngineFactory,
+    comm: Rc<dyn Collective>,
+) -> Result<RunResult> {
+    let r = run_rank(cfg, resume, stop, quiet, engine, comm.clone());
+    if let (Err(e), true) = (&r, comm.world() > 1) {
+        comm.abort(&e.to_string());
+    }
+    r
+}
+
+fn run_rank(
+    cfg: &TrainConfig,
+    resume: Option<&Path>,
+    stop: Arc<AtomicBool>,
+    quiet: bool,
+    engine: &EngineFactory,
+    comm: Rc<dyn Collective>,
+) -> Result<RunResult> {
     if cfg.accum == 0 {
         return Err(Error::msg("--accum must be at least 1"));
     }
-    checkpoint::recover(&cfg.out.join("checkpoints")); // what a crash left
-    if let Some(dir) = resume {
-        if let Some(parent) = dir.parent() {
+    let (rank, world) = (comm.rank(), comm.world());
+    if rank == 0 {
+        checkpoint::recover(&cfg.out.join("checkpoints")); // what a crash left
+        if let Some(parent) = resume.and_then(|dir| dir.parent()) {
             checkpoint::recover(parent);
         }
+    }
+    comm.barrier()?;
+    if let Some(dir) = resume {
         checkpoint::check_model(dir, &cfg.model)?;
     }
     let source = resume.unwrap_or(&cfg.model);
@@ -190,10 +234,19 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     let tok = ClipTokenizer::from_file(&cfg.model, tc.max_positions)?;
     let samples = read_data(&cfg.data, cfg.image_root.as_deref())?;
     let notes = super::data::check(&samples, &tok, tc.max_positions)?;
-    let mut loader = Loader::new(samples, cfg.batch, cfg.seed, cfg.shuffle, pre, tok)?;
+    let global = cfg.batch * world; // the global micro-batch
+    if let Some(g) = cfg.pca_group.filter(|&g| g == 0 || global % g != 0) {
+        return Err(Error::msg(format!("--pca-group {g} must divide the global micro-batch {global} (--batch {} × {world} ranks)", cfg.batch)));
+    }
+    let mut loader = Loader::new(samples, global, cfg.seed, cfg.shuffle, pre, tok)?;
     let steps_per_epoch = loader.batches_per_epoch() / cfg.accum;
     if steps_per_epoch == 0 {
-        return Err(Error::msg(format!("--batch {} × --accum {} is more than one epoch of {} samples", cfg.batch, cfg.accum, loader.samples.len())));
+        return Err(Error::msg(format!(
+            "--batch {} × {world} ranks × --accum {} is more than one epoch of {} samples",
+            cfg.batch,
+            cfg.accum,
+            loader.samples.len()
+        )));
     }
     let total = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
     let sched = CosineSchedule { lr: cfg.lr, warmup: cfg.warmup, total };
@@ -214,17 +267,29 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     let mut start = 0;
     if let Some(dir) = resume {
         let st = checkpoint::load_state(dir, &mut opt)?;
+        let was = st.args.get("batch").and_then(|b| b.as_u64()).map(|b| b as usize * st.world);
+        if was.is_some_and(|was| was != global) {
+            return Err(Error::file(
+                dir,
+                format!("was trained with a global micro-batch of {} (--batch × ranks); this run's is {global}: resume with the same", was.unwrap_or(0)),
+            ));
+        }
         start = st.step;
         loader.position = st.position;
     } else if let (false, Some(i)) = (smart, model.index("logit_scale")) {
         model.params[i].1 = Tensor::from_vec(vec![100f32.ln()], model.params[i].1.shape())?;
         // reset to ln 100
     }
-    let mut log = open_log(cfg.log.as_deref(), start)?;
+    let mut log = if rank == 0 { open_log(cfg.log.as_deref(), start)? } else { None };
     let mut eng = engine(&model, &opt)?;
+    eng.set_dist(comm.clone(), cfg.pca_group);
+    let quiet = quiet || rank > 0;
     if !quiet {
         notes.iter().for_each(|n| eprintln!("{n}"));
-        eprintln!("fine-tuning on {}", eng.describe());
+        match world {
+            1 => eprintln!("fine-tuning on {}", eng.describe()),
+            _ => eprintln!("fine-tuning on {world} ranks ({}; rank 0: {}), global micro-batch {global}", comm.describe(), eng.describe()),
+        }
     }
     let bar = crate::progress::bar(total as u64, "finetune");
     if quiet {
@@ -235,8 +300,11 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     let save = |eng: &mut Box<dyn StepEngine>, model: &mut TrainClip, opt: &mut Optimizer, step: usize, pos| -> Result<PathBuf> {
         eng.sync(model, opt)?;
         let dir = checkpoint_dir(&cfg.out, step);
-        let args = serde_json::to_value(cfg).map_err(Error::msg)?;
-        checkpoint::save(&dir, &cfg.model, &model.params, Some(opt), Some(&TrainerState { step, position: pos, args }))?;
+        if rank == 0 {
+            let args = serde_json::to_value(cfg).map_err(Error::msg)?;
+            checkpoint::save(&dir, &cfg.model, &model.params, Some(opt), Some(&TrainerState { step, position: pos, args, world }))?;
+        }
+        comm.barrier()?; // every rank's copy is the same: rank 0 wrote it
         Ok(dir)
     };
     for step in start..total {
@@ -245,10 +313,10 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
         let (mut loss, mut l_long, mut l_short) = (0f64, 0f64, 0f64);
         let lrs = [lr, lr * cfg.mask_lr / cfg.lr];
         let pos_before = loader.position;
-        for _ in 0..cfg.accum {
-            let batch = match loader.next_batch() {
+        for a in 0..cfg.accum {
+            let batch = match loader.next_shard(rank, world) {
                 Ok(b) => b,
-                Err(e) if step > start => {
+                Err(e) if step > start && world == 1 => {
                     let dir = save(&mut eng, &mut model, &mut opt, step, pos_before)?;
                     bar.finish_and_clear();
                     return Err(Error::msg(format!("{e}; stopped, the last good state (step {step}) is saved in {}", dir.display())));
@@ -256,7 +324,7 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
                 Err(e) => return Err(e),
             };
             let ids = if smart { Some(sampled_captions(&loader, &batch.samples, cfg.seed, loader.position.epoch)?) } else { None }; // the batch's epoch
-            let l = eng.micro_batch(&model, &Micro { batch: &batch, smart_ids: ids.as_deref() }, 1.0 / cfg.accum as f32)?;
+            let l = eng.micro_batch(&model, &Micro { batch: &batch, smart_ids: ids.as_deref(), last: a + 1 == cfg.accum }, 1.0 / cfg.accum as f32)?;
             if !l.loss.is_finite() {
                 let dir = save(&mut eng, &mut model, &mut opt, step, pos_before)?;
                 bar.finish_and_clear();
@@ -279,7 +347,7 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
             mask_l1: if smart { two(l_short) } else { none },
             lr,
             logit_scale,
-            samples_per_s: (cfg.batch * cfg.accum) as f64 / t0.elapsed().as_secs_f64(),
+            samples_per_s: (global * cfg.accum) as f64 / t0.elapsed().as_secs_f64(),
         };
         if let Some(f) = log.as_mut() {
             writeln!(f, "{}", serde_json::to_string(&rec).map_err(Error::msg)?)
@@ -290,7 +358,11 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
         bar.inc(1);
         steps.push(rec);
         let done = step + 1;
-        let interrupted = stop.load(Ordering::SeqCst);
+        let mut flag = [stop.load(Ordering::SeqCst) as u8 as f32];
+        if world > 1 {
+            comm.all_reduce_sum(&mut flag)?; // a Ctrl-C on any rank stops every rank after this step
+        }
+        let interrupted = flag[0] > 0.0;
         if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == total || interrupted {
             last_ckpt = Some(save(&mut eng, &mut model, &mut opt, done, loader.position)?);
         }
@@ -302,11 +374,14 @@ pub fn run_with(cfg: &TrainConfig, resume: Option<&Path>, stop: Arc<AtomicBool>,
     }
     bar.finish_and_clear();
     eng.sync(&mut model, &mut opt)?;
-    // the fine-tuned model itself, loadable by every command
-    checkpoint::save(&cfg.out.join("model"), &cfg.model, &model.params, None, None)?;
-    if let Some(p) = &cfg.log {
-        write_curve(p)?;
+    if rank == 0 {
+        // the fine-tuned model itself, loadable by every command
+        checkpoint::save(&cfg.out.join("model"), &cfg.model, &model.params, None, None)?;
+        if let Some(p) = &cfg.log {
+            write_curve(p)?;
+        }
     }
+    comm.barrier()?;
     Ok(RunResult { steps, last_checkpoint: last_ckpt })
 }
 

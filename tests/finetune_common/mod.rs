@@ -47,6 +47,7 @@ pub fn config(model: &Path, out: &Path, batch: usize, accum: usize) -> TrainConf
         mask_init: None,
         device: "cpu".into(),
         dtype: clipforge::DType::F32,
+        pca_group: None,
     }
 }
 

@@ -1,0 +1,237 @@
+//! Data-parallel fine-tuning without GPUs: N ranks as threads of this process, each with its own
+//! backend (the CPU tape, or an emulated CUDA device), meeting in the in-process test double of
+//! the collective (tests/dist_common). An N-rank run at per-rank micro-batch B/N equals the
+//! one-rank run at B, step by step:
+//! - the logged loss and its two terms, and the logit scale, within 1e-5 relative;
+//! - every parameter of every step's checkpoint within 1e-6 + 1e-5·|w| per element, except where
+//!   the gradient is rounding noise (RMS < 1e-6 from the checkpoint's AdamW moments, e.g. the
+//!   attention key biases, see tests/device_step.rs): AdamW's normalisation turns that noise into
+//!   moves of up to ±lr, so there only that bound holds, and such elements must be under 0.1 %;
+//!
+//! for Long-CLIP on the CPU and on the emulated device (its gradients summed in buckets from the
+//! towers' backward), with accumulation, and for SmartCLIP on the CPU (SmartCLIP has no device
+//! backend). Long-CLIP's PCA target runs on each rank's rows, as the official code does: the
+//! one-rank run matches with `pca_group` = B/N, and with `pca_group` = B the N-rank run matches
+//! the plain one-rank run. Also: an error on one rank stops every rank with a message naming it,
+//! rank 0 alone writes, a run resumes exactly on N ranks, and a resume with another global batch
+//! is refused.
+mod common;
+mod dist_common;
+mod finetune_common;
+use clipforge::cuda::EmuOps;
+use clipforge::dist::Collective;
+use clipforge::error::{Error, Result};
+use clipforge::model::Weights;
+use clipforge::train::device_step::DeviceStep;
+use clipforge::train::step::StepEngine;
+use clipforge::train::trainer::{run_dist, EngineSpec, RunResult, StepLog, TrainConfig};
+use common::{fixture, tmpdir};
+use finetune_common::{config, no_stop, stretched};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Cpu,
+    Emulator,
+}
+
+/// Runs `cfg` on `n` ranks (threads); every rank's result, in rank order.
+fn ranks(cfg: &TrainConfig, n: usize, backend: Backend, resume: Option<&Path>, fail_rank: Option<usize>) -> Vec<Result<RunResult>> {
+    let comms = dist_common::group(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let rank = c.rank();
+                    let comm: Rc<dyn Collective> = Rc::new(c);
+                    run_dist(
+                        cfg,
+                        resume,
+                        no_stop(),
+                        true,
+                        &|model, opt| {
+                            if fail_rank == Some(rank) {
+                                return Err(Error::msg("out of device memory (planted)"));
+                            }
+                            match backend {
+                                Backend::Cpu => EngineSpec::from_config(cfg).build(model, opt),
+                                Backend::Emulator => {
+                                    let s: Box<dyn StepEngine> = Box::new(DeviceStep::new(Box::new(EmuOps), model, opt, cfg.pca_dim, cfg.recompute, None)?);
+                                    Ok(s)
+                                }
+                            }
+                        },
+                        comm,
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::msg("rank panicked")))).collect()
+    })
+}
+
+fn run_ok(cfg: &TrainConfig, n: usize, backend: Backend) -> RunResult {
+    let mut all = ranks(cfg, n, backend, None, None);
+    for (r, res) in all.iter().enumerate() {
+        assert!(res.is_ok(), "rank {r}: {}", res.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
+    }
+    all.swap_remove(0).unwrap()
+}
+
+fn terms(s: &StepLog) -> Vec<(&'static str, f64)> {
+    let mut v = vec![("loss", s.loss), ("logit_scale", s.logit_scale), ("lr", s.lr)];
+    for (k, x) in [("loss_long", s.loss_long), ("loss_short", s.loss_short), ("loss_align", s.loss_align), ("mask_l1", s.mask_l1)] {
+        if let Some(x) = x {
+            v.push((k, x));
+        }
+    }
+    v
+}
+
+/// Step logs within 1e-5 relative, and every checkpoint's weights per element.
+fn assert_same_run(what: &str, got: &RunResult, got_dir: &Path, want: &RunResult, want_dir: &Path) {
+    assert_eq!(got.steps.len(), want.steps.len(), "{what}: step count");
+    for (g, w) in got.steps.iter().zip(&want.steps) {
+        for ((k, x), (_, y)) in terms(g).into_iter().zip(terms(w)) {
+            assert!(x.is_finite() && (x - y).abs() <= 1e-5 * y.abs(), "{what}: step {} {k} = {x}, one rank {y}", g.step);
+        }
+    }
+    let mut lr_sum = 0.0;
+    let (mut noise, mut total) = (std::collections::HashSet::new(), 0usize);
+    for s in &want.steps {
+        lr_sum += s.lr;
+        let (a, b) = (ckpt(got_dir, s.step), ckpt(want_dir, s.step));
+        let opt = Weights::open(&b.join("optimizer.safetensors")).unwrap();
+        let bias2 = 1.0 - 0.999f64.powi(s.step as i32); // AdamW's second-moment bias correction
+        for file in ["model.safetensors", "mask_net.safetensors"].into_iter().filter(|f| b.join(f).is_file()) {
+            let (wa, wb) = (Weights::open(&a.join(file)).unwrap(), Weights::open(&b.join(file)).unwrap());
+            let mut names = wb.names();
+            names.sort();
+            assert_eq!(wa.names().len(), names.len(), "{what}: step {} parameter count in {file}", s.step);
+            for n in names {
+                let (x, y) = (wa.get(n).unwrap().to_vec_f32(), wb.get(n).unwrap().to_vec_f32());
+                let v = opt.get(&format!("exp_avg_sq.{n}")).map(|t| t.to_vec_f32()).unwrap_or_default();
+                assert_eq!(x.len(), y.len(), "{what}: {n}");
+                for (i, (p, q)) in x.iter().zip(&y).enumerate() {
+                    total += 1;
+                    if p.is_finite() && (p - q).abs() <= 1e-6 + 1e-5 * q.abs() {
+                        continue;
+                    }
+                    // a gradient at rounding-noise level (RMS < 1e-6, e.g. the attention key
+                    // biases', which softmax cannot see): AdamW's normalisation turns its noise into
+                    // moves of up to ±lr a step, so only that bound holds
+                    // (and the offset stays in the later steps)
+                    let rms = v.get(i).map_or(f64::INFINITY, |&v| (v as f64 / bias2).sqrt());
+                    let key = (n.to_string(), i);
+                    let moved = (p - q).abs() as f64;
+                    let known = noise.contains(&key) || rms < 1e-6;
+                    assert!(p.is_finite() && known && moved <= 2.0 * lr_sum, "{what}: step {} {n}[{i}] = {p}, one rank {q} (gradient RMS {rms:.2e})", s.step);
+                    noise.insert(key);
+                }
+            }
+        }
+    }
+    assert!(noise.len() * 1000 * want.steps.len() <= total, "{what}: {} of {total} weights differ beyond 1e-5 (noise-level gradients): too many", noise.len());
+}
+
+fn ckpt(out: &Path, step: usize) -> PathBuf {
+    out.join("checkpoints").join(format!("step-{step:06}"))
+}
+
+/// The Long-CLIP test configuration, `steps` steps, a checkpoint after each.
+fn longclip(model: &Path, out: &Path, batch: usize, accum: usize, steps: usize) -> TrainConfig {
+    let mut c = config(model, out, batch, accum);
+    (c.max_steps, c.save_every, c.warmup) = (Some(steps), 1, 1);
+    c
+}
+
+#[test]
+fn longclip_on_n_cpu_ranks_equals_one_rank() {
+    let d = tmpdir("dp-longclip-cpu");
+    let model = stretched(&d);
+    // one rank, micro-batch 8, PCA per 4 rows = two ranks at 4 (PCA per rank, the default)
+    let mut one = longclip(&model, &d.join("one"), 8, 1, 3);
+    one.pca_group = Some(4);
+    let want = run_ok(&one, 1, Backend::Cpu);
+    let two = longclip(&model, &d.join("two"), 4, 1, 3);
+    assert_same_run("2 cpu ranks", &run_ok(&two, 2, Backend::Cpu), &d.join("two"), &want, &d.join("one"));
+    // one PCA over the global batch on 2 ranks = the plain one-rank run
+    let plain = run_ok(&longclip(&model, &d.join("plain"), 8, 1, 2), 1, Backend::Cpu);
+    let mut global = longclip(&model, &d.join("global"), 4, 1, 2);
+    global.pca_group = Some(8);
+    assert_same_run("2 ranks, one PCA", &run_ok(&global, 2, Backend::Cpu), &d.join("global"), &plain, &d.join("plain"));
+    // odd: 3 ranks at 2 with accumulation 2 = one rank at 6 × 2, PCA per 2 rows
+    let mut one = longclip(&model, &d.join("one6"), 6, 2, 1);
+    one.pca_group = Some(2);
+    let want = run_ok(&one, 1, Backend::Cpu);
+    let three = longclip(&model, &d.join("three"), 2, 2, 1);
+    assert_same_run("3 cpu ranks, accumulation 2", &run_ok(&three, 3, Backend::Cpu), &d.join("three"), &want, &d.join("one6"));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn longclip_on_n_emulated_devices_equals_one() {
+    let d = tmpdir("dp-longclip-emu");
+    let model = stretched(&d);
+    // accumulation 2: the first micro-batch accumulates, the last one's backward launches the buckets
+    let mut one = longclip(&model, &d.join("one"), 4, 2, 2);
+    one.pca_group = Some(2);
+    let want = run_ok(&one, 1, Backend::Emulator);
+    let two = longclip(&model, &d.join("two"), 2, 2, 2);
+    assert_same_run("2 emulated devices", &run_ok(&two, 2, Backend::Emulator), &d.join("two"), &want, &d.join("one"));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn smartclip(out: &Path, batch: usize, steps: usize) -> TrainConfig {
+    let mut c = config(&fixture("tiny"), out, batch, 1);
+    c.data = fixture("smartclip/train.jsonl");
+    (c.pca_dim, c.method, c.mask_lr) = (32, "smartclip".into(), 1e-2);
+    c.mask_init = Some(fixture("smartclip/mask_init.safetensors"));
+    (c.max_steps, c.save_every, c.warmup) = (Some(steps), 1, 1);
+    c
+}
+
+#[test]
+fn smartclip_on_n_cpu_ranks_equals_one_rank() {
+    let d = tmpdir("dp-smartclip");
+    let want = run_ok(&smartclip(&d.join("one"), 8, 3), 1, Backend::Cpu);
+    let got = run_ok(&smartclip(&d.join("two"), 4, 3), 2, Backend::Cpu);
+    assert_same_run("smartclip 2 ranks", &got, &d.join("two"), &want, &d.join("one"));
+    for f in ["mask_net.safetensors"] {
+        assert!(d.join("two/model").join(f).is_file(), "rank 0 writes the mask network");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn one_failing_rank_stops_all_and_resume_is_exact_on_n_ranks() {
+    let d = tmpdir("dp-fail");
+    let model = stretched(&d);
+    // rank 1 fails building its backend: every rank returns an error naming it, none hangs
+    let cfg = longclip(&model, &d.join("fail"), 4, 1, 2);
+    let all = ranks(&cfg, 3, Backend::Cpu, None, Some(1));
+    for (r, res) in all.iter().enumerate() {
+        let e = res.as_ref().err().map(|e| e.to_string()).unwrap_or_else(|| panic!("rank {r} finished while rank 1 failed"));
+        assert!(e.contains("out of device memory") && (r == 1 || e.contains("rank 1 failed")), "rank {r}: {e}");
+    }
+    // 4 steps on 2 ranks, and 2 + 2 resumed from the step-2 checkpoint: the same curve
+    let full = run_ok(&longclip(&model, &d.join("full"), 4, 1, 4), 2, Backend::Cpu);
+    assert!(!d.join("full/checkpoints").read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("tmp")));
+    let part = d.join("part");
+    std::fs::create_dir_all(&part).unwrap();
+    std::fs::copy(d.join("full/log.jsonl"), part.join("log.jsonl")).unwrap();
+    let at = ckpt(&d.join("full"), 2);
+    let res = ranks(&longclip(&model, &part, 4, 1, 4), 2, Backend::Cpu, Some(&at), None);
+    assert!(res.iter().all(|r| r.is_ok()), "resume failed");
+    let log = finetune_common::read_log(&part.join("log.jsonl"));
+    assert_eq!(log.len(), 4);
+    for (a, b) in log.iter().zip(&full.steps) {
+        assert_eq!((a.step, a.loss, a.logit_scale), (b.step, b.loss, b.logit_scale), "resumed step {}", a.step);
+    }
+    // the same checkpoint on 1 rank at --batch 4 is another global batch (4, not 8): refused
+    let e = ranks(&longclip(&model, &d.join("other"), 4, 1, 4), 1, Backend::Cpu, Some(&at), None).remove(0).err().expect("refused");
+    assert!(e.to_string().contains("global micro-batch of 8"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
