@@ -2,8 +2,15 @@
 //! (`clipforge stretch`) for 248-token captions; the frozen position rows it records stay fixed.
 use clap::{Args, ValueEnum};
 use clipforge::error::{Error, Result};
-use clipforge::train::trainer::{run, TrainConfig};
+use clipforge::cuda::GpuOps;
+use clipforge::dist::launch::RankEnv;
+use clipforge::dist::{Collective, Single};
+use clipforge::train::optim::Optimizer;
+use clipforge::train::model::TrainClip;
+use clipforge::train::trainer::{run_dist, EngineSpec, TrainConfig};
+use std::cell::RefCell;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -105,10 +112,43 @@ pub struct FinetuneArgs {
     /// Print a JSON summary at the end
     #[arg(long)]
     pub json: bool,
+    /// Data parallel on this machine: start one rank per GPU (NCCL; with --device cpu, ranks over
+    /// TCP). Each rank takes --batch samples of every global micro-batch. Under torchrun
+    /// (--no-python), srun or mpirun leave it out: their variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    /// MASTER_ADDR, MASTER_PORT, or SLURM_* / OMPI_*) place each process
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: usize,
 }
 
 pub fn finetune(a: &FinetuneArgs) -> Result<()> {
-    let model = super::common::model_dir(&a.model, &a.out.join("source-model"))?;
+    if a.nproc_per_node == 0 {
+        return Err(Error::msg("--nproc-per-node must be at least 1"));
+    }
+    if a.nproc_per_node > 1 && !RankEnv::launched_here() {
+        return super::finetune_dist::spawn(a.nproc_per_node); // the ranks run this command
+    }
+    let device = format!("{:?}", a.device).to_lowercase();
+    let job = super::finetune_dist::join(&device, matches!(a.method, Method::Smartclip))?;
+    let rank = job.as_ref().map_or(0, |j| j.env.rank);
+    let comm: Rc<dyn Collective> = job.as_ref().map_or_else(|| Rc::new(Single) as Rc<dyn Collective>, |j| j.comm.clone());
+    let r = prepare_and_run(a, &device, rank, &comm, job.and_then(|j| j.gpu));
+    if let (Err(e), true) = (&r, comm.world() > 1) {
+        comm.abort(&e.to_string()); // (a failure before the trainer's loop) the other ranks stop too
+    }
+    r
+}
+
+/// Rank 0 converts a `.pt` and clears an earlier run's checkpoints while the others wait; then
+/// every rank trains.
+fn prepare_and_run(a: &FinetuneArgs, device: &str, rank: usize, comm: &Rc<dyn Collective>, gpu: Option<GpuOps>) -> Result<()> {
+    let source = a.out.join("source-model");
+    let model = if rank == 0 {
+        super::common::model_dir(&a.model, &source)?
+    } else if clipforge::io::pt::is_pt_file(&a.model) {
+        source // rank 0 converted it
+    } else {
+        a.model.clone()
+    };
     // a SmartCLIP checkpoint's mask network is the one its fine-tune starts from
     let mask_file = model.join(clipforge::train::smartclip::MASK_FILE);
     let mask_init = a.mask_init.clone().or_else(|| (model != a.model && matches!(a.method, Method::Smartclip) && mask_file.is_file()).then_some(mask_file));
@@ -138,11 +178,12 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
         lambda_align: a.lambda_align,
         lambda_sparsity: a.lambda_sparsity,
         mask_init,
-        device: format!("{:?}", a.device).to_lowercase(),
+        device: device.to_string(),
         dtype: a.dtype.precision(),
         pca_group: a.pca_group,
     };
     let resume = match &a.resume {
+        None if rank > 0 => None,
         None => {
             let removed = clipforge::train::checkpoint::start_over(&a.out, a.force)?;
             if removed > 0 {
@@ -155,6 +196,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
             Some(clipforge::train::checkpoint::latest(&a.out).ok_or_else(|| Error::file(a.out.join("checkpoints"), "--resume: no checkpoint found"))?)
         }
     };
+    comm.barrier()?; // rank 0's conversion and clean-up are done
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let _ = ctrlc::set_handler(move || {
@@ -163,7 +205,16 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
         }
         eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
     });
-    let r = run(&cfg, resume.as_deref(), stop, false)?;
+    let spec = EngineSpec::from_config(&cfg);
+    let gpu = RefCell::new(gpu);
+    let engine = |model: &TrainClip, opt: &Optimizer| match gpu.borrow_mut().take() {
+        Some(g) => spec.build_on(model, opt, g),
+        None => spec.build(model, opt),
+    };
+    let r = run_dist(&cfg, resume.as_deref(), stop, false, &engine, comm.clone())?;
+    if rank > 0 {
+        return Ok(()); // rank 0 reports
+    }
     let last = r.steps.last();
     if a.json {
         let v = serde_json::json!({"steps": r.steps.len(), "last": last, "model": a.out.join("model"), "checkpoint": r.last_checkpoint});

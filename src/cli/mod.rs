@@ -11,6 +11,7 @@ pub mod embed;
 pub mod embed_shards;
 pub mod eval;
 pub mod finetune;
+pub mod finetune_dist;
 pub mod hidden;
 pub mod serve;
 pub mod stretch;

@@ -107,6 +107,15 @@ impl EngineSpec<'_> {
         }
     }
 
+    /// The device backend on a GPU already open (a rank's GPU LOCAL_RANK).
+    pub fn build_on(&self, model: &TrainClip, opt: &Optimizer, gpu: crate::cuda::GpuOps) -> Result<Box<dyn StepEngine>> {
+        if self.smart {
+            return Err(Error::msg("--device cuda: SmartCLIP fine-tuning runs on the CPU backend; use --device cpu"));
+        }
+        let low = (self.dtype != DType::F32).then_some(self.dtype);
+        Ok(Box::new(DeviceStep::new(Box::new(gpu), model, opt, self.pca_dim, self.recompute, low)?))
+    }
+
     /// The backend asked for (SmartCLIP always on the CPU tape; no GPU is opened for it).
     pub fn build(&self, model: &TrainClip, opt: &Optimizer) -> Result<Box<dyn StepEngine>> {
         let low = (self.dtype != DType::F32).then_some(self.dtype);
@@ -119,9 +128,7 @@ impl EngineSpec<'_> {
                 }
             }
         };
-        let device = |ops: crate::cuda::GpuOps| -> Result<Box<dyn StepEngine>> {
-            Ok(Box::new(DeviceStep::new(Box::new(ops), model, opt, self.pca_dim, self.recompute, low)?))
-        };
+        let device = |ops: crate::cuda::GpuOps| self.build_on(model, opt, ops);
         match self.device {
             "cpu" => cpu(),
             "cuda" if self.smart => Err(Error::msg("--device cuda: SmartCLIP fine-tuning runs on the CPU backend; use --device cpu")),
