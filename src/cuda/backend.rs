@@ -166,6 +166,11 @@ pub trait DeviceOps {
     /// CUBLAS_COMPUTE_32F on a GPU, the `gemm_bf16`/`gemm_f16` kernels of kernels/matmul.cu (the
     /// same arithmetic) on the emulator.
     fn gemm_half(&self, g: &HalfGemm) -> Result<()>;
+    /// The CUDA stream this device's work is ordered on (the compute stream), for libraries that
+    /// enqueue their own work on it (NCCL); `None` on the emulator and recording backends.
+    fn cuda_stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
+        None
+    }
 }
 
 /// One [`DeviceOps::gemm_half`]: `d[m×n] = op(a)·op(b) (+ bias[n] on every row) (+ c)`, A stored
@@ -347,7 +352,11 @@ pub struct GpuOps {
 impl GpuOps {
     /// Device 0 with the kernel modules registered and a cuBLASLt handle, or why not.
     pub fn open() -> Result<GpuOps> {
-        let gpu = super::table::Gpu::open()?;
+        Self::open_ordinal(0)
+    }
+    /// Device `ordinal` (a rank's LOCAL_RANK), as [`GpuOps::open`].
+    pub fn open_ordinal(ordinal: usize) -> Result<GpuOps> {
+        let gpu = super::table::Gpu::open_ordinal(ordinal)?;
         let gemm = match Gemm::new(gpu.device.compute_stream().clone(), gpu.device.sm()) {
             Ok(g) => Some(g),
             Err(why) => {
@@ -400,6 +409,9 @@ impl GpuOps {
 }
 
 impl DeviceOps for GpuOps {
+    fn cuda_stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
+        Some(self.gpu.device.compute_stream().clone())
+    }
     fn describe(&self) -> String {
         let d = &self.gpu.device;
         let gemm = match (&self.gemm, self.tf32) {

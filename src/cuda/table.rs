@@ -92,7 +92,11 @@ pub struct Gpu {
 impl Gpu {
     /// Device 0, or why there is none.
     pub fn open() -> Result<Gpu> {
-        let device = CudaDevice::open(0)?;
+        Self::open_ordinal(0)
+    }
+    /// Device `ordinal`, or why it cannot be opened.
+    pub fn open_ordinal(ordinal: usize) -> Result<Gpu> {
+        let device = CudaDevice::open(ordinal)?;
         let modules = Arc::new(ModuleCache::new(device.context().clone(), device.sm()));
         for spec in super::module_specs() {
             modules.register(spec);

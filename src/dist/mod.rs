@@ -18,6 +18,9 @@ use crate::cuda::{Buf, DeviceOps};
 use crate::error::Result;
 
 pub mod buckets;
+pub mod launch;
+pub mod nccl;
+pub mod tcp;
 
 /// The collective operations of data-parallel training. Every rank calls the same operations in
 /// the same order; a rank that fails calls [`Collective::abort`] and every other rank's pending or
