@@ -235,3 +235,43 @@ fn one_failing_rank_stops_all_and_resume_is_exact_on_n_ranks() {
     assert!(e.to_string().contains("global micro-batch of 8"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `finetune --nproc-per-node 2 --device cpu`: two processes meeting over TCP (the product path
+/// without GPUs) give the one-process run's curve; a failure in the ranks is a non-zero exit with
+/// one line naming the rank.
+#[test]
+fn nproc_per_node_starts_ranks_as_processes() {
+    let d = tmpdir("dp-cli");
+    let model = stretched(&d);
+    let data = fixture("longclip/train.jsonl");
+    let run = |out: &str, extra: &[&str]| {
+        let out = d.join(out);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_clipforge"))
+            .args(["finetune", "--device", "cpu", "--no-shuffle", "--lr", "1e-3", "--warmup", "1", "--max-steps", "2", "--pca-dim", "4", "--json"])
+            .args(["--model".as_ref(), model.as_os_str(), "--data".as_ref(), data.as_os_str(), "--out".as_ref(), out.as_os_str()])
+            .args(["--log".as_ref(), out.join("log.jsonl").as_os_str()])
+            .args(extra)
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string(), out)
+    };
+    let (c1, _, e1, one) = run("one", &["--batch", "8", "--pca-group", "4"]);
+    assert_eq!(c1, Some(0), "{e1}");
+    let (c2, o2, e2, two) = run("two", &["--batch", "4", "--nproc-per-node", "2"]);
+    assert_eq!(c2, Some(0), "{e2}");
+    assert!(o2.contains("\"steps\":2"), "rank 0's summary: {o2}");
+    assert!(e2.contains("2 ranks (tcp"), "{e2}");
+    let (a, b) = (finetune_common::read_log(&two.join("log.jsonl")), finetune_common::read_log(&one.join("log.jsonl")));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        for ((k, p), (_, q)) in terms(x).into_iter().zip(terms(y)) {
+            assert!((p - q).abs() <= 1e-5 * q.abs(), "step {} {k}: 2 processes {p}, one {q}", x.step);
+        }
+    }
+    assert!(two.join("model/model.safetensors").is_file());
+    // every rank refuses the setting: non-zero, and the error names the rank
+    let (c3, _, e3, _) = run("bad", &["--batch", "4", "--nproc-per-node", "2", "--pca-group", "3"]);
+    assert!(c3.is_some_and(|c| c != 0), "{e3}");
+    assert!(e3.contains("rank") && e3.contains("--pca-group 3"), "{e3}");
+    let _ = std::fs::remove_dir_all(&d);
+}

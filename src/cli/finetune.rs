@@ -1,12 +1,12 @@
 //! `clipforge finetune`: Long-CLIP or SmartCLIP fine-tuning (src/train/). Stretch the model first
 //! (`clipforge stretch`) for 248-token captions; the frozen position rows it records stay fixed.
 use clap::{Args, ValueEnum};
-use clipforge::error::{Error, Result};
 use clipforge::cuda::GpuOps;
 use clipforge::dist::launch::RankEnv;
 use clipforge::dist::{Collective, Single};
-use clipforge::train::optim::Optimizer;
+use clipforge::error::{Error, Result};
 use clipforge::train::model::TrainClip;
+use clipforge::train::optim::Optimizer;
 use clipforge::train::trainer::{run_dist, EngineSpec, TrainConfig};
 use std::cell::RefCell;
 use std::path::PathBuf;

@@ -191,7 +191,10 @@ impl TcpGroup {
             let why = if version != PROTOCOL_VERSION {
                 Some(format!("rank {rank} speaks protocol version {version}, rank 0 version {PROTOCOL_VERSION}: run the same clipforge on every rank"))
             } else if world != env.world {
-                Some(format!("rank {rank} (from {from}) says WORLD_SIZE={world} but rank 0 has WORLD_SIZE={}: start every rank with the same world size", env.world))
+                Some(format!(
+                    "rank {rank} (from {from}) says WORLD_SIZE={world} but rank 0 has WORLD_SIZE={}: start every rank with the same world size",
+                    env.world
+                ))
             } else if rank == 0 || rank >= env.world {
                 Some(format!("a process at {from} says it is rank {rank}, but rank 0 is here and ranks run from 1 to {} for the others", env.world - 1))
             } else if let Some((_, first)) = &slots[rank] {
@@ -302,7 +305,11 @@ impl TcpGroup {
 
     /// Reads the next frame from `l`, expecting `tag`; an abort in its place is the failure.
     fn recv(&self, l: &Link, tag: u8) -> std::result::Result<Vec<u8>, String> {
-        let got = l.read.lock().map_err(|_| format!("rank {}: link poisoned", l.rank)).and_then(|mut s| read_frame(&mut s, MAX_FRAME).map_err(|e| gone(l.rank, &e)))?;
+        let got = l
+            .read
+            .lock()
+            .map_err(|_| format!("rank {}: link poisoned", l.rank))
+            .and_then(|mut s| read_frame(&mut s, MAX_FRAME).map_err(|e| gone(l.rank, &e)))?;
         match got {
             (t, p) if t == tag => Ok(p),
             (ABORT, why) => Err(String::from_utf8_lossy(&why).into_owned()),
@@ -312,7 +319,11 @@ impl TcpGroup {
 
     /// Writes a frame to `l`; when that fails, an abort the peer sent before it went away wins.
     fn send(&self, l: &Link, tag: u8, payload: &[u8]) -> std::result::Result<(), String> {
-        let r = l.write.lock().map_err(|_| format!("rank {}: link poisoned", l.rank)).and_then(|mut s| write_frame(&mut s, tag, payload).map_err(|e| gone(l.rank, &e)));
+        let r = l
+            .write
+            .lock()
+            .map_err(|_| format!("rank {}: link poisoned", l.rank))
+            .and_then(|mut s| write_frame(&mut s, tag, payload).map_err(|e| gone(l.rank, &e)));
         r.map_err(|why| {
             let pending = l.read.try_lock().ok().and_then(|mut s| {
                 s.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
