@@ -21,7 +21,9 @@
 #      fixture), cuda_kernels.rs (the loaded modules), cuda_flash.rs (the tensor-core flash attention
 #      through the device backend);
 #   3. more bench lines, as the budget allows: B/32 towers f32 and bf16, B/32 train bf16, L/14 train
-#      with --recompute.
+#      with --recompute;
+#   4. on a machine with several GPUs and a libnccl: `finetune --nproc-per-node 2 --device cuda` (NCCL)
+#      against one GPU at the global micro-batch, loss curves within 1e-4 (multi_gpu.json).
 # `criterion`: the criterion kernel benches (benches/cuda.rs), short measurement.
 # Everything lands in $OUT: log.txt, info.json, bench.jsonl (measured), predicted.jsonl (dry runs,
 # one per bench line, same order, with the bench's arguments), mem.csv, criterion.txt.
@@ -134,6 +136,42 @@ b 40 --preset b32 --batch 256 --iters 5
 b 40 --preset b32 --batch 256 --iters 5 --dtype bf16
 b 60 --task train --preset b32 --batch 128 --iters 3 --dtype bf16
 b 120 --task train --preset l14 --batch 128 --iters 2 --dtype bf16 --recompute --stretch --text-len 248
+
+# 4. many GPUs (only on a machine with several, and a libnccl to load): the real NCCL path of
+# `finetune --nproc-per-node N --device cuda` on the tiny stretched model against one GPU at the
+# global micro-batch (--pca-group = the per-rank batch, as the ranks' PCA): loss curves within 1e-4
+# (NCCL's ring sums in another order than one GPU's GEMMs), and the samples/s of both in the log.
+ngpu=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
+if [ "$ngpu" -ge 2 ]; then
+  nccl=$(ldconfig -p 2>/dev/null | grep -o '/[^ ]*libnccl.so[.0-9]*' | head -1)
+  [ -z "$nccl" ] && nccl=$(find / -name 'libnccl.so*' -not -path '*/proc/*' 2>/dev/null | head -1)
+  if [ -z "$nccl" ]; then
+    echo "=== many GPUs: SKIPPED ($ngpu GPUs but no libnccl.so on the machine)" | tee -a "$log"
+  else
+    export LD_LIBRARY_PATH="$(dirname "$nccl"):${LD_LIBRARY_PATH:-}"
+    mg=/tmp/gpu/multi && rm -rf "$mg" && mkdir -p "$mg"
+    "$bin/clipforge" stretch --model tests/fixtures/tiny --out "$mg/long" >> "$log" 2>&1
+    common=(--device cuda --model "$mg/long" --data tests/fixtures/longclip/train.jsonl --no-shuffle --lr 1e-3 --warmup 1 --max-steps 4 --pca-dim 4)
+    step "finetune 1 GPU, batch 4" 60 "$bin/clipforge" finetune "${common[@]}" --out "$mg/one" --log "$mg/one/log.jsonl" --batch 4 --pca-group 2
+    step "finetune --nproc-per-node 2 (NCCL), batch 2 per rank" 90 "$bin/clipforge" finetune "${common[@]}" --out "$mg/two" --log "$mg/two/log.jsonl" --batch 2 --nproc-per-node 2
+    python3 - "$mg" "$out/multi_gpu.json" <<'PY' | tee -a "$log" || true
+import json, sys
+d, out = sys.argv[1], sys.argv[2]
+read = lambda r: [json.loads(l) for l in open(f"{d}/{r}/log.jsonl")]
+try:
+    one, two = read("one"), read("two")
+    worst = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(two, one))
+    r = {"steps": len(two), "worst_rel_loss": worst, "ok": len(two) == len(one) and worst <= 1e-4,
+         "samples_per_s_1gpu": one[-1]["samples_per_s"], "samples_per_s_2gpu": two[-1]["samples_per_s"]}
+except Exception as e:
+    r = {"ok": False, "error": str(e)}
+json.dump(r, open(out, "w"))
+print("many GPUs:", json.dumps(r))
+PY
+  fi
+else
+  echo "=== many GPUs: SKIPPED (this machine has $ngpu GPU)" | tee -a "$log"
+fi
 
 kill "$smi" 2>/dev/null
 echo "peak GPU memory (MiB): $(cut -d, -f2 "$out/mem.csv" | tr -dc '0-9\n' | sort -n | tail -1)" | tee -a "$log"
