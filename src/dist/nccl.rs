@@ -79,8 +79,14 @@ fn load() -> std::result::Result<Lib, String> {
         names.push(p);
     }
     names.extend(["libnccl.so.2".to_string(), "libnccl.so".to_string()]);
+    load_from(&names)
+}
+
+/// The first of `names` that loads, with every symbol; a library that loads but lacks one is
+/// the error (not the next name: it is the NCCL the user pointed at).
+fn load_from(names: &[String]) -> std::result::Result<Lib, String> {
     let mut tried = vec![];
-    for name in &names {
+    for name in names {
         let Ok(c) = CString::new(name.as_str()) else { continue };
         // SAFETY: a valid NUL-terminated name; the handle is kept for the life of the process
         // (the function pointers below point into it).
@@ -280,5 +286,19 @@ impl Drop for NcclCollective {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_library_or_symbols_are_errors() {
+        let e = load_from(&["/nonexistent/libnccl.so.2".into()]).err().unwrap();
+        assert!(e.starts_with("NCCL not found (/nonexistent/libnccl.so.2: "), "{e}");
+        // a library that loads but is not NCCL: a missing symbol, named
+        let e = load_from(&["libm.so.6".into()]).err().unwrap();
+        assert_eq!(e, "libm.so.6 has no ncclGetVersion: NCCL 2.7 or newer is needed");
     }
 }
