@@ -79,7 +79,8 @@ impl RankEnv {
             }
             Ok(None)
         };
-        let rank = num(rank_var)?.ok_or_else(|| Error::msg(format!("{} is set but {rank_var} is not: set {rank_var} to this process's rank", world_vars[0])))?;
+        let rank =
+            num(rank_var)?.ok_or_else(|| Error::msg(format!("{} is set but {rank_var} is not: set {rank_var} to this process's rank", world_vars[0])))?;
         let (world_var, world) = first(world_vars)?
             .ok_or_else(|| Error::msg(format!("{rank_var}={rank} is set but {} is not: set it to the number of processes in the job", world_vars[0])))?;
         if world == 0 {
@@ -92,7 +93,10 @@ impl RankEnv {
             Some((_, l)) => l,
             None if world == 1 => 0,
             None => {
-                return Err(Error::msg(format!("{} is not set ({rank_var}={rank}, {world_var}={world}): set it to this process's GPU index on its machine", local_vars[0])))
+                return Err(Error::msg(format!(
+                    "{} is not set ({rank_var}={rank}, {world_var}={world}): set it to this process's GPU index on its machine",
+                    local_vars[0]
+                )))
             }
         };
         let master_port = match get("MASTER_PORT") {

@@ -183,7 +183,8 @@ impl NcclCollective {
                 env.world
             )));
         }
-        let stream = ops.cuda_stream().ok_or_else(|| Error::device(format!("NCCL needs a CUDA device; {} is not one (use the TCP collective)", ops.describe())))?;
+        let stream =
+            ops.cuda_stream().ok_or_else(|| Error::device(format!("NCCL needs a CUDA device; {} is not one (use the TCP collective)", ops.describe())))?;
         let l = lib()?;
         let id_bytes = if env.rank == 0 {
             let mut id = ncclUniqueId { internal: [0; 128] };
