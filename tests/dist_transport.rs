@@ -326,3 +326,56 @@ fn nccl_without_a_gpu_is_an_error_not_a_panic() {
         assert!(m.contains("NCCL needs a CUDA device"), "{m}");
     }
 }
+
+const CHILD_TEST: &str = "ranks_as_processes_through_the_launcher";
+
+/// A rank started by the test below (this test binary, run again by `spawn_local`): joins
+/// through the launcher's variables, sums, gathers; in "crash" mode rank 2 dies mid-run and the
+/// others write the error they got to `dir`.
+fn child_rank(crash: bool, dir: &Path) {
+    let env = RankEnv::from_env().unwrap().expect("launched without RANK");
+    let g = TcpGroup::connect(&env, Duration::from_secs(20)).unwrap();
+    let mut x = vec![env.rank as f32 + 1.0; 3];
+    g.all_reduce_sum(&mut x).unwrap();
+    assert_eq!(x, vec![6.0; 3]);
+    assert_eq!(g.all_gather(&[env.rank as f32]).unwrap(), vec![0.0, 1.0, 2.0]);
+    if !crash {
+        return g.barrier().unwrap();
+    }
+    if env.rank == 2 {
+        eprintln!("rank 2: simulated crash");
+        std::process::abort();
+    }
+    let e = g.barrier().unwrap_err().to_string();
+    std::fs::write(dir.join(format!("err.{}", env.rank)), e).unwrap();
+    std::thread::sleep(Duration::from_secs(2)); // so the launcher sees rank 2's death first
+    std::process::exit(1);
+}
+
+#[test]
+fn ranks_as_processes_through_the_launcher() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |p: &str| args.iter().find_map(|a| a.strip_prefix(p).map(str::to_string));
+    if RankEnv::launched_here() {
+        if let Some(dir) = arg("dir=") {
+            return child_rank(arg("mode=").as_deref() == Some("crash"), Path::new(&dir));
+        }
+    }
+    let _one = one_launch();
+    let dir = scratch("procs");
+    let me = std::env::current_exe().unwrap();
+    let run = |mode: &str| {
+        let a: Vec<OsString> = ["--exact", CHILD_TEST, "--nocapture", "--test-threads=1", &format!("mode={mode}"), &format!("dir={}", dir.display())].map(OsString::from).into();
+        spawn_local(&me, &a, 3)
+    };
+    run("ok").unwrap();
+    let t = Instant::now();
+    let e = run("crash").unwrap_err().to_string();
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(e, "rank 2 exited with signal 6 (SIGABRT): rank 2: simulated crash");
+    for r in 0..2 {
+        let got = std::fs::read_to_string(dir.join(format!("err.{r}"))).unwrap();
+        assert_eq!(got, "rank 2 disconnected: its process ended", "rank {r}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
