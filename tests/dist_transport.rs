@@ -365,7 +365,8 @@ fn ranks_as_processes_through_the_launcher() {
     let dir = scratch("procs");
     let me = std::env::current_exe().unwrap();
     let run = |mode: &str| {
-        let a: Vec<OsString> = ["--exact", CHILD_TEST, "--nocapture", "--test-threads=1", &format!("mode={mode}"), &format!("dir={}", dir.display())].map(OsString::from).into();
+        let a: Vec<OsString> =
+            ["--exact", CHILD_TEST, "--nocapture", "--test-threads=1", &format!("mode={mode}"), &format!("dir={}", dir.display())].map(OsString::from).into();
         spawn_local(&me, &a, 3)
     };
     run("ok").unwrap();
