@@ -10,11 +10,15 @@
 //! use, and panics when a library or symbol is missing. Every symbol used is checked when the
 //! library is loaded, so no NCCL, or one too old, is a one-line error ([`available`]).
 //!
-//! Ordering: the all-reduces are enqueued on the device's compute stream
+//! Ordering: by default the all-reduces are enqueued on the device's compute stream
 //! ([`DeviceOps::cuda_stream`]), in order after the backward kernels that produced the bucket
-//! and before the optimizer's; the host does not wait for them. (A second stream with events
-//! would let a bucket's reduction overlap the rest of the backward; not done yet.) The sum's
-//! order is NCCL's (ring or tree), the same bits on every rank but not the rank-ordered host sum.
+//! and before the optimizer's; the host does not wait for them, but the rest of the backward
+//! waits for each reduction. With [`NcclCollective::set_overlap`] they go on a stream of their
+//! own instead (it waits for the compute stream's work so far, an event), so a bucket's
+//! reduction runs while the backward goes on; the caller then calls
+//! [`NcclCollective::wait_device`] before the optimizer reads the gradients, and keeps the
+//! bucket's buffers alive until then. The sum's order is NCCL's (ring or tree): the same bits
+//! on every rank, but not the rank-ordered host sum.
 //!
 //! Failure: [`Collective::abort`] aborts the communicator (`ncclCommAbort`) and tells the other
 //! ranks through the TCP group. A rank that dies while the others are inside an NCCL kernel is
@@ -79,8 +83,14 @@ fn load() -> std::result::Result<Lib, String> {
         names.push(p);
     }
     names.extend(["libnccl.so.2".to_string(), "libnccl.so".to_string()]);
+    load_from(&names)
+}
+
+/// The first of `names` that loads, with every symbol; a library that loads but lacks one is
+/// the error (not the next name: it is the NCCL the user pointed at).
+fn load_from(names: &[String]) -> std::result::Result<Lib, String> {
     let mut tried = vec![];
-    for name in &names {
+    for name in names {
         let Ok(c) = CString::new(name.as_str()) else { continue };
         // SAFETY: a valid NUL-terminated name; the handle is kept for the life of the process
         // (the function pointers below point into it).
@@ -149,6 +159,8 @@ pub struct NcclCollective {
     /// Null once aborted.
     comm: AtomicPtr<cudarc::nccl::sys::ncclComm>,
     stream: Arc<CudaStream>,
+    /// The stream of the overlapped reductions ([`NcclCollective::set_overlap`]).
+    comm_stream: Option<Arc<CudaStream>>,
     group: TcpGroup,
     ordinal: String,
 }
@@ -159,7 +171,7 @@ impl NcclCollective {
     /// Any failure is also sent to the other ranks through `group`, so none waits for this one.
     pub fn new(env: &RankEnv, ops: &dyn DeviceOps, group: TcpGroup) -> Result<NcclCollective> {
         match Self::init(env, ops, &group) {
-            Ok((comm, stream)) => Ok(NcclCollective { comm: AtomicPtr::new(comm), stream, ordinal: ops.describe(), group }),
+            Ok((comm, stream)) => Ok(NcclCollective { comm: AtomicPtr::new(comm), stream, comm_stream: None, ordinal: ops.describe(), group }),
             Err(e) => {
                 group.abort(&format!("NCCL setup: {}", e.message()));
                 Err(e)
@@ -209,6 +221,26 @@ impl NcclCollective {
     pub fn group(&self) -> &TcpGroup {
         &self.group
     }
+
+    /// Device all-reduces on a stream of their own (true), overlapping the compute stream's
+    /// later work, or in order on the compute stream (false, the default). See the module docs.
+    pub fn set_overlap(&mut self, on: bool) -> Result<()> {
+        self.comm_stream = match (on, self.comm_stream.take()) {
+            (false, _) => None,
+            (true, Some(s)) => Some(s),
+            (true, None) => Some(crate::cuda::device::guarded("creating the NCCL stream", || self.stream.context().new_stream())?),
+        };
+        Ok(())
+    }
+
+    /// Makes the compute stream's later work wait for every reduction enqueued so far (an event;
+    /// the host does not block). Needed only with [`NcclCollective::set_overlap`].
+    pub fn wait_device(&self) -> Result<()> {
+        match &self.comm_stream {
+            Some(c) => crate::cuda::device::guarded("waiting for the NCCL stream", || self.stream.join(c)),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Collective for NcclCollective {
@@ -224,7 +256,8 @@ impl Collective for NcclCollective {
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
         self.group.all_reduce_sum(data)
     }
-    /// Every buffer summed in place over the ranks, one NCCL group, on the compute stream.
+    /// Every buffer summed in place over the ranks, one NCCL group, on the compute stream (or
+    /// the overlap stream).
     fn all_reduce_device(&self, _ops: &dyn DeviceOps, bufs: &mut [&mut Buf]) -> Result<()> {
         let l = lib()?;
         let comm = self.comm.load(Ordering::SeqCst);
@@ -232,7 +265,15 @@ impl Collective for NcclCollective {
             return Err(self.group.failure().map(Error::msg).unwrap_or_else(|| Error::device("the NCCL communicator was aborted")));
         }
         crate::cuda::device::guarded("binding the CUDA context", || self.stream.context().bind_to_thread())?;
-        let s = self.stream.cu_stream() as cudaStream_t;
+        let on = match &self.comm_stream {
+            Some(c) => {
+                // the bucket's gradients are final once the compute stream's work so far is done
+                crate::cuda::device::guarded("ordering the NCCL stream", || c.join(&self.stream))?;
+                c
+            }
+            None => &self.stream,
+        };
+        let s = on.cu_stream() as cudaStream_t;
         // SAFETY: plain calls; NCCL keeps the group's state per thread.
         check(l, "ncclGroupStart", unsafe { (l.group_start)() })?;
         let mut first_err = Ok(());
@@ -281,5 +322,19 @@ impl Drop for NcclCollective {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_library_or_symbols_are_errors() {
+        let e = load_from(&["/nonexistent/libnccl.so.2".into()]).err().unwrap();
+        assert!(e.starts_with("NCCL not found (/nonexistent/libnccl.so.2: "), "{e}");
+        // a library that loads but is not NCCL: a missing symbol, named
+        let e = load_from(&["libm.so.6".into()]).err().unwrap();
+        assert_eq!(e, "libm.so.6 has no ncclGetVersion: NCCL 2.7 or newer is needed");
     }
 }
