@@ -69,7 +69,11 @@ pub fn join(device: &str, smart: bool) -> Result<Option<Rank>> {
     };
     let group = TcpGroup::connect(&env, RENDEZVOUS_TIMEOUT)?;
     let comm: Rc<dyn Collective> = match &gpu {
-        Some(g) => Rc::new(NcclCollective::new(&env, g, group)?),
+        Some(g) => {
+            let mut nccl = NcclCollective::new(&env, g, group)?;
+            nccl.set_overlap(true)?; // bucket sums on their own stream, beside the rest of the backward
+            Rc::new(nccl)
+        }
         None => Rc::new(group),
     };
     Ok(Some(Rank { env, comm, gpu }))

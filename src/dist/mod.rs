@@ -51,6 +51,11 @@ pub trait Collective: Send {
         }
         Ok(())
     }
+    /// Orders the device's later work after every [`Collective::all_reduce_device`] issued so far
+    /// (they may run beside the backward pass); called before the optimizer reads the gradients.
+    fn device_fence(&self) -> Result<()> {
+        Ok(())
+    }
     /// Returns when every rank has called it.
     fn barrier(&self) -> Result<()>;
     /// This rank failed with `why`: tells the other ranks, whose pending and later calls fail.

@@ -291,6 +291,9 @@ impl Collective for NcclCollective {
         let end = check(l, "ncclGroupEnd", unsafe { (l.group_end)() });
         first_err.and(end)
     }
+    fn device_fence(&self) -> Result<()> {
+        self.wait_device()
+    }
     fn barrier(&self) -> Result<()> {
         self.group.barrier()
     }

@@ -111,6 +111,7 @@ impl DeviceSync {
         if self.comm.world() > 1 {
             let rest = self.state.borrow_mut().rest();
             rest.into_iter().try_for_each(|k| self.launch(dev, g, k))?;
+            self.comm.device_fence()?; // the optimizer reads the sums
         }
         *self.state.borrow_mut() = self.plan.start();
         *self.armed.borrow_mut() = false;
