@@ -1,11 +1,14 @@
 //! `clipforge bench --device cuda --dry-run --gpu h100`: the device code path on the recording
 //! device (nothing executed, no GPU or driver needed) and the roofline prediction of every launch
 //! on a named GPU (src/perf/): per kernel its launches, predicted time, share of the step, % of
-//! its roofline and SM waves, and the predicted images/s, texts/s or training samples/s.
+//! its roofline and SM waves, and the predicted images/s, texts/s or training samples/s; with
+//! `--task train --nproc-per-node N [--nodes K]` then the data-parallel scaling table
+//! (src/perf/collective.rs).
 use super::bench::{text_len, BenchArgs};
 use super::DeviceArg;
 use clipforge::error::{Error, Result};
 use clipforge::model::{ClipConfig, Towers};
+use clipforge::perf::collective::Scaling;
 use clipforge::perf::report::{offenders, Report};
 use clipforge::perf::{gpus, resources, run};
 use clipforge::tensor::DType;
@@ -21,6 +24,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     let mut cfg = ClipConfig::preset(&a.preset).ok_or_else(|| Error::msg(format!("--preset {}: expected {}", a.preset, ClipConfig::PRESETS)))?;
     let dtype = a.compute.dtype.precision();
+    if a.nproc_per_node.is_some() || a.nodes.is_some() {
+        clipforge::perf::collective::check_layout(gpu, a.nproc_per_node.unwrap_or(1), a.nodes.unwrap_or(1))?;
+    }
     let (rec, phases) = match a.task.as_str() {
         "embed" => {
             if dtype == DType::F16 {
@@ -52,6 +58,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let log = rec.log();
     let reports = phases.iter().map(|p| Report::new(gpu, p, &log)).collect::<Result<Vec<_>>>()?;
+    let scaling = match (a.nproc_per_node, a.nodes, reports.first()) {
+        (None, None, _) => None,
+        (n, k, Some(r)) if a.task == "train" => Some(Scaling::new(gpu, r, &cfg, n.unwrap_or(1), k.unwrap_or(1))?),
+        _ => return Err(Error::msg("--nproc-per-node / --nodes: only with --task train")),
+    };
     let regs = if !resources::have_report() {
         format!(
             "DEFAULT {} registers per thread for every kernel: this build had no nvcc (no ptxas report), occupancy is a guess",
@@ -67,6 +78,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "dry_run": true, "gpu": gpu.name, "gpu_key": gpu.key, "task": a.task, "preset": a.preset, "batch": a.batch,
             "dtype": dtype.name(), "recompute": a.recompute, "stretch": a.stretch, "registers": regs,
             "phases": reports.iter().map(|r| r.json()).collect::<Vec<_>>(),
+            "scaling": scaling.as_ref().map(|s| s.json()),
         });
         println!("{}", serde_json::to_string_pretty(&v).map_err(Error::msg)?);
         return Ok(());
@@ -90,6 +102,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         if !off.is_empty() && dtype != DType::F32 {
             print!("{}", offenders(&format!("GEMMs / attention not on tensor cores under {}", dtype.name()), &off));
         }
+    }
+    if let Some(s) = &scaling {
+        let top = s.rows.last().map_or(1, |r| r.layout.ranks());
+        println!("\n== data parallel on up to {top} × {} (per-rank batch {})\n{}", gpu.name, a.batch, s.table());
     }
     Ok(())
 }
