@@ -1,6 +1,8 @@
 //! `clipforge bench`: images/s and texts/s of the towers on synthetic weights made in memory
 //! (or a model directory), achieved GFLOP/s, and that as a share of a GEMM ceiling measured in
 //! the same run; `--task train` times Long-CLIP fine-tuning steps instead (src/cli/bench_train.rs).
+//! `--dry-run` predicts instead of running (src/cli/bench_dry.rs; with `--task train
+//! --nproc-per-node N --nodes K` also on many GPUs).
 use super::{DeviceArg, DtypeArg};
 use clap::Args;
 use clipforge::api::ClipModel;
@@ -65,6 +67,17 @@ pub struct BenchArgs {
     /// --dry-run: the GPU to predict: h100 (H100 SXM), h200, a100 (A100 SXM 80GB) or l40s
     #[arg(long, default_value = "h100")]
     pub gpu: String,
+    /// --dry-run --task train only: predict data-parallel fine-tuning on this many GPUs per node
+    /// (default 1; at most the server's 8): after the one-GPU report, a table for 1, 2, 4, … ranks
+    /// with step time, global samples/s, scaling efficiency, exposed communication and the gradient
+    /// all-reduce (NVLink / InfiniBand ring model, KERNELS.md "Many GPUs"). --batch is the batch
+    /// of each rank (global batch = --batch × ranks)
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// --dry-run --task train only: predict on this many nodes of --nproc-per-node GPUs each,
+    /// joined by the GPU kind's network (default 1; the table adds a row per node count 2..K)
+    #[arg(long, value_name = "K")]
+    pub nodes: Option<usize>,
 }
 
 /// Where and in what precision bench computes: the inference commands' choices, and f16 for
@@ -152,6 +165,9 @@ pub fn gemm_ceiling_gflops(dtype: DType) -> f64 {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
+    if (a.nproc_per_node.is_some() || a.nodes.is_some()) && !(a.dry_run && a.task == "train") {
+        return Err(Error::msg("--nproc-per-node / --nodes predict multi-GPU training: only with --dry-run --task train"));
+    }
     if a.dry_run {
         return super::bench_dry::run(a);
     }

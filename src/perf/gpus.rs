@@ -33,7 +33,73 @@ pub struct Gpu {
     pub regs_sm: u32,
     /// Shared memory per SM usable by blocks (the L1/shared carve-out at its maximum), bytes.
     pub smem_sm: u32,
+    /// How the GPUs of a node and the nodes talk (the collective model, src/perf/collective.rs).
+    pub link: Interconnect,
 }
+
+/// The interconnect of a typical multi-GPU server of one GPU kind: the fabric inside the node
+/// and the network NICs between nodes. Bandwidths are per direction; the `*_busbw` ones are the
+/// achievable NCCL ring *bus* bandwidth (nccl-tests' busbw: algorithm bandwidth × 2(P−1)/P for an
+/// all-reduce), deliberately below the measured best; latencies are NCCL's own per-step figures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Interconnect {
+    /// The fabric inside a node, in words.
+    pub intra: &'static str,
+    /// Its short name in the scaling table ("NVLink", "PCIe").
+    pub intra_short: &'static str,
+    /// Peak per GPU per direction, bytes/s (for the record; the model uses `intra_busbw`).
+    pub intra_peak: f64,
+    /// Achievable NCCL ring bus bandwidth among the GPUs of one node, bytes/s.
+    pub intra_busbw: f64,
+    /// Per ring step inside a node, seconds.
+    pub intra_step_s: f64,
+    /// GPUs in one server (the largest `--nproc-per-node`).
+    pub gpus_per_node: u32,
+    /// The network between nodes, in words.
+    pub nic: &'static str,
+    /// NICs of the compute fabric per node (rails), shared by its GPUs' rings.
+    pub nics_per_node: u32,
+    /// Peak per NIC per direction, bytes/s (for the record).
+    pub nic_peak: f64,
+    /// Achievable NCCL bus bandwidth per NIC, bytes/s.
+    pub nic_busbw: f64,
+    /// Per ring step that crosses the network, seconds.
+    pub net_step_s: f64,
+}
+
+/// Sources of the interconnect numbers (bandwidths per direction):
+/// - NVLink 4 (H100/H200 SXM on HGX/DGX, through NVSwitch): 18 links, 900 GB/s bidirectional per
+///   GPU = 450 GB/s per direction (H100 and H200 datasheets). NCCL all-reduce bus bandwidth on
+///   8×H100: ≈ 476 GB/s with NVLink SHARP (NVLS; NCCL maintainer, NVIDIA/nccl-tests#290), 330 GB/s
+///   as a plain ring without NVLS (NVIDIA/nccl#1221, 8×H100). We take the ring's 330 GB/s and do
+///   not assume NVLS.
+/// - InfiniBand NDR (DGX/HGX H100 and H200: eight ConnectX-7 400 Gb/s, one per GPU, rail-aligned):
+///   50 GB/s peak per NIC; NCCL reaches 46–48 GB/s per NIC (NCCL maintainer, nccl-tests#290) and
+///   ≈ 320 GB/s bus bandwidth over 8 NICs per node at 4+ nodes (nccl#1221): we take 40 GB/s per NIC.
+/// - NVLink 3 (A100 SXM, DGX A100): 12 links, 600 GB/s bidirectional = 300 GB/s per direction;
+///   NCCL's own tuning model caps the A100 ring at 235 GB/s (src/graph/tuning.cc, `compCap80`),
+///   nccl-tests reports 230–250: we take 230 GB/s. Network: eight ConnectX-6 HDR 200 Gb/s (25 GB/s)
+///   per DGX A100; NCCL reaches ≈ 24 GB/s per HDR NIC (NCCL maintainer, NVIDIA/nccl#412): 20 GB/s.
+/// - L40S: no NVLink; PCIe Gen4 ×16 (32 GB/s per direction peak). Ring all-reduce over PCIe goes
+///   through switches and the CPU root complex: we assume 16 GB/s (half the peak; an assumption,
+///   no measurement found). Network: servers vary; we assume four 200 Gb/s NICs per 8-GPU node
+///   at 20 GB/s each (an assumption).
+/// - Latencies: NCCL's tuning model (NVIDIA/nccl src/graph/tuning.cc, ring, Simple protocol — the
+///   one NCCL picks for MB-sized messages): 8.4 µs per call ([`k::NCCL_BASE_S`]), 3.4 µs per
+///   NVLink step, 5.7 µs per PCIe step, 9.6 µs per network step.
+const NVLINK4_HGX: Interconnect = Interconnect {
+    intra: "NVLink 4 / NVSwitch (450 GB/s per direction)",
+    intra_short: "NVLink",
+    intra_peak: 450.0 * G,
+    intra_busbw: 330.0 * G,
+    intra_step_s: 3.4e-6,
+    gpus_per_node: 8,
+    nic: "InfiniBand NDR 400 Gb/s, one ConnectX-7 per GPU",
+    nics_per_node: 8,
+    nic_peak: 50.0 * G,
+    nic_busbw: 40.0 * G,
+    net_step_s: 9.6e-6,
+};
 
 const T: f64 = 1e12;
 const G: f64 = 1e9;
@@ -55,6 +121,7 @@ pub const GPUS: &[Gpu] = &[
         max_blocks_sm: 32,
         regs_sm: 65536,
         smem_sm: 228 * 1024,
+        link: NVLINK4_HGX,
     },
     Gpu {
         key: "h200",
@@ -71,6 +138,7 @@ pub const GPUS: &[Gpu] = &[
         max_blocks_sm: 32,
         regs_sm: 65536,
         smem_sm: 228 * 1024,
+        link: NVLINK4_HGX,
     },
     Gpu {
         key: "a100",
@@ -87,6 +155,19 @@ pub const GPUS: &[Gpu] = &[
         max_blocks_sm: 32,
         regs_sm: 65536,
         smem_sm: 164 * 1024,
+        link: Interconnect {
+            intra: "NVLink 3 / NVSwitch (300 GB/s per direction)",
+            intra_short: "NVLink",
+            intra_peak: 300.0 * G,
+            intra_busbw: 230.0 * G,
+            intra_step_s: 3.4e-6,
+            gpus_per_node: 8,
+            nic: "InfiniBand HDR 200 Gb/s, one ConnectX-6 per GPU",
+            nics_per_node: 8,
+            nic_peak: 25.0 * G,
+            nic_busbw: 20.0 * G,
+            net_step_s: 9.6e-6,
+        },
     },
     Gpu {
         key: "l40s",
@@ -103,6 +184,19 @@ pub const GPUS: &[Gpu] = &[
         max_blocks_sm: 24,
         regs_sm: 65536,
         smem_sm: 100 * 1024,
+        link: Interconnect {
+            intra: "PCIe Gen4 x16 (32 GB/s per direction), no NVLink",
+            intra_short: "PCIe",
+            intra_peak: 32.0 * G,
+            intra_busbw: 16.0 * G,
+            intra_step_s: 5.7e-6,
+            gpus_per_node: 8,
+            nic: "200 Gb/s NICs, four per 8-GPU node (assumed)",
+            nics_per_node: 4,
+            nic_peak: 25.0 * G,
+            nic_busbw: 20.0 * G,
+            net_step_s: 9.6e-6,
+        },
     },
 ];
 
@@ -161,4 +255,10 @@ pub mod k {
     pub const MAX_SPLIT_K: usize = 16;
     /// Split-K keeps at least this many k per split.
     pub const MIN_K_PER_SPLIT: usize = 256;
+    /// NCCL's fixed latency per collective call (ring, Simple protocol; src/graph/tuning.cc
+    /// `baseLat`), seconds.
+    pub const NCCL_BASE_S: f64 = 8.4e-6;
+    /// NCCL multiplies a multi-node ring all-reduce's latency by this for messages of at least
+    /// ranks/16 × 64 KiB (tuning.cc: "plateau effect of ring").
+    pub const NCCL_RING_PLATEAU: f64 = 1.9;
 }

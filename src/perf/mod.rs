@@ -6,12 +6,15 @@
 //! - [`cost`]: per-kernel FLOP/byte models decoded from the launch arguments ([`cost_half`]: the
 //!   16-bit activation kernels' rows);
 //! - [`resources`]: registers and static shared memory from the build's ptxas report;
-//! - [`gpus`]: the named GPUs and every constant of the model;
+//! - [`gpus`]: the named GPUs, their interconnects and every constant of the model;
 //! - [`roofline`]: occupancy, waves and the predicted time of each operation;
 //! - [`run`]: the towers and the training step on the recorder;
-//! - [`report`]: per-kernel tables, throughput, offenders.
+//! - [`report`]: per-kernel tables, throughput, offenders;
+//! - [`collective`]: the train step scaled to many GPUs (ring all-reduce and all-gather over
+//!   NVLink and the network, gradient buckets overlapped with the backward).
 //!
 //! KERNELS.md ("Performance model") documents the constants and assumptions.
+pub mod collective;
 pub mod cost;
 pub mod cost_half;
 pub mod gpus;
