@@ -222,7 +222,7 @@ fn half_precision_loss_is_the_rounded_reference_not_f32() {
         let txt = txt.to_vec_f32();
         let (img, long, short) = (c(img.to_vec_f32(), nb), c(txt[..nb * d].to_vec(), nb), c(txt[nb * d..].to_vec(), nb));
         let s = tape.constant(model.params[model.index("logit_scale").unwrap()].1.clone());
-        longclip_head(&tape, &img, &long, &short, &s, 4, usize::MAX).unwrap().0.item() as f64
+        longclip_head(&tape, &img, &long, &short, &s, 4, usize::MAX, 0..img.shape()[0]).unwrap().0.item() as f64
     };
     let (d32, r32) = (device(None), reference(DType::F32));
     eprintln!("f32: device {d32}, CPU {r32}");

@@ -205,7 +205,18 @@ fn mask_network_gradients_match_finite_differences() {
     let lambda = (1.0f32, 0.5f32);
     let tape = Tape::new();
     let sv = model.vars(&tape);
-    let (l, _, _) = smartclip_loss(&tape, &model, &sv, &sv.vars[first..], &px, &ids, lambda.0, lambda.1, &clipforge::dist::Single).unwrap();
+    let (l, _, _) = smartclip_loss(
+        &tape,
+        &model,
+        &sv,
+        &sv.vars[first..],
+        &px,
+        &ids,
+        lambda.0,
+        lambda.1,
+        &(std::rc::Rc::new(clipforge::dist::Single) as std::rc::Rc<dyn clipforge::dist::Collective>),
+    )
+    .unwrap();
     let g = tape.backward(&l).unwrap();
     let grads: Vec<Option<Vec<f32>>> = sv.vars.iter().map(|v| g.get(v).map(|t| t.to_vec_f32())).collect();
     let lam = (lambda.0 as f64, lambda.1 as f64);

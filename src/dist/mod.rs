@@ -9,11 +9,12 @@
 //! - `nccl`: NCCL communicators through cudarc, the library loaded at run time;
 //! - `buckets`: gradient buckets all-reduced as the backward pass finishes them.
 //!
-//! The math the trainer does with these (src/train/): each rank takes its shard of every global
-//! micro-batch, the towers' embeddings of all ranks are all-gathered so every rank computes the
-//! loss over the whole global batch (the same value everywhere), each rank back-propagates the
-//! rows of its own shard through its towers, and the parameter gradients are summed over ranks —
-//! exactly the gradient of the one-rank run over the global batch.
+//! The math the trainer does with these (src/train/), the official code's: each rank takes its
+//! shard of every global micro-batch; the towers' embeddings of all ranks are all-gathered; each
+//! rank's loss takes its own rows as the anchors against the whole global batch (the mean of
+//! the ranks' losses is the global batch's loss); the gather's backward is a reduce-scatter, so
+//! each rank's embeddings get every rank's gradient; the parameter gradients are summed over
+//! ranks — the gradient of the one-rank run over the global batch.
 use crate::cuda::{Buf, DeviceOps};
 use crate::error::Result;
 
@@ -35,6 +36,15 @@ pub trait Collective: Send {
     /// `data` replaced by its element-wise sum over ranks, added in rank order (0 + 1 + 2 …) so
     /// every rank holds the same bits.
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()>;
+    /// `data` [world × c] (the same length on every rank) → the sum over ranks of chunk `rank`
+    /// [c], added in rank order (the backward of [`Collective::all_gather`]). The default sums
+    /// everything and keeps this rank's chunk.
+    fn reduce_scatter(&self, data: &[f32]) -> Result<Vec<f32>> {
+        let mut all = data.to_vec();
+        self.all_reduce_sum(&mut all)?;
+        let c = data.len() / self.world().max(1);
+        Ok(all[self.rank() * c..(self.rank() + 1) * c].to_vec())
+    }
     /// Each device buffer replaced by its sum over ranks (one bucket, one collective). The
     /// default goes through the host (emulator and host transports); NCCL sums on the device.
     fn all_reduce_device(&self, ops: &dyn DeviceOps, bufs: &mut [&mut Buf]) -> Result<()> {
@@ -79,6 +89,9 @@ impl Collective for Single {
     }
     fn all_reduce_sum(&self, _data: &mut [f32]) -> Result<()> {
         Ok(())
+    }
+    fn reduce_scatter(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
     }
     fn all_reduce_device(&self, _ops: &dyn DeviceOps, _bufs: &mut [&mut Buf]) -> Result<()> {
         Ok(())

@@ -24,7 +24,7 @@
 //! blocks finish (the step's last micro-batch), the rest when the step applies.
 //! tests/device_step.rs runs whole fine-tunes on the emulator against the CPU trainer and the
 //! PyTorch reference.
-use super::dist::{gather_rows, reduce_host, DeviceSync};
+use super::dist::{gather_rows, global_terms, my_rows, reduce_host, DeviceSync};
 use super::longclip::longclip_head;
 use super::model::TrainClip;
 use super::optim::Optimizer;
@@ -218,17 +218,19 @@ impl StepEngine for DeviceStep {
         let ids: Vec<Vec<u32>> = batch.long_ids.iter().chain(&batch.short_ids).cloned().collect();
         let both = self.text_node(&tape, &ta, &ids)?; // [2B, D]
         let (long, short) = (tape.narrow(&both, 0, 0, nb)?, tape.narrow(&both, 0, nb, nb)?); // [b, D] each
-        let c = &*self.comm;
+        let c = &self.comm;
         let (img, long, short) = (gather_rows(&tape, c, &img)?, gather_rows(&tape, c, &long)?, gather_rows(&tape, c, &short)?); // [B, D] each
         let s = if model.trainable[ls] { tape.param(model.params[ls].1.clone()) } else { tape.constant(model.params[ls].1.clone()) };
-        let (l, a, b) = longclip_head(&tape, &img, &long, &short, &s, self.pca_dim, self.pca_group.unwrap_or(nb))?;
-        let loss = MicroLoss { loss: l.item(), a, b };
+        let (l, a, b) = longclip_head(&tape, &img, &long, &short, &s, self.pca_dim, self.pca_group.unwrap_or(nb), my_rows(&**c, nb))?;
+        let [loss, a, b] = global_terms(&**c, [l.item(), a, b])?; // the global micro-batch's (this rank's: its share)
+        let loss = MicroLoss { loss, a, b };
         if !loss.loss.is_finite() || !l.requires_grad() {
             return Ok(loss); // (nothing trains: a forward only)
         }
-        let g = tape.backward(&tape.scale(&l, scale))?; // the head on the host, then the towers on the device
-        if let (Some(t), 0) = (g.get(&s), self.comm.rank()) {
-            self.host.add(ls, &t.f32_data()); // the replicated head's gradient: rank 0 brings it to the sum
+        // the head on the host, then the towers on the device; each rank's share over the ranks
+        let g = tape.backward(&tape.scale(&l, scale / c.world() as f32))?;
+        if let Some(t) = g.get(&s) {
+            self.host.add(ls, &t.f32_data());
         }
         Ok(loss)
     }

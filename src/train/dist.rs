@@ -1,15 +1,16 @@
 //! The data-parallel pieces of a training step (src/dist/ has the transports):
-//! - [`gather_rows`]: a rank's embeddings [b, D] → the global batch's [world·b, D] on the tape,
-//!   the gradient flowing back to this rank's rows only, so every rank computes the loss over the
-//!   whole global batch and back-propagates its own shard;
+//! - [`gather_rows`]: a rank's embeddings [b, D] → the global batch's [world·b, D] on the tape;
+//!   its backward sums every rank's gradient for this rank's rows (a reduce-scatter), so each
+//!   rank's loss takes its own rows as anchors against the whole batch ([`my_rows`]), and
+//!   [`global_terms`] averages the ranks' losses into the global batch's;
 //! - [`reduce_host`]: host gradients summed over ranks in buckets (the CPU backend, and the
 //!   device backend's host parameter, the logit scale);
 //! - [`DeviceSync`]: the device gradients of one tower summed over ranks bucket by bucket, each
 //!   bucket launched from the tower's backward as soon as its blocks are done (overlapped with
 //!   the rest of the backward on NCCL), the rest at the end of the tower.
 //!
-//! The logit scale is used by the loss head only, which every rank computes in full: its gradient
-//! is already the global one on every rank, so only rank 0 contributes it to the sum.
+//! Each rank back-propagates its loss divided by the number of ranks, so the sum over ranks of
+//! every gradient (the logit scale's included) is the global loss's.
 use super::step::HostGrads;
 use crate::autograd::{Tape, Var};
 use crate::backend::device::Device;
@@ -20,11 +21,13 @@ use crate::error::{Error, Result};
 use crate::model::tower_backward::Grads;
 use crate::tensor::Tensor;
 use std::cell::RefCell;
+use std::ops::Range;
 use std::rc::Rc;
 
-/// `local` [b, D] → [world·b, D]: every rank's rows in rank order (an all-gather of the values),
-/// as a tape node whose backward hands `local` the rows of this rank. One rank: `local` itself.
-pub fn gather_rows(tape: &Tape, comm: &dyn Collective, local: &Var) -> Result<Var> {
+/// `local` [b, D] → [world·b, D]: every rank's rows in rank order (an all-gather), as a tape node
+/// whose backward hands `local` the sum over ranks of the gradients of its rows (a
+/// reduce-scatter). One rank: `local` itself.
+pub fn gather_rows(tape: &Tape, comm: &Rc<dyn Collective>, local: &Var) -> Result<Var> {
     let world = comm.world();
     if world == 1 {
         return Ok(local.clone());
@@ -36,8 +39,24 @@ pub fn gather_rows(tape: &Tape, comm: &dyn Collective, local: &Var) -> Result<Va
     };
     let all = comm.all_gather(&local.value().f32_data())?;
     let value = Tensor::from_vec(all, &[world * b, d])?; // [world·b, D]
-    let at = comm.rank() * b;
-    Ok(tape.custom(&[local], value, move |g| Ok(vec![Some(g.narrow(0, at, b)?.contiguous())])))
+    let comm = comm.clone();
+    Ok(tape.custom(&[local], value, move |g| Ok(vec![Some(Tensor::from_vec(comm.reduce_scatter(&g.f32_data())?, &[b, d])?)])))
+}
+
+/// The rows of the global micro-batch that this rank's `b` samples are.
+pub fn my_rows(comm: &dyn Collective, b: usize) -> Range<usize> {
+    comm.rank() * b..(comm.rank() + 1) * b
+}
+
+/// The global micro-batch's loss terms from this rank's (each a mean over its rows): their mean
+/// over ranks, the same on every rank.
+pub fn global_terms(comm: &dyn Collective, terms: [f32; 3]) -> Result<[f32; 3]> {
+    let mut t = terms;
+    if comm.world() > 1 {
+        comm.all_reduce_sum(&mut t)?;
+        t.iter_mut().for_each(|x| *x /= comm.world() as f32);
+    }
+    Ok(t)
 }
 
 /// Sums the host gradients of parameters `ids` (in backward order) over ranks, in buckets of

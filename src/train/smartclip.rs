@@ -14,7 +14,7 @@
 //! with its own mask) and rows of Sᵀ the L_ctrT anchors (caption a against every image b, all
 //! masked with caption a's mask); τ = exp(logit_scale). Computed as
 //! S = (I·(M⊙T)ᵀ) / (sqrt((I⊙I)·(M⊙M)ᵀ + ε) ⊙ ‖T_b‖).
-use super::dist::gather_rows;
+use super::dist::{gather_rows, my_rows};
 use super::model::{block, StepVars, TrainClip};
 use crate::autograd::{Tape, Var};
 use crate::dist::Collective;
@@ -24,6 +24,7 @@ use crate::model::synthetic::Rng;
 use crate::ops::elementwise::Unary;
 use crate::tensor::Tensor;
 use std::path::Path;
+use std::rc::Rc;
 
 pub const MASK_FILE: &str = "mask_net.safetensors";
 
@@ -106,7 +107,9 @@ fn sigmoid(tape: &Tape, x: &Var) -> Result<Var> {
 }
 
 /// The SmartCLIP loss of a batch: (L, L_align part, mean ‖m‖₁). With many ranks `pixels` and `ids`
-/// are this rank's shard and the loss is the global micro-batch's (the same on every rank).
+/// are this rank's shard, the image embeddings, text embeddings and masks are all-gathered, and the
+/// loss is this rank's share: its images and captions as the anchors against the global
+/// micro-batch, its masks' L1 (the mean over ranks is the global loss).
 pub fn smartclip_loss(
     tape: &Tape,
     model: &TrainClip,
@@ -116,28 +119,41 @@ pub fn smartclip_loss(
     ids: &[Vec<u32>],
     lambda_align: f32,
     lambda_sparsity: f32,
-    comm: &dyn Collective,
+    comm: &Rc<dyn Collective>,
 ) -> Result<(Var, f32, f32)> {
     let img = model.image_embeds(tape, sv, pixels)?; // [b, D]
     let (h, txt) = model.text_states(tape, sv, ids)?; // [b, T, W], [b, D]
     let valid: Vec<usize> = ids.iter().map(|s| crate::model::text::pool_position(s, model.config.text.eos_token_id) + 1).collect();
     let m = masks(tape, model, mask_p, &h, &valid)?; // [b, D]
-                                                     // many ranks: the global micro-batch's rows, this rank's carrying the gradient
-    let (img, txt, m) = (gather_rows(tape, comm, &img)?, gather_rows(tape, comm, &txt)?, gather_rows(tape, comm, &m)?); // [B, D] each
-    let n = img.shape()[0];
-    let num = tape.linear(&img, &tape.mul(&m, &txt)?, None)?; // [B, B]: I_a · (m_b ⊙ T_b)
-    let q = tape.linear(&tape.mul(&img, &img)?, &tape.mul(&m, &m)?, None)?; // [B, B]
-    let img_norm = tape.unary(&tape.add(&q, &tape.constant(Tensor::scalar(1e-12)))?, Unary::Sqrt); // ‖I_a ⊙ m_b‖
-    let txt_norm = tape.reshape(&tape.unary(&tape.sum(&tape.mul(&txt, &txt)?, 1, false)?, Unary::Sqrt), &[1, n])?; // [1, B]
-    let s = tape.div(&num, &tape.mul(&img_norm, &txt_norm)?)?; // [B, B] cosine
-    let logits = tape.mul(&s, &tape.exp(model.logit_scale(sv)?))?;
-    let targets: Vec<u32> = (0..n as u32).collect();
-    let l_i = tape.cross_entropy(&logits, &targets, 0.0)?;
-    let l_t = tape.cross_entropy(&tape.transpose(&logits, 0, 1)?, &targets, 0.0)?;
+    let b = ids.len();
+    let rows = my_rows(&**comm, b);
+    let (img_all, txt_all, m_all) = (gather_rows(tape, comm, &img)?, gather_rows(tape, comm, &txt)?, gather_rows(tape, comm, &m)?); // [B, D] each
+    let tau = tape.exp(model.logit_scale(sv)?);
+    let targets: Vec<u32> = rows.clone().map(|i| i as u32).collect();
+    let (l_i, l_t) = if comm.world() == 1 {
+        let logits = tape.mul(&masked_cos(tape, &img_all, &m_all, &txt_all)?, &tau)?; // [B, B]
+        (tape.cross_entropy(&logits, &targets, 0.0)?, tape.cross_entropy(&tape.transpose(&logits, 0, 1)?, &targets, 0.0)?)
+    } else {
+        let mine = |x: &Var| tape.narrow(x, 0, rows.start, b);
+        let s_img = masked_cos(tape, &mine(&img_all)?, &m_all, &txt_all)?; // [b, B]: this rank's images against every caption
+        let s_txt = tape.transpose(&masked_cos(tape, &img_all, &mine(&m_all)?, &mine(&txt_all)?)?, 0, 1)?; // [b, B]: its captions against every image
+        (tape.cross_entropy(&tape.mul(&s_img, &tau)?, &targets, 0.0)?, tape.cross_entropy(&tape.mul(&s_txt, &tau)?, &targets, 0.0)?)
+    };
     let align = tape.add(&l_i, &l_t)?;
-    let l1 = tape.scale(&tape.sum_all(&m)?, 1.0 / n as f32); // mean_b ‖m_b‖₁ (m ≥ 0)
+    let l1 = tape.scale(&tape.sum_all(&m)?, 1.0 / b as f32); // mean_b ‖m_b‖₁ over this rank's captions (m ≥ 0)
     let loss = tape.add(&tape.scale(&align, lambda_align), &tape.scale(&l1, lambda_sparsity))?;
     Ok((loss, align.item(), l1.item()))
+}
+
+/// S[a, b] = cos(I_a ⊙ m_b, T_b) for images I [p, D] against captions with masks m and
+/// embeddings T [q, D]: (I·(M⊙T)ᵀ) / (sqrt((I⊙I)·(M⊙M)ᵀ + ε) ⊙ ‖T_b‖) → [p, q].
+fn masked_cos(tape: &Tape, img: &Var, m: &Var, txt: &Var) -> Result<Var> {
+    let q = txt.shape()[0];
+    let num = tape.linear(img, &tape.mul(m, txt)?, None)?; // [p, q]: I_a · (m_b ⊙ T_b)
+    let sq = tape.linear(&tape.mul(img, img)?, &tape.mul(m, m)?, None)?; // [p, q]
+    let img_norm = tape.unary(&tape.add(&sq, &tape.constant(Tensor::scalar(1e-12)))?, Unary::Sqrt); // ‖I_a ⊙ m_b‖
+    let txt_norm = tape.reshape(&tape.unary(&tape.sum(&tape.mul(txt, txt)?, 1, false)?, Unary::Sqrt), &[1, q])?; // [1, q]
+    tape.div(&num, &tape.mul(&img_norm, &txt_norm)?) // [p, q] cosine
 }
 
 /// The binary masks [N·D] of `texts` from a model directory with a `mask_net.safetensors`

@@ -4,7 +4,7 @@
 //! - [`super::device_step::DeviceStep`]: the towers on a CUDA device (or its emulator), the loss
 //!   head on the host tape, AdamW on the device.
 use super::data::Batch;
-use super::dist::reduce_host;
+use super::dist::{global_terms, reduce_host};
 use super::longclip::longclip_loss;
 use super::model::TrainClip;
 use super::optim::Optimizer;
@@ -12,7 +12,6 @@ use super::smartclip::smartclip_loss;
 use crate::autograd::{Tape, Var};
 use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
-use crate::model::schema::names;
 use crate::tensor::Tensor;
 use std::rc::Rc;
 
@@ -130,21 +129,19 @@ impl StepEngine for CpuStep {
         let (l, a, b) = match (self.smart, mb.smart_ids) {
             (true, Some(ids)) => {
                 let mp: Vec<Var> = (0..model.params.len()).filter(|&i| model.params[i].0.starts_with("mask_net.")).map(|i| sv.vars[i].clone()).collect();
-                smartclip_loss(&tape, model, &sv, &mp, &mb.batch.pixels, ids, self.lambda_align, self.lambda_sparsity, &*self.comm)?
+                smartclip_loss(&tape, model, &sv, &mp, &mb.batch.pixels, ids, self.lambda_align, self.lambda_sparsity, &self.comm)?
             }
             (true, None) => return Err(Error::msg("SmartCLIP step without sampled captions")),
-            (false, _) => longclip_loss(&tape, model, &sv, mb.batch, self.pca_dim, &*self.comm, self.pca_group)?,
+            (false, _) => longclip_loss(&tape, model, &sv, mb.batch, self.pca_dim, &self.comm, self.pca_group)?,
         };
-        let loss = MicroLoss { loss: l.item(), a, b };
+        let [loss, a, b] = global_terms(&*self.comm, [l.item(), a, b])?; // the global micro-batch's (this rank's: its share)
+        let loss = MicroLoss { loss, a, b };
         if !loss.loss.is_finite() {
             return Ok(loss);
         }
-        let mut grads = tape.backward(&tape.scale(&l, scale))?;
-        let head_only = if self.comm.rank() > 0 { model.index(names::LOGIT_SCALE) } else { None }; // rank 0 brings the replicated head's gradient
+        // each rank's share over the ranks: summed over ranks, the global loss's gradients
+        let mut grads = tape.backward(&tape.scale(&l, scale / self.comm.world() as f32))?;
         for (i, v) in sv.vars.iter().enumerate() {
-            if Some(i) == head_only {
-                continue;
-            }
             if let Some(g) = grads.take(v) {
                 self.grads.add_tensor(i, g);
             }

@@ -242,7 +242,7 @@ fn run_rank(
     let samples = read_data(&cfg.data, cfg.image_root.as_deref())?;
     let notes = super::data::check(&samples, &tok, tc.max_positions)?;
     let global = cfg.batch * world; // the global micro-batch
-    if let Some(g) = cfg.pca_group.filter(|&g| g == 0 || global % g != 0) {
+    if let Some(g) = cfg.pca_group.filter(|&g| g == 0 || !global.is_multiple_of(g)) {
         return Err(Error::msg(format!("--pca-group {g} must divide the global micro-batch {global} (--batch {} × {world} ranks)", cfg.batch)));
     }
     let mut loader = Loader::new(samples, global, cfg.seed, cfg.shuffle, pre, tok)?;
