@@ -124,7 +124,7 @@ fn scaling_json(sc: &Scaling) -> Value {
                 "ranks": r.layout.ranks(), "nodes": r.layout.nodes, "gpus_per_node": r.layout.per_node,
                 "step_ms": r.step * 1e3, "samples_per_s": r.per_s, "efficiency": r.efficiency,
                 "exposed_comm_ms": r.exposed * 1e3, "all_reduce_ms": r.all_reduce * 1e3, "all_gather_ms": r.all_gather * 1e3,
-                "bound": r.bound.label(l), "host_loss_gflop": r.host_loss_flops / 1e9,
+                "bound": r.bound.label(l), "host_loss_gflop": r.host_loss_flops / 1e9, "host_loss_extra_ms": r.host_loss * 1e3,
             })
         })
         .collect();
@@ -150,7 +150,7 @@ pub fn scaling_table(sc: &Scaling) -> String {
     let bwd = s.backward.iter().map(|(t, d)| format!("{} {:.1}", format!("{t:?}").to_lowercase(), d * 1e3)).collect::<Vec<_>>().join(", ");
     let mut out = format!(
         "data parallel: per-rank batch {}, {:.2} GB of f32 gradients in {} buckets of ≤ 25 MiB (ring all-reduce overlapped with the backward), \
-         3 × [{}, {}] f32 embeddings all-gathered per rank\n",
+         3 × [{}, {}] f32 embeddings all-gathered per rank and their gradients reduce-scattered\n",
         sc.batch,
         sc.grad_bytes() / 1e9,
         sc.buckets.len(),
@@ -175,12 +175,12 @@ pub fn scaling_table(sc: &Scaling) -> String {
         k::NCCL_BASE_S * 1e6
     );
     out += &format!(
-        "{:>5} {:>10} {:>9} {:>10} {:>6} {:>10} {:>14} {:>10} {:>8} {:>16}\n",
-        "ranks", "nodes×GPUs", "step ms", "samples/s", "eff", "exposed ms", "all-reduce ms", "gather ms", "bound", "host loss GFLOP"
+        "{:>5} {:>10} {:>9} {:>10} {:>6} {:>10} {:>14} {:>10} {:>8} {:>16} {:>13}\n",
+        "ranks", "nodes×GPUs", "step ms", "samples/s", "eff", "exposed ms", "all-reduce ms", "gather ms", "bound", "host loss GFLOP", "host +ms"
     );
     for r in &sc.rows {
         out += &format!(
-            "{:>5} {:>10} {:>9.2} {:>10.0} {:>5.1}% {:>10.3} {:>14.3} {:>10.3} {:>8} {:>16.1}\n",
+            "{:>5} {:>10} {:>9.2} {:>10.0} {:>5.1}% {:>10.3} {:>14.3} {:>10.3} {:>8} {:>16.2} {:>13.2}\n",
             r.layout.ranks(),
             format!("{}×{}", r.layout.nodes, r.layout.per_node),
             r.step * 1e3,
@@ -190,10 +190,15 @@ pub fn scaling_table(sc: &Scaling) -> String {
             r.all_reduce * 1e3,
             r.all_gather * 1e3,
             r.bound.label(l),
-            r.host_loss_flops / 1e9
+            r.host_loss_flops / 1e9,
+            r.host_loss * 1e3
         );
     }
-    out += "exposed = gathers + all-reduce ending after the backward; eff = samples/s ÷ (ranks × one GPU's). Not in the step: the loss head on \
-            the host over the global batch (last column), NCCL kernels sharing SMs and DRAM with the backward.\n";
+    out += &format!(
+        "exposed = gathers and reduce-scatters + the host loss's growth over one GPU's (each rank's rows against the global batch, at an assumed {:.0} \
+         GFLOP/s per rank) + all-reduce ending after the backward; eff = samples/s ÷ (ranks × one GPU's). Not modelled: NCCL kernels sharing SMs \
+         and DRAM with the backward.\n",
+        clipforge::perf::collective::HOST_FLOPS_PER_RANK / 1e9
+    );
     out
 }

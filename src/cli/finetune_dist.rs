@@ -67,6 +67,7 @@ pub fn join(device: &str, smart: bool) -> Result<Option<Rank>> {
         ("auto", false) => open_gpu(&env).ok(),
         (d, _) => return Err(Error::msg(format!("--device {d}: expected auto, cpu or cuda"))),
     };
+    share_cores(local_ranks(&env, &|k| std::env::var(k).ok()));
     let group = TcpGroup::connect(&env, RENDEZVOUS_TIMEOUT)?;
     let comm: Rc<dyn Collective> = match &gpu {
         Some(g) => {
@@ -77,6 +78,27 @@ pub fn join(device: &str, smart: bool) -> Result<Option<Rank>> {
         None => Rc::new(group),
     };
     Ok(Some(Rank { env, comm, gpu }))
+}
+
+/// The ranks on this machine: torchrun's LOCAL_WORLD_SIZE, Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE,
+/// srun's SLURM_NTASKS_PER_NODE ("8" or "8(x2)"); in `--nproc-per-node`'s children, the world.
+fn local_ranks(env: &RankEnv, get: &dyn Fn(&str) -> Option<String>) -> usize {
+    let num = |k: &str| get(k).and_then(|v| v.chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse::<usize>().ok()).filter(|&n| n > 0);
+    num("LOCAL_WORLD_SIZE").or_else(|| num("OMPI_COMM_WORLD_LOCAL_SIZE")).or_else(|| num("SLURM_NTASKS_PER_NODE")).unwrap_or(if RankEnv::launched_here() {
+        env.world
+    } else {
+        1
+    })
+}
+
+/// Gives each of this machine's `local` ranks its share of the cores for the host work (the loss
+/// head, the loader), unless `--threads` already sized the pool.
+fn share_cores(local: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if local > 1 {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads((cores / local).max(1)).build_global();
+        // Err: --threads set it
+    }
 }
 
 /// GPU LOCAL_RANK; or GPU 0 when the launcher shows each rank one GPU (srun --gpus-per-task 1).
@@ -93,6 +115,16 @@ fn open_gpu(env: &RankEnv) -> Result<GpuOps> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_ranks_come_from_the_launchers_variables() {
+        let env = RankEnv { rank: 3, world: 16, local_rank: 3, master_addr: "h".into(), master_port: 1 };
+        let vars = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        assert_eq!(local_ranks(&env, &vars(&[("LOCAL_WORLD_SIZE", "8")])), 8);
+        assert_eq!(local_ranks(&env, &vars(&[("SLURM_NTASKS_PER_NODE", "4(x4)")])), 4);
+        assert_eq!(local_ranks(&env, &vars(&[("OMPI_COMM_WORLD_LOCAL_SIZE", "2")])), 2);
+        assert_eq!(local_ranks(&env, &vars(&[("LOCAL_WORLD_SIZE", "zero")])), 1);
+    }
 
     #[test]
     fn the_flag_and_its_value_are_removed() {

@@ -20,11 +20,14 @@
 //!   embeddings), cut by [`BucketPlan`] (25 MiB of f32 gradients); a parameter's gradient is final
 //!   after its tower's backward has run the cumulative share of its tower's parameters up to it.
 //! - P ranks ([`predict`]): the three embeddings ([b, D] image, long and short text, f32) are
-//!   all-gathered after the forward, exposed; the buckets are all-reduced in order on one
-//!   channel, each starting when ready and when the previous one is done; what ends after the
-//!   backward is exposed; AdamW runs on every rank as on one. Step = one-GPU step + gathers +
-//!   exposed all-reduce. Not modelled: the loss head on the host over the global batch (its
-//!   FLOPs are reported), NCCL's kernels competing with the backward for SMs and DRAM.
+//!   all-gathered after the forward and their gradients reduce-scattered before the towers'
+//!   backward, exposed; the buckets are all-reduced in order on one channel, each starting when
+//!   ready and when the previous one is done; what ends after the backward is exposed; AdamW
+//!   runs on every rank as on one. The loss head runs on the host: each rank's rows against the
+//!   global batch (≈ 24·b·B·D FLOPs, against 12·b²·D on one GPU), at [`HOST_FLOPS_PER_RANK`]; the
+//!   difference is exposed. Step = one-GPU step + gathers and reduce-scatters + the host loss's
+//!   growth + exposed all-reduce. Not modelled: NCCL's kernels competing with the backward for
+//!   SMs and DRAM.
 use super::gpus::{k, Gpu, Interconnect};
 use super::report::Report;
 use super::roofline::Pred;
@@ -213,6 +216,23 @@ pub fn overlap(buckets: &[BucketTiming], backward: f64, cost: impl Fn(f64) -> f6
     ((free - backward).max(0.0), total)
 }
 
+/// The host's f32 GEMM rate one rank's loss head gets (an assumption, conservative: about 6 of
+/// the 96–112 cores of a dual-socket 8-GPU server per rank at ~50 GFLOP/s each; clipforge's
+/// AVX-512 GEMM measures 100–150 GFLOP/s per core at these shapes on a quiet Xeon).
+pub const HOST_FLOPS_PER_RANK: f64 = 300e9;
+
+/// FLOPs of the Long-CLIP loss head on one rank: `b` own rows against a global batch of `p·b`
+/// (two InfoNCE terms, each two [b, B] logit products forward and four backward); one rank uses
+/// one [B, B] product per term for both directions.
+pub fn host_loss_flops(b: usize, p: usize, dim: usize) -> f64 {
+    let (b, d) = (b as f64, dim as f64);
+    if p <= 1 {
+        12.0 * b * b * d
+    } else {
+        24.0 * b * (p as f64 * b) * d
+    }
+}
+
 /// The prediction for one layout.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RankRow {
@@ -223,21 +243,23 @@ pub struct RankRow {
     pub per_s: f64,
     /// per_s ÷ (ranks × one GPU's samples/s).
     pub efficiency: f64,
-    /// The gathers plus the all-reduce that ends after the backward.
+    /// The gathers and reduce-scatters, the host loss's growth, and the all-reduce that ends
+    /// after the backward.
     pub exposed: f64,
     pub all_reduce: f64,
     pub all_gather: f64,
     pub bound: Bound,
-    /// FLOPs of the loss head on the host over the global batch (≈ 12·B²·D: two B×B logit
-    /// products forward and their four gradient products), not in `step`.
+    /// FLOPs of the loss head on the host per rank ([`host_loss_flops`]).
     pub host_loss_flops: f64,
+    /// Seconds the host loss takes beyond the one-GPU step's (in `step` and `exposed`).
+    pub host_loss: f64,
 }
 
 /// The step on `l` for a one-GPU step `split` at per-rank `batch`, embeddings of `dim`.
 pub fn predict(link: &Interconnect, split: &StepSplit, buckets: &[BucketTiming], batch: usize, dim: usize, l: Layout) -> RankRow {
     let p = l.ranks();
     let global = (p * batch) as f64;
-    let host_loss_flops = 12.0 * global * global * dim as f64;
+    let host_loss_flops = host_loss_flops(batch, p, dim);
     if p <= 1 {
         let per_s = batch as f64 / split.step;
         return RankRow {
@@ -250,21 +272,25 @@ pub fn predict(link: &Interconnect, split: &StepSplit, buckets: &[BucketTiming],
             all_gather: 0.0,
             bound: Bound::None,
             host_loss_flops,
+            host_loss: 0.0,
         };
     }
-    let all_gather = 3.0 * all_gather(link, 4.0 * global * dim as f64, l); // image, long, short: [P·b, D] f32 each
+    // image, long, short: [P·b, D] f32 each, gathered; their gradients reduce-scattered (the same ring cost)
+    let all_gather = 2.0 * 3.0 * all_gather(link, 4.0 * global * dim as f64, l);
+    let host_loss = (host_loss_flops - self::host_loss_flops(batch, 1, dim)) / HOST_FLOPS_PER_RANK;
     let (late, all_reduce) = overlap(buckets, split.backward_total(), |s| all_reduce(link, s, l));
-    let step = split.step + all_gather + late;
+    let step = split.step + all_gather + host_loss + late;
     RankRow {
         layout: l,
         step,
         per_s: global / step,
         efficiency: split.step / step,
-        exposed: all_gather + late,
+        exposed: all_gather + host_loss + late,
         all_reduce,
         all_gather,
         bound: ring_busbw(link, l).1,
         host_loss_flops,
+        host_loss,
     }
 }
 
