@@ -1,6 +1,8 @@
 //! NCCL communicators: gradient buckets summed on the GPUs (`ncclAllReduce`, f32, sum), the
 //! unique id made by rank 0 and carried to the others by the [`TcpGroup`], which also carries
-//! the small host collectives (the all-gathered embeddings, barriers) and a rank's failure.
+//! the small host collectives (loss terms, barriers) and a rank's failure; the embeddings'
+//! all-gather and their gradients' reduce-scatter go through NCCL (`ncclAllGather`,
+//! `ncclReduceScatter`) from host memory via device buffers.
 //!
 //! The library is loaded at run time, never linked: `$CLIPFORGE_NCCL` (a path) if set, else
 //! `libnccl.so.2` (the name NCCL's runtime packages and the `nvidia-nccl-cu*` wheels install),
@@ -43,6 +45,8 @@ struct Lib {
     get_unique_id: unsafe extern "C" fn(*mut ncclUniqueId) -> c_int,
     comm_init_rank: unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> c_int,
     all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t) -> c_int,
+    all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclComm_t, cudaStream_t) -> c_int,
+    reduce_scatter: unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t) -> c_int,
     group_start: unsafe extern "C" fn() -> c_int,
     group_end: unsafe extern "C" fn() -> c_int,
     comm_abort: unsafe extern "C" fn(ncclComm_t) -> c_int,
@@ -110,6 +114,8 @@ fn load_from(names: &[String]) -> std::result::Result<Lib, String> {
                 get_unique_id: sym(h, name, "ncclGetUniqueId")?,
                 comm_init_rank: sym(h, name, "ncclCommInitRank")?,
                 all_reduce: sym(h, name, "ncclAllReduce")?,
+                all_gather: sym(h, name, "ncclAllGather")?,
+                reduce_scatter: sym(h, name, "ncclReduceScatter")?,
                 group_start: sym(h, name, "ncclGroupStart")?,
                 group_end: sym(h, name, "ncclGroupEnd")?,
                 comm_abort: sym(h, name, "ncclCommAbort")?,
@@ -233,6 +239,36 @@ impl NcclCollective {
         Ok(())
     }
 
+    /// `send` uploaded, `op(lib, send, recv, comm, stream)` on the compute stream into a device
+    /// buffer of `recv_len` f32, downloaded (the host waits). These collectives come between the
+    /// forward and the towers' backward, never while a bucket's all-reduce is in flight, so every
+    /// rank issues them in the same order as the buckets'.
+    fn on_device(
+        &self,
+        send: &[f32],
+        recv_len: usize,
+        op: impl FnOnce(&Lib, *const c_void, *mut c_void, ncclComm_t, cudaStream_t) -> c_int,
+    ) -> Result<Vec<f32>> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let l = lib()?;
+        let comm = self.comm.load(Ordering::SeqCst);
+        if comm.is_null() {
+            return Err(self.group.failure().map(Error::msg).unwrap_or_else(|| Error::device("the NCCL communicator was aborted")));
+        }
+        let st = &self.stream;
+        crate::cuda::device::guarded("binding the CUDA context", || st.context().bind_to_thread())?;
+        let sbuf = crate::cuda::device::guarded("uploading for NCCL", || st.clone_htod(send))?;
+        let mut rbuf = crate::cuda::device::guarded("allocating for NCCL", || st.alloc_zeros::<f32>(recv_len.max(1)))?;
+        {
+            let (sp, _s) = sbuf.device_ptr(st);
+            let (rp, _r) = rbuf.device_ptr_mut(st);
+            check(l, "an NCCL collective of the embeddings", op(l, sp as *const c_void, rp as *mut c_void, comm, st.cu_stream() as cudaStream_t))?;
+        }
+        let mut out = crate::cuda::device::guarded("downloading from NCCL", || st.clone_dtoh(&rbuf))?;
+        out.truncate(recv_len);
+        Ok(out)
+    }
+
     /// Makes the compute stream's later work wait for every reduction enqueued so far (an event;
     /// the host does not block). Needed only with [`NcclCollective::set_overlap`].
     pub fn wait_device(&self) -> Result<()> {
@@ -250,8 +286,21 @@ impl Collective for NcclCollective {
     fn world(&self) -> usize {
         self.group.world()
     }
+    /// Over NVLink / the network (the embeddings: [b, D] per rank), not through rank 0's sockets.
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
-        self.group.all_gather(local)
+        let world = self.world();
+        self.on_device(local, local.len() * world, |l, send, recv, comm, s| unsafe {
+            // SAFETY: send holds `local.len()` f32, recv world times that, both on this device.
+            (l.all_gather)(send, recv, local.len(), ncclDataType_t::ncclFloat32, comm, s)
+        })
+    }
+    /// The embeddings' gradients: each rank's rows summed over the ranks, on the device.
+    fn reduce_scatter(&self, data: &[f32]) -> Result<Vec<f32>> {
+        let c = data.len() / self.world().max(1);
+        self.on_device(data, c, |l, send, recv, comm, s| unsafe {
+            // SAFETY: send holds world·c f32, recv c, both on this device.
+            (l.reduce_scatter)(send, recv, c, ncclDataType_t::ncclFloat32, ncclRedOp_t::ncclSum, comm, s)
+        })
     }
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
         self.group.all_reduce_sum(data)
