@@ -231,23 +231,25 @@ fn cpu_backend_fused_ops_match_unfused() {
             let (out, pre) = Cpu.linear_act(&x, &w1, &b, m, act, true).unwrap();
             let (out2, none) = Cpu.linear_act(&x, &w1, &b, m, act, false).unwrap();
             assert!(none.is_none());
-            assert_eq!(out.dtype(), DType::BF16, "the activation output is kept in bf16");
+            assert_eq!(out2.dtype(), DType::BF16, "the inference activation output is kept in bf16");
             // Unfused: Linear with bias, the bf16 rounding, then the activation with a zero bias.
             let u = Cpu.linear(&x, &w1, Some(&b), m).unwrap().to_vec_f32();
             let u: Vec<f32> = u.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
             let (want, want_pre) = Cpu.bias_act(t(u), &t(vec![0.0; n]), m, n, act, true).unwrap();
             let want16: Vec<u32> = want.to_vec_f32().iter().map(|&v| bf16::from_f32(v).to_f32().to_bits()).collect();
             let bits = |t: &Tensor| t.to_vec_f32().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
-            assert_eq!(bits(&out), want16, "{m}x{n}x{k} {act:?}: activation");
+            assert_eq!(bits(&out), bits(&want), "{m}x{n}x{k} {act:?}: activation (training: f32)");
             assert_eq!(bits(&out2), want16, "{m}x{n}x{k} {act:?}: activation without pre");
             assert_eq!(bits(pre.as_ref().unwrap()), bits(want_pre.as_ref().unwrap()), "{m}x{n}x{k} {act:?}: pre-activation");
             // The bf16 activation as the next Linear's input, with the residual add fused,
             // against the f32 copy of the same values through linear + axpy.
             let res2 = t(g.vec(m * k, 3.0));
-            let y = Cpu.linear_add(&out, &w2, &b2, m, &res2).unwrap();
+            let y = Cpu.linear_add(&out2, &w2, &b2, m, &res2).unwrap();
             let mut want_y = Cpu.copy(&res2, m * k).unwrap();
-            Cpu.axpy(&mut want_y, &Cpu.linear(&t(out.to_vec_f32()), &w2, Some(&b2), m).unwrap(), 1.0, m * k).unwrap();
+            Cpu.axpy(&mut want_y, &Cpu.linear(&t(out2.to_vec_f32()), &w2, Some(&b2), m).unwrap(), 1.0, m * k).unwrap();
             assert_eq!(bits(&y), bits(&want_y), "{m}x{n}x{k} {act:?}: linear_add");
+            // ... and the f32 (unrounded) activation gives the same: the GEMM rounds it to those values.
+            assert_eq!(bits(&Cpu.linear_add(&out, &w2, &b2, m, &res2).unwrap()), bits(&y), "{m}x{n}x{k} {act:?}: linear_add of f32");
         }
     }
 }

@@ -248,10 +248,10 @@ impl Ops for Cpu {
     }
 
     /// With a bf16 weight, the pre-activation x·Wᵀ + b is rounded to bf16 (the device's GEMM
-    /// writes it in 16 bits) before the f32 activation, all in the GEMM's epilogue; the output
-    /// is then rounded to bf16 and kept so (its readers are the next bf16 GEMM, which would round
-    /// it to the same values, the backward's dW GEMM, likewise, and `download`). f32 weights:
-    /// Linear, then bias + act.
+    /// writes it in 16 bits) before the f32 activation, all in the GEMM's epilogue. For
+    /// inference (no `keep_pre`) the output is rounded to bf16 and kept so: its readers are the
+    /// next bf16 GEMM, which would round it to the same values, and `download`; training keeps
+    /// f32 outputs (the backward reads them as f32). f32 weights: Linear, then bias + act.
     fn linear_act(&self, x: &Tensor, w: &Weight<Cpu>, bias: &Tensor, m: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
         let Some(p) = &w.half else {
             let u = self.linear(x, w, None, m)?; // [m, n]
@@ -260,23 +260,20 @@ impl Ops for Cpu {
         let (n, k) = (w.n, w.k);
         let bd = bias.f32_data();
         check("linear_act bias", bd.len(), n)?;
-        let mut out = bf16_zeros(m * n); // [m, n] bf16
-        fn epi(act: Act, o: &mut [bf16]) -> Epilogue<'_> {
-            Epilogue::Act { op: act_op(act), round_pre: true, out: ActOut::Bf16(o) }
+        let act_op = act_op(act);
+        if keep_pre {
+            // Training: the pre-activation for the backward and the output in f32, as before.
+            let (mut pre, mut out) = (zeros(m * n), zeros(m * n)); // [m, n] each
+            gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::F32(&mut out) })?;
+            return Ok((vec1(out)?, Some(vec1(pre)?)));
         }
-        let pre = if keep_pre {
-            let mut pre = zeros(m * n); // [m, n]
-            gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, epi(act, &mut out))?;
-            Some(vec1(pre)?)
-        } else {
-            let mut pre = PRE.with_borrow_mut(std::mem::take); // scratch [m, n]
-            pre.resize(m * n, 0.0);
-            let r = gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, epi(act, &mut out));
-            PRE.with_borrow_mut(|s| *s = pre);
-            r?;
-            None
-        };
-        Ok((Tensor::from_storage(Storage::BF16(out), &[m * n])?, pre))
+        let mut out = bf16_zeros(m * n); // [m, n] bf16
+        let mut pre = PRE.with_borrow_mut(std::mem::take); // f32 scratch [m, n]
+        pre.resize(m * n, 0.0);
+        let r = gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::Bf16(&mut out) });
+        PRE.with_borrow_mut(|s| *s = pre);
+        r?;
+        Ok((Tensor::from_storage(Storage::BF16(out), &[m * n])?, None))
     }
 
     fn bias_act(&self, u: Tensor, bias: &Tensor, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {

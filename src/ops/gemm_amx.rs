@@ -311,7 +311,8 @@ pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
                             let (rows, cols) = (BM.min(m - ir), NR.min(n - jr));
                             write_c(&scratch, cptr.get(), ir * n + jr, n, rows, cols, bias_j, acc || kb > 0);
                             if kb + 1 == nkb {
-                                epi.apply(cptr.get(), ir * n + jr, n, rows, cols); // the finished block, in L1
+                                epi.apply(cptr.get(), ir * n + jr, n, rows, cols);
+                                // the finished block, in L1
                             }
                         }
                     }

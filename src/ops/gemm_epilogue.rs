@@ -135,7 +135,7 @@ fn pre(x: f32, round: bool) -> f32 {
 }
 
 fn add_row(row: &mut [f32], res: &[f32]) {
-    row.iter_mut().zip(res).for_each(|(y, r)| *y = r + *y);
+    row.iter_mut().zip(res).for_each(|(y, r)| *y += r); // = r + y (f32 addition commutes)
 }
 
 #[inline(always)]
