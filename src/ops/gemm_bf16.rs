@@ -31,6 +31,9 @@
 //!   L2 across kc-blocks, the A row block in L2/L3.
 //! * Edges: m via zero rows in the A panel (only valid rows are stored), n via zero
 //!   weight columns and masked column stores, odd k via a zero `hi` half.
+//! * Epilogue ([`matmul_bf16_fused`], `gemm_epilogue.rs`): after a tile's last kc-block,
+//!   the activation (with the pre-activation's bf16 rounding) or the residual add, on the
+//!   tile while it is in L1. A may also be bf16 already ([`AElem`]): packed without rounding.
 //!
 //! # Dispatch
 //! `cpu_path::selected()` picks, at run time: the AMX tile kernel (`gemm_amx.rs`, same packed
