@@ -3,7 +3,9 @@
 //! - per element equal to the bf16-rounding reference towers (tests/common/half_ref.rs: the same
 //!   rounding points, f64 accumulation) within u·max|ref| + u·|ref|, u = 2^-8;
 //! - not f32: the bf16 embeddings differ from the f32 ones by more than u/8·max|ref| somewhere
-//!   (a bf16 path that silently computed in f32 fails this test).
+//!   (a bf16 path that silently computed in f32 fails this test);
+//! - close to f32: every image and text embedding has cosine ≥ 0.999 to its f32 embedding
+//!   (issue 14's accuracy criterion for bf16 between GEMMs).
 mod common;
 use clipforge::model::schema::{Schema, Tower};
 use clipforge::model::synthetic::random_weights;
@@ -39,6 +41,19 @@ fn compare(what: &str, bf16: &Tensor, f32: &Tensor, reference: &Tensor) {
     eprintln!("{what}: max|err|/max|ref| to the bf16-rounding reference: bf16 {:.3}u, f32 {:.3}u", scaled_err(&h, &r) * 256.0, scaled_err(&f, &r) * 256.0);
     assert_half_close(&format!("{what}: CPU bf16 towers"), &h, &r, DType::BF16);
     assert_not_f32(what, &h, &f, &r, DType::BF16);
+    assert_cosine(what, &h, &f, *bf16.shape().last().unwrap());
+}
+
+/// Issue 14's accuracy criterion: every bf16 embedding (row of width `d`) has cosine ≥ 0.999 to
+/// its f32 embedding.
+fn assert_cosine(what: &str, bf16: &[f32], f32: &[f32], d: usize) {
+    assert_eq!(bf16.len() % d, 0, "{what}: rows of {d}");
+    for (i, (h, f)) in bf16.chunks_exact(d).zip(f32.chunks_exact(d)).enumerate() {
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+        let cos = dot(h, f) / (dot(h, h).sqrt() * dot(f, f).sqrt());
+        eprintln!("{what}: embedding {i}: cosine bf16 to f32 {cos:.6}");
+        assert!(cos >= 0.999, "{what}: embedding {i}: cosine bf16 to f32 {cos} < 0.999");
+    }
 }
 
 #[test]

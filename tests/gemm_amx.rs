@@ -97,6 +97,7 @@ fn every_forced_path() {
         eprintln!("forced {} → ran {}", cap.name(), ran.name());
         for &(m, n, k) in &SHAPES[..7] {
             check(m, n, k, Kernel::Auto);
+            epi::check_epilogues(m, n, k, Kernel::Auto);
         }
         check(100, 96, 600, Kernel::Auto);
     }
@@ -177,4 +178,21 @@ fn software_tdpbf16ps_semantics() {
     // Normal inputs give normal results: 2⁻⁶⁰·2⁻⁶⁰ = 2⁻¹²⁰.
     let c = dp1(&[(0, bits(2f32.powi(-60)))], &[(0, bits(2f32.powi(-60)))], &[]);
     assert_eq!(c[0], 2f32.powi(-120));
+}
+
+mod epi;
+
+/// The fused epilogues through the AMX kernel's blocking and tile stores (software model), against
+/// the unfused composite, bit for bit (the forced lower paths: `every_forced_path`).
+#[test]
+fn software_model_fused_epilogues() {
+    for &(m, n, k) in SHAPES {
+        epi::check_epilogues(m, n, k, Kernel::AmxSoft);
+    }
+    if cpu_path::detected() >= GemmPath::Amx {
+        eprintln!("path: fused epilogues on real AMX tiles");
+        for &(m, n, k) in SHAPES {
+            epi::check_epilogues(m, n, k, Kernel::Amx);
+        }
+    }
 }

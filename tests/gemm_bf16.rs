@@ -193,3 +193,63 @@ fn pool_sizes() {
         });
     }
 }
+
+mod epi;
+
+/// The fused epilogues (activation with the pre-activation's bf16 rounding, residual add; bf16
+/// A) on every kernel against the unfused composite, bit for bit: m = 1, 7, 45, widths not
+/// divisible by 64 (7, 45, 65, 100, 177), odd k, several kc-blocks.
+#[test]
+fn fused_epilogues_all_kernels() {
+    const SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (1, 7, 3), (7, 45, 65), (45, 65, 59), (45, 65, 64), (33, 177, 301), (7, 100, 1000), (29, 64, 1100)];
+    for kernel in KERNELS {
+        for &(m, n, k) in SHAPES {
+            epi::check_epilogues(m, n, k, kernel);
+        }
+    }
+    // A ViT-B/32 MLP block's first rows (several work items, row and column edges).
+    for kernel in [Kernel::Auto, Kernel::Avx512Bf16, Kernel::Avx512Fma, Kernel::Portable] {
+        epi::check_epilogues(100, 3072, 768, kernel);
+    }
+}
+
+/// The CPU backend's `linear_act` / `linear_add` with bf16 weights (the fused epilogues, the
+/// activation kept in bf16 and read back by the next Linear) against the composite of its
+/// unfused ops: `linear`, the bf16 rounding, `bias_act`, `axpy`. Bit for bit.
+#[test]
+fn cpu_backend_fused_ops_match_unfused() {
+    use clipforge::backend::cpu::Cpu;
+    use clipforge::backend::{Act, Ops};
+    use clipforge::{DType, Tensor};
+    for &(m, n, k) in &[(1, 7, 3), (7, 45, 65), (45, 65, 59), (50, 200, 96)] {
+        let mut g = Rng::seeded((m * 31 + n * 7 + k) as u64);
+        let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), &[v.len()]).unwrap();
+        let (x, b, b2) = (t(g.vec(m * k, 2.0)), t(g.vec(n, 1.0)), t(g.vec(k, 1.0)));
+        let w1 = Cpu.weight(t(g.vec(n * k, 0.5)), n, k, DType::BF16).unwrap();
+        let w2 = Cpu.weight(t(g.vec(k * n, 0.5)), k, n, DType::BF16).unwrap();
+        for act in [Act::QuickGelu, Act::Gelu] {
+            let (out, pre) = Cpu.linear_act(&x, &w1, &b, m, act, true).unwrap();
+            let (out2, none) = Cpu.linear_act(&x, &w1, &b, m, act, false).unwrap();
+            assert!(none.is_none());
+            assert_eq!(out2.dtype(), DType::BF16, "the inference activation output is kept in bf16");
+            // Unfused: Linear with bias, the bf16 rounding, then the activation with a zero bias.
+            let u = Cpu.linear(&x, &w1, Some(&b), m).unwrap().to_vec_f32();
+            let u: Vec<f32> = u.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            let (want, want_pre) = Cpu.bias_act(t(u), &t(vec![0.0; n]), m, n, act, true).unwrap();
+            let want16: Vec<u32> = want.to_vec_f32().iter().map(|&v| bf16::from_f32(v).to_f32().to_bits()).collect();
+            let bits = |t: &Tensor| t.to_vec_f32().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&out), bits(&want), "{m}x{n}x{k} {act:?}: activation (training: f32)");
+            assert_eq!(bits(&out2), want16, "{m}x{n}x{k} {act:?}: activation without pre");
+            assert_eq!(bits(pre.as_ref().unwrap()), bits(want_pre.as_ref().unwrap()), "{m}x{n}x{k} {act:?}: pre-activation");
+            // The bf16 activation as the next Linear's input, with the residual add fused,
+            // against the f32 copy of the same values through linear + axpy.
+            let res2 = t(g.vec(m * k, 3.0));
+            let y = Cpu.linear_add(&out2, &w2, &b2, m, &res2).unwrap();
+            let mut want_y = Cpu.copy(&res2, m * k).unwrap();
+            Cpu.axpy(&mut want_y, &Cpu.linear(&t(out2.to_vec_f32()), &w2, Some(&b2), m).unwrap(), 1.0, m * k).unwrap();
+            assert_eq!(bits(&y), bits(&want_y), "{m}x{n}x{k} {act:?}: linear_add");
+            // ... and the f32 (unrounded) activation gives the same: the GEMM rounds it to those values.
+            assert_eq!(bits(&Cpu.linear_add(&out, &w2, &b2, m, &res2).unwrap()), bits(&y), "{m}x{n}x{k} {act:?}: linear_add of f32");
+        }
+    }
+}

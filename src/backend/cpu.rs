@@ -12,13 +12,16 @@ use crate::ops::attention::{attention, attention_backward, attention_packed, att
 use crate::ops::elementwise::{unary, unary_bwd, Unary};
 use crate::ops::embedding::embedding_bwd_grouped;
 use crate::ops::fastmath::{par_rows, zeros};
-use crate::ops::gemm_bf16::{matmul_bf16, matmul_bf16_acc, Kernel, PackedBf16};
+use crate::ops::gemm_bf16::{matmul_bf16, matmul_bf16_acc, matmul_bf16_fused, Kernel, PackedBf16};
+use crate::ops::gemm_epilogue::{ActOut, Epilogue};
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
 use crate::ops::matmul::{gemm, linear, View};
 use crate::ops::patch_embed::{im2col, patch_embed, patch_embed_bwd_weight, PatchShape};
 use crate::ops::reduce::col_sums;
 use crate::shape_err;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Storage, Tensor};
+use half::bf16;
+use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 
 /// A Linear weight's bf16 copies: `fwd` packed for y = x·Wᵀ, and Wᵀ for dx = dy·W (packed from
@@ -68,6 +71,31 @@ fn add_into(y: Tensor, res: &Tensor, n: usize) -> Result<Tensor> {
     check("residual add", v.len(), n)?;
     par_rows(&mut v[..n], 4096, |i, row| row.iter_mut().zip(&r[i * 4096..]).for_each(|(a, b)| *a += *b)); // f32 addition commutes: res + y
     vec1(v)
+}
+
+/// c [m, n] = epi(x [m, k]·Wᵀ + bias) through the bf16 GEMM: x bf16 (an activation kept in 16
+/// bits, packed as it is) or f32 (rounded while packing).
+fn gemm16(x: &Tensor, m: usize, k: usize, p: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], epi: Epilogue) -> Result<()> {
+    check("linear x", x.numel(), m * k)?;
+    match x.bf16_data() {
+        Some(xb) => matmul_bf16_fused(&xb[..m * k], m, p, bias, c, epi, Kernel::Auto),
+        None => matmul_bf16_fused(&x.f32_data()[..m * k], m, p, bias, c, epi, Kernel::Auto),
+    }
+    Ok(())
+}
+
+/// n bf16 zeros (calloc'd pages: no fill pass; the GEMM's epilogue writes every element).
+fn bf16_zeros(n: usize) -> Vec<bf16> {
+    let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    // SAFETY: bf16 is `repr(transparent)` over u16 (same size and alignment, every bit pattern
+    // valid), so the allocation is a valid Vec<bf16> of the same length and capacity.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<bf16>(), v.len(), v.capacity()) }
+}
+
+thread_local! {
+    /// The f32 pre-activation scratch of `linear_act` when only its bf16 output is wanted
+    /// (reused across calls: no allocation or fill of [m, n] per Linear).
+    static PRE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The CPU backend (rayon's thread pool).
@@ -130,15 +158,14 @@ impl Ops for Cpu {
     fn linear(&self, x: &Tensor, w: &Weight<Cpu>, bias: Option<&Tensor>, m: usize) -> Result<Tensor> {
         let (n, k) = (w.n, w.k);
         check("linear x", x.numel(), m * k)?;
-        let xd = x.f32_data();
         let bias = bias.map(|b| b.f32_data());
         match &w.half {
             Some(p) => {
                 let mut y = zeros(m * n); // [m, n]
-                matmul_bf16(&xd[..m * k], m, &p.fwd, bias.as_deref(), &mut y);
+                gemm16(x, m, k, &p.fwd, bias.as_deref().map(|b| &b[..n]), &mut y, Epilogue::None)?;
                 vec1(y)
             }
-            None => vec1(linear(&xd[..m * k], m, k, &w.w.f32_data(), n, bias.as_deref())), // [m, n]
+            None => vec1(linear(&x.f32_data()[..m * k], m, k, &w.w.f32_data(), n, bias.as_deref())), // [m, n]
         }
     }
 
@@ -204,23 +231,49 @@ impl Ops for Cpu {
         Ok((add_into(dx, res, rows * w)?, dg, db))
     }
 
-    /// The Linear, then res added in its output's buffer (one pass, no copy of res).
+    /// The Linear, then res added: with a bf16 weight in the GEMM's epilogue (per finished
+    /// tile), with f32 weights in its output's buffer (one pass, no copy of res).
     fn linear_add(&self, x: &Tensor, w: &Weight<Cpu>, bias: &Tensor, m: usize, res: &Tensor) -> Result<Tensor> {
-        let y = self.linear(x, w, Some(bias), m)?; // [m, n]
-        add_into(y, res, m * w.n)
+        let Some(p) = &w.half else {
+            let y = self.linear(x, w, Some(bias), m)?; // [m, n]
+            return add_into(y, res, m * w.n);
+        };
+        let (n, k) = (w.n, w.k);
+        let (bd, r) = (bias.f32_data(), res.f32_data());
+        check("linear_add bias", bd.len(), n)?;
+        check("residual", r.len(), m * n)?;
+        let mut y = zeros(m * n); // [m, n]
+        gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut y, Epilogue::Add { res: &r[..m * n] })?;
+        vec1(y)
     }
 
     /// With a bf16 weight, the pre-activation x·Wᵀ + b is rounded to bf16 (the device's GEMM
-    /// writes it in 16 bits) before the f32 activation; f32 weights: Linear, then bias + act.
+    /// writes it in 16 bits) before the f32 activation, all in the GEMM's epilogue. For
+    /// inference (no `keep_pre`) the output is rounded to bf16 and kept so: its readers are the
+    /// next bf16 GEMM, which would round it to the same values, and `download`; training keeps
+    /// f32 outputs (the backward reads them as f32). f32 weights: Linear, then bias + act.
     fn linear_act(&self, x: &Tensor, w: &Weight<Cpu>, bias: &Tensor, m: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
-        if w.half.is_none() {
+        let Some(p) = &w.half else {
             let u = self.linear(x, w, None, m)?; // [m, n]
             return self.bias_act(u, bias, m, w.n, act, keep_pre);
+        };
+        let (n, k) = (w.n, w.k);
+        let bd = bias.f32_data();
+        check("linear_act bias", bd.len(), n)?;
+        let act_op = act_op(act);
+        if keep_pre {
+            // Training: the pre-activation for the backward and the output in f32, as before.
+            let (mut pre, mut out) = (zeros(m * n), zeros(m * n)); // [m, n] each
+            gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::F32(&mut out) })?;
+            return Ok((vec1(out)?, Some(vec1(pre)?)));
         }
-        let mut pre = self.linear(x, w, Some(bias), m)?.into_f32_vec(); // [m, n]
-        par_rows(&mut pre, w.n, |_, r| r.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()));
-        let out = unary(act_op(act), &pre);
-        Ok((vec1(out)?, if keep_pre { Some(vec1(pre)?) } else { None }))
+        let mut out = bf16_zeros(m * n); // [m, n] bf16
+        let mut pre = PRE.with_borrow_mut(std::mem::take); // f32 scratch [m, n]
+        pre.resize(m * n, 0.0);
+        let r = gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::Bf16(&mut out) });
+        PRE.with_borrow_mut(|s| *s = pre);
+        r?;
+        Ok((Tensor::from_storage(Storage::BF16(out), &[m * n])?, None))
     }
 
     fn bias_act(&self, u: Tensor, bias: &Tensor, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {

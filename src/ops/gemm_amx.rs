@@ -23,7 +23,8 @@
 //! rounded on its own; one RNE rounding per accumulation), bf16 input denormals read as zero
 //! (DAZ) and f32 output denormals flushed to zero (FTZ), independent of MXCSR. The hardware's
 //! internal summation order may differ; the tests hold both to the same per-element tolerance.
-use super::gemm_bf16::{to_pairs, PackedBf16, NR};
+use super::gemm_bf16::{AElem, PackedBf16, NR};
+use super::gemm_epilogue::EpiRun;
 use rayon::prelude::*;
 
 /// Rows of C per block (two tiles of 16).
@@ -223,13 +224,25 @@ thread_local! {
     static ABUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `c = a·Wᵀ (+ bias)` through the tile operations `O` (m, n, k ≥ 1; shapes checked by the
-/// caller); `acc`: `c += a·Wᵀ` (no bias). `simd`: AVX512-BF16 is available for the f32 → bf16
-/// conversion of A.
+/// `c = epi(a·Wᵀ (+ bias))` through the tile operations `O` (m, n, k ≥ 1; shapes checked by the
+/// caller); `acc`: `c += a·Wᵀ` (no bias, no epilogue). `simd`: AVX512-BF16 is available for the
+/// f32 → bf16 conversion of A. The epilogue is applied to each 32×32 block of C as it is written
+/// after the last kc-block.
 ///
 /// # Safety
-/// For [`HwTiles`]: the CPU has AMX-BF16 and this process holds the tile-data permission.
-pub(crate) unsafe fn matmul_amx<O: TileOps>(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], simd: bool, acc: bool) {
+/// For [`HwTiles`]: the CPU has AMX-BF16 and this process holds the tile-data permission. The
+/// epilogue's buffers are m·n long and borrowed for the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
+    a: &[T],
+    m: usize,
+    w: &PackedBf16,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    simd: bool,
+    acc: bool,
+    epi: EpiRun,
+) {
     let (n, k, kps) = (w.n(), w.k(), w.kps());
     assert!(a.len() == m * k && c.len() == m * n && kps % TK == 0 && m > 0 && n > 0 && k > 0, "matmul_amx: bad call");
     let nkt = kps / TK; // k tiles
@@ -256,7 +269,7 @@ pub(crate) unsafe fn matmul_amx<O: TileOps>(a: &[f32], m: usize, w: &PackedBf16,
                     continue;
                 }
                 let used = (k1 - k0).div_ceil(2);
-                to_pairs(&a[row * k + k0..row * k + k1], &mut dst[..used], simd);
+                T::pairs(&a[row * k + k0..row * k + k1], &mut dst[..used], simd);
                 dst[used..].fill(0);
             }
             let mut tiles = O::default();
@@ -295,7 +308,12 @@ pub(crate) unsafe fn matmul_amx<O: TileOps>(a: &[f32], m: usize, w: &PackedBf16,
                             tiles.store::<3>(sp.add(16 * NR * 4 + 64), NR * 4);
                             let ir = (p0 + pi) * BM;
                             let bias_j = bias.filter(|_| kb == 0).map(|b| &b[jr..]);
-                            write_c(&scratch, cptr.get(), ir * n + jr, n, BM.min(m - ir), NR.min(n - jr), bias_j, acc || kb > 0);
+                            let (rows, cols) = (BM.min(m - ir), NR.min(n - jr));
+                            write_c(&scratch, cptr.get(), ir * n + jr, n, rows, cols, bias_j, acc || kb > 0);
+                            if kb + 1 == nkb {
+                                epi.apply(cptr.get(), ir * n + jr, n, rows, cols);
+                                // the finished block, in L1
+                            }
                         }
                     }
                 }

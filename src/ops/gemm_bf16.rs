@@ -31,6 +31,9 @@
 //!   L2 across kc-blocks, the A row block in L2/L3.
 //! * Edges: m via zero rows in the A panel (only valid rows are stored), n via zero
 //!   weight columns and masked column stores, odd k via a zero `hi` half.
+//! * Epilogue ([`matmul_bf16_fused`], `gemm_epilogue.rs`): after a tile's last kc-block,
+//!   the activation (with the pre-activation's bf16 rounding) or the residual add, on the
+//!   tile while it is in L1. A may also be bf16 already ([`AElem`]): packed without rounding.
 //!
 //! # Dispatch
 //! `cpu_path::selected()` picks, at run time: the AMX tile kernel (`gemm_amx.rs`, same packed
@@ -41,6 +44,7 @@
 //! portable path keeps them. NaN/Inf propagate in every path.
 
 use super::cpu_path::{self, GemmPath};
+use super::gemm_epilogue::{EpiRun, Epilogue};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -199,18 +203,61 @@ pub enum Kernel {
 /// [`matmul_bf16`] with an explicit kernel choice.
 #[doc(hidden)]
 pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel) {
-    gemm(a, m, w, bias, c, kernel, false)
+    gemm(a, m, w, bias, c, kernel, false, EpiRun::None)
+}
+
+/// `c[m×n] = epi(a[m×k] · Wᵀ + bias)`: the GEMM with a fused epilogue (applied to each finished C
+/// tile), A in f32 (rounded to bf16 while packing) or already bf16 (packed as it is).
+pub fn matmul_bf16_fused<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], mut epi: Epilogue, kernel: Kernel) {
+    epi.check(c.len());
+    gemm(a, m, w, bias, c, kernel, false, epi.run())
 }
 
 /// `c[m×n] += a[m×k] · Wᵀ` (the backward passes' accumulation into an existing gradient).
 pub fn matmul_bf16_acc(a: &[f32], m: usize, w: &PackedBf16, c: &mut [f32], kernel: Kernel) {
-    gemm(a, m, w, None, c, kernel, true)
+    gemm(a, m, w, None, c, kernel, true, EpiRun::None)
 }
 
-/// The GEMM; `acc`: add to c instead of overwriting it (no bias then).
-fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel, acc: bool) {
+/// An element type of the left operand A: f32 (rounded to bf16, RNE, while packing) or bf16.
+pub trait AElem: Copy + Send + Sync + 'static {
+    /// The value as bf16.
+    fn to_bf16(self) -> bf16;
+    /// `src` as bf16 pairs in `dst` (`ceil(src.len()/2)` values; an odd tail's `hi` is 0).
+    /// `simd`: AVX512-BF16 was detected.
+    fn pairs(src: &[Self], dst: &mut [u32], simd: bool);
+}
+
+impl AElem for f32 {
+    #[inline(always)]
+    fn to_bf16(self) -> bf16 {
+        bf16::from_f32(self)
+    }
+    fn pairs(src: &[f32], dst: &mut [u32], simd: bool) {
+        to_pairs(src, dst, simd)
+    }
+}
+
+impl AElem for bf16 {
+    #[inline(always)]
+    fn to_bf16(self) -> bf16 {
+        self
+    }
+    fn pairs(src: &[bf16], dst: &mut [u32], _simd: bool) {
+        let (whole, tail) = src.split_at(src.len() & !1);
+        for (d, s) in dst.iter_mut().zip(whole.chunks_exact(2)) {
+            *d = pair(s[0], s[1]);
+        }
+        if let Some(&lo) = tail.first() {
+            dst[whole.len() / 2] = pair(lo, bf16::ZERO);
+        }
+    }
+}
+
+/// The GEMM; `acc`: add to c instead of overwriting it (no bias, no epilogue then).
+#[allow(clippy::too_many_arguments)]
+fn gemm<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel, acc: bool, epi: EpiRun) {
     let (n, k, kp) = (w.n, w.k, w.kp);
-    assert!(!acc || bias.is_none(), "accumulating GEMM takes no bias");
+    assert!(!acc || (bias.is_none() && matches!(epi, EpiRun::None)), "accumulating GEMM takes no bias or epilogue");
     assert_eq!(a.len(), m * k, "a must be m*k");
     assert_eq!(c.len(), m * n, "c must be m*n");
     if let Some(b) = bias {
@@ -226,6 +273,8 @@ fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]
                 None => row.fill(0.0),
             }
         }
+        // SAFETY: all of C (m×n, ldc n), borrowed mutably here; the epilogue's buffers are m·n.
+        unsafe { epi.apply(c.as_mut_ptr(), 0, n, m, n) };
         return;
     }
     if k == 0 {
@@ -239,15 +288,15 @@ fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]
             GemmPath::Avx512Bf16 | GemmPath::Avx512 => Kernel::Avx512Fma,
             GemmPath::Scalar => Kernel::PortableBaseline,
         },
-        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => return gemm(a, m, w, bias, c, Kernel::Auto, acc),
+        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => return gemm(a, m, w, bias, c, Kernel::Auto, acc, epi),
         other => other,
     };
     match kernel {
         // SAFETY: AMX was detected and its permission granted (cpu_path::detected).
         #[cfg(target_arch = "x86_64")]
-        Kernel::Amx => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::HwTiles>(a, m, w, bias, c, have_simd, acc) },
+        Kernel::Amx => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::HwTiles, T>(a, m, w, bias, c, have_simd, acc, epi) },
         // SAFETY: the software model has no hardware requirement.
-        Kernel::AmxSoft => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::SoftTiles>(a, m, w, bias, c, have_simd, acc) },
+        Kernel::AmxSoft => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::SoftTiles, T>(a, m, w, bias, c, have_simd, acc, epi) },
         _ => {}
     }
     let simd = kernel == Kernel::Avx512Bf16 && have_simd;
@@ -286,8 +335,9 @@ fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]
                 &[]
             };
             let iters = (j1 - j0).div_ceil(NR) * nkb;
-            let per_iter = next.len().div_ceil(16 * iters) * 16;
-            let mut pf = next.chunks(per_iter.max(16));
+            let line = 64 / std::mem::size_of::<T>(); // elements per cache line
+            let per_iter = next.len().div_ceil(line * iters) * line;
+            let mut pf = next.chunks(per_iter.max(line));
             for jc in (j0..j1).step_by(NC) {
                 for kb in 0..nkb {
                     // Balanced kc-blocks: nkb near-equal blocks of at most KC pairs.
@@ -311,19 +361,14 @@ fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]
                             // SAFETY: `t` is rows ir..ir+rows, cols jr..jr+cols of C:
                             // inside the m×n buffer and inside this item's block (rows of
                             // panels p0..p1, cols j0..j1), which no other item touches.
-                            // `a`/`b` hold MR·KC / kc·NR elements (slice-checked).
+                            // `a`/`b` hold MR·KC / kc·NR elements (slice-checked). The
+                            // epilogue's buffers are m·n long (checked by its caller).
                             unsafe {
-                                #[cfg(target_arch = "x86_64")]
-                                if simd {
-                                    super::gemm_bf16_avx512::kernel(a, b, kc, &t);
-                                    continue;
+                                run_kernel(a, b, kc, &t, simd, fma, avx2);
+                                if kb + 1 == nkb {
+                                    // The tile is final: the fused epilogue, while it is in L1.
+                                    epi.apply(t.c, t.off, t.ldc, t.rows, t.cols);
                                 }
-                                #[cfg(target_arch = "x86_64")]
-                                if fma {
-                                    super::gemm_bf16_avx512::kernel_fma(bytemuck::cast_slice(a), b, kc, &t);
-                                    continue;
-                                }
-                                kernel_portable(a, b, kc, &t, avx2);
                             }
                         }
                     }
@@ -331,6 +376,26 @@ fn gemm(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32]
             }
         });
     });
+}
+
+/// One microkernel call on the chosen path.
+///
+/// # Safety
+/// Same contract as [`Tile::store`]; the features of `simd` / `fma` / `avx2` were detected.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+unsafe fn run_kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile, simd: bool, fma: bool, avx2: bool) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            return super::gemm_bf16_avx512::kernel(a, b, kc, t);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if fma {
+            return super::gemm_bf16_avx512::kernel_fma(bytemuck::cast_slice(a), b, kc, t);
+        }
+        kernel_portable(a, b, kc, t, avx2)
+    }
 }
 
 /// Converts f32 to bf16 pairs (RNE) in `dst` (`ceil(src.len()/2)` values; an odd tail's `hi` is 0).
@@ -348,9 +413,9 @@ pub(super) fn to_pairs(src: &[f32], dst: &mut [u32], simd: bool) {
 }
 
 /// Prefetches `x` (64-byte lines) into L2.
-fn prefetch_l2(x: &[f32]) {
+fn prefetch_l2<T>(x: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in x.chunks(16) {
+    for line in x.chunks(64 / std::mem::size_of::<T>().max(1)) {
         // SAFETY: prefetching has no architectural effect besides caching and never
         // faults; the address is inside `x` anyway.
         unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
@@ -402,7 +467,7 @@ impl Tile<'_> {
 /// Packs pairs `pc..pc+kc` of `rows` (≤ MR full rows of `a`) into one A micro-panel
 /// (`[MR][KC]` bf16 pairs; missing rows are zero).
 /// `fma`: widened instead, `[MR][2·KC]` bf16-rounded values as f32 bits (for `kernel_fma`).
-fn pack_a(rows: &[f32], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool, fma: bool) {
+fn pack_a<T: AElem>(rows: &[T], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool, fma: bool) {
     let stride = if fma { 2 * KC } else { KC };
     for (r, d) in dst.chunks_exact_mut(stride).enumerate() {
         let d = &mut d[..if fma { 2 * kc } else { kc }];
@@ -412,10 +477,10 @@ fn pack_a(rows: &[f32], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: b
         }
         if fma {
             let src = &rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))];
-            d.iter_mut().enumerate().for_each(|(i, v)| *v = src.get(i).map_or(0, |&x| (bf16::from_f32(x).to_bits() as u32) << 16));
+            d.iter_mut().enumerate().for_each(|(i, v)| *v = src.get(i).map_or(0, |&x| (x.to_bf16().to_bits() as u32) << 16));
             continue;
         }
-        to_pairs(&rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))], d, simd);
+        T::pairs(&rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))], d, simd);
     }
 }
 

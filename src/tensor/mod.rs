@@ -95,6 +95,12 @@ impl Tensor {
         Cow::Owned(self.to_vec_f32())
     }
 
+    /// The elements as a bf16 slice when contiguous owned bf16 (None otherwise).
+    pub fn bf16_data(&self) -> Option<&[half::bf16]> {
+        let s = self.storage.as_bf16().filter(|_| self.is_contiguous())?;
+        s.get(self.offset..self.offset + self.numel())
+    }
+
     /// Copies the elements out in row-major order as f32.
     pub fn to_vec_f32(&self) -> Vec<f32> {
         let n = self.numel();

@@ -54,6 +54,13 @@ impl Storage {
             _ => None,
         }
     }
+    /// The whole storage as bf16 when it is an owned bf16 vector (activations kept in 16 bits).
+    pub fn as_bf16(&self) -> Option<&[bf16]> {
+        match self {
+            Storage::BF16(v) => Some(v),
+            _ => None,
+        }
+    }
     pub fn get_f32(&self, i: usize) -> f32 {
         match self {
             Storage::F32(v) => v[i],

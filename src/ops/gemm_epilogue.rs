@@ -1,0 +1,160 @@
+//! Fused epilogues of the bf16 GEMM (`gemm_bf16`, every kernel path: AMX and its software model,
+//! AVX512-BF16, AVX-512F FMAs, portable): what a Linear does to its output after x·Wᵀ + bias,
+//! applied per finished C tile (after the last kc-block, while the tile is still in L1) instead
+//! of as separate passes over [m×n]:
+//! - [`Epilogue::Act`]: the MLP's first Linear: the pre-activation rounded to bf16 (the 16-bit
+//!   towers' rounding point), then QuickGELU/GELU in f32 (the same `fastmath` functions as
+//!   `elementwise::unary`, so fused and unfused are bit-identical), written in place, to a
+//!   second f32 buffer (C keeps the pre-activation for the backward), or rounded to bf16 (the
+//!   next GEMM's input, which it would round to the same values).
+//! - [`Epilogue::Add`]: the residual add res + (x·Wᵀ + bias).
+use super::elementwise::Unary;
+use super::fastmath;
+use half::bf16;
+
+/// Where [`Epilogue::Act`] writes act(pre) ([m×n], the layout of C).
+pub enum ActOut<'a> {
+    /// Over the pre-activation in C.
+    InPlace,
+    /// To this buffer; C keeps the (rounded) pre-activation.
+    F32(&'a mut [f32]),
+    /// Rounded to bf16 into this buffer; C keeps the (rounded) pre-activation.
+    Bf16(&'a mut [bf16]),
+}
+
+/// What the bf16 GEMM does to each finished element of C = a·Wᵀ + bias.
+pub enum Epilogue<'a> {
+    /// Nothing.
+    None,
+    /// `op` (QuickGelu or Gelu) of the pre-activation, rounded to bf16 first when `round_pre`.
+    Act { op: Unary, round_pre: bool, out: ActOut<'a> },
+    /// C = res + C (`res`: [m×n]).
+    Add { res: &'a [f32] },
+}
+
+impl Epilogue<'_> {
+    /// Panics unless the buffers hold `len` elements (m·n) and the activation is one of the two.
+    pub(crate) fn check(&self, len: usize) {
+        match self {
+            Epilogue::None => {}
+            Epilogue::Act { op, out, .. } => {
+                assert!(matches!(op, Unary::QuickGelu | Unary::Gelu), "epilogue activation must be QuickGelu or Gelu");
+                match out {
+                    ActOut::InPlace => {}
+                    ActOut::F32(o) => assert_eq!(o.len(), len, "activation output must be m*n"),
+                    ActOut::Bf16(o) => assert_eq!(o.len(), len, "activation output must be m*n"),
+                }
+            }
+            Epilogue::Add { res } => assert_eq!(res.len(), len, "residual must be m*n"),
+        }
+    }
+
+    /// The thread-shareable form (raw output pointers; the GEMM's work items write disjoint tiles).
+    pub(crate) fn run(&mut self) -> EpiRun {
+        match self {
+            Epilogue::None => EpiRun::None,
+            Epilogue::Act { op, round_pre, out } => {
+                let out = match out {
+                    ActOut::InPlace => Out::InPlace,
+                    ActOut::F32(o) => Out::F32(o.as_mut_ptr()),
+                    ActOut::Bf16(o) => Out::Bf16(o.as_mut_ptr()),
+                };
+                EpiRun::Act { gelu: *op == Unary::Gelu, round: *round_pre, out }
+            }
+            Epilogue::Add { res } => EpiRun::Add(res.as_ptr()),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum Out {
+    InPlace,
+    F32(*mut f32),
+    Bf16(*mut bf16),
+}
+
+/// [`Epilogue`] with its buffers as pointers, applied by [`EpiRun::apply`].
+#[derive(Clone, Copy)]
+pub(crate) enum EpiRun {
+    None,
+    Act { gelu: bool, round: bool, out: Out },
+    Add(*const f32),
+}
+// SAFETY: the pointers come from slices borrowed for the whole GEMM call (`Epilogue::run`'s
+// caller holds them); `res` is only read, and every output element is written by the one work
+// item that owns its C tile.
+unsafe impl Send for EpiRun {}
+// SAFETY: as above.
+unsafe impl Sync for EpiRun {}
+
+impl EpiRun {
+    /// Applies the epilogue to rows × cols of C at `c + off` (row stride `ldc`); the other
+    /// buffers are indexed like C.
+    ///
+    /// # Safety
+    /// That rectangle (and the same elements of the output buffer) is in bounds and touched by no
+    /// other thread; the buffers of [`Epilogue::run`] are still borrowed.
+    #[inline]
+    pub(crate) unsafe fn apply(self, c: *mut f32, off: usize, ldc: usize, rows: usize, cols: usize) {
+        for r in 0..rows {
+            let o = off + r * ldc;
+            // SAFETY: the caller's contract.
+            let row = unsafe { std::slice::from_raw_parts_mut(c.add(o), cols) };
+            match self {
+                EpiRun::None => return,
+                // SAFETY: `res` is m·n long and o + cols ≤ m·n (the caller's contract).
+                EpiRun::Add(res) => unsafe { add_row(row, std::slice::from_raw_parts(res.add(o), cols)) },
+                EpiRun::Act { gelu, round, out } => match (gelu, out) {
+                    // SAFETY (all arms): the output buffers are m·n long, this row segment is
+                    // the caller's alone.
+                    (false, Out::InPlace) => act_row(row, round, fastmath::quick_gelu),
+                    (true, Out::InPlace) => act_row(row, round, fastmath::gelu),
+                    (false, Out::F32(p)) => unsafe { act_row_f32(row, std::slice::from_raw_parts_mut(p.add(o), cols), round, fastmath::quick_gelu) },
+                    (true, Out::F32(p)) => unsafe { act_row_f32(row, std::slice::from_raw_parts_mut(p.add(o), cols), round, fastmath::gelu) },
+                    (false, Out::Bf16(p)) => unsafe { act_row_bf16(row, std::slice::from_raw_parts_mut(p.add(o), cols), round, fastmath::quick_gelu) },
+                    (true, Out::Bf16(p)) => unsafe { act_row_bf16(row, std::slice::from_raw_parts_mut(p.add(o), cols), round, fastmath::gelu) },
+                },
+            }
+        }
+    }
+}
+
+/// x rounded to bf16 (RNE), as f32.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+#[inline(always)]
+fn pre(x: f32, round: bool) -> f32 {
+    if round {
+        round_bf16(x)
+    } else {
+        x
+    }
+}
+
+fn add_row(row: &mut [f32], res: &[f32]) {
+    row.iter_mut().zip(res).for_each(|(y, r)| *y += r); // = r + y (f32 addition commutes)
+}
+
+#[inline(always)]
+fn act_row(row: &mut [f32], round: bool, f: impl Fn(f32) -> f32) {
+    row.iter_mut().for_each(|v| *v = f(pre(*v, round)));
+}
+
+#[inline(always)]
+fn act_row_f32(row: &mut [f32], out: &mut [f32], round: bool, f: impl Fn(f32) -> f32) {
+    for (v, o) in row.iter_mut().zip(out) {
+        *v = pre(*v, round);
+        *o = f(*v);
+    }
+}
+
+#[inline(always)]
+fn act_row_bf16(row: &mut [f32], out: &mut [bf16], round: bool, f: impl Fn(f32) -> f32) {
+    for (v, o) in row.iter_mut().zip(out) {
+        *v = pre(*v, round);
+        *o = bf16::from_f32(f(*v));
+    }
+}
