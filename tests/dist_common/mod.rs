@@ -44,11 +44,11 @@ const WAIT: Duration = Duration::from_secs(120);
 impl ThreadComm {
     fn wait<'a>(&self, mut g: std::sync::MutexGuard<'a, State>, until: impl Fn(&State) -> bool) -> Result<std::sync::MutexGuard<'a, State>> {
         loop {
+            if until(&g) {
+                return Ok(g); // (a round every rank finished is delivered even after a later abort)
+            }
             if let Some((r, why)) = &g.failed {
                 return Err(Error::msg(format!("rank {r} failed: {why}")));
-            }
-            if until(&g) {
-                return Ok(g);
             }
             let (ng, to) = self.sh.cv.wait_timeout(g, WAIT).map_err(|_| Error::msg("thread group poisoned"))?;
             if to.timed_out() {
