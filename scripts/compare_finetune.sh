@@ -5,7 +5,7 @@
 #   scripts/compare_finetune.sh [tiny|b32] [BATCH=8] [STEPS=5]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-which=${1:-tiny}; batch=${2:-8}; steps=${3:-5}  # CF_DTYPE=bf16: clipforge's CPU bf16 fine-tune
+which=${1:-tiny}; batch=${2:-8}; steps=${3:-5}  # CF_DTYPE=bf16: clipforge's CPU bf16 fine-tune; TORCH_BF16=1: PyTorch under bf16 autocast
 work=$(mktemp -d)
 case "$which" in
   tiny) src=tests/fixtures/tiny ;;
@@ -18,7 +18,7 @@ data=tests/fixtures/longclip/train.jsonl
 pca=$([ "$which" = tiny ] && echo 4 || echo 4)  # batch 8 has rank <= 7: PCA-4 keeps the branch non-trivial
 torch_run() {
   /usr/bin/time -v python3 scripts/longclip_reference.py --bench --model "$work/long" --data "$data" \
-    --steps "$steps" --batch "$batch" --lr 1e-5 --warmup 2 --pca-dim "$pca" 2> "$work/$1.time" | tail -1 > "$work/$1.json"
+    --steps "$steps" --batch "$batch" --lr 1e-5 --warmup 2 --pca-dim "$pca" ${TORCH_BF16:+--bf16} 2> "$work/$1.time" | tail -1 > "$work/$1.json"
 }
 torch_run torch1
 /usr/bin/time -v ./target/release/clipforge finetune --model "$work/long" --data "$data" --out "$work/cf" --no-shuffle \

@@ -84,6 +84,9 @@ def main():
     ap.add_argument("--accum", type=int, default=1); ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=3); ap.add_argument("--pca-dim", type=int, default=32)
     ap.add_argument("--make-data"); ap.add_argument("--bench", action="store_true")
+    # --bf16: the towers under torch.autocast("cpu", bfloat16) (PyTorch's mixed precision: bf16 GEMMs,
+    # f32 weights and optimizer); the loss head (normalise, InfoNCE, PCA) in f32
+    ap.add_argument("--bf16", action="store_true")
     a = ap.parse_args()
     if a.make_data:
         make_data(a.make_data)
@@ -132,10 +135,10 @@ def main():
         return o if isinstance(o, torch.Tensor) else o.pooler_output
 
     def feats(px, lid, sid):
-        img = F.normalize(proj(model.get_image_features(pixel_values=px)), dim=-1)
-        lt = F.normalize(proj(model.get_text_features(input_ids=lid)), dim=-1)
-        st = F.normalize(proj(model.get_text_features(input_ids=sid)), dim=-1)
-        return img, lt, st
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            e = (proj(model.get_image_features(pixel_values=px)), proj(model.get_text_features(input_ids=lid)),
+                 proj(model.get_text_features(input_ids=sid)))
+        return tuple(F.normalize(x.float(), dim=-1) for x in e)
 
     log, first_grads, times = [], None, []
     for step in range(a.steps):
@@ -165,7 +168,7 @@ def main():
         times.append(time.time() - t0)
     if a.bench:  # the median step after the first (warm-up)
         dt = float(np.median(times[1:] if len(times) > 1 else times))
-        print(json.dumps({"torch_step_s": dt, "samples_per_s": a.batch * a.accum / dt, "threads": torch.get_num_threads(), "steps": a.steps}))
+        print(json.dumps({"torch_step_s": dt, "samples_per_s": a.batch * a.accum / dt, "threads": torch.get_num_threads(), "steps": a.steps, "bf16": a.bf16}))
         return
     final = {"logit_scale": model.logit_scale.item(), "text_projection[0,:4]": model.text_projection.weight[0, :4].tolist(),
              "position[30,:4]": pos[30, :4].tolist(), "position[5,:4]": pos[5, :4].tolist()}
