@@ -380,22 +380,3 @@ fn ranks_as_processes_through_the_launcher() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
-
-/// Timing, not a check: `cargo test --release --test dist_transport -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn tcp_all_reduce_time_per_bucket() {
-    for n in [2usize, 4] {
-        let out = threads(&world(n), |rank, g| {
-            let g = g.unwrap();
-            let mut x = vec![rank as f32; 25 << 18]; // one 25 MiB bucket
-            g.barrier().unwrap();
-            let t = Instant::now();
-            for _ in 0..5 {
-                g.all_reduce_sum(&mut x).unwrap();
-            }
-            t.elapsed().as_secs_f64() / 5.0
-        });
-        eprintln!("{n} ranks on 127.0.0.1: all_reduce_sum of 25 MiB takes {:.1} ms (rank 0)", out[0] * 1e3);
-    }
-}

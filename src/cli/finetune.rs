@@ -132,11 +132,7 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
     let rank = job.as_ref().map_or(0, |j| j.env.rank);
     let comm: Rc<dyn Collective> = job.as_ref().map_or_else(|| Rc::new(Single) as Rc<dyn Collective>, |j| j.comm.clone());
     let r = prepare_and_run(a, &device, rank, &comm, job.and_then(|j| j.gpu));
-    if let (Err(e), true) = (&r, comm.world() > 1) {
-        if !matches!(e, Error::Interrupted(_)) {
-            comm.abort(&e.to_string()); // (a failure before the trainer's loop) the other ranks stop too
-        }
-    }
+    clipforge::dist::spread_failure(&*comm, &r); // (also a failure before the trainer's loop)
     r
 }
 

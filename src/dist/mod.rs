@@ -74,6 +74,16 @@ pub trait Collective: Send {
     fn describe(&self) -> String;
 }
 
+/// After a rank's run ended with `r`: a failure is passed to the other ranks (they stop too); an
+/// agreed stop (`Interrupted`, every rank after the same step) is not a failure.
+pub fn spread_failure<T>(comm: &dyn Collective, r: &Result<T>) {
+    match r {
+        Err(crate::error::Error::Interrupted(_)) => {}
+        Err(e) if comm.world() > 1 => comm.abort(&e.to_string()),
+        _ => {}
+    }
+}
+
 /// One rank: nothing to communicate.
 pub struct Single;
 

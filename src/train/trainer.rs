@@ -204,11 +204,7 @@ pub fn run_dist(
     comm: Rc<dyn Collective>,
 ) -> Result<RunResult> {
     let r = run_rank(cfg, resume, stop, quiet, engine, comm.clone());
-    match &r {
-        Err(Error::Interrupted(_)) => {} // every rank stopped after the same step: no failure to spread
-        Err(e) if comm.world() > 1 => comm.abort(&e.to_string()),
-        _ => {}
-    }
+    crate::dist::spread_failure(&*comm, &r);
     r
 }
 
