@@ -65,3 +65,91 @@ fn gemm_uses_the_detected_tuning() {
     gemm_tuned(av, bv, &mut y, false, Tuning::detected());
     assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "gemm differs from gemm_tuned(detected)");
 }
+
+/// The fused Linear (`gemm_fused`: bias in the first k block's tile store, the epilogue per
+/// finished tile) gives the bits of its composite twin — bias rows, an accumulating GEMM, then
+/// the activation or residual add as separate passes (`elementwise::unary`, `+=`) — under both
+/// tunings at the odd shapes, with and without a bias, for every epilogue; and stays within the
+/// f64 reference's tolerance. The output buffer starts as NaN: the fused path must never read it.
+#[test]
+fn fused_linear_matches_its_composite_twin() {
+    use clipforge::ops::elementwise::{unary, Unary};
+    use clipforge::ops::gemm_epilogue::{ActOut, Epilogue};
+    use clipforge::ops::gemm_f32::gemm_fused_tuned;
+    if !available() {
+        eprintln!("skipped: no AVX-512F on this CPU");
+        return;
+    }
+    for tuning in [Tuning::Intel, Tuning::Generic] {
+        for &(m, k, n) in SHAPES {
+            let (x, w, bias, res) = (randn(m * k, 41), randn(n * k, 42), randn(n, 43), randn(m * n, 44));
+            let (av, bv) = (View::row_major(&x, m, k), View::row_major(&w, n, k).t());
+            let atol = 1e-4 * (k as f32 / 256.0).max(1.0);
+            for with_bias in [false, true] {
+                let b = with_bias.then_some(&bias[..]);
+                // The composite twin: bias rows, then accumulate (as `matmul::linear` did).
+                let mut pre = vec![0.0; m * n];
+                if let Some(b) = b {
+                    pre.chunks_mut(n).for_each(|r| r.copy_from_slice(b));
+                }
+                gemm_tuned(av, bv, &mut pre, b.is_some(), tuning);
+                let mut want_pre = vec![0.0; m * n];
+                gemm_reference(av, bv, &mut want_pre, false);
+                if let Some(b) = b {
+                    want_pre.chunks_mut(n).for_each(|r| r.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+                }
+                let what = |e: &str| format!("gemm_fused {tuning:?} {m}x{k}x{n} bias {with_bias} {e}");
+                let same = |e: &str, got: &[f32], want: &[f32]| {
+                    let bad = got.iter().zip(want).position(|(p, q)| p.to_bits() != q.to_bits());
+                    assert!(bad.is_none(), "{}: element {} is {} fused, {} composite", what(e), bad.unwrap(), got[bad.unwrap()], want[bad.unwrap()]);
+                };
+                let mut got = vec![f32::NAN; m * n];
+                gemm_fused_tuned(av, bv, &mut got, b, Epilogue::None, tuning);
+                same("none", &got, &pre);
+                assert_close(&what("none vs reference"), &got, &want_pre, atol, 1e-4);
+                let mut sum = pre.clone();
+                sum.iter_mut().zip(&res).for_each(|(v, r)| *v += r);
+                let mut got = vec![f32::NAN; m * n];
+                gemm_fused_tuned(av, bv, &mut got, b, Epilogue::Add { res: &res }, tuning);
+                same("add", &got, &sum);
+                for op in [Unary::QuickGelu, Unary::Gelu] {
+                    let act = unary(op, &pre);
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_fused_tuned(av, bv, &mut got, b, Epilogue::Act { op, round_pre: false, out: ActOut::InPlace }, tuning);
+                    same(&format!("{op:?} in place"), &got, &act);
+                    let (mut got_pre, mut got_out) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                    gemm_fused_tuned(av, bv, &mut got_pre, b, Epilogue::Act { op, round_pre: false, out: ActOut::F32(&mut got_out) }, tuning);
+                    same(&format!("{op:?} pre kept"), &got_pre, &pre);
+                    same(&format!("{op:?} out"), &got_out, &act);
+                }
+            }
+        }
+    }
+}
+
+/// `matmul::linear_into` takes the fused path for big products and the composite one for small
+/// ones (faer): both agree with the reference, for every epilogue.
+#[test]
+fn linear_into_small_and_big() {
+    use clipforge::ops::elementwise::{unary_reference, Unary};
+    use clipforge::ops::gemm_epilogue::{ActOut, Epilogue};
+    use clipforge::ops::matmul::{linear_into, linear_reference};
+    for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (45, 65, 59), (130, 769, 257)] {
+        let (x, w, bias, res) = (randn(m * k, 51), randn(n * k, 52), randn(n, 53), randn(m * n, 54));
+        let want = linear_reference(&x, m, k, &w, n, Some(&bias));
+        let atol = 1e-4 * (k as f32 / 256.0).max(1.0);
+        let mut y = vec![f32::NAN; m * n];
+        linear_into(&x, m, k, &w, n, Some(&bias), &mut y, Epilogue::None);
+        assert_close(&format!("linear_into {m}x{k}x{n}"), &y, &want, atol, 1e-4);
+        let mut y = vec![f32::NAN; m * n];
+        linear_into(&x, m, k, &w, n, Some(&bias), &mut y, Epilogue::Add { res: &res });
+        let sum: Vec<f32> = want.iter().zip(&res).map(|(a, b)| a + b).collect();
+        assert_close(&format!("linear_into add {m}x{k}x{n}"), &y, &sum, atol, 1e-4);
+        for op in [Unary::QuickGelu, Unary::Gelu] {
+            let (mut pre, mut out) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+            linear_into(&x, m, k, &w, n, Some(&bias), &mut pre, Epilogue::Act { op, round_pre: false, out: ActOut::F32(&mut out) });
+            assert_close(&format!("linear_into {op:?} pre {m}x{k}x{n}"), &pre, &want, atol, 1e-4);
+            assert_close(&format!("linear_into {op:?} {m}x{k}x{n}"), &out, &unary_reference(op, &pre), 1e-6, 1e-5);
+        }
+    }
+}

@@ -15,7 +15,7 @@ use crate::ops::fastmath::{par_rows, zeros};
 use crate::ops::gemm_bf16::{matmul_bf16, matmul_bf16_acc, matmul_bf16_fused, Kernel, PackedBf16};
 use crate::ops::gemm_epilogue::{ActOut, Epilogue};
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
-use crate::ops::matmul::{gemm, linear, View};
+use crate::ops::matmul::{gemm, linear_into, View};
 use crate::ops::patch_embed::{im2col, patch_embed, patch_embed_bwd_weight, PatchShape};
 use crate::ops::reduce::col_sums;
 use crate::shape_err;
@@ -81,6 +81,19 @@ fn gemm16(x: &Tensor, m: usize, k: usize, p: &PackedBf16, bias: Option<&[f32]>, 
         Some(xb) => matmul_bf16_fused(&xb[..m * k], m, p, bias, c, epi, Kernel::Auto),
         None => matmul_bf16_fused(&x.f32_data()[..m * k], m, p, bias, c, epi, Kernel::Auto),
     }
+    Ok(())
+}
+
+/// c [m, n] = epi(x [m, k]·Wᵀ + bias) through the f32 GEMM (bias and epilogue fused into its
+/// tile stores on the AVX-512 path).
+fn linear32(x: &Tensor, m: usize, w: &Weight<Cpu>, bias: Option<&[f32]>, c: &mut [f32], epi: Epilogue) -> Result<()> {
+    let (n, k) = (w.n, w.k);
+    check("linear x", x.numel(), m * k)?;
+    check("linear weight", w.w.numel(), n * k)?;
+    if let Some(b) = bias {
+        check("linear bias", b.len(), n)?;
+    }
+    linear_into(&x.f32_data()[..m * k], m, k, &w.w.f32_data()[..n * k], n, bias.map(|b| &b[..n]), c, epi);
     Ok(())
 }
 
@@ -165,7 +178,11 @@ impl Ops for Cpu {
                 gemm16(x, m, k, &p.fwd, bias.as_deref().map(|b| &b[..n]), &mut y, Epilogue::None)?;
                 vec1(y)
             }
-            None => vec1(linear(&x.f32_data()[..m * k], m, k, &w.w.f32_data(), n, bias.as_deref())), // [m, n]
+            None => {
+                let mut y = zeros(m * n); // [m, n]
+                linear32(x, m, w, bias.as_deref(), &mut y, Epilogue::None)?;
+                vec1(y)
+            }
         }
     }
 
@@ -234,16 +251,16 @@ impl Ops for Cpu {
     /// The Linear, then res added: with a bf16 weight in the GEMM's epilogue (per finished
     /// tile), with f32 weights in its output's buffer (one pass, no copy of res).
     fn linear_add(&self, x: &Tensor, w: &Weight<Cpu>, bias: &Tensor, m: usize, res: &Tensor) -> Result<Tensor> {
-        let Some(p) = &w.half else {
-            let y = self.linear(x, w, Some(bias), m)?; // [m, n]
-            return add_into(y, res, m * w.n);
-        };
         let (n, k) = (w.n, w.k);
         let (bd, r) = (bias.f32_data(), res.f32_data());
         check("linear_add bias", bd.len(), n)?;
         check("residual", r.len(), m * n)?;
         let mut y = zeros(m * n); // [m, n]
-        gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut y, Epilogue::Add { res: &r[..m * n] })?;
+        let epi = Epilogue::Add { res: &r[..m * n] };
+        match &w.half {
+            Some(p) => gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut y, epi)?,
+            None => linear32(x, m, w, Some(&bd[..n]), &mut y, epi)?,
+        }
         vec1(y)
     }
 
@@ -253,14 +270,22 @@ impl Ops for Cpu {
     /// next bf16 GEMM, which would round it to the same values, and `download`; training keeps
     /// f32 outputs (the backward reads them as f32). f32 weights: Linear, then bias + act.
     fn linear_act(&self, x: &Tensor, w: &Weight<Cpu>, bias: &Tensor, m: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let Some(p) = &w.half else {
-            let u = self.linear(x, w, None, m)?; // [m, n]
-            return self.bias_act(u, bias, m, w.n, act, keep_pre);
-        };
         let (n, k) = (w.n, w.k);
         let bd = bias.f32_data();
         check("linear_act bias", bd.len(), n)?;
         let act_op = act_op(act);
+        let Some(p) = &w.half else {
+            // f32: bias and activation in the GEMM's tile stores; the pre-activation kept only
+            // for the backward.
+            let mut pre = zeros(m * n); // [m, n]
+            if !keep_pre {
+                linear32(x, m, w, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: false, out: ActOut::InPlace })?;
+                return Ok((vec1(pre)?, None));
+            }
+            let mut out = zeros(m * n); // [m, n]
+            linear32(x, m, w, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: false, out: ActOut::F32(&mut out) })?;
+            return Ok((vec1(out)?, Some(vec1(pre)?)));
+        };
         if keep_pre {
             // Training: the pre-activation for the backward and the output in f32, as before.
             let (mut pre, mut out) = (zeros(m * n), zeros(m * n)); // [m, n] each

@@ -1,6 +1,7 @@
 //! Elementwise ops: unary activations and binary arithmetic with numpy broadcasting.
 //! Reference: index arithmetic per output element. Fast: same-shape and trailing-broadcast
 //! (bias-like) cases as flat vectorised loops, in parallel; the general case strided.
+use super::act_simd::{act_into, Act};
 use super::fastmath::{self, par_rows};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,9 +119,17 @@ pub fn unary_reference(op: Unary, x: &[f32]) -> Vec<f32> {
 pub fn unary(op: Unary, x: &[f32]) -> Vec<f32> {
     let mut out = super::fastmath::zeros(x.len());
     let chunk = 4096.min(x.len().max(1));
-    par_rows(&mut out, chunk, |i, o| {
-        for (o, &v) in o.iter_mut().zip(&x[i * chunk..]) {
-            *o = op.eval_fast(v);
+    let act = match op {
+        Unary::QuickGelu => Some(Act::QuickGelu),
+        Unary::Gelu => Some(Act::Gelu),
+        _ => None,
+    };
+    par_rows(&mut out, chunk, |i, o| match act {
+        Some(a) => act_into(a, &x[i * chunk..], o), // 16 lanes at a time, the same bits
+        None => {
+            for (o, &v) in o.iter_mut().zip(&x[i * chunk..]) {
+                *o = op.eval_fast(v);
+            }
         }
     });
     out

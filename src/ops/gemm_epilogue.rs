@@ -1,15 +1,16 @@
 //! Fused epilogues of the bf16 GEMM (`gemm_bf16`, every kernel path: AMX and its software model,
-//! AVX512-BF16, AVX-512F FMAs, portable): what a Linear does to its output after x·Wᵀ + bias,
+//! AVX512-BF16, AVX-512F FMAs, portable) and of the f32 GEMM (`gemm_f32::gemm_fused`, the f32
+//! towers' Linears): what a Linear does to its output after x·Wᵀ + bias,
 //! applied per finished C tile (after the last kc-block, while the tile is still in L1) instead
 //! of as separate passes over [m×n]:
 //! - [`Epilogue::Act`]: the MLP's first Linear: the pre-activation rounded to bf16 (the 16-bit
-//!   towers' rounding point), then QuickGELU/GELU in f32 (the same `fastmath` functions as
-//!   `elementwise::unary`, so fused and unfused are bit-identical), written in place, to a
-//!   second f32 buffer (C keeps the pre-activation for the backward), or rounded to bf16 (the
+//!   towers' rounding point; not in f32 towers), then QuickGELU/GELU in f32 (`act_simd`, as
+//!   `elementwise::unary`, so fused and unfused are bit-identical), written in place, to a second
+//!   f32 buffer (C keeps the pre-activation for the backward), or rounded to bf16 (the
 //!   next GEMM's input, which it would round to the same values).
 //! - [`Epilogue::Add`]: the residual add res + (x·Wᵀ + bias).
+use super::act_simd::{act_in_place, act_into, Act};
 use super::elementwise::Unary;
-use super::fastmath;
 use half::bf16;
 
 /// Where [`Epilogue::Act`] writes act(pre) ([m×n], the layout of C).
@@ -104,16 +105,19 @@ impl EpiRun {
                 EpiRun::None => return,
                 // SAFETY: `res` is m·n long and o + cols ≤ m·n (the caller's contract).
                 EpiRun::Add(res) => unsafe { add_row(row, std::slice::from_raw_parts(res.add(o), cols)) },
-                EpiRun::Act { gelu, round, out } => match (gelu, out) {
-                    // SAFETY (all arms): the output buffers are m·n long, this row segment is
-                    // the caller's alone.
-                    (false, Out::InPlace) => act_row(row, round, fastmath::quick_gelu),
-                    (true, Out::InPlace) => act_row(row, round, fastmath::gelu),
-                    (false, Out::F32(p)) => unsafe { act_row_f32(row, std::slice::from_raw_parts_mut(p.add(o), cols), round, fastmath::quick_gelu) },
-                    (true, Out::F32(p)) => unsafe { act_row_f32(row, std::slice::from_raw_parts_mut(p.add(o), cols), round, fastmath::gelu) },
-                    (false, Out::Bf16(p)) => unsafe { act_row_bf16(row, std::slice::from_raw_parts_mut(p.add(o), cols), round, fastmath::quick_gelu) },
-                    (true, Out::Bf16(p)) => unsafe { act_row_bf16(row, std::slice::from_raw_parts_mut(p.add(o), cols), round, fastmath::gelu) },
-                },
+                EpiRun::Act { gelu, round, out } => {
+                    let act = if gelu { Act::Gelu } else { Act::QuickGelu };
+                    if round {
+                        row.iter_mut().for_each(|v| *v = round_bf16(*v));
+                    }
+                    match out {
+                        Out::InPlace => act_in_place(act, row),
+                        // SAFETY: the output buffer is m·n long, this row segment is the caller's alone.
+                        Out::F32(p) => act_into(act, row, unsafe { std::slice::from_raw_parts_mut(p.add(o), cols) }),
+                        // SAFETY: as above.
+                        Out::Bf16(p) => act_row_bf16(act, row, unsafe { std::slice::from_raw_parts_mut(p.add(o), cols) }),
+                    }
+                }
             }
         }
     }
@@ -125,36 +129,16 @@ pub fn round_bf16(x: f32) -> f32 {
     bf16::from_f32(x).to_f32()
 }
 
-#[inline(always)]
-fn pre(x: f32, round: bool) -> f32 {
-    if round {
-        round_bf16(x)
-    } else {
-        x
-    }
-}
-
 fn add_row(row: &mut [f32], res: &[f32]) {
     row.iter_mut().zip(res).for_each(|(y, r)| *y += r); // = r + y (f32 addition commutes)
 }
 
-#[inline(always)]
-fn act_row(row: &mut [f32], round: bool, f: impl Fn(f32) -> f32) {
-    row.iter_mut().for_each(|v| *v = f(pre(*v, round)));
-}
-
-#[inline(always)]
-fn act_row_f32(row: &mut [f32], out: &mut [f32], round: bool, f: impl Fn(f32) -> f32) {
-    for (v, o) in row.iter_mut().zip(out) {
-        *v = pre(*v, round);
-        *o = f(*v);
-    }
-}
-
-#[inline(always)]
-fn act_row_bf16(row: &mut [f32], out: &mut [bf16], round: bool, f: impl Fn(f32) -> f32) {
-    for (v, o) in row.iter_mut().zip(out) {
-        *v = pre(*v, round);
-        *o = bf16::from_f32(f(*v));
+/// out ← bf16(act(row)), through a stack buffer of 64 values at a time.
+fn act_row_bf16(act: Act, row: &[f32], out: &mut [bf16]) {
+    let mut tmp = [0f32; 64];
+    for (src, dst) in row.chunks(64).zip(out.chunks_mut(64)) {
+        let t = &mut tmp[..src.len()];
+        act_into(act, src, t);
+        dst.iter_mut().zip(t.iter()).for_each(|(o, &v)| *o = bf16::from_f32(v));
     }
 }

@@ -19,6 +19,12 @@
 //!   follows) and, on a B panel's last use, the next B panel; AMD and others keep kc = 256,
 //!   NC = 2048 and no software prefetch, exactly as before the Intel tuning (Zen 4 could not be
 //!   measured when it was added; `cargo bench --bench ops -- gemm_f32` compares both anywhere).
+//! * Fused Linear ([`gemm_fused`]): the bias is added in the first kc block's tile store (C is
+//!   never read or pre-filled), and an [`Epilogue`] (activation, residual add) is applied to
+//!   each C tile right after its last kc block, while it is still in L1 — the same epilogues as
+//!   the bf16 GEMM (`gemm_epilogue.rs`), bit-identical to bias-first accumulation followed by
+//!   separate passes.
+use super::gemm_epilogue::{EpiRun, Epilogue};
 use super::matmul::View;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -115,8 +121,35 @@ pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
 
 /// [`gemm`] with a given [`Tuning`] (tests run every tuning on any AVX-512 CPU).
 pub fn gemm_tuned(a: View, b: View, c: &mut [f32], accumulate: bool, tuning: Tuning) {
+    run(a, b, c, Fuse { accumulate, bias: None, epi: EpiRun::None }, tuning);
+}
+
+/// c[m×n] = epi(a·b + bias): a Linear with its bias and epilogue fused into the GEMM (C is only
+/// written, so it need not be initialised). Call only when [`available`]; `bias` holds n values.
+pub fn gemm_fused(a: View, b: View, c: &mut [f32], bias: Option<&[f32]>, epi: Epilogue) {
+    gemm_fused_tuned(a, b, c, bias, epi, Tuning::detected());
+}
+
+/// [`gemm_fused`] with a given [`Tuning`].
+pub fn gemm_fused_tuned(a: View, b: View, c: &mut [f32], bias: Option<&[f32]>, mut epi: Epilogue, tuning: Tuning) {
+    let (m, n) = (a.rows, b.cols);
+    assert!(c.len() == m * n && bias.is_none_or(|b| b.len() == n), "gemm_fused: c must be m*n and bias n");
+    epi.check(m * n);
+    run(a, b, c, Fuse { accumulate: false, bias, epi: epi.run() }, tuning);
+}
+
+/// What a GEMM call does besides the product: add to C, add a bias row, apply an epilogue.
+#[derive(Clone, Copy)]
+struct Fuse<'a> {
+    accumulate: bool,
+    bias: Option<&'a [f32]>,
+    epi: EpiRun,
+}
+
+fn run(a: View, b: View, c: &mut [f32], fuse: Fuse, tuning: Tuning) {
     let (m, n) = (a.rows, b.cols);
     assert!(a.cols == b.rows && c.len() >= m * n && available(), "gemm_f32: bad call");
+    assert!(!fuse.accumulate || (fuse.bias.is_none() && matches!(fuse.epi, EpiRun::None)), "gemm_f32: accumulation takes no bias or epilogue");
     // One block of C per thread, each thread running the whole blocked loop on it with its own
     // packed panels: one fork-join per product, no barrier per kc block. The split is by rows
     // (every thread packs all of B) or by columns (every thread packs all of A), whichever
@@ -133,7 +166,7 @@ pub fn gemm_tuned(a: View, b: View, c: &mut [f32], accumulate: bool, tuning: Tun
             (0, m, (t * npan / parts) * NR, ((t + 1) * npan / parts * NR).min(n))
         };
         // SAFETY: part t writes only rows i0..i1 × cols j0..j1 of c; the parts are disjoint.
-        unsafe { gemm_block(&a, &b, cp, (i0, i1), (j0, j1), accumulate, tuning) };
+        unsafe { gemm_block(&a, &b, cp, (i0, i1), (j0, j1), fuse, tuning) };
     });
 }
 
@@ -141,11 +174,13 @@ thread_local! {
     static BPACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Rows i0..i1 × cols j0..j1 of c (+)= a·b on the calling thread.
+/// Rows i0..i1 × cols j0..j1 of c (+)= a·b (with the bias and epilogue of `fuse`) on the
+/// calling thread.
 ///
 /// # Safety
-/// No other thread may access that block of c meanwhile; c holds a.rows × b.cols values.
-unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0, j1): (usize, usize), accumulate: bool, tuning: Tuning) {
+/// No other thread may access that block of c (or of the epilogue's output) meanwhile; c holds
+/// a.rows × b.cols values.
+unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0, j1): (usize, usize), fuse: Fuse, tuning: Tuning) {
     let (n, k) = (b.cols, a.cols);
     let (kc_max, nc_max, prefetch) = (tuning.kc(k), tuning.nc(), tuning.prefetch());
     BPACK.with_borrow_mut(|bpack| {
@@ -159,7 +194,8 @@ unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0
                     for (jp, dst) in bpack.chunks_exact_mut(kc * NR).enumerate() {
                         pack_b(b, pc, kc, jc + jp * NR, dst);
                     }
-                    let add = accumulate || pc > 0;
+                    let add = fuse.accumulate || pc > 0;
+                    let last = pc + kc == k;
                     for ib in (i0..i1).step_by(MAX_PANELS * MR) {
                         let ib1 = (ib + MAX_PANELS * MR).min(i1);
                         let panels = (ib1 - ib).div_ceil(MR);
@@ -175,7 +211,9 @@ unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0
                             for pi in 0..panels {
                                 let i = ib + pi * MR;
                                 let apan = &ap[pi * kc * MR..(pi + 1) * kc * MR];
-                                let tile = Tile { c: cp.get().wrapping_add(i * n + j), ldc: n, rows: MR.min(i1 - i), cols: NR.min(j1 - j), add };
+                                let (rows, cols) = (MR.min(i1 - i), NR.min(j1 - j));
+                                let bias = fuse.bias.filter(|_| !add).map_or(std::ptr::null(), |b| b[j..].as_ptr());
+                                let tile = Tile { c: cp.get().wrapping_add(i * n + j), ldc: n, rows, cols, add, bias };
                                 let pf = Prefetch { c: prefetch, next_b: next_b.filter(|_| pi + 1 == panels) };
                                 // SAFETY: rows i..i+rows (inside i0..i1) and cols j..j+cols
                                 // (inside j0..j1) are inside c; the packed panels hold kc·MR and
@@ -185,6 +223,11 @@ unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0
                                 unsafe {
                                     kernel(apan.as_ptr(), bpan.as_ptr(), kc, tile, pf)
                                 };
+                                if last {
+                                    // SAFETY: this tile (rows × cols at i, j) is this thread's
+                                    // alone, and just finished; the epilogue's buffers are m·n.
+                                    unsafe { fuse.epi.apply(cp.get(), i * n + j, n, rows, cols) };
+                                }
                             }
                         }
                     }
@@ -310,7 +353,8 @@ unsafe fn pack_b_gather(b: &View, pc: usize, kc: usize, j0: usize, cols: usize, 
     }
 }
 
-/// The C tile a kernel call writes: `rows × cols` at `c`, row stride `ldc`, added to or replaced.
+/// The C tile a kernel call writes: `rows × cols` at `c`, row stride `ldc`, added to or replaced
+/// (then with `bias[..cols]` added, unless `bias` is null).
 #[derive(Clone, Copy)]
 struct Tile {
     c: *mut f32,
@@ -318,6 +362,7 @@ struct Tile {
     rows: usize,
     cols: usize,
     add: bool,
+    bias: *const f32,
 }
 
 /// Software prefetch of a kernel call: the C tile's rows first, and a packed B panel (kc·NR
@@ -332,12 +377,13 @@ struct Prefetch {
 ///
 /// # Safety
 /// AVX-512F must be available; `a` holds kc·MR and `b` kc·NR values (and `pf.next_b`, if any,
-/// kc·NR); the rows × cols tile at `t.c` must be writable and not accessed concurrently.
+/// kc·NR); the rows × cols tile at `t.c` must be writable and not accessed concurrently; a
+/// non-null `t.bias` holds `cols` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel(a: *const f32, b: *const f32, kc: usize, t: Tile, pf: Prefetch) {
     use std::arch::x86_64::*;
-    let Tile { c, ldc, rows, cols, add } = t;
+    let Tile { c, ldc, rows, cols, add, bias } = t;
     if pf.c {
         // Rows of C are ldc apart: no hardware prefetcher sees them coming; they are loaded (or
         // written) after the k loop, so this hides their miss behind the whole loop.
@@ -388,6 +434,14 @@ unsafe fn kernel(a: *const f32, b: *const f32, kc: usize, t: Tile, pf: Prefetch)
         }
     };
     let (m0, m1) = (lanes(0), lanes(16));
+    if !bias.is_null() {
+        // SAFETY: the masks keep the reads inside the bias's `cols` values (caller).
+        let (b0, b1) = unsafe { (_mm512_maskz_loadu_ps(m0, bias), _mm512_maskz_loadu_ps(m1, bias.wrapping_add(16))) };
+        for accr in acc.iter_mut().take(rows) {
+            accr[0] = _mm512_add_ps(accr[0], b0);
+            accr[1] = _mm512_add_ps(accr[1], b1);
+        }
+    }
     for (r, accr) in acc.iter().enumerate().take(rows) {
         // SAFETY: the masks keep the accesses inside the tile's cols of row r.
         unsafe {

@@ -4,6 +4,7 @@
 //!
 //! `linear` is the transformer's hot op: y[m×n] = x[m×k]·Wᵀ + b with W stored [n×k] as in
 //! PyTorch/HF Linear layers. The bias is written first and the GEMM accumulates onto it.
+use super::gemm_epilogue::{EpiRun, Epilogue};
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
@@ -143,10 +144,47 @@ pub fn linear_reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias
 
 /// y[m×n] = x[m×k]·wᵀ (+ bias): the fast path.
 pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    let mut y = super::fastmath::zeros(m * n);
+    let mut y = super::fastmath::zeros(m * n); // [m, n]
+    linear_into(x, m, k, w, n, bias, &mut y, Epilogue::None);
+    y
+}
+
+/// y[m×n] = epi(x[m×k]·wᵀ + bias), every element of y written (its old values are never read):
+/// a Linear with its bias and epilogue (activation, residual add; `gemm_epilogue.rs`) fused into
+/// the AVX-512 GEMM's tile stores when that path runs, otherwise bias rows, an accumulating GEMM
+/// and the epilogue as one pass over the rows — the same values either way.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32], mut epi: Epilogue) {
+    assert!(y.len() == m * n && bias.is_none_or(|b| b.len() == n), "linear: y must be m*n and bias n");
+    let (a, b) = (View::row_major(x, m, k), View::row_major(w, n, k).t());
+    if super::gemm_f32::worth_it(m, n, k) && super::cpu_path::selected() >= super::cpu_path::GemmPath::Avx512 {
+        assert!(a.max_index() < x.len() && b.max_index() < w.len(), "linear: x or w too short");
+        return super::gemm_f32::gemm_fused(a, b, y, bias, epi);
+    }
+    epi.check(m * n);
+    let run = epi.run();
     if let Some(b) = bias.filter(|_| n > 0) {
         y.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b));
     }
-    gemm(View::row_major(x, m, k), View::row_major(w, n, k).t(), &mut y, bias.is_some());
-    y
+    gemm(a, b, y, bias.is_some());
+    if matches!(run, EpiRun::None) || n == 0 {
+        return;
+    }
+    let yp = RowsPtr(y.as_mut_ptr());
+    (0..m).into_par_iter().with_min_len((1 << 14) / n + 1).for_each(|r| {
+        // SAFETY: row r of y (and of the epilogue's m·n buffers) is this iteration's alone.
+        unsafe { run.apply(yp.get(), r * n, n, 1, n) }
+    });
+}
+
+/// y's base pointer, shared by the row-parallel epilogue pass (each row written by one task).
+#[derive(Clone, Copy)]
+struct RowsPtr(*mut f32);
+// SAFETY: tasks write disjoint rows through it (see `linear_into`).
+unsafe impl Send for RowsPtr {}
+unsafe impl Sync for RowsPtr {}
+impl RowsPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }

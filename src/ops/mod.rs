@@ -1,6 +1,7 @@
 //! CPU ops, one family per file. Each file has a plain `*_reference` (naive loops, f64 where it
 //! matters: the ground truth) and the fast path the engine runs (vectorised, multithreaded).
 //! Both work on flat slices; `tensor::ops` checks shapes and layouts and calls them.
+pub mod act_simd;
 pub mod adamw;
 pub mod attention;
 pub mod cpu_path;

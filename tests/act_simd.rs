@@ -1,0 +1,54 @@
+//! The 16-lane activations (`ops::act_simd`) give the bits of the scalar definitions
+//! (`fastmath::quick_gelu`, `fastmath::gelu`) for every kind of input — a spread of bit patterns
+//! over the whole f32 range, NaN, ±∞, ±0, subnormals, the exp clamp's edges — and at lengths with
+//! every tail (0, 1, 15, 16, 17, 33, 100), in place and into another buffer; and they are within
+//! tolerance of the f64 formulas on ordinary values.
+use clipforge::ops::act_simd::{act_in_place, act_into, act_into_scalar, Act};
+use clipforge::ops::elementwise::{unary_reference, Unary};
+
+fn inputs() -> Vec<f32> {
+    let mut v: Vec<f32> = (0..200_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))).collect();
+    v.extend((0..20_000).map(|i| (i as f32 - 10_000.0) * 1e-3)); // [-10, 10)
+    v.extend([f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-40, -1e-40, f32::MIN_POSITIVE, f32::MAX, f32::MIN]);
+    v.extend([87.0, -87.0, 88.3, -88.3, 51.1, -51.1, 52.0, -52.0, 60.0, -60.0, 100.0, -100.0]);
+    v
+}
+
+fn same_bits(what: &str, x: &[f32], got: &[f32], want: &[f32]) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.to_bits() == w.to_bits(), "{what}: x = {:e} ({:#x}) gives {g:e} against the scalar {w:e}", x[i], x[i].to_bits());
+    }
+}
+
+#[test]
+fn simd_activations_give_the_scalar_bits() {
+    let x = inputs();
+    for act in [Act::QuickGelu, Act::Gelu] {
+        let mut want = vec![0.0; x.len()];
+        act_into_scalar(act, &x, &mut want);
+        let mut got = vec![f32::NAN; x.len()];
+        act_into(act, &x, &mut got);
+        same_bits(&format!("{act:?} into"), &x, &got, &want);
+        let mut inplace = x.clone();
+        act_in_place(act, &mut inplace);
+        same_bits(&format!("{act:?} in place"), &x, &inplace, &want);
+        for len in [0, 1, 15, 16, 17, 33, 100] {
+            let (src, mut dst) = (&x[1000..1000 + len], vec![f32::NAN; len]);
+            act_into(act, src, &mut dst);
+            same_bits(&format!("{act:?} length {len}"), src, &dst, &want[1000..1000 + len]);
+        }
+    }
+}
+
+#[test]
+fn simd_activations_match_the_f64_formulas() {
+    let x: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.0) * 5e-3).collect(); // [-10, 10]
+    for (act, op) in [(Act::QuickGelu, Unary::QuickGelu), (Act::Gelu, Unary::Gelu)] {
+        let mut got = vec![0.0; x.len()];
+        act_into(act, &x, &mut got);
+        let want = unary_reference(op, &x);
+        for ((g, w), v) in got.iter().zip(&want).zip(&x) {
+            assert!(g.is_finite() && (g - w).abs() <= 1e-6 + 1e-5 * w.abs(), "{act:?}({v}) = {g}, f64 formula {w}");
+        }
+    }
+}
