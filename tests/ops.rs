@@ -2,7 +2,7 @@
 //! 45×65, head dim 59, widths not divisible by 64), and every fused op against its composite
 //! twin built from primitive tensor ops.
 mod common;
-use clipforge::ops::attention::{attention, attention_reference, AttnShape};
+use clipforge::ops::attention::{attention, attention_portable, attention_reference, AttnShape};
 use clipforge::ops::elementwise::{unary, unary_reference, Unary};
 use clipforge::ops::layernorm::{layer_norm, layer_norm_reference};
 use clipforge::ops::matmul::{gemm, gemm_reference, linear, linear_reference, View};
@@ -103,18 +103,28 @@ fn layer_norm_fast_matches_reference() {
     }
 }
 
+/// Both forward paths (AVX-512 small GEMMs + 16-lane softmax where the CPU has AVX-512F, and the
+/// portable one) and the dispatching `attention` against the f64 reference: T = 1, 7, 45, 50, 77
+/// and 130 (more than one 64-row query block and 64-column tile), head dims 1, 20, 59, 64, 65.
 #[test]
 fn attention_fast_matches_reference() {
-    for &(b, t, h, d) in &[(1, 1, 1, 1), (2, 7, 3, 59), (1, 50, 2, 64), (3, 77, 5, 20), (1, 45, 1, 65)] {
+    type Fwd = fn(&[f32], &[f32], &[f32], &AttnShape) -> (Vec<f32>, Vec<f32>);
+    let mut paths: Vec<(&str, Fwd)> = vec![("dispatch", attention), ("portable", attention_portable)];
+    if clipforge::ops::gemm_f32::available() {
+        paths.push(("avx512", clipforge::ops::attention::attention_avx512));
+    }
+    for &(b, t, h, d) in &[(1, 1, 1, 1), (2, 7, 3, 59), (1, 50, 2, 64), (3, 77, 5, 20), (1, 45, 1, 65), (2, 130, 2, 33)] {
         let w = h * d;
         let (q, k, v) = (randn(b * t * w, 13), randn(b * t * w, 14), randn(b * t * w, 15));
         for causal in [false, true] {
             let s = AttnShape { batch: b, seq: t, heads: h, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
-            let (o, l) = attention(&q, &k, &v, &s);
             let (ro, rl) = attention_reference(&q, &k, &v, &s);
-            let what = format!("attention b{b} t{t} h{h} d{d} causal {causal}");
-            assert_close(&format!("{what} out"), &o, &ro, 1e-5, 1e-4);
-            assert_close(&format!("{what} lse"), &l, &rl, 1e-5, 1e-5);
+            for (name, f) in &paths {
+                let (o, l) = f(&q, &k, &v, &s);
+                let what = format!("attention {name} b{b} t{t} h{h} d{d} causal {causal}");
+                assert_close(&format!("{what} out"), &o, &ro, 1e-5, 1e-4);
+                assert_close(&format!("{what} lse"), &l, &rl, 1e-5, 1e-5);
+            }
         }
     }
 }

@@ -83,12 +83,21 @@ fn run<O: Ops>(ops: &O, c: &Case, recompute: bool) -> Vec<Option<Vec<f32>>> {
 fn compare(what: &str, c: &Case, got: &[Option<Vec<f32>>]) {
     let schema = Schema::clip(&c.config);
     let mut checked = 0;
+    let all = c.want.iter().flatten().flatten().fold(0f32, |m, v| m.max(v.abs())); // the towers' gradient scale
     for (i, p) in schema.params().iter().enumerate() {
         if p.name == "logit_scale" {
             continue;
         }
         let want = c.want[i].as_ref().unwrap_or_else(|| panic!("{what}: the tape has no gradient for {}", p.name));
         let got = got[i].as_ref().unwrap_or_else(|| panic!("{what}: no gradient for {}", p.name));
+        if p.name.ends_with("k_proj.bias") {
+            // Analytically zero (a shift of every key moves a query's logits alike): both sides
+            // are rounding noise, which must stay at noise level.
+            let bad = got.iter().chain(want).find(|v| v.is_nan() || v.abs() > 1e-5 * all);
+            assert!(bad.is_none(), "{what}: d {} = {bad:?}, not rounding noise (gradient scale {all})", p.name);
+            checked += 1;
+            continue;
+        }
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         common::assert_close(&format!("{what}: d {}", p.name), got, want, 2e-4 * scale.max(1e-3), 2e-3);
         checked += 1;

@@ -61,6 +61,9 @@ pub fn act_into_scalar(act: Act, src: &[f32], dst: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86::exp16;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Act;
     use std::arch::x86_64::*;
@@ -72,7 +75,7 @@ mod x86 {
     /// `fastmath::exp`, 16 lanes.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn exp16(x: __m512) -> __m512 {
+    pub(crate) fn exp16(x: __m512) -> __m512 {
         let s = _mm512_set1_ps;
         // clamp(-87, 88.3) keeping NaN: max(lo, x) and min(hi, ·) return the second operand, x,
         // when it is NaN (as f32::clamp does).

@@ -82,10 +82,66 @@ fn query_blocks(s: &AttnShape) -> impl Iterator<Item = (usize, usize, usize)> + 
     })
 }
 
-/// The fast path: batches in parallel; per head, Q, K and V are gathered into contiguous tiles
-/// and, per query block, the scores S = Q·Kᵀ and the mix O = P·V run as two small GEMMs, with
-/// the (masked) softmax applied to S in place in between.
+/// The fast path: on AVX-512 CPUs [`attention_avx512`], else [`attention_portable`].
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_path::selected() >= super::cpu_path::GemmPath::Avx512 {
+        return attention_avx512(q, k, v, s);
+    }
+    attention_portable(q, k, v, s)
+}
+
+/// Batches in parallel; per head, Kᵀ is copied into a [hd, T] tile and, per block of QBLK query
+/// rows, S = Q·Kᵀ (Q read in place), the masked softmax over S's rows, and O = P·V (V read and O
+/// written in place) run through `attn_kernel`'s AVX-512 small GEMM and 16-lane softmax.
+/// Panics unless AVX-512F (callers: [`attention`], tests).
+#[cfg(target_arch = "x86_64")]
+pub fn attention_avx512(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
+    use super::attn_kernel::{gemm_rows, softmax_row};
+    assert!(super::gemm_f32::available(), "attention_avx512 needs AVX-512F");
+    let (t, w, d) = (s.seq, s.width(), s.head_dim);
+    assert!(q.len() >= s.numel() && k.len() >= s.numel() && v.len() >= s.numel(), "attention: q, k, v must hold B·T·W values");
+    let mut out = vec![0f32; s.numel()]; // [B, T, W]
+    let mut lse = vec![0f32; s.batch * s.heads * t]; // [B, H, T]
+    if s.numel() == 0 {
+        return (out, lse);
+    }
+    let step = QBLK.min(t);
+    out.par_chunks_mut(t * w).zip(lse.par_chunks_mut(s.heads * t)).enumerate().for_each(|(b, (ob, lb))| {
+        let mut kt = vec![0f32; d * t]; // Kᵀ [hd, T]
+        let mut sc = vec![0f32; step * t]; // scores of one query block [rows, keys]
+        for h in 0..s.heads {
+            let base = b * t * w + h * d; // (b, 0, h, 0)
+            for j in 0..t {
+                for (e, &x) in k[base + j * w..][..d].iter().enumerate() {
+                    kt[e * t + j] = x;
+                }
+            }
+            for r0 in (0..t).step_by(step) {
+                let r1 = (r0 + step).min(t);
+                let nk = if s.causal { r1 } else { t };
+                let sc = &mut sc[..(r1 - r0) * nk];
+                // SAFETY: AVX-512F (asserted); Q rows r0..r1 of head h ([rows, hd] at stride w),
+                // Kᵀ's first nk columns ([hd, nk] at stride t), sc [rows, nk]: all in bounds.
+                unsafe { gemm_rows(r1 - r0, nk, d, q[base + r0 * w..].as_ptr(), w, kt.as_ptr(), t, sc.as_mut_ptr(), nk) }; // S = Q·Kᵀ
+                for (i, row) in (r0..r1).zip(sc.chunks_exact_mut(nk)) {
+                    // SAFETY: AVX-512F; keys(i) ≤ nk = row.len().
+                    lb[h * t + i] = unsafe { softmax_row(row, s.keys(i), s.scale) };
+                }
+                // SAFETY: P [rows, nk], V rows 0..nk of head h ([nk, hd] at stride w), O rows
+                // r0..r1 of head h in this batch's block of out ([rows, hd] at stride w).
+                unsafe { gemm_rows(r1 - r0, d, nk, sc.as_ptr(), nk, v[base..].as_ptr(), w, ob[r0 * w + h * d..].as_mut_ptr(), w) };
+                // O = P·V
+            }
+        }
+    });
+    (out, lse)
+}
+
+/// The portable path: batches in parallel; per head, Q, K and V are gathered into contiguous
+/// tiles and, per query block, the scores S = Q·Kᵀ and the mix O = P·V run as two small GEMMs
+/// (faer), with the (masked) softmax applied to S in place in between.
+pub fn attention_portable(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
     let mut out = vec![0f32; s.numel()];
     let mut lse = vec![0f32; s.batch * s.heads * t];

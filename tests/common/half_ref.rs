@@ -182,10 +182,19 @@ pub fn scaled_err(got: &[f32], want: &[f32]) -> f64 {
 /// fail. The fast path rounds the same values as the reference; what is left is its f32 summation
 /// order and the inputs that it pushes across a rounding boundary (each moves one term of a dot
 /// product by ≤ u of itself, ~u/√k of the output), accumulated over the blocks: measured ≤ 0.1u
-/// on the 2-layer fixtures, ≤ 0.93u on a 12-layer random ViT-B/32 (bf16).
+/// on the 2-layer fixtures. Deep towers: [`assert_half_close_within`].
+#[allow(dead_code)] // not every test binary that includes this module uses it
 pub fn assert_half_close(what: &str, got: &[f32], want: &[f32], dt: DType) {
+    assert_half_close_within(what, got, want, dt, 1.0);
+}
+
+/// [`assert_half_close`] with the bound `units`·(u·max|want| + u·|want|). Over 12 layers the
+/// boundary crossings compound into a seed-dependent draw: the synthetic ViT-B/32's text
+/// embeddings measured 0.85u–1.43u (seeds 5–8, with either CPU attention path; images
+/// 0.66u–0.87u), so its test allows 2 units.
+pub fn assert_half_close_within(what: &str, got: &[f32], want: &[f32], dt: DType, units: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let u = unit_roundoff(dt);
+    let u = unit_roundoff(dt) * units;
     let scale = want.iter().fold(0f64, |m, &v| m.max(v.abs() as f64));
     let bad: Vec<String> = got
         .iter()
@@ -197,8 +206,9 @@ pub fn assert_half_close(what: &str, got: &[f32], want: &[f32], dt: DType) {
         .collect();
     assert!(
         bad.is_empty(),
-        "{what}: outside u·max|ref| + u·|ref| (u = {u:.3e}) of the {dt:?}-rounding reference (max |err|/max|ref| = {:.3}u): {}",
-        scaled_err(got, want) / u,
+        "{what}: outside {units}·(u·max|ref| + u·|ref|) (u = {:.3e}) of the {dt:?}-rounding reference (max |err|/max|ref| = {:.3}u): {}",
+        unit_roundoff(dt),
+        scaled_err(got, want) / unit_roundoff(dt),
         bad.join(", ")
     );
 }
