@@ -118,6 +118,58 @@ fn bench_linear_fused_bf16(c: &mut Criterion) {
     g.finish();
 }
 
+/// The f32 MLP Linears with the bias and activation / residual add fused into the AVX-512 GEMM's
+/// tile stores (what the f32 towers run) against their composite twins (Linear, then the bias +
+/// activation pass or the residual add pass).
+fn bench_linear_fused_f32(c: &mut Criterion) {
+    use clipforge::backend::cpu::Cpu;
+    use clipforge::backend::{Act, Ops};
+    use clipforge::{DType, Tensor};
+    let mut g = c.benchmark_group("cpu/linear_fused_f32");
+    g.sample_size(10);
+    let (m, k, n) = (1600, 768, 3072);
+    let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), &[v.len()]).unwrap();
+    let (x, b1, b2, res) =
+        (t(normal_vec(m * k, 0.0, 1.0, 1)), t(normal_vec(n, 0.0, 0.02, 3)), t(normal_vec(k, 0.0, 0.02, 4)), t(normal_vec(m * k, 0.0, 1.0, 5)));
+    let w1 = Cpu.weight(t(normal_vec(n * k, 0.0, 0.02, 2)), n, k, DType::F32).unwrap();
+    let w2 = Cpu.weight(t(normal_vec(k * n, 0.0, 0.02, 6)), k, n, DType::F32).unwrap();
+    g.throughput(Throughput::Elements((2 * m * n * k) as u64)); // FLOPs
+    g.bench_function(format!("act-fused/{m}x{k}x{n}"), |bch| bch.iter(|| black_box(Cpu.linear_act(&x, &w1, &b1, m, Act::QuickGelu, false).unwrap())));
+    g.bench_function(format!("act-unfused/{m}x{k}x{n}"), |bch| {
+        bch.iter(|| black_box(Cpu.bias_act(Cpu.linear(&x, &w1, None, m).unwrap(), &b1, m, n, Act::QuickGelu, false).unwrap()))
+    });
+    let h = Cpu.linear_act(&x, &w1, &b1, m, Act::QuickGelu, false).unwrap().0; // [m, n]
+    g.bench_function(format!("add-fused/{m}x{n}x{k}"), |bch| bch.iter(|| black_box(Cpu.linear_add(&h, &w2, &b2, m, &res).unwrap())));
+    g.bench_function(format!("add-unfused/{m}x{n}x{k}"), |bch| {
+        bch.iter(|| {
+            let mut y = Cpu.linear(&h, &w2, Some(&b2), m).unwrap();
+            Cpu.axpy(&mut y, &res, 1.0, m * k).unwrap();
+            black_box(y)
+        })
+    });
+    g.finish();
+}
+
+/// The attention forward's two CPU paths (AVX-512 small GEMMs + 16-lane softmax; portable faer +
+/// scalar loops) at the towers' shapes.
+fn bench_attention_paths(c: &mut Criterion) {
+    use clipforge::ops::attention::attention_portable;
+    let mut g = c.benchmark_group("cpu/attention_paths");
+    g.sample_size(10);
+    for &(b, t, h, causal) in &[(32, 50, 12, false), (32, 77, 8, true)] {
+        let s = AttnShape { batch: b, seq: t, heads: h, head_dim: 64, causal, scale: 0.125 };
+        let (q, k, v) = (normal_vec(s.numel(), 0.0, 1.0, 4), normal_vec(s.numel(), 0.0, 1.0, 5), normal_vec(s.numel(), 0.0, 1.0, 6));
+        g.throughput(Throughput::Elements((4 * b * h * t * t * 64) as u64));
+        let name = format!("B{b}xT{t}xH{h}xd64{}", if causal { "-causal" } else { "" });
+        #[cfg(target_arch = "x86_64")]
+        if clipforge::ops::gemm_f32::available() {
+            g.bench_function(format!("avx512/{name}"), |bch| bch.iter(|| black_box(clipforge::ops::attention::attention_avx512(&q, &k, &v, &s))));
+        }
+        g.bench_function(format!("portable/{name}"), |bch| bch.iter(|| black_box(attention_portable(&q, &k, &v, &s))));
+    }
+    g.finish();
+}
+
 fn bench_attention(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu/attention");
     g.sample_size(10);
@@ -155,7 +207,9 @@ criterion_group!(
     bench_gemm_f32_tunings,
     bench_matmul_bf16,
     bench_linear_fused_bf16,
+    bench_linear_fused_f32,
     bench_attention,
+    bench_attention_paths,
     bench_layernorm,
     bench_quick_gelu
 );

@@ -84,6 +84,18 @@ fn gemm16(x: &Tensor, m: usize, k: usize, p: &PackedBf16, bias: Option<&[f32]>, 
     Ok(())
 }
 
+/// [`fastmath::written_by`] for [`linear32`]'s outputs: `matmul::linear_into` writes every element
+/// of C (the fused GEMM's tiles cover it; the composite path copies bias rows or replaces) and the
+/// epilogue every element of its output buffer.
+///
+/// # Safety
+/// `fill` must be a `linear32` call writing the buffer it is given (as C or as the epilogue's
+/// output) in full.
+unsafe fn written32(n: usize, fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
+    // SAFETY: the caller's contract.
+    unsafe { crate::ops::fastmath::written_by(n, fill) }
+}
+
 /// c [m, n] = epi(x [m, k]·Wᵀ + bias) through the f32 GEMM (bias and epilogue fused into its
 /// tile stores on the AVX-512 path).
 fn linear32(x: &Tensor, m: usize, w: &Weight<Cpu>, bias: Option<&[f32]>, c: &mut [f32], epi: Epilogue) -> Result<()> {
@@ -178,11 +190,8 @@ impl Ops for Cpu {
                 gemm16(x, m, k, &p.fwd, bias.as_deref().map(|b| &b[..n]), &mut y, Epilogue::None)?;
                 vec1(y)
             }
-            None => {
-                let mut y = zeros(m * n); // [m, n]
-                linear32(x, m, w, bias.as_deref(), &mut y, Epilogue::None)?;
-                vec1(y)
-            }
+            // SAFETY: `linear32` writes every element of its output (see `written32`).
+            None => vec1(unsafe { written32(m * n, |y| linear32(x, m, w, bias.as_deref(), y, Epilogue::None)) }?), // [m, n]
         }
     }
 
@@ -255,12 +264,16 @@ impl Ops for Cpu {
         let (bd, r) = (bias.f32_data(), res.f32_data());
         check("linear_add bias", bd.len(), n)?;
         check("residual", r.len(), m * n)?;
-        let mut y = zeros(m * n); // [m, n]
         let epi = Epilogue::Add { res: &r[..m * n] };
-        match &w.half {
-            Some(p) => gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut y, epi)?,
-            None => linear32(x, m, w, Some(&bd[..n]), &mut y, epi)?,
-        }
+        let y = match &w.half {
+            Some(p) => {
+                let mut y = zeros(m * n); // [m, n]
+                gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut y, epi)?;
+                y
+            }
+            // SAFETY: `linear32` writes every element of its output (see `written32`).
+            None => unsafe { written32(m * n, |y| linear32(x, m, w, Some(&bd[..n]), y, epi)) }?, // [m, n]
+        };
         vec1(y)
     }
 
@@ -277,13 +290,21 @@ impl Ops for Cpu {
         let Some(p) = &w.half else {
             // f32: bias and activation in the GEMM's tile stores; the pre-activation kept only
             // for the backward.
-            let mut pre = zeros(m * n); // [m, n]
+            // SAFETY (both): `linear32` writes every element of its output and of the epilogue's
+            // (see `written32`).
             if !keep_pre {
-                linear32(x, m, w, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: false, out: ActOut::InPlace })?;
-                return Ok((vec1(pre)?, None));
+                let epi = Epilogue::Act { op: act_op, round_pre: false, out: ActOut::InPlace };
+                let out = unsafe { written32(m * n, |y| linear32(x, m, w, Some(&bd[..n]), y, epi)) }?; // [m, n]
+                return Ok((vec1(out)?, None));
             }
-            let mut out = zeros(m * n); // [m, n]
-            linear32(x, m, w, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: false, out: ActOut::F32(&mut out) })?;
+            let mut pre = Vec::new();
+            let out = unsafe {
+                written32(m * n, |out| {
+                    let epi = Epilogue::Act { op: act_op, round_pre: false, out: ActOut::F32(out) };
+                    pre = written32(m * n, |p| linear32(x, m, w, Some(&bd[..n]), p, epi))?;
+                    Ok(())
+                })
+            }?; // [m, n] each
             return Ok((vec1(out)?, Some(vec1(pre)?)));
         };
         if keep_pre {

@@ -59,6 +59,21 @@ pub fn zeros(n: usize) -> Vec<f32> {
     v
 }
 
+/// A buffer of n values that `fill` writes, without a zero-fill pass first (GEMM outputs that
+/// their kernel overwrites: the fill was a write of [m, n] per Linear). If `fill` fails, the
+/// buffer is dropped unread.
+///
+/// # Safety
+/// `fill` must write every one of the n values and must not read a value it has not written.
+pub unsafe fn written_by<E>(n: usize, fill: impl FnOnce(&mut [f32]) -> Result<(), E>) -> Result<Vec<f32>, E> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    // SAFETY: the allocation holds n f32s; the caller's `fill` writes each before reading it.
+    fill(unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr(), n) })?;
+    // SAFETY: all n values were written (the caller's contract).
+    unsafe { v.set_len(n) };
+    Ok(v)
+}
+
 /// Runs `f(row_index, row)` over the rows of `out` in parallel when the work is large enough.
 pub fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     if row_len == 0 {
