@@ -98,13 +98,15 @@ pub fn worth_it(m: usize, n: usize, k: usize) -> bool {
     m >= 2 * MR && n >= NR && k >= 16 && m * n * k >= 1 << 21 && available()
 }
 
+/// C's base pointer, shared by the threads of a GEMM (or of a row-parallel epilogue pass,
+/// `matmul::linear_into`) that write disjoint parts of it.
 #[derive(Clone, Copy)]
-struct CPtr(*mut f32);
-// SAFETY: threads write disjoint row ranges of C through this pointer (see `gemm`).
+pub(crate) struct CPtr(pub(crate) *mut f32);
+// SAFETY: its users write disjoint rows / blocks of C through it (see `gemm_tuned`, `linear_into`).
 unsafe impl Send for CPtr {}
 unsafe impl Sync for CPtr {}
 impl CPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -170,21 +170,9 @@ pub fn linear_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Opt
     if matches!(run, EpiRun::None) || n == 0 {
         return;
     }
-    let yp = RowsPtr(y.as_mut_ptr());
+    let yp = super::gemm_f32::CPtr(y.as_mut_ptr());
     (0..m).into_par_iter().with_min_len((1 << 14) / n + 1).for_each(|r| {
         // SAFETY: row r of y (and of the epilogue's m·n buffers) is this iteration's alone.
         unsafe { run.apply(yp.get(), r * n, n, 1, n) }
     });
-}
-
-/// y's base pointer, shared by the row-parallel epilogue pass (each row written by one task).
-#[derive(Clone, Copy)]
-struct RowsPtr(*mut f32);
-// SAFETY: tasks write disjoint rows through it (see `linear_into`).
-unsafe impl Send for RowsPtr {}
-unsafe impl Sync for RowsPtr {}
-impl RowsPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
