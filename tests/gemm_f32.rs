@@ -69,8 +69,8 @@ fn gemm_uses_the_detected_tuning() {
 /// The fused Linear (`gemm_fused`: bias in the first k block's tile store, the epilogue per
 /// finished tile) gives the bits of its composite twin — bias rows, an accumulating GEMM, then
 /// the activation or residual add as separate passes (`elementwise::unary`, `+=`) — under both
-/// tunings at the odd shapes, with and without a bias, for every epilogue; and stays within the
-/// f64 reference's tolerance. The output buffer starts as NaN: the fused path must never read it.
+/// tunings at the odd shapes (and an empty product, k = 0), with and without a bias, for every
+/// epilogue; and stays within the f64 reference's tolerance. The output buffer starts as NaN: the fused path must never read it.
 #[test]
 fn fused_linear_matches_its_composite_twin() {
     use clipforge::ops::elementwise::{unary, Unary};
@@ -81,7 +81,7 @@ fn fused_linear_matches_its_composite_twin() {
         return;
     }
     for tuning in [Tuning::Intel, Tuning::Generic] {
-        for &(m, k, n) in SHAPES {
+        for &(m, k, n) in SHAPES.iter().chain(&[(3, 0, 5)]) {
             let (x, w, bias, res) = (randn(m * k, 41), randn(n * k, 42), randn(n, 43), randn(m * n, 44));
             let (av, bv) = (View::row_major(&x, m, k), View::row_major(&w, n, k).t());
             let atol = 1e-4 * (k as f32 / 256.0).max(1.0);

@@ -137,7 +137,19 @@ pub fn gemm_fused_tuned(a: View, b: View, c: &mut [f32], bias: Option<&[f32]>, m
     let (m, n) = (a.rows, b.cols);
     assert!(c.len() == m * n && bias.is_none_or(|b| b.len() == n), "gemm_fused: c must be m*n and bias n");
     epi.check(m * n);
-    run(a, b, c, Fuse { accumulate: false, bias, epi: epi.run() }, tuning);
+    let epi = epi.run();
+    if a.cols == 0 {
+        // An empty product: C = bias (or 0), then the epilogue.
+        for row in c.chunks_mut(n.max(1)) {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+        }
+        // SAFETY: C and the epilogue's buffers hold m·n values; this thread is their only user.
+        return unsafe { epi.apply(c.as_mut_ptr(), 0, n, m, n) };
+    }
+    run(a, b, c, Fuse { accumulate: false, bias, epi }, tuning);
 }
 
 /// What a GEMM call does besides the product: add to C, add a bias row, apply an epilogue.
@@ -152,6 +164,12 @@ fn run(a: View, b: View, c: &mut [f32], fuse: Fuse, tuning: Tuning) {
     let (m, n) = (a.rows, b.cols);
     assert!(a.cols == b.rows && c.len() >= m * n && available(), "gemm_f32: bad call");
     assert!(!fuse.accumulate || (fuse.bias.is_none() && matches!(fuse.epi, EpiRun::None)), "gemm_f32: accumulation takes no bias or epilogue");
+    if a.cols == 0 {
+        if !fuse.accumulate {
+            c[..m * n].fill(0.0); // an empty product (`gemm_fused_tuned` handles its own before this)
+        }
+        return;
+    }
     // One block of C per thread, each thread running the whole blocked loop on it with its own
     // packed panels: one fork-join per product, no barrier per kc block. The split is by rows
     // (every thread packs all of B) or by columns (every thread packs all of A), whichever
