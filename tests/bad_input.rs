@@ -7,15 +7,31 @@ fn fixture(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
 }
 
-fn tmpdir(name: &str) -> PathBuf {
+/// A scratch directory under the system temp dir, removed when the test is done with it.
+struct Tmp(PathBuf);
+
+impl std::ops::Deref for Tmp {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmpdir(name: &str) -> Tmp {
     let d = std::env::temp_dir().join(format!("clipforge-bad-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Tmp(d)
 }
 
 /// A copy of the tiny fixture model to break.
-fn model_copy(name: &str) -> PathBuf {
+fn model_copy(name: &str) -> Tmp {
     let d = tmpdir(name);
     for f in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"] {
         std::fs::copy(fixture("tiny").join(f), d.join(f)).unwrap();
