@@ -75,7 +75,8 @@ fn openai_torchscript_archive_matches_pytorch() {
     // opened directly from the .pt (in memory) and from the converted directory
     let direct = ClipModel::open(pt("openai_jit.pt"), &cpu()).unwrap();
     check_embeddings(&direct, "openai", "openai_ids");
-    let dir = tmpdir("convert-openai").join("model");
+    let tmp = tmpdir("convert-openai");
+    let dir = tmp.join("model");
     let r = c.write(&dir, false).unwrap();
     assert_eq!(r.tensors, Schema::clip(&c.config).len());
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"] {
@@ -102,7 +103,8 @@ fn longclip_state_dict_merges_position_tables_and_freezes_twenty_rows() {
     assert_eq!(model.context_length(), 248);
     check_embeddings(&model, "longclip", "longclip_ids");
     // the written directory records the frozen rows as `stretch` does; training keeps them
-    let dir = tmpdir("convert-longclip").join("model");
+    let tmp = tmpdir("convert-longclip");
+    let dir = tmp.join("model");
     c.write(&dir, false).unwrap();
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -134,7 +136,8 @@ fn smartclip_mask_network_is_mapped_and_matches_pytorch() {
         assert_eq!(got[i], want[i], "mask element {i} (soft {})", soft[i]);
     }
     // written beside the model in the layout `finetune --method smartclip` reads
-    let dir = tmpdir("convert-smartclip").join("model");
+    let tmp = tmpdir("convert-smartclip");
+    let dir = tmp.join("model");
     c.write(&dir, false).unwrap();
     let tc = TrainClip::load_dir(&dir).unwrap();
     let loaded = load_mask_params(&tc, &dir.join(MASK_FILE)).unwrap();

@@ -6,7 +6,7 @@
 mod common;
 use clipforge::model::synthetic::Rng;
 use common::{fixture, tmpdir};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,7 @@ fn weights(out: &Path) -> Vec<u8> {
     std::fs::read(out.join("model/model.safetensors")).unwrap()
 }
 
-fn straight(name: &str) -> PathBuf {
+fn straight(name: &str) -> common::TmpDir {
     let out = tmpdir(name);
     let o = finetune(&out, &[]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

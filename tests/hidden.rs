@@ -74,7 +74,8 @@ fn text_hidden_states_match_hf_at_77_positions() {
 
 #[test]
 fn text_hidden_states_match_hf_on_a_248_token_stretched_model() {
-    let out = tmpdir("hidden-248").join("tiny248");
+    let tmp = tmpdir("hidden-248");
+    let out = tmp.join("tiny248");
     clipforge::model::stretch::stretch_model(&fixture("tiny"), &out, 20, 4, false).unwrap();
     let (m, r) = (cpu(&out), refs());
     assert_eq!(m.context_length(), 248);
@@ -104,7 +105,8 @@ fn image_hidden_states_match_hf() {
 #[test]
 fn emulated_cuda_hidden_states_match_hf() {
     let r = refs();
-    let out = tmpdir("hidden-emu").join("tiny248");
+    let tmp = tmpdir("hidden-emu");
+    let out = tmp.join("tiny248");
     clipforge::model::stretch::stretch_model(&fixture("tiny"), &out, 20, 4, false).unwrap();
     for (dir, prefix, t) in [(fixture("tiny"), "t77", 77), (out, "t248", 248)] {
         let parts = ClipParts::load_dir(&dir, Towers::Both, &LoadOptions { dtype: DType::F32 }).unwrap();

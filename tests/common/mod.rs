@@ -47,12 +47,36 @@ pub fn fixture(p: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
 }
 
-/// A fresh, empty temporary directory named after the test and this process.
-pub fn tmpdir(name: &str) -> std::path::PathBuf {
+/// A fresh, empty temporary directory named after the test and this process, removed (with what
+/// the test wrote in it) when the returned guard is dropped.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn tmpdir(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("clipforge-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
+}
+
+/// A scratch directory that is deleted on drop; derefs to its path.
+pub struct TmpDir(pub std::path::PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TmpDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// |g − w| ≤ 1e-4·max(floor, max|want|) + 1e-3·|w| per element, NaN fails. `floor`: an absolute
