@@ -3,7 +3,7 @@
 //! over the whole f32 range, NaN, ±∞, ±0, subnormals, the exp clamp's edges — and at lengths with
 //! every tail (0, 1, 15, 16, 17, 33, 100), in place and into another buffer; and they are within
 //! tolerance of the f64 formulas on ordinary values.
-use clipforge::ops::act_simd::{act_in_place, act_into, act_into_scalar, Act};
+use clipforge::ops::act_simd::{act_in_place, act_into, act_into_scalar};
 use clipforge::ops::elementwise::{unary_reference, Unary};
 
 fn inputs() -> Vec<f32> {
@@ -23,7 +23,7 @@ fn same_bits(what: &str, x: &[f32], got: &[f32], want: &[f32]) {
 #[test]
 fn simd_activations_give_the_scalar_bits() {
     let x = inputs();
-    for act in [Act::QuickGelu, Act::Gelu] {
+    for act in [Unary::QuickGelu, Unary::Gelu] {
         let mut want = vec![0.0; x.len()];
         act_into_scalar(act, &x, &mut want);
         let mut got = vec![f32::NAN; x.len()];
@@ -43,7 +43,7 @@ fn simd_activations_give_the_scalar_bits() {
 #[test]
 fn simd_activations_match_the_f64_formulas() {
     let x: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.0) * 5e-3).collect(); // [-10, 10]
-    for (act, op) in [(Act::QuickGelu, Unary::QuickGelu), (Act::Gelu, Unary::Gelu)] {
+    for (act, op) in [(Unary::QuickGelu, Unary::QuickGelu), (Unary::Gelu, Unary::Gelu)] {
         let mut got = vec![0.0; x.len()];
         act_into(act, &x, &mut got);
         let want = unary_reference(op, &x);

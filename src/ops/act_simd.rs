@@ -1,27 +1,15 @@
-//! The activations QuickGELU and GELU over slices, 16 lanes at a time with AVX-512F where the CPU
-//! has it — the same operations in the same order as the scalar `fastmath::quick_gelu` /
-//! `fastmath::gelu` (no FMA contraction, IEEE division), so every path gives the same bits; the
-//! scalar functions on other CPUs and for the tails. Used by the GEMM epilogues (per finished C
-//! tile) and by `elementwise::unary`. LLVM does not vectorise the scalar loops well (≈ 5 cycles
-//! per element against ≈ 1.4 here, Intel Xeon, one core). Bit-identity: tests/act_simd.rs.
-use super::fastmath;
+//! Unary ops over slices: the activations QuickGELU and GELU 16 lanes at a time with AVX-512F
+//! where the CPU has it — the same operations in the same order as the scalar
+//! `fastmath::quick_gelu` / `fastmath::gelu` (no FMA contraction, IEEE division), so every path
+//! gives the same bits; the other ops, other CPUs and the tails through the scalar
+//! `Unary::eval_fast`. Used by the GEMM epilogues (per finished C tile) and by
+//! `elementwise::unary`. LLVM does not vectorise the scalar loops well (≈ 5 cycles per element
+//! against ≈ 1.4 here, Intel Xeon, one core). Bit-identity: tests/act_simd.rs.
+use super::elementwise::Unary;
 
-/// Which activation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Act {
-    QuickGelu,
-    Gelu,
-}
-
-impl Act {
-    /// The scalar function (the definition).
-    #[inline(always)]
-    pub fn scalar(self, x: f32) -> f32 {
-        match self {
-            Act::QuickGelu => fastmath::quick_gelu(x),
-            Act::Gelu => fastmath::gelu(x),
-        }
-    }
+/// The ops with a 16-lane form.
+fn is_act(op: Unary) -> bool {
+    matches!(op, Unary::QuickGelu | Unary::Gelu)
 }
 
 fn simd() -> bool {
@@ -36,28 +24,28 @@ fn simd() -> bool {
 }
 
 /// x ← act(x) over the slice.
-pub fn act_in_place(act: Act, x: &mut [f32]) {
+pub fn act_in_place(act: Unary, x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd() {
+    if simd() && is_act(act) {
         // SAFETY: AVX-512F was detected.
         return unsafe { x86::act_in_place(act, x) };
     }
-    x.iter_mut().for_each(|v| *v = act.scalar(*v));
+    x.iter_mut().for_each(|v| *v = act.eval_fast(*v));
 }
 
 /// dst ← act(src) (the shorter length of the two).
-pub fn act_into(act: Act, src: &[f32], dst: &mut [f32]) {
+pub fn act_into(act: Unary, src: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd() {
+    if simd() && is_act(act) {
         // SAFETY: AVX-512F was detected.
         return unsafe { x86::act_into(act, src, dst) };
     }
-    dst.iter_mut().zip(src).for_each(|(o, &v)| *o = act.scalar(v));
+    dst.iter_mut().zip(src).for_each(|(o, &v)| *o = act.eval_fast(v));
 }
 
 /// The scalar path only (the reference of the bit-identity tests).
-pub fn act_into_scalar(act: Act, src: &[f32], dst: &mut [f32]) {
-    dst.iter_mut().zip(src).for_each(|(o, &v)| *o = act.scalar(v));
+pub fn act_into_scalar(act: Unary, src: &[f32], dst: &mut [f32]) {
+    dst.iter_mut().zip(src).for_each(|(o, &v)| *o = act.eval_fast(v));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -65,7 +53,7 @@ pub(crate) use x86::exp16;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Act;
+    use super::Unary;
     use std::arch::x86_64::*;
 
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -130,29 +118,29 @@ mod x86 {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn act16(act: Act, x: __m512) -> __m512 {
+    fn act16(act: Unary, x: __m512) -> __m512 {
         match act {
-            Act::QuickGelu => quick_gelu16(x),
-            Act::Gelu => gelu16(x),
+            Unary::Gelu => gelu16(x),
+            _ => quick_gelu16(x), // callers pass QuickGelu or Gelu only (`is_act`)
         }
     }
 
     /// # Safety
-    /// AVX-512F.
+    /// AVX-512F; `act` is QuickGelu or Gelu.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn act_in_place(act: Act, x: &mut [f32]) {
+    pub unsafe fn act_in_place(act: Unary, x: &mut [f32]) {
         let mut chunks = x.chunks_exact_mut(16);
         for c in &mut chunks {
             // SAFETY: c holds 16 values.
             unsafe { _mm512_storeu_ps(c.as_mut_ptr(), act16(act, _mm512_loadu_ps(c.as_ptr()))) };
         }
-        chunks.into_remainder().iter_mut().for_each(|v| *v = act.scalar(*v));
+        chunks.into_remainder().iter_mut().for_each(|v| *v = act.eval_fast(*v));
     }
 
     /// # Safety
-    /// AVX-512F.
+    /// AVX-512F; `act` is QuickGelu or Gelu.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn act_into(act: Act, src: &[f32], dst: &mut [f32]) {
+    pub unsafe fn act_into(act: Unary, src: &[f32], dst: &mut [f32]) {
         let n = src.len().min(dst.len());
         let (src, dst) = (&src[..n], &mut dst[..n]);
         let mut d = dst.chunks_exact_mut(16);
@@ -161,6 +149,6 @@ mod x86 {
             // SAFETY: o and i hold 16 values each.
             unsafe { _mm512_storeu_ps(o.as_mut_ptr(), act16(act, _mm512_loadu_ps(i.as_ptr()))) };
         }
-        d.into_remainder().iter_mut().zip(s.remainder()).for_each(|(o, &v)| *o = act.scalar(v));
+        d.into_remainder().iter_mut().zip(s.remainder()).for_each(|(o, &v)| *o = act.eval_fast(v));
     }
 }

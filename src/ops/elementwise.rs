@@ -1,7 +1,7 @@
 //! Elementwise ops: unary activations and binary arithmetic with numpy broadcasting.
 //! Reference: index arithmetic per output element. Fast: same-shape and trailing-broadcast
 //! (bias-like) cases as flat vectorised loops, in parallel; the general case strided.
-use super::act_simd::{act_into, Act};
+use super::act_simd::act_into;
 use super::fastmath::{self, par_rows};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +28,7 @@ impl Unary {
         }) as f32
     }
     #[inline(always)]
-    fn eval_fast(self, x: f32) -> f32 {
+    pub(crate) fn eval_fast(self, x: f32) -> f32 {
         match self {
             Unary::QuickGelu => fastmath::quick_gelu(x),
             Unary::Gelu => fastmath::gelu(x),
@@ -119,19 +119,7 @@ pub fn unary_reference(op: Unary, x: &[f32]) -> Vec<f32> {
 pub fn unary(op: Unary, x: &[f32]) -> Vec<f32> {
     let mut out = super::fastmath::zeros(x.len());
     let chunk = 4096.min(x.len().max(1));
-    let act = match op {
-        Unary::QuickGelu => Some(Act::QuickGelu),
-        Unary::Gelu => Some(Act::Gelu),
-        _ => None,
-    };
-    par_rows(&mut out, chunk, |i, o| match act {
-        Some(a) => act_into(a, &x[i * chunk..], o), // 16 lanes at a time, the same bits
-        None => {
-            for (o, &v) in o.iter_mut().zip(&x[i * chunk..]) {
-                *o = op.eval_fast(v);
-            }
-        }
-    });
+    par_rows(&mut out, chunk, |i, o| act_into(op, &x[i * chunk..], o)); // activations 16 lanes at a time, the same bits
     out
 }
 

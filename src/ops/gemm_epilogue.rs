@@ -9,7 +9,7 @@
 //!   f32 buffer (C keeps the pre-activation for the backward), or rounded to bf16 (the
 //!   next GEMM's input, which it would round to the same values).
 //! - [`Epilogue::Add`]: the residual add res + (x·Wᵀ + bias).
-use super::act_simd::{act_in_place, act_into, Act};
+use super::act_simd::{act_in_place, act_into};
 use super::elementwise::Unary;
 use half::bf16;
 
@@ -60,7 +60,7 @@ impl Epilogue<'_> {
                     ActOut::F32(o) => Out::F32(o.as_mut_ptr()),
                     ActOut::Bf16(o) => Out::Bf16(o.as_mut_ptr()),
                 };
-                EpiRun::Act { gelu: *op == Unary::Gelu, round: *round_pre, out }
+                EpiRun::Act { op: *op, round: *round_pre, out }
             }
             Epilogue::Add { res } => EpiRun::Add(res.as_ptr()),
         }
@@ -78,7 +78,7 @@ pub(crate) enum Out {
 #[derive(Clone, Copy)]
 pub(crate) enum EpiRun {
     None,
-    Act { gelu: bool, round: bool, out: Out },
+    Act { op: Unary, round: bool, out: Out },
     Add(*const f32),
 }
 // SAFETY: the pointers come from slices borrowed for the whole GEMM call (`Epilogue::run`'s
@@ -105,8 +105,7 @@ impl EpiRun {
                 EpiRun::None => return,
                 // SAFETY: `res` is m·n long and o + cols ≤ m·n (the caller's contract).
                 EpiRun::Add(res) => unsafe { add_row(row, std::slice::from_raw_parts(res.add(o), cols)) },
-                EpiRun::Act { gelu, round, out } => {
-                    let act = if gelu { Act::Gelu } else { Act::QuickGelu };
+                EpiRun::Act { op: act, round, out } => {
                     if round {
                         row.iter_mut().for_each(|v| *v = round_bf16(*v));
                     }
@@ -134,7 +133,7 @@ fn add_row(row: &mut [f32], res: &[f32]) {
 }
 
 /// out ← bf16(act(row)), through a stack buffer of 64 values at a time.
-fn act_row_bf16(act: Act, row: &[f32], out: &mut [bf16]) {
+fn act_row_bf16(act: Unary, row: &[f32], out: &mut [bf16]) {
     let mut tmp = [0f32; 64];
     for (src, dst) in row.chunks(64).zip(out.chunks_mut(64)) {
         let t = &mut tmp[..src.len()];
