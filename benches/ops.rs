@@ -94,7 +94,8 @@ fn bench_linear_fused_bf16(c: &mut Criterion) {
     let w2 = Cpu.weight(t(normal_vec(k * n, 0.0, 0.02, 6)), k, n, DType::BF16).unwrap();
     g.throughput(Throughput::Elements((2 * m * n * k) as u64)); // FLOPs
     g.bench_function(format!("act-fused/{m}x{k}x{n}"), |bch| bch.iter(|| black_box(Cpu.linear_act(&x, &w1, &b1, m, Act::QuickGelu, false).unwrap())));
-    let p = &w1.half.as_ref().unwrap().fwd;
+    let Some(clipforge::backend::cpu::CpuPacked::Bf16(h)) = w1.half.as_deref() else { unreachable!("a bf16 weight") };
+    let p = &h.fwd;
     g.bench_function(format!("act-unfused/{m}x{k}x{n}"), |bch| {
         bch.iter(|| {
             let xd = x.f32_data();

@@ -157,3 +157,58 @@ fn linear_into_small_and_big() {
         }
     }
 }
+
+/// B packed once (`PackedB`: a Linear weight frozen for inference) gives the bits of the same
+/// product packing B per call, under both tunings, at the odd shapes (row and column thread
+/// splits, so packed panels are read from column offsets too, and k = 0), for a transposed
+/// weight and a plain row-major B, with a bias and a residual epilogue.
+#[test]
+fn packed_b_gives_the_bits_of_per_call_packing() {
+    use clipforge::ops::gemm_epilogue::Epilogue;
+    use clipforge::ops::gemm_f32::{gemm_fused_packed, gemm_fused_tuned};
+    use clipforge::ops::gemm_f32_pack::PackedB;
+    if !available() {
+        eprintln!("skipped: no AVX-512F on this CPU");
+        return;
+    }
+    for tuning in [Tuning::Intel, Tuning::Generic] {
+        for &(m, k, n) in SHAPES.iter().chain(&[(3, 0, 5)]) {
+            let (x, w, bias, res) = (randn(m * k, 61), randn(n * k, 62), randn(n, 63), randn(m * n, 64));
+            let av = View::row_major(&x, m, k);
+            for bv in [View::row_major(&w, n, k).t(), View::row_major(&w, k, n)] {
+                let p = PackedB::new(bv, tuning);
+                assert_eq!((p.k(), p.n(), p.tuning()), (k, n, tuning));
+                for epi_add in [false, true] {
+                    let epi = || if epi_add { Epilogue::Add { res: &res } } else { Epilogue::None };
+                    let (mut got, mut want) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                    gemm_fused_packed(av, &p, &mut got, Some(&bias), epi());
+                    gemm_fused_tuned(av, bv, &mut want, Some(&bias), epi(), tuning);
+                    let bad = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert!(bad.is_none(), "packed B {tuning:?} {m}x{k}x{n} cs {} add {epi_add}: element {bad:?} differs", bv.cs);
+                }
+            }
+        }
+    }
+}
+
+/// `matmul::linear_packed_into` (a frozen weight) gives the bits of `linear_into` on the same
+/// weight, for products big enough for the packed GEMM and small ones (which fall back to w).
+#[test]
+fn linear_packed_into_matches_linear_into() {
+    use clipforge::ops::gemm_epilogue::Epilogue;
+    use clipforge::ops::gemm_f32_pack::PackedB;
+    use clipforge::ops::matmul::{linear_into, linear_packed_into};
+    if !available() {
+        eprintln!("skipped: no AVX-512F on this CPU");
+        return;
+    }
+    for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (45, 65, 59), (130, 769, 257), (64, 768, 2304)] {
+        let (x, w, bias) = (randn(m * k, 71), randn(n * k, 72), randn(n, 73));
+        let p = PackedB::linear_weight(&w, n, k);
+        let (mut got, mut want) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+        linear_packed_into(&x, m, &w, &p, Some(&bias), &mut got, Epilogue::None);
+        linear_into(&x, m, k, &w, n, Some(&bias), &mut want, Epilogue::None);
+        let bad = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(bad.is_none(), "linear_packed_into {m}x{k}x{n}: element {bad:?} differs from linear_into");
+    }
+}

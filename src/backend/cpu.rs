@@ -14,8 +14,9 @@ use crate::ops::embedding::embedding_bwd_grouped;
 use crate::ops::fastmath::{par_rows, zeros};
 use crate::ops::gemm_bf16::{matmul_bf16, matmul_bf16_acc, matmul_bf16_fused, Kernel, PackedBf16};
 use crate::ops::gemm_epilogue::{ActOut, Epilogue};
+use crate::ops::gemm_f32_pack::PackedB;
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
-use crate::ops::matmul::{gemm, linear_into, View};
+use crate::ops::matmul::{gemm, linear_into, linear_packed_into, View};
 use crate::ops::patch_embed::{im2col, patch_embed, patch_embed_bwd_weight, PatchShape};
 use crate::ops::reduce::col_sums;
 use crate::shape_err;
@@ -30,6 +31,22 @@ use std::sync::{Arc, OnceLock};
 pub struct CpuHalf {
     pub fwd: PackedBf16,
     bwd: OnceLock<PackedBf16>,
+}
+
+/// The CPU's copy of a Linear weight for its forward GEMM: bf16 ([`CpuHalf`], a bf16 model), or
+/// the f32 values packed once for the AVX-512 GEMM ([`Ops::freeze_weight`]: inference).
+#[derive(Debug)]
+pub enum CpuPacked {
+    Bf16(CpuHalf),
+    F32(PackedB),
+}
+
+/// The weight's bf16 copies, when it computes in bf16.
+fn bf16_of(w: &Weight<Cpu>) -> Option<&CpuHalf> {
+    match w.half.as_deref() {
+        Some(CpuPacked::Bf16(h)) => Some(h),
+        _ => None,
+    }
 }
 
 /// dx[m×k] (+)= dy[m×n]·W and dW[n×k] = dyᵀ·x with bf16 inputs, f32 accumulation.
@@ -89,8 +106,8 @@ fn gemm16(x: &Tensor, m: usize, k: usize, p: &PackedBf16, bias: Option<&[f32]>, 
 /// epilogue every element of its output buffer.
 ///
 /// # Safety
-/// `fill` must be a `linear32` call writing the buffer it is given (as C or as the epilogue's
-/// output) in full.
+/// `fill` must write the buffer it is given in full (a `linear32` or `linear_packed_into` call
+/// writing it as C or as the epilogue's output).
 unsafe fn written32(n: usize, fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
     // SAFETY: the caller's contract.
     unsafe { crate::ops::fastmath::written_by(n, fill) }
@@ -105,7 +122,11 @@ fn linear32(x: &Tensor, m: usize, w: &Weight<Cpu>, bias: Option<&[f32]>, c: &mut
     if let Some(b) = bias {
         check("linear bias", b.len(), n)?;
     }
-    linear_into(&x.f32_data()[..m * k], m, k, &w.w.f32_data()[..n * k], n, bias.map(|b| &b[..n]), c, epi);
+    let (xd, wd, bias) = (&x.f32_data()[..m * k], &w.w.f32_data()[..n * k], bias.map(|b| &b[..n]));
+    match w.half.as_deref() {
+        Some(CpuPacked::F32(p)) => linear_packed_into(xd, m, wd, p, bias, c, epi),
+        _ => linear_into(xd, m, k, wd, n, bias, c, epi),
+    }
     Ok(())
 }
 
@@ -153,7 +174,7 @@ fn check(what: &str, len: usize, want: usize) -> Result<()> {
 
 impl Ops for Cpu {
     type Buf = Tensor;
-    type Half = Arc<CpuHalf>;
+    type Half = Arc<CpuPacked>;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -174,17 +195,27 @@ impl Ops for Cpu {
         check("weight", w.numel(), n * k)?;
         let half = match dtype {
             DType::F32 => None,
-            DType::BF16 => Some(Arc::new(CpuHalf { fwd: PackedBf16::from_f32(&w.f32_data(), n, k), bwd: OnceLock::new() })),
+            DType::BF16 => Some(Arc::new(CpuPacked::Bf16(CpuHalf { fwd: PackedBf16::from_f32(&w.f32_data(), n, k), bwd: OnceLock::new() }))),
             DType::F16 => return Err(crate::error::Error::msg("the CPU computes in f32 or bf16, not f16")),
         };
         Ok(Weight { w, half, n, k })
+    }
+
+    /// Packs an f32 weight once for the AVX-512 GEMM (no GEMM packs it again); bf16 weights
+    /// are packed already, and CPUs without AVX-512 keep the values as they are.
+    fn freeze_weight(&self, w: &mut Weight<Cpu>) -> Result<()> {
+        if w.half.is_none() && crate::ops::gemm_f32::available() && crate::ops::cpu_path::selected() >= crate::ops::cpu_path::GemmPath::Avx512 {
+            check("weight", w.w.numel(), w.n * w.k)?;
+            w.half = Some(Arc::new(CpuPacked::F32(PackedB::linear_weight(&w.w.f32_data(), w.n, w.k))));
+        }
+        Ok(())
     }
 
     fn linear(&self, x: &Tensor, w: &Weight<Cpu>, bias: Option<&Tensor>, m: usize) -> Result<Tensor> {
         let (n, k) = (w.n, w.k);
         check("linear x", x.numel(), m * k)?;
         let bias = bias.map(|b| b.f32_data());
-        match &w.half {
+        match bf16_of(w) {
             Some(p) => {
                 let mut y = zeros(m * n); // [m, n]
                 gemm16(x, m, k, &p.fwd, bias.as_deref().map(|b| &b[..n]), &mut y, Epilogue::None)?;
@@ -211,7 +242,7 @@ impl Ops for Cpu {
         check("linear_bwd dx", d.len(), m * k)?;
         check("linear_bwd dy", g.len(), m * n)?;
         check("linear_bwd x", xd.len(), m * k)?;
-        if let Some(h) = &w.half {
+        if let Some(h) = bf16_of(w) {
             let dw = linear_bwd_bf16(&g, &xd, w, h, m, &mut d[..m * k], accumulate);
             *dx = vec1(d)?;
             let db = if bias { Some(vec1(col_sums(&g[..m * n], n))?) } else { None };
@@ -265,7 +296,7 @@ impl Ops for Cpu {
         check("linear_add bias", bd.len(), n)?;
         check("residual", r.len(), m * n)?;
         let epi = Epilogue::Add { res: &r[..m * n] };
-        let y = match &w.half {
+        let y = match bf16_of(w) {
             Some(p) => {
                 let mut y = zeros(m * n); // [m, n]
                 gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut y, epi)?;
@@ -287,7 +318,7 @@ impl Ops for Cpu {
         let bd = bias.f32_data();
         check("linear_act bias", bd.len(), n)?;
         let act_op = act_op(act);
-        let Some(p) = &w.half else {
+        let Some(p) = bf16_of(w) else {
             // f32: bias and activation in the GEMM's tile stores; the pre-activation kept only
             // for the backward.
             // SAFETY (both): `linear32` writes every element of its output and of the epilogue's
@@ -378,11 +409,23 @@ impl Ops for Cpu {
     fn patch_embed(&self, px: &Tensor, w: &Weight<Cpu>, b: usize, c: usize, s: usize, p: usize) -> Result<Tensor> {
         check("patch_embed pixels", px.numel(), b * c * s * s)?;
         let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: w.n };
-        match &w.half {
-            Some(h) => {
+        match w.half.as_deref() {
+            Some(CpuPacked::Bf16(h)) => {
                 let cols = im2col(&px.f32_data(), &shape); // [B·N, C·P·P]
                 let mut out = zeros(b * shape.patches() * w.n); // [B·N, D]
                 matmul_bf16(&cols, b * shape.patches(), &h.fwd, None, &mut out); // bf16 pixels and weights, f32 sums
+                vec1(out)
+            }
+            Some(CpuPacked::F32(pk)) => {
+                let (cols, rows) = (im2col(&px.f32_data(), &shape), b * shape.patches()); // [B·N, C·P·P]
+                let wd = w.w.f32_data();
+                // SAFETY: `linear_packed_into` writes every element of its output.
+                let out = unsafe {
+                    written32(rows * w.n, |y| {
+                        linear_packed_into(&cols, rows, &wd[..w.n * w.k], pk, None, y, Epilogue::None);
+                        Ok(())
+                    })
+                }?; // [B·N, D]
                 vec1(out)
             }
             None => vec1(patch_embed(&px.f32_data(), &w.w.f32_data(), &shape)), // [B·N, D]

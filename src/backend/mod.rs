@@ -54,7 +54,8 @@ pub struct Weight<O: Ops + ?Sized> {
 pub trait Ops {
     /// A buffer of f32 values on the backend.
     type Buf;
-    /// A low-precision copy of a Linear weight in the backend's own layout.
+    /// A Linear weight's copy for the forward GEMM in the backend's own layout (low precision,
+    /// or packed: [`Ops::freeze_weight`]).
     type Half;
 
     /// Where it computes, in words.
@@ -73,6 +74,13 @@ pub trait Ops {
     /// A Linear weight W [n, k] from f32 values, with a `dtype` copy for the forward when
     /// `dtype` is BF16 or F16 (an error where the backend has no such GEMM).
     fn weight(&self, w: Self::Buf, n: usize, k: usize, dtype: DType) -> Result<Weight<Self>>;
+    /// Says that `w` will not change any more (an inference model): the backend may keep a
+    /// copy in the layout its forward GEMM reads (changes to `w.w` afterwards are not seen by
+    /// that copy). Nothing by default.
+    fn freeze_weight(&self, w: &mut Weight<Self>) -> Result<()> {
+        let _ = w;
+        Ok(())
+    }
 
     /// y [m, n] = x [m, k]·Wᵀ (+ bias [n]).
     fn linear(&self, x: &Self::Buf, w: &Weight<Self>, bias: Option<&Self::Buf>, m: usize) -> Result<Self::Buf>;

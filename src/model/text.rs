@@ -20,7 +20,7 @@ pub struct TextTower {
 
 impl TextTower {
     pub fn load(w: &Weights, schema: &Schema, cfg: &TextConfig, opt: &LoadOptions) -> Result<TextTower> {
-        Ok(TextTower { cfg: cfg.clone(), params: TowerParams::load(&Cpu, schema, Tower::Text, w, opt.dtype)? })
+        Ok(TextTower { cfg: cfg.clone(), params: TowerParams::load(&Cpu, schema, Tower::Text, w, opt.dtype)?.freeze(&Cpu)? })
     }
 
     /// Where a sequence is pooled: see [`pool_position`].

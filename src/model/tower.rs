@@ -70,12 +70,23 @@ impl<O: Ops> TowerParams<O> {
         Ok(TowerParams { tower, schema: schema.clone(), first, p })
     }
 
+    /// Marks the Linear weights as fixed (an inference model): the backend may keep them in its
+    /// forward GEMM's layout ([`Ops::freeze_weight`]; the CPU packs f32 weights once).
+    pub fn freeze(mut self, ops: &O) -> Result<Self> {
+        for s in &mut self.p {
+            if let Stored::Linear(w) = s {
+                ops.freeze_weight(w)?;
+            }
+        }
+        Ok(self)
+    }
+
     /// Tower-local parameter `i` as the backend holds it.
     pub fn stored(&self, i: usize) -> &Stored<O> {
         &self.p[i]
     }
     /// Tower-local parameter `i`, to change in place (a Linear weight's f32 values included; its
-    /// low-precision copy, if any, is not remade): finite differences in tests.
+    /// low-precision or frozen copy, if any, is not remade): finite differences in tests.
     pub fn stored_mut(&mut self, i: usize) -> &mut Stored<O> {
         &mut self.p[i]
     }

@@ -17,7 +17,7 @@ pub struct VisionTower {
 
 impl VisionTower {
     pub fn load(w: &Weights, schema: &Schema, cfg: &VisionConfig, opt: &LoadOptions) -> Result<VisionTower> {
-        Ok(VisionTower { cfg: cfg.clone(), params: TowerParams::load(&Cpu, schema, Tower::Vision, w, opt.dtype)? })
+        Ok(VisionTower { cfg: cfg.clone(), params: TowerParams::load(&Cpu, schema, Tower::Vision, w, opt.dtype)?.freeze(&Cpu)? })
     }
 
     /// pixels [B, C, S, S] → image embeddings [B, D] (not normalised). `hook` sees

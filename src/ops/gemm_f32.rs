@@ -24,13 +24,17 @@
 //!   each C tile right after its last kc block, while it is still in L1 — the same epilogues as
 //!   the bf16 GEMM (`gemm_epilogue.rs`), bit-identical to bias-first accumulation followed by
 //!   separate passes.
+//! * A B packed once ([`gemm_fused_packed`], `gemm_f32_pack::PackedB`: the Linear weights of an
+//!   inference model, packed at load) is read in place of the per-call packing: same panels,
+//!   same bits, no packing per call and per thread.
 use super::gemm_epilogue::{EpiRun, Epilogue};
+use super::gemm_f32_pack::{pack_a, pack_b, PackedB};
 use super::matmul::View;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
-const MR: usize = 14;
-const NR: usize = 32;
+pub(super) const MR: usize = 14;
+pub(super) const NR: usize = 32;
 /// Upper bound on MR panels in one row block (the packed A block then fits L2: 8·14·384·4 B).
 const MAX_PANELS: usize = 8;
 
@@ -61,7 +65,7 @@ impl Tuning {
     }
 
     /// Depth of one k block for a product of depth k.
-    fn kc(self, k: usize) -> usize {
+    pub(super) fn kc(self, k: usize) -> usize {
         match self {
             Tuning::Generic => 256.min(k),
             Tuning::Intel => k.div_ceil(k.div_ceil(384)).max(1), // even blocks: 768 → 2×384, 512 → 2×256
@@ -123,7 +127,7 @@ pub fn gemm(a: View, b: View, c: &mut [f32], accumulate: bool) {
 
 /// [`gemm`] with a given [`Tuning`] (tests run every tuning on any AVX-512 CPU).
 pub fn gemm_tuned(a: View, b: View, c: &mut [f32], accumulate: bool, tuning: Tuning) {
-    run(a, b, c, Fuse { accumulate, bias: None, epi: EpiRun::None }, tuning);
+    run(a, BSrc::View(b), c, Fuse { accumulate, bias: None, epi: EpiRun::None }, tuning);
 }
 
 /// c[m×n] = epi(a·b + bias): a Linear with its bias and epilogue fused into the GEMM (C is only
@@ -133,8 +137,41 @@ pub fn gemm_fused(a: View, b: View, c: &mut [f32], bias: Option<&[f32]>, epi: Ep
 }
 
 /// [`gemm_fused`] with a given [`Tuning`].
-pub fn gemm_fused_tuned(a: View, b: View, c: &mut [f32], bias: Option<&[f32]>, mut epi: Epilogue, tuning: Tuning) {
-    let (m, n) = (a.rows, b.cols);
+pub fn gemm_fused_tuned(a: View, b: View, c: &mut [f32], bias: Option<&[f32]>, epi: Epilogue, tuning: Tuning) {
+    fused(a, BSrc::View(b), c, bias, epi, tuning);
+}
+
+/// [`gemm_fused`] with B packed once ([`PackedB`], e.g. a Linear weight: y = x·Wᵀ), run with the
+/// tuning it was packed for. Call only when [`available`]; a.cols must be `b.k()`.
+pub fn gemm_fused_packed(a: View, b: &PackedB, c: &mut [f32], bias: Option<&[f32]>, epi: Epilogue) {
+    fused(a, BSrc::Packed(b), c, bias, epi, b.tuning());
+}
+
+/// Where a product's B comes from: a strided view (packed per block by each thread that needs
+/// it) or a [`PackedB`] packed for the tuning the product runs with.
+#[derive(Clone, Copy)]
+enum BSrc<'a> {
+    View(View<'a>),
+    Packed(&'a PackedB),
+}
+
+impl BSrc<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            BSrc::View(v) => v.rows,
+            BSrc::Packed(p) => p.k(),
+        }
+    }
+    fn cols(&self) -> usize {
+        match self {
+            BSrc::View(v) => v.cols,
+            BSrc::Packed(p) => p.n(),
+        }
+    }
+}
+
+fn fused(a: View, b: BSrc, c: &mut [f32], bias: Option<&[f32]>, mut epi: Epilogue, tuning: Tuning) {
+    let (m, n) = (a.rows, b.cols());
     assert!(c.len() == m * n && bias.is_none_or(|b| b.len() == n), "gemm_fused: c must be m*n and bias n");
     epi.check(m * n);
     let epi = epi.run();
@@ -160,9 +197,10 @@ struct Fuse<'a> {
     epi: EpiRun,
 }
 
-fn run(a: View, b: View, c: &mut [f32], fuse: Fuse, tuning: Tuning) {
-    let (m, n) = (a.rows, b.cols);
-    assert!(a.cols == b.rows && c.len() >= m * n && available(), "gemm_f32: bad call");
+fn run(a: View, b: BSrc, c: &mut [f32], fuse: Fuse, tuning: Tuning) {
+    let (m, n) = (a.rows, b.cols());
+    assert!(a.cols == b.rows() && c.len() >= m * n && available(), "gemm_f32: bad call");
+    assert!(!matches!(b, BSrc::Packed(p) if p.tuning() != tuning), "gemm_f32: a packed B runs with its own tuning");
     assert!(!fuse.accumulate || (fuse.bias.is_none() && matches!(fuse.epi, EpiRun::None)), "gemm_f32: accumulation takes no bias or epilogue");
     if a.cols == 0 {
         if !fuse.accumulate {
@@ -186,7 +224,7 @@ fn run(a: View, b: View, c: &mut [f32], fuse: Fuse, tuning: Tuning) {
             (0, m, (t * npan / parts) * NR, ((t + 1) * npan / parts * NR).min(n))
         };
         // SAFETY: part t writes only rows i0..i1 × cols j0..j1 of c; the parts are disjoint.
-        unsafe { gemm_block(&a, &b, cp, (i0, i1), (j0, j1), fuse, tuning) };
+        unsafe { gemm_block(&a, b, cp, (i0, i1), (j0, j1), fuse, tuning) };
     });
 }
 
@@ -200,8 +238,8 @@ thread_local! {
 /// # Safety
 /// No other thread may access that block of c (or of the epilogue's output) meanwhile; c holds
 /// a.rows × b.cols values.
-unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0, j1): (usize, usize), fuse: Fuse, tuning: Tuning) {
-    let (n, k) = (b.cols, a.cols);
+unsafe fn gemm_block(a: &View, b: BSrc, cp: CPtr, (i0, i1): (usize, usize), (j0, j1): (usize, usize), fuse: Fuse, tuning: Tuning) {
+    let (n, k) = (b.cols(), a.cols);
     let (kc_max, nc_max, prefetch) = (tuning.kc(k), tuning.nc(), tuning.prefetch());
     BPACK.with_borrow_mut(|bpack| {
         APACK.with_borrow_mut(|ap| {
@@ -210,10 +248,16 @@ unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0
                 let npan = nc.div_ceil(NR);
                 for pc in (0..k).step_by(kc_max) {
                     let kc = kc_max.min(k - pc);
-                    bpack.resize(npan * kc * NR, 0.0);
-                    for (jp, dst) in bpack.chunks_exact_mut(kc * NR).enumerate() {
-                        pack_b(b, pc, kc, jc + jp * NR, dst);
-                    }
+                    let bpack: &[f32] = match b {
+                        BSrc::View(v) => {
+                            bpack.resize(npan * kc * NR, 0.0);
+                            for (jp, dst) in bpack.chunks_exact_mut(kc * NR).enumerate() {
+                                pack_b(&v, pc, kc, jc + jp * NR, dst);
+                            }
+                            &bpack[..]
+                        }
+                        BSrc::Packed(p) => p.block(pc, kc, jc, npan),
+                    };
                     let add = fuse.accumulate || pc > 0;
                     let last = pc + kc == k;
                     for ib in (i0..i1).step_by(MAX_PANELS * MR) {
@@ -255,122 +299,6 @@ unsafe fn gemm_block(a: &View, b: &View, cp: CPtr, (i0, i1): (usize, usize), (j0
             }
         });
     });
-}
-
-/// A[i0..i0+MR, pc..pc+kc] → dst[kc][MR] (rows past m are zero).
-fn pack_a(a: &View, i0: usize, pc: usize, kc: usize, dst: &mut [f32]) {
-    let rows = MR.min(a.rows - i0);
-    if rows < MR {
-        dst.fill(0.0);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if a.cs == 1 && a.rs * 16 < i32::MAX as usize {
-        // SAFETY: AVX-512F (checked by `gemm`); lanes past `rows` are masked off, the others read
-        // a.data[(i0 + r)·rs + pc + p], inside the view.
-        unsafe { pack_a_gather(a, i0, rows, pc, kc, dst) };
-        return;
-    }
-    // element (r, p) → dst[p·MR + r]; rows outer when a row is contiguous, else k steps outer
-    let start = i0 * a.rs + pc * a.cs;
-    if a.cs == 1 {
-        strided_copy(a.data, start, (rows, a.rs, 1), (kc, 1, MR), dst);
-    } else {
-        strided_copy(a.data, start, (kc, a.cs, MR), (rows, a.rs, 1), dst);
-    }
-}
-
-/// dst[o·od + i·id] = src[start + o·os + i·is] for o < n_outer, i < n_inner (scalar packing).
-fn strided_copy(src: &[f32], start: usize, (no, os, od): (usize, usize, usize), (ni, is, id): (usize, usize, usize), dst: &mut [f32]) {
-    for o in 0..no {
-        for i in 0..ni {
-            dst[o * od + i * id] = src[start + o * os + i * is];
-        }
-    }
-}
-
-/// [`pack_a`] for row-major A: one gather of the panel's rows per k step.
-///
-/// # Safety
-/// AVX-512F; 16·rs fits i32; the view covers rows i0..i0+rows and columns pc..pc+kc.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_a_gather(a: &View, i0: usize, rows: usize, pc: usize, kc: usize, dst: &mut [f32]) {
-    let base = a.data.as_ptr().wrapping_add(i0 * a.rs + pc);
-    // SAFETY: lane r of step p reads a.data[(i0 + r)·rs + pc + p] (r < rows): inside the view.
-    unsafe { gather_steps(base, a.rs, rows, kc, 1, dst, MR, MR) };
-}
-
-/// For p in 0..steps: lanes 0..live of `base + p·step + lane·stride` → dst[p·dst_stride..][..store]
-/// (lanes past `live` stored as zero; `store` ≤ 16).
-///
-/// # Safety
-/// AVX-512F; 16·stride fits i32; every live lane's address is readable; dst holds
-/// (steps − 1)·dst_stride + store values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gather_steps(base: *const f32, stride: usize, live: usize, steps: usize, step: usize, dst: &mut [f32], dst_stride: usize, store: usize) {
-    use std::arch::x86_64::*;
-    let idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride as i32));
-    let lanes = |n: usize| -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
-    };
-    let (mask, smask) = (lanes(live), lanes(store));
-    assert!(steps == 0 || dst.len() >= (steps - 1) * dst_stride + store, "gather_steps: dst too small");
-    for p in 0..steps {
-        // SAFETY: masked lanes are not read (caller: live lanes are readable); the store stays
-        // inside dst (asserted above).
-        unsafe {
-            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.wrapping_add(p * step).cast());
-            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(p * dst_stride), smask, v);
-        }
-    }
-}
-
-/// B[pc..pc+kc, j0..j0+NR] → dst[kc][NR] (columns past n are zero).
-fn pack_b(b: &View, pc: usize, kc: usize, j0: usize, dst: &mut [f32]) {
-    let cols = NR.min(b.cols - j0);
-    if cols < NR {
-        dst.fill(0.0);
-    }
-    if b.cs == 1 {
-        for p in 0..kc {
-            dst[p * NR..p * NR + cols].copy_from_slice(&b.data[(pc + p) * b.rs + j0..][..cols]);
-        }
-    } else {
-        #[cfg(target_arch = "x86_64")]
-        if b.cs * 16 < i32::MAX as usize {
-            // SAFETY: AVX-512F was checked (`gemm` asserts `available`); lanes past `cols` are
-            // masked off, and the others read b.data[(j0 + j)·cs + (pc + p)·rs], inside the view.
-            unsafe { pack_b_gather(b, pc, kc, j0, cols, dst) };
-            return;
-        }
-        strided_copy(b.data, j0 * b.cs + pc * b.rs, (cols, b.cs, 1), (kc, b.rs, NR), dst);
-        // (p, j) → dst[p·NR + j]
-    }
-}
-
-/// [`pack_b`] for column-strided B (a transposed weight): two 16-lane gathers per k step.
-///
-/// # Safety
-/// AVX-512F; 16·cs fits i32; the view covers rows pc..pc+kc and columns j0..j0+cols.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_b_gather(b: &View, pc: usize, kc: usize, j0: usize, cols: usize, dst: &mut [f32]) {
-    for h in 0..NR / 16 {
-        let live = cols.saturating_sub(h * 16).min(16);
-        if live == 0 {
-            break; // dst was zero-filled
-        }
-        let base = b.data.as_ptr().wrapping_add((j0 + h * 16) * b.cs + pc * b.rs);
-        // SAFETY: lane j of step p reads b.data[(j0 + 16h + j)·cs + (pc + p)·rs] (j < live):
-        // inside the view.
-        unsafe { gather_steps(base, b.cs, live, kc, b.rs, &mut dst[h * 16..], NR, 16) };
-    }
 }
 
 /// The C tile a kernel call writes: `rows × cols` at `c`, row stride `ldc`, added to or replaced

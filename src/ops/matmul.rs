@@ -5,6 +5,7 @@
 //! `linear` is the transformer's hot op: y[m×n] = x[m×k]·Wᵀ + b with W stored [n×k] as in
 //! PyTorch/HF Linear layers. The bias is written first and the GEMM accumulates onto it.
 use super::gemm_epilogue::{EpiRun, Epilogue};
+use super::gemm_f32_pack::PackedB;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
@@ -147,6 +148,18 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&
     let mut y = super::fastmath::zeros(m * n); // [m, n]
     linear_into(x, m, k, w, n, bias, &mut y, Epilogue::None);
     y
+}
+
+/// [`linear_into`] with w also packed once ([`PackedB`] of the same values, n = `p.n()`, k =
+/// `p.k()`): the AVX-512 GEMM reads the packed copy and packs nothing; where that path does not
+/// run (small products, `CLIPFORGE_CPU_GEMM` below avx512) w is used as in `linear_into`.
+pub fn linear_packed_into(x: &[f32], m: usize, w: &[f32], p: &PackedB, bias: Option<&[f32]>, y: &mut [f32], epi: Epilogue) {
+    let (n, k) = (p.n(), p.k());
+    assert!(y.len() == m * n && bias.is_none_or(|b| b.len() == n) && x.len() >= m * k, "linear: y must be m*n, bias n and x m*k");
+    if k > 0 && super::gemm_f32::worth_it(m, n, k) && super::cpu_path::selected() >= super::cpu_path::GemmPath::Avx512 {
+        return super::gemm_f32::gemm_fused_packed(View::row_major(&x[..m * k], m, k), p, y, bias, epi);
+    }
+    linear_into(x, m, k, w, n, bias, y, epi)
 }
 
 /// y[m×n] = epi(x[m×k]·wᵀ + bias), every element of y written (its old values are never read):

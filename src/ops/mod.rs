@@ -16,6 +16,7 @@ pub mod gemm_bf16;
 mod gemm_bf16_avx512;
 pub mod gemm_epilogue;
 pub mod gemm_f32;
+pub mod gemm_f32_pack;
 pub mod layernorm;
 pub mod matmul;
 pub mod patch_embed;
