@@ -71,10 +71,10 @@ pub(super) fn pack_a(a: &View, i0: usize, pc: usize, kc: usize, dst: &mut [f32])
         dst.fill(0.0);
     }
     #[cfg(target_arch = "x86_64")]
-    if a.cs == 1 && a.rs * 16 < i32::MAX as usize {
-        // SAFETY: AVX-512F (checked by `gemm`); lanes past `rows` are masked off, the others read
-        // a.data[(i0 + r)·rs + pc + p], inside the view.
-        unsafe { pack_a_gather(a, i0, rows, pc, kc, dst) };
+    if a.cs == 1 {
+        // SAFETY: AVX-512F (checked by `gemm`); rows i0..i0+rows, columns pc..pc+kc are inside
+        // the view, and dst holds kc·MR values.
+        unsafe { pack_a_rows(a, i0, rows, pc, kc, dst) };
         return;
     }
     // element (r, p) → dst[p·MR + r]; rows outer when a row is contiguous, else k steps outer
@@ -95,16 +95,69 @@ fn strided_copy(src: &[f32], start: usize, (no, os, od): (usize, usize, usize), 
     }
 }
 
-/// [`pack_a`] for row-major A: one gather of the panel's rows per k step.
+/// [`pack_a`] for row-major A: per 16 k steps, the panel's rows loaded as 16-value vectors
+/// (masked past kc, zero past `rows`), transposed in registers ([`transpose16`]) and stored as
+/// k rows of MR values — no gathers (one 14-lane gather per k step cost ~3× as much).
 ///
 /// # Safety
-/// AVX-512F; 16·rs fits i32; the view covers rows i0..i0+rows and columns pc..pc+kc.
+/// AVX-512F; the view covers rows i0..i0+rows and columns pc..pc+kc; dst holds kc·MR values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_a_gather(a: &View, i0: usize, rows: usize, pc: usize, kc: usize, dst: &mut [f32]) {
+unsafe fn pack_a_rows(a: &View, i0: usize, rows: usize, pc: usize, kc: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(rows <= MR && MR < 16 && dst.len() >= kc * MR, "pack_a_rows: bad panel");
     let base = a.data.as_ptr().wrapping_add(i0 * a.rs + pc);
-    // SAFETY: lane r of step p reads a.data[(i0 + r)·rs + pc + p] (r < rows): inside the view.
-    unsafe { gather_steps(base, a.rs, rows, kc, 1, dst, MR, MR) };
+    let keep = ((1u32 << MR) - 1) as __mmask16; // the MR row lanes of a transposed vector
+    for p in (0..kc).step_by(16) {
+        let len = (kc - p).min(16);
+        let lmask = if len == 16 { 0xFFFF } else { ((1u32 << len) - 1) as __mmask16 };
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, ri) in r.iter_mut().enumerate().take(rows) {
+            // SAFETY: lanes < len of row i0 + i read columns pc + p.. < pc + kc: inside the view.
+            *ri = unsafe { _mm512_maskz_loadu_ps(lmask, base.wrapping_add(i * a.rs + p)) };
+        }
+        transpose16(&mut r);
+        for (q, rq) in r.iter().enumerate().take(len) {
+            // SAFETY: (p + q)·MR + MR ≤ kc·MR ≤ dst.len() (asserted).
+            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add((p + q) * MR), keep, *rq) };
+        }
+    }
+}
+
+/// In-register transpose of a 16×16 f32 block: `r[i]` lane j ← `r[j]` lane i (64 shuffles:
+/// 32-bit and 64-bit interleaves within 128-bit lanes, then two rounds of 128-bit block moves).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        // block j of t[2i]: r2i[4j], r2i+1[4j], r2i[4j+1], r2i+1[4j+1]; of t[2i+1]: elements 4j+2, 4j+3
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let pd = _mm512_castps_pd;
+    let ps = _mm512_castpd_ps;
+    for i in 0..4 {
+        // block j of r[4i + c]: column 4j + c of rows 4i..4i+4
+        let (a0, a1, b0, b1) = (pd(t[4 * i]), pd(t[4 * i + 1]), pd(t[4 * i + 2]), pd(t[4 * i + 3]));
+        r[4 * i] = ps(_mm512_unpacklo_pd(a0, b0));
+        r[4 * i + 1] = ps(_mm512_unpackhi_pd(a0, b0));
+        r[4 * i + 2] = ps(_mm512_unpacklo_pd(a1, b1));
+        r[4 * i + 3] = ps(_mm512_unpackhi_pd(a1, b1));
+    }
+    let x = *r;
+    for c in 0..4 {
+        let u0 = _mm512_shuffle_f32x4::<0x44>(x[c], x[4 + c]); // blocks 0, 1 of rows 0–3 and 4–7
+        let u1 = _mm512_shuffle_f32x4::<0xEE>(x[c], x[4 + c]); // blocks 2, 3
+        let u2 = _mm512_shuffle_f32x4::<0x44>(x[8 + c], x[12 + c]);
+        let u3 = _mm512_shuffle_f32x4::<0xEE>(x[8 + c], x[12 + c]);
+        r[c] = _mm512_shuffle_f32x4::<0x88>(u0, u2); // column c: block 0 of each
+        r[4 + c] = _mm512_shuffle_f32x4::<0xDD>(u0, u2); // column 4 + c: block 1
+        r[8 + c] = _mm512_shuffle_f32x4::<0x88>(u1, u3);
+        r[12 + c] = _mm512_shuffle_f32x4::<0xDD>(u1, u3);
+    }
 }
 
 /// For p in 0..steps: lanes 0..live of `base + p·step + lane·stride` → dst[p·dst_stride..][..store]
@@ -150,6 +203,13 @@ pub(super) fn pack_b(b: &View, pc: usize, kc: usize, j0: usize, dst: &mut [f32])
         }
     } else {
         #[cfg(target_arch = "x86_64")]
+        if b.rs == 1 {
+            // SAFETY: AVX-512F (checked by `gemm` / `PackedB::new`); columns j0..j0+cols, rows
+            // pc..pc+kc are inside the view, and dst holds kc·NR values.
+            unsafe { pack_b_cols(b, pc, kc, j0, cols, dst) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if b.cs * 16 < i32::MAX as usize {
             // SAFETY: AVX-512F was checked (`gemm` asserts `available`); lanes past `cols` are
             // masked off, and the others read b.data[(j0 + j)·cs + (pc + p)·rs], inside the view.
@@ -161,7 +221,39 @@ pub(super) fn pack_b(b: &View, pc: usize, kc: usize, j0: usize, dst: &mut [f32])
     }
 }
 
-/// [`pack_b`] for column-strided B (a transposed weight): two 16-lane gathers per k step.
+/// [`pack_b`] for B whose columns are contiguous (a transposed weight, W [n×k] row-major): per
+/// 16 columns and 16 k steps, the columns loaded as vectors (masked past kc, zero past `cols`),
+/// transposed in registers and stored as k rows of the panel.
+///
+/// # Safety
+/// AVX-512F; b.rs == 1; the view covers rows pc..pc+kc and columns j0..j0+cols; dst holds
+/// kc·NR values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b_cols(b: &View, pc: usize, kc: usize, j0: usize, cols: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(b.rs == 1 && cols <= NR && NR.is_multiple_of(16) && dst.len() >= kc * NR, "pack_b_cols: bad panel");
+    for h in 0..NR / 16 {
+        let live = cols.saturating_sub(h * 16).min(16);
+        let base = b.data.as_ptr().wrapping_add((j0 + h * 16) * b.cs + pc);
+        for p in (0..kc).step_by(16) {
+            let len = (kc - p).min(16);
+            let lmask = if len == 16 { 0xFFFF } else { ((1u32 << len) - 1) as __mmask16 };
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (j, rj) in r.iter_mut().enumerate().take(live) {
+                // SAFETY: lanes < len of column j0 + 16h + j read rows pc + p.. < pc + kc: inside the view.
+                *rj = unsafe { _mm512_maskz_loadu_ps(lmask, base.wrapping_add(j * b.cs + p)) };
+            }
+            transpose16(&mut r);
+            for (q, rq) in r.iter().enumerate().take(len) {
+                // SAFETY: (p + q)·NR + 16h + 16 ≤ kc·NR ≤ dst.len() (asserted).
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((p + q) * NR + h * 16), *rq) };
+            }
+        }
+    }
+}
+
+/// [`pack_b`] for column-strided B with strided rows too: two 16-lane gathers per k step.
 ///
 /// # Safety
 /// AVX-512F; 16·cs fits i32; the view covers rows pc..pc+kc and columns j0..j0+cols.
@@ -177,5 +269,53 @@ unsafe fn pack_b_gather(b: &View, pc: usize, kc: usize, j0: usize, cols: usize, 
         // SAFETY: lane j of step p reads b.data[(j0 + 16h + j)·cs + (pc + p)·rs] (j < live):
         // inside the view.
         unsafe { gather_steps(base, b.cs, live, kc, b.rs, &mut dst[h * 16..], NR, 16) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(n: usize) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37).sin() + i as f32 * 1e-3).collect()
+    }
+
+    /// The transposing packers (row-major A, column-contiguous B) against the element formula,
+    /// at every row / column count of a panel and depths around the 16-step blocks.
+    #[test]
+    fn transposing_packers_match_the_element_formula() {
+        if !available() {
+            return;
+        }
+        for kc in [1, 7, 15, 16, 17, 45, 64] {
+            let (rows_all, cols_all, pc) = (37, 70, 3);
+            let data = vals(rows_all * cols_all);
+            // A row-major [37 × 70] (cs = 1): panels at every row offset, so `rows` runs 1..=MR.
+            let a = View::row_major(&data, rows_all, cols_all);
+            for i0 in [0, 23, 30, 36] {
+                let mut got = vec![f32::NAN; kc * MR];
+                pack_a(&a, i0, pc, kc, &mut got);
+                for p in 0..kc {
+                    for r in 0..MR {
+                        let want = if i0 + r < rows_all { data[(i0 + r) * cols_all + pc + p] } else { 0.0 };
+                        assert_eq!(got[p * MR + r].to_bits(), want.to_bits(), "pack_a kc {kc} i0 {i0} ({r}, {p})");
+                    }
+                }
+            }
+            // B = Wᵀ with W row-major [70 × 80] (rs = 1): panels at every column offset.
+            let (n, k) = (70, 80);
+            let wd = vals(n * k);
+            let b = View::row_major(&wd, n, k).t(); // [80 × 70], columns contiguous
+            for j0 in [0, 32, 38, 64] {
+                let mut got = vec![f32::NAN; kc * NR];
+                pack_b(&b, pc, kc, j0, &mut got);
+                for p in 0..kc {
+                    for j in 0..NR {
+                        let want = if j0 + j < n { wd[(j0 + j) * k + pc + p] } else { 0.0 };
+                        assert_eq!(got[p * NR + j].to_bits(), want.to_bits(), "pack_b kc {kc} j0 {j0} ({p}, {j})");
+                    }
+                }
+            }
+        }
     }
 }
