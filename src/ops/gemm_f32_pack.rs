@@ -1,8 +1,9 @@
 //! Packing for the f32 GEMM (src/ops/gemm_f32.rs): A row panels `[kc][MR]` and B column panels
-//! `[kc][NR]`, zero-padded at the edges, from strided views (AVX-512 gathers for the strided
-//! side of a transposed operand); and [`PackedB`], a B packed once — a Linear weight packed when
-//! an inference model is loaded, so no GEMM packs it again (each thread of a row-split GEMM
-//! would otherwise pack all of it, per call).
+//! `[kc][NR]`, zero-padded at the edges, from strided views (16×16 in-register transposes where
+//! a panel runs across contiguous lines: row-major A, a transposed weight as B); and
+//! [`PackedB`], a B packed once — a Linear weight packed when an inference model is loaded, so
+//! no GEMM packs it again (each thread of a row-split GEMM would otherwise pack all of it, per
+//! call).
 use super::gemm_f32::{available, Tuning, MR, NR};
 use super::matmul::View;
 use rayon::prelude::*;
@@ -104,22 +105,34 @@ fn strided_copy(src: &[f32], start: usize, (no, os, od): (usize, usize, usize), 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_a_rows(a: &View, i0: usize, rows: usize, pc: usize, kc: usize, dst: &mut [f32]) {
+    assert!(rows <= MR && MR <= 16, "pack_a_rows: bad panel");
+    // SAFETY: row r < rows reads a.data[(i0 + r)·rs + pc + p], p < kc: inside the view (caller).
+    unsafe { transpose_lines(a.data.as_ptr().wrapping_add(i0 * a.rs + pc), a.rs, rows, kc, dst, MR, MR) };
+}
+
+/// For every step p < `steps`: value p of each of the `live` (≤ 16) lines `base + i·stride`
+/// (values contiguous) → lane i of dst[p·dst_stride..][..store] (lanes past `live` zero), 16
+/// steps at a time: masked line loads, [`transpose16`], masked stores.
+///
+/// # Safety
+/// AVX-512F; values 0..steps of every live line are readable; store ≤ 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_lines(base: *const f32, stride: usize, live: usize, steps: usize, dst: &mut [f32], dst_stride: usize, store: usize) {
     use std::arch::x86_64::*;
-    assert!(rows <= MR && MR < 16 && dst.len() >= kc * MR, "pack_a_rows: bad panel");
-    let base = a.data.as_ptr().wrapping_add(i0 * a.rs + pc);
-    let keep = ((1u32 << MR) - 1) as __mmask16; // the MR row lanes of a transposed vector
-    for p in (0..kc).step_by(16) {
-        let len = (kc - p).min(16);
-        let lmask = if len == 16 { 0xFFFF } else { ((1u32 << len) - 1) as __mmask16 };
+    let lanes = |n: usize| if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 };
+    assert!(live <= 16 && store <= 16 && (steps == 0 || dst.len() >= (steps - 1) * dst_stride + store), "transpose_lines: dst too small");
+    for p in (0..steps).step_by(16) {
+        let len = (steps - p).min(16);
         let mut r = [_mm512_setzero_ps(); 16];
-        for (i, ri) in r.iter_mut().enumerate().take(rows) {
-            // SAFETY: lanes < len of row i0 + i read columns pc + p.. < pc + kc: inside the view.
-            *ri = unsafe { _mm512_maskz_loadu_ps(lmask, base.wrapping_add(i * a.rs + p)) };
+        for (i, ri) in r.iter_mut().enumerate().take(live) {
+            // SAFETY: lanes < len read values p.. < steps of line i (caller).
+            *ri = unsafe { _mm512_maskz_loadu_ps(lanes(len), base.wrapping_add(i * stride + p)) };
         }
         transpose16(&mut r);
         for (q, rq) in r.iter().enumerate().take(len) {
-            // SAFETY: (p + q)·MR + MR ≤ kc·MR ≤ dst.len() (asserted).
-            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add((p + q) * MR), keep, *rq) };
+            // SAFETY: (p + q)·dst_stride + store ≤ dst.len() (asserted).
+            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add((p + q) * dst_stride), lanes(store), *rq) };
         }
     }
 }
@@ -231,25 +244,11 @@ pub(super) fn pack_b(b: &View, pc: usize, kc: usize, j0: usize, dst: &mut [f32])
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_b_cols(b: &View, pc: usize, kc: usize, j0: usize, cols: usize, dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    assert!(b.rs == 1 && cols <= NR && NR.is_multiple_of(16) && dst.len() >= kc * NR, "pack_b_cols: bad panel");
     for h in 0..NR / 16 {
         let live = cols.saturating_sub(h * 16).min(16);
-        let base = b.data.as_ptr().wrapping_add((j0 + h * 16) * b.cs + pc);
-        for p in (0..kc).step_by(16) {
-            let len = (kc - p).min(16);
-            let lmask = if len == 16 { 0xFFFF } else { ((1u32 << len) - 1) as __mmask16 };
-            let mut r = [_mm512_setzero_ps(); 16];
-            for (j, rj) in r.iter_mut().enumerate().take(live) {
-                // SAFETY: lanes < len of column j0 + 16h + j read rows pc + p.. < pc + kc: inside the view.
-                *rj = unsafe { _mm512_maskz_loadu_ps(lmask, base.wrapping_add(j * b.cs + p)) };
-            }
-            transpose16(&mut r);
-            for (q, rq) in r.iter().enumerate().take(len) {
-                // SAFETY: (p + q)·NR + 16h + 16 ≤ kc·NR ≤ dst.len() (asserted).
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((p + q) * NR + h * 16), *rq) };
-            }
-        }
+        // SAFETY: column j0 + 16h + j (j < live) reads b.data[(j0 + 16h + j)·cs + pc + p], p <
+        // kc: inside the view (caller); dst[16h..] holds (kc − 1)·NR + 16 values.
+        unsafe { transpose_lines(b.data.as_ptr().wrapping_add((j0 + h * 16) * b.cs + pc), b.cs, live, kc, &mut dst[h * 16..], NR, 16) };
     }
 }
 
