@@ -121,7 +121,8 @@ fn bench_linear_fused_bf16(c: &mut Criterion) {
 
 /// The f32 MLP Linears with the bias and activation / residual add fused into the AVX-512 GEMM's
 /// tile stores (what the f32 towers run) against their composite twins (Linear, then the bias +
-/// activation pass or the residual add pass).
+/// activation pass or the residual add pass), and with the weight frozen (`Ops::freeze_weight`:
+/// packed once, as inference models hold it) against packing it per call.
 fn bench_linear_fused_f32(c: &mut Criterion) {
     use clipforge::backend::cpu::Cpu;
     use clipforge::backend::{Act, Ops};
@@ -139,8 +140,15 @@ fn bench_linear_fused_f32(c: &mut Criterion) {
     g.bench_function(format!("act-unfused/{m}x{k}x{n}"), |bch| {
         bch.iter(|| black_box(Cpu.bias_act(Cpu.linear(&x, &w1, None, m).unwrap(), &b1, m, n, Act::QuickGelu, false).unwrap()))
     });
+    // The same Linear with its weight frozen (packed once, as an inference model loads it).
+    let mut w1p = Cpu.weight(t(normal_vec(n * k, 0.0, 0.02, 2)), n, k, DType::F32).unwrap();
+    Cpu.freeze_weight(&mut w1p).unwrap();
+    g.bench_function(format!("act-fused-frozen/{m}x{k}x{n}"), |bch| bch.iter(|| black_box(Cpu.linear_act(&x, &w1p, &b1, m, Act::QuickGelu, false).unwrap())));
     let h = Cpu.linear_act(&x, &w1, &b1, m, Act::QuickGelu, false).unwrap().0; // [m, n]
     g.bench_function(format!("add-fused/{m}x{n}x{k}"), |bch| bch.iter(|| black_box(Cpu.linear_add(&h, &w2, &b2, m, &res).unwrap())));
+    let mut w2p = Cpu.weight(t(normal_vec(k * n, 0.0, 0.02, 6)), k, n, DType::F32).unwrap();
+    Cpu.freeze_weight(&mut w2p).unwrap();
+    g.bench_function(format!("add-fused-frozen/{m}x{n}x{k}"), |bch| bch.iter(|| black_box(Cpu.linear_add(&h, &w2p, &b2, m, &res).unwrap())));
     g.bench_function(format!("add-unfused/{m}x{n}x{k}"), |bch| {
         bch.iter(|| {
             let mut y = Cpu.linear(&h, &w2, Some(&b2), m).unwrap();

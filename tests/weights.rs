@@ -52,3 +52,20 @@ fn f32_weights_are_mapped_not_copied() {
     // f32_data borrows the mapping (no conversion) when the tensor is f32 and aligned.
     assert!(matches!(t.f32_data(), std::borrow::Cow::Borrowed(_)));
 }
+
+/// A mapped tensor whose pages were released (`Storage::release_pages`, after an inference model
+/// packed its weights) reads back the same bits from the file; owned storage ignores the hint.
+#[test]
+fn released_pages_read_back_the_same_values() {
+    let w = Weights::open(&tiny()).unwrap();
+    for name in ["text_model.embeddings.token_embedding.weight", "vision_model.encoder.layers.0.mlp.fc1.weight"] {
+        let t = w.get(name).unwrap();
+        let before = t.to_vec_f32();
+        t.storage().release_pages();
+        let after = t.to_vec_f32();
+        assert!(before.iter().zip(&after).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: values changed after release_pages");
+    }
+    let owned = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3]).unwrap();
+    owned.storage().release_pages();
+    assert_eq!(owned.to_vec_f32(), vec![1.0, 2.0, 3.0]);
+}

@@ -201,12 +201,14 @@ impl Ops for Cpu {
         Ok(Weight { w, half, n, k })
     }
 
-    /// Packs an f32 weight once for the AVX-512 GEMM (no GEMM packs it again); bf16 weights
-    /// are packed already, and CPUs without AVX-512 keep the values as they are.
+    /// Packs an f32 weight once for the AVX-512 GEMM (no GEMM packs it again) and lets the
+    /// file-mapped original's pages go (so the copy does not double the resident memory); bf16
+    /// weights are packed already, and CPUs without AVX-512 keep the values as they are.
     fn freeze_weight(&self, w: &mut Weight<Cpu>) -> Result<()> {
         if w.half.is_none() && crate::ops::gemm_f32::available() && crate::ops::cpu_path::selected() >= crate::ops::cpu_path::GemmPath::Avx512 {
             check("weight", w.w.numel(), w.n * w.k)?;
             w.half = Some(Arc::new(CpuPacked::F32(PackedB::linear_weight(&w.w.f32_data(), w.n, w.k))));
+            w.w.storage().release_pages(); // read again only by small products and downloads
         }
         Ok(())
     }

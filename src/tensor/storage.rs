@@ -46,6 +46,20 @@ impl Storage {
             Storage::BF16(v) => bytemuck::cast_slice(v),
         }
     }
+    /// A hint that a file-mapped window will not be read for a while (its values were copied,
+    /// e.g. packed for a GEMM): its pages leave this process's resident memory, and are read back
+    /// from the file (usually the page cache) if it is read again. Nothing for owned storage.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Storage::Mapped { map, start, len, dtype } = self {
+            // SAFETY: the map is a read-only shared mapping of the file: MADV_DONTNEED drops only
+            // this process's pages of it, and a later read faults the file's same bytes back in
+            // (the file not changing under the mapping is the premise of mapping it at all; see
+            // `Weights::open`). The range (aligned down to a page by memmap2) is inside the map.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, len * dtype.size()) };
+            // a hint: errors ignored
+        }
+    }
     /// The whole storage as f32 when it already is f32 (and, for a mapping, 4-byte aligned).
     pub fn as_f32(&self) -> Option<&[f32]> {
         match self {
