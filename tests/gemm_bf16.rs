@@ -253,3 +253,22 @@ fn cpu_backend_fused_ops_match_unfused() {
         }
     }
 }
+
+/// Every kernel overwrites all of C, at shapes with many work items and row / column edges: the
+/// CPU backend hands the bf16 Linears an unfilled output buffer (`fastmath::written_by`).
+#[test]
+fn every_element_of_c_written_all_kernels() {
+    let mut g = Rng::seeded(77);
+    for &(m, n, k) in &[(200, 2304, 768), (1601, 77, 100), (3, 3072, 64)] {
+        let (a, w, b) = (g.vec(m * k, 1.0), g.vec(n * k, 0.5), g.vec(n, 1.0));
+        let pw = PackedBf16::from_f32(&w, n, k);
+        for kernel in KERNELS {
+            for bias in [None, Some(&b[..])] {
+                let mut c = vec![f32::NAN; m * n];
+                matmul_bf16_forced(&a, m, &pw, bias, &mut c, kernel);
+                let bad = c.iter().position(|x| !x.is_finite());
+                assert!(bad.is_none(), "{kernel:?} {m}x{n}x{k} bias {}: element {bad:?} not written", bias.is_some());
+            }
+        }
+    }
+}

@@ -101,12 +101,13 @@ fn gemm16(x: &Tensor, m: usize, k: usize, p: &PackedBf16, bias: Option<&[f32]>, 
     Ok(())
 }
 
-/// [`fastmath::written_by`] for [`linear32`]'s outputs: `matmul::linear_into` writes every element
-/// of C (the fused GEMM's tiles cover it; the composite path copies bias rows or replaces) and the
-/// epilogue every element of its output buffer.
+/// [`fastmath::written_by`] for the Linears' outputs: `matmul::linear_into` ([`linear32`]) writes
+/// every element of C (the fused GEMM's tiles cover it; the composite path copies bias rows or
+/// replaces), the bf16 GEMM ([`gemm16`]) overwrites all of C (tests/gemm_bf16.rs checks every
+/// kernel on NaN-filled outputs), and the epilogue every element of its output buffer.
 ///
 /// # Safety
-/// `fill` must write the buffer it is given in full (a `linear32` or `linear_packed_into` call
+/// `fill` must write the buffer it is given in full (a `linear32`, `gemm16` or `linear_packed_into` call
 /// writing it as C or as the epilogue's output).
 unsafe fn written32(n: usize, fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
     // SAFETY: the caller's contract.
@@ -218,11 +219,8 @@ impl Ops for Cpu {
         check("linear x", x.numel(), m * k)?;
         let bias = bias.map(|b| b.f32_data());
         match bf16_of(w) {
-            Some(p) => {
-                let mut y = zeros(m * n); // [m, n]
-                gemm16(x, m, k, &p.fwd, bias.as_deref().map(|b| &b[..n]), &mut y, Epilogue::None)?;
-                vec1(y)
-            }
+            // SAFETY: `gemm16` writes every element of its output (see `written32`).
+            Some(p) => vec1(unsafe { written32(m * n, |y| gemm16(x, m, k, &p.fwd, bias.as_deref().map(|b| &b[..n]), y, Epilogue::None)) }?), // [m, n]
             // SAFETY: `linear32` writes every element of its output (see `written32`).
             None => vec1(unsafe { written32(m * n, |y| linear32(x, m, w, bias.as_deref(), y, Epilogue::None)) }?), // [m, n]
         }
@@ -299,11 +297,8 @@ impl Ops for Cpu {
         check("residual", r.len(), m * n)?;
         let epi = Epilogue::Add { res: &r[..m * n] };
         let y = match bf16_of(w) {
-            Some(p) => {
-                let mut y = zeros(m * n); // [m, n]
-                gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut y, epi)?;
-                y
-            }
+            // SAFETY: `gemm16` writes every element of its output (see `written32`).
+            Some(p) => unsafe { written32(m * n, |y| gemm16(x, m, k, &p.fwd, Some(&bd[..n]), y, epi)) }?, // [m, n]
             // SAFETY: `linear32` writes every element of its output (see `written32`).
             None => unsafe { written32(m * n, |y| linear32(x, m, w, Some(&bd[..n]), y, epi)) }?, // [m, n]
         };
