@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 which=${1:-tiny}; batch=${2:-8}; steps=${3:-5}  # CF_DTYPE=bf16: clipforge's CPU bf16 fine-tune; TORCH_BF16=1: PyTorch under bf16 autocast
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT  # the stretched model and the checkpoints: ≈ 3 GB for b32
 case "$which" in
   tiny) src=tests/fixtures/tiny ;;
   b32) src=${MODEL_DIR:-/tmp/clipforge-b32}; [ -f "$src/model.safetensors" ] || python3 scripts/make_hf_model.py "$src" b32 ;;

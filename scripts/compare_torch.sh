@@ -10,6 +10,7 @@ dir=${MODEL_DIR:-/tmp/clipforge-$preset}
 [ -f "$dir/model.safetensors" ] || python3 scripts/make_hf_model.py "$dir" "$preset"
 cargo build --release --quiet
 out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
 python3 scripts/torch_baseline.py --model "$dir" --batch "$batch" --threads "$threads" --json > "$out/torch1.json"
 python3 scripts/torch_baseline.py --model "$dir" --batch "$batch" --threads "$threads" --bf16 --json > "$out/torch_bf16.json"
 ./target/release/clipforge --threads "$threads" bench --model "$dir" --batch "$batch" --iters 5 --json > "$out/cf_f32.json"

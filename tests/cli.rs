@@ -1,19 +1,10 @@
 //! The commands end to end on the tiny fixture model: output shapes, normalisation, row order,
 //! the --dir file list, and JSON outputs that parse.
+mod common;
 use clipforge::io::npy::read_npy;
-use std::path::{Path, PathBuf};
+use common::{fixture, tmpdir}; // scratch directories removed when each test ends
+use std::path::PathBuf;
 use std::process::Command;
-
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipforge-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn run(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_clipforge")).args(args).output().unwrap();

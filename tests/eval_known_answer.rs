@@ -1,6 +1,7 @@
 //! A dataset with a known answer: solid-colour 32×32 images named by their colour. The random
 //! tiny model cannot tell the colours apart; after a short Long-CLIP fine-tune on captions naming
 //! the colour, zero-shot accuracy, retrieval recall and the linear probe are clearly above chance.
+mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -39,8 +40,7 @@ fn make(root: &Path, per: usize, seed: u64) -> PathBuf {
 
 #[test]
 fn a_short_finetune_learns_the_colours() {
-    let d = std::env::temp_dir().join(format!("clipforge-known-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
+    let d = common::tmpdir("known"); // removed when the test ends
     let (train, test) = (d.join("train"), d.join("test"));
     let data = make(&train, 4, 1);
     let test_data = make(&test, 2, 2);

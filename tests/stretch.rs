@@ -16,19 +16,21 @@ fn clipforge(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clipforge")).args(args).output().unwrap()
 }
 
-fn stretched(name: &str, tag: &str) -> PathBuf {
-    let out = tmpdir(&format!("{name}-{tag}")).join("long");
+/// The stretched model's directory, and the scratch directory holding it (removed when dropped).
+fn stretched(name: &str, tag: &str) -> (common::TmpDir, PathBuf) {
+    let dir = tmpdir(&format!("{name}-{tag}"));
+    let out = dir.join("long");
     let o = clipforge(&["stretch", "--model", fixture(name).to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((r["old_len"].as_u64(), r["new_len"].as_u64()), (Some(77), Some(248)));
-    out
+    (dir, out)
 }
 
 #[test]
 fn table_and_config_follow_the_formula() {
     for (name, atol, rtol) in [("tiny", 1e-6, 1e-6), ("odd", 1e-3, 1.0 / 1024.0)] {
-        let out = stretched(name, "table");
+        let (_dir, out) = stretched(name, "table");
         let orig = Weights::open(&fixture(name)).unwrap().get("text_model.embeddings.position_embedding.weight").unwrap();
         let w = orig.dim(1);
         let want = stretch_reference(&orig.to_vec_f32(), w, Stretch::LONG_CLIP);
@@ -48,7 +50,7 @@ fn table_and_config_follow_the_formula() {
 
 #[test]
 fn stretched_text_embeddings_equal_hf() {
-    let out = stretched("tiny", "hf");
+    let (_dir, out) = stretched("tiny", "hf");
     let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("stretch_expected.json")).unwrap()).unwrap();
     let ids: Vec<Vec<u32>> =
         exp["ids"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect();

@@ -15,9 +15,8 @@ fn tiny() -> std::path::PathBuf {
 fn bf16_file_equals_bf16_rounded_f32() {
     let src = Weights::open(&tiny()).unwrap();
     let cfg = ClipConfig::from_file(&tiny().join("config.json")).unwrap();
-    let dir = std::env::temp_dir().join(format!("clipforge-bf16-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // Write every tensor as BF16 with the safetensors crate.
+    let dir = common::tmpdir("bf16"); // removed when the test ends
+                                      // Write every tensor as BF16 with the safetensors crate.
     let mut bufs: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
     let mut rounded: HashMap<String, Tensor> = HashMap::new();
     for name in src.names() {
