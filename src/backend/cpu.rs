@@ -3,6 +3,10 @@
 //! bf16 weights, the packed bf16 GEMM (AMX or AVX512-BF16, `ops::gemm_bf16`); attention through
 //! the blocked CPU kernels of `ops::attention` (per sequence, in parallel, for packed sequences).
 //!
+//! Inference models freeze their f32 Linear weights (`Ops::freeze_weight`): each is packed once
+//! into the AVX-512 GEMM's panel layout (`CpuPacked::F32`) and its file-mapped pages are let go;
+//! training weights change every step and are packed per call.
+//!
 //! bf16 training (`finetune --dtype bf16`): a bf16 weight keeps its f32 master (`Weight::w`); the
 //! backward GEMMs of such a weight also take bf16 inputs with f32 accumulation: dx = dy·W through
 //! Wᵀ packed on the first backward (cached with the weight), dW = dyᵀ·x through xᵀ packed per call.
