@@ -98,7 +98,7 @@ fn strided_copy(src: &[f32], start: usize, (no, os, od): (usize, usize, usize), 
 
 /// [`pack_a`] for row-major A: per 16 k steps, the panel's rows loaded as 16-value vectors
 /// (masked past kc, zero past `rows`), transposed in registers ([`transpose16`]) and stored as
-/// k rows of MR values — no gathers (one 14-lane gather per k step cost ~3× as much).
+/// k rows of MR values — no gathers (one 14-lane gather per k step took about twice as long).
 ///
 /// # Safety
 /// AVX-512F; the view covers rows i0..i0+rows and columns pc..pc+kc; dst holds kc·MR values.
