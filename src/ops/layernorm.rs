@@ -36,12 +36,24 @@ pub fn layer_norm_row(x: &[f32], y: &mut [f32], gamma: &[f32], beta: &[f32], eps
     (mean, rstd)
 }
 
+/// Rows of width n normalised, scaled by γ and shifted by β (x.len() a multiple of n; γ, β ≥ n).
 pub fn layer_norm(x: &[f32], n: usize, gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
-    let mut out = super::fastmath::zeros(x.len());
-    par_rows(&mut out, n, |i, y| {
-        layer_norm_row(&x[i * n..(i + 1) * n], y, gamma, beta, eps);
-    });
-    out
+    if x.is_empty() {
+        return Vec::new();
+    }
+    assert!(n > 0 && x.len().is_multiple_of(n) && gamma.len() >= n && beta.len() >= n, "layer_norm: rows of {n}, γ and β of ≥ {n} values");
+    let fill = |out: &mut [f32]| -> Result<(), std::convert::Infallible> {
+        par_rows(out, n, |i, y| {
+            layer_norm_row(&x[i * n..(i + 1) * n], y, gamma, beta, eps);
+        });
+        Ok(())
+    };
+    // SAFETY: par_rows hands every one of the x.len() / n rows to `layer_norm_row`, which writes
+    // all n values of its row (x, γ and β hold ≥ n: asserted) and reads none of them.
+    match unsafe { super::fastmath::written_by(x.len(), fill) } {
+        Ok(out) => out,
+        Err(never) => match never {},
+    }
 }
 
 /// Backward of [`layer_norm`], reference in f64: with x̂ = (x − μ)·r, g = dy·γ,
