@@ -21,7 +21,7 @@ use crate::ops::gemm_epilogue::{ActOut, Epilogue};
 use crate::ops::gemm_f32_pack::PackedB;
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
 use crate::ops::matmul::{gemm, linear_into, linear_packed_into, View};
-use crate::ops::patch_embed::{im2col, patch_embed, patch_embed_bwd_weight, PatchShape};
+use crate::ops::patch_embed::{im2col, patch_embed_bwd_weight, PatchShape};
 use crate::ops::reduce::col_sums;
 use crate::shape_err;
 use crate::tensor::{DType, Storage, Tensor};
@@ -410,27 +410,10 @@ impl Ops for Cpu {
     fn patch_embed(&self, px: &Tensor, w: &Weight<Cpu>, b: usize, c: usize, s: usize, p: usize) -> Result<Tensor> {
         check("patch_embed pixels", px.numel(), b * c * s * s)?;
         let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: w.n };
-        match w.half.as_deref() {
-            Some(CpuPacked::Bf16(h)) => {
-                let cols = im2col(&px.f32_data(), &shape); // [B·N, C·P·P]
-                let mut out = zeros(b * shape.patches() * w.n); // [B·N, D]
-                matmul_bf16(&cols, b * shape.patches(), &h.fwd, None, &mut out); // bf16 pixels and weights, f32 sums
-                vec1(out)
-            }
-            Some(CpuPacked::F32(pk)) => {
-                let (cols, rows) = (im2col(&px.f32_data(), &shape), b * shape.patches()); // [B·N, C·P·P]
-                let wd = w.w.f32_data();
-                // SAFETY: `linear_packed_into` writes every element of its output.
-                let out = unsafe {
-                    written32(rows * w.n, |y| {
-                        linear_packed_into(&cols, rows, &wd[..w.n * w.k], pk, None, y, Epilogue::None);
-                        Ok(())
-                    })
-                }?; // [B·N, D]
-                vec1(out)
-            }
-            None => vec1(patch_embed(&px.f32_data(), &w.w.f32_data(), &shape)), // [B·N, D]
-        }
+        // The convolution is a Linear over im2col rows: every weight form (bf16, frozen f32, f32).
+        let rows = b * shape.patches();
+        let cols = vec1(im2col(&px.f32_data(), &shape))?; // [B·N, C·P·P]
+        self.linear(&cols, w, None, rows) // [B·N, D]
     }
 
     fn vision_embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, b: usize, n: usize, w: usize) -> Result<Tensor> {

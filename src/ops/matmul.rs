@@ -156,7 +156,7 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&
 pub fn linear_packed_into(x: &[f32], m: usize, w: &[f32], p: &PackedB, bias: Option<&[f32]>, y: &mut [f32], epi: Epilogue) {
     let (n, k) = (p.n(), p.k());
     assert!(y.len() == m * n && bias.is_none_or(|b| b.len() == n) && x.len() >= m * k, "linear: y must be m*n, bias n and x m*k");
-    if k > 0 && super::gemm_f32::worth_it(m, n, k) && super::cpu_path::selected() >= super::cpu_path::GemmPath::Avx512 {
+    if super::gemm_f32::worth_it(m, n, k) && super::cpu_path::selected() >= super::cpu_path::GemmPath::Avx512 {
         return super::gemm_f32::gemm_fused_packed(View::row_major(&x[..m * k], m, k), p, y, bias, epi);
     }
     linear_into(x, m, k, w, n, bias, y, epi)
