@@ -191,6 +191,29 @@ fn bench_attention(c: &mut Criterion) {
     g.finish();
 }
 
+/// The f32 attention against the bf16 one (QKᵀ and PV through the bf16 GEMM) on long sequences:
+/// Long-CLIP's 248-token text (causal) and a ViT-L/14 image (257 tokens). `bf16-auto` is the
+/// bf16 GEMM's own choice here (f32 FMAs on Intel without AMX), `bf16-vdpbf16ps` the AVX512-BF16
+/// kernel (what AMD takes); on AMX, `bf16-auto` is the tile kernel.
+fn bench_attention_bf16(c: &mut Criterion) {
+    use clipforge::ops::attention_bf16::attention_bf16;
+    use clipforge::ops::gemm_bf16::{has_avx512_bf16, Kernel};
+    let mut g = c.benchmark_group("cpu/attention_bf16");
+    g.sample_size(10);
+    for &(b, t, h, causal) in &[(8, 248, 8, true), (4, 257, 16, false)] {
+        let s = AttnShape { batch: b, seq: t, heads: h, head_dim: 64, causal, scale: 0.125 };
+        let (q, k, v) = (normal_vec(s.numel(), 0.0, 1.0, 4), normal_vec(s.numel(), 0.0, 1.0, 5), normal_vec(s.numel(), 0.0, 1.0, 6));
+        g.throughput(Throughput::Elements((4 * b * h * t * t * 64) as u64));
+        let name = format!("B{b}xT{t}xH{h}xd64{}", if causal { "-causal" } else { "" });
+        g.bench_function(format!("f32/{name}"), |bch| bch.iter(|| black_box(attention(&q, &k, &v, &s))));
+        g.bench_function(format!("bf16-auto/{name}"), |bch| bch.iter(|| black_box(attention_bf16(&q, &k, &v, &s, Kernel::Auto))));
+        if has_avx512_bf16() {
+            g.bench_function(format!("bf16-vdpbf16ps/{name}"), |bch| bch.iter(|| black_box(attention_bf16(&q, &k, &v, &s, Kernel::Avx512Bf16))));
+        }
+    }
+    g.finish();
+}
+
 fn bench_layernorm(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu/layernorm");
     for &(rows, n) in &[(1600, 768), (2464, 512)] {
@@ -218,6 +241,7 @@ criterion_group!(
     bench_linear_fused_bf16,
     bench_linear_fused_f32,
     bench_attention,
+    bench_attention_bf16,
     bench_attention_paths,
     bench_layernorm,
     bench_quick_gelu

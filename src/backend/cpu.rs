@@ -1,7 +1,9 @@
 //! The CPU backend of [`Ops`]: buffers are [`Tensor`]s (weights stay memory-mapped when stored
 //! f32), GEMMs go through `ops::matmul::gemm` (the AVX-512 f32 kernel, faer for the rest) or, for
 //! bf16 weights, the packed bf16 GEMM (AMX or AVX512-BF16, `ops::gemm_bf16`); attention through
-//! the blocked CPU kernels of `ops::attention` (per sequence, in parallel, for packed sequences).
+//! the blocked CPU kernels of `ops::attention` (per sequence, in parallel, for packed sequences),
+//! or, for a bf16 model where bf16 products pay (AMX; AVX512-BF16 on AMD), with q, k and v kept
+//! in bf16 and QKᵀ and PV through the bf16 GEMM (`ops::attention_bf16`).
 //!
 //! Inference models freeze their f32 Linear weights (`Ops::freeze_weight`): each is packed once
 //! into the AVX-512 GEMM's panel layout (`CpuPacked::F32`) and its file-mapped pages are let go;
@@ -13,6 +15,7 @@
 use super::{Act, Ops, Seqs, Weight};
 use crate::error::Result;
 use crate::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape};
+use crate::ops::attention_bf16::{self, attention_bf16, attention_packed_bf16};
 use crate::ops::elementwise::{unary, unary_bwd, Unary};
 use crate::ops::embedding::embedding_bwd_grouped;
 use crate::ops::fastmath::{par_rows, zeros};
@@ -368,8 +371,38 @@ impl Ops for Cpu {
         Ok((vec1(du)?, vec1(db)?))
     }
 
+    /// With bf16 weights where the bf16 attention pays ([`attention_bf16::chosen`]), q, k and v are
+    /// kept in bf16 (the rounding that attention's bf16 products apply anyway, half the memory):
+    /// [`Ops::attention`] then takes its bf16 path. Otherwise three Linears with f32 outputs.
+    fn qkv(&self, h: &Tensor, w: [&Weight<Cpu>; 3], b: [&Tensor; 3], n: usize, heads: usize) -> Result<[Tensor; 3]> {
+        use rayon::prelude::*;
+        let _ = heads;
+        let half = w.iter().all(|w| bf16_of(w).is_some()) && attention_bf16::chosen();
+        let one = |w: &Weight<Cpu>, b: &Tensor| -> Result<Tensor> {
+            let y = self.linear(h, w, Some(b), n)?; // [n, W]
+            if !half {
+                return Ok(y);
+            }
+            let yd = y.f32_data();
+            let mut out = bf16_zeros(yd.len()); // [n, W] bf16
+            out.par_chunks_mut(4096).zip(yd.par_chunks(4096)).for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = bf16::from_f32(x)));
+            Tensor::from_storage(Storage::BF16(out), &[yd.len()])
+        };
+        Ok([one(w[0], b[0])?, one(w[1], b[1])?, one(w[2], b[2])?])
+    }
+
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, seqs: &Seqs, heads: usize, w: usize) -> Result<(Tensor, Tensor)> {
         check("attention q", q.numel(), seqs.rows() * w)?;
+        check("attention k", k.numel(), seqs.rows() * w)?;
+        check("attention v", v.numel(), seqs.rows() * w)?;
+        if let (Some(qb), Some(kb), Some(vb)) = (q.bf16_data(), k.bf16_data(), v.bf16_data()) {
+            // bf16 q, k, v (from `qkv`): QKᵀ and PV through the bf16 GEMM
+            let (o, lse) = match seqs {
+                Seqs::Batch { batch, seq, causal } => attention_bf16(qb, kb, vb, &shape(*batch, *seq, heads, w, *causal), Kernel::Auto),
+                Seqs::Packed(lens) => attention_packed_bf16(qb, kb, vb, lens, heads, true, Kernel::Auto),
+            };
+            return Ok((vec1(o)?, vec1(lse)?));
+        }
         let (qd, kd, vd) = (q.f32_data(), k.f32_data(), v.f32_data());
         let (o, lse) = match seqs {
             Seqs::Batch { batch, seq, causal } => attention(&qd, &kd, &vd, &shape(*batch, *seq, heads, w, *causal)),

@@ -31,7 +31,7 @@ impl AttnShape {
         self.batch * self.seq * self.width()
     }
     /// Keys visible to query `i`.
-    fn keys(&self, i: usize) -> usize {
+    pub(super) fn keys(&self, i: usize) -> usize {
         if self.causal {
             i + 1
         } else {
@@ -71,7 +71,7 @@ pub fn attention_reference(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (V
 
 /// Query rows per block on the causal path: the block of rows r0..r1 needs keys 0..r1 only, so
 /// the masked half of the score matrix is (block-wise) never computed.
-const QBLK: usize = 64;
+pub(super) const QBLK: usize = 64;
 
 /// The query blocks of one sequence: (r0, r1, keys the block needs).
 fn query_blocks(s: &AttnShape) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
@@ -163,22 +163,7 @@ pub fn attention_portable(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Ve
                 let sc = &mut sc[..(r1 - r0) * nk];
                 gemm_seq(View::row_major(&qt[r0 * d..r1 * d], r1 - r0, d), View::row_major(&kt[..nk * d], nk, d).t(), sc); // S = Q·Kᵀ
                 for (i, row) in (r0..r1).zip(sc.chunks_exact_mut(nk)) {
-                    let keys = s.keys(i);
-                    row[keys..].fill(0.0);
-                    let row = &mut row[..keys];
-                    let mut m = f32::NEG_INFINITY;
-                    for x in row.iter_mut() {
-                        *x *= s.scale;
-                        m = m.max(*x);
-                    }
-                    let mut z = 0f32;
-                    for x in row.iter_mut() {
-                        *x = fastmath::exp(*x - m);
-                        z += *x;
-                    }
-                    let inv = 1.0 / z;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                    lb[h * t + i] = m + z.ln();
+                    lb[h * t + i] = softmax_row_portable(row, s.keys(i), s.scale);
                 }
                 gemm_seq(View::row_major(sc, r1 - r0, nk), View::row_major(&vt[..nk * d], nk, d), &mut o[r0 * d..r1 * d]);
                 // O = P·V
@@ -189,6 +174,27 @@ pub fn attention_portable(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Ve
         }
     });
     (out, lse)
+}
+
+/// One score row in place: the first `keys` entries scaled, exponentiated and normalised, the
+/// rest zeroed; returns the row's logsumexp (of the scaled scores). Scalar twin of
+/// `attn_kernel::softmax_row`.
+pub(super) fn softmax_row_portable(row: &mut [f32], keys: usize, scale: f32) -> f32 {
+    let (row, dead) = row.split_at_mut(keys);
+    dead.fill(0.0);
+    let mut m = f32::NEG_INFINITY;
+    for x in row.iter_mut() {
+        *x *= scale;
+        m = m.max(*x);
+    }
+    let mut z = 0f32;
+    for x in row.iter_mut() {
+        *x = fastmath::exp(*x - m);
+        z += *x;
+    }
+    let inv = 1.0 / z;
+    row.iter_mut().for_each(|x| *x *= inv);
+    m + z.ln()
 }
 
 /// Naive backward in f64: loops over (b, h, i, j), P recomputed from `lse`, D from `o`.
@@ -327,7 +333,7 @@ pub fn attention_packed_backward(
 
 /// Runs `f(rows, lse range, shape)` for every packed sequence, in parallel, results in order.
 /// `numel` = N·W fixes the width W = numel / Σ lens.
-fn per_sequence<R: Send>(
+pub(super) fn per_sequence<R: Send>(
     lens: &[usize],
     heads: usize,
     causal: bool,
@@ -347,7 +353,7 @@ fn per_sequence<R: Send>(
     jobs.into_par_iter().map(|(x, l, s)| f(x, l, &s)).collect()
 }
 
-fn unzip_cat(parts: Vec<(Vec<f32>, Vec<f32>)>) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn unzip_cat(parts: Vec<(Vec<f32>, Vec<f32>)>) -> (Vec<f32>, Vec<f32>) {
     let (mut o, mut lse) = (vec![], vec![]);
     for (a, b) in parts {
         o.extend(a);

@@ -23,7 +23,7 @@
 //! rounded on its own; one RNE rounding per accumulation), bf16 input denormals read as zero
 //! (DAZ) and f32 output denormals flushed to zero (FTZ), independent of MXCSR. The hardware's
 //! internal summation order may differ; the tests hold both to the same per-element tolerance.
-use super::gemm_bf16::{AElem, PackedBf16, NR};
+use super::gemm_bf16::{AElem, WView, NR};
 use super::gemm_epilogue::EpiRun;
 use rayon::prelude::*;
 
@@ -225,7 +225,8 @@ thread_local! {
 }
 
 /// `c = epi(a·Wᵀ (+ bias))` through the tile operations `O` (m, n, k ≥ 1; shapes checked by the
-/// caller); `acc`: `c += a·Wᵀ` (no bias, no epilogue). `simd`: AVX512-BF16 is available for the
+/// caller); `acc`: `c += a·Wᵀ` (no bias, no epilogue); `par`: work items on the rayon pool (else
+/// one item on this thread). `simd`: AVX512-BF16 is available for the
 /// f32 → bf16 conversion of A. The epilogue is applied to each 32×32 block of C as it is written
 /// after the last kc-block.
 ///
@@ -236,24 +237,25 @@ thread_local! {
 pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
     a: &[T],
     m: usize,
-    w: &PackedBf16,
+    w: WView,
     bias: Option<&[f32]>,
     c: &mut [f32],
     simd: bool,
     acc: bool,
     epi: EpiRun,
+    par: bool,
 ) {
-    let (n, k, kps) = (w.n(), w.k(), w.kps());
+    let (n, k, kps) = (w.n, w.k, w.kps);
     assert!(a.len() == m * k && c.len() == m * n && kps % TK == 0 && m > 0 && n > 0 && k > 0, "matmul_amx: bad call");
-    let nkt = kps / TK; // k tiles
+    let nkt = w.kp.div_ceil(TK); // k tiles (≤ kps / TK; a prefix view may use fewer)
     let nkb = nkt.div_ceil(KT_MAX);
     let (mpan, npan) = (m.div_ceil(BM), n.div_ceil(NR));
-    let target = ITEMS_PER_THREAD * rayon::current_num_threads().max(1);
+    let target = if par { ITEMS_PER_THREAD * rayon::current_num_threads().max(1) } else { 1 };
     let mblk = mpan.min(target).max(mpan.div_ceil(MAX_BLOCK_PANELS));
     let nsplit = (target / mblk).clamp(1, npan);
     let cptr = CPtr(c.as_mut_ptr());
-    let wdata = w.data();
-    (0..mblk * nsplit).into_par_iter().for_each(|item| {
+    let wdata = w.data;
+    let item = |item: usize| {
         let (ib, js) = (item / nsplit, item % nsplit);
         let (p0, p1) = (ib * mpan / mblk, (ib + 1) * mpan / mblk);
         let (j0, j1) = (js * npan / nsplit * NR, ((js + 1) * npan / nsplit * NR).min(n));
@@ -320,7 +322,12 @@ pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
                 tiles.release();
             }
         });
-    });
+    };
+    if par {
+        (0..mblk * nsplit).into_par_iter().for_each(item);
+    } else {
+        (0..mblk * nsplit).for_each(item);
+    }
 }
 
 /// Writes `acc (+ bias | + c)` to rows × cols of C at `c + off` (row stride `ldc`).

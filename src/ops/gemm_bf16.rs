@@ -63,8 +63,9 @@ pub struct PackedBf16 {
     data: Vec<u32>,
 }
 
+/// Two bf16 values as one operand pair (`lo` in the low half).
 #[inline]
-fn pair(lo: bf16, hi: bf16) -> u32 {
+pub(super) fn pair(lo: bf16, hi: bf16) -> u32 {
     lo.to_bits() as u32 | ((hi.to_bits() as u32) << 16)
 }
 
@@ -138,12 +139,39 @@ impl PackedBf16 {
     pub fn kps(&self) -> usize {
         self.kps
     }
-    pub(super) fn data(&self) -> &[u32] {
-        &self.data
+    /// The whole packed weight, borrowed.
+    pub(crate) fn view(&self) -> WView<'_> {
+        WView { n: self.n, k: self.k, kp: self.kp, kps: self.kps, data: &self.data }
     }
     /// Bytes of packed weight storage.
     pub fn size_bytes(&self) -> usize {
         self.data.len() * 4
+    }
+}
+
+/// A borrowed packed weight (the layout of [`PackedBf16`]), or a leading part of one
+/// ([`WView::prefix`]): what the GEMMs read.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WView<'a> {
+    pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) kp: usize,
+    /// Pairs per panel in storage (a multiple of 16).
+    pub(super) kps: usize,
+    pub(super) data: &'a [u32],
+}
+
+impl<'a> WView<'a> {
+    /// A weight `[n×k]` packed by the caller in [`PackedBf16`]'s layout with `kps` pairs per panel.
+    pub(super) fn from_parts(n: usize, k: usize, kps: usize, data: &'a [u32]) -> Self {
+        assert!(kps.is_multiple_of(16) && kps >= k.div_ceil(2) && data.len() >= n.div_ceil(NR) * kps * NR, "WView: bad packed weight");
+        WView { n, k, kp: k.div_ceil(2), kps, data }
+    }
+    /// The first `n` outputs over the first `k` inputs (no copy): `k` even or all of them, so a
+    /// pair never reaches past it.
+    pub(super) fn prefix(self, n: usize, k: usize) -> Self {
+        assert!(n <= self.n && k <= self.k && (k.is_multiple_of(2) || k == self.k), "WView::prefix: {n}x{k} is not a prefix of {}x{}", self.n, self.k);
+        WView { n, k, kp: k.div_ceil(2), ..self }
     }
 }
 
@@ -203,19 +231,25 @@ pub enum Kernel {
 /// [`matmul_bf16`] with an explicit kernel choice.
 #[doc(hidden)]
 pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel) {
-    gemm(a, m, w, bias, c, kernel, false, EpiRun::None)
+    gemm(a, m, w.view(), bias, c, kernel, false, EpiRun::None, true)
 }
 
 /// `c[m×n] = epi(a[m×k] · Wᵀ + bias)`: the GEMM with a fused epilogue (applied to each finished C
 /// tile), A in f32 (rounded to bf16 while packing) or already bf16 (packed as it is).
 pub fn matmul_bf16_fused<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], mut epi: Epilogue, kernel: Kernel) {
     epi.check(c.len());
-    gemm(a, m, w, bias, c, kernel, false, epi.run())
+    gemm(a, m, w.view(), bias, c, kernel, false, epi.run(), true)
+}
+
+/// `c[m×n] = a[m×k] · Wᵀ` on the calling thread (one work item: no rayon), for callers that are
+/// already parallel over many small products (attention's per-head GEMMs).
+pub(super) fn matmul_bf16_seq<T: AElem>(a: &[T], m: usize, w: WView, c: &mut [f32], kernel: Kernel) {
+    gemm(a, m, w, None, c, kernel, false, EpiRun::None, false)
 }
 
 /// `c[m×n] += a[m×k] · Wᵀ` (the backward passes' accumulation into an existing gradient).
 pub fn matmul_bf16_acc(a: &[f32], m: usize, w: &PackedBf16, c: &mut [f32], kernel: Kernel) {
-    gemm(a, m, w, None, c, kernel, true, EpiRun::None)
+    gemm(a, m, w.view(), None, c, kernel, true, EpiRun::None, true)
 }
 
 /// An element type of the left operand A: f32 (rounded to bf16, RNE, while packing) or bf16.
@@ -253,9 +287,10 @@ impl AElem for bf16 {
     }
 }
 
-/// The GEMM; `acc`: add to c instead of overwriting it (no bias, no epilogue then).
+/// The GEMM; `acc`: add to c instead of overwriting it (no bias, no epilogue then); `par`: work
+/// items on the rayon pool (else one item, on this thread).
 #[allow(clippy::too_many_arguments)]
-fn gemm<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel, acc: bool, epi: EpiRun) {
+fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel, acc: bool, epi: EpiRun, par: bool) {
     let (n, k, kp) = (w.n, w.k, w.kp);
     assert!(!acc || (bias.is_none() && matches!(epi, EpiRun::None)), "accumulating GEMM takes no bias or epilogue");
     assert_eq!(a.len(), m * k, "a must be m*k");
@@ -288,15 +323,15 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &m
             GemmPath::Avx512Bf16 | GemmPath::Avx512 => Kernel::Avx512Fma,
             GemmPath::Scalar => Kernel::PortableBaseline,
         },
-        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => return gemm(a, m, w, bias, c, Kernel::Auto, acc, epi),
+        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => return gemm(a, m, w, bias, c, Kernel::Auto, acc, epi, par),
         other => other,
     };
     match kernel {
         // SAFETY: AMX was detected and its permission granted (cpu_path::detected).
         #[cfg(target_arch = "x86_64")]
-        Kernel::Amx => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::HwTiles, T>(a, m, w, bias, c, have_simd, acc, epi) },
+        Kernel::Amx => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::HwTiles, T>(a, m, w, bias, c, have_simd, acc, epi, par) },
         // SAFETY: the software model has no hardware requirement.
-        Kernel::AmxSoft => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::SoftTiles, T>(a, m, w, bias, c, have_simd, acc, epi) },
+        Kernel::AmxSoft => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::SoftTiles, T>(a, m, w, bias, c, have_simd, acc, epi, par) },
         _ => {}
     }
     let simd = kernel == Kernel::Avx512Bf16 && have_simd;
@@ -307,11 +342,11 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &m
     // Work split: `mblk` row blocks (whole MR panels, sizes differ by <= 1 panel) ×
     // `nsplit` column ranges (whole NR panels), about ITEMS_PER_THREAD items per thread.
     let (mpan, npan) = (m.div_ceil(MR), n.div_ceil(NR));
-    let target = ITEMS_PER_THREAD * rayon::current_num_threads().max(1);
+    let target = if par { ITEMS_PER_THREAD * rayon::current_num_threads().max(1) } else { 1 };
     let mblk = mpan.min(target).max(mpan.div_ceil(MAX_BLOCK_PANELS));
     let nsplit = (target / mblk).clamp(1, npan);
     let cptr = CPtr(c.as_mut_ptr());
-    (0..mblk * nsplit).into_par_iter().for_each(|item| {
+    let item = |item: usize| {
         let (ib, js) = (item / nsplit, item % nsplit);
         let (p0, p1) = (ib * mpan / mblk, (ib + 1) * mpan / mblk);
         let (j0, j1) = (js * npan / nsplit * NR, ((js + 1) * npan / nsplit * NR).min(n));
@@ -375,7 +410,12 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &m
                 }
             }
         });
-    });
+    };
+    if par {
+        (0..mblk * nsplit).into_par_iter().for_each(item);
+    } else {
+        (0..mblk * nsplit).for_each(item);
+    }
 }
 
 /// One microkernel call on the chosen path.

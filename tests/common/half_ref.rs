@@ -6,12 +6,19 @@
 //! towers and the bf16/f16 device trainer round at exactly these points and differ from this only
 //! by their f32 summation order, so they must match it far more closely than they match f32.
 //!
+//! Attention: where the CPU backend computes it with bf16 products (bf16 weights and
+//! `attention_bf16::chosen()`: AMX, AVX512-BF16 on AMD, or that path forced), q, k and v are rounded
+//! to bf16 and P too (`attention_bf16_reference`, f64); elsewhere the CPU's f32 attention.
+//!
 //! [`assert_half_close`]: per element within the format's unit roundoff of the reference (see its
 //! docs); [`assert_not_f32`]: farther from the f32 result than a path that silently computed in
 //! f32 could be.
 use clipforge::backend::cpu::Cpu;
 use clipforge::backend::{Act, Ops, Seqs, Weight};
+use clipforge::ops::attention::AttnShape;
+use clipforge::ops::attention_bf16::{self, attention_bf16_reference, attention_packed_bf16_reference};
 use clipforge::ops::patch_embed::{im2col, PatchShape};
+use clipforge::tensor::Storage;
 use clipforge::{DType, Result, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -119,8 +126,32 @@ impl Ops for HalfRef {
     fn bias_act_bwd(&self, dout: &Tensor, pre: &Tensor, rows: usize, n: usize, act: Act) -> Result<(Tensor, Tensor)> {
         Cpu.bias_act_bwd(dout, pre, rows, n, act)
     }
+    /// bf16 q, k, v (rounded, kept in bf16 storage) where the CPU's attention computes in bf16.
+    fn qkv(&self, h: &Tensor, w: [&Weight<HalfRef>; 3], b: [&Tensor; 3], n: usize, _heads: usize) -> Result<[Tensor; 3]> {
+        let half = w.iter().all(|w| matches!(&w.half, Some((DType::BF16, _)))) && attention_bf16::chosen();
+        let one = |w: &Weight<HalfRef>, b: &Tensor| -> Result<Tensor> {
+            let y = self.linear(h, w, Some(b), n)?; // [n, W]
+            if !half {
+                return Ok(y);
+            }
+            let r: Vec<half::bf16> = y.to_vec_f32().iter().map(|&x| half::bf16::from_f32(x)).collect(); // [n, W]
+            Tensor::from_storage(Storage::BF16(r), &[y.numel()])
+        };
+        Ok([one(w[0], b[0])?, one(w[1], b[1])?, one(w[2], b[2])?])
+    }
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, seqs: &Seqs, heads: usize, w: usize) -> Result<(Tensor, Tensor)> {
-        Cpu.attention(q, k, v, seqs, heads, w)
+        if q.bf16_data().is_none() {
+            return Cpu.attention(q, k, v, seqs, heads, w);
+        }
+        let (qd, kd, vd) = (q.to_vec_f32(), k.to_vec_f32(), v.to_vec_f32());
+        let (o, lse) = match seqs {
+            Seqs::Batch { batch, seq, causal } => {
+                let s = AttnShape { batch: *batch, seq: *seq, heads, head_dim: w / heads, causal: *causal, scale: 1.0 / ((w / heads) as f32).sqrt() };
+                attention_bf16_reference(&qd, &kd, &vd, &s)
+            }
+            Seqs::Packed(lens) => attention_packed_bf16_reference(&qd, &kd, &vd, lens, heads, true),
+        };
+        Ok((Tensor::from_vec(o, &[qd.len()])?, Tensor::from_vec(lse, &[seqs.rows() * heads])?))
     }
     fn attention_bwd(
         &self,

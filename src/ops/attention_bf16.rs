@@ -1,0 +1,178 @@
+//! Attention's forward with bf16 products on the CPU: S = Q·Kᵀ and O = P·V through the bf16 GEMM
+//! (`gemm_bf16`: AMX tiles, `vdpbf16ps`, or bf16 inputs through f32 FMAs, as `cpu_path` picks),
+//! the softmax in f32 between them. Same layout and outputs as `attention::attention`: q, k, v
+//! and o [B, T, H·hd], lse [B, H, T]; q, k, v in f32 (rounded to bf16 while packing) or bf16.
+//!
+//! Rounding: q, k and v to bf16 (RNE); S accumulated in f32 (the product of two bf16 is exact in
+//! f32), so lse is the logsumexp of the bf16-rounded scores; P (normalised, f32) rounded to bf16
+//! as the left operand of P·V; O accumulated in f32. [`attention_bf16_reference`] is the same
+//! computation in f64 with P rounded from its f64 value.
+//!
+//! Per batch (in parallel) and head: K is packed as the weight [T keys × hd] and V as the weight
+//! Vᵀ [hd × T keys] in the bf16 GEMM's panel layout (buffers and their zero padding reused across
+//! heads), Q's rows of the head gathered; per block of 64 query rows the two GEMMs run on this
+//! thread (`matmul_bf16_seq`, one work item). A causal block uses only the keys it sees: a prefix
+//! of both packed weights (64-row blocks keep that prefix even, so no pair reaches past it).
+//!
+//! The CPU backend takes this path when a model computes in bf16 and [`pays`]: on AMX, or on
+//! AVX512-BF16 where `vdpbf16ps` beats f32 FMAs (AMD); elsewhere bf16 products would only add
+//! conversions to the f32 attention (`attention.rs`). `CLIPFORGE_CPU_ATTN=f32|bf16` overrides
+//! that choice ([`chosen`]), to measure one against the other.
+use super::attention::{per_sequence, softmax_row_portable, unzip_cat, AttnShape, QBLK};
+use super::cpu_path::{self, GemmPath};
+use super::gemm_bf16::{matmul_bf16_seq, pair, AElem, Kernel, WView, NR};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Whether the bf16 attention beats the f32 one on the path GEMMs take now: the AMX tile unit, or
+/// `vdpbf16ps` where it runs at the f32 FMAs' rate (then a bf16 pair is two products per lane).
+pub fn pays() -> bool {
+    match cpu_path::selected() {
+        GemmPath::Amx => true,
+        GemmPath::Avx512Bf16 => cpu_path::bf16_dot_pays(),
+        GemmPath::Avx512 | GemmPath::Scalar => false,
+    }
+}
+
+/// Whether a bf16 model's attention takes this path: `CLIPFORGE_CPU_ATTN` (`f32`, `bf16`; read
+/// once; unset, empty or `auto`: [`pays`]; anything else is reported once and ignored).
+pub fn chosen() -> bool {
+    static ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let env = *ENV.get_or_init(|| match std::env::var("CLIPFORGE_CPU_ATTN").unwrap_or_default().trim() {
+        "f32" => Some(false),
+        "bf16" => Some(true),
+        "" | "auto" => None,
+        other => {
+            eprintln!("clipforge: CLIPFORGE_CPU_ATTN={other:?} is not one of auto, f32, bf16; ignored");
+            None
+        }
+    });
+    env.unwrap_or_else(pays)
+}
+
+/// Row `j` of head `h0` (the offset `base` of its row 0) in a [T, W] block: hd values.
+fn head_row<T>(x: &[T], base: usize, w: usize, d: usize, j: usize) -> &[T] {
+    &x[base + j * w..][..d]
+}
+
+/// Index of the pair (`p`, output `j`) in a packed weight with `kps` pairs per panel.
+fn at(kps: usize, j: usize, p: usize) -> usize {
+    (j / NR) * kps * NR + p * NR + j % NR
+}
+
+/// K of one head as the weight [T × hd]: output j = key j, its pairs along hd.
+fn pack_k<'a, T: AElem>(dst: &mut [u32], kps: usize, t: usize, row: impl Fn(usize) -> &'a [T]) {
+    for j in 0..t {
+        let r = row(j);
+        for (p, two) in r.chunks(2).enumerate() {
+            dst[at(kps, j, p)] = pair(two[0].to_bf16(), two.get(1).map_or(bf16::ZERO, |x| x.to_bf16()));
+        }
+    }
+}
+
+/// V of one head as the weight Vᵀ [hd × T]: output e = value column e, its pairs along the keys
+/// (keys 2p and 2p+1; an odd last key pairs with zero).
+fn pack_vt<'a, T: AElem>(dst: &mut [u32], kps: usize, t: usize, d: usize, row: impl Fn(usize) -> &'a [T]) {
+    for p in 0..t.div_ceil(2) {
+        let (lo, hi) = (row(2 * p), (2 * p + 1 < t).then(|| row(2 * p + 1)));
+        for e in 0..d {
+            dst[at(kps, e, p)] = pair(lo[e].to_bf16(), hi.map_or(bf16::ZERO, |h| h[e].to_bf16()));
+        }
+    }
+}
+
+/// The forward (see the module docs); `kernel` is the bf16 GEMM's kernel ([`Kernel::Auto`]: the
+/// path `cpu_path` selects; the others for tests).
+pub fn attention_bf16<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel) -> (Vec<f32>, Vec<f32>) {
+    let (t, w, d) = (s.seq, s.width(), s.head_dim);
+    assert!(q.len() >= s.numel() && k.len() >= s.numel() && v.len() >= s.numel(), "attention_bf16: q, k, v must hold B·T·W values");
+    let mut out = vec![0f32; s.numel()]; // [B, T, W]
+    let mut lse = vec![0f32; s.batch * s.heads * t]; // [B, H, T]
+    if s.numel() == 0 {
+        return (out, lse);
+    }
+    let step = QBLK.min(t);
+    let (kps_k, kps_v) = (d.div_ceil(2).next_multiple_of(16), t.div_ceil(2).next_multiple_of(16));
+    let simd = cfg!(target_arch = "x86_64") && cpu_path::selected() >= GemmPath::Avx512;
+    out.par_chunks_mut(t * w).zip(lse.par_chunks_mut(s.heads * t)).enumerate().for_each(|(b, (ob, lb))| {
+        let mut pk = vec![0u32; t.div_ceil(NR) * kps_k * NR]; // K as the weight [T, hd], packed
+        let mut pv = vec![0u32; d.div_ceil(NR) * kps_v * NR]; // Vᵀ as the weight [hd, T], packed
+        let mut qh: Vec<T> = Vec::with_capacity(t * d); // Q of one head [T, hd]
+        let mut sc = vec![0f32; step * t]; // S, then P, of one query block [rows, keys]
+        let mut o = vec![0f32; step * d]; // O of one query block [rows, hd]
+        for h in 0..s.heads {
+            let base = b * t * w + h * d; // (b, 0, h, 0)
+            pack_k(&mut pk, kps_k, t, |j| head_row(k, base, w, d, j));
+            pack_vt(&mut pv, kps_v, t, d, |j| head_row(v, base, w, d, j));
+            qh.clear();
+            (0..t).for_each(|j| qh.extend_from_slice(head_row(q, base, w, d, j)));
+            let (kw, vw) = (WView::from_parts(t, d, kps_k, &pk), WView::from_parts(d, t, kps_v, &pv));
+            for r0 in (0..t).step_by(step) {
+                let r1 = (r0 + step).min(t);
+                let (m, nk) = (r1 - r0, if s.causal { r1 } else { t });
+                let sc = &mut sc[..m * nk];
+                matmul_bf16_seq(&qh[r0 * d..r1 * d], m, kw.prefix(nk, d), sc, kernel); // S = Q·Kᵀ [rows, nk]
+                for (i, row) in (r0..r1).zip(sc.chunks_exact_mut(nk)) {
+                    lb[h * t + i] = softmax_row(row, s.keys(i), s.scale, simd);
+                }
+                let o = &mut o[..m * d];
+                matmul_bf16_seq(&*sc, m, vw.prefix(d, nk), o, kernel); // O = P·V [rows, hd]
+                for (i, orow) in (r0..r1).zip(o.chunks_exact(d)) {
+                    ob[i * w + h * d..][..d].copy_from_slice(orow);
+                }
+            }
+        }
+    });
+    (out, lse)
+}
+
+/// The masked softmax of one score row (AVX-512 where the path allows it), its logsumexp.
+fn softmax_row(row: &mut [f32], keys: usize, scale: f32, simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` means the selected path is AVX-512F or higher (the CPU has it);
+        // keys ≤ row.len() (a block's rows see at most nk keys).
+        return unsafe { super::attn_kernel::softmax_row(row, keys, scale) };
+    }
+    let _ = simd;
+    softmax_row_portable(row, keys, scale)
+}
+
+/// Packed sequences (see `attention::attention_packed`): [`attention_bf16`] per sequence.
+pub fn attention_packed_bf16<T: AElem>(q: &[T], k: &[T], v: &[T], lens: &[usize], heads: usize, causal: bool, kernel: Kernel) -> (Vec<f32>, Vec<f32>) {
+    let parts = per_sequence(lens, heads, causal, q.len(), |x, _, s| attention_bf16(&q[x.clone()], &k[x.clone()], &v[x], s, kernel));
+    unzip_cat(parts)
+}
+
+/// [`attention_bf16_reference`] per packed sequence.
+pub fn attention_packed_bf16_reference(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>) {
+    let parts = per_sequence(lens, heads, causal, q.len(), |x, _, s| attention_bf16_reference(&q[x.clone()], &k[x.clone()], &v[x], s));
+    unzip_cat(parts)
+}
+
+/// Reference in f64: q, k, v rounded to bf16, scores and softmax in f64, P rounded to bf16, O
+/// accumulated in f64. Returns (o, lse) like [`attention_bf16`].
+pub fn attention_bf16_reference(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
+    let (t, w, d) = (s.seq, s.width(), s.head_dim);
+    let r = |x: &[f32]| x[..s.numel()].iter().map(|&y| bf16::from_f32(y).to_f32() as f64).collect::<Vec<f64>>();
+    let (q, k, v) = (r(q), r(k), r(v));
+    let mut out = vec![0f32; s.numel()];
+    let mut lse = vec![0f32; s.batch * s.heads * t];
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            let row = |j: usize| (b * t + j) * w + h * d;
+            for i in 0..t {
+                let nk = s.keys(i);
+                let sc: Vec<f64> = (0..nk).map(|j| (0..d).map(|e| q[row(i) + e] * k[row(j) + e]).sum::<f64>() * s.scale as f64).collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                lse[(b * s.heads + h) * t + i] = (m + z.ln()) as f32;
+                let p: Vec<f64> = sc.iter().map(|x| bf16::from_f64((x - m).exp() / z).to_f64()).collect();
+                for e in 0..d {
+                    out[row(i) + e] = (0..nk).map(|j| p[j] * v[row(j) + e]).sum::<f64>() as f32;
+                }
+            }
+        }
+    }
+    (out, lse)
+}
