@@ -380,3 +380,17 @@ fn ranks_as_processes_through_the_launcher() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `free_port` draws below the kernel's ephemeral range, so no test's or rank's outgoing
+/// connection can take the port between the draw and the rendezvous's listen (a CI run once
+/// failed with "Address already in use" that way).
+#[test]
+fn free_ports_lie_below_the_ephemeral_range() {
+    let lo: u16 =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(32768);
+    for _ in 0..20 {
+        let p = free_port().unwrap();
+        assert!(p < lo && p >= lo / 2, "port {p} outside [{}, {lo})", lo / 2);
+        std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+    }
+}

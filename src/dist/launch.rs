@@ -124,8 +124,22 @@ impl RankEnv {
     }
 }
 
-/// A TCP port that was free a moment ago on 127.0.0.1 (bound to port 0, then released).
+/// A TCP port that was free a moment ago on 127.0.0.1 (bound, then released), drawn at random
+/// below the kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 by
+/// default): an outgoing connection's local port, which the kernel takes from that range, cannot
+/// then grab it before the rendezvous listens on it. Port 0's pick if none of 64 draws is free.
 pub fn free_port() -> Result<u16> {
+    use std::hash::{BuildHasher, RandomState};
+    let lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
+    let lo = lo.unwrap_or(32768).max(2048);
+    let (first, span) = (lo / 2, lo - lo / 2); // [lo/2, lo)
+    let seed = RandomState::new();
+    for i in 0..64u64 {
+        let port = first + (seed.hash_one(i) % span as u64) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let l = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| Error::msg(format!("finding a free port on 127.0.0.1: {e}")))?;
     l.local_addr().map(|a| a.port()).map_err(|e| Error::msg(format!("finding a free port on 127.0.0.1: {e}")))
 }
