@@ -65,6 +65,15 @@ const SHAPES: [(usize, usize, usize, usize); 8] =
 fn every_kernel_matches_the_rounding_reference() {
     let _path = path_lock();
     eprintln!("CPU path: {:?}, AVX512-BF16: {}", cpu_path::detected(), has_avx512_bf16());
+    // The detected path, then the scalar one (portable softmax and packing transposes too).
+    for cap in [None, Some(GemmPath::Scalar)] {
+        cpu_path::force_path(cap);
+        every_kernel_on_every_shape(&format!("{:?}", cpu_path::selected()));
+    }
+    cpu_path::force_path(None);
+}
+
+fn every_kernel_on_every_shape(path: &str) {
     for (si, &(b, t, h, d)) in SHAPES.iter().enumerate() {
         let w = h * d;
         let seed = 100 * si as u64;
@@ -80,7 +89,7 @@ fn every_kernel_matches_the_rounding_reference() {
                 if kernel == Kernel::AmxSoft && t > 130 {
                     continue; // the software tile model is slow; T ≤ 130 covers its edges
                 }
-                let what = format!("{kernel:?} b{b} t{t} h{h} d{d} causal {causal}");
+                let what = format!("path {path}, {kernel:?} b{b} t{t} h{h} d{d} causal {causal}");
                 let (o, l) = attention_bf16(&q, &k, &v, &s, kernel);
                 let err = assert_within(&format!("{what} out"), &o, &ro, ATOL, RTOL);
                 assert_within(&format!("{what} lse"), &l, &rl, 1e-5, 1e-5);

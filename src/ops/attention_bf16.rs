@@ -20,7 +20,9 @@
 //! that choice ([`chosen`]), to measure one against the other.
 use super::attention::{per_sequence, softmax_row_portable, unzip_cat, AttnShape, QBLK};
 use super::cpu_path::{self, GemmPath};
-use super::gemm_bf16::{matmul_bf16_seq, pair, AElem, Kernel, WView, NR};
+use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
+#[cfg(target_arch = "x86_64")]
+use super::gemm_f32_pack::transpose_lines;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -60,23 +62,51 @@ fn at(kps: usize, j: usize, p: usize) -> usize {
     (j / NR) * kps * NR + p * NR + j % NR
 }
 
-/// K of one head as the weight [T × hd]: output j = key j, its pairs along hd.
-fn pack_k<'a, T: AElem>(dst: &mut [u32], kps: usize, t: usize, row: impl Fn(usize) -> &'a [T]) {
-    for j in 0..t {
-        let r = row(j);
-        for (p, two) in r.chunks(2).enumerate() {
-            dst[at(kps, j, p)] = pair(two[0].to_bf16(), two.get(1).map_or(bf16::ZERO, |x| x.to_bf16()));
+/// K of one head as the weight [T × hd] (output j = key j, its pairs along hd), per 32-key
+/// panel: each key's row converted to contiguous pairs in `tmp` ([keys, pairs]), then transposed
+/// into the panel's [pairs, 32 keys] (16×16 in-register transposes when `avx512`: the path
+/// allows AVX-512F).
+#[allow(clippy::too_many_arguments)]
+fn pack_k<'a, T: AElem>(dst: &mut [u32], tmp: &mut Vec<u32>, kps: usize, t: usize, d: usize, cvt: bool, avx512: bool, row: impl Fn(usize) -> &'a [T]) {
+    let kp = d.div_ceil(2);
+    tmp.resize(NR * kp, 0);
+    for (panel, out) in dst.chunks_exact_mut(kps * NR).enumerate().take(t.div_ceil(NR)) {
+        let keys = NR.min(t - panel * NR);
+        for jj in 0..keys {
+            T::pairs(row(panel * NR + jj), &mut tmp[jj * kp..][..kp], cvt);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx512 {
+            for half in 0..2 {
+                let live = keys.saturating_sub(16 * half).min(16);
+                if live > 0 {
+                    // SAFETY: AVX-512F (`avx512`: the selected path has it); lines i < live are tmp rows 16·half + i, kp
+                    // values each; out[16·half..] holds (kp − 1)·NR + 16 values (kp ≤ kps).
+                    unsafe {
+                        let base = tmp.as_ptr().add(16 * half * kp).cast::<f32>();
+                        transpose_lines(base, kp, live, kp, bytemuck::cast_slice_mut(&mut out[16 * half..]), NR, 16)
+                    };
+                }
+            }
+            continue;
+        }
+        for jj in 0..keys {
+            for p in 0..kp {
+                out[p * NR + jj] = tmp[jj * kp + p];
+            }
         }
     }
 }
 
-/// V of one head as the weight Vᵀ [hd × T]: output e = value column e, its pairs along the keys
-/// (keys 2p and 2p+1; an odd last key pairs with zero).
-fn pack_vt<'a, T: AElem>(dst: &mut [u32], kps: usize, t: usize, d: usize, row: impl Fn(usize) -> &'a [T]) {
+/// V of one head as the weight Vᵀ [hd × T] (output e = value column e, its pairs along the keys:
+/// keys 2p and 2p+1, an odd last key paired with zero): per key pair, two rows interleaved into
+/// each 32-column panel's contiguous row of pairs.
+fn pack_vt<'a, T: AElem>(dst: &mut [u32], kps: usize, t: usize, d: usize, cvt: bool, row: impl Fn(usize) -> &'a [T]) {
     for p in 0..t.div_ceil(2) {
         let (lo, hi) = (row(2 * p), (2 * p + 1 < t).then(|| row(2 * p + 1)));
-        for e in 0..d {
-            dst[at(kps, e, p)] = pair(lo[e].to_bf16(), hi.map_or(bf16::ZERO, |h| h[e].to_bf16()));
+        for e0 in (0..d).step_by(NR) {
+            let e1 = (e0 + NR).min(d);
+            T::zip_pairs(&lo[e0..e1], hi.map(|h| &h[e0..e1]), &mut dst[at(kps, e0, p)..][..e1 - e0], cvt);
         }
     }
 }
@@ -94,16 +124,18 @@ pub fn attention_bf16<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel
     let step = QBLK.min(t);
     let (kps_k, kps_v) = (d.div_ceil(2).next_multiple_of(16), t.div_ceil(2).next_multiple_of(16));
     let simd = cfg!(target_arch = "x86_64") && cpu_path::selected() >= GemmPath::Avx512;
+    let cvt = converts_in_simd(resolve(kernel)); // packing's f32 → bf16 as the kernel's own
     out.par_chunks_mut(t * w).zip(lse.par_chunks_mut(s.heads * t)).enumerate().for_each(|(b, (ob, lb))| {
         let mut pk = vec![0u32; t.div_ceil(NR) * kps_k * NR]; // K as the weight [T, hd], packed
+        let mut tmp = Vec::new(); // one K panel's rows as pairs [32, hd/2]
         let mut pv = vec![0u32; d.div_ceil(NR) * kps_v * NR]; // Vᵀ as the weight [hd, T], packed
         let mut qh: Vec<T> = Vec::with_capacity(t * d); // Q of one head [T, hd]
         let mut sc = vec![0f32; step * t]; // S, then P, of one query block [rows, keys]
         let mut o = vec![0f32; step * d]; // O of one query block [rows, hd]
         for h in 0..s.heads {
             let base = b * t * w + h * d; // (b, 0, h, 0)
-            pack_k(&mut pk, kps_k, t, |j| head_row(k, base, w, d, j));
-            pack_vt(&mut pv, kps_v, t, d, |j| head_row(v, base, w, d, j));
+            pack_k(&mut pk, &mut tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
+            pack_vt(&mut pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
             qh.clear();
             (0..t).for_each(|j| qh.extend_from_slice(head_row(q, base, w, d, j)));
             let (kw, vw) = (WView::from_parts(t, d, kps_k, &pk), WView::from_parts(d, t, kps_v, &pv));

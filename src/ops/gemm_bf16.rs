@@ -65,7 +65,7 @@ pub struct PackedBf16 {
 
 /// Two bf16 values as one operand pair (`lo` in the low half).
 #[inline]
-pub(super) fn pair(lo: bf16, hi: bf16) -> u32 {
+fn pair(lo: bf16, hi: bf16) -> u32 {
     lo.to_bits() as u32 | ((hi.to_bits() as u32) << 16)
 }
 
@@ -259,6 +259,8 @@ pub trait AElem: Copy + Send + Sync + 'static {
     /// `src` as bf16 pairs in `dst` (`ceil(src.len()/2)` values; an odd tail's `hi` is 0).
     /// `simd`: AVX512-BF16 was detected.
     fn pairs(src: &[Self], dst: &mut [u32], simd: bool);
+    /// `dst[i] = (lo[i], hi[i])` as bf16 pairs (`hi` None: zero halves): two rows interleaved.
+    fn zip_pairs(lo: &[Self], hi: Option<&[Self]>, dst: &mut [u32], simd: bool);
 }
 
 impl AElem for f32 {
@@ -268,6 +270,18 @@ impl AElem for f32 {
     }
     fn pairs(src: &[f32], dst: &mut [u32], simd: bool) {
         to_pairs(src, dst, simd)
+    }
+    fn zip_pairs(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32], simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the features were detected (caller).
+            return unsafe { super::gemm_bf16_avx512::zip_convert(lo, hi, dst) };
+        }
+        let _ = simd;
+        match hi {
+            Some(hi) => dst.iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&l, &h))| *d = pair(bf16::from_f32(l), bf16::from_f32(h))),
+            None => dst.iter_mut().zip(lo).for_each(|(d, &l)| *d = pair(bf16::from_f32(l), bf16::ZERO)),
+        }
     }
 }
 
@@ -285,6 +299,33 @@ impl AElem for bf16 {
             dst[whole.len() / 2] = pair(lo, bf16::ZERO);
         }
     }
+    fn zip_pairs(lo: &[bf16], hi: Option<&[bf16]>, dst: &mut [u32], _simd: bool) {
+        match hi {
+            Some(hi) => dst.iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&l, &h))| *d = pair(l, h)),
+            None => dst.iter_mut().zip(lo).for_each(|(d, &l)| *d = pair(l, bf16::ZERO)),
+        }
+    }
+}
+
+/// The kernel that `kernel` runs on this CPU now: [`Kernel::Auto`] by `cpu_path::selected()`,
+/// [`Kernel::Amx`] without AMX as `Auto`; the others as they are (each falls back inside).
+pub(super) fn resolve(kernel: Kernel) -> Kernel {
+    match kernel {
+        Kernel::Auto => match cpu_path::selected() {
+            GemmPath::Amx => Kernel::Amx,
+            GemmPath::Avx512Bf16 if cpu_path::bf16_dot_pays() => Kernel::Avx512Bf16,
+            GemmPath::Avx512Bf16 | GemmPath::Avx512 => Kernel::Avx512Fma,
+            GemmPath::Scalar => Kernel::PortableBaseline,
+        },
+        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => resolve(Kernel::Auto),
+        other => other,
+    }
+}
+
+/// Whether `kernel` (resolved) converts f32 to bf16 with `vcvtne2ps2bf16` (denormals to zero, as
+/// its products read them anyway) rather than in software: AMX and `vdpbf16ps`, where detected.
+pub(super) fn converts_in_simd(kernel: Kernel) -> bool {
+    matches!(kernel, Kernel::Amx | Kernel::AmxSoft | Kernel::Avx512Bf16) && has_avx512_bf16()
 }
 
 /// The GEMM; `acc`: add to c instead of overwriting it (no bias, no epilogue then); `par`: work
@@ -316,16 +357,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         return;
     }
     let have_simd = has_avx512_bf16();
-    let kernel = match kernel {
-        Kernel::Auto => match cpu_path::selected() {
-            GemmPath::Amx => Kernel::Amx,
-            GemmPath::Avx512Bf16 if cpu_path::bf16_dot_pays() => Kernel::Avx512Bf16,
-            GemmPath::Avx512Bf16 | GemmPath::Avx512 => Kernel::Avx512Fma,
-            GemmPath::Scalar => Kernel::PortableBaseline,
-        },
-        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => return gemm(a, m, w, bias, c, Kernel::Auto, acc, epi, par),
-        other => other,
-    };
+    let kernel = resolve(kernel);
     match kernel {
         // SAFETY: AMX was detected and its permission granted (cpu_path::detected).
         #[cfg(target_arch = "x86_64")]

@@ -24,6 +24,30 @@ pub(super) unsafe fn convert(src: &[f32], dst: &mut [u32]) {
     }
 }
 
+/// `dst[i] = (lo[i], hi[i])` as bf16 pairs (RNE; `hi` None: zero halves), 16 at a time.
+///
+/// # Safety
+/// Requires avx512f + avx512bf16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn zip_convert(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+    let n = dst.len().min(lo.len()).min(hi.map_or(usize::MAX, |h| h.len()));
+    for i in (0..n).step_by(16) {
+        let m = mask16(n - i);
+        // SAFETY: masked loads and the store touch lanes < n - i, inside lo, hi and dst.
+        unsafe {
+            let l = _mm512_cvtepu16_epi32(core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, lo.as_ptr().add(i)))));
+            let v = match hi {
+                Some(h) => {
+                    let h = _mm512_cvtepu16_epi32(core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, h.as_ptr().add(i)))));
+                    _mm512_or_si512(l, _mm512_slli_epi32::<16>(h))
+                }
+                None => l,
+            };
+            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(i).cast(), m, v);
+        }
+    }
+}
+
 #[inline(always)]
 fn mask16(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as u16

@@ -118,7 +118,7 @@ unsafe fn pack_a_rows(a: &View, i0: usize, rows: usize, pc: usize, kc: usize, ds
 /// AVX-512F; values 0..steps of every live line are readable; store ≤ 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_lines(base: *const f32, stride: usize, live: usize, steps: usize, dst: &mut [f32], dst_stride: usize, store: usize) {
+pub(super) unsafe fn transpose_lines(base: *const f32, stride: usize, live: usize, steps: usize, dst: &mut [f32], dst_stride: usize, store: usize) {
     use std::arch::x86_64::*;
     let lanes = |n: usize| if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 };
     assert!(live <= 16 && store <= 16 && (steps == 0 || dst.len() >= (steps - 1) * dst_stride + store), "transpose_lines: dst too small");
