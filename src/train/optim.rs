@@ -31,10 +31,14 @@ impl Optimizer {
         Optimizer { hp, step: 0, params: Vec::new() }
     }
 
-    /// Registers a parameter with zero moments.
+    /// Registers a parameter with zero moments, written (by all threads when big) rather than
+    /// calloc'd: the first step reads each moment before writing it, and a calloc'd page read
+    /// first is the shared zero page, whose first write is a copy-on-write fault with a TLB
+    /// shootdown to every core (perf, ViT-B/32 fine-tune: about 10 % of a 3-step run).
     pub fn add(&mut self, name: &str, shape: &[usize], frozen: usize, group: usize) {
         let n: usize = shape.iter().product();
-        self.params.push(ParamState { name: name.into(), shape: shape.to_vec(), frozen: frozen.min(n), group, m: vec![0.0; n], v: vec![0.0; n] });
+        let (m, v) = (crate::ops::fastmath::zeros(n), crate::ops::fastmath::zeros(n));
+        self.params.push(ParamState { name: name.into(), shape: shape.to_vec(), frozen: frozen.min(n), group, m, v });
     }
 
     pub fn index(&self, name: &str) -> Option<usize> {
