@@ -182,7 +182,8 @@ fn bench_attention_paths(c: &mut Criterion) {
 fn bench_attention(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu/attention");
     g.sample_size(10);
-    for &(b, t, h, causal) in &[(32, 50, 12, false), (32, 77, 8, true), (8, 197, 12, false)] {
+    // the towers at batch 32 / 8, and one long sequence alone (a served request: batch 1)
+    for &(b, t, h, causal) in &[(32, 50, 12, false), (32, 77, 8, true), (8, 197, 12, false), (1, 248, 8, true), (1, 577, 16, false)] {
         let s = AttnShape { batch: b, seq: t, heads: h, head_dim: 64, causal, scale: 0.125 };
         let (q, k, v) = (normal_vec(s.numel(), 0.0, 1.0, 4), normal_vec(s.numel(), 0.0, 1.0, 5), normal_vec(s.numel(), 0.0, 1.0, 6));
         g.throughput(Throughput::Elements((4 * b * h * t * t * 64) as u64));

@@ -374,9 +374,8 @@ impl Ops for Cpu {
     /// With bf16 weights where the bf16 attention pays ([`attention_bf16::chosen`]), q, k and v are
     /// kept in bf16 (the rounding that attention's bf16 products apply anyway, half the memory):
     /// [`Ops::attention`] then takes its bf16 path. Otherwise three Linears with f32 outputs.
-    fn qkv(&self, h: &Tensor, w: [&Weight<Cpu>; 3], b: [&Tensor; 3], n: usize, heads: usize) -> Result<[Tensor; 3]> {
+    fn qkv(&self, h: &Tensor, w: [&Weight<Cpu>; 3], b: [&Tensor; 3], n: usize, _heads: usize) -> Result<[Tensor; 3]> {
         use rayon::prelude::*;
-        let _ = heads;
         let half = w.iter().all(|w| bf16_of(w).is_some()) && attention_bf16::chosen();
         let one = |w: &Weight<Cpu>, b: &Tensor| -> Result<Tensor> {
             let y = self.linear(h, w, Some(b), n)?; // [n, W]

@@ -91,9 +91,29 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
     attention_portable(q, k, v, s)
 }
 
-/// Batches in parallel; per head, Kᵀ is copied into a [hd, T] tile and, per block of QBLK query
-/// rows, S = Q·Kᵀ (Q read in place), the masked softmax over S's rows, and O = P·V (V read and O
-/// written in place) run through `attn_kernel`'s AVX-512 small GEMM and 16-lane softmax.
+/// The attention output [B, T, H·hd] shared by the (sequence, head) tasks: task (b, h) writes
+/// only rows b·T.. b·T+T, columns h·hd.. h·hd+hd, so no two tasks touch the same element.
+#[derive(Clone, Copy)]
+pub(super) struct SharedOut(*mut f32);
+impl SharedOut {
+    pub(super) fn new(out: &mut [f32]) -> Self {
+        SharedOut(out.as_mut_ptr())
+    }
+    /// The address of element `i` (a method, so that closures capture the whole `Sync` wrapper).
+    pub(super) fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+// SAFETY: dereferenced only inside the attention forward that created it, while the `&mut [f32]`
+// it came from is borrowed, and its tasks write disjoint elements (see the type's docs).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+/// (Sequence, head) pairs in parallel — a single long sequence still fills every core — each:
+/// Kᵀ copied into a [hd, T] tile and, per block of QBLK query rows, S = Q·Kᵀ (Q read in place),
+/// the masked softmax over S's rows, and O = P·V (V read and O written in place) through
+/// `attn_kernel`'s AVX-512 small GEMM and 16-lane softmax.
 /// Panics unless AVX-512F (callers: [`attention`], tests).
 #[cfg(target_arch = "x86_64")]
 pub fn attention_avx512(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
@@ -107,32 +127,32 @@ pub fn attention_avx512(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<
         return (out, lse);
     }
     let step = QBLK.min(t);
-    out.par_chunks_mut(t * w).zip(lse.par_chunks_mut(s.heads * t)).enumerate().for_each(|(b, (ob, lb))| {
-        let mut kt = vec![0f32; d * t]; // Kᵀ [hd, T]
-        let mut sc = vec![0f32; step * t]; // scores of one query block [rows, keys]
-        for h in 0..s.heads {
-            let base = b * t * w + h * d; // (b, 0, h, 0)
-            for j in 0..t {
-                for (e, &x) in k[base + j * w..][..d].iter().enumerate() {
-                    kt[e * t + j] = x;
-                }
+    let o = SharedOut::new(&mut out);
+    let scratch = || (vec![0f32; d * t], vec![0f32; step * t]); // Kᵀ [hd, T], scores of one query block [rows, keys]
+    lse.par_chunks_mut(t).enumerate().for_each_init(scratch, |(kt, sc), (bh, lr)| {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let base = b * t * w + h * d; // (b, 0, h, 0)
+        for j in 0..t {
+            for (e, &x) in k[base + j * w..][..d].iter().enumerate() {
+                kt[e * t + j] = x;
             }
-            for r0 in (0..t).step_by(step) {
-                let r1 = (r0 + step).min(t);
-                let nk = if s.causal { r1 } else { t };
-                let sc = &mut sc[..(r1 - r0) * nk];
-                // SAFETY: AVX-512F (asserted); Q rows r0..r1 of head h ([rows, hd] at stride w),
-                // Kᵀ's first nk columns ([hd, nk] at stride t), sc [rows, nk]: all in bounds.
-                unsafe { gemm_rows(r1 - r0, nk, d, q[base + r0 * w..].as_ptr(), w, kt.as_ptr(), t, sc.as_mut_ptr(), nk) }; // S = Q·Kᵀ
-                for (i, row) in (r0..r1).zip(sc.chunks_exact_mut(nk)) {
-                    // SAFETY: AVX-512F; keys(i) ≤ nk = row.len().
-                    lb[h * t + i] = unsafe { softmax_row(row, s.keys(i), s.scale) };
-                }
-                // SAFETY: P [rows, nk], V rows 0..nk of head h ([nk, hd] at stride w), O rows
-                // r0..r1 of head h in this batch's block of out ([rows, hd] at stride w).
-                unsafe { gemm_rows(r1 - r0, d, nk, sc.as_ptr(), nk, v[base..].as_ptr(), w, ob[r0 * w + h * d..].as_mut_ptr(), w) };
-                // O = P·V
+        }
+        for r0 in (0..t).step_by(step) {
+            let r1 = (r0 + step).min(t);
+            let nk = if s.causal { r1 } else { t };
+            let sc = &mut sc[..(r1 - r0) * nk];
+            // SAFETY: AVX-512F (asserted); Q rows r0..r1 of head h ([rows, hd] at stride w),
+            // Kᵀ's first nk columns ([hd, nk] at stride t), sc [rows, nk]: all in bounds.
+            unsafe { gemm_rows(r1 - r0, nk, d, q[base + r0 * w..].as_ptr(), w, kt.as_ptr(), t, sc.as_mut_ptr(), nk) }; // S = Q·Kᵀ
+            for (i, row) in (r0..r1).zip(sc.chunks_exact_mut(nk)) {
+                // SAFETY: AVX-512F; keys(i) ≤ nk = row.len().
+                lr[i] = unsafe { softmax_row(row, s.keys(i), s.scale) };
             }
+            // SAFETY: P [rows, nk], V rows 0..nk of head h ([nk, hd] at stride w); O rows r0..r1
+            // of head h of sequence b ([rows, hd] at stride w): inside out, and this task's own
+            // elements (SharedOut).
+            unsafe { gemm_rows(r1 - r0, d, nk, sc.as_ptr(), nk, v[base..].as_ptr(), w, o.at(base + r0 * w), w) };
+            // O = P·V
         }
     });
     (out, lse)

@@ -8,9 +8,9 @@
 //! as the left operand of P·V; O accumulated in f32. [`attention_bf16_reference`] is the same
 //! computation in f64 with P rounded from its f64 value.
 //!
-//! Per batch (in parallel) and head: K is packed as the weight [T keys × hd] and V as the weight
+//! Per (sequence, head) pair (in parallel): K is packed as the weight [T keys × hd] and V as the weight
 //! Vᵀ [hd × T keys] in the bf16 GEMM's panel layout (buffers and their zero padding reused across
-//! heads), Q's rows of the head gathered; per block of 64 query rows the two GEMMs run on this
+//! the pairs a task runs), Q's rows of the head gathered; per block of 64 query rows the two GEMMs run on this
 //! thread (`matmul_bf16_seq`, one work item). A causal block uses only the keys it sees: a prefix
 //! of both packed weights (64-row blocks keep that prefix even, so no pair reaches past it).
 //!
@@ -18,7 +18,7 @@
 //! AVX512-BF16 where `vdpbf16ps` beats f32 FMAs (AMD); elsewhere bf16 products would only add
 //! conversions to the f32 attention (`attention.rs`). `CLIPFORGE_CPU_ATTN=f32|bf16` overrides
 //! that choice ([`chosen`]), to measure one against the other.
-use super::attention::{per_sequence, softmax_row_portable, unzip_cat, AttnShape, QBLK};
+use super::attention::{per_sequence, softmax_row_portable, unzip_cat, AttnShape, SharedOut, QBLK};
 use super::cpu_path::{self, GemmPath};
 use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
 #[cfg(target_arch = "x86_64")]
@@ -125,37 +125,58 @@ pub fn attention_bf16<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel
     let (kps_k, kps_v) = (d.div_ceil(2).next_multiple_of(16), t.div_ceil(2).next_multiple_of(16));
     let simd = cfg!(target_arch = "x86_64") && cpu_path::selected() >= GemmPath::Avx512;
     let cvt = converts_in_simd(resolve(kernel)); // packing's f32 → bf16 as the kernel's own
-    out.par_chunks_mut(t * w).zip(lse.par_chunks_mut(s.heads * t)).enumerate().for_each(|(b, (ob, lb))| {
-        let mut pk = vec![0u32; t.div_ceil(NR) * kps_k * NR]; // K as the weight [T, hd], packed
-        let mut tmp = Vec::new(); // one K panel's rows as pairs [32, hd/2]
-        let mut pv = vec![0u32; d.div_ceil(NR) * kps_v * NR]; // Vᵀ as the weight [hd, T], packed
-        let mut qh: Vec<T> = Vec::with_capacity(t * d); // Q of one head [T, hd]
-        let mut sc = vec![0f32; step * t]; // S, then P, of one query block [rows, keys]
-        let mut o = vec![0f32; step * d]; // O of one query block [rows, hd]
-        for h in 0..s.heads {
-            let base = b * t * w + h * d; // (b, 0, h, 0)
-            pack_k(&mut pk, &mut tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
-            pack_vt(&mut pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
-            qh.clear();
-            (0..t).for_each(|j| qh.extend_from_slice(head_row(q, base, w, d, j)));
-            let (kw, vw) = (WView::from_parts(t, d, kps_k, &pk), WView::from_parts(d, t, kps_v, &pv));
-            for r0 in (0..t).step_by(step) {
-                let r1 = (r0 + step).min(t);
-                let (m, nk) = (r1 - r0, if s.causal { r1 } else { t });
-                let sc = &mut sc[..m * nk];
-                matmul_bf16_seq(&qh[r0 * d..r1 * d], m, kw.prefix(nk, d), sc, kernel); // S = Q·Kᵀ [rows, nk]
-                for (i, row) in (r0..r1).zip(sc.chunks_exact_mut(nk)) {
-                    lb[h * t + i] = softmax_row(row, s.keys(i), s.scale, simd);
-                }
-                let o = &mut o[..m * d];
-                matmul_bf16_seq(&*sc, m, vw.prefix(d, nk), o, kernel); // O = P·V [rows, hd]
-                for (i, orow) in (r0..r1).zip(o.chunks_exact(d)) {
-                    ob[i * w + h * d..][..d].copy_from_slice(orow);
-                }
+    let out_at = SharedOut::new(&mut out);
+    let scratch = || Scratch {
+        pk: vec![0u32; t.div_ceil(NR) * kps_k * NR],
+        pv: vec![0u32; d.div_ceil(NR) * kps_v * NR],
+        tmp: Vec::new(),
+        qh: Vec::with_capacity(t * d),
+        sc: vec![0f32; step * t],
+        o: vec![0f32; step * d],
+    };
+    // (sequence, head) pairs in parallel: a single long sequence still fills every core
+    lse.par_chunks_mut(t).enumerate().for_each_init(scratch, |x, (bh, lr)| {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let base = b * t * w + h * d; // (b, 0, h, 0)
+        pack_k(&mut x.pk, &mut x.tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
+        pack_vt(&mut x.pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
+        x.qh.clear();
+        (0..t).for_each(|j| x.qh.extend_from_slice(head_row(q, base, w, d, j)));
+        let (kw, vw) = (WView::from_parts(t, d, kps_k, &x.pk), WView::from_parts(d, t, kps_v, &x.pv));
+        for r0 in (0..t).step_by(step) {
+            let r1 = (r0 + step).min(t);
+            let (m, nk) = (r1 - r0, if s.causal { r1 } else { t });
+            let sc = &mut x.sc[..m * nk];
+            matmul_bf16_seq(&x.qh[r0 * d..r1 * d], m, kw.prefix(nk, d), sc, kernel); // S = Q·Kᵀ [rows, nk]
+            for (i, row) in (r0..r1).zip(sc.chunks_exact_mut(nk)) {
+                lr[i] = softmax_row(row, s.keys(i), s.scale, simd);
+            }
+            let o = &mut x.o[..m * d];
+            matmul_bf16_seq(&*sc, m, vw.prefix(d, nk), o, kernel); // O = P·V [rows, hd]
+            for (i, orow) in (r0..r1).zip(o.chunks_exact(d)) {
+                // SAFETY: row i of head h of sequence b: d values inside out, this task's own
+                // elements (SharedOut); `orow` is this task's scratch.
+                unsafe { std::ptr::copy_nonoverlapping(orow.as_ptr(), out_at.at(base + i * w), d) };
             }
         }
     });
     (out, lse)
+}
+
+/// One task's buffers, reused across the (sequence, head) pairs it runs.
+struct Scratch<T> {
+    /// K as the weight [T, hd], packed.
+    pk: Vec<u32>,
+    /// Vᵀ as the weight [hd, T], packed.
+    pv: Vec<u32>,
+    /// One K panel's rows as pairs [32, hd/2].
+    tmp: Vec<u32>,
+    /// Q of one head [T, hd].
+    qh: Vec<T>,
+    /// S, then P, of one query block [rows, keys].
+    sc: Vec<f32>,
+    /// O of one query block [rows, hd].
+    o: Vec<f32>,
 }
 
 /// The masked softmax of one score row (AVX-512 where the path allows it), its logsumexp.

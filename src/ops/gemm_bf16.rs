@@ -168,7 +168,8 @@ impl<'a> WView<'a> {
         WView { n, k, kp: k.div_ceil(2), kps, data }
     }
     /// The first `n` outputs over the first `k` inputs (no copy): `k` even or all of them, so a
-    /// pair never reaches past it.
+    /// pair never reaches past it. (The AMX kernel loads whole 16-pair tiles: stored pairs past
+    /// `k` meet A's zero padding, exact zeros for finite weights.)
     pub(super) fn prefix(self, n: usize, k: usize) -> Self {
         assert!(n <= self.n && k <= self.k && (k.is_multiple_of(2) || k == self.k), "WView::prefix: {n}x{k} is not a prefix of {}x{}", self.n, self.k);
         WView { n, k, kp: k.div_ceil(2), ..self }
@@ -273,8 +274,8 @@ impl AElem for f32 {
     }
     fn zip_pairs(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32], simd: bool) {
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: the features were detected (caller).
+        if simd && has_avx512_bf16() {
+            // SAFETY: the features were just detected.
             return unsafe { super::gemm_bf16_avx512::zip_convert(lo, hi, dst) };
         }
         let _ = simd;
@@ -474,8 +475,9 @@ unsafe fn run_kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile, simd: bool, fma:
 /// `simd`: AVX512-BF16 was detected.
 pub(super) fn to_pairs(src: &[f32], dst: &mut [u32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: the features were detected (caller).
+    if simd && has_avx512_bf16() {
+        // SAFETY: the features were just detected (a cached flag: `simd` alone, from a safe
+        // caller, must not decide it).
         return unsafe { super::gemm_bf16_avx512::convert(src, dst) };
     }
     for (q, v) in dst.iter_mut().enumerate() {
