@@ -375,17 +375,10 @@ impl Ops for Cpu {
     /// kept in bf16 (the rounding that attention's bf16 products apply anyway, half the memory):
     /// [`Ops::attention`] then takes its bf16 path. Otherwise three Linears with f32 outputs.
     fn qkv(&self, h: &Tensor, w: [&Weight<Cpu>; 3], b: [&Tensor; 3], n: usize, _heads: usize) -> Result<[Tensor; 3]> {
-        use rayon::prelude::*;
         let half = w.iter().all(|w| bf16_of(w).is_some()) && attention_bf16::chosen();
         let one = |w: &Weight<Cpu>, b: &Tensor| -> Result<Tensor> {
             let y = self.linear(h, w, Some(b), n)?; // [n, W]
-            if !half {
-                return Ok(y);
-            }
-            let yd = y.f32_data();
-            let mut out = bf16_zeros(yd.len()); // [n, W] bf16
-            out.par_chunks_mut(4096).zip(yd.par_chunks(4096)).for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = bf16::from_f32(x)));
-            Tensor::from_storage(Storage::BF16(out), &[yd.len()])
+            Ok(if half { y.to_dtype(DType::BF16) } else { y }) // [n, W]
         };
         Ok([one(w[0], b[0])?, one(w[1], b[1])?, one(w[2], b[2])?])
     }

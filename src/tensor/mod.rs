@@ -225,13 +225,15 @@ impl Tensor {
         Tensor::from_vec(v, &self.shape).expect("same numel")
     }
 
-    /// The same data converted to `dtype` storage (contiguous).
+    /// The same data converted to `dtype` storage (contiguous; rounded to nearest even, on all
+    /// threads for big tensors: the CPU backend's bf16 q, k, v are converted here).
     pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        use rayon::prelude::*;
         let v = self.f32_data();
         let storage = match dtype {
             DType::F32 => Storage::F32(v.into_owned()),
-            DType::F16 => Storage::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect()),
-            DType::BF16 => Storage::BF16(v.iter().map(|&x| half::bf16::from_f32(x)).collect()),
+            DType::F16 => Storage::F16(v.par_iter().with_min_len(1 << 14).map(|&x| half::f16::from_f32(x)).collect()),
+            DType::BF16 => Storage::BF16(v.par_iter().with_min_len(1 << 14).map(|&x| half::bf16::from_f32(x)).collect()),
         };
         Tensor::from_storage(storage, &self.shape).expect("same numel")
     }

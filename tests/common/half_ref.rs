@@ -18,7 +18,6 @@ use clipforge::backend::{Act, Ops, Seqs, Weight};
 use clipforge::ops::attention::AttnShape;
 use clipforge::ops::attention_bf16::{self, attention_bf16_reference, attention_packed_bf16_reference};
 use clipforge::ops::patch_embed::{im2col, PatchShape};
-use clipforge::tensor::Storage;
 use clipforge::{DType, Result, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -131,11 +130,7 @@ impl Ops for HalfRef {
         let half = w.iter().all(|w| matches!(&w.half, Some((DType::BF16, _)))) && attention_bf16::chosen();
         let one = |w: &Weight<HalfRef>, b: &Tensor| -> Result<Tensor> {
             let y = self.linear(h, w, Some(b), n)?; // [n, W]
-            if !half {
-                return Ok(y);
-            }
-            let r: Vec<half::bf16> = y.to_vec_f32().iter().map(|&x| half::bf16::from_f32(x)).collect(); // [n, W]
-            Tensor::from_storage(Storage::BF16(r), &[y.numel()])
+            Ok(if half { y.to_dtype(DType::BF16) } else { y }) // [n, W]
         };
         Ok([one(w[0], b[0])?, one(w[1], b[1])?, one(w[2], b[2])?])
     }
