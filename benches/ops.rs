@@ -192,6 +192,30 @@ fn bench_attention(c: &mut Criterion) {
     g.finish();
 }
 
+/// The attention backward's two CPU paths ((sequence, head) tasks on the AVX-512 small GEMM;
+/// batches in parallel on faer) at fine-tuning shapes: the ViT-B/32 image tower and Long-CLIP's
+/// 248-token text (batch 8), and a ViT-L/14 image (batch 4).
+fn bench_attention_bwd(c: &mut Criterion) {
+    use clipforge::ops::attention::{attention_backward_portable, attention_reference};
+    let mut g = c.benchmark_group("cpu/attention_bwd");
+    g.sample_size(10);
+    for &(b, t, h, causal) in &[(8, 50, 12, false), (8, 248, 8, true), (4, 257, 16, false)] {
+        let s = AttnShape { batch: b, seq: t, heads: h, head_dim: 64, causal, scale: 0.125 };
+        let (q, k, v, dout) =
+            (normal_vec(s.numel(), 0.0, 1.0, 4), normal_vec(s.numel(), 0.0, 1.0, 5), normal_vec(s.numel(), 0.0, 1.0, 6), normal_vec(s.numel(), 0.0, 1.0, 7));
+        let (o, lse) = attention_reference(&q, &k, &v, &s);
+        g.throughput(Throughput::Elements((10 * b * h * t * t * 64) as u64)); // five products
+        let name = format!("B{b}xT{t}xH{h}xd64{}", if causal { "-causal" } else { "" });
+        #[cfg(target_arch = "x86_64")]
+        if clipforge::ops::gemm_f32::available() {
+            use clipforge::ops::attention::attention_backward_avx512;
+            g.bench_function(format!("avx512/{name}"), |bch| bch.iter(|| black_box(attention_backward_avx512(&q, &k, &v, &o, &lse, &dout, &s))));
+        }
+        g.bench_function(format!("portable/{name}"), |bch| bch.iter(|| black_box(attention_backward_portable(&q, &k, &v, &o, &lse, &dout, &s))));
+    }
+    g.finish();
+}
+
 /// The f32 attention against the bf16 one (QKᵀ and PV through the bf16 GEMM) on long sequences:
 /// Long-CLIP's 248-token text (causal) and a ViT-L/14 image (257 tokens). `bf16-auto` is the
 /// bf16 GEMM's own choice here (f32 FMAs on Intel without AMX), `bf16-vdpbf16ps` the AVX512-BF16
@@ -231,6 +255,26 @@ fn bench_quick_gelu(c: &mut Criterion) {
     g.throughput(Throughput::Bytes((2 * x.len() * 4) as u64));
     g.bench_function("1600x3072", |bch| bch.iter(|| black_box(unary(Unary::QuickGelu, black_box(&x)))));
     g.finish();
+    // the backward dy·act′(x): the op (all threads), and one core's 16-lane and scalar loops
+    use clipforge::ops::act_simd::{act_grad_into, act_grad_scalar};
+    let mut g = c.benchmark_group("cpu/quick_gelu_bwd");
+    let dy = normal_vec(x.len(), 0.0, 1.0, 11);
+    g.throughput(Throughput::Bytes((3 * x.len() * 4) as u64));
+    g.bench_function("unary_bwd/1600x3072", |bch| bch.iter(|| black_box(clipforge::ops::elementwise::unary_bwd(Unary::QuickGelu, black_box(&x), &dy))));
+    let (xs, ds, mut out) = (&x[..1 << 16], &dy[..1 << 16], vec![0f32; 1 << 16]);
+    g.throughput(Throughput::Elements(1 << 16));
+    g.bench_function("simd-1core/65536", |bch| bch.iter(|| act_grad_into(Unary::QuickGelu, black_box(xs), ds, &mut out)));
+    g.bench_function("scalar-1core/65536", |bch| bch.iter(|| act_grad_scalar(Unary::QuickGelu, black_box(xs), ds, &mut out)));
+    // the loop `unary_bwd` ran before the 16-lane form: the formula inline, for LLVM to vectorise
+    g.bench_function("scalar-inline-1core/65536", |bch| {
+        bch.iter(|| {
+            for ((o, &v), &d) in out.iter_mut().zip(black_box(xs)).zip(ds) {
+                let s = clipforge::ops::fastmath::sigmoid(1.702 * v);
+                *o = d * (s * (1.0 + 1.702 * v * (1.0 - s)));
+            }
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(
@@ -242,6 +286,7 @@ criterion_group!(
     bench_linear_fused_bf16,
     bench_linear_fused_f32,
     bench_attention,
+    bench_attention_bwd,
     bench_attention_bf16,
     bench_attention_paths,
     bench_layernorm,

@@ -2,8 +2,9 @@
 //! (`fastmath::quick_gelu`, `fastmath::gelu`) for every kind of input — a spread of bit patterns
 //! over the whole f32 range, NaN, ±∞, ±0, subnormals, the exp clamp's edges — and at lengths with
 //! every tail (0, 1, 15, 16, 17, 33, 100), in place and into another buffer; and they are within
-//! tolerance of the f64 formulas on ordinary values.
-use clipforge::ops::act_simd::{act_in_place, act_into, act_into_scalar};
+//! tolerance of the f64 formulas on ordinary values. The same for the backward's dy·act′(x)
+//! (`act_grad_into` against `Unary::deriv_fast`, and against the f64 derivative).
+use clipforge::ops::act_simd::{act_grad_into, act_grad_scalar, act_in_place, act_into, act_into_scalar};
 use clipforge::ops::elementwise::{unary_reference, Unary};
 
 fn inputs() -> Vec<f32> {
@@ -49,6 +50,43 @@ fn simd_activations_match_the_f64_formulas() {
         let want = unary_reference(op, &x);
         for ((g, w), v) in got.iter().zip(&want).zip(&x) {
             assert!(g.is_finite() && (g - w).abs() <= 1e-6 + 1e-5 * w.abs(), "{act:?}({v}) = {g}, f64 formula {w}");
+        }
+    }
+}
+
+#[test]
+fn simd_activation_gradients_give_the_scalar_bits() {
+    let x = inputs();
+    // upstream gradients: ordinary values, and the special ones at shifted positions
+    let mut dy: Vec<f32> = (0..x.len()).map(|i| ((i * 7919) % 2001) as f32 * 1e-3 - 1.0).collect();
+    for (i, v) in [f32::NAN, f32::INFINITY, -0.0, 1e-40, f32::MAX].into_iter().enumerate() {
+        dy[i * 37 + 5] = v;
+    }
+    for act in [Unary::QuickGelu, Unary::Gelu] {
+        let mut want = vec![0.0; x.len()];
+        act_grad_scalar(act, &x, &dy, &mut want);
+        let mut got = vec![f32::NAN; x.len()];
+        act_grad_into(act, &x, &dy, &mut got);
+        same_bits(&format!("{act:?} gradient"), &x, &got, &want);
+        for len in [0, 1, 15, 16, 17, 33, 100] {
+            let mut dst = vec![f32::NAN; len];
+            act_grad_into(act, &x[1000..1000 + len], &dy[1000..1000 + len], &mut dst);
+            same_bits(&format!("{act:?} gradient length {len}"), &x[1000..1000 + len], &dst, &want[1000..1000 + len]);
+        }
+    }
+}
+
+#[test]
+fn simd_activation_gradients_match_the_f64_derivatives() {
+    use clipforge::ops::elementwise::unary_bwd_reference;
+    let x: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.0) * 5e-3).collect(); // [-10, 10]
+    let dy: Vec<f32> = (0..x.len()).map(|i| ((i * 31) % 17) as f32 * 0.25 - 2.0).collect();
+    for act in [Unary::QuickGelu, Unary::Gelu] {
+        let mut got = vec![0.0; x.len()];
+        act_grad_into(act, &x, &dy, &mut got);
+        let want = unary_bwd_reference(act, &x, &dy);
+        for ((g, w), v) in got.iter().zip(&want).zip(&x) {
+            assert!(g.is_finite() && (*g as f64 - w).abs() <= 1e-6 + 1e-5 * w.abs(), "{act:?}′({v}) gives {g}, f64 derivative {w}");
         }
     }
 }

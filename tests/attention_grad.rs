@@ -3,7 +3,8 @@
 //! (so dO = w), on small odd shapes, causal and not.
 mod common;
 use clipforge::ops::attention::{
-    attention_backward, attention_backward_reference, attention_packed, attention_packed_backward, attention_packed_reference, attention_reference, AttnShape,
+    attention_backward, attention_backward_portable, attention_backward_reference, attention_packed, attention_packed_backward, attention_packed_reference,
+    attention_reference, AttnShape,
 };
 use common::*;
 
@@ -13,19 +14,49 @@ fn shape(b: usize, t: usize, h: usize, d: usize, causal: bool) -> AttnShape {
 
 #[test]
 fn attention_backward_fast_matches_reference() {
-    for &(b, t, h, d) in &[(1, 1, 1, 1), (2, 7, 3, 59), (1, 50, 2, 64), (3, 77, 5, 20), (1, 45, 1, 65), (1, 197, 1, 8)] {
+    type Bwd = fn(&[f32], &[f32], &[f32], &[f32], &[f32], &[f32], &AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>);
+    let mut paths: Vec<(&str, Bwd)> = vec![("dispatch", attention_backward), ("portable", attention_backward_portable)];
+    #[cfg(target_arch = "x86_64")]
+    if clipforge::ops::gemm_f32::available() {
+        paths.push(("avx512", clipforge::ops::attention::attention_backward_avx512));
+    }
+    // T crosses the 64-row query / key blocks (65, 130, 248); head dims 1, 8, 20, 59, 64, 65
+    let shapes =
+        [(1, 1, 1, 1), (2, 7, 3, 59), (1, 50, 2, 64), (3, 77, 5, 20), (1, 45, 1, 65), (1, 197, 1, 8), (2, 65, 2, 17), (1, 130, 3, 33), (1, 248, 2, 64)];
+    for &(b, t, h, d) in &shapes {
         let n = b * t * h * d;
         let (q, k, v, dout) = (randn(n, 21), randn(n, 22), randn(n, 23), randn(n, 24));
         for causal in [false, true] {
             let s = shape(b, t, h, d, causal);
             let (o, lse) = attention_reference(&q, &k, &v, &s);
-            let (dq, dk, dv) = attention_backward(&q, &k, &v, &o, &lse, &dout, &s);
             let (rq, rk, rv) = attention_backward_reference(&q, &k, &v, &o, &lse, &dout, &s);
-            let what = format!("attention backward b{b} t{t} h{h} d{d} causal {causal}");
-            assert_close(&format!("{what} dq"), &dq, &rq, 2e-5, 2e-4);
-            assert_close(&format!("{what} dk"), &dk, &rk, 2e-5, 2e-4);
-            assert_close(&format!("{what} dv"), &dv, &rv, 2e-5, 2e-4);
+            for (name, f) in &paths {
+                let (dq, dk, dv) = f(&q, &k, &v, &o, &lse, &dout, &s);
+                let what = format!("attention backward {name} b{b} t{t} h{h} d{d} causal {causal}");
+                assert_close(&format!("{what} dq"), &dq, &rq, 2e-5, 2e-4);
+                assert_close(&format!("{what} dk"), &dk, &rk, 2e-5, 2e-4);
+                assert_close(&format!("{what} dv"), &dv, &rv, 2e-5, 2e-4);
+            }
         }
+    }
+}
+
+/// The same gradients, bit for bit, whatever the thread count (fixed reduction order).
+#[test]
+fn attention_backward_is_bitwise_reproducible_across_thread_counts() {
+    let (b, t, h, d) = (2, 130, 3, 40);
+    let n = b * t * h * d;
+    let (q, k, v, dout) = (randn(n, 31), randn(n, 32), randn(n, 33), randn(n, 34));
+    for causal in [false, true] {
+        let s = shape(b, t, h, d, causal);
+        let (o, lse) = attention_reference(&q, &k, &v, &s);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| attention_backward(&q, &k, &v, &o, &lse, &dout, &s))
+        };
+        let (one, three) = (run(1), run(3));
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        assert!(bits(&one.0) == bits(&three.0) && bits(&one.1) == bits(&three.1) && bits(&one.2) == bits(&three.2), "causal {causal}: 1 and 3 threads differ");
     }
 }
 

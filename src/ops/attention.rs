@@ -5,12 +5,12 @@
 //! Layout: q, k, v and o are [B, T, H·hd] (heads side by side in each row, as the projections
 //! produce them), lse is [B, H, T]. Any T ≥ 1 and any head dim.
 //!
-//! Backward ([`attention_backward`], [`attention_backward_reference`]): given dO, recompute
-//! P = exp(S·scale − lse) from the saved lse (masked entries 0), then
-//!   dV = Pᵀ·dO,  dP = dO·Vᵀ,  D_i = Σ_e dO_ie·O_ie (= Σ_j P_ij·dP_ij),
-//!   dS = P ∘ (dP − D),  dQ = scale·dS·K,  dK = scale·dSᵀ·Q.
+//! The backward is in `attention_bwd.rs` (re-exported here).
+#[cfg(target_arch = "x86_64")]
+pub use super::attention_bwd::attention_backward_avx512;
+pub use super::attention_bwd::{attention_backward, attention_backward_portable, attention_backward_reference, attention_packed_backward};
 use super::fastmath;
-use super::matmul::{gemm_seq, gemm_seq_into, View};
+use super::matmul::{gemm_seq, View};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -74,7 +74,7 @@ pub fn attention_reference(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (V
 pub(super) const QBLK: usize = 64;
 
 /// The query blocks of one sequence: (r0, r1, keys the block needs).
-fn query_blocks(s: &AttnShape) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+pub(super) fn query_blocks(s: &AttnShape) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
     let step = if s.causal { QBLK } else { s.seq.max(1) };
     (0..s.seq).step_by(step).map(move |r0| {
         let r1 = (r0 + step).min(s.seq);
@@ -91,7 +91,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
     attention_portable(q, k, v, s)
 }
 
-/// The attention output [B, T, H·hd] shared by the (sequence, head) tasks: task (b, h) writes
+/// An attention output or gradient [B, T, H·hd] shared by the (sequence, head) tasks: task (b, h) writes
 /// only rows b·T.. b·T+T, columns h·hd.. h·hd+hd, so no two tasks touch the same element.
 #[derive(Clone, Copy)]
 pub(super) struct SharedOut(*mut f32);
@@ -104,8 +104,9 @@ impl SharedOut {
         self.0.wrapping_add(i)
     }
 }
-// SAFETY: dereferenced only inside the attention forward that created it, while the `&mut [f32]`
-// it came from is borrowed, and its tasks write disjoint elements (see the type's docs).
+// SAFETY: dereferenced only inside the attention pass (forward or backward) that created it,
+// while the `&mut [f32]` it came from is borrowed, and its tasks write disjoint elements (see
+// the type's docs).
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
@@ -173,11 +174,8 @@ pub fn attention_portable(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Ve
         let mut sc = vec![0f32; t * t]; // [rows of the block, keys]
         let mut o = vec![0f32; t * d]; // [T, d]
         for h in 0..s.heads {
-            for j in 0..t {
-                let row = (b * t + j) * w + h * d;
-                qt[j * d..(j + 1) * d].copy_from_slice(&q[row..row + d]);
-                kt[j * d..(j + 1) * d].copy_from_slice(&k[row..row + d]);
-                vt[j * d..(j + 1) * d].copy_from_slice(&v[row..row + d]);
+            for (src, dst) in [(q, &mut qt), (k, &mut kt), (v, &mut vt)] {
+                gather_head(src, b, h, s, dst);
             }
             for (r0, r1, nk) in query_blocks(s) {
                 let sc = &mut sc[..(r1 - r0) * nk];
@@ -194,6 +192,15 @@ pub fn attention_portable(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Ve
         }
     });
     (out, lse)
+}
+
+/// Copies head `h` of sequence `b` of x ([B, T, H·hd]) into the [T, hd] tile `dst`.
+pub(super) fn gather_head(x: &[f32], b: usize, h: usize, s: &AttnShape, dst: &mut [f32]) {
+    let (t, w, d) = (s.seq, s.width(), s.head_dim);
+    for (j, r) in dst[..t * d].chunks_exact_mut(d.max(1)).enumerate() {
+        let row = (b * t + j) * w + h * d;
+        r.copy_from_slice(&x[row..row + d]);
+    }
 }
 
 /// One score row in place: the first `keys` entries scaled, exponentiated and normalised, the
@@ -217,101 +224,6 @@ pub(super) fn softmax_row_portable(row: &mut [f32], keys: usize, scale: f32) -> 
     m + z.ln()
 }
 
-/// Naive backward in f64: loops over (b, h, i, j), P recomputed from `lse`, D from `o`.
-/// Returns (dq, dk, dv) in the layout of q, k, v.
-pub fn attention_backward_reference(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (t, w, d) = (s.seq, s.width(), s.head_dim);
-    let scale = s.scale as f64;
-    let (mut dq, mut dk, mut dv) = (vec![0f64; s.numel()], vec![0f64; s.numel()], vec![0f64; s.numel()]);
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
-    for b in 0..s.batch {
-        for h in 0..s.heads {
-            let row = |j: usize| (b * t + j) * w + h * d;
-            for i in 0..t {
-                let (qi, doi) = (&q[row(i)..][..d], &dout[row(i)..][..d]);
-                let di = dot(doi, &o[row(i)..][..d]);
-                let li = lse[(b * s.heads + h) * t + i] as f64;
-                for j in 0..s.keys(i) {
-                    let (kj, vj) = (&k[row(j)..][..d], &v[row(j)..][..d]);
-                    let p = (dot(qi, kj) * scale - li).exp();
-                    let ds = p * (dot(doi, vj) - di) * scale;
-                    for e in 0..d {
-                        dv[row(j) + e] += p * doi[e] as f64;
-                        dq[row(i) + e] += ds * kj[e] as f64;
-                        dk[row(j) + e] += ds * qi[e] as f64;
-                    }
-                }
-            }
-        }
-    }
-    let f = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
-    (f(dq), f(dk), f(dv))
-}
-
-/// The fast backward: batches in parallel; per head and query block five small GEMMs (S = Q·Kᵀ,
-/// dP = dO·Vᵀ, dV += Pᵀ·dO, dQ = dS·K, dK += dSᵀ·Q) on gathered [T, hd] tiles, with P and dS
-/// formed in place; causal blocks touch only the keys they see.
-pub fn attention_backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dout: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (t, w, d) = (s.seq, s.width(), s.head_dim);
-    let (mut dq, mut dk, mut dv) = (vec![0f32; s.numel()], vec![0f32; s.numel()], vec![0f32; s.numel()]);
-    if s.numel() == 0 {
-        return (dq, dk, dv);
-    }
-    let chunks = dq.par_chunks_mut(t * w).zip(dk.par_chunks_mut(t * w)).zip(dv.par_chunks_mut(t * w));
-    chunks.enumerate().for_each(|(b, ((dqb, dkb), dvb))| {
-        let tile = || vec![0f32; t * d];
-        let (mut qt, mut kt, mut vt, mut dot) = (tile(), tile(), tile(), tile()); // [T, d]
-        let (mut gq, mut gk, mut gv) = (tile(), tile(), tile()); // [T, d]
-        let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]); // [rows of the block, keys]
-        let mut drow = vec![0f32; t];
-        for h in 0..s.heads {
-            for j in 0..t {
-                let row = (b * t + j) * w + h * d;
-                qt[j * d..(j + 1) * d].copy_from_slice(&q[row..row + d]);
-                kt[j * d..(j + 1) * d].copy_from_slice(&k[row..row + d]);
-                vt[j * d..(j + 1) * d].copy_from_slice(&v[row..row + d]);
-                dot[j * d..(j + 1) * d].copy_from_slice(&dout[row..row + d]);
-                drow[j] = dout[row..row + d].iter().zip(&o[row..row + d]).map(|(x, y)| x * y).sum();
-            }
-            gk.fill(0.0);
-            gv.fill(0.0);
-            for (r0, r1, nk) in query_blocks(s) {
-                let bm = r1 - r0;
-                let (p, dp) = (&mut p[..bm * nk], &mut dp[..bm * nk]);
-                let (qb, db) = (View::row_major(&qt[r0 * d..r1 * d], bm, d), View::row_major(&dot[r0 * d..r1 * d], bm, d));
-                gemm_seq(qb, View::row_major(&kt[..nk * d], nk, d).t(), p); // S = Q·Kᵀ
-                gemm_seq(db, View::row_major(&vt[..nk * d], nk, d).t(), dp); // dP = dO·Vᵀ
-                for (i, (pr, dpr)) in (r0..r1).zip(p.chunks_exact_mut(nk).zip(dp.chunks_exact_mut(nk))) {
-                    let li = lse[(b * s.heads + h) * t + i];
-                    let keys = s.keys(i);
-                    for j in 0..keys {
-                        pr[j] = fastmath::exp(pr[j] * s.scale - li);
-                        dpr[j] = pr[j] * (dpr[j] - drow[i]) * s.scale; // dS, scale folded in
-                    }
-                    pr[keys..].fill(0.0);
-                    dpr[keys..].fill(0.0);
-                }
-                gemm_seq_into(View::row_major(p, bm, nk).t(), db, &mut gv[..nk * d], true); // dV += Pᵀ·dO
-                gemm_seq(View::row_major(dp, bm, nk), View::row_major(&kt[..nk * d], nk, d), &mut gq[r0 * d..r1 * d]); // dQ = dS·K
-                gemm_seq_into(View::row_major(dp, bm, nk).t(), qb, &mut gk[..nk * d], true);
-                // dK += dSᵀ·Q
-            }
-            scatter(dvb, &gv, h, s);
-            scatter(dqb, &gq, h, s);
-            scatter(dkb, &gk, h, s);
-        }
-    });
-    (dq, dk, dv)
-}
-
-/// Writes the [T, hd] tile `g` into head `h` of one batch's [T, H·hd] rows.
-fn scatter(dst: &mut [f32], g: &[f32], h: usize, s: &AttnShape) {
-    let (w, d) = (s.width(), s.head_dim);
-    for (j, gr) in g.chunks_exact(d).enumerate() {
-        dst[j * w + h * d..][..d].copy_from_slice(gr);
-    }
-}
-
 /// Packed sequences (no padding): q, k, v and o are [N, H·hd] holding sequences of `lens[i]`
 /// tokens back to back (N = Σ lens); each row attends only to rows of its own sequence. lse is
 /// each sequence's [H, len] block, back to back. [`attention`] per sequence, sequences in parallel.
@@ -324,31 +236,6 @@ pub fn attention_packed(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: 
 pub fn attention_packed_reference(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>) {
     let parts = per_sequence(lens, heads, causal, q.len(), |x, _, s| attention_reference(&q[x.clone()], &k[x.clone()], &v[x], s));
     unzip_cat(parts)
-}
-
-/// The backward of [`attention_packed`]: [`attention_backward`] per sequence → (dq, dk, dv).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_packed_backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    o: &[f32],
-    lse: &[f32],
-    dout: &[f32],
-    lens: &[usize],
-    heads: usize,
-    causal: bool,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let parts = per_sequence(lens, heads, causal, q.len(), |x, l, s| {
-        attention_backward(&q[x.clone()], &k[x.clone()], &v[x.clone()], &o[x.clone()], &lse[l], &dout[x], s)
-    });
-    let (mut dq, mut dk, mut dv) = (Vec::with_capacity(q.len()), Vec::with_capacity(q.len()), Vec::with_capacity(q.len()));
-    for (a, b, c) in parts {
-        dq.extend(a);
-        dk.extend(b);
-        dv.extend(c);
-    }
-    (dq, dk, dv)
 }
 
 /// Runs `f(rows, lse range, shape)` for every packed sequence, in parallel, results in order.

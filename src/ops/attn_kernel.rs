@@ -2,7 +2,10 @@
 //! - [`gemm_rows`]: an unpacked small GEMM c = a·b for S = Q·Kᵀ and O = P·V. It reads Q and V
 //!   and writes O in place in the [B, T, H·hd] layout (any row strides), so only Kᵀ is copied per
 //!   head; a register tile of up to 6 rows × 64 columns (24 zmm accumulators), one broadcast of
-//!   a per row and up to 4 loads of b per k step, the last 16-column vector masked.
+//!   a per row and up to 4 loads of b per k step, the last 16-column vector masked. The
+//!   backward (`attention_bwd.rs`) runs its five products on it too.
+//! - [`dot`]: a 16-lane dot product (the backward's D_i = Σ dO·O).
+//! - [`grad_row`]: one row of the backward's P = exp(S·scale − lse) and dS = P∘(dP − D)·scale.
 //! - [`softmax_row`]: scale, max, exp (`act_simd`'s 16-lane exp, the scalar `fastmath::exp`'s
 //!   bits), the sum in 16 lanes reduced in a fixed order (bitwise-reproducible), normalise.
 //!
@@ -17,6 +20,8 @@ use std::arch::x86_64::*;
 const MR: usize = 6;
 /// Register-tile columns (four 16-lane vectors).
 const NB: usize = 64;
+/// Depth of one k block: its KC × 64 slab of b (32 KiB) stays in L1 across the row tiles.
+const KC: usize = 128;
 
 /// c[m×n] (row stride ldc) = a[m×k] (row stride lda) · b[k×n] (row stride ldb); unit column
 /// strides.
@@ -27,61 +32,106 @@ const NB: usize = 64;
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_rows(m: usize, n: usize, k: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize) {
+    // SAFETY: the caller's contract, with a's column stride 1.
+    unsafe { gemm_rows_at(m, n, k, a, (lda, 1), b, ldb, c, ldc) }
+}
+
+/// [`gemm_rows`] with any strides for a: element (r, p) at `a + r·ars + p·acs`, so a transposed
+/// matrix is read in place (the attention backward's dV = Pᵀ·dO with a = Pᵀ: its 6 broadcasts
+/// per k step are 6 neighbouring values of one row of P).
+///
+/// # Safety
+/// AVX-512F; a's m × k elements, b's rows k × n at stride ldb and c's rows m × n at stride ldc
+/// are in bounds, c not overlapping a or b.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows_at(m: usize, n: usize, k: usize, a: *const f32, (ars, acs): (usize, usize), b: *const f32, ldb: usize, c: *mut f32, ldc: usize) {
     for j0 in (0..n).step_by(NB) {
         let cols = NB.min(n - j0);
         let (nv, tail) = (cols.div_ceil(16), cols % 16);
         let mask: __mmask16 = if tail == 0 { 0xFFFF } else { ((1u32 << tail) - 1) as __mmask16 };
-        for i0 in (0..m).step_by(MR) {
-            let rows = MR.min(m - i0);
-            let (ap, bp, cp) = (a.wrapping_add(i0 * lda), b.wrapping_add(j0), c.wrapping_add(i0 * ldc + j0));
-            macro_rules! go {
-                ($r:literal, $v:literal) => {
-                    // SAFETY: the tile's rows × cols lie inside a, b and c (caller's contract).
-                    unsafe { tile::<$r, $v>(k, ap, lda, bp, ldb, cp, ldc, mask) }
-                };
-            }
-            macro_rules! by_vectors {
-                ($r:literal) => {
-                    match nv {
-                        1 => go!($r, 1),
-                        2 => go!($r, 2),
-                        3 => go!($r, 3),
-                        _ => go!($r, 4),
-                    }
-                };
-            }
-            match rows {
-                1 => by_vectors!(1),
-                2 => by_vectors!(2),
-                3 => by_vectors!(3),
-                4 => by_vectors!(4),
-                5 => by_vectors!(5),
-                _ => by_vectors!(6),
-            }
+        // k in blocks of KC, so that the b block (KC × 64) stays in L1 while every row tile
+        // passes it; the first block writes c, later ones add to it (k = 0 writes zeros).
+        for p0 in (0..k.max(1)).step_by(KC) {
+            let (kc, add) = (KC.min(k - p0), p0 > 0);
+            let blk = Block { a: a.wrapping_add(p0 * acs), ars, acs, b: b.wrapping_add(p0 * ldb + j0), ldb, c: c.wrapping_add(j0), ldc, mask, add };
+            gemm_block(m, kc, nv, blk);
         }
     }
 }
 
-/// One R × (16·V) tile of c = a·b, the last vector's lanes masked by `mask`.
+/// One k block of one column block: a, b and c at its origin, strides, the last vector's lane
+/// mask, and whether c is added to.
+#[derive(Clone, Copy)]
+struct Block {
+    a: *const f32,
+    ars: usize,
+    acs: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    mask: __mmask16,
+    add: bool,
+}
+
+/// Every row tile of one column block (nv vectors) over one k block.
 ///
 /// # Safety
-/// As [`gemm_rows`] for this tile.
+/// As [`gemm_rows_at`] for that block.
 #[inline]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<const R: usize, const V: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, mask: __mmask16) {
+unsafe fn gemm_block(m: usize, k: usize, nv: usize, blk: Block) {
+    for i0 in (0..m).step_by(MR) {
+        let rows = MR.min(m - i0);
+        let t = Block { a: blk.a.wrapping_add(i0 * blk.ars), c: blk.c.wrapping_add(i0 * blk.ldc), ..blk };
+        macro_rules! go {
+            ($r:literal, $v:literal) => {
+                // SAFETY: the tile's rows × cols lie inside a, b and c (caller's contract).
+                unsafe { tile::<$r, $v>(k, t) }
+            };
+        }
+        macro_rules! by_vectors {
+            ($r:literal) => {
+                match nv {
+                    1 => go!($r, 1),
+                    2 => go!($r, 2),
+                    3 => go!($r, 3),
+                    _ => go!($r, 4),
+                }
+            };
+        }
+        match rows {
+            1 => by_vectors!(1),
+            2 => by_vectors!(2),
+            3 => by_vectors!(3),
+            4 => by_vectors!(4),
+            5 => by_vectors!(5),
+            _ => by_vectors!(6),
+        }
+    }
+}
+
+/// One R × (16·V) tile of c = a·b (c += a·b when `t.add`), the last vector's lanes masked by
+/// `t.mask`.
+///
+/// # Safety
+/// As [`gemm_rows_at`] for this tile.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile<const R: usize, const V: usize>(k: usize, t: Block) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     for p in 0..k {
-        let brow = b.wrapping_add(p * ldb);
+        let (brow, acol) = (t.b.wrapping_add(p * t.ldb), t.a.wrapping_add(p * t.acs));
         let mut bv = [_mm512_setzero_ps(); V];
         for (v, x) in bv.iter_mut().enumerate() {
-            let m = if v + 1 == V { mask } else { 0xFFFF };
+            let m = if v + 1 == V { t.mask } else { 0xFFFF };
             // SAFETY: lanes in `m` are inside row p of b (caller).
             *x = unsafe { _mm512_maskz_loadu_ps(m, brow.add(16 * v)) };
         }
         for (r, accr) in acc.iter_mut().enumerate() {
             // SAFETY: a[r][p] is inside a (caller).
-            let x = _mm512_set1_ps(unsafe { *a.add(r * lda + p) });
+            let x = _mm512_set1_ps(unsafe { *acol.add(r * t.ars) });
             for (s, &y) in accr.iter_mut().zip(&bv) {
                 *s = _mm512_fmadd_ps(x, y, *s);
             }
@@ -89,9 +139,11 @@ unsafe fn tile<const R: usize, const V: usize>(k: usize, a: *const f32, lda: usi
     }
     for (r, accr) in acc.iter().enumerate() {
         for (v, &s) in accr.iter().enumerate() {
-            let m = if v + 1 == V { mask } else { 0xFFFF };
+            let m = if v + 1 == V { t.mask } else { 0xFFFF };
+            let cv = t.c.wrapping_add(r * t.ldc + 16 * v);
             // SAFETY: lanes in `m` are inside row r of the tile of c (caller).
-            unsafe { _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), m, s) };
+            let s = if t.add { _mm512_add_ps(unsafe { _mm512_maskz_loadu_ps(m, cv) }, s) } else { s };
+            unsafe { _mm512_mask_storeu_ps(cv, m, s) };
         }
     }
 }
@@ -141,4 +193,47 @@ pub unsafe fn softmax_row(row: &mut [f32], keys: usize, scale: f32) -> f32 {
         unsafe { _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), inv)) };
     }
     max + z.ln()
+}
+
+/// One query row of the backward (`attention_bwd.rs`): over `p[..keys]` (the row's scores S)
+/// and `ds[..keys]` (its dP), P = exp(S·scale − lse) and dS = P·(dP − D)·scale, the scalar
+/// formulas op for op (no FMA contraction); entries `keys..` of both become 0.
+///
+/// # Safety
+/// AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn grad_row(p: &mut [f32], ds: &mut [f32], keys: usize, scale: f32, lse: f32, dd: f32) {
+    assert!(keys <= p.len() && p.len() == ds.len(), "grad_row: keys beyond the row");
+    p[keys..].fill(0.0);
+    ds[keys..].fill(0.0);
+    let (pp, dp) = (p.as_mut_ptr(), ds.as_mut_ptr());
+    let (sc, l, d) = (_mm512_set1_ps(scale), _mm512_set1_ps(lse), _mm512_set1_ps(dd));
+    for i in (0..keys).step_by(16) {
+        let r = keys - i;
+        let m: __mmask16 = if r >= 16 { 0xFFFF } else { ((1u32 << r) - 1) as __mmask16 };
+        // SAFETY: lanes in m are inside p[..keys] and ds[..keys] (asserted).
+        unsafe {
+            let e = exp16(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, pp.add(i)), sc), l));
+            _mm512_mask_storeu_ps(pp.add(i), m, e);
+            let g = _mm512_mul_ps(_mm512_mul_ps(e, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp.add(i)), d)), sc);
+            _mm512_mask_storeu_ps(dp.add(i), m, g);
+        }
+    }
+}
+
+/// Σ a[i]·b[i] over 16 lanes (the tail masked), the lanes summed in a fixed order.
+///
+/// # Safety
+/// AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..n).step_by(16) {
+        let r = n - i;
+        let m: __mmask16 = if r >= 16 { 0xFFFF } else { ((1u32 << r) - 1) as __mmask16 };
+        // SAFETY: lanes in m are inside a[..n] and b[..n].
+        acc = unsafe { _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a.as_ptr().add(i)), _mm512_maskz_loadu_ps(m, b.as_ptr().add(i)), acc) };
+    }
+    _mm512_reduce_add_ps(acc)
 }

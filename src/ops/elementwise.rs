@@ -1,7 +1,7 @@
 //! Elementwise ops: unary activations and binary arithmetic with numpy broadcasting.
 //! Reference: index arithmetic per output element. Fast: same-shape and trailing-broadcast
 //! (bias-like) cases as flat vectorised loops, in parallel; the general case strided.
-use super::act_simd::act_into;
+use super::act_simd::{act_grad_into, act_into};
 use super::fastmath::{self, par_rows};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +36,22 @@ impl Unary {
             Unary::Neg => -x,
             Unary::Sqrt => x.sqrt(),
             Unary::Recip => 1.0 / x,
+        }
+    }
+    /// op′(x) with the fast scalar functions (the backward's formula; `act_simd` has the 16-lane
+    /// QuickGELU and GELU forms with these bits).
+    #[inline(always)]
+    pub(crate) fn deriv_fast(self, v: f32) -> f32 {
+        match self {
+            Unary::QuickGelu => {
+                let s = fastmath::sigmoid(1.702 * v);
+                s * (1.0 + 1.702 * v * (1.0 - s))
+            }
+            Unary::Gelu => 0.5 * (1.0 + fastmath::erf(v * std::f32::consts::FRAC_1_SQRT_2)) + v * fastmath::exp(-0.5 * v * v) * 0.398_942_3,
+            Unary::Exp => fastmath::exp(v),
+            Unary::Neg => -1.0,
+            Unary::Sqrt => 0.5 / v.sqrt(),
+            Unary::Recip => -1.0 / (v * v),
         }
     }
 }
@@ -84,31 +100,40 @@ pub fn unary_bwd_reference(op: Unary, x: &[f32], dy: &[f32]) -> Vec<f64> {
     x.iter().zip(dy).map(|(&v, &d)| d as f64 * unary_deriv_ref(op, v as f64)).collect()
 }
 
-/// dx = dy ⊙ op′(x) (fast, in parallel; the activations use the vectorisable exp/erf, and each
-/// op gets its own inner loop so the compiler vectorises it).
+/// dx = dy ⊙ op′(x) (fast, in parallel, each output value written once): QuickGELU and GELU
+/// through `act_simd::act_grad_into` (16 lanes with AVX-512F, the scalar bits), the other ops
+/// through their own scalar loop (a constant op, so the compiler vectorises it).
 pub fn unary_bwd(op: Unary, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    fn run(x: &[f32], dy: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    fn run(x: &[f32], dy: &[f32], f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync + Send) -> Vec<f32> {
         const CHUNK: usize = 4096;
-        let mut out = super::fastmath::zeros(x.len());
-        par_rows(&mut out, CHUNK.min(x.len().max(1)), |i, o| {
-            let base = i * CHUNK.min(x.len().max(1));
-            let (xs, ds) = (&x[base..base + o.len()], &dy[base..base + o.len()]);
-            for ((o, &v), &d) in o.iter_mut().zip(xs).zip(ds) {
-                *o = d * f(v);
-            }
-        });
-        out
+        let n = x.len().min(dy.len());
+        let fill = |out: &mut [f32]| -> Result<(), std::convert::Infallible> {
+            par_rows(out, CHUNK.min(n.max(1)), |i, o| {
+                let base = i * CHUNK.min(n.max(1));
+                f(&x[base..base + o.len()], &dy[base..base + o.len()], o);
+            });
+            Ok(())
+        };
+        // SAFETY: par_rows hands every row of the n values to `f`, which writes each of them
+        // (o, xs and ds have one length) and reads none.
+        match unsafe { fastmath::written_by(n, fill) } {
+            Ok(out) => out,
+            Err(never) => match never {},
+        }
     }
+    let scalar = |op: Unary| {
+        move |xs: &[f32], ds: &[f32], o: &mut [f32]| {
+            for ((o, &v), &d) in o.iter_mut().zip(xs).zip(ds) {
+                *o = d * op.deriv_fast(v);
+            }
+        }
+    };
     match op {
-        Unary::QuickGelu => run(x, dy, |v| {
-            let s = fastmath::sigmoid(1.702 * v);
-            s * (1.0 + 1.702 * v * (1.0 - s))
-        }),
-        Unary::Gelu => run(x, dy, |v| 0.5 * (1.0 + fastmath::erf(v * std::f32::consts::FRAC_1_SQRT_2)) + v * fastmath::exp(-0.5 * v * v) * 0.398_942_3),
-        Unary::Exp => run(x, dy, fastmath::exp),
-        Unary::Neg => run(x, dy, |_| -1.0),
-        Unary::Sqrt => run(x, dy, |v| 0.5 / v.sqrt()),
-        Unary::Recip => run(x, dy, |v| -1.0 / (v * v)),
+        Unary::QuickGelu | Unary::Gelu => run(x, dy, |xs, ds, o| act_grad_into(op, xs, ds, o)),
+        Unary::Exp => run(x, dy, scalar(Unary::Exp)),
+        Unary::Neg => run(x, dy, scalar(Unary::Neg)),
+        Unary::Sqrt => run(x, dy, scalar(Unary::Sqrt)),
+        Unary::Recip => run(x, dy, scalar(Unary::Recip)),
     }
 }
 

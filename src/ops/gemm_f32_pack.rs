@@ -119,9 +119,22 @@ unsafe fn pack_a_rows(a: &View, i0: usize, rows: usize, pc: usize, kc: usize, ds
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn transpose_lines(base: *const f32, stride: usize, live: usize, steps: usize, dst: &mut [f32], dst_stride: usize, store: usize) {
+    assert!(live <= 16 && store <= 16 && (steps == 0 || dst.len() >= (steps - 1) * dst_stride + store), "transpose_lines: dst too small");
+    // SAFETY: the lines are readable (caller); dst holds every stored lane (asserted).
+    unsafe { transpose_lines_to(base, stride, live, steps, dst.as_mut_ptr(), dst_stride, store) }
+}
+
+/// [`transpose_lines`] into a raw destination (a block of a buffer that other threads write
+/// elsewhere, e.g. one head's columns of an attention gradient).
+///
+/// # Safety
+/// As [`transpose_lines`]; `live`, `store` ≤ 16; `dst + p·dst_stride + j` for p < steps, j <
+/// store is writable and no other thread accesses it meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn transpose_lines_to(base: *const f32, stride: usize, live: usize, steps: usize, dst: *mut f32, dst_stride: usize, store: usize) {
     use std::arch::x86_64::*;
     let lanes = |n: usize| if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 };
-    assert!(live <= 16 && store <= 16 && (steps == 0 || dst.len() >= (steps - 1) * dst_stride + store), "transpose_lines: dst too small");
     for p in (0..steps).step_by(16) {
         let len = (steps - p).min(16);
         let mut r = [_mm512_setzero_ps(); 16];
@@ -131,8 +144,8 @@ pub(super) unsafe fn transpose_lines(base: *const f32, stride: usize, live: usiz
         }
         transpose16(&mut r);
         for (q, rq) in r.iter().enumerate().take(len) {
-            // SAFETY: (p + q)·dst_stride + store ≤ dst.len() (asserted).
-            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add((p + q) * dst_stride), lanes(store), *rq) };
+            // SAFETY: lanes < store of row p + q < steps are writable (caller).
+            unsafe { _mm512_mask_storeu_ps(dst.wrapping_add((p + q) * dst_stride), lanes(store), *rq) };
         }
     }
 }
