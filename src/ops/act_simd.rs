@@ -1,8 +1,9 @@
 //! Unary ops over slices: the activations QuickGELU and GELU and their derivatives (the
 //! backward's dy·act′(x)) 16 lanes at a time with AVX-512F where the CPU has it — the same
 //! operations in the same order as the scalar `fastmath::quick_gelu` / `fastmath::gelu` /
-//! `Unary::deriv_fast` (no FMA contraction, IEEE division), so every path gives the same bits; the other ops, other CPUs and the tails through the scalar
-//! `Unary::eval_fast`. Used by the GEMM epilogues (per finished C tile) and by
+//! `Unary::deriv_fast` (no FMA contraction, IEEE division), so every path gives the same bits;
+//! the other ops, other CPUs and the tails through the scalar `Unary::eval_fast` /
+//! `Unary::deriv_fast`. Used by the GEMM epilogues (per finished C tile) and by
 //! `elementwise::unary`. LLVM does not vectorise the scalar loops well (≈ 5 cycles per element
 //! against ≈ 1.4 here, Intel Xeon, one core). Bit-identity: tests/act_simd.rs.
 use super::elementwise::Unary;

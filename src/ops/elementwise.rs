@@ -102,7 +102,7 @@ pub fn unary_bwd_reference(op: Unary, x: &[f32], dy: &[f32]) -> Vec<f64> {
 
 /// dx = dy ⊙ op′(x) (fast, in parallel, each output value written once): QuickGELU and GELU
 /// through `act_simd::act_grad_into` (16 lanes with AVX-512F, the scalar bits), the other ops
-/// through their own scalar loop (a constant op, so the compiler vectorises it).
+/// through a scalar loop of their own (the op a constant in each, so the compiler vectorises it).
 pub fn unary_bwd(op: Unary, x: &[f32], dy: &[f32]) -> Vec<f32> {
     fn run(x: &[f32], dy: &[f32], f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync + Send) -> Vec<f32> {
         const CHUNK: usize = 4096;
@@ -121,19 +121,17 @@ pub fn unary_bwd(op: Unary, x: &[f32], dy: &[f32]) -> Vec<f32> {
             Err(never) => match never {},
         }
     }
-    let scalar = |op: Unary| {
-        move |xs: &[f32], ds: &[f32], o: &mut [f32]| {
-            for ((o, &v), &d) in o.iter_mut().zip(xs).zip(ds) {
-                *o = d * op.deriv_fast(v);
-            }
+    fn each(xs: &[f32], ds: &[f32], o: &mut [f32], f: impl Fn(f32) -> f32) {
+        for ((o, &v), &d) in o.iter_mut().zip(xs).zip(ds) {
+            *o = d * f(v);
         }
-    };
+    }
     match op {
         Unary::QuickGelu | Unary::Gelu => run(x, dy, |xs, ds, o| act_grad_into(op, xs, ds, o)),
-        Unary::Exp => run(x, dy, scalar(Unary::Exp)),
-        Unary::Neg => run(x, dy, scalar(Unary::Neg)),
-        Unary::Sqrt => run(x, dy, scalar(Unary::Sqrt)),
-        Unary::Recip => run(x, dy, scalar(Unary::Recip)),
+        Unary::Exp => run(x, dy, |xs, ds, o| each(xs, ds, o, |v| Unary::Exp.deriv_fast(v))),
+        Unary::Neg => run(x, dy, |xs, ds, o| each(xs, ds, o, |v| Unary::Neg.deriv_fast(v))),
+        Unary::Sqrt => run(x, dy, |xs, ds, o| each(xs, ds, o, |v| Unary::Sqrt.deriv_fast(v))),
+        Unary::Recip => run(x, dy, |xs, ds, o| each(xs, ds, o, |v| Unary::Recip.deriv_fast(v))),
     }
 }
 
