@@ -133,11 +133,8 @@ pub fn attention_avx512(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<
     lse.par_chunks_mut(t).enumerate().for_each_init(scratch, |(kt, sc), (bh, lr)| {
         let (b, h) = (bh / s.heads, bh % s.heads);
         let base = b * t * w + h * d; // (b, 0, h, 0)
-        for j in 0..t {
-            for (e, &x) in k[base + j * w..][..d].iter().enumerate() {
-                kt[e * t + j] = x;
-            }
-        }
+                                      // SAFETY: AVX-512F (asserted).
+        unsafe { transpose_head(k, b, h, s, kt) };
         for r0 in (0..t).step_by(step) {
             let r1 = (r0 + step).min(t);
             let nk = if s.causal { r1 } else { t };
@@ -200,6 +197,25 @@ pub(super) fn gather_head(x: &[f32], b: usize, h: usize, s: &AttnShape, dst: &mu
     for (j, r) in dst[..t * d].chunks_exact_mut(d.max(1)).enumerate() {
         let row = (b * t + j) * w + h * d;
         r.copy_from_slice(&x[row..row + d]);
+    }
+}
+
+/// Head `h` of sequence `b` of x ([B, T, H·hd]) transposed into the [hd, T] tile `dst` (16×16
+/// register transposes): Kᵀ and Vᵀ for the attention's small GEMM.
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn transpose_head(x: &[f32], b: usize, h: usize, s: &AttnShape, dst: &mut [f32]) {
+    let (t, w, d) = (s.seq, s.width(), s.head_dim);
+    let base = b * t * w + h * d; // (b, 0, h, 0)
+    assert!(x.len() >= base + (t.max(1) - 1) * w + d && dst.len() >= d * t, "transpose_head: out of bounds");
+    for j0 in (0..t).step_by(16) {
+        let live = (t - j0).min(16);
+        // SAFETY: rows j0..j0+live of the head ([live, hd] at stride w) are inside x (asserted);
+        // dst[j0..] holds (hd − 1)·T + live values.
+        unsafe { super::gemm_f32_pack::transpose_lines(x[base + j0 * w..].as_ptr(), w, live, d, &mut dst[j0..], t, live) };
     }
 }
 

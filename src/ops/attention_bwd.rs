@@ -150,27 +150,22 @@ pub fn attention_backward_avx512(q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn head_backward(x: [&[f32]; 5], lr: &[f32], g: [SharedOut; 3], s: &AttnShape, bh: usize, sc: &mut Scratch) {
+    use super::attention::transpose_head;
     use super::attn_kernel::{dot, gemm_rows, gemm_rows_at, grad_row};
-    use super::gemm_f32_pack::transpose_lines;
     let [q, k, v, o, dout] = x;
     let [gq, gk, gv] = g;
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
     let step = QBLK.min(t);
-    let base = (bh / s.heads) * t * w + (bh % s.heads) * d; // (b, 0, h, 0)
-    for j0 in (0..t).step_by(16) {
-        let live = (t - j0).min(16);
-        for (src, dst) in [(k, &mut sc.kt), (v, &mut sc.vt)] {
-            // SAFETY: rows j0..j0+live of head h ([live, hd] at stride w) are inside src; dst[j0..]
-            // holds (hd − 1)·T + live values.
-            unsafe { transpose_lines(src[base + j0 * w..].as_ptr(), w, live, d, &mut dst[j0..], t, live) };
-        }
+    let (b, h) = (bh / s.heads, bh % s.heads);
+    let base = b * t * w + h * d; // (b, 0, h, 0)
+    transpose_head(k, b, h, s, &mut sc.kt);
+    transpose_head(v, b, h, s, &mut sc.vt);
+    for (src, dst) in [(k, &mut sc.kc), (q, &mut sc.qc), (dout, &mut sc.doc)] {
+        gather_head(src, b, h, s, dst);
     }
-    for i in 0..t {
+    for (i, di) in sc.dd[..t].iter_mut().enumerate() {
         let r = base + i * w;
-        for (src, dst) in [(k, &mut sc.kc), (q, &mut sc.qc), (dout, &mut sc.doc)] {
-            dst[i * d..(i + 1) * d].copy_from_slice(&src[r..r + d]);
-        }
-        sc.dd[i] = dot(&dout[r..r + d], &o[r..r + d]); // D_i = Σ_e dO_ie·O_ie
+        *di = dot(&dout[r..r + d], &o[r..r + d]); // D_i = Σ_e dO_ie·O_ie
     }
     for r0 in (0..t).step_by(step) {
         let (r1, rows) = ((r0 + step).min(t), (r0 + step).min(t) - r0);
