@@ -22,7 +22,7 @@ fn close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
 
 #[test]
 fn layer_norm_backward_fast_matches_reference() {
-    for (r, c) in [(1, 1), (7, 65), (45, 768), (130, 59)] {
+    for (r, c) in [(1, 1), (7, 65), (45, 768), (130, 59), (33, 16), (97, 17)] {
         let x: Vec<f32> = randn(r * c, 1).iter().map(|v| 2.0 * v + 0.3).collect();
         let g: Vec<f32> = randn(c, 2).iter().map(|v| 1.0 + 0.2 * v).collect();
         let dy = randn(r * c, 3);
@@ -32,6 +32,25 @@ fn layer_norm_backward_fast_matches_reference() {
         close(&format!("dgamma {r}x{c}"), &dg, &rg, 1e-4 * (r as f64).sqrt(), 1e-3);
         close(&format!("dbeta {r}x{c}"), &db, &rb, 1e-4 * (r as f64).sqrt(), 1e-4);
     }
+}
+
+/// dγ and dβ add partials over blocks of rows: the blocks are fixed, so 1 and 3 threads give the
+/// same bits (and dx, row-local, too).
+#[test]
+fn layer_norm_backward_bits_do_not_depend_on_threads() {
+    let (r, c) = (250, 77);
+    let x: Vec<f32> = randn(r * c, 11).iter().map(|v| 1.5 * v - 0.2).collect();
+    let g: Vec<f32> = randn(c, 12).iter().map(|v| 1.0 + 0.2 * v).collect();
+    let dy = randn(r * c, 13);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| layer_norm_bwd(&x, c, &g, &dy, 1e-5))
+    };
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    let (one, three) = (run(1), run(3));
+    assert_eq!(bits(&one.0), bits(&three.0), "dx");
+    assert_eq!(bits(&one.1), bits(&three.1), "dgamma");
+    assert_eq!(bits(&one.2), bits(&three.2), "dbeta");
 }
 
 #[test]
