@@ -3,7 +3,7 @@
 use clipforge::model::synthetic::normal_vec;
 use clipforge::ops::attention::{attention, AttnShape};
 use clipforge::ops::elementwise::{unary, Unary};
-use clipforge::ops::gemm_bf16::{matmul_bf16, PackedBf16};
+use clipforge::ops::gemm_bf16::{matmul_bf16, matmul_bf16_forced, resolved, Kernel, PackedBf16};
 use clipforge::ops::gemm_f32::{gemm_tuned, Tuning};
 use clipforge::ops::layernorm::layer_norm;
 use clipforge::ops::matmul::{gemm, gemm_faer, linear, View};
@@ -70,6 +70,12 @@ fn bench_matmul_bf16(c: &mut Criterion) {
         let mut y = vec![0f32; m * n];
         g.throughput(Throughput::Elements((2 * m * n * k) as u64)); // FLOPs
         g.bench_function(format!("{m}x{k}x{n}"), |bch| bch.iter(|| matmul_bf16(black_box(&x), m, &p, Some(&b), &mut y)));
+        // each kernel this CPU can run (a forced one it lacks falls back: its name is then printed)
+        for kernel in [Kernel::Avx512Fp16, Kernel::Avx512Fma, Kernel::Avx512Bf16] {
+            if resolved(kernel) == kernel {
+                g.bench_function(format!("{kernel:?}/{m}x{k}x{n}"), |bch| bch.iter(|| matmul_bf16_forced(black_box(&x), m, &p, Some(&b), &mut y, kernel)));
+            }
+        }
     }
     g.finish();
 }

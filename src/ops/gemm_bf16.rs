@@ -47,6 +47,7 @@ use super::cpu_path::{self, GemmPath};
 use super::gemm_epilogue::{EpiRun, Epilogue};
 use half::bf16;
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 pub(super) const NR: usize = 32;
 pub(super) const MR: usize = 14;
@@ -61,6 +62,16 @@ pub struct PackedBf16 {
     kp: usize,
     kps: usize, // pairs per panel: kp padded with zeros to a multiple of 16 (one AMX tile)
     data: Vec<u32>,
+    /// The f16 twin for the AVX512-FP16 kernel (`gemm_bf16_fp16.rs`), built on its first use;
+    /// None inside when a weight is not finite.
+    fp16: OnceLock<Option<Fp16Copy>>,
+}
+
+/// A packed weight's values ×2^`exp` as f16 pairs, same panels (`gemm_bf16_fp16.rs`).
+#[derive(Clone, Debug)]
+pub(crate) struct Fp16Copy {
+    pub(super) data: Vec<u32>,
+    pub(super) exp: i32,
 }
 
 /// Two bf16 values as one operand pair (`lo` in the low half).
@@ -96,7 +107,7 @@ impl PackedBf16 {
                 }
             });
         }
-        PackedBf16 { n, k, kp, kps, data }
+        PackedBf16 { n, k, kp, kps, data, fp16: OnceLock::new() }
     }
 
     /// Packs `w` (`[n×k]` row-major bf16).
@@ -120,7 +131,7 @@ impl PackedBf16 {
                 }
             });
         }
-        PackedBf16 { n, k, kp, kps, data }
+        PackedBf16 { n, k, kp, kps, data, fp16: OnceLock::new() }
     }
 
     pub fn n(&self) -> usize {
@@ -141,11 +152,23 @@ impl PackedBf16 {
     }
     /// The whole packed weight, borrowed.
     pub(crate) fn view(&self) -> WView<'_> {
-        WView { n: self.n, k: self.k, kp: self.kp, kps: self.kps, data: &self.data }
+        WView { n: self.n, k: self.k, kp: self.kp, kps: self.kps, data: &self.data, fp16: None }
     }
-    /// Bytes of packed weight storage.
+    /// [`Self::view`], with the f16 twin (built now if need be) when `kernel` runs the
+    /// AVX512-FP16 kernel.
+    pub(crate) fn view_for(&self, kernel: Kernel) -> WView<'_> {
+        let mut v = self.view();
+        #[cfg(target_arch = "x86_64")]
+        if resolve(kernel) == Kernel::Avx512Fp16 {
+            v.fp16 = self.fp16.get_or_init(|| super::gemm_bf16_fp16::fp16_copy(&self.data)).as_ref().map(|c| (&c.data[..], c.exp));
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = kernel;
+        v
+    }
+    /// Bytes of packed weight storage (with the f16 twin, once built).
     pub fn size_bytes(&self) -> usize {
-        self.data.len() * 4
+        (self.data.len() + self.fp16.get().and_then(Option::as_ref).map_or(0, |c| c.data.len())) * 4
     }
 }
 
@@ -159,13 +182,15 @@ pub(crate) struct WView<'a> {
     /// Pairs per panel in storage (a multiple of 16).
     pub(super) kps: usize,
     pub(super) data: &'a [u32],
+    /// The f16 twin's panels and scale exponent, for the AVX512-FP16 kernel.
+    pub(super) fp16: Option<(&'a [u32], i32)>,
 }
 
 impl<'a> WView<'a> {
     /// A weight `[n×k]` packed by the caller in [`PackedBf16`]'s layout with `kps` pairs per panel.
     pub(super) fn from_parts(n: usize, k: usize, kps: usize, data: &'a [u32]) -> Self {
         assert!(kps.is_multiple_of(16) && kps >= k.div_ceil(2) && data.len() >= n.div_ceil(NR) * kps * NR, "WView: bad packed weight");
-        WView { n, k, kp: k.div_ceil(2), kps, data }
+        WView { n, k, kp: k.div_ceil(2), kps, data, fp16: None }
     }
     /// The first `n` outputs over the first `k` inputs (no copy): `k` even or all of them, so a
     /// pair never reaches past it. (The AMX kernel loads whole 16-pair tiles: stored pairs past
@@ -223,6 +248,10 @@ pub enum Kernel {
     /// bf16 inputs through AVX-512F f32 FMAs (faster than `vdpbf16ps` on Intel without AMX).
     /// Falls back to [`Kernel::Portable`] without AVX-512F.
     Avx512Fma,
+    /// bf16 inputs as scaled f16 through AVX512-FP16 multiply-adds (`gemm_bf16_fp16.rs`; Intel
+    /// without AMX). Falls back to [`Kernel::Avx512Fma`] without AVX512-FP16 or for a weight
+    /// without an f16 twin (one that is not finite, or a view packed by the caller).
+    Avx512Fp16,
     /// Portable kernel (its AVX2+FMA build where available).
     Portable,
     /// Portable kernel, baseline build (no AVX2/FMA).
@@ -232,14 +261,14 @@ pub enum Kernel {
 /// [`matmul_bf16`] with an explicit kernel choice.
 #[doc(hidden)]
 pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], kernel: Kernel) {
-    gemm(a, m, w.view(), bias, c, kernel, false, EpiRun::None, true)
+    gemm(a, m, w.view_for(kernel), bias, c, kernel, false, EpiRun::None, true)
 }
 
 /// `c[m×n] = epi(a[m×k] · Wᵀ + bias)`: the GEMM with a fused epilogue (applied to each finished C
 /// tile), A in f32 (rounded to bf16 while packing) or already bf16 (packed as it is).
 pub fn matmul_bf16_fused<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], mut epi: Epilogue, kernel: Kernel) {
     epi.check(c.len());
-    gemm(a, m, w.view(), bias, c, kernel, false, epi.run(), true)
+    gemm(a, m, w.view_for(kernel), bias, c, kernel, false, epi.run(), true)
 }
 
 /// `c[m×n] = a[m×k] · Wᵀ` on the calling thread (one work item: no rayon), for callers that are
@@ -250,7 +279,7 @@ pub(super) fn matmul_bf16_seq<T: AElem>(a: &[T], m: usize, w: WView, c: &mut [f3
 
 /// `c[m×n] += a[m×k] · Wᵀ` (the backward passes' accumulation into an existing gradient).
 pub fn matmul_bf16_acc(a: &[f32], m: usize, w: &PackedBf16, c: &mut [f32], kernel: Kernel) {
-    gemm(a, m, w.view(), None, c, kernel, true, EpiRun::None, true)
+    gemm(a, m, w.view_for(kernel), None, c, kernel, true, EpiRun::None, true)
 }
 
 /// An element type of the left operand A: f32 (rounded to bf16, RNE, while packing) or bf16.
@@ -262,12 +291,18 @@ pub trait AElem: Copy + Send + Sync + 'static {
     fn pairs(src: &[Self], dst: &mut [u32], simd: bool);
     /// `dst[i] = (lo[i], hi[i])` as bf16 pairs (`hi` None: zero halves): two rows interleaved.
     fn zip_pairs(lo: &[Self], hi: Option<&[Self]>, dst: &mut [u32], simd: bool);
+    /// The value as f32.
+    fn to_f32(self) -> f32;
 }
 
 impl AElem for f32 {
     #[inline(always)]
     fn to_bf16(self) -> bf16 {
         bf16::from_f32(self)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
     }
     fn pairs(src: &[f32], dst: &mut [u32], simd: bool) {
         to_pairs(src, dst, simd)
@@ -290,6 +325,10 @@ impl AElem for bf16 {
     #[inline(always)]
     fn to_bf16(self) -> bf16 {
         self
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
     }
     fn pairs(src: &[bf16], dst: &mut [u32], _simd: bool) {
         let (whole, tail) = src.split_at(src.len() & !1);
@@ -315,12 +354,31 @@ pub(super) fn resolve(kernel: Kernel) -> Kernel {
         Kernel::Auto => match cpu_path::selected() {
             GemmPath::Amx => Kernel::Amx,
             GemmPath::Avx512Bf16 if cpu_path::bf16_dot_pays() => Kernel::Avx512Bf16,
+            GemmPath::Avx512Bf16 if has_fp16() => Kernel::Avx512Fp16,
             GemmPath::Avx512Bf16 | GemmPath::Avx512 => Kernel::Avx512Fma,
             GemmPath::Scalar => Kernel::PortableBaseline,
         },
         Kernel::Amx if cpu_path::detected() < GemmPath::Amx => resolve(Kernel::Auto),
         other => other,
     }
+}
+
+/// The kernel `kernel` resolves to on this CPU now (tests and benchmarks: [`Kernel::Auto`] is
+/// [`Kernel::Avx512Fp16`] on Intel without AMX, where its tolerance applies).
+#[doc(hidden)]
+pub fn resolved(kernel: Kernel) -> Kernel {
+    match resolve(kernel) {
+        Kernel::Avx512Fp16 if !has_fp16() => Kernel::Avx512Fma,
+        k => k,
+    }
+}
+
+/// Whether the AVX512-FP16 kernel can run here.
+fn has_fp16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::gemm_bf16_fp16::has_avx512_fp16();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether `kernel` (resolved) converts f32 to bf16 with `vcvtne2ps2bf16` (denormals to zero, as
@@ -368,9 +426,10 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         _ => {}
     }
     let simd = kernel == Kernel::Avx512Bf16 && have_simd;
-    let fma = kernel == Kernel::Avx512Fma && super::gemm_f32::available();
+    // the f16 twin's panels and exponent when the AVX512-FP16 kernel runs (else its fallback, FMA)
+    let fp16 = w.fp16.filter(|_| kernel == Kernel::Avx512Fp16 && has_fp16());
+    let fma = matches!(kernel, Kernel::Avx512Fma | Kernel::Avx512Fp16) && super::gemm_f32::available();
     let avx2 = kernel != Kernel::PortableBaseline;
-    let astride = if fma { 2 * KC } else { KC }; // A panel row stride (u32 pairs, or f32 values)
 
     // Work split: `mblk` row blocks (whole MR panels, sizes differ by <= 1 panel) ×
     // `nsplit` column ranges (whole NR panels), about ITEMS_PER_THREAD items per thread.
@@ -384,6 +443,18 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         let (p0, p1) = (ib * mpan / mblk, (ib + 1) * mpan / mblk);
         let (j0, j1) = (js * npan / nsplit * NR, ((js + 1) * npan / nsplit * NR).min(n));
         let nkb = kp.div_ceil(KC);
+        // AVX512-FP16: this row block's scale exponent (None when it holds a non-finite value:
+        // then the FMA kernel), the f16 panels and the descale 2^-(s + t)
+        #[cfg(target_arch = "x86_64")]
+        let f16 = fp16.and_then(|(data, t)| {
+            let s = super::gemm_bf16_fp16::a_exp(super::gemm_bf16_fp16::abs_max(&a[p0 * MR * k..(p1 * MR).min(m) * k]))?;
+            Some((data, s, super::gemm_bf16_fp16::descale(s + t)))
+        });
+        #[cfg(not(target_arch = "x86_64"))]
+        let f16: Option<(&[u32], i32, f32)> = fp16.and(None);
+        let (simd, fma) = if f16.is_some() { (false, false) } else { (simd, fma) };
+        let astride = if fma { 2 * KC } else { KC }; // A panel row stride (u32 pairs, or f32 values)
+        let bdata = f16.map_or(w.data, |(d, ..)| d);
         ABUF.with_borrow_mut(|abuf| {
             // Pack this row block of A (all k) once; it is reused for every column.
             abuf.resize((p1 - p0) * nkb * MR * astride, 0);
@@ -392,7 +463,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                 let (pc, pc1) = (kb * kp / nkb, (kb + 1) * kp / nkb);
                 let r0 = (p0 + pi) * MR;
                 let rows = &a[r0 * k..(r0 + MR).min(m) * k];
-                pack_a(rows, k, pc, pc1 - pc, dst, simd, fma);
+                pack_a(rows, k, pc, pc1 - pc, dst, simd, fma, f16.map(|(_, s, _)| s));
             }
             // Prefetch the next row block's A (usually this thread's next item), spread
             // over the jr iterations, so its DRAM reads overlap with compute.
@@ -412,7 +483,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                     let (pc, kc) = (kb * kp / nkb, (kb + 1) * kp / nkb - kb * kp / nkb);
                     for jr in (jc..j1.min(jc + NC)).step_by(NR) {
                         prefetch_l2(pf.next().unwrap_or(&[]));
-                        let b = &w.data[(jr / NR) * w.kps * NR + pc * NR..][..kc * NR];
+                        let b = &bdata[(jr / NR) * w.kps * NR + pc * NR..][..kc * NR];
                         let bias_j = bias.filter(|_| pc == 0).map(|b| &b[jr..]);
                         for pi in 0..p1 - p0 {
                             let a = &abuf[(pi * nkb + kb) * MR * astride..][..MR * astride];
@@ -432,7 +503,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                             // `a`/`b` hold MR·KC / kc·NR elements (slice-checked). The
                             // epilogue's buffers are m·n long (checked by its caller).
                             unsafe {
-                                run_kernel(a, b, kc, &t, simd, fma, avx2);
+                                run_kernel(a, b, kc, &t, simd, fma, avx2, f16.map(|(.., ds)| ds));
                                 if kb + 1 == nkb {
                                     // The tile is final: the fused epilogue, while it is in L1.
                                     epi.apply(t.c, t.off, t.ldc, t.rows, t.cols);
@@ -451,14 +522,19 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
     }
 }
 
-/// One microkernel call on the chosen path.
+/// One microkernel call on the chosen path (`f16`: the AVX512-FP16 kernel with that descale).
 ///
 /// # Safety
-/// Same contract as [`Tile::store`]; the features of `simd` / `fma` / `avx2` were detected.
+/// Same contract as [`Tile::store`]; the features of `simd` / `fma` / `avx2` / `f16` were detected.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-unsafe fn run_kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile, simd: bool, fma: bool, avx2: bool) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile, simd: bool, fma: bool, avx2: bool, f16: Option<f32>) {
     // SAFETY: forwarded from the caller.
     unsafe {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ds) = f16 {
+            return super::gemm_bf16_fp16::kernel(a, b, kc, t, ds);
+        }
         #[cfg(target_arch = "x86_64")]
         if simd {
             return super::gemm_bf16_avx512::kernel(a, b, kc, t);
@@ -541,7 +617,9 @@ impl Tile<'_> {
 /// Packs pairs `pc..pc+kc` of `rows` (≤ MR full rows of `a`) into one A micro-panel
 /// (`[MR][KC]` bf16 pairs; missing rows are zero).
 /// `fma`: widened instead, `[MR][2·KC]` bf16-rounded values as f32 bits (for `kernel_fma`).
-fn pack_a<T: AElem>(rows: &[T], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool, fma: bool) {
+/// `f16`: as pairs of f16(bf16(x)·2^s) (for the AVX512-FP16 kernel, detected by the caller).
+#[allow(clippy::too_many_arguments)]
+fn pack_a<T: AElem>(rows: &[T], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool, fma: bool, f16: Option<i32>) {
     let stride = if fma { 2 * KC } else { KC };
     for (r, d) in dst.chunks_exact_mut(stride).enumerate() {
         let d = &mut d[..if fma { 2 * kc } else { kc }];
@@ -549,6 +627,14 @@ fn pack_a<T: AElem>(rows: &[T], k: usize, pc: usize, kc: usize, dst: &mut [u32],
             d.fill(0);
             continue;
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(s) = f16 {
+            // SAFETY: the caller runs the AVX512-FP16 kernel, so its features were detected.
+            unsafe { super::gemm_bf16_fp16::pack_row(&rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))], d, s) };
+            continue;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = f16;
         if fma {
             let src = &rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))];
             d.iter_mut().enumerate().for_each(|(i, v)| *v = src.get(i).map_or(0, |&x| (x.to_bf16().to_bits() as u32) << 16));

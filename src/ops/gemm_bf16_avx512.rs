@@ -136,7 +136,7 @@ pub(super) unsafe fn kernel_fma(a: &[f32], b: &[u32], kc: usize, t: &Tile) {
 /// # Safety
 /// Requires avx512f; the tile contract of [`Tile::store`].
 #[target_feature(enable = "avx512f")]
-unsafe fn store(c0: &[__m512; MR], c1: &[__m512; MR], t: &Tile) {
+pub(super) unsafe fn store(c0: &[__m512; MR], c1: &[__m512; MR], t: &Tile) {
     let (m0, m1) = (mask16(t.cols), mask16(t.cols.saturating_sub(16)));
     let (bias0, bias1) = match t.bias {
         // SAFETY: `bias` has at least `cols` elements; masked-off lanes are not read.

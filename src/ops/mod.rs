@@ -16,6 +16,8 @@ pub mod gemm_amx;
 pub mod gemm_bf16;
 #[cfg(target_arch = "x86_64")]
 mod gemm_bf16_avx512;
+#[cfg(target_arch = "x86_64")]
+mod gemm_bf16_fp16;
 pub mod gemm_epilogue;
 pub mod gemm_f32;
 pub mod gemm_f32_pack;

@@ -1,0 +1,238 @@
+//! The bf16 GEMM through AVX512-FP16 (`vfmadd231ph`, 32 half-precision multiply-adds per
+//! instruction — twice the f32 FMA's work at the same rate): for Intel CPUs without AMX, where
+//! `vdpbf16ps` is no faster than f32 FMAs (`cpu_path::bf16_dot_pays`).
+//!
+//! # Numbers
+//! The inputs are the bf16-rounded values of the other bf16 kernels, scaled by powers of two and
+//! held as f16: weights by 2^t so that max|w| lies in [½, 1) (once per packed weight, [`Fp16Copy`]),
+//! each row block of A by 2^s so that max|a| lies in [2^9, 2^10) (per work item, [`a_exp`]). A bf16
+//! value so scaled is exact in f16 unless it is below 2^-14 (2^-24 of the largest A value, 2^-15 of
+//! the largest weight: such terms are rounded, not lost). Each lane of the register tile sums 32
+//! products in f16 (|a·w| ≤ 2^10, so a partial stays ≤ 2^15, below f16's 65504: no overflow is
+//! possible), then adds that partial into an f32 total; C = total·2^-(s+t), exact. The f16 partial
+//! sums add a relative error of about 10⁻³ of the output's scale — less than the bf16 rounding of
+//! the inputs (≈ 2.4·10⁻³, measured on 3072-deep products), so this kernel sits inside the bf16
+//! path's error; `tests/gemm_bf16.rs` bounds it per element. A row block with a non-finite value
+//! runs on the f32-FMA kernel instead (no scale exists), so NaN and ∞ propagate as in f32.
+//!
+//! # Layout
+//! `gemm_bf16`'s pairs, with f16 halves: `lo = x[2p]`, `hi = x[2p+1]`. One zmm of B holds 16
+//! columns × (even k, odd k); the broadcast A pair multiplies both; the even- and odd-k lanes are
+//! added at the end (the only shuffles, once per tile).
+use super::gemm_bf16::{AElem, Fp16Copy, Tile, KC, MR, NR};
+use core::arch::x86_64::*;
+
+/// k pairs summed in f16 before the f32 total (see the module docs: keeps |partial| ≤ 2^15).
+const FLUSH: usize = 32;
+
+/// Whether this CPU runs the kernel: AVX512-FP16 (products) and AVX512-BF16 (input rounding).
+pub fn has_avx512_fp16() -> bool {
+    is_x86_feature_detected!("avx512fp16")
+        && is_x86_feature_detected!("avx512bf16")
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+}
+
+/// The exponent e with max·2^e in [2^top, 2^(top+1)) (0 for 0: nothing to scale), or None when
+/// `max` is not finite.
+fn exp_for(max: f32, top: i32) -> Option<i32> {
+    if !max.is_finite() {
+        return None;
+    }
+    if max == 0.0 {
+        return Some(0);
+    }
+    // floor(log2(max)) from the bits (max > 0; a subnormal's exponent is taken as -126: its
+    // scaled value lands lower, which only loosens the bound); clamped so that 2^e and the
+    // kernel's descale stay normal f32 (tinier inputs then use less of f16's range)
+    let e = ((max.to_bits() >> 23) & 0xff) as i32 - 127;
+    Some((top - e.max(-126)).clamp(-60, 60))
+}
+
+/// The f16 twin of a packed weight's bf16 pairs, or None when a weight is not finite (the
+/// kernel then is not used for it).
+pub(super) fn fp16_copy(pairs: &[u32]) -> Option<Fp16Copy> {
+    if !has_avx512_fp16() {
+        return None;
+    }
+    let wide = |v: u32| [f32::from_bits(v << 16), f32::from_bits(v & 0xffff_0000)];
+    let max = pairs.iter().flat_map(|&v| wide(v)).fold(0f32, |m, x| if x.is_nan() || m.is_nan() { f32::NAN } else { m.max(x.abs()) });
+    let exp = exp_for(max, -1)?;
+    let mut data = vec![0u32; pairs.len()];
+    // SAFETY: the features were just detected.
+    unsafe { scale_pairs(pairs, &mut data, pow2(exp)) };
+    Some(Fp16Copy { data, exp })
+}
+
+/// 2^e as f32 (|e| ≤ 120: the exponents of `exp_for` and their sums).
+fn pow2(e: i32) -> f32 {
+    (e as f64).exp2() as f32
+}
+
+/// bf16 pairs → f16 pairs of the values ×`scale`.
+///
+/// # Safety
+/// Requires avx512f + avx512bw (and F16C conversions, part of AVX-512F's `vcvtps2ph`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn scale_pairs(src: &[u32], dst: &mut [u32], scale: f32) {
+    let sc = _mm512_set1_ps(scale);
+    let hi_mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    for (s, d) in src.chunks(16).zip(dst.chunks_mut(16)) {
+        let m = mask16(s.len());
+        // SAFETY: masked lanes < s.len() (= d.len() here) are read and written.
+        unsafe {
+            let v = _mm512_maskz_loadu_epi32(m, s.as_ptr().cast());
+            let lo = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)), sc);
+            let hi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi_mask)), sc);
+            let out = join(lo, hi);
+            _mm512_mask_storeu_epi32(d.as_mut_ptr().cast(), m, out);
+        }
+    }
+}
+
+/// 16 pairs from f32 halves: (f16(lo[i]), f16(hi[i])) as u32 (round to nearest even).
+#[inline(always)]
+unsafe fn join(lo: __m512, hi: __m512) -> __m512i {
+    // SAFETY: the caller's target features (avx512f) cover these.
+    unsafe {
+        let l = _mm512_cvtepu16_epi32(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(lo));
+        let h = _mm512_cvtepu16_epi32(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(hi));
+        _mm512_or_si512(l, _mm512_slli_epi32::<16>(h))
+    }
+}
+
+#[inline(always)]
+fn mask16(n: usize) -> __mmask16 {
+    ((1u32 << n.min(16)) - 1) as u16
+}
+
+/// The scale exponent s of a row block of A (max|a|·2^s in [2^9, 2^10)), or None when it holds a
+/// non-finite value.
+pub(super) fn a_exp(max: f32) -> Option<i32> {
+    exp_for(max, 9)
+}
+
+/// max |x| over `x` (NaN wins: `f32::max` would drop it).
+pub(super) fn abs_max<T: AElem>(x: &[T]) -> f32 {
+    let (mut acc, mut nan) = ([0f32; 16], false);
+    let mut ch = x.chunks_exact(16);
+    for c in &mut ch {
+        for i in 0..16 {
+            let v = c[i].to_f32();
+            acc[i] = acc[i].max(v.abs());
+            nan |= v.is_nan();
+        }
+    }
+    for v in ch.remainder() {
+        acc[0] = acc[0].max(v.to_f32().abs());
+        nan |= v.to_f32().is_nan();
+    }
+    if nan {
+        f32::NAN
+    } else {
+        acc.iter().fold(0f32, |m, &v| m.max(v))
+    }
+}
+
+/// Packs `src` (consecutive k) as pairs of f16(bf16(x)·2^`s`) into `dst` (`ceil(src.len()/2)`
+/// pairs; an odd tail's `hi` is 0).
+///
+/// # Safety
+/// Requires [`has_avx512_fp16`]'s features.
+pub(super) unsafe fn pack_row<T: AElem>(src: &[T], dst: &mut [u32], s: i32) {
+    let mut buf = [0f32; 32];
+    for (c, d) in src.chunks(32).zip(dst.chunks_mut(16)) {
+        buf.iter_mut().zip(c).for_each(|(b, v)| *b = v.to_f32());
+        // SAFETY: forwarded from the caller.
+        unsafe { pack32(&buf[..c.len()], d, pow2(s)) };
+    }
+}
+
+/// ≤ 32 values of one row as ≤ 16 pairs of f16(bf16(x)·`scale`) (round to nearest even both).
+///
+/// # Safety
+/// Requires [`has_avx512_fp16`]'s features.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack32(s: &[f32], d: &mut [u32], scale: f32) {
+    let sc = _mm512_set1_ps(scale);
+    let n = s.len();
+    let (m0, m1) = (mask16(n), mask16(n.saturating_sub(16)));
+    // SAFETY: masked loads touch lanes < n (inside s; `wrapping_add` keeps the pointer
+    // arithmetic defined); the masked store writes ceil(n/2) ≤ d.len() pairs.
+    unsafe {
+        let x0 = _mm512_maskz_loadu_ps(m0, s.as_ptr());
+        let x1 = _mm512_maskz_loadu_ps(m1, s.as_ptr().wrapping_add(16));
+        // bf16(x) (RNE, as the other kernels' inputs), widened back to f32, scaled
+        let r = |x: __m512| {
+            let b = core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x));
+            _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b))), sc)
+        };
+        // values k0..k15 and k16..k31 as 16 f16 each: consecutive f16s are already pairs
+        let h0 = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r(x0));
+        let h1 = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r(x1));
+        let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h0), h1);
+        _mm512_mask_storeu_epi32(d.as_mut_ptr().cast(), mask16(n.div_ceil(2)), v);
+    }
+}
+
+/// The 14×32 tile over f16 pairs: c = Σ_p a[p]·b[p] (see the module docs), times `descale`.
+///
+/// # Safety
+/// Requires [`has_avx512_fp16`]'s features; `a.len() >= MR·KC`, `b.len() >= kc·NR`; the tile
+/// contract of [`Tile::store`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512fp16")]
+pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile, descale: f32) {
+    assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
+    for r in 0..MR.min(t.rows) {
+        let cr = t.c.wrapping_add(t.off + r * t.ldc);
+        _mm_prefetch::<_MM_HINT_ET0>(cr.cast());
+        _mm_prefetch::<_MM_HINT_ET0>(cr.wrapping_add(16).cast());
+    }
+    // f32 totals: per row, columns 0–7, 8–15, 16–23, 24–31 with the even/odd-k lanes apart
+    let mut tot = [[_mm512_setzero_ps(); 4]; MR];
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    let mut p0 = 0;
+    while p0 < kc {
+        let p1 = (p0 + FLUSH).min(kc);
+        let mut h = [[_mm512_setzero_ph(); 2]; MR];
+        // SAFETY: reads a[r·KC + p] (r < MR, p < kc ≤ KC) and b[p·NR .. p·NR+NR] (p < kc):
+        // inside the slices (asserted).
+        unsafe {
+            for p in p0..p1 {
+                let b0 = _mm512_castsi512_ph(_mm512_loadu_si512(bp.add(p * NR).cast()));
+                let b1 = _mm512_castsi512_ph(_mm512_loadu_si512(bp.add(p * NR + 16).cast()));
+                for (r, hr) in h.iter_mut().enumerate() {
+                    let av = _mm512_castsi512_ph(_mm512_set1_epi32(*ap.add(r * KC + p) as i32));
+                    hr[0] = _mm512_fmadd_ph(av, b0, hr[0]);
+                    hr[1] = _mm512_fmadd_ph(av, b1, hr[1]);
+                }
+            }
+        }
+        for (tr, hr) in tot.iter_mut().zip(&h) {
+            for (c, &hv) in hr.iter().enumerate() {
+                let v = _mm512_castph_si512(hv);
+                tr[2 * c] = _mm512_add_ps(tr[2 * c], _mm512_cvtph_ps(_mm512_castsi512_si256(v)));
+                tr[2 * c + 1] = _mm512_add_ps(tr[2 * c + 1], _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(v)));
+            }
+        }
+        p0 = p1;
+    }
+    // column j of a 16-column half: lanes 2j (even k) and 2j + 1 (odd k) of (lo, hi)
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let ds = _mm512_set1_ps(descale);
+    let (mut c0, mut c1) = ([_mm512_setzero_ps(); MR], [_mm512_setzero_ps(); MR]);
+    for (r, tr) in tot.iter().enumerate() {
+        let sum = |lo: __m512, hi: __m512| _mm512_mul_ps(_mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi)), ds);
+        c0[r] = sum(tr[0], tr[1]);
+        c1[r] = sum(tr[2], tr[3]);
+    }
+    // SAFETY: the tile contract, forwarded.
+    unsafe { super::gemm_bf16_avx512::store(&c0, &c1, t) }
+}
+
+/// 2^e as the kernel's descale factor (exact while the result stays normal).
+pub(super) fn descale(e: i32) -> f32 {
+    pow2(-e)
+}
