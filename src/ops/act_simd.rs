@@ -64,6 +64,29 @@ pub fn act_grad_scalar(act: Unary, x: &[f32], dy: &[f32], dst: &mut [f32]) {
     dst.iter_mut().zip(x).zip(dy).for_each(|((o, &v), &d)| *o = d * act.deriv_fast(v));
 }
 
+/// x ← bf16(x) as f32 (round to nearest even, NaN kept and made quiet: the bits of
+/// `half::bf16::from_f32`), 16 lanes at a time where the CPU has AVX-512F. Vector stores: a GEMM
+/// epilogue that rounds its tile and then loads it 16 at a time must not read back 16 scalar
+/// stores (no store-to-load forwarding: the load waits for them to retire).
+pub fn round_bf16_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX-512F was detected.
+        return unsafe { x86::round_bf16_in_place(x) };
+    }
+    x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+}
+
+/// dst ← bf16(src) (the shorter length of the two), with the bits of `half::bf16::from_f32`.
+pub fn to_bf16_into(src: &[f32], dst: &mut [half::bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX-512F was detected.
+        return unsafe { x86::to_bf16_into(src, dst) };
+    }
+    dst.iter_mut().zip(src).for_each(|(o, &v)| *o = half::bf16::from_f32(v));
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::exp16;
 
@@ -166,6 +189,49 @@ mod x86 {
             unsafe { _mm512_storeu_ps(o.as_mut_ptr(), act16(act, _mm512_loadu_ps(i.as_ptr()))) };
         }
         d.into_remainder().iter_mut().zip(s.remainder()).for_each(|(o, &v)| *o = act.eval_fast(v));
+    }
+
+    /// bf16 bits (in the low half of each lane) of 16 f32s: RNE, and NaN → (x >> 16) | 0x40 —
+    /// `half::bf16::from_f32`'s integer algorithm, lane by lane.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn bf16_bits16(x: __m512i) -> __m512i {
+        let s = _mm512_set1_epi32;
+        let hi = _mm512_srli_epi32::<16>(x);
+        // round up when the round bit is set and the rest (or the kept LSB) is not all zero
+        let up = _mm512_test_epi32_mask(x, s(0x8000)) & _mm512_test_epi32_mask(x, s(0x1_7FFF));
+        let r = _mm512_mask_add_epi32(hi, up, hi, s(1));
+        let nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, s(0x7FFF_FFFF)), s(0x7F80_0000));
+        _mm512_mask_or_epi32(r, nan, hi, s(0x40))
+    }
+
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn round_bf16_in_place(x: &mut [f32]) {
+        for c in x.chunks_mut(16) {
+            let m = ((1u32 << c.len()) - 1) as __mmask16;
+            // SAFETY: masked lanes < c.len() are read and written.
+            unsafe {
+                let v = _mm512_maskz_loadu_epi32(m, c.as_ptr().cast());
+                _mm512_mask_storeu_epi32(c.as_mut_ptr().cast(), m, _mm512_slli_epi32::<16>(bf16_bits16(v)));
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn to_bf16_into(src: &[f32], dst: &mut [half::bf16]) {
+        let n = src.len().min(dst.len());
+        for i in (0..n).step_by(16) {
+            let m = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
+            // SAFETY: masked lanes < n − i are read from src and written to dst (2 bytes each).
+            unsafe {
+                let v = _mm512_maskz_loadu_epi32(m, src.as_ptr().add(i).cast());
+                _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i).cast(), m, _mm512_cvtepi32_epi16(bf16_bits16(v)));
+            }
+        }
     }
 
     /// `elementwise::unary_bwd`'s QuickGELU derivative: s = sigmoid(1.702x), s·(1 + 1.702x·(1 − s)).

@@ -74,6 +74,16 @@ pub unsafe fn written_by<E>(n: usize, fill: impl FnOnce(&mut [f32]) -> Result<()
     Ok(v)
 }
 
+/// The first n values of a reused scratch buffer, grown (zero-filled) only when too short: a
+/// packing buffer whose packer writes every value it later reads must not be re-zeroed each time
+/// it shrinks and grows back (`Vec::resize` would: a memset per GEMM work item).
+pub fn scratch<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
+}
+
 /// Runs `f(row_index, row)` over the rows of `out` in parallel when the work is large enough.
 pub fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     if row_len == 0 {

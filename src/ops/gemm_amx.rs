@@ -261,7 +261,7 @@ pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
         let (j0, j1) = (js * npan / nsplit * NR, ((js + 1) * npan / nsplit * NR).min(n));
         ABUF.with_borrow_mut(|abuf| {
             // Pack A: panel pi, k tile t, row r → abuf[((pi·nkt + t)·BM + r)·TK ..][..TK].
-            abuf.resize((p1 - p0) * nkt * BM * TK, 0);
+            let abuf = super::fastmath::scratch(abuf, (p1 - p0) * nkt * BM * TK); // every value written below
             for (i, dst) in abuf.chunks_exact_mut(TK).enumerate() {
                 let (r, t, pi) = (i % BM, i / BM % nkt, i / (BM * nkt));
                 let row = (p0 + pi) * BM + r;

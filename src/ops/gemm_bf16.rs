@@ -38,7 +38,10 @@
 //! # Dispatch
 //! `cpu_path::selected()` picks, at run time: the AMX tile kernel (`gemm_amx.rs`, same packed
 //! weights: panels are zero-padded to a multiple of 16 pairs, one tile's depth), else the
-//! AVX512-BF16 microkernel (`gemm_bf16_avx512.rs`), else a portable f32 microkernel on the same
+//! AVX512-BF16 microkernel (`gemm_bf16_avx512.rs`) where `vdpbf16ps` pays (AMD), else on Intel
+//! the AVX512-FP16 kernel (`gemm_bf16_fp16.rs`: the bf16 inputs scaled into f16, f16 partial sums
+//! of 32 products, f32 totals; its f16 twin of the weights is built on first use) or the f32-FMA
+//! kernel on bf16 inputs, else a portable f32 microkernel on the same
 //! packed data (bf16 → f32 by shifting; AVX2+FMA build when available); `CLIPFORGE_CPU_GEMM` caps
 //! it. Note that `tdpbf16ps`/`vdpbf16ps`/`vcvtne2ps2bf16` treat f32/bf16 denormals as zero; the
 //! portable path keeps them. NaN/Inf propagate in every path.
@@ -457,7 +460,8 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         let bdata = f16.map_or(w.data, |(d, ..)| d);
         ABUF.with_borrow_mut(|abuf| {
             // Pack this row block of A (all k) once; it is reused for every column.
-            abuf.resize((p1 - p0) * nkb * MR * astride, 0);
+            // (pack_a writes every value the kernels read: no zero-fill)
+            let abuf = super::fastmath::scratch(abuf, (p1 - p0) * nkb * MR * astride);
             for (i, dst) in abuf.chunks_exact_mut(MR * astride).enumerate() {
                 let (pi, kb) = (i / nkb, i % nkb);
                 let (pc, pc1) = (kb * kp / nkb, (kb + 1) * kp / nkb);

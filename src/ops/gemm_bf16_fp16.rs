@@ -181,6 +181,8 @@ unsafe fn pack32(s: &[f32], d: &mut [u32], scale: f32) {
 /// # Safety
 /// Requires [`has_avx512_fp16`]'s features; `a.len() >= MR·KC`, `b.len() >= kc·NR`; the tile
 /// contract of [`Tile::store`].
+// index loops on purpose: an iterator over the accumulator arrays keeps them in memory
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512fp16")]
 pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile, descale: f32) {
     assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
@@ -189,45 +191,65 @@ pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile, descale: 
         _mm_prefetch::<_MM_HINT_ET0>(cr.cast());
         _mm_prefetch::<_MM_HINT_ET0>(cr.wrapping_add(16).cast());
     }
-    // f32 totals: per row, columns 0–7, 8–15, 16–23, 24–31 with the even/odd-k lanes apart
-    let mut tot = [[_mm512_setzero_ps(); 4]; MR];
+    // f32 totals: per row, columns 0–7, 8–15, 16–23, 24–31 with the even/odd-k lanes apart; set
+    // by the first chunk (no zero-fill: a 3.5 KiB stack array would be a memset per call)
+    let mut tot = core::mem::MaybeUninit::<[[__m512; 4]; MR]>::uninit();
+    let tp = tot.as_mut_ptr().cast::<__m512>(); // [MR][4]
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    // B's half `h` (16 columns × even/odd k) of pair p; A's pair p of row r on every lane
+    // SAFETY (both): called with p < kc ≤ KC and r < MR only: inside the slices (asserted).
+    let bload = |p: usize, h: usize| unsafe { _mm512_castsi512_ph(_mm512_loadu_si512(bp.add(p * NR + 16 * h).cast())) };
+    let bcast = |r: usize, p: usize| unsafe { _mm512_castsi512_ph(_mm512_set1_epi32(*ap.add(r * KC + p) as i32)) };
     let mut p0 = 0;
     while p0 < kc {
         let p1 = (p0 + FLUSH).min(kc);
-        let mut h = [[_mm512_setzero_ph(); 2]; MR];
-        // SAFETY: reads a[r·KC + p] (r < MR, p < kc ≤ KC) and b[p·NR .. p·NR+NR] (p < kc):
-        // inside the slices (asserted).
-        unsafe {
-            for p in p0..p1 {
-                let b0 = _mm512_castsi512_ph(_mm512_loadu_si512(bp.add(p * NR).cast()));
-                let b1 = _mm512_castsi512_ph(_mm512_loadu_si512(bp.add(p * NR + 16).cast()));
-                for (r, hr) in h.iter_mut().enumerate() {
-                    let av = _mm512_castsi512_ph(_mm512_set1_epi32(*ap.add(r * KC + p) as i32));
-                    hr[0] = _mm512_fmadd_ph(av, b0, hr[0]);
-                    hr[1] = _mm512_fmadd_ph(av, b1, hr[1]);
-                }
+        // the chunk's first step multiplies (p0 < p1: no zero-filled accumulators, which LLVM
+        // would keep in a stack array and memset per chunk)
+        let (b0, b1) = (bload(p0, 0), bload(p0, 1));
+        let mut h: [[__m512h; 2]; MR] = core::array::from_fn(|r| {
+            let av = bcast(r, p0);
+            [_mm512_mul_ph(av, b0), _mm512_mul_ph(av, b1)]
+        });
+        for p in p0 + 1..p1 {
+            let (b0, b1) = (bload(p, 0), bload(p, 1));
+            for r in 0..MR {
+                let av = bcast(r, p);
+                h[r][0] = _mm512_fmadd_ph(av, b0, h[r][0]);
+                h[r][1] = _mm512_fmadd_ph(av, b1, h[r][1]);
             }
         }
-        for (tr, hr) in tot.iter_mut().zip(&h) {
-            for (c, &hv) in hr.iter().enumerate() {
-                let v = _mm512_castph_si512(hv);
-                tr[2 * c] = _mm512_add_ps(tr[2 * c], _mm512_cvtph_ps(_mm512_castsi512_si256(v)));
-                tr[2 * c + 1] = _mm512_add_ps(tr[2 * c + 1], _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(v)));
+        // constant indices only (an iterator over h would keep it in memory: a memset per chunk)
+        for r in 0..MR {
+            for c in 0..2 {
+                let v = _mm512_castph_si512(h[r][c]);
+                let (lo, hi) = (_mm512_cvtph_ps(_mm512_castsi512_si256(v)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(v)));
+                // SAFETY: tp points at MR·4 values; the first chunk writes each before any read.
+                unsafe {
+                    let (t0, t1) = (tp.add(4 * r + 2 * c), tp.add(4 * r + 2 * c + 1));
+                    if p0 == 0 {
+                        t0.write(lo);
+                        t1.write(hi);
+                    } else {
+                        t0.write(_mm512_add_ps(t0.read(), lo));
+                        t1.write(_mm512_add_ps(t1.read(), hi));
+                    }
+                }
             }
         }
         p0 = p1;
     }
+    if kc == 0 {
+        tot.write([[_mm512_setzero_ps(); 4]; MR]);
+    }
+    // SAFETY: written by the first chunk (kc > 0) or just above.
+    let tot = unsafe { tot.assume_init() };
     // column j of a 16-column half: lanes 2j (even k) and 2j + 1 (odd k) of (lo, hi)
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     let ds = _mm512_set1_ps(descale);
-    let (mut c0, mut c1) = ([_mm512_setzero_ps(); MR], [_mm512_setzero_ps(); MR]);
-    for (r, tr) in tot.iter().enumerate() {
-        let sum = |lo: __m512, hi: __m512| _mm512_mul_ps(_mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi)), ds);
-        c0[r] = sum(tr[0], tr[1]);
-        c1[r] = sum(tr[2], tr[3]);
-    }
+    let sum = |lo: __m512, hi: __m512| _mm512_mul_ps(_mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi)), ds);
+    let c0: [__m512; MR] = core::array::from_fn(|r| sum(tot[r][0], tot[r][1]));
+    let c1: [__m512; MR] = core::array::from_fn(|r| sum(tot[r][2], tot[r][3]));
     // SAFETY: the tile contract, forwarded.
     unsafe { super::gemm_bf16_avx512::store(&c0, &c1, t) }
 }

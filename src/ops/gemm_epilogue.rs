@@ -107,7 +107,7 @@ impl EpiRun {
                 EpiRun::Add(res) => unsafe { add_row(row, std::slice::from_raw_parts(res.add(o), cols)) },
                 EpiRun::Act { op: act, round, out } => {
                     if round {
-                        row.iter_mut().for_each(|v| *v = round_bf16(*v));
+                        super::act_simd::round_bf16_in_place(row);
                     }
                     match out {
                         Out::InPlace => act_in_place(act, row),
@@ -138,6 +138,6 @@ fn act_row_bf16(act: Unary, row: &[f32], out: &mut [bf16]) {
     for (src, dst) in row.chunks(64).zip(out.chunks_mut(64)) {
         let t = &mut tmp[..src.len()];
         act_into(act, src, t);
-        dst.iter_mut().zip(t.iter()).for_each(|(o, &v)| *o = bf16::from_f32(v));
+        super::act_simd::to_bf16_into(t, dst);
     }
 }

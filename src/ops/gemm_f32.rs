@@ -250,11 +250,12 @@ unsafe fn gemm_block(a: &View, b: BSrc, cp: CPtr, (i0, i1): (usize, usize), (j0,
                     let kc = kc_max.min(k - pc);
                     let bpack: &[f32] = match b {
                         BSrc::View(v) => {
-                            bpack.resize(npan * kc * NR, 0.0);
+                            // pack_b writes every value (zeros past n): no zero-fill first
+                            let bpack = super::fastmath::scratch(bpack, npan * kc * NR);
                             for (jp, dst) in bpack.chunks_exact_mut(kc * NR).enumerate() {
                                 pack_b(&v, pc, kc, jc + jp * NR, dst);
                             }
-                            &bpack[..]
+                            bpack
                         }
                         BSrc::Packed(p) => p.block(pc, kc, jc, npan),
                     };
@@ -263,7 +264,7 @@ unsafe fn gemm_block(a: &View, b: BSrc, cp: CPtr, (i0, i1): (usize, usize), (j0,
                     for ib in (i0..i1).step_by(MAX_PANELS * MR) {
                         let ib1 = (ib + MAX_PANELS * MR).min(i1);
                         let panels = (ib1 - ib).div_ceil(MR);
-                        ap.resize(panels * kc * MR, 0.0);
+                        let ap = super::fastmath::scratch(ap, panels * kc * MR); // pack_a writes all (zeros past m)
                         for (pi, dst) in ap.chunks_exact_mut(kc * MR).enumerate() {
                             pack_a(a, ib + pi * MR, pc, kc, dst);
                         }
