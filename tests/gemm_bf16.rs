@@ -318,4 +318,12 @@ fn fp16_kernel_scales_extreme_magnitudes() {
     for i in 0..m {
         assert_eq!(c[i * n..(i + 1) * n].iter().all(|x| x.is_finite()), i != 17, "row {i}");
     }
+    // NaN in a weight (no f16 twin: the FMA kernel): that output column is NaN, the rest finite
+    let (a, mut w) = (g.vec(m * k, 1.0), g.vec(n * k, 1.0));
+    w[40 * k + 100] = f32::NAN;
+    let pw = PackedBf16::from_f32(&w, n, k);
+    matmul_bf16_forced(&a, m, &pw, None, &mut c, Kernel::Avx512Fp16);
+    for (e, x) in c.iter().enumerate() {
+        assert_eq!(x.is_nan(), e % n == 40, "element ({}, {})", e / n, e % n);
+    }
 }

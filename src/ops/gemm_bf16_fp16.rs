@@ -53,16 +53,41 @@ fn exp_for(max: f32, top: i32) -> Option<i32> {
 /// The f16 twin of a packed weight's bf16 pairs, or None when a weight is not finite (the
 /// kernel then is not used for it).
 pub(super) fn fp16_copy(pairs: &[u32]) -> Option<Fp16Copy> {
+    use rayon::prelude::*;
     if !has_avx512_fp16() {
         return None;
     }
-    let wide = |v: u32| [f32::from_bits(v << 16), f32::from_bits(v & 0xffff_0000)];
-    let max = pairs.iter().flat_map(|&v| wide(v)).fold(0f32, |m, x| if x.is_nan() || m.is_nan() { f32::NAN } else { m.max(x.abs()) });
+    const CHUNK: usize = 1 << 16; // pairs per task (training packs a weight per call: keep it parallel)
+                                  // SAFETY (both): the features were just detected.
+    let max = pairs.par_chunks(CHUNK).map(|c| unsafe { pairs_abs_max(c) }).reduce(|| 0.0, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) });
     let exp = exp_for(max, -1)?;
     let mut data = vec![0u32; pairs.len()];
-    // SAFETY: the features were just detected.
-    unsafe { scale_pairs(pairs, &mut data, pow2(exp)) };
+    data.par_chunks_mut(CHUNK).zip(pairs.par_chunks(CHUNK)).for_each(|(d, s)| unsafe { scale_pairs(s, d, pow2(exp)) });
     Some(Fp16Copy { data, exp })
+}
+
+/// max |x| over both bf16 halves of `pairs` (NaN if one is NaN).
+///
+/// # Safety
+/// Requires avx512f.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pairs_abs_max(pairs: &[u32]) -> f32 {
+    let (mut m, mut nan) = (_mm512_setzero_ps(), 0u16);
+    let hi_mask = _mm512_set1_epi32(0x7fff_0000);
+    for c in pairs.chunks(16) {
+        // SAFETY: masked lanes < c.len() are read.
+        let v = unsafe { _mm512_maskz_loadu_epi32(mask16(c.len()), c.as_ptr().cast()) };
+        // |lo| and |hi| as f32: the sign bit dropped with the mask
+        for x in [_mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<16>(v), hi_mask)), _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask))] {
+            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+            m = _mm512_max_ps(m, x);
+        }
+    }
+    if nan != 0 {
+        f32::NAN
+    } else {
+        _mm512_reduce_max_ps(m)
+    }
 }
 
 /// 2^e as f32 (|e| ≤ 120: the exponents of `exp_for` and their sums).
