@@ -6,14 +6,16 @@
 //! The inputs are the bf16-rounded values of the other bf16 kernels, scaled by powers of two and
 //! held as f16: weights by 2^t so that max|w| lies in [½, 1) (once per packed weight, [`Fp16Copy`]),
 //! each row block of A by 2^s so that max|a| lies in [2^9, 2^10) (per work item, [`a_exp`]). A bf16
-//! value so scaled is exact in f16 unless it is below 2^-14 (2^-24 of the largest A value, 2^-15 of
-//! the largest weight: such terms are rounded, not lost). Each lane of the register tile sums 32
+//! value so scaled is exact in f16 unless it is below 2^-14, f16's smallest normal (2^-24 to 2^-23 of
+//! the largest A value, 2^-14 to 2^-13 of the largest weight: such values keep fewer bits as f16
+//! subnormals; they are not lost). Each lane of the register tile sums 32
 //! products in f16 (|a·w| ≤ 2^10, so a partial stays ≤ 2^15, below f16's 65504: no overflow is
 //! possible), then adds that partial into an f32 total; C = total·2^-(s+t), exact. The f16 partial
 //! sums add a relative error of about 10⁻³ of the output's scale — less than the bf16 rounding of
 //! the inputs (≈ 2.4·10⁻³, measured on 3072-deep products), so this kernel sits inside the bf16
-//! path's error; `tests/gemm_bf16.rs` bounds it per element. A row block with a non-finite value
-//! runs on the f32-FMA kernel instead (no scale exists), so NaN and ∞ propagate as in f32.
+//! path's error; `tests/gemm_bf16.rs` bounds it per element. A row block with a non-finite value,
+//! and a weight with one (no f16 twin), run on the f32-FMA kernel instead (no scale exists), so
+//! NaN and ∞ propagate as in f32.
 //!
 //! # Layout
 //! `gemm_bf16`'s pairs, with f16 halves: `lo = x[2p]`, `hi = x[2p+1]`. One zmm of B holds 16
