@@ -70,7 +70,7 @@ fn bench_matmul_bf16(c: &mut Criterion) {
         let mut y = vec![0f32; m * n];
         g.throughput(Throughput::Elements((2 * m * n * k) as u64)); // FLOPs
         g.bench_function(format!("{m}x{k}x{n}"), |bch| bch.iter(|| matmul_bf16(black_box(&x), m, &p, Some(&b), &mut y)));
-        // each kernel this CPU can run (a forced one it lacks falls back: its name is then printed)
+        // each kernel this CPU runs as asked (one it lacks would fall back to another: skipped)
         for kernel in [Kernel::Avx512Fp16, Kernel::Avx512Fma, Kernel::Avx512Bf16] {
             if resolved(kernel) == kernel {
                 g.bench_function(format!("{kernel:?}/{m}x{k}x{n}"), |bch| bch.iter(|| matmul_bf16_forced(black_box(&x), m, &p, Some(&b), &mut y, kernel)));
