@@ -3,7 +3,7 @@
 use clipforge::model::synthetic::normal_vec;
 use clipforge::ops::attention::{attention, AttnShape};
 use clipforge::ops::elementwise::{unary, Unary};
-use clipforge::ops::gemm_bf16::{matmul_bf16, matmul_bf16_forced, resolved, Kernel, PackedBf16};
+use clipforge::ops::gemm_bf16::{matmul_bf16, matmul_bf16_forced, resolve, Kernel, PackedBf16};
 use clipforge::ops::gemm_f32::{gemm_tuned, Tuning};
 use clipforge::ops::layernorm::layer_norm;
 use clipforge::ops::matmul::{gemm, gemm_faer, linear, View};
@@ -72,7 +72,7 @@ fn bench_matmul_bf16(c: &mut Criterion) {
         g.bench_function(format!("{m}x{k}x{n}"), |bch| bch.iter(|| matmul_bf16(black_box(&x), m, &p, Some(&b), &mut y)));
         // each kernel this CPU runs as asked (one it lacks would fall back to another: skipped)
         for kernel in [Kernel::Avx512Fp16, Kernel::Avx512Fma, Kernel::Avx512Bf16] {
-            if resolved(kernel) == kernel {
+            if resolve(kernel) == kernel {
                 g.bench_function(format!("{kernel:?}/{m}x{k}x{n}"), |bch| bch.iter(|| matmul_bf16_forced(black_box(&x), m, &p, Some(&b), &mut y, kernel)));
             }
         }

@@ -35,8 +35,8 @@ fn bf16_linear_backward_matches_the_rounded_reference() {
     let (x, w, dy) = (vals(1, m * k), vals(2, n * k), vals(3, m * n));
     let weight = Cpu.weight(clipforge::tensor::Tensor::from_vec(w.clone(), &[n, k]).unwrap(), n, k, DType::BF16).unwrap();
     let t = |v: &[f32]| clipforge::tensor::Tensor::from_vec(v.to_vec(), &[v.len()]).unwrap();
-    use clipforge::ops::gemm_bf16::{resolved, Kernel};
-    let rel = if resolved(Kernel::Auto) == Kernel::Avx512Fp16 { 2e-3 } else { 0.0 };
+    use clipforge::ops::gemm_bf16::{resolve, Kernel};
+    let rel = if resolve(Kernel::Auto) == Kernel::Avx512Fp16 { 2e-3 } else { 0.0 };
     let close = |what: &str, got: &[f32], want: &[(f64, f64)]| {
         for (i, (g, (w, sabs))) in got.iter().zip(want).enumerate() {
             assert!(((*g as f64) - w).abs() <= 1e-4 + 1e-5 * w.abs() + rel * sabs, "{what}[{i}]: {g} vs {w}");

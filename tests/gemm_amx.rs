@@ -31,7 +31,7 @@ fn check(m: usize, n: usize, k: usize, kernel: Kernel) {
         matmul_bf16_reference(&a, m, &w, n, k, bias, &mut cref);
         // the AVX512-FP16 kernel (Intel without AMX) sums 32 products in f16 first: its bound
         // adds 2e-3·Σ|terms| (tests/gemm_bf16.rs)
-        let f16 = resolved(kernel) == Kernel::Avx512Fp16;
+        let f16 = resolve(kernel) == Kernel::Avx512Fp16;
         let r = |x: f32| bf16::from_f32(x).to_f32() as f64;
         let sum_abs = |i: usize, j: usize| (0..k).map(|kk| (r(a[i * k + kk]) * r(w[j * k + kk])).abs()).sum::<f64>();
         for (i, (x, y)) in c.iter().zip(&cref).enumerate() {

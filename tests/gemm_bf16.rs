@@ -74,7 +74,7 @@ const KERNELS: [Kernel; 8] =
 /// its partial, so ≤ 7.8e-3 in the worst case; measured up to ≈ 6e-4 on these shapes), half the
 /// bf16 input rounding's own bound (2·2⁻⁹ ≈ 3.9e-3), and above one dropped term only past k ≈ 500.
 fn rtol(kernel: Kernel) -> f64 {
-    if resolved(kernel) == Kernel::Avx512Fp16 {
+    if resolve(kernel) == Kernel::Avx512Fp16 {
         2e-3
     } else {
         1e-5
@@ -290,7 +290,7 @@ fn every_element_of_c_written_all_kernels() {
 /// as exactly as values near 1, and a row block with ∞ takes the f32-FMA kernel (∞ and NaN as f32).
 #[test]
 fn fp16_kernel_scales_extreme_magnitudes() {
-    eprintln!("Auto resolves to {:?}", resolved(Kernel::Auto));
+    eprintln!("Auto resolves to {:?}", resolve(Kernel::Auto));
     let (m, n, k) = (30, 70, 333);
     for (sa, sw) in [(1e4f32, 50.0f32), (3e-4, 1e-3), (1e-20, 1e-18), (1e18, 1e15), (1.0, 0.02)] {
         let mut g = Rng::seeded(sa.to_bits() as u64);

@@ -351,8 +351,11 @@ impl AElem for bf16 {
 }
 
 /// The kernel that `kernel` runs on this CPU now: [`Kernel::Auto`] by `cpu_path::selected()`,
-/// [`Kernel::Amx`] without AMX as `Auto`; the others as they are (each falls back inside).
-pub(super) fn resolve(kernel: Kernel) -> Kernel {
+/// [`Kernel::Amx`] without AMX as `Auto`, [`Kernel::Avx512Fp16`] without AVX512-FP16 as
+/// [`Kernel::Avx512Fma`]; the others as they are (each falls back inside). Public for tests and
+/// benchmarks (on Intel without AMX, `Auto` is `Avx512Fp16`, whose tolerance then applies).
+#[doc(hidden)]
+pub fn resolve(kernel: Kernel) -> Kernel {
     match kernel {
         Kernel::Auto => match cpu_path::selected() {
             GemmPath::Amx => Kernel::Amx,
@@ -362,17 +365,8 @@ pub(super) fn resolve(kernel: Kernel) -> Kernel {
             GemmPath::Scalar => Kernel::PortableBaseline,
         },
         Kernel::Amx if cpu_path::detected() < GemmPath::Amx => resolve(Kernel::Auto),
-        other => other,
-    }
-}
-
-/// The kernel `kernel` resolves to on this CPU now (tests and benchmarks: [`Kernel::Auto`] is
-/// [`Kernel::Avx512Fp16`] on Intel without AMX, where its tolerance applies).
-#[doc(hidden)]
-pub fn resolved(kernel: Kernel) -> Kernel {
-    match resolve(kernel) {
         Kernel::Avx512Fp16 if !has_fp16() => Kernel::Avx512Fma,
-        k => k,
+        other => other,
     }
 }
 
@@ -430,7 +424,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
     }
     let simd = kernel == Kernel::Avx512Bf16 && have_simd;
     // the f16 twin's panels and exponent when the AVX512-FP16 kernel runs (else its fallback, FMA)
-    let fp16 = w.fp16.filter(|_| kernel == Kernel::Avx512Fp16 && has_fp16());
+    let fp16 = w.fp16.filter(|_| kernel == Kernel::Avx512Fp16);
     let fma = matches!(kernel, Kernel::Avx512Fma | Kernel::Avx512Fp16) && super::gemm_f32::available();
     let avx2 = kernel != Kernel::PortableBaseline;
 

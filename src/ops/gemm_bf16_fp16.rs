@@ -59,8 +59,9 @@ pub(super) fn fp16_copy(pairs: &[u32]) -> Option<Fp16Copy> {
     if !has_avx512_fp16() {
         return None;
     }
-    const CHUNK: usize = 1 << 16; // pairs per task (training packs a weight per call: keep it parallel)
-                                  // SAFETY (both): the features were just detected.
+    // pairs per task (training packs a weight per call: keep it parallel)
+    const CHUNK: usize = 1 << 16;
+    // SAFETY (both closures): the features were just detected.
     let max = pairs.par_chunks(CHUNK).map(|c| unsafe { pairs_abs_max(c) }).reduce(|| 0.0, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) });
     let exp = exp_for(max, -1)?;
     let mut data = vec![0u32; pairs.len()];
@@ -75,12 +76,10 @@ pub(super) fn fp16_copy(pairs: &[u32]) -> Option<Fp16Copy> {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pairs_abs_max(pairs: &[u32]) -> f32 {
     let (mut m, mut nan) = (_mm512_setzero_ps(), 0u16);
-    let hi_mask = _mm512_set1_epi32(0x7fff_0000);
     for c in pairs.chunks(16) {
         // SAFETY: masked lanes < c.len() are read.
-        let v = unsafe { _mm512_maskz_loadu_epi32(mask16(c.len()), c.as_ptr().cast()) };
-        // |lo| and |hi| as f32: the sign bit dropped with the mask
-        for x in [_mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<16>(v), hi_mask)), _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask))] {
+        let (lo, hi) = halves(unsafe { _mm512_maskz_loadu_epi32(mask16(c.len()), c.as_ptr().cast()) });
+        for x in [_mm512_abs_ps(lo), _mm512_abs_ps(hi)] {
             nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
             m = _mm512_max_ps(m, x);
         }
@@ -104,18 +103,21 @@ fn pow2(e: i32) -> f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn scale_pairs(src: &[u32], dst: &mut [u32], scale: f32) {
     let sc = _mm512_set1_ps(scale);
-    let hi_mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
     for (s, d) in src.chunks(16).zip(dst.chunks_mut(16)) {
         let m = mask16(s.len());
         // SAFETY: masked lanes < s.len() (= d.len() here) are read and written.
         unsafe {
-            let v = _mm512_maskz_loadu_epi32(m, s.as_ptr().cast());
-            let lo = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)), sc);
-            let hi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(v, hi_mask)), sc);
-            let out = join(lo, hi);
-            _mm512_mask_storeu_epi32(d.as_mut_ptr().cast(), m, out);
+            let (lo, hi) = halves(_mm512_maskz_loadu_epi32(m, s.as_ptr().cast()));
+            _mm512_mask_storeu_epi32(d.as_mut_ptr().cast(), m, join(_mm512_mul_ps(lo, sc), _mm512_mul_ps(hi, sc)));
         }
     }
+}
+
+/// The two bf16 halves of 16 pairs as f32 (exact: lo shifted up, hi with the low half cleared).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn halves(v: __m512i) -> (__m512, __m512) {
+    (_mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)), _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xffff_0000u32 as i32))))
 }
 
 /// 16 pairs from f32 halves: (f16(lo[i]), f16(hi[i])) as u32 (round to nearest even).

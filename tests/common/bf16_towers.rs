@@ -15,8 +15,8 @@ use clipforge::{DType, Tensor};
 /// fixture's texts, whose f32 embeddings are themselves 1.47u away); the cosine criterion is
 /// unchanged. CI runs this test once more with `CLIPFORGE_CPU_GEMM=avx512` (f32 sums, `units`).
 pub fn check(w: &Weights, cfg: &ClipConfig, b: usize, what: &str, units: f64) {
-    use clipforge::ops::gemm_bf16::{resolved, Kernel};
-    let units = if resolved(Kernel::Auto) == Kernel::Avx512Fp16 { 2.5 * units } else { units };
+    use clipforge::ops::gemm_bf16::{resolve, Kernel};
+    let units = if resolve(Kernel::Auto) == Kernel::Avx512Fp16 { 2.5 * units } else { units };
     let f32m = ClipParts::load(w, cfg, Towers::Both, &LoadOptions { dtype: DType::F32 }).unwrap();
     let bf = ClipParts::load(w, cfg, Towers::Both, &LoadOptions { dtype: DType::BF16 }).unwrap();
     let schema = Schema::clip(cfg);
