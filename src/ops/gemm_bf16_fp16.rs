@@ -5,13 +5,13 @@
 //! # Numbers
 //! The inputs are the bf16-rounded values of the other bf16 kernels, scaled by powers of two and
 //! held as f16: weights by 2^t so that max|w| lies in [½, 1) (once per packed weight, [`Fp16Copy`]),
-//! each row block of A by 2^s so that max|a| lies in [2^9, 2^10) (per work item, [`a_exp`]). A bf16
-//! value so scaled is exact in f16 unless it is below 2^-14, f16's smallest normal (2^-24 to 2^-23 of
+//! each row block of A by 2^s so that max|a| lies in [2^8, 2^9) (per work item, [`a_exp`]). A bf16
+//! value so scaled is exact in f16 unless it is below 2^-14, f16's smallest normal (2^-23 to 2^-22 of
 //! the largest A value, 2^-14 to 2^-13 of the largest weight: such values keep fewer bits as f16
-//! subnormals; they are not lost). Each lane of the register tile sums 32
-//! products in f16 (|a·w| ≤ 2^10, so a partial stays ≤ 2^15, below f16's 65504: no overflow is
+//! subnormals; they are not lost). Each lane of the register tile sums 64
+//! products in f16 (|a·w| < 2^9, so a partial stays < 2^15, below f16's 65504: no overflow is
 //! possible), then adds that partial into an f32 total; C = total·2^-(s+t), exact. The f16 partial
-//! sums add a relative error of about 10⁻³ of the output's scale — less than the bf16 rounding of
+//! sums add a relative error of about 1.2·10⁻³ of the output's scale — less than the bf16 rounding of
 //! the inputs (≈ 2.4·10⁻³, measured on 3072-deep products), so this kernel sits inside the bf16
 //! path's error; `tests/gemm_bf16.rs` bounds it per element. A row block with a non-finite value,
 //! and a weight with one (no f16 twin), run on the f32-FMA kernel instead (no scale exists), so
@@ -25,7 +25,10 @@ use super::gemm_bf16::{AElem, Fp16Copy, Tile, KC, MR, NR};
 use core::arch::x86_64::*;
 
 /// k pairs summed in f16 before the f32 total (see the module docs: keeps |partial| ≤ 2^15).
-const FLUSH: usize = 32;
+/// 64 rather than 32: each flush converts and adds 28 accumulators on the FMA ports, so 32 spent
+/// ≈ 20 % of the kernel's time there (443 → ≈ 490 GFLOP/s at 64); the f16 error grows as
+/// √FLUSH, to ≈ 1.2·10⁻³ of the output's scale (BENCHMARKS.md, tenth session).
+const FLUSH: usize = 64;
 
 /// Whether this CPU runs the kernel: AVX512-FP16 (products) and AVX512-BF16 (input rounding).
 pub fn has_avx512_fp16() -> bool {
@@ -136,10 +139,14 @@ fn mask16(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as u16
 }
 
-/// The scale exponent s of a row block of A (max|a|·2^s in [2^9, 2^10)), or None when it holds a
-/// non-finite value.
+/// max|a| of a scaled row block lies in [2^A_TOP, 2^(A_TOP+1)): with max|w| < 1, a lane's FLUSH
+/// products sum to less than FLUSH·2^(A_TOP+1) = 2^15.
+const A_TOP: i32 = 14 - FLUSH.trailing_zeros() as i32;
+
+/// The scale exponent s of a row block of A (max|a|·2^s in [2^A_TOP, 2^(A_TOP+1)) = [2^8, 2^9)),
+/// or None when it holds a non-finite value.
 pub(super) fn a_exp(max: f32) -> Option<i32> {
-    exp_for(max, 9)
+    exp_for(max, A_TOP)
 }
 
 /// max |x| over `x` (NaN wins: `f32::max` would drop it).
