@@ -1,6 +1,7 @@
 //! The bf16 GEMM (AMX, its software model, AVX-512 BF16 kernel and the portable path) against its plain reference: per
 //! element |x − ref| ≤ atol + rtol·Σ|terms| on odd shapes, edges, NaN propagation, pool sizes.
 use clipforge::ops::gemm_bf16::*;
+use clipforge::ops::gemm_epilogue::Epilogue;
 use half::bf16;
 
 /// Uniform values in [-scale, scale) from the project's seeded generator.
@@ -333,6 +334,13 @@ fn fp16_kernel_scales_extreme_magnitudes() {
     matmul_bf16_forced(&a, m, &pw, None, &mut c, Kernel::Avx512Fp16);
     for i in 0..m {
         assert_eq!(c[i * n..(i + 1) * n].iter().all(|x| x.is_finite()), i != 17, "row {i}");
+    }
+    // the same from a bf16 A (its own max pass), with a NaN in row 2 as well
+    let mut a16: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+    a16[2 * k + 300] = bf16::NAN;
+    matmul_bf16_fused(&a16, m, &pw, None, &mut c, Epilogue::None, Kernel::Avx512Fp16);
+    for i in 0..m {
+        assert_eq!(c[i * n..(i + 1) * n].iter().all(|x| x.is_finite()), i != 17 && i != 2, "bf16 A, row {i}");
     }
     // NaN in a weight (no f16 twin: the FMA kernel): that output column is NaN, the rest finite
     let (a, mut w) = (g.vec(m * k, 1.0), g.vec(n * k, 1.0));

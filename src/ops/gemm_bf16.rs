@@ -296,6 +296,14 @@ pub trait AElem: Copy + Send + Sync + 'static {
     fn zip_pairs(lo: &[Self], hi: Option<&[Self]>, dst: &mut [u32], simd: bool);
     /// The value as f32.
     fn to_f32(self) -> f32;
+    /// The slice as its concrete type (for SIMD loads).
+    fn row(src: &[Self]) -> Row<'_>;
+}
+
+/// A row of A as the concrete type of [`AElem`].
+pub enum Row<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
 }
 
 impl AElem for f32 {
@@ -306,6 +314,9 @@ impl AElem for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+    fn row(src: &[f32]) -> Row<'_> {
+        Row::F32(src)
     }
     fn pairs(src: &[f32], dst: &mut [u32], simd: bool) {
         to_pairs(src, dst, simd)
@@ -332,6 +343,9 @@ impl AElem for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
+    }
+    fn row(src: &[bf16]) -> Row<'_> {
+        Row::Bf16(src)
     }
     fn pairs(src: &[bf16], dst: &mut [u32], _simd: bool) {
         let (whole, tail) = src.split_at(src.len() & !1);

@@ -21,7 +21,7 @@
 //! `gemm_bf16`'s pairs, with f16 halves: `lo = x[2p]`, `hi = x[2p+1]`. One zmm of B holds 16
 //! columns × (even k, odd k); the broadcast A pair multiplies both; the even- and odd-k lanes are
 //! added at the end (the only shuffles, once per tile).
-use super::gemm_bf16::{AElem, Fp16Copy, Tile, KC, MR, NR};
+use super::gemm_bf16::{AElem, Fp16Copy, Row, Tile, KC, MR, NR};
 use core::arch::x86_64::*;
 
 /// k pairs summed in f16 before the f32 total (see the module docs: keeps |partial| ≤ 2^15).
@@ -149,25 +149,67 @@ pub(super) fn a_exp(max: f32) -> Option<i32> {
     exp_for(max, A_TOP)
 }
 
-/// max |x| over `x` (NaN wins: `f32::max` would drop it).
+/// max |x| over `x` (NaN if one is NaN: `f32::max` would drop it).
 pub(super) fn abs_max<T: AElem>(x: &[T]) -> f32 {
-    let (mut acc, mut nan) = ([0f32; 16], false);
-    let mut ch = x.chunks_exact(16);
-    for c in &mut ch {
-        for i in 0..16 {
-            let v = c[i].to_f32();
-            acc[i] = acc[i].max(v.abs());
-            nan |= v.is_nan();
-        }
+    if has_avx512_fp16() {
+        // SAFETY: the features were just detected.
+        return unsafe {
+            match T::row(x) {
+                Row::F32(x) => abs_max_f32(x),
+                Row::Bf16(x) => abs_max_bf16(x),
+            }
+        };
     }
-    for v in ch.remainder() {
-        acc[0] = acc[0].max(v.to_f32().abs());
-        nan |= v.to_f32().is_nan();
-    }
+    let (m, nan) = x.iter().fold((0f32, false), |(m, nan), v| (m.max(v.to_f32().abs()), nan || v.to_f32().is_nan()));
     if nan {
         f32::NAN
     } else {
-        acc.iter().fold(0f32, |m, &v| m.max(v))
+        m
+    }
+}
+
+/// max |x| of f32 values as integers: |x|'s bits order as the values do, and any bits above ∞'s
+/// are a NaN.
+///
+/// # Safety
+/// Requires avx512f.
+#[target_feature(enable = "avx512f")]
+unsafe fn abs_max_f32(x: &[f32]) -> f32 {
+    let abs = _mm512_set1_epi32(0x7fff_ffff);
+    let mut m = _mm512_setzero_si512();
+    for c in x.chunks(16) {
+        // SAFETY: masked lanes < c.len() are read.
+        let v = unsafe { _mm512_maskz_loadu_epi32(mask16(c.len()), c.as_ptr().cast()) };
+        m = _mm512_max_epu32(m, _mm512_and_si512(v, abs));
+    }
+    let bits = _mm512_reduce_max_epu32(m);
+    if bits > 0x7f80_0000 {
+        f32::NAN
+    } else {
+        f32::from_bits(bits)
+    }
+}
+
+/// max |x| of bf16 values as 16-bit integers (as [`abs_max_f32`]).
+///
+/// # Safety
+/// Requires avx512f + avx512bw.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn abs_max_bf16(x: &[half::bf16]) -> f32 {
+    let abs = _mm512_set1_epi16(0x7fff);
+    let mut m = _mm512_setzero_si512();
+    for c in x.chunks(32) {
+        // SAFETY: masked lanes < c.len() are read.
+        let v = unsafe { _mm512_maskz_loadu_epi16(((1u64 << c.len()) - 1) as u32, c.as_ptr().cast()) };
+        m = _mm512_max_epu16(m, _mm512_and_si512(v, abs));
+    }
+    // the 32 lanes' maximum: widen each half to 32 bits
+    let (lo, hi) = (_mm512_cvtepu16_epi32(_mm512_castsi512_si256(m)), _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(m)));
+    let bits = _mm512_reduce_max_epu32(_mm512_max_epu32(lo, hi)) << 16;
+    if bits > 0x7f80_0000 {
+        f32::NAN
+    } else {
+        f32::from_bits(bits)
     }
 }
 
@@ -177,36 +219,70 @@ pub(super) fn abs_max<T: AElem>(x: &[T]) -> f32 {
 /// # Safety
 /// Requires [`has_avx512_fp16`]'s features.
 pub(super) unsafe fn pack_row<T: AElem>(src: &[T], dst: &mut [u32], s: i32) {
-    let mut buf = [0f32; 32];
-    for (c, d) in src.chunks(32).zip(dst.chunks_mut(16)) {
-        buf.iter_mut().zip(c).for_each(|(b, v)| *b = v.to_f32());
-        // SAFETY: forwarded from the caller.
-        unsafe { pack32(&buf[..c.len()], d, pow2(s)) };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match T::row(src) {
+            Row::F32(x) => pack_f32(x, dst, pow2(s)),
+            Row::Bf16(x) => pack_bf16(x, dst, pow2(s)),
+        }
     }
 }
 
-/// ≤ 32 values of one row as ≤ 16 pairs of f16(bf16(x)·`scale`) (round to nearest even both).
+/// f32 values: rounded to bf16 (RNE, as the other kernels' inputs), scaled, as f16 pairs.
 ///
 /// # Safety
 /// Requires [`has_avx512_fp16`]'s features.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn pack32(s: &[f32], d: &mut [u32], scale: f32) {
-    let sc = _mm512_set1_ps(scale);
-    let n = s.len();
-    let (m0, m1) = (mask16(n), mask16(n.saturating_sub(16)));
-    // SAFETY: masked loads touch lanes < n (inside s; `wrapping_add` keeps the pointer
-    // arithmetic defined); the masked store writes ceil(n/2) ≤ d.len() pairs.
+unsafe fn pack_f32(src: &[f32], dst: &mut [u32], scale: f32) {
+    let r = |x: __m512| {
+        let b = _mm512_cvtneps_pbh(x);
+        // SAFETY: same size; the features are enabled here.
+        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(unsafe { core::mem::transmute::<__m256bh, __m256i>(b) }))
+    };
+    for (c, d) in src.chunks(32).zip(dst.chunks_mut(16)) {
+        let n = c.len();
+        // SAFETY: masked loads touch lanes < n (inside c; `wrapping_add` keeps the pointer
+        // arithmetic defined); `emit` writes ceil(n/2) ≤ d.len() pairs.
+        unsafe {
+            let x0 = _mm512_maskz_loadu_ps(mask16(n), c.as_ptr());
+            let x1 = _mm512_maskz_loadu_ps(mask16(n.saturating_sub(16)), c.as_ptr().wrapping_add(16));
+            emit(r(x0), r(x1), d, n, scale);
+        }
+    }
+}
+
+/// bf16 values (exact in f32 by a shift), scaled, as f16 pairs.
+///
+/// # Safety
+/// Requires [`has_avx512_fp16`]'s features.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_bf16(src: &[half::bf16], dst: &mut [u32], scale: f32) {
+    for (c, d) in src.chunks(32).zip(dst.chunks_mut(16)) {
+        let n = c.len();
+        // SAFETY: the masked load touches lanes < n (inside c); `emit` writes ceil(n/2) ≤
+        // d.len() pairs.
+        unsafe {
+            let v = _mm512_maskz_loadu_epi16(((1u64 << n) - 1) as u32, c.as_ptr().cast());
+            let x0 = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)));
+            let x1 = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(v)));
+            emit(x0, x1, d, n, scale);
+        }
+    }
+}
+
+/// ≤ 32 bf16 values (as f32 bits: k0..k15, k16..k31; lanes ≥ n zero) times `scale` as ⌈n/2⌉
+/// pairs of f16 (round to nearest even) in `d`.
+///
+/// # Safety
+/// Requires avx512f + avx512bw; `d.len() >= n.div_ceil(2)`.
+#[inline(always)]
+unsafe fn emit(x0: __m512i, x1: __m512i, d: &mut [u32], n: usize, scale: f32) {
+    // SAFETY: the caller's features; the masked store writes ceil(n/2) ≤ d.len() pairs.
     unsafe {
-        let x0 = _mm512_maskz_loadu_ps(m0, s.as_ptr());
-        let x1 = _mm512_maskz_loadu_ps(m1, s.as_ptr().wrapping_add(16));
-        // bf16(x) (RNE, as the other kernels' inputs), widened back to f32, scaled
-        let r = |x: __m512| {
-            let b = core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x));
-            _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b))), sc)
-        };
-        // values k0..k15 and k16..k31 as 16 f16 each: consecutive f16s are already pairs
-        let h0 = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r(x0));
-        let h1 = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(r(x1));
+        let sc = _mm512_set1_ps(scale);
+        // 16 f16 each: consecutive f16s are already pairs
+        let h0 = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(_mm512_castsi512_ps(x0), sc));
+        let h1 = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(_mm512_castsi512_ps(x1), sc));
         let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h0), h1);
         _mm512_mask_storeu_epi32(d.as_mut_ptr().cast(), mask16(n.div_ceil(2)), v);
     }
