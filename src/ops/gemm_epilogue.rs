@@ -9,7 +9,7 @@
 //!   f32 buffer (C keeps the pre-activation for the backward), or rounded to bf16 (the
 //!   next GEMM's input, which it would round to the same values).
 //! - [`Epilogue::Add`]: the residual add res + (x·Wᵀ + bias).
-use super::act_simd::{act_in_place, act_into};
+use super::act_simd::{act_row, ActDst};
 use super::elementwise::Unary;
 use half::bf16;
 
@@ -106,16 +106,13 @@ impl EpiRun {
                 // SAFETY: `res` is m·n long and o + cols ≤ m·n (the caller's contract).
                 EpiRun::Add(res) => unsafe { add_row(row, std::slice::from_raw_parts(res.add(o), cols)) },
                 EpiRun::Act { op: act, round, out } => {
-                    if round {
-                        super::act_simd::round_bf16_in_place(row);
-                    }
-                    match out {
-                        Out::InPlace => act_in_place(act, row),
-                        // SAFETY: the output buffer is m·n long, this row segment is the caller's alone.
-                        Out::F32(p) => act_into(act, row, unsafe { std::slice::from_raw_parts_mut(p.add(o), cols) }),
-                        // SAFETY: as above.
-                        Out::Bf16(p) => act_row_bf16(act, row, unsafe { std::slice::from_raw_parts_mut(p.add(o), cols) }),
-                    }
+                    // SAFETY (both): the output buffer is m·n long, this row segment is the caller's alone.
+                    let dst = match out {
+                        Out::InPlace => ActDst::InPlace,
+                        Out::F32(p) => ActDst::F32(unsafe { std::slice::from_raw_parts_mut(p.add(o), cols) }),
+                        Out::Bf16(p) => ActDst::Bf16(unsafe { std::slice::from_raw_parts_mut(p.add(o), cols) }),
+                    };
+                    act_row(act, round, row, dst);
                 }
             }
         }
@@ -130,14 +127,4 @@ pub fn round_bf16(x: f32) -> f32 {
 
 fn add_row(row: &mut [f32], res: &[f32]) {
     row.iter_mut().zip(res).for_each(|(y, r)| *y += r); // = r + y (f32 addition commutes)
-}
-
-/// out ← bf16(act(row)), through a stack buffer of 64 values at a time.
-fn act_row_bf16(act: Unary, row: &[f32], out: &mut [bf16]) {
-    let mut tmp = [0f32; 64];
-    for (src, dst) in row.chunks(64).zip(out.chunks_mut(64)) {
-        let t = &mut tmp[..src.len()];
-        act_into(act, src, t);
-        super::act_simd::to_bf16_into(t, dst);
-    }
 }
