@@ -256,8 +256,8 @@ mod x86 {
         _mm512_mask_or_epi32(r, nan, hi, s(0x40))
     }
 
-    /// [`super::act_row`], 16 lanes at a time (the tail masked: act16 of a lane gives the bits of
-    /// `eval_fast`, so no scalar tail is needed).
+    /// [`super::act_row`], two 16-lane vectors per step (the tail masked: act16 of a lane gives
+    /// the bits of `eval_fast`, so no scalar tail is needed).
     ///
     /// # Safety
     /// AVX-512F; `act` is QuickGelu or Gelu; the output of `dst` holds x.len() values.
@@ -288,13 +288,14 @@ mod x86 {
             let (v1, m1) = if i + 16 < n { load(i + 16) } else { (_mm512_setzero_ps(), 0) };
             let (y0, y1) = (act16(act, v0), act16(act, v1));
             for (y, m, j) in [(y0, m0, i), (y1, m1, i + 16)] {
-                // SAFETY: as above (m = 0 writes nothing).
+                // SAFETY: as above; m = 0 (j past the row's end: `wrapping_add` keeps that
+                // pointer defined) writes nothing.
                 unsafe {
                     match &mut dst {
-                        ActDst::InPlace => _mm512_mask_storeu_ps(xp.add(j), m, y),
-                        ActDst::F32(o) => _mm512_mask_storeu_ps(o.as_mut_ptr().add(j), m, y),
+                        ActDst::InPlace => _mm512_mask_storeu_ps(xp.wrapping_add(j), m, y),
+                        ActDst::F32(o) => _mm512_mask_storeu_ps(o.as_mut_ptr().wrapping_add(j), m, y),
                         ActDst::Bf16(o) => {
-                            _mm256_mask_storeu_epi16(o.as_mut_ptr().add(j).cast(), m, _mm512_cvtepi32_epi16(bf16_bits16(_mm512_castps_si512(y))))
+                            _mm256_mask_storeu_epi16(o.as_mut_ptr().wrapping_add(j).cast(), m, _mm512_cvtepi32_epi16(bf16_bits16(_mm512_castps_si512(y))))
                         }
                     }
                 }
