@@ -273,7 +273,7 @@ mod x86 {
             let m = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
             let mut v = unsafe { _mm512_maskz_loadu_ps(m, xp.add(i)) };
             if round {
-                v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bf16_bits16(_mm512_castps_si512(v))));
+                v = _mm512_castsi512_ps(round16(_mm512_castps_si512(v)));
                 if keep {
                     unsafe { _mm512_mask_storeu_ps(xp.add(i), m, v) };
                 }
@@ -294,14 +294,26 @@ mod x86 {
                     match &mut dst {
                         ActDst::InPlace => _mm512_mask_storeu_ps(xp.wrapping_add(j), m, y),
                         ActDst::F32(o) => _mm512_mask_storeu_ps(o.as_mut_ptr().wrapping_add(j), m, y),
-                        ActDst::Bf16(o) => {
-                            _mm256_mask_storeu_epi16(o.as_mut_ptr().wrapping_add(j).cast(), m, _mm512_cvtepi32_epi16(bf16_bits16(_mm512_castps_si512(y))))
-                        }
+                        ActDst::Bf16(o) => _mm256_mask_storeu_epi16(o.as_mut_ptr().wrapping_add(j).cast(), m, to_bf16_16(_mm512_castps_si512(y))),
                     }
                 }
             }
             i += 32;
         }
+    }
+
+    /// bf16(x) as f32 (the bits of `half::bf16::from_f32(x).to_f32()`), 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn round16(x: __m512i) -> __m512i {
+        _mm512_slli_epi32::<16>(bf16_bits16(x))
+    }
+
+    /// bf16(x) of 16 f32s as 16 packed bf16 values.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn to_bf16_16(x: __m512i) -> __m256i {
+        _mm512_cvtepi32_epi16(bf16_bits16(x))
     }
 
     /// # Safety
@@ -313,7 +325,7 @@ mod x86 {
             // SAFETY: masked lanes < c.len() are read and written.
             unsafe {
                 let v = _mm512_maskz_loadu_epi32(m, c.as_ptr().cast());
-                _mm512_mask_storeu_epi32(c.as_mut_ptr().cast(), m, _mm512_slli_epi32::<16>(bf16_bits16(v)));
+                _mm512_mask_storeu_epi32(c.as_mut_ptr().cast(), m, round16(v));
             }
         }
     }
@@ -328,7 +340,7 @@ mod x86 {
             // SAFETY: masked lanes < n − i are read from src and written to dst (2 bytes each).
             unsafe {
                 let v = _mm512_maskz_loadu_epi32(m, src.as_ptr().add(i).cast());
-                _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i).cast(), m, _mm512_cvtepi32_epi16(bf16_bits16(v)));
+                _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i).cast(), m, to_bf16_16(v));
             }
         }
     }

@@ -64,34 +64,16 @@ pub(super) fn fp16_copy(pairs: &[u32]) -> Option<Fp16Copy> {
     }
     // pairs per task (training packs a weight per call: keep it parallel)
     const CHUNK: usize = 1 << 16;
-    // SAFETY (both closures): the features were just detected.
-    let max = pairs.par_chunks(CHUNK).map(|c| unsafe { pairs_abs_max(c) }).reduce(|| 0.0, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) });
+    // SAFETY (both closures): the features were just detected. The pairs are bf16 values (an
+    // odd row's padding half is 0): their max is the bf16 one.
+    let max = pairs
+        .par_chunks(CHUNK)
+        .map(|c| unsafe { abs_max_bf16(bytemuck::cast_slice(c)) })
+        .reduce(|| 0.0, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) });
     let exp = exp_for(max, -1)?;
     let mut data = vec![0u32; pairs.len()];
     data.par_chunks_mut(CHUNK).zip(pairs.par_chunks(CHUNK)).for_each(|(d, s)| unsafe { scale_pairs(s, d, pow2(exp)) });
     Some(Fp16Copy { data, exp })
-}
-
-/// max |x| over both bf16 halves of `pairs` (NaN if one is NaN).
-///
-/// # Safety
-/// Requires avx512f.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pairs_abs_max(pairs: &[u32]) -> f32 {
-    let (mut m, mut nan) = (_mm512_setzero_ps(), 0u16);
-    for c in pairs.chunks(16) {
-        // SAFETY: masked lanes < c.len() are read.
-        let (lo, hi) = halves(unsafe { _mm512_maskz_loadu_epi32(mask16(c.len()), c.as_ptr().cast()) });
-        for x in [_mm512_abs_ps(lo), _mm512_abs_ps(hi)] {
-            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-            m = _mm512_max_ps(m, x);
-        }
-    }
-    if nan != 0 {
-        f32::NAN
-    } else {
-        _mm512_reduce_max_ps(m)
-    }
 }
 
 /// 2^e as f32 (|e| ≤ 120: the exponents of `exp_for` and their sums).
@@ -137,6 +119,12 @@ unsafe fn join(lo: __m512, hi: __m512) -> __m512i {
 #[inline(always)]
 fn mask16(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as u16
+}
+
+/// The first min(n, 32) lanes of a 32-lane (16-bit) mask.
+#[inline(always)]
+fn mask32(n: usize) -> __mmask32 {
+    ((1u64 << n.min(32)) - 1) as u32
 }
 
 /// max|a| of a scaled row block lies in [2^A_TOP, 2^(A_TOP+1)): with max|w| < 1, a lane's FLUSH
@@ -200,7 +188,7 @@ unsafe fn abs_max_bf16(x: &[half::bf16]) -> f32 {
     let mut m = _mm512_setzero_si512();
     for c in x.chunks(32) {
         // SAFETY: masked lanes < c.len() are read.
-        let v = unsafe { _mm512_maskz_loadu_epi16(((1u64 << c.len()) - 1) as u32, c.as_ptr().cast()) };
+        let v = unsafe { _mm512_maskz_loadu_epi16(mask32(c.len()), c.as_ptr().cast()) };
         m = _mm512_max_epu16(m, _mm512_and_si512(v, abs));
     }
     // the 32 lanes' maximum: widen each half to 32 bits
@@ -262,7 +250,7 @@ unsafe fn pack_bf16(src: &[half::bf16], dst: &mut [u32], scale: f32) {
         // SAFETY: the masked load touches lanes < n (inside c); `emit` writes ceil(n/2) ≤
         // d.len() pairs.
         unsafe {
-            let v = _mm512_maskz_loadu_epi16(((1u64 << n) - 1) as u32, c.as_ptr().cast());
+            let v = _mm512_maskz_loadu_epi16(mask32(n), c.as_ptr().cast());
             let x0 = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)));
             let x1 = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(v)));
             emit(x0, x1, d, n, scale);
