@@ -1,10 +1,14 @@
 //! Criterion benches of the CPU backward ops the autograd tape uses, at ViT-B/32 shapes (batch
 //! 32: 1600 image tokens), and of the PCA reconstruction with its gradient (B = 128, D = 512,
-//! k = 32). Names: cpu-train/<op>/<shape>. Run: cargo bench --bench train_ops
+//! k = 32), and the per-step packing of bf16 fine-tuning (the weight's and xᵀ's bf16 panels, dyᵀ)
+//! at the Long-CLIP text fc1 (1984 tokens = 8 captions × 248, 512 → 2048), each against its
+//! scalar reference. Names: cpu-train/<op>/<shape>. Run: cargo bench --bench train_ops
 use clipforge::model::synthetic::normal_vec;
 use clipforge::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape};
 use clipforge::ops::elementwise::{unary_bwd, Unary};
 use clipforge::ops::embedding::{embedding_bwd, embedding_bwd_grouped};
+use clipforge::ops::gemm_bf16::PackedBf16;
+use clipforge::ops::gemm_f32_pack::{transpose, transpose_reference};
 use clipforge::ops::layernorm::layer_norm_bwd;
 use clipforge::ops::patch_embed::{patch_embed_bwd_weight, PatchShape};
 use clipforge::ops::pca_grad::{pca_reconstruct, pca_reconstruct_bwd};
@@ -64,5 +68,25 @@ fn bench_backward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_backward);
+/// The bf16 fine-tune step's packing per Linear: W (forward), Wᵀ and xᵀ (backward) into bf16
+/// pair panels, and dyᵀ (the dW GEMM's A) — fast paths and their scalar references.
+fn bench_packing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu-train");
+    g.sample_size(10);
+    let (m, k, n) = (1984, 512, 2048);
+    let (w, x, dy) = (normal_vec(n * k, 0.0, 0.02, 20), normal_vec(m * k, 0.0, 1.0, 21), normal_vec(m * n, 0.0, 1.0, 22));
+    g.throughput(Throughput::Bytes((w.len() * 4) as u64));
+    g.bench_function("pack_bf16_w/2048x512", |b| b.iter(|| black_box(PackedBf16::from_f32(&w, n, k))));
+    g.bench_function("pack_bf16_w_reference/2048x512", |b| b.iter(|| black_box(PackedBf16::from_f32_reference(&w, n, k))));
+    g.bench_function("pack_bf16_wt/2048x512", |b| b.iter(|| black_box(PackedBf16::from_f32_t(&w, n, k))));
+    g.throughput(Throughput::Bytes((x.len() * 4) as u64));
+    g.bench_function("pack_bf16_xt/1984x512", |b| b.iter(|| black_box(PackedBf16::from_f32_t(&x, m, k))));
+    g.bench_function("pack_bf16_xt_reference/1984x512", |b| b.iter(|| black_box(PackedBf16::from_f32_t_reference(&x, m, k))));
+    g.throughput(Throughput::Bytes((dy.len() * 4) as u64));
+    g.bench_function("transpose/1984x2048", |b| b.iter(|| black_box(transpose(&dy, m, n))));
+    g.bench_function("transpose_reference/1984x2048", |b| b.iter(|| black_box(transpose_reference(&dy, m, n))));
+    g.finish();
+}
+
+criterion_group!(benches, bench_backward, bench_packing);
 criterion_main!(benches);

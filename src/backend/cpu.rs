@@ -65,26 +65,11 @@ fn linear_bwd_bf16(g: &[f32], xd: &[f32], w: &Weight<Cpu>, h: &CpuHalf, m: usize
     } else {
         matmul_bf16(&g[..m * n], m, wt, None, d); // dx = dy·W
     }
-    let gt = transpose(&g[..m * n], m, n); // [n, m]
+    let gt = crate::ops::gemm_f32_pack::transpose(&g[..m * n], m, n); // [n, m]
     let xt = PackedBf16::from_f32_t(&xd[..m * k], m, k); // xᵀ: [k outputs × m]
     let mut dw = zeros(n * k); // [n, k]
     matmul_bf16(&gt, n, &xt, None, &mut dw); // dW = dyᵀ·x
     dw
-}
-
-/// The transpose of a row-major [rows×cols] matrix (in parallel, 32-row blocks of the output).
-fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = zeros(rows * cols); // [cols, rows]
-    if rows > 0 {
-        par_rows(&mut t, 32 * rows, |b, blk| {
-            for i in 0..rows {
-                for (jj, o) in blk.chunks_exact_mut(rows).enumerate() {
-                    o[i] = x[i * cols + b * 32 + jj];
-                }
-            }
-        });
-    }
-    t
 }
 
 /// res + y over the first `n` values, in y's buffer (res first: the residual stream's order of addition).

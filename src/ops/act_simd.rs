@@ -127,7 +127,7 @@ pub fn act_row(act: Unary, round: bool, x: &mut [f32], dst: ActDst) {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::exp16;
+pub(crate) use x86::{bf16_bits16, exp16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -246,7 +246,7 @@ mod x86 {
     /// `half::bf16::from_f32`'s integer algorithm, lane by lane.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn bf16_bits16(x: __m512i) -> __m512i {
+    pub(crate) fn bf16_bits16(x: __m512i) -> __m512i {
         let s = _mm512_set1_epi32;
         let hi = _mm512_srli_epi32::<16>(x);
         // round up when the round bit is set and the rest (or the kept LSB) is not all zero

@@ -77,63 +77,49 @@ pub(crate) struct Fp16Copy {
     pub(super) exp: i32,
 }
 
-/// Two bf16 values as one operand pair (`lo` in the low half).
-#[inline]
-fn pair(lo: bf16, hi: bf16) -> u32 {
-    lo.to_bits() as u32 | ((hi.to_bits() as u32) << 16)
-}
+use super::gemm_bf16_pack::{self as pack, pair};
 
 impl PackedBf16 {
     /// Packs `w` (`[n×k]` row-major f32), rounding to bf16 (RNE).
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(w.len(), n * k, "w must be n*k");
-        Self::pack(n, k, |j, kk| bf16::from_f32(w[j * k + kk]))
+        Self::with_data(n, k, pack::pack_f32(w, n, k))
     }
 
     /// Packs the transpose of `x` (`[rows×cols]` row-major f32): the weight `[cols×rows]`, for
     /// products with `xᵀ` as the right operand (a backward pass's dW = dyᵀ·x, dx = dy·W).
     pub fn from_f32_t(x: &[f32], rows: usize, cols: usize) -> Self {
-        assert_eq!(x.len(), rows * cols, "x must be rows*cols");
-        let (n, k) = (cols, rows);
-        let kp = k.div_ceil(2);
-        let kps = kp.next_multiple_of(16);
-        let mut data = vec![0u32; n.div_ceil(NR) * kps * NR];
-        if kp > 0 {
-            data.par_chunks_mut(kps * NR).enumerate().for_each(|(panel, dst)| {
-                let (j0, nj) = (panel * NR, NR.min(n - panel * NR));
-                for (p, d) in dst.chunks_exact_mut(NR).take(kp).enumerate() {
-                    let lo = &x[2 * p * cols + j0..][..nj];
-                    let hi = (2 * p + 1 < k).then(|| &x[(2 * p + 1) * cols + j0..][..nj]);
-                    for (jj, v) in d[..nj].iter_mut().enumerate() {
-                        *v = pair(bf16::from_f32(lo[jj]), hi.map_or(bf16::ZERO, |h| bf16::from_f32(h[jj])));
-                    }
-                }
-            });
-        }
-        PackedBf16 { n, k, kp, kps, data, fp16: OnceLock::new() }
+        Self::with_data(cols, rows, pack::pack_f32_t(x, rows, cols))
     }
 
     /// Packs `w` (`[n×k]` row-major bf16).
     pub fn from_bf16(w: &[bf16], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "w must be n*k");
-        Self::pack(n, k, |j, kk| w[j * k + kk])
+        Self::with_data(n, k, pack::pack_with(n, k, |j, kk| w[j * k + kk]))
     }
 
-    fn pack(n: usize, k: usize, get: impl Fn(usize, usize) -> bf16 + Sync) -> Self {
-        let kp = k.div_ceil(2);
-        let kps = kp.next_multiple_of(16);
-        let mut data = vec![0u32; n.div_ceil(NR) * kps * NR];
-        if kp > 0 {
-            data.par_chunks_mut(kps * NR).enumerate().for_each(|(panel, dst)| {
-                for jj in 0..NR.min(n - panel * NR) {
-                    let j = panel * NR + jj;
-                    for p in 0..kp {
-                        let hi = (2 * p + 1 < k).then(|| get(j, 2 * p + 1));
-                        dst[p * NR + jj] = pair(get(j, 2 * p), hi.unwrap_or(bf16::ZERO));
-                    }
-                }
-            });
-        }
+    /// [`Self::from_f32`] through the scalar reference packer (tests compare the two).
+    #[doc(hidden)]
+    pub fn from_f32_reference(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "w must be n*k");
+        Self::with_data(n, k, pack::pack_with(n, k, |j, kk| bf16::from_f32(w[j * k + kk])))
+    }
+
+    /// [`Self::from_f32_t`] through the scalar reference packer (tests compare the two).
+    #[doc(hidden)]
+    pub fn from_f32_t_reference(x: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(x.len(), rows * cols, "x must be rows*cols");
+        Self::with_data(cols, rows, pack::pack_with(cols, rows, |j, kk| bf16::from_f32(x[kk * cols + j])))
+    }
+
+    /// The packed pairs, padding included (tests compare packers bit for bit).
+    #[doc(hidden)]
+    pub fn pairs(&self) -> &[u32] {
+        &self.data
+    }
+
+    fn with_data(n: usize, k: usize, data: Vec<u32>) -> Self {
+        let (kp, kps, len) = pack::geometry(n, k);
+        assert_eq!(data.len(), len, "PackedBf16: packed data of the wrong length");
         PackedBf16 { n, k, kp, kps, data, fp16: OnceLock::new() }
     }
 

@@ -71,8 +71,11 @@ pub(super) fn fp16_copy(pairs: &[u32]) -> Option<Fp16Copy> {
         .map(|c| unsafe { abs_max_bf16(bytemuck::cast_slice(c)) })
         .reduce(|| 0.0, |a, b| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) });
     let exp = exp_for(max, -1)?;
-    let mut data = vec![0u32; pairs.len()];
-    data.par_chunks_mut(CHUNK).zip(pairs.par_chunks(CHUNK)).for_each(|(d, s)| unsafe { scale_pairs(s, d, pow2(exp)) });
+    // every value is written by scale_pairs: no zero-fill first (it was a memset per training pack)
+    let mut data = Vec::<u32>::with_capacity(pairs.len());
+    data.spare_capacity_mut().par_chunks_mut(CHUNK).zip(pairs.par_chunks(CHUNK)).for_each(|(d, s)| unsafe { scale_pairs(s, d, pow2(exp)) });
+    // SAFETY: the chunks of the spare capacity cover pairs.len() values, each written above.
+    unsafe { data.set_len(pairs.len()) };
     Some(Fp16Copy { data, exp })
 }
 
@@ -86,11 +89,12 @@ fn pow2(e: i32) -> f32 {
 /// # Safety
 /// Requires avx512f + avx512bw (and F16C conversions, part of AVX-512F's `vcvtps2ph`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn scale_pairs(src: &[u32], dst: &mut [u32], scale: f32) {
+unsafe fn scale_pairs(src: &[u32], dst: &mut [std::mem::MaybeUninit<u32>], scale: f32) {
+    assert_eq!(src.len(), dst.len(), "scale_pairs: lengths differ");
     let sc = _mm512_set1_ps(scale);
     for (s, d) in src.chunks(16).zip(dst.chunks_mut(16)) {
         let m = mask16(s.len());
-        // SAFETY: masked lanes < s.len() (= d.len() here) are read and written.
+        // SAFETY: masked lanes < s.len() (= d.len()) are read and written (every value of dst).
         unsafe {
             let (lo, hi) = halves(_mm512_maskz_loadu_epi32(m, s.as_ptr().cast()));
             _mm512_mask_storeu_epi32(d.as_mut_ptr().cast(), m, join(_mm512_mul_ps(lo, sc), _mm512_mul_ps(hi, sc)));

@@ -18,6 +18,7 @@ pub mod gemm_bf16;
 mod gemm_bf16_avx512;
 #[cfg(target_arch = "x86_64")]
 mod gemm_bf16_fp16;
+mod gemm_bf16_pack;
 pub mod gemm_epilogue;
 pub mod gemm_f32;
 pub mod gemm_f32_pack;

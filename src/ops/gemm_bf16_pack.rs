@@ -1,0 +1,195 @@
+//! Packing a weight into the bf16 GEMM's pair panels (`gemm_bf16.rs`, "Data layout": per 32
+//! output columns a `[kps][NR]` panel of u32 pairs `lo = x[2p] | hi = x[2p+1] << 16`, zero past
+//! n, past k and in the padding pairs kp..kps).
+//!
+//! Three sources: f32 `[n×k]` row-major (a Linear's W: converted once at load for inference, and
+//! every step when fine-tuning in bf16), the transpose of an f32 `[rows×cols]` (the backward's Wᵀ
+//! and xᵀ, every step), and bf16 `[n×k]` (a bf16 checkpoint, at load). [`pack_with`] is the
+//! scalar reference for all three; on AVX-512F the two f32 packers run 16 lanes at a time with
+//! the same bits (bf16 by `half::bf16::from_f32`'s RNE, NaN kept quiet: `act_simd`'s
+//! `bf16_bits16`), and write every value of the panels themselves (no zero-fill pass first).
+//! tests/gemm_bf16_pack.rs compares them with the reference bit for bit.
+use super::gemm_bf16::NR;
+use half::bf16;
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// (kp, kps, stored u32s) of an `[n×k]` weight: pairs per column, pairs per panel (kp padded to
+/// a multiple of 16, one AMX tile's depth), and the length of the packed data.
+pub(super) fn geometry(n: usize, k: usize) -> (usize, usize, usize) {
+    let kp = k.div_ceil(2);
+    let kps = kp.next_multiple_of(16);
+    (kp, kps, n.div_ceil(NR) * kps * NR)
+}
+
+/// Two bf16 values as one operand pair (`lo` in the low half).
+#[inline]
+pub(super) fn pair(lo: bf16, hi: bf16) -> u32 {
+    lo.to_bits() as u32 | ((hi.to_bits() as u32) << 16)
+}
+
+/// The reference packer: W[j, kk] = `get(j, kk)` for an `[n×k]` weight, one value at a time.
+pub(super) fn pack_with(n: usize, k: usize, get: impl Fn(usize, usize) -> bf16 + Sync) -> Vec<u32> {
+    let (kp, kps, len) = geometry(n, k);
+    let mut data = vec![0u32; len];
+    if kp > 0 {
+        data.par_chunks_mut(kps * NR).enumerate().for_each(|(panel, dst)| {
+            for jj in 0..NR.min(n - panel * NR) {
+                let j = panel * NR + jj;
+                for p in 0..kp {
+                    let hi = (2 * p + 1 < k).then(|| get(j, 2 * p + 1));
+                    dst[p * NR + jj] = pair(get(j, 2 * p), hi.unwrap_or(bf16::ZERO));
+                }
+            }
+        });
+    }
+    data
+}
+
+/// W = `w` (`[n×k]` row-major f32), rounded to bf16.
+pub(super) fn pack_f32(w: &[f32], n: usize, k: usize) -> Vec<u32> {
+    assert_eq!(w.len(), n * k, "w must be n*k");
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX-512F was detected; each panel writes all of its own values and reads rows
+        // j < n of w (k values each).
+        return unsafe { pack_simd(n, k, |panel, dst| x86::rows_to_panel(w, n, k, panel, dst)) };
+    }
+    pack_with(n, k, |j, kk| bf16::from_f32(w[j * k + kk]))
+}
+
+/// W = xᵀ for `x` `[rows×cols]` row-major f32 (W is `[cols×rows]`), rounded to bf16.
+pub(super) fn pack_f32_t(x: &[f32], rows: usize, cols: usize) -> Vec<u32> {
+    assert_eq!(x.len(), rows * cols, "x must be rows*cols");
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX-512F was detected; each panel writes all of its own values and reads
+        // columns < cols of every row of x.
+        return unsafe { pack_simd(cols, rows, |panel, dst| x86::cols_to_panel(x, rows, cols, panel, dst)) };
+    }
+    pack_with(cols, rows, |j, kk| bf16::from_f32(x[kk * cols + j]))
+}
+
+/// Whether the 16-lane packers run here.
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The packed data of an `[n×k]` weight, panel by panel in parallel through `fill(panel, dst)`,
+/// which must write all kps·NR values of its panel at `dst`.
+///
+/// # Safety
+/// `fill`'s own contract (it is called with a pointer to kps·NR writable u32s).
+unsafe fn pack_simd(n: usize, k: usize, fill: impl Fn(usize, *mut u32) + Sync) -> Vec<u32> {
+    let (_, kps, len) = geometry(n, k);
+    let mut data = Vec::<u32>::with_capacity(len);
+    if kps > 0 {
+        data.spare_capacity_mut()[..len].par_chunks_mut(kps * NR).enumerate().for_each(|(panel, dst)| fill(panel, dst.as_mut_ptr().cast()));
+    }
+    // SAFETY: every panel's fill wrote all of its kps·NR values (the caller's contract), and the
+    // panels cover 0..len.
+    unsafe { data.set_len(len) };
+    data
+}
+
+/// Spare capacity as written values is `MaybeUninit<u32>`: the element type `pack_simd` casts.
+const _: () = assert!(size_of::<MaybeUninit<u32>>() == size_of::<u32>());
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{geometry, NR};
+    use crate::ops::act_simd::bf16_bits16;
+    use crate::ops::gemm_f32_pack::transpose16;
+    use std::arch::x86_64::*;
+
+    fn mask(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// Zeros for the padding pairs kp..kps of a panel.
+    ///
+    /// # Safety
+    /// AVX-512F; dst holds kps·NR values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zero_padding(dst: *mut u32, kp: usize, kps: usize) {
+        for p in kp..kps {
+            for h in 0..NR / 16 {
+                // SAFETY: p < kps: inside the panel (caller).
+                unsafe { _mm512_storeu_si512(dst.add(p * NR + 16 * h).cast(), _mm512_setzero_si512()) };
+            }
+        }
+    }
+
+    /// Panel `panel` of W = w (`[n×k]` row-major): 16 rows × 16 pairs at a time, each row's 32
+    /// values rounded to bf16 and narrowed into 16 pairs, then the 16×16 block of pairs
+    /// transposed so that pair p of the 16 rows is one store.
+    ///
+    /// # Safety
+    /// AVX-512F; w holds n·k values; dst holds kps·NR writable values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn rows_to_panel(w: &[f32], n: usize, k: usize, panel: usize, dst: *mut u32) {
+        let (kp, kps, _) = geometry(n, k);
+        let (j0, nj) = (panel * NR, NR.min(n - panel * NR));
+        for h in 0..NR / 16 {
+            let live = nj.saturating_sub(16 * h).min(16);
+            for p0 in (0..kp).step_by(16) {
+                let (v0, count) = (2 * p0, (k - 2 * p0).min(32));
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, ri) in r.iter_mut().enumerate().take(live) {
+                    let row = w.as_ptr().wrapping_add((j0 + 16 * h + i) * k + v0);
+                    // SAFETY: lanes < count read values v0..v0 + count ≤ k of row j0 + 16h + i < n.
+                    let (a, b) = unsafe {
+                        (
+                            _mm512_maskz_loadu_epi32(mask(count), row.cast()),
+                            _mm512_maskz_loadu_epi32(mask(count.saturating_sub(16)), row.wrapping_add(16).cast()),
+                        )
+                    };
+                    // values v0.. as 32 bf16 in order: 16 pairs (a value past k is 0.0: a zero half)
+                    let (lo, hi) = (_mm512_cvtepi32_epi16(bf16_bits16(a)), _mm512_cvtepi32_epi16(bf16_bits16(b)));
+                    *ri = _mm512_castsi512_ps(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi));
+                }
+                transpose16(&mut r); // bit moves only: any pair's bits survive
+                for (q, rq) in r.iter().enumerate().take((kp - p0).min(16)) {
+                    // SAFETY: pair p0 + q < kp, lanes 16h..16h + 16 of the panel's NR (caller).
+                    unsafe { _mm512_storeu_ps(dst.add((p0 + q) * NR + 16 * h).cast(), *rq) };
+                }
+            }
+        }
+        // SAFETY: forwarded.
+        unsafe { zero_padding(dst, kp, kps) };
+    }
+
+    /// Panel `panel` of W = xᵀ (x `[rows×cols]` row-major, W `[cols×rows]`): pair p of 16
+    /// columns is values j0.. of rows 2p and 2p + 1 of x, side by side: two loads, no transpose.
+    ///
+    /// # Safety
+    /// AVX-512F; x holds rows·cols values; dst holds kps·NR writable values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn cols_to_panel(x: &[f32], rows: usize, cols: usize, panel: usize, dst: *mut u32) {
+        let (kp, kps, _) = geometry(cols, rows);
+        let (j0, nj) = (panel * NR, NR.min(cols - panel * NR));
+        for p in 0..kp {
+            let lo_row = x.as_ptr().wrapping_add(2 * p * cols + j0);
+            for h in 0..NR / 16 {
+                let m = mask(nj.saturating_sub(16 * h));
+                // SAFETY: masked lanes read columns j0 + 16h.. < cols of rows 2p (and 2p + 1 when
+                // it exists) < rows; the store is pair p < kp, lanes 16h.. of the panel (caller).
+                unsafe {
+                    let lo = _mm512_maskz_loadu_epi32(m, lo_row.wrapping_add(16 * h).cast());
+                    let hi = if 2 * p + 1 < rows { _mm512_maskz_loadu_epi32(m, lo_row.wrapping_add(cols + 16 * h).cast()) } else { _mm512_setzero_si512() };
+                    let v = _mm512_or_si512(bf16_bits16(lo), _mm512_slli_epi32::<16>(bf16_bits16(hi)));
+                    _mm512_storeu_si512(dst.add(p * NR + 16 * h).cast(), v);
+                }
+            }
+        }
+        // SAFETY: forwarded.
+        unsafe { zero_padding(dst, kp, kps) };
+    }
+}

@@ -1,0 +1,95 @@
+//! The bf16 GEMM's weight packers (`src/ops/gemm_bf16_pack.rs`) and the f32 transpose
+//! (`gemm_f32_pack::transpose`) against their scalar references, bit for bit: odd shapes (1, 7,
+//! 45×65, widths not divisible by 16 or 32, odd k), every kind of value (NaN payloads of both
+//! signs, ±∞, subnormals, −0, RNE ties, the largest finite value that rounds to ∞), and the
+//! panels' padding.
+use clipforge::ops::gemm_bf16::PackedBf16;
+use clipforge::ops::gemm_f32_pack::{transpose, transpose_reference};
+
+/// f32 values: mostly ordinary magnitudes, with special bit patterns mixed in.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    const SPECIAL: [u32; 12] = [
+        0x7FC0_0000, // quiet NaN
+        0x7F80_0001, // signalling NaN (made quiet by the rounding)
+        0xFFFF_FFFF, // negative NaN, all payload bits
+        0x7F80_0000, // +∞
+        0xFF80_0000, // −∞
+        0x0000_0001, // smallest subnormal
+        0x807F_FFFF, // largest negative subnormal
+        0x8000_0000, // −0
+        0x3F80_8000, // a tie, even: stays
+        0x3F81_8000, // a tie, odd: rounds up
+        0x7F7F_FFFF, // the largest finite f32: rounds to +∞ in bf16
+        0x3F80_7FFF, // just below a tie
+    ];
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            if s.is_multiple_of(7) {
+                f32::from_bits(SPECIAL[(s >> 8) as usize % SPECIAL.len()])
+            } else {
+                ((s >> 11) as f64 / (1u64 << 53) as f64 * 8.0 - 4.0) as f32
+            }
+        })
+        .collect()
+}
+
+const SHAPES: [(usize, usize); 14] =
+    [(1, 1), (1, 2), (7, 3), (7, 7), (16, 32), (31, 33), (32, 32), (33, 1), (45, 65), (65, 45), (100, 59), (3, 0), (0, 5), (70, 514)];
+
+fn same_bits(what: &str, got: &[u32], want: &[u32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+        panic!("{what}: first difference at u32 {i}: {:#010x}, reference {:#010x}", got[i], want[i]);
+    }
+}
+
+#[test]
+fn from_f32_matches_the_reference_bit_for_bit() {
+    for (s, &(n, k)) in SHAPES.iter().enumerate() {
+        let w = values(n * k, s as u64 + 1);
+        let (fast, reference) = (PackedBf16::from_f32(&w, n, k), PackedBf16::from_f32_reference(&w, n, k));
+        same_bits(&format!("from_f32 {n}x{k}"), fast.pairs(), reference.pairs());
+        // the reference itself: element (j, kk) is bf16(w[j, kk])
+        for j in 0..n {
+            for kk in 0..k {
+                let want = half::bf16::from_f32(w[j * k + kk]);
+                assert_eq!(reference.get(j, kk).to_bits(), want.to_bits(), "from_f32_reference {n}x{k} at ({j}, {kk})");
+            }
+        }
+    }
+}
+
+#[test]
+fn from_f32_t_matches_the_reference_bit_for_bit() {
+    for (s, &(rows, cols)) in SHAPES.iter().enumerate() {
+        let x = values(rows * cols, s as u64 + 100);
+        let (fast, reference) = (PackedBf16::from_f32_t(&x, rows, cols), PackedBf16::from_f32_t_reference(&x, rows, cols));
+        same_bits(&format!("from_f32_t {rows}x{cols}"), fast.pairs(), reference.pairs());
+        assert_eq!((fast.n(), fast.k()), (cols, rows), "from_f32_t {rows}x{cols}: the weight is [cols×rows]");
+        for j in 0..cols {
+            for kk in 0..rows {
+                let want = half::bf16::from_f32(x[kk * cols + j]);
+                assert_eq!(reference.get(j, kk).to_bits(), want.to_bits(), "from_f32_t_reference {rows}x{cols} at ({j}, {kk})");
+            }
+        }
+    }
+}
+
+#[test]
+fn transpose_matches_the_reference_bit_for_bit() {
+    for (s, &(rows, cols)) in SHAPES.iter().chain(&[(17, 1000), (1000, 17), (300, 300)]).enumerate() {
+        let x = values(rows * cols, s as u64 + 200);
+        let (fast, reference) = (transpose(&x, rows, cols), transpose_reference(&x, rows, cols));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        same_bits(&format!("transpose {rows}x{cols}"), &bits(&fast), &bits(&reference));
+        for i in 0..rows {
+            for j in 0..cols {
+                assert_eq!(reference[j * rows + i].to_bits(), x[i * cols + j].to_bits(), "transpose_reference {rows}x{cols} at ({i}, {j})");
+            }
+        }
+    }
+}
