@@ -8,6 +8,10 @@ use clipforge::ops::gemm_f32::{gemm_tuned, Tuning};
 use clipforge::ops::layernorm::layer_norm;
 use clipforge::ops::matmul::{gemm, gemm_faer, linear, View};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+/// The binary's allocator (large blocks cache-line aligned), so these numbers are the binary's.
+#[global_allocator]
+static ALLOC: clipforge::alloc::CacheLineAlloc = clipforge::alloc::CacheLineAlloc;
 use std::hint::black_box;
 
 fn bench_matmul(c: &mut Criterion) {

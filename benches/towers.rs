@@ -5,6 +5,10 @@ use clipforge::model::{ClipConfig, ClipParts, LoadOptions, Towers};
 use clipforge::Tensor;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
+/// The binary's allocator (large blocks cache-line aligned), so these numbers are the binary's.
+#[global_allocator]
+static ALLOC: clipforge::alloc::CacheLineAlloc = clipforge::alloc::CacheLineAlloc;
+
 fn bench_towers(c: &mut Criterion) {
     let cfg = ClipConfig::preset("b32").unwrap();
     let w = random_weights(&cfg, 0);

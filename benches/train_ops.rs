@@ -14,6 +14,10 @@ use clipforge::ops::patch_embed::{patch_embed_bwd_weight, PatchShape};
 use clipforge::ops::pca_grad::{pca_reconstruct, pca_reconstruct_bwd};
 use clipforge::ops::softmax::{softmax, softmax_bwd};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+/// The binary's allocator (large blocks cache-line aligned), so these numbers are the binary's.
+#[global_allocator]
+static ALLOC: clipforge::alloc::CacheLineAlloc = clipforge::alloc::CacheLineAlloc;
 use std::hint::black_box;
 
 fn bench_backward(c: &mut Criterion) {

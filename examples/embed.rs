@@ -6,6 +6,11 @@
 use clipforge::{ClipModel, OpenOptions};
 use std::path::PathBuf;
 
+/// The allocator the `clipforge` binary uses: large blocks cache-line aligned, so the AVX-512
+/// kernels' vector loads and stores never span two lines (optional; worth ≈ 5–10 % in bf16).
+#[global_allocator]
+static ALLOC: clipforge::alloc::CacheLineAlloc = clipforge::alloc::CacheLineAlloc;
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e}");

@@ -6,7 +6,9 @@
 //! - `tensor`: the Tensor type (shape, strides, dtype, device) and its ops;
 //! - `ops`: the CPU kernels, each with a plain reference twin;
 //! - `model`: CLIP configs, safetensors weights and the two towers;
-//! - `io`: tokenizer, image preprocessing, .npy output.
+//! - `io`: tokenizer, image preprocessing, .npy output;
+//! - `alloc`: the binary's global allocator (large blocks cache-line aligned), for programs too.
+pub mod alloc;
 pub mod api;
 pub mod autograd;
 pub mod backend;

@@ -4,6 +4,11 @@ use clap::Parser;
 
 mod cli;
 
+/// Large blocks cache-line aligned: the AVX-512 kernels' 64-byte loads and stores then never
+/// span two lines (`clipforge::alloc`).
+#[global_allocator]
+static ALLOC: clipforge::alloc::CacheLineAlloc = clipforge::alloc::CacheLineAlloc;
+
 fn main() {
     // Keep freed activation buffers in the heap instead of returning them to the kernel: every
     // forward pass reallocates the same sizes, and fresh pages cost a fault and a zeroing each.

@@ -57,7 +57,7 @@ fn bf16_of(w: &Weight<Cpu>) -> Option<&CpuHalf> {
 }
 
 /// dx[m×k] (+)= dy[m×n]·W and dW[n×k] = dyᵀ·x with bf16 inputs, f32 accumulation.
-fn linear_bwd_bf16(g: &[f32], xd: &[f32], w: &Weight<Cpu>, h: &CpuHalf, m: usize, d: &mut [f32], accumulate: bool) -> Vec<f32> {
+fn linear_bwd_bf16(g: &[f32], xd: &[f32], w: &Weight<Cpu>, h: &CpuHalf, m: usize, d: &mut [f32], accumulate: bool) -> Result<Vec<f32>> {
     let (n, k) = (w.n, w.k);
     let wt = h.bwd.get_or_init(|| PackedBf16::from_f32_t(&w.w.f32_data()[..n * k], n, k)); // Wᵀ: [k outputs × n]
     if accumulate {
@@ -67,9 +67,12 @@ fn linear_bwd_bf16(g: &[f32], xd: &[f32], w: &Weight<Cpu>, h: &CpuHalf, m: usize
     }
     let gt = crate::ops::gemm_f32_pack::transpose(&g[..m * n], m, n); // [n, m]
     let xt = PackedBf16::from_f32_t(&xd[..m * k], m, k); // xᵀ: [k outputs × m]
-    let mut dw = zeros(n * k); // [n, k]
-    matmul_bf16(&gt, n, &xt, None, &mut dw); // dW = dyᵀ·x
-    dw
+    let fill = |dw: &mut [f32]| {
+        matmul_bf16(&gt, n, &xt, None, dw); // dW = dyᵀ·x [n, k]
+        Ok(())
+    };
+    // SAFETY: `matmul_bf16` writes every element of its output (see `written32`): no zero-fill.
+    unsafe { written32(n * k, fill) }
 }
 
 /// res + y over the first `n` values, in y's buffer (res first: the residual stream's order of addition).
@@ -99,8 +102,8 @@ fn gemm16(x: &Tensor, m: usize, k: usize, p: &PackedBf16, bias: Option<&[f32]>, 
 /// kernel on NaN-filled outputs), and the epilogue every element of its output buffer.
 ///
 /// # Safety
-/// `fill` must write the buffer it is given in full (a `linear32`, `gemm16` or `linear_packed_into` call
-/// writing it as C or as the epilogue's output).
+/// `fill` must write the buffer it is given in full (a `linear32`, `gemm16`, `matmul_bf16` or
+/// `linear_packed_into` call writing it as C or as the epilogue's output).
 unsafe fn written32(n: usize, fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
     // SAFETY: the caller's contract.
     unsafe { crate::ops::fastmath::written_by(n, fill) }
@@ -121,14 +124,6 @@ fn linear32(x: &Tensor, m: usize, w: &Weight<Cpu>, bias: Option<&[f32]>, c: &mut
         _ => linear_into(xd, m, k, wd, n, bias, c, epi),
     }
     Ok(())
-}
-
-/// n bf16 zeros (calloc'd pages: no fill pass; the GEMM's epilogue writes every element).
-fn bf16_zeros(n: usize) -> Vec<bf16> {
-    let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
-    // SAFETY: bf16 is `repr(transparent)` over u16 (same size and alignment, every bit pattern
-    // valid), so the allocation is a valid Vec<bf16> of the same length and capacity.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<bf16>(), v.len(), v.capacity()) }
 }
 
 thread_local! {
@@ -235,7 +230,7 @@ impl Ops for Cpu {
         check("linear_bwd dy", g.len(), m * n)?;
         check("linear_bwd x", xd.len(), m * k)?;
         if let Some(h) = bf16_of(w) {
-            let dw = linear_bwd_bf16(&g, &xd, w, h, m, &mut d[..m * k], accumulate);
+            let dw = linear_bwd_bf16(&g, &xd, w, h, m, &mut d[..m * k], accumulate)?;
             *dx = vec1(d)?;
             let db = if bias { Some(vec1(col_sums(&g[..m * n], n))?) } else { None };
             return Ok((vec1(dw)?, db));
@@ -333,13 +328,17 @@ impl Ops for Cpu {
             gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::F32(&mut out) })?;
             return Ok((vec1(out)?, Some(vec1(pre)?)));
         }
-        let mut out = bf16_zeros(m * n); // [m, n] bf16
         let mut pre = PRE.with_borrow_mut(std::mem::take); // f32 scratch [m, n]
         pre.resize(m * n, 0.0);
-        let r = gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::Bf16(&mut out) });
+        // SAFETY: the epilogue writes every element of its output (see `written32`). (Was a
+        // calloc'd buffer: calloc zero-fills memory the allocator reuses, 1 % of a bf16 forward.)
+        let out = unsafe {
+            crate::ops::fastmath::written_by(m * n, |out: &mut [bf16]| {
+                gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::Bf16(out) })
+            })
+        }; // [m, n] bf16
         PRE.with_borrow_mut(|s| *s = pre);
-        r?;
-        Ok((Tensor::from_storage(Storage::BF16(out), &[m * n])?, None))
+        Ok((Tensor::from_storage(Storage::BF16(out?), &[m * n])?, None))
     }
 
     fn bias_act(&self, u: Tensor, bias: &Tensor, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {

@@ -59,15 +59,16 @@ pub fn zeros(n: usize) -> Vec<f32> {
     v
 }
 
-/// A buffer of n values that `fill` writes, without a zero-fill pass first (GEMM outputs that
-/// their kernel overwrites: the fill was a write of [m, n] per Linear). If `fill` fails, the
-/// buffer is dropped unread.
+/// A buffer of n values (f32, or bf16 for a GEMM epilogue's 16-bit output) that `fill` writes,
+/// without a zero-fill pass first (GEMM outputs that their kernel overwrites: the fill was a write
+/// of [m, n] per Linear; and `calloc` does fill memory it reuses). If `fill` fails, the buffer is
+/// dropped unread.
 ///
 /// # Safety
 /// `fill` must write every one of the n values and must not read a value it has not written.
-pub unsafe fn written_by<E>(n: usize, fill: impl FnOnce(&mut [f32]) -> Result<(), E>) -> Result<Vec<f32>, E> {
-    let mut v: Vec<f32> = Vec::with_capacity(n);
-    // SAFETY: the allocation holds n f32s; the caller's `fill` writes each before reading it.
+pub unsafe fn written_by<T: Copy, E>(n: usize, fill: impl FnOnce(&mut [T]) -> Result<(), E>) -> Result<Vec<T>, E> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: the allocation holds n values; the caller's `fill` writes each before reading it.
     fill(unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr(), n) })?;
     // SAFETY: all n values were written (the caller's contract).
     unsafe { v.set_len(n) };

@@ -47,6 +47,7 @@
 //! portable path keeps them. NaN/Inf propagate in every path.
 
 use super::cpu_path::{self, GemmPath};
+use super::gemm_bf16_pack::{self as pack, pair};
 use super::gemm_epilogue::{EpiRun, Epilogue};
 use half::bf16;
 use rayon::prelude::*;
@@ -76,8 +77,6 @@ pub(crate) struct Fp16Copy {
     pub(super) data: Vec<u32>,
     pub(super) exp: i32,
 }
-
-use super::gemm_bf16_pack::{self as pack, pair};
 
 impl PackedBf16 {
     /// Packs `w` (`[n×k]` row-major f32), rounding to bf16 (RNE).
