@@ -133,7 +133,7 @@ mod x86 {
     ///
     /// # Safety
     /// AVX-512F; w holds n·k values; dst holds kps·NR writable values.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn rows_to_panel(w: &[f32], n: usize, k: usize, panel: usize, dst: *mut u32) {
         let (kp, kps, _) = geometry(n, k);
         let (j0, nj) = (panel * NR, NR.min(n - panel * NR));
