@@ -47,36 +47,33 @@ fn same_bits(what: &str, got: &[u32], want: &[u32]) {
     }
 }
 
-#[test]
-fn from_f32_matches_the_reference_bit_for_bit() {
-    for (s, &(n, k)) in SHAPES.iter().enumerate() {
-        let w = values(n * k, s as u64 + 1);
-        let (fast, reference) = (PackedBf16::from_f32(&w, n, k), PackedBf16::from_f32_reference(&w, n, k));
-        same_bits(&format!("from_f32 {n}x{k}"), fast.pairs(), reference.pairs());
-        // the reference itself: element (j, kk) is bf16(w[j, kk])
+/// A packer against its reference on every shape, bit for bit, and each element (j, kk) of the
+/// reference against bf16 of the value it packs (W = x, or W = xᵀ when `transposed`).
+fn check_packer(what: &str, seed: u64, fast: fn(&[f32], usize, usize) -> PackedBf16, reference: fn(&[f32], usize, usize) -> PackedBf16, transposed: bool) {
+    for (s, &(rows, cols)) in SHAPES.iter().enumerate() {
+        let x = values(rows * cols, s as u64 + seed);
+        let (got, want) = (fast(&x, rows, cols), reference(&x, rows, cols));
+        same_bits(&format!("{what} {rows}x{cols}"), got.pairs(), want.pairs());
+        // W is [rows×cols] as given, or [cols×rows] for a transposed packer
+        let (n, k) = if transposed { (cols, rows) } else { (rows, cols) };
+        assert_eq!((got.n(), got.k()), (n, k), "{what} {rows}x{cols}: the weight's shape");
         for j in 0..n {
             for kk in 0..k {
-                let want = half::bf16::from_f32(w[j * k + kk]);
-                assert_eq!(reference.get(j, kk).to_bits(), want.to_bits(), "from_f32_reference {n}x{k} at ({j}, {kk})");
+                let v = if transposed { x[kk * cols + j] } else { x[j * cols + kk] };
+                assert_eq!(want.get(j, kk).to_bits(), half::bf16::from_f32(v).to_bits(), "{what} reference {rows}x{cols} at ({j}, {kk})");
             }
         }
     }
 }
 
 #[test]
+fn from_f32_matches_the_reference_bit_for_bit() {
+    check_packer("from_f32", 1, PackedBf16::from_f32, PackedBf16::from_f32_reference, false);
+}
+
+#[test]
 fn from_f32_t_matches_the_reference_bit_for_bit() {
-    for (s, &(rows, cols)) in SHAPES.iter().enumerate() {
-        let x = values(rows * cols, s as u64 + 100);
-        let (fast, reference) = (PackedBf16::from_f32_t(&x, rows, cols), PackedBf16::from_f32_t_reference(&x, rows, cols));
-        same_bits(&format!("from_f32_t {rows}x{cols}"), fast.pairs(), reference.pairs());
-        assert_eq!((fast.n(), fast.k()), (cols, rows), "from_f32_t {rows}x{cols}: the weight is [cols×rows]");
-        for j in 0..cols {
-            for kk in 0..rows {
-                let want = half::bf16::from_f32(x[kk * cols + j]);
-                assert_eq!(reference.get(j, kk).to_bits(), want.to_bits(), "from_f32_t_reference {rows}x{cols} at ({j}, {kk})");
-            }
-        }
-    }
+    check_packer("from_f32_t", 100, PackedBf16::from_f32_t, PackedBf16::from_f32_t_reference, true);
 }
 
 #[test]

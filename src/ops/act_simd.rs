@@ -127,7 +127,7 @@ pub fn act_row(act: Unary, round: bool, x: &mut [f32], dst: ActDst) {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{bf16_bits16, exp16};
+pub(crate) use x86::{bf16_bits16, exp16, to_bf16_16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -312,7 +312,7 @@ mod x86 {
     /// bf16(x) of 16 f32s as 16 packed bf16 values.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn to_bf16_16(x: __m512i) -> __m256i {
+    pub(crate) fn to_bf16_16(x: __m512i) -> __m256i {
         _mm512_cvtepi32_epi16(bf16_bits16(x))
     }
 

@@ -99,15 +99,13 @@ impl PackedBf16 {
     /// [`Self::from_f32`] through the scalar reference packer (tests compare the two).
     #[doc(hidden)]
     pub fn from_f32_reference(w: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(w.len(), n * k, "w must be n*k");
-        Self::with_data(n, k, pack::pack_with(n, k, |j, kk| bf16::from_f32(w[j * k + kk])))
+        Self::with_data(n, k, pack::pack_f32_reference(w, n, k))
     }
 
     /// [`Self::from_f32_t`] through the scalar reference packer (tests compare the two).
     #[doc(hidden)]
     pub fn from_f32_t_reference(x: &[f32], rows: usize, cols: usize) -> Self {
-        assert_eq!(x.len(), rows * cols, "x must be rows*cols");
-        Self::with_data(cols, rows, pack::pack_with(cols, rows, |j, kk| bf16::from_f32(x[kk * cols + j])))
+        Self::with_data(cols, rows, pack::pack_f32_t_reference(x, rows, cols))
     }
 
     /// The packed pairs, padding included (tests compare packers bit for bit).

@@ -12,7 +12,6 @@
 use super::gemm_bf16::NR;
 use half::bf16;
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 
 /// (kp, kps, stored u32s) of an `[n×k]` weight: pairs per column, pairs per panel (kp padded to
 /// a multiple of 16, one AMX tile's depth), and the length of the packed data.
@@ -55,6 +54,12 @@ pub(super) fn pack_f32(w: &[f32], n: usize, k: usize) -> Vec<u32> {
         // j < n of w (k values each).
         return unsafe { pack_simd(n, k, |panel, dst| x86::rows_to_panel(w, n, k, panel, dst)) };
     }
+    pack_f32_reference(w, n, k)
+}
+
+/// [`pack_f32`], one value at a time.
+pub(super) fn pack_f32_reference(w: &[f32], n: usize, k: usize) -> Vec<u32> {
+    assert_eq!(w.len(), n * k, "w must be n*k");
     pack_with(n, k, |j, kk| bf16::from_f32(w[j * k + kk]))
 }
 
@@ -67,6 +72,12 @@ pub(super) fn pack_f32_t(x: &[f32], rows: usize, cols: usize) -> Vec<u32> {
         // columns < cols of every row of x.
         return unsafe { pack_simd(cols, rows, |panel, dst| x86::cols_to_panel(x, rows, cols, panel, dst)) };
     }
+    pack_f32_t_reference(x, rows, cols)
+}
+
+/// [`pack_f32_t`], one value at a time.
+pub(super) fn pack_f32_t_reference(x: &[f32], rows: usize, cols: usize) -> Vec<u32> {
+    assert_eq!(x.len(), rows * cols, "x must be rows*cols");
     pack_with(cols, rows, |j, kk| bf16::from_f32(x[kk * cols + j]))
 }
 
@@ -95,13 +106,10 @@ unsafe fn pack_simd(n: usize, k: usize, fill: impl Fn(usize, *mut u32) + Sync) -
     data
 }
 
-/// Spare capacity as written values is `MaybeUninit<u32>`: the element type `pack_simd` casts.
-const _: () = assert!(size_of::<MaybeUninit<u32>>() == size_of::<u32>());
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{geometry, NR};
-    use crate::ops::act_simd::bf16_bits16;
+    use crate::ops::act_simd::{bf16_bits16, to_bf16_16};
     use crate::ops::gemm_f32_pack::transpose16;
     use std::arch::x86_64::*;
 
@@ -152,7 +160,7 @@ mod x86 {
                         )
                     };
                     // values v0.. as 32 bf16 in order: 16 pairs (a value past k is 0.0: a zero half)
-                    let (lo, hi) = (_mm512_cvtepi32_epi16(bf16_bits16(a)), _mm512_cvtepi32_epi16(bf16_bits16(b)));
+                    let (lo, hi) = (to_bf16_16(a), to_bf16_16(b));
                     *ri = _mm512_castsi512_ps(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi));
                 }
                 transpose16(&mut r); // bit moves only: any pair's bits survive
