@@ -264,6 +264,26 @@ fn bench_quick_gelu(c: &mut Criterion) {
     let x = normal_vec(1600 * 3072, 0.0, 1.0, 10);
     g.throughput(Throughput::Bytes((2 * x.len() * 4) as u64));
     g.bench_function("1600x3072", |bch| bch.iter(|| black_box(unary(Unary::QuickGelu, black_box(&x)))));
+    // the bf16 MLP's epilogue on one core, tile row by tile row (32 values): the pre-activation
+    // rounded to bf16, QuickGELU, the output narrowed to bf16 — the CPU's narrowing against the
+    // integer form
+    {
+        use clipforge::ops::act_simd::{act_row_with, ActDst, Narrow};
+        let n = 14 * 32 * 8; // eight 14×32 tiles, L1-resident
+        let src = &x[..n];
+        let (mut r, mut o) = (src.to_vec(), vec![half::bf16::ZERO; n]);
+        g.throughput(Throughput::Elements(n as u64));
+        for narrow in [Narrow::Auto, Narrow::Integer] {
+            g.bench_function(format!("act_row_round_bf16/{narrow:?}/{n}"), |bch| {
+                bch.iter(|| {
+                    r.copy_from_slice(src);
+                    for (row, out) in r.chunks_mut(32).zip(o.chunks_mut(32)) {
+                        act_row_with(Unary::QuickGelu, true, row, ActDst::Bf16(out), narrow);
+                    }
+                })
+            });
+        }
+    }
     g.finish();
     // the backward dy·act′(x): the op (all threads), and one core's 16-lane and scalar loops
     use clipforge::ops::act_simd::{act_grad_into, act_grad_scalar};

@@ -4,7 +4,9 @@
 //! every tail (0, 1, 15, 16, 17, 33, 100), in place and into another buffer; and they are within
 //! tolerance of the f64 formulas on ordinary values. The same for the backward's dy·act′(x)
 //! (`act_grad_into` against `Unary::deriv_fast`, and against the f64 derivative).
-use clipforge::ops::act_simd::{act_grad_into, act_grad_scalar, act_in_place, act_into, act_into_scalar, act_row, round_bf16_in_place, to_bf16_into, ActDst};
+use clipforge::ops::act_simd::{
+    act_grad_into, act_grad_scalar, act_in_place, act_into, act_into_scalar, act_row_with, round_bf16_in_place, to_bf16_into, ActDst, Narrow,
+};
 use clipforge::ops::elementwise::{unary_reference, Unary};
 
 fn inputs() -> Vec<f32> {
@@ -123,33 +125,40 @@ fn simd_bf16_rounding_gives_the_half_crate_bits() {
 
 /// The epilogue's one-pass row (`act_row`: optional bf16 rounding, the activation in place, to
 /// f32 or to bf16) against the composite of the separate scalar passes, bit for bit, over every
-/// kind of input and at every tail length; nothing written past the row.
+/// kind of input and at every tail length; nothing written past the row. Both narrowings: the
+/// CPU's choice (`vcvtneps2bf16` where it has AVX512-BF16, with its subnormal lanes redone) and
+/// the integer form forced. The inputs hold ≈ 800 subnormals, and a run of them (a whole
+/// vector, and a vector with one among normal values) is added here.
 #[test]
 fn fused_row_gives_the_composite_bits() {
-    let x = inputs();
-    for act in [Unary::QuickGelu, Unary::Gelu] {
-        for round in [false, true] {
-            let pre: Vec<f32> = if round { x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect() } else { x.clone() };
-            let mut y = vec![0.0; x.len()];
-            act_into_scalar(act, &pre, &mut y);
-            for len in [0, 1, 15, 16, 17, 33, 100, x.len()] {
-                let tag = format!("{act:?} round {round} length {len}");
-                let (src, want_pre, want) = (&x[..len], &pre[..len], &y[..len]);
-                let mut r = src.to_vec();
-                act_row(act, round, &mut r, ActDst::InPlace);
-                same_bits(&format!("{tag} in place"), src, &r, want);
-                let (mut r, mut o) = (src.to_vec(), vec![f32::NAN; len + 1]);
-                act_row(act, round, &mut r, ActDst::F32(&mut o));
-                same_bits(&format!("{tag} pre kept"), src, &r, want_pre);
-                same_bits(&format!("{tag} to f32"), src, &o[..len], want);
-                assert!(o[len].is_nan(), "{tag}: wrote past the row");
-                let (mut r, mut b) = (src.to_vec(), vec![half::bf16::from_bits(0x1234); len + 1]);
-                act_row(act, round, &mut r, ActDst::Bf16(&mut b));
-                same_bits(&format!("{tag} pre kept (bf16 out)"), src, &r, want_pre);
-                for i in 0..len {
-                    assert_eq!(b[i].to_bits(), half::bf16::from_f32(want[i]).to_bits(), "{tag} to bf16 [{i}]");
+    let mut x = inputs();
+    x.extend((1..=16u32).map(|i| f32::from_bits(i * 0x0007_1234))); // 16 subnormals
+    x.extend((0..16u32).map(|i| if i == 9 { f32::from_bits(0x8000_8000) } else { i as f32 * 0.37 - 2.0 }));
+    for narrow in [Narrow::Auto, Narrow::Integer] {
+        for act in [Unary::QuickGelu, Unary::Gelu] {
+            for round in [false, true] {
+                let pre: Vec<f32> = if round { x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect() } else { x.clone() };
+                let mut y = vec![0.0; x.len()];
+                act_into_scalar(act, &pre, &mut y);
+                for len in [0, 1, 15, 16, 17, 33, 100, x.len()] {
+                    let tag = format!("{narrow:?} {act:?} round {round} length {len}");
+                    let (src, want_pre, want) = (&x[..len], &pre[..len], &y[..len]);
+                    let mut r = src.to_vec();
+                    act_row_with(act, round, &mut r, ActDst::InPlace, narrow);
+                    same_bits(&format!("{tag} in place"), src, &r, want);
+                    let (mut r, mut o) = (src.to_vec(), vec![f32::NAN; len + 1]);
+                    act_row_with(act, round, &mut r, ActDst::F32(&mut o), narrow);
+                    same_bits(&format!("{tag} pre kept"), src, &r, want_pre);
+                    same_bits(&format!("{tag} to f32"), src, &o[..len], want);
+                    assert!(o[len].is_nan(), "{tag}: wrote past the row");
+                    let (mut r, mut b) = (src.to_vec(), vec![half::bf16::from_bits(0x1234); len + 1]);
+                    act_row_with(act, round, &mut r, ActDst::Bf16(&mut b), narrow);
+                    same_bits(&format!("{tag} pre kept (bf16 out)"), src, &r, want_pre);
+                    for i in 0..len {
+                        assert_eq!(b[i].to_bits(), half::bf16::from_f32(want[i]).to_bits(), "{tag} to bf16 [{i}] (x = {:#x})", src[i].to_bits());
+                    }
+                    assert_eq!(b[len].to_bits(), 0x1234, "{tag}: wrote past the row");
                 }
-                assert_eq!(b[len].to_bits(), 0x1234, "{tag}: wrote past the row");
             }
         }
     }

@@ -98,14 +98,47 @@ pub enum ActDst<'a> {
     Bf16(&'a mut [half::bf16]),
 }
 
+/// How [`act_row_with`] narrows f32 to bf16 (the same bits either way: `half::bf16::from_f32`'s).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Narrow {
+    /// `vcvtneps2bf16` where the CPU has AVX512-BF16 (with AVX512-BW/VL/DQ), the integer form
+    /// otherwise.
+    Auto,
+    /// The AVX-512F integer form (round bit, sticky bits, NaN made quiet) even where the
+    /// instruction exists: to test it on such CPUs.
+    Integer,
+}
+
+/// Whether this CPU narrows with `vcvtneps2bf16` ([`Narrow::Auto`]).
+fn bf16_insn() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx512bf16") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") && has!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// A GEMM epilogue's row in one pass: x ← bf16(x) when `round`, then act(x) to `dst` — the bits
 /// of [`round_bf16_in_place`], then [`act_in_place`] / [`act_into`] / act then
 /// [`to_bf16_into`], each value loaded once, two 16-lane vectors per step. One vector's
-/// activation is a dependent chain of ≈ 100 cycles (clamp, the exp polynomial, a division); a
-/// loop of one vector per step (and a tile row of 32 values per call) kept about one chain in
-/// flight: 2.9 ns per value for round + QuickGELU + bf16 out against 1.55 now (one core, this
-/// Intel kind), ≈ 15 % of a bf16 text tower before.
+/// activation is a dependent chain of ≈ 80 cycles (clamp, the exp polynomial, a division), so the
+/// loop waits on latency: two vectors per step, Estrin's polynomial in `exp16`, and the
+/// narrowing to bf16 by `vcvtneps2bf16` (2 uops; the integer form is 8, and its store of 16-bit
+/// lanes through `vpmovdw` to memory is slow) bring round + QuickGELU + bf16 out from 1.50 to
+/// ≈ 0.75 ns per value (one core, this Intel kind; 2.9 with one vector per step, ≈ 15 % of a bf16
+/// text tower then).
 pub fn act_row(act: Unary, round: bool, x: &mut [f32], dst: ActDst) {
+    act_row_with(act, round, x, dst, Narrow::Auto)
+}
+
+/// [`act_row`] with the narrowing chosen (tests: both forms give the same bits).
+#[doc(hidden)]
+pub fn act_row_with(act: Unary, round: bool, x: &mut [f32], dst: ActDst, narrow: Narrow) {
     match &dst {
         ActDst::InPlace => {}
         ActDst::F32(o) => assert!(o.len() >= x.len(), "act_row: f32 output shorter than the row"),
@@ -113,8 +146,15 @@ pub fn act_row(act: Unary, round: bool, x: &mut [f32], dst: ActDst) {
     }
     #[cfg(target_arch = "x86_64")]
     if simd() && is_act(act) {
-        // SAFETY: AVX-512F was detected; the outputs hold x.len() values (asserted).
-        return unsafe { x86::act_row(act, round, x, dst) };
+        // SAFETY: AVX-512F (and for `act_row_bf16` AVX512-BF16/BW/VL/DQ) was detected; the
+        // outputs hold x.len() values (asserted).
+        return unsafe {
+            if narrow == Narrow::Auto && bf16_insn() {
+                x86::act_row_bf16(act, round, x, dst)
+            } else {
+                x86::act_row(act, round, x, dst)
+            }
+        };
     }
     if round {
         round_bf16_in_place(x);
@@ -148,12 +188,14 @@ mod x86 {
         let x = _mm512_min_ps(s(88.3), _mm512_max_ps(s(-87.0), x));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, s(LOG2E)));
         let f = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, s(LN2_HI))), _mm512_mul_ps(n, s(LN2_LO)));
-        let mut p = s(1.0 / 720.0);
-        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm512_add_ps(s(c), _mm512_mul_ps(f, p));
-        }
-        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
-        _mm512_mul_ps(p, _mm512_castsi512_ps(e))
+        let (m, a) = (_mm512_mul_ps, _mm512_add_ps);
+        let f2 = m(f, f);
+        let f4 = m(f2, f2);
+        let lo = a(a(s(1.0), f), m(f2, a(s(0.5), m(f, s(1.0 / 6.0)))));
+        let hi = a(a(s(1.0 / 24.0), m(f, s(1.0 / 120.0))), m(f2, s(1.0 / 720.0)));
+        // p·2^n: n ∈ [−126, 127] after the clamp, so this is the scalar product p·2^n (exact, or
+        // the same rounding of a subnormal result)
+        _mm512_scalef_ps(a(lo, m(f4, hi)), n)
     }
 
     /// `fastmath::quick_gelu`: x·1/(1 + e^(−1.702x)).
@@ -256,37 +298,113 @@ mod x86 {
         _mm512_mask_or_epi32(r, nan, hi, s(0x40))
     }
 
-    /// [`super::act_row`], two 16-lane vectors per step (the tail masked: act16 of a lane gives
-    /// the bits of `eval_fast`, so no scalar tail is needed).
+    /// [`super::act_row`] with the AVX-512F integer narrowing.
     ///
     /// # Safety
     /// AVX-512F; `act` is QuickGelu or Gelu; the output of `dst` holds x.len() values.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn act_row(act: Unary, round: bool, x: &mut [f32], mut dst: super::ActDst) {
+    pub unsafe fn act_row(act: Unary, round: bool, x: &mut [f32], dst: super::ActDst) {
+        // SAFETY: forwarded.
+        unsafe { act_row_body::<false>(act, round, x, dst) }
+    }
+
+    /// [`super::act_row`] narrowing with `vcvtneps2bf16`.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX512-BF16, -BW, -VL and -DQ; otherwise as [`act_row`].
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl,avx512dq")]
+    pub unsafe fn act_row_bf16(act: Unary, round: bool, x: &mut [f32], dst: super::ActDst) {
+        // SAFETY: forwarded.
+        unsafe { act_row_body::<true>(act, round, x, dst) }
+    }
+
+    /// bf16 bits of 16 f32s (`half::bf16::from_f32`): with `CVT` by `vcvtneps2bf16`, which has
+    /// the same rounding and NaN rule but reads subnormals as zero, so lanes holding one are
+    /// redone by the integer form (a branch that real activations do not take); else the
+    /// integer form.
+    ///
+    /// # Safety
+    /// `CVT`: the features of [`act_row_bf16`]; else AVX-512F.
+    #[inline(always)]
+    unsafe fn narrow16<const CVT: bool>(x: __m512) -> __m256i {
+        // SAFETY (all): the caller's features.
+        unsafe {
+            let int = || to_bf16_16(_mm512_castps_si512(x));
+            if !CVT {
+                return int();
+            }
+            let r = core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x));
+            let sub = _mm512_fpclass_ps_mask::<0x20>(x); // subnormal lanes
+            if sub == 0 {
+                r
+            } else {
+                _mm256_mask_mov_epi16(r, sub, int())
+            }
+        }
+    }
+
+    /// bf16(x) as f32 ([`narrow16`] widened back).
+    ///
+    /// # Safety
+    /// As [`narrow16`].
+    #[inline(always)]
+    unsafe fn round_f32<const CVT: bool>(x: __m512) -> __m512 {
+        // SAFETY: the caller's features.
+        unsafe {
+            if !CVT {
+                return _mm512_castsi512_ps(round16(_mm512_castps_si512(x)));
+            }
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(narrow16::<true>(x))))
+        }
+    }
+
+    /// Lanes `m` of bf16(y) to `p`.
+    ///
+    /// # Safety
+    /// As [`narrow16`]; those lanes of `p` are writable.
+    #[inline(always)]
+    unsafe fn store_bf16<const CVT: bool>(p: *mut half::bf16, m: __mmask16, y: __m512) {
+        // SAFETY: the caller's features and lanes.
+        unsafe {
+            if CVT {
+                _mm256_mask_storeu_epi16(p.cast(), m, narrow16::<true>(y));
+            } else {
+                _mm512_mask_cvtepi32_storeu_epi16(p.cast(), m, bf16_bits16(_mm512_castps_si512(y)));
+            }
+        }
+    }
+
+    /// [`super::act_row`], two 16-lane vectors per step (the tail masked: act16 of a lane gives
+    /// the bits of `eval_fast`, so no scalar tail is needed).
+    ///
+    /// # Safety
+    /// As [`act_row`] (`CVT = false`) or [`act_row_bf16`] (`CVT = true`).
+    #[inline(always)]
+    unsafe fn act_row_body<const CVT: bool>(act: Unary, round: bool, x: &mut [f32], mut dst: super::ActDst) {
         use super::ActDst;
         let n = x.len();
         let xp = x.as_mut_ptr();
         let keep = !matches!(dst, ActDst::InPlace);
         // SAFETY (closures): masked lanes < n − i of x and of the output (≥ n values: caller)
-        // are read and written.
+        // are read and written; the features are the caller's.
         let load = |i: usize| {
             let m = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
             let mut v = unsafe { _mm512_maskz_loadu_ps(m, xp.add(i)) };
             if round {
-                v = _mm512_castsi512_ps(round16(_mm512_castps_si512(v)));
+                v = unsafe { round_f32::<CVT>(v) };
                 if keep {
                     unsafe { _mm512_mask_storeu_ps(xp.add(i), m, v) };
                 }
             }
             (v, m)
         };
-        // two chunks per step: their exp and division chains overlap (one chunk's chain is
-        // ≈ 100 cycles of latency)
+        // two chunks per step: their exp and division chains overlap
         let mut i = 0;
         while i < n {
             let (v0, m0) = load(i);
             let (v1, m1) = if i + 16 < n { load(i + 16) } else { (_mm512_setzero_ps(), 0) };
-            let (y0, y1) = (act16(act, v0), act16(act, v1));
+            // SAFETY: the caller's features (AVX-512F at least).
+            let (y0, y1) = unsafe { (act16(act, v0), act16(act, v1)) };
             for (y, m, j) in [(y0, m0, i), (y1, m1, i + 16)] {
                 // SAFETY: as above; m = 0 (j past the row's end: `wrapping_add` keeps that
                 // pointer defined) writes nothing.
@@ -294,7 +412,7 @@ mod x86 {
                     match &mut dst {
                         ActDst::InPlace => _mm512_mask_storeu_ps(xp.wrapping_add(j), m, y),
                         ActDst::F32(o) => _mm512_mask_storeu_ps(o.as_mut_ptr().wrapping_add(j), m, y),
-                        ActDst::Bf16(o) => _mm256_mask_storeu_epi16(o.as_mut_ptr().wrapping_add(j).cast(), m, to_bf16_16(_mm512_castps_si512(y))),
+                        ActDst::Bf16(o) => store_bf16::<CVT>(o.as_mut_ptr().wrapping_add(j), m, y),
                     }
                 }
             }
