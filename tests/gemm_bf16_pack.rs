@@ -1,10 +1,10 @@
-//! The bf16 GEMM's weight packers (`src/ops/gemm_bf16_pack.rs`) and the f32 transpose
-//! (`gemm_f32_pack::transpose`) against their scalar references, bit for bit: odd shapes (1, 7,
+//! The bf16 GEMM's weight packers (`src/ops/gemm_bf16_pack.rs`) and the transposes
+//! (`gemm_f32_pack::transpose`, and `transpose_bf16`, rounding as `half`) against their scalar references, bit for bit: odd shapes (1, 7,
 //! 45×65, widths not divisible by 16 or 32, odd k), every kind of value (NaN payloads of both
 //! signs, ±∞, subnormals, −0, RNE ties, the largest finite value that rounds to ∞), and the
 //! panels' padding.
 use clipforge::ops::gemm_bf16::PackedBf16;
-use clipforge::ops::gemm_f32_pack::{transpose, transpose_reference};
+use clipforge::ops::gemm_f32_pack::{transpose, transpose_bf16, transpose_bf16_reference, transpose_reference};
 
 /// f32 values: mostly ordinary magnitudes, with special bit patterns mixed in.
 fn values(len: usize, seed: u64) -> Vec<f32> {
@@ -86,6 +86,25 @@ fn transpose_matches_the_reference_bit_for_bit() {
         for i in 0..rows {
             for j in 0..cols {
                 assert_eq!(reference[j * rows + i].to_bits(), x[i * cols + j].to_bits(), "transpose_reference {rows}x{cols} at ({i}, {j})");
+            }
+        }
+    }
+}
+
+/// The transpose that rounds to bf16 (the dW GEMM's dyᵀ): the reference's bits — each value
+/// `half::bf16::from_f32` of the element it moves — on every shape, including row counts around
+/// its 32-row tasks (31, 32, 33, 65).
+#[test]
+fn transpose_bf16_matches_the_reference_bit_for_bit() {
+    for (s, &(rows, cols)) in SHAPES.iter().chain(&[(17, 1000), (1000, 17), (300, 300), (64, 48), (96, 17)]).enumerate() {
+        let x = values(rows * cols, s as u64 + 300);
+        let (fast, reference) = (transpose_bf16(&x, rows, cols), transpose_bf16_reference(&x, rows, cols));
+        let bits = |v: &[half::bf16]| v.iter().map(|x| x.to_bits() as u32).collect::<Vec<_>>();
+        same_bits(&format!("transpose_bf16 {rows}x{cols}"), &bits(&fast), &bits(&reference));
+        for i in 0..rows {
+            for j in 0..cols {
+                let want = half::bf16::from_f32(x[i * cols + j]).to_bits();
+                assert_eq!(reference[j * rows + i].to_bits(), want, "transpose_bf16_reference {rows}x{cols} at ({i}, {j})");
             }
         }
     }

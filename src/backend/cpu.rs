@@ -65,10 +65,12 @@ fn linear_bwd_bf16(g: &[f32], xd: &[f32], w: &Weight<Cpu>, h: &CpuHalf, m: usize
     } else {
         matmul_bf16(&g[..m * n], m, wt, None, d); // dx = dy·W
     }
-    let gt = crate::ops::gemm_f32_pack::transpose(&g[..m * n], m, n); // [n, m]
+    // dyᵀ in bf16 (the GEMM rounds A to bf16 anyway): half the bytes written here and read by
+    // its packing
+    let gt = crate::ops::gemm_f32_pack::transpose_bf16(&g[..m * n], m, n); // [n, m]
     let xt = PackedBf16::from_f32_t(&xd[..m * k], m, k); // xᵀ: [k outputs × m]
     let fill = |dw: &mut [f32]| {
-        matmul_bf16(&gt, n, &xt, None, dw); // dW = dyᵀ·x [n, k]
+        matmul_bf16_fused(&gt, n, &xt, None, dw, Epilogue::None, Kernel::Auto); // dW = dyᵀ·x [n, k]
         Ok(())
     };
     // SAFETY: `matmul_bf16` writes every element of its output (see `written32`): no zero-fill.

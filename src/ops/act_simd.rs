@@ -329,16 +329,15 @@ mod x86 {
     unsafe fn narrow16<const CVT: bool>(x: __m512) -> __m256i {
         // SAFETY (all): the caller's features.
         unsafe {
-            let int = || to_bf16_16(_mm512_castps_si512(x));
             if !CVT {
-                return int();
+                return to_bf16_16(_mm512_castps_si512(x));
             }
             let r = core::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x));
             let sub = _mm512_fpclass_ps_mask::<0x20>(x); // subnormal lanes
             if sub == 0 {
                 r
             } else {
-                _mm256_mask_mov_epi16(r, sub, int())
+                _mm256_mask_mov_epi16(r, sub, to_bf16_16(_mm512_castps_si512(x)))
             }
         }
     }
@@ -374,6 +373,28 @@ mod x86 {
         }
     }
 
+    /// Lanes i.. (at most 16, the rest zero) of the row at `xp` (n values), rounded to bf16 when
+    /// `round` (then written back when `keep`), and their mask. A function, not a closure: a
+    /// closure has no target features of its own, so its intrinsics would stay calls.
+    ///
+    /// # Safety
+    /// As [`narrow16`]; i < n; the row's n values are readable and writable.
+    #[inline(always)]
+    unsafe fn load<const CVT: bool>(xp: *mut f32, n: usize, i: usize, round: bool, keep: bool) -> (__m512, __mmask16) {
+        let m = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
+        // SAFETY: masked lanes < n − i of the row are read and written; the caller's features.
+        unsafe {
+            let mut v = _mm512_maskz_loadu_ps(m, xp.add(i));
+            if round {
+                v = round_f32::<CVT>(v);
+                if keep {
+                    _mm512_mask_storeu_ps(xp.add(i), m, v);
+                }
+            }
+            (v, m)
+        }
+    }
+
     /// [`super::act_row`], two 16-lane vectors per step (the tail masked: act16 of a lane gives
     /// the bits of `eval_fast`, so no scalar tail is needed).
     ///
@@ -385,24 +406,12 @@ mod x86 {
         let n = x.len();
         let xp = x.as_mut_ptr();
         let keep = !matches!(dst, ActDst::InPlace);
-        // SAFETY (closures): masked lanes < n − i of x and of the output (≥ n values: caller)
-        // are read and written; the features are the caller's.
-        let load = |i: usize| {
-            let m = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
-            let mut v = unsafe { _mm512_maskz_loadu_ps(m, xp.add(i)) };
-            if round {
-                v = unsafe { round_f32::<CVT>(v) };
-                if keep {
-                    unsafe { _mm512_mask_storeu_ps(xp.add(i), m, v) };
-                }
-            }
-            (v, m)
-        };
         // two chunks per step: their exp and division chains overlap
         let mut i = 0;
         while i < n {
-            let (v0, m0) = load(i);
-            let (v1, m1) = if i + 16 < n { load(i + 16) } else { (_mm512_setzero_ps(), 0) };
+            // SAFETY: i < n; the caller's features.
+            let (v0, m0) = unsafe { load::<CVT>(xp, n, i, round, keep) };
+            let (v1, m1) = if i + 16 < n { unsafe { load::<CVT>(xp, n, i + 16, round, keep) } } else { (_mm512_setzero_ps(), 0) };
             // SAFETY: the caller's features (AVX-512F at least).
             let (y0, y1) = unsafe { (act16(act, v0), act16(act, v1)) };
             for (y, m, j) in [(y0, m0, i), (y1, m1, i + 16)] {

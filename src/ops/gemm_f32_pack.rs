@@ -164,6 +164,86 @@ pub fn transpose_reference(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
+/// xᵀ rounded to bf16 (the bits of `half::bf16::from_f32`): [`transpose`] writing half the
+/// bytes — the dW GEMM's A, dyᵀ, which the GEMM would round to the same values while packing and
+/// then reads at half the bytes too. One task per 32 rows of x, so that each writes 64 bytes of
+/// every output row (whole lines where `rows` is a multiple of 32: no line shared by two threads).
+pub fn transpose_bf16(x: &[f32], rows: usize, cols: usize) -> Vec<half::bf16> {
+    assert_eq!(x.len(), rows * cols, "transpose_bf16: x holds {} values, not {rows}×{cols}", x.len());
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        struct Out(*mut half::bf16);
+        // SAFETY: the tasks write disjoint lanes of the output (below).
+        unsafe impl Send for Out {}
+        unsafe impl Sync for Out {}
+        impl Out {
+            fn get(&self) -> *mut half::bf16 {
+                self.0
+            }
+        }
+        let fill = |t: &mut [half::bf16]| {
+            let dst = Out(t.as_mut_ptr());
+            (0..rows.div_ceil(32)).into_par_iter().for_each(|c| {
+                for j0 in (0..cols).step_by(16) {
+                    for i0 in (32 * c..rows.min(32 * c + 32)).step_by(16) {
+                        let live = (rows - i0).min(16);
+                        // SAFETY: AVX-512F was checked; lines i0.. < rows read columns j0..j0 +
+                        // 16 (≤ cols) of x; the stores go to rows j0.. < cols of t (rows values
+                        // each), lanes i0..i0 + live: this task's alone.
+                        unsafe {
+                            transpose_lines_bf16(
+                                x.as_ptr().wrapping_add(i0 * cols + j0),
+                                cols,
+                                live,
+                                (cols - j0).min(16),
+                                dst.get().wrapping_add(j0 * rows + i0),
+                                rows,
+                            )
+                        };
+                    }
+                }
+            });
+            Ok::<(), ()>(())
+        };
+        // SAFETY: the tasks store lanes i0..i0 + live of every output row: all of them.
+        if let Ok(t) = unsafe { super::fastmath::written_by(rows * cols, fill) } {
+            return t; // [cols, rows]
+        }
+    }
+    transpose_bf16_reference(x, rows, cols)
+}
+
+/// [`transpose_bf16`], one value at a time.
+pub fn transpose_bf16_reference(x: &[f32], rows: usize, cols: usize) -> Vec<half::bf16> {
+    transpose_reference(x, rows, cols).into_iter().map(half::bf16::from_f32).collect()
+}
+
+/// [`transpose_lines_to`] with each stored row rounded to bf16 (`act_simd::bf16_bits16`), all
+/// `live` lanes stored.
+///
+/// # Safety
+/// As [`transpose_lines_to`] with `store` = `live`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_lines_bf16(base: *const f32, stride: usize, live: usize, steps: usize, dst: *mut half::bf16, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    let lanes = |n: usize| if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 };
+    for p in (0..steps).step_by(16) {
+        let len = (steps - p).min(16);
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, ri) in r.iter_mut().enumerate().take(live) {
+            // SAFETY: lanes < len read values p.. < steps of line i (caller).
+            *ri = unsafe { _mm512_maskz_loadu_ps(lanes(len), base.wrapping_add(i * stride + p)) };
+        }
+        transpose16(&mut r);
+        for (q, rq) in r.iter().enumerate().take(len) {
+            let b = super::act_simd::bf16_bits16(_mm512_castps_si512(*rq));
+            // SAFETY: lanes < live of row p + q < steps are writable (caller).
+            unsafe { _mm512_mask_cvtepi32_storeu_epi16(dst.wrapping_add((p + q) * dst_stride).cast(), lanes(live), b) };
+        }
+    }
+}
+
 /// For every step p < `steps`: value p of each of the `live` (≤ 16) lines `base + i·stride`
 /// (values contiguous) → lane i of dst[p·dst_stride..][..store] (lanes past `live` zero), 16
 /// steps at a time: masked line loads, [`transpose16`], masked stores.
