@@ -117,39 +117,67 @@ pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     assert_eq!(x.len(), rows * cols, "transpose: x holds {} values, not {rows}×{cols}", x.len());
     #[cfg(target_arch = "x86_64")]
     if available() {
-        let fill = |t: &mut [f32]| {
-            // One task per 16 rows of x, read as one contiguous run; it writes lanes i0..i0 +
-            // live of every output row. (Tasks of output rows instead — 16 or 64 of x's columns,
-            // 64 or 256 bytes from each of all its rows — ran at 3.4 GB/s on an [1984×2048] x
-            // (8 KiB row stride) against ≈ 8 this way; ≈ 10 either way at other widths.)
-            let dst = super::gemm_f32::CPtr(t.as_mut_ptr());
-            (0..rows.div_ceil(16)).into_par_iter().for_each(|c| {
-                let (i0, live) = (16 * c, (rows - 16 * c).min(16));
-                for j0 in (0..cols).step_by(16) {
-                    // SAFETY: AVX-512F was checked; lines i0.. < rows read columns j0..j0 + 16
-                    // (≤ cols) of x; the stores go to rows j0.. < cols of t (rows values each),
-                    // lanes i0..i0 + live: this task's alone.
+        // SAFETY: AVX-512F was just checked; `transpose_lines_f32` is a block mover for it.
+        return unsafe { par_transpose(x, rows, cols, 16, transpose_lines_f32) };
+    }
+    transpose_reference(x, rows, cols)
+}
+
+/// The AVX-512 transposes' driver: tasks of `task_rows` (a multiple of 16) rows of x, each read
+/// as one contiguous run, in 16-row blocks moved by `lines` (the block's first line, x's row
+/// stride, live lines, steps = columns, destination, its row stride) into lanes i0..i0 + live of
+/// every output row. (Tasks of output rows instead — 16 or 64 of x's columns, 64 or 256 bytes
+/// from each of all its rows — ran at 3.4 GB/s on an [1984×2048] x (8 KiB row stride) against
+/// ≈ 8 this way; ≈ 10 either way at other widths.)
+///
+/// # Safety
+/// The CPU has AVX-512F; `lines` writes lanes 0..live of rows 0..steps of its destination and
+/// touches nothing else there.
+#[cfg(target_arch = "x86_64")]
+unsafe fn par_transpose<T: Copy + Send>(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    task_rows: usize,
+    lines: unsafe fn(*const f32, usize, usize, usize, *mut T, usize),
+) -> Vec<T> {
+    struct Out<T>(*mut T);
+    // SAFETY: the tasks write disjoint lanes of the output (below).
+    unsafe impl<T> Send for Out<T> {}
+    unsafe impl<T> Sync for Out<T> {}
+    impl<T> Out<T> {
+        fn get(&self) -> *mut T {
+            self.0
+        }
+    }
+    let fill = |t: &mut [T]| {
+        let dst = Out(t.as_mut_ptr());
+        (0..rows.div_ceil(task_rows)).into_par_iter().for_each(|c| {
+            for j0 in (0..cols).step_by(16) {
+                for i0 in (task_rows * c..rows.min(task_rows * (c + 1))).step_by(16) {
+                    // SAFETY: lines i0.. < rows read columns j0..j0 + 16 (≤ cols) of x; the
+                    // stores go to rows j0.. < cols of t (rows values each), lanes i0..i0 +
+                    // live: this task's alone; the CPU's features are the caller's.
                     unsafe {
-                        transpose_lines_to(
+                        lines(
                             x.as_ptr().wrapping_add(i0 * cols + j0),
                             cols,
-                            live,
+                            (rows - i0).min(16),
                             (cols - j0).min(16),
                             dst.get().wrapping_add(j0 * rows + i0),
                             rows,
-                            live,
                         )
                     };
                 }
-            });
-            Ok::<(), ()>(())
-        };
-        // SAFETY: the tasks store lanes i0..i0 + live of every output row: all of them.
-        if let Ok(t) = unsafe { super::fastmath::written_by(rows * cols, fill) } {
-            return t; // [cols, rows]
-        }
+            }
+        });
+        Ok::<(), std::convert::Infallible>(())
+    };
+    // SAFETY: the tasks store lanes i0..i0 + live of every output row: all of them.
+    match unsafe { super::fastmath::written_by(rows * cols, fill) } {
+        Ok(t) => t, // [cols, rows]
+        Err(e) => match e {},
     }
-    transpose_reference(x, rows, cols)
 }
 
 /// [`transpose`], one value at a time (its reference in tests/gemm_bf16_pack.rs).
@@ -172,43 +200,8 @@ pub fn transpose_bf16(x: &[f32], rows: usize, cols: usize) -> Vec<half::bf16> {
     assert_eq!(x.len(), rows * cols, "transpose_bf16: x holds {} values, not {rows}×{cols}", x.len());
     #[cfg(target_arch = "x86_64")]
     if available() {
-        struct Out(*mut half::bf16);
-        // SAFETY: the tasks write disjoint lanes of the output (below).
-        unsafe impl Send for Out {}
-        unsafe impl Sync for Out {}
-        impl Out {
-            fn get(&self) -> *mut half::bf16 {
-                self.0
-            }
-        }
-        let fill = |t: &mut [half::bf16]| {
-            let dst = Out(t.as_mut_ptr());
-            (0..rows.div_ceil(32)).into_par_iter().for_each(|c| {
-                for j0 in (0..cols).step_by(16) {
-                    for i0 in (32 * c..rows.min(32 * c + 32)).step_by(16) {
-                        let live = (rows - i0).min(16);
-                        // SAFETY: AVX-512F was checked; lines i0.. < rows read columns j0..j0 +
-                        // 16 (≤ cols) of x; the stores go to rows j0.. < cols of t (rows values
-                        // each), lanes i0..i0 + live: this task's alone.
-                        unsafe {
-                            transpose_lines_bf16(
-                                x.as_ptr().wrapping_add(i0 * cols + j0),
-                                cols,
-                                live,
-                                (cols - j0).min(16),
-                                dst.get().wrapping_add(j0 * rows + i0),
-                                rows,
-                            )
-                        };
-                    }
-                }
-            });
-            Ok::<(), ()>(())
-        };
-        // SAFETY: the tasks store lanes i0..i0 + live of every output row: all of them.
-        if let Ok(t) = unsafe { super::fastmath::written_by(rows * cols, fill) } {
-            return t; // [cols, rows]
-        }
+        // SAFETY: AVX-512F was just checked; `transpose_lines_bf16` is a block mover for it.
+        return unsafe { par_transpose(x, rows, cols, 32, transpose_lines_bf16) };
     }
     transpose_bf16_reference(x, rows, cols)
 }
@@ -216,6 +209,17 @@ pub fn transpose_bf16(x: &[f32], rows: usize, cols: usize) -> Vec<half::bf16> {
 /// [`transpose_bf16`], one value at a time.
 pub fn transpose_bf16_reference(x: &[f32], rows: usize, cols: usize) -> Vec<half::bf16> {
     transpose_reference(x, rows, cols).into_iter().map(half::bf16::from_f32).collect()
+}
+
+/// [`transpose_lines_to`] storing all `live` lanes (the driver's block mover for f32).
+///
+/// # Safety
+/// As [`transpose_lines_to`] with `store` = `live`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_lines_f32(base: *const f32, stride: usize, live: usize, steps: usize, dst: *mut f32, dst_stride: usize) {
+    // SAFETY: forwarded.
+    unsafe { transpose_lines_to(base, stride, live, steps, dst, dst_stride, live) }
 }
 
 /// [`transpose_lines_to`] with each stored row rounded to bf16 (`act_simd::bf16_bits16`), all
@@ -227,19 +231,47 @@ pub fn transpose_bf16_reference(x: &[f32], rows: usize, cols: usize) -> Vec<half
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose_lines_bf16(base: *const f32, stride: usize, live: usize, steps: usize, dst: *mut half::bf16, dst_stride: usize) {
     use std::arch::x86_64::*;
-    let lanes = |n: usize| if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 };
+    // SAFETY: the lines are readable (caller).
+    unsafe {
+        transpose_lines_each(base, stride, live, steps, |p, row| {
+            let b = super::act_simd::bf16_bits16(_mm512_castps_si512(row));
+            // SAFETY: lanes < live of row p < steps are writable (caller).
+            _mm512_mask_cvtepi32_storeu_epi16(dst.wrapping_add(p * dst_stride).cast(), lane_mask(live), b)
+        })
+    }
+}
+
+/// The first `n` (≤ 16) of 16 lanes.
+#[cfg(target_arch = "x86_64")]
+fn lane_mask(n: usize) -> u16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
+/// For every step p < `steps`: `store(p, row)` with lane i of `row` value p of line
+/// `base + i·stride` (i < `live` ≤ 16; lanes past `live` zero), 16 steps at a time: masked line
+/// loads, [`transpose16`], one `store` per step.
+///
+/// # Safety
+/// AVX-512F; values 0..steps of every live line are readable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_lines_each(base: *const f32, stride: usize, live: usize, steps: usize, mut store: impl FnMut(usize, std::arch::x86_64::__m512)) {
+    use std::arch::x86_64::*;
     for p in (0..steps).step_by(16) {
         let len = (steps - p).min(16);
         let mut r = [_mm512_setzero_ps(); 16];
         for (i, ri) in r.iter_mut().enumerate().take(live) {
             // SAFETY: lanes < len read values p.. < steps of line i (caller).
-            *ri = unsafe { _mm512_maskz_loadu_ps(lanes(len), base.wrapping_add(i * stride + p)) };
+            *ri = unsafe { _mm512_maskz_loadu_ps(lane_mask(len), base.wrapping_add(i * stride + p)) };
         }
         transpose16(&mut r);
         for (q, rq) in r.iter().enumerate().take(len) {
-            let b = super::act_simd::bf16_bits16(_mm512_castps_si512(*rq));
-            // SAFETY: lanes < live of row p + q < steps are writable (caller).
-            unsafe { _mm512_mask_cvtepi32_storeu_epi16(dst.wrapping_add((p + q) * dst_stride).cast(), lanes(live), b) };
+            store(p + q, *rq);
         }
     }
 }
@@ -268,19 +300,12 @@ pub(super) unsafe fn transpose_lines(base: *const f32, stride: usize, live: usiz
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn transpose_lines_to(base: *const f32, stride: usize, live: usize, steps: usize, dst: *mut f32, dst_stride: usize, store: usize) {
     use std::arch::x86_64::*;
-    let lanes = |n: usize| if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 };
-    for p in (0..steps).step_by(16) {
-        let len = (steps - p).min(16);
-        let mut r = [_mm512_setzero_ps(); 16];
-        for (i, ri) in r.iter_mut().enumerate().take(live) {
-            // SAFETY: lanes < len read values p.. < steps of line i (caller).
-            *ri = unsafe { _mm512_maskz_loadu_ps(lanes(len), base.wrapping_add(i * stride + p)) };
-        }
-        transpose16(&mut r);
-        for (q, rq) in r.iter().enumerate().take(len) {
-            // SAFETY: lanes < store of row p + q < steps are writable (caller).
-            unsafe { _mm512_mask_storeu_ps(dst.wrapping_add((p + q) * dst_stride), lanes(store), *rq) };
-        }
+    // SAFETY: the lines are readable (caller).
+    unsafe {
+        transpose_lines_each(base, stride, live, steps, |p, row| {
+            // SAFETY: lanes < store of row p < steps are writable (caller).
+            _mm512_mask_storeu_ps(dst.wrapping_add(p * dst_stride), lane_mask(store), row)
+        })
     }
 }
 
