@@ -8,7 +8,7 @@ use clipforge::ops::attention::{attention, attention_backward, attention_packed,
 use clipforge::ops::elementwise::{unary_bwd, Unary};
 use clipforge::ops::embedding::{embedding_bwd, embedding_bwd_grouped};
 use clipforge::ops::gemm_bf16::PackedBf16;
-use clipforge::ops::gemm_f32_pack::{transpose, transpose_bf16, transpose_reference};
+use clipforge::ops::gemm_f32_pack::{transpose_bf16, transpose_bf16_reference};
 use clipforge::ops::layernorm::layer_norm_bwd;
 use clipforge::ops::patch_embed::{patch_embed_bwd_weight, PatchShape};
 use clipforge::ops::pca_grad::{pca_reconstruct, pca_reconstruct_bwd};
@@ -87,9 +87,8 @@ fn bench_packing(c: &mut Criterion) {
     g.bench_function("pack_bf16_xt/1984x512", |b| b.iter(|| black_box(PackedBf16::from_f32_t(&x, m, k))));
     g.bench_function("pack_bf16_xt_reference/1984x512", |b| b.iter(|| black_box(PackedBf16::from_f32_t_reference(&x, m, k))));
     g.throughput(Throughput::Bytes((dy.len() * 4) as u64));
-    g.bench_function("transpose/1984x2048", |b| b.iter(|| black_box(transpose(&dy, m, n))));
-    g.bench_function("transpose_reference/1984x2048", |b| b.iter(|| black_box(transpose_reference(&dy, m, n))));
     g.bench_function("transpose_bf16/1984x2048", |b| b.iter(|| black_box(transpose_bf16(&dy, m, n))));
+    g.bench_function("transpose_bf16_reference/1984x2048", |b| b.iter(|| black_box(transpose_bf16_reference(&dy, m, n))));
     g.finish();
 }
 

@@ -110,16 +110,8 @@ unsafe fn pack_simd(n: usize, k: usize, fill: impl Fn(usize, *mut u32) + Sync) -
 mod x86 {
     use super::{geometry, NR};
     use crate::ops::act_simd::{bf16_bits16, to_bf16_16};
-    use crate::ops::gemm_f32_pack::transpose16;
+    use crate::ops::gemm_f32_pack::{lane_mask as mask, transpose16};
     use std::arch::x86_64::*;
-
-    fn mask(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
-    }
 
     /// Zeros for the padding pairs kp..kps of a panel.
     ///

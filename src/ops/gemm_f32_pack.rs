@@ -110,56 +110,36 @@ unsafe fn pack_a_rows(a: &View, i0: usize, rows: usize, pc: usize, kc: usize, ds
     unsafe { transpose_lines(a.data.as_ptr().wrapping_add(i0 * a.rs + pc), a.rs, rows, kc, dst, MR, MR) };
 }
 
-/// xᵀ: the `[cols×rows]` transpose of a row-major `[rows×cols]` matrix (in parallel over blocks
-/// of 16 rows of x; 16×16 in-register transposes on AVX-512F, [`transpose_reference`]
-/// elsewhere — a transpose moves bits, so both give the same ones).
-pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    assert_eq!(x.len(), rows * cols, "transpose: x holds {} values, not {rows}×{cols}", x.len());
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: AVX-512F was just checked; `transpose_lines_f32` is a block mover for it.
-        return unsafe { par_transpose(x, rows, cols, 16, transpose_lines_f32) };
-    }
-    transpose_reference(x, rows, cols)
-}
-
-/// The AVX-512 transposes' driver: tasks of `task_rows` (a multiple of 16) rows of x, each read
-/// as one contiguous run, in 16-row blocks moved by `lines` (the block's first line, x's row
-/// stride, live lines, steps = columns, destination, its row stride) into lanes i0..i0 + live of
-/// every output row. (Tasks of output rows instead — 16 or 64 of x's columns, 64 or 256 bytes
+/// [`transpose_bf16`]'s AVX-512 driver: tasks of 32 rows of x, each read as one contiguous run,
+/// in 16-row blocks ([`transpose_lines_bf16`]) into lanes i0..i0 + live of every output row. (Tasks of output rows instead — 16 or 64 of x's columns, 64 or 256 bytes
 /// from each of all its rows — ran at 3.4 GB/s on an [1984×2048] x (8 KiB row stride) against
 /// ≈ 8 this way; ≈ 10 either way at other widths.)
 ///
 /// # Safety
-/// The CPU has AVX-512F; `lines` writes lanes 0..live of rows 0..steps of its destination and
-/// touches nothing else there.
+/// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
-unsafe fn par_transpose<T: Copy + Send>(
-    x: &[f32],
-    rows: usize,
-    cols: usize,
-    task_rows: usize,
-    lines: unsafe fn(*const f32, usize, usize, usize, *mut T, usize),
-) -> Vec<T> {
-    struct Out<T>(*mut T);
+unsafe fn par_transpose_bf16(x: &[f32], rows: usize, cols: usize) -> Vec<half::bf16> {
+    type T = half::bf16;
+    const TASK_ROWS: usize = 32;
+    struct Out(*mut T);
     // SAFETY: the tasks write disjoint lanes of the output (below).
-    unsafe impl<T> Send for Out<T> {}
-    unsafe impl<T> Sync for Out<T> {}
-    impl<T> Out<T> {
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+    impl Out {
         fn get(&self) -> *mut T {
             self.0
         }
     }
     let fill = |t: &mut [T]| {
         let dst = Out(t.as_mut_ptr());
-        (0..rows.div_ceil(task_rows)).into_par_iter().for_each(|c| {
+        (0..rows.div_ceil(TASK_ROWS)).into_par_iter().for_each(|c| {
             for j0 in (0..cols).step_by(16) {
-                for i0 in (task_rows * c..rows.min(task_rows * (c + 1))).step_by(16) {
+                for i0 in (TASK_ROWS * c..rows.min(TASK_ROWS * (c + 1))).step_by(16) {
                     // SAFETY: lines i0.. < rows read columns j0..j0 + 16 (≤ cols) of x; the
                     // stores go to rows j0.. < cols of t (rows values each), lanes i0..i0 +
                     // live: this task's alone; the CPU's features are the caller's.
                     unsafe {
-                        lines(
+                        transpose_lines_bf16(
                             x.as_ptr().wrapping_add(i0 * cols + j0),
                             cols,
                             (rows - i0).min(16),
@@ -180,7 +160,8 @@ unsafe fn par_transpose<T: Copy + Send>(
     }
 }
 
-/// [`transpose`], one value at a time (its reference in tests/gemm_bf16_pack.rs).
+/// The transpose of a row-major `[rows×cols]` x, one value at a time (the reference of
+/// [`transpose_bf16`]'s).
 pub fn transpose_reference(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     assert_eq!(x.len(), rows * cols, "transpose: x holds {} values, not {rows}×{cols}", x.len());
     let mut t = vec![0.0; rows * cols]; // [cols, rows]
@@ -192,16 +173,16 @@ pub fn transpose_reference(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-/// xᵀ rounded to bf16 (the bits of `half::bf16::from_f32`): [`transpose`] writing half the
-/// bytes — the dW GEMM's A, dyᵀ, which the GEMM would round to the same values while packing and
+/// xᵀ (the `[cols×rows]` transpose of a row-major `[rows×cols]` x) rounded to bf16 (the bits of
+/// `half::bf16::from_f32`), written in half the bytes of f32 — the dW GEMM's A, dyᵀ, which the GEMM would round to the same values while packing and
 /// then reads at half the bytes too. One task per 32 rows of x, so that each writes 64 bytes of
 /// every output row (whole lines where `rows` is a multiple of 32: no line shared by two threads).
 pub fn transpose_bf16(x: &[f32], rows: usize, cols: usize) -> Vec<half::bf16> {
     assert_eq!(x.len(), rows * cols, "transpose_bf16: x holds {} values, not {rows}×{cols}", x.len());
     #[cfg(target_arch = "x86_64")]
     if available() {
-        // SAFETY: AVX-512F was just checked; `transpose_lines_bf16` is a block mover for it.
-        return unsafe { par_transpose(x, rows, cols, 32, transpose_lines_bf16) };
+        // SAFETY: AVX-512F was just checked.
+        return unsafe { par_transpose_bf16(x, rows, cols) };
     }
     transpose_bf16_reference(x, rows, cols)
 }
@@ -209,17 +190,6 @@ pub fn transpose_bf16(x: &[f32], rows: usize, cols: usize) -> Vec<half::bf16> {
 /// [`transpose_bf16`], one value at a time.
 pub fn transpose_bf16_reference(x: &[f32], rows: usize, cols: usize) -> Vec<half::bf16> {
     transpose_reference(x, rows, cols).into_iter().map(half::bf16::from_f32).collect()
-}
-
-/// [`transpose_lines_to`] storing all `live` lanes (the driver's block mover for f32).
-///
-/// # Safety
-/// As [`transpose_lines_to`] with `store` = `live`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose_lines_f32(base: *const f32, stride: usize, live: usize, steps: usize, dst: *mut f32, dst_stride: usize) {
-    // SAFETY: forwarded.
-    unsafe { transpose_lines_to(base, stride, live, steps, dst, dst_stride, live) }
 }
 
 /// [`transpose_lines_to`] with each stored row rounded to bf16 (`act_simd::bf16_bits16`), all
@@ -243,7 +213,7 @@ unsafe fn transpose_lines_bf16(base: *const f32, stride: usize, live: usize, ste
 
 /// The first `n` (≤ 16) of 16 lanes.
 #[cfg(target_arch = "x86_64")]
-fn lane_mask(n: usize) -> u16 {
+pub(crate) fn lane_mask(n: usize) -> u16 {
     if n >= 16 {
         0xFFFF
     } else {
