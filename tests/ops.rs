@@ -7,7 +7,7 @@ use clipforge::ops::elementwise::{unary, unary_reference, Unary};
 use clipforge::ops::layernorm::{layer_norm, layer_norm_reference};
 use clipforge::ops::matmul::{gemm, gemm_reference, linear, linear_reference, View};
 use clipforge::ops::patch_embed::{patch_embed, patch_embed_reference, PatchShape};
-use clipforge::ops::reduce::{reduce, reduce_reference, Reduce};
+use clipforge::ops::reduce::{col_sums, reduce, reduce_reference, Reduce};
 use clipforge::ops::softmax::{softmax, softmax_reference};
 use clipforge::Tensor;
 use common::*;
@@ -82,6 +82,21 @@ fn reduce_fast_matches_reference() {
             assert_close(&format!("{op:?} {rows}x{n}"), &reduce(op, &x, n), &reduce_reference(op, &x, n), 1e-4, 1e-5);
         }
     }
+}
+
+/// Bias gradients: the parallel column split must give the bits of one pass adding rows in order.
+#[test]
+fn col_sums_adds_rows_in_order() {
+    for &(m, n) in &[(1, 1), (7, 3), (45, 65), (300, 257), (1984, 33), (1984, 1536), (3, 70000)] {
+        let g = randn(m * n, 5);
+        let mut want = vec![0f32; n];
+        for row in g.chunks_exact(n) {
+            want.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        let got = col_sums(&g, n);
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "col_sums {m}x{n} differs from the in-order sum");
+    }
+    assert!(col_sums(&[], 0).is_empty());
 }
 
 #[test]

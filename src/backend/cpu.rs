@@ -487,7 +487,9 @@ impl Ops for Cpu {
         if let Some(&r) = rows.iter().find(|&&r| r >= n) {
             return Err(shape_err!("gather_rows: row {r} of {n}"));
         }
-        vec1(rows.iter().flat_map(|&r| xd[r * w..(r + 1) * w].iter().copied()).collect())
+        let mut out = zeros(rows.len() * w); // [rows, w]
+        par_rows(&mut out, w, |i, o| o.copy_from_slice(&xd[rows[i] * w..][..w]));
+        vec1(out)
     }
 
     fn scatter_rows(&self, d: &Tensor, rows: &[usize], n: usize, w: usize) -> Result<Tensor> {

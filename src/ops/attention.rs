@@ -84,11 +84,42 @@ pub(super) fn query_blocks(s: &AttnShape) -> impl Iterator<Item = (usize, usize,
 
 /// The fast path: on AVX-512 CPUs [`attention_avx512`], else [`attention_portable`].
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
+    with_outputs(s, |o, l| attention_into(q, k, v, s, o, l))
+}
+
+/// [`attention`] into `out` ([B, T, W]) and `lse` ([B, H, T]), every element written.
+pub fn attention_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], lse: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu_path::selected() >= super::cpu_path::GemmPath::Avx512 {
-        return attention_avx512(q, k, v, s);
+        return avx512_into(q, k, v, s, out, lse);
     }
-    attention_portable(q, k, v, s)
+    portable_into(q, k, v, s, out, lse)
+}
+
+/// Runs `f(out, lse)` on new buffers of `s`'s output sizes ([B, T, W] and [B, H, T]) and returns
+/// them. `f` must write every element (as every `_into` attention does): no zero-fill first, a
+/// pass over [B, T, W] on one core.
+pub(super) fn with_outputs(s: &AttnShape, f: impl FnOnce(&mut [f32], &mut [f32])) -> (Vec<f32>, Vec<f32>) {
+    outputs(s.numel(), s.batch * s.heads * s.seq, f)
+}
+
+/// Buffers of `n` and `nl` values that `f` fills (see [`with_outputs`]).
+fn outputs(n: usize, nl: usize, f: impl FnOnce(&mut [f32], &mut [f32])) -> (Vec<f32>, Vec<f32>) {
+    let (mut out, mut lse) = (Vec::with_capacity(n), Vec::with_capacity(nl));
+    // SAFETY: the allocations hold n and nl values; the attention `_into` functions (every `f`
+    // here) write each element of both and read none before writing it.
+    unsafe {
+        f(std::slice::from_raw_parts_mut(out.as_mut_ptr(), n), std::slice::from_raw_parts_mut(lse.as_mut_ptr(), nl));
+        out.set_len(n);
+        lse.set_len(nl);
+    }
+    (out, lse)
+}
+
+/// Checks the buffers of an `_into` attention: q, k, v hold B·T·W values, out B·T·W, lse B·H·T.
+pub(super) fn check_into<T>(name: &str, q: &[T], k: &[T], v: &[T], s: &AttnShape, out: &[f32], lse: &[f32]) {
+    assert!(q.len() >= s.numel() && k.len() >= s.numel() && v.len() >= s.numel(), "{name}: q, k, v must hold B·T·W values");
+    assert!(out.len() == s.numel() && lse.len() == s.batch * s.heads * s.seq, "{name}: out must be B·T·W and lse B·H·T");
 }
 
 /// An attention output or gradient [B, T, H·hd] shared by the (sequence, head) tasks: task (b, h) writes
@@ -118,17 +149,20 @@ unsafe impl Sync for SharedOut {}
 /// Panics unless AVX-512F (callers: [`attention`], tests).
 #[cfg(target_arch = "x86_64")]
 pub fn attention_avx512(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
+    with_outputs(s, |o, l| avx512_into(q, k, v, s, o, l))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], lse: &mut [f32]) {
     use super::attn_kernel::{gemm_rows, softmax_row};
     assert!(super::gemm_f32::available(), "attention_avx512 needs AVX-512F");
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
-    assert!(q.len() >= s.numel() && k.len() >= s.numel() && v.len() >= s.numel(), "attention: q, k, v must hold B·T·W values");
-    let mut out = vec![0f32; s.numel()]; // [B, T, W]
-    let mut lse = vec![0f32; s.batch * s.heads * t]; // [B, H, T]
+    check_into("attention", q, k, v, s, out, lse);
     if s.numel() == 0 {
-        return (out, lse);
+        return;
     }
     let step = QBLK.min(t);
-    let o = SharedOut::new(&mut out);
+    let o = SharedOut::new(out);
     let scratch = || (vec![0f32; d * t], vec![0f32; step * t]); // Kᵀ [hd, T], scores of one query block [rows, keys]
     lse.par_chunks_mut(t).enumerate().for_each_init(scratch, |(kt, sc), (bh, lr)| {
         let (b, h) = (bh / s.heads, bh % s.heads);
@@ -153,18 +187,20 @@ pub fn attention_avx512(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<
             // O = P·V
         }
     });
-    (out, lse)
 }
 
 /// The portable path: batches in parallel; per head, Q, K and V are gathered into contiguous
 /// tiles and, per query block, the scores S = Q·Kᵀ and the mix O = P·V run as two small GEMMs
 /// (faer), with the (masked) softmax applied to S in place in between.
 pub fn attention_portable(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
+    with_outputs(s, |o, l| portable_into(q, k, v, s, o, l))
+}
+
+fn portable_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], lse: &mut [f32]) {
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
-    let mut out = vec![0f32; s.numel()];
-    let mut lse = vec![0f32; s.batch * s.heads * t];
+    check_into("attention", q, k, v, s, out, lse);
     if s.numel() == 0 {
-        return (out, lse);
+        return;
     }
     out.par_chunks_mut(t * w).zip(lse.par_chunks_mut(s.heads * t)).enumerate().for_each(|(b, (ob, lb))| {
         let (mut qt, mut kt, mut vt) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]); // [T, d] each
@@ -188,7 +224,6 @@ pub fn attention_portable(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Ve
             }
         }
     });
-    (out, lse)
 }
 
 /// Copies head `h` of sequence `b` of x ([B, T, H·hd]) into the [T, hd] tile `dst`.
@@ -242,16 +277,15 @@ pub(super) fn softmax_row_portable(row: &mut [f32], keys: usize, scale: f32) -> 
 
 /// Packed sequences (no padding): q, k, v and o are [N, H·hd] holding sequences of `lens[i]`
 /// tokens back to back (N = Σ lens); each row attends only to rows of its own sequence. lse is
-/// each sequence's [H, len] block, back to back. [`attention`] per sequence, sequences in parallel.
+/// each sequence's [H, len] block, back to back. [`attention_into`] per sequence, sequences in
+/// parallel, each writing its own rows of o and block of lse.
 pub fn attention_packed(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>) {
-    let parts = per_sequence(lens, heads, causal, q.len(), |x, _, s| attention(&q[x.clone()], &k[x.clone()], &v[x], s));
-    unzip_cat(parts)
+    per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| attention_into(&q[x.clone()], &k[x.clone()], &v[x], s, o, l))
 }
 
 /// [`attention_reference`] per packed sequence (f64).
 pub fn attention_packed_reference(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>) {
-    let parts = per_sequence(lens, heads, causal, q.len(), |x, _, s| attention_reference(&q[x.clone()], &k[x.clone()], &v[x], s));
-    unzip_cat(parts)
+    per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| fill(o, l, attention_reference(&q[x.clone()], &k[x.clone()], &v[x], s)))
 }
 
 /// Runs `f(rows, lse range, shape)` for every packed sequence, in parallel, results in order.
@@ -263,24 +297,72 @@ pub(super) fn per_sequence<R: Send>(
     numel: usize,
     f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &AttnShape) -> R + Sync,
 ) -> Vec<R> {
-    let n: usize = lens.iter().sum();
-    let w = numel / n.max(1);
-    let d = w / heads.max(1);
-    let mut jobs = Vec::with_capacity(lens.len());
-    let mut off = 0;
-    for &len in lens {
-        let s = AttnShape { batch: 1, seq: len, heads, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
-        jobs.push((off * w..(off + len) * w, off * heads..(off + len) * heads, s));
-        off += len;
-    }
+    let jobs: Vec<_> = sequences(lens, heads, causal, numel).collect();
     jobs.into_par_iter().map(|(x, l, s)| f(x, l, &s)).collect()
 }
 
-pub(super) fn unzip_cat(parts: Vec<(Vec<f32>, Vec<f32>)>) -> (Vec<f32>, Vec<f32>) {
-    let (mut o, mut lse) = (vec![], vec![]);
-    for (a, b) in parts {
-        o.extend(a);
-        lse.extend(b);
-    }
-    (o, lse)
+/// Each packed sequence's elements of q ([N, W]), its lse range ([N·H]) and its shape.
+fn sequences(
+    lens: &[usize],
+    heads: usize,
+    causal: bool,
+    numel: usize,
+) -> impl Iterator<Item = (std::ops::Range<usize>, std::ops::Range<usize>, AttnShape)> + '_ {
+    let n: usize = lens.iter().sum();
+    let w = numel / n.max(1);
+    let d = w / heads.max(1);
+    lens.iter().scan(0, move |off, &len| {
+        let s = AttnShape { batch: 1, seq: len, heads, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
+        let r = (*off * w..(*off + len) * w, *off * heads..(*off + len) * heads, s);
+        *off += len;
+        Some(r)
+    })
+}
+
+/// [`per_sequence`] for a forward: o ([N, W], `numel` values) and lse ([N·H]) made here, and
+/// `f(rows, shape, o, lse)` given each sequence's own part of both to fill.
+pub(super) fn per_sequence_into(
+    lens: &[usize],
+    heads: usize,
+    causal: bool,
+    numel: usize,
+    f: impl Fn(std::ops::Range<usize>, &AttnShape, &mut [f32], &mut [f32]) + Sync,
+) -> (Vec<f32>, Vec<f32>) {
+    let n: usize = lens.iter().sum();
+    outputs(numel, n * heads, |mut o_rest, mut l_rest| {
+        // [N, W] and [N·H], split into the sequences' parts
+        let mut jobs = Vec::with_capacity(lens.len());
+        for (x, l, s) in sequences(lens, heads, causal, numel) {
+            let (o, o_tail) = std::mem::take(&mut o_rest).split_at_mut(x.len());
+            let (lp, l_tail) = std::mem::take(&mut l_rest).split_at_mut(l.len());
+            (o_rest, l_rest) = (o_tail, l_tail);
+            jobs.push((x, s, o, lp));
+        }
+        jobs.into_par_iter().for_each(|(x, s, o, l)| f(x, &s, o, l));
+    })
+}
+
+/// The parts back to back in one buffer, copied in parallel.
+pub(super) fn concat(parts: &[Vec<f32>]) -> Vec<f32> {
+    let n = parts.iter().map(Vec::len).sum();
+    // SAFETY: the parts' lengths sum to n: the copies write every value, and read none.
+    let out = unsafe {
+        fastmath::written_by(n, |mut rest| {
+            let mut jobs = Vec::with_capacity(parts.len());
+            for p in parts {
+                let (d, tail) = std::mem::take(&mut rest).split_at_mut(p.len());
+                rest = tail;
+                jobs.push((d, p));
+            }
+            jobs.into_par_iter().for_each(|(d, p)| d.copy_from_slice(p));
+            Ok::<_, ()>(())
+        })
+    };
+    out.expect("infallible")
+}
+
+/// Copies an (o, lse) pair made by a whole-output attention into the parts `per_sequence_into` gives.
+pub(super) fn fill(o: &mut [f32], l: &mut [f32], (a, b): (Vec<f32>, Vec<f32>)) {
+    o.copy_from_slice(&a);
+    l.copy_from_slice(&b);
 }

@@ -18,7 +18,7 @@
 //! AVX512-BF16 where `vdpbf16ps` beats f32 FMAs (AMD); elsewhere bf16 products would only add
 //! conversions to the f32 attention (`attention.rs`). `CLIPFORGE_CPU_ATTN=f32|bf16` overrides
 //! that choice ([`chosen`]), to measure one against the other.
-use super::attention::{per_sequence, softmax_row_portable, unzip_cat, AttnShape, SharedOut, QBLK};
+use super::attention::{check_into, fill, per_sequence_into, softmax_row_portable, with_outputs, AttnShape, SharedOut, QBLK};
 use super::cpu_path::{self, GemmPath};
 use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
 #[cfg(target_arch = "x86_64")]
@@ -114,18 +114,21 @@ fn pack_vt<'a, T: AElem>(dst: &mut [u32], kps: usize, t: usize, d: usize, cvt: b
 /// The forward (see the module docs); `kernel` is the bf16 GEMM's kernel ([`Kernel::Auto`]: the
 /// path `cpu_path` selects; the others for tests).
 pub fn attention_bf16<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel) -> (Vec<f32>, Vec<f32>) {
+    with_outputs(s, |o, l| bf16_into(q, k, v, s, kernel, o, l))
+}
+
+/// [`attention_bf16`] into `out` ([B, T, W]) and `lse` ([B, H, T]), every element written.
+fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel, out: &mut [f32], lse: &mut [f32]) {
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
-    assert!(q.len() >= s.numel() && k.len() >= s.numel() && v.len() >= s.numel(), "attention_bf16: q, k, v must hold B·T·W values");
-    let mut out = vec![0f32; s.numel()]; // [B, T, W]
-    let mut lse = vec![0f32; s.batch * s.heads * t]; // [B, H, T]
+    check_into("attention_bf16", q, k, v, s, out, lse);
     if s.numel() == 0 {
-        return (out, lse);
+        return;
     }
     let step = QBLK.min(t);
     let (kps_k, kps_v) = (d.div_ceil(2).next_multiple_of(16), t.div_ceil(2).next_multiple_of(16));
     let simd = cfg!(target_arch = "x86_64") && cpu_path::selected() >= GemmPath::Avx512;
     let cvt = converts_in_simd(resolve(kernel)); // packing's f32 → bf16 as the kernel's own
-    let out_at = SharedOut::new(&mut out);
+    let out_at = SharedOut::new(out);
     let scratch = || Scratch {
         pk: vec![0u32; t.div_ceil(NR) * kps_k * NR],
         pv: vec![0u32; d.div_ceil(NR) * kps_v * NR],
@@ -160,7 +163,6 @@ pub fn attention_bf16<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel
             }
         }
     });
-    (out, lse)
 }
 
 /// One task's buffers, reused across the (sequence, head) pairs it runs.
@@ -193,14 +195,12 @@ fn softmax_row(row: &mut [f32], keys: usize, scale: f32, simd: bool) -> f32 {
 
 /// Packed sequences (see `attention::attention_packed`): [`attention_bf16`] per sequence.
 pub fn attention_packed_bf16<T: AElem>(q: &[T], k: &[T], v: &[T], lens: &[usize], heads: usize, causal: bool, kernel: Kernel) -> (Vec<f32>, Vec<f32>) {
-    let parts = per_sequence(lens, heads, causal, q.len(), |x, _, s| attention_bf16(&q[x.clone()], &k[x.clone()], &v[x], s, kernel));
-    unzip_cat(parts)
+    per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| bf16_into(&q[x.clone()], &k[x.clone()], &v[x], s, kernel, o, l))
 }
 
 /// [`attention_bf16_reference`] per packed sequence.
 pub fn attention_packed_bf16_reference(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>) {
-    let parts = per_sequence(lens, heads, causal, q.len(), |x, _, s| attention_bf16_reference(&q[x.clone()], &k[x.clone()], &v[x], s));
-    unzip_cat(parts)
+    per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| fill(o, l, attention_bf16_reference(&q[x.clone()], &k[x.clone()], &v[x], s)))
 }
 
 /// Reference in f64: q, k, v rounded to bf16, scores and softmax in f64, P rounded to bf16, O

@@ -12,7 +12,7 @@
 //! - [`attention_backward_portable`]: batches in parallel, faer small GEMMs (CPUs without
 //!   AVX-512F and `CLIPFORGE_CPU_GEMM=scalar`).
 //! - [`attention_backward`] picks one; [`attention_packed_backward`] runs it per packed sequence.
-use super::attention::{gather_head, per_sequence, query_blocks, AttnShape};
+use super::attention::{concat, gather_head, per_sequence, query_blocks, AttnShape};
 #[cfg(target_arch = "x86_64")]
 use super::attention::{SharedOut, QBLK};
 use super::fastmath;
@@ -280,11 +280,12 @@ pub fn attention_packed_backward(
     let parts = per_sequence(lens, heads, causal, q.len(), |x, l, s| {
         attention_backward(&q[x.clone()], &k[x.clone()], &v[x.clone()], &o[x.clone()], &lse[l], &dout[x], s)
     });
-    let (mut dq, mut dk, mut dv) = (Vec::with_capacity(q.len()), Vec::with_capacity(q.len()), Vec::with_capacity(q.len()));
+    let mut g: [Vec<Vec<f32>>; 3] = Default::default(); // each sequence's dq, dk, dv
     for (a, b, c) in parts {
-        dq.extend(a);
-        dk.extend(b);
-        dv.extend(c);
+        g[0].push(a);
+        g[1].push(b);
+        g[2].push(c);
     }
+    let [dq, dk, dv] = g.map(|p| concat(&p));
     (dq, dk, dv)
 }
