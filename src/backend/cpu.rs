@@ -111,6 +111,23 @@ unsafe fn written32(n: usize, fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Re
     unsafe { crate::ops::fastmath::written_by(n, fill) }
 }
 
+/// (out, pre) of `n` values each, filled by `run(pre, out)`: a Linear writing C = the
+/// pre-activation and its epilogue the activation (no zero-fill of either).
+///
+/// # Safety
+/// `run` writes both buffers in full (as [`written32`]'s `fill`).
+unsafe fn written_pair(n: usize, run: impl FnOnce(&mut [f32], &mut [f32]) -> Result<()>) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mut pre = Vec::new();
+    // SAFETY: the caller's contract, for each buffer.
+    let out = unsafe {
+        written32(n, |out| {
+            pre = written32(n, |p| run(p, out))?;
+            Ok(())
+        })
+    }?;
+    Ok((out, pre))
+}
+
 /// c [m, n] = epi(x [m, k]·Wᵀ + bias) through the f32 GEMM (bias and epilogue fused into its
 /// tile stores on the AVX-512 path).
 fn linear32(x: &Tensor, m: usize, w: &Weight<Cpu>, bias: Option<&[f32]>, c: &mut [f32], epi: Epilogue) -> Result<()> {
@@ -314,20 +331,19 @@ impl Ops for Cpu {
                 let out = unsafe { written32(m * n, |y| linear32(x, m, w, Some(&bd[..n]), y, epi)) }?; // [m, n]
                 return Ok((vec1(out)?, None));
             }
-            let mut pre = Vec::new();
-            let out = unsafe {
-                written32(m * n, |out| {
-                    let epi = Epilogue::Act { op: act_op, round_pre: false, out: ActOut::F32(out) };
-                    pre = written32(m * n, |p| linear32(x, m, w, Some(&bd[..n]), p, epi))?;
-                    Ok(())
-                })
+            let (out, pre) = unsafe {
+                written_pair(m * n, |pre, out| linear32(x, m, w, Some(&bd[..n]), pre, Epilogue::Act { op: act_op, round_pre: false, out: ActOut::F32(out) }))
             }?; // [m, n] each
             return Ok((vec1(out)?, Some(vec1(pre)?)));
         };
         if keep_pre {
-            // Training: the pre-activation for the backward and the output in f32, as before.
-            let (mut pre, mut out) = (zeros(m * n), zeros(m * n)); // [m, n] each
-            gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::F32(&mut out) })?;
+            // Training: the pre-activation for the backward and the output in f32.
+            // SAFETY: `gemm16` writes every element of C and of the epilogue's output (see `written32`).
+            let (out, pre) = unsafe {
+                written_pair(m * n, |pre, out| {
+                    gemm16(x, m, k, &p.fwd, Some(&bd[..n]), pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::F32(out) })
+                })
+            }?; // [m, n] each
             return Ok((vec1(out)?, Some(vec1(pre)?)));
         }
         let mut pre = PRE.with_borrow_mut(std::mem::take); // f32 scratch [m, n]

@@ -61,9 +61,16 @@ pub fn zeros(n: usize) -> Vec<f32> {
     if n < 1 << 18 {
         return vec![0.0; n];
     }
-    let mut v = Vec::with_capacity(n);
-    v.par_extend(rayon::iter::repeat_n(0f32, n));
-    v
+    // chunks of 64 Ki values, each a memset (rayon's `repeat_n` extend stored 16 bytes at a time)
+    let fill = |o: &mut [f32]| {
+        o.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
+        Ok::<(), std::convert::Infallible>(())
+    };
+    // SAFETY: the chunks cover all n values, each written (zero) and none read.
+    match unsafe { written_by(n, fill) } {
+        Ok(v) => v,
+        Err(never) => match never {},
+    }
 }
 
 /// A buffer of n values (f32, or bf16 for a GEMM epilogue's 16-bit output) that `fill` writes,
