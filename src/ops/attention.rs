@@ -84,7 +84,8 @@ pub(super) fn query_blocks(s: &AttnShape) -> impl Iterator<Item = (usize, usize,
 
 /// The fast path: on AVX-512 CPUs [`attention_avx512`], else [`attention_portable`].
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
-    with_outputs(s, |o, l| attention_into(q, k, v, s, o, l))
+    // SAFETY: `attention_into` writes every element of both outputs.
+    unsafe { with_outputs(s, |o, l| attention_into(q, k, v, s, o, l)) }
 }
 
 /// [`attention`] into `out` ([B, T, W]) and `lse` ([B, H, T]), every element written.
@@ -97,17 +98,23 @@ pub fn attention_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut 
 }
 
 /// Runs `f(out, lse)` on new buffers of `s`'s output sizes ([B, T, W] and [B, H, T]) and returns
-/// them. `f` must write every element (as every `_into` attention does): no zero-fill first, a
-/// pass over [B, T, W] on one core.
-pub(super) fn with_outputs(s: &AttnShape, f: impl FnOnce(&mut [f32], &mut [f32])) -> (Vec<f32>, Vec<f32>) {
-    outputs(s.numel(), s.batch * s.heads * s.seq, f)
+/// them, with no zero-fill first (a pass over [B, T, W] on one core).
+///
+/// # Safety
+/// `f` writes every element of both and reads none before writing it (as every `_into` attention).
+pub(super) unsafe fn with_outputs(s: &AttnShape, f: impl FnOnce(&mut [f32], &mut [f32])) -> (Vec<f32>, Vec<f32>) {
+    // SAFETY: the caller's contract.
+    unsafe { outputs(s.numel(), s.batch * s.heads * s.seq, f) }
 }
 
-/// Buffers of `n` and `nl` values that `f` fills (see [`with_outputs`]).
-fn outputs(n: usize, nl: usize, f: impl FnOnce(&mut [f32], &mut [f32])) -> (Vec<f32>, Vec<f32>) {
+/// Buffers of `n` and `nl` values that `f` fills.
+///
+/// # Safety
+/// As [`with_outputs`].
+unsafe fn outputs(n: usize, nl: usize, f: impl FnOnce(&mut [f32], &mut [f32])) -> (Vec<f32>, Vec<f32>) {
     let (mut out, mut lse) = (Vec::with_capacity(n), Vec::with_capacity(nl));
-    // SAFETY: the allocations hold n and nl values; the attention `_into` functions (every `f`
-    // here) write each element of both and read none before writing it.
+    // SAFETY: the allocations hold n and nl values, each written by `f` (the caller's contract)
+    // before the lengths are set.
     unsafe {
         f(std::slice::from_raw_parts_mut(out.as_mut_ptr(), n), std::slice::from_raw_parts_mut(lse.as_mut_ptr(), nl));
         out.set_len(n);
@@ -149,7 +156,8 @@ unsafe impl Sync for SharedOut {}
 /// Panics unless AVX-512F (callers: [`attention`], tests).
 #[cfg(target_arch = "x86_64")]
 pub fn attention_avx512(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
-    with_outputs(s, |o, l| avx512_into(q, k, v, s, o, l))
+    // SAFETY: `avx512_into` writes every element of both outputs.
+    unsafe { with_outputs(s, |o, l| avx512_into(q, k, v, s, o, l)) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -193,7 +201,8 @@ fn avx512_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], 
 /// tiles and, per query block, the scores S = Q·Kᵀ and the mix O = P·V run as two small GEMMs
 /// (faer), with the (masked) softmax applied to S in place in between.
 pub fn attention_portable(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
-    with_outputs(s, |o, l| portable_into(q, k, v, s, o, l))
+    // SAFETY: `portable_into` writes every element of both outputs.
+    unsafe { with_outputs(s, |o, l| portable_into(q, k, v, s, o, l)) }
 }
 
 fn portable_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], lse: &mut [f32]) {
@@ -280,12 +289,14 @@ pub(super) fn softmax_row_portable(row: &mut [f32], keys: usize, scale: f32) -> 
 /// each sequence's [H, len] block, back to back. [`attention_into`] per sequence, sequences in
 /// parallel, each writing its own rows of o and block of lse.
 pub fn attention_packed(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>) {
-    per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| attention_into(&q[x.clone()], &k[x.clone()], &v[x], s, o, l))
+    // SAFETY: `attention_into` writes every element of its outputs.
+    unsafe { per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| attention_into(&q[x.clone()], &k[x.clone()], &v[x], s, o, l)) }
 }
 
 /// [`attention_reference`] per packed sequence (f64).
 pub fn attention_packed_reference(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>) {
-    per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| fill(o, l, attention_reference(&q[x.clone()], &k[x.clone()], &v[x], s)))
+    // SAFETY: `fill` writes both parts in full.
+    unsafe { per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| fill(o, l, attention_reference(&q[x.clone()], &k[x.clone()], &v[x], s))) }
 }
 
 /// Runs `f(rows, lse range, shape)` for every packed sequence, in parallel, results in order.
@@ -321,7 +332,10 @@ fn sequences(
 
 /// [`per_sequence`] for a forward: o ([N, W], `numel` values) and lse ([N·H]) made here, and
 /// `f(rows, shape, o, lse)` given each sequence's own part of both to fill.
-pub(super) fn per_sequence_into(
+///
+/// # Safety
+/// `f` writes every element of both parts and reads none before writing it.
+pub(super) unsafe fn per_sequence_into(
     lens: &[usize],
     heads: usize,
     causal: bool,
@@ -329,17 +343,20 @@ pub(super) fn per_sequence_into(
     f: impl Fn(std::ops::Range<usize>, &AttnShape, &mut [f32], &mut [f32]) + Sync,
 ) -> (Vec<f32>, Vec<f32>) {
     let n: usize = lens.iter().sum();
-    outputs(numel, n * heads, |mut o_rest, mut l_rest| {
-        // [N, W] and [N·H], split into the sequences' parts
-        let mut jobs = Vec::with_capacity(lens.len());
-        for (x, l, s) in sequences(lens, heads, causal, numel) {
-            let (o, o_tail) = std::mem::take(&mut o_rest).split_at_mut(x.len());
-            let (lp, l_tail) = std::mem::take(&mut l_rest).split_at_mut(l.len());
-            (o_rest, l_rest) = (o_tail, l_tail);
-            jobs.push((x, s, o, lp));
-        }
-        jobs.into_par_iter().for_each(|(x, s, o, l)| f(x, &s, o, l));
-    })
+    // SAFETY: the parts cover both buffers, and `f` fills each (the caller's contract).
+    unsafe {
+        outputs(numel, n * heads, |mut o_rest, mut l_rest| {
+            // [N, W] and [N·H], split into the sequences' parts
+            let mut jobs = Vec::with_capacity(lens.len());
+            for (x, l, s) in sequences(lens, heads, causal, numel) {
+                let (o, o_tail) = std::mem::take(&mut o_rest).split_at_mut(x.len());
+                let (lp, l_tail) = std::mem::take(&mut l_rest).split_at_mut(l.len());
+                (o_rest, l_rest) = (o_tail, l_tail);
+                jobs.push((x, s, o, lp));
+            }
+            jobs.into_par_iter().for_each(|(x, s, o, l)| f(x, &s, o, l));
+        })
+    }
 }
 
 /// The parts back to back in one buffer, copied in parallel.
@@ -355,10 +372,13 @@ pub(super) fn concat(parts: &[Vec<f32>]) -> Vec<f32> {
                 jobs.push((d, p));
             }
             jobs.into_par_iter().for_each(|(d, p)| d.copy_from_slice(p));
-            Ok::<_, ()>(())
+            Ok::<(), std::convert::Infallible>(())
         })
     };
-    out.expect("infallible")
+    match out {
+        Ok(v) => v,
+        Err(never) => match never {},
+    }
 }
 
 /// Copies an (o, lse) pair made by a whole-output attention into the parts `per_sequence_into` gives.

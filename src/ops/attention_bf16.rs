@@ -114,7 +114,8 @@ fn pack_vt<'a, T: AElem>(dst: &mut [u32], kps: usize, t: usize, d: usize, cvt: b
 /// The forward (see the module docs); `kernel` is the bf16 GEMM's kernel ([`Kernel::Auto`]: the
 /// path `cpu_path` selects; the others for tests).
 pub fn attention_bf16<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel) -> (Vec<f32>, Vec<f32>) {
-    with_outputs(s, |o, l| bf16_into(q, k, v, s, kernel, o, l))
+    // SAFETY: `bf16_into` writes every element of both outputs.
+    unsafe { with_outputs(s, |o, l| bf16_into(q, k, v, s, kernel, o, l)) }
 }
 
 /// [`attention_bf16`] into `out` ([B, T, W]) and `lse` ([B, H, T]), every element written.
@@ -195,12 +196,14 @@ fn softmax_row(row: &mut [f32], keys: usize, scale: f32, simd: bool) -> f32 {
 
 /// Packed sequences (see `attention::attention_packed`): [`attention_bf16`] per sequence.
 pub fn attention_packed_bf16<T: AElem>(q: &[T], k: &[T], v: &[T], lens: &[usize], heads: usize, causal: bool, kernel: Kernel) -> (Vec<f32>, Vec<f32>) {
-    per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| bf16_into(&q[x.clone()], &k[x.clone()], &v[x], s, kernel, o, l))
+    // SAFETY: `bf16_into` writes every element of its outputs.
+    unsafe { per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| bf16_into(&q[x.clone()], &k[x.clone()], &v[x], s, kernel, o, l)) }
 }
 
 /// [`attention_bf16_reference`] per packed sequence.
 pub fn attention_packed_bf16_reference(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, causal: bool) -> (Vec<f32>, Vec<f32>) {
-    per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| fill(o, l, attention_bf16_reference(&q[x.clone()], &k[x.clone()], &v[x], s)))
+    // SAFETY: `fill` writes both parts in full.
+    unsafe { per_sequence_into(lens, heads, causal, q.len(), |x, s, o, l| fill(o, l, attention_bf16_reference(&q[x.clone()], &k[x.clone()], &v[x], s))) }
 }
 
 /// Reference in f64: q, k, v rounded to bf16, scores and softmax in f64, P rounded to bf16, O
