@@ -503,9 +503,9 @@ impl Ops for Cpu {
         if let Some(&r) = rows.iter().find(|&&r| r >= n) {
             return Err(shape_err!("gather_rows: row {r} of {n}"));
         }
-        let mut out = zeros(rows.len() * w); // [rows, w]
-        par_rows(&mut out, w, |i, o| o.copy_from_slice(&xd[rows[i] * w..][..w]));
-        vec1(out)
+        // SAFETY: par_rows hands every row of the output to the copy, which writes all of it.
+        vec1(unsafe { crate::ops::fastmath::written(rows.len() * w, |o| par_rows(o, w, |i, o| o.copy_from_slice(&xd[rows[i] * w..][..w]))) })
+        // [rows, w]
     }
 
     fn scatter_rows(&self, d: &Tensor, rows: &[usize], n: usize, w: usize) -> Result<Tensor> {

@@ -112,14 +112,9 @@ pub(super) unsafe fn with_outputs(s: &AttnShape, f: impl FnOnce(&mut [f32], &mut
 /// # Safety
 /// As [`with_outputs`].
 unsafe fn outputs(n: usize, nl: usize, f: impl FnOnce(&mut [f32], &mut [f32])) -> (Vec<f32>, Vec<f32>) {
-    let (mut out, mut lse) = (Vec::with_capacity(n), Vec::with_capacity(nl));
-    // SAFETY: the allocations hold n and nl values, each written by `f` (the caller's contract)
-    // before the lengths are set.
-    unsafe {
-        f(std::slice::from_raw_parts_mut(out.as_mut_ptr(), n), std::slice::from_raw_parts_mut(lse.as_mut_ptr(), nl));
-        out.set_len(n);
-        lse.set_len(nl);
-    }
+    let mut lse = Vec::new();
+    // SAFETY: `f` writes every element of both (the caller's contract).
+    let out = unsafe { fastmath::written(n, |o| lse = fastmath::written(nl, |l| f(o, l))) };
     (out, lse)
 }
 
@@ -345,16 +340,12 @@ pub(super) unsafe fn per_sequence_into(
     let n: usize = lens.iter().sum();
     // SAFETY: the parts cover both buffers, and `f` fills each (the caller's contract).
     unsafe {
-        outputs(numel, n * heads, |mut o_rest, mut l_rest| {
+        outputs(numel, n * heads, |o, l| {
             // [N, W] and [N·H], split into the sequences' parts
-            let mut jobs = Vec::with_capacity(lens.len());
-            for (x, l, s) in sequences(lens, heads, causal, numel) {
-                let (o, o_tail) = std::mem::take(&mut o_rest).split_at_mut(x.len());
-                let (lp, l_tail) = std::mem::take(&mut l_rest).split_at_mut(l.len());
-                (o_rest, l_rest) = (o_tail, l_tail);
-                jobs.push((x, s, o, lp));
-            }
-            jobs.into_par_iter().for_each(|(x, s, o, l)| f(x, &s, o, l));
+            let seqs: Vec<_> = sequences(lens, heads, causal, numel).collect();
+            let os = split(o, seqs.iter().map(|(x, ..)| x.len()));
+            let ls = split(l, seqs.iter().map(|(_, l, _)| l.len()));
+            seqs.into_par_iter().zip(os).zip(ls).for_each(|(((x, _, s), o), l)| f(x, &s, o, l));
         })
     }
 }
@@ -363,22 +354,17 @@ pub(super) unsafe fn per_sequence_into(
 pub(super) fn concat(parts: &[Vec<f32>]) -> Vec<f32> {
     let n = parts.iter().map(Vec::len).sum();
     // SAFETY: the parts' lengths sum to n: the copies write every value, and read none.
-    let out = unsafe {
-        fastmath::written_by(n, |mut rest| {
-            let mut jobs = Vec::with_capacity(parts.len());
-            for p in parts {
-                let (d, tail) = std::mem::take(&mut rest).split_at_mut(p.len());
-                rest = tail;
-                jobs.push((d, p));
-            }
-            jobs.into_par_iter().for_each(|(d, p)| d.copy_from_slice(p));
-            Ok::<(), std::convert::Infallible>(())
-        })
-    };
-    match out {
-        Ok(v) => v,
-        Err(never) => match never {},
-    }
+    unsafe { fastmath::written(n, |o| split(o, parts.iter().map(Vec::len)).into_par_iter().zip(parts).for_each(|(d, p)| d.copy_from_slice(p))) }
+}
+
+/// `buf` cut into consecutive parts of the given lengths (their sum at most buf.len()).
+fn split(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
+    lens.map(|n| {
+        let (part, rest) = std::mem::take(&mut buf).split_at_mut(n);
+        buf = rest;
+        part
+    })
+    .collect()
 }
 
 /// Copies an (o, lse) pair made by a whole-output attention into the parts `per_sequence_into` gives.

@@ -62,12 +62,22 @@ pub fn zeros(n: usize) -> Vec<f32> {
         return vec![0.0; n];
     }
     // chunks of 64 Ki values, each a memset (rayon's `repeat_n` extend stored 16 bytes at a time)
-    let fill = |o: &mut [f32]| {
-        o.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
-        Ok::<(), std::convert::Infallible>(())
-    };
     // SAFETY: the chunks cover all n values, each written (zero) and none read.
-    match unsafe { written_by(n, fill) } {
+    unsafe { written(n, |o| o.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0))) }
+}
+
+/// [`written_by`] for a `fill` that cannot fail.
+///
+/// # Safety
+/// As [`written_by`].
+pub unsafe fn written<T: Copy>(n: usize, fill: impl FnOnce(&mut [T])) -> Vec<T> {
+    // SAFETY: the caller's contract.
+    match unsafe {
+        written_by(n, |o| {
+            fill(o);
+            Ok::<(), std::convert::Infallible>(())
+        })
+    } {
         Ok(v) => v,
         Err(never) => match never {},
     }

@@ -50,18 +50,14 @@ pub fn layer_norm(x: &[f32], n: usize, gamma: &[f32], beta: &[f32], eps: f32) ->
         return Vec::new();
     }
     assert!(n > 0 && x.len().is_multiple_of(n) && gamma.len() >= n && beta.len() >= n, "layer_norm: rows of {n}, γ and β of ≥ {n} values");
-    let fill = |out: &mut [f32]| -> Result<(), std::convert::Infallible> {
+    let fill = |out: &mut [f32]| {
         par_rows(out, n, |i, y| {
             layer_norm_row(&x[i * n..(i + 1) * n], y, gamma, beta, eps);
-        });
-        Ok(())
+        })
     };
     // SAFETY: par_rows hands every one of the x.len() / n rows to `layer_norm_row`, which writes
     // all n values of its row (x, γ and β hold ≥ n: asserted) and reads none of them.
-    match unsafe { super::fastmath::written_by(x.len(), fill) } {
-        Ok(out) => out,
-        Err(never) => match never {},
-    }
+    unsafe { super::fastmath::written(x.len(), fill) }
 }
 
 /// Backward of [`layer_norm`], reference in f64: with x̂ = (x − μ)·r, g = dy·γ,
@@ -130,7 +126,7 @@ pub fn layer_norm_bwd(x: &[f32], n: usize, gamma: &[f32], dy: &[f32], eps: f32) 
     }
     assert!(x.len().is_multiple_of(n) && dy.len() >= x.len() && gamma.len() >= n, "layer_norm_bwd: rows of {n}, dy as x, γ of ≥ {n} values");
     let mut partials = Vec::new();
-    let fill = |dx: &mut [f32]| -> Result<(), std::convert::Infallible> {
+    let fill = |dx: &mut [f32]| {
         partials = dx
             .par_chunks_mut(BWD_BLOCK * n)
             .enumerate()
@@ -143,14 +139,10 @@ pub fn layer_norm_bwd(x: &[f32], n: usize, gamma: &[f32], dy: &[f32], eps: f32) 
                 (dg, db)
             })
             .collect::<Vec<_>>();
-        Ok(())
     };
     // SAFETY: the chunks cover dx; every row of every chunk is written in full by
     // `layer_norm_bwd_row` (x and dy hold the rows: asserted), which reads no value of dx.
-    let dx = match unsafe { super::fastmath::written_by(x.len(), fill) } {
-        Ok(dx) => dx,
-        Err(never) => match never {},
-    };
+    let dx = unsafe { super::fastmath::written(x.len(), fill) };
     // the partials summed in row order: the same bits whatever the threads did (a parallel
     // reduce's tree follows work stealing, so its float sums vary run to run)
     let mut parts = partials.into_iter();
