@@ -235,7 +235,8 @@ fn bench_attention_bf16(c: &mut Criterion) {
     use clipforge::ops::gemm_bf16::{has_avx512_bf16, Kernel};
     let mut g = c.benchmark_group("cpu/attention_bf16");
     g.sample_size(10);
-    for &(b, t, h, causal) in &[(8, 248, 8, true), (4, 257, 16, false)] {
+    // Long-CLIP text, ViT-L/14 image, and the B/32 towers' batch-32 shapes (text causal, image)
+    for &(b, t, h, causal) in &[(8, 248, 8, true), (4, 257, 16, false), (32, 77, 12, true), (32, 50, 12, false)] {
         let s = AttnShape { batch: b, seq: t, heads: h, head_dim: 64, causal, scale: 0.125 };
         let (q, k, v) = (normal_vec(s.numel(), 0.0, 1.0, 4), normal_vec(s.numel(), 0.0, 1.0, 5), normal_vec(s.numel(), 0.0, 1.0, 6));
         g.throughput(Throughput::Elements((4 * b * h * t * t * 64) as u64));

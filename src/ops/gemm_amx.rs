@@ -287,6 +287,11 @@ pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
                     for jr in (j0..j1).step_by(NR) {
                         let panel = &wdata[(jr / NR) * kps * NR..][..kps * NR];
                         for pi in 0..p1 - p0 {
+                            if kb + 1 == nkb {
+                                // the epilogue's reads from memory, under the tile products
+                                let ir = (p0 + pi) * BM;
+                                epi.prefetch(ir * n + jr, n, BM.min(m - ir), NR.min(n - jr));
+                            }
                             tiles.zero::<0>();
                             tiles.zero::<1>();
                             tiles.zero::<2>();

@@ -492,6 +492,10 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                                 bias: bias_j,
                                 accumulate: acc || pc > 0,
                             };
+                            if kb + 1 == nkb {
+                                // the epilogue's reads from memory, under the last kernel call
+                                epi.prefetch(t.off, t.ldc, t.rows, t.cols);
+                            }
                             // SAFETY: `t` is rows ir..ir+rows, cols jr..jr+cols of C:
                             // inside the m×n buffer and inside this item's block (rows of
                             // panels p0..p1, cols j0..j1), which no other item touches.

@@ -119,6 +119,29 @@ impl EpiRun {
     }
 }
 
+impl EpiRun {
+    /// Starts loading what [`EpiRun::apply`] will read from memory for this rectangle — the
+    /// residual of [`Epilogue::Add`], which nothing has touched since the previous layer wrote it
+    /// — so that the loads run while the tile's last kernel call computes (the add waited on
+    /// them: 10–25 % of an out-projection's time at 2464×768×768, Intel Xeon, 2 threads).
+    #[inline]
+    pub(crate) fn prefetch(self, off: usize, ldc: usize, rows: usize, cols: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let EpiRun::Add(res) = self {
+            for r in 0..rows {
+                let row = res.wrapping_add(off + r * ldc);
+                for c in (0..cols).step_by(16) {
+                    // SAFETY: a prefetch never faults and has no effect besides caching (the
+                    // address is inside `res` for the caller's rectangle anyway).
+                    unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(row.wrapping_add(c).cast()) };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (self, off, ldc, rows, cols);
+    }
+}
+
 /// x rounded to bf16 (RNE), as f32.
 #[inline(always)]
 pub fn round_bf16(x: f32) -> f32 {

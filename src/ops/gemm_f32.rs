@@ -284,6 +284,10 @@ unsafe fn gemm_block(a: &View, b: BSrc, cp: CPtr, (i0, i1): (usize, usize), (j0,
                                 // (inside j0..j1) are inside c; the packed panels hold kc·MR and
                                 // kc·NR values, the next B panel kc·NR; AVX-512F was checked by
                                 // the caller.
+                                if last {
+                                    fuse.epi.prefetch(i * n + j, n, rows, cols);
+                                    // the residual, under the kernel
+                                }
                                 #[cfg(target_arch = "x86_64")]
                                 unsafe {
                                     kernel(apan.as_ptr(), bpan.as_ptr(), kc, tile, pf)
