@@ -1,10 +1,13 @@
 //! The bf16 GEMM's weight packers (`src/ops/gemm_bf16_pack.rs`) and the transpose that rounds to
-//! bf16 (`gemm_f32_pack::transpose_bf16`, the dW GEMM's dyᵀ) against their scalar references, bit for bit: odd shapes (1, 7,
+//! bf16 (`gemm_f32_pack::transpose_bf16`, the dW GEMM's dyᵀ, and `transpose_bf16_sums`, with
+//! the bias gradient's column sums) against their scalar references, bit for bit: odd shapes (1, 7,
 //! 45×65, widths not divisible by 16 or 32, odd k), every kind of value (NaN payloads of both
 //! signs, ±∞, subnormals, −0, RNE ties, the largest finite value that rounds to ∞), and the
 //! panels' padding.
 use clipforge::ops::gemm_bf16::PackedBf16;
-use clipforge::ops::gemm_f32_pack::{transpose_bf16, transpose_bf16_reference, transpose_reference};
+use clipforge::ops::gemm_f32_pack::{
+    transpose_bf16, transpose_bf16_reference, transpose_bf16_sums, transpose_bf16_sums_reference, transpose_reference, SUM_ROWS,
+};
 
 /// f32 values: mostly ordinary magnitudes, with special bit patterns mixed in.
 fn values(len: usize, seed: u64) -> Vec<f32> {
@@ -103,6 +106,40 @@ fn transpose_bf16_matches_the_reference_bit_for_bit() {
             for j in 0..cols {
                 let want = half::bf16::from_f32(x[i * cols + j]).to_bits();
                 assert_eq!(reference[j * rows + i].to_bits(), want, "transpose_bf16_reference {rows}x{cols} at ({i}, {j})");
+            }
+        }
+    }
+}
+
+/// The transpose with the bias gradient's column sums: the transpose's bits as `transpose_bf16`,
+/// the sums' bits as the reference's order (each 32-row block from zero, the blocks in order) —
+/// which is checked against f64 sums on ordinary values; NaN and ∞ reach the sums.
+#[test]
+fn transpose_bf16_sums_match_the_reference_bit_for_bit() {
+    for (s, &(rows, cols)) in SHAPES.iter().chain(&[(17, 1000), (1000, 17), (300, 300), (64, 48), (96, 17), (33, 7)]).enumerate() {
+        for special in [true, false] {
+            let x = if special { values(rows * cols, s as u64 + 900) } else { (0..rows * cols).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect() };
+            let ((ft, fs), (rt, rs)) = (transpose_bf16_sums(&x, rows, cols), transpose_bf16_sums_reference(&x, rows, cols));
+            let bits = |v: &[half::bf16]| v.iter().map(|x| x.to_bits() as u32).collect::<Vec<_>>();
+            same_bits(&format!("transpose_bf16_sums {rows}x{cols}"), &bits(&ft), &bits(&transpose_bf16(&x, rows, cols)));
+            same_bits(&format!("transpose_bf16_sums_reference {rows}x{cols}"), &bits(&rt), &bits(&transpose_bf16_reference(&x, rows, cols)));
+            // a NaN as one pattern: which NaN an addition of two returns is not specified in Rust
+            // (LLVM may swap an addition's operands), only that it is NaN
+            let f32bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { 0x7FC0_0000 } else { x.to_bits() }).collect::<Vec<_>>();
+            same_bits(&format!("column sums {rows}x{cols}"), &f32bits(&fs), &f32bits(&rs));
+            for j in 0..cols {
+                // the reference's order, spelled out
+                let mut total = 0f32;
+                for b in (0..rows).step_by(SUM_ROWS) {
+                    let part = (b..rows.min(b + SUM_ROWS)).fold(0f32, |p, i| p + x[i * cols + j]);
+                    total += part;
+                }
+                assert!(rs[j].to_bits() == total.to_bits() || (rs[j].is_nan() && total.is_nan()), "reference sum {rows}x{cols} column {j}");
+                if !special {
+                    let exact: f64 = (0..rows).map(|i| x[i * cols + j] as f64).sum();
+                    let bound = 1e-6 * (0..rows).map(|i| x[i * cols + j].abs() as f64).sum::<f64>() + 1e-6;
+                    assert!((rs[j] as f64 - exact).abs() <= bound, "sum {rows}x{cols} column {j}: {} against {exact}", rs[j]);
+                }
             }
         }
     }

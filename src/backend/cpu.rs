@@ -56,8 +56,19 @@ fn bf16_of(w: &Weight<Cpu>) -> Option<&CpuHalf> {
     }
 }
 
-/// dx[m×k] (+)= dy[m×n]·W and dW[n×k] = dyᵀ·x with bf16 inputs, f32 accumulation.
-fn linear_bwd_bf16(g: &[f32], xd: &[f32], w: &Weight<Cpu>, h: &CpuHalf, m: usize, d: &mut [f32], accumulate: bool) -> Result<Vec<f32>> {
+/// dx[m×k] (+)= dy[m×n]·W and dW[n×k] = dyᵀ·x with bf16 inputs, f32 accumulation; with `bias`,
+/// also db = Σ_rows dy (f32, `transpose_bf16_sums`' fixed order).
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd_bf16(
+    g: &[f32],
+    xd: &[f32],
+    w: &Weight<Cpu>,
+    h: &CpuHalf,
+    m: usize,
+    d: &mut [f32],
+    accumulate: bool,
+    bias: bool,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let (n, k) = (w.n, w.k);
     let wt = h.bwd.get_or_init(|| PackedBf16::from_f32_t(&w.w.f32_data()[..n * k], n, k)); // Wᵀ: [k outputs × n]
     if accumulate {
@@ -66,15 +77,20 @@ fn linear_bwd_bf16(g: &[f32], xd: &[f32], w: &Weight<Cpu>, h: &CpuHalf, m: usize
         matmul_bf16(&g[..m * n], m, wt, None, d); // dx = dy·W
     }
     // dyᵀ in bf16 (the GEMM rounds A to bf16 anyway): half the bytes written here and read by
-    // its packing
-    let gt = crate::ops::gemm_f32_pack::transpose_bf16(&g[..m * n], m, n); // [n, m]
+    // its packing; the bias gradient from the same read of dy
+    let (gt, db) = if bias {
+        let (gt, db) = crate::ops::gemm_f32_pack::transpose_bf16_sums(&g[..m * n], m, n); // [n, m], [n]
+        (gt, Some(db))
+    } else {
+        (crate::ops::gemm_f32_pack::transpose_bf16(&g[..m * n], m, n), None) // [n, m]
+    };
     let xt = PackedBf16::from_f32_t(&xd[..m * k], m, k); // xᵀ: [k outputs × m]
     let fill = |dw: &mut [f32]| {
         matmul_bf16_fused(&gt, n, &xt, None, dw, Epilogue::None, Kernel::Auto); // dW = dyᵀ·x [n, k]
         Ok(())
     };
     // SAFETY: `matmul_bf16` writes every element of its output (see `written32`): no zero-fill.
-    unsafe { written32(n * k, fill) }
+    Ok((unsafe { written32(n * k, fill) }?, db))
 }
 
 /// res + y over the first `n` values, in y's buffer (res first: the residual stream's order of addition).
@@ -249,10 +265,9 @@ impl Ops for Cpu {
         check("linear_bwd dy", g.len(), m * n)?;
         check("linear_bwd x", xd.len(), m * k)?;
         if let Some(h) = bf16_of(w) {
-            let dw = linear_bwd_bf16(&g, &xd, w, h, m, &mut d[..m * k], accumulate)?;
+            let (dw, db) = linear_bwd_bf16(&g, &xd, w, h, m, &mut d[..m * k], accumulate, bias)?;
             *dx = vec1(d)?;
-            let db = if bias { Some(vec1(col_sums(&g[..m * n], n))?) } else { None };
-            return Ok((vec1(dw)?, db));
+            return Ok((vec1(dw)?, db.map(vec1).transpose()?));
         }
         gemm(View::row_major(&g, m, n), View::row_major(&w.w.f32_data(), n, k), &mut d[..m * k], accumulate); // dx (+)= dy·W
         *dx = vec1(d)?;

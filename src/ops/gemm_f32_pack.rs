@@ -160,6 +160,67 @@ unsafe fn par_transpose_bf16(x: &[f32], rows: usize, cols: usize) -> Vec<half::b
     }
 }
 
+/// [`transpose_bf16_sums`]'s AVX-512 driver: [`par_transpose_bf16`]'s tasks of [`SUM_ROWS`]
+/// rows, each also summing its rows (in order, from the loaded lines before their transpose) into
+/// its own partial row; the partial rows then added in task order, columns in parallel.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn par_transpose_bf16_sums(x: &[f32], rows: usize, cols: usize) -> (Vec<half::bf16>, Vec<f32>) {
+    type T = half::bf16;
+    #[derive(Clone, Copy)]
+    struct Out(*mut T);
+    // SAFETY: the tasks write disjoint lanes of the output (below).
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+    impl Out {
+        fn get(self) -> *mut T {
+            self.0
+        }
+    }
+    let tasks = rows.div_ceil(SUM_ROWS);
+    // SAFETY: each task writes its partial row in full (zeroed, then added to).
+    let mut parts = unsafe { super::fastmath::written(tasks * cols, |p: &mut [f32]| p.par_chunks_mut(cols.max(1)).for_each(|r| r.fill(0.0))) };
+    let fill = |t: &mut [T]| {
+        let dst = Out(t.as_mut_ptr());
+        parts.par_chunks_mut(cols.max(1)).enumerate().for_each(|(c, part)| {
+            for j0 in (0..cols).step_by(16) {
+                for i0 in (SUM_ROWS * c..rows.min(SUM_ROWS * (c + 1))).step_by(16) {
+                    // SAFETY: as `par_transpose_bf16`; `part` holds cols values, j0 + 16 ≤ cols
+                    // rounded up to 16 is covered by the masked loads and stores.
+                    unsafe {
+                        transpose_lines_bf16_sums(
+                            x.as_ptr().wrapping_add(i0 * cols + j0),
+                            cols,
+                            (rows - i0).min(16),
+                            (cols - j0).min(16),
+                            dst.get().wrapping_add(j0 * rows + i0),
+                            rows,
+                            part.as_mut_ptr().wrapping_add(j0),
+                        )
+                    };
+                }
+            }
+        });
+        Ok::<(), std::convert::Infallible>(())
+    };
+    // SAFETY: the tasks store lanes i0..i0 + live of every output row: all of them.
+    let t = match unsafe { super::fastmath::written_by(rows * cols, fill) } {
+        Ok(t) => t, // [cols, rows]
+        Err(e) => match e {},
+    };
+    // the partial rows in task order, ranges of 256 columns in parallel
+    let mut sums = vec![0f32; cols];
+    sums.par_chunks_mut(256).enumerate().for_each(|(c, s)| {
+        for part in parts.chunks_exact(cols.max(1)) {
+            s.iter_mut().zip(&part[256 * c..]).for_each(|(a, b)| *a += b);
+        }
+    });
+    (t, sums)
+}
+
 /// The transpose of a row-major `[rows×cols]` x, one value at a time (the reference of
 /// [`transpose_bf16`]'s).
 pub fn transpose_reference(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -192,6 +253,37 @@ pub fn transpose_bf16_reference(x: &[f32], rows: usize, cols: usize) -> Vec<half
     transpose_reference(x, rows, cols).into_iter().map(half::bf16::from_f32).collect()
 }
 
+/// Rows per partial sum of [`transpose_bf16_sums`] (its tasks' height).
+pub const SUM_ROWS: usize = 32;
+
+/// [`transpose_bf16`] and x's column sums from one read of x (a Linear's backward: dyᵀ for the
+/// dW GEMM and the bias gradient; a separate `col_sums` read all of dy again, ≈ 1.6 % of a bf16
+/// Long-CLIP step). Sums in a fixed order, independent of the thread count: each block of
+/// [`SUM_ROWS`] rows summed in row order from zero, the blocks' sums added in block order
+/// ([`transpose_bf16_sums_reference`]).
+pub fn transpose_bf16_sums(x: &[f32], rows: usize, cols: usize) -> (Vec<half::bf16>, Vec<f32>) {
+    assert_eq!(x.len(), rows * cols, "transpose_bf16_sums: x holds {} values, not {rows}×{cols}", x.len());
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F was just checked.
+        return unsafe { par_transpose_bf16_sums(x, rows, cols) };
+    }
+    transpose_bf16_sums_reference(x, rows, cols)
+}
+
+/// [`transpose_bf16_sums`], one value at a time.
+pub fn transpose_bf16_sums_reference(x: &[f32], rows: usize, cols: usize) -> (Vec<half::bf16>, Vec<f32>) {
+    let mut sums = vec![0f32; cols];
+    for block in x.chunks(SUM_ROWS * cols.max(1)) {
+        let mut part = vec![0f32; cols];
+        for row in block.chunks_exact(cols.max(1)) {
+            part.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+        }
+        sums.iter_mut().zip(&part).for_each(|(s, p)| *s += p);
+    }
+    (transpose_bf16_reference(x, rows, cols), sums)
+}
+
 /// [`transpose_lines_to`] with each stored row rounded to bf16 (`act_simd::bf16_bits16`), all
 /// `live` lanes stored.
 ///
@@ -208,6 +300,36 @@ unsafe fn transpose_lines_bf16(base: *const f32, stride: usize, live: usize, ste
             // SAFETY: lanes < live of row p < steps are writable (caller).
             _mm512_mask_cvtepi32_storeu_epi16(dst.wrapping_add(p * dst_stride).cast(), lane_mask(live), b)
         })
+    }
+}
+
+/// [`transpose_lines_bf16`], also adding the `live` lines to `sums[..steps]` in line order (the
+/// loaded vectors, before the transpose).
+///
+/// # Safety
+/// As [`transpose_lines_bf16`]; `sums[..steps]` is writable and this thread's alone.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_lines_bf16_sums(base: *const f32, stride: usize, live: usize, steps: usize, dst: *mut half::bf16, dst_stride: usize, sums: *mut f32) {
+    use std::arch::x86_64::*;
+    for p in (0..steps).step_by(16) {
+        let len = (steps - p).min(16);
+        let mut r = [_mm512_setzero_ps(); 16];
+        // SAFETY: lanes < len of sums[p..] are inside sums[..steps] (caller).
+        let mut acc = unsafe { _mm512_maskz_loadu_ps(lane_mask(len), sums.wrapping_add(p)) };
+        for (i, ri) in r.iter_mut().enumerate().take(live) {
+            // SAFETY: lanes < len read values p.. < steps of line i (caller).
+            *ri = unsafe { _mm512_maskz_loadu_ps(lane_mask(len), base.wrapping_add(i * stride + p)) };
+            acc = _mm512_add_ps(acc, *ri);
+        }
+        // SAFETY: as above.
+        unsafe { _mm512_mask_storeu_ps(sums.wrapping_add(p), lane_mask(len), acc) };
+        transpose16(&mut r);
+        for (q, rq) in r.iter().enumerate().take(len) {
+            let b = super::act_simd::bf16_bits16(_mm512_castps_si512(*rq));
+            // SAFETY: lanes < live of row p + q < steps are writable (caller).
+            unsafe { _mm512_mask_cvtepi32_storeu_epi16(dst.wrapping_add((p + q) * dst_stride).cast(), lane_mask(live), b) };
+        }
     }
 }
 
