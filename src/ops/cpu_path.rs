@@ -8,7 +8,7 @@
 //!   fail the next path runs and one line says why (stderr, once).
 //! * `avx512bf16`: `vdpbf16ps` for bf16 GEMMs (`src/ops/gemm_bf16.rs`) where it pays (AMD; see
 //!   [`bf16_dot_pays`]), else (Intel) the bf16 inputs as scaled f16 through AVX512-FP16 where the
-//!   CPU has it (`src/ops/gemm_bf16_fp16.rs`: f16 partial sums of 64 products, ≈ 1.8× the FMAs),
+//!   CPU has it (`src/ops/gemm_bf16_fp16.rs`: f16 partial sums of 128 products, ≈ 1.8× the FMAs),
 //!   else bf16 inputs through AVX-512F f32 FMAs.
 //! * `avx512`: the hand-written AVX-512F f32 GEMM (`src/ops/gemm_f32.rs`); bf16 GEMMs run bf16
 //!   inputs through AVX-512F f32 FMAs (f32 sums: `CLIPFORGE_CPU_GEMM=avx512` also turns the

@@ -40,7 +40,7 @@
 //! weights: panels are zero-padded to a multiple of 16 pairs, one tile's depth), else the
 //! AVX512-BF16 microkernel (`gemm_bf16_avx512.rs`) where `vdpbf16ps` pays (AMD), else on Intel
 //! the AVX512-FP16 kernel (`gemm_bf16_fp16.rs`: the bf16 inputs scaled into f16, f16 partial sums
-//! of 64 products, f32 totals; its f16 twin of the weights is built on first use) or the f32-FMA
+//! of 128 products, f32 totals; its f16 twin of the weights is built on first use) or the f32-FMA
 //! kernel on bf16 inputs, else a portable f32 microkernel on the same
 //! packed data (bf16 → f32 by shifting; AVX2+FMA build when available); `CLIPFORGE_CPU_GEMM` caps
 //! it. Note that `tdpbf16ps`/`vdpbf16ps`/`vcvtne2ps2bf16` treat f32/bf16 denormals as zero; the

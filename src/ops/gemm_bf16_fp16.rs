@@ -5,15 +5,16 @@
 //! # Numbers
 //! The inputs are the bf16-rounded values of the other bf16 kernels, scaled by powers of two and
 //! held as f16: weights by 2^t so that max|w| lies in [½, 1) (once per packed weight, [`Fp16Copy`]),
-//! each row block of A by 2^s so that max|a| lies in [2^8, 2^9) (per work item, [`a_exp`]). A bf16
-//! value so scaled is exact in f16 unless it is below 2^-14, f16's smallest normal (2^-23 to 2^-22 of
+//! each row block of A by 2^s so that max|a| lies in [2^7, 2^8) (per work item, [`a_exp`]). A bf16
+//! value so scaled is exact in f16 unless it is below 2^-14, f16's smallest normal (2^-22 to 2^-21 of
 //! the largest A value, 2^-14 to 2^-13 of the largest weight: such values keep fewer bits as f16
-//! subnormals; they are not lost). Each lane of the register tile sums 64
-//! products in f16 (|a·w| < 2^9, so a partial stays < 2^15, below f16's 65504: no overflow is
+//! subnormals; they are not lost). Each lane of the register tile sums [`FLUSH`] = 128
+//! products in f16 (|a·w| < 2^8, so a partial stays < 2^15, below f16's 65504: no overflow is
 //! possible), then adds that partial into an f32 total; C = total·2^-(s+t), exact. The f16 partial
-//! sums add a relative error of about 1.2·10⁻³ of the output's scale — less than the bf16 rounding of
-//! the inputs (≈ 2.4·10⁻³, measured on 3072-deep products), so this kernel sits inside the bf16
-//! path's error; `tests/gemm_bf16.rs` bounds it per element. A row block with a non-finite value,
+//! sums add a relative error of about 1.6·10⁻³ rms of the output's scale — less than the bf16
+//! rounding of the inputs (≈ 2.4·10⁻³), so this kernel sits inside the bf16 path's error (≈ 2.9·10⁻³
+//! in all against the product of the unrounded inputs, 333- to 3072-deep products);
+//! `tests/gemm_bf16.rs` bounds it per element. A row block with a non-finite value,
 //! and a weight with one (no f16 twin), run on the f32-FMA kernel instead (no scale exists), so
 //! NaN and ∞ propagate as in f32.
 //!
@@ -25,10 +26,11 @@ use super::gemm_bf16::{AElem, Fp16Copy, Row, Tile, KC, MR, NR};
 use core::arch::x86_64::*;
 
 /// k pairs summed in f16 before the f32 total (see the module docs: keeps |partial| ≤ 2^15).
-/// 64 rather than 32: each flush converts and adds 28 accumulators on the FMA ports, so 32 spent
-/// ≈ 20 % of the kernel's time there (443 → ≈ 490 GFLOP/s at 64); the f16 error grows as
-/// √FLUSH, to ≈ 1.2·10⁻³ of the output's scale (BENCHMARKS.md, tenth session).
-const FLUSH: usize = 64;
+/// Each flush converts and adds 28 accumulators on the FMA ports: at 32 that was ≈ 20 % of the
+/// kernel's time (443 → ≈ 490 GFLOP/s at 64, tenth session); 128 gains another 3–7 % on the towers'
+/// shapes (e.g. 2464×512×2048: 551 → 586 GFLOP/s, fourteenth session) while the f16 error grows
+/// as √FLUSH, 1.2 → 1.6·10⁻³ rms of the output's scale (BENCHMARKS.md).
+const FLUSH: usize = 128;
 
 /// Whether this CPU runs the kernel: AVX512-FP16 (products) and AVX512-BF16 (input rounding).
 pub fn has_avx512_fp16() -> bool {
@@ -135,7 +137,7 @@ fn mask32(n: usize) -> __mmask32 {
 /// products sum to less than FLUSH·2^(A_TOP+1) = 2^15.
 const A_TOP: i32 = 14 - FLUSH.trailing_zeros() as i32;
 
-/// The scale exponent s of a row block of A (max|a|·2^s in [2^A_TOP, 2^(A_TOP+1)) = [2^8, 2^9)),
+/// The scale exponent s of a row block of A (max|a|·2^s in [2^A_TOP, 2^(A_TOP+1)) = [2^7, 2^8)),
 /// or None when it holds a non-finite value.
 pub(super) fn a_exp(max: f32) -> Option<i32> {
     exp_for(max, A_TOP)

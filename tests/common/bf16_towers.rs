@@ -9,7 +9,7 @@ use clipforge::{DType, Tensor};
 /// `units`: the per-element bound in units of u·max|ref| + u·|ref| (1 for the 2-layer
 /// fixtures, 2 for the 12-layer ViT-B/32: see `assert_half_close_within`).
 ///
-/// Where the bf16 GEMM runs on AVX512-FP16 (Intel without AMX: f16 partial sums of 32 products,
+/// Where the bf16 GEMM runs on AVX512-FP16 (Intel without AMX: f16 partial sums of 128 products,
 /// `gemm_bf16_fp16.rs`), its ≈ 10⁻³ relative sum error moves more values across bf16 rounding
 /// boundaries than f32 sums do, and the bound is 2.5 times as wide (measured 1.89u on the tiny
 /// fixture's texts, whose f32 embeddings are themselves 1.47u away); the cosine criterion is
