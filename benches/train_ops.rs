@@ -8,11 +8,11 @@ use clipforge::ops::attention::{attention, attention_backward, attention_packed,
 use clipforge::ops::elementwise::{unary_bwd, Unary};
 use clipforge::ops::embedding::{embedding_bwd, embedding_bwd_grouped};
 use clipforge::ops::gemm_bf16::PackedBf16;
-use clipforge::ops::gemm_f32_pack::{transpose_bf16, transpose_bf16_reference};
 use clipforge::ops::layernorm::layer_norm_bwd;
 use clipforge::ops::patch_embed::{patch_embed_bwd_weight, PatchShape};
 use clipforge::ops::pca_grad::{pca_reconstruct, pca_reconstruct_bwd};
 use clipforge::ops::softmax::{softmax, softmax_bwd};
+use clipforge::ops::transpose::{transpose_bf16, transpose_bf16_reference};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 /// The binary's allocator (large blocks cache-line aligned), so these numbers are the binary's.

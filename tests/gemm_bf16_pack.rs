@@ -1,13 +1,11 @@
 //! The bf16 GEMM's weight packers (`src/ops/gemm_bf16_pack.rs`) and the transpose that rounds to
-//! bf16 (`gemm_f32_pack::transpose_bf16`, the dW GEMM's dyᵀ, and `transpose_bf16_sums`, with
+//! bf16 (`transpose::transpose_bf16`, the dW GEMM's dyᵀ, and `transpose_bf16_sums`, with
 //! the bias gradient's column sums) against their scalar references, bit for bit: odd shapes (1, 7,
 //! 45×65, widths not divisible by 16 or 32, odd k), every kind of value (NaN payloads of both
 //! signs, ±∞, subnormals, −0, RNE ties, the largest finite value that rounds to ∞), and the
 //! panels' padding.
 use clipforge::ops::gemm_bf16::PackedBf16;
-use clipforge::ops::gemm_f32_pack::{
-    transpose_bf16, transpose_bf16_reference, transpose_bf16_sums, transpose_bf16_sums_reference, transpose_reference, SUM_ROWS,
-};
+use clipforge::ops::transpose::{transpose_bf16, transpose_bf16_reference, transpose_bf16_sums, transpose_bf16_sums_reference, transpose_reference, SUM_ROWS};
 
 /// f32 values: mostly ordinary magnitudes, with special bit patterns mixed in.
 fn values(len: usize, seed: u64) -> Vec<f32> {

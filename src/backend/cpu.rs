@@ -79,10 +79,10 @@ fn linear_bwd_bf16(
     // dyᵀ in bf16 (the GEMM rounds A to bf16 anyway): half the bytes written here and read by
     // its packing; the bias gradient from the same read of dy
     let (gt, db) = if bias {
-        let (gt, db) = crate::ops::gemm_f32_pack::transpose_bf16_sums(&g[..m * n], m, n); // [n, m], [n]
+        let (gt, db) = crate::ops::transpose::transpose_bf16_sums(&g[..m * n], m, n); // [n, m], [n]
         (gt, Some(db))
     } else {
-        (crate::ops::gemm_f32_pack::transpose_bf16(&g[..m * n], m, n), None) // [n, m]
+        (crate::ops::transpose::transpose_bf16(&g[..m * n], m, n), None) // [n, m]
     };
     let xt = PackedBf16::from_f32_t(&xd[..m * k], m, k); // xᵀ: [k outputs × m]
     let fill = |dw: &mut [f32]| {

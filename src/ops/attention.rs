@@ -254,7 +254,7 @@ pub(super) unsafe fn transpose_head(x: &[f32], b: usize, h: usize, s: &AttnShape
         let live = (t - j0).min(16);
         // SAFETY: rows j0..j0+live of the head ([live, hd] at stride w) are inside x (asserted);
         // dst[j0..] holds (hd − 1)·T + live values.
-        unsafe { super::gemm_f32_pack::transpose_lines(x[base + j0 * w..].as_ptr(), w, live, d, &mut dst[j0..], t, live) };
+        unsafe { super::transpose::transpose_lines(x[base + j0 * w..].as_ptr(), w, live, d, &mut dst[j0..], t, live) };
     }
 }
 

@@ -22,7 +22,7 @@ use super::attention::{check_into, fill, per_sequence_into, softmax_row_portable
 use super::cpu_path::{self, GemmPath};
 use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
 #[cfg(target_arch = "x86_64")]
-use super::gemm_f32_pack::transpose_lines;
+use super::transpose::transpose_lines;
 use half::bf16;
 use rayon::prelude::*;
 

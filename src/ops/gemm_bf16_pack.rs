@@ -110,7 +110,7 @@ unsafe fn pack_simd(n: usize, k: usize, fill: impl Fn(usize, *mut u32) + Sync) -
 mod x86 {
     use super::{geometry, NR};
     use crate::ops::act_simd::{bf16_bits16, to_bf16_16};
-    use crate::ops::gemm_f32_pack::{lane_mask as mask, transpose16};
+    use crate::ops::transpose::{lane_mask as mask, transpose16};
     use std::arch::x86_64::*;
 
     /// Zeros for the padding pairs kp..kps of a panel.

@@ -30,3 +30,4 @@ pub mod pca_grad;
 pub mod pos_gather;
 pub mod reduce;
 pub mod softmax;
+pub mod transpose;
