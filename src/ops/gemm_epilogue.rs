@@ -117,9 +117,7 @@ impl EpiRun {
             }
         }
     }
-}
 
-impl EpiRun {
     /// Starts loading what [`EpiRun::apply`] will read from memory for this rectangle — the
     /// residual of [`Epilogue::Add`], which nothing has touched since the previous layer wrote it
     /// — so that the loads run while the tile's last kernel call computes (the add waited on

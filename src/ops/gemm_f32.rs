@@ -285,8 +285,8 @@ unsafe fn gemm_block(a: &View, b: BSrc, cp: CPtr, (i0, i1): (usize, usize), (j0,
                                 // kc·NR values, the next B panel kc·NR; AVX-512F was checked by
                                 // the caller.
                                 if last {
+                                    // the epilogue's reads from memory, under the last kernel call
                                     fuse.epi.prefetch(i * n + j, n, rows, cols);
-                                    // the residual, under the kernel
                                 }
                                 #[cfg(target_arch = "x86_64")]
                                 unsafe {

@@ -13,10 +13,11 @@ use rayon::prelude::*;
 /// of x, each read as one contiguous run, in 16-row blocks ([`transpose_lines_bf16`]) into lanes
 /// i0..i0 + live of every output row; with `sums`, each task also adds its rows (in order, the
 /// loaded vectors before their transpose) into its own partial row, and the partial rows are then
-/// added in task order, column ranges in parallel (without `sums`, the second Vec is empty). (Tasks of output rows instead — 16 or 64 of
-/// x's columns, 64 or 256 bytes from each of all its rows — ran at 3.4 GB/s on an [1984×2048] x
-/// (8 KiB row stride) against ≈ 8 this way; ≈ 10 either way at other widths. Square 256×256
-/// tiles: 4–10 % faster on [7936×n], 10 % slower on [1984×2048].)
+/// added in task order, column ranges in parallel (without `sums`, the second Vec is empty).
+/// (Tasks of output rows instead — 16 or 64 of x's columns, 64 or 256 bytes from each of all its
+/// rows — ran at 3.4 GB/s on an [1984×2048] x (8 KiB row stride) against ≈ 8 this way; ≈ 10
+/// either way at other widths. Square 256×256 tiles: 4–10 % faster on [7936×n], 10 % slower on
+/// [1984×2048].)
 ///
 /// # Safety
 /// The CPU has AVX-512F.
@@ -34,9 +35,7 @@ unsafe fn par_transpose_bf16(x: &[f32], rows: usize, cols: usize, sums: bool) ->
         }
     }
     let tasks = rows.div_ceil(SUM_ROWS);
-    // the partial rows: each written in full (zeroed, then added to)
-    // SAFETY: the fill writes every value.
-    let mut parts = sums.then(|| unsafe { super::fastmath::written(tasks * cols, |p: &mut [f32]| p.par_chunks_mut(1 << 16).for_each(|r| r.fill(0.0))) });
+    let mut parts = sums.then(|| super::fastmath::zeros(tasks * cols)); // a partial row per task [tasks, cols]
     let fill = |t: &mut [half::bf16]| {
         let (dst, part) = (Shared(t.as_mut_ptr()), parts.as_mut().map(|p| Shared(p.as_mut_ptr())));
         (0..tasks).into_par_iter().for_each(|c| {
@@ -60,13 +59,9 @@ unsafe fn par_transpose_bf16(x: &[f32], rows: usize, cols: usize, sums: bool) ->
                 }
             }
         });
-        Ok::<(), std::convert::Infallible>(())
     };
     // SAFETY: the tasks store lanes i0..i0 + live of every output row: all of them.
-    let t = match unsafe { super::fastmath::written_by(rows * cols, fill) } {
-        Ok(t) => t, // [cols, rows]
-        Err(e) => match e {},
-    };
+    let t = unsafe { super::fastmath::written(rows * cols, fill) }; // [cols, rows]
     let Some(parts) = parts else { return (t, Vec::new()) };
     // the partial rows in task order, ranges of 256 columns in parallel
     let mut sums = vec![0f32; cols];
