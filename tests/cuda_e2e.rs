@@ -93,8 +93,8 @@ fn run_model_bf16(name: &str, ops: Box<dyn DeviceOps>) {
     let what = format!("{name} bf16 on {}", clip.describe());
     let (w, schema) = (Weights::open(&dir).unwrap(), Schema::clip(&f32_model.config));
     let (rv, rt) = (
-        TowerParams::load(&HalfRef, &schema, Tower::Vision, &w, DType::BF16).unwrap(),
-        TowerParams::load(&HalfRef, &schema, Tower::Text, &w, DType::BF16).unwrap(),
+        TowerParams::load(&HalfRef::DEVICE, &schema, Tower::Vision, &w, DType::BF16).unwrap(),
+        TowerParams::load(&HalfRef::DEVICE, &schema, Tower::Text, &w, DType::BF16).unwrap(),
     );
     let refs = Weights::open(&dir.join("activations.safetensors")).unwrap();
     let px = refs.get("input.pixel_values").unwrap().contiguous();
@@ -105,13 +105,13 @@ fn run_model_bf16(name: &str, ops: Box<dyn DeviceOps>) {
         (
             &got_img,
             f32_model.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap(),
-            rv.vision(&HalfRef, &f32_model.config.vision, px.clone(), px.dim(0), Mode::Infer, &mut None).unwrap().0,
+            rv.vision(&HalfRef::DEVICE, &f32_model.config.vision, px.clone(), px.dim(0), Mode::Infer, &mut None).unwrap().0,
             "image",
         ),
         (
             &got_txt,
             f32_model.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap(),
-            rt.text(&HalfRef, &f32_model.config.text, &ids, None, Mode::Infer, &mut None).unwrap().0,
+            rt.text(&HalfRef::DEVICE, &f32_model.config.text, &ids, None, Mode::Infer, &mut None).unwrap().0,
             "text",
         ),
     ] {

@@ -234,13 +234,13 @@ fn half_precision_loss_is_the_rounded_reference_not_f32() {
     let reference = |dt: DType| -> f64 {
         let value = |q: &clipforge::model::schema::Param| Ok(model.params[model.index(&q.name).unwrap()].1.clone());
         let (v, t) = (
-            TowerParams::load_with(&HalfRef, &model.schema, Tower::Vision, dt, value).unwrap(),
-            TowerParams::load_with(&HalfRef, &model.schema, Tower::Text, dt, value).unwrap(),
+            TowerParams::load_with(&HalfRef::DEVICE, &model.schema, Tower::Vision, dt, value).unwrap(),
+            TowerParams::load_with(&HalfRef::DEVICE, &model.schema, Tower::Text, dt, value).unwrap(),
         );
         let nb = batch.long_ids.len();
-        let img = v.vision(&HalfRef, &model.config.vision, batch.pixels.contiguous(), nb, Mode::Infer, &mut None).unwrap().0; // [B·D]
+        let img = v.vision(&HalfRef::DEVICE, &model.config.vision, batch.pixels.contiguous(), nb, Mode::Infer, &mut None).unwrap().0; // [B·D]
         let ids: Vec<Vec<u32>> = batch.long_ids.iter().chain(&batch.short_ids).cloned().collect();
-        let txt = t.text(&HalfRef, &model.config.text, &ids, None, Mode::Infer, &mut None).unwrap().0; // [2B·D]
+        let txt = t.text(&HalfRef::DEVICE, &model.config.text, &ids, None, Mode::Infer, &mut None).unwrap().0; // [2B·D]
         let d = model.config.projection_dim;
         let tape = Tape::new();
         let c = |x: Vec<f32>, rows: usize| tape.constant(clipforge::Tensor::from_vec(x, &[rows, d]).unwrap());

@@ -21,18 +21,18 @@ pub fn check(w: &Weights, cfg: &ClipConfig, b: usize, what: &str, units: f64) {
     let bf = ClipParts::load(w, cfg, Towers::Both, &LoadOptions { dtype: DType::BF16 }).unwrap();
     let schema = Schema::clip(cfg);
     let (rv, rt) = (
-        TowerParams::load(&HalfRef, &schema, Tower::Vision, w, DType::BF16).unwrap(),
-        TowerParams::load(&HalfRef, &schema, Tower::Text, w, DType::BF16).unwrap(),
+        TowerParams::load(&HalfRef::CPU, &schema, Tower::Vision, w, DType::BF16).unwrap(),
+        TowerParams::load(&HalfRef::CPU, &schema, Tower::Text, w, DType::BF16).unwrap(),
     );
     let s = cfg.vision.image_size;
     let px = super::rand_tensor(&[b, 3, s, s], 3);
     let (a, c) = (f32m.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap(), bf.vision().unwrap().forward(&px, &mut |_, _| {}).unwrap());
-    let r = rv.vision(&HalfRef, &cfg.vision, px.contiguous(), b, Mode::Infer, &mut None).unwrap().0;
+    let r = rv.vision(&HalfRef::CPU, &cfg.vision, px.contiguous(), b, Mode::Infer, &mut None).unwrap().0;
     compare(&format!("{what} images"), &c, &a, &r, units);
     let ids: Vec<Vec<u32>> =
         (0..b).map(|i| (0..20 + 5 * i as u32).map(|j| if j == 0 { 49406 } else { 400 + 37 * j + i as u32 }).chain([49407]).collect()).collect();
     let (a, c) = (f32m.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap(), bf.text().unwrap().forward(&ids, None, &mut |_, _| {}).unwrap());
-    let r = rt.text(&HalfRef, &cfg.text, &ids, None, Mode::Infer, &mut None).unwrap().0;
+    let r = rt.text(&HalfRef::CPU, &cfg.text, &ids, None, Mode::Infer, &mut None).unwrap().0;
     compare(&format!("{what} texts"), &c, &a, &r, units);
 }
 

@@ -6,9 +6,13 @@
 //! towers and the bf16/f16 device trainer round at exactly these points and differ from this only
 //! by their f32 summation order, so they must match it far more closely than they match f32.
 //!
-//! Attention: where the CPU backend computes it with bf16 products (bf16 weights and
-//! `attention_bf16::chosen()`: AMX, AVX512-BF16 on AMD, or that path forced), q, k and v are rounded
-//! to bf16 and P too (`attention_bf16_reference`, f64); elsewhere the CPU's f32 attention.
+//! Attention follows the backend under test ([`AttnOf`]): where it computes attention with bf16
+//! products — the CPU backend with bf16 weights and `attention_bf16::chosen()` (AMX, AVX512-BF16
+//! on AMD, or that path forced); the device backend where its flash kernels serve the head dim
+//! (`cuda::flash::supported`) — q, k and v are rounded to bf16 and P too
+//! (`attention_bf16_reference`, f64); elsewhere the CPU's f32 attention. (The host CPU must not
+//! decide the device's reference: on AMD the CPU's choice would round attention that the device
+//! computes in f32.)
 //!
 //! [`assert_half_close`]: per element within the format's unit roundoff of the reference (see its
 //! docs); [`assert_not_f32`]: farther from the f32 result than a path that silently computed in
@@ -22,9 +26,28 @@ use clipforge::{DType, Result, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// The rounding reference (stateless: the format travels with each weight).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct HalfRef;
+/// The rounding reference (the format travels with each weight; the attention's rounding
+/// follows the backend it is the reference of).
+#[derive(Clone, Copy, Debug)]
+pub struct HalfRef {
+    pub attention: AttnOf,
+}
+
+/// Whose attention rounding the reference mirrors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnOf {
+    /// The CPU backend's: bf16 products where `attention_bf16::chosen()`.
+    Cpu,
+    /// The device backend's: bf16 products where the flash kernels serve bf16 at the head dim.
+    Device,
+}
+
+impl HalfRef {
+    /// The reference of the CPU towers.
+    pub const CPU: HalfRef = HalfRef { attention: AttnOf::Cpu };
+    /// The reference of the device (CUDA, emulated CUDA) towers and trainer.
+    pub const DEVICE: HalfRef = HalfRef { attention: AttnOf::Device };
+}
 
 /// x rounded to bf16 or f16 (round to nearest even), as f64 (exact).
 pub fn round_to(x: f32, dt: DType) -> f64 {
@@ -126,8 +149,12 @@ impl Ops for HalfRef {
         Cpu.bias_act_bwd(dout, pre, rows, n, act)
     }
     /// bf16 q, k, v (rounded, kept in bf16 storage) where the CPU's attention computes in bf16.
-    fn qkv(&self, h: &Tensor, w: [&Weight<HalfRef>; 3], b: [&Tensor; 3], n: usize, _heads: usize) -> Result<[Tensor; 3]> {
-        let half = w.iter().all(|w| matches!(&w.half, Some((DType::BF16, _)))) && attention_bf16::chosen();
+    fn qkv(&self, h: &Tensor, w: [&Weight<HalfRef>; 3], b: [&Tensor; 3], n: usize, heads: usize) -> Result<[Tensor; 3]> {
+        let bf16_products = match self.attention {
+            AttnOf::Cpu => attention_bf16::chosen(),
+            AttnOf::Device => clipforge::cuda::flash::supported(DType::BF16, w[0].n / heads.max(1)),
+        };
+        let half = w.iter().all(|w| matches!(&w.half, Some((DType::BF16, _)))) && bf16_products;
         let one = |w: &Weight<HalfRef>, b: &Tensor| -> Result<Tensor> {
             let y = self.linear(h, w, Some(b), n)?; // [n, W]
             Ok(if half { y.to_dtype(DType::BF16) } else { y }) // [n, W]
