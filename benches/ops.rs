@@ -45,7 +45,7 @@ fn bench_gemm_train(c: &mut Criterion) {
 }
 
 /// The AVX-512 f32 GEMM at the towers' Linear shapes (y = x·Wᵀ; ViT-B/32 batch 32: 1600 image
-/// tokens, 2464 text tokens) under each tuning, so the Intel and generic blockings compare on
+/// tokens, 2464 text tokens) under each tuning, so the two blockings compare on
 /// whatever CPU runs the bench.
 fn bench_gemm_f32_tunings(c: &mut Criterion) {
     if !clipforge::ops::gemm_f32::available() {
@@ -58,7 +58,7 @@ fn bench_gemm_f32_tunings(c: &mut Criterion) {
         let (xv, wv) = (View::row_major(&x, m, k), View::row_major(&w, n, k));
         let mut y = vec![0f32; m * n];
         g.throughput(Throughput::Elements((2 * m * n * k) as u64)); // FLOPs
-        for t in [Tuning::Intel, Tuning::Generic] {
+        for t in [Tuning::Prefetch, Tuning::Plain] {
             g.bench_function(format!("{t:?}/{m}x{k}x{n}"), |b| b.iter(|| gemm_tuned(xv, wv.t(), black_box(&mut y), false, t)));
         }
     }

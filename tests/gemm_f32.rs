@@ -1,5 +1,5 @@
-//! The AVX-512 f32 GEMM under each of its tunings (`gemm_f32::Tuning`: Intel's even kc split up
-//! to 384, NC = 1024 and software prefetch; the generic kc = 256, NC = 2048) against the f64
+//! The AVX-512 f32 GEMM under each of its tunings (`gemm_f32::Tuning`: `Prefetch`'s even kc split
+//! up to 384, NC = 1024 and software prefetch; `Plain`'s kc = 256, NC = 2048) against the f64
 //! reference, whatever CPU runs the tests: odd shapes (1, 7, 45×65, widths not multiples of 32
 //! or 64), depths that split into uneven and even k blocks, parts wider than one NC block, row
 //! and column thread splits, all four transpose combinations, replace and accumulate.
@@ -8,7 +8,7 @@ use clipforge::ops::gemm_f32::{available, gemm, gemm_tuned, Tuning};
 use clipforge::ops::matmul::{gemm_reference, View};
 use common::*;
 
-/// (m, k, n): k = 385 and 769 split evenly (Intel: 2×193, 3×257) and not (generic: 256 + rest);
+/// (m, k, n): k = 385 and 769 split evenly (Prefetch: 2×193, 3×257) and not (Plain: 256 + rest);
 /// n = 2100 gives each of two threads a part wider than one NC block; 113 rows cut the second
 /// row block of 8 panels; m < n splits by columns, m ≥ n by rows.
 const SHAPES: &[(usize, usize, usize)] =
@@ -33,21 +33,21 @@ fn check(tuning: Tuning) {
 }
 
 #[test]
-fn intel_tuning_matches_reference() {
+fn prefetch_tuning_matches_reference() {
     if !available() {
         eprintln!("skipped: no AVX-512F on this CPU");
         return;
     }
-    check(Tuning::Intel);
+    check(Tuning::Prefetch);
 }
 
 #[test]
-fn generic_tuning_matches_reference() {
+fn plain_tuning_matches_reference() {
     if !available() {
         eprintln!("skipped: no AVX-512F on this CPU");
         return;
     }
-    check(Tuning::Generic);
+    check(Tuning::Plain);
 }
 
 /// `gemm` is `gemm_tuned` with the detected tuning: same bits.
@@ -80,7 +80,7 @@ fn fused_linear_matches_its_composite_twin() {
         eprintln!("skipped: no AVX-512F on this CPU");
         return;
     }
-    for tuning in [Tuning::Intel, Tuning::Generic] {
+    for tuning in [Tuning::Prefetch, Tuning::Plain] {
         for &(m, k, n) in SHAPES.iter().chain(&[(3, 0, 5)]) {
             let (x, w, bias, res) = (randn(m * k, 41), randn(n * k, 42), randn(n, 43), randn(m * n, 44));
             let (av, bv) = (View::row_major(&x, m, k), View::row_major(&w, n, k).t());
@@ -171,7 +171,7 @@ fn packed_b_gives_the_bits_of_per_call_packing() {
         eprintln!("skipped: no AVX-512F on this CPU");
         return;
     }
-    for tuning in [Tuning::Intel, Tuning::Generic] {
+    for tuning in [Tuning::Prefetch, Tuning::Plain] {
         for &(m, k, n) in SHAPES.iter().chain(&[(3, 0, 5)]) {
             let (x, w, bias, res) = (randn(m * k, 61), randn(n * k, 62), randn(n, 63), randn(m * n, 64));
             let av = View::row_major(&x, m, k);

@@ -13,12 +13,14 @@
 //!   zero-padded past m, by the thread that owns the block; row blocks are spread evenly over
 //!   the threads, and each writes its own rows of C (no two threads touch one element).
 //! * The first kc block replaces C (or adds to it when accumulating), later ones add.
-//! * Two tunings ([`Tuning`], chosen once per process from CPUID): on Intel (48 KiB L1d, 2 MiB
-//!   L2) the depth is split into even blocks of at most 384, NC = 1024 keeps the packed B block
-//!   (1.5 MiB) in L2, and the kernel prefetches its C tile (strided rows no hardware prefetcher
-//!   follows) and, on a B panel's last use, the next B panel; AMD and others keep kc = 256,
-//!   NC = 2048 and no software prefetch, exactly as before the Intel tuning (Zen 4 could not be
-//!   measured when it was added; `cargo bench --bench ops -- gemm_f32` compares both anywhere).
+//! * Two tunings ([`Tuning`], chosen once per process from CPUID). [`Tuning::Prefetch`] on Intel
+//!   and AMD: the depth is split into even blocks of at most 384, NC = 1024 keeps the packed B
+//!   block (1.5 MiB) in L2, and the kernel prefetches its C tile (strided rows no hardware
+//!   prefetcher follows) and, on a B panel's last use, the next B panel. Made for Intel (48 KiB
+//!   L1d, 2 MiB L2); measured on Zen 4 (32 KiB L1d, 1 MiB L2) it is as fast or faster there too
+//!   (BENCHMARKS.md, 2026-12-06 fifteenth session). [`Tuning::Plain`] (kc = 256, NC = 2048, no
+//!   software prefetch, the first blocking) for CPUs of other vendors. `cargo bench --bench ops
+//!   -- gemm_f32` compares both on any CPU.
 //! * Fused Linear ([`gemm_fused`]): the bias is added in the first kc block's tile store (C is
 //!   never read or pre-filled), and an [`Epilogue`] (activation, residual add) is applied to
 //!   each C tile right after its last kc block, while it is still in L1 — the same epilogues as
@@ -41,14 +43,15 @@ const MAX_PANELS: usize = 8;
 /// The blocking and prefetch choices of one CPU kind (see the file header).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tuning {
-    /// kc = 256 fixed, NC = 2048, no software prefetch (AMD Zen 4 and anything not Intel).
-    Generic,
-    /// kc ≤ 384 split evenly over k, NC = 1024, C-tile and next-B-panel prefetch (Intel Xeon).
-    Intel,
+    /// kc = 256 fixed, NC = 2048, no software prefetch (CPUs other than Intel's and AMD's).
+    Plain,
+    /// kc ≤ 384 split evenly over k, NC = 1024, C-tile and next-B-panel prefetch (Intel, AMD).
+    Prefetch,
 }
 
 impl Tuning {
-    /// The tuning for this CPU: [`Tuning::Intel`] on GenuineIntel, [`Tuning::Generic`] otherwise.
+    /// The tuning for this CPU: [`Tuning::Prefetch`] on GenuineIntel and AuthenticAMD,
+    /// [`Tuning::Plain`] otherwise.
     pub fn detected() -> Tuning {
         static T: OnceLock<Tuning> = OnceLock::new();
         *T.get_or_init(|| {
@@ -56,32 +59,32 @@ impl Tuning {
             {
                 let r = core::arch::x86_64::__cpuid(0); // leaf 0 exists on every x86-64 CPU
                 let v: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|x| x.to_le_bytes()).collect();
-                if v == b"GenuineIntel" {
-                    return Tuning::Intel;
+                if v == b"GenuineIntel" || v == b"AuthenticAMD" {
+                    return Tuning::Prefetch;
                 }
             }
-            Tuning::Generic
+            Tuning::Plain
         })
     }
 
     /// Depth of one k block for a product of depth k.
     pub(super) fn kc(self, k: usize) -> usize {
         match self {
-            Tuning::Generic => 256.min(k),
-            Tuning::Intel => k.div_ceil(k.div_ceil(384)).max(1), // even blocks: 768 → 2×384, 512 → 2×256
+            Tuning::Plain => 256.min(k),
+            Tuning::Prefetch => k.div_ceil(k.div_ceil(384)).max(1), // even blocks: 768 → 2×384, 512 → 2×256
         }
     }
 
     /// Columns of B packed per block.
     fn nc(self) -> usize {
         match self {
-            Tuning::Generic => 2048,
-            Tuning::Intel => 1024,
+            Tuning::Plain => 2048,
+            Tuning::Prefetch => 1024,
         }
     }
 
     fn prefetch(self) -> bool {
-        self == Tuning::Intel
+        self == Tuning::Prefetch
     }
 }
 
