@@ -65,6 +65,7 @@ const SMALL: &[(usize, usize, usize)] = &[
     (7, 59, 177),
     (15, 33, 2),
     (29, 64, 1000), // several kc-blocks, odd-size last block
+    (5, 40, 1601),  // kp = 801: three kc-blocks of ≤ 384 pairs (vdpbf16ps), four of ≤ 256 (the others)
 ];
 
 const KERNELS: [Kernel; 8] =

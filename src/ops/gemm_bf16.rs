@@ -18,9 +18,12 @@
 //! * Register tile `MR × NR = 14 × 32` f32: 28 zmm accumulators, 2 zmm for the current
 //!   B row-pair, 1 broadcast register. Per k pair: 2 loads, 14 broadcasts, 28
 //!   `vdpbf16ps` (64 flops each); the C tile is prefetched at kernel entry.
-//! * kc-blocks: `kp` is split into near-equal blocks of at most `KC = 256` pairs, so the
-//!   B micro-panel (`kc × NR`, ≤ 32 KiB) stays in L1 while the kernel sweeps the row
-//!   block. The first kc-block stores `acc + bias`, later ones `acc + c`.
+//! * kc-blocks: `kp` is split into near-equal blocks of at most [`kc_max`] pairs: 384 for the
+//!   `vdpbf16ps` kernel (AMD: a 768-deep product is one block, so C is stored once, not
+//!   stored, read back and stored again; measured on Zen 4 1.01–1.05× at the towers' shapes),
+//!   256 for the others (Intel's f16 and FMA kernels, measured at 256: the B micro-panel,
+//!   `kc × NR`, ≤ 32 KiB). A panel rows have the stride `KC = 384` either way. The first
+//!   kc-block stores `acc + bias`, later ones `acc + c`.
 //! * Work items (rayon): ~8 per thread. A row block of whole MR panels (sizes differ by
 //!   at most one panel, ≤ 16 panels) × a column range (split only when m is too small
 //!   to give every thread work). Each item writes a disjoint rectangle of C. An item
@@ -55,7 +58,19 @@ use std::sync::OnceLock;
 
 pub(super) const NR: usize = 32;
 pub(super) const MR: usize = 14;
-pub(super) const KC: usize = 256; // max k pairs per kc-block (512 k values)
+pub(super) const KC: usize = 384; // max k pairs per kc-block (768 k values): A panel rows' stride
+/// The kc-block limit of the other kernels (see the file header).
+const KC_NARROW: usize = 256;
+
+/// The largest kc-block (k pairs) a kernel's depth is split into: [`KC`] for `vdpbf16ps`
+/// (`simd`), [`KC_NARROW`] otherwise.
+fn kc_max(simd: bool) -> usize {
+    if simd {
+        KC
+    } else {
+        KC_NARROW
+    }
+}
 const NC: usize = NR * 8; // columns per jc chunk inside a work item
 
 /// Weights `[n×k]` converted to bf16 and packed for the microkernel (see module docs).
@@ -436,7 +451,6 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         let (ib, js) = (item / nsplit, item % nsplit);
         let (p0, p1) = (ib * mpan / mblk, (ib + 1) * mpan / mblk);
         let (j0, j1) = (js * npan / nsplit * NR, ((js + 1) * npan / nsplit * NR).min(n));
-        let nkb = kp.div_ceil(KC);
         // AVX512-FP16: this row block's scale exponent (None when it holds a non-finite value:
         // then the FMA kernel), the f16 panels and the descale 2^-(s + t)
         #[cfg(target_arch = "x86_64")]
@@ -447,6 +461,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         #[cfg(not(target_arch = "x86_64"))]
         let f16: Option<(&[u32], i32, f32)> = fp16.and(None);
         let (simd, fma) = if f16.is_some() { (false, false) } else { (simd, fma) };
+        let nkb = kp.div_ceil(kc_max(simd));
         let astride = if fma { 2 * KC } else { KC }; // A panel row stride (u32 pairs, or f32 values)
         let bdata = f16.map_or(w.data, |(d, ..)| d);
         ABUF.with_borrow_mut(|abuf| {
@@ -474,7 +489,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
             let mut pf = next.chunks(per_iter.max(line));
             for jc in (j0..j1).step_by(NC) {
                 for kb in 0..nkb {
-                    // Balanced kc-blocks: nkb near-equal blocks of at most KC pairs.
+                    // Balanced kc-blocks: nkb near-equal blocks of at most kc_max pairs.
                     let (pc, kc) = (kb * kp / nkb, (kb + 1) * kp / nkb - kb * kp / nkb);
                     for jr in (jc..j1.min(jc + NC)).step_by(NR) {
                         prefetch_l2(pf.next().unwrap_or(&[]));
