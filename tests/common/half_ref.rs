@@ -148,7 +148,8 @@ impl Ops for HalfRef {
     fn bias_act_bwd(&self, dout: &Tensor, pre: &Tensor, rows: usize, n: usize, act: Act) -> Result<(Tensor, Tensor)> {
         Cpu.bias_act_bwd(dout, pre, rows, n, act)
     }
-    /// bf16 q, k, v (rounded, kept in bf16 storage) where the CPU's attention computes in bf16.
+    /// bf16 q, k, v (rounded, kept in bf16 storage) where the mirrored backend's attention computes
+    /// in bf16 ([`AttnOf`]).
     fn qkv(&self, h: &Tensor, w: [&Weight<HalfRef>; 3], b: [&Tensor; 3], n: usize, heads: usize) -> Result<[Tensor; 3]> {
         let bf16_products = match self.attention {
             AttnOf::Cpu => attention_bf16::chosen(),
