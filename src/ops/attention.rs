@@ -126,23 +126,7 @@ pub(super) fn check_into<T>(name: &str, q: &[T], k: &[T], v: &[T], s: &AttnShape
 
 /// An attention output or gradient [B, T, H·hd] shared by the (sequence, head) tasks: task (b, h) writes
 /// only rows b·T.. b·T+T, columns h·hd.. h·hd+hd, so no two tasks touch the same element.
-#[derive(Clone, Copy)]
-pub(super) struct SharedOut(*mut f32);
-impl SharedOut {
-    pub(super) fn new(out: &mut [f32]) -> Self {
-        SharedOut(out.as_mut_ptr())
-    }
-    /// The address of element `i` (a method, so that closures capture the whole `Sync` wrapper).
-    pub(super) fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-// SAFETY: dereferenced only inside the attention pass (forward or backward) that created it,
-// while the `&mut [f32]` it came from is borrowed, and its tasks write disjoint elements (see
-// the type's docs).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
+pub(super) type SharedOut = super::fastmath::SharedMut<f32>;
 
 /// (Sequence, head) pairs in parallel — a single long sequence still fills every core — each:
 /// Kᵀ copied into a [hd, T] tile and, per block of QBLK query rows, S = Q·Kᵀ (Q read in place),

@@ -99,6 +99,35 @@ pub unsafe fn written_by<T: Copy, E>(n: usize, fill: impl FnOnce(&mut [T]) -> Re
     Ok(v)
 }
 
+/// A buffer's base pointer shared by the parallel tasks of one pass that write disjoint elements
+/// of it — GEMM tiles of C, attention heads' columns, transposed lanes — while the `&mut [T]` it
+/// came from stays borrowed by that pass. The CPU ops' one `Send + Sync` raw pointer.
+pub(crate) struct SharedMut<T>(*mut T);
+impl<T> SharedMut<T> {
+    pub(crate) fn new(buf: &mut [T]) -> Self {
+        SharedMut(buf.as_mut_ptr())
+    }
+    /// The base address (a method, not `.0`, so that closures capture the whole `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+    /// The address of element `i`.
+    pub(crate) fn at(self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+}
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedMut<T> {}
+// SAFETY: dereferenced only by the tasks of the pass that made it, while the buffer is borrowed,
+// and those tasks write disjoint elements (each user states its partition).
+unsafe impl<T> Send for SharedMut<T> {}
+// SAFETY: as above; no two threads access one element.
+unsafe impl<T> Sync for SharedMut<T> {}
+
 /// The first n values of a reused scratch buffer, grown (zero-filled) only when too short: a
 /// packing buffer whose packer writes every value it later reads must not be re-zeroed each time
 /// it shrinks and grows back (`Vec::resize` would: a memset per GEMM work item).

@@ -205,20 +205,6 @@ impl TileOps for SoftTiles {
     }
 }
 
-/// Pointer to C shared by the work items; each item writes a disjoint rectangle.
-#[derive(Clone, Copy)]
-struct CPtr(*mut f32);
-impl CPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: only dereferenced inside `matmul_amx` while the `&mut [f32]` is borrowed; work items
-// write disjoint regions of C.
-unsafe impl Send for CPtr {}
-// SAFETY: as above.
-unsafe impl Sync for CPtr {}
-
 thread_local! {
     /// Per-thread packed A row block (`[panel][k tile][32][16]` pairs).
     static ABUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -253,7 +239,7 @@ pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
     let target = if par { ITEMS_PER_THREAD * rayon::current_num_threads().max(1) } else { 1 };
     let mblk = mpan.min(target).max(mpan.div_ceil(MAX_BLOCK_PANELS));
     let nsplit = (target / mblk).clamp(1, npan);
-    let cptr = CPtr(c.as_mut_ptr());
+    let cptr = super::fastmath::SharedMut::new(c); // items write disjoint regions of C
     let wdata = w.data;
     let item = |item: usize| {
         let (ib, js) = (item / nsplit, item % nsplit);

@@ -219,21 +219,6 @@ pub fn matmul_bf16(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c:
     matmul_bf16_forced(a, m, w, bias, c, Kernel::Auto)
 }
 
-/// Pointer to C shared by the work items; each item writes a disjoint rectangle.
-#[derive(Clone, Copy)]
-struct CPtr(*mut f32);
-impl CPtr {
-    // A method (not `.0`) so that closures capture the whole `Sync` wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: the pointer is only dereferenced inside `matmul_bf16_forced`, while the
-// `&mut [f32]` it came from is borrowed, and work items write disjoint C regions.
-unsafe impl Send for CPtr {}
-// SAFETY: as above; no two threads ever access the same element.
-unsafe impl Sync for CPtr {}
-
 /// Kernel selection for [`matmul_bf16_forced`] (tests and comparisons).
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -446,7 +431,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
     let target = if par { ITEMS_PER_THREAD * rayon::current_num_threads().max(1) } else { 1 };
     let mblk = mpan.min(target).max(mpan.div_ceil(MAX_BLOCK_PANELS));
     let nsplit = (target / mblk).clamp(1, npan);
-    let cptr = CPtr(c.as_mut_ptr());
+    let cptr = super::fastmath::SharedMut::new(c); // items write disjoint rectangles of C
     let item = |item: usize| {
         let (ib, js) = (item / nsplit, item % nsplit);
         let (p0, p1) = (ib * mpan / mblk, (ib + 1) * mpan / mblk);

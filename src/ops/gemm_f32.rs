@@ -29,11 +29,11 @@
 //! * A B packed once ([`gemm_fused_packed`], `gemm_f32_pack::PackedB`: the Linear weights of an
 //!   inference model, packed at load) is read in place of the per-call packing: same panels,
 //!   same bits, no packing per call and per thread.
+use super::fastmath::SharedMut;
 use super::gemm_epilogue::{EpiRun, Epilogue};
 use super::gemm_f32_pack::{pack_a, pack_b, PackedB};
 use super::matmul::View;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 
 pub(super) const MR: usize = 14;
 pub(super) const NR: usize = 32;
@@ -53,18 +53,11 @@ impl Tuning {
     /// The tuning for this CPU: [`Tuning::Prefetch`] on GenuineIntel and AuthenticAMD,
     /// [`Tuning::Plain`] otherwise.
     pub fn detected() -> Tuning {
-        static T: OnceLock<Tuning> = OnceLock::new();
-        *T.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                let r = core::arch::x86_64::__cpuid(0); // leaf 0 exists on every x86-64 CPU
-                let v: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|x| x.to_le_bytes()).collect();
-                if v == b"GenuineIntel" || v == b"AuthenticAMD" {
-                    return Tuning::Prefetch;
-                }
-            }
-            Tuning::Plain
-        })
+        use super::cpu_path::{vendor, Vendor};
+        match vendor() {
+            Vendor::Intel | Vendor::Amd => Tuning::Prefetch,
+            Vendor::Other => Tuning::Plain,
+        }
     }
 
     /// Depth of one k block for a product of depth k.
@@ -103,19 +96,6 @@ pub fn available() -> bool {
 /// Whether [`gemm`] is the faster choice for an m×k·k×n product on this CPU.
 pub fn worth_it(m: usize, n: usize, k: usize) -> bool {
     m >= 2 * MR && n >= NR && k >= 16 && m * n * k >= 1 << 21 && available()
-}
-
-/// C's base pointer, shared by the threads of a GEMM (or of a row-parallel epilogue pass,
-/// `matmul::linear_into`) that write disjoint parts of it.
-#[derive(Clone, Copy)]
-pub(crate) struct CPtr(pub(crate) *mut f32);
-// SAFETY: its users write disjoint rows / blocks of C through it (see `gemm_tuned`, `linear_into`).
-unsafe impl Send for CPtr {}
-unsafe impl Sync for CPtr {}
-impl CPtr {
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 thread_local! {
@@ -219,7 +199,7 @@ fn run(a: View, b: BSrc, c: &mut [f32], fuse: Fuse, tuning: Tuning) {
     let (mpan, npan) = (m.div_ceil(MR), n.div_ceil(NR));
     let by_rows = m >= n || npan < threads; // each thread packs all k×n of B, or all m×k of A
     let parts = if by_rows { threads.min(mpan) } else { threads.min(npan) };
-    let cp = CPtr(c.as_mut_ptr());
+    let cp = SharedMut::new(c); // the parts write disjoint rows / column blocks of C
     (0..parts).into_par_iter().for_each(|t| {
         let (i0, i1, j0, j1) = if by_rows {
             ((t * mpan / parts) * MR, ((t + 1) * mpan / parts * MR).min(m), 0, n)
@@ -241,7 +221,7 @@ thread_local! {
 /// # Safety
 /// No other thread may access that block of c (or of the epilogue's output) meanwhile; c holds
 /// a.rows × b.cols values.
-unsafe fn gemm_block(a: &View, b: BSrc, cp: CPtr, (i0, i1): (usize, usize), (j0, j1): (usize, usize), fuse: Fuse, tuning: Tuning) {
+unsafe fn gemm_block(a: &View, b: BSrc, cp: SharedMut<f32>, (i0, i1): (usize, usize), (j0, j1): (usize, usize), fuse: Fuse, tuning: Tuning) {
     let (n, k) = (b.cols(), a.cols);
     let (kc_max, nc_max, prefetch) = (tuning.kc(k), tuning.nc(), tuning.prefetch());
     BPACK.with_borrow_mut(|bpack| {

@@ -183,7 +183,7 @@ pub fn linear_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Opt
     if matches!(run, EpiRun::None) || n == 0 {
         return;
     }
-    let yp = super::gemm_f32::CPtr(y.as_mut_ptr());
+    let yp = super::fastmath::SharedMut::new(y); // rows in parallel
     (0..m).into_par_iter().with_min_len((1 << 14) / n + 1).for_each(|r| {
         // SAFETY: row r of y (and of the epilogue's m·n buffers) is this iteration's alone.
         unsafe { run.apply(yp.get(), r * n, n, 1, n) }

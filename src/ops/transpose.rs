@@ -5,6 +5,8 @@
 //! [`transpose16`] (a 16×16 block in registers) and [`transpose_lines`] / [`transpose_lines_to`]
 //! (up to 16 lines of any length, transposed 16 steps at a time).
 #[cfg(target_arch = "x86_64")]
+use super::fastmath::SharedMut;
+#[cfg(target_arch = "x86_64")]
 use super::gemm_f32::available;
 #[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
@@ -23,21 +25,11 @@ use rayon::prelude::*;
 /// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 unsafe fn par_transpose_bf16(x: &[f32], rows: usize, cols: usize, sums: bool) -> (Vec<half::bf16>, Vec<f32>) {
-    #[derive(Clone, Copy)]
-    struct Shared<T>(*mut T);
-    // SAFETY: the tasks write disjoint elements: lanes of the output (below), their own partial rows.
-    unsafe impl<T> Send for Shared<T> {}
-    // SAFETY: as above.
-    unsafe impl<T> Sync for Shared<T> {}
-    impl<T> Shared<T> {
-        fn at(self, i: usize) -> *mut T {
-            self.0.wrapping_add(i)
-        }
-    }
     let tasks = rows.div_ceil(SUM_ROWS);
     let mut parts = sums.then(|| super::fastmath::zeros(tasks * cols)); // a partial row per task [tasks, cols]
     let fill = |t: &mut [half::bf16]| {
-        let (dst, part) = (Shared(t.as_mut_ptr()), parts.as_mut().map(|p| Shared(p.as_mut_ptr())));
+        // the tasks write disjoint elements: lanes of the output (below), their own partial rows
+        let (dst, part) = (SharedMut::new(t), parts.as_mut().map(|p| SharedMut::new(p)));
         (0..tasks).into_par_iter().for_each(|c| {
             for j0 in (0..cols).step_by(16) {
                 for i0 in (SUM_ROWS * c..rows.min(SUM_ROWS * (c + 1))).step_by(16) {
@@ -63,14 +55,7 @@ unsafe fn par_transpose_bf16(x: &[f32], rows: usize, cols: usize, sums: bool) ->
     // SAFETY: the tasks store lanes i0..i0 + live of every output row: all of them.
     let t = unsafe { super::fastmath::written(rows * cols, fill) }; // [cols, rows]
     let Some(parts) = parts else { return (t, Vec::new()) };
-    // the partial rows in task order, ranges of 256 columns in parallel
-    let mut sums = vec![0f32; cols];
-    sums.par_chunks_mut(256).enumerate().for_each(|(c, s)| {
-        for part in parts.chunks_exact(cols) {
-            s.iter_mut().zip(&part[256 * c..]).for_each(|(a, b)| *a += b);
-        }
-    });
-    (t, sums)
+    (t, super::reduce::col_sums(&parts, cols)) // the partial rows added in task order
 }
 
 /// The transpose of a row-major `[rows×cols]` x, one value at a time (the reference of
