@@ -18,7 +18,7 @@
 //! AVX512-BF16 where `vdpbf16ps` beats f32 FMAs (AMD); elsewhere bf16 products would only add
 //! conversions to the f32 attention (`attention.rs`). `CLIPFORGE_CPU_ATTN=f32|bf16` overrides
 //! that choice ([`chosen`]), to measure one against the other.
-use super::attention::{check_into, fill, per_sequence_into, softmax_row_portable, with_outputs, AttnShape, SharedOut, QBLK};
+use super::attention::{check_into, fill, per_sequence_into, prefetch_head, softmax_row_portable, with_outputs, AttnShape, SharedOut, QBLK};
 use super::cpu_path::{self, GemmPath};
 use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
 #[cfg(target_arch = "x86_64")]
@@ -100,13 +100,14 @@ fn pack_k<'a, T: AElem>(dst: &mut [u32], tmp: &mut Vec<u32>, kps: usize, t: usiz
 
 /// V of one head as the weight Vᵀ [hd × T] (output e = value column e, its pairs along the keys:
 /// keys 2p and 2p+1, an odd last key paired with zero): per key pair, two rows interleaved into
-/// each 32-column panel's contiguous row of pairs.
+/// each 32-column panel's contiguous row of pairs. Panel by panel, so that each load walks the
+/// rows at one stride (which the hardware prefetchers follow).
 fn pack_vt<'a, T: AElem>(dst: &mut [u32], kps: usize, t: usize, d: usize, cvt: bool, row: impl Fn(usize) -> &'a [T]) {
-    for p in 0..t.div_ceil(2) {
-        let (lo, hi) = (row(2 * p), (2 * p + 1 < t).then(|| row(2 * p + 1)));
-        for e0 in (0..d).step_by(NR) {
-            let e1 = (e0 + NR).min(d);
-            T::zip_pairs(&lo[e0..e1], hi.map(|h| &h[e0..e1]), &mut dst[at(kps, e0, p)..][..e1 - e0], cvt);
+    for e0 in (0..d).step_by(NR) {
+        let e1 = (e0 + NR).min(d);
+        for p in 0..t.div_ceil(2) {
+            let (lo, hi) = (&row(2 * p)[e0..e1], (2 * p + 1 < t).then(|| &row(2 * p + 1)[e0..e1]));
+            T::zip_pairs(lo, hi, &mut dst[at(kps, e0, p)..][..e1 - e0], cvt);
         }
     }
 }
@@ -142,6 +143,7 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
     lse.par_chunks_mut(t).enumerate().for_each_init(scratch, |x, (bh, lr)| {
         let (b, h) = (bh / s.heads, bh % s.heads);
         let base = b * t * w + h * d; // (b, 0, h, 0)
+        prefetch_head([q, k, v], bh + 1, s);
         pack_k(&mut x.pk, &mut x.tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
         pack_vt(&mut x.pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
         x.qh.clear();

@@ -153,3 +153,16 @@ pub fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) +
         });
     }
 }
+
+/// Prefetches `x` (64-byte lines) into L2: data a loop will read soon that the hardware
+/// prefetchers miss (the next row block of a GEMM's A, the strided rows of the next attention head).
+pub(crate) fn prefetch_l2<T>(x: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in x.chunks(64 / std::mem::size_of::<T>().max(1)) {
+        // SAFETY: prefetching has no architectural effect besides caching and never
+        // faults; the address is inside `x` anyway.
+        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}

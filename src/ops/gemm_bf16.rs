@@ -477,7 +477,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                     // Balanced kc-blocks: nkb near-equal blocks of at most kc_max pairs.
                     let (pc, kc) = (kb * kp / nkb, (kb + 1) * kp / nkb - kb * kp / nkb);
                     for jr in (jc..j1.min(jc + NC)).step_by(NR) {
-                        prefetch_l2(pf.next().unwrap_or(&[]));
+                        super::fastmath::prefetch_l2(pf.next().unwrap_or(&[]));
                         let b = &bdata[(jr / NR) * w.kps * NR + pc * NR..][..kc * NR];
                         let bias_j = bias.filter(|_| pc == 0).map(|b| &b[jr..]);
                         for pi in 0..p1 - p0 {
@@ -558,16 +558,6 @@ pub(super) fn to_pairs(src: &[f32], dst: &mut [u32], simd: bool) {
     for (q, v) in dst.iter_mut().enumerate() {
         let hi = src.get(2 * q + 1).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
         *v = pair(bf16::from_f32(src[2 * q]), hi);
-    }
-}
-
-/// Prefetches `x` (64-byte lines) into L2.
-fn prefetch_l2<T>(x: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in x.chunks(64 / std::mem::size_of::<T>().max(1)) {
-        // SAFETY: prefetching has no architectural effect besides caching and never
-        // faults; the address is inside `x` anyway.
-        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
     }
 }
 
