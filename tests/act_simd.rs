@@ -5,7 +5,7 @@
 //! tolerance of the f64 formulas on ordinary values. The same for the backward's dy·act′(x)
 //! (`act_grad_into` against `Unary::deriv_fast`, and against the f64 derivative).
 use clipforge::ops::act_simd::{
-    act_grad_into, act_grad_scalar, act_in_place, act_into, act_into_scalar, act_row_with, round_bf16_in_place, to_bf16_into, ActDst, Narrow,
+    act_grad_into, act_grad_scalar, act_in_place, act_into, act_into_scalar, act_row_with, round_bf16_in_place, to_bf16_into_with, ActDst, Narrow,
 };
 use clipforge::ops::elementwise::{unary_reference, Unary};
 
@@ -95,30 +95,34 @@ fn simd_activation_gradients_match_the_f64_derivatives() {
 
 /// The 16-lane bf16 rounding (the GEMM epilogues' pre-activation rounding and bf16 output) gives
 /// `half::bf16::from_f32`'s bits: ties to even, carries into the exponent, overflow to ∞, NaN
-/// payloads made quiet, subnormals kept; at every tail length.
+/// payloads made quiet, subnormals kept; at every tail length. Both narrowings of
+/// `to_bf16_into`: the CPU's choice (`vcvtneps2bf16` where it has AVX512-BF16) and the integer
+/// form forced.
 #[test]
 fn simd_bf16_rounding_gives_the_half_crate_bits() {
     let mut x = inputs();
     // ties (the round bit alone, with an even and an odd kept LSB) and carries
     x.extend([0x3f80_8000u32, 0x3f81_8000, 0x3f80_8001, 0x3fff_ffff, 0x7f7f_ffff, 0x7f80_0001, 0xffc0_0000, 0x0000_8000, 0x8001_8000].map(f32::from_bits));
     let want: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
-    let mut got = vec![half::bf16::from_bits(0x1234); x.len()];
-    to_bf16_into(&x, &mut got);
     let mut rounded = x.clone();
     round_bf16_in_place(&mut rounded);
-    for (i, v) in x.iter().enumerate() {
-        assert_eq!(got[i].to_bits(), want[i].to_bits(), "to_bf16_into({:#x})", v.to_bits());
-        assert_eq!(rounded[i].to_bits(), want[i].to_f32().to_bits(), "round_bf16_in_place({:#x})", v.to_bits());
-    }
-    for len in [0, 1, 15, 16, 17, 33, 100] {
-        let mut r = x[500..500 + len].to_vec();
-        round_bf16_in_place(&mut r);
-        let mut b = vec![half::bf16::from_bits(0x1234); len + 1];
-        to_bf16_into(&x[500..500 + len], &mut b);
-        assert_eq!(b[len].to_bits(), 0x1234, "length {len}: wrote past the end");
-        for i in 0..len {
-            assert_eq!(r[i].to_bits(), want[500 + i].to_f32().to_bits(), "length {len} [{i}]");
-            assert_eq!(b[i].to_bits(), want[500 + i].to_bits(), "length {len} [{i}]");
+    for narrow in [Narrow::Auto, Narrow::Integer] {
+        let mut got = vec![half::bf16::from_bits(0x1234); x.len()];
+        to_bf16_into_with(&x, &mut got, narrow);
+        for (i, v) in x.iter().enumerate() {
+            assert_eq!(got[i].to_bits(), want[i].to_bits(), "to_bf16_into {narrow:?} ({:#x})", v.to_bits());
+            assert_eq!(rounded[i].to_bits(), want[i].to_f32().to_bits(), "round_bf16_in_place({:#x})", v.to_bits());
+        }
+        for len in [0, 1, 15, 16, 17, 33, 100] {
+            let mut r = x[500..500 + len].to_vec();
+            round_bf16_in_place(&mut r);
+            let mut b = vec![half::bf16::from_bits(0x1234); len + 1];
+            to_bf16_into_with(&x[500..500 + len], &mut b, narrow);
+            assert_eq!(b[len].to_bits(), 0x1234, "{narrow:?} length {len}: wrote past the end");
+            for i in 0..len {
+                assert_eq!(r[i].to_bits(), want[500 + i].to_f32().to_bits(), "length {len} [{i}]");
+                assert_eq!(b[i].to_bits(), want[500 + i].to_bits(), "{narrow:?} length {len} [{i}]");
+            }
         }
     }
 }

@@ -162,9 +162,24 @@ fn linear32(x: &Tensor, m: usize, w: &Weight<Cpu>, bias: Option<&[f32]>, c: &mut
 }
 
 thread_local! {
-    /// The f32 pre-activation scratch of `linear_act` when only its bf16 output is wanted
-    /// (reused across calls: no allocation or fill of [m, n] per Linear).
-    static PRE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The f32 C of a bf16 GEMM whose epilogue writes the only output wanted, in bf16
+    /// ([`gemm16_to_bf16`]; reused across calls: no allocation or fill of [m, n] per Linear).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The bf16 output (n values) of `run(c, out)`: a bf16 GEMM writing C (f32, n values, a scratch
+/// buffer reused across calls) whose epilogue writes `out`.
+///
+/// # Safety
+/// `run` must write every value of `out` (see `written32`).
+unsafe fn gemm16_to_bf16(n: usize, run: impl FnOnce(&mut [f32], &mut [bf16]) -> Result<()>) -> Result<Tensor> {
+    let mut c = SCRATCH.with_borrow_mut(std::mem::take); // f32 C [n]
+    c.resize(n, 0.0);
+    // SAFETY: the caller's contract. (Was a calloc'd buffer: calloc zero-fills memory the
+    // allocator reuses, 1 % of a bf16 forward.)
+    let out = unsafe { crate::ops::fastmath::written_by(n, |out: &mut [bf16]| run(&mut c, out)) }; // [n] bf16
+    SCRATCH.with_borrow_mut(|s| *s = c);
+    Tensor::from_storage(Storage::BF16(out?), &[n])
 }
 
 /// The CPU backend (rayon's thread pool).
@@ -361,17 +376,13 @@ impl Ops for Cpu {
             }?; // [m, n] each
             return Ok((vec1(out)?, Some(vec1(pre)?)));
         }
-        let mut pre = PRE.with_borrow_mut(std::mem::take); // f32 scratch [m, n]
-        pre.resize(m * n, 0.0);
-        // SAFETY: the epilogue writes every element of its output (see `written32`). (Was a
-        // calloc'd buffer: calloc zero-fills memory the allocator reuses, 1 % of a bf16 forward.)
+        // SAFETY: `gemm16` writes every element of C and of the epilogue's output (see `written32`).
         let out = unsafe {
-            crate::ops::fastmath::written_by(m * n, |out: &mut [bf16]| {
-                gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::Bf16(out) })
+            gemm16_to_bf16(m * n, |pre, out| {
+                gemm16(x, m, k, &p.fwd, Some(&bd[..n]), pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::Bf16(out) })
             })
         }; // [m, n] bf16
-        PRE.with_borrow_mut(|s| *s = pre);
-        Ok((Tensor::from_storage(Storage::BF16(out?), &[m * n])?, None))
+        Ok((out?, None))
     }
 
     fn bias_act(&self, u: Tensor, bias: &Tensor, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
@@ -389,13 +400,21 @@ impl Ops for Cpu {
     }
 
     /// With bf16 weights where the bf16 attention pays ([`attention_bf16::chosen`]), q, k and v are
-    /// kept in bf16 (the rounding that attention's bf16 products apply anyway, half the memory):
-    /// [`Ops::attention`] then takes its bf16 path. Otherwise three Linears with f32 outputs.
+    /// kept in bf16 (the rounding that attention's bf16 products apply anyway, half the memory),
+    /// narrowed in each GEMM's epilogue ([`Epilogue::Bf16`]): [`Ops::attention`] then takes its
+    /// bf16 path. Otherwise three Linears with f32 outputs.
     fn qkv(&self, h: &Tensor, w: [&Weight<Cpu>; 3], b: [&Tensor; 3], n: usize, _heads: usize) -> Result<[Tensor; 3]> {
         let half = w.iter().all(|w| bf16_of(w).is_some()) && attention_bf16::chosen();
         let one = |w: &Weight<Cpu>, b: &Tensor| -> Result<Tensor> {
-            let y = self.linear(h, w, Some(b), n)?; // [n, W]
-            Ok(if half { y.to_dtype(DType::BF16) } else { y }) // [n, W]
+            let Some(p) = bf16_of(w).filter(|_| half) else {
+                return self.linear(h, w, Some(b), n); // [n, W]
+            };
+            let (bd, (c, k)) = (b.f32_data(), (w.n, w.k));
+            check("qkv bias", bd.len(), c)?;
+            // narrowed to bf16 in the GEMM's epilogue, no f32 [n, W] output
+            // SAFETY: `gemm16` writes every element of C and of the epilogue's output (see `written32`).
+            unsafe { gemm16_to_bf16(n * c, |y, out| gemm16(h, n, k, &p.fwd, Some(&bd[..c]), y, Epilogue::Bf16 { out })) }
+            // [n, W] bf16
         };
         Ok([one(w[0], b[0])?, one(w[1], b[1])?, one(w[2], b[2])?])
     }

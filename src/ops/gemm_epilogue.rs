@@ -9,7 +9,9 @@
 //!   f32 buffer (C keeps the pre-activation for the backward), or rounded to bf16 (the
 //!   next GEMM's input, which it would round to the same values).
 //! - [`Epilogue::Add`]: the residual add res + (x·Wᵀ + bias).
-use super::act_simd::{act_row, ActDst};
+//! - [`Epilogue::Bf16`]: x·Wᵀ + bias narrowed to bf16 into a second buffer (the attention's q, k
+//!   and v of a 16-bit tower: no f32 [m×n] pass after the GEMM to narrow them).
+use super::act_simd::{act_row, to_bf16_into, ActDst};
 use super::elementwise::Unary;
 use half::bf16;
 
@@ -31,6 +33,8 @@ pub enum Epilogue<'a> {
     Act { op: Unary, round_pre: bool, out: ActOut<'a> },
     /// C = res + C (`res`: [m×n]).
     Add { res: &'a [f32] },
+    /// `out` = bf16(C) (RNE, `half::bf16::from_f32`'s bits); C keeps the f32 values.
+    Bf16 { out: &'a mut [bf16] },
 }
 
 impl Epilogue<'_> {
@@ -47,6 +51,7 @@ impl Epilogue<'_> {
                 }
             }
             Epilogue::Add { res } => assert_eq!(res.len(), len, "residual must be m*n"),
+            Epilogue::Bf16 { out } => assert_eq!(out.len(), len, "bf16 output must be m*n"),
         }
     }
 
@@ -63,6 +68,7 @@ impl Epilogue<'_> {
                 EpiRun::Act { op: *op, round: *round_pre, out }
             }
             Epilogue::Add { res } => EpiRun::Add(res.as_ptr()),
+            Epilogue::Bf16 { out } => EpiRun::Bf16(out.as_mut_ptr()),
         }
     }
 }
@@ -80,6 +86,7 @@ pub(crate) enum EpiRun {
     None,
     Act { op: Unary, round: bool, out: Out },
     Add(*const f32),
+    Bf16(*mut bf16),
 }
 // SAFETY: the pointers come from slices borrowed for the whole GEMM call (`Epilogue::run`'s
 // caller holds them); `res` is only read, and every output element is written by the one work
@@ -105,6 +112,8 @@ impl EpiRun {
                 EpiRun::None => return,
                 // SAFETY: `res` is m·n long and o + cols ≤ m·n (the caller's contract).
                 EpiRun::Add(res) => unsafe { add_row(row, std::slice::from_raw_parts(res.add(o), cols)) },
+                // SAFETY: the output buffer is m·n long, this row segment is the caller's alone.
+                EpiRun::Bf16(out) => to_bf16_into(row, unsafe { std::slice::from_raw_parts_mut(out.add(o), cols) }),
                 EpiRun::Act { op: act, round, out } => {
                     // SAFETY (both): the output buffer is m·n long, this row segment is the caller's alone.
                     let dst = match out {

@@ -20,7 +20,7 @@ fn same(what: &str, got: &[f32], want: &[f32]) {
 }
 
 /// Every epilogue (QuickGELU and GELU in place, to f32, to bf16 from a bf16 A; the residual
-/// add) at m×n×k on `kernel`, against the plain GEMM followed by the unfused passes.
+/// add; the output narrowed to bf16) at m×n×k on `kernel`, against the plain GEMM followed by the unfused passes.
 pub fn check_epilogues(m: usize, n: usize, k: usize, kernel: Kernel) {
     let seed = (m * 7919 + n * 104_729 + k) as u64;
     let (a, w, b, res) = (rng_vec(seed, m * k, 2.0), rng_vec(seed + 1, n * k, 0.5), rng_vec(seed + 2, n, 1.0), rng_vec(seed + 3, m * n, 4.0));
@@ -54,6 +54,11 @@ pub fn check_epilogues(m: usize, n: usize, k: usize, kernel: Kernel) {
     matmul_bf16_fused(&a, m, &pw, Some(&b), &mut c, Epilogue::Add { res: &res }, kernel);
     let want: Vec<f32> = plain.iter().zip(&res).map(|(y, r)| r + y).collect();
     same(&format!("{tag} residual add"), &c, &want);
+    // The output narrowed to bf16 (q, k, v of a 16-bit tower); C keeps the f32 values.
+    let (mut c, mut out) = (vec![f32::NAN; m * n], vec![bf16::NAN; m * n]);
+    matmul_bf16_fused(&a, m, &pw, Some(&b), &mut c, Epilogue::Bf16 { out: &mut out }, kernel);
+    same(&format!("{tag} bf16 out, C kept"), &c, &plain);
+    same(&format!("{tag} bf16 out"), &out.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), &plain.iter().map(|&x| round_bf16(x)).collect::<Vec<_>>());
     // No bias, bf16 A, no epilogue: the plain GEMM of the same values.
     let (mut c, mut c2) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
     matmul_bf16_fused(&a16, m, &pw, None, &mut c, Epilogue::None, kernel);
