@@ -124,17 +124,17 @@ pub(super) fn check_into<T>(name: &str, q: &[T], k: &[T], v: &[T], s: &AttnShape
     assert!(out.len() == s.numel() && lse.len() == s.batch * s.heads * s.seq, "{name}: out must be B·T·W and lse B·H·T");
 }
 
-/// Starts loading the rows of (sequence, head) task `bh` of q, k and v (T rows of hd values at
-/// stride W, which the hardware prefetchers do not follow) into L2; tasks call it for the next
-/// task, usually the same thread's next, while they compute (the packing of K and V waited on
-/// these rows from L3: ≈ 10 % of a bf16 attention at T = 50, Zen 4).
-pub(super) fn prefetch_head<T>(qkv: [&[T]; 3], bh: usize, s: &AttnShape) {
+/// Starts loading the rows of (sequence, head) task `bh` of `xs` (q, k, v, …: T rows of hd
+/// values at stride W, which the hardware prefetchers do not follow) into L2; tasks call it for
+/// the next task, usually the same thread's next, while they compute (the packing of K and V
+/// waited on these rows from L3: ≈ 10 % of a bf16 attention at T = 50, Zen 4).
+pub(super) fn prefetch_head<T>(xs: &[&[T]], bh: usize, s: &AttnShape) {
     if bh >= s.batch * s.heads {
         return;
     }
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
     let base = (bh / s.heads) * t * w + (bh % s.heads) * d; // (b, 0, h, 0)
-    for x in qkv {
+    for x in xs {
         (0..t).for_each(|j| fastmath::prefetch_l2(&x[base + j * w..][..d]));
     }
 }
@@ -169,7 +169,7 @@ fn avx512_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], 
     lse.par_chunks_mut(t).enumerate().for_each_init(scratch, |(kt, sc), (bh, lr)| {
         let (b, h) = (bh / s.heads, bh % s.heads);
         let base = b * t * w + h * d; // (b, 0, h, 0)
-        prefetch_head([q, k, v], bh + 1, s);
+        prefetch_head(&[q, k, v], bh + 1, s);
         // SAFETY: AVX-512F (asserted).
         unsafe { transpose_head(k, b, h, s, kt) };
         for r0 in (0..t).step_by(step) {

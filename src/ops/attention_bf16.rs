@@ -143,7 +143,7 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
     lse.par_chunks_mut(t).enumerate().for_each_init(scratch, |x, (bh, lr)| {
         let (b, h) = (bh / s.heads, bh % s.heads);
         let base = b * t * w + h * d; // (b, 0, h, 0)
-        prefetch_head([q, k, v], bh + 1, s);
+        prefetch_head(&[q, k, v], bh + 1, s);
         pack_k(&mut x.pk, &mut x.tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
         pack_vt(&mut x.pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
         x.qh.clear();

@@ -158,6 +158,7 @@ unsafe fn head_backward(x: [&[f32]; 5], lr: &[f32], g: [SharedOut; 3], s: &AttnS
     let step = QBLK.min(t);
     let (b, h) = (bh / s.heads, bh % s.heads);
     let base = b * t * w + h * d; // (b, 0, h, 0)
+    super::attention::prefetch_head(&x, bh + 1, s);
     transpose_head(k, b, h, s, &mut sc.kt);
     transpose_head(v, b, h, s, &mut sc.vt);
     for (src, dst) in [(k, &mut sc.kc), (q, &mut sc.qc), (dout, &mut sc.doc)] {
