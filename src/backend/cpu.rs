@@ -29,7 +29,6 @@ use crate::ops::reduce::col_sums;
 use crate::shape_err;
 use crate::tensor::{DType, Storage, Tensor};
 use half::bf16;
-use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 
 /// A Linear weight's bf16 copies: `fwd` packed for y = x·Wᵀ, and Wᵀ for dx = dy·W (packed from
@@ -161,24 +160,14 @@ fn linear32(x: &Tensor, m: usize, w: &Weight<Cpu>, bias: Option<&[f32]>, c: &mut
     Ok(())
 }
 
-thread_local! {
-    /// The f32 C of a bf16 GEMM whose epilogue writes the only output wanted, in bf16
-    /// ([`gemm16_to_bf16`]; reused across calls: no allocation or fill of [m, n] per Linear).
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The bf16 output (n values) of `run(c, out)`: a bf16 GEMM writing C (f32, n values, a scratch
-/// buffer reused across calls) whose epilogue writes `out`.
+/// The bf16 output (n values) of `run(out)`: a bf16 GEMM with no C (an empty one: the GEMM keeps
+/// C in per-thread tiles) whose epilogue writes `out`.
 ///
 /// # Safety
 /// `run` must write every value of `out` (see `written32`).
-unsafe fn gemm16_to_bf16(n: usize, run: impl FnOnce(&mut [f32], &mut [bf16]) -> Result<()>) -> Result<Tensor> {
-    let mut c = SCRATCH.with_borrow_mut(std::mem::take); // f32 C [n]
-    c.resize(n, 0.0);
-    // SAFETY: the caller's contract. (Was a calloc'd buffer: calloc zero-fills memory the
-    // allocator reuses, 1 % of a bf16 forward.)
-    let out = unsafe { crate::ops::fastmath::written_by(n, |out: &mut [bf16]| run(&mut c, out)) }; // [n] bf16
-    SCRATCH.with_borrow_mut(|s| *s = c);
+unsafe fn gemm16_to_bf16(n: usize, run: impl FnOnce(&mut [bf16]) -> Result<()>) -> Result<Tensor> {
+    // SAFETY: the caller's contract.
+    let out = unsafe { crate::ops::fastmath::written_by(n, run) }; // [n] bf16
     Tensor::from_storage(Storage::BF16(out?), &[n])
 }
 
@@ -378,9 +367,7 @@ impl Ops for Cpu {
         }
         // SAFETY: `gemm16` writes every element of C and of the epilogue's output (see `written32`).
         let out = unsafe {
-            gemm16_to_bf16(m * n, |pre, out| {
-                gemm16(x, m, k, &p.fwd, Some(&bd[..n]), pre, Epilogue::Act { op: act_op, round_pre: true, out: ActOut::Bf16(out) })
-            })
+            gemm16_to_bf16(m * n, |out| gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut [], Epilogue::Act { op: act_op, round_pre: true, out: ActOut::Bf16(out) }))
         }; // [m, n] bf16
         Ok((out?, None))
     }
@@ -413,7 +400,7 @@ impl Ops for Cpu {
             check("qkv bias", bd.len(), c)?;
             // narrowed to bf16 in the GEMM's epilogue, no f32 [n, W] output
             // SAFETY: `gemm16` writes every element of C and of the epilogue's output (see `written32`).
-            unsafe { gemm16_to_bf16(n * c, |y, out| gemm16(h, n, k, &p.fwd, Some(&bd[..c]), y, Epilogue::Bf16 { out })) }
+            unsafe { gemm16_to_bf16(n * c, |out| gemm16(h, n, k, &p.fwd, Some(&bd[..c]), &mut [], Epilogue::Bf16 { out })) }
             // [n, W] bf16
         };
         Ok([one(w[0], b[0])?, one(w[1], b[1])?, one(w[2], b[2])?])

@@ -252,9 +252,41 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
 
 /// `c[m×n] = epi(a[m×k] · Wᵀ + bias)`: the GEMM with a fused epilogue (applied to each finished C
 /// tile), A in f32 (rounded to bf16 while packing) or already bf16 (packed as it is).
+///
+/// `c` may be empty when the epilogue writes an output of its own ([`Epilogue::Act`] to f32 or
+/// bf16, [`Epilogue::Bf16`]) and C is not wanted: then each C tile lives in a per-thread 14×32
+/// buffer while its epilogue runs (no [m×n] f32 array written to memory and read for ownership
+/// first: 4 bytes of traffic each way per output), or, where C must persist between kc-blocks
+/// (k above one block, or the AMX path), in a per-thread scratch array reused across calls.
 pub fn matmul_bf16_fused<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], mut epi: Epilogue, kernel: Kernel) {
+    let (n, view) = (w.n(), w.view_for(kernel));
+    if c.is_empty() && m * n > 0 {
+        assert!(epi.has_output(), "matmul_bf16_fused: no C and no epilogue output");
+        epi.check(m * n);
+        if !tiles_suffice(view.kp, kernel) {
+            let mut scratch = C_SCRATCH.with_borrow_mut(std::mem::take);
+            scratch.resize(m * n, 0.0);
+            gemm(a, m, view, bias, &mut scratch, kernel, false, epi.run(), true);
+            return C_SCRATCH.with_borrow_mut(|s| *s = scratch);
+        }
+        return gemm(a, m, view, bias, &mut [], kernel, false, epi.run(), true);
+    }
     epi.check(c.len());
-    gemm(a, m, w.view_for(kernel), bias, c, kernel, false, epi.run(), true)
+    gemm(a, m, view, bias, c, kernel, false, epi.run(), true)
+}
+
+/// Whether a GEMM of `kp` pairs on `kernel` finishes each C tile in one kernel call (one
+/// kc-block, not AMX), so that C can live in per-thread tiles.
+fn tiles_suffice(kp: usize, kernel: Kernel) -> bool {
+    let kernel = resolve(kernel);
+    let simd = kernel == Kernel::Avx512Bf16 && has_avx512_bf16();
+    !matches!(kernel, Kernel::Amx | Kernel::AmxSoft) && kp <= kc_max(simd)
+}
+
+thread_local! {
+    /// The [m×n] C of a fused GEMM whose caller wants only the epilogue's output but whose
+    /// tiles span several kc-blocks ([`matmul_bf16_fused`] with an empty C).
+    static C_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `c[m×n] = a[m×k] · Wᵀ` on the calling thread (one work item: no rayon), for callers that are
@@ -388,7 +420,10 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
     let (n, k, kp) = (w.n, w.k, w.kp);
     assert!(!acc || (bias.is_none() && matches!(epi, EpiRun::None)), "accumulating GEMM takes no bias or epilogue");
     assert_eq!(a.len(), m * k, "a must be m*k");
-    assert_eq!(c.len(), m * n, "c must be m*n");
+    // an empty C: per-thread C tiles (`matmul_bf16_fused`: one kc-block, an epilogue output)
+    let local = c.is_empty() && m * n > 0;
+    assert!(c.len() == m * n || local, "c must be m*n");
+    assert!(!local || (!acc && tiles_suffice(kp, kernel)), "per-thread C tiles need one kc-block and no accumulation");
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "bias must be n");
     }
@@ -396,6 +431,15 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         return;
     }
     if k == 0 && !acc {
+        if local {
+            let row0: Vec<f32> = bias.map_or_else(|| vec![0.0; n], |b| b.to_vec());
+            for r in 0..m {
+                let mut row = row0.clone();
+                // SAFETY: `row` is n values; the epilogue's buffers are m·n (row r is in them).
+                unsafe { epi.apply_from(row.as_mut_ptr(), n, r * n, n, 1, n) };
+            }
+            return;
+        }
         for row in c.chunks_mut(n) {
             match bias {
                 Some(b) => row.copy_from_slice(b),
@@ -449,6 +493,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         let nkb = kp.div_ceil(kc_max(simd));
         let astride = if fma { 2 * KC } else { KC }; // A panel row stride (u32 pairs, or f32 values)
         let bdata = f16.map_or(w.data, |(d, ..)| d);
+        let mut tile = [0f32; MR * NR]; // C of one tile when C is not wanted (`local`)
         ABUF.with_borrow_mut(|abuf| {
             // Pack this row block of A (all k) once; it is reused for every column.
             // (pack_a writes every value the kernels read: no zero-fill)
@@ -483,15 +528,19 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                         for pi in 0..p1 - p0 {
                             let a = &abuf[(pi * nkb + kb) * MR * astride..][..MR * astride];
                             let ir = (p0 + pi) * MR;
-                            let t = Tile {
-                                c: cptr.get(),
-                                off: ir * n + jr,
-                                ldc: n,
-                                rows: MR.min(m - ir),
-                                cols: NR.min(n - jr),
-                                bias: bias_j,
-                                accumulate: acc || pc > 0,
-                            };
+                            let (rows, cols) = (MR.min(m - ir), NR.min(n - jr));
+                            if local {
+                                let t = Tile { c: tile.as_mut_ptr(), off: 0, ldc: NR, rows, cols, bias: bias_j, accumulate: false };
+                                // SAFETY: `t` is this thread's 14×32 tile; `a`/`b` as below; the
+                                // epilogue writes rows ir.., cols jr.. of its m·n outputs: this
+                                // item's block alone.
+                                unsafe {
+                                    run_kernel(a, b, kc, &t, simd, fma, avx2, f16.map(|(.., ds)| ds));
+                                    epi.apply_from(t.c, NR, ir * n + jr, n, rows, cols);
+                                }
+                                continue;
+                            }
+                            let t = Tile { c: cptr.get(), off: ir * n + jr, ldc: n, rows, cols, bias: bias_j, accumulate: acc || pc > 0 };
                             if kb + 1 == nkb {
                                 // the epilogue's reads from memory, under the last kernel call
                                 epi.prefetch(t.off, t.ldc, t.rows, t.cols);

@@ -55,6 +55,12 @@ impl Epilogue<'_> {
         }
     }
 
+    /// Whether the result goes to a buffer of its own (an activation or bf16 output), so that
+    /// the GEMM's C is only scratch (`gemm_bf16` may then keep C in per-thread tiles).
+    pub(crate) fn has_output(&self) -> bool {
+        matches!(self, Epilogue::Act { out: ActOut::F32(_) | ActOut::Bf16(_), .. } | Epilogue::Bf16 { .. })
+    }
+
     /// The thread-shareable form (raw output pointers; the GEMM's work items write disjoint tiles).
     pub(crate) fn run(&mut self) -> EpiRun {
         match self {
@@ -104,10 +110,22 @@ impl EpiRun {
     /// other thread; the buffers of [`Epilogue::run`] are still borrowed.
     #[inline]
     pub(crate) unsafe fn apply(self, c: *mut f32, off: usize, ldc: usize, rows: usize, cols: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { self.apply_from(c.add(off), ldc, off, ldc, rows, cols) }
+    }
+
+    /// [`EpiRun::apply`] with C elsewhere than the outputs' layout: C's rows at `c + r·c_ld`
+    /// (a per-thread tile), the outputs' at `off + r·ldc`.
+    ///
+    /// # Safety
+    /// Those C rows (`cols` values each) and the outputs' rectangle are in bounds and touched by
+    /// no other thread; the buffers of [`Epilogue::run`] are still borrowed.
+    #[inline]
+    pub(crate) unsafe fn apply_from(self, c: *mut f32, c_ld: usize, off: usize, ldc: usize, rows: usize, cols: usize) {
         for r in 0..rows {
             let o = off + r * ldc;
             // SAFETY: the caller's contract.
-            let row = unsafe { std::slice::from_raw_parts_mut(c.add(o), cols) };
+            let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * c_ld), cols) };
             match self {
                 EpiRun::None => return,
                 // SAFETY: `res` is m·n long and o + cols ≤ m·n (the caller's contract).

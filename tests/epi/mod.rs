@@ -20,7 +20,7 @@ fn same(what: &str, got: &[f32], want: &[f32]) {
 }
 
 /// Every epilogue (QuickGELU and GELU in place, to f32, to bf16 from a bf16 A; the residual
-/// add; the output narrowed to bf16) at m×n×k on `kernel`, against the plain GEMM followed by the unfused passes.
+/// add; the output narrowed to bf16; the outputs with no C) at m×n×k on `kernel`, against the plain GEMM followed by the unfused passes.
 pub fn check_epilogues(m: usize, n: usize, k: usize, kernel: Kernel) {
     let seed = (m * 7919 + n * 104_729 + k) as u64;
     let (a, w, b, res) = (rng_vec(seed, m * k, 2.0), rng_vec(seed + 1, n * k, 0.5), rng_vec(seed + 2, n, 1.0), rng_vec(seed + 3, m * n, 4.0));
@@ -45,6 +45,14 @@ pub fn check_epilogues(m: usize, n: usize, k: usize, kernel: Kernel) {
         same(&format!("{tag} {op:?} bf16 A, pre kept"), &c, &pre);
         let want16: Vec<f32> = want.iter().map(|&x| round_bf16(x)).collect();
         same(&format!("{tag} {op:?} to bf16"), &out.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), &want16);
+        // No C wanted (an empty one: per-thread C tiles, or a scratch C past one kc-block or
+        // on AMX): the same outputs.
+        let mut out = vec![f32::NAN; m * n];
+        matmul_bf16_fused(&a, m, &pw, Some(&b), &mut [], Epilogue::Act { op, round_pre: true, out: ActOut::F32(&mut out) }, kernel);
+        same(&format!("{tag} {op:?} to f32, no C"), &out, &want);
+        let mut out = vec![bf16::NAN; m * n];
+        matmul_bf16_fused(&a16, m, &pw, Some(&b), &mut [], Epilogue::Act { op, round_pre: true, out: ActOut::Bf16(&mut out) }, kernel);
+        same(&format!("{tag} {op:?} to bf16, no C"), &out.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), &want16);
     }
     // Without rounding: the activation of the f32 pre-activation.
     let mut c = vec![f32::NAN; m * n];
@@ -58,7 +66,11 @@ pub fn check_epilogues(m: usize, n: usize, k: usize, kernel: Kernel) {
     let (mut c, mut out) = (vec![f32::NAN; m * n], vec![bf16::NAN; m * n]);
     matmul_bf16_fused(&a, m, &pw, Some(&b), &mut c, Epilogue::Bf16 { out: &mut out }, kernel);
     same(&format!("{tag} bf16 out, C kept"), &c, &plain);
-    same(&format!("{tag} bf16 out"), &out.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), &plain.iter().map(|&x| round_bf16(x)).collect::<Vec<_>>());
+    let plain16: Vec<f32> = plain.iter().map(|&x| round_bf16(x)).collect();
+    same(&format!("{tag} bf16 out"), &out.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), &plain16);
+    let mut out = vec![bf16::NAN; m * n];
+    matmul_bf16_fused(&a, m, &pw, Some(&b), &mut [], Epilogue::Bf16 { out: &mut out }, kernel);
+    same(&format!("{tag} bf16 out, no C"), &out.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), &plain16);
     // No bias, bf16 A, no epilogue: the plain GEMM of the same values.
     let (mut c, mut c2) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
     matmul_bf16_fused(&a16, m, &pw, None, &mut c, Epilogue::None, kernel);
