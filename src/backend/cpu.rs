@@ -365,7 +365,7 @@ impl Ops for Cpu {
             }?; // [m, n] each
             return Ok((vec1(out)?, Some(vec1(pre)?)));
         }
-        // SAFETY: `gemm16` writes every element of C and of the epilogue's output (see `written32`).
+        // SAFETY: the epilogue writes every element of its output (see `written32`); C is not kept.
         let out = unsafe {
             gemm16_to_bf16(m * n, |out| gemm16(x, m, k, &p.fwd, Some(&bd[..n]), &mut [], Epilogue::Act { op: act_op, round_pre: true, out: ActOut::Bf16(out) }))
         }; // [m, n] bf16
@@ -399,7 +399,7 @@ impl Ops for Cpu {
             let (bd, (c, k)) = (b.f32_data(), (w.n, w.k));
             check("qkv bias", bd.len(), c)?;
             // narrowed to bf16 in the GEMM's epilogue, no f32 [n, W] output
-            // SAFETY: `gemm16` writes every element of C and of the epilogue's output (see `written32`).
+            // SAFETY: the epilogue writes every element of its output (see `written32`); C is not kept.
             unsafe { gemm16_to_bf16(n * c, |out| gemm16(h, n, k, &p.fwd, Some(&bd[..c]), &mut [], Epilogue::Bf16 { out })) }
             // [n, W] bf16
         };

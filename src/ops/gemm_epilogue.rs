@@ -11,6 +11,10 @@
 //! - [`Epilogue::Add`]: the residual add res + (x·Wᵀ + bias).
 //! - [`Epilogue::Bf16`]: x·Wᵀ + bias narrowed to bf16 into a second buffer (the attention's q, k
 //!   and v of a 16-bit tower: no f32 [m×n] pass after the GEMM to narrow them).
+//!
+//! When only the epilogue's output is wanted (an activation or bf16 output, no C), the bf16 GEMM
+//! keeps each C tile in a per-thread buffer and applies the epilogue from there
+//! ([`EpiRun::apply_from`]): no [m×n] f32 array goes to memory.
 use super::act_simd::{act_row, to_bf16_into, ActDst};
 use super::elementwise::Unary;
 use half::bf16;
