@@ -91,7 +91,7 @@ pub fn to_bf16_into_with(src: &[f32], dst: &mut [half::bf16], narrow: Narrow) {
     if simd() {
         // SAFETY: AVX-512F (and for the `vcvtneps2bf16` form AVX512-BF16/BW/VL/DQ) was detected.
         return unsafe {
-            if narrow == Narrow::Auto && bf16_insn() {
+            if narrows_by_insn(narrow) {
                 x86::to_bf16_into_cvt(src, dst)
             } else {
                 x86::to_bf16_into(src, dst)
@@ -123,6 +123,11 @@ pub enum Narrow {
     /// The AVX-512F integer form (round bit, sticky bits, NaN made quiet) even where the
     /// instruction exists: to test it on such CPUs.
     Integer,
+}
+
+/// Whether `narrow` means `vcvtneps2bf16` on this CPU.
+fn narrows_by_insn(narrow: Narrow) -> bool {
+    narrow == Narrow::Auto && bf16_insn()
 }
 
 /// Whether this CPU narrows with `vcvtneps2bf16` ([`Narrow::Auto`]).
@@ -169,7 +174,7 @@ pub fn act_row_with(act: Unary, round: bool, x: &mut [f32], dst: ActDst, narrow:
         // SAFETY: AVX-512F (and for `act_row_bf16` AVX512-BF16/BW/VL/DQ) was detected; the
         // outputs hold x.len() values (asserted).
         return unsafe {
-            if narrow == Narrow::Auto && bf16_insn() {
+            if narrows_by_insn(narrow) {
                 x86::act_row_bf16(act, round, x, dst)
             } else {
                 x86::act_row(act, round, x, dst)

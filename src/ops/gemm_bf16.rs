@@ -279,8 +279,13 @@ pub fn matmul_bf16_fused<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Opti
 /// kc-block, not AMX), so that C can live in per-thread tiles.
 fn tiles_suffice(kp: usize, kernel: Kernel) -> bool {
     let kernel = resolve(kernel);
-    let simd = kernel == Kernel::Avx512Bf16 && has_avx512_bf16();
-    !matches!(kernel, Kernel::Amx | Kernel::AmxSoft) && kp <= kc_max(simd)
+    !matches!(kernel, Kernel::Amx | Kernel::AmxSoft) && kp <= kc_max(runs_vdp(kernel))
+}
+
+/// Whether the resolved `kernel` runs the `vdpbf16ps` microkernel here (its kc-blocks:
+/// [`kc_max`]).
+fn runs_vdp(kernel: Kernel) -> bool {
+    kernel == Kernel::Avx512Bf16 && has_avx512_bf16()
 }
 
 thread_local! {
@@ -432,9 +437,12 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
     }
     if k == 0 && !acc {
         if local {
-            let row0: Vec<f32> = bias.map_or_else(|| vec![0.0; n], |b| b.to_vec());
+            let mut row = vec![0.0; n]; // C's row: the bias (or 0), refilled per row
             for r in 0..m {
-                let mut row = row0.clone();
+                match bias {
+                    Some(b) => row.copy_from_slice(b),
+                    None => row.fill(0.0),
+                }
                 // SAFETY: `row` is n values; the epilogue's buffers are m·n (row r is in them).
                 unsafe { epi.apply_from(row.as_mut_ptr(), n, r * n, n, 1, n) };
             }
@@ -463,7 +471,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         Kernel::AmxSoft => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::SoftTiles, T>(a, m, w, bias, c, have_simd, acc, epi, par) },
         _ => {}
     }
-    let simd = kernel == Kernel::Avx512Bf16 && have_simd;
+    let simd = runs_vdp(kernel);
     // the f16 twin's panels and exponent when the AVX512-FP16 kernel runs (else its fallback, FMA)
     let fp16 = w.fp16.filter(|_| kernel == Kernel::Avx512Fp16);
     let fma = matches!(kernel, Kernel::Avx512Fma | Kernel::Avx512Fp16) && super::gemm_f32::available();
