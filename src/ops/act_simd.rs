@@ -133,7 +133,7 @@ fn narrows_by_insn(narrow: Narrow) -> bool {
 /// Whether this CPU narrows with `vcvtneps2bf16` ([`Narrow::Auto`]).
 /// (Read once: the epilogues ask per C tile row, 0.3 % of a bf16 image forward with the five
 /// feature tests each time.)
-fn bf16_insn() -> bool {
+pub(crate) fn bf16_insn() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -192,7 +192,7 @@ pub fn act_row_with(act: Unary, round: bool, x: &mut [f32], dst: ActDst, narrow:
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{bf16_bits16, exp16, to_bf16_16};
+pub(crate) use x86::{bf16_bits16, epi_bf16, exp16, to_bf16_16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -451,6 +451,28 @@ mod x86 {
                 }
             }
             i += 32;
+        }
+    }
+
+    /// A bf16-output epilogue on 16 lanes of a GEMM tile still in registers (`gemm_bf16_avx512::
+    /// kernel_bf16`): with `ACT` (1 QuickGELU, 2 GELU) the bits [`super::act_row`] writes to a
+    /// bf16 output (the pre-activation rounded first when `ROUND`), with `ACT` 0 those of
+    /// [`super::to_bf16_into`] — the same operations in the same order, so the tile in registers
+    /// and the tile through memory give the same output.
+    ///
+    /// # Safety
+    /// As [`act_row_bf16`] (AVX-512F, AVX512-BF16, -BW, -VL, -DQ).
+    #[inline(always)]
+    pub(crate) unsafe fn epi_bf16<const ACT: u8, const ROUND: bool>(v: __m512) -> __m256i {
+        // SAFETY: the caller's features.
+        unsafe {
+            let v = if ACT != 0 && ROUND { round_f32::<true>(v) } else { v };
+            let v = match ACT {
+                0 => v,
+                1 => act16(Unary::QuickGelu, v),
+                _ => act16(Unary::Gelu, v),
+            };
+            narrow16::<true>(v)
         }
     }
 

@@ -501,6 +501,10 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         let nkb = kp.div_ceil(kc_max(simd));
         let astride = if fma { 2 * KC } else { KC }; // A panel row stride (u32 pairs, or f32 values)
         let bdata = f16.map_or(w.data, |(d, ..)| d);
+        // C in per-thread tiles, the vdpbf16ps kernel and a bf16-only epilogue: the epilogue
+        // from the accumulators (`kernel_bf16`), no C tile at all
+        #[cfg(target_arch = "x86_64")]
+        let regs_out = epi.bf16_out().filter(|_| local && simd && nkb == 1 && super::act_simd::bf16_insn());
         let mut tile = [0f32; MR * NR]; // C of one tile when C is not wanted (`local`)
         ABUF.with_borrow_mut(|abuf| {
             // Pack this row block of A (all k) once; it is reused for every column.
@@ -537,6 +541,15 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                             let a = &abuf[(pi * nkb + kb) * MR * astride..][..MR * astride];
                             let ir = (p0 + pi) * MR;
                             let (rows, cols) = (MR.min(m - ir), NR.min(n - jr));
+                            #[cfg(target_arch = "x86_64")]
+                            if let Some((out, act)) = regs_out {
+                                let t = super::gemm_bf16_avx512::Bf16Tile { out, off: ir * n + jr, ldo: n, rows, cols, bias: bias_j, act };
+                                // SAFETY: the vdpbf16ps kernel and the narrowing's features were
+                                // detected (`regs_out`); `a`/`b` as below; the epilogue's bf16
+                                // output is m·n and rows ir.., cols jr.. are this item's alone.
+                                unsafe { super::gemm_bf16_avx512::kernel_bf16(a, b, kc, &t) };
+                                continue;
+                            }
                             if local {
                                 let t = Tile { c: tile.as_mut_ptr(), off: 0, ldc: NR, rows, cols, bias: bias_j, accumulate: false };
                                 // SAFETY: `t` is this thread's 14×32 tile; `a`/`b` as below; the

@@ -1,7 +1,10 @@
 //! The AVX512-BF16 microkernel of `gemm_bf16` (x86-64): f32 → bf16 pair conversion and the
 //! 14×32 register tile over `vdpbf16ps` (see `gemm_bf16`'s module docs for the layout).
+use super::act_simd::epi_bf16;
+use super::elementwise::Unary;
 use super::gemm_bf16::{Tile, KC, MR, NR};
 use core::arch::x86_64::*;
+use half::bf16;
 
 /// Converts `src` f32 to bf16 pairs (RNE) in `dst`; an odd tail is padded with 0.
 ///
@@ -60,10 +63,6 @@ fn mask16(n: usize) -> __mmask16 {
 /// tile contract of [`Tile::store`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
-    assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
-    let mut c0 = [_mm512_setzero_ps(); MR];
-    let mut c1 = [_mm512_setzero_ps(); MR];
-    let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
     // Pull the C tile towards L1 while the k loop runs (prefetch never faults).
     for r in 0..MR {
         if r < t.rows {
@@ -72,8 +71,25 @@ pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
             _mm_prefetch::<_MM_HINT_ET0>(cr.wrapping_add(16).cast());
         }
     }
+    // SAFETY: the features; the slices' lengths are checked inside; the tile contract, forwarded.
+    unsafe {
+        let (c0, c1) = products(a, b, kc);
+        store(&c0, &c1, t)
+    }
+}
+
+/// The 14×32 products a·b of one kc-block in registers (the k loop of [`kernel`]).
+///
+/// # Safety
+/// Requires avx512f + avx512bf16 (inlined into callers that enable them).
+#[inline(always)]
+unsafe fn products(a: &[u32], b: &[u32], kc: usize) -> ([__m512; MR], [__m512; MR]) {
+    assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
+    let mut c0 = [_mm512_setzero_ps(); MR];
+    let mut c1 = [_mm512_setzero_ps(); MR];
+    let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
     // SAFETY: the loop reads a[r·KC + p] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
-    // all inside the slices (asserted above).
+    // all inside the slices (asserted above); the caller's features.
     unsafe {
         for _ in 0..kc {
             let b0: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.cast()));
@@ -88,8 +104,74 @@ pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
             bp = bp.add(NR);
         }
     }
-    // SAFETY: the tile contract, forwarded.
-    unsafe { store(&c0, &c1, t) }
+    (c0, c1)
+}
+
+/// Where [`kernel_bf16`] writes: rows × cols of a bf16 output at `out + off`, row stride `ldo`.
+pub(super) struct Bf16Tile<'a> {
+    pub(super) out: *mut bf16,
+    pub(super) off: usize,
+    pub(super) ldo: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) bias: Option<&'a [f32]>, // starts at the tile's first column
+    /// The activation (QuickGelu or Gelu; None: the values themselves) and whether the
+    /// pre-activation is rounded to bf16 first.
+    pub(super) act: Option<(Unary, bool)>,
+}
+
+/// [`kernel`] for one whole kc-block whose only output is bf16 (`Epilogue::Bf16`, or
+/// `Epilogue::Act` to bf16 with no C): acc + bias, the activation and the narrowing straight from
+/// the accumulators to the output — no C tile stored and read back, and the 28 vectors'
+/// activations are independent work for the out-of-order core (one C row at a time, the
+/// activation's ≈ 80-cycle chain was the wait). The same operations as storing the tile and
+/// applying the epilogue to it, so the same bits.
+///
+/// # Safety
+/// Requires avx512f, -bw, -vl, -dq and avx512bf16; `a.len() >= MR·KC`, `b.len() >= kc·NR`;
+/// rows × cols (≤ MR × NR) of the output at `out + off` (stride `ldo`) are in bounds and this
+/// caller's alone; `bias` (if any) holds `cols` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
+pub(super) unsafe fn kernel_bf16(a: &[u32], b: &[u32], kc: usize, t: &Bf16Tile) {
+    use super::elementwise::Unary::{Gelu, QuickGelu};
+    // SAFETY: the features and the output contract, forwarded.
+    unsafe {
+        let (c0, c1) = products(a, b, kc);
+        match t.act {
+            None => rows_bf16::<0, false>(&c0, &c1, t),
+            Some((QuickGelu, false)) => rows_bf16::<1, false>(&c0, &c1, t),
+            Some((QuickGelu, true)) => rows_bf16::<1, true>(&c0, &c1, t),
+            Some((Gelu, false)) => rows_bf16::<2, false>(&c0, &c1, t),
+            Some((Gelu, true)) => rows_bf16::<2, true>(&c0, &c1, t),
+            Some((op, _)) => panic!("bf16 epilogue activation must be QuickGelu or Gelu, got {op:?}"),
+        }
+    }
+}
+
+/// The epilogue rows of [`kernel_bf16`] (`act_simd::epi_bf16::<ACT, ROUND>` per vector).
+///
+/// # Safety
+/// As [`kernel_bf16`].
+#[inline(always)]
+unsafe fn rows_bf16<const ACT: u8, const ROUND: bool>(c0: &[__m512; MR], c1: &[__m512; MR], t: &Bf16Tile) {
+    let (m0, m1) = (mask16(t.cols), mask16(t.cols.saturating_sub(16)));
+    // SAFETY: `bias` has at least `cols` elements; masked-off lanes are not read. Rows ≥ rows
+    // store nothing (mask 0; `wrapping_add` keeps their pointer defined); the others write
+    // columns < cols of their row, the caller's. The caller's features.
+    unsafe {
+        let (bias0, bias1) = match t.bias {
+            Some(bias) => (_mm512_maskz_loadu_ps(m0, bias.as_ptr()), _mm512_maskz_loadu_ps(m1, bias.as_ptr().wrapping_add(16))),
+            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
+        for r in 0..MR {
+            let (k0, k1) = if r < t.rows { (m0, m1) } else { (0, 0) };
+            let o = t.out.wrapping_add(t.off + r * t.ldo);
+            let y0 = epi_bf16::<ACT, ROUND>(_mm512_add_ps(c0[r], bias0));
+            let y1 = epi_bf16::<ACT, ROUND>(_mm512_add_ps(c1[r], bias1));
+            _mm256_mask_storeu_epi16(o.cast(), k0, y0);
+            _mm256_mask_storeu_epi16(o.wrapping_add(16).cast(), k1, y1);
+        }
+    }
 }
 
 /// bf16 GEMM through f32 FMAs (AVX-512F), for CPUs whose `vdpbf16ps` is no faster than two FMAs

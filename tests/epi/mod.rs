@@ -20,7 +20,8 @@ fn same(what: &str, got: &[f32], want: &[f32]) {
 }
 
 /// Every epilogue (QuickGELU and GELU in place, to f32, to bf16 from a bf16 A; the residual
-/// add; the output narrowed to bf16; the outputs with no C) at m×n×k on `kernel`, against the plain GEMM followed by the unfused passes.
+/// add; the output narrowed to bf16; the outputs with no C, rounded pre-activation or not — on the
+/// `vdpbf16ps` kernel those are applied to the tile in registers) at m×n×k on `kernel`, against the plain GEMM followed by the unfused passes.
 pub fn check_epilogues(m: usize, n: usize, k: usize, kernel: Kernel) {
     let seed = (m * 7919 + n * 104_729 + k) as u64;
     let (a, w, b, res) = (rng_vec(seed, m * k, 2.0), rng_vec(seed + 1, n * k, 0.5), rng_vec(seed + 2, n, 1.0), rng_vec(seed + 3, m * n, 4.0));
@@ -58,6 +59,12 @@ pub fn check_epilogues(m: usize, n: usize, k: usize, kernel: Kernel) {
     let mut c = vec![f32::NAN; m * n];
     matmul_bf16_fused(&a, m, &pw, Some(&b), &mut c, Epilogue::Act { op: Unary::QuickGelu, round_pre: false, out: ActOut::InPlace }, kernel);
     same(&format!("{tag} QuickGelu unrounded"), &c, &unary(Unary::QuickGelu, &plain));
+    for op in [Unary::QuickGelu, Unary::Gelu] {
+        let mut out = vec![bf16::NAN; m * n];
+        matmul_bf16_fused(&a, m, &pw, Some(&b), &mut [], Epilogue::Act { op, round_pre: false, out: ActOut::Bf16(&mut out) }, kernel);
+        let want: Vec<f32> = unary(op, &plain).iter().map(|&x| round_bf16(x)).collect();
+        same(&format!("{tag} {op:?} unrounded to bf16, no C"), &out.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), &want);
+    }
     let mut c = vec![f32::NAN; m * n];
     matmul_bf16_fused(&a, m, &pw, Some(&b), &mut c, Epilogue::Add { res: &res }, kernel);
     let want: Vec<f32> = plain.iter().zip(&res).map(|(y, r)| r + y).collect();
