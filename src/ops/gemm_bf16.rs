@@ -501,8 +501,9 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         let nkb = kp.div_ceil(kc_max(simd));
         let astride = if fma { 2 * KC } else { KC }; // A panel row stride (u32 pairs, or f32 values)
         let bdata = f16.map_or(w.data, |(d, ..)| d);
-        // C in per-thread tiles, the vdpbf16ps kernel and a bf16-only epilogue: the epilogue
-        // from the accumulators (`kernel_bf16`), no C tile at all
+        let res = epi.residual(); // added by the tile stores (every kernel here; AMX applies `epi`)
+                                  // C in per-thread tiles, the vdpbf16ps kernel and a bf16-only epilogue: the epilogue
+                                  // from the accumulators (`kernel_bf16`), no C tile at all
         #[cfg(target_arch = "x86_64")]
         let regs_out = epi.bf16_out().filter(|_| local && simd && nkb == 1 && super::act_simd::bf16_insn());
         let mut tile = [0f32; MR * NR]; // C of one tile when C is not wanted (`local`)
@@ -551,7 +552,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                                 continue;
                             }
                             if local {
-                                let t = Tile { c: tile.as_mut_ptr(), off: 0, ldc: NR, rows, cols, bias: bias_j, accumulate: false };
+                                let t = Tile { c: tile.as_mut_ptr(), off: 0, ldc: NR, rows, cols, bias: bias_j, accumulate: false, res: std::ptr::null() };
                                 // SAFETY: `t` is this thread's 14×32 tile; `a`/`b` as below; the
                                 // epilogue writes rows ir.., cols jr.. of its m·n outputs: this
                                 // item's block alone.
@@ -561,7 +562,8 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                                 }
                                 continue;
                             }
-                            let t = Tile { c: cptr.get(), off: ir * n + jr, ldc: n, rows, cols, bias: bias_j, accumulate: acc || pc > 0 };
+                            let res = res.filter(|_| kb + 1 == nkb).unwrap_or(std::ptr::null());
+                            let t = Tile { c: cptr.get(), off: ir * n + jr, ldc: n, rows, cols, bias: bias_j, accumulate: acc || pc > 0, res };
                             if kb + 1 == nkb {
                                 // the epilogue's reads from memory, under the last kernel call
                                 epi.prefetch(t.off, t.ldc, t.rows, t.cols);
@@ -573,7 +575,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                             // epilogue's buffers are m·n long (checked by its caller).
                             unsafe {
                                 run_kernel(a, b, kc, &t, simd, fma, avx2, f16.map(|(.., ds)| ds));
-                                if kb + 1 == nkb {
+                                if kb + 1 == nkb && res.is_null() {
                                     // The tile is final: the fused epilogue, while it is in L1.
                                     epi.apply(t.c, t.off, t.ldc, t.rows, t.cols);
                                 }
@@ -649,14 +651,17 @@ pub(super) struct Tile<'a> {
     pub(super) cols: usize,
     pub(super) bias: Option<&'a [f32]>, // starts at the tile's first column; only for the first kc-block
     pub(super) accumulate: bool,        // add to the existing C values (later kc-blocks)
+    /// `Epilogue::Add`'s residual (indexed like C; null: none), added last — only on the last
+    /// kc-block: C = (acc + bias | + c) + res in registers, the bits of the separate add.
+    pub(super) res: *const f32,
 }
 
 impl Tile<'_> {
     /// Writes `acc (+ bias | + c)` to the valid part of the tile.
     ///
     /// # Safety
-    /// Rows `0..rows`, cols `0..cols` of the tile must be in bounds of C and not be
-    /// accessed concurrently.
+    /// Rows `0..rows`, cols `0..cols` of the tile must be in bounds of C (and of `res` when
+    /// it is not null) and not be accessed concurrently.
     unsafe fn store(&self, acc: &[[f32; NR]; MR]) {
         for (r, accr) in acc.iter().enumerate().take(self.rows) {
             // SAFETY: caller guarantees this row segment is in bounds and exclusive.
@@ -668,6 +673,10 @@ impl Tile<'_> {
                     (None, false) => 0.0,
                 };
                 *x = base + accr[j];
+                if !self.res.is_null() {
+                    // SAFETY: the residual is indexed like C (the caller's rectangle).
+                    *x += unsafe { *self.res.add(self.off + r * self.ldc + j) };
+                }
             }
         }
     }

@@ -213,7 +213,7 @@ pub(super) unsafe fn kernel_fma(a: &[f32], b: &[u32], kc: usize, t: &Tile) {
     }
 }
 
-/// Writes the 14×32 register tile `acc (+ bias | + c)` to the valid part of the tile.
+/// Writes the 14×32 register tile `acc (+ bias | + c) (+ res)` to the valid part of the tile.
 ///
 /// # Safety
 /// Requires avx512f; the tile contract of [`Tile::store`].
@@ -241,6 +241,12 @@ pub(super) unsafe fn store(c0: &[__m512; MR], c1: &[__m512; MR], t: &Tile) {
             if t.accumulate {
                 v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
                 v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr1));
+            }
+            if !t.res.is_null() {
+                // the residual, indexed like C (the same contract)
+                let rr = t.res.add(t.off + r * t.ldc);
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rr));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rr.wrapping_add(16)));
             }
             _mm512_mask_storeu_ps(cr, m0, v0);
             _mm512_mask_storeu_ps(cr1, m1, v1);

@@ -151,6 +151,15 @@ impl EpiRun {
         }
     }
 
+    /// [`Epilogue::Add`]'s residual, which a kernel's tile store may add itself (then the
+    /// epilogue is not applied after it).
+    pub(crate) fn residual(self) -> Option<*const f32> {
+        match self {
+            EpiRun::Add(res) => Some(res),
+            _ => None,
+        }
+    }
+
     /// The bf16 output of an epilogue whose only output is bf16 ([`Epilogue::Bf16`], or
     /// [`Epilogue::Act`] to bf16), with its activation and pre-activation rounding: what a
     /// kernel may apply to a tile in registers (`gemm_bf16_avx512::kernel_bf16`).
