@@ -118,6 +118,36 @@ fn layer_norm_fast_matches_reference() {
     }
 }
 
+/// The attention's softmax four rows at a time (`attn_kernel::softmax_rows`) gives the bits of one
+/// row at a time (`softmax_row`), logsumexp included: rows of equal and of different key counts
+/// (causal blocks), 1, 7, 45 and 77 rows, row lengths around a 16-lane boundary.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn attention_softmax_rows_match_one_row_at_a_time() {
+    use clipforge::ops::attn_kernel::{softmax_row, softmax_rows};
+    if !std::arch::is_x86_feature_detected!("avx512f") {
+        return;
+    }
+    for &(rows, nk) in &[(1, 1), (7, 7), (45, 50), (77, 77), (9, 17), (8, 16)] {
+        for causal in [false, true] {
+            let keys = |j: usize| if causal { (j * nk / rows + 1).min(nk) } else { nk };
+            let x: Vec<f32> = randn(rows * nk, 21).iter().map(|v| v * 4.0).collect();
+            let (mut four, mut one) = (x.clone(), x.clone());
+            let (mut l4, mut l1) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+            // SAFETY: AVX-512F was detected; keys(j) ≤ nk.
+            unsafe {
+                softmax_rows(&mut four, nk, 0.125, keys, &mut l4);
+                for (j, row) in one.chunks_exact_mut(nk).enumerate() {
+                    l1[j] = softmax_row(row, keys(j), 0.125);
+                }
+            }
+            let tag = format!("{rows}x{nk} causal {causal}");
+            assert!(four.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()), "{tag}: P differs");
+            assert!(l4.iter().zip(&l1).all(|(a, b)| a.to_bits() == b.to_bits()), "{tag}: logsumexp differs");
+        }
+    }
+}
+
 /// Both forward paths (AVX-512 small GEMMs + 16-lane softmax where the CPU has AVX-512F, and the
 /// portable one) and the dispatching `attention` against the f64 reference: T = 1, 7, 45, 50, 77
 /// and 130 (more than one 64-row query block and 64-column tile), head dims 1, 20, 59, 64, 65.

@@ -156,7 +156,7 @@ pub fn attention_avx512(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<
 
 #[cfg(target_arch = "x86_64")]
 fn avx512_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], lse: &mut [f32]) {
-    use super::attn_kernel::{gemm_rows, softmax_row};
+    use super::attn_kernel::{gemm_rows, softmax_rows};
     assert!(super::gemm_f32::available(), "attention_avx512 needs AVX-512F");
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
     check_into("attention", q, k, v, s, out, lse);
@@ -179,10 +179,8 @@ fn avx512_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], 
             // SAFETY: AVX-512F (asserted); Q rows r0..r1 of head h ([rows, hd] at stride w),
             // Kᵀ's first nk columns ([hd, nk] at stride t), sc [rows, nk]: all in bounds.
             unsafe { gemm_rows(r1 - r0, nk, d, q[base + r0 * w..].as_ptr(), w, kt.as_ptr(), t, sc.as_mut_ptr(), nk) }; // S = Q·Kᵀ
-            for (i, row) in (r0..r1).zip(sc.chunks_exact_mut(nk)) {
-                // SAFETY: AVX-512F; keys(i) ≤ nk = row.len().
-                lr[i] = unsafe { softmax_row(row, s.keys(i), s.scale) };
-            }
+                                                                                                                       // SAFETY: AVX-512F; keys(i) ≤ nk = a row's length.
+            unsafe { softmax_rows(sc, nk, s.scale, |j| s.keys(r0 + j), &mut lr[r0..r1]) };
             // SAFETY: P [rows, nk], V rows 0..nk of head h ([nk, hd] at stride w); O rows r0..r1
             // of head h of sequence b ([rows, hd] at stride w): inside out, and this task's own
             // elements (SharedOut).

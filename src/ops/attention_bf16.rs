@@ -154,9 +154,7 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
             let (m, nk) = (r1 - r0, if s.causal { r1 } else { t });
             let sc = &mut x.sc[..m * nk];
             matmul_bf16_seq(&x.qh[r0 * d..r1 * d], m, kw.prefix(nk, d), sc, kernel); // S = Q·Kᵀ [rows, nk]
-            for (i, row) in (r0..r1).zip(sc.chunks_exact_mut(nk)) {
-                lr[i] = softmax_row(row, s.keys(i), s.scale, simd);
-            }
+            softmax_rows(sc, nk, s, r0, &mut lr[r0..r1], simd);
             let o = &mut x.o[..m * d];
             matmul_bf16_seq(&*sc, m, vw.prefix(d, nk), o, kernel); // O = P·V [rows, hd]
             for (i, orow) in (r0..r1).zip(o.chunks_exact(d)) {
@@ -184,16 +182,19 @@ struct Scratch<T> {
     o: Vec<f32>,
 }
 
-/// The masked softmax of one score row (AVX-512 where the path allows it), its logsumexp.
-fn softmax_row(row: &mut [f32], keys: usize, scale: f32, simd: bool) -> f32 {
+/// The masked softmax of a block's score rows (`sc`: [rows, nk], queries r0..; AVX-512 where the
+/// path allows it), their logsumexps to `lse`.
+fn softmax_rows(sc: &mut [f32], nk: usize, s: &AttnShape, r0: usize, lse: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` means the selected path is AVX-512F or higher (the CPU has it);
-        // keys ≤ row.len() (a block's rows see at most nk keys).
-        return unsafe { super::attn_kernel::softmax_row(row, keys, scale) };
+        // keys ≤ nk (a block's rows see at most nk keys).
+        return unsafe { super::attn_kernel::softmax_rows(sc, nk, s.scale, |j| s.keys(r0 + j), lse) };
     }
     let _ = simd;
-    softmax_row_portable(row, keys, scale)
+    for (j, row) in sc.chunks_exact_mut(nk).enumerate() {
+        lse[j] = softmax_row_portable(row, s.keys(r0 + j), s.scale);
+    }
 }
 
 /// Packed sequences (see `attention::attention_packed`): [`attention_bf16`] per sequence.
