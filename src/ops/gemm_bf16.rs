@@ -35,8 +35,11 @@
 //! * Edges: m via zero rows in the A panel (only valid rows are stored), n via zero
 //!   weight columns and masked column stores, odd k via a zero `hi` half.
 //! * Epilogue ([`matmul_bf16_fused`], `gemm_epilogue.rs`): after a tile's last kc-block,
-//!   the activation (with the pre-activation's bf16 rounding) or the residual add, on the
-//!   tile while it is in L1. A may also be bf16 already ([`AElem`]): packed without rounding.
+//!   the activation (with the pre-activation's bf16 rounding) on the tile while it is in L1;
+//!   the residual add in the tile store itself (`Tile::res`); on the `vdpbf16ps` kernel an
+//!   output that is only bf16 (q/k/v, an activation) straight from the accumulators
+//!   (`gemm_bf16_avx512::kernel_bf16`). A may also be bf16 already ([`AElem`]): packed without
+//!   rounding.
 //!
 //! # Dispatch
 //! `cpu_path::selected()` picks, at run time: the AMX tile kernel (`gemm_amx.rs`, same packed
@@ -202,15 +205,19 @@ impl<'a> WView<'a> {
     }
 }
 
-/// Runtime detection of the AVX512-BF16 kernel (x86-64 only).
+/// Runtime detection of the AVX512-BF16 kernel (x86-64 only); read once (the bf16 attention
+/// asks per GEMM call: 0.8 % of it with the four feature tests each time).
 pub fn has_avx512_bf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return is_x86_feature_detected!("avx512bf16")
-        && is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        return is_x86_feature_detected!("avx512bf16")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl");
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
 }
 
 /// `c[m×n]` (row-major, fully overwritten) = `a[m×k]` (row-major f32) · Wᵀ (+ `bias[n]`).
@@ -501,9 +508,10 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         let nkb = kp.div_ceil(kc_max(simd));
         let astride = if fma { 2 * KC } else { KC }; // A panel row stride (u32 pairs, or f32 values)
         let bdata = f16.map_or(w.data, |(d, ..)| d);
-        let res = epi.residual(); // added by the tile stores (every kernel here; AMX applies `epi`)
-                                  // C in per-thread tiles, the vdpbf16ps kernel and a bf16-only epilogue: the epilogue
-                                  // from the accumulators (`kernel_bf16`), no C tile at all
+        // `Epilogue::Add`'s residual: added by the tile stores (every kernel here; AMX applies `epi`)
+        let res = epi.residual();
+        // C in per-thread tiles, the vdpbf16ps kernel and a bf16-only epilogue: the epilogue
+        // from the accumulators (`kernel_bf16`), no C tile at all
         #[cfg(target_arch = "x86_64")]
         let regs_out = epi.bf16_out().filter(|_| local && simd && nkb == 1 && super::act_simd::bf16_insn());
         let mut tile = [0f32; MR * NR]; // C of one tile when C is not wanted (`local`)
@@ -657,7 +665,7 @@ pub(super) struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// Writes `acc (+ bias | + c)` to the valid part of the tile.
+    /// Writes `acc (+ bias | + c) (+ res)` to the valid part of the tile.
     ///
     /// # Safety
     /// Rows `0..rows`, cols `0..cols` of the tile must be in bounds of C (and of `res` when
