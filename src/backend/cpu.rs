@@ -14,8 +14,8 @@
 //! Wᵀ packed on the first backward (cached with the weight), dW = dyᵀ·x through xᵀ packed per call.
 use super::{Act, Ops, Seqs, Weight};
 use crate::error::Result;
-use crate::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape};
-use crate::ops::attention_bf16::{self, attention_bf16, attention_packed_bf16};
+use crate::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape, PooledRow};
+use crate::ops::attention_bf16::{self, attention_bf16, attention_bf16_rows, attention_packed_bf16};
 use crate::ops::elementwise::{unary, unary_bwd, Unary};
 use crate::ops::embedding::embedding_bwd_grouped;
 use crate::ops::fastmath::{par_rows, zeros};
@@ -197,6 +197,21 @@ fn check(what: &str, len: usize, want: usize) -> Result<()> {
         return Err(shape_err!("{what}: {len} values, need {want}"));
     }
     Ok(())
+}
+
+impl Cpu {
+    /// One of q, k, v [n, W] as [`Ops::qkv`] makes it: with `half`, narrowed to bf16 in the GEMM's
+    /// epilogue ([`Epilogue::Bf16`], no f32 [n, W] output); otherwise a Linear with an f32 output.
+    fn qkv_one(&self, h: &Tensor, w: &Weight<Cpu>, b: &Tensor, n: usize, half: bool) -> Result<Tensor> {
+        let Some(p) = bf16_of(w).filter(|_| half) else {
+            return self.linear(h, w, Some(b), n); // [n, W]
+        };
+        let (bd, (c, k)) = (b.f32_data(), (w.n, w.k));
+        check("qkv bias", bd.len(), c)?;
+        // SAFETY: the epilogue writes every element of its output (see `written32`); C is not kept.
+        unsafe { gemm16_to_bf16(n * c, |out| gemm16(h, n, k, &p.fwd, Some(&bd[..c]), &mut [], Epilogue::Bf16 { out })) }
+        // [n, W] bf16
+    }
 }
 
 impl Ops for Cpu {
@@ -391,19 +406,30 @@ impl Ops for Cpu {
     /// narrowed in each GEMM's epilogue ([`Epilogue::Bf16`]): [`Ops::attention`] then takes its
     /// bf16 path. Otherwise three Linears with f32 outputs.
     fn qkv(&self, h: &Tensor, w: [&Weight<Cpu>; 3], b: [&Tensor; 3], n: usize, _heads: usize) -> Result<[Tensor; 3]> {
-        let half = w.iter().all(|w| bf16_of(w).is_some()) && attention_bf16::chosen();
-        let one = |w: &Weight<Cpu>, b: &Tensor| -> Result<Tensor> {
-            let Some(p) = bf16_of(w).filter(|_| half) else {
-                return self.linear(h, w, Some(b), n); // [n, W]
-            };
-            let (bd, (c, k)) = (b.f32_data(), (w.n, w.k));
-            check("qkv bias", bd.len(), c)?;
-            // narrowed to bf16 in the GEMM's epilogue, no f32 [n, W] output
-            // SAFETY: the epilogue writes every element of its output (see `written32`); C is not kept.
-            unsafe { gemm16_to_bf16(n * c, |out| gemm16(h, n, k, &p.fwd, Some(&bd[..c]), &mut [], Epilogue::Bf16 { out })) }
-            // [n, W] bf16
+        let half = half_attention(w);
+        Ok([self.qkv_one(h, w[0], b[0], n, half)?, self.qkv_one(h, w[1], b[1], n, half)?, self.qkv_one(h, w[2], b[2], n, half)?])
+    }
+
+    /// With the bf16 attention: q for the pooled rows only (from those rows of h: per row the bits
+    /// [`Ops::qkv`] gives it — the bf16 GEMM computes a row the same way whatever the row count),
+    /// k and v for every row, then the attention of those rows alone (`attention_bf16_rows`: per
+    /// row the bits of the full attention's). Otherwise (the f32 Linear switches paths by row
+    /// count), or rows not one per sequence: the composite.
+    fn attention_pooled(&self, h: &Tensor, w: [&Weight<Cpu>; 3], b: [&Tensor; 3], seqs: &Seqs, rows: &[usize], heads: usize, width: usize) -> Result<Tensor> {
+        let (n, half) = (seqs.rows(), half_attention(w));
+        let Some(pooled) = pooled_rows(seqs, rows).filter(|_| half) else {
+            let [q, k, v] = self.qkv(h, w, b, n, heads)?; // [N, W] each
+            let (a, _) = self.attention(&q, &k, &v, seqs, heads, width)?; // [N, W]
+            return self.gather_rows(&a, rows, width); // [R, W]
         };
-        Ok([one(w[0], b[0])?, one(w[1], b[1])?, one(w[2], b[2])?])
+        let hr = self.gather_rows(h, rows, width)?; // [R, W]
+        let q = self.qkv_one(&hr, w[0], b[0], rows.len(), half)?; // [R, W]
+        let (k, v) = (self.qkv_one(h, w[1], b[1], n, half)?, self.qkv_one(h, w[2], b[2], n, half)?); // [N, W] each
+        check("attention_pooled k", k.numel(), n * width)?;
+        let (Some(qb), Some(kb), Some(vb)) = (q.bf16_data(), k.bf16_data(), v.bf16_data()) else {
+            return Err(crate::error::Error::msg("attention_pooled: q, k, v not in bf16 with bf16 attention"));
+        };
+        vec1(attention_bf16_rows(qb, kb, vb, &pooled, heads, Kernel::Auto)) // [R, W]
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, seqs: &Seqs, heads: usize, w: usize) -> Result<(Tensor, Tensor)> {
@@ -540,6 +566,29 @@ impl Ops for Cpu {
         }
         vec1(out)
     }
+}
+
+/// Whether a layer's q, k and v are kept in bf16 for the bf16 attention: bf16 weights, and the
+/// bf16 attention chosen ([`attention_bf16::chosen`]).
+fn half_attention(w: [&Weight<Cpu>; 3]) -> bool {
+    w.iter().all(|w| bf16_of(w).is_some()) && attention_bf16::chosen()
+}
+
+/// `rows` as one query per sequence, in order (a tower's pooled rows), with each sequence's place;
+/// None when they are not that.
+fn pooled_rows(seqs: &Seqs, rows: &[usize]) -> Option<Vec<PooledRow>> {
+    let spans: Vec<(usize, usize, bool)> = match seqs {
+        Seqs::Batch { batch, seq, causal } => (0..*batch).map(|b| (b * seq, *seq, *causal)).collect(),
+        Seqs::Packed(lens) => lens.iter().scan(0, |at, &l| Some((std::mem::replace(at, *at + l), l, true))).collect(),
+    };
+    if spans.len() != rows.len() {
+        return None;
+    }
+    spans
+        .into_iter()
+        .zip(rows)
+        .map(|((start, len, causal), &r)| (r >= start && r < start + len).then_some(PooledRow { start, len, pos: r - start, causal }))
+        .collect()
 }
 
 fn shape(batch: usize, seq: usize, heads: usize, w: usize, causal: bool) -> AttnShape {

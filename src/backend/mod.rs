@@ -193,6 +193,29 @@ pub trait Ops {
 
     /// Multi-head attention of q, k, v [N, W] (`heads` heads of W/heads) → (o [N, W], lse).
     fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, seqs: &Seqs, heads: usize, w: usize) -> Result<(Self::Buf, Self::Buf)>;
+    /// The attention outputs of rows `rows` only ([R, W]), from h [N, W] (the block's LN1
+    /// output) and the q, k, v weights: the pooled rows of a last block at inference, whose other
+    /// rows nothing reads. The default computes q, k, v and the attention for every row
+    /// ([`Ops::qkv`], [`Ops::attention`]) and gathers the rows; a backend may compute q and the
+    /// attention for those rows alone (k and v still for every row).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_pooled(
+        &self,
+        h: &Self::Buf,
+        w: [&Weight<Self>; 3],
+        b: [&Self::Buf; 3],
+        seqs: &Seqs,
+        rows: &[usize],
+        heads: usize,
+        width: usize,
+    ) -> Result<Self::Buf>
+    where
+        Self: Sized,
+    {
+        let [q, k, v] = self.qkv(h, w, b, seqs.rows(), heads)?; // [N, W] each
+        let (a, _) = self.attention(&q, &k, &v, seqs, heads, width)?; // [N, W]
+        self.gather_rows(&a, rows, width) // [R, W]
+    }
     /// The backward of [`Ops::attention`] from do → (dq, dk, dv).
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(

@@ -4,7 +4,8 @@
 //! written by hand over the same operations (dX and dW GEMMs, the fused LayerNorm, activation and
 //! attention backwards). With `rows`, only those rows of the output are wanted (the pooled
 //! tokens): keys and values are computed for every row, the output projection and the MLP for
-//! the chosen rows only.
+//! the chosen rows only — and at inference the queries and the attention too
+//! ([`Ops::attention_pooled`]).
 //!
 //! Per block (N rows, R output rows, W width, I MLP width):
 //!   h1 = LN1(x)                       layernorm_for_linear              [N, W]
@@ -99,14 +100,40 @@ pub fn forward<O: Ops>(ops: &O, blk: &BlockRef<O>, x: O::Buf, seqs: &Seqs, rows:
     let (n, w) = (seqs.rows(), c.hidden);
     let (h1, st1) = ops.layernorm_for_linear(&x, blk.buf(Ln1Weight), blk.buf(Ln1Bias), n, w, c.eps)?; // [N, W]
     let lins = [blk.lin(QWeight)?, blk.lin(KWeight)?, blk.lin(VWeight)?];
-    let [q, k, v] = ops.qkv(&h1, lins, [blk.buf(QBias), blk.buf(KBias), blk.buf(VBias)], n, c.heads)?; // [N, W] each
+    let biases = [blk.buf(QBias), blk.buf(KBias), blk.buf(VBias)];
+    if let (Some(rs), false) = (rows, keep) {
+        // inference, pooled rows only: their queries and attention alone (k, v for every row)
+        let a_rows = ops.attention_pooled(&h1, lins, biases, seqs, rs, c.heads, w)?; // [R, W]
+        drop(h1);
+        let xs = ops.gather_rows(&x, rs, w)?; // [R, W]
+        let y = after_attention(ops, blk, &a_rows, &xs, rs.len(), false)?.0; // [R, W]
+        return Ok((y, None));
+    }
+    let [q, k, v] = ops.qkv(&h1, lins, biases, n, c.heads)?; // [N, W] each
     let (a, lse) = ops.attention(&q, &k, &v, seqs, c.heads, w)?; // [N, W]
     let (r, xs, a_rows) = match rows {
         Some(rs) => (rs.len(), Some(ops.gather_rows(&x, rs, w)?), Some(ops.gather_rows(&a, rs, w)?)), // [R, W]
         None => (n, None, None),
     };
-    let xm = ops.linear_add(a_rows.as_ref().unwrap_or(&a), blk.lin(OutWeight)?, blk.buf(OutBias), r, xs.as_ref().unwrap_or(&x))?; // [R, W]
+    let (y, kept) = after_attention(ops, blk, a_rows.as_ref().unwrap_or(&a), xs.as_ref().unwrap_or(&x), r, keep)?; // [R, W]
     drop(xs);
+    let Some((xm, h2, st2, pre, m)) = kept else {
+        return Ok((y, None));
+    };
+    let saved = Saved { seqs: seqs.clone(), rows: rows.map(|r| r.to_vec()), x, h1, st1, q, k, v, a, lse, a_rows, xm, h2, st2, pre, m };
+    Ok((y, Some(saved)))
+}
+
+/// What the second half of the block keeps for the backward: xm, h2, its LN statistics, the
+/// MLP's pre-activation and activation.
+type AfterSaved<O> = (<O as Ops>::Buf, <O as Ops>::Buf, <O as Ops>::Buf, <O as Ops>::Buf, <O as Ops>::Buf);
+
+/// The block after the attention, for R rows: xm = xs + a·Woᵀ + bo, then y = xm + fc2(act(fc1(
+/// LN2(xm)))) → (y [R, W], with `keep` what the backward needs).
+fn after_attention<O: Ops>(ops: &O, blk: &BlockRef<O>, a: &O::Buf, xs: &O::Buf, r: usize, keep: bool) -> Result<(O::Buf, Option<AfterSaved<O>>)> {
+    use BlockParam::*;
+    let (c, w) = (blk.cfg, blk.cfg.hidden);
+    let xm = ops.linear_add(a, blk.lin(OutWeight)?, blk.buf(OutBias), r, xs)?; // [R, W]
     let (h2, st2) = ops.layernorm_for_linear(&xm, blk.buf(Ln2Weight), blk.buf(Ln2Bias), r, w, c.eps)?; // [R, W]
     let (m, pre) = ops.linear_act(&h2, blk.lin(Fc1Weight)?, blk.buf(Fc1Bias), r, blk.act(), keep)?; // [R, I] each (pre only to keep)
     let y = ops.linear_add(&m, blk.lin(Fc2Weight)?, blk.buf(Fc2Bias), r, &xm)?; // [R, W]
@@ -114,8 +141,7 @@ pub fn forward<O: Ops>(ops: &O, blk: &BlockRef<O>, x: O::Buf, seqs: &Seqs, rows:
         return Ok((y, None));
     }
     let pre = pre.ok_or_else(|| Error::msg("linear_act kept no pre-activation"))?;
-    let saved = Saved { seqs: seqs.clone(), rows: rows.map(|r| r.to_vec()), x, h1, st1, q, k, v, a, lse, a_rows, xm, h2, st2, pre, m };
-    Ok((y, Some(saved)))
+    Ok((y, Some((xm, h2, st2, pre, m))))
 }
 
 /// dy [R, W] → (dx [N, W], the 16 parameter gradients in [`BlockParam`] order).

@@ -190,6 +190,38 @@ fn avx512_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], 
     });
 }
 
+/// One query of a sequence (the pooled row of a last block at inference): the sequence's first
+/// row `start` and length `len` in k and v, the query's position `pos` in it, causal or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PooledRow {
+    pub start: usize,
+    pub len: usize,
+    pub pos: usize,
+    pub causal: bool,
+}
+
+impl PooledRow {
+    /// The sequence's shape (one sequence) and the keys its query block's scores span (as the
+    /// full attention computes them: the block's causal prefix, or every key).
+    pub(super) fn shape(&self, heads: usize, d: usize) -> (AttnShape, usize) {
+        let s = AttnShape { batch: 1, seq: self.len, heads, head_dim: d, causal: self.causal, scale: 1.0 / (d as f32).sqrt() };
+        let step = QBLK.min(self.len);
+        let r1 = ((self.pos / step + 1) * step).min(self.len);
+        (s, if self.causal { r1 } else { self.len })
+    }
+}
+
+/// Checks q [R, W] against `rows` and k, v [N, W]; returns W.
+pub(super) fn check_rows<T>(name: &str, q: &[T], k: &[T], v: &[T], rows: &[PooledRow], heads: usize) -> usize {
+    let w = q.len() / rows.len().max(1);
+    assert!(heads > 0 && w.is_multiple_of(heads) && q.len() == rows.len() * w, "{name}: q must be [rows, W], W a multiple of heads");
+    assert!(k.len() == v.len() && w > 0 && k.len().is_multiple_of(w), "{name}: k and v must be [N, W]");
+    for r in rows {
+        assert!(r.pos < r.len && (r.start + r.len) * w <= k.len(), "{name}: {r:?} outside the {} rows", k.len() / w);
+    }
+    w
+}
+
 /// The portable path: batches in parallel; per head, Q, K and V are gathered into contiguous
 /// tiles and, per query block, the scores S = Q·Kᵀ and the mix O = P·V run as two small GEMMs
 /// (faer), with the (masked) softmax applied to S in place in between.

@@ -18,7 +18,9 @@
 //! AVX512-BF16 where `vdpbf16ps` beats f32 FMAs (AMD); elsewhere bf16 products would only add
 //! conversions to the f32 attention (`attention.rs`). `CLIPFORGE_CPU_ATTN=f32|bf16` overrides
 //! that choice ([`chosen`]), to measure one against the other.
-use super::attention::{check_into, fill, per_sequence_into, prefetch_head, softmax_row_portable, with_outputs, AttnShape, SharedOut, QBLK};
+use super::attention::{
+    check_into, check_rows, fill, per_sequence_into, prefetch_head, softmax_row_portable, with_outputs, AttnShape, PooledRow, SharedOut, QBLK,
+};
 use super::cpu_path::{self, GemmPath};
 use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
 #[cfg(target_arch = "x86_64")]
@@ -164,6 +166,36 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
             }
         }
     });
+}
+
+/// The attention of one query per entry of `rows` (q [R, W]) against its sequence's keys in k, v
+/// [N, W] → o [R, W]: each row as [`attention_bf16`] computes it — K and Vᵀ packed the same way,
+/// its query block's score columns, the masked softmax, the same bf16 products — so the same bits,
+/// without the other queries (the pooled rows of a last block at inference).
+pub fn attention_bf16_rows<T: AElem>(q: &[T], k: &[T], v: &[T], rows: &[PooledRow], heads: usize, kernel: Kernel) -> Vec<f32> {
+    let w = check_rows("attention_bf16_rows", q, k, v, rows, heads);
+    let d = w / heads;
+    let simd = cfg!(target_arch = "x86_64") && cpu_path::selected() >= GemmPath::Avx512;
+    let cvt = converts_in_simd(resolve(kernel));
+    let (kps_k, kp) = (d.div_ceil(2).next_multiple_of(16), d.div_ceil(2));
+    let mut out = vec![0f32; q.len()]; // [R, W]
+    out.par_chunks_mut(d).enumerate().for_each(|(ih, o)| {
+        let (i, h) = (ih / heads, ih % heads);
+        let r = rows[i];
+        let (s, nk) = r.shape(heads, d);
+        let (t, base) = (r.len, r.start * w + h * d); // the sequence's row 0 of head h
+        let kps_v = t.div_ceil(2).next_multiple_of(16);
+        // fresh zeroed buffers, as `bf16_into`'s (panel padding reads zeros)
+        let (mut pk, mut pv, mut tmp) = (vec![0u32; t.div_ceil(NR) * kps_k * NR], vec![0u32; d.div_ceil(NR) * kps_v * NR], Vec::with_capacity(NR * kp));
+        pack_k(&mut pk, &mut tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
+        pack_vt(&mut pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
+        let (kw, vw) = (WView::from_parts(t, d, kps_k, &pk), WView::from_parts(d, t, kps_v, &pv));
+        let (mut sc, mut lse) = (vec![0f32; nk], [0f32]);
+        matmul_bf16_seq(&q[i * w + h * d..][..d], 1, kw.prefix(nk, d), &mut sc, kernel); // S = q·Kᵀ [1, nk]
+        softmax_rows(&mut sc, nk, &s, r.pos, &mut lse, simd);
+        matmul_bf16_seq(&sc, 1, vw.prefix(d, nk), o, kernel); // o = p·V [1, hd]
+    });
+    out
 }
 
 /// One task's buffers, reused across the (sequence, head) pairs it runs.
