@@ -7,8 +7,8 @@
 //! (tests/block.rs).
 use clipforge::backend::cpu::Cpu;
 use clipforge::backend::{Ops, Seqs};
-use clipforge::ops::attention::{AttnShape, PooledRow};
-use clipforge::ops::attention_bf16::{attention_bf16, attention_bf16_rows};
+use clipforge::ops::attention::AttnShape;
+use clipforge::ops::attention_bf16::{attention_bf16, attention_bf16_rows, PooledRow};
 use clipforge::ops::gemm_bf16::Kernel;
 use clipforge::{DType, Tensor};
 use half::bf16;

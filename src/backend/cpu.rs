@@ -14,8 +14,8 @@
 //! Wᵀ packed on the first backward (cached with the weight), dW = dyᵀ·x through xᵀ packed per call.
 use super::{Act, Ops, Seqs, Weight};
 use crate::error::Result;
-use crate::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape, PooledRow};
-use crate::ops::attention_bf16::{self, attention_bf16, attention_bf16_rows, attention_packed_bf16};
+use crate::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape};
+use crate::ops::attention_bf16::{self, attention_bf16, attention_bf16_rows, attention_packed_bf16, PooledRow};
 use crate::ops::elementwise::{unary, unary_bwd, Unary};
 use crate::ops::embedding::embedding_bwd_grouped;
 use crate::ops::fastmath::{par_rows, zeros};
@@ -418,9 +418,8 @@ impl Ops for Cpu {
     fn attention_pooled(&self, h: &Tensor, w: [&Weight<Cpu>; 3], b: [&Tensor; 3], seqs: &Seqs, rows: &[usize], heads: usize, width: usize) -> Result<Tensor> {
         let (n, half) = (seqs.rows(), half_attention(w));
         let Some(pooled) = pooled_rows(seqs, rows).filter(|_| half) else {
-            let [q, k, v] = self.qkv(h, w, b, n, heads)?; // [N, W] each
-            let (a, _) = self.attention(&q, &k, &v, seqs, heads, width)?; // [N, W]
-            return self.gather_rows(&a, rows, width); // [R, W]
+            return super::attention_pooled_composite(self, h, w, b, seqs, rows, heads, width);
+            // [R, W]
         };
         let hr = self.gather_rows(h, rows, width)?; // [R, W]
         let q = self.qkv_one(&hr, w[0], b[0], rows.len(), half)?; // [R, W]

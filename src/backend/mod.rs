@@ -40,6 +40,24 @@ impl Seqs {
     }
 }
 
+/// [`Ops::attention_pooled`] through the general ops: q, k, v and the attention of every row, then
+/// the rows `rows` ([R, W]).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_pooled_composite<O: Ops>(
+    ops: &O,
+    h: &O::Buf,
+    w: [&Weight<O>; 3],
+    b: [&O::Buf; 3],
+    seqs: &Seqs,
+    rows: &[usize],
+    heads: usize,
+    width: usize,
+) -> Result<O::Buf> {
+    let [q, k, v] = ops.qkv(h, w, b, seqs.rows(), heads)?; // [N, W] each
+    let (a, _) = ops.attention(&q, &k, &v, seqs, heads, width)?; // [N, W]
+    ops.gather_rows(&a, rows, width) // [R, W]
+}
+
 /// A Linear weight W [n, k] as a backend holds it: the f32 values (the backward's, and the
 /// forward's in f32) and, in bf16/f16, the low-precision copy the forward GEMM reads.
 pub struct Weight<O: Ops + ?Sized> {
@@ -212,9 +230,7 @@ pub trait Ops {
     where
         Self: Sized,
     {
-        let [q, k, v] = self.qkv(h, w, b, seqs.rows(), heads)?; // [N, W] each
-        let (a, _) = self.attention(&q, &k, &v, seqs, heads, width)?; // [N, W]
-        self.gather_rows(&a, rows, width) // [R, W]
+        attention_pooled_composite(self, h, w, b, seqs, rows, heads, width)
     }
     /// The backward of [`Ops::attention`] from do → (dq, dk, dv).
     #[allow(clippy::too_many_arguments)]

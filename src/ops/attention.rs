@@ -176,10 +176,10 @@ fn avx512_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], 
             let r1 = (r0 + step).min(t);
             let nk = if s.causal { r1 } else { t };
             let sc = &mut sc[..(r1 - r0) * nk];
-            // SAFETY: AVX-512F (asserted); Q rows r0..r1 of head h ([rows, hd] at stride w),
-            // Kᵀ's first nk columns ([hd, nk] at stride t), sc [rows, nk]: all in bounds.
-            unsafe { gemm_rows(r1 - r0, nk, d, q[base + r0 * w..].as_ptr(), w, kt.as_ptr(), t, sc.as_mut_ptr(), nk) }; // S = Q·Kᵀ
-                                                                                                                       // SAFETY: AVX-512F; keys(i) ≤ nk = a row's length.
+            // S = Q·Kᵀ. SAFETY: AVX-512F (asserted); Q rows r0..r1 of head h ([rows, hd] at
+            // stride w), Kᵀ's first nk columns ([hd, nk] at stride t), sc [rows, nk]: all in bounds.
+            unsafe { gemm_rows(r1 - r0, nk, d, q[base + r0 * w..].as_ptr(), w, kt.as_ptr(), t, sc.as_mut_ptr(), nk) };
+            // SAFETY: AVX-512F; keys(i) ≤ nk = a row's length.
             unsafe { softmax_rows(sc, nk, s.scale, |j| s.keys(r0 + j), &mut lr[r0..r1]) };
             // SAFETY: P [rows, nk], V rows 0..nk of head h ([nk, hd] at stride w); O rows r0..r1
             // of head h of sequence b ([rows, hd] at stride w): inside out, and this task's own
@@ -188,38 +188,6 @@ fn avx512_into(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, out: &mut [f32], 
             // O = P·V
         }
     });
-}
-
-/// One query of a sequence (the pooled row of a last block at inference): the sequence's first
-/// row `start` and length `len` in k and v, the query's position `pos` in it, causal or not.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PooledRow {
-    pub start: usize,
-    pub len: usize,
-    pub pos: usize,
-    pub causal: bool,
-}
-
-impl PooledRow {
-    /// The sequence's shape (one sequence) and the keys its query block's scores span (as the
-    /// full attention computes them: the block's causal prefix, or every key).
-    pub(super) fn shape(&self, heads: usize, d: usize) -> (AttnShape, usize) {
-        let s = AttnShape { batch: 1, seq: self.len, heads, head_dim: d, causal: self.causal, scale: 1.0 / (d as f32).sqrt() };
-        let step = QBLK.min(self.len);
-        let r1 = ((self.pos / step + 1) * step).min(self.len);
-        (s, if self.causal { r1 } else { self.len })
-    }
-}
-
-/// Checks q [R, W] against `rows` and k, v [N, W]; returns W.
-pub(super) fn check_rows<T>(name: &str, q: &[T], k: &[T], v: &[T], rows: &[PooledRow], heads: usize) -> usize {
-    let w = q.len() / rows.len().max(1);
-    assert!(heads > 0 && w.is_multiple_of(heads) && q.len() == rows.len() * w, "{name}: q must be [rows, W], W a multiple of heads");
-    assert!(k.len() == v.len() && w > 0 && k.len().is_multiple_of(w), "{name}: k and v must be [N, W]");
-    for r in rows {
-        assert!(r.pos < r.len && (r.start + r.len) * w <= k.len(), "{name}: {r:?} outside the {} rows", k.len() / w);
-    }
-    w
 }
 
 /// The portable path: batches in parallel; per head, Q, K and V are gathered into contiguous

@@ -18,9 +18,7 @@
 //! AVX512-BF16 where `vdpbf16ps` beats f32 FMAs (AMD); elsewhere bf16 products would only add
 //! conversions to the f32 attention (`attention.rs`). `CLIPFORGE_CPU_ATTN=f32|bf16` overrides
 //! that choice ([`chosen`]), to measure one against the other.
-use super::attention::{
-    check_into, check_rows, fill, per_sequence_into, prefetch_head, softmax_row_portable, with_outputs, AttnShape, PooledRow, SharedOut, QBLK,
-};
+use super::attention::{check_into, fill, per_sequence_into, prefetch_head, softmax_row_portable, with_outputs, AttnShape, SharedOut, QBLK};
 use super::cpu_path::{self, GemmPath};
 use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
 #[cfg(target_arch = "x86_64")]
@@ -129,13 +127,12 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
         return;
     }
     let step = QBLK.min(t);
-    let (kps_k, kps_v) = (d.div_ceil(2).next_multiple_of(16), t.div_ceil(2).next_multiple_of(16));
     let simd = cfg!(target_arch = "x86_64") && cpu_path::selected() >= GemmPath::Avx512;
     let cvt = converts_in_simd(resolve(kernel)); // packing's f32 → bf16 as the kernel's own
     let out_at = SharedOut::new(out);
     let scratch = || Scratch {
-        pk: vec![0u32; t.div_ceil(NR) * kps_k * NR],
-        pv: vec![0u32; d.div_ceil(NR) * kps_v * NR],
+        pk: packed_k_len(t, d),
+        pv: packed_vt_len(t, d),
         tmp: Vec::new(),
         qh: Vec::with_capacity(t * d),
         sc: vec![0f32; step * t],
@@ -146,19 +143,14 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
         let (b, h) = (bh / s.heads, bh % s.heads);
         let base = b * t * w + h * d; // (b, 0, h, 0)
         prefetch_head(&[q, k, v], bh + 1, s);
-        pack_k(&mut x.pk, &mut x.tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
-        pack_vt(&mut x.pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
+        let kv = pack_head(&mut x.pk, &mut x.pv, &mut x.tmp, [k, v], base, s, cvt, simd);
         x.qh.clear();
         (0..t).for_each(|j| x.qh.extend_from_slice(head_row(q, base, w, d, j)));
-        let (kw, vw) = (WView::from_parts(t, d, kps_k, &x.pk), WView::from_parts(d, t, kps_v, &x.pv));
         for r0 in (0..t).step_by(step) {
             let r1 = (r0 + step).min(t);
             let (m, nk) = (r1 - r0, if s.causal { r1 } else { t });
-            let sc = &mut x.sc[..m * nk];
-            matmul_bf16_seq(&x.qh[r0 * d..r1 * d], m, kw.prefix(nk, d), sc, kernel); // S = Q·Kᵀ [rows, nk]
-            softmax_rows(sc, nk, s, r0, &mut lr[r0..r1], simd);
             let o = &mut x.o[..m * d];
-            matmul_bf16_seq(&*sc, m, vw.prefix(d, nk), o, kernel); // O = P·V [rows, hd]
+            query_block(&x.qh[r0 * d..r1 * d], kv, nk, s, r0, &mut lr[r0..r1], &mut x.sc[..m * nk], o, simd, kernel); // O [rows, hd]
             for (i, orow) in (r0..r1).zip(o.chunks_exact(d)) {
                 // SAFETY: row i of head h of sequence b: d values inside out, this task's own
                 // elements (SharedOut); `orow` is this task's scratch.
@@ -168,34 +160,94 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
     });
 }
 
+/// One query of a sequence (the pooled row of a last block at inference): the sequence's first
+/// row `start` and length `len` in k and v, the query's position `pos` in it, causal or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PooledRow {
+    pub start: usize,
+    pub len: usize,
+    pub pos: usize,
+    pub causal: bool,
+}
+
 /// The attention of one query per entry of `rows` (q [R, W]) against its sequence's keys in k, v
-/// [N, W] → o [R, W]: each row as [`attention_bf16`] computes it — K and Vᵀ packed the same way,
-/// its query block's score columns, the masked softmax, the same bf16 products — so the same bits,
-/// without the other queries (the pooled rows of a last block at inference).
+/// [N, W] → o [R, W]: each row through [`attention_bf16`]'s own steps ([`pack_head`], then
+/// [`query_block`] over the score columns of the row's query block: the block's causal prefix,
+/// or every key), so the same bits, without the other queries (the pooled rows of a last block
+/// at inference).
 pub fn attention_bf16_rows<T: AElem>(q: &[T], k: &[T], v: &[T], rows: &[PooledRow], heads: usize, kernel: Kernel) -> Vec<f32> {
-    let w = check_rows("attention_bf16_rows", q, k, v, rows, heads);
+    let w = q.len() / rows.len().max(1);
+    assert!(heads > 0 && w.is_multiple_of(heads) && q.len() == rows.len() * w, "attention_bf16_rows: q must be [rows, W], W a multiple of heads");
+    assert!(k.len() == v.len() && w > 0 && k.len().is_multiple_of(w), "attention_bf16_rows: k and v must be [N, W]");
+    for r in rows {
+        assert!(r.pos < r.len && (r.start + r.len) * w <= k.len(), "attention_bf16_rows: {r:?} outside the {} rows", k.len() / w);
+    }
     let d = w / heads;
     let simd = cfg!(target_arch = "x86_64") && cpu_path::selected() >= GemmPath::Avx512;
     let cvt = converts_in_simd(resolve(kernel));
-    let (kps_k, kp) = (d.div_ceil(2).next_multiple_of(16), d.div_ceil(2));
     let mut out = vec![0f32; q.len()]; // [R, W]
     out.par_chunks_mut(d).enumerate().for_each(|(ih, o)| {
         let (i, h) = (ih / heads, ih % heads);
         let r = rows[i];
-        let (s, nk) = r.shape(heads, d);
-        let (t, base) = (r.len, r.start * w + h * d); // the sequence's row 0 of head h
-        let kps_v = t.div_ceil(2).next_multiple_of(16);
+        let s = AttnShape { batch: 1, seq: r.len, heads, head_dim: d, causal: r.causal, scale: 1.0 / (d as f32).sqrt() };
+        let step = QBLK.min(r.len);
+        let nk = if r.causal { ((r.pos / step + 1) * step).min(r.len) } else { r.len };
         // fresh zeroed buffers, as `bf16_into`'s (panel padding reads zeros)
-        let (mut pk, mut pv, mut tmp) = (vec![0u32; t.div_ceil(NR) * kps_k * NR], vec![0u32; d.div_ceil(NR) * kps_v * NR], Vec::with_capacity(NR * kp));
-        pack_k(&mut pk, &mut tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
-        pack_vt(&mut pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
-        let (kw, vw) = (WView::from_parts(t, d, kps_k, &pk), WView::from_parts(d, t, kps_v, &pv));
-        let (mut sc, mut lse) = (vec![0f32; nk], [0f32]);
-        matmul_bf16_seq(&q[i * w + h * d..][..d], 1, kw.prefix(nk, d), &mut sc, kernel); // S = q·Kᵀ [1, nk]
-        softmax_rows(&mut sc, nk, &s, r.pos, &mut lse, simd);
-        matmul_bf16_seq(&sc, 1, vw.prefix(d, nk), o, kernel); // o = p·V [1, hd]
+        let (mut pk, mut pv, mut tmp) = (packed_k_len(r.len, d), packed_vt_len(r.len, d), Vec::new());
+        let kv = pack_head(&mut pk, &mut pv, &mut tmp, [k, v], r.start * w + h * d, &s, cvt, simd);
+        query_block(&q[i * w + h * d..][..d], kv, nk, &s, r.pos, &mut [0f32], &mut vec![0f32; nk], o, simd, kernel);
+        // o [1, hd]
     });
     out
+}
+
+/// Zeroed buffers for K of one head packed as a weight [T × hd], and for Vᵀ [hd × T].
+fn packed_k_len(t: usize, d: usize) -> Vec<u32> {
+    vec![0u32; t.div_ceil(NR) * d.div_ceil(2).next_multiple_of(16) * NR]
+}
+fn packed_vt_len(t: usize, d: usize) -> Vec<u32> {
+    vec![0u32; d.div_ceil(NR) * t.div_ceil(2).next_multiple_of(16) * NR]
+}
+
+/// K and Vᵀ of the head whose row 0 is at `base` in k and v (`s.seq` rows at stride W) packed
+/// into `pk`, `pv` as the weights of S = Q·Kᵀ and O = P·V.
+#[allow(clippy::too_many_arguments)]
+fn pack_head<'a, T: AElem>(
+    pk: &'a mut [u32],
+    pv: &'a mut [u32],
+    tmp: &mut Vec<u32>,
+    [k, v]: [&[T]; 2],
+    base: usize,
+    s: &AttnShape,
+    cvt: bool,
+    simd: bool,
+) -> (WView<'a>, WView<'a>) {
+    let (t, w, d) = (s.seq, s.width(), s.head_dim);
+    let (kps_k, kps_v) = (d.div_ceil(2).next_multiple_of(16), t.div_ceil(2).next_multiple_of(16));
+    pack_k(pk, tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
+    pack_vt(pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
+    (WView::from_parts(t, d, kps_k, pk), WView::from_parts(d, t, kps_v, pv))
+}
+
+/// One block of query rows r0.. (`qh`: [rows, hd]) of a head: S = Q·Kᵀ over the first `nk` keys
+/// (in `sc`, [rows, nk]), the masked softmax (logsumexps to `lse`), o = P·V ([rows, hd]).
+#[allow(clippy::too_many_arguments)]
+fn query_block<T: AElem>(
+    qh: &[T],
+    (kw, vw): (WView, WView),
+    nk: usize,
+    s: &AttnShape,
+    r0: usize,
+    lse: &mut [f32],
+    sc: &mut [f32],
+    o: &mut [f32],
+    simd: bool,
+    kernel: Kernel,
+) {
+    let (m, d) = (lse.len(), s.head_dim);
+    matmul_bf16_seq(&qh[..m * d], m, kw.prefix(nk, d), sc, kernel); // S = Q·Kᵀ [rows, nk]
+    softmax_rows(sc, nk, s, r0, lse, simd);
+    matmul_bf16_seq(&*sc, m, vw.prefix(d, nk), o, kernel); // O = P·V [rows, hd]
 }
 
 /// One task's buffers, reused across the (sequence, head) pairs it runs.
