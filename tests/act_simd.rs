@@ -167,3 +167,24 @@ fn fused_row_gives_the_composite_bits() {
         }
     }
 }
+
+/// A rounded pre-activation to a bf16 output is a lookup (`bf16_table`): over every one of the
+/// 65536 bf16 values (NaNs, ±∞, subnormals included), the table path (`round`) writes the bits
+/// the computed path (the same values, already bf16, not rounded again: act16, then narrowed)
+/// writes, with both narrowings, and keeps the rounded pre-activation.
+#[test]
+fn bf16_activation_table_gives_the_computed_bits() {
+    let x: Vec<f32> = (0..=u16::MAX).map(|b| half::bf16::from_bits(b).to_f32()).collect();
+    for narrow in [Narrow::Auto, Narrow::Integer] {
+        for act in [Unary::QuickGelu, Unary::Gelu] {
+            let (mut pre, mut table) = (x.clone(), vec![half::bf16::from_bits(0x1234); x.len()]);
+            act_row_with(act, true, &mut pre, ActDst::Bf16(&mut table), narrow);
+            let (mut same, mut computed) = (x.clone(), vec![half::bf16::ZERO; x.len()]);
+            act_row_with(act, false, &mut same, ActDst::Bf16(&mut computed), narrow);
+            for (i, (t, c)) in table.iter().zip(&computed).enumerate() {
+                assert_eq!(t.to_bits(), c.to_bits(), "{narrow:?} {act:?}: bf16 input {i:#06x}: table {t} against computed {c}");
+            }
+            same_bits(&format!("{narrow:?} {act:?} pre kept"), &x, &pre, &x);
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! The AVX512-BF16 microkernel of `gemm_bf16` (x86-64): f32 → bf16 pair conversion and the
 //! 14×32 register tile over `vdpbf16ps` (see `gemm_bf16`'s module docs for the layout).
-use super::act_simd::epi_bf16;
+use super::act_simd::{bf16_table, epi_bf16};
 use super::elementwise::Unary;
+use super::elementwise::Unary::{Gelu, QuickGelu};
 use super::gemm_bf16::{Tile, KC, MR, NR};
 use core::arch::x86_64::*;
 use half::bf16;
@@ -133,7 +134,6 @@ pub(super) struct Bf16Tile<'a> {
 /// caller's alone; `bias` (if any) holds `cols` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
 pub(super) unsafe fn kernel_bf16(a: &[u32], b: &[u32], kc: usize, t: &Bf16Tile) {
-    use super::elementwise::Unary::{Gelu, QuickGelu};
     // SAFETY: the features and the output contract, forwarded.
     unsafe {
         let (c0, c1) = products(a, b, kc);
@@ -163,11 +163,17 @@ unsafe fn rows_bf16<const ACT: u8, const ROUND: bool>(c0: &[__m512; MR], c1: &[_
             Some(bias) => (_mm512_maskz_loadu_ps(m0, bias.as_ptr()), _mm512_maskz_loadu_ps(m1, bias.as_ptr().wrapping_add(16))),
             None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
         };
+        // the activation of a rounded pre-activation as a lookup (`act_simd::bf16_table`)
+        let table = match (ACT, ROUND) {
+            (1, true) => bf16_table(QuickGelu).as_ptr(),
+            (2, true) => bf16_table(Gelu).as_ptr(),
+            _ => core::ptr::null(),
+        };
         for r in 0..MR {
             let (k0, k1) = if r < t.rows { (m0, m1) } else { (0, 0) };
             let o = t.out.wrapping_add(t.off + r * t.ldo);
-            let y0 = epi_bf16::<ACT, ROUND>(_mm512_add_ps(c0[r], bias0));
-            let y1 = epi_bf16::<ACT, ROUND>(_mm512_add_ps(c1[r], bias1));
+            let y0 = epi_bf16::<ACT, ROUND>(_mm512_add_ps(c0[r], bias0), table);
+            let y1 = epi_bf16::<ACT, ROUND>(_mm512_add_ps(c1[r], bias1), table);
             _mm256_mask_storeu_epi16(o.cast(), k0, y0);
             _mm256_mask_storeu_epi16(o.wrapping_add(16).cast(), k1, y1);
         }
