@@ -183,6 +183,33 @@ fn patch_embed_fast_matches_reference() {
     }
 }
 
+/// The bf16 patch GEMM's A: `im2col_bf16` is `im2col` rounded (`half::bf16::from_f32`), bit for
+/// bit, and the CPU backend's bf16 patch embedding (that A, packed as it is) gives the bits of
+/// the bf16 GEMM rounding the f32 im2col rows itself — odd shapes, a partial last patch.
+#[test]
+fn patch_embed_bf16_rows_give_the_f32_rows_bits() {
+    use clipforge::backend::{cpu::Cpu, Ops};
+    use clipforge::ops::gemm_bf16::{matmul_bf16, PackedBf16};
+    use clipforge::ops::patch_embed::{im2col, im2col_bf16};
+    for &(b, c, hw, p, dim) in &[(1, 1, 1, 1, 1), (2, 3, 98, 14, 45), (1, 3, 33, 8, 7), (3, 3, 64, 32, 65)] {
+        let s = PatchShape { batch: b, channels: c, height: hw, width: hw, patch: p, dim };
+        let (px, w) = (randn(b * c * hw * hw, 16), randn(dim * c * p * p, 17));
+        let (f, h) = (im2col(&px, &s), im2col_bf16(&px, &s));
+        assert_eq!(f.len(), h.len(), "{s:?}");
+        for (i, (x, y)) in f.iter().zip(&h).enumerate() {
+            assert_eq!(half::bf16::from_f32(*x).to_bits(), y.to_bits(), "{s:?}: im2col value {i}");
+        }
+        let (rows, k) = (b * s.patches(), c * p * p);
+        let mut want = vec![0f32; rows * dim];
+        matmul_bf16(&f, rows, &PackedBf16::from_f32(&w, dim, k), None, &mut want);
+        let wt = Cpu.weight(Tensor::from_vec(w.clone(), &[dim * k]).unwrap(), dim, k, clipforge::DType::BF16).unwrap();
+        let got = Cpu.patch_embed(&Tensor::from_vec(px.clone(), &[px.len()]).unwrap(), &wt, b, c, hw, p).unwrap().to_vec_f32();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{s:?}: output {i}: {g} against {w}");
+        }
+    }
+}
+
 #[test]
 fn embedding_rejects_out_of_range_ids() {
     let table = rand_tensor(&[10, 7], 18);

@@ -24,7 +24,7 @@ use crate::ops::gemm_epilogue::{ActOut, Epilogue};
 use crate::ops::gemm_f32_pack::PackedB;
 use crate::ops::layernorm::{layer_norm, layer_norm_bwd};
 use crate::ops::matmul::{gemm, linear_into, linear_packed_into, View};
-use crate::ops::patch_embed::{im2col, patch_embed_bwd_weight, PatchShape};
+use crate::ops::patch_embed::{im2col, im2col_bf16, patch_embed_bwd_weight, PatchShape};
 use crate::ops::reduce::col_sums;
 use crate::shape_err;
 use crate::tensor::{DType, Storage, Tensor};
@@ -485,7 +485,15 @@ impl Ops for Cpu {
         let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: w.n };
         // The convolution is a Linear over im2col rows: every weight form (bf16, frozen f32, f32).
         let rows = b * shape.patches();
-        let cols = vec1(im2col(&px.f32_data(), &shape))?; // [B·N, C·P·P]
+        let cols = match bf16_of(w) {
+            // bf16 weights: the rows in bf16 already (the GEMM's own rounding of them)
+            Some(_) => {
+                let v = im2col_bf16(&px.f32_data(), &shape);
+                let n = v.len();
+                Tensor::from_storage(Storage::BF16(v), &[n])?
+            }
+            None => vec1(im2col(&px.f32_data(), &shape))?,
+        }; // [B·N, C·P·P]
         self.linear(&cols, w, None, rows) // [B·N, D]
     }
 

@@ -1,8 +1,11 @@
 //! Patch embedding: a convolution whose stride equals its kernel (no bias), as CLIP's conv1.
 //! Reference: direct convolution loops. Fast: im2col into [B·N, C·P·P] then one GEMM with the
 //! weight viewed as [D, C·P·P]. Output [B, N, D] with N = (H/P)·(W/P), patches in raster order.
-use super::fastmath::par_rows;
+use super::act_simd::to_bf16_into;
+use super::fastmath::written_by;
 use super::matmul::{gemm, View};
+use half::bf16;
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
 pub struct PatchShape {
@@ -51,22 +54,45 @@ pub fn patch_embed_reference(px: &[f32], w: &[f32], s: &PatchShape) -> Vec<f32> 
 
 /// The im2col matrix [B·N, C·P·P] of the patches (rows in output order).
 pub fn im2col(px: &[f32], s: &PatchShape) -> Vec<f32> {
+    im2col_as(px, s, |src, dst| dst.copy_from_slice(src))
+}
+
+/// [`im2col`] rounded to bf16 (`half::bf16::from_f32`'s bits, as the bf16 GEMM rounds an f32 A):
+/// the A of a bf16 patch GEMM, written at half the size and packed by the GEMM as it is.
+pub fn im2col_bf16(px: &[f32], s: &PatchShape) -> Vec<bf16> {
+    im2col_as(px, s, to_bf16_into)
+}
+
+/// im2col with `put` copying (or converting) each P-value run of a pixel row into its place; no
+/// zero-fill first (every value is written).
+fn im2col_as<T: Copy + Send + Sync>(px: &[f32], s: &PatchShape, put: impl Fn(&[f32], &mut [T]) + Sync) -> Vec<T> {
     let (gh, gw) = s.grid();
     let (c, p) = (s.channels, s.patch);
     let kdim = c * p * p;
     let rows = s.batch * gh * gw;
-    let mut cols = vec![0f32; rows * kdim]; // [B·N, C·P·P]
-    par_rows(&mut cols, kdim, |r, row| {
-        let (b, g) = (r / (gh * gw), r % (gh * gw));
-        let (gy, gx) = (g / gw, g % gw);
-        for ci in 0..c {
-            for py in 0..p {
-                let src = ((b * c + ci) * s.height + gy * p + py) * s.width + gx * p;
-                row[(ci * p + py) * p..][..p].copy_from_slice(&px[src..src + p]);
-            }
+    assert!(px.len() >= s.batch * c * s.height * s.width, "im2col: fewer pixels than the shape");
+    let fill = |cols: &mut [T]| {
+        if kdim == 0 {
+            return Ok::<(), std::convert::Infallible>(());
         }
-    });
-    cols
+        cols.par_chunks_mut(kdim).enumerate().with_min_len(8).for_each(|(r, row)| {
+            let (b, g) = (r / (gh * gw), r % (gh * gw));
+            let (gy, gx) = (g / gw, g % gw);
+            for ci in 0..c {
+                for py in 0..p {
+                    let src = ((b * c + ci) * s.height + gy * p + py) * s.width + gx * p;
+                    put(&px[src..src + p], &mut row[(ci * p + py) * p..][..p]);
+                }
+            }
+        });
+        Ok(())
+    };
+    // SAFETY: the (ci, py) runs of P values tile each row's C·P·P values: every value is written
+    // once, none read. [B·N, C·P·P]
+    match unsafe { written_by(rows * kdim, fill) } {
+        Ok(v) => v,
+        Err(never) => match never {},
+    }
 }
 
 pub fn patch_embed(px: &[f32], w: &[f32], s: &PatchShape) -> Vec<f32> {
