@@ -529,9 +529,10 @@ mod x86 {
     /// AVX-512F; `table` holds 65537 values; every lane of x is a bf16 value (its low 16 bits 0).
     #[inline(always)]
     unsafe fn lookup16(x: __m512, table: *const u16) -> __m512i {
-        let idx = _mm512_srli_epi32::<16>(_mm512_castps_si512(x)); // the bf16 bits
-                                                                   // SAFETY: idx < 65536: the 4 bytes at table + 2·idx are inside its 65537 values; the low
-                                                                   // 16 bits of each (little-endian) are table[idx].
+        // the bf16 bits of each lane
+        let idx = _mm512_srli_epi32::<16>(_mm512_castps_si512(x));
+        // SAFETY: idx < 65536: the 4 bytes at table + 2·idx are inside its 65537 values; the low
+        // 16 bits of each (little-endian) are table[idx].
         unsafe { _mm512_i32gather_epi32::<2>(idx, table.cast()) }
     }
 

@@ -9,7 +9,7 @@
 //! * Weights ([`PackedBf16`], packed once at load time, 2 bytes per weight plus
 //!   padding): `ceil(n/NR)` panels of `NR = 32` output columns; a panel is `[kp][NR]`
 //!   u32, zero-padded past `n`, so any kc-block of a panel is one contiguous slice.
-//! * Activations (f32 → bf16 RNE while packing, per work item): `MR = 14`-row panels
+//! * Activations (f32 → bf16 RNE while packing, per work item; `gemm_bf16_a.rs`): `MR = 14`-row panels
 //!   stored as `[kc-block][MR][KC]` u32: each row's pairs are contiguous with the
 //!   fixed stride `KC`, so packing is a streaming conversion (no transpose) and the
 //!   microkernel reads row `r` at the constant offset `r·KC` from a single pointer.
@@ -47,13 +47,17 @@
 //! AVX512-BF16 microkernel (`gemm_bf16_avx512.rs`) where `vdpbf16ps` pays (AMD), else on Intel
 //! the AVX512-FP16 kernel (`gemm_bf16_fp16.rs`: the bf16 inputs scaled into f16, f16 partial sums
 //! of 128 products, f32 totals; its f16 twin of the weights is built on first use) or the f32-FMA
-//! kernel on bf16 inputs, else a portable f32 microkernel on the same
-//! packed data (bf16 → f32 by shifting; AVX2+FMA build when available); `CLIPFORGE_CPU_GEMM` caps
-//! it. Note that `tdpbf16ps`/`vdpbf16ps`/`vcvtne2ps2bf16` treat f32/bf16 denormals as zero; the
-//! portable path keeps them. NaN/Inf propagate in every path.
+//! kernel on bf16 inputs, else a portable f32 microkernel on the same packed data
+//! (`gemm_bf16_portable.rs`: bf16 → f32 by shifting; AVX2+FMA build when available);
+//! `CLIPFORGE_CPU_GEMM` caps it. Note that `tdpbf16ps`/`vdpbf16ps`/`vcvtne2ps2bf16` treat f32/bf16
+//! denormals as zero; the portable path keeps them. NaN/Inf propagate in every path.
 
 use super::cpu_path::{self, GemmPath};
-use super::gemm_bf16_pack::{self as pack, pair};
+use super::gemm_bf16_a::pack_a;
+pub use super::gemm_bf16_a::{AElem, Row};
+use super::gemm_bf16_pack as pack;
+use super::gemm_bf16_portable::kernel_portable;
+pub(super) use super::gemm_bf16_portable::Tile;
 use super::gemm_epilogue::{EpiRun, Epilogue};
 use half::bf16;
 use rayon::prelude::*;
@@ -312,85 +316,6 @@ pub fn matmul_bf16_acc(a: &[f32], m: usize, w: &PackedBf16, c: &mut [f32], kerne
     gemm(a, m, w.view_for(kernel), None, c, kernel, true, EpiRun::None, true)
 }
 
-/// An element type of the left operand A: f32 (rounded to bf16, RNE, while packing) or bf16.
-pub trait AElem: Copy + Send + Sync + 'static {
-    /// The value as bf16.
-    fn to_bf16(self) -> bf16;
-    /// `src` as bf16 pairs in `dst` (`ceil(src.len()/2)` values; an odd tail's `hi` is 0).
-    /// `simd`: AVX512-BF16 was detected.
-    fn pairs(src: &[Self], dst: &mut [u32], simd: bool);
-    /// `dst[i] = (lo[i], hi[i])` as bf16 pairs (`hi` None: zero halves): two rows interleaved.
-    fn zip_pairs(lo: &[Self], hi: Option<&[Self]>, dst: &mut [u32], simd: bool);
-    /// The value as f32.
-    fn to_f32(self) -> f32;
-    /// The slice as its concrete type (for SIMD loads).
-    fn row(src: &[Self]) -> Row<'_>;
-}
-
-/// A row of A as the concrete type of [`AElem`].
-pub enum Row<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [bf16]),
-}
-
-impl AElem for f32 {
-    #[inline(always)]
-    fn to_bf16(self) -> bf16 {
-        bf16::from_f32(self)
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-    fn row(src: &[f32]) -> Row<'_> {
-        Row::F32(src)
-    }
-    fn pairs(src: &[f32], dst: &mut [u32], simd: bool) {
-        to_pairs(src, dst, simd)
-    }
-    fn zip_pairs(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32], simd: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if simd && has_avx512_bf16() {
-            // SAFETY: the features were just detected.
-            return unsafe { super::gemm_bf16_avx512::zip_convert(lo, hi, dst) };
-        }
-        let _ = simd;
-        match hi {
-            Some(hi) => dst.iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&l, &h))| *d = pair(bf16::from_f32(l), bf16::from_f32(h))),
-            None => dst.iter_mut().zip(lo).for_each(|(d, &l)| *d = pair(bf16::from_f32(l), bf16::ZERO)),
-        }
-    }
-}
-
-impl AElem for bf16 {
-    #[inline(always)]
-    fn to_bf16(self) -> bf16 {
-        self
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn row(src: &[bf16]) -> Row<'_> {
-        Row::Bf16(src)
-    }
-    fn pairs(src: &[bf16], dst: &mut [u32], _simd: bool) {
-        let (whole, tail) = src.split_at(src.len() & !1);
-        for (d, s) in dst.iter_mut().zip(whole.chunks_exact(2)) {
-            *d = pair(s[0], s[1]);
-        }
-        if let Some(&lo) = tail.first() {
-            dst[whole.len() / 2] = pair(lo, bf16::ZERO);
-        }
-    }
-    fn zip_pairs(lo: &[bf16], hi: Option<&[bf16]>, dst: &mut [u32], _simd: bool) {
-        match hi {
-            Some(hi) => dst.iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&l, &h))| *d = pair(l, h)),
-            None => dst.iter_mut().zip(lo).for_each(|(d, &l)| *d = pair(l, bf16::ZERO)),
-        }
-    }
-}
-
 /// The kernel that `kernel` runs on this CPU now: [`Kernel::Auto`] by `cpu_path::selected()`,
 /// [`Kernel::Amx`] without AMX as `Auto`, [`Kernel::Avx512Fp16`] without AVX512-FP16 as
 /// [`Kernel::Avx512Fma`]; the others as they are (each falls back inside). Public for tests and
@@ -626,21 +551,6 @@ unsafe fn run_kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile, simd: bool, fma:
     }
 }
 
-/// Converts f32 to bf16 pairs (RNE) in `dst` (`ceil(src.len()/2)` values; an odd tail's `hi` is 0).
-/// `simd`: AVX512-BF16 was detected.
-pub(super) fn to_pairs(src: &[f32], dst: &mut [u32], simd: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if simd && has_avx512_bf16() {
-        // SAFETY: the features were just detected (a cached flag: `simd` alone, from a safe
-        // caller, must not decide it).
-        return unsafe { super::gemm_bf16_avx512::convert(src, dst) };
-    }
-    for (q, v) in dst.iter_mut().enumerate() {
-        let hi = src.get(2 * q + 1).map_or(bf16::ZERO, |&x| bf16::from_f32(x));
-        *v = pair(bf16::from_f32(src[2 * q]), hi);
-    }
-}
-
 /// Work items per rayon thread (load balance vs. per-item overhead).
 const ITEMS_PER_THREAD: usize = 8;
 /// Upper bound on MR panels in one row block.
@@ -648,135 +558,6 @@ const MAX_BLOCK_PANELS: usize = 16;
 thread_local! {
     /// Per-thread packed A row block: `[panel][kc-block][MR][KC]` bf16 pairs.
     static ABUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Destination of one microkernel call: rows×cols of C at `c + off`, row stride `ldc`.
-pub(super) struct Tile<'a> {
-    pub(super) c: *mut f32,
-    pub(super) off: usize,
-    pub(super) ldc: usize,
-    pub(super) rows: usize,
-    pub(super) cols: usize,
-    pub(super) bias: Option<&'a [f32]>, // starts at the tile's first column; only for the first kc-block
-    pub(super) accumulate: bool,        // add to the existing C values (later kc-blocks)
-    /// `Epilogue::Add`'s residual (indexed like C; null: none), added last — only on the last
-    /// kc-block: C = (acc + bias | + c) + res in registers, the bits of the separate add.
-    pub(super) res: *const f32,
-}
-
-impl Tile<'_> {
-    /// Writes `acc (+ bias | + c) (+ res)` to the valid part of the tile.
-    ///
-    /// # Safety
-    /// Rows `0..rows`, cols `0..cols` of the tile must be in bounds of C (and of `res` when
-    /// it is not null) and not be accessed concurrently.
-    unsafe fn store(&self, acc: &[[f32; NR]; MR]) {
-        for (r, accr) in acc.iter().enumerate().take(self.rows) {
-            // SAFETY: caller guarantees this row segment is in bounds and exclusive.
-            let row = unsafe { std::slice::from_raw_parts_mut(self.c.add(self.off + r * self.ldc), self.cols) };
-            for (j, x) in row.iter_mut().enumerate() {
-                let base = match (self.bias, self.accumulate) {
-                    (_, true) => *x,
-                    (Some(b), false) => b[j],
-                    (None, false) => 0.0,
-                };
-                *x = base + accr[j];
-                if !self.res.is_null() {
-                    // SAFETY: the residual is indexed like C (the caller's rectangle).
-                    *x += unsafe { *self.res.add(self.off + r * self.ldc + j) };
-                }
-            }
-        }
-    }
-}
-
-/// Packs pairs `pc..pc+kc` of `rows` (≤ MR full rows of `a`) into one A micro-panel
-/// (`[MR][KC]` bf16 pairs; missing rows are zero).
-/// `fma`: widened instead, `[MR][2·KC]` bf16-rounded values as f32 bits (for `kernel_fma`).
-/// `f16`: as pairs of f16(bf16(x)·2^s) (for the AVX512-FP16 kernel, detected by the caller).
-#[allow(clippy::too_many_arguments)]
-fn pack_a<T: AElem>(rows: &[T], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool, fma: bool, f16: Option<i32>) {
-    let stride = if fma { 2 * KC } else { KC };
-    for (r, d) in dst.chunks_exact_mut(stride).enumerate() {
-        let d = &mut d[..if fma { 2 * kc } else { kc }];
-        if (r + 1) * k > rows.len() {
-            d.fill(0);
-            continue;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let Some(s) = f16 {
-            // SAFETY: the caller runs the AVX512-FP16 kernel, so its features were detected.
-            unsafe { super::gemm_bf16_fp16::pack_row(&rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))], d, s) };
-            continue;
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = f16;
-        if fma {
-            let src = &rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))];
-            d.iter_mut().enumerate().for_each(|(i, v)| *v = src.get(i).map_or(0, |&x| (x.to_bf16().to_bits() as u32) << 16));
-            continue;
-        }
-        T::pairs(&rows[r * k + 2 * pc..r * k + k.min(2 * (pc + kc))], d, simd);
-    }
-}
-
-/// Portable microkernel: bf16 → f32 (exact, by shifting) and a plain f32 loop. B is
-/// widened `PB` pairs at a time; each row's 32 accumulators then stay in registers.
-/// Compiled twice: for the baseline target, and (x86-64) with AVX2+FMA enabled and
-/// fused multiply-adds.
-///
-/// # Safety
-/// Same contract as [`Tile::store`].
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-unsafe fn kernel_portable(a: &[u32], b: &[u32], kc: usize, t: &Tile, avx2: bool) {
-    let mut acc = [[0f32; NR]; MR];
-    #[cfg(target_arch = "x86_64")]
-    if avx2 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the features were just detected.
-        unsafe { portable_avx2(a, b, kc, &mut acc) };
-        // SAFETY: forwarded from the caller.
-        return unsafe { t.store(&acc) };
-    }
-    portable_body::<false>(a, b, kc, &mut acc);
-    // SAFETY: forwarded from the caller.
-    unsafe { t.store(&acc) };
-}
-
-/// # Safety
-/// Requires avx2 + fma.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn portable_avx2(a: &[u32], b: &[u32], kc: usize, acc: &mut [[f32; NR]; MR]) {
-    portable_body::<true>(a, b, kc, acc)
-}
-
-#[inline(always)]
-fn portable_body<const FMA: bool>(a: &[u32], b: &[u32], kc: usize, acc: &mut [[f32; NR]; MR]) {
-    const PB: usize = 32;
-    let mut bf = [[[0f32; NR]; 2]; PB]; // [pair][lo, hi][col]
-    for p0 in (0..kc).step_by(PB) {
-        let np = PB.min(kc - p0);
-        for (q, bq) in bf.iter_mut().enumerate().take(np) {
-            for (j, &v) in b[(p0 + q) * NR..(p0 + q + 1) * NR].iter().enumerate() {
-                bq[0][j] = f32::from_bits(v << 16);
-                bq[1][j] = f32::from_bits(v & 0xffff_0000);
-            }
-        }
-        // Two rows at a time: each widened B value feeds two multiply-adds.
-        for (r2, accr) in acc.chunks_exact_mut(2).enumerate() {
-            let mut x = [accr[0], accr[1]];
-            for (q, bq) in bf.iter().enumerate().take(np) {
-                for (h, xh) in x.iter_mut().enumerate() {
-                    let av = a[(2 * r2 + h) * KC + p0 + q];
-                    let (lo, hi) = (f32::from_bits(av << 16), f32::from_bits(av & 0xffff_0000));
-                    for j in 0..NR {
-                        xh[j] = if FMA { hi.mul_add(bq[1][j], lo.mul_add(bq[0][j], xh[j])) } else { xh[j] + hi * bq[1][j] + lo * bq[0][j] };
-                    }
-                }
-            }
-            accr.copy_from_slice(&x);
-        }
-    }
 }
 
 /// Plain reference: inputs rounded to bf16 (RNE), f64 accumulation, naive loops.

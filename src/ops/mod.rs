@@ -14,11 +14,13 @@ pub mod embedding;
 pub mod fastmath;
 pub mod gemm_amx;
 pub mod gemm_bf16;
+mod gemm_bf16_a;
 #[cfg(target_arch = "x86_64")]
 mod gemm_bf16_avx512;
 #[cfg(target_arch = "x86_64")]
 mod gemm_bf16_fp16;
 mod gemm_bf16_pack;
+mod gemm_bf16_portable;
 pub mod gemm_epilogue;
 pub mod gemm_f32;
 pub mod gemm_f32_pack;

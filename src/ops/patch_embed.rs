@@ -1,6 +1,8 @@
 //! Patch embedding: a convolution whose stride equals its kernel (no bias), as CLIP's conv1.
 //! Reference: direct convolution loops. Fast: im2col into [B·N, C·P·P] then one GEMM with the
 //! weight viewed as [D, C·P·P]. Output [B, N, D] with N = (H/P)·(W/P), patches in raster order.
+//! With bf16 weights the CPU backend builds the im2col rows in bf16 ([`im2col_bf16`]: the bf16
+//! GEMM's own rounding of an f32 A, so the same bits, at half the bytes, packed as they are).
 use super::act_simd::to_bf16_into;
 use super::fastmath::written_by;
 use super::matmul::{gemm, View};
