@@ -7,6 +7,7 @@ pub mod attention;
 pub mod attention_bf16;
 pub mod attention_bwd;
 pub mod attn_kernel;
+mod bf16_simd;
 pub mod cpu_path;
 pub mod cross_entropy;
 pub mod elementwise;
