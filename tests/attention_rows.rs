@@ -1,12 +1,13 @@
 //! The bf16 attention of one query per sequence (the pooled rows of a last block at inference:
-//! `attention_bf16::attention_bf16_rows`) against the full bf16 attention's rows, bit for bit: first, last and middle queries; T = 1, 7, 45, 50, 77, 130
-//! (past one 64-row query block); head dims 1, 20, 59, 64; causal or not. And the CPU backend's
+//! `attention_bf16::attention_bf16_rows`) against the full bf16 attention's rows, bit for bit:
+//! first, last and middle queries; T = 1, 7, 45, 50, 77, 130 (past one 64-row query block); head
+//! dims 1, 20, 59, 64; causal or not. And the CPU backend's
 //! `Ops::attention_pooled` against the composite every other backend runs (q, k, v and the
 //! attention for every row, then the rows), f32 and bf16 weights, batches and packed sequences:
 //! the same bits too, so an inference forward still equals a training forward
 //! (tests/block.rs).
 use clipforge::backend::cpu::Cpu;
-use clipforge::backend::{Ops, Seqs};
+use clipforge::backend::{attention_pooled_composite, Ops, Seqs};
 use clipforge::ops::attention::AttnShape;
 use clipforge::ops::attention_bf16::{attention_bf16, attention_bf16_rows, PooledRow};
 use clipforge::ops::gemm_bf16::Kernel;
@@ -73,9 +74,7 @@ fn cpu_attention_pooled_matches_the_composite() {
             let n = seqs.rows();
             let hid = up(uniform(n * w, 30 + n as u64, 1.5));
             let got = ops.download(&ops.attention_pooled(&hid, wr, br, seqs, rows, h, w).unwrap()).unwrap();
-            let [q, k, v] = ops.qkv(&hid, wr, br, n, h).unwrap();
-            let (a, _) = ops.attention(&q, &k, &v, seqs, h, w).unwrap();
-            let want = ops.download(&ops.gather_rows(&a, rows, w).unwrap()).unwrap();
+            let want = ops.download(&attention_pooled_composite(&ops, &hid, wr, br, seqs, rows, h, w).unwrap()).unwrap();
             same_bits(&format!("{dtype:?} {seqs:?} rows {rows:?}"), &got, &want);
         }
     }

@@ -168,7 +168,7 @@ fn linear32(x: &Tensor, m: usize, w: &Weight<Cpu>, bias: Option<&[f32]>, c: &mut
 unsafe fn gemm16_to_bf16(n: usize, run: impl FnOnce(&mut [bf16]) -> Result<()>) -> Result<Tensor> {
     // SAFETY: the caller's contract.
     let out = unsafe { crate::ops::fastmath::written_by(n, run) }; // [n] bf16
-    Tensor::from_storage(Storage::BF16(out?), &[n])
+    vec1_bf16(out?)
 }
 
 /// The CPU backend (rayon's thread pool).
@@ -178,6 +178,12 @@ pub struct Cpu;
 fn vec1(v: Vec<f32>) -> Result<Tensor> {
     let n = v.len();
     Tensor::from_vec(v, &[n])
+}
+
+/// [`vec1`] of bf16 values.
+fn vec1_bf16(v: Vec<bf16>) -> Result<Tensor> {
+    let n = v.len();
+    Tensor::from_storage(Storage::BF16(v), &[n])
 }
 
 /// Takes a buffer's values out for an in-place update (no copy when uniquely owned).
@@ -487,11 +493,7 @@ impl Ops for Cpu {
         let rows = b * shape.patches();
         let cols = match bf16_of(w) {
             // bf16 weights: the rows in bf16 already (the GEMM's own rounding of them)
-            Some(_) => {
-                let v = im2col_bf16(&px.f32_data(), &shape);
-                let n = v.len();
-                Tensor::from_storage(Storage::BF16(v), &[n])?
-            }
+            Some(_) => vec1_bf16(im2col_bf16(&px.f32_data(), &shape))?,
             None => vec1(im2col(&px.f32_data(), &shape))?,
         }; // [B·N, C·P·P]
         self.linear(&cols, w, None, rows) // [B·N, D]
