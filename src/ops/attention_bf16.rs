@@ -21,6 +21,7 @@
 use super::attention::{check_into, fill, per_sequence_into, prefetch_head, softmax_row_portable, with_outputs, AttnShape, SharedOut, QBLK};
 use super::cpu_path::{self, GemmPath};
 use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
+use super::gemm_bf16_pack::geometry;
 #[cfg(target_arch = "x86_64")]
 use super::transpose::transpose_lines;
 use half::bf16;
@@ -201,12 +202,13 @@ pub fn attention_bf16_rows<T: AElem>(q: &[T], k: &[T], v: &[T], rows: &[PooledRo
     out
 }
 
-/// Zeroed buffers for K of one head packed as a weight [T × hd], and for Vᵀ [hd × T].
+/// Zeroed buffers for K of one head packed as a weight [T × hd], and for Vᵀ [hd × T]
+/// (`gemm_bf16_pack::geometry`'s lengths).
 fn packed_k_len(t: usize, d: usize) -> Vec<u32> {
-    vec![0u32; t.div_ceil(NR) * d.div_ceil(2).next_multiple_of(16) * NR]
+    vec![0u32; geometry(t, d).2]
 }
 fn packed_vt_len(t: usize, d: usize) -> Vec<u32> {
-    vec![0u32; d.div_ceil(NR) * t.div_ceil(2).next_multiple_of(16) * NR]
+    vec![0u32; geometry(d, t).2]
 }
 
 /// K and Vᵀ of the head whose row 0 is at `base` in k and v (`s.seq` rows at stride W) packed
@@ -223,7 +225,7 @@ fn pack_head<'a, T: AElem>(
     simd: bool,
 ) -> (WView<'a>, WView<'a>) {
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
-    let (kps_k, kps_v) = (d.div_ceil(2).next_multiple_of(16), t.div_ceil(2).next_multiple_of(16));
+    let (kps_k, kps_v) = (geometry(t, d).1, geometry(d, t).1); // pairs per panel
     pack_k(pk, tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
     pack_vt(pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
     (WView::from_parts(t, d, kps_k, pk), WView::from_parts(d, t, kps_v, pv))
