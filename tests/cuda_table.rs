@@ -98,7 +98,7 @@ fn linear_row(m: usize, n: usize, k: usize, bias: bool) -> Row {
             (d + if bias { b[c] as f64 } else { 0.0 }) as f32
         })
         .collect();
-    let (cfg, _) = clipforge::cuda::backend::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
+    let (cfg, _) = clipforge::cuda::gemm_launch::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
     Row {
         case: KernelCase {
             kernel: "linear_f32",
@@ -116,7 +116,7 @@ fn gemm_row(m: usize, n: usize, k: usize, ta: bool, tb: bool, beta: f32) -> Row 
     let at = |r: usize, kk: usize| if ta { a[kk * m + r] } else { a[r * k + kk] } as f64;
     let bt = |kk: usize, c: usize| if tb { b[c * k + kk] } else { b[kk * n + c] } as f64;
     let want: Vec<f32> = (0..m * n).map(|i| ((0..k).map(|kk| at(i / n, kk) * bt(kk, i % n)).sum::<f64>() + beta as f64 * c0[i] as f64) as f32).collect();
-    let (cfg, _) = clipforge::cuda::backend::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
+    let (cfg, _) = clipforge::cuda::gemm_launch::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
     Row {
         case: KernelCase {
             kernel: "gemm_f32",
@@ -176,7 +176,7 @@ fn linear_half_row(m: usize, n: usize, k: usize, bias: bool, f16: bool) -> Row {
         k < 2 || exact.iter().zip(&want).any(|(e, r)| (e - r).abs() > atol + rtol * r.abs()),
         "linear_half_row {m}x{n}x{k} f16 {f16}: f32 products pass the rounded check"
     );
-    let (cfg, _) = clipforge::cuda::backend::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
+    let (cfg, _) = clipforge::cuda::gemm_launch::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
     let wbits: Vec<u16> = w.iter().map(|&v| round_half(v, f16).1).collect();
     Row {
         case: KernelCase {

@@ -1,4 +1,5 @@
-//! Packing a weight into the bf16 GEMM's pair panels (`gemm_bf16.rs`, "Data layout": per 32
+//! The bf16 GEMM's packed weight ([`PackedBf16`], and [`WView`], the borrowed form the kernels
+//! read) and packing a weight into its pair panels (`gemm_bf16.rs`, "Data layout": per 32
 //! output columns a `[kps][NR]` panel of u32 pairs `lo = x[2p] | hi = x[2p+1] << 16`, zero past
 //! n, past k and in the padding pairs kp..kps).
 //!
@@ -9,9 +10,139 @@
 //! the same bits (bf16 by `half::bf16::from_f32`'s RNE, NaN kept quiet: `act_simd`'s
 //! `bf16_bits16`), and write every value of the panels themselves (no zero-fill pass first).
 //! tests/gemm_bf16_pack.rs compares them with the reference bit for bit.
-use super::gemm_bf16::NR;
+use super::gemm_bf16::{resolve, Kernel, NR};
 use half::bf16;
 use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Weights `[n×k]` converted to bf16 and packed for the microkernel (see module docs).
+#[derive(Clone, Debug)]
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    kp: usize,
+    kps: usize, // pairs per panel: kp padded with zeros to a multiple of 16 (one AMX tile)
+    data: Vec<u32>,
+    /// The f16 twin for the AVX512-FP16 kernel (`gemm_bf16_fp16.rs`), built on its first use;
+    /// None inside when a weight is not finite.
+    fp16: OnceLock<Option<Fp16Copy>>,
+}
+
+/// A packed weight's values ×2^`exp` as f16 pairs, same panels (`gemm_bf16_fp16.rs`).
+#[derive(Clone, Debug)]
+pub(crate) struct Fp16Copy {
+    pub(super) data: Vec<u32>,
+    pub(super) exp: i32,
+}
+
+impl PackedBf16 {
+    /// Packs `w` (`[n×k]` row-major f32), rounding to bf16 (RNE).
+    pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
+        Self::with_data(n, k, pack_f32(w, n, k))
+    }
+
+    /// Packs the transpose of `x` (`[rows×cols]` row-major f32): the weight `[cols×rows]`, for
+    /// products with `xᵀ` as the right operand (a backward pass's dW = dyᵀ·x, dx = dy·W).
+    pub fn from_f32_t(x: &[f32], rows: usize, cols: usize) -> Self {
+        Self::with_data(cols, rows, pack_f32_t(x, rows, cols))
+    }
+
+    /// Packs `w` (`[n×k]` row-major bf16).
+    pub fn from_bf16(w: &[bf16], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "w must be n*k");
+        Self::with_data(n, k, pack_with(n, k, |j, kk| w[j * k + kk]))
+    }
+
+    /// [`Self::from_f32`] through the scalar reference packer (tests compare the two).
+    #[doc(hidden)]
+    pub fn from_f32_reference(w: &[f32], n: usize, k: usize) -> Self {
+        Self::with_data(n, k, pack_f32_reference(w, n, k))
+    }
+
+    /// [`Self::from_f32_t`] through the scalar reference packer (tests compare the two).
+    #[doc(hidden)]
+    pub fn from_f32_t_reference(x: &[f32], rows: usize, cols: usize) -> Self {
+        Self::with_data(cols, rows, pack_f32_t_reference(x, rows, cols))
+    }
+
+    /// The packed pairs, padding included (tests compare packers bit for bit).
+    #[doc(hidden)]
+    pub fn pairs(&self) -> &[u32] {
+        &self.data
+    }
+
+    fn with_data(n: usize, k: usize, data: Vec<u32>) -> Self {
+        let (kp, kps, len) = geometry(n, k);
+        assert_eq!(data.len(), len, "PackedBf16: packed data of the wrong length");
+        PackedBf16 { n, k, kp, kps, data, fp16: OnceLock::new() }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    /// Element `W[j, kk]` as stored (bf16).
+    pub fn get(&self, j: usize, kk: usize) -> bf16 {
+        assert!(j < self.n && kk < self.k);
+        let v = self.data[(j / NR) * self.kps * NR + (kk / 2) * NR + j % NR];
+        bf16::from_bits((v >> (16 * (kk % 2))) as u16)
+    }
+    /// Pairs per panel in storage (`ceil(k/2)` rounded up to 16, zero-padded).
+    pub fn kps(&self) -> usize {
+        self.kps
+    }
+    /// The whole packed weight, borrowed.
+    pub(crate) fn view(&self) -> WView<'_> {
+        WView { n: self.n, k: self.k, kp: self.kp, kps: self.kps, data: &self.data, fp16: None }
+    }
+    /// [`Self::view`], with the f16 twin (built now if need be) when `kernel` runs the
+    /// AVX512-FP16 kernel.
+    pub(crate) fn view_for(&self, kernel: Kernel) -> WView<'_> {
+        let mut v = self.view();
+        #[cfg(target_arch = "x86_64")]
+        if resolve(kernel) == Kernel::Avx512Fp16 {
+            v.fp16 = self.fp16.get_or_init(|| super::gemm_bf16_fp16::fp16_copy(&self.data)).as_ref().map(|c| (&c.data[..], c.exp));
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = kernel;
+        v
+    }
+    /// Bytes of packed weight storage (with the f16 twin, once built).
+    pub fn size_bytes(&self) -> usize {
+        (self.data.len() + self.fp16.get().and_then(Option::as_ref).map_or(0, |c| c.data.len())) * 4
+    }
+}
+
+/// A borrowed packed weight (the layout of [`PackedBf16`]), or a leading part of one
+/// ([`WView::prefix`]): what the GEMMs read.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WView<'a> {
+    pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) kp: usize,
+    /// Pairs per panel in storage (a multiple of 16).
+    pub(super) kps: usize,
+    pub(super) data: &'a [u32],
+    /// The f16 twin's panels and scale exponent, for the AVX512-FP16 kernel.
+    pub(super) fp16: Option<(&'a [u32], i32)>,
+}
+
+impl<'a> WView<'a> {
+    /// A weight `[n×k]` packed by the caller in [`PackedBf16`]'s layout with `kps` pairs per panel.
+    pub(super) fn from_parts(n: usize, k: usize, kps: usize, data: &'a [u32]) -> Self {
+        assert!(kps.is_multiple_of(16) && kps >= k.div_ceil(2) && data.len() >= n.div_ceil(NR) * kps * NR, "WView: bad packed weight");
+        WView { n, k, kp: k.div_ceil(2), kps, data, fp16: None }
+    }
+    /// The first `n` outputs over the first `k` inputs (no copy): `k` even or all of them, so a
+    /// pair never reaches past it. (The AMX kernel loads whole 16-pair tiles: stored pairs past
+    /// `k` meet A's zero padding, exact zeros for finite weights.)
+    pub(super) fn prefix(self, n: usize, k: usize) -> Self {
+        assert!(n <= self.n && k <= self.k && (k.is_multiple_of(2) || k == self.k), "WView::prefix: {n}x{k} is not a prefix of {}x{}", self.n, self.k);
+        WView { n, k, kp: k.div_ceil(2), ..self }
+    }
+}
 
 /// (kp, kps, stored u32s) of an `[n×k]` weight: pairs per column, pairs per panel (kp padded to
 /// a multiple of 16, one AMX tile's depth), and the length of the packed data.

@@ -4,7 +4,7 @@
 //! - [`record`]: [`RecordingOps`](record::RecordingOps), a `DeviceOps` that records every launch,
 //!   GEMM, memset and copy instead of executing it;
 //! - [`cost`]: per-kernel FLOP/byte models decoded from the launch arguments ([`cost_half`]: the
-//!   16-bit activation kernels' rows);
+//!   16-bit activation kernels' rows; `cost_attn`: the attention and flash kernels');
 //! - [`resources`]: registers and static shared memory from the build's ptxas report;
 //! - [`gpus`]: the named GPUs, their interconnects and every constant of the model;
 //! - [`roofline`]: occupancy, waves and the predicted time of each operation;
@@ -16,6 +16,7 @@
 //! KERNELS.md ("Performance model") documents the constants and assumptions.
 pub mod collective;
 pub mod cost;
+mod cost_attn;
 pub mod cost_half;
 pub mod gpus;
 pub mod record;

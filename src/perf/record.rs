@@ -222,7 +222,7 @@ impl DeviceOps for RecordingOps {
         self.gemm_op("gemm", (m, n, k), DType::F32, (ta, tb), false, beta)
     }
     fn gemm_half(&self, g: &crate::cuda::HalfGemm) -> Result<()> {
-        crate::cuda::backend::gemm_half_launch(g)?; // the same size checks as the devices
+        crate::cuda::gemm_launch::gemm_half_launch(g)?; // the same size checks as the devices
         let d = g.desc();
         let path = GemmPath::TensorCore;
         let rec = GemmRec {

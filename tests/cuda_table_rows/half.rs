@@ -66,7 +66,7 @@ fn gemm_half_row(m: usize, n: usize, k: usize, ta: bool, tb: bool, out: GemmOut,
             (d + if bias { bv[c] as f64 } else { 0.0 } + if add_c { c0[i] as f64 } else { 0.0 }) as f32
         })
         .collect();
-    let (cfg, _) = clipforge::cuda::backend::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
+    let (cfg, _) = clipforge::cuda::gemm_launch::linear_kernel_launch(0, 0, None, 0, m, n, k).unwrap();
     let name = match (f16, out == GemmOut::Half) {
         (false, false) => "gemm_bf16",
         (true, false) => "gemm_f16",
