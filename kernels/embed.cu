@@ -34,8 +34,10 @@ extern "C" __global__ void text_embed_f32(const int* __restrict__ ids, const flo
   }
 }
 
-extern "C" __global__ void patch_im2col_f32(const float* __restrict__ pixels, float* __restrict__ cols, int B,
-                                            int C, int S, int P) {
+// The body of both im2col kernels: cols[i] = the pixel it names (see the header), any element type.
+template <typename T>
+__device__ __forceinline__ void im2col_copy(const T* __restrict__ pixels, T* __restrict__ cols, int B, int C, int S,
+                                            int P) {
   const int G = S / P, N = G * G, K = C * P * P;
   const size_t total = (size_t)B * N * K;
   GRID_STRIDE(i, total) {
@@ -49,22 +51,17 @@ extern "C" __global__ void patch_im2col_f32(const float* __restrict__ pixels, fl
   }
 }
 
+extern "C" __global__ void patch_im2col_f32(const float* __restrict__ pixels, float* __restrict__ cols, int B,
+                                            int C, int S, int P) {
+  im2col_copy(pixels, cols, B, C, S, P);
+}
+
 // patch_im2col_h16(pixels, cols, B, C, S, P): patch_im2col_f32 moving 16-bit values (bf16 or f16
 //   pixels, packed two per word, into the patch GEMM's 16-bit input): the same layout and geometry,
 //   the bits copied unchanged (one 2-byte load and store a thread).
 extern "C" __global__ void patch_im2col_h16(const unsigned short* __restrict__ pixels, unsigned short* __restrict__ cols,
                                             int B, int C, int S, int P) {
-  const int G = S / P, N = G * G, K = C * P * P;
-  const size_t total = (size_t)B * N * K;
-  GRID_STRIDE(i, total) {
-    const size_t row = i / K;
-    const int col = (int)(i - row * K);
-    const int b = (int)(row / N), patch = (int)(row % N);
-    const int gy = patch / G, gx = patch % G;
-    const int c = col / (P * P), rem = col % (P * P);
-    const int ky = rem / P, kx = rem % P;
-    cols[i] = pixels[(((size_t)b * C + c) * S + gy * P + ky) * S + gx * P + kx];
-  }
+  im2col_copy(pixels, cols, B, C, S, P);
 }
 
 extern "C" __global__ void vision_embed_assemble_f32(const float* __restrict__ patches, const float* __restrict__ cls,
