@@ -21,26 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "common.cuh"
-
-#define ACT_QUICK_GELU 0
-#define ACT_GELU 1
-
-template <int ACT>
-__device__ __forceinline__ float act_fwd(float x) {
-  if (ACT == ACT_QUICK_GELU) return x / (1.f + expf(-1.702f * x));
-  return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
-}
-
-template <int ACT>
-__device__ __forceinline__ float act_grad(float x) {
-  if (ACT == ACT_QUICK_GELU) {
-    const float s = 1.f / (1.f + expf(-1.702f * x));
-    return s + 1.702f * x * s * (1.f - s);
-  }
-  const float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
-  const float pdf = 0.39894228040143268f * expf(-0.5f * x * x);  // 1/sqrt(2 pi) e^(-x^2/2)
-  return cdf + x * pdf;
-}
+#include "act.cuh"
 
 template <int ACT, typename T>
 __device__ __forceinline__ void bias_act_fwd(T* y, const float* __restrict__ b, T* pre, int rows, int n) {
@@ -161,12 +142,6 @@ extern "C" __global__ void bias_grad_reduce_f32(const float* __restrict__ partia
 //   (≤ 1024 / C) so a column's parts are spread over many threads: one wave of an H100 for
 //   n = 768…4096 and parts up to ~2100.
 
-__device__ __forceinline__ float act_rt(float x, int act) {
-  return act ? act_fwd<ACT_GELU>(x) : act_fwd<ACT_QUICK_GELU>(x);
-}
-__device__ __forceinline__ float act_grad_rt(float x, int act) {
-  return act ? act_grad<ACT_GELU>(x) : act_grad<ACT_QUICK_GELU>(x);
-}
 __device__ __forceinline__ void bias_store4(float*, size_t, float4) {}
 __device__ __forceinline__ void bias_store4(__nv_bfloat16* y, size_t i, float4 v) {
   reinterpret_cast<__nv_bfloat162*>(y + i)[0] = __floats2bfloat162_rn(v.x, v.y);
@@ -175,12 +150,6 @@ __device__ __forceinline__ void bias_store4(__nv_bfloat16* y, size_t i, float4 v
 __device__ __forceinline__ void bias_store4(__half* y, size_t i, float4 v) {
   reinterpret_cast<__half2*>(y + i)[0] = __floats2half2_rn(v.x, v.y);
   reinterpret_cast<__half2*>(y + i)[1] = __floats2half2_rn(v.z, v.w);
-}
-
-__device__ __forceinline__ void row_chunk(int rows, int& r0, int& r1) {
-  const int chunk = CEIL_DIV(rows, (int)gridDim.y);
-  r0 = min(rows, (int)blockIdx.y * chunk);
-  r1 = min(rows, r0 + chunk);
 }
 
 template <typename TH>
@@ -238,47 +207,11 @@ extern "C" __global__ void bias_act_fwd_f32_hf16(float* __restrict__ y, const fl
 extern "C" __global__ void bias_act_bwd_f32v(const float* __restrict__ dy, const float* __restrict__ pre,
                                              float* __restrict__ dpre, float* __restrict__ partial, int rows, int n,
                                              int act, int vec) {
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  int r0, r1;
-  row_chunk(rows, r0, r1);
-  if (vec) {
-    const int c = 4 * t;
-    if (c >= n) return;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int r = r0; r < r1; ++r) {
-      const size_t i = (size_t)r * n + c;
-      const float4 d = reinterpret_cast<const float4*>(dy + i)[0], p = reinterpret_cast<const float4*>(pre + i)[0];
-      const float4 g = make_float4(d.x * act_grad_rt(p.x, act), d.y * act_grad_rt(p.y, act), d.z * act_grad_rt(p.z, act),
-                                   d.w * act_grad_rt(p.w, act));
-      reinterpret_cast<float4*>(dpre + i)[0] = g;
-      acc.x += g.x;
-      acc.y += g.y;
-      acc.z += g.z;
-      acc.w += g.w;
-    }
-    reinterpret_cast<float4*>(partial + (size_t)blockIdx.y * n + c)[0] = acc;
-    return;
-  }
-  const int c = t;
-  if (c >= n) return;
-  float acc = 0.f;
-  for (int r = r0; r < r1; ++r) {
-    const size_t i = (size_t)r * n + c;
-    const float g = dy[i] * act_grad_rt(pre[i], act);
-    dpre[i] = g;
-    acc += g;
-  }
-  partial[(size_t)blockIdx.y * n + c] = acc;
+  act_bwd_cols<float>(dy, pre, dpre, partial, rows, n, act, vec);
 }
 
 extern "C" __global__ void col_sums_partial_f32(const float* __restrict__ m, float* __restrict__ partial, int rows, int n) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= n) return;
-  int r0, r1;
-  row_chunk(rows, r0, r1);
-  float acc = 0.f;
-  for (int r = r0; r < r1; ++r) acc += m[(size_t)r * n + c];
-  partial[(size_t)blockIdx.y * n + c] = acc;
+  col_sums_cols<float>(m, partial, rows, n, 0);
 }
 
 extern "C" __global__ void __launch_bounds__(1024) col_reduce_f32(const float* __restrict__ partial, float* __restrict__ out,
