@@ -78,6 +78,28 @@ __device__ __forceinline__ void attn_load_tile(T* s, const T* __restrict__ x, in
 
 // ---------------------------------------------------------------- forward
 // DJ: output dims per thread (tx + 8j, j < DJ), hd <= 8*DJ.
+// acc[i][j] += Σ_{c < nc} S[(ty + 16i)·ATTN_PLD + c] · X[c·ld + tx + 8j] for the dims tx + 8j < hd:
+// this thread's four query rows times a key tile held in shared memory (the forward's P·V, the
+// backward's dS·K for dQ), keys in order.
+template <typename T, int DJ>
+__device__ __forceinline__ void attn_acc_rows(const float* S, const T* X, int nc, int ld, int hd, int tx, int ty,
+                                              float (&acc)[4][DJ]) {
+  for (int c = 0; c < nc; ++c) {
+    float sc[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sc[i] = S[(ty + 16 * i) * ATTN_PLD + c];
+#pragma unroll
+    for (int j = 0; j < DJ; ++j) {
+      const int d = tx + 8 * j;
+      if (d < hd) {
+        const float x = load_f32(X, c * ld + d);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i][j] = fmaf(sc[i], x, acc[i][j]);
+      }
+    }
+  }
+}
+
 template <typename T, int DJ>
 __device__ __forceinline__ void attn_fwd_body(const T* __restrict__ q, const T* __restrict__ k,
                                               const T* __restrict__ v, T* __restrict__ o, float* __restrict__ lse,
@@ -149,21 +171,7 @@ __device__ __forceinline__ void attn_fwd_body(const T* __restrict__ q, const T* 
       for (int j = 0; j < DJ; ++j) acc[i][j] *= alpha;
     }
     __syncwarp();  // P rows ty + 16i are written and read by the same warp only
-    const int nc = min(ATTN_BK, T_ - k0);
-    for (int c = 0; c < nc; ++c) {
-      float p[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) p[i] = Ps[(ty + 16 * i) * ATTN_PLD + c];
-#pragma unroll
-      for (int j = 0; j < DJ; ++j) {
-        const int d = tx + 8 * j;
-        if (d < hd) {
-          const float vv = load_f32(Vs, c * ld + d);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[i][j] = fmaf(p[i], vv, acc[i][j]);
-        }
-      }
-    }
+    attn_acc_rows(Ps, Vs, min(ATTN_BK, T_ - k0), ld, hd, tx, ty, acc);  // acc += P·V
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -358,21 +366,7 @@ __device__ __forceinline__ void attn_bwd_body(const T* __restrict__ q, const T* 
 #pragma unroll
         for (int j = 0; j < 4; ++j) dSs[(ty + 16 * i) * ATTN_PLD + tx + 8 * j] = ds[i][j];
       __syncwarp();  // dS rows ty + 16i are written and read by the same warp only
-      const int nc = min(ATTN_BK, T_ - k0);
-      for (int c = 0; c < nc; ++c) {
-        float dsr[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) dsr[i] = dSs[(ty + 16 * i) * ATTN_PLD + c];
-#pragma unroll
-        for (int j = 0; j < DJQ; ++j) {
-          const int d = tx + 8 * j;
-          if (d < hd) {
-            const float kg = load_f32(Ks, c * ld + d);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) gq[i][j] = fmaf(dsr[i], kg, gq[i][j]);
-          }
-        }
-      }
+      attn_acc_rows(dSs, Ks, min(ATTN_BK, T_ - k0), ld, hd, tx, ty, gq);  // gq += dS·K
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
