@@ -38,7 +38,8 @@
 //!   the activation (with the pre-activation's bf16 rounding) on the tile while it is in L1;
 //!   the residual add in the tile store itself (`Tile::res`); on the `vdpbf16ps` kernel an
 //!   output that is only bf16 (q/k/v, an activation) straight from the accumulators
-//!   (`gemm_bf16_avx512::kernel_bf16`). A may also be bf16 already ([`AElem`]): packed without
+//!   (`gemm_bf16_avx512::kernel_bf16`; a whole tile's activation-table lookups are done inside
+//!   the next tile's k loop, `Deferred`). A may also be bf16 already ([`AElem`]): packed without
 //!   rounding.
 //!
 //! # Dispatch
@@ -312,6 +313,9 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         #[cfg(target_arch = "x86_64")]
         let regs_out = epi.bf16_out().filter(|_| local && simd && nkb == 1 && super::act_simd::bf16_insn());
         let mut tile = [0f32; MR * NR]; // C of one tile when C is not wanted (`local`)
+                                        // `kernel_bf16`'s activation lookups left by one tile for the next (flushed at the end)
+        #[cfg(target_arch = "x86_64")]
+        let mut deferred = super::gemm_bf16_avx512::Deferred::new();
         ABUF.with_borrow_mut(|abuf| {
             // Pack this row block of A (all k) once; it is reused for every column.
             // (pack_a writes every value the kernels read: no zero-fill)
@@ -353,7 +357,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                                 // SAFETY: the vdpbf16ps kernel and the narrowing's features were
                                 // detected (`regs_out`); `a`/`b` as below; the epilogue's bf16
                                 // output is m·n and rows ir.., cols jr.. are this item's alone.
-                                unsafe { super::gemm_bf16_avx512::kernel_bf16(a, b, kc, &t) };
+                                unsafe { super::gemm_bf16_avx512::kernel_bf16(a, b, kc, &t, &mut deferred) };
                                 continue;
                             }
                             if local {
@@ -390,6 +394,8 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                 }
             }
         });
+        #[cfg(target_arch = "x86_64")]
+        deferred.flush(); // the item's last tile (its output is this item's alone)
     };
     if par {
         (0..mblk * nsplit).into_par_iter().for_each(item);
