@@ -36,6 +36,10 @@ print(f"| PyTorch bf16 autocast | {tb['images_per_s']:.2f} | {tb['texts_per_s']:
 print(f"| clipforge f32 | {cf['images_per_s']:.2f} | {cf['texts_per_s']:.2f} | {cf['images_per_s']/timg:.2f} | {cf['texts_per_s']/ttxt:.2f} |")
 print(f"| clipforge bf16 | {cb['images_per_s']:.2f} | {cb['texts_per_s']:.2f} | {cb['images_per_s']/timg:.2f} | {cb['texts_per_s']/ttxt:.2f} |")
 print()
-print(f"GEMM ceiling measured by clipforge: {cf['gemm_ceiling_gflops']:.0f} GFLOP/s; image tower {cf['image_gflops']:.0f} GFLOP/s ({100*cf['image_share_of_ceiling']:.0f}%), text {cf['text_gflops']:.0f} GFLOP/s ({100*cf['text_share_of_ceiling']:.0f}%)")
+for c, dt in ((cf, "f32"), (cb, "bf16")):
+    m, k, n = c["gemm_ceiling_shape"]
+    print(f"clipforge {dt}: GEMM ceiling {c['gemm_ceiling_gflops']:.0f} GFLOP/s ({m}x{k}->{n}); image tower {c['image_gflops']:.0f} GFLOP/s model,"
+          f" {c['image_gflops_executed']:.0f} executed ({100*c['image_share_of_ceiling']:.0f}%); text {c['text_gflops']:.0f} model,"
+          f" {c['text_gflops_executed']:.0f} executed ({100*c['text_share_of_ceiling']:.0f}%)")
 print(f"Peak RSS, embed one batch of {cf['batch']} images (f32): clipforge {rss:.0f} MiB = {rss/wbytes:.2f}x the {wbytes:.0f} MiB of weights; PyTorch {t1['image_peak_rss_mb']:.0f} MiB = {t1['image_peak_rss_mb']/wbytes:.2f}x")
 PY
