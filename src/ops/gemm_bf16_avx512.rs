@@ -86,6 +86,17 @@ pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
 /// Requires avx512f + avx512bf16 (inlined into callers that enable them).
 #[inline(always)]
 unsafe fn products(a: &[u32], b: &[u32], kc: usize) -> ([__m512; MR], [__m512; MR]) {
+    // SAFETY: the caller's.
+    unsafe { products_with(a, b, kc, || {}) }
+}
+
+/// [`products`] with `step` run once per k step, after its `vdpbf16ps` (scalar work that hides in
+/// the loop: [`Deferred`]'s lookups).
+///
+/// # Safety
+/// As [`products`].
+#[inline(always)]
+unsafe fn products_with(a: &[u32], b: &[u32], kc: usize, mut step: impl FnMut()) -> ([__m512; MR], [__m512; MR]) {
     assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
     let mut c0 = [_mm512_setzero_ps(); MR];
     let mut c1 = [_mm512_setzero_ps(); MR];
@@ -102,6 +113,7 @@ unsafe fn products(a: &[u32], b: &[u32], kc: usize) -> ([__m512; MR], [__m512; M
                 c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
                 c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
             }
+            step();
             ap = ap.add(1);
             bp = bp.add(NR);
         }
@@ -228,36 +240,23 @@ impl Deferred {
 /// As [`products`]; `d`'s tile contract.
 #[inline(always)]
 unsafe fn products_deferring(a: &[u32], b: &[u32], kc: usize, d: &mut Deferred) -> ([__m512; MR], [__m512; MR]) {
-    assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
-    let mut c0 = [_mm512_setzero_ps(); MR];
-    let mut c1 = [_mm512_setzero_ps(); MR];
-    let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
     let (n, mut e) = (d.n, 0);
-    // SAFETY: as `products`; `pair(e)` with e + 1 < n.
-    unsafe {
-        for _ in 0..kc {
-            let b0: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.cast()));
-            let b1: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
-            for r in 0..MR {
-                let av = _mm512_set1_epi32(*ap.add(r * KC) as i32);
-                let av: __m512bh = core::mem::transmute(av);
-                c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
-                c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
-            }
-            if e < n {
-                d.pair(e);
-                e += 2;
-            }
-            ap = ap.add(1);
-            bp = bp.add(NR);
-        }
-        while e < n {
-            d.pair(e);
+    let step = || {
+        if e < n {
+            // SAFETY: e + 1 < n (n even); the caller's contract for `d`'s tile.
+            unsafe { d.pair(e) };
             e += 2;
         }
+    };
+    // SAFETY: the caller's.
+    let c = unsafe { products_with(a, b, kc, step) };
+    while e < n {
+        // SAFETY: as above.
+        unsafe { d.pair(e) };
+        e += 2;
     }
     d.n = 0;
-    (c0, c1)
+    c
 }
 
 /// The epilogue rows of [`kernel_bf16`] (`act_simd::epi_bf16::<ACT, ROUND>` per vector).
