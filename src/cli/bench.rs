@@ -177,7 +177,7 @@ pub fn gemm_ceiling_gflops(dtype: DType, (m, k, n): (usize, usize, usize)) -> f6
 /// (batch × tokens rows) or, when only texts are timed, of the text tower; at most 4096 rows
 /// (the kernel's speed has settled long before, and a large model's bench stays short).
 fn ceiling_shape(cfg: &ClipConfig, images: bool, batch: usize, text_len: usize) -> (usize, usize, usize) {
-    let (tower, rows) = if images { (&cfg.vision.tower, batch * (cfg.vision.grid().pow(2) + 1)) } else { (&cfg.text.tower, batch * text_len) };
+    let (tower, rows) = if images { (&cfg.vision.tower, batch * cfg.vision.tokens()) } else { (&cfg.text.tower, batch * text_len) };
     (rows.clamp(1, 4096), tower.hidden, tower.intermediate)
 }
 
