@@ -1,7 +1,8 @@
 //! The AMX bf16 GEMM: its blocking, packing and edges through the software model of the tile unit
 //! (every machine), the real tile instructions where CPUID and Linux grant AMX, and every lower path
 //! (`cpu_path::force_path`, as `CLIPFORGE_CPU_GEMM` does) against the f64 reference of the
-//! bf16-rounded inputs. Each test prints which paths ran.
+//! bf16-rounded inputs. Each test prints which paths ran. On CPUs without AMX, the real tile
+//! instructions run under an emulator in tests/gemm_amx_trap.rs.
 //!
 //! Tolerance, per element: |x − ref| ≤ ATOL + RTOL·|ref| with ATOL = 1e-4, RTOL = 1e-5. The
 //! inputs are uniform in [−1, 1) (A) and [−0.5, 0.5) (W), so a term is ≤ 0.5 and a lost, doubled or

@@ -18,7 +18,11 @@
 //!
 //! `CLIPFORGE_CPU_GEMM=avx512bf16` (say) forces that path *or a lower one* when the CPU lacks it,
 //! so tests and benchmarks can run every path the machine has.
-use std::sync::atomic::{AtomicU8, Ordering};
+//!
+//! Tests on CPUs without AMX may declare the tile instructions emulated ([`assume_amx_emulated`]:
+//! tests/amx_trap/ executes them in a SIGILL handler), so that the real AMX code path — the
+//! instructions as compiled — runs end to end.
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 /// A CPU GEMM path; the order is the preference order (higher is faster).
@@ -119,6 +123,29 @@ pub fn detected() -> GemmPath {
     })
 }
 
+static AMX_EMULATED: AtomicBool = AtomicBool::new(false);
+
+/// From now on the AMX path is usable on this CPU whatever CPUID says ([`usable`]): `Kernel::Amx`
+/// and the selection run the real tile instructions (`gemm_amx::HwTiles`). For tests only.
+///
+/// # Safety
+/// The AMX-TILE/AMX-BF16 instructions must not fault from now on: on a CPU without AMX the caller
+/// has installed an emulator of them (tests/amx_trap/: a SIGILL handler that decodes and executes
+/// each one). Without it the next AMX GEMM dies of SIGILL.
+#[doc(hidden)]
+pub unsafe fn assume_amx_emulated() {
+    AMX_EMULATED.store(true, Ordering::Relaxed);
+}
+
+/// The fastest path GEMMs may take here: [`detected`], or `Amx` after [`assume_amx_emulated`].
+pub fn usable() -> GemmPath {
+    if AMX_EMULATED.load(Ordering::Relaxed) {
+        GemmPath::Amx
+    } else {
+        detected()
+    }
+}
+
 const UNSET: u8 = u8::MAX;
 static FORCED: AtomicU8 = AtomicU8::new(UNSET);
 
@@ -147,9 +174,9 @@ fn cap() -> GemmPath {
     }
 }
 
-/// The path GEMMs take now: the detected one, capped by [`force_path`] or `CLIPFORGE_CPU_GEMM`.
+/// The path GEMMs take now: the [`usable`] one, capped by [`force_path`] or `CLIPFORGE_CPU_GEMM`.
 pub fn selected() -> GemmPath {
-    detected().min(cap())
+    usable().min(cap())
 }
 
 /// Whether `vdpbf16ps` beats f32 FMAs on bf16 inputs here, when AMX is not used: on AMD (Zen 4/5:

@@ -17,7 +17,9 @@
 //! # Two implementations of the tile operations ([`TileOps`])
 //! [`HwTiles`] issues the instructions (inline asm: the AMX intrinsics are unstable in Rust 1.95);
 //! [`SoftTiles`] is a software model of the same instructions with the ISA's semantics, so the
-//! blocking, packing and edge handling are tested on CPUs without AMX. `tdpbf16ps` is modelled as
+//! blocking, packing and edge handling are tested on CPUs without AMX. [`HwTiles`] itself — the
+//! instructions as compiled — runs on such CPUs too, under the trap-and-emulate unit of
+//! tests/amx_trap/ (tests/gemm_amx_trap.rs: equal to the software model bit for bit). `tdpbf16ps` is modelled as
 //! in the SDM pseudocode: `C[m][n] += A[m][2k]·B[k][2n]` then `+= A[m][2k+1]·B[k][2n+1]`, k
 //! ascending, each step one fused multiply-add (the product of two bf16 is exact in f32 and not
 //! rounded on its own; one RNE rounding per accumulation), bf16 input denormals read as zero

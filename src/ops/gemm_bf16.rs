@@ -203,7 +203,7 @@ pub fn resolve(kernel: Kernel) -> Kernel {
             GemmPath::Avx512Bf16 | GemmPath::Avx512 => Kernel::Avx512Fma,
             GemmPath::Scalar => Kernel::PortableBaseline,
         },
-        Kernel::Amx if cpu_path::detected() < GemmPath::Amx => resolve(Kernel::Auto),
+        Kernel::Amx if cpu_path::usable() < GemmPath::Amx => resolve(Kernel::Auto),
         Kernel::Avx512Fp16 if !has_fp16() => Kernel::Avx512Fma,
         other => other,
     }
@@ -269,7 +269,8 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
     let have_simd = has_avx512_bf16();
     let kernel = resolve(kernel);
     match kernel {
-        // SAFETY: AMX was detected and its permission granted (cpu_path::detected).
+        // SAFETY: AMX was detected and its permission granted (cpu_path::detected), or a test
+        // declared the tile instructions emulated (cpu_path::assume_amx_emulated).
         #[cfg(target_arch = "x86_64")]
         Kernel::Amx => return unsafe { super::gemm_amx::matmul_amx::<super::gemm_amx::HwTiles, T>(a, m, w, bias, c, have_simd, acc, epi, par) },
         // SAFETY: the software model has no hardware requirement.
