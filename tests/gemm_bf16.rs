@@ -64,7 +64,9 @@ const SMALL: &[(usize, usize, usize)] = &[
     (1, 768, 768),
     (7, 59, 177),
     (15, 33, 2),
-    (29, 64, 1000), // several kc-blocks, odd-size last block
+    (29, 64, 1000), // kp = 500: one KC_WIDE block (vdpbf16ps), two of 250 (the others)
+    (45, 65, 1023), // kp = 512: the widest one-block depth (vdpbf16ps, A rows 512 apart)
+    (7, 33, 1025),  // kp = 513: two kc-blocks on every kernel
     (5, 40, 1601),  // kp = 801: three kc-blocks of ≤ 384 pairs (vdpbf16ps), four of ≤ 256 (the others)
 ];
 
@@ -104,6 +106,8 @@ fn vit_shape_partial_check() {
         check(1600, 768, 768, true, kernel, &rows);
     }
     check(100, 512, 2048, false, Kernel::Auto, &[0, 50, 99]);
+    // ViT-L's width: k = 1024 is one kc-block on vdpbf16ps
+    check(514, 1024, 1024, true, Kernel::Auto, &[0, 13, 14, 257, 500, 513]);
 }
 
 #[test]
@@ -216,7 +220,7 @@ mod epi;
 #[test]
 fn fused_epilogues_all_kernels() {
     const SHAPES: &[(usize, usize, usize)] =
-        &[(1, 1, 1), (3, 7, 0), (1, 7, 3), (7, 45, 65), (45, 65, 59), (45, 65, 64), (33, 177, 301), (7, 100, 1000), (29, 64, 1100)];
+        &[(1, 1, 1), (3, 7, 0), (1, 7, 3), (7, 45, 65), (45, 65, 59), (45, 65, 64), (33, 177, 301), (7, 100, 1000), (45, 65, 1023), (29, 64, 1100)];
     for kernel in KERNELS {
         for &(m, n, k) in SHAPES {
             epi::check_epilogues(m, n, k, kernel);

@@ -11,8 +11,9 @@
 //!   u32, zero-padded past `n`, so any kc-block of a panel is one contiguous slice.
 //! * Activations (f32 → bf16 RNE while packing, per work item; `gemm_bf16_a.rs`): `MR = 14`-row panels
 //!   stored as `[kc-block][MR][KC]` u32: each row's pairs are contiguous with the
-//!   fixed stride `KC`, so packing is a streaming conversion (no transpose) and the
-//!   microkernel reads row `r` at the constant offset `r·KC` from a single pointer.
+//!   fixed stride `KC` (`KC_WIDE` for a one-block depth above `KC`, below), so packing is a
+//!   streaming conversion (no transpose) and the microkernel reads row `r` at the constant
+//!   offset `r·KC` from a single pointer.
 //!
 //! # Blocking (BLIS style)
 //! * Register tile `MR × NR = 14 × 32` f32: 28 zmm accumulators, 2 zmm for the current
@@ -22,8 +23,12 @@
 //!   `vdpbf16ps` kernel (AMD: a 768-deep product is one block, so C is stored once, not
 //!   stored, read back and stored again; measured on Zen 4 1.01–1.05× at the towers' shapes),
 //!   256 for the others (Intel's f16 and FMA kernels, measured at 256: the B micro-panel,
-//!   `kc × NR`, ≤ 32 KiB). A panel rows have the stride `KC = 384` either way. The first
-//!   kc-block stores `acc + bias`, later ones `acc + c`.
+//!   `kc × NR`, ≤ 32 KiB). A panel rows have the stride `KC = 384` either way. Except: on the
+//!   `vdpbf16ps` kernel a depth of 385–512 pairs (k = 770–1024: ViT-L's width) is one block
+//!   of up to `KC_WIDE = 512` pairs, A rows 512 apart, so C is stored once and a bf16-only
+//!   epilogue stays in registers (ViT-L/14 bf16 images 1.09× on Zen 4 against two blocks of
+//!   256; depths ≤ 384 keep the 384 stride). The first kc-block stores `acc + bias`, later
+//!   ones `acc + c`.
 //! * Work items (rayon): ~8 per thread. A row block of whole MR panels (sizes differ by
 //!   at most one panel, ≤ 16 panels) × a column range (split only when m is too small
 //!   to give every thread work). Each item writes a disjoint rectangle of C. An item
@@ -68,16 +73,19 @@ use std::sync::OnceLock;
 pub(super) const NR: usize = 32;
 pub(super) const MR: usize = 14;
 pub(super) const KC: usize = 384; // max k pairs per kc-block (768 k values): A panel rows' stride
+/// The `vdpbf16ps` kernel's one block for depths of `KC`+1 ..= `KC_WIDE` pairs (its A rows' stride
+/// then; see the file header).
+pub(super) const KC_WIDE: usize = 512;
 /// The kc-block limit of the other kernels (see the file header).
 const KC_NARROW: usize = 256;
 
-/// The largest kc-block (k pairs) a kernel's depth is split into: [`KC`] for `vdpbf16ps`
-/// (`simd`), [`KC_NARROW`] otherwise.
-fn kc_max(simd: bool) -> usize {
-    if simd {
-        KC
-    } else {
-        KC_NARROW
+/// The largest kc-block (k pairs) a depth of `kp` pairs is split into: for `vdpbf16ps` (`simd`)
+/// all of it up to [`KC_WIDE`], else blocks of [`KC`]; [`KC_NARROW`] for the other kernels.
+fn kc_max(simd: bool, kp: usize) -> usize {
+    match simd {
+        true if kp > KC && kp <= KC_WIDE => KC_WIDE,
+        true => KC,
+        false => KC_NARROW,
     }
 }
 const NC: usize = NR * 8; // columns per jc chunk inside a work item
@@ -163,7 +171,7 @@ pub fn matmul_bf16_fused<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Opti
 /// kc-block, not AMX), so that C can live in per-thread tiles.
 fn tiles_suffice(kp: usize, kernel: Kernel) -> bool {
     let kernel = resolve(kernel);
-    !matches!(kernel, Kernel::Amx | Kernel::AmxSoft) && kp <= kc_max(runs_vdp(kernel))
+    !matches!(kernel, Kernel::Amx | Kernel::AmxSoft) && kp <= kc_max(runs_vdp(kernel), kp)
 }
 
 /// Whether the resolved `kernel` runs the `vdpbf16ps` microkernel here (its kc-blocks:
@@ -304,8 +312,9 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         #[cfg(not(target_arch = "x86_64"))]
         let f16: Option<(&[u32], i32, f32)> = fp16.and(None);
         let (simd, fma) = if f16.is_some() { (false, false) } else { (simd, fma) };
-        let nkb = kp.div_ceil(kc_max(simd));
-        let astride = if fma { 2 * KC } else { KC }; // A panel row stride (u32 pairs, or f32 values)
+        let nkb = kp.div_ceil(kc_max(simd, kp));
+        // A panel row stride (u32 pairs, or f32 values): KC, or KC_WIDE for vdpbf16ps's wide block
+        let astride = if fma { 2 * KC } else { kc_max(simd, kp).max(KC) };
         let bdata = f16.map_or(w.data, |(d, ..)| d);
         // `Epilogue::Add`'s residual: added by the tile stores (every kernel here; AMX applies `epi`)
         let res = epi.residual();
@@ -358,7 +367,12 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                                 // SAFETY: the vdpbf16ps kernel and the narrowing's features were
                                 // detected (`regs_out`); `a`/`b` as below; the epilogue's bf16
                                 // output is m·n and rows ir.., cols jr.. are this item's alone.
-                                unsafe { super::gemm_bf16_avx512::kernel_bf16(a, b, kc, &t, &mut deferred) };
+                                unsafe {
+                                    match astride {
+                                        KC_WIDE => super::gemm_bf16_avx512::kernel_bf16::<KC_WIDE>(a, b, kc, &t, &mut deferred),
+                                        _ => super::gemm_bf16_avx512::kernel_bf16::<KC>(a, b, kc, &t, &mut deferred),
+                                    }
+                                };
                                 continue;
                             }
                             if local {
@@ -420,7 +434,11 @@ unsafe fn run_kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile, simd: bool, fma:
         }
         #[cfg(target_arch = "x86_64")]
         if simd {
-            return super::gemm_bf16_avx512::kernel(a, b, kc, t);
+            // the A panel's length gives its row stride (`gemm`'s `astride`)
+            return match a.len() {
+                l if l == MR * KC_WIDE => super::gemm_bf16_avx512::kernel::<KC_WIDE>(a, b, kc, t),
+                _ => super::gemm_bf16_avx512::kernel::<KC>(a, b, kc, t),
+            };
         }
         #[cfg(target_arch = "x86_64")]
         if fma {

@@ -2,7 +2,7 @@
 //! RNE, while packing) or already in bf16 ([`AElem`]), packed per work item into MR-row
 //! micro-panels `[MR][KC]` of bf16 pairs (`pack_a`; widened for the FMA kernel, scaled into f16
 //! for the AVX512-FP16 one).
-use super::gemm_bf16::{has_avx512_bf16, KC};
+use super::gemm_bf16::{has_avx512_bf16, MR};
 use super::gemm_bf16_pack::pair;
 use half::bf16;
 
@@ -100,13 +100,15 @@ fn to_pairs(src: &[f32], dst: &mut [u32], simd: bool) {
     }
 }
 
-/// Packs pairs `pc..pc+kc` of `rows` (≤ MR full rows of `a`) into one A micro-panel
-/// (`[MR][KC]` bf16 pairs; missing rows are zero).
-/// `fma`: widened instead, `[MR][2·KC]` bf16-rounded values as f32 bits (for `kernel_fma`).
+/// Packs pairs `pc..pc+kc` of `rows` (≤ MR full rows of `a`) into one A micro-panel `dst`
+/// (`[MR][stride]` bf16 pairs, stride = `dst.len() / MR` ≥ kc; missing rows are zero).
+/// `fma`: widened instead, `[MR][stride]` with stride ≥ 2·kc bf16-rounded values as f32 bits (for
+/// `kernel_fma`).
 /// `f16`: as pairs of f16(bf16(x)·2^s) (for the AVX512-FP16 kernel, detected by the caller).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn pack_a<T: AElem>(rows: &[T], k: usize, pc: usize, kc: usize, dst: &mut [u32], simd: bool, fma: bool, f16: Option<i32>) {
-    let stride = if fma { 2 * KC } else { KC };
+    let stride = dst.len() / MR;
+    assert!(dst.len() == MR * stride && stride >= if fma { 2 * kc } else { kc }, "pack_a: panel of {} for {kc} pairs", dst.len());
     for (r, d) in dst.chunks_exact_mut(stride).enumerate() {
         let d = &mut d[..if fma { 2 * kc } else { kc }];
         if (r + 1) * k > rows.len() {

@@ -4,6 +4,8 @@ use super::act_simd::{bf16_table, epi_bf16};
 use super::bf16_simd::narrow16;
 use super::elementwise::Unary;
 use super::elementwise::Unary::{Gelu, QuickGelu};
+#[cfg(doc)]
+use super::gemm_bf16::KC_WIDE;
 use super::gemm_bf16::{Tile, KC, MR, NR};
 use core::arch::x86_64::*;
 use half::bf16;
@@ -58,13 +60,15 @@ fn mask16(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as u16
 }
 
-/// AVX512-BF16 microkernel: 14×32 register tile, one `vdpbf16ps` per zmm per k pair.
+/// AVX512-BF16 microkernel: 14×32 register tile, one `vdpbf16ps` per zmm per k pair; the A
+/// panel's rows are `S` pairs apart ([`KC`], or [`KC_WIDE`] for a depth of up to that many pairs in
+/// one kc-block).
 ///
 /// # Safety
-/// Requires avx512f + avx512bf16; `a.len() >= MR·KC`, `b.len() >= kc·NR`; the
+/// Requires avx512f + avx512bf16; `kc <= S`, `a.len() >= MR·S`, `b.len() >= kc·NR`; the
 /// tile contract of [`Tile::store`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
+pub(super) unsafe fn kernel<const S: usize>(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
     // Pull the C tile towards L1 while the k loop runs (prefetch never faults).
     for r in 0..MR {
         if r < t.rows {
@@ -75,7 +79,7 @@ pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
     }
     // SAFETY: the features; the slices' lengths are checked inside; the tile contract, forwarded.
     unsafe {
-        let (c0, c1) = products(a, b, kc);
+        let (c0, c1) = products::<S>(a, b, kc);
         store(&c0, &c1, t)
     }
 }
@@ -85,9 +89,9 @@ pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
 /// # Safety
 /// Requires avx512f + avx512bf16 (inlined into callers that enable them).
 #[inline(always)]
-unsafe fn products(a: &[u32], b: &[u32], kc: usize) -> ([__m512; MR], [__m512; MR]) {
+unsafe fn products<const S: usize>(a: &[u32], b: &[u32], kc: usize) -> ([__m512; MR], [__m512; MR]) {
     // SAFETY: the caller's.
-    unsafe { products_with(a, b, kc, || {}) }
+    unsafe { products_with::<S>(a, b, kc, || {}) }
 }
 
 /// [`products`] with `step` run once per k step, after its `vdpbf16ps` (scalar work that hides in
@@ -96,19 +100,19 @@ unsafe fn products(a: &[u32], b: &[u32], kc: usize) -> ([__m512; MR], [__m512; M
 /// # Safety
 /// As [`products`].
 #[inline(always)]
-unsafe fn products_with(a: &[u32], b: &[u32], kc: usize, mut step: impl FnMut()) -> ([__m512; MR], [__m512; MR]) {
-    assert!(kc <= KC && a.len() >= MR * KC && b.len() >= kc * NR);
+unsafe fn products_with<const S: usize>(a: &[u32], b: &[u32], kc: usize, mut step: impl FnMut()) -> ([__m512; MR], [__m512; MR]) {
+    assert!(kc <= S && a.len() >= MR * S && b.len() >= kc * NR);
     let mut c0 = [_mm512_setzero_ps(); MR];
     let mut c1 = [_mm512_setzero_ps(); MR];
     let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
-    // SAFETY: the loop reads a[r·KC + p] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
+    // SAFETY: the loop reads a[r·S + p] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
     // all inside the slices (asserted above); the caller's features.
     unsafe {
         for _ in 0..kc {
             let b0: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.cast()));
             let b1: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
             for r in 0..MR {
-                let av = _mm512_set1_epi32(*ap.add(r * KC) as i32);
+                let av = _mm512_set1_epi32(*ap.add(r * S) as i32);
                 let av: __m512bh = core::mem::transmute(av);
                 c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
                 c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
@@ -149,14 +153,14 @@ pub(super) struct Bf16Tile<'a> {
 /// from call to call within one work item; [`Deferred::flush`] after its last tile.
 ///
 /// # Safety
-/// Requires avx512f, -bw, -vl, -dq and avx512bf16; `a.len() >= MR·KC`, `b.len() >= kc·NR`;
+/// Requires avx512f, -bw, -vl, -dq and avx512bf16; `kc <= S`, `a.len() >= MR·S`, `b.len() >= kc·NR`;
 /// rows × cols (≤ MR × NR) of the output at `out + off` (stride `ldo`) are in bounds and this
 /// caller's alone until `d` is flushed; `bias` (if any) holds `cols` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
-pub(super) unsafe fn kernel_bf16(a: &[u32], b: &[u32], kc: usize, t: &Bf16Tile, d: &mut Deferred) {
+pub(super) unsafe fn kernel_bf16<const S: usize>(a: &[u32], b: &[u32], kc: usize, t: &Bf16Tile, d: &mut Deferred) {
     // SAFETY: the features and the output contract, forwarded.
     unsafe {
-        let (c0, c1) = products_deferring(a, b, kc, d);
+        let (c0, c1) = products_deferring::<S>(a, b, kc, d);
         match t.act {
             None => rows_bf16::<0, false>(&c0, &c1, t),
             Some((QuickGelu, false)) => rows_bf16::<1, false>(&c0, &c1, t),
@@ -239,7 +243,7 @@ impl Deferred {
 /// # Safety
 /// As [`products`]; `d`'s tile contract.
 #[inline(always)]
-unsafe fn products_deferring(a: &[u32], b: &[u32], kc: usize, d: &mut Deferred) -> ([__m512; MR], [__m512; MR]) {
+unsafe fn products_deferring<const S: usize>(a: &[u32], b: &[u32], kc: usize, d: &mut Deferred) -> ([__m512; MR], [__m512; MR]) {
     let (n, mut e) = (d.n, 0);
     let step = || {
         if e < n {
@@ -249,7 +253,7 @@ unsafe fn products_deferring(a: &[u32], b: &[u32], kc: usize, d: &mut Deferred) 
         }
     };
     // SAFETY: the caller's.
-    let c = unsafe { products_with(a, b, kc, step) };
+    let c = unsafe { products_with::<S>(a, b, kc, step) };
     while e < n {
         // SAFETY: as above.
         unsafe { d.pair(e) };
