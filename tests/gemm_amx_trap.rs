@@ -57,6 +57,17 @@ fn rng_vec(seed: u64, len: usize, scale: f32) -> Vec<f32> {
     (0..len).map(|_| (g.uniform() * 2.0 - 1.0) * scale).collect()
 }
 
+/// Runs `body(emulated)` where the tile instructions run (see [`setup`]); emulated, then checks
+/// that it executed every kind of them (so the real AMX path ran, not a fallback).
+fn on_tiles(what: &str, body: impl FnOnce(bool)) {
+    let Some((emulated, _one)) = setup() else { return };
+    let before = amx_trap::counts();
+    body(emulated);
+    if emulated {
+        assert_all_ran(before, what);
+    }
+}
+
 /// Every emulated instruction kind ran at least once more than in `before`.
 fn assert_all_ran(before: [u64; 6], what: &str) {
     let after = amx_trap::counts();
@@ -125,102 +136,87 @@ fn check(m: usize, n: usize, k: usize, emulated: bool) {
 
 #[test]
 fn tile_instructions_odd_shapes_and_pools() {
-    let Some((emulated, _one)) = setup() else { return };
-    let before = amx_trap::counts();
-    assert_eq!(resolve(Kernel::Amx), Kernel::Amx);
-    for &(m, n, k) in SHAPES {
-        check(m, n, k, emulated);
-    }
-    // The work split depends on the pool: many items, column splitting, one thread.
-    for threads in [1, 3] {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
-            check(70, 200, 45, emulated);
-            check(2, 300, 33, emulated);
-        });
-    }
-    if emulated {
-        assert_all_ran(before, "odd shapes");
-    }
+    on_tiles("odd shapes", |emulated| {
+        assert_eq!(resolve(Kernel::Amx), Kernel::Amx);
+        for &(m, n, k) in SHAPES {
+            check(m, n, k, emulated);
+        }
+        // The work split depends on the pool: many items, column splitting, one thread.
+        for threads in [1, 3] {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+                check(70, 200, 45, emulated);
+                check(2, 300, 33, emulated);
+            });
+        }
+    });
 }
 
 /// Accumulation into an existing C (the backward passes' `c += a·Wᵀ`).
 #[test]
 fn tile_instructions_accumulate() {
-    let Some((emulated, _one)) = setup() else { return };
-    let before = amx_trap::counts();
-    let (m, n, k) = (45, 65, 600);
-    let (a, w) = (rng_vec(1, m * k, 1.0), rng_vec(2, n * k, 0.5));
-    let pw = PackedBf16::from_f32(&w, n, k);
-    let c0 = rng_vec(3, m * n, 1.0);
-    let (mut hw, mut soft) = (c0.clone(), c0.clone());
-    matmul_bf16_acc(&a, m, &pw, &mut hw, Kernel::Amx);
-    matmul_bf16_acc(&a, m, &pw, &mut soft, Kernel::AmxSoft);
-    let mut cref = vec![0f32; m * n];
-    matmul_bf16_reference(&a, m, &w, n, k, None, &mut cref);
-    for (i, ((x, s), (y, c))) in hw.iter().zip(&soft).zip(cref.iter().zip(&c0)).enumerate() {
-        let want = (y + c) as f64;
-        assert!((*x as f64 - want).abs() <= ATOL + RTOL * want.abs(), "acc ({}, {}): got {x}, want {want}", i / n, i % n);
-        assert!(!emulated || x.to_bits() == s.to_bits(), "acc ({}, {}): tiles {x} vs software model {s}", i / n, i % n);
-    }
-    if emulated {
-        assert_all_ran(before, "accumulate");
-    }
+    on_tiles("accumulate", |emulated| {
+        let (m, n, k) = (45, 65, 600);
+        let (a, w) = (rng_vec(1, m * k, 1.0), rng_vec(2, n * k, 0.5));
+        let pw = PackedBf16::from_f32(&w, n, k);
+        let c0 = rng_vec(3, m * n, 1.0);
+        let (mut hw, mut soft) = (c0.clone(), c0.clone());
+        matmul_bf16_acc(&a, m, &pw, &mut hw, Kernel::Amx);
+        matmul_bf16_acc(&a, m, &pw, &mut soft, Kernel::AmxSoft);
+        let mut cref = vec![0f32; m * n];
+        matmul_bf16_reference(&a, m, &w, n, k, None, &mut cref);
+        for (i, ((x, s), (y, c))) in hw.iter().zip(&soft).zip(cref.iter().zip(&c0)).enumerate() {
+            let want = (y + c) as f64;
+            assert!((*x as f64 - want).abs() <= ATOL + RTOL * want.abs(), "acc ({}, {}): got {x}, want {want}", i / n, i % n);
+            assert!(!emulated || x.to_bits() == s.to_bits(), "acc ({}, {}): tiles {x} vs software model {s}", i / n, i % n);
+        }
+    });
 }
 
 /// The fused epilogues after the tile stores, against the unfused composite, bit for bit.
 #[test]
 fn tile_instructions_fused_epilogues() {
-    let Some((emulated, _one)) = setup() else { return };
-    let before = amx_trap::counts();
-    for &(m, n, k) in SHAPES {
-        epi::check_epilogues(m, n, k, Kernel::Amx);
-    }
-    if emulated {
-        assert_all_ran(before, "fused epilogues");
-    }
+    on_tiles("fused epilogues", |_| {
+        for &(m, n, k) in SHAPES {
+            epi::check_epilogues(m, n, k, Kernel::Amx);
+        }
+    });
 }
 
 /// The bf16 attention's QKᵀ and PV products on the tile instructions.
 #[test]
 fn tile_instructions_attention() {
-    let Some((emulated, _one)) = setup() else { return };
-    let before = amx_trap::counts();
-    for (b, t, h, d) in [(2, 7, 3, 59), (1, 50, 2, 64), (1, 45, 1, 65)] {
-        let n = b * t * h * d;
-        let (q, k, v) = (rng_vec(11, n, 2.0), rng_vec(12, n, 2.0), rng_vec(13, n, 0.5));
-        for causal in [false, true] {
-            let s = AttnShape { batch: b, seq: t, heads: h, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
-            let (ho, hl) = attention_bf16(&q, &k, &v, &s, Kernel::Amx);
-            let (so, sl) = attention_bf16(&q, &k, &v, &s, Kernel::AmxSoft);
-            let (ro, _) = clipforge::ops::attention_bf16::attention_bf16_reference(&q, &k, &v, &s);
-            let what = format!("attention b{b} t{t} h{h} d{d} causal {causal}");
-            common::assert_close(&what, &ho, &ro, 2e-3, 1e-3); // tests/attention_bf16.rs's bound
-            if emulated {
-                assert!(ho.iter().zip(&so).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: out differs from the software model");
-                assert!(hl.iter().zip(&sl).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: lse differs from the software model");
+    on_tiles("attention", |emulated| {
+        for (b, t, h, d) in [(2, 7, 3, 59), (1, 50, 2, 64), (1, 45, 1, 65)] {
+            let n = b * t * h * d;
+            let (q, k, v) = (rng_vec(11, n, 2.0), rng_vec(12, n, 2.0), rng_vec(13, n, 0.5));
+            for causal in [false, true] {
+                let s = AttnShape { batch: b, seq: t, heads: h, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
+                let (ho, hl) = attention_bf16(&q, &k, &v, &s, Kernel::Amx);
+                let (so, sl) = attention_bf16(&q, &k, &v, &s, Kernel::AmxSoft);
+                let (ro, _) = clipforge::ops::attention_bf16::attention_bf16_reference(&q, &k, &v, &s);
+                let what = format!("attention b{b} t{t} h{h} d{d} causal {causal}");
+                common::assert_close(&what, &ho, &ro, 2e-3, 1e-3); // tests/attention_bf16.rs's bound
+                if emulated {
+                    assert!(ho.iter().zip(&so).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: out differs from the software model");
+                    assert!(hl.iter().zip(&sl).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: lse differs from the software model");
+                }
             }
         }
-    }
-    if emulated {
-        assert_all_ran(before, "attention");
-    }
+    });
 }
 
 /// Whole bf16 towers on the selected path, which is now AMX: issue 14's criteria (per element
 /// against the bf16-rounding reference, not f32, cosine ≥ 0.999 to f32) on the tiny fixture.
 #[test]
 fn tile_instructions_run_the_bf16_towers() {
-    let Some((emulated, _one)) = setup() else { return };
-    cpu_path::force_path(Some(GemmPath::Amx)); // over a CLIPFORGE_CPU_GEMM cap, for this process
-    assert_eq!(cpu_path::selected(), GemmPath::Amx);
-    assert_eq!(resolve(Kernel::Auto), Kernel::Amx);
-    let before = amx_trap::counts();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
-    let cfg = clipforge::model::ClipConfig::from_file(&dir.join("config.json")).unwrap();
-    common::bf16_towers::check(&clipforge::model::Weights::open(&dir).unwrap(), &cfg, 3, "tiny on AMX", 1.0);
-    if emulated {
-        assert_all_ran(before, "towers");
-    }
+    on_tiles("towers", |_| {
+        cpu_path::force_path(Some(GemmPath::Amx)); // over a CLIPFORGE_CPU_GEMM cap, for this process
+        assert_eq!(cpu_path::selected(), GemmPath::Amx);
+        assert_eq!(resolve(Kernel::Auto), Kernel::Amx);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
+        let cfg = clipforge::model::ClipConfig::from_file(&dir.join("config.json")).unwrap();
+        common::bf16_towers::check(&clipforge::model::Weights::open(&dir).unwrap(), &cfg, 3, "tiny on AMX", 1.0);
+    });
 }
 
 /// `finetune --dtype bf16` on the CPU with every forward and backward GEMM on the tile
@@ -230,29 +226,26 @@ fn tile_instructions_run_the_bf16_towers() {
 fn tile_instructions_run_the_bf16_fine_tune() {
     use clipforge::train::trainer::run;
     use clipforge::DType;
-    let Some((emulated, _one)) = setup() else { return };
-    cpu_path::force_path(Some(GemmPath::Amx));
-    let before = amx_trap::counts();
-    let d = common::tmpdir("amx-trap-finetune");
-    let model = finetune_common::stretched(&d);
-    let cfg = |out: &str, dtype| {
-        let mut c = finetune_common::config(&model, &d.join(out), 4, 1);
-        (c.lr, c.dtype) = (1e-4, dtype);
-        c
-    };
-    let f32_run = run(&cfg("f32", DType::F32), None, finetune_common::no_stop(), true).unwrap();
-    let bf16_run = run(&cfg("bf16", DType::BF16), None, finetune_common::no_stop(), true).unwrap();
-    assert_eq!((f32_run.steps.len(), bf16_run.steps.len()), (12, 12));
-    let mut worst = 0f64;
-    for (b, f) in bf16_run.steps.iter().zip(&f32_run.steps) {
-        let rel = (b.loss - f.loss).abs() / f.loss.abs();
-        eprintln!("step {:2}: f32 {:.6} bf16 on AMX {:.6} rel {rel:.2e}", f.step, f.loss, b.loss);
-        assert!(b.loss.is_finite() && rel <= 3e-2, "step {}: bf16 loss {} vs f32 {}", f.step, b.loss, f.loss);
-        worst = worst.max(rel);
-    }
-    assert!(worst > 1e-5, "the bf16 curve equals the f32 one ({worst:.2e}): bf16 GEMMs did not run");
-    if emulated {
-        assert_all_ran(before, "fine-tune");
-    }
-    let _ = std::fs::remove_dir_all(&d);
+    on_tiles("fine-tune", |_| {
+        cpu_path::force_path(Some(GemmPath::Amx));
+        let d = common::tmpdir("amx-trap-finetune");
+        let model = finetune_common::stretched(&d);
+        let cfg = |out: &str, dtype| {
+            let mut c = finetune_common::config(&model, &d.join(out), 4, 1);
+            (c.lr, c.dtype) = (1e-4, dtype);
+            c
+        };
+        let f32_run = run(&cfg("f32", DType::F32), None, finetune_common::no_stop(), true).unwrap();
+        let bf16_run = run(&cfg("bf16", DType::BF16), None, finetune_common::no_stop(), true).unwrap();
+        assert_eq!((f32_run.steps.len(), bf16_run.steps.len()), (12, 12));
+        let mut worst = 0f64;
+        for (b, f) in bf16_run.steps.iter().zip(&f32_run.steps) {
+            let rel = (b.loss - f.loss).abs() / f.loss.abs();
+            eprintln!("step {:2}: f32 {:.6} bf16 on AMX {:.6} rel {rel:.2e}", f.step, f.loss, b.loss);
+            assert!(b.loss.is_finite() && rel <= 3e-2, "step {}: bf16 loss {} vs f32 {}", f.step, b.loss, f.loss);
+            worst = worst.max(rel);
+        }
+        assert!(worst > 1e-5, "the bf16 curve equals the f32 one ({worst:.2e}): bf16 GEMMs did not run");
+        let _ = std::fs::remove_dir_all(&d);
+    });
 }

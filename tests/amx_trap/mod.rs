@@ -140,16 +140,22 @@ fn fault(rip: usize, what: &str) -> ! {
     }
 }
 
-/// bf16 `i` of a 64-byte tile row, widened, denormals read as zero.
+/// bf16 `i` of a 64-byte tile row as f32; the SDM's DAZ: an input whose exponent field is zero is a
+/// zero of its sign.
 fn bf16_daz(row: &[u8; 64], i: usize) -> f32 {
-    let b = u16::from_le_bytes([row[2 * i], row[2 * i + 1]]);
-    let b = if b & 0x7f80 == 0 { b & 0x8000 } else { b };
-    f32::from_bits((b as u32) << 16)
+    let bits = u16::from_le_bytes([row[2 * i], row[2 * i + 1]]) as u32;
+    let (negative, exponent) = (bits >> 15 == 1, (bits >> 7) & 0xff);
+    match exponent {
+        0 if negative => -0.0,
+        0 => 0.0,
+        _ => f32::from_bits(bits << 16),
+    }
 }
 
+/// The SDM's FTZ: a result below the smallest normal in magnitude becomes a zero of its sign.
 fn ftz(x: f32) -> f32 {
-    if x.is_subnormal() {
-        f32::from_bits(x.to_bits() & 0x8000_0000)
+    if x != 0.0 && x.abs() < f32::MIN_POSITIVE {
+        0f32.copysign(x)
     } else {
         x
     }
