@@ -3,16 +3,20 @@
 //!
 //! # Tiles
 //! Palette 1, all eight tiles configured 16 rows × 64 bytes. A 32×32 block of C lives in four f32
-//! tiles (tmm0..3) for a whole kc-block; per 32 k values (16 pairs) it loads two A tiles (tmm4,5:
+//! tiles (tmm0..3) for the whole depth k; per 32 k values (16 pairs) it loads two A tiles (tmm4,5:
 //! 16 rows × 16 bf16 pairs) and two B tiles (tmm6,7: 16 pair-rows × 16 columns, VNNI layout) and
-//! issues four `tdpbf16ps`.
+//! issues four `tdpbf16ps`. There are no kc-blocks: the tiles are the accumulators, so a block of
+//! C leaves them once, finished (no partial sums stored, read back and stored again); the A
+//! panels and B panels of a work item stream from L2 (loop order: B panel, then A panel, then k).
 //! * B is [`PackedBf16`]'s panel layout, `[kps][32]` u32 pairs per 32-column panel, whose pair
 //!   count is padded with zeros to a multiple of 16: a B tile is 16 consecutive pair-rows (stride
 //!   128 bytes), so the weights are packed once, at load time, with no AMX-specific copy.
 //! * A is packed per work item (f32 → bf16 RNE) into `[32-row panel][k tile][32 rows][16 pairs]`:
 //!   each A tile is 1 KiB contiguous (stride 64 bytes); rows past m and pairs past k are zero.
-//! * C tiles are stored to a per-item 32×32 f32 scratch, then written with the bias (first
-//!   kc-block) or added to C (later ones), masked to m and n.
+//! * C tiles are stored to a per-item 32×32 f32 scratch, then written to C with the bias (or
+//!   added to C: `acc`), masked to m and n, and the epilogue applied there. Where the caller wants
+//!   only the epilogue's output (C empty: q/k/v to bf16, fc1's activation), the bias and the
+//!   epilogue go from the scratch straight to that output: no m×n f32 C at all.
 //!
 //! # Two implementations of the tile operations ([`TileOps`])
 //! [`HwTiles`] issues the instructions (inline asm: the AMX intrinsics are unstable in Rust 1.95);
@@ -26,15 +30,13 @@
 //! (DAZ) and f32 output denormals flushed to zero (FTZ), independent of MXCSR. The hardware's
 //! internal summation order may differ; the tests hold both to the same per-element tolerance.
 use super::gemm_bf16::{AElem, WView, NR};
-use super::gemm_epilogue::EpiRun;
+use super::gemm_epilogue::{EpiRun, Out};
 use rayon::prelude::*;
 
 /// Rows of C per block (two tiles of 16).
 const BM: usize = 32;
 /// bf16 pairs per tile row (64 bytes).
 const TK: usize = 16;
-/// Max k tiles per kc-block: 256 pairs, so a B sub-panel is 32 KiB.
-const KT_MAX: usize = 16;
 /// Upper bound on 32-row panels in one work item.
 const MAX_BLOCK_PANELS: usize = 8;
 /// Work items per rayon thread.
@@ -215,8 +217,8 @@ thread_local! {
 /// `c = epi(a·Wᵀ (+ bias))` through the tile operations `O` (m, n, k ≥ 1; shapes checked by the
 /// caller); `acc`: `c += a·Wᵀ` (no bias, no epilogue); `par`: work items on the rayon pool (else
 /// one item on this thread). `simd`: AVX512-BF16 is available for the
-/// f32 → bf16 conversion of A. The epilogue is applied to each 32×32 block of C as it is written
-/// after the last kc-block.
+/// f32 → bf16 conversion of A. The epilogue is applied to each 32×32 block of C as it leaves the
+/// tiles; `c` empty: no C, the epilogue writes its own output from the per-thread block.
 ///
 /// # Safety
 /// For [`HwTiles`]: the CPU has AMX-BF16 and this process holds the tile-data permission. The
@@ -234,9 +236,13 @@ pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
     par: bool,
 ) {
     let (n, k, kps) = (w.n, w.k, w.kps);
-    assert!(a.len() == m * k && c.len() == m * n && kps % TK == 0 && m > 0 && n > 0 && k > 0, "matmul_amx: bad call");
+    let local = c.is_empty(); // C not wanted: only the epilogue's output
+    assert!(a.len() == m * k && (c.len() == m * n || local) && kps % TK == 0 && m > 0 && n > 0 && k > 0, "matmul_amx: bad call");
+    assert!(
+        !local || (!acc && matches!(epi, EpiRun::Bf16(_) | EpiRun::Act { out: Out::F32(_) | Out::Bf16(_), .. })),
+        "matmul_amx: no C needs an epilogue output and no accumulation"
+    );
     let nkt = w.kp.div_ceil(TK); // k tiles (≤ kps / TK; a prefix view may use fewer)
-    let nkb = nkt.div_ceil(KT_MAX);
     let (mpan, npan) = (m.div_ceil(BM), n.div_ceil(NR));
     let target = if par { ITEMS_PER_THREAD * rayon::current_num_threads().max(1) } else { 1 };
     let mblk = mpan.min(target).max(mpan.div_ceil(MAX_BLOCK_PANELS));
@@ -266,49 +272,49 @@ pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
             let mut scratch = [[0f32; NR]; BM];
             // SAFETY: tile loads read 16 rows × 64 bytes: A tiles inside abuf (1 KiB each, in
             // bounds by construction), B tiles inside the panel's kps·NR pairs (t < nkt). Stores
-            // write the 32×32 scratch (stride 128 bytes). C is written by `write_c` inside this
-            // item's rectangle. AMX availability: the caller's contract.
+            // write the 32×32 scratch (stride 128 bytes). C (by `write_c`) or, with no C, the
+            // epilogue's outputs are written inside this item's rectangle only. AMX availability:
+            // the caller's contract.
             unsafe {
                 tiles.configure();
-                for kb in 0..nkb {
-                    let (t0, t1) = (kb * nkt / nkb, (kb + 1) * nkt / nkb);
-                    for jr in (j0..j1).step_by(NR) {
-                        let panel = &wdata[(jr / NR) * kps * NR..][..kps * NR];
-                        for pi in 0..p1 - p0 {
-                            if kb + 1 == nkb {
-                                // the epilogue's reads from memory, under the tile products
-                                let ir = (p0 + pi) * BM;
-                                epi.prefetch(ir * n + jr, n, BM.min(m - ir), NR.min(n - jr));
+                for jr in (j0..j1).step_by(NR) {
+                    let panel = &wdata[(jr / NR) * kps * NR..][..kps * NR];
+                    let bias_j = bias.map(|b| &b[jr..]);
+                    for pi in 0..p1 - p0 {
+                        let ir = (p0 + pi) * BM;
+                        let (rows, cols) = (BM.min(m - ir), NR.min(n - jr));
+                        // the epilogue's reads from memory, under the tile products
+                        epi.prefetch(ir * n + jr, n, rows, cols);
+                        tiles.zero::<0>();
+                        tiles.zero::<1>();
+                        tiles.zero::<2>();
+                        tiles.zero::<3>();
+                        for t in 0..nkt {
+                            let at = abuf[(pi * nkt + t) * BM * TK..][..BM * TK].as_ptr().cast::<u8>();
+                            let bt = panel[t * TK * NR..][..TK * NR].as_ptr().cast::<u8>();
+                            tiles.load::<4>(at, TK * 4);
+                            tiles.load::<5>(at.add(16 * TK * 4), TK * 4);
+                            tiles.load::<6>(bt, NR * 4);
+                            tiles.load::<7>(bt.add(64), NR * 4);
+                            tiles.dp::<0, 4, 6>();
+                            tiles.dp::<1, 4, 7>();
+                            tiles.dp::<2, 5, 6>();
+                            tiles.dp::<3, 5, 7>();
+                        }
+                        let sp = scratch.as_mut_ptr().cast::<u8>();
+                        tiles.store::<0>(sp, NR * 4);
+                        tiles.store::<1>(sp.add(64), NR * 4);
+                        tiles.store::<2>(sp.add(16 * NR * 4), NR * 4);
+                        tiles.store::<3>(sp.add(16 * NR * 4 + 64), NR * 4);
+                        if local {
+                            // bias into the block, then the epilogue from it to its own output
+                            if let Some(b) = bias_j {
+                                scratch.iter_mut().take(rows).for_each(|row| row.iter_mut().zip(b).for_each(|(x, b)| *x += b));
                             }
-                            tiles.zero::<0>();
-                            tiles.zero::<1>();
-                            tiles.zero::<2>();
-                            tiles.zero::<3>();
-                            for t in t0..t1 {
-                                let at = abuf[(pi * nkt + t) * BM * TK..][..BM * TK].as_ptr().cast::<u8>();
-                                let bt = panel[t * TK * NR..][..TK * NR].as_ptr().cast::<u8>();
-                                tiles.load::<4>(at, TK * 4);
-                                tiles.load::<5>(at.add(16 * TK * 4), TK * 4);
-                                tiles.load::<6>(bt, NR * 4);
-                                tiles.load::<7>(bt.add(64), NR * 4);
-                                tiles.dp::<0, 4, 6>();
-                                tiles.dp::<1, 4, 7>();
-                                tiles.dp::<2, 5, 6>();
-                                tiles.dp::<3, 5, 7>();
-                            }
-                            let sp = scratch.as_mut_ptr().cast::<u8>();
-                            tiles.store::<0>(sp, NR * 4);
-                            tiles.store::<1>(sp.add(64), NR * 4);
-                            tiles.store::<2>(sp.add(16 * NR * 4), NR * 4);
-                            tiles.store::<3>(sp.add(16 * NR * 4 + 64), NR * 4);
-                            let ir = (p0 + pi) * BM;
-                            let bias_j = bias.filter(|_| kb == 0).map(|b| &b[jr..]);
-                            let (rows, cols) = (BM.min(m - ir), NR.min(n - jr));
-                            write_c(&scratch, cptr.get(), ir * n + jr, n, rows, cols, bias_j, acc || kb > 0);
-                            if kb + 1 == nkb {
-                                epi.apply(cptr.get(), ir * n + jr, n, rows, cols);
-                                // the finished block, in L1
-                            }
+                            epi.apply_from(scratch.as_mut_ptr().cast(), NR, ir * n + jr, n, rows, cols);
+                        } else {
+                            write_c(&scratch, cptr.get(), ir * n + jr, n, rows, cols, bias_j, acc);
+                            epi.apply(cptr.get(), ir * n + jr, n, rows, cols); // the finished block, in L1
                         }
                     }
                 }

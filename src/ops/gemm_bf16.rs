@@ -149,7 +149,7 @@ pub fn matmul_bf16_forced(a: &[f32], m: usize, w: &PackedBf16, bias: Option<&[f3
 /// bf16, [`Epilogue::Bf16`]) and C is not wanted: then each C tile lives in a per-thread 14×32
 /// buffer while its epilogue runs (no [m×n] f32 array written to memory and read for ownership
 /// first: 4 bytes of traffic each way per output), or, where C must persist between kc-blocks
-/// (k above one block, or the AMX path), in a per-thread scratch array reused across calls.
+/// (k above one block; not on the AMX path), in a per-thread scratch array reused across calls.
 pub fn matmul_bf16_fused<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Option<&[f32]>, c: &mut [f32], mut epi: Epilogue, kernel: Kernel) {
     let (n, view) = (w.n(), w.view_for(kernel));
     if c.is_empty() && m * n > 0 {
@@ -168,10 +168,11 @@ pub fn matmul_bf16_fused<T: AElem>(a: &[T], m: usize, w: &PackedBf16, bias: Opti
 }
 
 /// Whether a GEMM of `kp` pairs on `kernel` finishes each C tile in one kernel call (one
-/// kc-block, not AMX), so that C can live in per-thread tiles.
+/// kc-block; AMX always: its tiles hold C over the whole depth), so that C can live in
+/// per-thread tiles.
 fn tiles_suffice(kp: usize, kernel: Kernel) -> bool {
     let kernel = resolve(kernel);
-    !matches!(kernel, Kernel::Amx | Kernel::AmxSoft) && kp <= kc_max(runs_vdp(kernel), kp)
+    matches!(kernel, Kernel::Amx | Kernel::AmxSoft) || kp <= kc_max(runs_vdp(kernel), kp)
 }
 
 /// Whether the resolved `kernel` runs the `vdpbf16ps` microkernel here (its kc-blocks:
