@@ -43,12 +43,16 @@ fn image_flops_with(cfg: &ClipConfig, encoder: fn(&TowerConfig, usize) -> f64) -
 
 /// The text tower's model FLOPs per text of `tokens` tokens.
 pub fn text_flops(cfg: &ClipConfig, tokens: usize) -> f64 {
-    encoder_flops(&cfg.text.tower, tokens) + 2.0 * cfg.text.tower.hidden as f64 * cfg.projection_dim as f64
+    text_flops_with(cfg, tokens, encoder_flops)
 }
 
 /// The text tower's FLOPs per text as executed ([`pooled_encoder_flops`]).
 pub fn text_flops_executed(cfg: &ClipConfig, tokens: usize) -> f64 {
-    pooled_encoder_flops(&cfg.text.tower, tokens) + 2.0 * cfg.text.tower.hidden as f64 * cfg.projection_dim as f64
+    text_flops_with(cfg, tokens, pooled_encoder_flops)
+}
+
+fn text_flops_with(cfg: &ClipConfig, tokens: usize, encoder: fn(&TowerConfig, usize) -> f64) -> f64 {
+    encoder(&cfg.text.tower, tokens) + 2.0 * cfg.text.tower.hidden as f64 * cfg.projection_dim as f64
 }
 
 #[cfg(test)]

@@ -306,14 +306,14 @@ pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
                         tiles.store::<1>(sp.add(64), NR * 4);
                         tiles.store::<2>(sp.add(16 * NR * 4), NR * 4);
                         tiles.store::<3>(sp.add(16 * NR * 4 + 64), NR * 4);
+                        if let Some(b) = bias_j {
+                            scratch.iter_mut().take(rows).for_each(|row| row.iter_mut().zip(b).for_each(|(x, b)| *x += b));
+                        }
                         if local {
-                            // bias into the block, then the epilogue from it to its own output
-                            if let Some(b) = bias_j {
-                                scratch.iter_mut().take(rows).for_each(|row| row.iter_mut().zip(b).for_each(|(x, b)| *x += b));
-                            }
+                            // the epilogue from the block to its own output
                             epi.apply_from(scratch.as_mut_ptr().cast(), NR, ir * n + jr, n, rows, cols);
                         } else {
-                            write_c(&scratch, cptr.get(), ir * n + jr, n, rows, cols, bias_j, acc);
+                            write_c(&scratch, cptr.get(), ir * n + jr, n, rows, cols, acc);
                             epi.apply(cptr.get(), ir * n + jr, n, rows, cols); // the finished block, in L1
                         }
                     }
@@ -329,18 +329,18 @@ pub(crate) unsafe fn matmul_amx<O: TileOps, T: AElem>(
     }
 }
 
-/// Writes `acc (+ bias | + c)` to rows × cols of C at `c + off` (row stride `ldc`).
+/// Writes the block (`+ c` when `accumulate`) to rows × cols of C at `c + off` (row stride `ldc`).
 ///
 /// # Safety
 /// That rectangle is in bounds of C and not accessed concurrently.
-unsafe fn write_c(acc: &[[f32; NR]; BM], c: *mut f32, off: usize, ldc: usize, rows: usize, cols: usize, bias: Option<&[f32]>, accumulate: bool) {
-    for (r, accr) in acc.iter().enumerate().take(rows) {
+unsafe fn write_c(block: &[[f32; NR]; BM], c: *mut f32, off: usize, ldc: usize, rows: usize, cols: usize, accumulate: bool) {
+    for (r, br) in block.iter().enumerate().take(rows) {
         // SAFETY: the caller's contract.
         let row = unsafe { std::slice::from_raw_parts_mut(c.add(off + r * ldc), cols) };
-        match (bias, accumulate) {
-            (_, true) => row.iter_mut().zip(accr).for_each(|(x, a)| *x += a),
-            (Some(b), false) => row.iter_mut().zip(accr).zip(b).for_each(|((x, a), b)| *x = b + a),
-            (None, false) => row.copy_from_slice(&accr[..cols]),
+        if accumulate {
+            row.iter_mut().zip(br).for_each(|(x, a)| *x += a);
+        } else {
+            row.copy_from_slice(&br[..cols]);
         }
     }
 }

@@ -323,8 +323,9 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
         // from the accumulators (`kernel_bf16`), no C tile at all
         #[cfg(target_arch = "x86_64")]
         let regs_out = epi.bf16_out().filter(|_| local && simd && nkb == 1 && super::act_simd::bf16_insn());
-        let mut tile = [0f32; MR * NR]; // C of one tile when C is not wanted (`local`)
-                                        // `kernel_bf16`'s activation lookups left by one tile for the next (flushed at the end)
+        // C of one tile when C is not wanted (`local`)
+        let mut tile = [0f32; MR * NR];
+        // `kernel_bf16`'s activation lookups left by one tile for the next (flushed at the end)
         #[cfg(target_arch = "x86_64")]
         let mut deferred = super::gemm_bf16_avx512::Deferred::new();
         ABUF.with_borrow_mut(|abuf| {
@@ -368,12 +369,7 @@ fn gemm<T: AElem>(a: &[T], m: usize, w: WView, bias: Option<&[f32]>, c: &mut [f3
                                 // SAFETY: the vdpbf16ps kernel and the narrowing's features were
                                 // detected (`regs_out`); `a`/`b` as below; the epilogue's bf16
                                 // output is m·n and rows ir.., cols jr.. are this item's alone.
-                                unsafe {
-                                    match astride {
-                                        KC_WIDE => super::gemm_bf16_avx512::kernel_bf16::<KC_WIDE>(a, b, kc, &t, &mut deferred),
-                                        _ => super::gemm_bf16_avx512::kernel_bf16::<KC>(a, b, kc, &t, &mut deferred),
-                                    }
-                                };
+                                unsafe { super::gemm_bf16_avx512::kernel_bf16(a, b, kc, &t, &mut deferred) };
                                 continue;
                             }
                             if local {
@@ -435,11 +431,7 @@ unsafe fn run_kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile, simd: bool, fma:
         }
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // the A panel's length gives its row stride (`gemm`'s `astride`)
-            return match a.len() {
-                l if l == MR * KC_WIDE => super::gemm_bf16_avx512::kernel::<KC_WIDE>(a, b, kc, t),
-                _ => super::gemm_bf16_avx512::kernel::<KC>(a, b, kc, t),
-            };
+            return super::gemm_bf16_avx512::kernel(a, b, kc, t);
         }
         #[cfg(target_arch = "x86_64")]
         if fma {

@@ -4,9 +4,7 @@ use super::act_simd::{bf16_table, epi_bf16};
 use super::bf16_simd::narrow16;
 use super::elementwise::Unary;
 use super::elementwise::Unary::{Gelu, QuickGelu};
-#[cfg(doc)]
-use super::gemm_bf16::KC_WIDE;
-use super::gemm_bf16::{Tile, KC, MR, NR};
+use super::gemm_bf16::{Tile, KC, KC_WIDE, MR, NR};
 use core::arch::x86_64::*;
 use half::bf16;
 
@@ -60,15 +58,41 @@ fn mask16(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as u16
 }
 
-/// AVX512-BF16 microkernel: 14×32 register tile, one `vdpbf16ps` per zmm per k pair; the A
-/// panel's rows are `S` pairs apart ([`KC`], or [`KC_WIDE`] for a depth of up to that many pairs in
-/// one kc-block).
+/// AVX512-BF16 microkernel: 14×32 register tile, one `vdpbf16ps` per zmm per k pair. The A
+/// panel's length gives its rows' stride: `MR·KC_WIDE` pairs for `gemm`'s one-block depth of up
+/// to [`KC_WIDE`] pairs, else `MR·KC` ([`stride_of`]).
 ///
 /// # Safety
-/// Requires avx512f + avx512bf16; `kc <= S`, `a.len() >= MR·S`, `b.len() >= kc·NR`; the
-/// tile contract of [`Tile::store`].
+/// Requires avx512f + avx512bf16; `a.len()` is `MR·KC` or `MR·KC_WIDE` and holds `kc` pairs per
+/// row, `b.len() >= kc·NR`; the tile contract of [`Tile::store`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(super) unsafe fn kernel<const S: usize>(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
+pub(super) unsafe fn kernel(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
+    // SAFETY: forwarded.
+    unsafe {
+        match stride_of(a) {
+            KC_WIDE => kernel_s::<KC_WIDE>(a, b, kc, t),
+            _ => kernel_s::<KC>(a, b, kc, t),
+        }
+    }
+}
+
+/// The A panel's row stride (pairs) from its length (see [`kernel`]).
+#[inline(always)]
+fn stride_of(a: &[u32]) -> usize {
+    if a.len() == MR * KC_WIDE {
+        KC_WIDE
+    } else {
+        KC
+    }
+}
+
+/// [`kernel`] with the A rows `S` pairs apart (a constant, so the 14 row offsets fold into the
+/// broadcasts' addresses).
+///
+/// # Safety
+/// As [`kernel`], with `kc <= S` and `a.len() >= MR·S`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn kernel_s<const S: usize>(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
     // Pull the C tile towards L1 while the k loop runs (prefetch never faults).
     for r in 0..MR {
         if r < t.rows {
@@ -153,14 +177,17 @@ pub(super) struct Bf16Tile<'a> {
 /// from call to call within one work item; [`Deferred::flush`] after its last tile.
 ///
 /// # Safety
-/// Requires avx512f, -bw, -vl, -dq and avx512bf16; `kc <= S`, `a.len() >= MR·S`, `b.len() >= kc·NR`;
+/// Requires avx512f, -bw, -vl, -dq and avx512bf16; `a` as for [`kernel`], `b.len() >= kc·NR`;
 /// rows × cols (≤ MR × NR) of the output at `out + off` (stride `ldo`) are in bounds and this
 /// caller's alone until `d` is flushed; `bias` (if any) holds `cols` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
-pub(super) unsafe fn kernel_bf16<const S: usize>(a: &[u32], b: &[u32], kc: usize, t: &Bf16Tile, d: &mut Deferred) {
+pub(super) unsafe fn kernel_bf16(a: &[u32], b: &[u32], kc: usize, t: &Bf16Tile, d: &mut Deferred) {
     // SAFETY: the features and the output contract, forwarded.
     unsafe {
-        let (c0, c1) = products_deferring::<S>(a, b, kc, d);
+        let (c0, c1) = match stride_of(a) {
+            KC_WIDE => products_deferring::<KC_WIDE>(a, b, kc, d),
+            _ => products_deferring::<KC>(a, b, kc, d),
+        };
         match t.act {
             None => rows_bf16::<0, false>(&c0, &c1, t),
             Some((QuickGelu, false)) => rows_bf16::<1, false>(&c0, &c1, t),
