@@ -93,6 +93,38 @@ fn bench_json_on_a_model_directory() {
 }
 
 #[test]
+fn bench_profile_tables() {
+    let m = fixture("tiny");
+    let mt = m.to_str().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&run(&["bench", "--model", mt, "--batch", "2", "--iters", "2", "--device", "cpu", "--profile", "--json"])).unwrap();
+    for tower in ["image", "text"] {
+        let p = &v[format!("{tower}_profile")];
+        let ops = p["ops"].as_array().unwrap_or_else(|| panic!("{tower}: no profile in {v}"));
+        assert_eq!(p["batches"].as_u64(), Some(2));
+        assert!(ops.iter().any(|r| r["op"] == "qkv" && r["calls_per_batch"].as_f64() == Some(1.0)), "{tower}: {p}");
+        assert_eq!(ops.last().unwrap()["op"], "(between operations)");
+        let share: f64 = ops.iter().map(|r| r["share"].as_f64().unwrap()).sum();
+        assert!((share - 1.0).abs() < 1e-6 || share < 1.0, "{tower}: shares sum to {share}");
+        let ms: f64 = ops.iter().map(|r| r["ms_per_batch"].as_f64().unwrap()).sum();
+        assert!(ms <= p["ms_per_batch"].as_f64().unwrap() * (1.0 + 1e-9), "{tower}: {ms} ms of rows");
+    }
+    let text = run(&["bench", "--model", mt, "--batch", "2", "--iters", "1", "--device", "cpu", "--profile", "--towers", "image"]);
+    assert!(text.contains("image tower:") && text.contains("by CPU backend operation") && text.contains("qkv"), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&run(&["bench", "--task", "train", "--model", mt, "--batch", "4", "--iters", "1", "--device", "cpu", "--profile", "--json"]))
+            .unwrap();
+    let ops = v["step_profile"]["ops"].as_array().unwrap_or_else(|| panic!("no step profile in {v}"));
+    assert!(ops.iter().any(|r| r["op"] == "linear_bwd") && ops.iter().any(|r| r["op"] == "attention_bwd"), "{v}");
+    for (args, needle) in
+        [(vec!["bench", "--profile", "--dry-run", "--device", "cuda"], "--profile"), (vec!["bench", "--profile", "--task", "loader"], "--profile")]
+    {
+        let (ok, _, e) = run_any(&args);
+        assert!(!ok && e.trim().lines().count() == 1 && e.contains(needle), "{args:?}: {e}");
+    }
+}
+
+#[test]
 fn bench_train_json_and_its_errors() {
     let m = fixture("tiny");
     let mt = m.to_str().unwrap();

@@ -14,7 +14,7 @@
 //! Wᵀ packed on the first backward (cached with the weight), dW = dyᵀ·x through xᵀ packed per call.
 use super::cpu_linear::{add_into, bf16_of, gemm16, gemm16_to_bf16, linear32, linear_bwd_bf16, written32, written_pair};
 pub use super::cpu_linear::{CpuHalf, CpuPacked};
-use super::{Act, Ops, Seqs, Weight};
+use super::{profile, Act, Ops, Seqs, Weight};
 use crate::error::Result;
 use crate::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape};
 use crate::ops::attention_bf16::{self, attention_bf16, attention_bf16_rows, attention_packed_bf16, PooledRow};
@@ -90,18 +90,23 @@ impl Ops for Cpu {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
     fn upload(&self, data: &[f32]) -> Result<Tensor> {
+        let _p = profile::values("upload", data.len());
         vec1(data.to_vec())
     }
     fn download(&self, b: &Tensor) -> Result<Vec<f32>> {
+        let _p = profile::values("download", b.numel());
         Ok(b.to_vec_f32())
     }
     fn zeros(&self, n: usize) -> Result<Tensor> {
+        let _p = profile::values("zeros", n);
         vec1(zeros(n))
     }
     fn upload_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let _p = profile::values("upload", t.numel());
         Ok(if t.dtype() == DType::F32 && t.is_contiguous() { t.clone() } else { vec1(t.to_vec_f32())? })
     }
     fn weight(&self, w: Tensor, n: usize, k: usize, dtype: DType) -> Result<Weight<Cpu>> {
+        let _p = profile::span("weight", || (format!("{n}×{k} {}", dtype.name()), 0.0));
         check("weight", w.numel(), n * k)?;
         let half = match dtype {
             DType::F32 => None,
@@ -115,6 +120,7 @@ impl Ops for Cpu {
     /// file-mapped original's pages go (so the copy does not double the resident memory); bf16
     /// weights are packed already, and CPUs without AVX-512 keep the values as they are.
     fn freeze_weight(&self, w: &mut Weight<Cpu>) -> Result<()> {
+        let _p = profile::span("freeze_weight", || (format!("{}×{}", w.n, w.k), 0.0));
         if w.half.is_none() && crate::ops::gemm_f32::available() && crate::ops::cpu_path::selected() >= crate::ops::cpu_path::GemmPath::Avx512 {
             check("weight", w.w.numel(), w.n * w.k)?;
             w.half = Some(Arc::new(CpuPacked::F32(PackedB::linear_weight(&w.w.f32_data(), w.n, w.k))));
@@ -124,6 +130,7 @@ impl Ops for Cpu {
     }
 
     fn linear(&self, x: &Tensor, w: &Weight<Cpu>, bias: Option<&Tensor>, m: usize) -> Result<Tensor> {
+        let _p = profile::gemm("linear", m, w.k, w.n, 1);
         let (n, k) = (w.n, w.k);
         check("linear x", x.numel(), m * k)?;
         let bias = bias.map(|b| b.f32_data());
@@ -145,6 +152,7 @@ impl Ops for Cpu {
         accumulate: bool,
         bias: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let _p = profile::gemm("linear_bwd", m, w.k, w.n, 2);
         let (n, k) = (w.n, w.k);
         let (g, xd) = (dy.f32_data(), x.f32_data());
         let mut d = take(dx);
@@ -165,17 +173,20 @@ impl Ops for Cpu {
     }
 
     fn layernorm(&self, x: &Tensor, g: &Tensor, b: &Tensor, rows: usize, w: usize, eps: f32) -> Result<(Tensor, Tensor)> {
+        let _p = profile::rows("layernorm", rows, w);
         check("layernorm x", x.numel(), rows * w)?;
         let y = layer_norm(&x.f32_data()[..rows * w], w, &g.f32_data(), &b.f32_data(), eps);
         Ok((vec1(y)?, self.zeros(0)?)) // the backward recomputes the statistics from x
     }
 
     fn add_layernorm(&self, x: &mut Tensor, f: &Tensor, g: &Tensor, b: &Tensor, rows: usize, w: usize, eps: f32) -> Result<(Tensor, Tensor)> {
+        let _p = profile::rows("add_layernorm", rows, w);
         self.axpy(x, f, 1.0, rows * w)?;
         self.layernorm(x, g, b, rows, w, eps)
     }
 
     fn layernorm_bwd(&self, dy: &Tensor, x: &Tensor, g: &Tensor, _stats: &Tensor, rows: usize, w: usize, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+        let _p = profile::rows("layernorm_bwd", rows, w);
         let (dx, dg, db) = layer_norm_bwd(&x.f32_data()[..rows * w], w, &g.f32_data(), &dy.f32_data()[..rows * w], eps);
         Ok((vec1(dx)?, vec1(dg)?, vec1(db)?))
     }
@@ -192,6 +203,7 @@ impl Ops for Cpu {
         eps: f32,
         res: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let _p = profile::rows("layernorm_bwd_add", rows, w);
         let (dx, dg, db) = self.layernorm_bwd(dy, x, g, st, rows, w, eps)?;
         Ok((add_into(dx, res, rows * w)?, dg, db))
     }
@@ -199,6 +211,7 @@ impl Ops for Cpu {
     /// The Linear, then res added: with a bf16 weight in the GEMM's epilogue (per finished
     /// tile), with f32 weights in its output's buffer (one pass, no copy of res).
     fn linear_add(&self, x: &Tensor, w: &Weight<Cpu>, bias: &Tensor, m: usize, res: &Tensor) -> Result<Tensor> {
+        let _p = profile::gemm("linear_add", m, w.k, w.n, 1);
         let (n, k) = (w.n, w.k);
         let (bd, r) = (bias.f32_data(), res.f32_data());
         check("linear_add bias", bd.len(), n)?;
@@ -219,6 +232,7 @@ impl Ops for Cpu {
     /// next bf16 GEMM, which would round it to the same values, and `download`; training keeps
     /// f32 outputs (the backward reads them as f32). f32 weights: Linear, then bias + act.
     fn linear_act(&self, x: &Tensor, w: &Weight<Cpu>, bias: &Tensor, m: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let _p = profile::gemm("linear_act", m, w.k, w.n, 1);
         let (n, k) = (w.n, w.k);
         let bd = bias.f32_data();
         check("linear_act bias", bd.len(), n)?;
@@ -256,6 +270,7 @@ impl Ops for Cpu {
     }
 
     fn bias_act(&self, u: Tensor, bias: &Tensor, rows: usize, n: usize, act: Act, keep_pre: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let _p = profile::rows("bias_act", rows, n);
         check("bias_act u", u.numel(), rows * n)?;
         let (mut v, bd) = (u.into_f32_vec(), bias.f32_data());
         par_rows(&mut v[..rows * n], n, |_, r| r.iter_mut().zip(&bd[..n]).for_each(|(a, b)| *a += b)); // u + bias, in place
@@ -264,6 +279,7 @@ impl Ops for Cpu {
     }
 
     fn bias_act_bwd(&self, dout: &Tensor, pre: &Tensor, rows: usize, n: usize, act: Act) -> Result<(Tensor, Tensor)> {
+        let _p = profile::rows("bias_act_bwd", rows, n);
         let du = unary_bwd(act_op(act), &pre.f32_data()[..rows * n], &dout.f32_data()[..rows * n]);
         let db = col_sums(&du, n);
         Ok((vec1(du)?, vec1(db)?))
@@ -274,6 +290,7 @@ impl Ops for Cpu {
     /// narrowed in each GEMM's epilogue ([`Epilogue::Bf16`]): [`Ops::attention`] then takes its
     /// bf16 path. Otherwise three Linears with f32 outputs.
     fn qkv(&self, h: &Tensor, w: [&Weight<Cpu>; 3], b: [&Tensor; 3], n: usize, _heads: usize) -> Result<[Tensor; 3]> {
+        let _p = profile::gemm("qkv", n, w[0].k, w[0].n, 3);
         let half = half_attention(w);
         Ok([self.qkv_one(h, w[0], b[0], n, half)?, self.qkv_one(h, w[1], b[1], n, half)?, self.qkv_one(h, w[2], b[2], n, half)?])
     }
@@ -284,6 +301,7 @@ impl Ops for Cpu {
     /// row the bits of the full attention's). Otherwise (the f32 Linear switches paths by row
     /// count), or rows not one per sequence: the composite.
     fn attention_pooled(&self, h: &Tensor, w: [&Weight<Cpu>; 3], b: [&Tensor; 3], seqs: &Seqs, rows: &[usize], heads: usize, width: usize) -> Result<Tensor> {
+        let _p = profile::pooled("attention_pooled", seqs, rows.len(), heads, width);
         let (n, half) = (seqs.rows(), half_attention(w));
         let Some(pooled) = pooled_rows(seqs, rows).filter(|_| half) else {
             return super::attention_pooled_composite(self, h, w, b, seqs, rows, heads, width);
@@ -300,6 +318,7 @@ impl Ops for Cpu {
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, seqs: &Seqs, heads: usize, w: usize) -> Result<(Tensor, Tensor)> {
+        let _p = profile::attention("attention", seqs, heads, w, 1.0);
         check("attention q", q.numel(), seqs.rows() * w)?;
         check("attention k", k.numel(), seqs.rows() * w)?;
         check("attention v", v.numel(), seqs.rows() * w)?;
@@ -331,6 +350,7 @@ impl Ops for Cpu {
         heads: usize,
         w: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let _p = profile::attention("attention_bwd", seqs, heads, w, 2.5);
         let (qd, kd, vd, od, ld, dd) = (q.f32_data(), k.f32_data(), v.f32_data(), o.f32_data(), lse.f32_data(), d_o.f32_data());
         let (dq, dk, dv) = match seqs {
             Seqs::Batch { batch, seq, causal } => attention_backward(&qd, &kd, &vd, &od, &ld, &dd, &shape(*batch, *seq, heads, w, *causal)),
@@ -340,6 +360,7 @@ impl Ops for Cpu {
     }
 
     fn copy(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let _p = profile::values("copy", n);
         let xd = x.f32_data();
         check("copy x", xd.len(), n)?;
         let mut y = zeros(n);
@@ -349,6 +370,7 @@ impl Ops for Cpu {
     }
 
     fn patch_embed(&self, px: &Tensor, w: &Weight<Cpu>, b: usize, c: usize, s: usize, p: usize) -> Result<Tensor> {
+        let _p = profile::gemm("patch_embed", b * (s / p.max(1)).pow(2), c * p * p, w.n, 1);
         check("patch_embed pixels", px.numel(), b * c * s * s)?;
         let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: w.n };
         // The convolution is a Linear over im2col rows: every weight form (bf16, frozen f32, f32).
@@ -362,6 +384,7 @@ impl Ops for Cpu {
     }
 
     fn vision_embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, b: usize, n: usize, w: usize) -> Result<Tensor> {
+        let _p = profile::rows("vision_embed", b * (n + 1), w);
         let (pd, cd, ps) = (patches.f32_data(), cls.f32_data(), pos.f32_data());
         check("vision_embed patches", pd.len(), b * n * w)?;
         let t = n + 1;
@@ -375,11 +398,13 @@ impl Ops for Cpu {
     }
 
     fn patch_embed_bwd(&self, px: &Tensor, dpatches: &Tensor, b: usize, c: usize, s: usize, p: usize, d: usize) -> Result<Tensor> {
+        let _p = profile::gemm("patch_embed_bwd", b * (s / p.max(1)).pow(2), c * p * p, d, 1);
         let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: d };
         vec1(patch_embed_bwd_weight(&px.f32_data(), &dpatches.f32_data(), &shape))
     }
 
     fn vision_embed_bwd(&self, dx: &Tensor, b: usize, n: usize, w: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let _p = profile::rows("vision_embed_bwd", b * (n + 1), w);
         let d = dx.f32_data();
         let t = n + 1;
         check("vision_embed_bwd dx", d.len(), b * t * w)?;
@@ -397,6 +422,7 @@ impl Ops for Cpu {
     }
 
     fn embedding_bwd(&self, dx: &Tensor, ids: &[usize], table: &mut Tensor, w: usize) -> Result<()> {
+        let _p = profile::rows("embedding_bwd", ids.len(), w);
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         let mut t = take(table);
         let r = embedding_bwd_grouped(&dx.f32_data()[..ids.len() * w], &mut t, w, &ids);
@@ -405,6 +431,7 @@ impl Ops for Cpu {
     }
 
     fn axpy(&self, y: &mut Tensor, x: &Tensor, alpha: f32, n: usize) -> Result<()> {
+        let _p = profile::values("axpy", n);
         let mut yd = take(y);
         check("axpy y", yd.len(), n)?;
         let xd = x.f32_data();
@@ -416,6 +443,7 @@ impl Ops for Cpu {
     }
 
     fn gather_rows(&self, x: &Tensor, rows: &[usize], w: usize) -> Result<Tensor> {
+        let _p = profile::rows("gather_rows", rows.len(), w);
         let xd = x.f32_data();
         let n = xd.len() / w.max(1);
         if let Some(&r) = rows.iter().find(|&&r| r >= n) {
@@ -427,6 +455,7 @@ impl Ops for Cpu {
     }
 
     fn scatter_rows(&self, d: &Tensor, rows: &[usize], n: usize, w: usize) -> Result<Tensor> {
+        let _p = profile::rows("scatter_rows", rows.len(), w);
         let dd = d.f32_data();
         let mut out = zeros(n * w); // [N, w]
         for (i, &r) in rows.iter().enumerate() {

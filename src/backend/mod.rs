@@ -9,6 +9,7 @@ mod cpu_linear;
 pub mod device;
 mod device_attn;
 mod device_fused;
+pub mod profile;
 
 use crate::error::Result;
 use crate::tensor::DType;

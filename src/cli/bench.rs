@@ -3,7 +3,9 @@
 //! executed per second as a share of a GEMM ceiling measured in the same run (the bench's largest
 //! GEMM alone, same kernel); `--task train` times Long-CLIP fine-tuning steps instead (src/cli/bench_train.rs).
 //! `--dry-run` predicts instead of running (src/cli/bench_dry.rs; with `--task train
-//! --nproc-per-node N --nodes K` also on many GPUs).
+//! --nproc-per-node N --nodes K` also on many GPUs). `--profile` adds where the CPU's time goes, per
+//! backend operation (src/cli/bench_profile.rs).
+use super::bench_profile as profile;
 use super::{DeviceArg, DtypeArg};
 use clap::Args;
 use clipforge::api::ClipModel;
@@ -61,6 +63,13 @@ pub struct BenchArgs {
     /// --task loader: WebDataset tar shards ('data/{00000..00009}.tar')
     #[arg(long)]
     pub data: Option<String>,
+    /// On the CPU: after the timed batches (or training steps), run --iters more with every
+    /// operation of the CPU backend timed, and print where the time goes — per operation and
+    /// shape: calls, ms per batch, share of the wall time, GFLOP/s and its share of the GEMM
+    /// ceiling (--json: an "image_profile" / "text_profile" / "step_profile" object). For a GPU:
+    /// --dry-run
+    #[arg(long)]
+    pub profile: bool,
     /// With --device cuda: run nothing; record every kernel launch and GEMM of the device path
     /// (embed or --task train) and print the time each would take on --gpu (roofline model,
     /// KERNELS.md "Performance model"): per kernel launches, time, share, % of roofline, SM
@@ -185,6 +194,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if (a.nproc_per_node.is_some() || a.nodes.is_some()) && !(a.dry_run && a.task == "train") {
         return Err(Error::msg("--nproc-per-node / --nodes predict multi-GPU training: only with --dry-run --task train"));
     }
+    if a.profile && (a.dry_run || a.task == "loader") {
+        return Err(Error::msg("--profile times the CPU backend's operations of --task embed or train runs, not --dry-run or --task loader"));
+    }
     if a.dry_run {
         return super::bench_dry::run(a);
     }
@@ -212,6 +224,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
     };
     let on_cuda = model.device() != "cpu";
+    if a.profile {
+        profile::check_cpu(&model.device())?;
+    }
+    let mut profiles = vec![];
     let (device, dtype) = (model.device(), model.dtype());
     let cfg = model.config().clone();
     let b = a.batch;
@@ -223,6 +239,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let s = cfg.vision.image_size;
         let px = normal_vec(b * 3 * s * s, 0.0, 1.0, 7); // [B, 3, S, S]
         let sec = time_it(a.iters, "image tower", || model.embed_pixels(&px, b).map(|_| ()))?;
+        if a.profile {
+            profiles.push(("image", profile::record(a.iters.max(1), || model.embed_pixels(&px, b).map(|_| ()))?));
+        }
         report["images_per_s"] = (b as f64 / sec).into();
         report["image_gflops"] = (flops::image_flops(&cfg) * b as f64 / sec / 1e9).into();
         report["image_gflops_executed"] = (flops::image_flops_executed(&cfg) * b as f64 / sec / 1e9).into();
@@ -231,6 +250,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if do_txt {
         let ids = synthetic_ids(&cfg, b, t, 11);
         let sec = time_it(a.iters, "text tower", || model.embed_token_ids(&ids, false, b, &mut |_| {}).map(|_| ()))?;
+        if a.profile {
+            profiles.push(("text", profile::record(a.iters.max(1), || model.embed_token_ids(&ids, false, b, &mut |_| {}).map(|_| ()))?));
+        }
         report["texts_per_s"] = (b as f64 / sec).into();
         report["text_gflops"] = (flops::text_flops(&cfg, t) * b as f64 / sec / 1e9).into();
         report["text_gflops_executed"] = (flops::text_flops_executed(&cfg, t) * b as f64 / sec / 1e9).into();
@@ -251,6 +273,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         if let Some(g) = report.get(format!("{k}_gflops_executed")).and_then(|v| v.as_f64()) {
             report[format!("{k}_share_of_ceiling")] = (g / ceiling).into();
         }
+    }
+    for (k, p) in &profiles {
+        report[format!("{k}_profile")] = p.to_json(ceiling);
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(Error::msg)?);
@@ -281,6 +306,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let (m, k, n) = shape;
             let tower = if do_img { "image" } else { "text" };
             println!("GEMM ceiling {ceiling:.1} GFLOP/s ({} {m}×{k}→{n}: the {tower} tower's MLP GEMM alone, measured now)", dtype.name());
+        }
+        for (k, p) in &profiles {
+            p.print(&format!("{k} tower"), ceiling);
         }
     }
     Ok(())

@@ -71,6 +71,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         lambda_sparsity: 0.0,
     };
     let mut eng = spec.build(&model, &opt)?;
+    let device = eng.describe();
     let (b, s) = (a.batch, cfg.vision.image_size);
     let t_long = super::bench::text_len(a, 3, cfg.text.max_positions)?;
     let t_short = 16.min(t_long);
@@ -102,6 +103,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let prof = if a.profile {
+        super::bench_profile::check_cpu(&device)?;
+        Some(super::bench_profile::record(a.iters.max(1), || step().map(|_| ()))?)
+    } else {
+        None
+    };
     times.sort_by(f64::total_cmp);
     let sec = times[times.len() / 2];
     // forward + backward ≈ 3 forwards (+1 with recompute): image + long text + short text
@@ -109,14 +116,22 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let gflops = fwd * if a.recompute { 4.0 } else { 3.0 } / sec / 1e9;
     let peak = status_mib("VmHWM"); // the steps' peak where it was reset, else the whole process's
     let step_peak = peak.filter(|_| reset);
-    let device = eng.describe();
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "task": "train", "model": source, "batch": b, "device": device, "dtype": spec.dtype.name(),
         "recompute": a.recompute, "long_tokens": t_long, "short_tokens": t_short, "threads": rayon::current_num_threads(),
         "step_s": sec, "samples_per_s": b as f64 / sec, "train_gflops": gflops, "loss": loss,
         "peak_rss_mib": peak, "peak_rss_mib_per_sample": peak.map(|p| p / b as f64),
         "rss_before_steps_mib": before, "step_peak_rss_mib": step_peak,
     });
+    // the CPU's GEMM in the step's precision at the image tower's MLP shape, for the profile's shares
+    let ceiling = match &prof {
+        Some(_) => super::bench::gemm_ceiling_gflops(spec.dtype, ((b * cfg.vision.tokens()).min(4096), cfg.vision.tower.hidden, cfg.vision.tower.intermediate)),
+        None => f64::NAN,
+    };
+    if let Some(p) = &prof {
+        report["step_profile"] = p.to_json(ceiling);
+        report["gemm_ceiling_gflops"] = ceiling.into();
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(Error::msg)?);
     } else {
@@ -136,6 +151,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     println!("peak RSS   {p:8.0} MiB  = {:.0} MiB/sample (host, whole process: weights, AdamW state, gradients, activations)", p / b as f64);
                 }
             }
+        }
+        if let Some(p) = &prof {
+            println!("GEMM ceiling {ceiling:.1} GFLOP/s ({}, the image tower's MLP GEMM alone, measured now)", spec.dtype.name());
+            p.print("training step", ceiling);
         }
     }
     Ok(())

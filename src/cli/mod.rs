@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_dry;
 pub mod bench_loader;
+pub mod bench_profile;
 pub mod bench_train;
 pub mod classify;
 pub mod common;
