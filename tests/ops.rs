@@ -148,6 +148,33 @@ fn attention_softmax_rows_match_one_row_at_a_time() {
     }
 }
 
+/// The softmax's own exp (`attn_kernel::exp_softmax`, FMAs, x ≤ 0) within 2 ulp of e^x in f64
+/// over [−87, 0] (a dense grid, the ends, −0, values next to 0), e^−87 below −87 (−∞ included),
+/// NaN kept.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn softmax_exp_within_two_ulp() {
+    use clipforge::ops::attn_kernel::exp_softmax;
+    if !std::arch::is_x86_feature_detected!("avx512f") {
+        return;
+    }
+    let mut x: Vec<f32> = (0..=200_000).map(|i| -87.0 * i as f32 / 200_000.0).collect();
+    x.extend([-0.0, -1e-30, -1e-7, -f32::MIN_POSITIVE, -0.346_573_6, -0.346_573_62, -86.999_99, -87.0]);
+    let mut e = vec![0f32; x.len()];
+    // SAFETY: AVX-512F was detected.
+    unsafe { exp_softmax(&x, &mut e) };
+    for (&xi, &ei) in x.iter().zip(&e) {
+        let want = (xi as f64).exp();
+        let ulp = (want as f32).to_bits().abs_diff(ei.to_bits());
+        assert!(ulp <= 2, "e^{xi}: {ei} against {want} ({ulp} ulp)");
+    }
+    let (low, mut got) = ([-87.5f32, -100.0, -1e30, f32::NEG_INFINITY, f32::NAN, -87.0], [0f32; 6]);
+    // SAFETY: as above.
+    unsafe { exp_softmax(&low, &mut got) };
+    assert!(got[..4].iter().all(|&g| g == got[5]), "below −87: {got:?}");
+    assert!(got[4].is_nan(), "NaN: {}", got[4]);
+}
+
 /// Both forward paths (AVX-512 small GEMMs + 16-lane softmax where the CPU has AVX-512F, and the
 /// portable one) and the dispatching `attention` against the f64 reference: T = 1, 7, 45, 50, 77
 /// and 130 (more than one 64-row query block and 64-column tile), head dims 1, 20, 59, 64, 65.

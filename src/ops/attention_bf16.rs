@@ -10,22 +10,35 @@
 //!
 //! Per (sequence, head) pair (in parallel): K is packed as the weight [T keys × hd] and V as the weight
 //! Vᵀ [hd × T keys] in the bf16 GEMM's panel layout (buffers and their zero padding reused across
-//! the pairs a task runs), Q's rows of the head gathered; per block of 64 query rows the two GEMMs run on this
-//! thread (`matmul_bf16_seq`, one work item). A causal block uses only the keys it sees: a prefix
-//! of both packed weights (64-row blocks keep that prefix even, so no pair reaches past it).
+//! the pairs a task runs), Q's rows of the head gathered; per block of query rows ([`qblk`]: whole
+//! panels of the kernel's rows) the two GEMMs run on this thread (`matmul_bf16_seq`, one work
+//! item). A causal block uses only the keys it sees: a prefix of both packed weights (blocks of
+//! an even number of rows keep that prefix even, so no pair reaches past it).
 //!
 //! The CPU backend takes this path when a model computes in bf16 and [`pays`]: on AMX, or on
 //! AVX512-BF16 where `vdpbf16ps` beats f32 FMAs (AMD); elsewhere bf16 products would only add
 //! conversions to the f32 attention (`attention.rs`). `CLIPFORGE_CPU_ATTN=f32|bf16` overrides
 //! that choice ([`chosen`]), to measure one against the other.
-use super::attention::{check_into, fill, per_sequence_into, prefetch_head, softmax_row_portable, with_outputs, AttnShape, SharedOut, QBLK};
+use super::attention::{check_into, fill, per_sequence_into, prefetch_head, softmax_row_portable, with_outputs, AttnShape, SharedOut};
 use super::cpu_path::{self, GemmPath};
-use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
+use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, MR, NR};
 use super::gemm_bf16_pack::geometry;
 #[cfg(target_arch = "x86_64")]
 use super::transpose::transpose_lines;
 use half::bf16;
 use rayon::prelude::*;
+
+/// Query rows per block for `kernel`: whole panels of its rows, even (a causal block's key prefix is
+/// whole pairs). The AMX GEMM's 32-row blocks: 64. The `vdpbf16ps` (and f32-FMA) kernels' 14-row
+/// panels: 56, four panels — 64 would run five, the last holding 8 rows (9 % of the rows computed
+/// for nothing), where 56 wastes rows only in a sequence's last block (T = 197: 15 panels for 16,
+/// T = 257: 19 for 21, T = 577: 42 for 46).
+pub(super) fn qblk(kernel: Kernel) -> usize {
+    match resolve(kernel) {
+        Kernel::Amx | Kernel::AmxSoft => 64,
+        _ => 4 * MR,
+    }
+}
 
 /// Whether the bf16 attention beats the f32 one on the path GEMMs take now: the AMX tile unit, or
 /// `vdpbf16ps` where it runs at the f32 FMAs' rate (then a bf16 pair is two products per lane).
@@ -127,7 +140,7 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
     if s.numel() == 0 {
         return;
     }
-    let step = QBLK.min(t);
+    let step = qblk(kernel).min(t);
     let simd = cfg!(target_arch = "x86_64") && cpu_path::selected() >= GemmPath::Avx512;
     let cvt = converts_in_simd(resolve(kernel)); // packing's f32 → bf16 as the kernel's own
     let out_at = SharedOut::new(out);
@@ -191,7 +204,7 @@ pub fn attention_bf16_rows<T: AElem>(q: &[T], k: &[T], v: &[T], rows: &[PooledRo
         let (i, h) = (ih / heads, ih % heads);
         let r = rows[i];
         let s = AttnShape { batch: 1, seq: r.len, heads, head_dim: d, causal: r.causal, scale: 1.0 / (d as f32).sqrt() };
-        let step = QBLK.min(r.len);
+        let step = qblk(kernel).min(r.len);
         let nk = if r.causal { ((r.pos / step + 1) * step).min(r.len) } else { r.len };
         // fresh zeroed buffers, as `bf16_into`'s (panel padding reads zeros)
         let (mut pk, mut pv, mut tmp) = (packed_k_len(r.len, d), packed_vt_len(r.len, d), Vec::new());

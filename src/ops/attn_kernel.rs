@@ -149,13 +149,78 @@ unsafe fn tile<const R: usize, const V: usize>(k: usize, t: Block) {
     }
 }
 
+/// e^x for the softmax's x ≤ 0 (or NaN): 2^n · p(f), n = round(x·log₂e), f = x − n·ln 2 in two
+/// FMAs (ln 2 split in a high part exact in f32 and the rest), p the degree-7 Taylor polynomial
+/// by Horner in FMAs (|f| ≤ ln 2 / 2: truncation < 10⁻⁸ relative; within 2 ulp of e^x,
+/// tests/ops.rs — degree 6 reached 3). x below −87 is taken as −87 (e^−87 ≈ 1.6·10⁻³⁸, as
+/// `exp16`); NaN stays NaN. 13 operations against `exp16`'s 21, which avoids FMA contraction to
+/// keep the scalar `fastmath::exp`'s bits.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp_softmax16(x: __m512) -> __m512 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let s = _mm512_set1_ps;
+    let x = _mm512_max_ps(s(-87.0), x); // NaN: the second operand, x
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, s(std::f32::consts::LOG2_E)));
+    let f = _mm512_fnmadd_ps(n, s(LN2_LO), _mm512_fnmadd_ps(n, s(LN2_HI), x));
+    let mut p = s(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, f, s(c));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+/// [`exp_softmax16`] over a slice (for tests: `out[i]` = e^`x[i]`, `x` ≤ 0).
+///
+/// # Safety
+/// AVX-512F.
+#[doc(hidden)]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn exp_softmax(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "exp_softmax: lengths");
+    for (x, o) in x.chunks(16).zip(out.chunks_mut(16)) {
+        let m = ((1u32 << x.len()) - 1) as __mmask16;
+        // SAFETY: lanes in m are inside both chunks.
+        unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), m, exp_softmax16(_mm512_maskz_loadu_ps(m, x.as_ptr()))) };
+    }
+}
+
+/// Lanes `$m` of 16 at `$p`: a plain load or store when all 16 are live (masked ones cost more on
+/// AMD Zen 4, and a long row's vectors are nearly all whole), else masked (a row's tail).
+macro_rules! ld16 {
+    ($m:expr, $p:expr) => {
+        if $m == 0xFFFF {
+            _mm512_loadu_ps($p)
+        } else {
+            _mm512_maskz_loadu_ps($m, $p)
+        }
+    };
+}
+macro_rules! st16 {
+    ($p:expr, $m:expr, $v:expr) => {
+        if $m == 0xFFFF {
+            _mm512_storeu_ps($p, $v)
+        } else {
+            _mm512_mask_storeu_ps($p, $m, $v)
+        }
+    };
+}
+
 /// Over `row[..keys]` (the scores of one query): x·scale, then exp(x − max) / Σ; `row[keys..]`
-/// (masked keys) becomes 0. Returns the row's logsumexp, max + ln Σ. `keys` ≥ 1.
+/// (masked keys) becomes 0. Returns the row's logsumexp, max + ln Σ. `keys` ≥ 1, `scale` > 0.
+///
+/// Three passes: the max, taken over the unscaled scores and scaled once (with scale > 0,
+/// rounding x·scale is monotonic in x, so round(max x · scale) is the largest round(x·scale));
+/// e = [`exp_softmax16`](x·scale − max) with its sum, the scale applied as it reads (one FMA);
+/// e / Σ. The exp pass is most of the time, so it has an exp of its own: 13 operations against
+/// the activations' bit-exact `exp16`'s 21, within 2 ulp of e^x.
 ///
 /// # Safety
 /// AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn softmax_row(row: &mut [f32], keys: usize, scale: f32) -> f32 {
+    assert!(scale > 0.0, "softmax_row: scale {scale} must be positive");
     let (live, dead) = row.split_at_mut(keys);
     dead.fill(0.0);
     let n = live.len();
@@ -173,17 +238,15 @@ pub unsafe fn softmax_row(row: &mut [f32], keys: usize, scale: f32) -> f32 {
     for i in (0..n).step_by(16) {
         let m = lanes(i);
         // SAFETY: lanes in m are inside live.
-        let x = _mm512_mul_ps(unsafe { _mm512_maskz_loadu_ps(m, p.add(i)) }, sc);
-        unsafe { _mm512_mask_storeu_ps(p.add(i), m, x) };
-        mx = _mm512_mask_max_ps(mx, m, mx, x);
+        mx = _mm512_mask_max_ps(mx, m, mx, unsafe { ld16!(m, p.add(i)) });
     }
-    let max = _mm512_reduce_max_ps(mx);
+    let max = _mm512_reduce_max_ps(mx) * scale; // the largest x·scale (see the docs)
     let (mv, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
     for i in (0..n).step_by(16) {
         let m = lanes(i);
         // SAFETY: as above.
-        let e = exp16(_mm512_sub_ps(unsafe { _mm512_maskz_loadu_ps(m, p.add(i)) }, mv));
-        unsafe { _mm512_mask_storeu_ps(p.add(i), m, e) };
+        let e = exp_softmax16(_mm512_fmsub_ps(unsafe { ld16!(m, p.add(i)) }, sc, mv));
+        unsafe { st16!(p.add(i), m, e) };
         sum = _mm512_mask_add_ps(sum, m, sum, e);
     }
     let z = _mm512_reduce_add_ps(sum);
@@ -191,7 +254,7 @@ pub unsafe fn softmax_row(row: &mut [f32], keys: usize, scale: f32) -> f32 {
     for i in (0..n).step_by(16) {
         let m = lanes(i);
         // SAFETY: as above.
-        unsafe { _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), inv)) };
+        unsafe { st16!(p.add(i), m, _mm512_mul_ps(ld16!(m, p.add(i)), inv)) };
     }
     max + z.ln()
 }
@@ -206,6 +269,7 @@ pub unsafe fn softmax_row(row: &mut [f32], keys: usize, scale: f32) -> f32 {
 /// AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn softmax_rows(sc: &mut [f32], nk: usize, scale: f32, keys: impl Fn(usize) -> usize, lse: &mut [f32]) {
+    assert!(scale > 0.0, "softmax_rows: scale {scale} must be positive");
     let mut rows = sc.chunks_exact_mut(nk.max(1));
     let mut j = 0;
     while rows.len() >= 4 {
@@ -252,18 +316,16 @@ unsafe fn softmax4(rows: [&mut [f32]; 4], keys: [usize; 4], scale: f32) -> [f32;
     for i in (0..nmax).step_by(16) {
         for r in 0..4 {
             let (m, q) = (lanes(r, i), p[r].wrapping_add(i));
-            let x = _mm512_mul_ps(unsafe { _mm512_maskz_loadu_ps(m, q) }, sc);
-            unsafe { _mm512_mask_storeu_ps(q, m, x) };
-            mx[r] = _mm512_mask_max_ps(mx[r], m, mx[r], x);
+            mx[r] = _mm512_mask_max_ps(mx[r], m, mx[r], unsafe { ld16!(m, q) });
         }
     }
-    let max = mx.map(|v| _mm512_reduce_max_ps(v));
+    let max = mx.map(|v| _mm512_reduce_max_ps(v) * scale); // the largest x·scale ([`softmax_row`])
     let mut sum = [_mm512_setzero_ps(); 4];
     for i in (0..nmax).step_by(16) {
         for r in 0..4 {
             let (m, q) = (lanes(r, i), p[r].wrapping_add(i));
-            let e = exp16(_mm512_sub_ps(unsafe { _mm512_maskz_loadu_ps(m, q) }, _mm512_set1_ps(max[r])));
-            unsafe { _mm512_mask_storeu_ps(q, m, e) };
+            let e = exp_softmax16(_mm512_fmsub_ps(unsafe { ld16!(m, q) }, sc, _mm512_set1_ps(max[r])));
+            unsafe { st16!(q, m, e) };
             sum[r] = _mm512_mask_add_ps(sum[r], m, sum[r], e);
         }
     }
@@ -272,7 +334,7 @@ unsafe fn softmax4(rows: [&mut [f32]; 4], keys: [usize; 4], scale: f32) -> [f32;
     for i in (0..nmax).step_by(16) {
         for r in 0..4 {
             let (m, q) = (lanes(r, i), p[r].wrapping_add(i));
-            unsafe { _mm512_mask_storeu_ps(q, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, q), inv[r])) };
+            unsafe { st16!(q, m, _mm512_mul_ps(ld16!(m, q), inv[r])) };
         }
     }
     std::array::from_fn(|r| max[r] + z[r].ln())
