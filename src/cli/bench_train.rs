@@ -72,6 +72,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let mut eng = spec.build(&model, &opt)?;
     let device = eng.describe();
+    if a.profile {
+        super::bench_profile::check_cpu(&device)?;
+    }
     let (b, s) = (a.batch, cfg.vision.image_size);
     let t_long = super::bench::text_len(a, 3, cfg.text.max_positions)?;
     let t_short = 16.min(t_long);
@@ -103,12 +106,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let prof = if a.profile {
-        super::bench_profile::check_cpu(&device)?;
-        Some(super::bench_profile::record(a.iters.max(1), || step().map(|_| ()))?)
-    } else {
-        None
-    };
+    let prof = if a.profile { Some(super::bench_profile::record(a.iters.max(1), || step().map(|_| ()))?) } else { None };
     times.sort_by(f64::total_cmp);
     let sec = times[times.len() / 2];
     // forward + backward ≈ 3 forwards (+1 with recompute): image + long text + short text
