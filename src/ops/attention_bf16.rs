@@ -10,7 +10,7 @@
 //!
 //! Per (sequence, head) pair (in parallel): K is packed as the weight [T keys × hd] and V as the weight
 //! Vᵀ [hd × T keys] in the bf16 GEMM's panel layout (buffers and their zero padding reused across
-//! the pairs a task runs), Q's rows of the head gathered; per block of query rows ([`qblk`]: whole
+//! the pairs a task runs), Q's rows of the head gathered; per block of query rows (`qblk`: whole
 //! panels of the kernel's rows) the two GEMMs run on this thread (`matmul_bf16_seq`, one work
 //! item). A causal block uses only the keys it sees: a prefix of both packed weights (blocks of
 //! an even number of rows keep that prefix even, so no pair reaches past it).

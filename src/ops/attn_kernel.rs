@@ -6,8 +6,9 @@
 //!   backward (`attention_bwd.rs`) runs its five products on it too.
 //! - [`dot`]: a 16-lane dot product (the backward's D_i = Σ dO·O).
 //! - [`grad_row`]: one row of the backward's P = exp(S·scale − lse) and dS = P∘(dP − D)·scale.
-//! - [`softmax_row`]: scale, max, exp (`act_simd`'s 16-lane exp, the scalar `fastmath::exp`'s
-//!   bits), the sum in 16 lanes reduced in a fixed order (bitwise-reproducible), normalise;
+//! - [`softmax_row`]: max, scale and exp in one pass (`exp_softmax16`: FMAs, within 2 ulp of
+//!   e^x; the backward's `grad_row` keeps `act_simd`'s `exp16`, the scalar formulas op for op),
+//!   the sum in 16 lanes reduced in a fixed order (bitwise-reproducible), normalise;
 //!   [`softmax_rows`]: a block's rows, four interleaved (the same bits).
 //!
 //! The portable path (`attention::attention_portable`, faer and scalar loops) stays for CPUs
@@ -171,7 +172,7 @@ fn exp_softmax16(x: __m512) -> __m512 {
     _mm512_scalef_ps(p, n)
 }
 
-/// [`exp_softmax16`] over a slice (for tests: `out[i]` = e^`x[i]`, `x` ≤ 0).
+/// `exp_softmax16` over a slice (for tests: `out[i]` = e^`x[i]`, `x` ≤ 0).
 ///
 /// # Safety
 /// AVX-512F.
@@ -212,8 +213,9 @@ macro_rules! st16 {
 ///
 /// Three passes: the max, taken over the unscaled scores and scaled once (with scale > 0,
 /// rounding x·scale is monotonic in x, so round(max x · scale) is the largest round(x·scale));
-/// e = [`exp_softmax16`](x·scale − max) with its sum, the scale applied as it reads (one FMA);
-/// e / Σ. The exp pass is most of the time, so it has an exp of its own: 13 operations against
+/// e = `exp_softmax16`(x·scale − max) with its sum, the scale applied as it reads (one FMA, x·scale
+/// not rounded first: the largest score's argument is then within half an ulp of max from 0, not 0
+/// exactly); e / Σ. The exp pass is most of the time, so it has an exp of its own: 13 operations against
 /// the activations' bit-exact `exp16`'s 21, within 2 ulp of e^x.
 ///
 /// # Safety
