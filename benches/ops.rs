@@ -250,6 +250,37 @@ fn bench_attention_bf16(c: &mut Criterion) {
     g.finish();
 }
 
+/// The attention's softmax alone (`attn_kernel::softmax_rows`: the max, the scaled exp with its
+/// sum, the normalisation; four rows interleaved) over one query block's scores: B/32's 50×50,
+/// a 56-row block of B/16 (197 keys) and of L/14-336 (577 keys). Each iteration first restores
+/// the scores (a copy of rows × keys values, included in the time).
+fn bench_softmax(c: &mut Criterion) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use clipforge::ops::attn_kernel::softmax_rows;
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut g = c.benchmark_group("cpu/softmax_rows");
+        for &(rows, nk) in &[(50, 50), (56, 197), (56, 577)] {
+            let x = normal_vec(rows * nk, 0.0, 4.0, 3); // [rows, keys]
+            let (mut sc, mut lse) = (x.clone(), vec![0f32; rows]);
+            g.throughput(Throughput::Elements((rows * nk) as u64));
+            g.bench_function(format!("{rows}x{nk}"), |bch| {
+                bch.iter(|| {
+                    sc.copy_from_slice(&x);
+                    // SAFETY: AVX-512F was detected; every row sees its nk keys.
+                    unsafe { softmax_rows(&mut sc, nk, 0.125, |_| nk, &mut lse) };
+                    black_box(&lse);
+                })
+            });
+        }
+        g.finish();
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = c;
+}
+
 fn bench_layernorm(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu/layernorm");
     for &(rows, n) in &[(1600, 768), (2464, 512)] {
@@ -320,6 +351,7 @@ criterion_group!(
     bench_attention_bwd,
     bench_attention_bf16,
     bench_attention_paths,
+    bench_softmax,
     bench_layernorm,
     bench_quick_gelu
 );
