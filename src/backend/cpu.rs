@@ -370,11 +370,11 @@ impl Ops for Cpu {
     }
 
     fn patch_embed(&self, px: &Tensor, w: &Weight<Cpu>, b: usize, c: usize, s: usize, p: usize) -> Result<Tensor> {
-        let _p = profile::gemm("patch_embed", b * (s / p.max(1)).pow(2), c * p * p, w.n, 1);
-        check("patch_embed pixels", px.numel(), b * c * s * s)?;
         let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: w.n };
         // The convolution is a Linear over im2col rows: every weight form (bf16, frozen f32, f32).
         let rows = b * shape.patches();
+        let _p = profile::gemm("patch_embed", rows, c * p * p, w.n, 1);
+        check("patch_embed pixels", px.numel(), b * c * s * s)?;
         let cols = match bf16_of(w) {
             // bf16 weights: the rows in bf16 already (the GEMM's own rounding of them)
             Some(_) => vec1_bf16(im2col_bf16(&px.f32_data(), &shape))?,
@@ -398,8 +398,8 @@ impl Ops for Cpu {
     }
 
     fn patch_embed_bwd(&self, px: &Tensor, dpatches: &Tensor, b: usize, c: usize, s: usize, p: usize, d: usize) -> Result<Tensor> {
-        let _p = profile::gemm("patch_embed_bwd", b * (s / p.max(1)).pow(2), c * p * p, d, 1);
         let shape = PatchShape { batch: b, channels: c, height: s, width: s, patch: p, dim: d };
+        let _p = profile::gemm("patch_embed_bwd", b * shape.patches(), c * p * p, d, 1);
         vec1(patch_embed_bwd_weight(&px.f32_data(), &dpatches.f32_data(), &shape))
     }
 

@@ -185,7 +185,7 @@ pub fn gemm_ceiling_gflops(dtype: DType, (m, k, n): (usize, usize, usize)) -> f6
 /// The shape (rows, k, n) of [`gemm_ceiling_gflops`]: the MLP input Linear of the image tower
 /// (batch × tokens rows) or, when only texts are timed, of the text tower; at most 4096 rows
 /// (the kernel's speed has settled long before, and a large model's bench stays short).
-fn ceiling_shape(cfg: &ClipConfig, images: bool, batch: usize, text_len: usize) -> (usize, usize, usize) {
+pub fn ceiling_shape(cfg: &ClipConfig, images: bool, batch: usize, text_len: usize) -> (usize, usize, usize) {
     let (tower, rows) = if images { (&cfg.vision.tower, batch * cfg.vision.tokens()) } else { (&cfg.text.tower, batch * text_len) };
     (rows.clamp(1, 4096), tower.hidden, tower.intermediate)
 }
@@ -238,9 +238,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if do_img {
         let s = cfg.vision.image_size;
         let px = normal_vec(b * 3 * s * s, 0.0, 1.0, 7); // [B, 3, S, S]
-        let sec = time_it(a.iters, "image tower", || model.embed_pixels(&px, b).map(|_| ()))?;
+        let embed = || model.embed_pixels(&px, b).map(|_| ());
+        let sec = time_it(a.iters, "image tower", embed)?;
         if a.profile {
-            profiles.push(("image", profile::record(a.iters.max(1), || model.embed_pixels(&px, b).map(|_| ()))?));
+            profiles.push(("image", profile::record(a.iters.max(1), embed)?));
         }
         report["images_per_s"] = (b as f64 / sec).into();
         report["image_gflops"] = (flops::image_flops(&cfg) * b as f64 / sec / 1e9).into();
@@ -249,9 +250,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let t = if do_txt { text_len(a, 2, cfg.text.max_positions)? } else { 0 }; // tokens per text
     if do_txt {
         let ids = synthetic_ids(&cfg, b, t, 11);
-        let sec = time_it(a.iters, "text tower", || model.embed_token_ids(&ids, false, b, &mut |_| {}).map(|_| ()))?;
+        let embed = || model.embed_token_ids(&ids, false, b, &mut |_| {}).map(|_| ());
+        let sec = time_it(a.iters, "text tower", embed)?;
         if a.profile {
-            profiles.push(("text", profile::record(a.iters.max(1), || model.embed_token_ids(&ids, false, b, &mut |_| {}).map(|_| ()))?));
+            profiles.push(("text", profile::record(a.iters.max(1), embed)?));
         }
         report["texts_per_s"] = (b as f64 / sec).into();
         report["text_gflops"] = (flops::text_flops(&cfg, t) * b as f64 / sec / 1e9).into();

@@ -123,7 +123,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     });
     // the CPU's GEMM in the step's precision at the image tower's MLP shape, for the profile's shares
     let ceiling = match &prof {
-        Some(_) => super::bench::gemm_ceiling_gflops(spec.dtype, ((b * cfg.vision.tokens()).min(4096), cfg.vision.tower.hidden, cfg.vision.tower.intermediate)),
+        Some(_) => super::bench::gemm_ceiling_gflops(spec.dtype, super::bench::ceiling_shape(&cfg, true, b, 0)),
         None => f64::NAN,
     };
     if let Some(p) = &prof {

@@ -187,27 +187,6 @@ pub unsafe fn exp_softmax(x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Lanes `$m` of 16 at `$p`: a plain load or store when all 16 are live (masked ones cost more on
-/// AMD Zen 4, and a long row's vectors are nearly all whole), else masked (a row's tail).
-macro_rules! ld16 {
-    ($m:expr, $p:expr) => {
-        if $m == 0xFFFF {
-            _mm512_loadu_ps($p)
-        } else {
-            _mm512_maskz_loadu_ps($m, $p)
-        }
-    };
-}
-macro_rules! st16 {
-    ($p:expr, $m:expr, $v:expr) => {
-        if $m == 0xFFFF {
-            _mm512_storeu_ps($p, $v)
-        } else {
-            _mm512_mask_storeu_ps($p, $m, $v)
-        }
-    };
-}
-
 /// Over `row[..keys]` (the scores of one query): x·scale, then exp(x − max) / Σ; `row[keys..]`
 /// (masked keys) becomes 0. Returns the row's logsumexp, max + ln Σ. `keys` ≥ 1, `scale` > 0.
 ///
@@ -240,15 +219,15 @@ pub unsafe fn softmax_row(row: &mut [f32], keys: usize, scale: f32) -> f32 {
     for i in (0..n).step_by(16) {
         let m = lanes(i);
         // SAFETY: lanes in m are inside live.
-        mx = _mm512_mask_max_ps(mx, m, mx, unsafe { ld16!(m, p.add(i)) });
+        mx = _mm512_mask_max_ps(mx, m, mx, unsafe { _mm512_maskz_loadu_ps(m, p.add(i)) });
     }
     let max = _mm512_reduce_max_ps(mx) * scale; // the largest x·scale (see the docs)
     let (mv, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
     for i in (0..n).step_by(16) {
         let m = lanes(i);
         // SAFETY: as above.
-        let e = exp_softmax16(_mm512_fmsub_ps(unsafe { ld16!(m, p.add(i)) }, sc, mv));
-        unsafe { st16!(p.add(i), m, e) };
+        let e = exp_softmax16(_mm512_fmsub_ps(unsafe { _mm512_maskz_loadu_ps(m, p.add(i)) }, sc, mv));
+        unsafe { _mm512_mask_storeu_ps(p.add(i), m, e) };
         sum = _mm512_mask_add_ps(sum, m, sum, e);
     }
     let z = _mm512_reduce_add_ps(sum);
@@ -256,7 +235,7 @@ pub unsafe fn softmax_row(row: &mut [f32], keys: usize, scale: f32) -> f32 {
     for i in (0..n).step_by(16) {
         let m = lanes(i);
         // SAFETY: as above.
-        unsafe { st16!(p.add(i), m, _mm512_mul_ps(ld16!(m, p.add(i)), inv)) };
+        unsafe { _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), inv)) };
     }
     max + z.ln()
 }
@@ -318,7 +297,7 @@ unsafe fn softmax4(rows: [&mut [f32]; 4], keys: [usize; 4], scale: f32) -> [f32;
     for i in (0..nmax).step_by(16) {
         for r in 0..4 {
             let (m, q) = (lanes(r, i), p[r].wrapping_add(i));
-            mx[r] = _mm512_mask_max_ps(mx[r], m, mx[r], unsafe { ld16!(m, q) });
+            mx[r] = _mm512_mask_max_ps(mx[r], m, mx[r], unsafe { _mm512_maskz_loadu_ps(m, q) });
         }
     }
     let max = mx.map(|v| _mm512_reduce_max_ps(v) * scale); // the largest x·scale ([`softmax_row`])
@@ -326,8 +305,8 @@ unsafe fn softmax4(rows: [&mut [f32]; 4], keys: [usize; 4], scale: f32) -> [f32;
     for i in (0..nmax).step_by(16) {
         for r in 0..4 {
             let (m, q) = (lanes(r, i), p[r].wrapping_add(i));
-            let e = exp_softmax16(_mm512_fmsub_ps(unsafe { ld16!(m, q) }, sc, _mm512_set1_ps(max[r])));
-            unsafe { st16!(q, m, e) };
+            let e = exp_softmax16(_mm512_fmsub_ps(unsafe { _mm512_maskz_loadu_ps(m, q) }, sc, _mm512_set1_ps(max[r])));
+            unsafe { _mm512_mask_storeu_ps(q, m, e) };
             sum[r] = _mm512_mask_add_ps(sum[r], m, sum[r], e);
         }
     }
@@ -336,7 +315,7 @@ unsafe fn softmax4(rows: [&mut [f32]; 4], keys: [usize; 4], scale: f32) -> [f32;
     for i in (0..nmax).step_by(16) {
         for r in 0..4 {
             let (m, q) = (lanes(r, i), p[r].wrapping_add(i));
-            unsafe { st16!(q, m, _mm512_mul_ps(ld16!(m, q), inv[r])) };
+            unsafe { _mm512_mask_storeu_ps(q, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, q), inv[r])) };
         }
     }
     std::array::from_fn(|r| max[r] + z[r].ln())
