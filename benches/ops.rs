@@ -202,11 +202,14 @@ fn bench_attention(c: &mut Criterion) {
     g.finish();
 }
 
-/// The attention backward's two CPU paths ((sequence, head) tasks on the AVX-512 small GEMM;
-/// batches in parallel on faer) at fine-tuning shapes: the ViT-B/32 image tower and Long-CLIP's
+/// The attention backward's CPU paths ((sequence, head) tasks on the AVX-512 small GEMM; batches
+/// in parallel on faer; the five products on the bf16 GEMM, `bf16-` its own kernel choice) at
+/// fine-tuning shapes: the ViT-B/32 image tower and Long-CLIP's
 /// 248-token text (batch 8), and a ViT-L/14 image (batch 4).
 fn bench_attention_bwd(c: &mut Criterion) {
     use clipforge::ops::attention::{attention_backward_portable, attention_reference};
+    use clipforge::ops::attention_bf16_bwd::attention_backward_bf16;
+    use clipforge::ops::gemm_bf16::Kernel;
     let mut g = c.benchmark_group("cpu/attention_bwd");
     g.sample_size(10);
     for &(b, t, h, causal) in &[(8, 50, 12, false), (8, 248, 8, true), (4, 257, 16, false)] {
@@ -222,6 +225,10 @@ fn bench_attention_bwd(c: &mut Criterion) {
             g.bench_function(format!("avx512/{name}"), |bch| bch.iter(|| black_box(attention_backward_avx512(&q, &k, &v, &o, &lse, &dout, &s))));
         }
         g.bench_function(format!("portable/{name}"), |bch| bch.iter(|| black_box(attention_backward_portable(&q, &k, &v, &o, &lse, &dout, &s))));
+        // the bf16 backward (`attention_bf16_bwd.rs`) on bf16 q, k, v, as a bf16 model gives them
+        let r = |x: &[f32]| x.iter().map(|&y| half::bf16::from_f32(y)).collect::<Vec<half::bf16>>();
+        let (q16, k16, v16) = (r(&q), r(&k), r(&v));
+        g.bench_function(format!("bf16/{name}"), |bch| bch.iter(|| black_box(attention_backward_bf16(&q16, &k16, &v16, &o, &lse, &dout, &s, Kernel::Auto))));
     }
     g.finish();
 }

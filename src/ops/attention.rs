@@ -348,6 +348,22 @@ pub(super) unsafe fn per_sequence_into(
     }
 }
 
+/// [`per_sequence`] for a backward: the three gradients `g` ([N, W] each) cut into each
+/// sequence's rows, and `f(rows, lse range, shape, parts)` run per sequence in parallel on its own
+/// parts.
+pub(super) fn per_sequence_parts(
+    lens: &[usize],
+    heads: usize,
+    causal: bool,
+    g: [&mut [f32]; 3],
+    f: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>, &AttnShape, [&mut [f32]; 3]) + Sync,
+) {
+    let seqs: Vec<_> = sequences(lens, heads, causal, g[0].len()).collect();
+    let [a, b, c] = g.map(|x| split(x, seqs.iter().map(|(x, ..)| x.len())));
+    let parts = a.into_iter().zip(b).zip(c).map(|((a, b), c)| [a, b, c]);
+    seqs.into_par_iter().zip(parts.collect::<Vec<_>>()).for_each(|((x, l, s), p)| f(x, l, &s, p));
+}
+
 /// The parts back to back in one buffer, copied in parallel.
 pub(super) fn concat(parts: &[Vec<f32>]) -> Vec<f32> {
     let n = parts.iter().map(Vec::len).sum();

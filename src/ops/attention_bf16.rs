@@ -19,6 +19,8 @@
 //! AVX512-BF16 where `vdpbf16ps` beats f32 FMAs (AMD); elsewhere bf16 products would only add
 //! conversions to the f32 attention (`attention.rs`). `CLIPFORGE_CPU_ATTN=f32|bf16` overrides
 //! that choice ([`chosen`]), to measure one against the other.
+//!
+//! The backward, with the same GEMM for its five products: `attention_bf16_bwd.rs`.
 use super::attention::{check_into, fill, per_sequence_into, prefetch_head, softmax_row_portable, with_outputs, AttnShape, SharedOut};
 use super::cpu_path::{self, GemmPath};
 use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, MR, NR};
@@ -67,7 +69,7 @@ pub fn chosen() -> bool {
 }
 
 /// Row `j` of head `h0` (the offset `base` of its row 0) in a [T, W] block: hd values.
-fn head_row<T>(x: &[T], base: usize, w: usize, d: usize, j: usize) -> &[T] {
+pub(super) fn head_row<T>(x: &[T], base: usize, w: usize, d: usize, j: usize) -> &[T] {
     &x[base + j * w..][..d]
 }
 
@@ -81,7 +83,16 @@ fn at(kps: usize, j: usize, p: usize) -> usize {
 /// into the panel's [pairs, 32 keys] (16×16 in-register transposes when `avx512`: the path
 /// allows AVX-512F).
 #[allow(clippy::too_many_arguments)]
-fn pack_k<'a, T: AElem>(dst: &mut [u32], tmp: &mut Vec<u32>, kps: usize, t: usize, d: usize, cvt: bool, avx512: bool, row: impl Fn(usize) -> &'a [T]) {
+pub(super) fn pack_k<'a, T: AElem>(
+    dst: &mut [u32],
+    tmp: &mut Vec<u32>,
+    kps: usize,
+    t: usize,
+    d: usize,
+    cvt: bool,
+    avx512: bool,
+    row: impl Fn(usize) -> &'a [T],
+) {
     let kp = d.div_ceil(2);
     tmp.resize(NR * kp, 0);
     for (panel, out) in dst.chunks_exact_mut(kps * NR).enumerate().take(t.div_ceil(NR)) {
@@ -116,7 +127,7 @@ fn pack_k<'a, T: AElem>(dst: &mut [u32], tmp: &mut Vec<u32>, kps: usize, t: usiz
 /// keys 2p and 2p+1, an odd last key paired with zero): per key pair, two rows interleaved into
 /// each 32-column panel's contiguous row of pairs. Panel by panel, so that each load walks the
 /// rows at one stride (which the hardware prefetchers follow).
-fn pack_vt<'a, T: AElem>(dst: &mut [u32], kps: usize, t: usize, d: usize, cvt: bool, row: impl Fn(usize) -> &'a [T]) {
+pub(super) fn pack_vt<'a, T: AElem>(dst: &mut [u32], kps: usize, t: usize, d: usize, cvt: bool, row: impl Fn(usize) -> &'a [T]) {
     for e0 in (0..d).step_by(NR) {
         let e1 = (e0 + NR).min(d);
         for p in 0..t.div_ceil(2) {

@@ -142,6 +142,16 @@ impl<'a> WView<'a> {
         assert!(n <= self.n && k <= self.k && (k.is_multiple_of(2) || k == self.k), "WView::prefix: {n}x{k} is not a prefix of {}x{}", self.n, self.k);
         WView { n, k, kp: k.div_ceil(2), ..self }
     }
+    /// Pairs `p0..` of every output (inputs 2·p0..k, no copy): the same panels read from pair p0
+    /// on, so the data must run `p0` pairs past the last panel (a buffer packed with a spare
+    /// panel). Kernels read it as any view: pairs below the new kp (the AMX kernel whole 16-pair
+    /// tiles, past kp meeting A's zero padding, as for [`WView::prefix`]). No f16 twin.
+    pub(super) fn suffix(self, p0: usize) -> Self {
+        assert!(p0 <= self.kp && p0 * NR <= self.data.len(), "WView::suffix: pair {p0} is past the {} pairs", self.kp);
+        let data = &self.data[p0 * NR..];
+        assert!(data.len() >= self.n.div_ceil(NR) * self.kps * NR, "WView::suffix: the packed data has no room for pairs {p0}.. of the last panel");
+        WView { k: self.k.saturating_sub(2 * p0), kp: self.kp - p0, data, fp16: None, ..self }
+    }
 }
 
 /// (kp, kps, stored u32s) of an `[n×k]` weight: pairs per column, pairs per panel (kp padded to

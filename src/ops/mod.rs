@@ -5,6 +5,7 @@ pub mod act_simd;
 pub mod adamw;
 pub mod attention;
 pub mod attention_bf16;
+pub mod attention_bf16_bwd;
 pub mod attention_bwd;
 pub mod attn_kernel;
 mod bf16_simd;

@@ -130,7 +130,15 @@ pub fn transpose_bf16_sums_reference(x: &[f32], rows: usize, cols: usize) -> (Ve
 /// thread's alone.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_lines_bf16(base: *const f32, stride: usize, live: usize, steps: usize, dst: *mut half::bf16, dst_stride: usize, sums: Option<*mut f32>) {
+pub(super) unsafe fn transpose_lines_bf16(
+    base: *const f32,
+    stride: usize,
+    live: usize,
+    steps: usize,
+    dst: *mut half::bf16,
+    dst_stride: usize,
+    sums: Option<*mut f32>,
+) {
     use std::arch::x86_64::*;
     let add_lines = |p: usize, len: usize, r: &[__m512; 16]| {
         if let Some(s) = sums {
