@@ -41,9 +41,19 @@ pub type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
 /// path `cpu_path` selects; the others for tests). Returns (dq, dk, dv) in the layout of q.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_bf16<T: AElem>(q: &[T], k: &[T], v: &[T], o: &[f32], lse: &[f32], dout: &[f32], s: &AttnShape, kernel: Kernel) -> Grads {
-    let n = s.numel();
-    let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]); // [B, T, W] each
-    bwd_into([q, k, v], o, lse, dout, s, kernel, [&mut dq, &mut dk, &mut dv]);
+    // SAFETY: `bwd_into` writes every element of the three (each head's rows 0..T of each).
+    unsafe { grads(s.numel(), |g| bwd_into([q, k, v], o, lse, dout, s, kernel, g)) }
+    // [B, T, W] each
+}
+
+/// Three gradients of `n` values that `fill` writes (no zero-fill first).
+///
+/// # Safety
+/// `fill` writes every element of the three and reads none before writing it.
+unsafe fn grads(n: usize, fill: impl FnOnce([&mut [f32]; 3])) -> Grads {
+    let (mut dk, mut dv) = (Vec::new(), Vec::new());
+    // SAFETY: the caller's contract, for each buffer.
+    let dq = unsafe { fastmath::written(n, |q| dk = fastmath::written(n, |k| dv = fastmath::written(n, |v| fill([q, k, v])))) };
     (dq, dk, dv)
 }
 
@@ -62,12 +72,20 @@ pub fn attention_packed_backward_bf16<T: AElem>(
     causal: bool,
     kernel: Kernel,
 ) -> Grads {
-    let n = q.len();
-    let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]); // [N, W] each
-    per_sequence_parts(lens, heads, causal, [&mut dq, &mut dk, &mut dv], |x, l, s, g| {
-        bwd_into([&q[x.clone()], &k[x.clone()], &v[x.clone()]], &o[x.clone()], &lse[l], &dout[x], s, kernel, g)
-    });
-    (dq, dk, dv)
+    let (n, rows) = (q.len(), lens.iter().sum::<usize>());
+    assert!(
+        heads > 0 && (rows == 0 || (n.is_multiple_of(rows) && (n / rows).is_multiple_of(heads))) && (rows > 0 || n == 0),
+        "attention_packed_backward_bf16: q must be [N, W] for the sequences' N rows, W a multiple of heads"
+    );
+    // SAFETY: the sequences' parts cover the N·W values (asserted), and `bwd_into` writes every
+    // element of its parts (each head's rows of each sequence).
+    unsafe {
+        grads(n, |g| {
+            per_sequence_parts(lens, heads, causal, g, |x, l, s, g| {
+                bwd_into([&q[x.clone()], &k[x.clone()], &v[x.clone()]], &o[x.clone()], &lse[l], &dout[x], s, kernel, g)
+            })
+        })
+    } // [N, W] each
 }
 
 /// One key block of step 3: keys `j0..j0 + keys`, seen by queries `i0..T` (`depth` of them);
@@ -199,23 +217,24 @@ unsafe fn head<T: AElem>(c: &Ctx, [q, k, v]: [&[T]; 3], o: &[f32], dout: &[f32],
     let base = b * t * w + h * d; // (b, 0, h, 0)
     let (kps_k, kps_t) = (geometry(t, d).1, geometry(d, t).1); // pairs per panel
     super::attention::prefetch_head(&[q, k, v], bh + 1, s);
+    super::attention::prefetch_head(&[o, dout], bh + 1, s);
     pack_k(&mut sc.pk, &mut sc.tmp, kps_k, t, d, c.cvt, c.simd, |j| head_row(k, base, w, d, j));
     pack_k(&mut sc.pv, &mut sc.tmp, kps_k, t, d, c.cvt, c.simd, |j| head_row(v, base, w, d, j));
     pack_vt(&mut sc.pkt, kps_t, t, d, c.cvt, |j| head_row(k, base, w, d, j));
-    pack_vt(&mut sc.pq, kps_t, t, d, c.cvt, |j| head_row(q, base, w, d, j));
-    pack_vt(&mut sc.pdo, kps_t, t, d, c.cvt, |j| head_row(dout, base, w, d, j));
-    let (wk, wv) = (WView::from_parts(t, d, kps_k, &sc.pk), WView::from_parts(t, d, kps_k, &sc.pv)); // [T, hd]
-    let (wkt, wq, wdo) = (WView::from_parts(d, t, kps_t, &sc.pkt), WView::from_parts(d, t, kps_t, &sc.pq), WView::from_parts(d, t, kps_t, &sc.pdo)); // [hd, T]
     sc.qh.clear();
     sc.doh.clear();
     for j in 0..t {
         sc.qh.extend_from_slice(head_row(q, base, w, d, j));
         sc.doh.extend_from_slice(head_row(dout, base, w, d, j));
     }
+    pack_vt(&mut sc.pq, kps_t, t, d, c.cvt, |j| &sc.qh[j * d..][..d]);
     super::bf16_simd::round_bf16_in_place(&mut sc.doh); // dO as the products take it
+    pack_vt(&mut sc.pdo, kps_t, t, d, c.cvt, |j| &sc.doh[j * d..][..d]); // from the rounded rows: the same bits
     for (i, (di, doi)) in sc.dd.iter_mut().zip(sc.doh.chunks_exact(d)).enumerate() {
         *di = dot(doi, head_row(o, base, w, d, i), c.simd); // D_i = Σ_e dO_ie·O_ie
     }
+    let (wk, wv) = (WView::from_parts(t, d, kps_k, &sc.pk), WView::from_parts(t, d, kps_k, &sc.pv)); // [T, hd]
+    let (wkt, wq, wdo) = (WView::from_parts(d, t, kps_t, &sc.pkt), WView::from_parts(d, t, kps_t, &sc.pq), WView::from_parts(d, t, kps_t, &sc.pdo)); // [hd, T]
     for r0 in (0..t).step_by(c.step) {
         let r1 = (r0 + c.step).min(t);
         let (m, nk) = (r1 - r0, if s.causal { r1 } else { t });
