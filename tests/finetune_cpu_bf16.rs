@@ -133,3 +133,24 @@ fn f16_on_the_cpu_is_refused() {
     assert!(err.contains("f16") && err.contains("CUDA"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The CPU backend's q/k/v backward with bf16 weights (h's transpose packed once for the three dW
+/// GEMMs) gives the bits of three `linear_bwd` calls, dh accumulated q, k, v in that order.
+#[test]
+fn bf16_qkv_backward_is_three_linear_backwards() {
+    let (m, n, k) = (77, 45, 65); // rows, outputs, inputs: odd sizes, edges in every dimension
+    let t = |v: &[f32]| clipforge::tensor::Tensor::from_vec(v.to_vec(), &[v.len()]).unwrap();
+    let w: Vec<_> =
+        (0..3).map(|i| Cpu.weight(clipforge::tensor::Tensor::from_vec(vals(10 + i, n * k), &[n, k]).unwrap(), n, k, DType::BF16).unwrap()).collect();
+    let dys: Vec<_> = (0..3).map(|i| t(&vals(20 + i, m * n))).collect();
+    let h = t(&vals(30, m * k));
+    let (dh, dw, db) = Cpu.qkv_bwd([&dys[0], &dys[1], &dys[2]], &h, [&w[0], &w[1], &w[2]], m).unwrap();
+    let mut want_dh = t(&vec![0.0; m * k]);
+    let bits = |x: &clipforge::tensor::Tensor| x.to_vec_f32().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    for i in 0..3 {
+        let (wdw, wdb) = Cpu.linear_bwd(&dys[i], &h, &w[i], m, &mut want_dh, i > 0, true).unwrap();
+        assert_eq!(bits(&dw[i]), bits(&wdw), "dW {i}");
+        assert_eq!(bits(&db[i]), bits(&wdb.unwrap()), "db {i}");
+    }
+    assert_eq!(bits(&dh), bits(&want_dh), "dh");
+}

@@ -12,7 +12,7 @@
 //! bf16 training (`finetune --dtype bf16`): a bf16 weight keeps its f32 master (`Weight::w`); the
 //! backward GEMMs of such a weight also take bf16 inputs with f32 accumulation: dx = dy·W through
 //! Wᵀ packed on the first backward (cached with the weight), dW = dyᵀ·x through xᵀ packed per call.
-use super::cpu_linear::{add_into, bf16_of, gemm16, gemm16_to_bf16, linear32, linear_bwd_bf16, written32, written_pair};
+use super::cpu_linear::{add_into, bf16_of, gemm16, gemm16_to_bf16, linear32, linear_bwd_bf16, linear_bwd_bf16_xt, written32, written_pair};
 pub use super::cpu_linear::{CpuHalf, CpuPacked};
 use super::{profile, Act, Ops, Seqs, Weight};
 use crate::error::Result;
@@ -171,6 +171,37 @@ impl Ops for Cpu {
         gemm(View::row_major(&g, m, n).t(), View::row_major(&xd, m, k), &mut dw, false); // dW = dyᵀ·x
         let db = if bias { Some(vec1(col_sums(&g[..m * n], n))?) } else { None };
         Ok((vec1(dw)?, db))
+    }
+
+    /// With bf16 weights: q's, k's and v's backward as [`Ops::linear_bwd`] computes each (dh
+    /// accumulated q, k, v in that order: the same bits), with h's transpose packed once for the
+    /// three dW GEMMs instead of once each. Otherwise the composite.
+    fn qkv_bwd(&self, d: [&Tensor; 3], h: &Tensor, w: [&Weight<Cpu>; 3], n: usize) -> Result<(Tensor, [Tensor; 3], [Tensor; 3])> {
+        let (Some(hq), Some(hk), Some(hv)) = (bf16_of(w[0]), bf16_of(w[1]), bf16_of(w[2])) else {
+            return super::qkv_bwd_composite(self, d, h, w, n);
+        };
+        let _p = profile::gemm("qkv_bwd", n, w[0].k, w[0].n, 6);
+        let k = w[0].k;
+        let xd = h.f32_data();
+        check("qkv_bwd h", xd.len(), n * k)?;
+        let xt = PackedBf16::from_f32_t(&xd[..n * k], n, k); // hᵀ: [k outputs × n], for the three
+        let mut grads = Vec::with_capacity(3);
+        let fill = |dh: &mut [f32]| {
+            for (i, (dy, (w, half))) in d.into_iter().zip(w.into_iter().zip([hq, hk, hv])).enumerate() {
+                check("qkv_bwd weight", w.k, k)?;
+                let g = dy.f32_data();
+                check("qkv_bwd dy", g.len(), n * w.n)?;
+                let (dw, db) = linear_bwd_bf16_xt(&g, &xt, w, half, n, dh, i > 0, true)?; // dh (+)= dy·W
+                grads.push((vec1(dw)?, vec1(db.ok_or_else(|| crate::error::Error::msg("qkv_bwd: no bias gradient"))?)?));
+            }
+            Ok(())
+        };
+        // SAFETY: the first `linear_bwd_bf16_xt` (not accumulating) writes every element of dh
+        // (its dx GEMM's C: see `written32`), the next two add to it.
+        let dh = unsafe { written32(n * k, fill) }?; // [n, K]
+        let [(dwq, dbq), (dwk, dbk), (dwv, dbv)]: [(Tensor, Tensor); 3] =
+            grads.try_into().map_err(|_| crate::error::Error::msg("qkv_bwd: three gradients expected"))?;
+        Ok((vec1(dh)?, [dwq, dwk, dwv], [dbq, dbk, dbv]))
     }
 
     fn layernorm(&self, x: &Tensor, g: &Tensor, b: &Tensor, rows: usize, w: usize, eps: f32) -> Result<(Tensor, Tensor)> {

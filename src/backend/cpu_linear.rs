@@ -29,7 +29,7 @@ impl CpuHalf {
 }
 
 /// The CPU's copy of a Linear weight for its forward GEMM: bf16 ([`CpuHalf`], a bf16 model), or
-/// the f32 values packed once for the AVX-512 GEMM ([`Ops::freeze_weight`]: inference).
+/// the f32 values packed once for the AVX-512 GEMM ([`Ops::freeze_weight`](super::Ops::freeze_weight): inference).
 #[derive(Debug)]
 pub enum CpuPacked {
     Bf16(CpuHalf),
@@ -57,6 +57,22 @@ pub(super) fn linear_bwd_bf16(
     accumulate: bool,
     bias: bool,
 ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let xt = PackedBf16::from_f32_t(&xd[..m * w.k], m, w.k); // xᵀ: [k outputs × m]
+    linear_bwd_bf16_xt(g, &xt, w, h, m, d, accumulate, bias)
+}
+
+/// [`linear_bwd_bf16`] with xᵀ packed by the caller (`Ops::qkv_bwd`: one xᵀ for the three).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn linear_bwd_bf16_xt(
+    g: &[f32],
+    xt: &PackedBf16,
+    w: &Weight<Cpu>,
+    h: &CpuHalf,
+    m: usize,
+    d: &mut [f32],
+    accumulate: bool,
+    bias: bool,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let (n, k) = (w.n, w.k);
     let wt = h.bwd.get_or_init(|| PackedBf16::from_f32_t(&w.w.f32_data()[..n * k], n, k)); // Wᵀ: [k outputs × n]
     if accumulate {
@@ -72,9 +88,8 @@ pub(super) fn linear_bwd_bf16(
     } else {
         (crate::ops::transpose::transpose_bf16(&g[..m * n], m, n), None) // [n, m]
     };
-    let xt = PackedBf16::from_f32_t(&xd[..m * k], m, k); // xᵀ: [k outputs × m]
     let fill = |dw: &mut [f32]| {
-        matmul_bf16_fused(&gt, n, &xt, None, dw, Epilogue::None, Kernel::Auto); // dW = dyᵀ·x [n, k]
+        matmul_bf16_fused(&gt, n, xt, None, dw, Epilogue::None, Kernel::Auto); // dW = dyᵀ·x [n, k]
         Ok(())
     };
     // SAFETY: `matmul_bf16` writes every element of its output (see `written32`): no zero-fill.

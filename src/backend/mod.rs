@@ -42,6 +42,21 @@ impl Seqs {
     }
 }
 
+/// [`Ops::qkv_bwd`] as three [`Ops::linear_bwd`]s, dh accumulated over q, k, v in that order (the
+/// default, and a backend's fallback where it fuses the common case).
+#[allow(clippy::type_complexity)]
+pub fn qkv_bwd_composite<O: Ops>(ops: &O, d: [&O::Buf; 3], h: &O::Buf, w: [&Weight<O>; 3], n: usize) -> Result<(O::Buf, [O::Buf; 3], [O::Buf; 3])> {
+    let mut dh = ops.uninit(n * w[0].k)?; // [n, K]
+    let mut out = Vec::with_capacity(3);
+    for (i, (d, w)) in d.into_iter().zip(w).enumerate() {
+        let (dw, db) = ops.linear_bwd(d, h, w, n, &mut dh, i > 0, true)?;
+        out.push((dw, db.ok_or_else(|| crate::error::Error::msg("linear_bwd returned no bias gradient"))?));
+    }
+    let [(dwq, dbq), (dwk, dbk), (dwv, dbv)]: [(O::Buf, O::Buf); 3] =
+        out.try_into().map_err(|_| crate::error::Error::msg("qkv_bwd: three gradients expected"))?;
+    Ok((dh, [dwq, dwk, dwv], [dbq, dbk, dbv]))
+}
+
 /// [`Ops::attention_pooled`] through the general ops: q, k, v and the attention of every row, then
 /// the rows `rows` ([R, W]).
 #[allow(clippy::too_many_arguments)]
@@ -102,10 +117,10 @@ pub trait Ops {
         Ok(())
     }
 
-    /// y [m, n] = x [m, k]·Wᵀ (+ bias [n]).
+    /// y `[m, n]` = x `[m, k]`·Wᵀ (+ bias `[n]`).
     fn linear(&self, x: &Self::Buf, w: &Weight<Self>, bias: Option<&Self::Buf>, m: usize) -> Result<Self::Buf>;
-    /// The backward of [`Ops::linear`] from dy [m, n]: dx [m, k] written (or added to, with
-    /// `accumulate`) in place, and (dW [n, k], db [n] when the Linear has its `bias` here).
+    /// The backward of [`Ops::linear`] from dy `[m, n]`: dx `[m, k]` written (or added to, with
+    /// `accumulate`) in place, and (dW `[n, k]`, db `[n]` when the Linear has its `bias` here).
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
@@ -133,16 +148,11 @@ pub trait Ops {
     }
     /// The backward of [`Ops::qkv`] from dq, dk, dv → (dh [n, K], the three dW, the three db).
     #[allow(clippy::type_complexity)]
-    fn qkv_bwd(&self, d: [&Self::Buf; 3], h: &Self::Buf, w: [&Weight<Self>; 3], n: usize) -> Result<(Self::Buf, [Self::Buf; 3], [Self::Buf; 3])> {
-        let mut dh = self.uninit(n * w[0].k)?; // [n, K]
-        let mut out = Vec::with_capacity(3);
-        for (i, (d, w)) in d.into_iter().zip(w).enumerate() {
-            let (dw, db) = self.linear_bwd(d, h, w, n, &mut dh, i > 0, true)?;
-            out.push((dw, db.ok_or_else(|| crate::error::Error::msg("linear_bwd returned no bias gradient"))?));
-        }
-        let [(dwq, dbq), (dwk, dbk), (dwv, dbv)]: [(Self::Buf, Self::Buf); 3] =
-            out.try_into().map_err(|_| crate::error::Error::msg("qkv_bwd: three gradients expected"))?;
-        Ok((dh, [dwq, dwk, dwv], [dbq, dbk, dbv]))
+    fn qkv_bwd(&self, d: [&Self::Buf; 3], h: &Self::Buf, w: [&Weight<Self>; 3], n: usize) -> Result<(Self::Buf, [Self::Buf; 3], [Self::Buf; 3])>
+    where
+        Self: Sized,
+    {
+        qkv_bwd_composite(self, d, h, w, n)
     }
     /// act(x·Wᵀ + bias) [m, n] → (out, with `keep_pre` x·Wᵀ + bias for the backward): the MLP's
     /// first Linear with its bias and activation. The output is read by a Linear (as its input),
@@ -255,17 +265,17 @@ pub trait Ops {
     /// weight W [D, C·p·p] → [B·N, D], N = (S/p)², patches in raster order.
     #[allow(clippy::too_many_arguments)]
     fn patch_embed(&self, px: &Self::Buf, w: &Weight<Self>, b: usize, c: usize, s: usize, p: usize) -> Result<Self::Buf>;
-    /// The class token before each image's N patches, plus the positions: patches [B·N, W],
-    /// cls [W], pos [N+1, W] → [B·(N+1), W].
+    /// The class token before each image's N patches, plus the positions: patches `[B·N, W]`,
+    /// cls `[W]`, pos `[N+1, W]` → `[B·(N+1), W]`.
     #[allow(clippy::too_many_arguments)]
     fn vision_embed(&self, patches: &Self::Buf, cls: &Self::Buf, pos: &Self::Buf, b: usize, n: usize, w: usize) -> Result<Self::Buf>;
     /// The backward of [`Ops::patch_embed`] to the weight: dW [D, C·p·p] from d(patches) [B·N, D].
     #[allow(clippy::too_many_arguments)]
     fn patch_embed_bwd(&self, px: &Self::Buf, dpatches: &Self::Buf, b: usize, c: usize, s: usize, p: usize, d: usize) -> Result<Self::Buf>;
-    /// The backward of [`Ops::vision_embed`]: dx [B·(N+1), W] → (d(patches) [B·N, W], d(cls) [W],
-    /// d(pos) [N+1, W]).
+    /// The backward of [`Ops::vision_embed`]: dx `[B·(N+1), W]` → (d(patches) `[B·N, W]`, d(cls) `[W]`,
+    /// d(pos) `[N+1, W]`).
     fn vision_embed_bwd(&self, dx: &Self::Buf, b: usize, n: usize, w: usize) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
-    /// The backward of a row gather from a table: table[ids[i]] += dx[i] in place, each table row's
+    /// The backward of a row gather from a table: `table[ids[i]] += dx[i]` in place, each table row's
     /// sum in the order of `ids` (deterministic: no atomics).
     fn embedding_bwd(&self, dx: &Self::Buf, ids: &[usize], table: &mut Self::Buf, w: usize) -> Result<()>;
     /// y += alpha·x in place (n elements).
