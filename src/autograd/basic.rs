@@ -114,7 +114,7 @@ impl Tape {
         let s = self.sum(a, dim, keepdim)?;
         Ok(self.scale(&s, 1.0 / n))
     }
-    /// The sum of all elements, shape [1].
+    /// The sum of all elements, shape `[1]`.
     pub fn sum_all(&self, a: &Var) -> Result<Var> {
         let flat = self.reshape(a, &[a.value().numel()])?;
         self.sum(&flat, 0, true)

@@ -15,7 +15,7 @@ use crate::shape_err;
 use crate::tensor::Tensor;
 
 impl Tape {
-    /// x [.., k] · wᵀ (+ b), w [n, k], b [n].
+    /// x `[.., k]` · wᵀ (+ b), w `[n, k]`, b `[n]`.
     pub fn linear(&self, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         let y = x.value().linear(w.value(), b.map(|b| b.value()))?; // [.., n]
         let (xv, wv) = (x.value().clone(), w.value().clone());
@@ -161,7 +161,7 @@ impl Tape {
         Ok(self.custom(&[table], t(y, &[pos.len(), w])?, move |g| Ok(vec![Some(t(pos_gather_bwd(&g.f32_data(), w, s, &pos)?, &[rows, w])?)])))
     }
 
-    /// Mean softmax cross-entropy of logits [N, C] against `targets`, label smoothing ε → [1].
+    /// Mean softmax cross-entropy of logits `[N, C]` against `targets`, label smoothing ε → `[1]`.
     pub fn cross_entropy(&self, logits: &Var, targets: &[u32], smoothing: f32) -> Result<Var> {
         let s = logits.shape();
         if s.len() != 2 {

@@ -1,5 +1,5 @@
 //! The device backend of [`Ops`]: a CUDA GPU ([`crate::cuda::GpuOps`]) or its CPU emulator
-//! ([`crate::cuda::EmuOps`], tests), through [`DeviceOps`]. GEMMs go to cuBLASLt (f32, or bf16/f16
+//! (`crate::cuda::EmuOps`, tests), through [`DeviceOps`]. GEMMs go to cuBLASLt (f32, or bf16/f16
 //! weight copies with f32 accumulation) and everything else to the kernels of kernels/: the fused
 //! LayerNorm (with the residual add) and its backward, bias + activation, the fused attention,
 //! row gathers and the patch/class/position assembly. Packed sequences run the variable-length

@@ -45,12 +45,12 @@ fn tile_ld(hd: usize) -> usize {
     hd | 1
 }
 
-/// Forward: a [64][33] f32 P tile, then Q (64 rows), K, V (32 rows each) tiles of the tensor type.
+/// Forward: a `[64][33]` f32 P tile, then Q (64 rows), K, V (32 rows each) tiles of the tensor type.
 pub fn fwd_smem_bytes(head_dim: usize, elem_bytes: usize) -> usize {
     4 * BQ * (BK + 1) + elem_bytes * (BQ + 2 * BK) * tile_ld(head_dim)
 }
 
-/// Backward: [64][33] f32 P and dS tiles, then Q, dO (64 rows), K, V (32 rows) tiles of the tensor type.
+/// Backward: `[64][33]` f32 P and dS tiles, then Q, dO (64 rows), K, V (32 rows) tiles of the tensor type.
 pub fn bwd_smem_bytes(head_dim: usize, elem_bytes: usize) -> usize {
     4 * 2 * BQ * (BK + 1) + elem_bytes * (2 * BQ + 2 * BK) * tile_ld(head_dim)
 }

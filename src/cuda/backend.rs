@@ -1,4 +1,4 @@
-//! The device operations the CUDA towers ([`super::towers`]) are written against, with two
+//! The device operations the CUDA towers ([`crate::model::device`]) are written against, with two
 //! implementations:
 //!
 //! - [`GpuOps`]: a real GPU. Buffers come from the caching allocator ([`CudaPool`]: after the
@@ -8,9 +8,9 @@
 //!   ([`Gemm::linear`], exact FP32 or TF32 ([`GpuOps::set_tf32`]), or bf16/f16 inputs with f32
 //!   accumulation: [`DeviceOps::gemm_half`]), or through the tiled kernels of kernels/matmul.cu
 //!   when cuBLASLt cannot be loaded.
-//! - [`EmuOps`] (feature `emu`): host buffers ([`DeviceMem`](super::emu::DeviceMem), each
+//! - `EmuOps` (feature `emu`): host buffers (`DeviceMem`, each
 //!   ending at a guard page) whose addresses are the "device
-//!   pointers", kernels on the CPU emulator through [`EmuLauncher`](super::emu::EmuLauncher), and
+//!   pointers", kernels on the CPU emulator through `EmuLauncher`, and
 //!   every GEMM as a kernel of kernels/matmul.cu on the emulator (`linear_f32`, `gemm_f32`, and
 //!   `gemm_bf16` / `gemm_f16` with cuBLASLt's half-input arithmetic; f32 is always exact). The same tower code, the same kernel
 //!   names, argument packing and launch geometry as on the GPU run end to end in `cargo test`.

@@ -1,7 +1,7 @@
 //! The GEMM kernels of kernels/matmul.cu as the device backends launch them: a 16-bit GEMM's
 //! description ([`HalfGemm`]), and for each kernel the buffer-size checks, the launch
 //! configuration and the argument packing — shared by the GPU ([`super::GpuOps`]) and the
-//! emulator ([`super::EmuOps`]), so both launch exactly the same thing.
+//! emulator (`super::EmuOps`), so both launch exactly the same thing.
 use super::backend::Buf;
 use super::launch::{KernelArgs, LaunchCfg};
 use super::GemmDesc;
@@ -11,6 +11,8 @@ use crate::tensor::DType;
 /// `[m×k]` (`[k×m]` if `ta`), B `[k×n]` (`[n×k]` if `tb`), both packed `dt` values; `bias` and
 /// `c` f32; `d` f32, or packed `dt` values when `half_out` (then no `c`). `c` may be `d` itself
 /// (accumulate in place).
+///
+/// [`DeviceOps::gemm_half`]: super::DeviceOps::gemm_half
 pub struct HalfGemm<'a> {
     pub dt: DType,
     pub a: &'a Buf,
@@ -42,6 +44,8 @@ impl<'a> HalfGemm<'a> {
 /// The kernel (kernels/matmul.cu) of a [`DeviceOps::gemm_half`]: `gemm_bf16` / `gemm_f16` (f32
 /// D) or `gemm_bf16_h` / `gemm_f16_h` (16-bit D), its launch configuration and arguments
 /// `(a, b, bias, c, d, m, n, k, ta, tb)`, after the buffer sizes are checked.
+///
+/// [`DeviceOps::gemm_half`]: super::DeviceOps::gemm_half
 pub fn gemm_half_launch(g: &HalfGemm) -> Result<(&'static str, LaunchCfg, KernelArgs)> {
     let kernel = match (g.dt, g.half_out) {
         (DType::BF16, false) => "gemm_bf16",

@@ -54,8 +54,8 @@ pub fn act_half(ops: &dyn DeviceOps, dt: DType, pre: &Buf, rows: usize, n: usize
     Ok(out)
 }
 
-/// The backward of [`act_half`] with the bias gradient: du = dout·act'(pre) (f32 dout [rows, n],
-/// packed `dt` pre), returned packed in `dt`, and db [n] f32 = the column sums of the unrounded du
+/// The backward of [`act_half`] with the bias gradient: du = dout·act'(pre) (f32 dout `[rows, n]`,
+/// packed `dt` pre), returned packed in `dt`, and db `[n]` f32 = the column sums of the unrounded du
 /// (row-chunk partials of `act_bwd_h*` on the launch of `bias_act_bwd_f32v`, then
 /// [`reduce_parts`]: a fixed order).
 pub fn act_bwd_half(ops: &dyn DeviceOps, dt: DType, dout: &Buf, pre: &Buf, rows: usize, n: usize, act_code: i32) -> Result<(Buf, Buf)> {
@@ -96,7 +96,7 @@ pub fn col_sums_half_cfg(rows: usize, n: usize, vec: bool) -> (LaunchCfg, usize)
     (LaunchCfg::new((cols as u32, parts as u32, 1), (256, 1, 1), 0), parts)
 }
 
-/// Column sums (f32 [n]) of a packed `dt` [rows, n] matrix: `col_sums_partial_h*` (f32
+/// Column sums (f32 `[n]`) of a packed `dt` `[rows, n]` matrix: `col_sums_partial_h*` (f32
 /// accumulation per row chunk) then [`reduce_parts`].
 pub fn col_sums_half(ops: &dyn DeviceOps, dt: DType, m: &Buf, rows: usize, n: usize) -> Result<Buf> {
     let kernel = half_kernel("col_sums_partial_", dt)?;
@@ -138,8 +138,8 @@ pub fn layernorm_half(ops: &dyn DeviceOps, dt: DType, x: &Buf, g: &Buf, b: &Buf,
 }
 
 /// The LayerNorm backward (`layernorm_bwd_f32`), or with `res` the residual gradient added in the
-/// same pass (`layernorm_bwd_add_f32`): dx = (res +) LN-backward(dy), all f32 [rows, w]; st = the
-/// forward's stats [2·rows] (mean then rstd). Returns (dx, dγ [w], dβ [w]) (row-chunk partials in
+/// same pass (`layernorm_bwd_add_f32`): dx = (res +) LN-backward(dy), all f32 `[rows, w]`; st = the
+/// forward's stats `[2·rows]` (mean then rstd). Returns (dx, dγ `[w]`, dβ `[w]`) (row-chunk partials in
 /// [`ln_bwd_cfg`] chunks, then [`reduce_parts`]: a fixed order).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd(ops: &dyn DeviceOps, dy: &Buf, x: &Buf, g: &Buf, st: &Buf, res: Option<&Buf>, rows: usize, w: usize) -> Result<(Buf, Buf, Buf)> {

@@ -14,7 +14,7 @@
 //!   PTX when nvcc was found);
 //! - [`half_ops`]: launchers of the 16-bit activation kernels (activation, LayerNorm, column sums,
 //!   im2col on bf16/f16 tensors); [`train_ops`]: the f32 helpers (copies, reductions, conversions);
-//! - [`emu`] (feature `emu`): run any kernel on the CPU emulator of emu/, for tests without a GPU.
+//! - `emu` (feature `emu`): run any kernel on the CPU emulator of emu/, for tests without a GPU.
 pub mod alloc;
 pub mod attention;
 pub mod backend;

@@ -129,7 +129,7 @@ pub fn col_reduce_cfg(parts: usize, n: usize) -> LaunchCfg {
     LaunchCfg::new((n.div_ceil(c).max(1) as u32, 1, 1), (c as u32, r as u32, 1), 0)
 }
 
-/// out[c] = Σ_p partial[p, c] over `parts` rows of partial sums into a new [n] buffer, in a fixed
+/// `out[c] = Σ_p partial[p, c]` over `parts` rows of partial sums into a new `[n]` buffer, in a fixed
 /// order (the second stage of every column reduction).
 pub fn reduce_parts(ops: &dyn DeviceOps, partial: &Buf, parts: usize, n: usize) -> Result<Buf> {
     let out = ops.alloc_uninit(n)?; // col_reduce_f32 writes every column
@@ -145,7 +145,7 @@ pub fn col_sums_cfg(rows: usize, n: usize) -> (LaunchCfg, usize) {
     (LaunchCfg::new((cols as u32, parts as u32, 1), (256, 1, 1), 0), parts)
 }
 
-/// Column sums of a [rows, n] matrix into a new [n] buffer (bias gradients, batch sums): row
+/// Column sums of a `[rows, n]` matrix into a new `[n]` buffer (bias gradients, batch sums): row
 /// chunks summed by `col_sums_partial_f32` ([`col_sums_cfg`]), then [`reduce_parts`].
 pub fn col_sums(ops: &dyn DeviceOps, m: &Buf, rows: usize, n: usize) -> Result<Buf> {
     let (cfg, parts) = col_sums_cfg(rows, n);

@@ -231,7 +231,7 @@ fn pump_stderr(src: impl std::io::Read + Send + 'static, prefix: String, tail: A
 /// Starts `n` ranks of `program args` on this machine (torchrun's variables with
 /// MASTER_ADDR=127.0.0.1 and a free MASTER_PORT, plus `CLIPFORGE_LAUNCHED=1`) and waits for them
 /// all. The first rank to exit non-zero or by a signal stops the others and is the error:
-/// "rank r exited with status s: <its last stderr line>". Ctrl-C is forwarded to every rank as
+/// `rank r exited with status s: <its last stderr line>`. Ctrl-C is forwarded to every rank as
 /// SIGINT (they checkpoint and exit) and the launcher waits for them; a third Ctrl-C kills them.
 pub fn spawn_local(program: &Path, args: &[OsString], n: usize) -> Result<()> {
     if n == 0 {

@@ -36,8 +36,8 @@ pub trait Collective: Send {
     /// `data` replaced by its element-wise sum over ranks, added in rank order (0 + 1 + 2 …) so
     /// every rank holds the same bits.
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()>;
-    /// `data` [world × c] (the same length on every rank) → the sum over ranks of chunk `rank`
-    /// [c], added in rank order (the backward of [`Collective::all_gather`]). The default sums
+    /// `data` `[world × c]` (the same length on every rank) → the sum over ranks of chunk `rank`
+    /// `[c]`, added in rank order (the backward of [`Collective::all_gather`]). The default sums
     /// everything and keeps this rank's chunk.
     fn reduce_scatter(&self, data: &[f32]) -> Result<Vec<f32>> {
         let mut all = data.to_vec();

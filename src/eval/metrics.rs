@@ -25,11 +25,11 @@ pub struct ZeroShot {
     pub top5: f64,
     /// Per class: (samples, top-1 accuracy).
     pub per_class: Vec<(usize, f64)>,
-    /// confusion[true][predicted] counts.
+    /// `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<usize>>,
 }
 
-/// Scores [N, C] (image × class) and labels [N] → zero-shot metrics.
+/// Scores `[N, C]` (image × class) and labels `[N]` → zero-shot metrics.
 pub fn zero_shot(scores: &[f32], classes: usize, labels: &[usize]) -> ZeroShot {
     let n = labels.len();
     let mut confusion = vec![vec![0usize; classes]; classes];

@@ -97,7 +97,7 @@ impl<O: Ops> TowerParams<O> {
         self.text_embed_backward(ops, cfg, s, &dx, g)
     }
 
-    /// The backward of [`text_states_train`](Self::text_states_train) from d(states) [B·T, W]
+    /// The backward of [`text_states`](Self::text_states) (training) from d(states) [B·T, W]
     /// (if any) and d(embeddings) [B, D].
     pub fn text_states_backward(
         &self,

@@ -196,8 +196,8 @@ pub struct PooledRow {
 }
 
 /// The attention of one query per entry of `rows` (q [R, W]) against its sequence's keys in k, v
-/// [N, W] → o [R, W]: each row through [`attention_bf16`]'s own steps ([`pack_head`], then
-/// [`query_block`] over the score columns of the row's query block: the block's causal prefix,
+/// [N, W] → o [R, W]: each row through [`attention_bf16`]'s own steps (`pack_head`, then
+/// `query_block` over the score columns of the row's query block: the block's causal prefix,
 /// or every key), so the same bits, without the other queries (the pooled rows of a last block
 /// at inference).
 pub fn attention_bf16_rows<T: AElem>(q: &[T], k: &[T], v: &[T], rows: &[PooledRow], heads: usize, kernel: Kernel) -> Vec<f32> {

@@ -19,7 +19,7 @@
 //!    the queries that see them (causal: from the block's first key on, else all), contiguous,
 //!    so each is an A operand as it is.
 //! 3. Per key block: dV = Pᵀ·dO and dK = dSᵀ·Q over those queries: the weights' trailing pairs
-//!    ([`WView::suffix`]; causal blocks start at an even query, so pairs stay whole), on the
+//!    (`WView::suffix`; causal blocks start at an even query, so pairs stay whole), on the
 //!    packed dOᵀ and Qᵀ, which hold a spare panel so the view stays in bounds.
 //!
 //! Causal blocks compute only the keys (steps 2) or queries (step 3) they see. Sums run in a

@@ -266,6 +266,8 @@ fn scatter(dst: &mut [f32], g: &[f32], h: usize, s: &AttnShape) {
 }
 
 /// The backward of [`attention_packed`]: [`attention_backward`] per sequence → (dq, dk, dv).
+///
+/// [`attention_packed`]: super::attention::attention_packed
 #[allow(clippy::too_many_arguments)]
 pub fn attention_packed_backward(
     q: &[f32],

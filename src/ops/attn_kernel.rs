@@ -347,7 +347,7 @@ pub unsafe fn grad_row(p: &mut [f32], ds: &mut [f32], keys: usize, scale: f32, l
     }
 }
 
-/// Σ a[i]·b[i] over 16 lanes (the tail masked), the lanes summed in a fixed order.
+/// Σ `a[i]·b[i]` over 16 lanes (the tail masked), the lanes summed in a fixed order.
 ///
 /// # Safety
 /// AVX-512F.

@@ -2,7 +2,7 @@
 //! `F.cross_entropy(logits, targets, label_smoothing=ε)` with reduction 'mean'. CPU twin of
 //! kernels/cross_entropy.cu.
 //!
-//! logits [N, C], targets [N] (< C). With lse_i = log Σ_c exp(x_ic) and the smoothed target
+//! logits `[N, C]`, targets `[N]` (< C). With lse_i = log Σ_c exp(x_ic) and the smoothed target
 //! q_ic = (1−ε)·[c = t_i] + ε/C:
 //!   loss_i = −Σ_c q_ic·log p_ic = lse_i − (1−ε)·x_{i,t_i} − (ε/C)·Σ_c x_ic,   loss = mean_i loss_i
 //!   ∂loss/∂x_ic = (softmax_ic − q_ic) / N   (times the upstream gradient `dloss`)

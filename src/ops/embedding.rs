@@ -1,4 +1,4 @@
-//! Embedding gather: out[i] = table[ids[i]], and its backward (a scatter-add). Ids are checked
+//! Embedding gather: `out[i] = table[ids[i]]`, and its backward (a scatter-add). Ids are checked
 //! (an error, not a panic). [`embedding_bwd`] is the CPU reference; [`group_by_id`] +
 //! [`embedding_bwd_grouped`] is the CPU twin of the CUDA kernel `embedding_bwd_rows_f32`
 //! (kernels/embed.cu: one thread per (distinct id, column), rows summed in position order).
@@ -16,7 +16,7 @@ pub fn embedding(table: &[f32], vocab: usize, width: usize, ids: &[u32]) -> Resu
     Ok(out)
 }
 
-/// Backward of [`embedding`]: dtable[ids[i]] += dout[i] (ids repeat: their rows add up). The ids
+/// Backward of [`embedding`]: `dtable[ids[i]] += dout[i]` (ids repeat: their rows add up). The ids
 /// were checked by the forward. One pass in id order: this is the reference and the fast path
 /// (the work is a copy of dout; the table-sized zeroing dominates).
 pub fn embedding_bwd(dout: &[f32], vocab: usize, width: usize, ids: &[u32]) -> Result<Vec<f32>> {

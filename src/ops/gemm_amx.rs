@@ -8,7 +8,7 @@
 //! issues four `tdpbf16ps`. There are no kc-blocks: the tiles are the accumulators, so a block of
 //! C leaves them once, finished (no partial sums stored, read back and stored again); the A
 //! panels and B panels of a work item stream from L2 (loop order: B panel, then A panel, then k).
-//! * B is [`PackedBf16`]'s panel layout, `[kps][32]` u32 pairs per 32-column panel, whose pair
+//! * B is `PackedBf16`'s panel layout, `[kps][32]` u32 pairs per 32-column panel, whose pair
 //!   count is padded with zeros to a multiple of 16: a B tile is 16 consecutive pair-rows (stride
 //!   128 bytes), so the weights are packed once, at load time, with no AMX-specific copy.
 //! * A is packed per work item (f32 → bf16 RNE) into `[32-row panel][k tile][32 rows][16 pairs]`:

@@ -19,7 +19,7 @@
 //! * Register tile `MR × NR = 14 × 32` f32: 28 zmm accumulators, 2 zmm for the current
 //!   B row-pair, 1 broadcast register. Per k pair: 2 loads, 14 broadcasts, 28
 //!   `vdpbf16ps` (64 flops each); the C tile is prefetched at kernel entry.
-//! * kc-blocks: `kp` is split into near-equal blocks of at most [`kc_max`] pairs: 384 for the
+//! * kc-blocks: `kp` is split into near-equal blocks of at most `kc_max` pairs: 384 for the
 //!   `vdpbf16ps` kernel (AMD: a 768-deep product is one block, so C is stored once, not
 //!   stored, read back and stored again; measured on Zen 4 1.01–1.05× at the towers' shapes),
 //!   256 for the others (Intel's f16 and FMA kernels, measured at 256: the B micro-panel,

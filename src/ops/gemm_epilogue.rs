@@ -14,9 +14,9 @@
 //!
 //! When only the epilogue's output is wanted (an activation or bf16 output, no C), the bf16 GEMM
 //! keeps each C tile in a per-thread buffer and applies the epilogue from there
-//! ([`EpiRun::apply_from`]): no [m×n] f32 array goes to memory. On the `vdpbf16ps` kernel a
+//! (`EpiRun::apply_from`): no [m×n] f32 array goes to memory. On the `vdpbf16ps` kernel a
 //! bf16-only output skips even that tile: the kernel applies the epilogue to its accumulators
-//! ([`EpiRun::bf16_out`], `gemm_bf16_avx512::kernel_bf16`; bf16 images 1.025×, texts 1.03×, Zen 4).
+//! (`EpiRun::bf16_out`, `gemm_bf16_avx512::kernel_bf16`; bf16 images 1.025×, texts 1.03×, Zen 4).
 use super::act_simd::{act_row, to_bf16_into, ActDst};
 use super::elementwise::Unary;
 use half::bf16;

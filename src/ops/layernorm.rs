@@ -116,7 +116,7 @@ fn layer_norm_bwd_row(r: &[f32], d: &[f32], gamma: &[f32], eps: f32, dx: &mut [f
     }
 }
 
-/// Backward of [`layer_norm`] (fast), one pass: blocks of [`BWD_BLOCK`] rows in parallel, each
+/// Backward of [`layer_norm`] (fast), one pass: blocks of `BWD_BLOCK` rows in parallel, each
 /// row's statistics computed once, its dx written and its dγ, dβ terms added into the block's
 /// partial; the partials summed in block order. Returns (dx, dγ, dβ).
 pub fn layer_norm_bwd(x: &[f32], n: usize, gamma: &[f32], dy: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {

@@ -43,7 +43,7 @@ impl Default for PcaOptions {
 
 #[derive(Clone, Debug)]
 pub struct Pca {
-    /// μ [D]
+    /// μ `[D]`
     pub mean: Vec<f32>,
     /// V [D, k] row-major: orthonormal (or zero) columns.
     pub v: Vec<f32>,

@@ -25,7 +25,7 @@ pub struct PcaCache {
     pub k: usize,
     /// X_c [B, D]
     pub xc: Mat<f64>,
-    /// Eigenvalues of X_cᵀX_c, descending [D].
+    /// Eigenvalues of X_cᵀX_c, descending `[D]`.
     pub evals: Vec<f64>,
     /// Eigenvectors as columns, in the order of `evals` [D, D].
     pub evecs: Mat<f64>,

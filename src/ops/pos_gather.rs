@@ -3,11 +3,13 @@
 //!
 //! A base table P [L, W] is stretched with (keep, ratio) to Ln = ratio·L − (ratio−1)·keep rows
 //! (77, 20, 4 → 248); stretched row j is
+//! ```text
 //!   j < keep:                         P[j]                                              (9)
 //!   keep ≤ j < E = keep+ratio(L−1−keep), i = (j−keep)/ratio, r = (j−keep)%ratio:
 //!                                     (1 − r/ratio)·P[keep+i] + (r/ratio)·P[keep+i+1]     (10)
 //!   E ≤ j < Ln, r = j − E:            P[L−1] + (r/ratio)·(P[L−1] − P[L−2])               (11)
-//! The gather reads out[n] = stretched[pos[n]] without materialising the table; the backward
+//! ```
+//! The gather reads `out[n] = stretched[pos[n]]` without materialising the table; the backward
 //! scatters d_out into dP [L, W] deterministically (each dP row sums its own contributions in a
 //! fixed order; no atomics anywhere). ratio = 1 is the identity: a plain gather/scatter.
 //!
@@ -48,7 +50,7 @@ impl Stretch {
         self.keep + self.ratio * (self.len - 1 - self.keep)
     }
 
-    /// Stretched row j as w0·P[i0] + w1·P[i1] with f32 weights (the fast path's and the kernel's).
+    /// Stretched row j as `w0·P[i0] + w1·P[i1]` with f32 weights (the fast path's and the kernel's).
     #[inline]
     pub fn coef(&self, j: usize) -> (usize, f32, usize, f32) {
         let (keep, ratio, len) = (self.keep, self.ratio, self.len);
@@ -105,7 +107,7 @@ pub fn stretch_reference<T: Copy + Into<f64>>(p: &[T], width: usize, s: Stretch)
     out
 }
 
-/// out[n] = stretched[pos[n]] in f64 [rows, W].
+/// `out[n] = stretched[pos[n]]` in f64 `[rows, W]`.
 pub fn pos_gather_reference<T: Copy + Into<f64>>(p: &[T], width: usize, s: Stretch, pos: &[u32]) -> Result<Vec<f64>> {
     s.check(p.len(), width, pos)?;
     let table = stretch_reference(p, width, s);
@@ -152,7 +154,7 @@ fn combine(o: &mut [f32], a: &[f32], w0: f32, b: &[f32], w1: f32) {
     }
 }
 
-/// out [rows, W] = stretched[pos[n]]; errors on shapes or position ids ≥ Ln.
+/// out `[rows, W]` = `stretched[pos[n]]`; errors on shapes or position ids ≥ Ln.
 pub fn pos_gather(p: &[f32], width: usize, s: Stretch, pos: &[u32]) -> Result<Vec<f32>> {
     s.check(p.len(), width, pos)?;
     let mut out = vec![0f32; pos.len() * width];
@@ -169,9 +171,9 @@ pub fn stretch(p: &[f32], width: usize, s: Stretch) -> Result<Vec<f32>> {
     pos_gather(p, width, s, &pos)
 }
 
-/// dP [L, W] from d_out [rows, W]. Deterministic and parallel in two gathers: (1) the gradient of
-/// the stretched table, dS[j] = Σ_{n: pos[n]=j} d_out[n] (n ascending), rows j in parallel;
-/// (2) dP[i] = Σ_j w_ij·dS[j] over the ≤ 3·ratio + 1 stretched rows that touch base row i
+/// dP `[L, W]` from d_out `[rows, W]`. Deterministic and parallel in two gathers: (1) the gradient of
+/// the stretched table, `dS[j] = Σ_{n: pos[n]=j} d_out[n]` (n ascending), rows j in parallel;
+/// (2) `dP[i] = Σ_j w_ij·dS[j]` over the ≤ 3·ratio + 1 stretched rows that touch base row i
 /// (j ascending), rows i in parallel.
 pub fn pos_gather_bwd(dout: &[f32], width: usize, s: Stretch, pos: &[u32]) -> Result<Vec<f32>> {
     s.check(s.len * width, width, pos)?;

@@ -2,7 +2,7 @@
 //! backward's [`transpose_bf16`] (dyᵀ rounded to bf16 for the dW GEMM) with its fused twin
 //! [`transpose_bf16_sums`] (also the bias gradient's column sums, from the same read of dy), each
 //! with a scalar reference; and the AVX-512 building blocks the packers and attention share:
-//! [`transpose16`] (a 16×16 block in registers) and [`transpose_lines`] / [`transpose_lines_to`]
+//! `transpose16` (a 16×16 block in registers) and `transpose_lines` / `transpose_lines_to`
 //! (up to 16 lines of any length, transposed 16 steps at a time).
 #[cfg(target_arch = "x86_64")]
 use super::fastmath::SharedMut;

@@ -1,6 +1,6 @@
 //! Registers per thread and static shared memory per kernel, from the ptxas report of the build
 //! (build.rs writes its table to OUT_DIR/ptxas_table.txt; empty when nvcc was not found, and then
-//! every kernel gets [`k::DEFAULT_REGS`](super::gpus::k::DEFAULT_REGS) registers and no static
+//! every kernel gets [`k::DEFAULT_REGS`] registers and no static
 //! shared memory, flagged in the dry-run output).
 use super::gpus::k;
 use std::collections::HashMap;

@@ -1,6 +1,6 @@
 //! The fine-tuning data: image–caption pairs from JSONL ({"image", "caption", "short_caption"?},
 //! image paths relative to the file) or ShareGPT4V JSON (an array of {"image", "conversations"},
-//! long caption = conversations[1].value with newlines as spaces, images relative to the file's
+//! long caption = `conversations[1].value` with newlines as spaces, images relative to the file's
 //! directory or `image_root`). The short caption defaults to Long-CLIP's `caption.split(". ")[0]`.
 //! Or WebDataset tar shards (`data/{00000..00099}.tar`, src/io/webdataset.rs): one sample per key
 //! with an image (jpg, jpeg, png, webp, ...), the long caption from its `.txt` (trimmed, newlines

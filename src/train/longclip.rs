@@ -24,7 +24,7 @@ use std::rc::Rc;
 pub const LABEL_SMOOTHING: f32 = 0.1;
 
 /// ½[CE(τ·a_r·bᵀ) + CE(τ·b_r·aᵀ)] with the rows `rows` of a, b [N, D] (normalised) as the anchors,
-/// each targeting its own index; tau [1]. All rows: the batch's symmetric InfoNCE; a rank's rows:
+/// each targeting its own index; tau `[1]`. All rows: the batch's symmetric InfoNCE; a rank's rows:
 /// that rank's share (the official code's per-GPU loss; the mean over ranks is the batch's).
 pub fn symmetric_infonce(tape: &Tape, a: &Var, b: &Var, tau: &Var, smoothing: f32, rows: Range<usize>) -> Result<Var> {
     let n = a.shape()[0];

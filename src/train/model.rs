@@ -192,7 +192,7 @@ impl TrainClip {
         Ok((states, e))
     }
 
-    /// The logit scale s (a [1] tensor; τ = exp(s)).
+    /// The logit scale s (a `[1]` tensor; τ = exp(s)).
     pub fn logit_scale<'a>(&self, sv: &'a StepVars) -> Result<&'a Var> {
         self.v(sv, names::LOGIT_SCALE)
     }
