@@ -15,39 +15,23 @@
 mod common;
 use clipforge::backend::cpu::Cpu;
 use clipforge::backend::Ops;
-use clipforge::model::synthetic::{random_weights, Rng};
+use clipforge::model::synthetic::random_weights;
 use clipforge::model::{ClipConfig, Weights};
 use clipforge::ops::attention::{attention_reference, AttnShape};
 use clipforge::ops::attention_bf16::{attention_bf16, attention_bf16_reference, attention_packed_bf16, attention_packed_bf16_reference, pays};
 use clipforge::ops::cpu_path::{self, GemmPath};
 use clipforge::ops::gemm_bf16::{has_avx512_bf16, Kernel};
 use clipforge::DType;
+use common::attn_bf16::{path_lock, uniform, KERNELS, SHAPES};
 use half::bf16;
 use std::path::Path;
-
-/// The CPU path is global to the process and one test forces it: every test holds this lock.
-static PATH: std::sync::Mutex<()> = std::sync::Mutex::new(());
-fn path_lock() -> std::sync::MutexGuard<'static, ()> {
-    PATH.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const ATOL: f64 = 2e-3;
 const RTOL: f64 = 1e-3;
 
-fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut g = Rng::new(seed);
-    (0..n).map(|_| (g.uniform() * 2.0 - 1.0) * scale).collect()
-}
-
-/// Checks every element; returns the largest error.
+/// [`common::attn_bf16::assert_within`], its largest error printed.
 fn assert_within(what: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = 0f64;
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w as f64).abs();
-        assert!(g.is_finite() && err <= atol + rtol * (w as f64).abs(), "{what}: element {i}: got {g}, reference {w}");
-        worst = worst.max(err);
-    }
+    let worst = common::attn_bf16::assert_within(what, got, want, atol, rtol);
     eprintln!("{what}: max |err| {worst:.2e}");
     worst
 }
@@ -56,10 +40,6 @@ fn assert_within(what: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) ->
 fn max_diff(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max)
 }
-
-const KERNELS: [Kernel; 7] = [Kernel::Auto, Kernel::AmxSoft, Kernel::Amx, Kernel::Avx512Bf16, Kernel::Avx512Fma, Kernel::Portable, Kernel::PortableBaseline];
-const SHAPES: [(usize, usize, usize, usize); 8] =
-    [(1, 1, 1, 1), (2, 7, 3, 59), (1, 50, 2, 64), (3, 77, 5, 20), (1, 45, 1, 65), (2, 130, 2, 33), (1, 248, 2, 64), (1, 129, 1, 1)];
 
 #[test]
 fn every_kernel_matches_the_rounding_reference() {

@@ -14,9 +14,9 @@
 //! 2^-8·0.5, dK and dQ by 2^-8·|dS|·2 (|q|, |k| ≤ 2, |dS| < 0.5 here); ATOL = 2e-3 holds one
 //! such straddle per output element; a lost, doubled, misplaced or unmasked entry moves outputs
 //! by ~0.05–0.5.
+mod common;
 use clipforge::backend::cpu::Cpu;
 use clipforge::backend::{Ops, Seqs};
-use clipforge::model::synthetic::Rng;
 use clipforge::ops::attention::{attention_backward_reference, AttnShape};
 use clipforge::ops::attention_bf16::attention_bf16_reference;
 use clipforge::ops::attention_bf16::attention_packed_bf16_reference;
@@ -26,33 +26,11 @@ use clipforge::ops::attention_bf16_bwd::{
 use clipforge::ops::cpu_path::{self, GemmPath};
 use clipforge::ops::gemm_bf16::{has_avx512_bf16, Kernel};
 use clipforge::tensor::{Storage, Tensor};
+use common::attn_bf16::{assert_within, path_lock, uniform, KERNELS, SHAPES};
 use half::bf16;
-
-/// The CPU path is global to the process and one test forces it: every test holds this lock.
-static PATH: std::sync::Mutex<()> = std::sync::Mutex::new(());
-fn path_lock() -> std::sync::MutexGuard<'static, ()> {
-    PATH.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const ATOL: f64 = 2e-3;
 const RTOL: f64 = 1e-3;
-
-fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut g = Rng::new(seed);
-    (0..n).map(|_| (g.uniform() * 2.0 - 1.0) * scale).collect()
-}
-
-/// Checks every element; returns the largest error.
-fn assert_within(what: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = 0f64;
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w as f64).abs();
-        assert!(g.is_finite() && err <= atol + rtol * (w as f64).abs(), "{what}: element {i}: got {g}, reference {w}");
-        worst = worst.max(err);
-    }
-    worst
-}
 
 /// q, k (scores of a few units: the softmax neither flat nor one-hot), v, dO, and the forward's
 /// o and lse (the bf16 forward's reference: the lse the backward is given in a bf16 model).
@@ -71,10 +49,6 @@ fn case(s: &AttnShape, seed: u64) -> Case {
     let (o, lse) = attention_bf16_reference(&q, &k, &v, s);
     Case { q, k, v, dout, o, lse }
 }
-
-const KERNELS: [Kernel; 7] = [Kernel::Auto, Kernel::AmxSoft, Kernel::Amx, Kernel::Avx512Bf16, Kernel::Avx512Fma, Kernel::Portable, Kernel::PortableBaseline];
-const SHAPES: [(usize, usize, usize, usize); 8] =
-    [(1, 1, 1, 1), (2, 7, 3, 59), (1, 50, 2, 64), (3, 77, 5, 20), (1, 45, 1, 65), (2, 130, 2, 33), (1, 248, 2, 64), (1, 129, 1, 1)];
 
 fn shape(b: usize, t: usize, h: usize, d: usize, causal: bool) -> AttnShape {
     AttnShape { batch: b, seq: t, heads: h, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() }

@@ -12,7 +12,7 @@
 //! bf16 training (`finetune --dtype bf16`): a bf16 weight keeps its f32 master (`Weight::w`); the
 //! backward GEMMs of such a weight also take bf16 inputs with f32 accumulation: dx = dy·W through
 //! Wᵀ packed on the first backward (cached with the weight), dW = dyᵀ·x through xᵀ packed per call.
-use super::cpu_linear::{add_into, bf16_of, gemm16, gemm16_to_bf16, linear32, linear_bwd_bf16, linear_bwd_bf16_xt, written32, written_pair};
+use super::cpu_linear::{add_into, bf16_of, gemm16, gemm16_to_bf16, linear32, linear_bwd_bf16, written32, written_pair};
 pub use super::cpu_linear::{CpuHalf, CpuPacked};
 use super::{profile, Act, Ops, Seqs, Weight};
 use crate::error::Result;
@@ -161,7 +161,8 @@ impl Ops for Cpu {
         check("linear_bwd dy", g.len(), m * n)?;
         check("linear_bwd x", xd.len(), m * k)?;
         if let Some(h) = bf16_of(w) {
-            let (dw, db) = linear_bwd_bf16(&g, &xd, w, h, m, &mut d[..m * k], accumulate, bias)?;
+            let xt = PackedBf16::from_f32_t(&xd[..m * k], m, k); // xᵀ: [k outputs × m]
+            let (dw, db) = linear_bwd_bf16(&g, &xt, w, h, m, &mut d[..m * k], accumulate, bias)?;
             *dx = vec1(d)?;
             return Ok((vec1(dw)?, db.map(vec1).transpose()?));
         }
@@ -191,12 +192,12 @@ impl Ops for Cpu {
                 check("qkv_bwd weight", w.k, k)?;
                 let g = dy.f32_data();
                 check("qkv_bwd dy", g.len(), n * w.n)?;
-                let (dw, db) = linear_bwd_bf16_xt(&g, &xt, w, half, n, dh, i > 0, true)?; // dh (+)= dy·W
+                let (dw, db) = linear_bwd_bf16(&g, &xt, w, half, n, dh, i > 0, true)?; // dh (+)= dy·W
                 grads.push((vec1(dw)?, vec1(db.ok_or_else(|| crate::error::Error::msg("qkv_bwd: no bias gradient"))?)?));
             }
             Ok(())
         };
-        // SAFETY: the first `linear_bwd_bf16_xt` (not accumulating) writes every element of dh
+        // SAFETY: the first `linear_bwd_bf16` (not accumulating) writes every element of dh
         // (its dx GEMM's C: see `written32`), the next two add to it.
         let dh = unsafe { written32(n * k, fill) }?; // [n, K]
         let [(dwq, dbq), (dwk, dbk), (dwv, dbv)]: [(Tensor, Tensor); 3] =

@@ -44,26 +44,11 @@ pub(super) fn bf16_of(w: &Weight<Cpu>) -> Option<&CpuHalf> {
     }
 }
 
-/// dx[m×k] (+)= dy[m×n]·W and dW[n×k] = dyᵀ·x with bf16 inputs, f32 accumulation; with `bias`,
+/// dx[m×k] (+)= dy[m×n]·W and dW[n×k] = dyᵀ·x with bf16 inputs, f32 accumulation, x given as
+/// xᵀ packed (`PackedBf16::from_f32_t`: `Ops::qkv_bwd` packs one for q, k and v); with `bias`,
 /// also db = Σ_rows dy (f32, `transpose_bf16_sums`' fixed order).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear_bwd_bf16(
-    g: &[f32],
-    xd: &[f32],
-    w: &Weight<Cpu>,
-    h: &CpuHalf,
-    m: usize,
-    d: &mut [f32],
-    accumulate: bool,
-    bias: bool,
-) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-    let xt = PackedBf16::from_f32_t(&xd[..m * w.k], m, w.k); // xᵀ: [k outputs × m]
-    linear_bwd_bf16_xt(g, &xt, w, h, m, d, accumulate, bias)
-}
-
-/// [`linear_bwd_bf16`] with xᵀ packed by the caller (`Ops::qkv_bwd`: one xᵀ for the three).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn linear_bwd_bf16_xt(
     g: &[f32],
     xt: &PackedBf16,
     w: &Weight<Cpu>,

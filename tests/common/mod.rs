@@ -1,6 +1,7 @@
 //! Shared test helpers: seeded random data and the per-element closeness check
 //! |x − ref| ≤ atol + rtol·|ref| (NaN/Inf fail; never a mean-error rule).
 #![allow(dead_code)]
+pub mod attn_bf16;
 pub mod bf16_towers;
 pub mod f64_ref;
 pub mod half_ref;
