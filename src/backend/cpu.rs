@@ -384,20 +384,20 @@ impl Ops for Cpu {
         w: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let _p = profile::attention("attention_bwd", seqs, heads, w, 2.5);
-        if let (Some(qb), Some(kb), Some(vb)) = (q.bf16_data(), k.bf16_data(), v.bf16_data()) {
+        let (od, ld, dd) = (o.f32_data(), lse.f32_data(), d_o.f32_data());
+        let (dq, dk, dv) = if let (Some(qb), Some(kb), Some(vb)) = (q.bf16_data(), k.bf16_data(), v.bf16_data()) {
             // bf16 q, k, v (from `qkv`, as the bf16 forward took them): the five products
             // through the bf16 GEMM
-            let (od, ld, dd) = (o.f32_data(), lse.f32_data(), d_o.f32_data());
-            let (dq, dk, dv) = match seqs {
+            match seqs {
                 Seqs::Batch { batch, seq, causal } => attention_backward_bf16(qb, kb, vb, &od, &ld, &dd, &shape(*batch, *seq, heads, w, *causal), Kernel::Auto),
                 Seqs::Packed(lens) => attention_packed_backward_bf16(qb, kb, vb, &od, &ld, &dd, lens, heads, true, Kernel::Auto),
-            };
-            return Ok((vec1(dq)?, vec1(dk)?, vec1(dv)?));
-        }
-        let (qd, kd, vd, od, ld, dd) = (q.f32_data(), k.f32_data(), v.f32_data(), o.f32_data(), lse.f32_data(), d_o.f32_data());
-        let (dq, dk, dv) = match seqs {
-            Seqs::Batch { batch, seq, causal } => attention_backward(&qd, &kd, &vd, &od, &ld, &dd, &shape(*batch, *seq, heads, w, *causal)),
-            Seqs::Packed(lens) => attention_packed_backward(&qd, &kd, &vd, &od, &ld, &dd, lens, heads, true),
+            }
+        } else {
+            let (qd, kd, vd) = (q.f32_data(), k.f32_data(), v.f32_data());
+            match seqs {
+                Seqs::Batch { batch, seq, causal } => attention_backward(&qd, &kd, &vd, &od, &ld, &dd, &shape(*batch, *seq, heads, w, *causal)),
+                Seqs::Packed(lens) => attention_packed_backward(&qd, &kd, &vd, &od, &ld, &dd, lens, heads, true),
+            }
         };
         Ok((vec1(dq)?, vec1(dk)?, vec1(dv)?))
     }
