@@ -93,6 +93,37 @@ fn bench_json_on_a_model_directory() {
 }
 
 #[test]
+fn bench_reports_the_cpu_and_its_paths() {
+    let m = fixture("tiny");
+    let mt = m.to_str().unwrap();
+    let cpu_of = |env: Option<&str>, args: &[&str]| -> serde_json::Value {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_clipforge"));
+        c.args(args).env_remove("CLIPFORGE_CPU_GEMM").env_remove("CLIPFORGE_CPU_ATTN");
+        if let Some(p) = env {
+            c.env("CLIPFORGE_CPU_GEMM", p);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["cpu"].clone()
+    };
+    let embed = ["bench", "--model", mt, "--batch", "2", "--iters", "1", "--device", "cpu", "--dtype", "bf16", "--json"];
+    let c = cpu_of(None, &embed);
+    assert!(!c["name"].as_str().unwrap().is_empty() && ["intel", "amd", "other"].contains(&c["vendor"].as_str().unwrap()), "{c}");
+    assert!(["amx", "avx512bf16", "avx512", "scalar"].contains(&c["gemm_path"].as_str().unwrap()), "{c}");
+    // the amx path only where CPUID says AMX-BF16; vdpbf16ps only where the CPU has AVX512-BF16
+    assert!(c["gemm_path"] != "amx" || c["amx_bf16"] == true, "{c}");
+    assert!(c["bf16_kernel"] != "vdpbf16ps" || c["avx512_bf16"] == true, "{c}");
+    // capped to the portable path: every report says so
+    let c = cpu_of(Some("scalar"), &embed);
+    assert_eq!((c["gemm_path"].as_str(), c["bf16_kernel"].as_str(), c["bf16_attention"].as_bool()), (Some("scalar"), Some("portable"), Some(false)), "{c}");
+    let train = ["bench", "--task", "train", "--model", mt, "--batch", "4", "--iters", "1", "--device", "cpu", "--json"];
+    assert_eq!(cpu_of(Some("scalar"), &train)["gemm_path"], "scalar");
+    let text = run(&["bench", "--model", mt, "--batch", "2", "--iters", "1", "--device", "cpu", "--towers", "image"]);
+    assert!(text.lines().any(|l| l.starts_with("cpu ") && l.contains("GEMM path")), "{text}");
+}
+
+#[test]
 fn bench_profile_tables() {
     let m = fixture("tiny");
     let mt = m.to_str().unwrap();

@@ -263,9 +263,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     // the ceiling is the CPU's GEMM: only meaningful for CPU runs
     let shape = ceiling_shape(&cfg, do_img, b, t);
     let ceiling = if on_cuda { f64::NAN } else { gemm_ceiling_gflops(dtype, shape) };
-    if !on_cuda {
+    let cpu = (!on_cuda).then(clipforge::ops::cpu_info::CpuInfo::detect);
+    if let Some(c) = &cpu {
         report["gemm_ceiling_gflops"] = ceiling.into();
         report["gemm_ceiling_shape"] = serde_json::json!([shape.0, shape.1, shape.2]);
+        report["cpu"] = c.to_json();
     }
     for k in ["image", "text"] {
         if on_cuda {
@@ -286,6 +288,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             println!("model      {}  (batch {b}, f32, {device})", source);
         } else {
             println!("model      {}  (batch {b}, {}, cpu, {} threads)", source, report["dtype"].as_str().unwrap_or(""), report["threads"]);
+        }
+        if let Some(c) = &cpu {
+            println!("cpu        {}", c.line());
         }
         if let Some(x) = report["images_per_s"].as_f64() {
             println!(

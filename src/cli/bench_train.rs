@@ -126,6 +126,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         Some(_) => super::bench::gemm_ceiling_gflops(spec.dtype, super::bench::ceiling_shape(&cfg, true, b, 0)),
         None => f64::NAN,
     };
+    let cpu = device.starts_with("cpu").then(clipforge::ops::cpu_info::CpuInfo::detect);
+    if let Some(c) = &cpu {
+        report["cpu"] = c.to_json();
+    }
     if let Some(p) = &prof {
         report["step_profile"] = p.to_json(ceiling);
         report["gemm_ceiling_gflops"] = ceiling.into();
@@ -139,6 +143,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             report["dtype"].as_str().unwrap_or(""),
             if a.recompute { ", recompute" } else { "" }
         );
+        if let Some(c) = &cpu {
+            println!("cpu        {}", c.line());
+        }
         println!("step       {:8.1} ms   {:8.2} samples/s   {gflops:7.1} GFLOP/s (≈3× forward)", sec * 1e3, b as f64 / sec);
         match (step_peak, before) {
             (Some(p), Some(b0)) => {

@@ -9,6 +9,7 @@ pub mod attention_bf16_bwd;
 pub mod attention_bwd;
 pub mod attn_kernel;
 mod bf16_simd;
+pub mod cpu_info;
 pub mod cpu_path;
 pub mod cross_entropy;
 pub mod elementwise;
