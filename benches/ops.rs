@@ -236,7 +236,8 @@ fn bench_attention_bwd(c: &mut Criterion) {
 /// The f32 attention against the bf16 one (QKᵀ and PV through the bf16 GEMM) on long sequences:
 /// Long-CLIP's 248-token text (causal) and a ViT-L/14 image (257 tokens). `bf16-auto` is the
 /// bf16 GEMM's own choice here (f32 FMAs on Intel without AMX), `bf16-vdpbf16ps` the AVX512-BF16
-/// kernel (what AMD takes); on AMX, `bf16-auto` is the tile kernel.
+/// kernel (what AMD takes); on AMX, `bf16-auto` is the tile kernel. `bf16-in`: bf16 inputs, as a
+/// bf16 model gives them (on `vdpbf16ps`: the fused per-head forward, `attention_bf16_fused.rs`).
 fn bench_attention_bf16(c: &mut Criterion) {
     use clipforge::ops::attention_bf16::attention_bf16;
     use clipforge::ops::gemm_bf16::{has_avx512_bf16, Kernel};
@@ -253,6 +254,10 @@ fn bench_attention_bf16(c: &mut Criterion) {
         if has_avx512_bf16() {
             g.bench_function(format!("bf16-vdpbf16ps/{name}"), |bch| bch.iter(|| black_box(attention_bf16(&q, &k, &v, &s, Kernel::Avx512Bf16))));
         }
+        // q, k, v already bf16, as a bf16 model keeps them: on `vdpbf16ps` the fused per-head form
+        let r = |x: &[f32]| x.iter().map(|&y| half::bf16::from_f32(y)).collect::<Vec<_>>();
+        let (q16, k16, v16) = (r(&q), r(&k), r(&v));
+        g.bench_function(format!("bf16-in/{name}"), |bch| bch.iter(|| black_box(attention_bf16(&q16, &k16, &v16, &s, Kernel::Auto))));
     }
     g.finish();
 }

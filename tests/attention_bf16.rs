@@ -103,6 +103,45 @@ fn bf16_inputs_give_the_bits_of_rounded_f32_inputs() {
     }
 }
 
+/// bf16 inputs on `vdpbf16ps` take the fused per-head forward (`attention_bf16_fused.rs`: 14-row
+/// panels, causal panels over their own keys, O stored in place); f32 inputs the GEMM-composed
+/// one. Same bits on every shape (one panel, one more, partial value panels, an odd pair count,
+/// head dims 2–128, causal and not), and within the rounding reference's tolerance. Elsewhere
+/// (no AVX512-BF16, odd head dims) both run the composed path and this still holds.
+#[test]
+fn the_fused_forward_gives_the_composed_forwards_bits() {
+    let _path = path_lock();
+    let r = |x: &[f32]| x.iter().map(|&y| bf16::from_f32(y)).collect::<Vec<bf16>>();
+    let shapes = [(1, 1, 1, 2), (2, 14, 3, 46), (1, 15, 2, 64), (3, 77, 5, 20), (2, 50, 2, 64), (2, 130, 2, 96), (1, 248, 2, 64), (1, 29, 4, 128)];
+    for (si, &(b, t, h, d)) in shapes.iter().enumerate() {
+        let n = b * t * h * d;
+        let seed = 40 + 3 * si as u64;
+        let (q, k, v) = (uniform(n, seed, 2.0), uniform(n, seed + 1, 2.0), uniform(n, seed + 2, 0.5));
+        for causal in [false, true] {
+            let s = AttnShape { batch: b, seq: t, heads: h, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
+            let (ro, rl) = attention_bf16_reference(&q, &k, &v, &s);
+            for kernel in [Kernel::Auto, Kernel::Avx512Bf16] {
+                let what = format!("{kernel:?} b{b} t{t} h{h} d{d} causal {causal}");
+                let (o32, l32) = attention_bf16(&q, &k, &v, &s, kernel);
+                let (o16, l16) = attention_bf16(&r(&q), &r(&k), &r(&v), &s, kernel);
+                let first = o32.iter().zip(&o16).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert!(first.is_none(), "{what}: outputs differ first at {first:?}: {:?}", first.map(|i| (o32[i], o16[i])));
+                assert!(l32.iter().zip(&l16).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: lse differ");
+                assert_within(&format!("{what} out"), &o16, &ro, ATOL, RTOL);
+                assert_within(&format!("{what} lse"), &l16, &rl, 1e-5, 1e-5);
+            }
+        }
+    }
+    // packed sequences (the text tower's layout), causal
+    let (lens, h, d) = ([1usize, 14, 77, 130, 2], 2, 64);
+    let n = lens.iter().sum::<usize>() * h * d;
+    let (q, k, v) = (uniform(n, 91, 2.0), uniform(n, 92, 2.0), uniform(n, 93, 0.5));
+    let (o32, l32) = attention_packed_bf16(&q, &k, &v, &lens, h, true, Kernel::Auto);
+    let (o16, l16) = attention_packed_bf16(&r(&q), &r(&k), &r(&v), &lens, h, true, Kernel::Auto);
+    assert!(o32.iter().zip(&o16).all(|(a, b)| a.to_bits() == b.to_bits()), "packed: outputs differ");
+    assert!(l32.iter().zip(&l16).all(|(a, b)| a.to_bits() == b.to_bits()), "packed: lse differ");
+}
+
 #[test]
 fn packed_sequences_match_the_reference() {
     let _path = path_lock();

@@ -15,6 +15,10 @@
 //! item). A causal block uses only the keys it sees: a prefix of both packed weights (blocks of
 //! an even number of rows keep that prefix even, so no pair reaches past it).
 //!
+//! bf16 inputs on the `vdpbf16ps` kernel (a bf16 model on AMD) take the fused form of the same
+//! steps instead (`attention_bf16_fused.rs`: per 14-row panel, Q read from its rows, O stored in
+//! place, a causal panel over its own keys), with the same bits.
+//!
 //! The CPU backend takes this path when a model computes in bf16 and [`pays`]: on AMX, or on
 //! AVX512-BF16 where `vdpbf16ps` beats f32 FMAs (AMD); elsewhere bf16 products would only add
 //! conversions to the f32 attention (`attention.rs`). `CLIPFORGE_CPU_ATTN=f32|bf16` overrides
@@ -78,12 +82,13 @@ fn at(kps: usize, j: usize, p: usize) -> usize {
     (j / NR) * kps * NR + p * NR + j % NR
 }
 
-/// K of one head as the weight [T × hd] (output j = key j, its pairs along hd), per 32-key
-/// panel: each key's row converted to contiguous pairs in `tmp` ([keys, pairs]), then transposed
-/// into the panel's [pairs, 32 keys] (16×16 in-register transposes when `avx512`: the path
-/// allows AVX-512F).
+/// K of one head (rows `base + j·w`, j < t, of `x`) as the weight [T × hd] (output j = key j,
+/// its pairs along hd), per 32-key panel: each key's row converted to contiguous pairs in `tmp`
+/// ([keys, pairs]), then transposed into the panel's [pairs, 32 keys] (16×16 in-register
+/// transposes when `avx512`: the path allows AVX-512F). bf16 rows of an even hd are pairs as they
+/// lie: transposed straight from `x`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn pack_k<'a, T: AElem>(
+pub(super) fn pack_k<T: AElem>(
     dst: &mut [u32],
     tmp: &mut Vec<u32>,
     kps: usize,
@@ -91,9 +96,28 @@ pub(super) fn pack_k<'a, T: AElem>(
     d: usize,
     cvt: bool,
     avx512: bool,
-    row: impl Fn(usize) -> &'a [T],
+    (x, base, w): (&[T], usize, usize),
 ) {
     let kp = d.div_ceil(2);
+    let row = |j: usize| head_row(x, base, w, d, j);
+    #[cfg(target_arch = "x86_64")]
+    if let (true, true, super::gemm_bf16::Row::Bf16(xb)) = (avx512, d.is_multiple_of(2) && w.is_multiple_of(2), T::row(x)) {
+        for (panel, out) in dst.chunks_exact_mut(kps * NR).enumerate().take(t.div_ceil(NR)) {
+            let keys = NR.min(t - panel * NR);
+            for half in 0..2 {
+                let live = keys.saturating_sub(16 * half).min(16);
+                if live > 0 {
+                    let first = row(panel * NR + 16 * half).as_ptr();
+                    // SAFETY: AVX-512F (`avx512`); lines i < live are key rows panel·32 + 16·half + i,
+                    // w/2 pairs apart, kp = d/2 pairs each (inside x: `row` checked the first, the
+                    // rest are rows < t of the same head); out[16·half..] holds (kp − 1)·NR + 16.
+                    debug_assert!(base + (panel * NR + 16 * half + live - 1) * w + d <= xb.len());
+                    unsafe { transpose_lines(first.cast::<f32>(), w / 2, live, kp, bytemuck::cast_slice_mut(&mut out[16 * half..]), NR, 16) };
+                }
+            }
+        }
+        return;
+    }
     tmp.resize(NR * kp, 0);
     for (panel, out) in dst.chunks_exact_mut(kps * NR).enumerate().take(t.div_ceil(NR)) {
         let keys = NR.min(t - panel * NR);
@@ -105,8 +129,8 @@ pub(super) fn pack_k<'a, T: AElem>(
             for half in 0..2 {
                 let live = keys.saturating_sub(16 * half).min(16);
                 if live > 0 {
-                    // SAFETY: AVX-512F (`avx512`: the selected path has it); lines i < live are tmp rows 16·half + i, kp
-                    // values each; out[16·half..] holds (kp − 1)·NR + 16 values (kp ≤ kps).
+                    // SAFETY: AVX-512F (`avx512`: the selected path has it); lines i < live are tmp rows 16·half + i,
+                    // kp values each; out[16·half..] holds (kp − 1)·NR + 16 values (kp ≤ kps).
                     unsafe {
                         let base = tmp.as_ptr().add(16 * half * kp).cast::<f32>();
                         transpose_lines(base, kp, live, kp, bytemuck::cast_slice_mut(&mut out[16 * half..]), NR, 16)
@@ -155,6 +179,19 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
     let simd = cfg!(target_arch = "x86_64") && cpu_path::selected() >= GemmPath::Avx512;
     let cvt = converts_in_simd(resolve(kernel)); // packing's f32 → bf16 as the kernel's own
     let out_at = SharedOut::new(out);
+    #[cfg(target_arch = "x86_64")]
+    if super::attention_bf16_fused::applies::<T>(kernel, t, d) {
+        use super::attention_bf16_fused::{head, Fused};
+        let scratch = || (packed_k_len(t, d), packed_vt_len(t, d), Vec::new(), Fused::new(t));
+        lse.par_chunks_mut(t).enumerate().for_each_init(scratch, |(pk, pv, tmp, x), (bh, lr)| {
+            let base = (bh / s.heads) * t * w + (bh % s.heads) * d; // (b, 0, h, 0)
+            prefetch_head(&[q, k, v], bh + 1, s);
+            let kv = pack_head(pk, pv, tmp, [k, v], base, s, cvt, simd);
+            // SAFETY: `applies`; task (b, h) writes only its head's rows and columns of out.
+            unsafe { head(q, base, s, kv, lr, x, out_at) };
+        });
+        return;
+    }
     let scratch = || Scratch {
         pk: packed_k_len(t, d),
         pv: packed_vt_len(t, d),
@@ -250,7 +287,7 @@ fn pack_head<'a, T: AElem>(
 ) -> (WView<'a>, WView<'a>) {
     let (t, w, d) = (s.seq, s.width(), s.head_dim);
     let (kps_k, kps_v) = (geometry(t, d).1, geometry(d, t).1); // pairs per panel
-    pack_k(pk, tmp, kps_k, t, d, cvt, simd, |j| head_row(k, base, w, d, j));
+    pack_k(pk, tmp, kps_k, t, d, cvt, simd, (k, base, w));
     pack_vt(pv, kps_v, t, d, cvt, |j| head_row(v, base, w, d, j));
     (WView::from_parts(t, d, kps_k, pk), WView::from_parts(d, t, kps_v, pv))
 }

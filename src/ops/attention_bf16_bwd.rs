@@ -218,8 +218,8 @@ unsafe fn head<T: AElem>(c: &Ctx, [q, k, v]: [&[T]; 3], o: &[f32], dout: &[f32],
     let (kps_k, kps_t) = (geometry(t, d).1, geometry(d, t).1); // pairs per panel
     super::attention::prefetch_head(&[q, k, v], bh + 1, s);
     super::attention::prefetch_head(&[o, dout], bh + 1, s);
-    pack_k(&mut sc.pk, &mut sc.tmp, kps_k, t, d, c.cvt, c.simd, |j| head_row(k, base, w, d, j));
-    pack_k(&mut sc.pv, &mut sc.tmp, kps_k, t, d, c.cvt, c.simd, |j| head_row(v, base, w, d, j));
+    pack_k(&mut sc.pk, &mut sc.tmp, kps_k, t, d, c.cvt, c.simd, (k, base, w));
+    pack_k(&mut sc.pv, &mut sc.tmp, kps_k, t, d, c.cvt, c.simd, (v, base, w));
     pack_vt(&mut sc.pkt, kps_t, t, d, c.cvt, |j| head_row(k, base, w, d, j));
     sc.qh.clear();
     sc.doh.clear();

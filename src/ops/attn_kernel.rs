@@ -243,8 +243,9 @@ pub unsafe fn softmax_row(row: &mut [f32], keys: usize, scale: f32) -> f32 {
 /// [`softmax_row`] over the rows of `sc` (`[rows, nk]`): row j sees `keys(j)` keys, its logsumexp
 /// goes to `lse[j]`. Four rows at a time: one row is a chain of dependent passes (the max and
 /// sum reductions, the exps, the division: ≈ 24 % of a bf16 attention at T = 50, waiting on
-/// latency), four rows in flight overlap. Each row gets the operations of [`softmax_row`] (a
-/// lane past a shorter row's keys is masked off, which changes nothing), so the same bits.
+/// latency), four rows in flight overlap (the last two or three rows together too). Each row gets
+/// the operations of [`softmax_row`] (a lane past a shorter row's keys is masked off, which
+/// changes nothing), so the same bits.
 ///
 /// # Safety
 /// AVX-512F.
@@ -253,28 +254,32 @@ pub unsafe fn softmax_rows(sc: &mut [f32], nk: usize, scale: f32, keys: impl Fn(
     assert!(scale > 0.0, "softmax_rows: scale {scale} must be positive");
     let mut rows = sc.chunks_exact_mut(nk.max(1));
     let mut j = 0;
+    // SAFETY (each call): AVX-512F (the caller's).
     while rows.len() >= 4 {
         let four: [&mut [f32]; 4] = std::array::from_fn(|_| rows.next().expect("four rows left"));
-        // SAFETY: AVX-512F (the caller's).
-        let l = unsafe { softmax4(four, [keys(j), keys(j + 1), keys(j + 2), keys(j + 3)], scale) };
+        let l = unsafe { softmax_n(four, std::array::from_fn(|r| keys(j + r)), scale) };
         lse[j..j + 4].copy_from_slice(&l);
         j += 4;
     }
-    for row in rows {
-        // SAFETY: as above.
-        lse[j] = unsafe { softmax_row(row, keys(j), scale) };
-        j += 1;
+    // the last one to three rows, interleaved too (a 14-row panel ends on two)
+    match rows.len() {
+        3 => lse[j..j + 3]
+            .copy_from_slice(&unsafe { softmax_n::<3>(std::array::from_fn(|_| rows.next().expect("3")), std::array::from_fn(|r| keys(j + r)), scale) }),
+        2 => lse[j..j + 2]
+            .copy_from_slice(&unsafe { softmax_n::<2>(std::array::from_fn(|_| rows.next().expect("2")), std::array::from_fn(|r| keys(j + r)), scale) }),
+        1 => lse[j] = unsafe { softmax_row(rows.next().expect("1"), keys(j), scale) },
+        _ => {}
     }
 }
 
-/// [`softmax_row`] of four rows, interleaved.
+/// [`softmax_row`] of `R` (≤ 4) rows, interleaved.
 ///
 /// # Safety
 /// AVX-512F.
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax4(rows: [&mut [f32]; 4], keys: [usize; 4], scale: f32) -> [f32; 4] {
-    let mut p = [std::ptr::null_mut::<f32>(); 4];
-    let mut n = [0usize; 4];
+unsafe fn softmax_n<const R: usize>(rows: [&mut [f32]; R], keys: [usize; R], scale: f32) -> [f32; R] {
+    let mut p = [std::ptr::null_mut::<f32>(); R];
+    let mut n = [0usize; R];
     for (r, row) in rows.into_iter().enumerate() {
         let (live, dead) = row.split_at_mut(keys[r]);
         dead.fill(0.0);
@@ -291,19 +296,19 @@ unsafe fn softmax4(rows: [&mut [f32]; 4], keys: [usize; 4], scale: f32) -> [f32;
         }
     };
     let sc = _mm512_set1_ps(scale);
-    let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); R];
     // SAFETY (the three passes): the lanes in m are inside row r's keys (`wrapping_add` keeps a
     // pointer past a shorter row defined; its mask is 0, so nothing is read or written).
     for i in (0..nmax).step_by(16) {
-        for r in 0..4 {
+        for r in 0..R {
             let (m, q) = (lanes(r, i), p[r].wrapping_add(i));
             mx[r] = _mm512_mask_max_ps(mx[r], m, mx[r], unsafe { _mm512_maskz_loadu_ps(m, q) });
         }
     }
     let max = mx.map(|v| _mm512_reduce_max_ps(v) * scale); // the largest x·scale ([`softmax_row`])
-    let mut sum = [_mm512_setzero_ps(); 4];
+    let mut sum = [_mm512_setzero_ps(); R];
     for i in (0..nmax).step_by(16) {
-        for r in 0..4 {
+        for r in 0..R {
             let (m, q) = (lanes(r, i), p[r].wrapping_add(i));
             let e = exp_softmax16(_mm512_fmsub_ps(unsafe { _mm512_maskz_loadu_ps(m, q) }, sc, _mm512_set1_ps(max[r])));
             unsafe { _mm512_mask_storeu_ps(q, m, e) };
@@ -313,7 +318,7 @@ unsafe fn softmax4(rows: [&mut [f32]; 4], keys: [usize; 4], scale: f32) -> [f32;
     let z = sum.map(|v| _mm512_reduce_add_ps(v));
     let inv = z.map(|z| _mm512_set1_ps(1.0 / z));
     for i in (0..nmax).step_by(16) {
-        for r in 0..4 {
+        for r in 0..R {
             let (m, q) = (lanes(r, i), p[r].wrapping_add(i));
             unsafe { _mm512_mask_storeu_ps(q, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, q), inv[r])) };
         }

@@ -78,6 +78,11 @@ impl AElem for bf16 {
         }
     }
     fn zip_pairs(lo: &[bf16], hi: Option<&[bf16]>, dst: &mut [u32], _simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if super::gemm_bf16_avx512::has_zip_bf16() {
+            // SAFETY: the features were just detected.
+            return unsafe { super::gemm_bf16_avx512::zip_bf16(lo, hi, dst) };
+        }
         match hi {
             Some(hi) => dst.iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&l, &h))| *d = pair(l, h)),
             None => dst.iter_mut().zip(lo).for_each(|(d, &l)| *d = pair(l, bf16::ZERO)),

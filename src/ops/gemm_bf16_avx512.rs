@@ -53,6 +53,34 @@ pub(super) unsafe fn zip_convert(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]
     }
 }
 
+/// Whether [`zip_bf16`] runs here (AVX-512F, -BW, -VL; detected once).
+pub(super) fn has_zip_bf16() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl"))
+}
+
+/// `dst[i] = (lo[i], hi[i])` (`hi` None: zero halves), bf16 as they are, 16 pairs at a time: the
+/// bits of `AElem::zip_pairs`'s scalar loop (two rows interleaved, e.g. V's key pairs).
+///
+/// # Safety
+/// Requires avx512f, -bw, -vl ([`has_zip_bf16`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn zip_bf16(lo: &[bf16], hi: Option<&[bf16]>, dst: &mut [u32]) {
+    let n = dst.len().min(lo.len()).min(hi.map_or(usize::MAX, |h| h.len()));
+    for i in (0..n).step_by(16) {
+        let m = mask16(n - i);
+        // SAFETY: masked loads and the store touch lanes < n - i, inside lo, hi and dst.
+        unsafe {
+            let l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo.as_ptr().add(i).cast()));
+            let v = match hi {
+                Some(h) => _mm512_or_si512(l, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, h.as_ptr().add(i).cast())))),
+                None => l,
+            };
+            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(i).cast(), m, v);
+        }
+    }
+}
+
 #[inline(always)]
 fn mask16(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as u16
@@ -113,7 +141,7 @@ unsafe fn kernel_s<const S: usize>(a: &[u32], b: &[u32], kc: usize, t: &Tile) {
 /// # Safety
 /// Requires avx512f + avx512bf16 (inlined into callers that enable them).
 #[inline(always)]
-unsafe fn products<const S: usize>(a: &[u32], b: &[u32], kc: usize) -> ([__m512; MR], [__m512; MR]) {
+pub(super) unsafe fn products<const S: usize>(a: &[u32], b: &[u32], kc: usize) -> ([__m512; MR], [__m512; MR]) {
     // SAFETY: the caller's.
     unsafe { products_with::<S>(a, b, kc, || {}) }
 }

@@ -6,6 +6,8 @@ pub mod adamw;
 pub mod attention;
 pub mod attention_bf16;
 pub mod attention_bf16_bwd;
+#[cfg(target_arch = "x86_64")]
+mod attention_bf16_fused;
 pub mod attention_bwd;
 pub mod attn_kernel;
 mod bf16_simd;
