@@ -19,6 +19,14 @@ fn main() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
     let cli = cli::Cli::parse();
+    // A closed stdout (`clipforge bench --json | head -1`) ends the process quietly, as for other
+    // Unix tools, instead of `println!`'s panic. Not for the commands that own sockets (`serve`,
+    // and `finetune`'s ranks): a peer's closed connection stays an error they report.
+    #[cfg(unix)]
+    if !matches!(cli.cmd, cli::Command::Serve(_) | cli::Command::Finetune(_)) {
+        // SAFETY: restores the default action of one signal, before any threads exist.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     if let Err(e) = cli::run(cli) {
         eprintln!("error: {e}");
         // 130 = 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C

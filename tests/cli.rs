@@ -123,6 +123,24 @@ fn bench_reports_the_cpu_and_its_paths() {
     assert!(text.lines().any(|l| l.starts_with("cpu ") && l.contains("GEMM path")), "{text}");
 }
 
+/// A reader that stops early (`clipforge bench --json | head -1`) ends the command quietly: no
+/// panic message from a write to the closed pipe.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let m = fixture("tiny");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clipforge"))
+        .args(["bench", "--model", m.to_str().unwrap(), "--batch", "2", "--iters", "1", "--device", "cpu", "--profile", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(c.stdout.take()); // the reader is gone before the first write
+    let out = c.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert!(!out.status.success(), "a write to a closed pipe cannot succeed");
+}
+
 #[test]
 fn bench_profile_tables() {
     let m = fixture("tiny");
