@@ -111,7 +111,7 @@ pub(super) fn pack_k<T: AElem>(
                     // SAFETY: AVX-512F (`avx512`); lines i < live are key rows panel·32 + 16·half + i,
                     // w/2 pairs apart, kp = d/2 pairs each (inside x: `row` checked the first, the
                     // rest are rows < t of the same head); out[16·half..] holds (kp − 1)·NR + 16.
-                    debug_assert!(base + (panel * NR + 16 * half + live - 1) * w + d <= xb.len());
+                    assert!(base + (panel * NR + 16 * half + live - 1) * w + d <= xb.len(), "pack_k: key rows past k");
                     unsafe { transpose_lines(first.cast::<f32>(), w / 2, live, kp, bytemuck::cast_slice_mut(&mut out[16 * half..]), NR, 16) };
                 }
             }

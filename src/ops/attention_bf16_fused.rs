@@ -56,6 +56,10 @@ pub(super) unsafe fn head<T: AElem>(q: &[T], base: usize, s: &AttnShape, (kw, vw
     unsafe { head_bf16(q, base, s, kw, vw, lse, x, out) }
 }
 
+/// [`head`] on bf16 rows.
+///
+/// # Safety
+/// As [`head`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn head_bf16(q: &[bf16], base: usize, s: &AttnShape, kw: WView, vw: WView, lse: &mut [f32], x: &mut Fused, out: SharedOut) {
@@ -66,7 +70,8 @@ unsafe fn head_bf16(q: &[bf16], base: usize, s: &AttnShape, kw: WView, vw: WView
         let rows = MR.min(t - r0);
         let nk = if s.causal { r0 + rows } else { t }; // keys the panel's last row sees
         let ld = nk.next_multiple_of(NR); // S's row stride: whole key tiles
-                                          // the next panel's Q rows towards L1 while this one computes (prefetches never fault)
+
+        // the next panel's Q rows towards L1 while this one computes (prefetches never fault)
         for r in r0 + MR..(r0 + 2 * MR).min(t) {
             let p = q.as_ptr().wrapping_add(base + r * w);
             _mm_prefetch::<_MM_HINT_T0>(p.cast());
