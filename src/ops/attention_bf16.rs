@@ -180,25 +180,19 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
     let cvt = converts_in_simd(resolve(kernel)); // packing's f32 → bf16 as the kernel's own
     let out_at = SharedOut::new(out);
     #[cfg(target_arch = "x86_64")]
-    if super::attention_bf16_fused::applies::<T>(kernel, t, d) {
-        use super::attention_bf16_fused::{head, Fused};
-        let scratch = || (packed_k_len(t, d), packed_vt_len(t, d), Vec::new(), Fused::new(t));
-        lse.par_chunks_mut(t).enumerate().for_each_init(scratch, |(pk, pv, tmp, x), (bh, lr)| {
-            let base = (bh / s.heads) * t * w + (bh % s.heads) * d; // (b, 0, h, 0)
-            prefetch_head(&[q, k, v], bh + 1, s);
-            let kv = pack_head(pk, pv, tmp, [k, v], base, s, cvt, simd);
-            // SAFETY: `applies`; task (b, h) writes only its head's rows and columns of out.
-            unsafe { head(q, base, s, kv, lr, x, out_at) };
-        });
-        return;
-    }
+    let fused = super::attention_bf16_fused::applies::<T>(kernel, t, d);
+    #[cfg(not(target_arch = "x86_64"))]
+    let fused = false;
+    let composed = if fused { 0 } else { step }; // the composed path's query-block rows (its buffers)
     let scratch = || Scratch {
         pk: packed_k_len(t, d),
         pv: packed_vt_len(t, d),
         tmp: Vec::new(),
-        qh: Vec::with_capacity(t * d),
-        sc: vec![0f32; step * t],
-        o: vec![0f32; step * d],
+        qh: Vec::with_capacity(if fused { 0 } else { t * d }),
+        sc: vec![0f32; composed * t],
+        o: vec![0f32; composed * d],
+        #[cfg(target_arch = "x86_64")]
+        fused: fused.then(|| super::attention_bf16_fused::Fused::new(t)),
     };
     // (sequence, head) pairs in parallel: a single long sequence still fills every core
     lse.par_chunks_mut(t).enumerate().for_each_init(scratch, |x, (bh, lr)| {
@@ -206,6 +200,11 @@ fn bf16_into<T: AElem>(q: &[T], k: &[T], v: &[T], s: &AttnShape, kernel: Kernel,
         let base = b * t * w + h * d; // (b, 0, h, 0)
         prefetch_head(&[q, k, v], bh + 1, s);
         let kv = pack_head(&mut x.pk, &mut x.pv, &mut x.tmp, [k, v], base, s, cvt, simd);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(f) = &mut x.fused {
+            // SAFETY: `applies`; task (b, h) writes only its head's rows and columns of out.
+            return unsafe { super::attention_bf16_fused::head(q, base, s, kv, lr, f, out_at) };
+        }
         x.qh.clear();
         (0..t).for_each(|j| x.qh.extend_from_slice(head_row(q, base, w, d, j)));
         for r0 in (0..t).step_by(step) {
@@ -327,6 +326,10 @@ struct Scratch<T> {
     sc: Vec<f32>,
     /// O of one query block [rows, hd].
     o: Vec<f32>,
+    /// The fused path's buffers, where it runs (`attention_bf16_fused::applies`; then qh, sc, o
+    /// stay empty).
+    #[cfg(target_arch = "x86_64")]
+    fused: Option<super::attention_bf16_fused::Fused>,
 }
 
 /// The masked softmax of a block's score rows (`sc`: [rows, nk], queries r0..; AVX-512 where the

@@ -15,7 +15,7 @@
 //! (tests/attention_bf16.rs): a causal panel's shorter P·V only leaves out the products of P's
 //! zeros past its last key, and S's masked scores were never used.
 use super::attention::{AttnShape, SharedOut};
-use super::gemm_bf16::{has_avx512_bf16, resolve, AElem, Kernel, Row, WView, KC, MR, NR};
+use super::gemm_bf16::{resolve, runs_vdp, AElem, Kernel, Row, WView, KC, MR, NR};
 use super::gemm_bf16_avx512::{convert, products};
 use core::arch::x86_64::*;
 use half::bf16;
@@ -25,7 +25,7 @@ use half::bf16;
 /// path), an even head dim (Q's pairs are read as they lie), and P's pairs within one A panel.
 pub(super) fn applies<T: AElem>(kernel: Kernel, t: usize, d: usize) -> bool {
     let bf16_in = matches!(T::row(&[]), Row::Bf16(_));
-    bf16_in && resolve(kernel) == Kernel::Avx512Bf16 && has_avx512_bf16() && d.is_multiple_of(2) && d > 0 && t.div_ceil(2) <= KC
+    bf16_in && runs_vdp(resolve(kernel)) && d.is_multiple_of(2) && d > 0 && t.div_ceil(2) <= KC
 }
 
 /// One task's buffers for [`head`].

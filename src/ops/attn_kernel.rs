@@ -254,22 +254,29 @@ pub unsafe fn softmax_rows(sc: &mut [f32], nk: usize, scale: f32, keys: impl Fn(
     assert!(scale > 0.0, "softmax_rows: scale {scale} must be positive");
     let mut rows = sc.chunks_exact_mut(nk.max(1));
     let mut j = 0;
-    // SAFETY (each call): AVX-512F (the caller's).
-    while rows.len() >= 4 {
-        let four: [&mut [f32]; 4] = std::array::from_fn(|_| rows.next().expect("four rows left"));
-        let l = unsafe { softmax_n(four, std::array::from_fn(|r| keys(j + r)), scale) };
-        lse[j..j + 4].copy_from_slice(&l);
-        j += 4;
+    // four at a time, then the last one to three rows together too (a 14-row panel ends on two)
+    while let r @ 1.. = rows.len().min(4) {
+        // SAFETY (each): AVX-512F (the caller's).
+        match r {
+            4 => unsafe { group::<4>(&mut rows, j, &keys, scale, lse) },
+            3 => unsafe { group::<3>(&mut rows, j, &keys, scale, lse) },
+            2 => unsafe { group::<2>(&mut rows, j, &keys, scale, lse) },
+            _ => lse[j] = unsafe { softmax_row(rows.next().expect("one row left"), keys(j), scale) },
+        }
+        j += r;
     }
-    // the last one to three rows, interleaved too (a 14-row panel ends on two)
-    match rows.len() {
-        3 => lse[j..j + 3]
-            .copy_from_slice(&unsafe { softmax_n::<3>(std::array::from_fn(|_| rows.next().expect("3")), std::array::from_fn(|r| keys(j + r)), scale) }),
-        2 => lse[j..j + 2]
-            .copy_from_slice(&unsafe { softmax_n::<2>(std::array::from_fn(|_| rows.next().expect("2")), std::array::from_fn(|r| keys(j + r)), scale) }),
-        1 => lse[j] = unsafe { softmax_row(rows.next().expect("1"), keys(j), scale) },
-        _ => {}
-    }
+}
+
+/// `R` rows off the front of `rows` (queries j.. j + R) through [`softmax_n`], their logsumexps
+/// to `lse[j..j + R]`.
+///
+/// # Safety
+/// AVX-512F; `rows` has `R` rows left.
+#[target_feature(enable = "avx512f")]
+unsafe fn group<const R: usize>(rows: &mut std::slice::ChunksExactMut<f32>, j: usize, keys: &impl Fn(usize) -> usize, scale: f32, lse: &mut [f32]) {
+    // SAFETY: AVX-512F (the caller's).
+    let l = unsafe { softmax_n::<R>(std::array::from_fn(|_| rows.next().expect("R rows left")), std::array::from_fn(|i| keys(j + i)), scale) };
+    lse[j..j + R].copy_from_slice(&l);
 }
 
 /// [`softmax_row`] of `R` (≤ 4) rows, interleaved.

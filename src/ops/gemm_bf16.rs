@@ -177,7 +177,7 @@ fn tiles_suffice(kp: usize, kernel: Kernel) -> bool {
 
 /// Whether the resolved `kernel` runs the `vdpbf16ps` microkernel here (its kc-blocks:
 /// [`kc_max`]).
-fn runs_vdp(kernel: Kernel) -> bool {
+pub(super) fn runs_vdp(kernel: Kernel) -> bool {
     kernel == Kernel::Avx512Bf16 && has_avx512_bf16()
 }
 

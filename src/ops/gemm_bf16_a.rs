@@ -77,12 +77,13 @@ impl AElem for bf16 {
             dst[whole.len() / 2] = pair(lo, bf16::ZERO);
         }
     }
-    fn zip_pairs(lo: &[bf16], hi: Option<&[bf16]>, dst: &mut [u32], _simd: bool) {
+    fn zip_pairs(lo: &[bf16], hi: Option<&[bf16]>, dst: &mut [u32], simd: bool) {
         #[cfg(target_arch = "x86_64")]
-        if super::gemm_bf16_avx512::has_zip_bf16() {
-            // SAFETY: the features were just detected.
+        if simd && has_avx512_bf16() {
+            // SAFETY: the features were just detected (AVX-512F, -BW, -VL among them).
             return unsafe { super::gemm_bf16_avx512::zip_bf16(lo, hi, dst) };
         }
+        let _ = simd;
         match hi {
             Some(hi) => dst.iter_mut().zip(lo.iter().zip(hi)).for_each(|(d, (&l, &h))| *d = pair(l, h)),
             None => dst.iter_mut().zip(lo).for_each(|(d, &l)| *d = pair(l, bf16::ZERO)),

@@ -53,17 +53,11 @@ pub(super) unsafe fn zip_convert(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]
     }
 }
 
-/// Whether [`zip_bf16`] runs here (AVX-512F, -BW, -VL; detected once).
-pub(super) fn has_zip_bf16() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl"))
-}
-
 /// `dst[i] = (lo[i], hi[i])` (`hi` None: zero halves), bf16 as they are, 16 pairs at a time: the
 /// bits of `AElem::zip_pairs`'s scalar loop (two rows interleaved, e.g. V's key pairs).
 ///
 /// # Safety
-/// Requires avx512f, -bw, -vl ([`has_zip_bf16`]).
+/// Requires avx512f, -bw, -vl.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn zip_bf16(lo: &[bf16], hi: Option<&[bf16]>, dst: &mut [u32]) {
     let n = dst.len().min(lo.len()).min(hi.map_or(usize::MAX, |h| h.len()));
