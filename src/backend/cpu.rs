@@ -3,7 +3,8 @@
 //! bf16 weights, the packed bf16 GEMM (AMX or AVX512-BF16, `ops::gemm_bf16`); attention through
 //! the blocked CPU kernels of `ops::attention` (per sequence, in parallel, for packed sequences),
 //! or, for a bf16 model where bf16 products pay (AMX; AVX512-BF16 on AMD), with q, k and v kept
-//! in bf16 and QKᵀ and PV through the bf16 GEMM (`ops::attention_bf16`).
+//! in bf16 and QKᵀ and PV through the bf16 GEMM (`ops::attention_bf16`); `cpu_attention.rs`
+//! chooses between them.
 //!
 //! Inference models freeze their f32 Linear weights (`Ops::freeze_weight`): each is packed once
 //! into the AVX-512 GEMM's panel layout (`CpuPacked::F32`) and its file-mapped pages are let go;
@@ -12,13 +13,12 @@
 //! bf16 training (`finetune --dtype bf16`): a bf16 weight keeps its f32 master (`Weight::w`); the
 //! backward GEMMs of such a weight also take bf16 inputs with f32 accumulation: dx = dy·W through
 //! Wᵀ packed on the first backward (cached with the weight), dW = dyᵀ·x through xᵀ packed per call.
+use super::cpu_attention::{half_attention, pooled_rows};
 use super::cpu_linear::{add_into, bf16_of, gemm16, gemm16_to_bf16, linear32, linear_bwd_bf16, written32, written_pair};
 pub use super::cpu_linear::{CpuHalf, CpuPacked};
 use super::{profile, Act, Ops, Seqs, Weight};
 use crate::error::Result;
-use crate::ops::attention::{attention, attention_backward, attention_packed, attention_packed_backward, AttnShape};
-use crate::ops::attention_bf16::{self, attention_bf16, attention_bf16_rows, attention_packed_bf16, PooledRow};
-use crate::ops::attention_bf16_bwd::{attention_backward_bf16, attention_packed_backward_bf16};
+use crate::ops::attention_bf16::attention_bf16_rows;
 use crate::ops::elementwise::{unary, unary_bwd, Unary};
 use crate::ops::embedding::embedding_bwd_grouped;
 use crate::ops::fastmath::{par_rows, zeros};
@@ -355,20 +355,7 @@ impl Ops for Cpu {
         check("attention q", q.numel(), seqs.rows() * w)?;
         check("attention k", k.numel(), seqs.rows() * w)?;
         check("attention v", v.numel(), seqs.rows() * w)?;
-        if let (Some(qb), Some(kb), Some(vb)) = (q.bf16_data(), k.bf16_data(), v.bf16_data()) {
-            // bf16 q, k, v (from `qkv`): QKᵀ and PV through the bf16 GEMM
-            let (o, lse) = match seqs {
-                Seqs::Batch { batch, seq, causal } => attention_bf16(qb, kb, vb, &shape(*batch, *seq, heads, w, *causal), Kernel::Auto),
-                Seqs::Packed(lens) => attention_packed_bf16(qb, kb, vb, lens, heads, true, Kernel::Auto),
-            };
-            return Ok((vec1(o)?, vec1(lse)?));
-        }
-        let (qd, kd, vd) = (q.f32_data(), k.f32_data(), v.f32_data());
-        let (o, lse) = match seqs {
-            Seqs::Batch { batch, seq, causal } => attention(&qd, &kd, &vd, &shape(*batch, *seq, heads, w, *causal)),
-            Seqs::Packed(lens) => attention_packed(&qd, &kd, &vd, lens, heads, true),
-        };
-        Ok((vec1(o)?, vec1(lse)?))
+        super::cpu_attention::attention(q, k, v, seqs, heads, w)
     }
 
     fn attention_bwd(
@@ -384,22 +371,7 @@ impl Ops for Cpu {
         w: usize,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let _p = profile::attention("attention_bwd", seqs, heads, w, 2.5);
-        let (od, ld, dd) = (o.f32_data(), lse.f32_data(), d_o.f32_data());
-        let (dq, dk, dv) = if let (Some(qb), Some(kb), Some(vb)) = (q.bf16_data(), k.bf16_data(), v.bf16_data()) {
-            // bf16 q, k, v (from `qkv`, as the bf16 forward took them): the five products
-            // through the bf16 GEMM
-            match seqs {
-                Seqs::Batch { batch, seq, causal } => attention_backward_bf16(qb, kb, vb, &od, &ld, &dd, &shape(*batch, *seq, heads, w, *causal), Kernel::Auto),
-                Seqs::Packed(lens) => attention_packed_backward_bf16(qb, kb, vb, &od, &ld, &dd, lens, heads, true, Kernel::Auto),
-            }
-        } else {
-            let (qd, kd, vd) = (q.f32_data(), k.f32_data(), v.f32_data());
-            match seqs {
-                Seqs::Batch { batch, seq, causal } => attention_backward(&qd, &kd, &vd, &od, &ld, &dd, &shape(*batch, *seq, heads, w, *causal)),
-                Seqs::Packed(lens) => attention_packed_backward(&qd, &kd, &vd, &od, &ld, &dd, lens, heads, true),
-            }
-        };
-        Ok((vec1(dq)?, vec1(dk)?, vec1(dv)?))
+        super::cpu_attention::attention_bwd([q, k, v], o, lse, d_o, seqs, heads, w)
     }
 
     fn copy(&self, x: &Tensor, n: usize) -> Result<Tensor> {
@@ -509,32 +481,4 @@ impl Ops for Cpu {
         }
         vec1(out)
     }
-}
-
-/// Whether a layer's q, k and v are kept in bf16 for the bf16 attention: bf16 weights, and the
-/// bf16 attention chosen ([`attention_bf16::chosen`]).
-fn half_attention(w: [&Weight<Cpu>; 3]) -> bool {
-    w.iter().all(|w| bf16_of(w).is_some()) && attention_bf16::chosen()
-}
-
-/// `rows` as one query per sequence, in order (a tower's pooled rows), with each sequence's place;
-/// None when they are not that.
-fn pooled_rows(seqs: &Seqs, rows: &[usize]) -> Option<Vec<PooledRow>> {
-    let spans: Vec<(usize, usize, bool)> = match seqs {
-        Seqs::Batch { batch, seq, causal } => (0..*batch).map(|b| (b * seq, *seq, *causal)).collect(),
-        Seqs::Packed(lens) => lens.iter().scan(0, |at, &l| Some((std::mem::replace(at, *at + l), l, true))).collect(),
-    };
-    if spans.len() != rows.len() {
-        return None;
-    }
-    spans
-        .into_iter()
-        .zip(rows)
-        .map(|((start, len, causal), &r)| (r >= start && r < start + len).then_some(PooledRow { start, len, pos: r - start, causal }))
-        .collect()
-}
-
-fn shape(batch: usize, seq: usize, heads: usize, w: usize, causal: bool) -> AttnShape {
-    let d = w / heads.max(1);
-    AttnShape { batch, seq, heads, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() }
 }

@@ -5,6 +5,7 @@
 //! optional residual add, attention over batched or packed sequences, a bias + activation, and
 //! their backwards. Backends know no CLIP: rows, widths, weights and sequence lengths only.
 pub mod cpu;
+mod cpu_attention;
 mod cpu_linear;
 pub mod device;
 mod device_attn;
