@@ -226,9 +226,12 @@ fn bench_attention_bwd(c: &mut Criterion) {
         }
         g.bench_function(format!("portable/{name}"), |bch| bch.iter(|| black_box(attention_backward_portable(&q, &k, &v, &o, &lse, &dout, &s))));
         // the bf16 backward (`attention_bf16_bwd.rs`) on bf16 q, k, v, as a bf16 model gives them
+        // (on `vdpbf16ps`: fused per 14-row panel); `bf16-f32-in`: f32 ones, rounded while
+        // packing (the GEMM-composed path everywhere)
         let r = |x: &[f32]| x.iter().map(|&y| half::bf16::from_f32(y)).collect::<Vec<half::bf16>>();
         let (q16, k16, v16) = (r(&q), r(&k), r(&v));
         g.bench_function(format!("bf16/{name}"), |bch| bch.iter(|| black_box(attention_backward_bf16(&q16, &k16, &v16, &o, &lse, &dout, &s, Kernel::Auto))));
+        g.bench_function(format!("bf16-f32-in/{name}"), |bch| bch.iter(|| black_box(attention_backward_bf16(&q, &k, &v, &o, &lse, &dout, &s, Kernel::Auto))));
     }
     g.finish();
 }

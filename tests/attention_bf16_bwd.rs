@@ -5,8 +5,9 @@
 //! at odd shapes: T = 1, 7, 45, 50, 77, 130 and 248 (several query and key blocks, causal key
 //! prefixes and query suffixes), head dims 1, 20, 33, 59, 64, 65; then against the exact f64
 //! backward (itself checked against finite differences in tests/attention_grad.rs) within bf16's
-//! error; bf16 inputs give the bits of f32 inputs rounded; packed sequences; the same bits for
-//! any thread count; and the CPU backend's `attention_bwd` takes this path for bf16 q, k, v.
+//! error; bf16 inputs give the bits of f32 inputs rounded (on `vdpbf16ps` the fused per-head
+//! backward against the composed one); packed sequences; the same bits for any thread count; and
+//! the CPU backend's `attention_bwd` takes this path for bf16 q, k, v.
 //!
 //! Tolerance, per element: |x − ref| ≤ ATOL + RTOL·|ref|. Both sides round P and dS to bf16;
 //! where the f32 values and the f64 ones straddle a rounding boundary (P: about one in 2000)
@@ -100,6 +101,48 @@ fn close_to_the_exact_backward() {
                 eprintln!("b{b} t{t} h{h} d{d} causal {causal} {n}: max |err| {err:.1e} of max |ref| {size:.1e}");
             }
         }
+    }
+}
+
+/// bf16 inputs on `vdpbf16ps` take the fused per-head backward (`attention_bf16_bwd_fused.rs`:
+/// 14-row query panels over their own keys, Pᵀ and dSᵀ as pair-major panels, every gradient
+/// stored in place); f32 inputs the GEMM-composed one. Same bits on every shape (one panel, one
+/// more, odd T, head dims 2–128, causal and not, packed sequences), and within the rounding
+/// reference's tolerance. Elsewhere (no AVX512-BF16) both run the composed path and this holds.
+#[test]
+fn the_fused_backward_gives_the_composed_backwards_bits() {
+    let _path = path_lock();
+    let r = |x: &[f32]| x.iter().map(|&y| bf16::from_f32(y)).collect::<Vec<bf16>>();
+    let same = |what: &str, a: &[f32], b: &[f32]| {
+        let first = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits());
+        assert!(first.is_none(), "{what}: differs first at {first:?}: {:?}", first.map(|i| (a[i], b[i])));
+    };
+    let shapes = [(1, 1, 1, 2), (2, 14, 3, 46), (1, 15, 2, 64), (3, 77, 5, 20), (2, 50, 2, 64), (2, 130, 2, 96), (1, 248, 2, 64), (1, 29, 4, 128)];
+    for (si, &(b, t, h, d)) in shapes.iter().enumerate() {
+        for causal in [false, true] {
+            let s = shape(b, t, h, d, causal);
+            let c = case(&s, 300 + 5 * si as u64);
+            let (rq, rk, rv) = attention_backward_bf16_reference(&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &s);
+            for kernel in [Kernel::Auto, Kernel::Avx512Bf16] {
+                let what = format!("{kernel:?} b{b} t{t} h{h} d{d} causal {causal}");
+                let g32 = attention_backward_bf16(&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &s, kernel);
+                let g16 = attention_backward_bf16(&r(&c.q), &r(&c.k), &r(&c.v), &c.o, &c.lse, &c.dout, &s, kernel);
+                for (n, a, f, rf) in [("dq", &g32.0, &g16.0, &rq), ("dk", &g32.1, &g16.1, &rk), ("dv", &g32.2, &g16.2, &rv)] {
+                    same(&format!("{what} {n}"), a, f);
+                    assert_within(&format!("{what} {n}"), f, rf, ATOL, RTOL);
+                }
+            }
+        }
+    }
+    // packed sequences (the text tower's layout), causal
+    let (lens, h, d) = ([1usize, 14, 77, 130, 2], 2, 64);
+    let n = lens.iter().sum::<usize>() * h * d;
+    let (q, k, v, dout) = (uniform(n, 191, 2.0), uniform(n, 192, 2.0), uniform(n, 193, 0.5), uniform(n, 194, 0.5));
+    let (o, lse) = attention_packed_bf16_reference(&q, &k, &v, &lens, h, true);
+    let g32 = attention_packed_backward_bf16(&q, &k, &v, &o, &lse, &dout, &lens, h, true, Kernel::Auto);
+    let g16 = attention_packed_backward_bf16(&r(&q), &r(&k), &r(&v), &o, &lse, &dout, &lens, h, true, Kernel::Auto);
+    for (n, a, f) in [("dq", &g32.0, &g16.0), ("dk", &g32.1, &g16.1), ("dv", &g32.2, &g16.2)] {
+        same(&format!("packed {n}"), a, f);
     }
 }
 

@@ -22,14 +22,20 @@
 //!    (`WView::suffix`; causal blocks start at an even query, so pairs stay whole), on the
 //!    packed dOᵀ and Qᵀ, which hold a spare panel so the view stays in bounds.
 //!
+//! On `vdpbf16ps` with bf16 inputs (a bf16 model's attention on AMD), steps 2–3 run fused per
+//! 14-row panel instead (`attention_bf16_bwd_fused.rs`: no gathered rows, no transposes, the
+//! gradients stored in place), with the same bits.
+//!
 //! Causal blocks compute only the keys (steps 2) or queries (step 3) they see. Sums run in a
 //! fixed order (bitwise reproducible for any thread count). The CPU backend takes this path
 //! where it takes the bf16 forward (its q, k, v are then bf16).
 use super::attention::{per_sequence_parts, AttnShape, SharedOut};
 use super::attention_bf16::{head_row, pack_k, pack_vt, qblk};
+#[cfg(target_arch = "x86_64")]
+use super::attention_bf16_bwd_fused as fused;
 use super::cpu_path::{self, GemmPath};
 use super::fastmath;
-use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
+use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, Row, WView, NR};
 use super::gemm_bf16_pack::geometry;
 use half::bf16;
 use rayon::prelude::*;
@@ -133,7 +139,8 @@ fn bwd_into<T: AElem>(x: [&[T]; 3], o: &[f32], lse: &[f32], dout: &[f32], s: &At
     let (blocks, tlen) = key_blocks(s, step);
     let g = g.map(SharedOut::new);
     let ctx = Ctx { s, step, simd, cvt, kernel, blocks: &blocks };
-    let scratch = || Scratch::new(s, step, tlen);
+    let fused = cfg!(target_arch = "x86_64") && super::attention_bf16_fused::applies::<T>(kernel, t, s.head_dim);
+    let scratch = || Scratch::new(s, step, if fused { 0 } else { tlen }, fused);
     (0..s.batch * s.heads).into_par_iter().for_each_init(scratch, |sc, bh| {
         // SAFETY: task bh writes only head h of sequence b of the gradients (SharedOut).
         unsafe { head(&ctx, x, o, dout, &lse[bh * t..][..t], &g, bh, sc) }
@@ -177,10 +184,13 @@ struct Scratch<T> {
     dst: Vec<bf16>,
     /// One block's product [rows, hd] before it is copied out.
     out: Vec<f32>,
+    /// The fused path's buffers, where it runs (`attention_bf16_bwd_fused.rs`).
+    #[cfg(target_arch = "x86_64")]
+    fused: Option<fused::FusedBwd>,
 }
 
 impl<T: AElem> Scratch<T> {
-    fn new(s: &AttnShape, step: usize, tlen: usize) -> Self {
+    fn new(s: &AttnShape, step: usize, tlen: usize, fused: bool) -> Self {
         let (t, d) = (s.seq, s.head_dim);
         let (kt, vt) = (geometry(t, d).2, geometry(d, t));
         let spare = vt.1 * NR; // one panel of pairs: the largest suffix offset
@@ -199,6 +209,8 @@ impl<T: AElem> Scratch<T> {
             pt: vec![bf16::ZERO; tlen],
             dst: vec![bf16::ZERO; tlen],
             out: vec![0.0; step * d],
+            #[cfg(target_arch = "x86_64")]
+            fused: fused.then(|| fused::FusedBwd::new(t)),
         }
     }
 }
@@ -221,17 +233,28 @@ unsafe fn head<T: AElem>(c: &Ctx, [q, k, v]: [&[T]; 3], o: &[f32], dout: &[f32],
     pack_k(&mut sc.pk, &mut sc.tmp, kps_k, t, d, c.cvt, c.simd, (k, base, w));
     pack_k(&mut sc.pv, &mut sc.tmp, kps_k, t, d, c.cvt, c.simd, (v, base, w));
     pack_vt(&mut sc.pkt, kps_t, t, d, c.cvt, |j| head_row(k, base, w, d, j));
-    sc.qh.clear();
     sc.doh.clear();
     for j in 0..t {
-        sc.qh.extend_from_slice(head_row(q, base, w, d, j));
         sc.doh.extend_from_slice(head_row(dout, base, w, d, j));
     }
-    pack_vt(&mut sc.pq, kps_t, t, d, c.cvt, |j| &sc.qh[j * d..][..d]);
+    pack_vt(&mut sc.pq, kps_t, t, d, c.cvt, |j| head_row(q, base, w, d, j));
     super::bf16_simd::round_bf16_in_place(&mut sc.doh); // dO as the products take it
     pack_vt(&mut sc.pdo, kps_t, t, d, c.cvt, |j| &sc.doh[j * d..][..d]); // from the rounded rows: the same bits
     for (i, (di, doi)) in sc.dd.iter_mut().zip(sc.doh.chunks_exact(d)).enumerate() {
         *di = dot(doi, head_row(o, base, w, d, i), c.simd); // D_i = Σ_e dO_ie·O_ie
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(f), Row::Bf16(qb)) = (sc.fused.as_mut(), T::row(q)) {
+        let (pk, pv, pkt, pq, pdo) = ((kps_k, &sc.pk[..]), (kps_k, &sc.pv[..]), (kps_t, &sc.pkt[..]), (kps_t, &sc.pq[..]), (kps_t, &sc.pdo[..]));
+        let packed = fused::Packed { k: pk, v: pv, kt: pkt, qt: pq, dot: pdo, doh: &sc.doh, dd: &sc.dd };
+        // SAFETY: `fused` is Some only where `attention_bf16_fused::applies` (bwd_into); this
+        // task's rows and columns of g (the caller's contract).
+        unsafe { fused::head(qb, base, s, &packed, lr, f, g) };
+        return;
+    }
+    sc.qh.clear();
+    for j in 0..t {
+        sc.qh.extend_from_slice(head_row(q, base, w, d, j));
     }
     let (wk, wv) = (WView::from_parts(t, d, kps_k, &sc.pk), WView::from_parts(t, d, kps_k, &sc.pv)); // [T, hd]
     let (wkt, wq, wdo) = (WView::from_parts(d, t, kps_t, &sc.pkt), WView::from_parts(d, t, kps_t, &sc.pq), WView::from_parts(d, t, kps_t, &sc.pdo)); // [hd, T]

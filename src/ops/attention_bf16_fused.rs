@@ -129,7 +129,7 @@ unsafe fn head_bf16(q: &[bf16], base: usize, s: &AttnShape, kw: WView, vw: WView
 /// # Safety
 /// AVX-512F; `src` and `dst` hold `n` values.
 #[inline(always)]
-unsafe fn copy_pairs(src: *const u32, dst: *mut u32, n: usize) {
+pub(super) unsafe fn copy_pairs(src: *const u32, dst: *mut u32, n: usize) {
     for i in (0..n).step_by(16) {
         let m = mask(n - i);
         // SAFETY: lanes < n − i, inside both (the caller's).
@@ -137,7 +137,8 @@ unsafe fn copy_pairs(src: *const u32, dst: *mut u32, n: usize) {
     }
 }
 
+/// The first `n` (≤ 16) lanes.
 #[inline(always)]
-fn mask(n: usize) -> __mmask16 {
+pub(super) fn mask(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as u16
 }

@@ -146,25 +146,42 @@ pub(super) unsafe fn products<const S: usize>(a: &[u32], b: &[u32], kc: usize) -
 /// # Safety
 /// As [`products`].
 #[inline(always)]
-unsafe fn products_with<const S: usize>(a: &[u32], b: &[u32], kc: usize, mut step: impl FnMut()) -> ([__m512; MR], [__m512; MR]) {
-    assert!(kc <= S && a.len() >= MR * S && b.len() >= kc * NR);
+unsafe fn products_with<const S: usize>(a: &[u32], b: &[u32], kc: usize, step: impl FnMut()) -> ([__m512; MR], [__m512; MR]) {
+    assert!(kc <= S && a.len() >= MR * S);
+    // SAFETY: the caller's; the asserted bounds imply `products_strided`'s.
+    unsafe { products_strided::<S, 1>(a, b, kc, step) }
+}
+
+/// The 14×32 products of A's pair p of row r at `a[r·RS + p·PS]` (row-major A panels: RS = the
+/// panel's width, PS = 1; pair-major ones, PS = MR, RS = 1) with `kc` pairs of b.
+///
+/// # Safety
+/// Requires avx512f + avx512bf16 (inlined into callers that enable them).
+#[inline(always)]
+pub(super) unsafe fn products_strided<const RS: usize, const PS: usize>(
+    a: &[u32],
+    b: &[u32],
+    kc: usize,
+    mut step: impl FnMut(),
+) -> ([__m512; MR], [__m512; MR]) {
+    assert!((kc == 0 || (MR - 1) * RS + (kc - 1) * PS < a.len()) && b.len() >= kc * NR);
     let mut c0 = [_mm512_setzero_ps(); MR];
     let mut c1 = [_mm512_setzero_ps(); MR];
     let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
-    // SAFETY: the loop reads a[r·S + p] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
+    // SAFETY: the loop reads a[r·RS + p·PS] (r < MR) and b[p·NR .. p·NR+NR] for p < kc,
     // all inside the slices (asserted above); the caller's features.
     unsafe {
         for _ in 0..kc {
             let b0: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.cast()));
             let b1: __m512bh = core::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
             for r in 0..MR {
-                let av = _mm512_set1_epi32(*ap.add(r * S) as i32);
+                let av = _mm512_set1_epi32(*ap.add(r * RS) as i32);
                 let av: __m512bh = core::mem::transmute(av);
                 c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
                 c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
             }
             step();
-            ap = ap.add(1);
+            ap = ap.add(PS);
             bp = bp.add(NR);
         }
     }

@@ -7,6 +7,8 @@ pub mod attention;
 pub mod attention_bf16;
 pub mod attention_bf16_bwd;
 #[cfg(target_arch = "x86_64")]
+mod attention_bf16_bwd_fused;
+#[cfg(target_arch = "x86_64")]
 mod attention_bf16_fused;
 pub mod attention_bwd;
 pub mod attn_kernel;
