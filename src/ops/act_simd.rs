@@ -7,7 +7,9 @@
 //! `elementwise::unary`. LLVM does not vectorise the scalar loops well (≈ 5 cycles per element
 //! against ≈ 1.4 here, Intel Xeon, one core). Bit-identity: tests/act_simd.rs. The narrowing to
 //! bf16 that the bf16 outputs use is `bf16_simd.rs` (re-exported here).
+#[cfg(target_arch = "x86_64")]
 pub(crate) use super::bf16_simd::bf16_insn;
+#[cfg(target_arch = "x86_64")]
 use super::bf16_simd::{narrows_by_insn, simd};
 pub use super::bf16_simd::{round_bf16_in_place, to_bf16_into, to_bf16_into_with, Narrow};
 use super::elementwise::Unary;
@@ -89,6 +91,8 @@ pub fn act_row_with(act: Unary, round: bool, x: &mut [f32], dst: ActDst, narrow:
         ActDst::F32(o) => assert!(o.len() >= x.len(), "act_row: f32 output shorter than the row"),
         ActDst::Bf16(o) => assert!(o.len() >= x.len(), "act_row: bf16 output shorter than the row"),
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = narrow; // one narrowing off x86-64
     #[cfg(target_arch = "x86_64")]
     if simd() && is_act(act) {
         // SAFETY: AVX-512F (and for `act_row_bf16` AVX512-BF16/BW/VL/DQ) was detected; the

@@ -35,7 +35,9 @@ use super::attention_bf16::{head_row, pack_k, pack_vt, qblk};
 use super::attention_bf16_bwd_fused as fused;
 use super::cpu_path::{self, GemmPath};
 use super::fastmath;
-use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, Row, WView, NR};
+#[cfg(target_arch = "x86_64")]
+use super::gemm_bf16::Row;
+use super::gemm_bf16::{converts_in_simd, matmul_bf16_seq, resolve, AElem, Kernel, WView, NR};
 use super::gemm_bf16_pack::geometry;
 use half::bf16;
 use rayon::prelude::*;
@@ -139,7 +141,10 @@ fn bwd_into<T: AElem>(x: [&[T]; 3], o: &[f32], lse: &[f32], dout: &[f32], s: &At
     let (blocks, tlen) = key_blocks(s, step);
     let g = g.map(SharedOut::new);
     let ctx = Ctx { s, step, simd, cvt, kernel, blocks: &blocks };
-    let fused = cfg!(target_arch = "x86_64") && super::attention_bf16_fused::applies::<T>(kernel, t, s.head_dim);
+    #[cfg(target_arch = "x86_64")]
+    let fused = super::attention_bf16_fused::applies::<T>(kernel, t, s.head_dim);
+    #[cfg(not(target_arch = "x86_64"))]
+    let fused = false;
     let scratch = || Scratch::new(s, step, if fused { 0 } else { tlen }, fused);
     (0..s.batch * s.heads).into_par_iter().for_each_init(scratch, |sc, bh| {
         // SAFETY: task bh writes only head h of sequence b of the gradients (SharedOut).
@@ -192,6 +197,8 @@ struct Scratch<T> {
 impl<T: AElem> Scratch<T> {
     fn new(s: &AttnShape, step: usize, tlen: usize, fused: bool) -> Self {
         let (t, d) = (s.seq, s.head_dim);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = fused; // no fused path off x86-64
         let (kt, vt) = (geometry(t, d).2, geometry(d, t));
         let spare = vt.1 * NR; // one panel of pairs: the largest suffix offset
         Scratch {

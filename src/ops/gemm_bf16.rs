@@ -61,8 +61,10 @@
 use super::cpu_path::{self, GemmPath};
 use super::gemm_bf16_a::pack_a;
 pub use super::gemm_bf16_a::{AElem, Row};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use super::gemm_bf16_pack::Fp16Copy;
 pub use super::gemm_bf16_pack::PackedBf16;
-pub(crate) use super::gemm_bf16_pack::{Fp16Copy, WView};
+pub(crate) use super::gemm_bf16_pack::WView;
 use super::gemm_bf16_portable::kernel_portable;
 pub(super) use super::gemm_bf16_portable::Tile;
 use super::gemm_epilogue::{EpiRun, Epilogue};

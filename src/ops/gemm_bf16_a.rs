@@ -2,7 +2,9 @@
 //! RNE, while packing) or already in bf16 ([`AElem`]), packed per work item into MR-row
 //! micro-panels `[MR][KC]` of bf16 pairs (`pack_a`; widened for the FMA kernel, scaled into f16
 //! for the AVX512-FP16 one).
-use super::gemm_bf16::{has_avx512_bf16, MR};
+#[cfg(target_arch = "x86_64")]
+use super::gemm_bf16::has_avx512_bf16;
+use super::gemm_bf16::MR;
 use super::gemm_bf16_pack::pair;
 use half::bf16;
 

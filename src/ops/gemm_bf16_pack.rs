@@ -10,7 +10,9 @@
 //! the same bits (bf16 by `half::bf16::from_f32`'s RNE, NaN kept quiet: `act_simd`'s
 //! `bf16_bits16`), and write every value of the panels themselves (no zero-fill pass first).
 //! tests/gemm_bf16_pack.rs compares them with the reference bit for bit.
-use super::gemm_bf16::{resolve, Kernel, NR};
+#[cfg(target_arch = "x86_64")]
+use super::gemm_bf16::resolve;
+use super::gemm_bf16::{Kernel, NR};
 use half::bf16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
