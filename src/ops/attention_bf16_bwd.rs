@@ -145,7 +145,7 @@ fn bwd_into<T: AElem>(x: [&[T]; 3], o: &[f32], lse: &[f32], dout: &[f32], s: &At
     let fused = super::attention_bf16_fused::applies::<T>(kernel, t, s.head_dim);
     #[cfg(not(target_arch = "x86_64"))]
     let fused = false;
-    let scratch = || Scratch::new(s, step, if fused { 0 } else { tlen }, fused);
+    let scratch = || Scratch::new(s, step, tlen, fused);
     (0..s.batch * s.heads).into_par_iter().for_each_init(scratch, |sc, bh| {
         // SAFETY: task bh writes only head h of sequence b of the gradients (SharedOut).
         unsafe { head(&ctx, x, o, dout, &lse[bh * t..][..t], &g, bh, sc) }
@@ -197,8 +197,8 @@ struct Scratch<T> {
 impl<T: AElem> Scratch<T> {
     fn new(s: &AttnShape, step: usize, tlen: usize, fused: bool) -> Self {
         let (t, d) = (s.seq, s.head_dim);
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = fused; // no fused path off x86-64
+        // the composed path's query-block rows and transposed-block length (its buffers)
+        let (composed, tlen) = if fused { (0, 0) } else { (step, tlen) };
         let (kt, vt) = (geometry(t, d).2, geometry(d, t));
         let spare = vt.1 * NR; // one panel of pairs: the largest suffix offset
         Scratch {
@@ -208,14 +208,14 @@ impl<T: AElem> Scratch<T> {
             pq: vec![0; vt.2 + spare],
             pdo: vec![0; vt.2 + spare],
             tmp: Vec::new(),
-            qh: Vec::with_capacity(t * d),
+            qh: Vec::with_capacity(if fused { 0 } else { t * d }),
             doh: Vec::with_capacity(t * d),
             dd: vec![0.0; t],
-            p: vec![0.0; step * t],
-            ds: vec![0.0; step * t],
+            p: vec![0.0; composed * t],
+            ds: vec![0.0; composed * t],
             pt: vec![bf16::ZERO; tlen],
             dst: vec![bf16::ZERO; tlen],
-            out: vec![0.0; step * d],
+            out: vec![0.0; composed * d],
             #[cfg(target_arch = "x86_64")]
             fused: fused.then(|| fused::FusedBwd::new(t)),
         }

@@ -17,10 +17,9 @@
 //! same pairs in the same order: a causal panel's shorter sums and the later starts only leave out
 //! products with P's or dS's zeros. So the two give the same bits (tests/attention_bf16_bwd.rs).
 use super::attention::{AttnShape, SharedOut};
-use super::attention_bf16_fused::{copy_pairs, mask};
+use super::attention_bf16_fused::{copy_pairs, store_out, store_rows};
 use super::gemm_bf16::{KC, MR, NR};
 use super::gemm_bf16_avx512::{convert, products, products_strided, zip_convert};
-use core::arch::x86_64::*;
 use half::bf16;
 
 /// One task's buffers for [`head`].
@@ -148,37 +147,6 @@ pub(super) unsafe fn head(q: &[bf16], base: usize, s: &AttnShape, pk: &Packed, l
                 // SAFETY: rows j0.. j0 + keys, columns e·32.. of this head: the caller's.
                 unsafe { store_out(&c0, &c1, keys, out, base + j0 * w + e * NR, w, NR.min(d - e * NR)) };
             }
-        }
-    }
-}
-
-/// Rows 0..rows of a 14×32 tile into a gradient at `at`, `at + w`, …, its first `cols` columns.
-///
-/// # Safety
-/// AVX-512F; those elements are inside the gradient and this caller's alone.
-#[inline(always)]
-unsafe fn store_out(c0: &[__m512; MR], c1: &[__m512; MR], rows: usize, out: &SharedOut, at: usize, w: usize, cols: usize) {
-    let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
-    for r in 0..rows.min(MR) {
-        let o = out.at(at + r * w);
-        // SAFETY: the caller's; masked lanes are not written.
-        unsafe {
-            _mm512_mask_storeu_ps(o, m0, c0[r]);
-            _mm512_mask_storeu_ps(o.wrapping_add(16), m1, c1[r]);
-        }
-    }
-}
-
-/// Rows 0..rows of a 14×32 tile into `out` at columns `col`.. of rows `ld` apart.
-#[inline(always)]
-fn store_rows(c0: &[__m512; MR], c1: &[__m512; MR], rows: usize, out: &mut [f32], ld: usize, col: usize) {
-    assert!(rows <= MR && col + NR <= ld && (rows == 0 || (rows - 1) * ld + col + NR <= out.len()));
-    for r in 0..rows {
-        // SAFETY: row r's columns col..col + 32 lie inside out (asserted); AVX-512F (the callers').
-        unsafe {
-            let p = out.as_mut_ptr().add(r * ld + col);
-            _mm512_storeu_ps(p, c0[r]);
-            _mm512_storeu_ps(p.add(16), c1[r]);
         }
     }
 }

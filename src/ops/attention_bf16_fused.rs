@@ -88,14 +88,7 @@ unsafe fn head_bf16(q: &[bf16], base: usize, s: &AttnShape, kw: WView, vw: WView
         for c in 0..nk.div_ceil(NR) {
             // SAFETY: a is [MR][KC] with dp ≤ KC pairs per row; key panel c holds kps_k ≥ dp pairs × 32.
             let (c0, c1) = unsafe { products::<KC>(&x.a, &pk[c * kps_k * NR..][..kps_k * NR], dp) };
-            for r in 0..rows {
-                // SAFETY: row r's columns 32c..32c+32 lie inside its ld.
-                unsafe {
-                    let p = sc.as_mut_ptr().add(r * ld + c * NR);
-                    _mm512_storeu_ps(p, c0[r]);
-                    _mm512_storeu_ps(p.add(16), c1[r]);
-                }
-            }
+            store_rows(&c0, &c1, rows, sc, ld, c * NR);
         }
         // 3. the softmax (each row over its own keys, zeros past them), P as pairs
         // SAFETY: AVX-512F (this function's features).
@@ -109,17 +102,41 @@ unsafe fn head_bf16(q: &[bf16], base: usize, s: &AttnShape, kw: WView, vw: WView
         for e in 0..d.div_ceil(NR) {
             // SAFETY: a holds kp ≤ KC pairs per row; value panel e holds kps_v ≥ kp pairs × 32.
             let (c0, c1) = unsafe { products::<KC>(&x.a, &pv[e * kps_v * NR..][..kps_v * NR], kp) };
-            let cols = NR.min(d - e * NR);
-            let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
-            for r in 0..rows {
-                let o = out.at(base + (r0 + r) * w + e * NR);
-                // SAFETY: row r0 + r, columns e·32.. e·32 + cols of this head: in the output and
-                // this caller's (the contract); masked lanes are not written.
-                unsafe {
-                    _mm512_mask_storeu_ps(o, m0, c0[r]);
-                    _mm512_mask_storeu_ps(o.wrapping_add(16), m1, c1[r]);
-                }
-            }
+            // SAFETY: rows r0.. r0 + rows, columns e·32.. of this head: in the output and this
+            // caller's (the contract).
+            unsafe { store_out(&c0, &c1, rows, &out, base + r0 * w + e * NR, w, NR.min(d - e * NR)) };
+        }
+    }
+}
+
+/// Rows 0..rows of a 14×32 tile into an output or gradient at `at`, `at + w`, …, its first
+/// `cols` columns.
+///
+/// # Safety
+/// AVX-512F; those elements are inside the gradient and this caller's alone.
+#[inline(always)]
+pub(super) unsafe fn store_out(c0: &[__m512; MR], c1: &[__m512; MR], rows: usize, out: &SharedOut, at: usize, w: usize, cols: usize) {
+    let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+    for r in 0..rows.min(MR) {
+        let o = out.at(at + r * w);
+        // SAFETY: the caller's; masked lanes are not written.
+        unsafe {
+            _mm512_mask_storeu_ps(o, m0, c0[r]);
+            _mm512_mask_storeu_ps(o.wrapping_add(16), m1, c1[r]);
+        }
+    }
+}
+
+/// Rows 0..rows of a 14×32 tile into `out` at columns `col`.. of rows `ld` apart.
+#[inline(always)]
+pub(super) fn store_rows(c0: &[__m512; MR], c1: &[__m512; MR], rows: usize, out: &mut [f32], ld: usize, col: usize) {
+    assert!(rows <= MR && col + NR <= ld && (rows == 0 || (rows - 1) * ld + col + NR <= out.len()));
+    for r in 0..rows {
+        // SAFETY: row r's columns col..col + 32 lie inside out (asserted); AVX-512F (the callers').
+        unsafe {
+            let p = out.as_mut_ptr().add(r * ld + col);
+            _mm512_storeu_ps(p, c0[r]);
+            _mm512_storeu_ps(p.add(16), c1[r]);
         }
     }
 }
